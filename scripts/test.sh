@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up .venv and run the test suite (CPU; GPU-only tests skip without CUDA).
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k resume`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/env.sh
+.venv/bin/python -m pytest -q "$@"

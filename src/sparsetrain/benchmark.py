@@ -1,0 +1,171 @@
+"""Timing helpers and the dense training-step benchmark.
+
+Every speed number sparsetrain reports comes from :func:`time_fn` (median of
+repeats after warm-up, CUDA events on the GPU) and is stored with
+:func:`environment` so a reader knows what produced it.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from .config import ModelConfig, build_config
+from .model import GPT
+from .optim import make_optimizer
+
+# Dense bf16 tensor-core peak from NVIDIA's datasheets (SXM parts), used for MFU.
+DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def environment() -> dict[str, Any]:
+    """Device, library versions and date, stored with every result."""
+    env: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(
+            device=torch.cuda.get_device_name(0),
+            cuda=torch.version.cuda,
+            sm=f"{p.major}.{p.minor}",
+            multiprocessors=p.multi_processor_count,
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            cusparselt=_cusparselt_version(),
+        )
+    else:
+        env["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def _cusparselt_version() -> int | None:
+    try:
+        if torch.backends.cusparselt.is_available():
+            return int(torch.backends.cusparselt.version())
+    except (AttributeError, RuntimeError):
+        pass
+    return None
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    for key, value in DATASHEET_BF16_TFLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def time_fn(fn: Callable[[], Any], warmup: int = 3, repeats: int = 10) -> list[float]:
+    """Wall-clock milliseconds of ``fn()`` for each of ``repeats`` calls after
+    ``warmup`` untimed calls. On CUDA each call is bracketed by events."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def summarize(times_ms: list[float]) -> dict[str, float]:
+    return {
+        "median_ms": statistics.median(times_ms),
+        "min_ms": min(times_ms),
+        "max_ms": max(times_ms),
+        "repeats": len(times_ms),
+    }
+
+
+def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Measured dense GEMM ceiling on random data (the honest MFU denominator)."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    ms = statistics.median(time_fn(lambda: a @ b, warmup=5, repeats=20))
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def bench_train_step(
+    preset: str = "nano-125m",
+    seq_len: int = 2048,
+    batch_size: int = 8,
+    compile: bool = False,
+    warmup: int = 5,
+    repeats: int = 20,
+    device: str | None = None,
+    model_overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Time full dense training steps (forward, backward, AdamW) on random tokens.
+
+    Returns tokens/s, the step-time summary, FLOPs per token and, on a GPU
+    with a known datasheet peak, MFU.
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = build_config(preset=preset, overrides={"seq_len": seq_len, **(model_overrides or {})})
+    mcfg: ModelConfig = cfg.model
+    torch.manual_seed(0)
+    model = GPT(mcfg).to(dev)
+    opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), dev.type)
+    step_model = torch.compile(model) if compile else model
+    x = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=dev)
+    y = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=dev)
+    amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
+
+    def step() -> None:
+        if amp is not None:
+            with amp:
+                _, loss = step_model(x, y)
+        else:
+            _, loss = step_model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = time_fn(step, warmup=warmup, repeats=repeats)
+    s = summarize(times)
+    tokens = batch_size * seq_len
+    flops_tok = model.flops_per_token(seq_len)
+    out: dict[str, Any] = {
+        "preset": preset,
+        "params": model.num_params(),
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "tokens_per_step": tokens,
+        "compile": compile,
+        "dtype": "bf16 autocast" if dev.type == "cuda" else "float32",
+        "step": s,
+        "tokens_per_s": tokens / (s["median_ms"] * 1e-3),
+        "flops_per_token": flops_tok,
+        "achieved_tflops": flops_tok * tokens / (s["median_ms"] * 1e-3) / 1e12,
+    }
+    if dev.type == "cuda":
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
+        peak = peak_bf16_tflops(torch.cuda.get_device_name(dev))
+        if peak:
+            out["mfu_vs_datasheet"] = out["achieved_tflops"] / peak
+    return out

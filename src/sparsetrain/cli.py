@@ -1,0 +1,155 @@
+"""Command line: ``sparsetrain {train,generate,bench,info}``.
+
+Every config field is also a flag (``lr`` -> ``--lr``, ``use_collider`` ->
+``--use-collider/--no-use-collider``), so the CLI and TOML files can never
+drift apart. User errors print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .config import ModelConfig, TrainConfig, build_config, field_types, list_presets, read_toml
+from .errors import SparsetrainError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    groups = {
+        "model": p.add_argument_group("[model] options"),
+        "run": p.add_argument_group("[run] options"),
+        "data": p.add_argument_group("[data] options"),
+        "training": p.add_argument_group("[training] options"),
+    }
+    items: list[tuple[str, dataclasses.Field, Any]] = []
+    mtypes = field_types(ModelConfig)
+    items += [("model", f, mtypes[f.name]) for f in dataclasses.fields(ModelConfig)]
+    ttypes = field_types(TrainConfig)
+    items += [(f.metadata["section"], f, ttypes[f.name]) for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+    for section, f, typ in items:
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        if typ is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = typ
+            kwargs["metavar"] = f.name.split("_")[-1].upper() if typ is str else typ.__name__.upper()
+        if f.name == "preset":
+            kwargs["choices"] = list_presets()
+        groups[section].add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sparsetrain", description="Cheaper LM training, measured.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a GPT (default: preset tiny on the Python stdlib sources)")
+    t.add_argument("--config", metavar="FILE", help="TOML config ([model], [data], [training], [run])")
+    t.add_argument("--resume", metavar="RUN", help="continue the run in this directory exactly where it stopped")
+    _add_config_flags(t)
+
+    g = sub.add_parser("generate", help="sample text from a trained run")
+    g.add_argument("--ckpt", required=True, metavar="RUN", help="run directory (or its ckpt.pt)")
+    g.add_argument("--prompt", default="def", help="text to continue (default: 'def')")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+
+    b = sub.add_parser("bench", help="measure speed on this machine")
+    bsub = b.add_subparsers(dest="bench_kind", required=True, parser_class=_Parser)
+    bs = bsub.add_parser("step", help="dense training step: tokens/s and MFU")
+    bs.add_argument("--preset", default="nano-125m", choices=list_presets())
+    bs.add_argument("--seq-len", type=int, default=2048)
+    bs.add_argument("--batch-size", type=int, default=8)
+    bs.add_argument("--compile", action="store_true", help="torch.compile the model")
+    bs.add_argument("--repeats", type=int, default=20)
+    bs.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+
+    sub.add_parser("info", help="device, torch, CUDA, cuSPARSELt and Triton availability")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import train
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    base = None
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.toml").is_file():
+            raise SparsetrainError(f"cannot resume {args.resume}: no config.toml there (is it a sparsetrain run directory?)")
+        base = read_toml(run / "config.toml")
+        overrides["out_dir"] = str(run)
+    cfg = build_config(overrides.pop("preset", None), args.config, overrides, base=base)
+    result = train(cfg, resume=args.resume)
+    if result.val_losses:
+        print(f"final val loss {result.val_losses[max(result.val_losses)]:.4f}; sample with: sparsetrain generate --ckpt {result.out_dir}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate_text
+
+    if args.max_new_tokens < 1:
+        raise SparsetrainError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    print(generate_text(args.ckpt, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.device))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark import bench_train_step, environment
+
+    for name in ("seq_len", "batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            raise SparsetrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    result = bench_train_step(args.preset, args.seq_len, args.batch_size, args.compile, repeats=args.repeats)
+    result = {"environment": environment(), **result}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    mfu = f", MFU {result['mfu_vs_datasheet']:.1%}" if "mfu_vs_datasheet" in result else ""
+    print(f"{args.preset} seq {args.seq_len} batch {args.batch_size}: step {result['step']['median_ms']:.1f} ms, "
+          f"{result['tokens_per_s']:,.0f} tokens/s, {result['achieved_tflops']:.1f} TFLOP/s{mfu}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .benchmark import environment
+
+    env = environment()
+    import tokenizers
+
+    env["tokenizers"] = tokenizers.__version__
+    env["presets"] = ", ".join(list_presets())
+    width = max(map(len, env))
+    for k, v in env.items():
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"train": cmd_train, "generate": cmd_generate, "bench": cmd_bench, "info": cmd_info}[args.command]
+    try:
+        return handler(args)
+    except SparsetrainError as e:
+        sys.stderr.write(f"sparsetrain: error: {e}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write("sparsetrain: interrupted (the last checkpoint is intact)\n")
+        return 130

@@ -1,0 +1,343 @@
+"""Configuration: two plain dataclasses, presets, TOML files and validation.
+
+Precedence, lowest first: dataclass defaults < preset (``presets/<name>.toml``)
+< ``--config FILE`` < command-line flags. A preset is a TOML file like any
+other, so anything a preset sets, a user file can set too.
+
+TOML layout::
+
+    [model]                 # ModelConfig fields (shape of the network)
+    n_layer = 12
+    [data]                  # where tokens come from
+    data = "corpus/"
+    [training]              # optimisation, evaluation, feature switches
+    use_collider = true
+    [run]                   # seed, device, output, logging
+    seed = 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+FFN_KINDS = ("swiglu", "relu2")
+SECTIONS = ("model", "data", "training", "run")
+
+
+def _section(name: str, help: str) -> dict[str, Any]:
+    return {"section": name, "help": help}
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the GPT decoder. Every field is a plain number or name."""
+
+    vocab_size: int = field(default=8192, metadata={"help": "tokenizer and embedding size"})
+    seq_len: int = field(default=256, metadata={"help": "context length (tokens per sequence)"})
+    n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
+    n_head: int = field(default=4, metadata={"help": "attention heads"})
+    d_model: int = field(default=128, metadata={"help": "residual width"})
+    ffn: str = field(default="relu2", metadata={"help": "FFN kind: " + ", ".join(FFN_KINDS)})
+    ffn_hidden: int = field(default=0, metadata={"help": "FFN hidden size; 0 = 4*d (relu2) or 2/3 of that (swiglu)"})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
+    norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
+    tie_embeddings: bool = field(default=False, metadata={"help": "share the embedding with the LM head"})
+    init_std: float = field(default=0.02, metadata={"help": "std of the normal weight init"})
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def hidden_size(self) -> int:
+        """Resolved FFN hidden size.
+
+        relu2 uses 4*d. SwiGLU has three matrices instead of two, so it gets
+        2/3 of that (rounded to a multiple of 64) to keep the parameter count
+        the same -- the comparison every later FFN benchmark relies on.
+        """
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.ffn == "swiglu":
+            return max(64, int(round(4 * self.d_model * 2 / 3 / 64)) * 64)
+        return 4 * self.d_model
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
+            _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.vocab_size >= 257, f"model.vocab_size must be >= 257 (256 bytes + end-of-text), got {self.vocab_size}")
+        _require(self.ffn in FFN_KINDS, f"model.ffn must be one of {', '.join(FFN_KINDS)}, got {self.ffn!r}")
+        _require(self.ffn_hidden >= 0, f"model.ffn_hidden must be >= 0, got {self.ffn_hidden}")
+        _require(
+            self.d_model % self.n_head == 0,
+            f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})",
+        )
+        _require(self.head_dim % 2 == 0, f"model.d_model / model.n_head must be even for RoPE, got {self.head_dim}")
+        _require(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
+        _require(0 < self.norm_eps < 1, f"model.norm_eps must be in (0, 1), got {self.norm_eps}")
+        _require(self.init_std > 0, f"model.init_std must be > 0, got {self.init_std}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the model shape.
+
+    Field metadata ``section`` says which TOML table a key lives in. Feature
+    switches of later techniques (Collider, MTP, async loader) keep their names
+    here so configs written today stay valid.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"section": "model"})
+    # [run]
+    preset: str = field(default="tiny", metadata=_section("run", "named preset (a TOML file in sparsetrain/presets)"))
+    out_dir: str = field(default="", metadata=_section("run", "run directory; empty = runs/<preset>-<timestamp>"))
+    seed: int = field(default=1337, metadata=_section("run", "seed for init and data order"))
+    device: str = field(default="auto", metadata=_section("run", "auto, cpu, cuda or cuda:N"))
+    dtype: str = field(default="auto", metadata=_section("run", "auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16"))
+    compile: bool = field(default=False, metadata=_section("run", "torch.compile the model"))
+    log_every: int = field(default=10, metadata=_section("run", "steps between metric lines"))
+    ckpt_every: int = field(default=0, metadata=_section("run", "steps between checkpoints; 0 = at evals and the end"))
+    # [data]
+    data: str = field(default="", metadata=_section("data", "text file, folder of text files or .bin tokens; empty = Python stdlib sources"))
+    token_dtype: str = field(default="uint16", metadata=_section("data", "dtype of a .bin token file: uint16 or uint32"))
+    tokenizer: str = field(default="", metadata=_section("data", "tokenizer.json for a .bin file (used by generate)"))
+    cache_dir: str = field(default="", metadata=_section("data", "tokenizer/token cache; empty = $SPARSETRAIN_CACHE or ~/.cache/sparsetrain"))
+    val_fraction: float = field(default=0.02, metadata=_section("data", "fraction of files (or tokens, for .bin) held out for validation"))
+    # [training]
+    batch_size: int = field(default=16, metadata=_section("training", "sequences per micro-batch per process"))
+    grad_accum: int = field(default=1, metadata=_section("training", "micro-batches per optimizer step"))
+    max_steps: int = field(default=300, metadata=_section("training", "optimizer steps"))
+    max_seconds: float = field(default=0.0, metadata=_section("training", "stop after this much training time; 0 = no limit"))
+    lr: float = field(default=3e-3, metadata=_section("training", "peak learning rate"))
+    min_lr_ratio: float = field(default=0.1, metadata=_section("training", "final lr as a fraction of the peak"))
+    warmup_steps: int = field(default=30, metadata=_section("training", "linear warmup steps"))
+    weight_decay: float = field(default=0.1, metadata=_section("training", "AdamW decay on matrices"))
+    beta1: float = field(default=0.9, metadata=_section("training", "AdamW beta1"))
+    beta2: float = field(default=0.95, metadata=_section("training", "AdamW beta2"))
+    grad_clip: float = field(default=1.0, metadata=_section("training", "max grad norm; 0 = off"))
+    eval_every: int = field(default=100, metadata=_section("training", "steps between val evals; 0 = only at the end"))
+    eval_batches: int = field(default=8, metadata=_section("training", "val micro-batches per eval"))
+    use_collider: bool = field(default=False, metadata=_section("training", "Collider token filtering in backward"))
+    collider_threshold: float = field(default=0.0, metadata=_section("training", "Collider importance threshold"))
+    collider_sparsity: float = field(default=0.0, metadata=_section("training", "Collider target drop ratio"))
+    use_mtp: bool = field(default=False, metadata=_section("training", "multi-token prediction heads"))
+    mtp_n_tokens: int = field(default=2, metadata=_section("training", "MTP extra heads (2-4)"))
+    mtp_weight: float = field(default=0.2, metadata=_section("training", "MTP loss weight"))
+    use_async_loader: bool = field(default=False, metadata=_section("training", "background batch workers"))
+    async_n_workers: int = field(default=2, metadata=_section("training", "async loader workers"))
+    async_prefetch_size: int = field(default=4, metadata=_section("training", "batches prefetched"))
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad value."""
+        self.model.validate()
+        _require(self.preset in list_presets(), f"unknown preset {self.preset!r} (choose from {', '.join(list_presets())})")
+        _require(_valid_device(self.device), f"run.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _require(self.dtype in ("auto", "float32", "bfloat16"), f"run.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        for name in ("log_every", "batch_size", "grad_accum", "max_steps", "eval_batches"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("ckpt_every", "eval_every", "warmup_steps"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.token_dtype in ("uint16", "uint32"), f"data.token_dtype must be uint16 or uint32, got {self.token_dtype!r}")
+        _require(0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"training.lr must be a positive number, got {self.lr}")
+        _require(0 <= self.min_lr_ratio <= 1, f"training.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.weight_decay >= 0, f"training.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(self, name) < 1, f"training.{name} must be in [0, 1), got {getattr(self, name)}")
+        _require(self.grad_clip >= 0, f"training.grad_clip must be >= 0, got {self.grad_clip}")
+        _require(self.max_seconds >= 0, f"training.max_seconds must be >= 0, got {self.max_seconds}")
+        _require(0 <= self.collider_sparsity < 1, f"training.collider_sparsity must be in [0, 1), got {self.collider_sparsity}")
+        _require(2 <= self.mtp_n_tokens <= 4, f"training.mtp_n_tokens must be 2, 3 or 4, got {self.mtp_n_tokens}")
+        _require(self.mtp_weight >= 0, f"training.mtp_weight must be >= 0, got {self.mtp_weight}")
+        _require(self.async_n_workers >= 1, f"training.async_n_workers must be >= 1, got {self.async_n_workers}")
+        _require(self.async_prefetch_size >= 1, f"training.async_prefetch_size must be >= 1, got {self.async_prefetch_size}")
+        # Switches whose technique has not landed yet fail loudly instead of
+        # silently training dense.
+        for name in ("use_collider", "use_mtp", "use_async_loader"):
+            _require(not getattr(self, name), f"training.{name} is not available in this version of sparsetrain yet")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Sectioned plain dict, the shape of the TOML file."""
+        out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+        out["model"] = dataclasses.asdict(self.model)
+        for f in dataclasses.fields(self):
+            if f.name != "model":
+                out[f.metadata["section"]][f.name] = getattr(self, f.name)
+        return out
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _valid_device(device: str) -> bool:
+    if device in ("auto", "cpu", "cuda"):
+        return True
+    return device.startswith("cuda:") and device[5:].isdigit()
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def list_presets() -> list[str]:
+    """Names of the shipped presets."""
+    folder = resources.files("sparsetrain") / "presets"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def preset_dict(name: str) -> dict[str, dict[str, Any]]:
+    if name not in list_presets():
+        raise ConfigError(f"unknown preset {name!r} (choose from {', '.join(list_presets())})")
+    text = (resources.files("sparsetrain") / "presets" / f"{name}.toml").read_text()
+    return tomllib.loads(text)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check a TOML/CLI value against a field type; ints are accepted as floats."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {typ} for {key}")  # a bug, not user input
+
+
+def apply_dict(cfg: TrainConfig, data: dict[str, Any], source: str) -> None:
+    """Apply a sectioned dict (a parsed TOML file) onto ``cfg`` in place."""
+    train_types = field_types(TrainConfig)
+    model_types = field_types(ModelConfig)
+    sections = {f.name: f.metadata["section"] for f in dataclasses.fields(TrainConfig) if f.name != "model"}
+    for sec, table in data.items():
+        if sec not in SECTIONS:
+            hint = f"; did you mean [{sections[sec]}] {sec} = ...?" if sec in sections else ""
+            raise ConfigError(f"unknown config section or top-level key {sec!r} in {source}{hint}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{sec}] in {source} must be a table")
+        for key, value in table.items():
+            full = f"{sec}.{key}"
+            if sec == "model":
+                if key not in model_types:
+                    raise ConfigError(f"unknown config key {full!r} in {source}")
+                setattr(cfg.model, key, _coerce(value, model_types[key], full))
+            else:
+                if sections.get(key) != sec:
+                    where = f" (it belongs in [{sections[key]}])" if key in sections else ""
+                    raise ConfigError(f"unknown config key {full!r} in {source}{where}")
+                setattr(cfg, key, _coerce(value, train_types[key], full))
+
+
+def build_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Resolve a :class:`TrainConfig` from its layers and validate it.
+
+    ``overrides`` maps bare field names (``"lr"``, ``"n_layer"``) to values,
+    as the CLI produces them. ``base`` replaces the preset layer (used by
+    ``--resume``, which starts from the run's saved config).
+    """
+    overrides = dict(overrides or {})
+    file_data = read_toml(config_file) if config_file else {}
+    cfg = TrainConfig()
+    if base is not None:
+        apply_dict(cfg, base, "the saved run config")
+    else:
+        name = preset or overrides.get("preset") or file_data.get("run", {}).get("preset") or cfg.preset
+        apply_dict(cfg, preset_dict(str(name)), f"preset {name}")
+        cfg.preset = str(name)
+    if file_data:
+        apply_dict(cfg, file_data, str(config_file))
+    if preset:
+        overrides["preset"] = preset
+    model_types = field_types(ModelConfig)
+    train_types = field_types(TrainConfig)
+    for key, value in overrides.items():
+        if key in model_types:
+            setattr(cfg.model, key, _coerce(value, model_types[key], key))
+        elif key in train_types and key != "model":
+            setattr(cfg, key, _coerce(value, train_types[key], key))
+        else:
+            raise ConfigError(f"unknown config key {key!r}")
+    cfg.validate()
+    return cfg
+
+
+def dumps_toml(data: dict[str, dict[str, Any]]) -> str:
+    """Write a sectioned dict of scalars as TOML (enough for our configs)."""
+    lines: list[str] = []
+    for sec, table in data.items():
+        lines.append(f"[{sec}]")
+        for key, value in table.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            raise ValueError(f"cannot write {v} to TOML")
+        return repr(v)
+    if isinstance(v, str):
+        escaped = v.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")

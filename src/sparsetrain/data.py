@@ -1,0 +1,274 @@
+"""Corpus discovery, tokenization cache and batch sampling.
+
+The default corpus is the running interpreter's own standard library
+(``Lib/**/*.py``, ~31 MB, no ``site-packages``): text every machine with Python
+has, so training needs no download. ``--data`` takes a text file, a folder of
+text files, or a pre-tokenized ``.bin`` of uint16/uint32 tokens.
+
+Text corpora are split train/val by file, with a hash of each file's relative
+path deciding (so adding a file never moves another one across the split). A
+BPE tokenizer is trained on the train files, and both splits are tokenized
+once and cached under ``cache_dir/corpus-<hash>/``; the hash covers every
+file's name and bytes, the vocabulary size and the split, so the cache is
+rebuilt whenever the corpus changes.
+
+Batches are a pure function of ``(seed, step, micro, rank)``: resuming at step
+``s`` needs no loader state, and every DDP rank reads its own contiguous shard
+of the train tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .tokenizer import BPETokenizer
+
+CACHE_FORMAT = 1
+SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SPARSETRAIN_CACHE") or Path.home() / ".cache" / "sparsetrain")
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def discover_text_files(path: str | Path | None) -> tuple[Path, list[Path]]:
+    """Return ``(root, files)``. ``None`` means the stdlib ``*.py`` sources.
+
+    For a folder, every regular file below it that is not hidden and holds no
+    NUL byte in its first 8 KiB (a binary file) counts as text.
+    """
+    if path is None:
+        root = stdlib_root()
+        files = [p for p in root.rglob("*.py") if not (SKIP_DIRS & set(p.relative_to(root).parts)) and p.is_file()]
+        return root, sorted(files)
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data path does not exist: {path}")
+    if p.is_file():
+        return p.parent, [p]
+    files = []
+    for f in sorted(p.rglob("*")):
+        rel = f.relative_to(p).parts
+        if not f.is_file() or any(part.startswith(".") for part in rel) or SKIP_DIRS & set(rel):
+            continue
+        with open(f, "rb") as fh:
+            if b"\0" in fh.read(8192):
+                continue
+        files.append(f)
+    return p, files
+
+
+def is_val_file(relpath: str, val_fraction: float) -> bool:
+    """Deterministic split: a file is held out when the hash of its path falls
+    below ``val_fraction``. Independent of file order and of other files."""
+    h = int.from_bytes(hashlib.sha1(relpath.encode()).digest()[:8], "big")
+    return h / 2**64 < val_fraction
+
+
+def split_documents(docs: dict[str, str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Split ``{relpath: text}`` into (train texts, val texts), sorted by path.
+
+    With too few files for the hash split to put at least one on each side
+    (a single text file, say), the concatenated text is cut instead: the last
+    ``val_fraction`` of its characters go to val.
+    """
+    names = sorted(docs)
+    train = [docs[n] for n in names if not is_val_file(n, val_fraction)]
+    val = [docs[n] for n in names if is_val_file(n, val_fraction)]
+    if train and val:
+        return train, val
+    text = "".join(docs[n] for n in names)
+    cut = int(len(text) * (1 - val_fraction))
+    return [text[:cut]], [text[cut:]]
+
+
+@dataclass
+class TokenizedCorpus:
+    """Train and val token arrays (memory-mapped) and, for text corpora, the tokenizer."""
+
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    tokenizer: BPETokenizer | None
+    tokenizer_path: Path | None
+    description: str
+
+
+def load_corpus(
+    data: str = "",
+    vocab_size: int = 8192,
+    val_fraction: float = 0.02,
+    cache_dir: str | Path = "",
+    token_dtype: str = "uint16",
+    tokenizer: str = "",
+    verbose: bool = True,
+) -> TokenizedCorpus:
+    """Load (building and caching if needed) the corpus a run trains on."""
+    if data and data.endswith(".bin"):
+        return _load_bin(data, vocab_size, val_fraction, token_dtype, tokenizer)
+    root, files = discover_text_files(data or None)
+    docs = {}
+    for f in files:
+        text = f.read_bytes().decode("utf-8", errors="replace")
+        if text.strip():
+            docs[str(f.relative_to(root))] = text
+    source = data or f"Python {'.'.join(map(str, __import__('sys').version_info[:2]))} standard library at {root}"
+    if not docs:
+        raise DataError(f"no text found in {data or root}: the corpus is empty")
+    key = _corpus_key(docs, vocab_size, val_fraction)
+    folder = Path(cache_dir or default_cache_dir()) / f"corpus-{key[:16]}"
+    if not (folder / "meta.json").is_file():
+        if verbose:
+            print(f"building tokenizer and token cache for {source} ({len(docs)} files) in {folder} ...", flush=True)
+        _build_cache(folder, docs, vocab_size, val_fraction, source)
+    meta = json.loads((folder / "meta.json").read_text())
+    dtype = np.dtype(meta["dtype"])
+    tok = BPETokenizer.load(folder / "tokenizer.json")
+    return TokenizedCorpus(
+        train=np.memmap(folder / "train.bin", dtype=dtype, mode="r"),
+        val=np.memmap(folder / "val.bin", dtype=dtype, mode="r"),
+        vocab_size=vocab_size,
+        tokenizer=tok,
+        tokenizer_path=folder / "tokenizer.json",
+        description=f"{source}: {meta['n_train_tokens']:,} train / {meta['n_val_tokens']:,} val tokens",
+    )
+
+
+def _corpus_key(docs: dict[str, str], vocab_size: int, val_fraction: float) -> str:
+    h = hashlib.sha256(f"format={CACHE_FORMAT};vocab={vocab_size};val={val_fraction!r}".encode())
+    for name in sorted(docs):
+        h.update(name.encode() + b"\0")
+        h.update(hashlib.sha256(docs[name].encode()).digest())
+    return h.hexdigest()
+
+
+def _build_cache(folder: Path, docs: dict[str, str], vocab_size: int, val_fraction: float, source: str) -> None:
+    train_docs, val_docs = split_documents(docs, val_fraction)
+    tok = BPETokenizer.train(train_docs, vocab_size)
+    dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Build next to the final folder and rename: a crash or a concurrent build
+    # never leaves a half-written cache that looks complete.
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        counts = {}
+        for split, texts in (("train", train_docs), ("val", val_docs)):
+            ids = tok.encode_batch(texts)
+            flat = np.empty(sum(len(x) + 1 for x in ids), dtype=dtype)
+            pos = 0
+            for seq in ids:  # every document starts with end-of-text, as a separator
+                flat[pos] = tok.eot_id
+                flat[pos + 1 : pos + 1 + len(seq)] = seq
+                pos += len(seq) + 1
+            flat.tofile(tmp / f"{split}.bin")
+            counts[split] = int(flat.size)
+        tok.save(tmp / "tokenizer.json")
+        meta = {
+            "format": CACHE_FORMAT,
+            "source": source,
+            "vocab_size": vocab_size,
+            "tokenizer_vocab_size": tok.vocab_size,
+            "val_fraction": val_fraction,
+            "dtype": np.dtype(dtype).name,
+            "n_train_docs": len(train_docs),
+            "n_val_docs": len(val_docs),
+            "n_train_tokens": counts["train"],
+            "n_val_tokens": counts["val"],
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first; theirs is identical
+            if not (folder / "meta.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_bin(path: str, vocab_size: int, val_fraction: float, token_dtype: str, tokenizer: str) -> TokenizedCorpus:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data path does not exist: {path}")
+    dtype = np.dtype(token_dtype)
+    if p.stat().st_size % dtype.itemsize:
+        raise DataError(f"{path} has {p.stat().st_size} bytes, not a whole number of {token_dtype} tokens")
+    tokens = np.memmap(p, dtype=dtype, mode="r")
+    if tokens.size == 0:
+        raise DataError(f"no tokens in {path}: the corpus is empty")
+    top = max(int(tokens[i : i + 2**24].max()) for i in range(0, tokens.size, 2**24))
+    if top >= vocab_size:
+        raise DataError(f"{path} holds token id {top}, outside model.vocab_size {vocab_size}")
+    cut = int(tokens.size * (1 - val_fraction))
+    tok = BPETokenizer.load(tokenizer) if tokenizer else None
+    return TokenizedCorpus(
+        train=tokens[:cut],
+        val=tokens[cut:],
+        vocab_size=vocab_size,
+        tokenizer=tok,
+        tokenizer_path=Path(tokenizer) if tokenizer else None,
+        description=f"{path}: {cut:,} train / {tokens.size - cut:,} val tokens",
+    )
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    chunk = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+    return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+
+
+def train_batch(
+    tokens: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    *,
+    seed: int,
+    step: int,
+    micro: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows from this rank's shard: ``(x, y)`` with ``y[:, t] = x[:, t+1]``
+    of the underlying stream, both int64 ``[batch_size, seq_len]`` on the CPU."""
+    lo, hi = rank * tokens.size // world_size, (rank + 1) * tokens.size // world_size
+    if hi - lo < seq_len + 1:
+        raise DataError(
+            f"train split has {hi - lo} tokens per process, fewer than seq_len + 1 = {seq_len + 1}; "
+            "use a larger corpus or a shorter seq_len"
+        )
+    rng = np.random.Generator(np.random.PCG64([seed, step, micro, rank]))
+    starts = rng.integers(lo, hi - seq_len, size=batch_size)
+    return _windows(tokens, starts, seq_len)
+
+
+def val_batches(
+    tokens: np.ndarray, n_batches: int, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed, evenly spaced set of val windows (the same every eval); batch
+    ``i`` goes to rank ``i % world_size``."""
+    if tokens.size < seq_len + 1:
+        raise DataError(f"val split has {tokens.size} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    starts = np.linspace(0, tokens.size - seq_len - 1, n_batches * batch_size).astype(np.int64)
+    return [
+        _windows(tokens, starts[i * batch_size : (i + 1) * batch_size], seq_len)
+        for i in range(n_batches)
+        if i % world_size == rank
+    ]

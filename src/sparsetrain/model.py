@@ -1,0 +1,180 @@
+"""The GPT decoder every sparsetrain technique plugs into.
+
+Token embedding -> n_layer x [RMSNorm -> causal attention (RoPE, SDPA) -> residual,
+RMSNorm -> FFN -> residual] -> RMSNorm -> LM head. No biases anywhere. The FFN is
+SwiGLU or squared ReLU (nanochat's choice, and the one whose activations are
+sparse enough for 2:4 tricks).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """float32 for half/bfloat16 tensors; float32/float64 pass through (so a
+    float64 model stays float64 end to end, which the tests rely on)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain (computed in float32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = upcast(x)
+        return F.rms_norm(x32, (x.shape[-1],), self.weight.to(x32.dtype), self.eps).type_as(x)
+
+
+def rope_tables(
+    seq_len: int, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape [seq_len, head_dim // 2], computed in float64
+    (angles reach seq_len radians, where float32 loses digits) and stored as ``dtype``."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x1, x2) = (first half, second half) of each head. x: [B, H, T, hd]."""
+    x1, x2 = upcast(x).chunk(2, dim=-1)
+    cos, sin = cos[None, None], sin[None, None]
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class FeedForward(nn.Module):
+    """``swiglu``: down(silu(gate(x)) * up(x)); ``relu2``: down(relu(up(x))**2)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.kind = cfg.ffn
+        hidden = cfg.hidden_size
+        self.up = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.gate = nn.Linear(cfg.d_model, hidden, bias=False) if cfg.ffn == "swiglu" else None
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.relu(self.up(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer.
+
+    ``forward(idx)`` returns logits ``[B, T, V]``; ``forward(idx, targets)`` also
+    returns the mean cross-entropy. ``targets[b, t]`` is the token that follows
+    ``idx[b, t]`` (the data loader does the one-token shift); positions whose
+    target is ``-100`` are ignored.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
+        # Not saved in checkpoints: they are a pure function of the config.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) everywhere; residual-output projections are scaled
+        by 1/sqrt(2 * n_layer) so the residual stream's variance does not grow
+        with depth (GPT-2)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.ffn.down):
+                nn.init.normal_(proj.weight, 0.0, std / math.sqrt(2 * self.config.n_layer))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; ``non_embedding`` leaves out the input embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.embed.weight.numel()
+        return n
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states ``[B, T, D]`` (input of the LM head)."""
+        B, T = idx.shape
+        if T > self.config.seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.config.seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.norm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.lm_head(self.hidden_states(idx))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6 * (matmul params) + attention scores,
+        12 * n_layer * d_model * seq_len (PaLM appendix B; causal masking is
+        not discounted, as is customary for MFU)."""
+        cfg = self.config
+        T = seq_len or cfg.seq_len
+        n_matmul = self.num_params() - self.embed.weight.numel() - sum(
+            p.numel() for m in self.modules() if isinstance(m, RMSNorm) for p in m.parameters()
+        )
+        if cfg.tie_embeddings:
+            n_matmul += self.embed.weight.numel()
+        return 6.0 * n_matmul + 12.0 * cfg.n_layer * cfg.d_model * T

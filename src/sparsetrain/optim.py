@@ -1,0 +1,38 @@
+"""AdamW with decoupled weight decay on matrices only, and the LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str
+) -> torch.optim.AdamW:
+    """Decay 2-D weights except the embedding; never decay norms' gains.
+
+    Decaying the input embedding pulls rare tokens' rows to zero between their
+    rare updates, which hurts at small scale for no gain.
+    """
+    embed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and id(p) not in embed else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel is the fastest on CUDA; it does not exist for CPU tensors on older torch.
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+
+def lr_at(step: int, peak: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup over ``warmup_steps`` (step 0 gets peak/warmup), then cosine
+    decay from ``peak`` to ``min_lr_ratio * peak`` at ``max_steps``."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    span = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    floor = peak * min_lr_ratio
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,349 @@
+"""The training loop: one readable loop, with DDP, grad accumulation, bf16
+autocast, eval, metrics, atomic checkpoints and exact resume.
+
+Exact resume holds because nothing in a step depends on hidden state: the
+batch of step ``s`` is a pure function of ``(seed, s, micro, rank)``, the LR a
+function of ``s``, and the checkpoint holds the model and AdamW state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import distributed as D
+from .checkpoint import CKPT_NAME, atomic_write_text, load_checkpoint, save_checkpoint
+from .config import ModelConfig, TrainConfig, dumps_toml
+from .data import TokenizedCorpus, load_corpus, train_batch, val_batches
+from .errors import CheckpointError, ConfigError
+from .model import GPT
+from .optim import lr_at, make_optimizer
+from .plotting import plot_loss_curve
+
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "config.toml"
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or time-limited) run reports back."""
+
+    out_dir: Path
+    steps_done: int
+    train_losses: dict[int, float] = field(default_factory=dict)  # step -> loss, this session only
+    val_losses: dict[int, float] = field(default_factory=dict)  # step -> val loss, this session only
+    tokens_per_second: float = 0.0
+    train_seconds: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device is {name!r} but CUDA is not available on this machine")
+    return dev
+
+
+def compare_model_configs(saved: dict, wanted: ModelConfig, where: str) -> None:
+    """Refuse to load weights into a differently shaped model, naming the difference."""
+    want = asdict(wanted)
+    diffs = [f"{k}={saved.get(k)!r} there vs {v!r} here" for k, v in want.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"checkpoint {where} is from another model: " + ", ".join(diffs))
+
+
+class Trainer:
+    """Owns the model, optimizer, data and run directory of one training run.
+
+    ``Trainer(cfg).fit()`` trains; ``Trainer(cfg, resume=run_dir)`` continues
+    the run saved there exactly where it stopped.
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None, verbose: bool = True) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dist = D.init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.verbose = verbose and self.dist.is_main
+        self.amp_dtype = self._amp_dtype()
+
+        # Rank 0 builds the token cache first; the others then find it ready.
+        if self.dist.is_main:
+            self.corpus = self._load_corpus()
+        D.barrier(self.dist)
+        if not self.dist.is_main:
+            self.corpus = self._load_corpus()
+
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(cfg.model).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
+        self.step = 0
+        self.train_seconds = 0.0  # cumulative over resumes; what max_seconds limits
+        self.out_dir = self._prepare_out_dir(resume)
+        if resume is not None:
+            self._load_state(self.out_dir)
+        self._write_run_files()
+        self.ddp_model: nn.Module = self.model
+        if cfg.compile:
+            self.ddp_model = torch.compile(self.ddp_model)
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = DDP(self.ddp_model, device_ids=ids)
+        self._val = val_batches(
+            self.corpus.val, cfg.eval_batches, cfg.batch_size, cfg.model.seq_len, self.dist.rank, self.dist.world_size
+        )
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step, over all processes."""
+        c = self.cfg
+        return c.batch_size * c.model.seq_len * c.grad_accum * self.dist.world_size
+
+    # ------------------------------------------------------------------ set-up
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if self.cfg.dtype == "bfloat16" or (self.cfg.dtype == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def _load_corpus(self) -> TokenizedCorpus:
+        c = self.cfg
+        return load_corpus(
+            c.data, c.model.vocab_size, c.val_fraction, c.cache_dir, c.token_dtype, c.tokenizer, verbose=self.verbose
+        )
+
+    def _prepare_out_dir(self, resume: str | Path | None) -> Path:
+        if resume is not None:
+            out = Path(resume)
+            if not (out / CKPT_NAME).is_file():
+                raise CheckpointError(f"cannot resume: no {CKPT_NAME} in {out}")
+        else:
+            name = self.cfg.out_dir or f"runs/{self.cfg.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+            out = Path(D.broadcast_object(name, self.dist))
+            if (out / CKPT_NAME).exists():
+                raise ConfigError(
+                    f"run directory {out} already holds a checkpoint; resume it with --resume {out} or pick another --out-dir"
+                )
+        self.cfg.out_dir = str(out)
+        return out
+
+    def _write_run_files(self) -> None:
+        """Resolved config and tokenizer, written only once every check has passed."""
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / CONFIG_NAME, dumps_toml(self.cfg.to_dict()))
+            if self.corpus.tokenizer_path is not None:
+                shutil.copyfile(self.corpus.tokenizer_path, self.out_dir / "tokenizer.json")
+
+    def _load_state(self, out: Path) -> None:
+        state = load_checkpoint(out / CKPT_NAME, map_location=self.device)
+        compare_model_configs(state["model_config"], self.cfg.model, str(out))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        if self.dist.is_main:  # drop metric rows written after the checkpoint
+            path = out / METRICS_NAME
+            if path.is_file():
+                keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+                atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+    # ------------------------------------------------------------------ steps
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float = 1.0, sync: bool = True) -> torch.Tensor:
+        """One micro-batch: forward, ``(loss * loss_scale).backward()``. Returns the
+        unscaled loss (detached). ``sync=False`` skips the DDP all-reduce, for
+        all but the last micro-batch of an accumulation."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        ctx = self.ddp_model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
+        with ctx:
+            with self.autocast():
+                _, loss = self.ddp_model(x, y)
+            (loss * loss_scale).backward()
+        return loss.detach()
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step at ``self.step``. Returns (mean loss, grad norm) as tensors."""
+        c = self.cfg
+        lr = lr_at(self.step, c.lr, c.warmup_steps, c.max_steps, c.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for micro in range(c.grad_accum):
+            x, y = train_batch(
+                self.corpus.train, c.batch_size, c.model.seq_len, seed=c.seed, step=self.step, micro=micro,
+                rank=self.dist.rank, world_size=self.dist.world_size,
+            )
+            total += self.forward_backward(x, y, 1.0 / c.grad_accum, sync=micro == c.grad_accum - 1)
+        if c.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+        else:
+            gnorm = torch.zeros((), device=self.device)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return D.all_reduce_mean(total / c.grad_accum, self.dist), gnorm.detach()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean val cross-entropy over the fixed val windows (all ranks together)."""
+        self.ddp_model.eval()
+        s = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for x, y in self._val:
+            with self.autocast():
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+            s[0] += loss.double()
+            s[1] += 1
+        self.ddp_model.train()
+        if self.dist.enabled:
+            torch.distributed.all_reduce(s)
+        return float(s[0] / s[1])
+
+    def save(self) -> None:
+        """Atomic checkpoint of everything needed to continue exactly (rank 0 only)."""
+        if not self.dist.is_main:
+            return
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "model_config": asdict(self.cfg.model),
+            "train_config": self.cfg.to_dict(),
+        }
+        save_checkpoint(self.out_dir / CKPT_NAME, state)
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> TrainResult:
+        """Train from ``self.step`` to ``max_steps`` (or ``max_seconds``)."""
+        c = self.cfg
+        result = TrainResult(out_dir=self.out_dir, steps_done=self.step)
+        tokens_per_step = self.tokens_per_step
+        if self.verbose:
+            print(f"data: {self.corpus.description}")
+            print(
+                f"model: {self.model.num_params() / 1e6:.2f}M params ({c.preset}), device {self.device}"
+                f"{', bf16 autocast' if self.amp_dtype else ''}, {self.dist.world_size} process(es)"
+            )
+            print(f"run dir: {self.out_dir}  ({tokens_per_step:,} tokens/step, steps {self.step} -> {c.max_steps})")
+        bar = self._progress_bar()
+        metrics = open(self.out_dir / METRICS_NAME, "a") if self.dist.is_main else None
+        pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+        try:
+            if self.step == 0:  # the starting point of the val curve
+                val = self.evaluate()
+                result.val_losses[0] = val
+                if metrics:
+                    metrics.write(json.dumps({"kind": "eval", "step": 0, "val_loss": val, "train_seconds": 0.0}) + "\n")
+                self._say(bar, f"step 0: val loss {val:.4f}")
+            session_seconds, window_t0, window_tokens = 0.0, time.perf_counter(), 0
+            while self.step < c.max_steps:
+                t0 = time.perf_counter()
+                loss, gnorm = self.train_step()
+                pending.append((self.step, loss, gnorm, self.optimizer.param_groups[0]["lr"]))
+                window_tokens += tokens_per_step
+                last = self.step >= c.max_steps
+                log_now = self.step % c.log_every == 0 or last
+                if log_now:  # one host sync per log window, not per step
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    now = time.perf_counter()
+                    tps = window_tokens / max(now - window_t0, 1e-9)
+                    for s, l, g, lr in pending:
+                        row = {"kind": "train", "step": s, "loss": float(l), "grad_norm": float(g), "lr": lr,
+                               "tokens": s * tokens_per_step, "tokens_per_s": round(tps, 1)}
+                        result.train_losses[s] = row["loss"]
+                        if metrics:
+                            metrics.write(json.dumps(row) + "\n")
+                    if not math.isfinite(result.train_losses[self.step]):
+                        raise FloatingPointError(f"loss became {result.train_losses[self.step]} at step {self.step}")
+                    self._report(bar, result.train_losses[self.step], tps, len(pending))
+                    pending.clear()
+                    window_t0, window_tokens = now, 0
+                dt = time.perf_counter() - t0
+                session_seconds += dt
+                self.train_seconds += dt
+                out_of_time = c.max_seconds > 0 and self.train_seconds >= c.max_seconds
+                pause_t0 = time.perf_counter()  # eval and checkpoint time stay out of tokens/s
+                eval_now = last or out_of_time or (c.eval_every and self.step % c.eval_every == 0)
+                if eval_now:
+                    val = self.evaluate()
+                    result.val_losses[self.step] = val
+                    if metrics:
+                        metrics.write(json.dumps({"kind": "eval", "step": self.step, "val_loss": val,
+                                                  "train_seconds": round(self.train_seconds, 3)}) + "\n")
+                        metrics.flush()
+                    self._say(bar, f"step {self.step}: val loss {val:.4f}")
+                if eval_now and not c.ckpt_every or c.ckpt_every and self.step % c.ckpt_every == 0 or last or out_of_time:
+                    self.save()
+                if out_of_time:
+                    self._say(bar, f"stopping at step {self.step}: max_seconds={c.max_seconds} reached")
+                    break
+                window_t0 += time.perf_counter() - pause_t0
+        finally:
+            if bar is not None:
+                bar.close()
+            if metrics:
+                metrics.close()
+        result.steps_done = self.step
+        result.train_seconds = self.train_seconds
+        done = len(result.train_losses)
+        result.tokens_per_second = done * tokens_per_step / session_seconds if session_seconds > 0 else 0.0
+        if self.dist.is_main:
+            plot_loss_curve(self.out_dir / METRICS_NAME, self.out_dir / "loss.png", f"{c.preset} - {self.out_dir.name}")
+            if self.verbose:
+                print(f"done: {self.step} steps, {result.tokens_per_second:,.0f} tokens/s; "
+                      f"loss curve {self.out_dir / 'loss.png'}, checkpoint {self.out_dir / CKPT_NAME}")
+        return result
+
+    def _progress_bar(self):
+        if not (self.verbose and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
+
+    def _report(self, bar, loss: float, tps: float, n_steps: int) -> None:
+        if bar is not None:
+            bar.update(n_steps)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+        elif self.verbose:
+            eta = (self.cfg.max_steps - self.step) * self.tokens_per_step / max(tps, 1e-9)
+            print(f"step {self.step}/{self.cfg.max_steps}  loss {loss:.4f}  {tps:,.0f} tok/s  ETA {eta:.0f}s", flush=True)
+
+    def _say(self, bar, message: str) -> None:
+        if not self.verbose:
+            return
+        if bar is not None:
+            bar.write(message)
+        else:
+            print(message, flush=True)
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None, verbose: bool = True) -> TrainResult:
+    """Train (or resume) a run and tear down the process group afterwards."""
+    try:
+        return Trainer(cfg, resume=resume, verbose=verbose).fit()
+    finally:
+        D.shutdown_distributed()
+

@@ -1,0 +1,108 @@
+"""Command line: bad input gives one line naming the problem and exit code 2;
+train -> generate works end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsetrain.cli import main
+
+SMALL = ["--vocab-size", "320", "--seq-len", "32", "--n-layer", "1", "--n-head", "2", "--d-model", "32",
+         "--batch-size", "2", "--device", "cpu", "--eval-batches", "1", "--val-fraction", "0.1"]
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sparsetrain") and "error" in lines[0]
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_train_then_generate_then_resume(corpus_dir: Path, cache_dir: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    common = SMALL + ["--data", str(corpus_dir), "--cache-dir", str(cache_dir)]
+    code, out, _ = run_main(["train", *common, "--max-steps", "4", "--out-dir", str(run)], capsys)
+    assert code == 0 and "final val loss" in out
+    code, out, _ = run_main(["generate", "--ckpt", str(run), "--prompt", "def", "--max-new-tokens", "12"], capsys)
+    assert code == 0 and out.startswith("def") and len(out) > 4
+    code, out, _ = run_main(["train", "--resume", str(run), "--max-steps", "6"], capsys)
+    assert code == 0 and "steps 4 -> 6" in out
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["train", "--preset", "huge"], ["invalid choice", "huge"]),
+        (["train", "--lr", "fast"], ["--lr", "fast"]),
+        (["train", "--lr", "-1"], ["training.lr", "-1"]),
+        (["train", "--n-head", "3"], ["d_model", "n_head"]),
+        (["train", "--data", "/no/such/path"], ["/no/such/path"]),
+        (["train", "--config", "/no/such.toml"], ["/no/such.toml"]),
+        (["train", "--resume", "/no/such/run"], ["/no/such/run"]),
+        (["generate", "--ckpt", "/no/such/run"], ["/no/such/run"]),
+        (["generate", "--ckpt", ".", "--max-new-tokens", "0"], ["--max-new-tokens", "0"]),
+        (["bench", "step", "--seq-len", "0"], ["--seq-len", "0"]),
+        (["frobnicate"], ["frobnicate"]),
+    ],
+)
+def test_bad_input_one_line_exit_2(args: list[str], needles: list[str], capsys) -> None:
+    code, _, err = run_main(args, capsys)
+    assert_one_line_error(code, err, *needles)
+
+
+def test_bad_config_key_in_file(tmp_path: Path, capsys) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("[training]\nlearning_rate = 1e-3\n")
+    code, _, err = run_main(["train", "--config", str(f)], capsys)
+    assert_one_line_error(code, err, "training.learning_rate", str(f))
+
+
+def test_empty_corpus(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_main(["train", "--data", str(tmp_path / "empty"), "--cache-dir", str(tmp_path)], capsys)
+    assert_one_line_error(code, err, "empty")
+
+
+def test_checkpoint_from_another_model_keeps_files(corpus_dir: Path, cache_dir: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    common = SMALL + ["--data", str(corpus_dir), "--cache-dir", str(cache_dir)]
+    assert run_main(["train", *common, "--max-steps", "2", "--out-dir", str(run)], capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    code, _, err = run_main(["train", "--resume", str(run), "--d-model", "64"], capsys)
+    assert_one_line_error(code, err, "another model", "d_model=32 there vs 64 here")
+    code, _, err = run_main(["train", *common, "--out-dir", str(run)], capsys)
+    assert_one_line_error(code, err, "already holds a checkpoint")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    (tmp_path / "fake.pt").write_bytes(b"garbage")
+    code, _, err = run_main(["generate", "--ckpt", str(tmp_path / "fake.pt")], capsys)
+    assert_one_line_error(code, err, "cannot read checkpoint")
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsetrain", "train", "--data", str(tmp_path / "missing")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"sparsetrain: error: data path does not exist: {tmp_path / 'missing'}"
+
+
+def test_info_runs(capsys) -> None:
+    code, out, _ = run_main(["info"], capsys)
+    assert code == 0 and "torch" in out and "cuda_available" in out

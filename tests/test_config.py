@@ -1,0 +1,93 @@
+"""Config layering (defaults < preset < file < flags), TOML round trip, validation."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from sparsetrain.config import TrainConfig, build_config, dumps_toml, list_presets, preset_dict
+from sparsetrain.errors import ConfigError
+from sparsetrain.model import GPT
+
+
+def test_presets_parse_and_layer() -> None:
+    assert set(list_presets()) >= {"tiny", "nano-125m", "d20"}
+    cfg = build_config("nano-125m")
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.n_head) == (12, 768, 12)
+    assert cfg.batch_size == preset_dict("nano-125m")["training"]["batch_size"]
+    assert build_config("tiny").preset == "tiny"
+
+
+def test_d20_matches_nanochat_size() -> None:
+    cfg = build_config("d20").model
+    import torch
+
+    with torch.device("meta"):
+        n = GPT(cfg).num_params()
+    assert 555e6 < n < 565e6  # nanochat d20: 561M
+
+
+def test_file_then_flags_override(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[model]\nn_layer = 3\n[training]\nlr = 0.01\nuse_mtp = false\n[run]\nseed = 7\n')
+    cfg = build_config("tiny", f, {"lr": 0.02})
+    assert cfg.model.n_layer == 3 and cfg.seed == 7 and cfg.lr == 0.02
+    assert cfg.model.d_model == preset_dict("tiny")["model"]["d_model"]
+
+
+def test_round_trip_through_toml() -> None:
+    cfg = build_config("tiny", overrides={"data": 'a "quoted" \\ path', "max_seconds": 1.5})
+    again = TrainConfig()
+    from sparsetrain.config import apply_dict
+
+    apply_dict(again, tomllib.loads(dumps_toml(cfg.to_dict())), "round trip")
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ("[training]\nbogus = 1\n", "unknown config key 'training.bogus'"),
+        ("[training]\nseed = 1\n", "belongs in [run]"),
+        ("[optim]\nlr = 1\n", "unknown config section"),
+        ("lr = 1\n", "did you mean [training] lr"),
+        ("[training]\nlr = \"fast\"\n", "training.lr must be a number"),
+        ("[training]\nuse_mtp = 3\n", "training.use_mtp must be true or false"),
+        ("[model]\nn_layer = 1.5\n", "model.n_layer must be an integer"),
+        ("[training]\nlr = \n", "not valid TOML"),
+    ],
+)
+def test_bad_files_name_the_problem(tmp_path: Path, toml: str, message: str) -> None:
+    f = tmp_path / "bad.toml"
+    f.write_text(toml)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        build_config("tiny", f)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"lr": -1.0}, "training.lr must be a positive number, got -1.0"),
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"d_model": 30, "n_head": 4}, "must be divisible"),
+        ({"ffn": "gelu"}, "model.ffn must be one of"),
+        ({"vocab_size": 100}, "vocab_size must be >= 257"),
+        ({"val_fraction": 0.7}, "val_fraction must be in"),
+        ({"device": "tpu"}, "run.device must be"),
+        ({"mtp_n_tokens": 5}, "mtp_n_tokens must be 2, 3 or 4"),
+        ({"use_collider": True}, "not available in this version"),
+        ({"nonsense": 1}, "unknown config key 'nonsense'"),
+    ],
+)
+def test_out_of_range_values(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        build_config("tiny", overrides=overrides)
+
+
+def test_unknown_preset_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        build_config("huge")
+    with pytest.raises(ConfigError, match="config file not found"):
+        build_config("tiny", tmp_path / "none.toml")

@@ -1,0 +1,136 @@
+"""Trainer: exact resume, grad accumulation, LR schedule, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsetrain import checkpoint
+from sparsetrain.data import train_batch
+from sparsetrain.errors import CheckpointError, ConfigError
+from sparsetrain.optim import lr_at
+from sparsetrain.trainer import Trainer, train
+
+
+def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_training_reduces_loss_and_writes_run(make_cfg) -> None:
+    cfg = make_cfg(max_steps=30, lr=1e-2, eval_every=10)
+    result = train(cfg, verbose=False)
+    out = Path(cfg.out_dir)
+    assert {"ckpt.pt", "config.toml", "metrics.jsonl", "loss.png", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert result.val_losses[30] < result.val_losses[0] - 1.0  # from ~ln(320) = 5.8
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 31))
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 10, 20, 30]
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_continues_exactly(make_cfg, tmp_path: Path) -> None:
+    straight = train(make_cfg(out_dir=str(tmp_path / "a"), max_steps=8), verbose=False)
+    first = make_cfg(out_dir=str(tmp_path / "b"), max_steps=8)
+    t = Trainer(first, verbose=False)
+    while t.step < 4:  # stop half way, as a killed job would after a checkpoint
+        t.train_step()
+    t.save()
+    resumed = Trainer(make_cfg(out_dir=str(tmp_path / "b"), max_steps=8), resume=tmp_path / "b", verbose=False)
+    assert resumed.step == 4
+    rest = resumed.fit()
+    for s in range(5, 9):
+        assert rest.train_losses[s] == pytest.approx(straight.train_losses[s], rel=1e-6, abs=1e-7)
+    final_a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    final_b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    for k in final_a:
+        assert torch.allclose(final_a[k], final_b[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_resume_drops_metric_rows_after_checkpoint(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg(out_dir=str(tmp_path / "r"), max_steps=6, eval_every=3)
+    train(cfg, verbose=False)  # checkpoint at 6
+    state = checkpoint.load_checkpoint(tmp_path / "r")
+    state["step"] = 3  # pretend the last checkpoint was at step 3
+    checkpoint.save_checkpoint(tmp_path / "r" / "ckpt.pt", state)
+    Trainer(make_cfg(out_dir=str(tmp_path / "r"), max_steps=6), resume=tmp_path / "r", verbose=False)
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows) == 3
+
+
+def test_resume_refuses_another_model(make_cfg, tmp_path: Path) -> None:
+    train(make_cfg(out_dir=str(tmp_path / "m"), max_steps=2), verbose=False)
+    with pytest.raises(CheckpointError, match="another model: d_model=32 there vs 64 here"):
+        Trainer(make_cfg(out_dir=str(tmp_path / "m"), d_model=64), resume=tmp_path / "m", verbose=False)
+
+
+def test_existing_run_is_never_overwritten(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg(out_dir=str(tmp_path / "keep"), max_steps=2)
+    train(cfg, verbose=False)
+    before = (tmp_path / "keep" / "ckpt.pt").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        Trainer(make_cfg(out_dir=str(tmp_path / "keep")), verbose=False)
+    assert (tmp_path / "keep" / "ckpt.pt").read_bytes() == before
+
+
+def test_grad_accumulation_equals_one_big_batch(make_cfg) -> None:
+    t = Trainer(make_cfg(), verbose=False)
+    x, y = train_batch(t.corpus.train, 8, 32, seed=1, step=0)
+    t.forward_backward(x, y)
+    big = {n: p.grad.clone() for n, p in t.model.named_parameters()}
+    t.optimizer.zero_grad(set_to_none=True)
+    for half in (slice(0, 4), slice(4, 8)):
+        t.forward_backward(x[half], y[half], loss_scale=0.5)
+    for n, p in t.model.named_parameters():
+        assert torch.allclose(p.grad, big[n], rtol=1e-4, atol=1e-7), n
+
+
+def test_lr_schedule_formula() -> None:
+    peak, warm, total, floor = 1e-3, 10, 110, 0.1
+    assert lr_at(0, peak, warm, total, floor) == pytest.approx(1e-4)
+    assert lr_at(9, peak, warm, total, floor) == pytest.approx(1e-3)
+    assert lr_at(10, peak, warm, total, floor) == pytest.approx(1e-3)
+    assert lr_at(60, peak, warm, total, floor) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+    assert lr_at(110, peak, warm, total, floor) == pytest.approx(1e-4)
+    assert lr_at(500, peak, warm, total, floor) == pytest.approx(1e-4)
+    for s in range(10, 110):
+        assert lr_at(s, peak, warm, total, floor) >= lr_at(s + 1, peak, warm, total, floor)
+    assert lr_at(35, peak, 0, 100, 0.0) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.35)))
+
+
+def test_max_seconds_stops_and_checkpoints(make_cfg) -> None:
+    cfg = make_cfg(max_steps=10_000, max_seconds=0.5, eval_every=0)
+    result = train(cfg, verbose=False)
+    assert 0 < result.steps_done < 10_000
+    assert result.train_seconds >= 0.5
+    assert checkpoint.load_checkpoint(cfg.out_dir)["step"] == result.steps_done
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_config": {}})
+    good = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_config": {}})
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left behind
+
+
+def test_bad_checkpoint_files(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        checkpoint.load_checkpoint(tmp_path)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a sparsetrain checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "other.pt")
