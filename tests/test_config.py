@@ -91,3 +91,10 @@ def test_unknown_preset_and_missing_file(tmp_path: Path) -> None:
         build_config("huge")
     with pytest.raises(ConfigError, match="config file not found"):
         build_config("tiny", tmp_path / "none.toml")
+
+
+def test_docs_config_reference_is_current() -> None:
+    from sparsetrain.config import reference_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == reference_markdown(), "regenerate docs/config.md (command at its top)"

@@ -341,3 +341,30 @@ def _toml_value(v: Any) -> str:
         escaped = v.replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}"'
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def reference_markdown() -> str:
+    """The config reference table (docs/config.md is this, checked by a test)."""
+    rows = ["# Configuration reference", "",
+            "Generated from the dataclasses in `src/sparsetrain/config.py` "
+            "(`python -c 'from sparsetrain.config import reference_markdown as r; print(r())' > docs/config.md`).",
+            "Every key is a TOML key in its section and a CLI flag (`_` becomes `-`; booleans take `--x/--no-x`).",
+            "Precedence: defaults < `--preset` < `--config FILE` < flags.", ""]
+    defaults = TrainConfig()
+    for sec in SECTIONS:
+        rows += [f"## [{sec}]", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        if sec == "model":
+            fields = [(f, getattr(defaults.model, f.name), field_types(ModelConfig)[f.name]) for f in dataclasses.fields(ModelConfig)]
+        else:
+            types = field_types(TrainConfig)
+            fields = [(f, getattr(defaults, f.name), types[f.name]) for f in dataclasses.fields(TrainConfig)
+                      if f.name != "model" and f.metadata["section"] == sec]
+        for f, default, typ in fields:
+            shown = _toml_value(default) if default != "" else '""'
+            rows.append(f"| `{f.name}` | {typ.__name__} | `{shown}` | {f.metadata.get('help', '')} |")
+        rows.append("")
+    rows += ["## Presets", "", "| preset | n_layer | d_model | n_head | seq_len | vocab | ffn |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in list_presets():
+        m = preset_dict(name)["model"]
+        rows.append(f"| `{name}` | {m['n_layer']} | {m['d_model']} | {m['n_head']} | {m['seq_len']} | {m['vocab_size']} | {m['ffn']} |")
+    return "\n".join(rows) + "\n"
