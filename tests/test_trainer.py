@@ -134,3 +134,46 @@ def test_bad_checkpoint_files(tmp_path: Path) -> None:
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a sparsetrain checkpoint"):
         checkpoint.load_checkpoint(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("mode, method", [("loss", "topk"), ("loss", "stratified"), ("batch", "topk")])
+def test_training_with_token_selection(make_cfg, mode: str, method: str) -> None:
+    cfg = make_cfg(max_steps=4, selection=mode, selection_method=method, keep_ratio=0.5, selection_score="loss",
+                   router_layers=1)
+    train(cfg, verbose=False)
+    rows = [json.loads(l) for l in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    kept = [r["kept_fraction"] for r in rows if r["kind"] == "train"]
+    assert len(kept) == 4 and all(0.45 <= k <= 0.56 for k in kept), kept
+
+
+def test_selection_resume_is_exact_with_random_selection(make_cfg, tmp_path: Path) -> None:
+    kw = dict(max_steps=6, selection="loss", selection_method="random", keep_ratio=0.4)
+    straight = train(make_cfg(out_dir=str(tmp_path / "a"), **kw), verbose=False)
+    t = Trainer(make_cfg(out_dir=str(tmp_path / "b"), **kw), verbose=False)
+    while t.step < 3:
+        t.train_step()
+    t.save()
+    rest = Trainer(make_cfg(out_dir=str(tmp_path / "b"), **kw), resume=tmp_path / "b", verbose=False).fit()
+    for s in (4, 5, 6):
+        assert rest.train_losses[s] == pytest.approx(straight.train_losses[s], rel=1e-6, abs=1e-7)
+
+
+def test_excess_score_uses_reference_run(make_cfg, tmp_path: Path) -> None:
+    ref = make_cfg(out_dir=str(tmp_path / "ref"), max_steps=3)
+    train(ref, verbose=False)
+    cfg = make_cfg(out_dir=str(tmp_path / "ex"), max_steps=2, selection="loss", selection_score="excess",
+                   reference_ckpt=str(tmp_path / "ref"), keep_ratio=0.3)
+    t = Trainer(cfg, verbose=False)
+    x, y = train_batch(t.corpus.train, 4, 32, seed=0, step=0)
+    t.forward_backward(x, y)
+    # the kept tokens are those whose loss exceeds the reference's the most
+    with torch.no_grad():
+        logits, _ = t.model(x)
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+        excess = nll - t._reference_nll(x, y)
+    k = t.selector.last_stats.kept
+    assert k == math.ceil(0.3 * y.numel())
+    kept = t.selector.last_mask
+    assert excess[kept].min() >= excess[~kept].max() - 1e-5
+    with pytest.raises(ConfigError, match="reference_ckpt"):
+        make_cfg(selection="loss", selection_score="excess")

@@ -131,6 +131,17 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata=_section("training", "max grad norm; 0 = off"))
     eval_every: int = field(default=100, metadata=_section("training", "steps between val evals; 0 = only at the end"))
     eval_batches: int = field(default=8, metadata=_section("training", "val micro-batches per eval"))
+    selection: str = field(default="none", metadata=_section("training", "token selection: none, loss (CGGR selective loss) or batch (CGGR batch splitting)"))
+    selection_score: str = field(default="combined", metadata=_section("training", "token score: loss, entropy, margin, combined, collider, excess"))
+    selection_method: str = field(default="topk", metadata=_section("training", "threshold, topk, stratified, sequence_aware or random"))
+    keep_ratio: float = field(default=0.5, metadata=_section("training", "fraction of tokens (sequences, for batch) kept"))
+    selection_warmup_steps: int = field(default=0, metadata=_section("training", "keep ratio goes 1.0 -> keep_ratio over these steps"))
+    selection_dynamic: bool = field(default=False, metadata=_section("training", "adjust the ratio by batch confidence (CGGR)"))
+    selection_sensitivity: float = field(default=0.5, metadata=_section("training", "strength of that adjustment, in [0, 1]"))
+    selection_threshold: float = field(default=0.0, metadata=_section("training", "fixed threshold for selection_method = threshold"))
+    selection_target_sparsity: float = field(default=0.0, metadata=_section("training", "threshold method: hold this dropped fraction adaptively; 0 = fixed threshold"))
+    router_layers: int = field(default=2, metadata=_section("training", "layers of the truncated router (selection = batch)"))
+    reference_ckpt: str = field(default="", metadata=_section("training", "reference run for the excess score (Rho-1)"))
     use_collider: bool = field(default=False, metadata=_section("training", "Collider token filtering in backward"))
     collider_threshold: float = field(default=0.0, metadata=_section("training", "Collider importance threshold"))
     collider_sparsity: float = field(default=0.0, metadata=_section("training", "Collider target drop ratio"))
@@ -165,6 +176,20 @@ class TrainConfig:
         _require(self.mtp_weight >= 0, f"training.mtp_weight must be >= 0, got {self.mtp_weight}")
         _require(self.async_n_workers >= 1, f"training.async_n_workers must be >= 1, got {self.async_n_workers}")
         _require(self.async_prefetch_size >= 1, f"training.async_prefetch_size must be >= 1, got {self.async_prefetch_size}")
+        from .selection import METHODS, SCORES
+
+        _require(self.selection in ("none", "loss", "batch"), f"training.selection must be none, loss or batch, got {self.selection!r}")
+        _require(self.selection_score in SCORES, f"training.selection_score must be one of {', '.join(SCORES)}, got {self.selection_score!r}")
+        _require(self.selection_method in METHODS, f"training.selection_method must be one of {', '.join(METHODS)}, got {self.selection_method!r}")
+        _require(0 < self.keep_ratio <= 1, f"training.keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        _require(self.selection_warmup_steps >= 0, f"training.selection_warmup_steps must be >= 0, got {self.selection_warmup_steps}")
+        _require(0 <= self.selection_sensitivity <= 1, f"training.selection_sensitivity must be in [0, 1], got {self.selection_sensitivity}")
+        _require(0 <= self.selection_target_sparsity < 1, f"training.selection_target_sparsity must be in [0, 1), got {self.selection_target_sparsity}")
+        if self.selection == "batch":
+            _require(1 <= self.router_layers <= self.model.n_layer, f"training.router_layers must be in [1, {self.model.n_layer}], got {self.router_layers}")
+        if self.selection != "none" and self.selection_score == "excess":
+            _require(bool(self.reference_ckpt), "training.selection_score = excess needs training.reference_ckpt (a reference run)")
+            _require(self.selection == "loss", "the excess score works with selection = loss (batch splitting scores with its router)")
         # Switches whose technique has not landed yet fail loudly instead of
         # silently training dense.
         for name in ("use_collider", "use_mtp", "use_async_loader"):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import distributed as D
@@ -27,7 +28,9 @@ from .checkpoint import CKPT_NAME, atomic_write_text, load_checkpoint, save_chec
 from .config import ModelConfig, TrainConfig, dumps_toml
 from .data import TokenizedCorpus, load_corpus, train_batch, val_batches
 from .errors import CheckpointError, ConfigError
-from .model import GPT
+from .generate import load_model
+from .model import GPT, IGNORE_INDEX
+from .selection import CGGRLoss, CGGRModel, TokenSelector, create_truncated_router
 from .optim import lr_at, make_optimizer
 from .plotting import plot_loss_curve
 
@@ -93,6 +96,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
         self.step = 0
         self.train_seconds = 0.0  # cumulative over resumes; what max_seconds limits
+        self._setup_selection()
         self.out_dir = self._prepare_out_dir(resume)
         if resume is not None:
             self._load_state(self.out_dir)
@@ -103,6 +107,11 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DDP(self.ddp_model, device_ids=ids)
+        if self.cfg.selection == "batch":
+            # the router scores with the raw model's first layers; the selected
+            # sequences go through the DDP/compiled model so gradients sync
+            router = create_truncated_router(self.model, self.cfg.router_layers)
+            self.batch_splitter = CGGRModel(self.ddp_model, router=router, selector=self.selector)
         self._val = val_batches(
             self.corpus.val, cfg.eval_batches, cfg.batch_size, cfg.model.seq_len, self.dist.rank, self.dist.world_size
         )
@@ -114,6 +123,38 @@ class Trainer:
         return c.batch_size * c.model.seq_len * c.grad_accum * self.dist.world_size
 
     # ------------------------------------------------------------------ set-up
+
+    def _setup_selection(self) -> None:
+        """CGGR-style token selection objects, when ``selection`` is on."""
+        c = self.cfg
+        self.selector: TokenSelector | None = None
+        self.criterion: CGGRLoss | None = None
+        self.batch_splitter: CGGRModel | None = None
+        self.reference: GPT | None = None
+        self.step_kept = [0, 0]  # kept / total valid tokens of the current step
+        if c.selection == "none":
+            return
+        self.selector = TokenSelector(
+            score=c.selection_score, method=c.selection_method, keep_ratio=c.keep_ratio,
+            warmup_steps=c.selection_warmup_steps, dynamic=c.selection_dynamic, sensitivity=c.selection_sensitivity,
+            threshold=c.selection_threshold, target_sparsity=c.selection_target_sparsity or None,
+            seed=c.seed * 1000 + self.dist.rank,
+        )
+        if c.selection == "loss":
+            self.criterion = CGGRLoss(selector=self.selector)
+        if c.reference_ckpt:
+            self.reference = load_model(c.reference_ckpt, self.device)
+            if self.reference.config.vocab_size != c.model.vocab_size:
+                raise CheckpointError(
+                    f"reference {c.reference_ckpt} has vocab_size {self.reference.config.vocab_size}, "
+                    f"this run {c.model.vocab_size}"
+                )
+
+    @torch.no_grad()
+    def _reference_nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.reference(x)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
+        return nll.view(y.shape)
 
     def _amp_dtype(self) -> torch.dtype | None:
         if self.cfg.dtype == "bfloat16" or (self.cfg.dtype == "auto" and self.device.type == "cuda"):
@@ -155,6 +196,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        if self.selector is not None and "selector" in state:
+            self.selector.load_state_dict(state["selector"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         if self.dist.is_main:  # drop metric rows written after the checkpoint
             path = out / METRICS_NAME
@@ -177,8 +220,21 @@ class Trainer:
         ctx = self.ddp_model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
         with ctx:
             with self.autocast():
-                _, loss = self.ddp_model(x, y)
+                if self.batch_splitter is not None:
+                    loss = self.batch_splitter(x, targets=y)
+                    m = self.batch_splitter.get_metrics()
+                    kept, total = m["tokens_selected"], m["tokens_total"]
+                elif self.criterion is not None:
+                    logits, _ = self.ddp_model(x)
+                    ref = self._reference_nll(x, y) if self.reference is not None else None
+                    loss = self.criterion(logits, y, ref)
+                    kept, total = self.selector.last_stats.kept, self.selector.last_stats.total
+                else:
+                    _, loss = self.ddp_model(x, y)
+                    kept = total = 0
             (loss * loss_scale).backward()
+        self.step_kept[0] += kept
+        self.step_kept[1] += total
         return loss.detach()
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +244,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
+        self.step_kept = [0, 0]
         for micro in range(c.grad_accum):
             x, y = train_batch(
                 self.corpus.train, c.batch_size, c.model.seq_len, seed=c.seed, step=self.step, micro=micro,
@@ -200,6 +257,8 @@ class Trainer:
             gnorm = torch.zeros((), device=self.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.selector is not None:
+            self.selector.step()
         self.step += 1
         return D.all_reduce_mean(total / c.grad_accum, self.dist), gnorm.detach()
 
@@ -227,6 +286,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "train_seconds": self.train_seconds,
+            "selector": self.selector.state_dict() if self.selector is not None else None,
             "model_config": asdict(self.cfg.model),
             "train_config": self.cfg.to_dict(),
         }
@@ -260,7 +320,8 @@ class Trainer:
             while self.step < c.max_steps:
                 t0 = time.perf_counter()
                 loss, gnorm = self.train_step()
-                pending.append((self.step, loss, gnorm, self.optimizer.param_groups[0]["lr"]))
+                kept_frac = self.step_kept[0] / self.step_kept[1] if self.step_kept[1] else None
+                pending.append((self.step, loss, gnorm, self.optimizer.param_groups[0]["lr"], kept_frac))
                 window_tokens += tokens_per_step
                 last = self.step >= c.max_steps
                 log_now = self.step % c.log_every == 0 or last
@@ -269,15 +330,17 @@ class Trainer:
                         torch.cuda.synchronize(self.device)
                     now = time.perf_counter()
                     tps = window_tokens / max(now - window_t0, 1e-9)
-                    for s, l, g, lr in pending:
+                    for s, l, g, lr, kf in pending:
                         row = {"kind": "train", "step": s, "loss": float(l), "grad_norm": float(g), "lr": lr,
                                "tokens": s * tokens_per_step, "tokens_per_s": round(tps, 1)}
+                        if kf is not None:
+                            row["kept_fraction"] = round(kf, 4)
                         result.train_losses[s] = row["loss"]
                         if metrics:
                             metrics.write(json.dumps(row) + "\n")
                     if not math.isfinite(result.train_losses[self.step]):
                         raise FloatingPointError(f"loss became {result.train_losses[self.step]} at step {self.step}")
-                    self._report(bar, result.train_losses[self.step], tps, len(pending))
+                    self._report(bar, result.train_losses[self.step], tps, len(pending), pending[-1][4])
                     pending.clear()
                     window_t0, window_tokens = now, 0
                 dt = time.perf_counter() - t0
@@ -323,13 +386,15 @@ class Trainer:
 
         return tqdm(total=self.cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
 
-    def _report(self, bar, loss: float, tps: float, n_steps: int) -> None:
+    def _report(self, bar, loss: float, tps: float, n_steps: int, kept_fraction: float | None) -> None:
+        kept = {} if kept_fraction is None else {"kept": f"{kept_fraction:.0%}"}
         if bar is not None:
             bar.update(n_steps)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", **kept)
         elif self.verbose:
             eta = (self.cfg.max_steps - self.step) * self.tokens_per_step / max(tps, 1e-9)
-            print(f"step {self.step}/{self.cfg.max_steps}  loss {loss:.4f}  {tps:,.0f} tok/s  ETA {eta:.0f}s", flush=True)
+            extra = f"  kept {kept['kept']}" if kept else ""
+            print(f"step {self.step}/{self.cfg.max_steps}  loss {loss:.4f}{extra}  {tps:,.0f} tok/s  ETA {eta:.0f}s", flush=True)
 
     def _say(self, bar, message: str) -> None:
         if not self.verbose:

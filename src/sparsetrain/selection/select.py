@@ -1,0 +1,195 @@
+"""Selection policies: which tokens to keep, given their scores.
+
+Every policy takes ``scores [B, T]`` (or ``[N]``) where ``-inf`` marks ignored
+positions, and returns a bool keep mask of the same shape that never keeps an
+ignored position. Counts are exact and documented per policy, because a fair
+comparison (against ``random`` at the same budget) needs them to be.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+METHODS = ("threshold", "topk", "stratified", "sequence_aware", "random")
+
+
+def budget(n_valid: int, ratio: float) -> int:
+    """Tokens kept out of ``n_valid`` at keep ``ratio``: ``ceil(ratio * n)``,
+    at least 1 when anything is valid, at most ``n``."""
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"keep ratio must be in (0, 1], got {ratio}")
+    if n_valid == 0:
+        return 0
+    return min(n_valid, max(1, math.ceil(ratio * n_valid - 1e-9)))
+
+
+def _valid(scores: torch.Tensor) -> torch.Tensor:
+    return scores > float("-inf")
+
+
+def _keep_indices(flat_shape: torch.Size, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    mask = torch.zeros(flat_shape, dtype=torch.bool, device=device)
+    mask[idx] = True
+    return mask
+
+
+def select_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Keep tokens whose score is strictly above ``threshold``."""
+    return (scores > threshold) & _valid(scores)
+
+
+def select_topk(scores: torch.Tensor, ratio: float, per_sequence: bool = False) -> torch.Tensor:
+    """Keep the ``budget(n_valid, ratio)`` highest scores, over the whole batch,
+    or with ``per_sequence`` the same ratio within each row (last dim)."""
+    if per_sequence and scores.dim() >= 2:
+        rows = scores.reshape(-1, scores.shape[-1])
+        mask = torch.zeros_like(rows, dtype=torch.bool)
+        for r in range(rows.shape[0]):  # rows differ in valid counts; B is small
+            mask[r] = select_topk(rows[r], ratio)
+        return mask.view(scores.shape)
+    flat = scores.reshape(-1)
+    k = budget(int(_valid(flat).sum()), ratio)
+    idx = torch.topk(flat, k).indices if k else flat.new_zeros(0, dtype=torch.long)
+    return _keep_indices(flat.shape, idx, flat.device).view(scores.shape)
+
+
+def select_random(
+    valid: torch.Tensor,
+    ratio: float | None = None,
+    count: int | torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Uniformly random valid tokens: the control every score is compared with.
+
+    Give ``ratio`` (same budget rule as top-k), a total ``count``, or a tensor of
+    per-row counts (to match another mask sequence by sequence).
+    """
+    if isinstance(count, torch.Tensor):
+        rows = valid.reshape(-1, valid.shape[-1])
+        counts = count.reshape(-1)
+        mask = torch.zeros_like(rows)
+        for r in range(rows.shape[0]):
+            mask[r] = select_random(rows[r], count=int(counts[r]), generator=generator)
+        return mask.view(valid.shape)
+    flat = valid.reshape(-1)
+    n = int(flat.sum())
+    k = budget(n, ratio) if count is None else int(count)
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot pick {k} of {n} valid tokens")
+    noise = torch.rand(flat.shape, generator=generator, device=flat.device if generator is None else generator.device)
+    noise = noise.to(flat.device).masked_fill(~flat, -1.0)
+    idx = torch.topk(noise, k).indices
+    return _keep_indices(flat.shape, idx, flat.device).view(valid.shape)
+
+
+def strata_proportions(num_strata: int) -> list[float]:
+    """Default shares per stratum, hardest first, decreasing linearly:
+    4 strata -> 0.4, 0.3, 0.2, 0.1."""
+    total = num_strata * (num_strata + 1) / 2
+    return [(num_strata - i) / total for i in range(num_strata)]
+
+
+def allocate(k: int, proportions: list[float], sizes: list[int]) -> list[int]:
+    """Integer counts per stratum summing to ``min(k, sum(sizes))``: largest
+    remainders of ``k * p_i`` (ties to the harder stratum), and any count a
+    stratum cannot hold passed on to the next, then back to the hardest with room."""
+    exact = [k * p for p in proportions]
+    want = [math.floor(e) for e in exact]
+    order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - want[i]), i))
+    for i in order[: k - sum(want)]:
+        want[i] += 1
+    out, carry = [], 0
+    for w, size in zip(want, sizes):
+        take = min(size, w + carry)
+        carry = w + carry - take
+        out.append(take)
+    for i in range(len(out)):
+        if carry <= 0:
+            break
+        extra = min(sizes[i] - out[i], carry)
+        out[i] += extra
+        carry -= extra
+    return out
+
+
+def select_stratified(
+    scores: torch.Tensor,
+    ratio: float,
+    num_strata: int = 4,
+    proportions: list[float] | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sort valid tokens by score, cut them into ``num_strata`` equal strata
+    (hardest first), and draw ``allocate(k, proportions)`` tokens uniformly at
+    random from each. Total kept = ``budget(n_valid, ratio)``."""
+    props = proportions or strata_proportions(num_strata)
+    if len(props) != num_strata or abs(sum(props) - 1.0) > 1e-6:
+        raise ValueError(f"need {num_strata} proportions summing to 1, got {props}")
+    flat = scores.reshape(-1)
+    valid_idx = torch.nonzero(_valid(flat)).squeeze(1)
+    n = valid_idx.numel()
+    k = budget(n, ratio)
+    order = valid_idx[torch.argsort(flat[valid_idx], descending=True, stable=True)]
+    bounds = [round(i * n / num_strata) for i in range(num_strata + 1)]
+    strata = [order[bounds[i] : bounds[i + 1]] for i in range(num_strata)]
+    counts = allocate(k, props, [s.numel() for s in strata])
+    picked = []
+    for stratum, c in zip(strata, counts):
+        if c:
+            perm = torch.randperm(stratum.numel(), generator=generator, device=generator.device if generator else "cpu")
+            picked.append(stratum[perm[:c].to(stratum.device)])
+    idx = torch.cat(picked) if picked else order[:0]
+    return _keep_indices(flat.shape, idx, flat.device).view(scores.shape)
+
+
+def select_sequence_aware(scores: torch.Tensor, ratio: float, min_per_sequence: int = 1) -> torch.Tensor:
+    """Top-k over the batch, but every sequence keeps at least
+    ``min(min_per_sequence, its valid tokens)`` of its own highest scores.
+
+    Total kept = ``max(budget(n_valid, ratio), reserved)``: the reserved
+    tokens come first, the rest of the budget goes to the highest remaining
+    scores anywhere.
+    """
+    rows = scores.reshape(-1, scores.shape[-1])
+    valid = _valid(rows)
+    reserved = torch.zeros_like(valid)
+    for r in range(rows.shape[0]):
+        m = min(min_per_sequence, int(valid[r].sum()))
+        if m:
+            reserved[r, torch.topk(rows[r], m).indices] = True
+    k = budget(int(valid.sum()), ratio)
+    extra = k - int(reserved.sum())
+    if extra > 0:
+        rest = rows.masked_fill(reserved, float("-inf")).reshape(-1)
+        reserved.view(-1)[torch.topk(rest, extra).indices] = True
+    return reserved.view(scores.shape)
+
+
+def select(
+    method: str,
+    scores: torch.Tensor,
+    ratio: float = 1.0,
+    threshold: float = 0.0,
+    num_strata: int = 4,
+    min_per_sequence: int = 1,
+    per_sequence: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Dispatch by name (see :data:`METHODS`)."""
+    if method == "threshold":
+        return select_threshold(scores, threshold)
+    if method == "topk":
+        return select_topk(scores, ratio, per_sequence)
+    if method == "stratified":
+        return select_stratified(scores, ratio, num_strata, generator=generator)
+    if method == "sequence_aware":
+        return select_sequence_aware(scores, ratio, min_per_sequence)
+    if method == "random":
+        if per_sequence and scores.dim() >= 2:
+            valid = _valid(scores)
+            counts = torch.tensor([budget(int(v.sum()), ratio) for v in valid.reshape(-1, scores.shape[-1])])
+            return select_random(valid, count=counts, generator=generator)
+        return select_random(_valid(scores), ratio=ratio, generator=generator)
+    raise ValueError(f"unknown selection method {method!r} (choose from {', '.join(METHODS)})")

@@ -1,0 +1,99 @@
+"""Fused Triton kernel for :class:`~sparsetrain.selection.scores.RowStats`.
+
+One program per row streams the vocabulary once in ``BLOCK`` chunks, keeping
+in registers an online max ``m``, ``s = sum exp(x - m)``, ``t = sum exp(x - m) x``
+and the two largest logits; the target logit is a single load. So the logits
+are read exactly once and no ``[N, V]`` float32 intermediate exists:
+
+    lse = m + log s,  H = lse - t / s,  p1 = exp(top1 - lse),  p2 = exp(top2 - lse)
+
+The torch path in ``scores.py`` is the reference it is tested against (on the
+GPU, and on the CPU through Triton's interpreter, ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .scores import IGNORE_INDEX, RowStats
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+@functools.cache
+def triton_available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_stats_kernel(
+        logits_ptr, targets_ptr, lse_ptr, nll_ptr, ent_ptr, p1_ptr, p2_ptr,
+        V, stride_row, ignore_index,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride_row
+        offs = tl.arange(0, BLOCK)
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.zeros((), tl.float32)
+        t = tl.zeros((), tl.float32)
+        top1 = tl.full((), float("-inf"), tl.float32)
+        top2 = tl.full((), float("-inf"), tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            inb = cols < V
+            x = tl.load(base + cols, mask=inb, other=float("-inf")).to(tl.float32)
+            # top-2 of the block: remove one occurrence of the block max
+            b1 = tl.max(x, 0)
+            i1 = tl.argmax(x, 0)
+            b2 = tl.max(tl.where(offs == i1, float("-inf"), x), 0)
+            top2 = tl.maximum(tl.minimum(top1, b1), tl.maximum(top2, b2))
+            top1 = tl.maximum(top1, b1)
+            # online softmax moments
+            m_new = tl.maximum(m, b1)
+            scale = tl.exp(m - m_new)
+            e = tl.where(inb, tl.exp(x - m_new), 0.0)
+            s = s * scale + tl.sum(e, 0)
+            t = t * scale + tl.sum(e * tl.where(inb, x, 0.0), 0)  # 0 * -inf would be NaN
+            m = m_new
+        lse = m + tl.log(s)
+        tgt = tl.load(targets_ptr + row).to(tl.int64)
+        valid = tgt != ignore_index
+        x_t = tl.load(base + tl.where(valid, tgt, 0)).to(tl.float32)
+        tl.store(lse_ptr + row, lse)
+        tl.store(nll_ptr + row, tl.where(valid, lse - x_t, 0.0))
+        tl.store(ent_ptr + row, lse - t / s)
+        tl.store(p1_ptr + row, tl.exp(top1 - lse))
+        tl.store(p2_ptr + row, tl.exp(top2 - lse))
+
+
+def row_stats_triton(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX, block: int | None = None
+) -> RowStats:
+    """The fused kernel. ``logits [..., V]`` (any float dtype, last dim contiguous)."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed")
+    shape = logits.shape[:-1]
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    tgt = targets.reshape(-1).contiguous()
+    if tgt.numel() != flat.shape[0]:
+        raise ValueError(f"targets {tuple(targets.shape)} do not match logits {tuple(logits.shape)}")
+    n = flat.shape[0]
+    outs = [torch.empty(n, device=logits.device, dtype=torch.float32) for _ in range(5)]
+    if n:
+        BLOCK = block or min(4096, triton.next_power_of_2(V))
+        _row_stats_kernel[(n,)](flat, tgt, *outs, V, flat.stride(0), ignore_index, BLOCK=BLOCK,
+                                num_warps=8 if BLOCK >= 2048 else 4)
+    lse, nll, ent, p1, p2 = (o.view(shape) for o in outs)
+    return RowStats(lse=lse, nll=nll, entropy=ent, p1=p1, p2=p2, valid=(targets != ignore_index).view(shape))
