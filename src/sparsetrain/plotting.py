@@ -13,9 +13,16 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path:
-    """Train loss (raw and smoothed) and val loss against step."""
-    import matplotlib
+def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
+    """Train loss (raw and smoothed) and val loss against step. Returns the PNG
+    path, or None (with a warning) where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        import warnings
+
+        warnings.warn("matplotlib is not installed: no loss-curve PNG", RuntimeWarning, stacklevel=2)
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

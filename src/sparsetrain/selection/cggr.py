@@ -215,7 +215,7 @@ class CGGRModel(_AutoStep, nn.Module):
             dynamic=dynamic_threshold, sensitivity=threshold_sensitivity, ignore_index=ignore_index)
         self.scoring = self.selector.score
         self.ignore_index = self.selector.ignore_index
-        self.metrics: dict[str, Any] = {}
+        self._pending: dict[str, Any] = {}
 
     def _logits(self, module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if isinstance(module, GPT):
@@ -250,31 +250,27 @@ class CGGRModel(_AutoStep, nn.Module):
             del router_logits
             valid = rs.valid
             ratio = self.selector.current_ratio()
-            avg_conf = float(rs.p1[valid].mean())
-            if self.selector.dynamic:
+            conf = rs.p1[valid].mean()
+            if self.selector.dynamic:  # needs the confidence on the host: one sync
                 from .schedule import dynamic_keep_ratio
 
-                ratio = dynamic_keep_ratio(ratio, avg_conf, self.selector.sensitivity)
+                ratio = dynamic_keep_ratio(ratio, float(conf), self.selector.sensitivity)
             n_tok = valid.sum(-1)
             seq_score = torch.where(valid, scores, 0.0).sum(-1) / n_tok.clamp(min=1)
-            seq_score = seq_score.masked_fill(n_tok == 0, float("-inf"))
-            k = min(int((n_tok > 0).sum()), max(1, math.ceil(ratio * B - 1e-9)))
+            seq_score = seq_score.masked_fill(n_tok == 0, float("-inf"))  # all-padding rows come last
+            k = min(B, max(1, math.ceil(ratio * B - 1e-9)))
             chosen = torch.topk(seq_score, k).indices.sort().values
         sub_mask = attention_mask[chosen] if attention_mask is not None else None
         logits = self._logits(self.model, input_ids[chosen], sub_mask)
         sub_targets = targets[chosen]
         loss = F.cross_entropy(upcast(logits).flatten(0, 1), sub_targets.flatten(), ignore_index=self.ignore_index)
-        self.metrics = {
-            "step": self.selector.step_count,
-            "token_ratio": ratio,
-            "sequences_selected": k,
-            "tokens_selected": int((sub_targets != self.ignore_index).sum()),
-            "tokens_total": int(valid.sum()),
-            "avg_confidence": avg_conf,
-            "avg_entropy": float(rs.entropy[valid].mean()),
-        }
+        # metrics stay on the device until get_metrics() asks: no host sync in the step
+        self._pending = {"step": self.selector.step_count, "token_ratio": ratio, "sequences_selected": k,
+                         "tokens_selected": (sub_targets != self.ignore_index).sum(), "tokens_total": valid.sum(),
+                         "avg_confidence": conf, "avg_entropy": rs.entropy[valid].mean()}
         self._auto_step(self.training)
         return loss
 
     def get_metrics(self) -> dict[str, Any]:
-        return dict(self.metrics)
+        """cggr's keys (plus ``sequences_selected``), as Python numbers."""
+        return {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in self._pending.items()}

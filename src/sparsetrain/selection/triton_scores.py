@@ -1,9 +1,10 @@
 """Fused Triton kernel for :class:`~sparsetrain.selection.scores.RowStats`.
 
 One program per row streams the vocabulary once in ``BLOCK`` chunks, keeping
-in registers an online max ``m``, ``s = sum exp(x - m)``, ``t = sum exp(x - m) x``
-and the two largest logits; the target logit is a single load. So the logits
-are read exactly once and no ``[N, V]`` float32 intermediate exists:
+in registers an online max ``m``, lane-wise ``s = sum exp(x - m)``,
+``t = sum exp(x - m) x`` and each lane's two largest logits; the target logit
+is a single load. So the logits are read exactly once and no ``[N, V]``
+float32 intermediate exists:
 
     lse = m + log s,  H = lse - t / s,  p1 = exp(top1 - lse),  p2 = exp(top2 - lse)
 
@@ -39,31 +40,35 @@ if triton is not None:
         V, stride_row, ignore_index,
         BLOCK: tl.constexpr,
     ):
+        # Per-lane accumulators: the only cross-lane reduction inside the loop is
+        # the block max (the shared rescaling reference); sums and the top-2 stay
+        # lane-wise and are reduced once after the loop. One exp per element.
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row
         offs = tl.arange(0, BLOCK)
         m = tl.full((), float("-inf"), tl.float32)
-        s = tl.zeros((), tl.float32)
-        t = tl.zeros((), tl.float32)
-        top1 = tl.full((), float("-inf"), tl.float32)
-        top2 = tl.full((), float("-inf"), tl.float32)
+        s_vec = tl.zeros((BLOCK,), tl.float32)
+        t_vec = tl.zeros((BLOCK,), tl.float32)
+        top1 = tl.full((BLOCK,), float("-inf"), tl.float32)
+        top2 = tl.full((BLOCK,), float("-inf"), tl.float32)
         for start in range(0, V, BLOCK):
             cols = start + offs
             inb = cols < V
             x = tl.load(base + cols, mask=inb, other=float("-inf")).to(tl.float32)
-            # top-2 of the block: remove one occurrence of the block max
-            b1 = tl.max(x, 0)
-            i1 = tl.argmax(x, 0)
-            b2 = tl.max(tl.where(offs == i1, float("-inf"), x), 0)
-            top2 = tl.maximum(tl.minimum(top1, b1), tl.maximum(top2, b2))
-            top1 = tl.maximum(top1, b1)
-            # online softmax moments
-            m_new = tl.maximum(m, b1)
+            top2 = tl.maximum(top2, tl.minimum(top1, x))
+            top1 = tl.maximum(top1, x)
+            m_new = tl.maximum(m, tl.max(x, 0))
             scale = tl.exp(m - m_new)
             e = tl.where(inb, tl.exp(x - m_new), 0.0)
-            s = s * scale + tl.sum(e, 0)
-            t = t * scale + tl.sum(e * tl.where(inb, x, 0.0), 0)  # 0 * -inf would be NaN
+            s_vec = s_vec * scale + e
+            t_vec = t_vec * scale + e * tl.where(inb, x, 0.0)  # 0 * -inf would be NaN
             m = m_new
+        s = tl.sum(s_vec, 0)
+        t = tl.sum(t_vec, 0)
+        # top-2 over lanes: the best lane's runner-up competes with every other lane's best
+        b1 = tl.max(top1, 0)
+        i1 = tl.argmax(top1, 0)
+        b2 = tl.maximum(tl.max(tl.where(offs == i1, float("-inf"), top1), 0), tl.max(tl.where(offs == i1, top2, float("-inf")), 0))
         lse = m + tl.log(s)
         tgt = tl.load(targets_ptr + row).to(tl.int64)
         valid = tgt != ignore_index
@@ -71,12 +76,16 @@ if triton is not None:
         tl.store(lse_ptr + row, lse)
         tl.store(nll_ptr + row, tl.where(valid, lse - x_t, 0.0))
         tl.store(ent_ptr + row, lse - t / s)
-        tl.store(p1_ptr + row, tl.exp(top1 - lse))
-        tl.store(p2_ptr + row, tl.exp(top2 - lse))
+        tl.store(p1_ptr + row, tl.exp(b1 - lse))
+        tl.store(p2_ptr + row, tl.exp(b2 - lse))
 
 
 def row_stats_triton(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX, block: int | None = None
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    block: int | None = None,
+    num_warps: int | None = None,
 ) -> RowStats:
     """The fused kernel. ``logits [..., V]`` (any float dtype, last dim contiguous)."""
     if triton is None:
@@ -92,8 +101,8 @@ def row_stats_triton(
     n = flat.shape[0]
     outs = [torch.empty(n, device=logits.device, dtype=torch.float32) for _ in range(5)]
     if n:
-        BLOCK = block or min(4096, triton.next_power_of_2(V))
+        BLOCK = block or min(1024, triton.next_power_of_2(V))  # best on H200 (bench/results/scoring_kernel_h200.json)
         _row_stats_kernel[(n,)](flat, tgt, *outs, V, flat.stride(0), ignore_index, BLOCK=BLOCK,
-                                num_warps=8 if BLOCK >= 2048 else 4)
+                                num_warps=num_warps or 4)
     lse, nll, ent, p1, p2 = (o.view(shape) for o in outs)
     return RowStats(lse=lse, nll=nll, entropy=ent, p1=p1, p2=p2, valid=(targets != ignore_index).view(shape))

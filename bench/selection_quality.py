@@ -1,0 +1,71 @@
+"""Quality of token selection scores against controls: dense, random at the same
+keep ratio, and the loss / combined / collider scores (CGGR selective loss),
+the same number of steps each, on the embedded stdlib corpus.
+
+    PYTHONPATH=src python bench/selection_quality.py --out $OUT/selection_quality.json
+
+Each run's val-loss curve and train seconds go into one JSON; plot it with
+`python bench/plot_runs.py FILE.json FILE.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from sparsetrain import build_config, train  # noqa: E402
+from sparsetrain.benchmark import environment  # noqa: E402
+
+RUNS = {
+    "dense": {},
+    "random": {"selection": "loss", "selection_method": "random"},
+    "loss": {"selection": "loss", "selection_score": "loss"},
+    "combined": {"selection": "loss", "selection_score": "combined"},
+    "collider": {"selection": "loss", "selection_score": "collider"},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "selection_quality.json"))
+    ap.add_argument("--preset", default="nano-125m")
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--keep-ratio", type=float, default=0.5)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--runs", default=",".join(RUNS))
+    args = ap.parse_args()
+    base = dict(max_steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup_steps=100,
+                eval_every=100, eval_batches=16, keep_ratio=args.keep_ratio, log_every=50,
+                cache_dir=os.environ.get("SPARSETRAIN_CACHE", "/tmp/sparsetrain-cache"))
+    out = {"environment": environment(), "settings": {**base, "preset": args.preset}, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.runs.split(","):
+            cfg = build_config(args.preset, overrides={**base, **RUNS[name], "out_dir": f"{tmp}/{name}"})
+            res = train(cfg, verbose=False)
+            rows = [json.loads(l) for l in (Path(tmp) / name / "metrics.jsonl").read_text().splitlines()]
+            out["runs"][name] = {
+                "overrides": RUNS[name],
+                "val_loss": {str(k): v for k, v in sorted(res.val_losses.items())},
+                "val_seconds": {str(r["step"]): r["train_seconds"] for r in rows if r["kind"] == "eval"},
+                "train_seconds": res.train_seconds,
+                "tokens_per_second": res.tokens_per_second,
+                "mean_kept_fraction": (sum(r.get("kept_fraction", 1.0) for r in rows if r["kind"] == "train")
+                                       / max(1, sum(r["kind"] == "train" for r in rows))),
+            }
+            Path(args.out).write_text(json.dumps(out, indent=2))
+            print(f"{name:<10} final val {res.val_losses[max(res.val_losses)]:.4f}  {res.train_seconds:.0f} s", flush=True)
+    print(f"\n{'run':<10} {'val loss':>9} {'train s':>8} {'kept':>6}")
+    for name, r in out["runs"].items():
+        last = r["val_loss"][max(r["val_loss"], key=int)]
+        print(f"{name:<10} {last:9.4f} {r['train_seconds']:8.0f} {r['mean_kept_fraction']:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
