@@ -58,6 +58,7 @@ def test_train_then_generate_then_resume(corpus_dir: Path, cache_dir: Path, tmp_
         (["generate", "--ckpt", ".", "--max-new-tokens", "0"], ["--max-new-tokens", "0"]),
         (["bench", "step", "--seq-len", "0"], ["--seq-len", "0"]),
         (["frobnicate"], ["frobnicate"]),
+        (["train", "--drop-ratio", "1.5"], ["collider_sparsity", "1.5"]),
     ],
 )
 def test_bad_input_one_line_exit_2(args: list[str], needles: list[str], capsys) -> None:

@@ -177,3 +177,41 @@ def test_excess_score_uses_reference_run(make_cfg, tmp_path: Path) -> None:
     assert excess[kept].min() >= excess[~kept].max() - 1e-5
     with pytest.raises(ConfigError, match="reference_ckpt"):
         make_cfg(selection="loss", selection_score="excess")
+
+
+@pytest.mark.parametrize("method", ["threshold", "topk", "random"])
+def test_training_with_collider(make_cfg, method: str) -> None:
+    cfg = make_cfg(max_steps=12, use_collider=True, collider_sparsity=0.4, collider_method=method)
+    result = train(cfg, verbose=False)
+    rows = [json.loads(l) for l in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    kept = [r["kept_fraction"] for r in rows if r["kind"] == "train"]
+    assert all("backward_ms" in r for r in rows if r["kind"] == "train")
+    if method == "threshold":  # the adaptive controller converges towards 60% kept
+        assert abs(sum(kept[-6:]) / 6 - 0.6) < 0.12, kept
+    else:
+        assert all(abs(k - 0.6) < 0.01 for k in kept), kept
+    assert result.val_losses[12] < result.val_losses[0]
+
+
+def test_collider_step_matches_reference_gradients(make_cfg) -> None:
+    """The trainer's Collider step produces the gradients of the detached-K/V objective."""
+    from test_collider import reference_loss
+
+    t = Trainer(make_cfg(use_collider=True, collider_sparsity=0.5, collider_method="topk"), verbose=False)
+    x, y = train_batch(t.corpus.train, 4, 32, seed=2, step=0)
+    t.forward_backward(x, y)
+    got = {n: p.grad.clone() for n, p in t.model.named_parameters()}
+    keep = t.selector.last_mask
+    t.optimizer.zero_grad(set_to_none=True)
+    reference_loss(t.model, x, y, keep).backward()
+    for n, p in t.model.named_parameters():
+        assert torch.allclose(got[n], p.grad, rtol=1e-4, atol=1e-6), n
+
+
+def test_collider_config_errors(make_cfg) -> None:
+    with pytest.raises(ConfigError, match="needs collider_sparsity"):
+        make_cfg(use_collider=True, collider_method="topk")
+    with pytest.raises(ConfigError, match="exclusive"):
+        make_cfg(use_collider=True, selection="loss")
+    with pytest.raises(ConfigError, match="compile"):
+        make_cfg(use_collider=True, compile=True)

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a GPT (default: preset tiny on the Python stdlib sources)")
     t.add_argument("--config", metavar="FILE", help="TOML config ([model], [data], [training], [run])")
     t.add_argument("--resume", metavar="RUN", help="continue the run in this directory exactly where it stopped")
+    t.add_argument("--drop-ratio", type=float, metavar="FLOAT", default=argparse.SUPPRESS,
+                   help="shortcut: Collider on, holding this fraction of tokens dropped (sets use_collider, collider_sparsity)")
     _add_config_flags(t)
 
     g = sub.add_parser("generate", help="sample text from a trained run")
@@ -88,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "drop_ratio")}
+    if hasattr(args, "drop_ratio"):
+        overrides.update(use_collider=True, collider_sparsity=args.drop_ratio)
     base = None
     if args.resume:
         run = Path(args.resume)

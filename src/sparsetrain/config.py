@@ -143,8 +143,10 @@ class TrainConfig:
     router_layers: int = field(default=2, metadata=_section("training", "layers of the truncated router (selection = batch)"))
     reference_ckpt: str = field(default="", metadata=_section("training", "reference run for the excess score (Rho-1)"))
     use_collider: bool = field(default=False, metadata=_section("training", "Collider token filtering in backward"))
-    collider_threshold: float = field(default=0.0, metadata=_section("training", "Collider importance threshold"))
-    collider_sparsity: float = field(default=0.0, metadata=_section("training", "Collider target drop ratio"))
+    collider_threshold: float = field(default=0.5, metadata=_section("training", "Collider fixed threshold on the score (used when collider_sparsity = 0)"))
+    collider_sparsity: float = field(default=0.0, metadata=_section("training", "Collider target drop ratio, held by the adaptive threshold (or exact, with collider_method = topk)"))
+    collider_score: str = field(default="collider", metadata=_section("training", "Collider token score (collider, loss, excess, ...)"))
+    collider_method: str = field(default="threshold", metadata=_section("training", "threshold (adaptive when collider_sparsity > 0), topk (exact ratio) or random (the control)"))
     use_mtp: bool = field(default=False, metadata=_section("training", "multi-token prediction heads"))
     mtp_n_tokens: int = field(default=2, metadata=_section("training", "MTP extra heads (2-4)"))
     mtp_weight: float = field(default=0.2, metadata=_section("training", "MTP loss weight"))
@@ -192,7 +194,15 @@ class TrainConfig:
             _require(self.selection == "loss", "the excess score works with selection = loss (batch splitting scores with its router)")
         # Switches whose technique has not landed yet fail loudly instead of
         # silently training dense.
-        for name in ("use_collider", "use_mtp", "use_async_loader"):
+        if self.use_collider:
+            _require(self.collider_score in SCORES, f"training.collider_score must be one of {', '.join(SCORES)}, got {self.collider_score!r}")
+            _require(self.collider_method in ("threshold", "topk", "random"), f"training.collider_method must be threshold, topk or random, got {self.collider_method!r}")
+            _require(self.collider_method == "threshold" or self.collider_sparsity > 0, f"training.collider_method = {self.collider_method} needs collider_sparsity > 0")
+            _require(self.selection == "none", "use_collider and selection (CGGR) are exclusive: pick one token filter")
+            _require(not self.compile, "run.compile is not supported with use_collider yet (its backward is a Python-level autograd node)")
+            if self.collider_score == "excess":
+                _require(bool(self.reference_ckpt), "training.collider_score = excess needs training.reference_ckpt")
+        for name in ("use_mtp", "use_async_loader"):
             _require(not getattr(self, name), f"training.{name} is not available in this version of sparsetrain yet")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -30,6 +30,8 @@ from .data import TokenizedCorpus, load_corpus, train_batch, val_batches
 from .errors import CheckpointError, ConfigError
 from .generate import load_model
 from .model import GPT, IGNORE_INDEX
+from .collider import ColliderModel, masked_cross_entropy
+from .collider import filter as collider_filter
 from .selection import CGGRLoss, CGGRModel, TokenSelector, create_truncated_router
 from .optim import lr_at, make_optimizer
 from .plotting import plot_loss_curve
@@ -101,7 +103,7 @@ class Trainer:
         if resume is not None:
             self._load_state(self.out_dir)
         self._write_run_files()
-        self.ddp_model: nn.Module = self.model
+        self.ddp_model: nn.Module = ColliderModel(self.model) if cfg.use_collider else self.model
         if cfg.compile:
             self.ddp_model = torch.compile(self.ddp_model)
         if self.dist.enabled:
@@ -132,14 +134,23 @@ class Trainer:
         self.batch_splitter: CGGRModel | None = None
         self.reference: GPT | None = None
         self.step_kept = [0, 0]  # kept / total valid tokens of the current step
-        if c.selection == "none":
+        self.backward_ms: list = []  # per micro-step backward timings of the current log window
+        seed = c.seed * 1000 + self.dist.rank
+        if c.use_collider:
+            adaptive = c.collider_method == "threshold" and c.collider_sparsity > 0
+            self.selector = TokenSelector(
+                score=c.collider_score, method=c.collider_method, keep_ratio=1.0 - c.collider_sparsity,
+                warmup_steps=c.selection_warmup_steps, threshold=c.collider_threshold,
+                target_sparsity=c.collider_sparsity if adaptive else None, seed=seed,
+            )
+        elif c.selection != "none":
+            self.selector = TokenSelector(
+                score=c.selection_score, method=c.selection_method, keep_ratio=c.keep_ratio,
+                warmup_steps=c.selection_warmup_steps, dynamic=c.selection_dynamic, sensitivity=c.selection_sensitivity,
+                threshold=c.selection_threshold, target_sparsity=c.selection_target_sparsity or None, seed=seed,
+            )
+        else:
             return
-        self.selector = TokenSelector(
-            score=c.selection_score, method=c.selection_method, keep_ratio=c.keep_ratio,
-            warmup_steps=c.selection_warmup_steps, dynamic=c.selection_dynamic, sensitivity=c.selection_sensitivity,
-            threshold=c.selection_threshold, target_sparsity=c.selection_target_sparsity or None,
-            seed=c.seed * 1000 + self.dist.rank,
-        )
         if c.selection == "loss":
             self.criterion = CGGRLoss(selector=self.selector)
         if c.reference_ckpt:
@@ -219,6 +230,17 @@ class Trainer:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         ctx = self.ddp_model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
         with ctx:
+            if self.cfg.use_collider:
+                with self.autocast():
+                    logits = self.ddp_model(x)
+                ref = self._reference_nll(x, y) if self.reference is not None else None
+                keep, stats = self.selector(logits.detach(), y, ref)
+                loss = masked_cross_entropy(logits, y, keep)
+                with collider_filter(keep), self._timed_backward():
+                    (loss * loss_scale).backward()
+                self.step_kept[0] += stats.kept
+                self.step_kept[1] += stats.total
+                return loss.detach()
             with self.autocast():
                 if self.batch_splitter is not None:
                     loss = self.batch_splitter(x, targets=y)
@@ -232,10 +254,33 @@ class Trainer:
                 else:
                     _, loss = self.ddp_model(x, y)
                     kept = total = 0
-            (loss * loss_scale).backward()
+            with self._timed_backward():
+                (loss * loss_scale).backward()
         self.step_kept[0] += kept
         self.step_kept[1] += total
         return loss.detach()
+
+    @contextlib.contextmanager
+    def _timed_backward(self):
+        """Time a backward pass: CUDA events (read at the next log), or the host clock."""
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.backward_ms.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.backward_ms.append((time.perf_counter() - t0) * 1e3)
+
+    def _drain_backward_ms(self) -> float | None:
+        """Mean backward milliseconds per micro-step since the last call."""
+        if not self.backward_ms:
+            return None
+        ms = [b if isinstance(b, float) else b[0].elapsed_time(b[1]) for b in self.backward_ms]
+        self.backward_ms = []
+        return sum(ms) / len(ms)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step at ``self.step``. Returns (mean loss, grad norm) as tensors."""
@@ -330,11 +375,14 @@ class Trainer:
                         torch.cuda.synchronize(self.device)
                     now = time.perf_counter()
                     tps = window_tokens / max(now - window_t0, 1e-9)
+                    bwd_ms = self._drain_backward_ms()
                     for s, l, g, lr, kf in pending:
                         row = {"kind": "train", "step": s, "loss": float(l), "grad_norm": float(g), "lr": lr,
                                "tokens": s * tokens_per_step, "tokens_per_s": round(tps, 1)}
                         if kf is not None:
                             row["kept_fraction"] = round(kf, 4)
+                        if bwd_ms is not None:
+                            row["backward_ms"] = round(bwd_ms, 3)  # mean over the log window
                         result.train_losses[s] = row["loss"]
                         if metrics:
                             metrics.write(json.dumps(row) + "\n")

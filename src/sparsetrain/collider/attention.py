@@ -1,0 +1,66 @@
+"""Causal attention forward that keeps what its backward needs, and the backward
+restricted to kept queries.
+
+Semantics: a dropped position's key and value are constants, and a dropped
+query has no gradient coming in. So with ``dO`` zero on dropped query rows,
+an ordinary attention backward returns exactly the Collider gradients: ``dq``
+at kept rows, and ``dk``/``dv`` whose kept rows collect the contributions of
+kept queries only (``dS = P * (dP - rowsum(dO * O))`` vanishes on zero rows).
+The rows of ``dk``/``dv`` at dropped positions are discarded by the caller.
+
+CUDA bf16/fp16 uses the flash-attention kernels torch ships (forward returns
+the log-sum-exp the backward reuses); elsewhere the backward recomputes the
+forward under autograd.
+
+Still dense here: the attention backward itself runs over all query rows
+(zeros included). A kernel that skips dropped queries is the next step; the
+GEMMs around it already run on kept rows only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionSaved:
+    q: torch.Tensor  # [B, H, T, hd], after RoPE
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor  # [B, H, T, hd]
+    flash: tuple | None  # what the flash backward needs, or None for the recompute path
+
+
+def _use_flash(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention")
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, AttentionSaved]:
+    """Causal SDPA, as fast as the dense model's, plus what the backward needs."""
+    if _use_flash(q):
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset = res[:8]
+        return out, AttentionSaved(q, k, v, out, (lse, cum_q, cum_k, max_q, max_k, seed, offset))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return out, AttentionSaved(q, k, v, out, None)
+
+
+def attention_backward(saved: AttentionSaved, d_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` for ``d_out`` ([B, H, T, hd], zero rows for dropped queries)."""
+    if saved.flash is not None:
+        lse, cum_q, cum_k, max_q, max_k, seed, offset = saved.flash
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            d_out, saved.q, saved.k, saved.v, saved.out, lse, cum_q, cum_k, max_q, max_k,
+            0.0, True, seed, offset,
+        )
+        return dq, dk, dv
+    with torch.enable_grad():
+        q = saved.q.detach().requires_grad_(True)
+        k = saved.k.detach().requires_grad_(True)
+        v = saved.v.detach().requires_grad_(True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
+    return dq, dk, dv

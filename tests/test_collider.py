@@ -1,0 +1,202 @@
+"""Collider gradients against an independent float64 reference: an ordinary
+autograd forward that takes the keep mask up front and detaches dropped
+positions' keys and values in every attention layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsetrain.collider import ColliderModel, filter, masked_cross_entropy, rmsnorm_backward, rope_inverse
+from sparsetrain.config import ModelConfig
+from sparsetrain.model import GPT, apply_rope
+
+from conftest import requires_cuda
+
+
+def fresh_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
+def reference_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The Collider objective written plainly: dropped K/V detached per layer."""
+    cfg = model.config
+    B, T = idx.shape
+    H, hd = cfg.n_head, cfg.head_dim
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    kv_keep = keep[:, None, :, None]  # [B, 1, T, 1]
+    x = model.embed(idx)
+    for blk in model.blocks:
+        q, k, v = blk.attn.qkv(blk.attn_norm(x)).view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = torch.where(kv_keep, k, k.detach())
+        v = torch.where(kv_keep, v, v.detach())
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + blk.attn.proj(o.transpose(1, 2).reshape(B, T, -1))
+        x = x + blk.ffn(blk.ffn_norm(x))
+    logits = model.lm_head(model.norm(x))
+    sel = keep & (targets != -100)
+    return F.cross_entropy(logits[sel], targets[sel])
+
+
+def make(ffn: str = "relu2", tie: bool = False, n_layer: int = 3) -> GPT:
+    torch.manual_seed(fresh_seed())
+    cfg = ModelConfig(vocab_size=300, seq_len=24, n_layer=n_layer, n_head=2, d_model=16, ffn=ffn, init_std=0.3,
+                      tie_embeddings=tie)
+    model = GPT(cfg).double()
+    for p in model.parameters():  # non-trivial norm gains
+        if p.dim() == 1:
+            p.data.uniform_(0.5, 1.5)
+    return model
+
+
+def grads(model: GPT) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def random_keep(B: int, T: int, g: torch.Generator) -> torch.Tensor:
+    keep = torch.rand(B, T, generator=g) < torch.rand(B, 1, generator=g).clamp(0.2, 0.9)  # uneven per sequence
+    keep[:, 0] |= ~keep.any(-1)
+    return keep
+
+
+def assert_close(a: dict, b: dict, rtol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for n in a:
+        err = (a[n] - b[n]).norm() / b[n].norm().clamp(min=1e-30)
+        assert err <= rtol, (n, float(err))
+
+
+@pytest.mark.parametrize("ffn, tie", [("relu2", False), ("swiglu", False), ("relu2", True)])
+def test_gradients_match_detached_kv_reference(ffn: str, tie: bool) -> None:
+    model = make(ffn, tie)
+    g = torch.Generator().manual_seed(fresh_seed())
+    B, T = 3, 20
+    idx = torch.randint(0, 97, (B, T), generator=g)
+    targets = torch.randint(0, 97, (B, T), generator=g)
+    targets[1, 3] = -100
+    keep = random_keep(B, T, g)
+    reference_loss(model, idx, targets, keep).backward()
+    ref = grads(model)
+    cm = ColliderModel(model)
+    logits = cm(idx)
+    loss = masked_cross_entropy(logits, targets, keep)
+    with filter(keep):
+        loss.backward()
+    got = grads(model)
+    assert_close(got, ref, rtol=1e-6)
+    # the detached K/V matter: plain masked cross-entropy has other gradients
+    sel = keep & (targets != -100)
+    F.cross_entropy(model(idx)[0][sel], targets[sel]).backward()
+    plain = grads(model)
+    assert max(float((plain[n] - got[n]).norm() / got[n].norm()) for n in got) > 1e-3
+
+
+def test_keep_all_equals_dense() -> None:
+    model = make("swiglu")
+    idx = torch.randint(0, 97, (2, 24))
+    targets = torch.randint(0, 97, (2, 24))
+    _, loss = model(idx, targets)
+    loss.backward()
+    dense = grads(model)
+    logits = ColliderModel(model)(idx)
+    assert torch.equal(logits, model(idx)[0])  # the forward is the model's own
+    loss = masked_cross_entropy(logits, targets, torch.ones_like(targets, dtype=torch.bool))
+    with filter(None):
+        loss.backward()
+    assert_close(grads(model), dense, rtol=1e-10)
+
+
+def test_dropped_positions_get_no_gradient_anywhere() -> None:
+    model = make()
+    B, T = 2, 16
+    idx = torch.arange(B * T).view(B, T) % 97  # every position a distinct token: embedding rows map to positions
+    targets = torch.randint(0, 97, (B, T))
+    keep = torch.zeros(B, T, dtype=torch.bool)
+    keep[0, 5] = keep[1, 9] = keep[1, 15] = True
+    loss = masked_cross_entropy(ColliderModel(model)(idx), targets, keep)
+    with filter(keep):
+        loss.backward()
+    d_embed = model.embed.weight.grad
+    for b in range(B):
+        for t in range(T):
+            row = d_embed[idx[b, t]]
+            assert bool(row.abs().sum() > 0) == bool(keep[b, t]), (b, t)
+
+
+def test_grad_accumulation_adds_up() -> None:
+    model = make()
+    g = torch.Generator().manual_seed(fresh_seed())
+    batches = [(torch.randint(0, 97, (2, 12), generator=g), torch.randint(0, 97, (2, 12), generator=g),
+                random_keep(2, 12, g)) for _ in range(2)]
+    cm = ColliderModel(model)
+    for idx, tgt, keep in batches:
+        with filter(keep):
+            (0.5 * masked_cross_entropy(cm(idx), tgt, keep)).backward()
+    acc = grads(model)
+    for idx, tgt, keep in batches:
+        (0.5 * reference_loss(model, idx, tgt, keep)).backward()
+    assert_close(acc, grads(model), rtol=1e-6)
+
+
+def test_keep_none_and_bad_mask_raise() -> None:
+    model = make()
+    idx = torch.randint(0, 97, (2, 8))
+    logits = ColliderModel(model)(idx)
+    none = torch.zeros(2, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="keeps no token"):
+        masked_cross_entropy(logits, idx, none)
+    with pytest.raises(ValueError, match="keeps no token"):
+        with filter(none):
+            logits.sum().backward()
+    logits = ColliderModel(model)(idx)
+    with pytest.raises(ValueError, match="shape"):
+        with filter(torch.ones(3, 8, dtype=torch.bool)):
+            logits.sum().backward()
+
+
+def test_ignore_index_is_never_a_target() -> None:
+    model = make()
+    idx = torch.randint(0, 97, (2, 10))
+    targets = torch.randint(0, 97, (2, 10))
+    targets[0, :4] = -100
+    keep = torch.ones(2, 10, dtype=torch.bool)
+    loss = masked_cross_entropy(ColliderModel(model)(idx), targets, keep)
+    assert torch.allclose(loss, F.cross_entropy(model(idx)[0].flatten(0, 1), targets.flatten(), ignore_index=-100))
+
+
+def test_rmsnorm_and_rope_backward_helpers() -> None:
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(8, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(5, 8, dtype=torch.float64)
+    F.rms_norm(x, (8,), w, 1e-6).backward(dy)
+    dx, dw = rmsnorm_backward(dy, x.detach(), w.detach(), 1e-6)
+    assert torch.allclose(dx, x.grad) and torch.allclose(dw, w.grad)
+    q = torch.randn(2, 3, 4, 8, dtype=torch.float64, requires_grad=True)  # [B, H, T, hd]
+    cos, sin = torch.rand(4, 4, dtype=torch.float64), torch.rand(4, 4, dtype=torch.float64)
+    dq = torch.randn(2, 3, 4, 8, dtype=torch.float64)
+    apply_rope(q, cos, sin).backward(dq)
+    assert torch.allclose(rope_inverse(dq, cos[None, None], sin[None, None]), q.grad)
+
+
+@requires_cuda
+def test_cuda_bf16_collider_close_to_float64_reference() -> None:
+    model = make(n_layer=2)
+    g = torch.Generator().manual_seed(fresh_seed())
+    idx = torch.randint(0, 97, (2, 24), generator=g)
+    targets = torch.randint(0, 97, (2, 24), generator=g)
+    keep = random_keep(2, 24, g)
+    reference_loss(model, idx, targets, keep).backward()
+    ref = grads(model)
+    gpu = make(n_layer=2).float().cuda()
+    gpu.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = ColliderModel(gpu)(idx.cuda())
+    loss = masked_cross_entropy(logits, targets.cuda(), keep.cuda())
+    with filter(keep.cuda()):
+        loss.backward()
+    got = {n: p.grad.double().cpu() for n, p in gpu.named_parameters()}
+    assert_close(got, ref, rtol=5e-2)
