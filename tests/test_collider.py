@@ -142,6 +142,25 @@ def test_grad_accumulation_adds_up() -> None:
     assert_close(acc, grads(model), rtol=1e-6)
 
 
+def test_filter_is_seen_by_backward_on_another_thread() -> None:
+    """Autograd runs CUDA backward nodes on a worker thread: the mask must reach it."""
+    import threading
+
+    model = make()
+    idx = torch.randint(0, 300, (2, 12))
+    targets = torch.randint(0, 300, (2, 12))
+    keep = torch.zeros(2, 12, dtype=torch.bool)
+    keep[:, 6:] = True
+    reference_loss(model, idx, targets, keep).backward()
+    ref = grads(model)
+    loss = masked_cross_entropy(ColliderModel(model)(idx), targets, keep)
+    with filter(keep):
+        worker = threading.Thread(target=loss.backward)
+        worker.start()
+        worker.join()
+    assert_close(grads(model), ref, rtol=1e-6)
+
+
 def test_keep_none_and_bad_mask_raise() -> None:
     model = make()
     idx = torch.randint(0, 97, (2, 8))

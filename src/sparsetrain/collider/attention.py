@@ -8,9 +8,10 @@ at kept rows, and ``dk``/``dv`` whose kept rows collect the contributions of
 kept queries only (``dS = P * (dP - rowsum(dO * O))`` vanishes on zero rows).
 The rows of ``dk``/``dv`` at dropped positions are discarded by the caller.
 
-CUDA bf16/fp16 uses the flash-attention kernels torch ships (forward returns
-the log-sum-exp the backward reuses); elsewhere the backward recomputes the
-forward under autograd.
+CUDA bf16/fp16 uses the fused kernels torch ships, cuDNN's (as dense SDPA
+picks on Hopper) or flash attention's; their forward returns the log-sum-exp
+the backward reuses. Elsewhere the backward recomputes the forward under
+autograd.
 
 Still dense here: the attention backward itself runs over all query rows
 (zeros included). A kernel that skips dropped queries is the next step; the
@@ -31,32 +32,58 @@ class AttentionSaved:
     k: torch.Tensor
     v: torch.Tensor
     out: torch.Tensor  # [B, H, T, hd]
-    flash: tuple | None  # what the flash backward needs, or None for the recompute path
+    flash: tuple | None  # ("cudnn" | "flash", lse, ...) for the fused backward, or None: recompute
 
 
-def _use_flash(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention")
+_cudnn_ok: bool | None = None  # None: not tried yet on this process
+
+
+def _fused_ok(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, AttentionSaved]:
-    """Causal SDPA, as fast as the dense model's, plus what the backward needs."""
-    if _use_flash(q):
-        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)
-        out, lse, cum_q, cum_k, max_q, max_k, seed, offset = res[:8]
-        return out, AttentionSaved(q, k, v, out, (lse, cum_q, cum_k, max_q, max_k, seed, offset))
+    """Causal SDPA, as fast as the dense model's, plus what the backward needs.
+
+    On CUDA: cuDNN attention (what ``F.scaled_dot_product_attention`` picks on
+    Hopper), else torch's flash attention; both return the log-sum-exp.
+    """
+    global _cudnn_ok
+    aten = torch.ops.aten
+    if _fused_ok(q):
+        if _cudnn_ok is not False and hasattr(aten, "_scaled_dot_product_cudnn_attention"):
+            try:
+                res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False)
+                out, lse, cum_q, cum_k, max_q, max_k, seed, offset = res[:8]
+                return out, AttentionSaved(q, k, v, out, ("cudnn", lse, cum_q, cum_k, max_q, max_k, seed, offset))
+            except RuntimeError:
+                _cudnn_ok = False
+        if hasattr(aten, "_scaled_dot_product_flash_attention"):
+            res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)
+            out, lse, cum_q, cum_k, max_q, max_k, seed, offset = res[:8]
+            return out, AttentionSaved(q, k, v, out, ("flash", lse, cum_q, cum_k, max_q, max_k, seed, offset))
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return out, AttentionSaved(q, k, v, out, None)
 
 
 def attention_backward(saved: AttentionSaved, d_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv)`` for ``d_out`` ([B, H, T, hd], zero rows for dropped queries)."""
+    """``(dq, dk, dv)`` for ``d_out`` (laid out like ``saved.out``; zero rows for dropped queries)."""
+    global _cudnn_ok
+    aten = torch.ops.aten
     if saved.flash is not None:
-        lse, cum_q, cum_k, max_q, max_k, seed, offset = saved.flash
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            d_out, saved.q, saved.k, saved.v, saved.out, lse, cum_q, cum_k, max_q, max_k,
-            0.0, True, seed, offset,
-        )
-        return dq, dk, dv
+        kind, lse, cum_q, cum_k, max_q, max_k, seed, offset = saved.flash
+        if kind == "cudnn":
+            try:
+                dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+                    d_out, saved.q, saved.k, saved.v, saved.out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k,
+                    0.0, True)
+                _cudnn_ok = True
+                return dq, dk, dv
+            except RuntimeError:  # this torch's cuDNN backward cannot be called so: recompute below
+                _cudnn_ok = False
+        else:
+            return aten._scaled_dot_product_flash_attention_backward(
+                d_out, saved.q, saved.k, saved.v, saved.out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset)
     with torch.enable_grad():
         q = saved.q.detach().requires_grad_(True)
         k = saved.k.detach().requires_grad_(True)

@@ -31,7 +31,10 @@ import torch.nn.functional as F
 from ..model import GPT, IGNORE_INDEX, apply_rope, upcast
 from .attention import AttentionSaved, attention_backward, attention_forward
 
-_local = threading.local()
+# Process-wide, not thread-local: autograd runs CUDA backward nodes on its own
+# worker thread, which would not see a thread-local set by the caller.
+_active_keep: list[torch.Tensor | None] = []
+_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -40,16 +43,17 @@ def filter(keep: torch.Tensor | None) -> Iterator[None]:
 
     ``None`` keeps everything (dense gradients). Nests; restores on exit.
     """
-    prev = getattr(_local, "keep", None)
-    _local.keep = keep
+    with _lock:
+        _active_keep.append(keep)
     try:
         yield
     finally:
-        _local.keep = prev
+        with _lock:
+            _active_keep.pop()
 
 
 def current_keep() -> torch.Tensor | None:
-    return getattr(_local, "keep", None)
+    return _active_keep[-1] if _active_keep else None
 
 
 @dataclass
@@ -96,30 +100,37 @@ def _forward(model: GPT, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
     cdt = _compute_dtype(model, idx.device)
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     blocks = []
+    w: dict[int, torch.Tensor] = {}  # compute-dtype weights, cast once and reused by the backward
+
+    def W(lin: nn.Linear) -> torch.Tensor:
+        if id(lin.weight) not in w:
+            w[id(lin.weight)] = lin.weight.to(cdt)
+        return w[id(lin.weight)]
+
     with torch.autocast(idx.device.type, enabled=False):
         x = model.embed(idx)
         for blk in model.blocks:
             a = blk.attn_norm(x)
-            qkv = F.linear(a.to(cdt), blk.attn.qkv.weight.to(cdt))
+            qkv = F.linear(a.to(cdt), W(blk.attn.qkv))
             q, k, v = qkv.view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             o, att = attention_forward(q, k, v)
             o2 = o.transpose(1, 2).reshape(B, T, D)
-            x1 = x + F.linear(o2, blk.attn.proj.weight.to(cdt))
+            x1 = x + F.linear(o2, W(blk.attn.proj))
             b = blk.ffn_norm(x1).to(cdt)
             ffn = blk.ffn
-            u = F.linear(b, ffn.up.weight.to(cdt))
+            u = F.linear(b, W(ffn.up))
             if ffn.gate is not None:
-                g = F.linear(b, ffn.gate.weight.to(cdt))
+                g = F.linear(b, W(ffn.gate))
                 f = F.silu(g) * u
             else:
                 g = None
                 f = F.relu(u).square()
-            x2 = x1 + F.linear(f, ffn.down.weight.to(cdt))
+            x2 = x1 + F.linear(f, W(ffn.down))
             blocks.append(_BlockSaved(x=x, att=att, o2=o2, x1=x1, u=u, g=g))
             x = x2
-        logits = F.linear(model.norm(x).to(cdt), model.lm_head.weight.to(cdt))
-    return logits, {"blocks": blocks, "h": x, "idx": idx, "cdt": cdt}
+        logits = F.linear(model.norm(x).to(cdt), W(model.lm_head))
+    return logits, {"blocks": blocks, "h": x, "idx": idx, "cdt": cdt, "w": w}
 
 
 def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor | None) -> dict[int, torch.Tensor]:
@@ -139,6 +150,10 @@ def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor
     if K == 0:
         raise ValueError("Collider keep mask keeps no token: nothing to learn from in this batch")
     grads: dict[int, torch.Tensor] = {}
+    w = saved["w"]
+
+    def W(lin: nn.Linear) -> torch.Tensor:
+        return w[id(lin.weight)]
 
     def acc(p: torch.Tensor, g: torch.Tensor) -> None:
         g = g.to(p.dtype)
@@ -147,15 +162,15 @@ def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor
     def rows(t: torch.Tensor) -> torch.Tensor:  # kept rows of a [B, T, ...] activation
         return t.reshape(N, -1).index_select(0, kidx)
 
-    pos = kidx % T
-    cos, sin = model.rope_cos[pos][:, None, :], model.rope_sin[pos][:, None, :]  # [K, 1, hd/2]
+    kb, kt = kidx // T, kidx % T  # batch row and position of each kept token
+    cos, sin = model.rope_cos[kt][:, None, :], model.rope_sin[kt][:, None, :]  # [K, 1, hd/2]
 
     # LM head and final norm
     dl = dlogits.reshape(N, -1).index_select(0, kidx).to(cdt)
     h_k = rows(saved["h"])
     hn_k = model.norm(h_k).to(cdt)
     acc(model.lm_head.weight, dl.t() @ hn_k)
-    dhn = dl @ model.lm_head.weight.to(cdt)
+    dhn = dl @ W(model.lm_head)
     dx, dw = rmsnorm_backward(dhn, h_k, model.norm.weight, cfg.norm_eps)
     acc(model.norm.weight, dw)
 
@@ -173,19 +188,19 @@ def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor
         else:
             f_k = F.relu(u_k).square()
         acc(ffn.down.weight, dxc.t() @ f_k)
-        df = upcast(dxc @ ffn.down.weight.to(cdt))  # activation derivatives in float32
+        df = upcast(dxc @ W(ffn.down))  # activation derivatives in float32
         if ffn.gate is not None:
             gf, uf = upcast(g_k), upcast(u_k)
             sig = torch.sigmoid(gf)
             du = (df * gf * sig).to(cdt)
             dg = (df * uf * sig * (1 + gf * (1 - sig))).to(cdt)
             acc(ffn.gate.weight, dg.t() @ b_k)
-            db = dg @ ffn.gate.weight.to(cdt)
+            db = dg @ W(ffn.gate)
         else:
             du = (df * 2 * F.relu(upcast(u_k))).to(cdt)
             db = 0
         acc(ffn.up.weight, du.t() @ b_k)
-        db = db + du @ ffn.up.weight.to(cdt)
+        db = db + du @ W(ffn.up)
         dxn, dw = rmsnorm_backward(db, x1_k, blk.ffn_norm.weight, cfg.norm_eps)
         acc(blk.ffn_norm.weight, dw)
         dx = dx + dxn
@@ -193,17 +208,17 @@ def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor
         # attention: x1 = x + proj(attn(rope(q), rope(k), v)), qkv = W norm(x)
         dxc = dx.to(cdt)
         acc(blk.attn.proj.weight, dxc.t() @ rows(sv.o2))
-        do2 = dxc @ blk.attn.proj.weight.to(cdt)
-        d_out = torch.zeros(N, D, dtype=cdt, device=dx.device)
-        d_out.index_copy_(0, kidx, do2)
-        dq, dk, dv = attention_backward(sv.att, d_out.view(B, T, H, hd).transpose(1, 2))
-        dq_k, dk_k, dv_k = (t.transpose(1, 2).reshape(N, H, hd).index_select(0, kidx) for t in (dq, dk, dv))
+        do2 = dxc @ W(blk.attn.proj)
+        d_out = torch.zeros_like(sv.att.out)  # same strides as the forward's output
+        d_out[kb, :, kt] = do2.view(K, H, hd).to(d_out.dtype)
+        dq, dk, dv = attention_backward(sv.att, d_out)
+        dq_k, dk_k, dv_k = (t[kb, :, kt] for t in (dq, dk, dv))  # [K, H, hd], no full-size copy
         dqkv = torch.stack((rope_inverse(dq_k, cos, sin), rope_inverse(dk_k, cos, sin), dv_k), 1).reshape(K, 3 * D)
         x_k = rows(sv.x)
         a_k = blk.attn_norm(x_k).to(cdt)
         dqkv = dqkv.to(cdt)
         acc(blk.attn.qkv.weight, dqkv.t() @ a_k)
-        da = dqkv @ blk.attn.qkv.weight.to(cdt)
+        da = dqkv @ W(blk.attn.qkv)
         dxa, dw = rmsnorm_backward(da, x_k, blk.attn_norm.weight, cfg.norm_eps)
         acc(blk.attn_norm.weight, dw)
         dx = dx + dxa

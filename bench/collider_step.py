@@ -1,0 +1,170 @@
+"""Collider against dense training and loss-only filtering: forward, backward and
+whole-step time (bf16 autocast, sequence 2048), one process, side by side.
+
+    PYTHONPATH=src python bench/collider_step.py --out $OUT/collider_step.json
+
+Variants per model: dense; loss-only filtering at drop 0.5 (masked loss, dense
+backward: the naive baseline); Collider at drop 0.25, 0.4, 0.5. Keep masks come
+from the `collider` score with exact top-k, and the scoring+selection time is
+measured on its own. A torch.profiler pass on nano-125m splits the backward by
+kernel family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from sparsetrain.benchmark import environment  # noqa: E402
+from sparsetrain.collider import ColliderModel, filter as collider_filter, masked_cross_entropy  # noqa: E402
+from sparsetrain.config import build_config  # noqa: E402
+from sparsetrain.model import GPT  # noqa: E402
+from sparsetrain.optim import make_optimizer  # noqa: E402
+from sparsetrain.selection import TokenSelector  # noqa: E402
+
+MODELS = {
+    "nano-125m": ("nano-125m", {}),
+    "1b": ("nano-125m", {"d_model": 2048, "n_layer": 16, "n_head": 16, "vocab_size": 32768}),
+}
+VARIANTS = [("dense", None), ("loss_only", 0.5), ("collider", 0.25), ("collider", 0.4), ("collider", 0.5)]
+
+
+def kernel_family(name: str) -> str:
+    n = name.lower()
+    if "flash" in n or "fmha" in n or "attention" in n:
+        return "attention"
+    if "gemm" in n or "cutlass" in n or "sm90" in n or "nvjet" in n or "xmma" in n or "cublas" in n:
+        return "gemm"
+    if "index" in n or "gather" in n or "scatter" in n:
+        return "gather/scatter"
+    if "reduce" in n or "norm" in n:
+        return "reductions"
+    if "elementwise" in n or "vectorized" in n or "unrolled" in n:
+        return "elementwise"
+    return "other"
+
+
+def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool) -> dict:
+    preset, over = MODELS[name]
+    cfg = build_config(preset, overrides={"seq_len": seq, **over}).model
+    torch.manual_seed(0)
+    model = GPT(cfg).cuda()
+    opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), "cuda")
+    collider = ColliderModel(model)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=g)
+    y = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=g)
+    out = {"model": name, "params": model.num_params(), "d_model": cfg.d_model, "n_layer": cfg.n_layer,
+           "vocab_size": cfg.vocab_size, "seq_len": seq, "batch": batch, "variants": {}}
+
+    def step_fn(kind: str, drop: float | None, ev: list | None):
+        sel = TokenSelector(score="collider", method="topk", keep_ratio=1.0 - drop) if drop else None
+
+        def step():
+            e = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
+            e[0].record()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                if kind == "dense":
+                    _, loss = model(x, y)
+                    keep = None
+                else:
+                    logits = collider(x) if kind == "collider" else model(x)[0]
+            e[1].record()
+            if kind != "dense":
+                keep, _ = sel(logits.detach(), y)
+            e[2].record()
+            if kind != "dense":
+                loss = masked_cross_entropy(logits, y, keep)
+            with collider_filter(keep if kind == "collider" else None):
+                loss.backward()
+            e[3].record()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            e[4].record()
+            if ev is not None:
+                ev.append(e)
+        return step
+
+    for kind, drop in VARIANTS:
+        label = kind if drop is None else f"{kind}_{drop}"
+        warm = step_fn(kind, drop, None)
+        for _ in range(3):
+            warm()
+        events: list = []
+        timed = step_fn(kind, drop, events)
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            timed()
+        torch.cuda.synchronize()
+        parts = {"forward": [], "select": [], "backward": [], "optimizer": [], "step": []}
+        for e in events:
+            parts["forward"].append(e[0].elapsed_time(e[1]))
+            parts["select"].append(e[1].elapsed_time(e[2]))
+            parts["backward"].append(e[2].elapsed_time(e[3]))  # includes the loss on kept rows
+            parts["optimizer"].append(e[3].elapsed_time(e[4]))
+            parts["step"].append(e[0].elapsed_time(e[4]))
+        out["variants"][label] = {k: statistics.median(v) for k, v in parts.items()}
+        out["variants"][label]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        torch.cuda.reset_peak_memory_stats()
+    dense = out["variants"]["dense"]
+    for v in out["variants"].values():
+        v["backward_vs_dense"] = v["backward"] / dense["backward"]
+        v["step_vs_dense"] = v["step"] / dense["step"]
+        v["select_share_of_step"] = v["select"] / v["step"]
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        out["backward_breakdown_ms"] = {}
+        for kind, drop in (("dense", None), ("collider", 0.5)):
+            step = step_fn(kind, drop, None)
+            step()
+            torch.cuda.synchronize()
+            with prof(activities=[ProfilerActivity.CUDA]) as p:
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+            fam: dict[str, float] = {}
+            for evt in p.key_averages():
+                t = getattr(evt, "device_time_total", 0)
+                if t:
+                    fam[kernel_family(evt.key)] = fam.get(kernel_family(evt.key), 0.0) + t / 1e3 / 3
+            top = sorted(((evt.key[:90], getattr(evt, "device_time_total", 0) / 1e3 / 3)
+                          for evt in p.key_averages()), key=lambda r: -r[1])[:25]
+            out["backward_breakdown_ms"][kind if drop is None else f"{kind}_{drop}"] = {
+                "whole_step_by_family": fam, "top_kernels": top}
+    del model, opt, collider
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "collider_step.json"))
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--models", default="nano-125m,1b")
+    args = ap.parse_args()
+    res = {"environment": environment(), "results": []}
+    for name in args.models.split(","):
+        res["results"].append(run_model(name, args.seq_len, args.batch, args.repeats, profile=name == "nano-125m"))
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    print(f"\n{res['environment']['device']}, torch {res['environment']['torch']}, bf16, seq {args.seq_len} x batch {args.batch}")
+    print(f"{'model':<10} {'variant':<15} {'fwd':>7} {'select':>7} {'bwd':>8} {'opt':>6} {'step':>8} {'bwd/dense':>9} {'step/dense':>10}")
+    for r in res["results"]:
+        for label, v in r["variants"].items():
+            print(f"{r['model']:<10} {label:<15} {v['forward']:7.1f} {v['select']:7.2f} {v['backward']:8.1f} {v['optimizer']:6.1f} "
+                  f"{v['step']:8.1f} {v['backward_vs_dense']:9.2f} {v['step_vs_dense']:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
