@@ -6,8 +6,10 @@ whole-step time (bf16 autocast, sequence 2048), one process, side by side.
 Variants per model: dense; loss-only filtering at drop 0.5 (masked loss, dense
 backward: the naive baseline); Collider at drop 0.25, 0.4, 0.5. Keep masks come
 from the `collider` score with exact top-k, and the scoring+selection time is
-measured on its own. A torch.profiler pass on nano-125m splits the backward by
-kernel family.
+measured on its own. Each set runs eager and with torch.compile (the dense model compiled
+whole; Collider's elementwise pieces compiled), each against its own dense
+baseline. A torch.profiler pass on compiled nano-125m splits a step by kernel
+family.
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ MODELS = {
     "nano-125m": ("nano-125m", {}),
     "1b": ("nano-125m", {"d_model": 2048, "n_layer": 16, "n_head": 16, "vocab_size": 32768}),
 }
-VARIANTS = [("dense", None), ("loss_only", 0.5), ("collider", 0.25), ("collider", 0.4), ("collider", 0.5)]
+VARIANTS = [  # (kind, drop ratio, torch.compile, Collider attention backward)
+    ("dense", None, False, ""), ("loss_only", 0.5, False, ""), ("collider", 0.25, False, "kept"),
+    ("collider", 0.4, False, "kept"), ("collider", 0.5, False, "kept"),
+    ("dense", None, True, ""), ("loss_only", 0.5, True, ""), ("collider", 0.25, True, "kept"),
+    ("collider", 0.4, True, "kept"), ("collider", 0.5, True, "kept"), ("collider", 0.5, True, "dense"),
+]
 
 
 def kernel_family(name: str) -> str:
@@ -58,25 +65,28 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool) -> d
     torch.manual_seed(0)
     model = GPT(cfg).cuda()
     opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), "cuda")
-    collider = ColliderModel(model)
+    colliders = {(c, a): ColliderModel(model, compile=c, attention=a or "auto") for c in (False, True) for a in ("kept", "dense")}
+    compiled_model = torch.compile(model)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=g)
     y = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=g)
     out = {"model": name, "params": model.num_params(), "d_model": cfg.d_model, "n_layer": cfg.n_layer,
            "vocab_size": cfg.vocab_size, "seq_len": seq, "batch": batch, "variants": {}}
 
-    def step_fn(kind: str, drop: float | None, ev: list | None):
+    def step_fn(kind: str, drop: float | None, compiled: bool, attention: str, ev: list | None):
         sel = TokenSelector(score="collider", method="topk", keep_ratio=1.0 - drop) if drop else None
+        dense_model = compiled_model if compiled else model
+        collider = colliders[(compiled, attention or "kept")]
 
         def step():
             e = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
             e[0].record()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 if kind == "dense":
-                    _, loss = model(x, y)
+                    _, loss = dense_model(x, y)
                     keep = None
                 else:
-                    logits = collider(x) if kind == "collider" else model(x)[0]
+                    logits = collider(x) if kind == "collider" else dense_model(x)[0]
             e[1].record()
             if kind != "dense":
                 keep, _ = sel(logits.detach(), y)
@@ -93,13 +103,14 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool) -> d
                 ev.append(e)
         return step
 
-    for kind, drop in VARIANTS:
-        label = kind if drop is None else f"{kind}_{drop}"
-        warm = step_fn(kind, drop, None)
+    for kind, drop, compiled, attention in VARIANTS:
+        label = (kind if drop is None else f"{kind}_{drop}") + ("_compiled" if compiled else "")
+        label += "_dense_attention_bwd" if attention == "dense" else ""
+        warm = step_fn(kind, drop, compiled, attention, None)
         for _ in range(3):
             warm()
         events: list = []
-        timed = step_fn(kind, drop, events)
+        timed = step_fn(kind, drop, compiled, attention, events)
         torch.cuda.synchronize()
         for _ in range(repeats):
             timed()
@@ -114,8 +125,8 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool) -> d
         out["variants"][label] = {k: statistics.median(v) for k, v in parts.items()}
         out["variants"][label]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         torch.cuda.reset_peak_memory_stats()
-    dense = out["variants"]["dense"]
-    for v in out["variants"].values():
+    for label, v in out["variants"].items():
+        dense = out["variants"]["dense_compiled" if "_compiled" in label else "dense"]
         v["backward_vs_dense"] = v["backward"] / dense["backward"]
         v["step_vs_dense"] = v["step"] / dense["step"]
         v["select_share_of_step"] = v["select"] / v["step"]
@@ -124,7 +135,7 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool) -> d
 
         out["backward_breakdown_ms"] = {}
         for kind, drop in (("dense", None), ("collider", 0.5)):
-            step = step_fn(kind, drop, None)
+            step = step_fn(kind, drop, True, "kept", None)
             step()
             torch.cuda.synchronize()
             with prof(activities=[ProfilerActivity.CUDA]) as p:
@@ -138,9 +149,9 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool) -> d
                     fam[kernel_family(evt.key)] = fam.get(kernel_family(evt.key), 0.0) + t / 1e3 / 3
             top = sorted(((evt.key[:90], getattr(evt, "device_time_total", 0) / 1e3 / 3)
                           for evt in p.key_averages()), key=lambda r: -r[1])[:25]
-            out["backward_breakdown_ms"][kind if drop is None else f"{kind}_{drop}"] = {
+            out["backward_breakdown_ms"][(kind if drop is None else f"{kind}_{drop}") + "_compiled"] = {
                 "whole_step_by_family": fam, "top_kernels": top}
-    del model, opt, collider
+    del model, opt, colliders, compiled_model
     gc.collect()
     torch.cuda.empty_cache()
     return out
@@ -159,10 +170,10 @@ def main() -> None:
         res["results"].append(run_model(name, args.seq_len, args.batch, args.repeats, profile=name == "nano-125m"))
         Path(args.out).write_text(json.dumps(res, indent=2))
     print(f"\n{res['environment']['device']}, torch {res['environment']['torch']}, bf16, seq {args.seq_len} x batch {args.batch}")
-    print(f"{'model':<10} {'variant':<15} {'fwd':>7} {'select':>7} {'bwd':>8} {'opt':>6} {'step':>8} {'bwd/dense':>9} {'step/dense':>10}")
+    print(f"{'model':<10} {'variant':<24} {'fwd':>7} {'select':>7} {'bwd':>8} {'opt':>6} {'step':>8} {'bwd/dense':>9} {'step/dense':>10}")
     for r in res["results"]:
         for label, v in r["variants"].items():
-            print(f"{r['model']:<10} {label:<15} {v['forward']:7.1f} {v['select']:7.2f} {v['backward']:8.1f} {v['optimizer']:6.1f} "
+            print(f"{r['model']:<10} {label:<24} {v['forward']:7.1f} {v['select']:7.2f} {v['backward']:8.1f} {v['optimizer']:6.1f} "
                   f"{v['step']:8.1f} {v['backward_vs_dense']:9.2f} {v['step_vs_dense']:10.2f}")
 
 

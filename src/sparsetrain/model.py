@@ -25,6 +25,12 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps) * weight``, computed in float32 (or float64)."""
+    x32 = upcast(x)
+    return F.rms_norm(x32, (x.shape[-1],), weight.to(x32.dtype), eps).type_as(x)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain (computed in float32)."""
 
@@ -34,8 +40,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = upcast(x)
-        return F.rms_norm(x32, (x.shape[-1],), self.weight.to(x32.dtype), self.eps).type_as(x)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(

@@ -28,8 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import GPT, IGNORE_INDEX, apply_rope, upcast
+from ..model import GPT, IGNORE_INDEX, apply_rope, rms_norm, upcast
+from . import triton_attention
 from .attention import AttentionSaved, attention_backward, attention_forward
+from .triton_attention import kept_attention_backward
 
 # Process-wide, not thread-local: autograd runs CUDA backward nodes on its own
 # worker thread, which would not see a thread-local set by the caller.
@@ -91,55 +93,173 @@ def rope_inverse(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos + x2 * sin, -x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
-def _forward(model: GPT, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+# ----------------------------------------------------------------------------- pure pieces
+# Each is a function of tensors only, so ``ColliderModel(compile=True)`` can hand
+# it to torch.compile (fusing the float32 norm/RoPE/activation arithmetic that
+# dominates an eager step); attention kernels and gathers stay outside.
+
+
+def _qkv_rope(x, norm_w, qkv_w, cos, sin, eps: float, n_head: int):
+    B, T, D = x.shape
+    qkv = F.linear(rms_norm(x, norm_w, eps).to(qkv_w.dtype), qkv_w)
+    q, k, v = qkv.view(B, T, 3, n_head, D // n_head).permute(2, 0, 3, 1, 4)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _post_attention(x, o, proj_w, norm_w, up_w, gate_w, down_w, eps: float):
+    B, T, D = x.shape
+    o2 = o.transpose(1, 2).reshape(B, T, D)
+    x1 = x + F.linear(o2, proj_w)
+    b = rms_norm(x1, norm_w, eps).to(up_w.dtype)
+    u = F.linear(b, up_w)
+    if gate_w is not None:
+        g = F.linear(b, gate_w)
+        f = F.silu(g) * u
+    else:
+        g = None
+        f = F.relu(u).square()
+    return o2, x1, u, g, x1 + F.linear(f, down_w)
+
+
+def _head_backward(dl, h_k, norm_w, head_w, eps: float):
+    hn = rms_norm(h_k, norm_w, eps).to(head_w.dtype)
+    d_head = dl.t() @ hn
+    dx, d_norm = rmsnorm_backward(dl @ head_w, h_k, norm_w, eps)
+    return dx, d_head, d_norm
+
+
+def _ffn_backward(dx, x1_k, u_k, g_k, norm_w, up_w, gate_w, down_w, eps: float):
+    cdt = up_w.dtype
+    b = rms_norm(x1_k, norm_w, eps).to(cdt)
+    dxc = dx.to(cdt)
+    if gate_w is not None:
+        gf, uf = upcast(g_k), upcast(u_k)
+        sig = torch.sigmoid(gf)
+        f = F.silu(g_k) * u_k  # as the forward computed it
+    else:
+        f = F.relu(u_k).square()
+    d_down = dxc.t() @ f
+    df = upcast(dxc @ down_w)  # activation derivatives in float32
+    d_gate = None
+    if gate_w is not None:
+        du = (df * gf * sig).to(cdt)
+        dg = (df * uf * sig * (1 + gf * (1 - sig))).to(cdt)
+        d_gate = dg.t() @ b
+        db = dg @ gate_w + du @ up_w
+    else:
+        du = (df * 2 * F.relu(upcast(u_k))).to(cdt)
+        db = du @ up_w
+    d_up = du.t() @ b
+    dxn, d_norm = rmsnorm_backward(db, x1_k, norm_w, eps)
+    return dx + dxn, d_down, d_up, d_gate, d_norm
+
+
+def _proj_backward(dx, o2_k, proj_w):
+    dxc = dx.to(proj_w.dtype)
+    return dxc.t() @ o2_k, dxc @ proj_w
+
+
+def _qkv_backward(dx, dq_k, dk_k, dv_k, x_k, cos_k, sin_k, norm_w, qkv_w, eps: float):
+    K = dx.shape[0]
+    dqkv = torch.stack((rope_inverse(dq_k, cos_k, sin_k), rope_inverse(dk_k, cos_k, sin_k), dv_k), 1)
+    dqkv = dqkv.reshape(K, -1).to(qkv_w.dtype)
+    a = rms_norm(x_k, norm_w, eps).to(qkv_w.dtype)
+    dxa, d_norm = rmsnorm_backward(dqkv @ qkv_w, x_k, norm_w, eps)
+    return dx + dxa, dqkv.t() @ a, d_norm
+
+
+_PIECES = {"qkv_rope": _qkv_rope, "post_attention": _post_attention, "head_backward": _head_backward,
+           "ffn_backward": _ffn_backward, "proj_backward": _proj_backward, "qkv_backward": _qkv_backward}
+_compiled: dict[str, object] = {}
+
+
+def _piece(name: str, compile: bool):
+    """The named piece, compiled on first use when asked. Backward pieces see a
+    different kept count every step, so they are compiled with dynamic shapes."""
+    if not compile:
+        return _PIECES[name]
+    if name not in _compiled:
+        dynamic = name.endswith("backward")
+        _compiled[name] = torch.compile(_PIECES[name], dynamic=dynamic)
+    return _compiled[name]
+
+
+def _kept_kernel_ok(q: torch.Tensor, mode: str) -> bool:
+    """Use the kept-query Triton attention backward? ``mode``: auto, kept or dense."""
+    if mode == "dense":
+        return False
+    hd = q.shape[-1]
+    ok = triton_attention.available() and hd >= 16 and not hd & (hd - 1)
+    if mode == "kept":
+        if not ok:
+            raise RuntimeError("the kept-query attention kernel needs Triton and a power-of-two head_dim >= 16")
+        return True
+    return ok and q.is_cuda
+
+
+def _token_major(t: torch.Tensor) -> bool:
+    """Is this [B, H, T, hd] tensor laid out as [B, T, H, hd] (rows = tokens)?"""
+    return t.transpose(1, 2).is_contiguous()
+
+
+def _scatter_heads(rows_: torch.Tensor, like: torch.Tensor, kidx, kb, kt) -> torch.Tensor:
+    """A zero [B, H, T, hd] tensor laid out like ``like`` with ``rows_`` [K, D] at the kept tokens."""
+    B, H, T, hd = like.shape
+    if _token_major(like):  # a plain row copy into a [B*T, D] buffer
+        flat = torch.zeros(B * T, H * hd, dtype=like.dtype, device=like.device)
+        flat.index_copy_(0, kidx, rows_.to(like.dtype))
+        return flat.view(B, T, H, hd).transpose(1, 2)
+    out = torch.zeros_like(like)
+    out[kb, :, kt] = rows_.view(-1, H, hd).to(like.dtype)
+    return out
+
+
+def _gather_heads(t: torch.Tensor, kidx, kb, kt) -> torch.Tensor:
+    """Kept tokens' rows [K, H, hd] of a [B, H, T, hd] tensor."""
+    B, H, T, hd = t.shape
+    if _token_major(t):
+        return t.transpose(1, 2).reshape(B * T, H, hd).index_select(0, kidx)
+    return t[kb, :, kt]
+
+
+def _forward(model: GPT, idx: torch.Tensor, compile: bool = False, attention: str = "auto") -> tuple[torch.Tensor, dict]:
     """Dense forward of ``model`` on all tokens, numerically the model's own
     (under autocast: bf16 GEMMs, float32 residual stream and norms)."""
     cfg = model.config
-    B, T = idx.shape
-    H, hd, D = cfg.n_head, cfg.head_dim, cfg.d_model
+    T = idx.shape[1]
     cdt = _compute_dtype(model, idx.device)
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     blocks = []
     w: dict[int, torch.Tensor] = {}  # compute-dtype weights, cast once and reused by the backward
 
-    def W(lin: nn.Linear) -> torch.Tensor:
+    def W(lin: nn.Linear | None) -> torch.Tensor | None:
+        if lin is None:
+            return None
         if id(lin.weight) not in w:
             w[id(lin.weight)] = lin.weight.to(cdt)
         return w[id(lin.weight)]
 
+    qkv_rope, post_attention = _piece("qkv_rope", compile), _piece("post_attention", compile)
     with torch.autocast(idx.device.type, enabled=False):
         x = model.embed(idx)
         for blk in model.blocks:
-            a = blk.attn_norm(x)
-            qkv = F.linear(a.to(cdt), W(blk.attn.qkv))
-            q, k, v = qkv.view(B, T, 3, H, hd).permute(2, 0, 3, 1, 4)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = qkv_rope(x, blk.attn_norm.weight, W(blk.attn.qkv), cos, sin, cfg.norm_eps, cfg.n_head)
             o, att = attention_forward(q, k, v)
-            o2 = o.transpose(1, 2).reshape(B, T, D)
-            x1 = x + F.linear(o2, W(blk.attn.proj))
-            b = blk.ffn_norm(x1).to(cdt)
             ffn = blk.ffn
-            u = F.linear(b, W(ffn.up))
-            if ffn.gate is not None:
-                g = F.linear(b, W(ffn.gate))
-                f = F.silu(g) * u
-            else:
-                g = None
-                f = F.relu(u).square()
-            x2 = x1 + F.linear(f, W(ffn.down))
+            o2, x1, u, g, x2 = post_attention(x, o, W(blk.attn.proj), blk.ffn_norm.weight, W(ffn.up), W(ffn.gate),
+                                              W(ffn.down), cfg.norm_eps)
             blocks.append(_BlockSaved(x=x, att=att, o2=o2, x1=x1, u=u, g=g))
             x = x2
-        logits = F.linear(model.norm(x).to(cdt), W(model.lm_head))
-    return logits, {"blocks": blocks, "h": x, "idx": idx, "cdt": cdt, "w": w}
+        logits = F.linear(rms_norm(x, model.norm.weight, cfg.norm_eps).to(cdt), W(model.lm_head))
+    return logits, {"blocks": blocks, "h": x, "idx": idx, "cdt": cdt, "w": w, "compile": compile, "attention": attention}
 
 
 def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor | None) -> dict[int, torch.Tensor]:
     """Compact backward over kept rows. Returns ``{id(param): grad}``."""
     cfg = model.config
-    idx = saved["idx"]
-    cdt = saved["cdt"]
+    idx, cdt, w, compile = saved["idx"], saved["cdt"], saved["w"], saved["compile"]
     B, T = idx.shape
-    N, D, H, hd = B * T, cfg.d_model, cfg.n_head, cfg.head_dim
+    N, H, hd = B * T, cfg.n_head, cfg.head_dim
     if keep is None:
         kidx = torch.arange(N, device=idx.device)
     else:
@@ -150,78 +270,52 @@ def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor
     if K == 0:
         raise ValueError("Collider keep mask keeps no token: nothing to learn from in this batch")
     grads: dict[int, torch.Tensor] = {}
-    w = saved["w"]
 
-    def W(lin: nn.Linear) -> torch.Tensor:
-        return w[id(lin.weight)]
+    def W(lin: nn.Linear | None) -> torch.Tensor | None:
+        return None if lin is None else w[id(lin.weight)]
 
-    def acc(p: torch.Tensor, g: torch.Tensor) -> None:
+    def acc(p: torch.Tensor, g: torch.Tensor | None) -> None:
+        if g is None:
+            return
         g = g.to(p.dtype)
         grads[id(p)] = grads[id(p)] + g if id(p) in grads else g
 
-    def rows(t: torch.Tensor) -> torch.Tensor:  # kept rows of a [B, T, ...] activation
-        return t.reshape(N, -1).index_select(0, kidx)
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:  # kept rows of a [B, T, ...] activation
+        return None if t is None else t.reshape(N, -1).index_select(0, kidx)
 
     kb, kt = kidx // T, kidx % T  # batch row and position of each kept token
     cos, sin = model.rope_cos[kt][:, None, :], model.rope_sin[kt][:, None, :]  # [K, 1, hd/2]
+    eps = cfg.norm_eps
+    ffn_bwd, proj_bwd = _piece("ffn_backward", compile), _piece("proj_backward", compile)
+    qkv_bwd, head_bwd = _piece("qkv_backward", compile), _piece("head_backward", compile)
 
-    # LM head and final norm
     dl = dlogits.reshape(N, -1).index_select(0, kidx).to(cdt)
-    h_k = rows(saved["h"])
-    hn_k = model.norm(h_k).to(cdt)
-    acc(model.lm_head.weight, dl.t() @ hn_k)
-    dhn = dl @ W(model.lm_head)
-    dx, dw = rmsnorm_backward(dhn, h_k, model.norm.weight, cfg.norm_eps)
-    acc(model.norm.weight, dw)
-
+    dx, d_head, d_norm = head_bwd(dl, rows(saved["h"]), model.norm.weight, W(model.lm_head), eps)
+    acc(model.lm_head.weight, d_head)
+    acc(model.norm.weight, d_norm)
     for blk, sv in zip(reversed(model.blocks), reversed(saved["blocks"])):
         ffn = blk.ffn
-        # FFN: x2 = x1 + down(act(up(norm(x1))))
-        x1_k = rows(sv.x1)
-        b_k = blk.ffn_norm(x1_k).to(cdt)
-        u_k = rows(sv.u)
-        dxc = dx.to(cdt)
-        if ffn.gate is not None:
-            g_k = rows(sv.g)
-            s = F.silu(g_k)
-            f_k = s * u_k
+        dx, d_down, d_up, d_gate, d_norm = ffn_bwd(dx, rows(sv.x1), rows(sv.u), rows(sv.g), blk.ffn_norm.weight,
+                                                   W(ffn.up), W(ffn.gate), W(ffn.down), eps)
+        acc(ffn.down.weight, d_down)
+        acc(ffn.up.weight, d_up)
+        acc(ffn.gate.weight if ffn.gate is not None else None, d_gate)
+        acc(blk.ffn_norm.weight, d_norm)
+        d_proj, do2 = proj_bwd(dx, rows(sv.o2), W(blk.attn.proj))
+        acc(blk.attn.proj.weight, d_proj)
+        att = sv.att
+        if _kept_kernel_ok(att.q, saved["attention"]):
+            # only kept queries, and only kept keys' dk/dv: ~half the dense work at keep 0.5
+            q_k, o_k, k_k, v_k = (_gather_heads(t, kidx, kb, kt) for t in (att.q, att.out, att.k, att.v))
+            dq_k, dk_k, dv_k = kept_attention_backward(q_k, o_k, do2.view(K, H, hd).to(q_k.dtype), att.k, att.v,
+                                                       k_k, v_k, kidx, B, T)
         else:
-            f_k = F.relu(u_k).square()
-        acc(ffn.down.weight, dxc.t() @ f_k)
-        df = upcast(dxc @ W(ffn.down))  # activation derivatives in float32
-        if ffn.gate is not None:
-            gf, uf = upcast(g_k), upcast(u_k)
-            sig = torch.sigmoid(gf)
-            du = (df * gf * sig).to(cdt)
-            dg = (df * uf * sig * (1 + gf * (1 - sig))).to(cdt)
-            acc(ffn.gate.weight, dg.t() @ b_k)
-            db = dg @ W(ffn.gate)
-        else:
-            du = (df * 2 * F.relu(upcast(u_k))).to(cdt)
-            db = 0
-        acc(ffn.up.weight, du.t() @ b_k)
-        db = db + du @ W(ffn.up)
-        dxn, dw = rmsnorm_backward(db, x1_k, blk.ffn_norm.weight, cfg.norm_eps)
-        acc(blk.ffn_norm.weight, dw)
-        dx = dx + dxn
-
-        # attention: x1 = x + proj(attn(rope(q), rope(k), v)), qkv = W norm(x)
-        dxc = dx.to(cdt)
-        acc(blk.attn.proj.weight, dxc.t() @ rows(sv.o2))
-        do2 = dxc @ W(blk.attn.proj)
-        d_out = torch.zeros_like(sv.att.out)  # same strides as the forward's output
-        d_out[kb, :, kt] = do2.view(K, H, hd).to(d_out.dtype)
-        dq, dk, dv = attention_backward(sv.att, d_out)
-        dq_k, dk_k, dv_k = (t[kb, :, kt] for t in (dq, dk, dv))  # [K, H, hd], no full-size copy
-        dqkv = torch.stack((rope_inverse(dq_k, cos, sin), rope_inverse(dk_k, cos, sin), dv_k), 1).reshape(K, 3 * D)
-        x_k = rows(sv.x)
-        a_k = blk.attn_norm(x_k).to(cdt)
-        dqkv = dqkv.to(cdt)
-        acc(blk.attn.qkv.weight, dqkv.t() @ a_k)
-        da = dqkv @ W(blk.attn.qkv)
-        dxa, dw = rmsnorm_backward(da, x_k, blk.attn_norm.weight, cfg.norm_eps)
-        acc(blk.attn_norm.weight, dw)
-        dx = dx + dxa
+            dq, dk, dv = attention_backward(att, _scatter_heads(do2, att.out, kidx, kb, kt))
+            dq_k, dk_k, dv_k = (_gather_heads(t, kidx, kb, kt) for t in (dq, dk, dv))
+        dx, d_qkv, d_norm = qkv_bwd(dx, dq_k, dk_k, dv_k, rows(sv.x), cos, sin, blk.attn_norm.weight,
+                                    W(blk.attn.qkv), eps)
+        acc(blk.attn.qkv.weight, d_qkv)
+        acc(blk.attn_norm.weight, d_norm)
 
     d_embed = torch.zeros_like(model.embed.weight)
     d_embed.index_add_(0, idx.reshape(-1).index_select(0, kidx), dx.to(d_embed.dtype))
@@ -231,8 +325,8 @@ def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor
 
 class _ColliderFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, idx: torch.Tensor, model: GPT, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits, saved = _forward(model, idx)
+    def forward(ctx, idx: torch.Tensor, model: GPT, compile: bool, attention: str, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        logits, saved = _forward(model, idx, compile, attention)
         ctx.model, ctx.saved, ctx.params = model, saved, params
         return logits
 
@@ -240,7 +334,7 @@ class _ColliderFunction(torch.autograd.Function):
     def backward(ctx, dlogits: torch.Tensor):  # type: ignore[override]
         grads = _backward(ctx.model, ctx.saved, dlogits, current_keep())
         ctx.saved = None  # free activations as soon as possible
-        return (None, None, *[grads.get(id(p)) for p in ctx.params])
+        return (None, None, None, None, *[grads.get(id(p)) for p in ctx.params])
 
 
 class ColliderModel(nn.Module):
@@ -249,17 +343,25 @@ class ColliderModel(nn.Module):
     ``forward(idx)`` returns the logits of all tokens (dense forward). Call
     ``loss.backward()`` inside ``with filter(keep):`` to backpropagate through
     the kept tokens only. Wrap this module (not the GPT) in DDP.
+    ``compile=True`` runs the elementwise-heavy pieces of the forward and
+    backward through ``torch.compile``. ``attention``: ``auto`` (the
+    kept-query Triton kernel on CUDA, else the dense attention backward with
+    zero rows), ``kept`` or ``dense``.
     """
 
-    def __init__(self, model: GPT) -> None:
+    def __init__(self, model: GPT, compile: bool = False, attention: str = "auto") -> None:
         super().__init__()
+        if attention not in ("auto", "kept", "dense"):
+            raise ValueError(f"attention must be auto, kept or dense, got {attention!r}")
         self.model = model
+        self.compile = compile
+        self.attention = attention
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return self.model(idx)[0]
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return _ColliderFunction.apply(idx, self.model, *params)
+        return _ColliderFunction.apply(idx, self.model, self.compile, self.attention, *params)
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
