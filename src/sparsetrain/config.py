@@ -199,7 +199,6 @@ class TrainConfig:
             _require(self.collider_method in ("threshold", "topk", "random"), f"training.collider_method must be threshold, topk or random, got {self.collider_method!r}")
             _require(self.collider_method == "threshold" or self.collider_sparsity > 0, f"training.collider_method = {self.collider_method} needs collider_sparsity > 0")
             _require(self.selection == "none", "use_collider and selection (CGGR) are exclusive: pick one token filter")
-            _require(not self.compile, "run.compile is not supported with use_collider yet (its backward is a Python-level autograd node)")
             if self.collider_score == "excess":
                 _require(bool(self.reference_ckpt), "training.collider_score = excess needs training.reference_ckpt")
         for name in ("use_mtp", "use_async_loader"):

@@ -103,8 +103,9 @@ class Trainer:
         if resume is not None:
             self._load_state(self.out_dir)
         self._write_run_files()
-        self.ddp_model: nn.Module = ColliderModel(self.model) if cfg.use_collider else self.model
-        if cfg.compile:
+        # Collider compiles its own elementwise pieces; its autograd node is not traced whole
+        self.ddp_model: nn.Module = ColliderModel(self.model, compile=cfg.compile) if cfg.use_collider else self.model
+        if cfg.compile and not cfg.use_collider:
             self.ddp_model = torch.compile(self.ddp_model)
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -369,7 +370,11 @@ class Trainer:
                 pending.append((self.step, loss, gnorm, self.optimizer.param_groups[0]["lr"], kept_frac))
                 window_tokens += tokens_per_step
                 last = self.step >= c.max_steps
-                log_now = self.step % c.log_every == 0 or last
+                dt = time.perf_counter() - t0
+                session_seconds += dt
+                self.train_seconds += dt
+                out_of_time = c.max_seconds > 0 and self.train_seconds >= c.max_seconds
+                log_now = self.step % c.log_every == 0 or last or out_of_time
                 if log_now:  # one host sync per log window, not per step
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
@@ -391,10 +396,6 @@ class Trainer:
                     self._report(bar, result.train_losses[self.step], tps, len(pending), pending[-1][4])
                     pending.clear()
                     window_t0, window_tokens = now, 0
-                dt = time.perf_counter() - t0
-                session_seconds += dt
-                self.train_seconds += dt
-                out_of_time = c.max_seconds > 0 and self.train_seconds >= c.max_seconds
                 pause_t0 = time.perf_counter()  # eval and checkpoint time stay out of tokens/s
                 eval_now = last or out_of_time or (c.eval_every and self.step % c.eval_every == 0)
                 if eval_now:

@@ -194,7 +194,9 @@ def _kept_kernel_ok(q: torch.Tensor, mode: str) -> bool:
         if not ok:
             raise RuntimeError("the kept-query attention kernel needs Triton and a power-of-two head_dim >= 16")
         return True
-    return ok and q.is_cuda
+    # auto: the dense cuDNN backward with zero rows is still faster than this
+    # first Triton kernel on H200 (bench/results/collider_step_h200.json), so it wins
+    return False
 
 
 def _token_major(t: torch.Tensor) -> bool:
@@ -344,9 +346,10 @@ class ColliderModel(nn.Module):
     ``loss.backward()`` inside ``with filter(keep):`` to backpropagate through
     the kept tokens only. Wrap this module (not the GPT) in DDP.
     ``compile=True`` runs the elementwise-heavy pieces of the forward and
-    backward through ``torch.compile``. ``attention``: ``auto`` (the
-    kept-query Triton kernel on CUDA, else the dense attention backward with
-    zero rows), ``kept`` or ``dense``.
+    backward through ``torch.compile``. ``attention``: ``dense`` (the fused
+    dense attention backward with zero rows for dropped queries), ``kept``
+    (the Triton kernel that skips dropped queries; exact, not yet faster) or
+    ``auto`` (currently ``dense``, the faster one as measured).
     """
 
     def __init__(self, model: GPT, compile: bool = False, attention: str = "auto") -> None:

@@ -1,8 +1,13 @@
-"""Quality of token selection scores against controls: dense, random at the same
-keep ratio, and the loss / combined / collider scores (CGGR selective loss),
-the same number of steps each, on the embedded stdlib corpus.
+"""Quality against controls, on the embedded stdlib corpus.
 
-    PYTHONPATH=src python bench/selection_quality.py --out $OUT/selection_quality.json
+``--suite selection``: dense, random at the same keep ratio, and the loss /
+combined / collider scores (CGGR selective loss), the same number of steps.
+``--suite collider``: dense, Collider at drop 0.4 and 0.5 (adaptive threshold
+on the collider score) and random 0.5, the same wall-clock budget
+(``--max-seconds``) each.
+
+    PYTHONPATH=src python bench/quality_runs.py --suite selection --out $OUT/selection_quality.json
+    PYTHONPATH=src python bench/quality_runs.py --suite collider --max-seconds 60 --out $OUT/collider_quality.json
 
 Each run's val-loss curve and train seconds go into one JSON; plot it with
 `python bench/plot_runs.py FILE.json FILE.png`.
@@ -21,12 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsetrain import build_config, train  # noqa: E402
 from sparsetrain.benchmark import environment  # noqa: E402
 
-RUNS = {
-    "dense": {},
-    "random": {"selection": "loss", "selection_method": "random"},
-    "loss": {"selection": "loss", "selection_score": "loss"},
-    "combined": {"selection": "loss", "selection_score": "combined"},
-    "collider": {"selection": "loss", "selection_score": "collider"},
+SUITES = {
+    "selection": {
+        "dense": {},
+        "random": {"selection": "loss", "selection_method": "random"},
+        "loss": {"selection": "loss", "selection_score": "loss"},
+        "combined": {"selection": "loss", "selection_score": "combined"},
+        "collider": {"selection": "loss", "selection_score": "collider"},
+    },
+    "collider": {
+        "dense": {},
+        "collider_0.4": {"use_collider": True, "collider_sparsity": 0.4},
+        "collider_0.5": {"use_collider": True, "collider_sparsity": 0.5},
+        "random_0.5": {"use_collider": True, "collider_sparsity": 0.5, "collider_method": "random"},
+    },
 }
 
 
@@ -39,19 +52,26 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--keep-ratio", type=float, default=0.5)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--runs", default=",".join(RUNS))
+    ap.add_argument("--suite", choices=sorted(SUITES), default="selection")
+    ap.add_argument("--max-seconds", type=float, default=0.0, help="wall-clock budget per run (0 = steps only)")
+    ap.add_argument("--runs", default="", help="comma-separated subset of the suite's runs")
     args = ap.parse_args()
-    base = dict(max_steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup_steps=100,
+    runs = SUITES[args.suite]
+    extra = {}
+    if args.max_seconds:  # equal time: no step count to decay towards, so a constant LR after warmup
+        args.steps = max(args.steps, 100_000)
+        extra["min_lr_ratio"] = 1.0
+    base = dict(**extra, max_steps=args.steps, max_seconds=args.max_seconds, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, warmup_steps=100,
                 eval_every=100, eval_batches=16, keep_ratio=args.keep_ratio, log_every=50,
                 cache_dir=os.environ.get("SPARSETRAIN_CACHE", "/tmp/sparsetrain-cache"))
-    out = {"environment": environment(), "settings": {**base, "preset": args.preset}, "runs": {}}
+    out = {"environment": environment(), "suite": args.suite, "settings": {**base, "preset": args.preset}, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.runs.split(","):
-            cfg = build_config(args.preset, overrides={**base, **RUNS[name], "out_dir": f"{tmp}/{name}"})
+        for name in (args.runs.split(",") if args.runs else runs):
+            cfg = build_config(args.preset, overrides={**base, **runs[name], "out_dir": f"{tmp}/{name}"})
             res = train(cfg, verbose=False)
             rows = [json.loads(l) for l in (Path(tmp) / name / "metrics.jsonl").read_text().splitlines()]
             out["runs"][name] = {
-                "overrides": RUNS[name],
+                "overrides": runs[name],
                 "val_loss": {str(k): v for k, v in sorted(res.val_losses.items())},
                 "val_seconds": {str(r["step"]): r["train_seconds"] for r in rows if r["kind"] == "eval"},
                 "train_seconds": res.train_seconds,
