@@ -20,6 +20,7 @@ GEMMs around it already run on kept rows only.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +51,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     """
     global _cudnn_ok
     aten = torch.ops.aten
-    if _fused_ok(q):
-        if _cudnn_ok is not False and hasattr(aten, "_scaled_dot_product_cudnn_attention"):
+    impl = os.environ.get("SPARSETRAIN_ATTENTION_IMPL", "auto")  # auto, cudnn, flash or recompute
+    if _fused_ok(q) and impl != "recompute":
+        if impl in ("auto", "cudnn") and _cudnn_ok is not False and hasattr(aten, "_scaled_dot_product_cudnn_attention"):
             try:
                 res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False)
                 out, lse, cum_q, cum_k, max_q, max_k, seed, offset = res[:8]

@@ -81,7 +81,7 @@ if triton is not None:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
             m_i = m_new
-        lse = tl.where(rmask, m_i + tl.log(l_i), 0.0)
+        lse = tl.where(rmask, m_i + tl.log(tl.where(rmask, l_i, 1.0)), 0.0)  # padded rows: no log(0)
         # pass 2: dq
         dq = tl.zeros((BM, HD), tl.float32)
         for start in range(0, hi, BN):
