@@ -39,6 +39,13 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _program_range(CU, H):
+        """This program's tile index, batch row, head, and the row's kept-token range."""
+        b = tl.program_id(1) // H
+        lo = tl.load(CU + b)
+        return tl.program_id(0), b, tl.program_id(1) % H, lo, tl.load(CU + b + 1) - lo
+
+    @triton.jit
     def _dq_kernel(
         Q, DO, O, POS, CU, Kf, Vf, DQ, LSE, DELTA,
         s_qt, s_qh,  # packed [K, H, hd] strides; head dim contiguous
@@ -47,11 +54,7 @@ if triton is not None:
         H, T, scale,
         HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ):
-        tile = tl.program_id(0)
-        b = tl.program_id(1) // H
-        h = tl.program_id(1) % H
-        lo = tl.load(CU + b)
-        n = tl.load(CU + b + 1) - lo
+        tile, b, h, lo, n = _program_range(CU, H)
         if tile * BM >= n:
             return
         rows = tile * BM + tl.arange(0, BM)
@@ -106,11 +109,7 @@ if triton is not None:
         H, scale,
         HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     ):
-        tile = tl.program_id(0)
-        b = tl.program_id(1) // H
-        h = tl.program_id(1) % H
-        lo = tl.load(CU + b)
-        n = tl.load(CU + b + 1) - lo
+        tile, b, h, lo, n = _program_range(CU, H)
         if tile * BN >= n:
             return
         cols = tile * BN + tl.arange(0, BN)
