@@ -128,7 +128,8 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
 
     def _setup_selection(self) -> None:
-        """CGGR-style token selection objects, when ``selection`` is on."""
+        """Token selection objects: the selector for Collider (``use_collider``) or for
+        CGGR (``selection`` = loss | batch), and the reference model for ``excess``."""
         c = self.cfg
         self.selector: TokenSelector | None = None
         self.criterion: CGGRLoss | None = None
