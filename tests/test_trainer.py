@@ -220,3 +220,13 @@ def test_time_limited_run_logs_every_step(make_cfg) -> None:
     result = train(cfg, verbose=False)
     rows = [json.loads(l) for l in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, result.steps_done + 1))
+
+
+def test_async_loader_trains_identically(make_cfg, tmp_path: Path) -> None:
+    sync = train(make_cfg(out_dir=str(tmp_path / "s"), max_steps=5, grad_accum=2), verbose=False)
+    asyn = train(make_cfg(out_dir=str(tmp_path / "a"), max_steps=5, grad_accum=2, use_async_loader=True,
+                          async_n_workers=2, async_prefetch_size=2), verbose=False)
+    assert asyn.train_losses == sync.train_losses
+    import multiprocessing as mp
+
+    assert not [p for p in mp.active_children() if p.is_alive()]

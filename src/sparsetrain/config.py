@@ -201,7 +201,7 @@ class TrainConfig:
             _require(self.selection == "none", "use_collider and selection (CGGR) are exclusive: pick one token filter")
             if self.collider_score == "excess":
                 _require(bool(self.reference_ckpt), "training.collider_score = excess needs training.reference_ckpt")
-        for name in ("use_mtp", "use_async_loader"):
+        for name in ("use_mtp",):
             _require(not getattr(self, name), f"training.{name} is not available in this version of sparsetrain yet")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

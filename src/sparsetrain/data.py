@@ -107,6 +107,7 @@ class TokenizedCorpus:
     tokenizer: BPETokenizer | None
     tokenizer_path: Path | None
     description: str
+    train_file: tuple[str, str, int] = ("", "", 0)  # (path, dtype, first token) of `train`, for loader workers
 
 
 def load_corpus(
@@ -146,6 +147,7 @@ def load_corpus(
         tokenizer=tok,
         tokenizer_path=folder / "tokenizer.json",
         description=f"{source}: {meta['n_train_tokens']:,} train / {meta['n_val_tokens']:,} val tokens",
+        train_file=(str(folder / "train.bin"), dtype.name, 0),
     )
 
 
@@ -223,6 +225,7 @@ def _load_bin(path: str, vocab_size: int, val_fraction: float, token_dtype: str,
         tokenizer=tok,
         tokenizer_path=Path(tokenizer) if tokenizer else None,
         description=f"{path}: {cut:,} train / {tokens.size - cut:,} val tokens",
+        train_file=(str(p), dtype.name, 0),
     )
 
 

@@ -27,6 +27,7 @@ from . import distributed as D
 from .checkpoint import CKPT_NAME, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, dumps_toml
 from .data import TokenizedCorpus, load_corpus, train_batch, val_batches
+from .loader import make_loader
 from .errors import CheckpointError, ConfigError
 from .generate import load_model
 from .model import GPT, IGNORE_INDEX
@@ -98,6 +99,8 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
         self.step = 0
         self.train_seconds = 0.0  # cumulative over resumes; what max_seconds limits
+        self.loader = None  # async batch loader, started on first use
+        self._loader_next = (0, 0)
         self._setup_selection()
         self.out_dir = self._prepare_out_dir(resume)
         if resume is not None:
@@ -262,6 +265,28 @@ class Trainer:
         self.step_kept[1] += total
         return loss.detach()
 
+    def _batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch ``micro`` of step ``self.step``: built here, or taken from the
+        async loader (restarted whenever the step sequence jumps, as after a resume)."""
+        c = self.cfg
+        if not c.use_async_loader:
+            return train_batch(self.corpus.train, c.batch_size, c.model.seq_len, seed=c.seed, step=self.step,
+                               micro=micro, rank=self.dist.rank, world_size=self.dist.world_size)
+        if self.loader is None or self._loader_next != (self.step, micro):
+            self.close_loader()
+            self.loader = make_loader(self.corpus, c.batch_size, c.model.seq_len, c.seed, self.dist.rank,
+                                      self.dist.world_size, self.step, c.grad_accum, self.device, True,
+                                      c.async_n_workers, c.async_prefetch_size)
+        x, y = self.loader.next()
+        self._loader_next = (self.step, micro + 1) if micro + 1 < c.grad_accum else (self.step + 1, 0)
+        return x, y
+
+    def close_loader(self) -> None:
+        """Stop the async loader's workers, if any."""
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
+
     @contextlib.contextmanager
     def _timed_backward(self):
         """Time a backward pass: CUDA events (read at the next log), or the host clock."""
@@ -293,10 +318,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         self.step_kept = [0, 0]
         for micro in range(c.grad_accum):
-            x, y = train_batch(
-                self.corpus.train, c.batch_size, c.model.seq_len, seed=c.seed, step=self.step, micro=micro,
-                rank=self.dist.rank, world_size=self.dist.world_size,
-            )
+            x, y = self._batch(micro)
             total += self.forward_backward(x, y, 1.0 / c.grad_accum, sync=micro == c.grad_accum - 1)
         if c.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
@@ -414,6 +436,7 @@ class Trainer:
                     break
                 window_t0 += time.perf_counter() - pause_t0
         finally:
+            self.close_loader()
             if bar is not None:
                 bar.close()
             if metrics:

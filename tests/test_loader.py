@@ -1,0 +1,66 @@
+"""Async loader: the same batches in the same order as the sync loader, worker
+errors surface with their message, and nothing is left running."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sparsetrain.loader import AsyncLoader, SyncLoader, TokenBatchSource, iterate
+
+
+def _source(tmp_path: Path, **kw) -> TokenBatchSource:
+    tokens = np.random.randint(0, 5000, size=20_000).astype(np.uint16)
+    tokens.tofile(tmp_path / "t.bin")
+    base = dict(path=str(tmp_path / "t.bin"), dtype="uint16", offset=1000, length=15_000, batch_size=4, seq_len=32,
+                seed=int(np.random.randint(1 << 30)), rank=0, world_size=1)
+    base.update(kw)
+    return TokenBatchSource(**base)
+
+
+def _no_children() -> bool:
+    return not [p for p in mp.active_children() if p.is_alive()]
+
+
+@pytest.mark.parametrize("n_workers, prefetch", [(1, 1), (3, 2)])
+def test_async_equals_sync(tmp_path: Path, n_workers: int, prefetch: int) -> None:
+    src = _source(tmp_path)
+    sync = list(iterate(SyncLoader(src, start_step=5, grad_accum=2, device=torch.device("cpu")), 12))
+    with AsyncLoader(src, 5, 2, torch.device("cpu"), n_workers, prefetch) as loader:
+        got = list(iterate(loader, 12))
+    for (a, b), (c, d) in zip(sync, got):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    assert _no_children()
+
+
+def test_sync_batches_read_the_right_slice(tmp_path: Path) -> None:
+    src = _source(tmp_path)
+    x, y = SyncLoader(src, 0, 1, torch.device("cpu")).next()
+    full = np.fromfile(src.path, dtype=np.uint16)[src.offset : src.offset + src.length].astype(np.int64)
+    hay = torch.from_numpy(full)
+    for row in range(x.shape[0]):  # every window is a contiguous run of the slice, y shifted by one
+        starts = torch.nonzero(hay[:-32] == x[row, 0]).squeeze(1)
+        assert any(torch.equal(hay[s : s + 32], x[row]) and torch.equal(hay[s + 1 : s + 33], y[row]) for s in starts)
+
+
+def test_worker_error_surfaces_and_cleans_up(tmp_path: Path) -> None:
+    src = _source(tmp_path, seq_len=100_000)  # longer than the data: train_batch raises in the worker
+    loader = AsyncLoader(src, 0, 1, torch.device("cpu"), n_workers=2, prefetch=1)
+    with pytest.raises(RuntimeError, match="fewer than seq_len"):
+        loader.next()
+    loader.close()
+    assert _no_children()
+
+
+def test_early_close_stops_workers(tmp_path: Path) -> None:
+    loader = AsyncLoader(_source(tmp_path), 0, 1, torch.device("cpu"), n_workers=2, prefetch=2)
+    loader.next()
+    loader.close()  # as on Ctrl-C or at the end of training, with queues still full
+    loader.close()  # idempotent
+    assert _no_children()
+    with pytest.raises(RuntimeError, match="closed"):
+        loader.next()
