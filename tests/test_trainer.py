@@ -230,3 +230,22 @@ def test_async_loader_trains_identically(make_cfg, tmp_path: Path) -> None:
     import multiprocessing as mp
 
     assert not [p for p in mp.active_children() if p.is_alive()]
+
+
+def test_training_with_mtp_saves_heads_and_resumes(make_cfg, tmp_path: Path) -> None:
+    from sparsetrain.generate import generate_text
+
+    kw = dict(max_steps=6, use_mtp=True, mtp_n_tokens=3, eval_every=3)
+    straight = train(make_cfg(out_dir=str(tmp_path / "a"), **kw), verbose=False)
+    rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["mtp_losses"]) == 3 for r in rows if r["kind"] == "train")
+    state = checkpoint.load_checkpoint(tmp_path / "a")
+    assert state["mtp"] is not None and len(state["mtp"]) == 3 * 2  # norm gain + proj per head
+    assert isinstance(generate_text(tmp_path / "a", "def", max_new_tokens=5), str)  # heads ignored
+    t = Trainer(make_cfg(out_dir=str(tmp_path / "b"), **kw), verbose=False)
+    while t.step < 3:
+        t.train_step()
+    t.save()
+    rest = Trainer(make_cfg(out_dir=str(tmp_path / "b"), **kw), resume=tmp_path / "b", verbose=False).fit()
+    for s in (4, 5, 6):
+        assert rest.train_losses[s] == pytest.approx(straight.train_losses[s], rel=1e-6, abs=1e-7)

@@ -153,16 +153,21 @@ class GPT(nn.Module):
             n -= self.embed.weight.numel()
         return n
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final normed hidden states ``[B, T, D]`` (input of the LM head)."""
+    def trunk(self, idx: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
+        """Residual stream after the first ``n_layers`` blocks (all by default),
+        before the final norm: ``[B, T, D]``."""
         B, T = idx.shape
         if T > self.config.seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.config.seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed(idx)
-        for block in self.blocks:
+        for block in self.blocks[:n_layers]:
             x = block(x, cos, sin)
-        return self.norm(x)
+        return x
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states ``[B, T, D]`` (input of the LM head)."""
+        return self.norm(self.trunk(idx))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.lm_head(self.hidden_states(idx))

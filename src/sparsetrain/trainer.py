@@ -31,6 +31,7 @@ from .loader import make_loader
 from .errors import CheckpointError, ConfigError
 from .generate import load_model
 from .model import GPT, IGNORE_INDEX
+from .mtp import MTPHeads, sequential_backward
 from .collider import ColliderModel, masked_cross_entropy
 from .collider import filter as collider_filter
 from .selection import CGGRLoss, CGGRModel, TokenSelector, create_truncated_router
@@ -96,10 +97,17 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg.model).to(self.device)
-        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
+        self.mtp: MTPHeads | None = None
+        if cfg.use_mtp:
+            if self.dist.enabled:
+                raise ConfigError("use_mtp is not available with several processes yet")
+            self.mtp = MTPHeads(self.model, cfg.mtp_n_tokens, cfg.mtp_weight, cfg.mtp_decay).to(self.device)
+        trainable = nn.ModuleList([self.model] + ([self.mtp] if self.mtp is not None else []))
+        self.optimizer = make_optimizer(trainable, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
         self.step = 0
         self.train_seconds = 0.0  # cumulative over resumes; what max_seconds limits
         self.loader = None  # async batch loader, started on first use
+        self.mtp_losses: list[list[float]] = []  # per micro-step [main, L_1..L_n] since the last log
         self._loader_next = (0, 0)
         self._setup_selection()
         self.out_dir = self._prepare_out_dir(resume)
@@ -210,6 +218,10 @@ class Trainer:
         state = load_checkpoint(out / CKPT_NAME, map_location=self.device)
         compare_model_configs(state["model_config"], self.cfg.model, str(out))
         self.model.load_state_dict(state["model"])
+        if self.mtp is not None:
+            if state.get("mtp") is None:
+                raise CheckpointError(f"checkpoint {out} has no MTP heads; resume without use_mtp")
+            self.mtp.load_state_dict(state["mtp"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         if self.selector is not None and "selector" in state:
@@ -246,6 +258,11 @@ class Trainer:
                 self.step_kept[0] += stats.kept
                 self.step_kept[1] += stats.total
                 return loss.detach()
+            if self.mtp is not None:
+                with self._timed_backward():
+                    _, losses = sequential_backward(self.model, self.mtp, x, y, loss_scale, self.autocast)
+                self.mtp_losses.append(losses)
+                return torch.tensor(losses[0], device=self.device)  # the main head's loss, comparable to dense
             with self.autocast():
                 if self.batch_splitter is not None:
                     loss = self.batch_splitter(x, targets=y)
@@ -321,7 +338,8 @@ class Trainer:
             x, y = self._batch(micro)
             total += self.forward_backward(x, y, 1.0 / c.grad_accum, sync=micro == c.grad_accum - 1)
         if c.grad_clip > 0:
-            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]  # MTP heads too
+            gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
         else:
             gnorm = torch.zeros((), device=self.device)
         self.optimizer.step()
@@ -356,6 +374,7 @@ class Trainer:
             "step": self.step,
             "train_seconds": self.train_seconds,
             "selector": self.selector.state_dict() if self.selector is not None else None,
+            "mtp": self.mtp.state_dict() if self.mtp is not None else None,  # generate ignores the heads
             "model_config": asdict(self.cfg.model),
             "train_config": self.cfg.to_dict(),
         }
@@ -411,11 +430,14 @@ class Trainer:
                             row["kept_fraction"] = round(kf, 4)
                         if bwd_ms is not None:
                             row["backward_ms"] = round(bwd_ms, 3)  # mean over the log window
+                        if self.mtp_losses:
+                            row["mtp_losses"] = [round(sum(c) / len(c), 4) for c in zip(*self.mtp_losses)][1:]
                         result.train_losses[s] = row["loss"]
                         if metrics:
                             metrics.write(json.dumps(row) + "\n")
                     if not math.isfinite(result.train_losses[self.step]):
                         raise FloatingPointError(f"loss became {result.train_losses[self.step]} at step {self.step}")
+                    self.mtp_losses = []
                     self._report(bar, result.train_losses[self.step], tps, len(pending), pending[-1][4])
                     pending.clear()
                     window_t0, window_tokens = now, 0

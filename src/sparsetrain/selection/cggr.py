@@ -118,12 +118,7 @@ class GPTTruncatedRouter(nn.Module):
 
     def forward(self, idx: torch.Tensor, **_: Any) -> torch.Tensor:
         m = self.model
-        T = idx.shape[1]
-        cos, sin = m.rope_cos[:T], m.rope_sin[:T]
-        x = m.embed(idx)
-        for block in m.blocks[: self.num_layers]:
-            x = block(x, cos, sin)
-        return m.lm_head(m.norm(x))
+        return m.lm_head(m.norm(m.trunk(idx, self.num_layers)))
 
 
 class HFTruncatedRouter(nn.Module):
