@@ -58,3 +58,51 @@ def test_ddp_gloo_two_processes(make_cfg, tmp_path: Path) -> None:
     assert {"ckpt.pt", "metrics.jsonl", "config.toml"} <= written
     lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert sum('"kind": "train"' in l for l in lines) == 3  # one writer, not two
+
+
+def _collider_worker(rank: int, world: int, port: int, state: dict, cfg_model, batch: tuple, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sparsetrain.collider import ColliderModel, filter as collider_filter, masked_cross_entropy
+    from sparsetrain.model import GPT
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = GPT(cfg_model).double()
+        model.load_state_dict(state)
+        ddp = DDP(ColliderModel(model))
+        x, y, keep = batch
+        n = x.shape[0] // world
+        part = slice(rank * n, (rank + 1) * n)
+        loss = masked_cross_entropy(ddp(x[part]), y[part], keep[part])
+        with collider_filter(keep[part]):
+            loss.backward()
+        torch.save({k: p.grad for k, p in model.named_parameters()}, Path(out) / f"collider{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_with_collider_averages_exact_gradients(tmp_path: Path) -> None:
+    """DDP(ColliderModel): the all-reduced gradients equal the mean of each rank's
+    Collider objective, computed with the float64 reference in one process."""
+    from sparsetrain.config import ModelConfig
+    from sparsetrain.model import GPT
+    from test_collider import reference_loss
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    cfg = ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=16, init_std=0.3)
+    model = GPT(cfg).double()
+    x = torch.randint(0, 300, (4, 16))
+    y = torch.randint(0, 300, (4, 16))
+    keep = torch.rand(4, 16) < 0.5
+    keep[:, 0] = True
+    mp.spawn(_collider_worker, args=(2, _free_port(), model.state_dict(), cfg, (x, y, keep), str(tmp_path)), nprocs=2, join=True)
+    ref = 0.5 * (reference_loss(model, x[:2], y[:2], keep[:2]) + reference_loss(model, x[2:], y[2:], keep[2:]))
+    ref.backward()
+    g0 = torch.load(tmp_path / "collider0.pt", weights_only=True)
+    g1 = torch.load(tmp_path / "collider1.pt", weights_only=True)
+    for name, p in model.named_parameters():
+        assert torch.equal(g0[name], g1[name]), name
+        assert torch.allclose(g0[name], p.grad, rtol=1e-6, atol=1e-12), name
