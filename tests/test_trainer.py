@@ -21,6 +21,23 @@ def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def interrupted_run_matches(make_cfg, tmp_path: Path, stop_at: int, **kw) -> tuple:
+    """Train straight to ``max_steps`` in ``a``; in ``b`` stop after ``stop_at`` steps
+    (checkpoint, as a killed job leaves it), resume and finish. Asserts the
+    resumed losses equal the straight ones; returns (straight, resumed) results."""
+    straight = train(make_cfg(out_dir=str(tmp_path / "a"), **kw), verbose=False)
+    t = Trainer(make_cfg(out_dir=str(tmp_path / "b"), **kw), verbose=False)
+    while t.step < stop_at:
+        t.train_step()
+    t.save()
+    resumed = Trainer(make_cfg(out_dir=str(tmp_path / "b"), **kw), resume=tmp_path / "b", verbose=False)
+    assert resumed.step == stop_at
+    rest = resumed.fit()
+    for s in range(stop_at + 1, kw["max_steps"] + 1):
+        assert rest.train_losses[s] == pytest.approx(straight.train_losses[s], rel=1e-6, abs=1e-7)
+    return straight, rest
+
+
 def test_training_reduces_loss_and_writes_run(make_cfg) -> None:
     cfg = make_cfg(max_steps=30, lr=1e-2, eval_every=10)
     result = train(cfg, verbose=False)
@@ -34,17 +51,7 @@ def test_training_reduces_loss_and_writes_run(make_cfg) -> None:
 
 
 def test_resume_continues_exactly(make_cfg, tmp_path: Path) -> None:
-    straight = train(make_cfg(out_dir=str(tmp_path / "a"), max_steps=8), verbose=False)
-    first = make_cfg(out_dir=str(tmp_path / "b"), max_steps=8)
-    t = Trainer(first, verbose=False)
-    while t.step < 4:  # stop half way, as a killed job would after a checkpoint
-        t.train_step()
-    t.save()
-    resumed = Trainer(make_cfg(out_dir=str(tmp_path / "b"), max_steps=8), resume=tmp_path / "b", verbose=False)
-    assert resumed.step == 4
-    rest = resumed.fit()
-    for s in range(5, 9):
-        assert rest.train_losses[s] == pytest.approx(straight.train_losses[s], rel=1e-6, abs=1e-7)
+    interrupted_run_matches(make_cfg, tmp_path, stop_at=4, max_steps=8)
     final_a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
     final_b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
     for k in final_a:
@@ -147,15 +154,8 @@ def test_training_with_token_selection(make_cfg, mode: str, method: str) -> None
 
 
 def test_selection_resume_is_exact_with_random_selection(make_cfg, tmp_path: Path) -> None:
-    kw = dict(max_steps=6, selection="loss", selection_method="random", keep_ratio=0.4)
-    straight = train(make_cfg(out_dir=str(tmp_path / "a"), **kw), verbose=False)
-    t = Trainer(make_cfg(out_dir=str(tmp_path / "b"), **kw), verbose=False)
-    while t.step < 3:
-        t.train_step()
-    t.save()
-    rest = Trainer(make_cfg(out_dir=str(tmp_path / "b"), **kw), resume=tmp_path / "b", verbose=False).fit()
-    for s in (4, 5, 6):
-        assert rest.train_losses[s] == pytest.approx(straight.train_losses[s], rel=1e-6, abs=1e-7)
+    interrupted_run_matches(make_cfg, tmp_path, stop_at=3, max_steps=6, selection="loss", selection_method="random",
+                            keep_ratio=0.4)
 
 
 def test_excess_score_uses_reference_run(make_cfg, tmp_path: Path) -> None:
@@ -235,17 +235,9 @@ def test_async_loader_trains_identically(make_cfg, tmp_path: Path) -> None:
 def test_training_with_mtp_saves_heads_and_resumes(make_cfg, tmp_path: Path) -> None:
     from sparsetrain.generate import generate_text
 
-    kw = dict(max_steps=6, use_mtp=True, mtp_n_tokens=3, eval_every=3)
-    straight = train(make_cfg(out_dir=str(tmp_path / "a"), **kw), verbose=False)
+    interrupted_run_matches(make_cfg, tmp_path, stop_at=3, max_steps=6, use_mtp=True, mtp_n_tokens=3, eval_every=3)
     rows = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["mtp_losses"]) == 3 for r in rows if r["kind"] == "train")
     state = checkpoint.load_checkpoint(tmp_path / "a")
     assert state["mtp"] is not None and len(state["mtp"]) == 3 * 2  # norm gain + proj per head
     assert isinstance(generate_text(tmp_path / "a", "def", max_new_tokens=5), str)  # heads ignored
-    t = Trainer(make_cfg(out_dir=str(tmp_path / "b"), **kw), verbose=False)
-    while t.step < 3:
-        t.train_step()
-    t.save()
-    rest = Trainer(make_cfg(out_dir=str(tmp_path / "b"), **kw), resume=tmp_path / "b", verbose=False).fit()
-    for s in (4, 5, 6):
-        assert rest.train_losses[s] == pytest.approx(straight.train_losses[s], rel=1e-6, abs=1e-7)
