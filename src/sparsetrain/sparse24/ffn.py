@@ -1,0 +1,134 @@
+"""The ``relu2_24`` FFN: up-projection -> ReLU^2 -> 2:4 along the hidden dimension
+-> down-projection, with the training backward of Haziza et al. (2025), as a
+masked-dense reference implementation (exact on CPU; the numerics any
+sparse-tensor-core path must reproduce).
+
+Backward, for ``y = S(relu(x W_up^T)^2) W_down^T`` with ``S`` the forward 2:4:
+
+* the forward mask stays on the gradient: values pruned in the forward never
+  get a gradient (MVUE's kept values carry their ``1/p``, S-STE its scale);
+* the weight-gradient products ``dW_down = dy^T s`` and ``dW_up = du^T x``
+  take their ``[features, tokens]`` operand (``s^T``, ``du^T``) pruned 2:4 along
+  the token dimension, except the densest ``dense_fraction`` of features,
+  which stay dense -- that is what lets those GEMMs use sparse tensor cores;
+* a fixed random token permutation is applied before the FFN and undone
+  after it, so the token groups of four are not neighbouring positions.
+
+``token_24=False`` turns the token-wise pruning off; the gradients are then
+exactly autograd's for the masked forward (the test's float64 reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..model import upcast
+from .sparsify import naive_24, soft_threshold_scale, sparsify_24
+
+
+def token_24(m: torch.Tensor, dense_features: torch.Tensor | None) -> torch.Tensor:
+    """``m`` [N, h] pruned 2:4 along tokens (groups of 4 consecutive rows) for
+    every feature except ``dense_features``; ``N`` is padded to a multiple of 4."""
+    N, h = m.shape
+    pad = (-N) % 4
+    mt = F.pad(m.t(), (0, pad))  # [h, N + pad]
+    pruned, _ = naive_24(mt)
+    if dense_features is not None and dense_features.numel():
+        pruned[dense_features] = mt[dense_features]
+    return pruned[:, :N].t()
+
+
+def densest_features(m: torch.Tensor, fraction: float) -> torch.Tensor | None:
+    """Indices of the ``fraction`` of features (columns) with the most nonzeros."""
+    k = int(round(fraction * m.shape[1]))
+    if k <= 0:
+        return None
+    return (m != 0).sum(0).topk(k).indices
+
+
+class _Sparse24FFN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_up, w_down, method, scale, generator, token_prune, dense_fraction):  # type: ignore[override]
+        u = F.linear(x, w_up)
+        a = F.relu(u).square()
+        s, mask = sparsify_24(a, method, scale, generator)
+        # d s / d a on kept values: 1 (naive), 1/p (MVUE: s = a/p), scale (S-STE, straight through the threshold)
+        if method == "mvue":
+            factor = torch.where(mask, upcast(s) / upcast(a).clamp(min=1e-30), 0.0)
+        elif method == "soft_threshold":
+            factor = mask.to(upcast(s).dtype) * float(scale)  # not bool * float: that would round the scale to float32
+        else:
+            factor = mask.to(upcast(s).dtype)
+        ctx.save_for_backward(x, u, s, factor, w_up, w_down)
+        ctx.token_prune, ctx.dense_fraction = token_prune, dense_fraction
+        return F.linear(s, w_down)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, u, s, factor, w_up, w_down = ctx.saved_tensors
+        dy = dy.to(s.dtype)
+        ds = dy @ w_down.to(dy.dtype)
+        du = (upcast(ds) * factor * 2 * F.relu(upcast(u))).to(s.dtype)
+        s_w, du_w = s, du
+        if ctx.token_prune:
+            dense = densest_features(s, ctx.dense_fraction)
+            s_w = token_24(s, dense)
+            du_w = token_24(du, densest_features(du, ctx.dense_fraction))
+        d_down = dy.t() @ s_w
+        d_up = du_w.t() @ x.to(du.dtype)
+        dx = du @ w_up.to(du.dtype)
+        return dx, d_up.to(w_up.dtype), d_down.to(w_down.dtype), None, None, None, None, None
+
+
+class Sparse24FFN(nn.Module):
+    """``down(S_24(relu(up(x))^2))`` on ``[B, T, d]``; dense (plain relu2) until
+    ``dense_warmup_steps`` calls of :meth:`step` have happened."""
+
+    def __init__(self, d_model: int, hidden: int, method: str = "naive", dense_warmup_steps: int = 1000,
+                 dense_fraction: float = 0.05, token_prune: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        if hidden % 4:
+            raise ValueError(f"hidden size must be a multiple of 4 for 2:4 sparsity, got {hidden}")
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.method, self.dense_warmup_steps = method, dense_warmup_steps
+        self.dense_fraction, self.token_prune = dense_fraction, token_prune
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("scale", torch.zeros(()))  # S-STE scale, fixed at the first sparse call
+        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self._perm: torch.Tensor | None = None
+        self.last_stats: dict[str, float] = {}
+
+    @property
+    def sparse(self) -> bool:
+        return int(self.steps) >= self.dense_warmup_steps
+
+    def step(self) -> None:
+        """Count one optimizer step (the dense warmup ends after ``dense_warmup_steps``)."""
+        self.steps += 1
+
+    def _permutation(self, n: int, device: torch.device) -> torch.Tensor:
+        if self._perm is None or self._perm.numel() != n or self._perm.device != device:
+            g = torch.Generator().manual_seed(self.seed + n)
+            self._perm = torch.randperm(n, generator=g).to(device)  # fixed for a given token count
+        return self._perm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.sparse:
+            return self.down(F.relu(self.up(x)).square())
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        perm = self._permutation(flat.shape[0], flat.device)
+        xp = flat[perm]
+        if self.method == "soft_threshold" and float(self.scale) == 0.0:
+            with torch.no_grad():
+                self.scale.fill_(soft_threshold_scale(F.relu(F.linear(xp, self.up.weight)).square()))
+        gen = self.generator if flat.device.type == "cpu" else None
+        y = _Sparse24FFN.apply(xp, self.up.weight, self.down.weight, self.method, float(self.scale), gen,
+                               self.token_prune and self.training, self.dense_fraction)
+        out = torch.empty_like(y)
+        out[perm] = y  # undo the permutation
+        return out.reshape(*shape[:-1], -1)
