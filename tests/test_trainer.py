@@ -241,3 +241,18 @@ def test_training_with_mtp_saves_heads_and_resumes(make_cfg, tmp_path: Path) -> 
     state = checkpoint.load_checkpoint(tmp_path / "a")
     assert state["mtp"] is not None and len(state["mtp"]) == 3 * 2  # norm gain + proj per head
     assert isinstance(generate_text(tmp_path / "a", "def", max_new_tokens=5), str)  # heads ignored
+
+
+def test_relu2_24_ffn_switches_after_warmup_and_resumes_exactly(make_cfg, tmp_path: Path) -> None:
+    from sparsetrain.sparse24.ffn import Sparse24FFN
+
+    kw = dict(max_steps=6, ffn="relu2_24", activation_dense_warmup_steps=3)
+    interrupted_run_matches(make_cfg, tmp_path, stop_at=2, **kw)
+    t = Trainer(make_cfg(out_dir=str(tmp_path / "c"), **kw), verbose=False)
+    ffns = [m for m in t.model.modules() if isinstance(m, Sparse24FFN)]
+    assert len(ffns) == t.cfg.model.n_layer
+    for step in range(5):
+        assert all(f.sparse == (step >= 3) for f in ffns), step
+        t.train_step()
+    with pytest.raises(ConfigError, match="relu2_24"):
+        make_cfg(ffn="relu2_24", use_collider=True, collider_sparsity=0.5)

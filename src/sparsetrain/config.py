@@ -34,7 +34,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-FFN_KINDS = ("swiglu", "relu2")
+FFN_KINDS = ("swiglu", "relu2", "relu2_24")
+SPARSE24_METHODS = ("naive", "mvue", "soft_threshold")
 SECTIONS = ("model", "data", "training", "run")
 
 
@@ -55,6 +56,9 @@ class ModelConfig:
     ffn_hidden: int = field(default=0, metadata={"help": "FFN hidden size; 0 = 4*d (relu2) or 2/3 of that (swiglu)"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
     norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
+    activation_sparse_method: str = field(default="naive", metadata={"help": "relu2_24: naive, mvue or soft_threshold"})
+    activation_dense_warmup_steps: int = field(default=1000, metadata={"help": "relu2_24: dense steps before 2:4 switches on"})
+    activation_dense_fraction: float = field(default=0.05, metadata={"help": "relu2_24: densest features kept dense in weight gradients"})
     tie_embeddings: bool = field(default=False, metadata={"help": "share the embedding with the LM head"})
     init_std: float = field(default=0.02, metadata={"help": "std of the normal weight init"})
 
@@ -82,6 +86,14 @@ class ModelConfig:
         _require(self.vocab_size >= 257, f"model.vocab_size must be >= 257 (256 bytes + end-of-text), got {self.vocab_size}")
         _require(self.ffn in FFN_KINDS, f"model.ffn must be one of {', '.join(FFN_KINDS)}, got {self.ffn!r}")
         _require(self.ffn_hidden >= 0, f"model.ffn_hidden must be >= 0, got {self.ffn_hidden}")
+        _require(self.activation_sparse_method in SPARSE24_METHODS,
+                 f"model.activation_sparse_method must be one of {', '.join(SPARSE24_METHODS)}, got {self.activation_sparse_method!r}")
+        _require(self.activation_dense_warmup_steps >= 0,
+                 f"model.activation_dense_warmup_steps must be >= 0, got {self.activation_dense_warmup_steps}")
+        _require(0 <= self.activation_dense_fraction <= 1,
+                 f"model.activation_dense_fraction must be in [0, 1], got {self.activation_dense_fraction}")
+        if self.ffn == "relu2_24":
+            _require(self.hidden_size % 4 == 0, f"model.ffn_hidden must be a multiple of 4 for relu2_24, got {self.hidden_size}")
         _require(
             self.d_model % self.n_head == 0,
             f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})",
@@ -196,6 +208,7 @@ class TrainConfig:
         # Switches whose technique has not landed yet fail loudly instead of
         # silently training dense.
         if self.use_collider:
+            _require(self.model.ffn != "relu2_24", "use_collider with ffn = relu2_24 is not available yet")
             _require(self.collider_score in SCORES, f"training.collider_score must be one of {', '.join(SCORES)}, got {self.collider_score!r}")
             _require(self.collider_method in ("threshold", "topk", "random"), f"training.collider_method must be threshold, topk or random, got {self.collider_method!r}")
             _require(self.collider_method == "threshold" or self.collider_sparsity > 0, f"training.collider_method = {self.collider_method} needs collider_sparsity > 0")

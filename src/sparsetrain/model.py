@@ -100,7 +100,13 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.ffn = FeedForward(cfg)
+        if cfg.ffn == "relu2_24":
+            from .sparse24.ffn import Sparse24FFN  # imported here: sparse24 builds on this module
+
+            self.ffn = Sparse24FFN(cfg.d_model, cfg.hidden_size, cfg.activation_sparse_method,
+                                   cfg.activation_dense_warmup_steps, cfg.activation_dense_fraction)
+        else:
+            self.ffn = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)

@@ -32,6 +32,7 @@ from .errors import CheckpointError, ConfigError
 from .generate import load_model
 from .model import GPT, IGNORE_INDEX
 from .mtp import MTPHeads, sequential_backward
+from .sparse24.ffn import Sparse24FFN
 from .collider import ColliderModel, masked_cross_entropy
 from .collider import filter as collider_filter
 from .selection import CGGRLoss, CGGRModel, TokenSelector, create_truncated_router
@@ -97,6 +98,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg.model).to(self.device)
+        self.sparse_ffns = [m for m in self.model.modules() if isinstance(m, Sparse24FFN)]
         self.mtp: MTPHeads | None = None
         if cfg.use_mtp:
             if self.dist.enabled:
@@ -346,6 +348,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.selector is not None:
             self.selector.step()
+        for m in self.sparse_ffns:  # relu2_24 layers count steps for their dense warmup
+            m.step()
         self.step += 1
         return D.all_reduce_mean(total / c.grad_accum, self.dist), gnorm.detach()
 

@@ -92,6 +92,7 @@ class Sparse24FFN(nn.Module):
         if hidden % 4:
             raise ValueError(f"hidden size must be a multiple of 4 for 2:4 sparsity, got {hidden}")
         self.up = nn.Linear(d_model, hidden, bias=False)
+        self.gate = None  # the FFN interface the rest of sparsetrain reads (no SwiGLU gate here)
         self.down = nn.Linear(hidden, d_model, bias=False)
         self.method, self.dense_warmup_steps = method, dense_warmup_steps
         self.dense_fraction, self.token_prune = dense_fraction, token_prune
