@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--repeats", type=int, default=20)
     bs.add_argument("--json", metavar="FILE", help="also write the result as JSON")
 
+    f = sub.add_parser("fire", help="FIRE-reinitialise a run's weights into a new run directory (for continual training)")
+    f.add_argument("--ckpt", required=True, metavar="RUN", help="run directory (or its ckpt.pt)")
+    f.add_argument("--out", required=True, metavar="NEW_RUN", help="new run directory; continue it with train --resume")
+    f.add_argument("--tol", type=float, default=1e-4, help="orthogonality error target of Newton-Schulz")
+    f.add_argument("--max-iters", type=int, default=60, help="Newton-Schulz iterations before the SVD fallback")
+
     sub.add_parser("info", help="device, torch, CUDA, cuSPARSELt and Triton availability")
     return parser
 
@@ -132,6 +138,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fire(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .checkpoint import CKPT_NAME, load_checkpoint, resolve_checkpoint, save_checkpoint
+    from .fire import reinitialize
+    from .generate import load_model
+
+    if args.tol <= 0 or args.max_iters < 1:
+        raise SparsetrainError(f"--tol must be > 0 and --max-iters >= 1, got {args.tol} and {args.max_iters}")
+    src = resolve_checkpoint(args.ckpt)
+    out = Path(args.out)
+    if (out / CKPT_NAME).exists():
+        raise SparsetrainError(f"{out} already holds a checkpoint; pick another --out")
+    state = load_checkpoint(src)
+    model = load_model(src)
+    stats = reinitialize(model, args.tol, args.max_iters)
+    state["model"] = model.state_dict()
+    state["optimizer"]["state"] = {}  # AdamW's moments described the old weights
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.toml", "tokenizer.json"):
+        if (src.parent / name).is_file():
+            shutil.copyfile(src.parent / name, out / name)
+    if (out / "config.toml").is_file():  # the new run writes into its own directory
+        text = (out / "config.toml").read_text().replace(f'out_dir = "{src.parent}"', f'out_dir = "{out}"')
+        (out / "config.toml").write_text(text)
+    save_checkpoint(out / CKPT_NAME, state)
+    worst = max(s["orthogonality_error"] for s in stats)
+    print(f"FIRE: {len(stats)} layers reinitialised (max orthogonality error {worst:.2e}, "
+          f"{sum(s['method'] == 'svd' for s in stats)} SVD fallbacks) -> {out}; continue with: "
+          f"sparsetrain train --resume {out} --data NEW_DATA")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .benchmark import environment
 
@@ -148,7 +187,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "generate": cmd_generate, "bench": cmd_bench, "info": cmd_info}[args.command]
+    handler = {"train": cmd_train, "generate": cmd_generate, "bench": cmd_bench, "fire": cmd_fire,
+               "info": cmd_info}[args.command]
     try:
         return handler(args)
     except SparsetrainError as e:

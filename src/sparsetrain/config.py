@@ -163,6 +163,7 @@ class TrainConfig:
     mtp_n_tokens: int = field(default=2, metadata=_section("training", "MTP extra heads (2-4)"))
     mtp_weight: float = field(default=0.2, metadata=_section("training", "MTP loss weight"))
     mtp_decay: float = field(default=0.5, metadata=_section("training", "weight of head k is mtp_weight * mtp_decay^(k-1)"))
+    fire_at_step: int = field(default=0, metadata=_section("training", "FIRE-reinitialise every Linear after this step (0 = never)"))
     use_async_loader: bool = field(default=False, metadata=_section("training", "background batch workers"))
     async_n_workers: int = field(default=2, metadata=_section("training", "async loader workers"))
     async_prefetch_size: int = field(default=4, metadata=_section("training", "batches prefetched"))
@@ -215,6 +216,7 @@ class TrainConfig:
             _require(self.selection == "none", "use_collider and selection (CGGR) are exclusive: pick one token filter")
             if self.collider_score == "excess":
                 _require(bool(self.reference_ckpt), "training.collider_score = excess needs training.reference_ckpt")
+        _require(self.fire_at_step >= 0, f"training.fire_at_step must be >= 0, got {self.fire_at_step}")
         _require(0 <= self.mtp_decay <= 1, f"training.mtp_decay must be in [0, 1], got {self.mtp_decay}")
         if self.use_mtp:
             _require(not self.use_collider and self.selection == "none",

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import distributed as D
+from . import fire
 from .checkpoint import CKPT_NAME, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, dumps_toml
 from .data import TokenizedCorpus, load_corpus, train_batch, val_batches
@@ -306,6 +307,22 @@ class Trainer:
             self.loader.close()
             self.loader = None
 
+    def _fire(self) -> None:
+        """FIRE-reinitialise every Linear and restart AdamW's moments (they
+        describe the old weights); the stats go to metrics.jsonl."""
+        stats = fire.reinitialize(self.model)
+        self.optimizer.state.clear()
+        if self.dist.is_main:
+            row = {"kind": "fire", "step": self.step, "layers": len(stats),
+                   "max_orthogonality_error": max(s["orthogonality_error"] for s in stats),
+                   "svd_fallbacks": sum(s["method"] == "svd" for s in stats),
+                   "mean_relative_change": sum(s["relative_change"] for s in stats) / len(stats)}
+            with open(self.out_dir / METRICS_NAME, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.verbose:
+                print(f"step {self.step}: FIRE reinitialised {len(stats)} layers "
+                      f"(max orthogonality error {row['max_orthogonality_error']:.2e})", flush=True)
+
     @contextlib.contextmanager
     def _timed_backward(self):
         """Time a backward pass: CUDA events (read at the next log), or the host clock."""
@@ -351,6 +368,8 @@ class Trainer:
         for m in self.sparse_ffns:  # relu2_24 layers count steps for their dense warmup
             m.step()
         self.step += 1
+        if c.fire_at_step and self.step == c.fire_at_step:
+            self._fire()
         return D.all_reduce_mean(total / c.grad_accum, self.dist), gnorm.detach()
 
     @torch.no_grad()
