@@ -89,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tol", type=float, default=1e-4, help="orthogonality error target of Newton-Schulz")
     f.add_argument("--max-iters", type=int, default=60, help="Newton-Schulz iterations before the SVD fallback")
 
+    r = sub.add_parser("grpo", help="training-free GRPO: grow an experience library on a built-in arithmetic task")
+    r.add_argument("--ckpt", required=True, metavar="RUN", help="run directory to sample from")
+    r.add_argument("--library", default="", metavar="FILE", help="experience library JSON (loaded if present, saved after)")
+    r.add_argument("--rounds", type=int, default=3)
+    r.add_argument("--train-prompts", type=int, default=32)
+    r.add_argument("--test-prompts", type=int, default=32)
+    r.add_argument("--group-size", type=int, default=4, help="rollouts per prompt (G)")
+    r.add_argument("--max-size", type=int, default=64, help="library capacity")
+    r.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the model")
+    r.add_argument("--seed", type=int, default=0)
+
     sub.add_parser("info", help="device, torch, CUDA, cuSPARSELt and Triton availability")
     return parser
 
@@ -171,6 +182,48 @@ def cmd_fire(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grpo(args: argparse.Namespace) -> int:
+    import random
+
+    import torch
+
+    from .checkpoint import resolve_checkpoint
+    from .generate import load_model, sample
+    from .grpo import ExperienceLibrary, arithmetic_prompts, mean_reward, run_round
+    from .tokenizer import BPETokenizer
+
+    for name in ("rounds", "train_prompts", "test_prompts", "group_size", "max_size"):
+        if getattr(args, name) < 1:
+            raise SparsetrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    ckpt = resolve_checkpoint(args.ckpt)
+    model = load_model(ckpt)
+    tok_path = ckpt.parent / "tokenizer.json"
+    if not tok_path.is_file():
+        raise SparsetrainError(f"no tokenizer.json in {ckpt.parent}")
+    tok = BPETokenizer.load(tok_path)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def generate(prompt: str, n: int) -> list[str]:
+        ids = [tok.eot_id] + tok.encode(prompt)
+        ids = ids[-(model.config.seq_len - 6):]
+        return [tok.decode(sample(model, ids, 6, args.temperature, 50, gen)) for _ in range(n)]
+
+    lib_path = Path(args.library) if args.library else None
+    library = ExperienceLibrary.load(lib_path) if lib_path and lib_path.is_file() else ExperienceLibrary(args.max_size)
+    rng = random.Random(args.seed)
+    train_p = arithmetic_prompts(args.train_prompts, args.seed)
+    test_p = arithmetic_prompts(args.test_prompts, args.seed + 10_000)  # held out
+    base = mean_reward(generate, test_p, args.group_size, None, rng)
+    for rd in range(args.rounds):
+        r = run_round(generate, library, train_p, args.group_size, rd, rng)
+        print(f"round {rd}: mean train reward {r:.3f}, library size {len(library.items)}", flush=True)
+    with_lib = mean_reward(generate, test_p, args.group_size, library, rng)
+    if lib_path:
+        library.save(lib_path)
+    print(f"held-out mean reward: {base:.3f} without the library, {with_lib:.3f} with it")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .benchmark import environment
 
@@ -188,7 +241,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"train": cmd_train, "generate": cmd_generate, "bench": cmd_bench, "fire": cmd_fire,
-               "info": cmd_info}[args.command]
+               "grpo": cmd_grpo, "info": cmd_info}[args.command]
     try:
         return handler(args)
     except SparsetrainError as e:
