@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-size", type=int, default=64, help="library capacity")
     r.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the model")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", metavar="FILE", help="also write the rewards as JSON")
 
     sub.add_parser("info", help="device, torch, CUDA, cuSPARSELt and Triton availability")
     return parser
@@ -214,13 +215,21 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     train_p = arithmetic_prompts(args.train_prompts, args.seed)
     test_p = arithmetic_prompts(args.test_prompts, args.seed + 10_000)  # held out
     base = mean_reward(generate, test_p, args.group_size, None, rng)
+    rounds = []
     for rd in range(args.rounds):
         r = run_round(generate, library, train_p, args.group_size, rd, rng)
+        rounds.append({"round": rd, "mean_train_reward": r, "library_size": len(library.items)})
         print(f"round {rd}: mean train reward {r:.3f}, library size {len(library.items)}", flush=True)
     with_lib = mean_reward(generate, test_p, args.group_size, library, rng)
     if lib_path:
         library.save(lib_path)
     print(f"held-out mean reward: {base:.3f} without the library, {with_lib:.3f} with it")
+    if args.json:
+        from .benchmark import environment
+
+        Path(args.json).write_text(json.dumps({
+            "environment": environment(), "checkpoint": str(ckpt), "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "rounds": rounds, "held_out_mean_reward": {"without_library": base, "with_library": with_lib}}, indent=2))
     return 0
 
 
