@@ -70,7 +70,7 @@ def naive_loss(model: GPT, heads: MTPHeads, idx: torch.Tensor, targets: torch.Te
                            ignore_index=IGNORE_INDEX)
     extra = [heads.head_loss(model, trunk, targets, k) for k in range(1, len(heads.heads) + 1)]
     total = main + sum(heads.head_weight(k) * l for k, l in enumerate(extra, 1))
-    return total, [float(main)] + [float(l) for l in extra]
+    return total, [float(main.detach())] + [float(l.detach()) for l in extra]
 
 
 def sequential_backward(
