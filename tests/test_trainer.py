@@ -256,3 +256,15 @@ def test_relu2_24_ffn_switches_after_warmup_and_resumes_exactly(make_cfg, tmp_pa
         t.train_step()
     with pytest.raises(ConfigError, match="relu2_24"):
         make_cfg(ffn="relu2_24", use_collider=True, collider_sparsity=0.5)
+
+
+def test_hyper_connections_train_and_report(make_cfg) -> None:
+    cfg = make_cfg(max_steps=6, hyper_connections=2, eval_every=3)
+    train(cfg, verbose=False)
+    rows = [json.loads(l) for l in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    hyper_rows = [r for r in rows if r["kind"] == "hyper"]
+    assert [r["step"] for r in hyper_rows] == [3, 6]
+    layers = hyper_rows[-1]["layers"]
+    assert len(layers) == 2 * cfg.model.n_layer
+    assert all(l["grad_norm"]["res"] > 0 and "stream_divergence" in l for l in layers)
+    assert hyper_rows[-1]["composed_res_gain"] == pytest.approx(1.0, abs=1e-5)

@@ -59,6 +59,7 @@ class ModelConfig:
     activation_sparse_method: str = field(default="naive", metadata={"help": "relu2_24: naive, mvue or soft_threshold"})
     activation_dense_warmup_steps: int = field(default=1000, metadata={"help": "relu2_24: dense steps before 2:4 switches on"})
     activation_dense_fraction: float = field(default=0.05, metadata={"help": "relu2_24: densest features kept dense in weight gradients"})
+    hyper_connections: int = field(default=0, metadata={"help": "mHC-lite residual streams: 0 (off), 2 or 4"})
     tie_embeddings: bool = field(default=False, metadata={"help": "share the embedding with the LM head"})
     init_std: float = field(default=0.02, metadata={"help": "std of the normal weight init"})
 
@@ -92,6 +93,7 @@ class ModelConfig:
                  f"model.activation_dense_warmup_steps must be >= 0, got {self.activation_dense_warmup_steps}")
         _require(0 <= self.activation_dense_fraction <= 1,
                  f"model.activation_dense_fraction must be in [0, 1], got {self.activation_dense_fraction}")
+        _require(self.hyper_connections in (0, 2, 4), f"model.hyper_connections must be 0, 2 or 4, got {self.hyper_connections}")
         if self.ffn == "relu2_24":
             _require(self.hidden_size % 4 == 0, f"model.ffn_hidden must be a multiple of 4 for relu2_24, got {self.hidden_size}")
         _require(
@@ -210,6 +212,7 @@ class TrainConfig:
         # silently training dense.
         if self.use_collider:
             _require(self.model.ffn != "relu2_24", "use_collider with ffn = relu2_24 is not available yet")
+            _require(not self.model.hyper_connections, "use_collider with hyper_connections is not available yet")
             _require(self.collider_score in SCORES, f"training.collider_score must be one of {', '.join(SCORES)}, got {self.collider_score!r}")
             _require(self.collider_method in ("threshold", "topk", "random"), f"training.collider_method must be threshold, topk or random, got {self.collider_method!r}")
             _require(self.collider_method == "threshold" or self.collider_sparsity > 0, f"training.collider_method = {self.collider_method} needs collider_sparsity > 0")

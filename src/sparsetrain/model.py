@@ -95,7 +95,7 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
@@ -107,8 +107,18 @@ class Block(nn.Module):
                                    cfg.activation_dense_warmup_steps, cfg.activation_dense_fraction)
         else:
             self.ffn = FeedForward(cfg)
+        self.hc_attn = self.hc_ffn = None
+        if cfg.hyper_connections:
+            from .hyper import HyperConnection
+
+            self.hc_attn = HyperConnection(cfg.hyper_connections, 2 * index)
+            self.hc_ffn = HyperConnection(cfg.hyper_connections, 2 * index + 1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x``: the residual stream ``[B, T, D]``, or ``[B, T, n, D]`` streams with hyper-connections."""
+        if self.hc_attn is not None:
+            x = self.hc_attn.write(x, self.attn(self.attn_norm(self.hc_attn(x)), cos, sin))
+            return self.hc_ffn.write(x, self.ffn(self.ffn_norm(self.hc_ffn(x))))
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -127,11 +137,16 @@ class GPT(nn.Module):
         cfg.validate()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        if cfg.hyper_connections:
+            n = cfg.hyper_connections
+            self.hyper_in = nn.Parameter(torch.linspace(1.0, 0.5, n))
+            out = torch.linspace(1.5, 0.5, n)
+            self.hyper_out = nn.Parameter(out / out.sum())  # unequal, summing to 1
         cos, sin = rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
         # Not saved in checkpoints: they are a pure function of the config.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -167,8 +182,13 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.config.seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed(idx)
+        n = self.config.hyper_connections
+        if n:  # streams = the embedding at distinct learned scales (identical streams would make H_res dead)
+            x = x.unsqueeze(-2) * self.hyper_in.to(x.dtype)[:, None]
         for block in self.blocks[:n_layers]:
             x = block(x, cos, sin)
+        if n:  # a learned read-out: a plain mean would make the last H_res dead (columns of H sum to 1)
+            x = torch.einsum("i,...id->...d", self.hyper_out.to(x.dtype), x)
         return x
 
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:

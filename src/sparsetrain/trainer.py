@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import distributed as D
-from . import fire
+from . import fire, hyper
 from .checkpoint import CKPT_NAME, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, dumps_toml
 from .data import TokenizedCorpus, load_corpus, train_batch, val_batches
@@ -110,6 +110,7 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0  # cumulative over resumes; what max_seconds limits
         self.loader = None  # async batch loader, started on first use
+        self.hyper_report: dict | None = None  # mHC-lite analysis, written at the next eval
         self.mtp_losses: list[list[float]] = []  # per micro-step [main, L_1..L_n] since the last log
         self._loader_next = (0, 0)
         self._setup_selection()
@@ -356,6 +357,10 @@ class Trainer:
         for micro in range(c.grad_accum):
             x, y = self._batch(micro)
             total += self.forward_backward(x, y, 1.0 / c.grad_accum, sync=micro == c.grad_accum - 1)
+        report_every = c.eval_every or c.max_steps
+        if self.model.config.hyper_connections and (self.step + 1) % report_every == 0:
+            # analysed here, while the mixing parameters still hold this step's gradients
+            self.hyper_report = hyper.report(self.model, x.to(self.device)[:2])
         if c.grad_clip > 0:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]  # MTP heads too
             gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
@@ -474,6 +479,14 @@ class Trainer:
                                                   "train_seconds": round(self.train_seconds, 3)}) + "\n")
                         metrics.flush()
                     self._say(bar, f"step {self.step}: val loss {val:.4f}")
+                    if self.hyper_report is not None and metrics:
+                        r = self.hyper_report
+                        metrics.write(json.dumps({"kind": "hyper", "step": self.step, "healthy": r["healthy"],
+                                                  "problems": r["problems"], "composed_res_gain": r["composed_res_gain"],
+                                                  "layers": r["layers"]}) + "\n")
+                        if not r["healthy"]:
+                            self._say(bar, f"step {self.step}: hyper-connections unhealthy: {'; '.join(r['problems'])}")
+                        self.hyper_report = None
                 if eval_now and not c.ckpt_every or c.ckpt_every and self.step % c.ckpt_every == 0 or last or out_of_time:
                     self.save()
                 if out_of_time:

@@ -1,0 +1,162 @@
+"""mHC-lite hyper-connections: ``n`` residual streams instead of one.
+
+Around every sublayer (attention, FFN) of a block, with streams ``X [..., n, D]``:
+
+    x_in   = sum_i h_pre_i X_i                       (what the sublayer reads)
+    X_new  = H_res X + h_post (outer) F(x_in)       (what it writes back)
+
+``H_res`` is a convex combination of the ``n!`` permutation matrices
+(softmax weights), so it is exactly doubly stochastic with no Sinkhorn
+iterations (mHC-lite, arXiv 2601.05732); ``h_pre = sigmoid(a)`` and
+``h_post = 2 sigmoid(b)`` are per-sublayer gains as in mHC (arXiv 2512.24880).
+
+Symmetry: a doubly stochastic ``H_res`` maps identical streams to themselves,
+so with identical streams the mixing weights get exactly zero gradient. The
+init breaks it: the streams start as the embedding at distinct learned scales
+(``GPT.hyper_in``), sublayer ``l`` reads mostly stream ``l mod n`` and writes
+mostly to stream ``(l + 1) mod n``, ``H_res`` starts near the identity, and the
+output is a learned read-out (``GPT.hyper_out``; a plain mean would leave the
+last ``H_res`` without gradient, since its columns also sum to 1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn as nn
+
+from .model import upcast
+
+
+def permutation_matrices(n: int) -> torch.Tensor:
+    """All ``n!`` permutation matrices ``[n!, n, n]``, identity first."""
+    perms = list(itertools.permutations(range(n)))
+    out = torch.zeros(len(perms), n, n)
+    for k, p in enumerate(perms):
+        out[k, torch.arange(n), torch.tensor(p)] = 1.0
+    return out
+
+
+class HyperConnection(nn.Module):
+    """The mixing of one sublayer."""
+
+    def __init__(self, n: int, index: int) -> None:
+        super().__init__()
+        self.n = n
+        self.register_buffer("perms", permutation_matrices(n), persistent=False)
+        res = torch.zeros(math.factorial(n))
+        res[0] = 4.0  # identity permutation first: H_res starts close to I
+        self.res_logits = nn.Parameter(res)
+        pre = torch.full((n,), -3.0)
+        pre[index % n] = 3.0
+        self.pre_logits = nn.Parameter(pre)
+        post = torch.full((n,), -3.0)
+        post[(index + 1) % n] = 3.0
+        self.post_logits = nn.Parameter(post)
+
+    def perm_weights(self) -> torch.Tensor:
+        return torch.softmax(upcast(self.res_logits), 0)
+
+    def h_res(self) -> torch.Tensor:
+        """``[n, n]``, doubly stochastic by construction."""
+        w = self.perm_weights()
+        return torch.einsum("k,kij->ij", w, self.perms.to(w.dtype))
+
+    def h_pre(self) -> torch.Tensor:
+        return torch.sigmoid(upcast(self.pre_logits))
+
+    def h_post(self) -> torch.Tensor:
+        return 2 * torch.sigmoid(upcast(self.post_logits))
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        """Read: ``[..., n, D] -> [..., D]`` (a forward, so hooks can see the streams)."""
+        return torch.einsum("i,...id->...d", self.h_pre().to(streams.dtype), streams)
+
+    def write(self, streams: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        mixed = torch.einsum("ij,...jd->...id", self.h_res().to(streams.dtype), streams)
+        return mixed + self.h_post().to(streams.dtype)[:, None] * out.unsqueeze(-2)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+# Health thresholds, and why:
+#  - permutation entropy below 5% of its maximum log(n!) means H_res has
+#    collapsed onto one permutation: the streams no longer exchange anything;
+#  - stream divergence below 1e-3 means the streams are copies: n-fold memory
+#    for the work of one (and the mixing weights get no gradient);
+#  - h_pre / h_post gains outside [0.05, 4] mean a sublayer is (nearly) cut off
+#    from the streams or amplifies them enough to destabilise training.
+MIN_ENTROPY_FRACTION = 0.05
+MIN_DIVERGENCE = 1e-3
+GAIN_RANGE = (0.05, 4.0)
+
+
+def stream_divergence(streams: torch.Tensor) -> float:
+    """Mean over pairs ``i != j`` of ``||s_i - s_j|| / ||s_i||`` (streams ``[..., n, D]``)."""
+    n = streams.shape[-2]
+    s = streams.reshape(-1, n, streams.shape[-1]).transpose(0, 1).reshape(n, -1).double()
+    vals = [float((s[i] - s[j]).norm() / s[i].norm().clamp(min=1e-30)) for i in range(n) for j in range(n) if i != j]
+    return sum(vals) / len(vals)
+
+
+def analyze_layer(hc: HyperConnection, streams: torch.Tensor | None = None) -> dict:
+    """Numbers for one sublayer's mixing: permutation weights and their entropy,
+    h_pre / h_post gains (sums), gradient norms of the mixing parameters and,
+    given the streams it read, their divergence."""
+    w = hc.perm_weights().detach()
+    entropy = float(-(w * w.clamp(min=1e-30).log()).sum())
+    out = {
+        "perm_weights": w.tolist(),
+        "perm_entropy": entropy,
+        "perm_entropy_fraction": entropy / math.log(w.numel()),
+        "h_pre": hc.h_pre().detach().tolist(),
+        "h_post": hc.h_post().detach().tolist(),
+        "h_pre_gain": float(hc.h_pre().sum()),
+        "h_post_gain": float(hc.h_post().sum()),
+        "grad_norm": {name: (float(p.grad.norm()) if p.grad is not None else 0.0)
+                      for name, p in (("res", hc.res_logits), ("pre", hc.pre_logits), ("post", hc.post_logits))},
+    }
+    if streams is not None:
+        out["stream_divergence"] = stream_divergence(streams)
+    return out
+
+
+def analyze_model(connections: list[HyperConnection], streams: list[torch.Tensor] | None = None) -> dict:
+    """Model-wide report with a health verdict (thresholds above)."""
+    layers = [analyze_layer(hc, streams[i] if streams else None) for i, hc in enumerate(connections)]
+    composed = torch.eye(connections[0].n)
+    for hc in connections:
+        composed = hc.h_res().detach() @ composed
+    problems = []
+    for i, l in enumerate(layers):
+        if l["perm_entropy_fraction"] < MIN_ENTROPY_FRACTION:
+            problems.append(f"sublayer {i}: H_res collapsed onto one permutation")
+        if not GAIN_RANGE[0] <= l["h_pre_gain"] <= GAIN_RANGE[1] or not GAIN_RANGE[0] <= l["h_post_gain"] <= GAIN_RANGE[1]:
+            problems.append(f"sublayer {i}: h_pre/h_post gain outside {GAIN_RANGE}")
+        if "stream_divergence" in l and l["stream_divergence"] < MIN_DIVERGENCE:
+            problems.append(f"sublayer {i}: streams are copies of each other")
+    return {
+        "layers": layers,
+        # a product of doubly stochastic matrices is doubly stochastic: its 2-norm is 1 (no blow-up with depth)
+        "composed_res_gain": float(torch.linalg.matrix_norm(composed, ord=2)),
+        "composed_res_distance_from_identity": float((composed - torch.eye(composed.shape[0])).norm()),
+        "healthy": not problems,
+        "problems": problems,
+    }
+
+
+@torch.no_grad()
+def report(model: nn.Module, idx: torch.Tensor) -> dict:
+    """:func:`analyze_model` for every hyper-connection of ``model``, with the
+    streams each one read on the batch ``idx``."""
+    connections = [m for m in model.modules() if isinstance(m, HyperConnection)]
+    seen: list[torch.Tensor] = []
+    hooks = [hc.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach())) for hc in connections]
+    try:
+        model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return analyze_model(connections, seen)
