@@ -59,15 +59,19 @@ class MTPHeads(nn.Module):
         return self.weight * self.decay ** (k - 1)
 
     def head_loss(self, model: GPT, trunk: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
-        logits = model.lm_head(model.norm(self.heads[k - 1](trunk)))
-        return F.cross_entropy(upcast(logits).flatten(0, 1), head_targets(targets, k).flatten(), ignore_index=IGNORE_INDEX)
+        return lm_loss(model, self.heads[k - 1](trunk), head_targets(targets, k))
+
+
+def lm_loss(model: GPT, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the model's final norm and LM head applied to ``x``."""
+    logits = model.lm_head(model.norm(x))
+    return F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def naive_loss(model: GPT, heads: MTPHeads, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     """Reference: every head's logits alive at once, one summed loss."""
     trunk = model.trunk(idx)
-    main = F.cross_entropy(upcast(model.lm_head(model.norm(trunk))).flatten(0, 1), targets.flatten(),
-                           ignore_index=IGNORE_INDEX)
+    main = lm_loss(model, trunk, targets)
     extra = [heads.head_loss(model, trunk, targets, k) for k in range(1, len(heads.heads) + 1)]
     total = main + sum(heads.head_weight(k) * l for k, l in enumerate(extra, 1))
     return total, [float(main.detach())] + [float(l.detach()) for l in extra]
@@ -86,8 +90,7 @@ def sequential_backward(
         trunk = model.trunk(idx)
     h = trunk.detach().requires_grad_(True)
     with amp():
-        main = F.cross_entropy(upcast(model.lm_head(model.norm(h))).flatten(0, 1), targets.flatten(),
-                               ignore_index=IGNORE_INDEX)
+        main = lm_loss(model, h, targets)
     (scale * main).backward()  # frees the main logits
     losses = [main.detach()]
     for k in range(1, len(heads.heads) + 1):

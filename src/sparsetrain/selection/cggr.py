@@ -244,12 +244,8 @@ class CGGRModel(_AutoStep, nn.Module):
             scores, rs = score_tokens(self.scoring, router_logits, targets, ignore_index=self.ignore_index)
             del router_logits
             valid = rs.valid
-            ratio = self.selector.current_ratio()
             conf = rs.p1[valid].mean()
-            if self.selector.dynamic:  # needs the confidence on the host: one sync
-                from .schedule import dynamic_keep_ratio
-
-                ratio = dynamic_keep_ratio(ratio, float(conf), self.selector.sensitivity)
+            ratio = self.selector.current_ratio(conf)
             n_tok = valid.sum(-1)
             seq_score = torch.where(valid, scores, 0.0).sum(-1) / n_tok.clamp(min=1)
             seq_score = seq_score.masked_fill(n_tok == 0, float("-inf"))  # all-padding rows come last

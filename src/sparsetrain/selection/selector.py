@@ -68,9 +68,14 @@ class TokenSelector:
     def step(self) -> None:
         self.step_count += 1
 
-    def current_ratio(self) -> float:
-        """Keep ratio in force at this step, before any dynamic adjustment."""
-        return warmup_keep_ratio(self.step_count, self.keep_ratio, self.warmup_steps)
+    def current_ratio(self, confidence: torch.Tensor | float | None = None) -> float:
+        """Keep ratio in force at this step: the warmup schedule, adjusted by the
+        batch ``confidence`` (mean top-1 probability) when ``dynamic`` is on.
+        The confidence is only read (a host sync for a tensor) in that case."""
+        ratio = warmup_keep_ratio(self.step_count, self.keep_ratio, self.warmup_steps)
+        if self.dynamic and confidence is not None:
+            ratio = dynamic_keep_ratio(ratio, float(confidence), self.sensitivity)
+        return ratio
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -92,9 +97,7 @@ class TokenSelector:
         if n_valid == 0:
             raise ValueError("no token has a target to learn from (all are ignore_index)")
         avg_conf = float(rs.p1[valid].mean())
-        ratio = self.current_ratio()
-        if self.dynamic:
-            ratio = dynamic_keep_ratio(ratio, avg_conf, self.sensitivity)
+        ratio = self.current_ratio(avg_conf)
         threshold = None
         if self.method == "threshold":
             if self.controller is not None:
