@@ -5,6 +5,10 @@ combined / collider scores (CGGR selective loss), the same number of steps.
 ``--suite collider``: dense, Collider at drop 0.4 and 0.5 (adaptive threshold
 on the collider score) and random 0.5, the same wall-clock budget
 (``--max-seconds``) each.
+``--suite mtp`` / ``hyper`` / ``sparse24``: dense against MTP heads, hyper-connections
+and the 2:4 FFN, at equal steps.
+``--suite bk``: ResNet-BK dense and learned-sparse 0.5 at equal steps, then a
+GPT of equal parameters given the dense ResNet-BK's wall-clock (``equal_time_to``).
 
     PYTHONPATH=src python bench/quality_runs.py --suite selection --out $OUT/selection_quality.json
     PYTHONPATH=src python bench/quality_runs.py --suite collider --max-seconds 60 --out $OUT/collider_quality.json
@@ -25,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsetrain import build_config, train  # noqa: E402
 from sparsetrain.benchmark import environment  # noqa: E402
+from sparsetrain.model import build_model  # noqa: E402
 
 SUITES = {
     "selection": {
@@ -39,6 +44,27 @@ SUITES = {
         "collider_0.4": {"use_collider": True, "collider_sparsity": 0.4},
         "collider_0.5": {"use_collider": True, "collider_sparsity": 0.5},
         "random_0.5": {"use_collider": True, "collider_sparsity": 0.5, "collider_method": "random"},
+    },
+    "mtp": {  # equal steps = equal tokens seen; the main head's val loss
+        "dense": {},
+        "mtp_2": {"use_mtp": True, "mtp_n_tokens": 2},
+        "mtp_4": {"use_mtp": True, "mtp_n_tokens": 4},
+    },
+    "hyper": {
+        "dense": {},
+        "hyper_2": {"hyper_connections": 2},
+        "hyper_4": {"hyper_connections": 4},
+    },
+    "sparse24": {  # 2:4 after a dense warmup, against dense relu2 at equal steps
+        "relu2": {},
+        "relu2_24": {"ffn": "relu2_24", "activation_sparse_method": "transposable", "activation_dense_warmup_steps": 100},
+    },
+    # 59M parameters each at vocab 8192: 6 BK layers of 4 experts (8.4M each) vs 16 GPT blocks (3.1M each)
+    "bk": {
+        "resnet_bk": {"arch": "resnet_bk", "d_model": 512, "n_layer": 6, "bk_num_experts": 4},
+        "resnet_bk_sparse_0.5": {"arch": "resnet_bk", "d_model": 512, "n_layer": 6, "bk_num_experts": 4,
+                                 "bk_sparsity": 0.5, "bk_sparsity_warmup_steps": 100},
+        "gpt_equal_params": {"d_model": 512, "n_layer": 16, "n_head": 8, "equal_time_to": "resnet_bk"},
     },
 }
 
@@ -67,7 +93,11 @@ def main() -> None:
     out = {"environment": environment(), "suite": args.suite, "settings": {**base, "preset": args.preset}, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in (args.runs.split(",") if args.runs else runs):
-            cfg = build_config(args.preset, overrides={**base, **runs[name], "out_dir": f"{tmp}/{name}"})
+            overrides = {**base, **runs[name], "out_dir": f"{tmp}/{name}"}
+            if "equal_time_to" in overrides:  # the same wall-clock as another run of this suite
+                overrides.update(max_steps=100_000, min_lr_ratio=1.0,
+                                 max_seconds=out["runs"][overrides.pop("equal_time_to")]["train_seconds"])
+            cfg = build_config(args.preset, overrides=overrides)
             res = train(cfg, verbose=False)
             rows = [json.loads(l) for l in (Path(tmp) / name / "metrics.jsonl").read_text().splitlines()]
             out["runs"][name] = {
@@ -76,6 +106,9 @@ def main() -> None:
                 "val_seconds": {str(r["step"]): r["train_seconds"] for r in rows if r["kind"] == "eval"},
                 "train_seconds": res.train_seconds,
                 "tokens_per_second": res.tokens_per_second,
+                "params": sum(p.numel() for p in build_model(cfg.model).parameters()),
+                "steps": res.steps_done,
+                "bk_sparsity_last": next((r["bk_sparsity"] for r in reversed(rows) if "bk_sparsity" in r), None),
                 "mean_kept_fraction": (sum(r.get("kept_fraction", 1.0) for r in rows if r["kind"] == "train")
                                        / max(1, sum(r["kind"] == "train" for r in rows))),
             }

@@ -64,3 +64,37 @@ def test_early_close_stops_workers(tmp_path: Path) -> None:
     assert _no_children()
     with pytest.raises(RuntimeError, match="closed"):
         loader.next()
+
+
+def test_text_source_tokenizes_on_the_fly_and_async_agrees(tmp_path: Path, corpus_dir: Path) -> None:
+    from sparsetrain.loader import TextBatchSource
+    from sparsetrain.tokenizer import BPETokenizer
+
+    files = sorted(str(p) for p in corpus_dir.rglob("*.py"))
+    texts = [Path(f).read_text() for f in files]
+    tok = BPETokenizer.train(texts, 300)
+    tok.save(tmp_path / "tok.json")
+    src = TextBatchSource(files=tuple(files), tokenizer_path=str(tmp_path / "tok.json"), batch_size=3, seq_len=40,
+                          seed=int(np.random.randint(1 << 30)))
+    sync = list(iterate(SyncLoader(src, 2, 1, torch.device("cpu")), 4))
+    with AsyncLoader(src, 2, 1, torch.device("cpu"), n_workers=2, prefetch=1) as loader:
+        got = list(iterate(loader, 4))
+    for (a, b), (c, d) in zip(sync, got):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    assert _no_children()
+    # each row is a window over whole documents joined by end-of-text: every piece
+    # between separators is a substring of one document; y is x shifted by one
+    x, y = sync[0]
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row in x.tolist():
+        pieces, cur = [], []
+        for t in row:
+            if t == tok.eot_id:
+                pieces.append(cur)
+                cur = []
+            else:
+                cur.append(t)
+        pieces.append(cur)
+        for piece in pieces:
+            if piece:
+                assert any(tok.decode(piece) in text for text in texts)

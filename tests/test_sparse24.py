@@ -18,7 +18,7 @@ def relu2_like(rows: int = 64, cols: int = 32) -> torch.Tensor:
     return F.relu(torch.randn(rows, cols, generator=g, dtype=torch.float64) - 0.3).square()
 
 
-@pytest.mark.parametrize("method", ["naive", "mvue", "soft_threshold"])
+@pytest.mark.parametrize("method", ["naive", "mvue", "soft_threshold", "transposable"])
 def test_every_output_is_24(method: str) -> None:
     for x in (relu2_like(), torch.randn(16, 40, dtype=torch.float64)):
         out, mask = sparsify_24(x, method)
@@ -98,6 +98,37 @@ def test_bad_shapes_and_methods() -> None:
         sparsify_24(torch.ones(4, 8), "magic")
 
 
+def _greedy_tile_loop(x: torch.Tensor) -> torch.Tensor:
+    """Per-tile Python loop of the transposable greedy (the naive reference)."""
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    for r0 in range(0, x.shape[0], 4):
+        for c0 in range(0, x.shape[1], 4):
+            tile = x[r0 : r0 + 4, c0 : c0 + 4].abs()
+            rows, cols = [0] * 4, [0] * 4
+            for flat in sorted(range(tile.numel()), key=lambda i: -float(tile.flatten()[i])):
+                r, c = divmod(flat, tile.shape[1])
+                if rows[r] < 2 and cols[c] < 2:
+                    mask[r0 + r, c0 + c] = True
+                    rows[r] += 1
+                    cols[c] += 1
+    return mask
+
+
+def test_transposable_is_24_both_ways_and_matches_loop() -> None:
+    from sparsetrain.sparse24.sparsify import transposable_24
+
+    for x in (relu2_like(22, 32), torch.randn(16, 24, dtype=torch.float64)):  # 22 rows: a padded last tile
+        out, mask = transposable_24(x)
+        assert is_24(out) and is_24(torch.nn.functional.pad(out, (0, 0, 0, (-x.shape[0]) % 4)).t())
+        assert torch.equal(mask, _greedy_tile_loop(x))
+        assert torch.equal(out, x * mask)
+    # a support that already fits the pattern is kept whole (why packing the gradient again is lossless)
+    x = torch.randn(32, 32, dtype=torch.float64)
+    _, m = transposable_24(torch.rand(32, 32, dtype=torch.float64))
+    kept, mask2 = transposable_24(x * m)
+    assert torch.equal(kept, x * m)
+
+
 # ----------------------------------------------------------------------------- the relu2_24 FFN
 
 from sparsetrain.sparse24.ffn import Sparse24FFN, _Sparse24FFN, densest_features, token_24  # noqa: E402
@@ -112,18 +143,18 @@ def _ffn_inputs(N=24, d=8, h=16):
     return x, w_up, w_down, dy
 
 
-@pytest.mark.parametrize("method", ["naive", "mvue", "soft_threshold"])
+@pytest.mark.parametrize("method", ["naive", "mvue", "soft_threshold", "transposable"])
 def test_ffn_gradients_equal_masked_dense_float64_reference(method: str) -> None:
     x, w_up, w_down, dy = _ffn_inputs()
     seed = int(torch.randint(0, 2**31 - 1, ()))
     args = [t.clone().requires_grad_(True) for t in (x, w_up, w_down)]
-    y = _Sparse24FFN.apply(*args, method, 1.3, torch.Generator().manual_seed(seed), False, 0.0)
+    y = _Sparse24FFN.apply(*args, method, 1.3, torch.Generator().manual_seed(seed), False, 0.0, None)
     y.backward(dy)
     # reference: plain autograd through the masked forward, the mask (and MVUE's 1/p, S-STE's threshold) held fixed
     ref = [t.clone().requires_grad_(True) for t in (x, w_up, w_down)]
     a = F.relu(ref[0] @ ref[1].t()).square()
     s_fixed, mask = sparsify_24(a.detach(), method, 1.3, torch.Generator().manual_seed(seed))
-    if method == "naive":
+    if method in ("naive", "transposable"):
         s = a * mask
     elif method == "mvue":
         s = a * (s_fixed / a.detach().clamp(min=1e-300)).where(mask, torch.zeros_like(a))
@@ -151,7 +182,7 @@ def test_token_wise_pruning_of_weight_gradients() -> None:
             padded = F.pad(col, (0, 2))
             assert ((padded.view(-1, 4) != 0).sum(-1) <= 2).all()
     args = [t.clone().requires_grad_(True) for t in (x, w_up, w_down)]
-    _Sparse24FFN.apply(*args, "naive", 1.0, None, True, 0.0).backward(dy)
+    _Sparse24FFN.apply(*args, "naive", 1.0, None, True, 0.0, None).backward(dy)
     a = F.relu(x @ w_up.t()).square()
     s, mask = naive_24(a)
     assert torch.allclose(args[2].grad, dy.t() @ token_24(s, None))
@@ -173,3 +204,40 @@ def test_ffn_module_warmup_and_permutation() -> None:
     s, _ = naive_24(F.relu(ffn.up(x)).square())
     assert torch.allclose(out, ffn.down(s), rtol=1e-12)  # the token permutation is undone exactly
     assert not torch.allclose(out, dense)
+
+
+def test_ffn_module_collects_stats_when_asked() -> None:
+    ffn = Sparse24FFN(8, 16, "transposable", dense_warmup_steps=0).double()
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    ffn(x)
+    assert ffn.last_stats == {} and ffn.last_backend == "masked_dense"
+    ffn.track_stats = True
+    ffn(x)
+    assert set(ffn.last_stats) == {"activation_sparsity", "groups_already_24", "pruned_beyond_relu"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("sparse_grad_products", [True, False])
+def test_cusparselt_path_equals_masked_dense_in_bf16(sparse_grad_products: bool) -> None:
+    from sparsetrain.sparse24 import cusparselt
+
+    if not cusparselt.cusparselt_available():
+        pytest.skip("no cuSPARSELt")
+    torch.manual_seed(0)
+    N, d, h = 512, 256, 1024
+    x = torch.randn(N, d, device="cuda", dtype=torch.bfloat16)
+    w_up = torch.randn(h, d, device="cuda") / d**0.5
+    w_down = torch.randn(d, h, device="cuda") / h**0.5
+    dy = torch.randn(N, d, device="cuda", dtype=torch.bfloat16)
+    a = [t.clone().requires_grad_(True) for t in (x, w_up, w_down)]
+    y = cusparselt.Sparse24FFNCusparselt.apply(a[0], a[1], a[2], None, sparse_grad_products)
+    y.backward(dy)
+    b = [t.clone().requires_grad_(True) for t in (x, w_up, w_down)]
+    y_ref = _Sparse24FFN.apply(b[0], b[1].bfloat16(), b[2].bfloat16(), "transposable", 1.0, None, False, 0.0, None)
+    y_ref.backward(dy)
+
+    def rel(p, q):
+        return float((p.float() - q.float()).norm() / q.float().norm())
+
+    errs = [rel(y, y_ref)] + [rel(got.grad, want.grad) for got, want in zip(a, b)]
+    assert max(errs) < 3e-2, errs

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import ModelConfig, TrainConfig, build_config, field_types, list_presets, read_toml
+from .config import ARCHS, ModelConfig, TrainConfig, build_config, field_types, list_presets, read_toml
 from .errors import SparsetrainError
 
 EXIT_USAGE = 2
@@ -42,6 +42,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     items += [(f.metadata["section"], f, ttypes[f.name]) for f in dataclasses.fields(TrainConfig) if f.name != "model"]
     for section, f, typ in items:
         flag = "--" + f.name.replace("_", "-")
+        flags = [flag, "--model"] if f.name == "arch" else [flag]
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
         if typ is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -50,7 +51,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             kwargs["metavar"] = f.name.split("_")[-1].upper() if typ is str else typ.__name__.upper()
         if f.name == "preset":
             kwargs["choices"] = list_presets()
-        groups[section].add_argument(flag, **kwargs)
+        if f.name == "arch":
+            kwargs["choices"] = ARCHS
+        groups[section].add_argument(*flags, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,8 +35,10 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 FFN_KINDS = ("swiglu", "relu2", "relu2_24")
-SPARSE24_METHODS = ("naive", "mvue", "soft_threshold")
+SPARSE24_METHODS = ("naive", "mvue", "soft_threshold", "transposable")
 SECTIONS = ("model", "data", "training", "run")
+ARCHS = ("gpt", "resnet_bk")
+BK_SPARSITY_LOSSES = ("l2", "l1", "kl", "adaptive")
 
 
 def _section(name: str, help: str) -> dict[str, Any]:
@@ -47,6 +49,7 @@ def _section(name: str, help: str) -> dict[str, Any]:
 class ModelConfig:
     """Shape of the GPT decoder. Every field is a plain number or name."""
 
+    arch: str = field(default="gpt", metadata={"help": "network: gpt or resnet_bk (BK-Core layers; CLI alias --model)"})
     vocab_size: int = field(default=8192, metadata={"help": "tokenizer and embedding size"})
     seq_len: int = field(default=256, metadata={"help": "context length (tokens per sequence)"})
     n_layer: int = field(default=4, metadata={"help": "transformer blocks"})
@@ -56,10 +59,16 @@ class ModelConfig:
     ffn_hidden: int = field(default=0, metadata={"help": "FFN hidden size; 0 = 4*d (relu2) or 2/3 of that (swiglu)"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
     norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
-    activation_sparse_method: str = field(default="naive", metadata={"help": "relu2_24: naive, mvue or soft_threshold"})
+    activation_sparse_method: str = field(default="naive", metadata={"help": "relu2_24: naive, mvue, soft_threshold or transposable (the one that runs on sparse tensor cores)"})
     activation_dense_warmup_steps: int = field(default=1000, metadata={"help": "relu2_24: dense steps before 2:4 switches on"})
     activation_dense_fraction: float = field(default=0.05, metadata={"help": "relu2_24: densest features kept dense in weight gradients"})
     hyper_connections: int = field(default=0, metadata={"help": "mHC-lite residual streams: 0 (off), 2 or 4"})
+    bk_num_experts: int = field(default=4, metadata={"help": "resnet_bk: experts of each top-1 MoE FFN"})
+    bk_sparsity: float = field(default=0.0, metadata={"help": "resnet_bk: target fraction of positions that skip the MoE FFN (0 = dense layers)"})
+    bk_sparsity_loss: str = field(default="l2", metadata={"help": "resnet_bk: sparsity loss l2, l1, kl or adaptive (Huber)"})
+    bk_sparsity_loss_weight: float = field(default=0.1, metadata={"help": "resnet_bk: weight of the sparsity loss"})
+    bk_sparsity_warmup_steps: int = field(default=0, metadata={"help": "resnet_bk: steps over which the target sparsity ramps up from 0"})
+    bk_tau: float = field(default=1.0, metadata={"help": "resnet_bk: Gumbel-sigmoid temperature of the skip mask"})
     tie_embeddings: bool = field(default=False, metadata={"help": "share the embedding with the LM head"})
     init_std: float = field(default=0.02, metadata={"help": "std of the normal weight init"})
 
@@ -94,6 +103,17 @@ class ModelConfig:
         _require(0 <= self.activation_dense_fraction <= 1,
                  f"model.activation_dense_fraction must be in [0, 1], got {self.activation_dense_fraction}")
         _require(self.hyper_connections in (0, 2, 4), f"model.hyper_connections must be 0, 2 or 4, got {self.hyper_connections}")
+        _require(self.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        _require(self.bk_num_experts >= 1, f"model.bk_num_experts must be >= 1, got {self.bk_num_experts}")
+        _require(0 <= self.bk_sparsity < 1, f"model.bk_sparsity must be in [0, 1), got {self.bk_sparsity}")
+        _require(self.bk_sparsity_loss in BK_SPARSITY_LOSSES,
+                 f"model.bk_sparsity_loss must be one of {', '.join(BK_SPARSITY_LOSSES)}, got {self.bk_sparsity_loss!r}")
+        _require(self.bk_sparsity_loss_weight >= 0, f"model.bk_sparsity_loss_weight must be >= 0, got {self.bk_sparsity_loss_weight}")
+        _require(self.bk_sparsity_warmup_steps >= 0, f"model.bk_sparsity_warmup_steps must be >= 0, got {self.bk_sparsity_warmup_steps}")
+        _require(self.bk_tau > 0, f"model.bk_tau must be > 0, got {self.bk_tau}")
+        if self.arch == "resnet_bk":
+            _require(self.ffn == "relu2", f"model.arch = resnet_bk uses its own squared-ReLU experts; model.ffn must be relu2, got {self.ffn!r}")
+            _require(not self.hyper_connections, "model.arch = resnet_bk does not support hyper_connections")
         if self.ffn == "relu2_24":
             _require(self.hidden_size % 4 == 0, f"model.ffn_hidden must be a multiple of 4 for relu2_24, got {self.hidden_size}")
         _require(
@@ -221,6 +241,9 @@ class TrainConfig:
                 _require(bool(self.reference_ckpt), "training.collider_score = excess needs training.reference_ckpt")
         _require(self.fire_at_step >= 0, f"training.fire_at_step must be >= 0, got {self.fire_at_step}")
         _require(0 <= self.mtp_decay <= 1, f"training.mtp_decay must be in [0, 1], got {self.mtp_decay}")
+        if self.model.arch != "gpt":
+            _require(not self.use_collider and self.selection == "none" and not self.use_mtp,
+                     f"model.arch = {self.model.arch} trains with the plain loss: use_collider, selection and use_mtp need arch = gpt")
         if self.use_mtp:
             _require(not self.use_collider and self.selection == "none",
                      "use_mtp with a token filter (use_collider or selection) is not available yet")

@@ -9,18 +9,18 @@ import torch
 from .checkpoint import resolve_checkpoint, load_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError
-from .model import GPT
+from .model import GPT, build_model
 from .tokenizer import BPETokenizer
 
 
 def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """Rebuild the GPT a checkpoint was saved from and load its weights."""
+    """Rebuild the network (GPT or ResNet-BK) a checkpoint was saved from and load its weights."""
     state = load_checkpoint(ckpt, map_location=device)
     try:
         cfg = ModelConfig(**state["model_config"])
     except TypeError as e:
         raise CheckpointError(f"checkpoint {ckpt} has an unknown model config: {e}") from None
-    model = GPT(cfg)
+    model = build_model(cfg)
     model.load_state_dict(state["model"])
     return model.to(device).eval()
 

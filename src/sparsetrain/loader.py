@@ -52,6 +52,45 @@ class TokenBatchSource:
         return x.numpy(), y.numpy()
 
 
+@dataclass(frozen=True)
+class TextBatchSource:
+    """Raw text files, read and tokenized when a batch is built (no token cache).
+
+    Row ``b`` of batch ``(step, micro)`` concatenates documents drawn with a
+    generator seeded by ``(seed, step, micro, rank, b)``, separated by
+    end-of-text, and takes a random ``seq_len + 1`` window: a pure function of
+    its arguments, like :class:`TokenBatchSource`, so sync and async loaders
+    agree. It costs real CPU time per batch (reading and BPE-encoding whole
+    files), which is what the async loader exists to hide.
+    """
+
+    files: tuple[str, ...]
+    tokenizer_path: str
+    batch_size: int
+    seq_len: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+
+    def open(self):
+        from .tokenizer import BPETokenizer
+
+        return BPETokenizer.load(self.tokenizer_path)
+
+    def batch(self, tokenizer, step: int, micro: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
+        for b in range(self.batch_size):
+            rng = np.random.default_rng([self.seed, step, micro, self.rank, b])
+            ids: list[int] = []
+            while len(ids) < self.seq_len + 1:
+                path = self.files[int(rng.integers(len(self.files)))]
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    ids += tokenizer.encode(f.read()) + [tokenizer.eot_id]
+            start = int(rng.integers(0, len(ids) - self.seq_len))
+            rows[b] = ids[start : start + self.seq_len + 1]
+        return rows[:, :-1], rows[:, 1:]
+
+
 def _index(i: int, start: int, grad_accum: int) -> tuple[int, int]:
     """The i-th batch of the stream: (step, micro)."""
     return start + i // grad_accum, i % grad_accum
@@ -60,9 +99,9 @@ def _index(i: int, start: int, grad_accum: int) -> tuple[int, int]:
 class SyncLoader:
     """Builds each batch when asked, in the calling thread."""
 
-    def __init__(self, source: TokenBatchSource, start_step: int, grad_accum: int, device: torch.device) -> None:
+    def __init__(self, source: TokenBatchSource | TextBatchSource, start_step: int, grad_accum: int, device: torch.device) -> None:
         self.source, self.start, self.grad_accum, self.device = source, start_step, grad_accum, device
-        self._tokens = source.open()
+        self._tokens = source.open()  # the token array, or the tokenizer of a text source
         self._i = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,10 +120,10 @@ class SyncLoader:
         self.close()
 
 
-def _worker(source: TokenBatchSource, w: int, n_workers: int, start: int, grad_accum: int, out: mp.Queue,
+def _worker(source: TokenBatchSource | TextBatchSource, w: int, n_workers: int, start: int, grad_accum: int, out: mp.Queue,
             stop: mp.Event) -> None:
     try:
-        tokens = source.open()
+        tokens = source.open()  # the token array, or the tokenizer of a text source
         i = w
         while not stop.is_set():
             step, micro = _index(i, start, grad_accum)
@@ -106,7 +145,7 @@ class AsyncLoader:
     """``n_workers`` processes build batches ahead (``prefetch`` per worker); a
     consumer thread pins them and starts their copy to the device."""
 
-    def __init__(self, source: TokenBatchSource, start_step: int, grad_accum: int, device: torch.device,
+    def __init__(self, source: TokenBatchSource | TextBatchSource, start_step: int, grad_accum: int, device: torch.device,
                  n_workers: int = 2, prefetch: int = 4) -> None:
         if n_workers < 1 or prefetch < 1:
             raise ValueError(f"n_workers and prefetch must be >= 1, got {n_workers}, {prefetch}")

@@ -214,3 +214,12 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             n_matmul += self.embed.weight.numel()
         return 6.0 * n_matmul + 12.0 * cfg.n_layer * cfg.d_model * T
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The network ``cfg.arch`` names: :class:`GPT` or :class:`~sparsetrain.bk.ResNetBK`."""
+    if cfg.arch == "resnet_bk":
+        from .bk.model import ResNetBK  # imported here: bk builds on this module
+
+        return ResNetBK(cfg)
+    return GPT(cfg)

@@ -31,9 +31,11 @@ from .data import TokenizedCorpus, load_corpus, train_batch, val_batches
 from .loader import make_loader
 from .errors import CheckpointError, ConfigError
 from .generate import load_model
-from .model import GPT, IGNORE_INDEX
+from .model import GPT, IGNORE_INDEX, build_model
 from .mtp import MTPHeads, sequential_backward
 from .sparse24.ffn import Sparse24FFN
+from .bk.layers import SparseMoEResNetBKLayer
+from .bk.model import ResNetBK
 from .collider import ColliderModel, masked_cross_entropy
 from .collider import filter as collider_filter
 from .selection import CGGRLoss, CGGRModel, TokenSelector, create_truncated_router
@@ -98,8 +100,9 @@ class Trainer:
             self.corpus = self._load_corpus()
 
         torch.manual_seed(cfg.seed)
-        self.model = GPT(cfg.model).to(self.device)
-        self.sparse_ffns = [m for m in self.model.modules() if isinstance(m, Sparse24FFN)]
+        self.model = build_model(cfg.model).to(self.device)
+        # modules with a per-step schedule: relu2_24's dense warmup, sparse BK layers' sparsity ramp
+        self.scheduled = [m for m in self.model.modules() if isinstance(m, (Sparse24FFN, SparseMoEResNetBKLayer))]
         self.mtp: MTPHeads | None = None
         if cfg.use_mtp:
             if self.dist.enabled:
@@ -112,6 +115,8 @@ class Trainer:
         self.loader = None  # async batch loader, started on first use
         self.hyper_report: dict | None = None  # mHC-lite analysis, written at the next eval
         self.mtp_losses: list[list[float]] = []  # per micro-step [main, L_1..L_n] since the last log
+        self.bk_stats: list[dict[str, float]] = []
+        self.sparse24_stats: dict[int, dict] = {}  # step -> mean 2:4 statistics of the relu2_24 layers  # sparse ResNet-BK mask stats per micro-step since the last log
         self._loader_next = (0, 0)
         self._setup_selection()
         self.out_dir = self._prepare_out_dir(resume)
@@ -280,8 +285,12 @@ class Trainer:
                 else:
                     _, loss = self.ddp_model(x, y)
                     kept = total = 0
+                aux = self.model.aux_loss() if isinstance(self.model, ResNetBK) else None
             with self._timed_backward():
-                (loss * loss_scale).backward()
+                # the reported loss stays the LM loss; a sparse ResNet-BK also learns its sparsity target
+                ((loss if aux is None else loss + aux) * loss_scale).backward()
+            if aux is not None:
+                self.bk_stats.append(self.model.sparsity_stats())
         self.step_kept[0] += kept
         self.step_kept[1] += total
         return loss.detach()
@@ -354,6 +363,10 @@ class Trainer:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         self.step_kept = [0, 0]
+        ffns24 = [m for m in self.scheduled if isinstance(m, Sparse24FFN)]
+        log_step = (self.step + 1) % c.log_every == 0
+        for m in ffns24:  # 2:4 statistics cost extra reductions: only on steps that get logged
+            m.track_stats = log_step and m.sparse
         for micro in range(c.grad_accum):
             x, y = self._batch(micro)
             total += self.forward_backward(x, y, 1.0 / c.grad_accum, sync=micro == c.grad_accum - 1)
@@ -370,7 +383,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.selector is not None:
             self.selector.step()
-        for m in self.sparse_ffns:  # relu2_24 layers count steps for their dense warmup
+        stats = [m.last_stats for m in ffns24 if m.track_stats and m.last_stats]
+        if stats:
+            self.sparse24_stats[self.step + 1] = {k: round(sum(d[k] for d in stats) / len(stats), 4) for k in stats[0]}
+            self.sparse24_stats[self.step + 1]["backend"] = ffns24[0].last_backend
+        for m in self.scheduled:
             m.step()
         self.step += 1
         if c.fire_at_step and self.step == c.fire_at_step:
@@ -458,6 +475,11 @@ class Trainer:
                             row["kept_fraction"] = round(kf, 4)
                         if bwd_ms is not None:
                             row["backward_ms"] = round(bwd_ms, 3)  # mean over the log window
+                        if s in self.sparse24_stats:
+                            row["sparse24"] = self.sparse24_stats.pop(s)
+                        if self.bk_stats:
+                            row["bk_sparsity"] = {k: round(sum(d[k] for d in self.bk_stats) / len(self.bk_stats), 4)
+                                                  for k in self.bk_stats[0]}
                         if self.mtp_losses:
                             row["mtp_losses"] = [round(sum(c) / len(c), 4) for c in zip(*self.mtp_losses)][1:]
                         result.train_losses[s] = row["loss"]
@@ -466,6 +488,7 @@ class Trainer:
                     if not math.isfinite(result.train_losses[self.step]):
                         raise FloatingPointError(f"loss became {result.train_losses[self.step]} at step {self.step}")
                     self.mtp_losses = []
+                    self.bk_stats = []
                     self._report(bar, result.train_losses[self.step], tps, len(pending), pending[-1][4])
                     pending.clear()
                     window_t0, window_tokens = now, 0

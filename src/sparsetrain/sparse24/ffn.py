@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import upcast
-from .sparsify import naive_24, soft_threshold_scale, sparsify_24
+from . import cusparselt
+from .sparsify import naive_24, soft_threshold_scale, sparsify_24, sparsity_stats
 
 
 def token_24(m: torch.Tensor, dense_features: torch.Tensor | None) -> torch.Tensor:
@@ -50,10 +51,12 @@ def densest_features(m: torch.Tensor, fraction: float) -> torch.Tensor | None:
 
 class _Sparse24FFN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_up, w_down, method, scale, generator, token_prune, dense_fraction):  # type: ignore[override]
+    def forward(ctx, x, w_up, w_down, method, scale, generator, token_prune, dense_fraction, stats):  # type: ignore[override]
         u = F.linear(x, w_up)
         a = F.relu(u).square()
         s, mask = sparsify_24(a, method, scale, generator)
+        if stats is not None:
+            stats.update(sparsity_stats(a, s))
         # d s / d a on kept values: 1 (naive), 1/p (MVUE: s = a/p), scale (S-STE, straight through the threshold)
         if method == "mvue":
             factor = torch.where(mask, upcast(s) / upcast(a).clamp(min=1e-30), 0.0)
@@ -79,7 +82,16 @@ class _Sparse24FFN(torch.autograd.Function):
         d_down = dy.t() @ s_w
         d_up = du_w.t() @ x.to(du.dtype)
         dx = du @ w_up.to(du.dtype)
-        return dx, d_up.to(w_up.dtype), d_down.to(w_down.dtype), None, None, None, None, None
+        return dx, d_up.to(w_up.dtype), d_down.to(w_down.dtype), None, None, None, None, None, None
+
+
+def _half_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The 16-bit dtype a CUDA product of ``x`` runs in (autocast's, or ``x``'s own), else None."""
+    if not x.is_cuda:
+        return None
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return x.dtype if x.dtype in (torch.float16, torch.bfloat16) else None
 
 
 class Sparse24FFN(nn.Module):
@@ -101,7 +113,10 @@ class Sparse24FFN(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)
         self.seed = seed
         self._perm: torch.Tensor | None = None
+        self.track_stats = False  # set by the trainer on log steps: fills last_stats at the next forward
         self.last_stats: dict[str, float] = {}
+        self.last_backend = "dense"  # dense (warmup), masked_dense or cusparselt
+        self.sparse_grad_products = True  # cusparselt: also run du's two products sparse (packing du once more)
 
     @property
     def sparse(self) -> bool:
@@ -127,9 +142,21 @@ class Sparse24FFN(nn.Module):
         if self.method == "soft_threshold" and float(self.scale) == 0.0:
             with torch.no_grad():
                 self.scale.fill_(soft_threshold_scale(F.relu(F.linear(xp, self.up.weight)).square()))
-        gen = self.generator if flat.device.type == "cpu" else None
-        y = _Sparse24FFN.apply(xp, self.up.weight, self.down.weight, self.method, float(self.scale), gen,
-                               self.token_prune and self.training, self.dense_fraction)
+        stats: dict[str, float] | None = {} if self.track_stats else None
+        half = _half_dtype(xp)
+        if self.method == "transposable" and half is not None and cusparselt.supported(xp, self.up.weight):
+            self.last_backend = "cusparselt"
+            y = cusparselt.Sparse24FFNCusparselt.apply(xp.to(half), self.up.weight, self.down.weight, stats,
+                                                       self.sparse_grad_products)
+        else:
+            self.last_backend = "masked_dense"
+            gen = self.generator if flat.device.type == "cpu" else None
+            # transposable masks are 2:4 along tokens already: the weight gradients need no second pruning
+            token_prune = self.token_prune and self.training and self.method != "transposable"
+            y = _Sparse24FFN.apply(xp, self.up.weight, self.down.weight, self.method, float(self.scale), gen,
+                                   token_prune, self.dense_fraction, stats)
+        if stats is not None:
+            self.last_stats = stats
         out = torch.empty_like(y)
         out[perm] = y  # undo the permutation
         return out.reshape(*shape[:-1], -1)

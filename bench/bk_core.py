@@ -1,0 +1,140 @@
+"""BK-Core on the GPU: the Triton kernel against the Python-loop recursion, and
+the ResNet-BK layer's forward+backward, dense against learned-sparse at skip
+ratios 0.3 / 0.5 / 0.7, side by side in one process.
+
+    PYTHONPATH=src python bench/bk_core.py --out $OUT/bk_core.json
+
+Kernel: B = 32 sequences, N = 2048, causal and bidirectional, forward+backward
+(float32; the loop is ``impl="torch"``, the same recurrences one position per
+Python iteration). Accuracy of both against float64 is recorded too.
+
+Layer: bf16 autocast, B x N = 8 x 2048 tokens, d_model 1024, 4 experts of
+hidden 4096. The sparse layer runs in ``topk`` mask mode so every step skips
+exactly the stated fraction (threshold mode, the LM default, learns its rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from sparsetrain.benchmark import environment, summarize, time_fn  # noqa: E402
+from sparsetrain.bk import MoEResNetBKLayer, SparseMoEResNetBKLayer, bk_core  # noqa: E402
+
+
+PROFILE = False
+
+
+def bench_kernel(B: int, N: int, repeats: int) -> dict:
+    out = {}
+    v64 = torch.randn(B, N, device="cuda", dtype=torch.float64) * 2
+    w = torch.randn(B, N, 2, device="cuda")
+    for causal in (True, False):
+        ref = bk_core(v64.cpu(), causal=causal).cuda()
+        row = {}
+        for impl in ("torch", "triton"):
+            v = v64.float().clone().requires_grad_(True)
+
+            def fb() -> None:
+                (bk_core(v, causal=causal, impl=impl) * w).sum().backward()
+
+            reps = max(3, repeats // 4) if impl == "torch" else repeats
+            t = summarize(time_fn(fb, warmup=2 if impl == "torch" else 5, repeats=reps))
+            with torch.no_grad():
+                err = float((bk_core(v, causal=causal, impl=impl).double() - ref).abs().max() / ref.abs().max())
+            row[impl] = {**t, "max_rel_err_vs_float64": err}
+        row["speedup"] = row["torch"]["median_ms"] / row["triton"]["median_ms"]
+        out["causal" if causal else "bidirectional"] = row
+    return out
+
+
+def bench_layer(B: int, N: int, D: int, H: int, E: int, ratios: list[float], repeats: int) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(B, N, D, device="cuda")
+    g = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16)
+    layers = {"dense": MoEResNetBKLayer(D, H, E).cuda()}
+    for r in ratios:
+        sp = SparseMoEResNetBKLayer(D, H, E, target_sparsity=r, mask_mode="topk", causal=False).cuda()
+        layers[f"sparse_{r}"] = sp
+    dense_bidir = MoEResNetBKLayer(D, H, E, causal=False).cuda()
+    layers["dense_bidirectional"] = dense_bidir  # the topk layers' BK runs bidirectionally: same op cost
+    results = {}
+    if PROFILE:
+        results["profile"] = profile_layers(layers, x, g, ["dense_bidirectional", "sparse_0.5"])
+    order = list(layers)
+    times: dict[str, list[float]] = {k: [] for k in order}
+    for k in order:  # warm-up (and autotune) each
+        for _ in range(3):
+            run_layer(layers[k], x, g)
+    for _ in range(3):  # interleaved rounds so clock drift hits every variant alike
+        for k in order:
+            times[k] += time_fn(lambda: run_layer(layers[k], x, g), warmup=1, repeats=max(1, repeats // 3))
+    for k in order:
+        results[k] = summarize(times[k])
+        if isinstance(layers[k], SparseMoEResNetBKLayer):
+            results[k]["stats"] = layers[k].get_sparsity_stats()
+    for k in order:
+        base = results["dense_bidirectional" if k.startswith("sparse") else "dense"]["median_ms"]
+        results[k]["speedup_vs_dense"] = base / results[k]["median_ms"]
+    return results
+
+
+def run_layer(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    y.backward(g)
+    layer.zero_grad(set_to_none=True)
+
+
+def profile_layers(layers: dict, x: torch.Tensor, g: torch.Tensor, names: list[str], top: int = 12) -> dict:
+    """Top CUDA kernels (total ms over 3 steps) of each named layer's forward+backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for name in names:
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                run_layer(layers[name], x, g)
+            torch.cuda.synchronize()
+        rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)))
+        out[name] = [(e.key[:60], round(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 3e3, 3), e.count // 3)
+                     for e in rows[:top]]
+        print(f"\n{name}: top ops by CUDA ms per step")
+        for k, t, c in out[name]:
+            print(f"  {t:8.3f} ms  x{c:<4} {k}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bk_core.json"))
+    ap.add_argument("--repeats", type=int, default=12)
+    ap.add_argument("--profile", action="store_true", help="also print the top kernels of dense and sparse 0.5")
+    args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
+    out = {"environment": environment(),
+           "kernel": {"shape": {"B": 32, "N": 2048}, **bench_kernel(32, 2048, args.repeats)}}
+    shape = {"B": 8, "N": 2048, "d_model": 1024, "hidden": 4096, "experts": 4}
+    out["layer"] = {"shape": shape, "dtype": "bf16 autocast",
+                    **bench_layer(8, 2048, 1024, 4096, 4, [0.3, 0.5, 0.7], args.repeats)}
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"\n{'kernel fwd+bwd':<22} {'loop ms':>9} {'triton ms':>10} {'speedup':>8}")
+    for mode in ("causal", "bidirectional"):
+        r = out["kernel"][mode]
+        print(f"{mode:<22} {r['torch']['median_ms']:9.2f} {r['triton']['median_ms']:10.3f} {r['speedup']:8.1f}x")
+    print(f"\n{'layer fwd+bwd':<22} {'ms':>9} {'vs dense':>9}")
+    for k, r in out["layer"].items():
+        if isinstance(r, dict) and "median_ms" in r:
+            print(f"{k:<22} {r['median_ms']:9.2f} {r['speedup_vs_dense']:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()

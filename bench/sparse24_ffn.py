@@ -1,0 +1,192 @@
+"""2:4 activation-sparse FFN on sparse tensor cores against dense, side by side.
+
+    PYTHONPATH=src python bench/sparse24_ffn.py --out $OUT/sparse24_ffn.json
+
+Per shape (bf16, 16k tokens; d_model 2048 / hidden 8192 and 4096 / 16384):
+
+* FFN block forward+backward: dense ``relu2``, ``swiglu`` at equal parameters
+  (hidden 2/3), and ``relu2_24`` (``transposable`` through cuSPARSELt);
+* the pieces: each of the six GEMMs dense, the four sparse ones through
+  cuSPARSELt (default algorithm and, where the op exists, the searched one),
+  and the tile prune+pack kernel;
+* the bf16 ceiling those measured GEMMs allow:
+  ``sum(6 dense GEMMs) / (2 dense + 4 sparse GEMMs)``.
+
+Then the ``d20`` training step (sequence 2048, batch 8) dense ``relu2`` against
+``relu2_24``, both eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from sparsetrain.benchmark import bench_train_step, environment, summarize, time_fn  # noqa: E402
+from sparsetrain.sparse24.cusparselt import _ALG_IDS, Sparse24FFNCusparselt, _pack, sparse_mm  # noqa: E402
+
+BF16 = torch.bfloat16
+
+
+def ms(fn, repeats: int) -> float:
+    return statistics.median(time_fn(fn, warmup=5, repeats=repeats))
+
+
+def ffn_block(N: int, d: int, h: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(N, d, device="cuda", dtype=BF16)
+    dy = torch.randn(N, d, device="cuda", dtype=BF16)
+    w_up = (torch.randn(h, d, device="cuda") / d**0.5).to(BF16).requires_grad_(True)
+    w_down = (torch.randn(d, h, device="cuda") / h**0.5).to(BF16).requires_grad_(True)
+    hs = int(round(h * 2 / 3 / 64)) * 64
+    w_gate_s = (torch.randn(hs, d, device="cuda") / d**0.5).to(BF16).requires_grad_(True)
+    w_up_s = (torch.randn(hs, d, device="cuda") / d**0.5).to(BF16).requires_grad_(True)
+    w_down_s = (torch.randn(d, hs, device="cuda") / hs**0.5).to(BF16).requires_grad_(True)
+    xg = x.clone().requires_grad_(True)
+
+    def relu2() -> None:
+        F.linear(F.relu(F.linear(xg, w_up)).square(), w_down).backward(dy)
+
+    def swiglu() -> None:
+        F.linear(F.silu(F.linear(xg, w_gate_s)) * F.linear(xg, w_up_s), w_down_s).backward(dy)
+
+    def relu2_24() -> None:
+        Sparse24FFNCusparselt.apply(xg, w_up, w_down, None, True).backward(dy)
+
+    def relu2_24_dense_du() -> None:  # the two products of du dense: no second pack
+        Sparse24FFNCusparselt.apply(xg, w_up, w_down, None, False).backward(dy)
+
+    variants = {"relu2": relu2, "swiglu": swiglu, "relu2_24": relu2_24, "relu2_24_dense_du": relu2_24_dense_du}
+    times = {k: [] for k in variants}
+    for fn in variants.values():
+        time_fn(fn, warmup=5, repeats=1)
+    for _ in range(3):  # interleaved rounds
+        for k, fn in variants.items():
+            times[k] += time_fn(fn, warmup=1, repeats=max(1, repeats // 3))
+    out = {k: summarize(v) for k, v in times.items()}
+    for k in out:
+        out[k]["speedup_vs_relu2"] = out["relu2"]["median_ms"] / out[k]["median_ms"]
+
+    # pieces
+    with torch.no_grad():
+        u = F.linear(x, w_up)
+        a = F.relu(u).square()
+        s = _pack(a, "")
+        wd_t = w_down.t().contiguous()
+        g = torch.randn(N, h, device="cuda", dtype=BF16) * (a > 0)
+        du = _pack(torch._sparse_semi_structured_apply_dense(g, s.compressed_swizzled_bitmask), "largest_abs_values_greedy")
+        dense = {
+            "up x@Wup^T": ms(lambda: F.linear(x, w_up), repeats),
+            "down s@Wdown^T": ms(lambda: a @ wd_t, repeats),
+            "ds dy@Wdown": ms(lambda: dy @ w_down, repeats),
+            "dWdown s^T@dy": ms(lambda: a.t() @ dy, repeats),
+            "dx du@Wup": ms(lambda: g @ w_up, repeats),
+            "dWup du^T@x": ms(lambda: g.t() @ x, repeats),
+        }
+        wu = w_up.detach()
+        sparse_default = {
+            "down s@Wdown^T": ms(lambda: torch.mm(s, wd_t), repeats),
+            "dWdown s^T@dy": ms(lambda: torch.mm(s.t(), dy), repeats),
+            "dx du@Wup": ms(lambda: torch.mm(du, wu), repeats),
+            "dWup du^T@x": ms(lambda: torch.mm(du.t(), x), repeats),
+        }
+        sparse = {  # the path's own products: searched algorithm per shape
+            "down s@Wdown^T": ms(lambda: sparse_mm(s, wd_t), repeats),
+            "dWdown s^T@dy": ms(lambda: sparse_mm(s.t(), dy), repeats),
+            "dx du@Wup": ms(lambda: sparse_mm(du, wu), repeats),
+            "dWup du^T@x": ms(lambda: sparse_mm(du.t(), x), repeats),
+        }
+        err = float((sparse_mm(s, wd_t).float() - torch._sparse_semi_structured_apply_dense(a, s.compressed_swizzled_bitmask).float() @ wd_t.float()).norm()
+                    / (torch._sparse_semi_structured_apply_dense(a, s.compressed_swizzled_bitmask).float() @ wd_t.float()).norm())
+        other = {
+            "tile prune+pack (activations)": ms(lambda: _pack(a, ""), repeats),
+            "apply mask + pack (gradient)": ms(lambda: _pack(torch._sparse_semi_structured_apply_dense(g, s.compressed_swizzled_bitmask),
+                                                             "largest_abs_values_greedy"), repeats),
+            "relu^2": ms(lambda: F.relu(u).square(), repeats),
+        }
+        searched = {str(k): v for k, v in _ALG_IDS.items()}
+    dense_gemms = sum(dense.values())
+    sparse_mix = dense["up x@Wup^T"] + dense["ds dy@Wdown"] + sum(sparse.values())
+    out["pieces_ms"] = {"dense_gemms": dense, "sparse_gemms": sparse, "sparse_gemms_default_alg": sparse_default,
+                        "other": other, "alg_ids": searched, "sparse_down_rel_err_vs_masked_dense": err}
+    out["fp8"] = fp8_probe(a, w_down.detach(), repeats)
+    out["ceiling_gemms_only"] = dense_gemms / sparse_mix
+    out["fraction_of_ceiling"] = out["relu2_24"]["speedup_vs_relu2"] / out["ceiling_gemms_only"]
+    return out
+
+
+def fp8_probe(a: torch.Tensor, w_down: torch.Tensor, repeats: int) -> dict:
+    """Is an FP8 2:4 GEMM (cuSPARSELt, e4m3) faster than the FP8 dense one (``_scaled_mm``)
+    by more than bf16 2:4 is over bf16 dense? The down-projection shape, one-off compression."""
+    out: dict = {}
+    try:
+        s16 = torch._sparse_semi_structured_apply_dense(a, _pack(a, "").compressed_swizzled_bitmask)
+        sa = (s16.abs().amax().float() / 448).clamp(min=1e-12)
+        sw = (w_down.abs().amax().float() / 448).clamp(min=1e-12)
+        a8 = (s16.float() / sa).to(torch.float8_e4m3fn)
+        w8 = (w_down.float() / sw).to(torch.float8_e4m3fn)  # [d, h]
+        b_colmajor = w8.contiguous().t()  # [h, d], column-major as _scaled_mm wants
+        one = torch.ones((), device="cuda")
+        out["dense_fp8_ms"] = ms(lambda: torch._scaled_mm(a8, b_colmajor, sa, sw, out_dtype=BF16), repeats)
+        out["dense_bf16_ms"] = ms(lambda: s16 @ w_down.t(), repeats)
+    except Exception as e:  # noqa: BLE001 - this is a probe: record what failed
+        out["dense_error"] = repr(e)[:300]
+        return out
+    try:
+        comp = torch._cslt_compress(a8)
+        rhs = w8.t().contiguous()  # [h, d] row-major
+        try:
+            alg = int(torch._cslt_sparse_mm_search(comp, rhs, alpha=(sa * sw).reshape(1), out_dtype=BF16))
+        except Exception as e:  # noqa: BLE001
+            alg, out["search_error"] = 0, repr(e)[:200]
+        out["alg_id"] = alg
+        out["sparse_fp8_ms"] = ms(lambda: torch._cslt_sparse_mm(comp, rhs, alpha=(sa * sw).reshape(1), out_dtype=BF16, alg_id=alg), repeats)
+        ref = (a8.float() * sa) @ (w8.float() * sw).t()
+        got = torch._cslt_sparse_mm(comp, rhs, alpha=(sa * sw).reshape(1), out_dtype=BF16, alg_id=alg).float()
+        out["sparse_fp8_rel_err"] = float((got - ref).norm() / ref.norm())
+        out["sparse_fp8_speedup_vs_dense_fp8"] = out["dense_fp8_ms"] / out["sparse_fp8_ms"]
+    except Exception as e:  # noqa: BLE001
+        out["sparse_error"] = repr(e)[:300]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "sparse24_ffn.json"))
+    ap.add_argument("--repeats", type=int, default=21)
+    ap.add_argument("--skip-step", action="store_true")
+    args = ap.parse_args()
+    out = {"environment": environment(), "ffn": {}, "step": {}}
+    for N, d, h in [(16384, 2048, 8192), (16384, 4096, 16384)]:
+        key = f"N{N}_d{d}_h{h}"
+        out["ffn"][key] = ffn_block(N, d, h, args.repeats)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        torch.cuda.empty_cache()
+    if not args.skip_step:
+        for name, ov in [("relu2", {"ffn": "relu2"}),
+                         ("relu2_24", {"ffn": "relu2_24", "activation_sparse_method": "transposable",
+                                       "activation_dense_warmup_steps": 0})]:
+            out["step"][name] = bench_train_step("d20", 2048, 8, repeats=10, model_overrides=ov)
+            torch.cuda.empty_cache()
+        out["step"]["speedup"] = out["step"]["relu2"]["step"]["median_ms"] / out["step"]["relu2_24"]["step"]["median_ms"]
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"\n{'FFN fwd+bwd':<20} {'relu2':>7} {'swiglu':>7} {'2:4':>7} {'2:4 dense du':>12} {'best x':>7} {'ceiling':>8} {'fp8 2:4/dense':>13}")
+    for key, r in out["ffn"].items():
+        best = max(r["relu2_24"]["speedup_vs_relu2"], r["relu2_24_dense_du"]["speedup_vs_relu2"])
+        f8 = r["fp8"].get("sparse_fp8_speedup_vs_dense_fp8", float("nan"))
+        print(f"{key:<20} {r['relu2']['median_ms']:7.3f} {r['swiglu']['median_ms']:7.3f} {r['relu2_24']['median_ms']:7.3f}"
+              f" {r['relu2_24_dense_du']['median_ms']:12.3f} {best:6.3f}x {r['ceiling_gemms_only']:7.3f}x {f8:12.3f}x")
+    if out["step"]:
+        print(f"d20 step: relu2 {out['step']['relu2']['step']['median_ms']:.1f} ms, relu2_24 "
+              f"{out['step']['relu2_24']['step']['median_ms']:.1f} ms -> {out['step']['speedup']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""ResNet-BK layers: an MoE FFN produces a potential, BK-Core mixes it along the
+sequence, and a 2 -> D projection writes the resolvent features back.
+
+``MoEResNetBKLayer``: ``h = MoE(x)``, ``v = v_max * tanh(Linear(h) / v_max)``,
+``y = h + scale * Linear(2, D)(bk_core(v))``. The tanh bound keeps the potential
+in a physically sensible range with a gradient everywhere (a hard clamp would
+zero it); the op itself is exact for any finite ``v``.
+
+``SparseMoEResNetBKLayer`` learns which positions deserve the MoE FFN at all:
+
+* an importance predictor (Linear -> ReLU -> Linear) scores each position;
+* a Gumbel-sigmoid with temperature ``tau`` gives soft keep probabilities, and
+  the hard mask passes a straight-through gradient (``hard + soft - soft.detach()``
+  is exactly ``hard`` in the forward), so both the LM loss and the sparsity loss
+  train the predictor;
+* only computed positions go through the MoE FFN, the potential projection
+  and the feature projection (gather -> compute -> scatter): at sparsity ``s``
+  those cost ``1 - s`` of the dense layer;
+* a causal Conv1d interpolation network fills the potential at skipped
+  positions from the computed ones to their left, and BK-Core then runs
+  exactly over every position;
+* skipped positions add nothing to the residual stream.
+
+Mask modes: ``threshold`` (position ``i`` is computed when its own noisy logit
+is positive; causal, the LM default, sparsity learned toward the target) and
+``topk`` (exactly ``round((1 - s) N)`` positions per sequence; the choice reads
+the whole sequence, so it is non-causal -- for timing at a fixed sparsity).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..model import upcast
+from .core import DEFAULT_Z, bk_core
+
+SPARSITY_LOSSES = ("l2", "l1", "kl", "adaptive")
+MASK_MODES = ("threshold", "topk")
+
+
+class MoEFFN(nn.Module):
+    """Top-1 mixture of squared-ReLU experts. The chosen expert's output is
+    multiplied by its softmax gate probability, so the router gets a gradient
+    (Switch Transformer's differentiable gating)."""
+
+    def __init__(self, d_model: int, hidden: int, num_experts: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.up = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        self.down = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        std = 0.02
+        nn.init.normal_(self.up, 0.0, std)
+        nn.init.normal_(self.down, 0.0, std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x[M, D] -> [M, D]``."""
+        probs = F.softmax(upcast(self.router(x)), dim=-1)
+        gate, expert = probs.max(dim=-1)
+        if self.num_experts == 1:
+            return self._expert(x, 0) * gate.unsqueeze(-1).to(x.dtype)
+        order = expert.argsort()
+        counts = torch.bincount(expert, minlength=self.num_experts).tolist()  # one host sync per layer
+        xs = x[order]
+        outs = [self._expert(chunk, e) for e, chunk in enumerate(xs.split(counts)) if chunk.shape[0]]
+        y_sorted = torch.cat(outs) if outs else xs
+        y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
+        return y * gate.unsqueeze(-1).to(y.dtype)
+
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        return F.linear(F.relu(F.linear(x, self.up[e])).square(), self.down[e])
+
+
+class MoEResNetBKLayer(nn.Module):
+    """MoE FFN -> potential -> BK-Core features -> Linear(2, D), added to the FFN output."""
+
+    def __init__(self, d_model: int, hidden: int, num_experts: int = 4, z: complex = DEFAULT_Z,
+                 causal: bool = True, v_max: float = 3.0) -> None:
+        super().__init__()
+        self.moe = MoEFFN(d_model, hidden, num_experts)
+        self.v_proj = nn.Linear(d_model, 1)
+        self.feature_proj = nn.Linear(2, d_model)
+        self.bk_scale = nn.Parameter(torch.ones(()))
+        self.z, self.causal, self.v_max = complex(z), causal, v_max
+
+    def potential(self, h: torch.Tensor) -> torch.Tensor:
+        return self.v_max * torch.tanh(upcast(self.v_proj(h).squeeze(-1)) / self.v_max)
+
+    def features(self, v: torch.Tensor) -> torch.Tensor:
+        return bk_core(v, self.z, causal=self.causal)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x[B, N, D] -> [B, N, D]`` (the caller adds the residual)."""
+        B, N, D = x.shape
+        h = self.moe(x.reshape(B * N, D)).reshape(B, N, D)
+        feats = self.features(self.potential(h))
+        return h + self.bk_scale * self.feature_proj(feats.to(h.dtype))
+
+
+class SparseMoEResNetBKLayer(MoEResNetBKLayer):
+    """:class:`MoEResNetBKLayer` that computes the MoE FFN and the feature path
+    only where a learned Gumbel-sigmoid mask says so (see the module docstring).
+
+    ``target_sparsity`` is the fraction of positions to skip; the sparsity
+    schedule ramps it linearly from 0 over ``schedule_steps`` calls of
+    :meth:`step`. At a current target of 0 every position is computed and the
+    layer equals :class:`MoEResNetBKLayer` with the same weights.
+    """
+
+    def __init__(self, d_model: int, hidden: int, num_experts: int = 4, z: complex = DEFAULT_Z,
+                 causal: bool = True, v_max: float = 3.0, target_sparsity: float = 0.5,
+                 sparsity_loss: str = "l2", sparsity_loss_weight: float = 0.1, tau: float = 1.0,
+                 schedule_steps: int = 0, mask_mode: str = "threshold", interp_kernel: int = 5) -> None:
+        super().__init__(d_model, hidden, num_experts, z, causal, v_max)
+        if sparsity_loss not in SPARSITY_LOSSES:
+            raise ConfigError(f"sparsity_loss must be one of {', '.join(SPARSITY_LOSSES)}, got {sparsity_loss!r}")
+        if mask_mode not in MASK_MODES:
+            raise ConfigError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got {mask_mode!r}")
+        if not 0 <= target_sparsity < 1:
+            raise ConfigError(f"target_sparsity must be in [0, 1), got {target_sparsity}")
+        if tau <= 0:
+            raise ConfigError(f"tau must be > 0, got {tau}")
+        if causal and mask_mode == "topk":
+            raise ConfigError("mask_mode topk picks positions by looking at the whole sequence; use threshold for a causal layer")
+        hid = max(8, d_model // 8)
+        self.predictor = nn.Sequential(nn.Linear(d_model, hid), nn.ReLU(), nn.Linear(hid, 1))
+        # input channels: the potential at computed positions (0 elsewhere), and the mask
+        self.interp = nn.Conv1d(2, 1, interp_kernel)
+        self.interp_kernel = interp_kernel
+        self.final_sparsity, self.sparsity_loss_kind = target_sparsity, sparsity_loss
+        self.sparsity_loss_weight, self.tau, self.schedule_steps, self.mask_mode = sparsity_loss_weight, tau, schedule_steps, mask_mode
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # saved: resume continues the schedule
+        self._soft: torch.Tensor | None = None
+        self._num_computed = 0
+        self._total = 0
+
+    @property
+    def target_sparsity(self) -> float:
+        """The schedule's current target: linear ramp 0 -> final over ``schedule_steps``."""
+        if self.schedule_steps <= 0:
+            return self.final_sparsity
+        return self.final_sparsity * min(1.0, int(self.steps_done) / self.schedule_steps)
+
+    def step(self) -> None:
+        """Advance the sparsity schedule by one optimizer step."""
+        self.steps_done += 1
+
+    def _mask(self, logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(hard bool mask [B, N] or None when every position is computed,
+        soft keep probabilities [B, N], flat indices of the computed positions)."""
+        if self.training:
+            u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+            noisy = logits + (u.log() - (-u).log1p())  # logistic noise = difference of two Gumbels
+        else:
+            noisy = logits
+        soft = torch.sigmoid(noisy / self.tau)
+        target = self.target_sparsity
+        if target == 0:
+            return None, soft, None
+        B, N = logits.shape
+        if self.mask_mode == "topk":  # known count: indices without a host sync
+            k = max(1, int(round((1 - target) * N)))
+            top = noisy.topk(k, dim=-1).indices
+            hard = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
+            idx = (top + torch.arange(B, device=top.device)[:, None] * N).flatten().sort().values
+        else:
+            hard = noisy > 0
+            idx = hard.reshape(-1).nonzero().squeeze(-1)  # one host sync: the count is data-dependent
+        return hard, soft, idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        logits = upcast(self.predictor(x).squeeze(-1))
+        hard, soft, idx = self._mask(logits)
+        self._soft, self._total = soft, B * N
+        if hard is None or idx.numel() == B * N:  # nothing to skip: the dense layer, bit for bit
+            self._num_computed = B * N
+            return super().forward(x)
+        self._num_computed = int(idx.numel())
+        x_c = x.reshape(B * N, D).index_select(0, idx)
+        h_c = self.moe(x_c)
+        v_c = self.potential(h_c)
+        v_sparse = torch.zeros(B * N, dtype=v_c.dtype, device=x.device).index_copy(0, idx, v_c).view(B, N)
+        m = hard.to(v_c.dtype)
+        # causal interpolation: left padding only, so position i reads positions <= i
+        filled = self.interp(F.pad(torch.stack((v_sparse, m), dim=1).to(self.interp.weight.dtype), (self.interp_kernel - 1, 0))).squeeze(1)
+        filled = self.v_max * torch.tanh(filled / self.v_max)
+        v = torch.where(hard, v_sparse, filled)
+        feats = self.features(v).reshape(B * N, 2).index_select(0, idx)
+        st = (1.0 + (soft - soft.detach())).reshape(-1).index_select(0, idx)  # == 1; carries the predictor's gradient
+        y_c = (h_c + self.bk_scale * self.feature_proj(feats.to(h_c.dtype))) * st.unsqueeze(-1).to(h_c.dtype)
+        return torch.zeros(B * N, D, dtype=y_c.dtype, device=x.device).index_copy(0, idx, y_c).view(B, N, D)
+
+    def get_sparsity_loss(self) -> torch.Tensor:
+        """Weighted loss pulling the mean skip probability toward the current target
+        (``l2``, ``l1``, ``kl`` between Bernoulli rates, ``adaptive`` = Huber).
+        Its gradient reaches the predictor through the soft probabilities."""
+        if self._soft is None:
+            raise RuntimeError("get_sparsity_loss() needs a forward pass first")
+        sparsity = 1.0 - self._soft.mean()
+        target = torch.tensor(self.target_sparsity, dtype=sparsity.dtype, device=sparsity.device)
+        kind = self.sparsity_loss_kind
+        if kind == "l2":
+            loss = (sparsity - target).square()
+        elif kind == "l1":
+            loss = (sparsity - target).abs()
+        elif kind == "kl":
+            eps = 1e-6
+            p, q = sparsity.clamp(eps, 1 - eps), target.clamp(eps, 1 - eps)
+            loss = p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+        else:
+            loss = F.huber_loss(sparsity, target, delta=0.1)
+        return self.sparsity_loss_weight * loss
+
+    def get_sparsity_stats(self) -> dict[str, float]:
+        """``sparsity_ratio`` (skipped / total in the last forward), ``num_computed``,
+        ``target_sparsity`` (current, after the schedule)."""
+        total = max(self._total, 1)
+        return {"sparsity_ratio": 1.0 - self._num_computed / total, "num_computed": float(self._num_computed),
+                "target_sparsity": float(self.target_sparsity)}

@@ -1,0 +1,274 @@
+"""BK-Core: the op against torch.linalg.inv (float64), its exact O(N) backward
+(gradcheck and autograd through inv), causality, stability, errors, the Triton
+kernel against the torch recursion, and the (sparse) ResNet-BK layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsetrain.bk import BKCoreError, MoEResNetBKLayer, ResNetBK, SparseMoEResNetBKLayer, bk_core, resolvent_dense
+from sparsetrain.bk.core import backward_torch, forward_torch
+from sparsetrain.bk.triton_core import triton_available
+from sparsetrain.config import ModelConfig
+
+from conftest import requires_cuda
+
+
+def _complex(feats: torch.Tensor) -> torch.Tensor:
+    return torch.complex(feats[..., 0], feats[..., 1])
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().abs().max() / b.detach().abs().max())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("z", [1j, 0.3 + 0.5j, -0.7 - 1.5j])
+def test_forward_matches_linalg_inv_float64(causal: bool, z: complex) -> None:
+    g = torch.Generator().manual_seed(hash((causal, z)) % 2**31)
+    for N in (1, 2, 17, 96):
+        v = torch.randn(3, N, generator=g, dtype=torch.float64) * 2
+        got = _complex(bk_core(v, z, causal=causal))
+        assert _rel(got, resolvent_dense(v, z, causal=causal)) <= 1e-10
+
+
+def test_float32_forward_matches_inv_at_512() -> None:
+    v = torch.randn(2, 512, dtype=torch.float64) * 2
+    ref = resolvent_dense(v, 1j)
+    got = _complex(bk_core(v.float(), causal=False)).to(torch.complex128)
+    assert _rel(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_float64(causal: bool) -> None:
+    v = (torch.randn(2, 11, dtype=torch.float64) * 2).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: bk_core(x, 0.4 + 1j, causal=causal), (v,))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_matches_autograd_through_inv(causal: bool) -> None:
+    v = (torch.randn(4, 48, dtype=torch.float64) * 2).requires_grad_(True)
+    w = torch.randn(4, 48, 2, dtype=torch.float64)
+    got, = torch.autograd.grad((bk_core(v, causal=causal) * w).sum(), v)
+    G = resolvent_dense(v, causal=causal)
+    ref, = torch.autograd.grad((torch.stack((G.real, G.imag), -1) * w).sum(), v)
+    assert _rel(got, ref) <= 1e-9
+
+
+def test_causal_features_ignore_the_future() -> None:
+    v = torch.randn(2, 64, dtype=torch.float64)
+    base = bk_core(v, causal=True)
+    for i in (0, 10, 40, 62):
+        w = v.clone()
+        w[:, i + 1:] += torch.randn_like(w[:, i + 1:]) * 3
+        changed = bk_core(w, causal=True)
+        assert torch.equal(changed[:, : i + 1], base[:, : i + 1])  # exactly unchanged
+        assert not torch.allclose(changed[:, i + 1:], base[:, i + 1:])
+        # the bidirectional mode does read the future (that is why the LM refuses it)
+        assert not torch.allclose(bk_core(w, causal=False)[:, : i + 1], bk_core(v, causal=False)[:, : i + 1])
+
+
+def test_causal_gradient_is_lower_triangular() -> None:
+    v = torch.randn(32, dtype=torch.float64, requires_grad=True)
+    J = torch.autograd.functional.jacobian(lambda x: bk_core(x, causal=True)[:, 0], v)
+    assert torch.count_nonzero(torch.triu(J, diagonal=1)) == 0
+    assert torch.count_nonzero(torch.diagonal(J)) == 32
+
+
+def test_stable_in_float32_at_8192() -> None:
+    v = torch.randn(2, 8192, dtype=torch.float64) * 3
+    for causal in (False, True):
+        ref = bk_core(v, causal=causal)
+        v32 = v.float().requires_grad_(True)
+        got = bk_core(v32, causal=causal)
+        assert torch.isfinite(got).all()
+        assert _rel(got.double(), ref) <= 1e-4
+        w = torch.randn(2, 8192, 2)
+        g32, = torch.autograd.grad((got * w).sum(), v32)
+        vd = v.clone().requires_grad_(True)
+        g64, = torch.autograd.grad((bk_core(vd, causal=causal) * w.double()).sum(), vd)
+        assert torch.isfinite(g32).all() and _rel(g32.double(), g64) <= 1e-3
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_overflowing_input_raises_clear_error(bad: float) -> None:
+    v = torch.randn(2, 16)
+    v[1, 5] = bad
+    with pytest.raises(BKCoreError, match=r"v\[1, 5\]"):
+        bk_core(v)
+
+
+def test_real_shift_raises() -> None:
+    with pytest.raises(BKCoreError, match="imaginary"):
+        bk_core(torch.randn(4), z=0.5)
+
+
+def test_half_precision_is_upcast() -> None:
+    v = torch.randn(2, 20)
+    out = bk_core(v.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), bk_core(v.bfloat16().float()), atol=1e-2)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_kernel_matches_torch_recursion(causal: bool) -> None:
+    R, N = 37, 29  # more rows than one block, odd length
+    v = torch.randn(N, R) * 2
+    G, r, s = forward_torch(v, 1j, causal)
+    v_ = v.clone().requires_grad_(True)
+    feats_t = bk_core(v_.t(), causal=causal, impl="triton")
+    assert torch.allclose(_complex(feats_t).t(), G, rtol=1e-5, atol=1e-6)
+    w = torch.randn(R, N, 2)
+    grad_t, = torch.autograd.grad((feats_t * w).sum(), v_)
+    grad_ref = backward_torch(torch.complex(w[..., 0], -w[..., 1]).t(), G, r, s)
+    assert torch.allclose(grad_t, grad_ref, rtol=1e-4, atol=1e-5)
+
+
+@requires_cuda
+def test_cuda_auto_path_matches_float64() -> None:
+    v = torch.randn(8, 2048, device="cuda", dtype=torch.float64)
+    for causal in (False, True):
+        got = bk_core(v.float(), causal=causal)
+        assert _rel(got.double(), bk_core(v.cpu(), causal=causal).cuda()) <= 1e-4
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _pair(**kw) -> tuple[MoEResNetBKLayer, SparseMoEResNetBKLayer]:
+    torch.manual_seed(0)
+    dense = MoEResNetBKLayer(16, 32, num_experts=3).double()
+    sparse = SparseMoEResNetBKLayer(16, 32, num_experts=3, **kw).double()
+    sparse.load_state_dict(dense.state_dict(), strict=False)
+    return dense, sparse
+
+
+def test_router_gets_gradient() -> None:
+    layer = MoEResNetBKLayer(16, 32, num_experts=4).double()
+    layer(torch.randn(2, 12, 16, dtype=torch.float64)).square().sum().backward()
+    assert layer.moe.router.weight.grad.abs().sum() > 0
+    assert layer.moe.up.grad.abs().sum() > 0 and layer.v_proj.weight.grad.abs().sum() > 0
+
+
+def test_moe_matches_per_token_loop() -> None:
+    layer = MoEResNetBKLayer(8, 16, num_experts=3).double()
+    x = torch.randn(20, 8, dtype=torch.float64)
+    moe = layer.moe
+    probs = torch.softmax(moe.router(x), -1)
+    ref = torch.stack([probs[i].max() * (torch.relu(moe.up[probs[i].argmax()] @ x[i]).square() @ moe.down[probs[i].argmax()].T)
+                       for i in range(20)])
+    assert torch.allclose(moe(x), ref, rtol=1e-10)
+
+
+def test_sparse_layer_at_zero_sparsity_equals_dense() -> None:
+    dense, sparse = _pair(target_sparsity=0.0)
+    x = torch.randn(2, 24, 16, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    w = torch.randn(2, 24, 16, dtype=torch.float64)
+    y1, y2 = dense(x1), sparse(x2)
+    assert torch.equal(y1, y2)
+    (y1 * w).sum().backward()
+    (y2 * w).sum().backward()
+    assert torch.equal(x1.grad, x2.grad)
+    for name, p in dense.named_parameters():
+        assert torch.equal(p.grad, dict(sparse.named_parameters())[name].grad), name
+    assert sparse.get_sparsity_stats() == {"sparsity_ratio": 0.0, "num_computed": 48.0, "target_sparsity": 0.0}
+
+
+def test_sparse_layer_skips_work_and_reports_stats() -> None:
+    _, sparse = _pair(target_sparsity=0.75, mask_mode="topk", causal=False)
+    rows = []
+    sparse.moe.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
+    x = torch.randn(3, 40, 16, dtype=torch.float64)
+    y = sparse(x)
+    assert rows == [3 * 10]  # the MoE FFN saw only the computed positions
+    skipped = (y == 0).all(-1)
+    assert int(skipped.sum()) == 3 * 30  # skipped positions add nothing to the residual
+    stats = sparse.get_sparsity_stats()
+    assert stats == {"sparsity_ratio": 0.75, "num_computed": 30.0, "target_sparsity": 0.75}
+
+
+def test_sparse_layer_is_causal_in_threshold_mode() -> None:
+    _, sparse = _pair(target_sparsity=0.5)
+    sparse.eval()
+    with torch.no_grad():
+        sparse.predictor[2].bias.fill_(0.0)
+        x = torch.randn(2, 30, 16, dtype=torch.float64)
+        base = sparse(x)
+        x2 = x.clone()
+        x2[:, 20:] = torch.randn_like(x2[:, 20:])
+        assert torch.equal(sparse(x2)[:, :20], base[:, :20])
+
+
+@pytest.mark.parametrize("kind", ["l2", "l1", "kl", "adaptive"])
+def test_sparsity_loss_trains_the_predictor(kind: str) -> None:
+    _, sparse = _pair(target_sparsity=0.9, sparsity_loss=kind)
+    sparse(torch.randn(2, 24, 16, dtype=torch.float64))
+    loss = sparse.get_sparsity_loss()
+    sparsity = 1 - sparse._soft.mean()
+    t = torch.tensor(0.9, dtype=torch.float64)
+    expected = {"l2": (sparsity - t) ** 2, "l1": (sparsity - t).abs(),
+                "kl": sparsity * (sparsity / t).log() + (1 - sparsity) * ((1 - sparsity) / (1 - t)).log(),
+                "adaptive": torch.nn.functional.huber_loss(sparsity, t, delta=0.1)}[kind]
+    assert torch.allclose(loss, 0.1 * expected)
+    loss.backward()
+    assert sparse.predictor[0].weight.grad.abs().sum() > 0
+    # descending the loss raises the skip rate toward the 0.9 target
+    assert float(sparse.predictor[2].bias.grad) > 0
+
+
+def test_lm_loss_reaches_predictor_through_straight_through_mask() -> None:
+    _, sparse = _pair(target_sparsity=0.5)
+    sparse(torch.randn(2, 24, 16, dtype=torch.float64)).square().sum().backward()
+    assert sparse.predictor[0].weight.grad.abs().sum() > 0
+
+
+def test_sparsity_schedule_ramps() -> None:
+    _, sparse = _pair(target_sparsity=0.6, schedule_steps=3)
+    seen = []
+    for _ in range(5):
+        seen.append(round(sparse.target_sparsity, 6))
+        sparse.step()
+    assert seen == [0.0, 0.2, 0.4, 0.6, 0.6]
+
+
+def test_resnet_bk_lm_is_causal_and_trains() -> None:
+    cfg = ModelConfig(arch="resnet_bk", vocab_size=300, seq_len=24, n_layer=2, d_model=16, bk_num_experts=2)
+    torch.manual_seed(0)
+    model = ResNetBK(cfg).double()
+    idx = torch.randint(0, 300, (2, 24))
+    logits, _ = model(idx)
+    idx2 = idx.clone()
+    idx2[:, 12:] = torch.randint(0, 300, (2, 12))
+    assert torch.equal(model(idx2)[0][:, :12], logits[:, :12])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    y = torch.roll(idx, -1, 1)
+    losses = []
+    for _ in range(15):
+        _, loss = model(idx, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_resnet_bk_refuses_token_filters(make_cfg) -> None:
+    from sparsetrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="arch = resnet_bk"):
+        make_cfg(arch="resnet_bk", use_collider=True, collider_sparsity=0.5)
+
+
+def test_trainer_runs_sparse_resnet_bk_and_logs_stats(make_cfg) -> None:
+    import json
+
+    from sparsetrain.trainer import train
+
+    cfg = make_cfg(arch="resnet_bk", bk_sparsity=0.5, bk_num_experts=2, max_steps=4, eval_every=4)
+    result = train(cfg, verbose=False)
+    rows = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    stats = [r["bk_sparsity"] for r in rows if r["kind"] == "train"]
+    assert len(stats) == 4 and all(0 <= s["sparsity_ratio"] <= 1 and s["target_sparsity"] == 0.5 for s in stats)
