@@ -112,8 +112,12 @@ def test_half_precision_is_upcast() -> None:
 
 
 @pytest.mark.skipif(not triton_available(), reason="needs triton")
-@pytest.mark.parametrize("causal", [False, True])
-def test_triton_kernel_matches_torch_recursion(causal: bool) -> None:
+@pytest.mark.parametrize("causal, scan", [(False, False), (True, False), (True, True)])
+def test_triton_kernel_matches_torch_recursion(causal: bool, scan: bool, monkeypatch) -> None:
+    from sparsetrain.bk import triton_core
+
+    # causal rows up to SCAN_MAX_N run as parallel scans; 0 forces the sequential kernels
+    monkeypatch.setattr(triton_core, "SCAN_MAX_N", 4096 if scan else 0)
     R, N = 37, 29  # more rows than one block, odd length
     v = torch.randn(N, R) * 2
     G, r, s = forward_torch(v, 1j, causal)
@@ -127,11 +131,19 @@ def test_triton_kernel_matches_torch_recursion(causal: bool) -> None:
 
 
 @requires_cuda
-def test_cuda_auto_path_matches_float64() -> None:
-    v = torch.randn(8, 2048, device="cuda", dtype=torch.float64)
+@pytest.mark.parametrize("N", [2048, 8192])
+def test_cuda_auto_path_matches_float64(N: int) -> None:
+    v = torch.randn(8, N, device="cuda", dtype=torch.float64) * 3
+    w = torch.randn(8, N, 2, device="cuda", dtype=torch.float64)
     for causal in (False, True):
-        got = bk_core(v.float(), causal=causal)
-        assert _rel(got.double(), bk_core(v.cpu(), causal=causal).cuda()) <= 1e-4
+        v32 = v.float().requires_grad_(True)
+        got = bk_core(v32, causal=causal)
+        vd = v.cpu().requires_grad_(True)
+        ref = bk_core(vd, causal=causal)
+        assert _rel(got.double(), ref.cuda()) <= 1e-4
+        g32, = torch.autograd.grad((got * w.float()).sum(), v32)
+        g64, = torch.autograd.grad((ref * w.cpu()).sum(), vd)
+        assert _rel(g32.double(), g64.cuda()) <= 1e-3
 
 
 # ----------------------------------------------------------------------------- layers
