@@ -119,21 +119,26 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also print the top kernels of dense and sparse 0.5")
     args = ap.parse_args()
     global PROFILE
-    PROFILE = args.profile
+    PROFILE = args.profile  # profiles the first shape only
     out = {"environment": environment(),
            "kernel": {"shape": {"B": 32, "N": 2048}, **bench_kernel(32, 2048, args.repeats)}}
-    shape = {"B": 8, "N": 2048, "d_model": 1024, "hidden": 4096, "experts": 4}
-    out["layer"] = {"shape": shape, "dtype": "bf16 autocast",
-                    **bench_layer(8, 2048, 1024, 4096, 4, [0.3, 0.5, 0.7], args.repeats)}
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    out["layer"] = {}
+    for D, H in [(1024, 4096), (2048, 8192)]:
+        shape = {"B": 8, "N": 2048, "d_model": D, "hidden": H, "experts": 4}
+        out["layer"][f"d{D}_h{H}"] = {"shape": shape, "dtype": "bf16 autocast",
+                                     **bench_layer(8, 2048, D, H, 4, [0.3, 0.5, 0.7], args.repeats)}
+        PROFILE = False
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        torch.cuda.empty_cache()
     print(f"\n{'kernel fwd+bwd':<22} {'loop ms':>9} {'triton ms':>10} {'speedup':>8}")
     for mode in ("causal", "bidirectional"):
         r = out["kernel"][mode]
         print(f"{mode:<22} {r['torch']['median_ms']:9.2f} {r['triton']['median_ms']:10.3f} {r['speedup']:8.1f}x")
-    print(f"\n{'layer fwd+bwd':<22} {'ms':>9} {'vs dense':>9}")
-    for k, r in out["layer"].items():
-        if isinstance(r, dict) and "median_ms" in r:
-            print(f"{k:<22} {r['median_ms']:9.2f} {r['speedup_vs_dense']:8.2f}x")
+    for shape, res in out["layer"].items():
+        print(f"\n{'layer ' + shape:<22} {'ms':>9} {'vs dense':>9}")
+        for k, r in res.items():
+            if isinstance(r, dict) and "median_ms" in r:
+                print(f"{k:<22} {r['median_ms']:9.2f} {r['speedup_vs_dense']:8.2f}x")
 
 
 if __name__ == "__main__":

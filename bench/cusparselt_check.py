@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from sparsetrain.sparse24 import cusparselt  # noqa: E402
 from sparsetrain.sparse24.cusparselt import _pack, sparse_mm  # noqa: E402
 from sparsetrain.sparse24.sparsify import is_24, transposable_24  # noqa: E402
 
@@ -26,6 +27,16 @@ def main() -> None:
     torch.manual_seed(0)
     N, h, d = 1024, 2048, 512
     a = torch.relu(torch.randn(N, h, device="cuda", dtype=torch.bfloat16)) ** 2
+    for packing in ("tile", "compress"):
+        cusparselt.PACKING = packing
+        _ALG = cusparselt._ALG_IDS
+        _ALG.clear()
+        print(f"\n=== packing = {packing}")
+        check(a, N, h, d)
+    cusparselt.PACKING = "compress"
+
+
+def check(a: torch.Tensor, N: int, h: int, d: int) -> None:
     s = _pack(a, "")
     dense_view = torch._sparse_semi_structured_apply_dense(a, s.compressed_swizzled_bitmask)
     ref_vals, ref_mask = transposable_24(a)
@@ -42,16 +53,16 @@ def main() -> None:
     print("torch.mm(s.t(), dy) vs masked dense:", rel(torch.mm(s.t(), dy), dense_view.t() @ dy))
     print("sparse_mm(s, W) vs masked dense:", rel(sparse_mm(s, W), dense_view @ W))
     print("sparse_mm(s.t(), dy) vs masked dense:", rel(sparse_mm(s.t(), dy), dense_view.t() @ dy))
-    for alg in range(0, 8):
+    for alg in range(0, 3):
         try:
             out = torch._cslt_sparse_mm(s.packed, W, alg_id=alg)
             print(f"_cslt_sparse_mm alg {alg}: shape {tuple(out.shape)} stride {out.stride()} rel err {rel(out, dense_view @ W):.3e}")
         except Exception as e:  # noqa: BLE001
             print(f"_cslt_sparse_mm alg {alg}: {repr(e)[:120]}")
-    import inspect
+    from sparsetrain.benchmark import time_fn
 
-    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT as CSLT
-    print(inspect.getsource(CSLT._mm)[-1200:])
+    t = sorted(time_fn(lambda: _pack(a, ""), warmup=3, repeats=10))[5]
+    print(f"pack ({cusparselt.PACKING}) of [{N}, {h}]: {t:.3f} ms")
 
 
 if __name__ == "__main__":

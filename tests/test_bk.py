@@ -118,14 +118,16 @@ def test_triton_kernel_matches_torch_recursion(causal: bool, scan: bool, monkeyp
 
     # causal rows up to SCAN_MAX_N run as parallel scans; 0 forces the sequential kernels
     monkeypatch.setattr(triton_core, "SCAN_MAX_N", 4096 if scan else 0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the kernels run in Triton's interpreter
     R, N = 37, 29  # more rows than one block, odd length
     v = torch.randn(N, R) * 2
     G, r, s = forward_torch(v, 1j, causal)
-    v_ = v.clone().requires_grad_(True)
+    v_ = v.clone().to(dev).requires_grad_(True)
     feats_t = bk_core(v_.t(), causal=causal, impl="triton")
-    assert torch.allclose(_complex(feats_t).t(), G, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(_complex(feats_t).t().cpu(), G, rtol=1e-5, atol=1e-6)
     w = torch.randn(R, N, 2)
-    grad_t, = torch.autograd.grad((feats_t * w).sum(), v_)
+    grad_t, = torch.autograd.grad((feats_t * w.to(dev)).sum(), v_)
+    grad_t = grad_t.cpu()
     grad_ref = backward_torch(torch.complex(w[..., 0], -w[..., 1]).t(), G, r, s)
     assert torch.allclose(grad_t, grad_ref, rtol=1e-4, atol=1e-5)
 

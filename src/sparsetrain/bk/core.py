@@ -183,7 +183,8 @@ class BKCoreFunction(torch.autograd.Function):
         return grad, None, None, None
 
 
-def bk_core(v: torch.Tensor, z: complex = DEFAULT_Z, causal: bool = True, impl: str = "auto") -> torch.Tensor:
+def bk_core(v: torch.Tensor, z: complex = DEFAULT_Z, causal: bool = True, impl: str = "auto",
+            check: bool = True) -> torch.Tensor:
     """Resolvent-diagonal features ``[..., N, 2]`` = ``(Re, Im)`` of ``G_ii`` for potentials ``v[..., N]``.
 
     ``causal=True`` (the default, and the only mode a language model may use)
@@ -194,7 +195,9 @@ def bk_core(v: torch.Tensor, z: complex = DEFAULT_Z, causal: bool = True, impl: 
     ``impl``: ``auto`` (Triton on CUDA float32, else the torch loop), ``triton``
     or ``torch``. Computation is float32 (complex64), or float64 for float64
     input; half-precision input is upcast and the output cast back.
-    Raises :class:`BKCoreError` for non-finite/overflowing ``v`` or real ``z``.
+    Raises :class:`BKCoreError` for non-finite/overflowing ``v`` or real ``z``;
+    ``check=False`` skips the value check (one host sync) for callers whose ``v``
+    is bounded by construction.
     """
     if impl not in ("auto", "triton", "torch"):
         raise BKCoreError(f"impl must be auto, triton or torch, got {impl!r}")
@@ -202,7 +205,10 @@ def bk_core(v: torch.Tensor, z: complex = DEFAULT_Z, causal: bool = True, impl: 
         raise BKCoreError(f"v must have a sequence dimension, got shape {tuple(v.shape)}")
     out_dtype = v.dtype
     work = v if v.dtype in (torch.float32, torch.float64) else v.float()
-    check_inputs(work, z)
+    if check:
+        check_inputs(work, z)
+    elif complex(z).imag == 0:
+        raise BKCoreError(f"BK-Core shift z must have a nonzero imaginary part, got {z}")
     lead, N = work.shape[:-1], work.shape[-1]
     v_nr = work.reshape(-1, N).t().contiguous()
     re, im = BKCoreFunction.apply(v_nr, complex(z), bool(causal), _use_triton(work, impl))

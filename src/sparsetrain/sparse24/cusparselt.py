@@ -54,10 +54,27 @@ def supported(x: torch.Tensor, w_up: torch.Tensor) -> bool:
     return x.is_cuda and cusparselt_available() and N % 64 == 0 and d % 64 == 0 and h % 64 == 0
 
 
+# torch's tile kernel chooses the transposable pattern and writes a packed
+# layout reverse-engineered for older cuSPARSELt releases. On cuSPARSELt 0.8
+# (torch 2.11, H200) products with that packing are wrong (relative error ~1,
+# bench/cusparselt_check.py), so by default only its pattern is used and the
+# packing is cuSPARSELt's own ``_cslt_compress``: correct, but a separate and
+# slower pass. ``PACKING = "tile"`` restores the single-kernel packing where it is right.
+PACKING = "compress"
+
+
 def _pack(dense: torch.Tensor, algorithm: str):
+    """Prune ``dense`` to the greedy transposable 2:4 pattern and pack it (and its
+    transpose) for cuSPARSELt."""
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT as CSLT
 
-    return CSLT.prune_dense_static_sort(dense, algorithm=algorithm)
+    tiled = CSLT.prune_dense_static_sort(dense, algorithm=algorithm)
+    if PACKING == "tile":
+        return tiled
+    pruned = torch._sparse_semi_structured_apply_dense(dense, tiled.compressed_swizzled_bitmask)
+    return CSLT(dense.shape, packed=torch._cslt_compress(pruned), meta=None,
+                packed_t=torch._cslt_compress(pruned.t().contiguous()), meta_t=None,
+                compressed_swizzled_bitmask=tiled.compressed_swizzled_bitmask, requires_grad=False)
 
 
 # cuSPARSELt's default algorithm can be slower than the dense GEMM; the best one
