@@ -103,12 +103,19 @@ def profile_layers(layers: dict, x: torch.Tensor, g: torch.Tensor, names: list[s
             for _ in range(3):
                 run_layer(layers[name], x, g)
             torch.cuda.synchronize()
-        rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)))
-        out[name] = [(e.key[:60], round(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 3e3, 3), e.count // 3)
-                     for e in rows[:top]]
-        print(f"\n{name}: top ops by CUDA ms per step")
-        for k, t, c in out[name]:
-            print(f"  {t:8.3f} ms  x{c:<4} {k}")
+        events = prof.key_averages()
+        dev = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
+        by_cpu = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+        by_dev = sorted(events, key=lambda e: -dev(e))[:top]
+        out[name] = {"gpu_busy_ms_per_step": round(sum(dev(e) for e in events) / 3e3, 3),
+                     "cpu_ms_per_step": round(sum(e.self_cpu_time_total for e in events) / 3e3, 3),
+                     "top_self_cpu": [(e.key[:50], round(e.self_cpu_time_total / 3e3, 3), e.count // 3) for e in by_cpu],
+                     "top_self_gpu": [(e.key[:50], round(dev(e) / 3e3, 3), e.count // 3) for e in by_dev]}
+        print(f"\n{name}: GPU busy {out[name]['gpu_busy_ms_per_step']} ms/step, CPU {out[name]['cpu_ms_per_step']} ms/step")
+        for k, t, c in out[name]["top_self_cpu"][:8]:
+            print(f"  cpu {t:8.3f} ms  x{c:<4} {k}")
+        for k, t, c in out[name]["top_self_gpu"][:6]:
+            print(f"  gpu {t:8.3f} ms  x{c:<4} {k}")
     return out
 
 

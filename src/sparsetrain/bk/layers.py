@@ -139,6 +139,7 @@ class SparseMoEResNetBKLayer(MoEResNetBKLayer):
         self.final_sparsity, self.sparsity_loss_kind = target_sparsity, sparsity_loss
         self.sparsity_loss_weight, self.tau, self.schedule_steps, self.mask_mode = sparsity_loss_weight, tau, schedule_steps, mask_mode
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # saved: resume continues the schedule
+        self._steps = 0  # host copy of steps_done: reading a CUDA buffer every forward would be a sync
         self._soft: torch.Tensor | None = None
         self._num_computed = 0
         self._total = 0
@@ -148,11 +149,17 @@ class SparseMoEResNetBKLayer(MoEResNetBKLayer):
         """The schedule's current target: linear ramp 0 -> final over ``schedule_steps``."""
         if self.schedule_steps <= 0:
             return self.final_sparsity
-        return self.final_sparsity * min(1.0, int(self.steps_done) / self.schedule_steps)
+        return self.final_sparsity * min(1.0, self._steps / self.schedule_steps)
 
     def step(self) -> None:
         """Advance the sparsity schedule by one optimizer step."""
-        self.steps_done += 1
+        self._steps += 1
+        self.steps_done.fill_(self._steps)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "steps_done" in state_dict:
+            self._steps = int(state_dict[prefix + "steps_done"])
 
     def _mask(self, logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """(hard bool mask [B, N] or None when every position is computed,
