@@ -86,3 +86,12 @@ def test_causality_with_hyper_connections(n: int) -> None:
     changed[:, 9:] = torch.randint(0, 300, (1, 7))
     out, _ = model(changed)
     assert torch.equal(out[:, :9], base[:, :9])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_report_runs_where_the_model_lives(device: str) -> None:
+    # the composed residual map is a tiny product computed on the CPU; a CUDA model once broke it
+    cfg = ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=16, hyper_connections=2)
+    model = GPT(cfg).to(device)
+    out = report(model, torch.randint(0, 300, (2, 16), device=device))
+    assert math.isfinite(out["composed_res_gain"]) and abs(out["composed_res_gain"] - 1.0) < 1e-6  # doubly stochastic

@@ -126,9 +126,9 @@ def analyze_layer(hc: HyperConnection, streams: torch.Tensor | None = None) -> d
 def analyze_model(connections: list[HyperConnection], streams: list[torch.Tensor] | None = None) -> dict:
     """Model-wide report with a health verdict (thresholds above)."""
     layers = [analyze_layer(hc, streams[i] if streams else None) for i, hc in enumerate(connections)]
-    composed = torch.eye(connections[0].n)
-    for hc in connections:
-        composed = hc.h_res().detach() @ composed
+    composed = torch.eye(connections[0].n, dtype=torch.float64)
+    for hc in connections:  # on the CPU in float64: a tiny n x n product, wherever the model lives
+        composed = hc.h_res().detach().cpu().double() @ composed
     problems = []
     for i, l in enumerate(layers):
         if l["perm_entropy_fraction"] < MIN_ENTROPY_FRACTION:
