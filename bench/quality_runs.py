@@ -61,8 +61,8 @@ SUITES = {
     },
     # 59M parameters each at vocab 8192: 6 BK layers of 4 experts (8.4M each) vs 16 GPT blocks (3.1M each)
     "bk": {
-        "resnet_bk": {"arch": "resnet_bk", "d_model": 512, "n_layer": 6, "bk_num_experts": 4},
-        "resnet_bk_sparse_0.5": {"arch": "resnet_bk", "d_model": 512, "n_layer": 6, "bk_num_experts": 4,
+        "resnet_bk": {"arch": "resnet_bk", "d_model": 512, "n_layer": 6, "n_head": 8, "bk_num_experts": 4},
+        "resnet_bk_sparse_0.5": {"arch": "resnet_bk", "d_model": 512, "n_layer": 6, "n_head": 8, "bk_num_experts": 4,
                                  "bk_sparsity": 0.5, "bk_sparsity_warmup_steps": 100},
         "gpt_equal_params": {"d_model": 512, "n_layer": 16, "n_head": 8, "equal_time_to": "resnet_bk"},
     },
