@@ -87,11 +87,72 @@ def grad_compare(weights: dict, cfg: ModelConfig, bf16: bool) -> dict:
     return {"max": max(errs.values()), "worst": {n: errs[n] for n in worst}}
 
 
+def real_data_check(steps: int, out: dict) -> None:
+    """nano-125m on the stdlib corpus: train the reference objective (the trainer's
+    AdamW and clipping), then compare engine and reference on the trained weights:
+    forward logits and every parameter gradient, float32 and bf16."""
+    from sparsetrain import build_config
+    from sparsetrain.data import load_corpus, train_batch
+    from sparsetrain.optim import make_optimizer
+
+    cfg = build_config("nano-125m", overrides={"seq_len": 1024}).model
+    corpus = load_corpus("", cfg.vocab_size, 0.02, "", verbose=False)
+    torch.manual_seed(0)
+    model = GPT(cfg).cuda()
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), "cuda")
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        x, y = (t.cuda() for t in train_batch(corpus.train, 16, 1024, seed=0, step=step))
+        keep = (torch.rand(x.shape, generator=g) < 0.5).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = reference_loss(model, x, y, keep)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    weights = copy.deepcopy(model.state_dict())
+    x, y = (t[:4].cuda() for t in train_batch(corpus.train, 16, 1024, seed=0, step=10_000))
+    keep = (torch.rand(x.shape, generator=g) < 0.5).cuda()
+    res = {"trained_steps": steps, "last_loss": float(loss)}
+    for bf16 in (False, True):
+        amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        grads, logits = {}, {}
+        for mode in ("reference", "engine"):
+            m = GPT(cfg).cuda()
+            m.load_state_dict(weights)
+            with amp():
+                if mode == "engine":
+                    lg = ColliderModel(m, attention="dense")(x)
+                    loss = masked_cross_entropy(lg, y, keep)
+                    ctx = collider_filter(keep)
+                else:
+                    lg = m(x)[0]
+                    loss = reference_loss(m, x, y, keep)
+                    ctx = contextlib.nullcontext()
+            logits[mode] = lg.detach().float()
+            with ctx:
+                loss.backward()
+            grads[mode] = {n: p.grad.double() for n, p in m.named_parameters()}
+        errs = {n: float((grads["engine"][n] - r).norm() / r.norm().clamp(min=1e-30)) for n, r in grads["reference"].items()}
+        worst = sorted(errs, key=errs.get, reverse=True)[:8]
+        key = "bf16" if bf16 else "fp32"
+        res[key] = {"logits_rel_diff": float((logits["engine"] - logits["reference"]).norm() / logits["reference"].norm()),
+                    "max_grad_rel_err": max(errs.values()), "worst": {n: errs[n] for n in worst}}
+        print(key, json.dumps(res[key]), flush=True)
+    out["nano125m_real_data"] = res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "collider_drift.json"))
     ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--real-data-steps", type=int, default=0, help="run only the nano-125m real-data check, after this many steps")
     args = ap.parse_args()
+    if args.real_data_steps:
+        out = {"environment": environment()}
+        real_data_check(args.real_data_steps, out)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        return
     cfg = ModelConfig(vocab_size=V, seq_len=T, n_layer=4, n_head=4, d_model=256)
     torch.manual_seed(0)
     init = copy.deepcopy(GPT(cfg).state_dict())

@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (default on CUDA)")
     ap.add_argument("--out", default="collider_objective.json")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--check-every", type=int, default=0,
+                    help="engine mode: every this many steps, compare its gradients with the reference objective's at the same weights")
     args = ap.parse_args()
     over = {"seq_len": args.seq_len, **({"n_layer": args.n_layer} if args.n_layer else {})}
     cfg = build_config(args.preset, overrides=over)
@@ -56,7 +59,8 @@ def main() -> None:
     bf16 = args.bf16 or dev.type == "cuda"
     val = val_batches(corpus.val, 8, args.batch_size, args.seq_len)
     results = {}
-    for mode in MODES:
+    checks = []
+    for mode in args.modes.split(","):
         torch.manual_seed(0)
         model = GPT(cfg.model).to(dev)
         opt = make_optimizer(model, args.lr, 0.1, (0.9, 0.95), dev.type)
@@ -79,6 +83,18 @@ def main() -> None:
                     loss = masked_cross_entropy(engine(x), y, keep)
             with collider_filter(keep if mode == "engine" else None):
                 loss.backward()
+            if mode == "engine" and args.check_every and step % args.check_every == 0:
+                mine = {n: p.grad.clone() for n, p in model.named_parameters()}
+                model.zero_grad(set_to_none=True)
+                with amp():
+                    reference_loss(model, x, y, keep).backward()
+                errs = {n: float((mine[n].double() - p.grad.double()).norm() / p.grad.double().norm().clamp(min=1e-30))
+                        for n, p in model.named_parameters()}
+                worst = max(errs, key=errs.get)
+                checks.append({"step": step, "max_rel_err": errs[worst], "worst": worst, "loss": float(loss)})
+                print("check", checks[-1], flush=True)
+                for n, p in model.named_parameters():
+                    p.grad = mine[n]
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -87,7 +103,8 @@ def main() -> None:
                     curve[step + 1] = sum(float(model(a.to(dev), b.to(dev))[1]) for a, b in val) / len(val)
         results[mode] = curve
         print(mode, {k: round(v, 4) for k, v in curve.items()}, flush=True)
-    Path(args.out).write_text(json.dumps({"environment": environment(), "args": vars(args), "val_loss": results}, indent=2))
+    Path(args.out).write_text(json.dumps({"environment": environment(), "args": vars(args), "val_loss": results,
+                                          "engine_gradient_checks": checks}, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,19 @@ at kept rows, and ``dk``/``dv`` whose kept rows collect the contributions of
 kept queries only (``dS = P * (dP - rowsum(dO * O))`` vanishes on zero rows).
 The rows of ``dk``/``dv`` at dropped positions are discarded by the caller.
 
-CUDA bf16/fp16 uses the fused kernels torch ships, cuDNN's (as dense SDPA
-picks on Hopper) or flash attention's; their forward returns the log-sum-exp
-the backward reuses. Elsewhere the backward recomputes the forward under
-autograd.
+CUDA bf16/fp16 uses the fused kernels torch ships; their forward returns the
+log-sum-exp the backward reuses. Elsewhere the backward recomputes the forward
+under autograd.
+
+Flash attention, not cuDNN, by default. Calling torch's cuDNN attention ops
+directly gives wrong gradients (relative error ~1, every parameter) once
+ordinary ``F.scaled_dot_product_attention`` calls of the same shapes have run
+in the process -- as they do in any run that evaluates or trains a dense model
+first: cuDNN's cached execution plan for those shapes was built for other
+tensor layouts (found by bench/collider_objective.py --check-every, engine run
+after the dense modes; the engine run alone matched its reference). Flash
+attention has no plan cache. ``SPARSETRAIN_ATTENTION_IMPL=cudnn`` still selects
+cuDNN for a process that calls nothing else.
 
 Still dense here: the attention backward itself runs over all query rows
 (zeros included). A kernel that skips dropped queries is the next step; the
@@ -46,14 +55,14 @@ def _fused_ok(q: torch.Tensor) -> bool:
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, AttentionSaved]:
     """Causal SDPA, as fast as the dense model's, plus what the backward needs.
 
-    On CUDA: cuDNN attention (what ``F.scaled_dot_product_attention`` picks on
-    Hopper), else torch's flash attention; both return the log-sum-exp.
+    On CUDA: torch's flash attention (cuDNN's only when asked, see the module
+    docstring); both return the log-sum-exp.
     """
     global _cudnn_ok
     aten = torch.ops.aten
-    impl = os.environ.get("SPARSETRAIN_ATTENTION_IMPL", "auto")  # auto, cudnn, flash or recompute
+    impl = os.environ.get("SPARSETRAIN_ATTENTION_IMPL", "auto")  # auto (= flash), cudnn, flash or recompute
     if _fused_ok(q) and impl != "recompute":
-        if impl in ("auto", "cudnn") and _cudnn_ok is not False and hasattr(aten, "_scaled_dot_product_cudnn_attention"):
+        if impl == "cudnn" and _cudnn_ok is not False and hasattr(aten, "_scaled_dot_product_cudnn_attention"):
             try:
                 res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False)
                 out, lse, cum_q, cum_k, max_q, max_k, seed, offset = res[:8]
