@@ -44,6 +44,15 @@ def test_train_then_generate_then_resume(corpus_dir: Path, cache_dir: Path, tmp_
     assert code == 0 and "steps 4 -> 6" in out
 
 
+def test_resnet_bk_trains_and_generates_from_the_cli(corpus_dir: Path, cache_dir: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "bk"
+    common = SMALL + ["--data", str(corpus_dir), "--cache-dir", str(cache_dir), "--model", "resnet_bk", "--bk-num-experts", "2"]
+    code, out, _ = run_main(["train", *common, "--bk-sparsity", "0.5", "--max-steps", "3", "--out-dir", str(run)], capsys)
+    assert code == 0 and "final val loss" in out
+    code, out, _ = run_main(["generate", "--ckpt", str(run), "--prompt", "def", "--max-new-tokens", "8"], capsys)
+    assert code == 0 and out.startswith("def")
+
+
 @pytest.mark.parametrize(
     "args, needles",
     [
@@ -59,6 +68,10 @@ def test_train_then_generate_then_resume(corpus_dir: Path, cache_dir: Path, tmp_
         (["bench", "step", "--seq-len", "0"], ["--seq-len", "0"]),
         (["frobnicate"], ["frobnicate"]),
         (["train", "--drop-ratio", "1.5"], ["collider_sparsity", "1.5"]),
+        (["train", "--model", "rnn"], ["--model", "rnn"]),
+        (["train", "--model", "resnet_bk", "--bk-sparsity", "1"], ["bk_sparsity", "1"]),
+        (["train", "--model", "resnet_bk", "--drop-ratio", "0.5"], ["resnet_bk", "use_collider"]),
+        (["train", "--ffn", "relu2_24", "--activation-sparse-method", "random"], ["activation_sparse_method", "random"]),
     ],
 )
 def test_bad_input_one_line_exit_2(args: list[str], needles: list[str], capsys) -> None:

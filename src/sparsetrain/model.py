@@ -123,7 +123,38 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
-class GPT(nn.Module):
+class CausalLM(nn.Module):
+    """What every sparsetrain network shares: ``embed``, ``trunk(idx)``, ``norm``
+    and ``lm_head``, so the trainer, MTP and generation see one interface."""
+
+    config: ModelConfig
+    embed: nn.Embedding
+    norm: RMSNorm
+    lm_head: nn.Linear
+
+    def trunk(self, idx: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; ``non_embedding`` leaves out the input embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.embed.weight.numel()
+        return n
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states ``[B, T, D]`` (input of the LM head)."""
+        return self.norm(self.trunk(idx))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.lm_head(self.hidden_states(idx))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+
+class GPT(CausalLM):
     """Decoder-only transformer.
 
     ``forward(idx)`` returns logits ``[B, T, V]``; ``forward(idx, targets)`` also
@@ -167,13 +198,6 @@ class GPT(nn.Module):
             for proj in (block.attn.proj, block.ffn.down):
                 nn.init.normal_(proj.weight, 0.0, std / math.sqrt(2 * self.config.n_layer))
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count; ``non_embedding`` leaves out the input embedding."""
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and not self.config.tie_embeddings:
-            n -= self.embed.weight.numel()
-        return n
-
     def trunk(self, idx: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
         """Residual stream after the first ``n_layers`` blocks (all by default),
         before the final norm: ``[B, T, D]``."""
@@ -191,17 +215,6 @@ class GPT(nn.Module):
             x = torch.einsum("i,...id->...d", self.hyper_out.to(x.dtype), x)
         return x
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final normed hidden states ``[B, T, D]`` (input of the LM head)."""
-        return self.norm(self.trunk(idx))
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.lm_head(self.hidden_states(idx))
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
-
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6 * (matmul params) + attention scores,
         12 * n_layer * d_model * seq_len (PaLM appendix B; causal masking is
@@ -216,7 +229,7 @@ class GPT(nn.Module):
         return 6.0 * n_matmul + 12.0 * cfg.n_layer * cfg.d_model * T
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
+def build_model(cfg: ModelConfig) -> CausalLM:
     """The network ``cfg.arch`` names: :class:`GPT` or :class:`~sparsetrain.bk.ResNetBK`."""
     if cfg.arch == "resnet_bk":
         from .bk.model import ResNetBK  # imported here: bk builds on this module

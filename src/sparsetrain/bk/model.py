@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..model import IGNORE_INDEX, RMSNorm, upcast
+from ..model import CausalLM, RMSNorm
 from .layers import MoEResNetBKLayer, SparseMoEResNetBKLayer
 
 
@@ -36,7 +35,7 @@ class BKBlock(nn.Module):
         return x + self.layer(self.norm(x))
 
 
-class ResNetBK(nn.Module):
+class ResNetBK(CausalLM):
     """Embedding -> n_layer x BKBlock -> RMSNorm -> LM head (causal throughout)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -65,12 +64,6 @@ class ResNetBK(nn.Module):
         stats = [layer.get_sparsity_stats() for layer in self.sparse_layers()]
         return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} if stats else {}
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding and not self.config.tie_embeddings:
-            n -= self.embed.weight.numel()
-        return n
-
     def trunk(self, idx: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
         if idx.shape[1] > self.config.seq_len:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds the model's seq_len {self.config.seq_len}")
@@ -78,16 +71,6 @@ class ResNetBK(nn.Module):
         for block in self.blocks[:n_layers]:
             x = block(x)
         return x
-
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.trunk(idx))
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits = self.lm_head(self.hidden_states(idx))
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token, 6 x the matmul parameters a token touches
