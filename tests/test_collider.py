@@ -19,8 +19,8 @@ def fresh_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, ()))
 
 
-def reference_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The Collider objective written plainly: dropped K/V detached per layer."""
+def reference_trunk(model: GPT, idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The trunk output under the Collider objective written plainly: dropped K/V detached per layer."""
     cfg = model.config
     B, T = idx.shape
     H, hd = cfg.n_head, cfg.head_dim
@@ -35,7 +35,12 @@ def reference_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor, keep: t
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + blk.attn.proj(o.transpose(1, 2).reshape(B, T, -1))
         x = x + blk.ffn(blk.ffn_norm(x))
-    logits = model.lm_head(model.norm(x))
+    return x
+
+
+def reference_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The Collider objective: mean cross-entropy over kept tokens of :func:`reference_trunk`."""
+    logits = model.lm_head(model.norm(reference_trunk(model, idx, keep)))
     sel = keep & (targets != -100)
     return F.cross_entropy(logits[sel], targets[sel])
 

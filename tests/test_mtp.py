@@ -94,3 +94,58 @@ def test_sequential_peak_memory_below_naive() -> None:
         out = subprocess.run([sys.executable, "-c", PEAK, mode], capture_output=True, text=True, timeout=300, check=True)
         peaks[mode] = json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_kib"]
     assert peaks["sequential"] < 0.6 * peaks["naive"], peaks
+
+
+def test_mtp_with_collider_matches_detached_reference_and_skips_dropped_rows() -> None:
+    """Collider + MTP: every head uses the primary keep mask on kept rows only; the
+    gradients equal the plain autograd reference (dropped K/V detached, all heads'
+    losses on kept rows), in float64, and dropped rows get no gradient through any head."""
+    from sparsetrain.collider import ColliderModel, filter as collider_filter, masked_cross_entropy
+    from sparsetrain.mtp import head_targets, kept_rows_loss
+    from test_collider import make, random_keep, reference_trunk
+
+    model = make(n_layer=2)
+    heads = MTPHeads(model, 3, weight=0.3, decay=0.5).double()
+    for p in heads.parameters():  # the zero init would make the heads trivial
+        p.data.normal_(0.0, 0.2)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    B, T = 3, 24
+    idx = torch.randint(0, 300, (B, T), generator=g)
+    targets = torch.randint(0, 300, (B, T), generator=g)
+    keep = random_keep(B, T, g)
+
+    logits, trunk = ColliderModel(model)(idx, return_trunk=True)
+    extra, _ = kept_rows_loss(model, heads, trunk, targets, keep)
+    trunk.retain_grad()
+    with collider_filter(keep):
+        (masked_cross_entropy(logits, targets, keep) + extra).backward()
+    got = {n: p.grad.clone() for n, p in [*model.named_parameters(), *heads.named_parameters()]}
+    assert torch.count_nonzero(trunk.grad[~keep]) == 0  # no head sends gradient to a dropped row
+    model.zero_grad(set_to_none=True)
+    heads.zero_grad(set_to_none=True)
+
+    x = reference_trunk(model, idx, keep)
+    sel = keep & (targets != -100)
+    ref = torch.nn.functional.cross_entropy(model.lm_head(model.norm(x))[sel], targets[sel])
+    for k in range(1, 4):
+        t = head_targets(targets, k)
+        m = keep & (t != -100)
+        if m.any():
+            ref = ref + heads.head_weight(k) * torch.nn.functional.cross_entropy(
+                model.lm_head(model.norm(heads.heads[k - 1](x)))[m], t[m])
+    ref.backward()
+    for n, p in [*model.named_parameters(), *heads.named_parameters()]:
+        assert torch.allclose(got[n], p.grad, rtol=1e-6, atol=1e-10), n
+
+
+def test_trainer_runs_collider_with_mtp(make_cfg) -> None:
+    import json
+
+    from sparsetrain.trainer import train
+
+    cfg = make_cfg(use_collider=True, collider_sparsity=0.5, collider_method="topk", use_mtp=True, mtp_n_tokens=2,
+                   max_steps=3, eval_every=3)
+    result = train(cfg, verbose=False)
+    rows = [json.loads(line) for line in (result.out_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert all(len(r["mtp_losses"]) == 2 and 0.4 <= r["kept_fraction"] <= 0.6 for r in train_rows)

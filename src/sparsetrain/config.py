@@ -245,8 +245,7 @@ class TrainConfig:
             _require(not self.use_collider and self.selection == "none" and not self.use_mtp,
                      f"model.arch = {self.model.arch} trains with the plain loss: use_collider, selection and use_mtp need arch = gpt")
         if self.use_mtp:
-            _require(not self.use_collider and self.selection == "none",
-                     "use_mtp with a token filter (use_collider or selection) is not available yet")
+            _require(self.selection == "none", "use_mtp with CGGR selection is not available yet (use_collider composes with it)")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Sectioned plain dict, the shape of the TOML file."""

@@ -101,3 +101,26 @@ def sequential_backward(
     trunk.backward(h.grad)
     total = losses[0] + sum(heads.head_weight(k) * l for k, l in enumerate(losses[1:], 1))
     return total.detach(), [float(l) for l in losses]
+
+
+def kept_rows_loss(model: GPT, heads: MTPHeads, trunk: torch.Tensor, targets: torch.Tensor,
+                   keep: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """The extra heads' weighted loss on the kept rows only (Collider with MTP).
+
+    Every head sees the primary head's keep mask: rows are gathered first, so
+    the heads' forward and backward run on ``[kept, D]`` and dropped rows get no
+    gradient through any head. Returns (weighted sum, [L_1, ..., L_n])."""
+    D = trunk.shape[-1]
+    kidx = keep.reshape(-1).nonzero().squeeze(1)
+    h = trunk.reshape(-1, D).index_select(0, kidx)
+    total = trunk.new_zeros((), dtype=torch.float32)
+    losses = []
+    for k in range(1, len(heads.heads) + 1):
+        t = head_targets(targets, k).reshape(-1).index_select(0, kidx)
+        if bool((t != IGNORE_INDEX).any()):
+            lk = lm_loss(model, heads.heads[k - 1](h)[:, None], t[:, None])
+        else:  # no kept row has a target this far ahead
+            lk = h.sum() * 0.0
+        total = total + heads.head_weight(k) * lk
+        losses.append(float(lk.detach()))
+    return total, losses

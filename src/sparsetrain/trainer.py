@@ -32,7 +32,7 @@ from .loader import make_loader
 from .errors import CheckpointError, ConfigError
 from .generate import load_model
 from .model import GPT, IGNORE_INDEX, build_model
-from .mtp import MTPHeads, sequential_backward
+from .mtp import MTPHeads, kept_rows_loss, sequential_backward
 from .sparse24.ffn import Sparse24FFN
 from .bk.layers import SparseMoEResNetBKLayer
 from .bk.model import ResNetBK
@@ -258,12 +258,18 @@ class Trainer:
         with ctx:
             if self.cfg.use_collider:
                 with self.autocast():
-                    logits = self.ddp_model(x)
+                    logits, trunk = self.ddp_model(x, return_trunk=True)
                 ref = self._reference_nll(x, y) if self.reference is not None else None
                 keep, stats = self.selector(logits.detach(), y, ref)
-                loss = masked_cross_entropy(logits, y, keep)
+                with self.autocast():
+                    loss = masked_cross_entropy(logits, y, keep)
+                    total = loss
+                    if self.mtp is not None:  # every head uses the primary head's keep mask, on kept rows only
+                        extra, head_losses = kept_rows_loss(self.model, self.mtp, trunk, y, keep)
+                        total = loss + extra
+                        self.mtp_losses.append([float(loss.detach())] + head_losses)
                 with collider_filter(keep), self._timed_backward():
-                    (loss * loss_scale).backward()
+                    (total * loss_scale).backward()
                 self.step_kept[0] += stats.kept
                 self.step_kept[1] += stats.total
                 return loss.detach()

@@ -256,8 +256,10 @@ def _forward(model: GPT, idx: torch.Tensor, compile: bool = False, attention: st
     return logits, {"blocks": blocks, "h": x, "idx": idx, "cdt": cdt, "w": w, "compile": compile, "attention": attention}
 
 
-def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor | None) -> dict[int, torch.Tensor]:
-    """Compact backward over kept rows. Returns ``{id(param): grad}``."""
+def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor | None,
+              dtrunk: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """Compact backward over kept rows. Returns ``{id(param): grad}``.
+    ``dtrunk``: gradient reaching the trunk output from other heads (only its kept rows are used)."""
     cfg = model.config
     idx, cdt, w, compile = saved["idx"], saved["cdt"], saved["w"], saved["compile"]
     B, T = idx.shape
@@ -295,6 +297,8 @@ def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor
     dx, d_head, d_norm = head_bwd(dl, rows(saved["h"]), model.norm.weight, W(model.lm_head), eps)
     acc(model.lm_head.weight, d_head)
     acc(model.norm.weight, d_norm)
+    if dtrunk is not None:
+        dx = dx + rows(dtrunk).to(dx.dtype)
     for blk, sv in zip(reversed(model.blocks), reversed(saved["blocks"])):
         ffn = blk.ffn
         dx, d_down, d_up, d_gate, d_norm = ffn_bwd(dx, rows(sv.x1), rows(sv.u), rows(sv.g), blk.ffn_norm.weight,
@@ -327,14 +331,16 @@ def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor
 
 class _ColliderFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, idx: torch.Tensor, model: GPT, compile: bool, attention: str, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, idx: torch.Tensor, model: GPT, compile: bool, attention: str, *params: torch.Tensor):  # type: ignore[override]
         logits, saved = _forward(model, idx, compile, attention)
         ctx.model, ctx.saved, ctx.params = model, saved, params
-        return logits
+        # the trunk output too (pre final norm): extra heads (MTP) read it, and
+        # their gradient at kept rows joins the LM head's in the compact backward
+        return logits, saved["h"].detach()
 
     @staticmethod
-    def backward(ctx, dlogits: torch.Tensor):  # type: ignore[override]
-        grads = _backward(ctx.model, ctx.saved, dlogits, current_keep())
+    def backward(ctx, dlogits: torch.Tensor, dtrunk: torch.Tensor | None):  # type: ignore[override]
+        grads = _backward(ctx.model, ctx.saved, dlogits, current_keep(), dtrunk)
         ctx.saved = None  # free activations as soon as possible
         return (None, None, None, None, *[grads.get(id(p)) for p in ctx.params])
 
@@ -360,11 +366,18 @@ class ColliderModel(nn.Module):
         self.compile = compile
         self.attention = attention
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, return_trunk: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[B, T, V]``; with ``return_trunk`` also the trunk output
+        ``[B, T, D]`` (before the final norm), for extra heads such as MTP's:
+        the gradient they send back is used at kept rows only."""
         if not torch.is_grad_enabled():
+            if return_trunk:
+                trunk = self.model.trunk(idx)
+                return self.model.lm_head(self.model.norm(trunk)), trunk
             return self.model(idx)[0]
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return _ColliderFunction.apply(idx, self.model, self.compile, self.attention, *params)
+        logits, trunk = _ColliderFunction.apply(idx, self.model, self.compile, self.attention, *params)
+        return (logits, trunk) if return_trunk else logits
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
