@@ -8,8 +8,12 @@
     loss = masked_cross_entropy(logits, targets, keep)
     with filter(keep):
         loss.backward()                               # kept rows only, in every layer
+
+Hugging Face causal LMs (Llama, Qwen2): ``apply(model)`` swaps in the same
+filtering (attention registry + kept-row linear backward); see ``hf.py``.
 """
 
 from .engine import ColliderModel, current_keep, filter, masked_cross_entropy, rmsnorm_backward, rope_inverse
+from .hf import apply
 
-__all__ = ["ColliderModel", "current_keep", "filter", "masked_cross_entropy", "rmsnorm_backward", "rope_inverse"]
+__all__ = ["apply", "ColliderModel", "current_keep", "filter", "masked_cross_entropy", "rmsnorm_backward", "rope_inverse"]
