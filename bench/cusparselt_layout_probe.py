@@ -1,6 +1,16 @@
 """Dump cuSPARSELt's compressed layout for crafted 2:4 bf16 matrices (to learn
 where values and metadata go, for a fused prune+compress kernel).
 
+What the first run (cuSPARSELt 0.8, H200) showed: the values are the kept
+entries in row-major order, then the metadata, one 4-bit code
+``i0 | i1 << 2`` per group of four (the kept indices). The nibble order is a
+bit permutation of (row, group): with codes that depend on ``(row + group) mod 6``,
+the code at nibble p is exactly linear in p's bits mod 6 (all positions, three
+shapes), with steps per bit of p, lowest first,
+``[2, 4, 1, 2, 1, 2, 4, 4, 2, 2, ...]``. So the two bits with step 1 are
+row bit 0 and group bit 0, the others are row/group bits with 2^j = 2 or 4 mod 6.
+The ``row_only`` and ``group_only`` pattern cases below tell rows from groups.
+
     PYTHONPATH=src python bench/cusparselt_layout_probe.py --out $OUT/cslt_layout.pt
 """
 
@@ -29,15 +39,19 @@ def main() -> None:
         for name, vals in cases.items():
             dense = torch.where(keep01, vals, torch.zeros_like(vals)).to(torch.bfloat16).cuda()
             out["cases"][f"{name}_{M}x{K}_keep01"] = (dense.cpu(), torch._cslt_compress(dense).cpu())
-        # metadata: each of the six 2-of-4 patterns, cycling over groups and rows
+        # metadata: the six 2-of-4 patterns, chosen by (row + group), by row bits, by group bits
         pats = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
-        mask = torch.zeros(M, K, dtype=torch.bool)
-        for r in range(M):
-            for g in range(K // 4):
-                a, b = pats[(r * 7 + g) % 6]
-                mask[r, 4 * g + a] = mask[r, 4 * g + b] = True
-        dense = torch.where(mask, ((i * K + j) % 251 + 1).float(), torch.zeros(M, K)).to(torch.bfloat16).cuda()
-        out["cases"][f"patterns_{M}x{K}"] = (dense.cpu(), torch._cslt_compress(dense).cpu())
+        choosers = {"patterns": lambda r, g: (r * 7 + g) % 6,
+                    "row_only": lambda r, g: r % 6,  # bits of the row
+                    "group_only": lambda r, g: g % 6}
+        for name, pick in choosers.items():
+            mask = torch.zeros(M, K, dtype=torch.bool)
+            for r in range(M):
+                for g in range(K // 4):
+                    a, b = pats[pick(r, g)]
+                    mask[r, 4 * g + a] = mask[r, 4 * g + b] = True
+            dense = torch.where(mask, ((i * K + j) % 251 + 1).float(), torch.zeros(M, K)).to(torch.bfloat16).cuda()
+            out["cases"][f"{name}_{M}x{K}"] = (dense.cpu(), torch._cslt_compress(dense).cpu())
         # what the tile kernel writes for the same pruned input (torch's reverse-engineered format)
         try:
             packed, meta, packed_t, meta_t, bitmask = torch._sparse_semi_structured_tile(dense, "", False)
