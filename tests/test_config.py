@@ -77,7 +77,8 @@ def test_bad_files_name_the_problem(tmp_path: Path, toml: str, message: str) -> 
         ({"val_fraction": 0.7}, "val_fraction must be in"),
         ({"device": "tpu"}, "run.device must be"),
         ({"mtp_n_tokens": 5}, "mtp_n_tokens must be 2, 3 or 4"),
-        ({"use_mtp": True, "use_collider": True}, "not available yet"),
+        ({"use_mtp": True, "selection": "loss"}, "not available yet"),
+        ({"data": "tokens.bin", "data_on_the_fly": True}, "data_on_the_fly"),
         ({"nonsense": 1}, "unknown config key 'nonsense'"),
     ],
 )

@@ -232,6 +232,21 @@ def test_async_loader_trains_identically(make_cfg, tmp_path: Path) -> None:
     assert not [p for p in mp.active_children() if p.is_alive()]
 
 
+def test_on_the_fly_tokenization_sync_async_and_resume(make_cfg, tmp_path: Path) -> None:
+    # raw train files read and tokenized per batch: the async workers give the sync loader's losses,
+    # and an interrupted run resumes exactly
+    sync = train(make_cfg(out_dir=str(tmp_path / "s"), max_steps=4, data_on_the_fly=True), verbose=False)
+    asyn = train(make_cfg(out_dir=str(tmp_path / "as"), max_steps=4, data_on_the_fly=True, use_async_loader=True,
+                          async_n_workers=2, async_prefetch_size=1), verbose=False)
+    cached = train(make_cfg(out_dir=str(tmp_path / "c"), max_steps=4), verbose=False)
+    assert asyn.train_losses == sync.train_losses
+    assert sync.train_losses != cached.train_losses  # really another batch source
+    interrupted_run_matches(make_cfg, tmp_path, stop_at=2, max_steps=4, data_on_the_fly=True)
+    import multiprocessing as mp
+
+    assert not [p for p in mp.active_children() if p.is_alive()]
+
+
 def test_training_with_mtp_saves_heads_and_resumes(make_cfg, tmp_path: Path) -> None:
     from sparsetrain.generate import generate_text
 

@@ -151,6 +151,7 @@ class TrainConfig:
     tokenizer: str = field(default="", metadata=_section("data", "tokenizer.json for a .bin file (used by generate)"))
     cache_dir: str = field(default="", metadata=_section("data", "tokenizer/token cache; empty = $SPARSETRAIN_CACHE or ~/.cache/sparsetrain"))
     val_fraction: float = field(default=0.02, metadata=_section("data", "fraction of files (or tokens, for .bin) held out for validation"))
+    data_on_the_fly: bool = field(default=False, metadata=_section("data", "read and tokenize the raw train files for every batch (in the loader, async with use_async_loader) instead of reading the token cache"))
     # [training]
     batch_size: int = field(default=16, metadata=_section("training", "sequences per micro-batch per process"))
     grad_accum: int = field(default=1, metadata=_section("training", "micro-batches per optimizer step"))
@@ -202,6 +203,8 @@ class TrainConfig:
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _require(self.token_dtype in ("uint16", "uint32"), f"data.token_dtype must be uint16 or uint32, got {self.token_dtype!r}")
         _require(0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        _require(not (self.data_on_the_fly and self.data.endswith(".bin")),
+                 f"data.data_on_the_fly needs raw text files, got the token file {self.data!r}")
         _require(math.isfinite(self.lr) and self.lr > 0, f"training.lr must be a positive number, got {self.lr}")
         _require(0 <= self.min_lr_ratio <= 1, f"training.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _require(self.weight_decay >= 0, f"training.weight_decay must be >= 0, got {self.weight_decay}")

@@ -108,6 +108,7 @@ class TokenizedCorpus:
     tokenizer_path: Path | None
     description: str
     train_file: tuple[str, str, int] = ("", "", 0)  # (path, dtype, first token) of `train`, for loader workers
+    train_text_files: tuple[str, ...] = ()  # raw train-split files, for tokenizing on the fly (text corpora)
 
 
 def load_corpus(
@@ -148,6 +149,7 @@ def load_corpus(
         tokenizer_path=folder / "tokenizer.json",
         description=f"{source}: {meta['n_train_tokens']:,} train / {meta['n_val_tokens']:,} val tokens",
         train_file=(str(folder / "train.bin"), dtype.name, 0),
+        train_text_files=tuple(str(root / n) for n in sorted(docs) if not is_val_file(n, val_fraction)),
     )
 
 

@@ -266,11 +266,22 @@ def iterate(loader: SyncLoader | AsyncLoader, n: int) -> Iterator[tuple[torch.Te
 
 def make_loader(corpus, batch_size: int, seq_len: int, seed: int, rank: int, world_size: int, start_step: int,
                 grad_accum: int, device: torch.device, use_async: bool, n_workers: int = 2,
-                prefetch: int = 4) -> SyncLoader | AsyncLoader:
-    """The trainer's loader for a :class:`~sparsetrain.data.TokenizedCorpus`."""
-    path, dtype, first = corpus.train_file
-    source = TokenBatchSource(path=path, dtype=dtype, offset=first, length=int(corpus.train.size),
-                              batch_size=batch_size, seq_len=seq_len, seed=seed, rank=rank, world_size=world_size)
+                prefetch: int = 4, on_the_fly: bool = False) -> SyncLoader | AsyncLoader:
+    """The trainer's loader for a :class:`~sparsetrain.data.TokenizedCorpus`:
+    batches from its token cache, or (``on_the_fly``) read and tokenized from
+    its raw train-split files for every batch."""
+    source: TokenBatchSource | TextBatchSource
+    if on_the_fly:
+        if not corpus.train_text_files or corpus.tokenizer_path is None:
+            from .errors import DataError
+
+            raise DataError("data_on_the_fly needs a text corpus (a folder of text files), not a .bin token file")
+        source = TextBatchSource(files=corpus.train_text_files, tokenizer_path=str(corpus.tokenizer_path),
+                                 batch_size=batch_size, seq_len=seq_len, seed=seed, rank=rank, world_size=world_size)
+    else:
+        path, dtype, first = corpus.train_file
+        source = TokenBatchSource(path=path, dtype=dtype, offset=first, length=int(corpus.train.size),
+                                  batch_size=batch_size, seq_len=seq_len, seed=seed, rank=rank, world_size=world_size)
     if use_async:
         return AsyncLoader(source, start_step, grad_accum, device, n_workers, prefetch)
     return SyncLoader(source, start_step, grad_accum, device)

@@ -305,14 +305,14 @@ class Trainer:
         """Micro-batch ``micro`` of step ``self.step``: built here, or taken from the
         async loader (restarted whenever the step sequence jumps, as after a resume)."""
         c = self.cfg
-        if not c.use_async_loader:
+        if not c.use_async_loader and not c.data_on_the_fly:
             return train_batch(self.corpus.train, c.batch_size, c.model.seq_len, seed=c.seed, step=self.step,
                                micro=micro, rank=self.dist.rank, world_size=self.dist.world_size)
         if self.loader is None or self._loader_next != (self.step, micro):
             self.close_loader()
             self.loader = make_loader(self.corpus, c.batch_size, c.model.seq_len, c.seed, self.dist.rank,
-                                      self.dist.world_size, self.step, c.grad_accum, self.device, True,
-                                      c.async_n_workers, c.async_prefetch_size)
+                                      self.dist.world_size, self.step, c.grad_accum, self.device, c.use_async_loader,
+                                      c.async_n_workers, c.async_prefetch_size, on_the_fly=c.data_on_the_fly)
         x, y = self.loader.next()
         self._loader_next = (self.step, micro + 1) if micro + 1 < c.grad_accum else (self.step + 1, 0)
         return x, y
