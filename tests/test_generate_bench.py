@@ -73,3 +73,20 @@ def test_cuda_bf16_step_matches_cpu_fp32(make_cfg) -> None:
     for (n, a), b in zip(cpu.model.named_parameters(), gpu.model.parameters()):
         rel = (a.grad - b.grad.cpu()).norm() / a.grad.norm()
         assert rel < 5e-2, n
+
+
+def test_quality_suites_are_valid_configs() -> None:
+    """Every run of bench/quality_runs.py builds a valid config (a GPU run once died on a bad head count)."""
+    import importlib.util
+    from pathlib import Path
+
+    from sparsetrain.config import build_config
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "quality_runs.py"
+    spec = importlib.util.spec_from_file_location("quality_runs", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for suite, runs in mod.SUITES.items():
+        for name, overrides in runs.items():
+            ov = {k: v for k, v in overrides.items() if k != "equal_time_to"}
+            build_config("nano-125m", overrides={**ov, "seq_len": 1024, "batch_size": 16, "keep_ratio": 0.5})
