@@ -194,7 +194,7 @@ def _kept_kernel_ok(q: torch.Tensor, mode: str) -> bool:
         if not ok:
             raise RuntimeError("the kept-query attention kernel needs Triton and a power-of-two head_dim >= 16")
         return True
-    # auto: the dense cuDNN backward with zero rows is still faster than this
+    # auto: the dense fused (flash) backward with zero rows is still faster than this
     # first Triton kernel on H200 (bench/results/collider_step_h200.json), so it wins
     return False
 
