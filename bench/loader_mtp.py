@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sparsetrain.benchmark import environment, summarize  # noqa: E402
+from sparsetrain.benchmark import environment, summarize, time_fn  # noqa: E402
 from sparsetrain.config import build_config  # noqa: E402
 from sparsetrain.loader import AsyncLoader, SyncLoader, TextBatchSource  # noqa: E402
 from sparsetrain.model import GPT  # noqa: E402
@@ -129,15 +129,8 @@ def bench_mtp(vocab: int, repeats: int) -> dict:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        torch.cuda.reset_peak_memory_stats()  # after warm-up: the peak of the timed steps
+        times = time_fn(step, warmup=0, repeats=repeats)
         out[name] = {**summarize(times), "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
         del model, heads
         torch.cuda.empty_cache()
