@@ -98,7 +98,8 @@ def main() -> None:
         else:
             m = dense != 0
         sols = solve(nibbles(packed, M, K), group_codes(m.view(M, K // 4, 4).numpy()), M, K // 4)
-        print(f"{name}: {len(sols)} bit permutation(s){' (first 3)' if len(sols) > 3 else ''}")
+        many = " or more (the codes do not pin it; use the row_only / group_only cases)" if len(sols) >= 50 else ""
+        print(f"{name}: {len(sols)}{many} bit permutation(s)")
         for s in sols[:3]:
             print("   ", " ".join(f"{k}{j}" for k, j in s))
 
