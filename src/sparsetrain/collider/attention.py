@@ -70,9 +70,12 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
             except RuntimeError:
                 _cudnn_ok = False
         if hasattr(aten, "_scaled_dot_product_flash_attention"):
-            res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)
-            out, lse, cum_q, cum_k, max_q, max_k, seed, offset = res[:8]
-            return out, AttentionSaved(q, k, v, out, ("flash", lse, cum_q, cum_k, max_q, max_k, seed, offset))
+            try:
+                res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)
+                out, lse, cum_q, cum_k, max_q, max_k, seed, offset = res[:8]
+                return out, AttentionSaved(q, k, v, out, ("flash", lse, cum_q, cum_k, max_q, max_k, seed, offset))
+            except RuntimeError:  # a shape or GPU flash does not support: the recompute path below
+                pass
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return out, AttentionSaved(q, k, v, out, None)
 
