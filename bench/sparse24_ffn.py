@@ -133,7 +133,6 @@ def fp8_probe(a: torch.Tensor, w_down: torch.Tensor, repeats: int) -> dict:
         a8 = (s16.float() / sa).to(torch.float8_e4m3fn)
         w8 = (w_down.float() / sw).to(torch.float8_e4m3fn)  # [d, h]
         b_colmajor = w8.contiguous().t()  # [h, d], column-major as _scaled_mm wants
-        one = torch.ones((), device="cuda")
         out["dense_fp8_ms"] = ms(lambda: torch._scaled_mm(a8, b_colmajor, sa, sw, out_dtype=BF16), repeats)
         out["dense_bf16_ms"] = ms(lambda: s16 @ w_down.t(), repeats)
     except Exception as e:  # noqa: BLE001 - this is a probe: record what failed

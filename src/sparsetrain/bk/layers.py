@@ -29,7 +29,6 @@ the whole sequence, so it is non-causal -- for timing at a fixed sparsity).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
