@@ -38,6 +38,13 @@ def triton_available() -> bool:
 
 if triton is not None:
 
+    # Complex numbers are (re, im) float32 pairs; r/s/G/A buffers are interleaved
+    # complex64 [N, R] (view_as_real: [N, R, 2]), so entry `lin` sits at 2 * lin.
+
+    @triton.jit
+    def _cmul(ar, ai, br, bi):
+        return ar * br - ai * bi, ar * bi + ai * br
+
     @triton.jit
     def _recip(x_re, x_im):
         d = x_re * x_re + x_im * x_im
@@ -50,81 +57,86 @@ if triton is not None:
         return i_re * i_re - i_im * i_im, 2.0 * i_re * i_im
 
     @triton.jit
+    def _load_c(ptr, lin, m, other_re):
+        return tl.load(ptr + 2 * lin, mask=m, other=other_re), tl.load(ptr + 2 * lin + 1, mask=m, other=0.0)
+
+    @triton.jit
+    def _store_c(ptr, lin, re, im, m):
+        tl.store(ptr + 2 * lin, re, mask=m)
+        tl.store(ptr + 2 * lin + 1, im, mask=m)
+
+    @triton.jit
+    def _load_w(gre_ptr, gim_ptr, lin, m):
+        """w = g_re - i g_im, the upstream gradient as one complex number."""
+        return tl.load(gre_ptr + lin, mask=m, other=0.0), -tl.load(gim_ptr + lin, mask=m, other=0.0)
+
+    @triton.jit
+    def _load_inv_sq(ptr, lin, m):
+        """1 / x^2 for the complex x stored at ``lin`` (masked lanes: x = 1)."""
+        x_re, x_im = _load_c(ptr, lin, m, 1.0)
+        return _inv_sq(x_re, x_im)
+
+    @triton.jit
     def _bk_forward_kernel(v_ptr, r_ptr, s_ptr, g_ptr, N, R, z_re, z_im,
                            CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
-        # r_ptr/s_ptr/g_ptr are interleaved complex64 [N, R] (view_as_real: [N, R, 2]).
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < R
         inv_re = tl.zeros((BLOCK,), tl.float32)  # 1 / r_{i-1}; 0 before the first position
         inv_im = tl.zeros((BLOCK,), tl.float32)
         for i in range(N):
-            v = tl.load(v_ptr + i * R + offs, mask=m, other=0.0)
+            lin = i * R + offs
+            v = tl.load(v_ptr + lin, mask=m, other=0.0)
             x_re = v - 2.0 - z_re - inv_re
             x_im = -z_im - inv_im
             inv_re, inv_im = _recip(x_re, x_im)
-            tl.store(r_ptr + 2 * (i * R + offs), x_re, mask=m)
-            tl.store(r_ptr + 2 * (i * R + offs) + 1, x_im, mask=m)
+            _store_c(r_ptr, lin, x_re, x_im, m)
             if CAUSAL:
-                tl.store(g_ptr + 2 * (i * R + offs), inv_re, mask=m)
-                tl.store(g_ptr + 2 * (i * R + offs) + 1, inv_im, mask=m)
+                _store_c(g_ptr, lin, inv_re, inv_im, m)
         if not CAUSAL:
             inv_re = tl.zeros((BLOCK,), tl.float32)
             inv_im = tl.zeros((BLOCK,), tl.float32)
             for k in range(N):
-                i = N - 1 - k
-                v = tl.load(v_ptr + i * R + offs, mask=m, other=0.0)
+                lin = (N - 1 - k) * R + offs
+                v = tl.load(v_ptr + lin, mask=m, other=0.0)
                 az_re = v - 2.0 - z_re
                 x_re = az_re - inv_re
                 x_im = -z_im - inv_im
-                tl.store(s_ptr + 2 * (i * R + offs), x_re, mask=m)
-                tl.store(s_ptr + 2 * (i * R + offs) + 1, x_im, mask=m)
+                _store_c(s_ptr, lin, x_re, x_im, m)
                 # G_ii = 1 / (r_i + s_i - (a_i - z))
-                rr = tl.load(r_ptr + 2 * (i * R + offs), mask=m, other=1.0)
-                ri = tl.load(r_ptr + 2 * (i * R + offs) + 1, mask=m, other=0.0)
+                rr, ri = _load_c(r_ptr, lin, m, 1.0)
                 g_re, g_im = _recip(rr + x_re - az_re, ri + x_im + z_im)
-                tl.store(g_ptr + 2 * (i * R + offs), g_re, mask=m)
-                tl.store(g_ptr + 2 * (i * R + offs) + 1, g_im, mask=m)
+                _store_c(g_ptr, lin, g_re, g_im, m)
                 inv_re, inv_im = _recip(x_re, x_im)
 
     @triton.jit
     def _bk_backward_kernel(gre_ptr, gim_ptr, g_ptr, r_ptr, s_ptr, a_ptr, out_ptr, N, R,
                             CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
-        # w = g_re - i g_im; see core.py for the recurrences.
+        # see core.py for the recurrences
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = offs < R
         if CAUSAL:
             l_re = tl.zeros((BLOCK,), tl.float32)
             l_im = tl.zeros((BLOCK,), tl.float32)
             for k in range(N):
-                j = N - 1 - k
-                w_re = tl.load(gre_ptr + j * R + offs, mask=m, other=0.0)
-                w_im = -tl.load(gim_ptr + j * R + offs, mask=m, other=0.0)
-                rr = tl.load(r_ptr + 2 * (j * R + offs), mask=m, other=1.0)
-                ri = tl.load(r_ptr + 2 * (j * R + offs) + 1, mask=m, other=0.0)
-                q_re, q_im = _inv_sq(rr, ri)
-                t_re = l_re - w_re
-                t_im = l_im - w_im
-                l_re = t_re * q_re - t_im * q_im
-                l_im = t_re * q_im + t_im * q_re
-                tl.store(out_ptr + j * R + offs, l_re, mask=m)
+                lin = (N - 1 - k) * R + offs
+                w_re, w_im = _load_w(gre_ptr, gim_ptr, lin, m)
+                q_re, q_im = _load_inv_sq(r_ptr, lin, m)
+                l_re, l_im = _cmul(l_re - w_re, l_im - w_im, q_re, q_im)
+                tl.store(out_ptr + lin, l_re, mask=m)
         else:
-            # A_j = w_j + A_{j-1} / r_{j-1}^2, stored in a_ptr (complex interleaved)
+            # A_j = w_j + A_{j-1} / r_{j-1}^2, stored in a_ptr
             a_re = tl.zeros((BLOCK,), tl.float32)
             a_im = tl.zeros((BLOCK,), tl.float32)
             q_re = tl.zeros((BLOCK,), tl.float32)
             q_im = tl.zeros((BLOCK,), tl.float32)
             for j in range(N):
-                w_re = tl.load(gre_ptr + j * R + offs, mask=m, other=0.0)
-                w_im = -tl.load(gim_ptr + j * R + offs, mask=m, other=0.0)
-                n_re = w_re + a_re * q_re - a_im * q_im
-                n_im = w_im + a_re * q_im + a_im * q_re
-                a_re = n_re
-                a_im = n_im
-                tl.store(a_ptr + 2 * (j * R + offs), a_re, mask=m)
-                tl.store(a_ptr + 2 * (j * R + offs) + 1, a_im, mask=m)
-                rr = tl.load(r_ptr + 2 * (j * R + offs), mask=m, other=1.0)
-                ri = tl.load(r_ptr + 2 * (j * R + offs) + 1, mask=m, other=0.0)
-                q_re, q_im = _inv_sq(rr, ri)
+                lin = j * R + offs
+                w_re, w_im = _load_w(gre_ptr, gim_ptr, lin, m)
+                t_re, t_im = _cmul(a_re, a_im, q_re, q_im)
+                a_re = w_re + t_re
+                a_im = w_im + t_im
+                _store_c(a_ptr, lin, a_re, a_im, m)
+                q_re, q_im = _load_inv_sq(r_ptr, lin, m)
             # B_j = (w_{j+1} + B_{j+1}) / s_{j+1}^2; grad_j = Re(-G_jj^2 (A_j + B_j))
             b_re = tl.zeros((BLOCK,), tl.float32)
             b_im = tl.zeros((BLOCK,), tl.float32)
@@ -133,35 +145,21 @@ if triton is not None:
             qs_re = tl.zeros((BLOCK,), tl.float32)  # 1 / s_{j+1}^2
             qs_im = tl.zeros((BLOCK,), tl.float32)
             for k in range(N):
-                j = N - 1 - k
-                t_re = wn_re + b_re
-                t_im = wn_im + b_im
-                b_re = t_re * qs_re - t_im * qs_im
-                b_im = t_re * qs_im + t_im * qs_re
-                a_re = tl.load(a_ptr + 2 * (j * R + offs), mask=m, other=0.0)
-                a_im = tl.load(a_ptr + 2 * (j * R + offs) + 1, mask=m, other=0.0)
-                g_re = tl.load(g_ptr + 2 * (j * R + offs), mask=m, other=0.0)
-                g_im = tl.load(g_ptr + 2 * (j * R + offs) + 1, mask=m, other=0.0)
-                gg_re = g_re * g_re - g_im * g_im
-                gg_im = 2.0 * g_re * g_im
-                c_re = a_re + b_re
-                c_im = a_im + b_im
-                tl.store(out_ptr + j * R + offs, -(gg_re * c_re - gg_im * c_im), mask=m)
-                wn_re = tl.load(gre_ptr + j * R + offs, mask=m, other=0.0)
-                wn_im = -tl.load(gim_ptr + j * R + offs, mask=m, other=0.0)
-                sr = tl.load(s_ptr + 2 * (j * R + offs), mask=m, other=1.0)
-                si = tl.load(s_ptr + 2 * (j * R + offs) + 1, mask=m, other=0.0)
-                qs_re, qs_im = _inv_sq(sr, si)
+                lin = (N - 1 - k) * R + offs
+                b_re, b_im = _cmul(wn_re + b_re, wn_im + b_im, qs_re, qs_im)
+                a_re, a_im = _load_c(a_ptr, lin, m, 0.0)
+                g_re, g_im = _load_c(g_ptr, lin, m, 0.0)
+                gg_re, gg_im = _cmul(g_re, g_im, g_re, g_im)
+                c_re, _c_im = _cmul(gg_re, gg_im, a_re + b_re, a_im + b_im)
+                tl.store(out_ptr + lin, -c_re, mask=m)
+                wn_re, wn_im = _load_w(gre_ptr, gim_ptr, lin, m)
+                qs_re, qs_im = _load_inv_sq(s_ptr, lin, m)
 
     # ---- causal mode as parallel scans (one program per row, the whole row in registers)
     # r_i = (a_i - z) - 1/r_{i-1} is the Moebius map of M_i = [[a_i - z, -1], [1, 0]]:
     # [theta_i, theta_{i-1}] = M_i ... M_1 [1, 0], so r_i = P00 / P10 of the prefix
     # product P. Products are rescaled by their largest entry (a Moebius map does
     # not change when its matrix is scaled), so nothing overflows.
-
-    @triton.jit
-    def _cmul(ar, ai, br, bi):
-        return ar * br - ai * bi, ar * bi + ai * br
 
     @triton.jit
     def _mobius_combine(a00r, a00i, a01r, a01i, a10r, a10i, a11r, a11i,
@@ -205,10 +203,8 @@ if triton is not None:
         p00r, p00i, p10r, p10i = p[0], p[1], p[4], p[5]
         r_re, r_im = _cmul(p00r, p00i, *_recip(p10r, p10i))  # r = P00 / P10
         g_re, g_im = _recip(r_re, r_im)
-        tl.store(r_ptr + 2 * (idx * R + row), r_re, mask=m)
-        tl.store(r_ptr + 2 * (idx * R + row) + 1, r_im, mask=m)
-        tl.store(g_ptr + 2 * (idx * R + row), g_re, mask=m)
-        tl.store(g_ptr + 2 * (idx * R + row) + 1, g_im, mask=m)
+        _store_c(r_ptr, idx * R + row, r_re, r_im, m)
+        _store_c(g_ptr, idx * R + row, g_re, g_im, m)
 
     @triton.jit
     def _bk_causal_scan_backward(gre_ptr, gim_ptr, r_ptr, out_ptr, N, R, BLOCK_N: tl.constexpr):
@@ -216,15 +212,12 @@ if triton is not None:
         row = tl.program_id(0)
         idx = tl.arange(0, BLOCK_N)
         m = idx < N
-        pos = N - 1 - idx
-        w_re = tl.load(gre_ptr + pos * R + row, mask=m, other=0.0)
-        w_im = -tl.load(gim_ptr + pos * R + row, mask=m, other=0.0)
-        rr = tl.load(r_ptr + 2 * (pos * R + row), mask=m, other=1.0)
-        ri = tl.load(r_ptr + 2 * (pos * R + row) + 1, mask=m, other=0.0)
-        q_re, q_im = _inv_sq(rr, ri)
+        lin = (N - 1 - idx) * R + row
+        w_re, w_im = _load_w(gre_ptr, gim_ptr, lin, m)
+        q_re, q_im = _load_inv_sq(r_ptr, lin, m)
         b_re, b_im = _cmul(q_re, q_im, -w_re, -w_im)
         res = tl.associative_scan((q_re, q_im, b_re, b_im), 0, _affine_combine)
-        tl.store(out_ptr + pos * R + row, res[2], mask=m)
+        tl.store(out_ptr + lin, res[2], mask=m)
 
 
 
