@@ -58,6 +58,11 @@ class TrainResult:
     train_seconds: float = 0.0
 
 
+def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean of same-keyed stat dicts, rounded for metrics.jsonl."""
+    return {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in rows[0]}
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,6 +108,7 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.device)
         # modules with a per-step schedule: relu2_24's dense warmup, sparse BK layers' sparsity ramp
         self.scheduled = [m for m in self.model.modules() if isinstance(m, (Sparse24FFN, SparseMoEResNetBKLayer))]
+        self.sparse_ffns = [m for m in self.scheduled if isinstance(m, Sparse24FFN)]
         self.mtp: MTPHeads | None = None
         if cfg.use_mtp:
             if self.dist.enabled:
@@ -115,8 +121,8 @@ class Trainer:
         self.loader = None  # async batch loader, started on first use
         self.hyper_report: dict | None = None  # mHC-lite analysis, written at the next eval
         self.mtp_losses: list[list[float]] = []  # per micro-step [main, L_1..L_n] since the last log
-        self.bk_stats: list[dict[str, float]] = []
-        self.sparse24_stats: dict[int, dict] = {}  # step -> mean 2:4 statistics of the relu2_24 layers  # sparse ResNet-BK mask stats per micro-step since the last log
+        self.bk_stats: list[dict[str, float]] = []  # sparse ResNet-BK mask stats per micro-step since the last log
+        self.sparse24_stats: dict[int, dict] = {}  # step -> mean 2:4 statistics of the relu2_24 layers
         self._loader_next = (0, 0)
         self._setup_selection()
         self.out_dir = self._prepare_out_dir(resume)
@@ -369,9 +375,8 @@ class Trainer:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         self.step_kept = [0, 0]
-        ffns24 = [m for m in self.scheduled if isinstance(m, Sparse24FFN)]
         log_step = (self.step + 1) % c.log_every == 0
-        for m in ffns24:  # 2:4 statistics cost extra reductions: only on steps that get logged
+        for m in self.sparse_ffns:  # 2:4 statistics cost extra reductions: only on steps that get logged
             m.track_stats = log_step and m.sparse
         for micro in range(c.grad_accum):
             x, y = self._batch(micro)
@@ -389,10 +394,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.selector is not None:
             self.selector.step()
-        stats = [m.last_stats for m in ffns24 if m.track_stats and m.last_stats]
+        stats = [m.last_stats for m in self.sparse_ffns if m.track_stats and m.last_stats]
         if stats:
-            self.sparse24_stats[self.step + 1] = {k: round(sum(d[k] for d in stats) / len(stats), 4) for k in stats[0]}
-            self.sparse24_stats[self.step + 1]["backend"] = ffns24[0].last_backend
+            self.sparse24_stats[self.step + 1] = {**_mean_rows(stats), "backend": self.sparse_ffns[0].last_backend}
         for m in self.scheduled:
             m.step()
         self.step += 1
@@ -484,8 +488,7 @@ class Trainer:
                         if s in self.sparse24_stats:
                             row["sparse24"] = self.sparse24_stats.pop(s)
                         if self.bk_stats:
-                            row["bk_sparsity"] = {k: round(sum(d[k] for d in self.bk_stats) / len(self.bk_stats), 4)
-                                                  for k in self.bk_stats[0]}
+                            row["bk_sparsity"] = _mean_rows(self.bk_stats)
                         if self.mtp_losses:
                             row["mtp_losses"] = [round(sum(c) / len(c), 4) for c in zip(*self.mtp_losses)][1:]
                         result.train_losses[s] = row["loss"]

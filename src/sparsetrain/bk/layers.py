@@ -34,11 +34,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import BK_SPARSITY_LOSSES as SPARSITY_LOSSES
 from ..errors import ConfigError
 from ..model import upcast
 from .core import DEFAULT_Z, bk_core
 
-SPARSITY_LOSSES = ("l2", "l1", "kl", "adaptive")
 MASK_MODES = ("threshold", "topk")
 
 
@@ -62,20 +62,21 @@ class MoEFFN(nn.Module):
         probs = F.softmax(upcast(self.router(x)), dim=-1)
         gate, expert = probs.max(dim=-1)
         if self.num_experts == 1:
-            return self._expert(x, 0) * gate.unsqueeze(-1).to(x.dtype)
+            return _expert(x, self.up[0], self.down[0]) * gate.unsqueeze(-1).to(x.dtype)
         order = expert.argsort()
         counts = torch.bincount(expert, minlength=self.num_experts).tolist()  # one host sync per layer
         xs = x[order]
         # unbind once: indexing self.up[e] per expert would make each backward allocate a full [E, ...] gradient
         ups, downs = self.up.unbind(0), self.down.unbind(0)
-        outs = [F.linear(F.relu(F.linear(chunk, ups[e])).square(), downs[e])
-                for e, chunk in enumerate(xs.split(counts)) if chunk.shape[0]]
+        outs = [_expert(chunk, ups[e], downs[e]) for e, chunk in enumerate(xs.split(counts)) if chunk.shape[0]]
         y_sorted = torch.cat(outs) if outs else xs
         y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
         return y * gate.unsqueeze(-1).to(y.dtype)
 
-    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        return F.linear(F.relu(F.linear(x, self.up[e])).square(), self.down[e])
+
+def _expert(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One squared-ReLU expert: ``down(relu(up x)^2)``."""
+    return F.linear(F.relu(F.linear(x, up)).square(), down)
 
 
 class MoEResNetBKLayer(nn.Module):
