@@ -109,6 +109,7 @@ def test_empty_and_missing_corpus_errors(tmp_path: Path) -> None:
 
 def test_bin_tokens(tmp_path: Path) -> None:
     tokens = np.random.randint(0, 1000, size=5000).astype(np.uint16)
+    tokens[np.random.randint(5000)] = 999  # the out-of-vocabulary check below needs the id present (absent 0.7% of draws)
     tokens.tofile(tmp_path / "t.bin")
     c = load_corpus(str(tmp_path / "t.bin"), 1000, 0.1, tmp_path, "uint16")
     assert c.train.size == 4500 and c.val.size == 500
