@@ -85,6 +85,36 @@ def bench_layer(B: int, N: int, D: int, H: int, E: int, ratios: list[float], rep
     return results
 
 
+def bench_bucketing(B: int, N: int, D: int, H: int, E: int, repeats: int) -> dict:
+    """Routing as in training: a fresh input each call (so new expert row counts),
+    dense and sparse 0.5, expert batches padded to 128 rows (the default) or not."""
+    from sparsetrain.bk import layers as L
+
+    torch.manual_seed(0)
+    xs = [torch.randn(B, N, D, device="cuda") for _ in range(8)]
+    g = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16)
+    mods = {"dense": MoEResNetBKLayer(D, H, E).cuda(),
+            "sparse_0.5": SparseMoEResNetBKLayer(D, H, E, target_sparsity=0.5, mask_mode="topk", causal=False).cuda()}
+    mods["sparse_0.5"].causal = True
+    out: dict = {}
+    it = [0]
+
+    def call(layer):
+        it[0] += 1
+        run_layer(layer, xs[it[0] % len(xs)], g)
+
+    for bucket in (128, 1):
+        L.ROW_BUCKET = bucket
+        for name, layer in mods.items():
+            for _ in range(3):
+                call(layer)
+            out[f"{name}_bucket{bucket}"] = summarize(time_fn(lambda: call(layer), warmup=1, repeats=repeats))
+    L.ROW_BUCKET = 128
+    for k in out:
+        out[k]["speedup_vs_dense_bucket1"] = out["dense_bucket1"]["median_ms"] / out[k]["median_ms"]
+    return out
+
+
 def run_layer(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = layer(x)
@@ -123,7 +153,15 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bk_core.json"))
     ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--profile", action="store_true", help="also print the top kernels of dense and sparse 0.5")
+    ap.add_argument("--bucketing-only", action="store_true", help="only the fresh-input bucketing comparison")
     args = ap.parse_args()
+    if args.bucketing_only:
+        res = {"environment": environment(), "shape": {"B": 8, "N": 2048, "d_model": 1024, "hidden": 4096, "experts": 4},
+               "fresh_input_each_call": bench_bucketing(8, 2048, 1024, 4096, 4, args.repeats)}
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        for k, r in res["fresh_input_each_call"].items():
+            print(f"{k:<22} {r['median_ms']:8.2f} ms {r['speedup_vs_dense_bucket1']:6.2f}x")
+        return
     global PROFILE
     PROFILE = args.profile  # profiles the first shape only
     out = {"environment": environment(),

@@ -59,7 +59,7 @@ def kernel_family(name: str) -> str:
     return "other"
 
 
-def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool) -> dict:
+def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only: list[str] | None = None) -> dict:
     preset, over = MODELS[name]
     cfg = build_config(preset, overrides={"seq_len": seq, **over}).model
     torch.manual_seed(0)
@@ -106,6 +106,8 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool) -> d
     for kind, drop, compiled, attention in VARIANTS:
         label = (kind if drop is None else f"{kind}_{drop}") + ("_compiled" if compiled else "")
         label += "_triton_kept_attention" if attention == "kept" else ""
+        if only and label not in only:
+            continue
         warm = step_fn(kind, drop, compiled, attention, None)
         for _ in range(3):
             warm()
@@ -126,7 +128,7 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool) -> d
         out["variants"][label]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         torch.cuda.reset_peak_memory_stats()
     for label, v in out["variants"].items():
-        dense = out["variants"]["dense_compiled" if "_compiled" in label else "dense"]
+        dense = out["variants"].get("dense_compiled" if "_compiled" in label else "dense", v)
         v["backward_vs_dense"] = v["backward"] / dense["backward"]
         v["step_vs_dense"] = v["step"] / dense["step"]
         v["select_share_of_step"] = v["select"] / v["step"]
@@ -147,14 +149,23 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool) -> d
                 t = getattr(evt, "device_time_total", 0)
                 if t:
                     fam[kernel_family(evt.key)] = fam.get(kernel_family(evt.key), 0.0) + t / 1e3 / 3
-            top = sorted(((evt.key[:90], getattr(evt, "device_time_total", 0) / 1e3 / 3)
-                          for evt in p.key_averages()), key=lambda r: -r[1])[:25]
+            top = sorted(((evt.key[:90], getattr(evt, "device_time_total", 0) / 1e3 / 3, evt.count // 3)
+                          for evt in p.key_averages()), key=lambda r: -r[1])[:40]
             out["backward_breakdown_ms"][(kind if drop is None else f"{kind}_{drop}") + "_compiled"] = {
                 "whole_step_by_family": fam, "top_kernels": top}
     del model, opt, colliders, compiled_model
     gc.collect()
     torch.cuda.empty_cache()
     return out
+
+
+def print_profiles(res: dict) -> None:
+    for r in res["results"]:
+        for label, prof_ in r.get("backward_breakdown_ms", {}).items():
+            fam = ", ".join(f"{k} {v:.1f}" for k, v in sorted(prof_["whole_step_by_family"].items(), key=lambda kv: -kv[1]))
+            print(f"\n{r['model']} {label} ms/step by family: {fam}")
+            for key, ms, n in prof_["top_kernels"][:20]:
+                print(f"  {ms:7.2f} ms {n:5d}x  {key}")
 
 
 def main() -> None:
@@ -164,11 +175,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--models", default="nano-125m,1b")
+    ap.add_argument("--profile", default="nano-125m", help="models (comma list) to profile by kernel family")
+    ap.add_argument("--variants", default="", help="only these variant labels (comma list; default all)")
     args = ap.parse_args()
     res = {"environment": environment(), "results": []}
     for name in args.models.split(","):
-        res["results"].append(run_model(name, args.seq_len, args.batch, args.repeats, profile=name == "nano-125m"))
+        res["results"].append(run_model(name, args.seq_len, args.batch, args.repeats, profile=name in args.profile.split(","),
+                                         only=[v for v in args.variants.split(",") if v]))
         Path(args.out).write_text(json.dumps(res, indent=2))
+    print_profiles(res)
     print(f"\n{res['environment']['device']}, torch {res['environment']['torch']}, bf16, seq {args.seq_len} x batch {args.batch}")
     print(f"{'model':<10} {'variant':<24} {'fwd':>7} {'select':>7} {'bwd':>8} {'opt':>6} {'step':>8} {'bwd/dense':>9} {'step/dense':>10}")
     for r in res["results"]:

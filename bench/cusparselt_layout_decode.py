@@ -90,7 +90,7 @@ def main() -> None:
     d = torch.load(sys.argv[1] if len(sys.argv) > 1 else "cslt_layout.pt")
     print("cuSPARSELt", d["version"])
     for name, (dense, packed) in d["cases"].items():
-        if not any(name.startswith(p) for p in ("patterns", "row_only", "group_only")):
+        if not any(name.startswith(p) for p in ("patterns", "row_only", "group_only", "random")):
             continue
         M, K = dense.shape
         if name.endswith("_tile"):  # torch's tile kernel prunes to its transposable pattern first

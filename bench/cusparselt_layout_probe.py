@@ -1,15 +1,14 @@
 """Dump cuSPARSELt's compressed layout for crafted 2:4 bf16 matrices (to learn
 where values and metadata go, for a fused prune+compress kernel).
 
-What the first run (cuSPARSELt 0.8, H200) showed: the values are the kept
-entries in row-major order, then the metadata, one 4-bit code
-``i0 | i1 << 2`` per group of four (the kept indices). The nibble order is a
-bit permutation of (row, group): with codes that depend on ``(row + group) mod 6``,
-the code at nibble p is exactly linear in p's bits mod 6 (all positions, three
-shapes), with steps per bit of p, lowest first,
-``[2, 4, 1, 2, 1, 2, 4, 4, 2, 2, ...]``. So the two bits with step 1 are
-row bit 0 and group bit 0, the others are row/group bits with 2^j = 2 or 4 mod 6.
-The ``row_only`` and ``group_only`` pattern cases below tell rows from groups.
+What it showed (cuSPARSELt 0.8, H200): the values are the kept entries in
+row-major order, then the metadata, one 4-bit code ``i0 | i1 << 2`` per group
+of four. The random cases pin the code order uniquely
+(bench/cusparselt_layout_decode.py): tiles of 64 rows x 8 groups in row-major
+order, and inside a tile the nibble index has the bits
+``r3 g2 g0 g1 r0 r1 r2 r4 r5`` (row r, group g, lowest first).
+``sparse24/packing.py`` writes that layout; tests/data/cusparselt_0.8_compress.pt
+keeps four of these dumps for the CPU tests.
 
     PYTHONPATH=src python bench/cusparselt_layout_probe.py --out $OUT/cslt_layout.pt
 """
@@ -58,6 +57,18 @@ def main() -> None:
             out["cases"][f"patterns_{M}x{K}_tile"] = (dense.cpu(), packed.cpu())
         except Exception as e:  # noqa: BLE001
             out["tile_error"] = repr(e)
+    # random 2:4 matrices of larger and non-square shapes: the checks for a decoded order
+    g = torch.Generator().manual_seed(0)
+    for M, K in [(256, 512), (512, 256), (128, 1024), (1024, 128), (192, 320)]:
+        vals = torch.randn(M, K, generator=g)
+        keep = torch.zeros(M, K // 4, 4, dtype=torch.bool)
+        idx = torch.rand(M, K // 4, 4, generator=g).argsort(-1)[..., :2]
+        keep.scatter_(-1, idx, True)
+        dense = torch.where(keep.view(M, K), vals, torch.zeros_like(vals)).to(torch.bfloat16).cuda()
+        try:
+            out["cases"][f"random_{M}x{K}"] = (dense.cpu(), torch._cslt_compress(dense).cpu())
+        except RuntimeError as e:
+            out[f"random_{M}x{K}_error"] = repr(e)
     torch.save(out, args.out)
     for k, (d, c) in out["cases"].items():
         print(k, tuple(d.shape), "->", tuple(c.shape), c.dtype)

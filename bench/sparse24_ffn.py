@@ -7,8 +7,9 @@ Per shape (bf16, 16k tokens; d_model 2048 / hidden 8192 and 4096 / 16384):
 * FFN block forward+backward: dense ``relu2``, ``swiglu`` at equal parameters
   (hidden 2/3), and ``relu2_24`` (``transposable`` through cuSPARSELt);
 * the pieces: each of the six GEMMs dense, the four sparse ones through
-  cuSPARSELt (default algorithm and, where the op exists, the searched one),
-  and the tile prune+pack kernel;
+  cuSPARSELt with the searched algorithm, and the one-pass Triton
+  selection+packing of ``s`` and ``s^T`` (forward) and of ``du``, ``du^T``
+  (backward);
 * the bf16 ceiling those measured GEMMs allow:
   ``sum(6 dense GEMMs) / (2 dense + 4 sparse GEMMs)``.
 
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsetrain.benchmark import bench_train_step, environment, summarize, time_fn  # noqa: E402
-from sparsetrain.sparse24.cusparselt import _ALG_IDS, Sparse24FFNCusparselt, _pack, sparse_mm  # noqa: E402
+from sparsetrain.sparse24.cusparselt import _ALG_IDS, Sparse24FFNCusparselt, sparse_mm  # noqa: E402
+from sparsetrain.sparse24.packing import pack_transposable, transposable_mask  # noqa: E402
 
 BF16 = torch.bfloat16
 
@@ -58,12 +60,9 @@ def ffn_block(N: int, d: int, h: int, repeats: int) -> dict:
         F.linear(F.silu(F.linear(xg, w_gate_s)) * F.linear(xg, w_up_s), w_down_s).backward(dy)
 
     def relu2_24() -> None:
-        Sparse24FFNCusparselt.apply(xg, w_up, w_down, None, True).backward(dy)
+        Sparse24FFNCusparselt.apply(xg, w_up, w_down, None).backward(dy)
 
-    def relu2_24_dense_du() -> None:  # the two products of du dense: no second pack
-        Sparse24FFNCusparselt.apply(xg, w_up, w_down, None, False).backward(dy)
-
-    variants = {"relu2": relu2, "swiglu": swiglu, "relu2_24": relu2_24, "relu2_24_dense_du": relu2_24_dense_du}
+    variants = {"relu2": relu2, "swiglu": swiglu, "relu2_24": relu2_24}
     times = {k: [] for k in variants}
     for fn in variants.values():
         time_fn(fn, warmup=5, repeats=1)
@@ -78,10 +77,12 @@ def ffn_block(N: int, d: int, h: int, repeats: int) -> dict:
     with torch.no_grad():
         u = F.linear(x, w_up)
         a = F.relu(u).square()
-        s = _pack(a, "")
+        s, s_t = pack_transposable(u)
+        mask = transposable_mask(a)
         wd_t = w_down.t().contiguous()
-        g = torch.randn(N, h, device="cuda", dtype=BF16) * (a > 0)
-        du = _pack(torch._sparse_semi_structured_apply_dense(g, s.compressed_swizzled_bitmask), "largest_abs_values_greedy")
+        ds = dy @ w_down
+        g = (ds * 2 * F.relu(u)) * mask
+        du, du_t = pack_transposable(u, ds)
         dense = {
             "up x@Wup^T": ms(lambda: F.linear(x, w_up), repeats),
             "down s@Wdown^T": ms(lambda: a @ wd_t, repeats),
@@ -91,43 +92,38 @@ def ffn_block(N: int, d: int, h: int, repeats: int) -> dict:
             "dWup du^T@x": ms(lambda: g.t() @ x, repeats),
         }
         wu = w_up.detach()
-        sparse_default = {
-            "down s@Wdown^T": ms(lambda: torch.mm(s, wd_t), repeats),
-            "dWdown s^T@dy": ms(lambda: torch.mm(s.t(), dy), repeats),
-            "dx du@Wup": ms(lambda: torch.mm(du, wu), repeats),
-            "dWup du^T@x": ms(lambda: torch.mm(du.t(), x), repeats),
-        }
         sparse = {  # the path's own products: searched algorithm per shape
             "down s@Wdown^T": ms(lambda: sparse_mm(s, wd_t), repeats),
-            "dWdown s^T@dy": ms(lambda: sparse_mm(s.t(), dy), repeats),
+            "dWdown s^T@dy": ms(lambda: sparse_mm(s_t, dy), repeats),
             "dx du@Wup": ms(lambda: sparse_mm(du, wu), repeats),
-            "dWup du^T@x": ms(lambda: sparse_mm(du.t(), x), repeats),
+            "dWup du^T@x": ms(lambda: sparse_mm(du_t, x), repeats),
         }
-        err = float((sparse_mm(s, wd_t).float() - torch._sparse_semi_structured_apply_dense(a, s.compressed_swizzled_bitmask).float() @ wd_t.float()).norm()
-                    / (torch._sparse_semi_structured_apply_dense(a, s.compressed_swizzled_bitmask).float() @ wd_t.float()).norm())
+        want = (a * mask).float() @ wd_t.float()
+        err = float((sparse_mm(s, wd_t).float() - want).norm() / want.norm())
+        want = g.float().t() @ x.float()
+        err_t = float((sparse_mm(du_t, x).float() - want).norm() / want.norm())
         other = {
-            "tile prune+pack (activations)": ms(lambda: _pack(a, ""), repeats),
-            "apply mask + pack (gradient)": ms(lambda: _pack(torch._sparse_semi_structured_apply_dense(g, s.compressed_swizzled_bitmask),
-                                                             "largest_abs_values_greedy"), repeats),
+            "select+pack s, s^T (Triton)": ms(lambda: pack_transposable(u), repeats),
+            "select+pack du, du^T (Triton)": ms(lambda: pack_transposable(u, ds), repeats),
+            "cslt_compress s + s^T": ms(lambda: (torch._cslt_compress(a * mask), torch._cslt_compress((a * mask).t().contiguous())), 5),
             "relu^2": ms(lambda: F.relu(u).square(), repeats),
         }
         searched = {str(k): v for k, v in _ALG_IDS.items()}
     dense_gemms = sum(dense.values())
     sparse_mix = dense["up x@Wup^T"] + dense["ds dy@Wdown"] + sum(sparse.values())
-    out["pieces_ms"] = {"dense_gemms": dense, "sparse_gemms": sparse, "sparse_gemms_default_alg": sparse_default,
-                        "other": other, "alg_ids": searched, "sparse_down_rel_err_vs_masked_dense": err}
-    out["fp8"] = fp8_probe(a, w_down.detach(), repeats)
+    out["pieces_ms"] = {"dense_gemms": dense, "sparse_gemms": sparse, "other": other, "alg_ids": searched,
+                        "sparse_down_rel_err_vs_masked_dense": err, "sparse_dWup_rel_err_vs_masked_dense": err_t}
+    out["fp8"] = fp8_probe(a * mask, w_down.detach(), repeats)
     out["ceiling_gemms_only"] = dense_gemms / sparse_mix
     out["fraction_of_ceiling"] = out["relu2_24"]["speedup_vs_relu2"] / out["ceiling_gemms_only"]
     return out
 
 
-def fp8_probe(a: torch.Tensor, w_down: torch.Tensor, repeats: int) -> dict:
+def fp8_probe(s16: torch.Tensor, w_down: torch.Tensor, repeats: int) -> dict:
     """Is an FP8 2:4 GEMM (cuSPARSELt, e4m3) faster than the FP8 dense one (``_scaled_mm``)
     by more than bf16 2:4 is over bf16 dense? The down-projection shape, one-off compression."""
     out: dict = {}
     try:
-        s16 = torch._sparse_semi_structured_apply_dense(a, _pack(a, "").compressed_swizzled_bitmask)
         sa = (s16.abs().amax().float() / 448).clamp(min=1e-12)
         sw = (w_down.abs().amax().float() / 448).clamp(min=1e-12)
         a8 = (s16.float() / sa).to(torch.float8_e4m3fn)
@@ -156,6 +152,25 @@ def fp8_probe(a: torch.Tensor, w_down: torch.Tensor, repeats: int) -> dict:
     return out
 
 
+def pack_sweep(N: int, h: int, repeats: int) -> dict:
+    """Time the packing kernel over its launch configurations; keep the fastest."""
+    from sparsetrain.sparse24 import packing
+
+    u = torch.randn(N, h, device="cuda", dtype=BF16)
+    ds = torch.randn(N, h, device="cuda", dtype=BF16)
+    res = {}
+    for blocks, warps in [(1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 8)]:
+        packing.KERNEL_CONFIG.update(blocks=blocks, num_warps=warps)
+        res[f"blocks{blocks}_warps{warps}"] = {"forward_ms": ms(lambda: pack_transposable(u), repeats),
+                                               "backward_ms": ms(lambda: pack_transposable(u, ds), repeats)}
+    best = min(res, key=lambda k: res[k]["forward_ms"] + res[k]["backward_ms"])
+    blocks, warps = (int(t) for t in best.replace("blocks", "").split("_warps"))
+    packing.KERNEL_CONFIG.update(blocks=blocks, num_warps=warps)
+    mb = 2 * N * h * 2 / 1e6  # read u, write s and s^T (values + metadata ~ the size of u)
+    print(f"pack sweep {N}x{h}: best {best}: {res[best]}, ~{mb / res[best]['forward_ms']:.0f} GB/s forward")
+    return {"configs": res, "best": best}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "sparse24_ffn.json"))
@@ -163,6 +178,7 @@ def main() -> None:
     ap.add_argument("--skip-step", action="store_true")
     args = ap.parse_args()
     out = {"environment": environment(), "ffn": {}, "step": {}}
+    out["pack_sweep_N16384_h16384"] = pack_sweep(16384, 16384, args.repeats)
     for N, d, h in [(16384, 2048, 8192), (16384, 4096, 16384)]:
         key = f"N{N}_d{d}_h{h}"
         out["ffn"][key] = ffn_block(N, d, h, args.repeats)
@@ -176,12 +192,11 @@ def main() -> None:
             torch.cuda.empty_cache()
         out["step"]["speedup"] = out["step"]["relu2"]["step"]["median_ms"] / out["step"]["relu2_24"]["step"]["median_ms"]
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"\n{'FFN fwd+bwd':<20} {'relu2':>7} {'swiglu':>7} {'2:4':>7} {'2:4 dense du':>12} {'best x':>7} {'ceiling':>8} {'fp8 2:4/dense':>13}")
+    print(f"\n{'FFN fwd+bwd ms':<20} {'relu2':>7} {'swiglu':>7} {'2:4':>7} {'speedup':>8} {'ceiling':>8} {'of ceil':>8} {'fp8 2:4/dense':>13}")
     for key, r in out["ffn"].items():
-        best = max(r["relu2_24"]["speedup_vs_relu2"], r["relu2_24_dense_du"]["speedup_vs_relu2"])
         f8 = r["fp8"].get("sparse_fp8_speedup_vs_dense_fp8", float("nan"))
         print(f"{key:<20} {r['relu2']['median_ms']:7.3f} {r['swiglu']['median_ms']:7.3f} {r['relu2_24']['median_ms']:7.3f}"
-              f" {r['relu2_24_dense_du']['median_ms']:12.3f} {best:6.3f}x {r['ceiling_gemms_only']:7.3f}x {f8:12.3f}x")
+              f" {r['relu2_24']['speedup_vs_relu2']:7.3f}x {r['ceiling_gemms_only']:7.3f}x {r['fraction_of_ceiling']:8.3f} {f8:12.3f}x")
     if out["step"]:
         print(f"d20 step: relu2 {out['step']['relu2']['step']['median_ms']:.1f} ms, relu2_24 "
               f"{out['step']['relu2_24']['step']['median_ms']:.1f} ms -> {out['step']['speedup']:.3f}x")

@@ -176,6 +176,17 @@ def test_moe_matches_per_token_loop() -> None:
     assert torch.allclose(moe(x), ref, rtol=1e-10)
 
 
+@pytest.mark.parametrize("rows", [1, 37, 128, 129])
+def test_bucketed_expert_equals_unpadded_with_gradients(rows: int) -> None:
+    from sparsetrain.bk.layers import _expert, _expert_bucketed
+
+    x, up, down = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((rows, 8), (16, 8), (8, 16)))
+    dy = torch.randn(rows, 8, dtype=torch.float64)
+    got = torch.autograd.grad(_expert_bucketed(x, up, down), (x, up, down), dy)
+    want = torch.autograd.grad(_expert(x, up, down), (x, up, down), dy)
+    assert all(torch.allclose(g, w, rtol=1e-12, atol=1e-14) for g, w in zip(got, want))
+
+
 def test_sparse_layer_at_zero_sparsity_equals_dense() -> None:
     dense, sparse = _pair(target_sparsity=0.0)
     x = torch.randn(2, 24, 16, dtype=torch.float64)

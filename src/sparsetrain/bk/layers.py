@@ -68,7 +68,7 @@ class MoEFFN(nn.Module):
         xs = x[order]
         # unbind once: indexing self.up[e] per expert would make each backward allocate a full [E, ...] gradient
         ups, downs = self.up.unbind(0), self.down.unbind(0)
-        outs = [_expert(chunk, ups[e], downs[e]) for e, chunk in enumerate(xs.split(counts)) if chunk.shape[0]]
+        outs = [_expert_bucketed(chunk, ups[e], downs[e]) for e, chunk in enumerate(xs.split(counts)) if chunk.shape[0]]
         y_sorted = torch.cat(outs) if outs else xs
         y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
         return y * gate.unsqueeze(-1).to(y.dtype)
@@ -77,6 +77,23 @@ class MoEFFN(nn.Module):
 def _expert(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """One squared-ReLU expert: ``down(relu(up x)^2)``."""
     return F.linear(F.relu(F.linear(x, up)).square(), down)
+
+
+ROW_BUCKET = 128  # expert batches are zero-padded to a multiple of this many rows
+
+
+def _expert_bucketed(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """:func:`_expert` on ``x`` zero-padded to a multiple of :data:`ROW_BUCKET` rows.
+
+    Routing changes every step, so unpadded expert batches have new row counts
+    every call, and each new GEMM shape costs a cuBLAS heuristic lookup on the
+    host (about 0.1 ms per product on an H200: bench/results/bk_core_h200.json's
+    profile). Padded, a layer sees a few shapes; rows are independent in a GEMM,
+    so the real rows' results are the same."""
+    pad = (-x.shape[0]) % ROW_BUCKET
+    if pad == 0:
+        return _expert(x, up, down)
+    return _expert(F.pad(x, (0, 0, 0, pad)), up, down)[: x.shape[0]]
 
 
 class MoEResNetBKLayer(nn.Module):

@@ -12,15 +12,17 @@ CUDA bf16/fp16 uses the fused kernels torch ships; their forward returns the
 log-sum-exp the backward reuses. Elsewhere the backward recomputes the forward
 under autograd.
 
-Flash attention, not cuDNN, by default. Calling torch's cuDNN attention ops
-directly gives wrong gradients (relative error ~1, every parameter) once
-ordinary ``F.scaled_dot_product_attention`` calls of the same shapes have run
-in the process -- as they do in any run that evaluates or trains a dense model
-first: cuDNN's cached execution plan for those shapes was built for other
-tensor layouts (found by bench/collider_objective.py --check-every, engine run
-after the dense modes; the engine run alone matched its reference). Flash
-attention has no plan cache. ``SPARSETRAIN_ATTENTION_IMPL=cudnn`` still selects
-cuDNN for a process that calls nothing else.
+cuDNN's fused attention when it runs here (faster than flash on Hopper), else
+flash. Torch keeps one cache of cuDNN backward graphs per thread, keyed by the
+shapes and the q/k/v strides but *not* by the strides of ``dO``, which the
+graph bakes in. Any other code's SDPA backward of the same shapes on the same
+thread (autograd's device thread runs every CUDA backward) leaves a graph
+built for its own ``dO`` layout, and a later call with another layout reads
+``dO`` wrongly: relative error ~1 in every gradient
+(bench/results/collider_objective_cudnn_bug_h200.json). So the engine calls
+the cuDNN backward on a thread of its own (:func:`_own_thread`), on the
+caller's stream, always with ``dO`` laid out like the forward's output.
+``SPARSETRAIN_ATTENTION_IMPL`` (``cudnn``, ``flash``, ``recompute``) forces one.
 
 Still dense here: the attention backward itself runs over all query rows
 (zeros included). A kernel that skips dropped queries is the next step; the
@@ -29,6 +31,7 @@ GEMMs around it already run on kept rows only.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from dataclasses import dataclass
 
@@ -55,14 +58,14 @@ def _fused_ok(q: torch.Tensor) -> bool:
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, AttentionSaved]:
     """Causal SDPA, as fast as the dense model's, plus what the backward needs.
 
-    On CUDA: torch's flash attention (cuDNN's only when asked, see the module
-    docstring); both return the log-sum-exp.
+    On CUDA: cuDNN's or flash attention (see the module docstring); both
+    return the log-sum-exp the backward reuses.
     """
     global _cudnn_ok
     aten = torch.ops.aten
-    impl = os.environ.get("SPARSETRAIN_ATTENTION_IMPL", "auto")  # auto (= flash), cudnn, flash or recompute
+    impl = os.environ.get("SPARSETRAIN_ATTENTION_IMPL", "auto")  # auto (cudnn, else flash), cudnn, flash, recompute
     if _fused_ok(q) and impl != "recompute":
-        if impl == "cudnn" and _cudnn_ok is not False and hasattr(aten, "_scaled_dot_product_cudnn_attention"):
+        if impl in ("auto", "cudnn") and _cudnn_ok is not False and hasattr(aten, "_scaled_dot_product_cudnn_attention"):
             try:
                 res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False)
                 out, lse, cum_q, cum_k, max_q, max_k, seed, offset = res[:8]
@@ -80,6 +83,32 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     return out, AttentionSaved(q, k, v, out, None)
 
 
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _own_thread(fn):
+    """``fn()`` on the engine's own thread (so its own cuDNN graph cache), on the
+    caller's device and stream; blocks until done."""
+    global _pool
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sparsetrain-attention")
+    device, stream = torch.cuda.current_device(), torch.cuda.current_stream()
+
+    def run():
+        torch.cuda.set_device(device)
+        with torch.cuda.stream(stream):
+            return fn()
+
+    return _pool.submit(run).result()
+
+
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``ref``'s strides (copied when they differ)."""
+    if t.stride() == ref.stride():
+        return t
+    return torch.empty_strided(ref.shape, ref.stride(), dtype=t.dtype, device=t.device).copy_(t)
+
+
 def attention_backward(saved: AttentionSaved, d_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` for ``d_out`` (laid out like ``saved.out``; zero rows for dropped queries)."""
     global _cudnn_ok
@@ -87,10 +116,11 @@ def attention_backward(saved: AttentionSaved, d_out: torch.Tensor) -> tuple[torc
     if saved.flash is not None:
         kind, lse, cum_q, cum_k, max_q, max_k, seed, offset = saved.flash
         if kind == "cudnn":
+            d_out = _like(d_out, saved.out)
             try:
-                dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+                dq, dk, dv = _own_thread(lambda: aten._scaled_dot_product_cudnn_attention_backward(
                     d_out, saved.q, saved.k, saved.v, saved.out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k,
-                    0.0, True)
+                    0.0, True))
                 _cudnn_ok = True
                 return dq, dk, dv
             except RuntimeError:  # this torch's cuDNN backward cannot be called so: recompute below

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import GPT, IGNORE_INDEX, apply_rope, rms_norm, upcast
+from ..model import GPT, IGNORE_INDEX, rms_norm, upcast
 from . import triton_attention
 from .attention import AttentionSaved, attention_backward, attention_forward
 from .triton_attention import kept_attention_backward
@@ -100,10 +100,20 @@ def rope_inverse(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def _qkv_rope(x, norm_w, qkv_w, cos, sin, eps: float, n_head: int):
+    """q, k (after RoPE), v as [B, H, T, hd] views of token-major [B, T, H, hd]
+    tensors: the attention output and gradients then come out token-major too,
+    so kept-row gathers and scatters are plain row copies of [B*T, D]."""
     B, T, D = x.shape
-    qkv = F.linear(rms_norm(x, norm_w, eps).to(qkv_w.dtype), qkv_w)
-    q, k, v = qkv.view(B, T, 3, n_head, D // n_head).permute(2, 0, 3, 1, 4)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    qkv = F.linear(rms_norm(x, norm_w, eps).to(qkv_w.dtype), qkv_w).view(B, T, 3, n_head, D // n_head)
+    q, k = (_rope_token_major(qkv[:, :, i], cos, sin).transpose(1, 2) for i in (0, 1))
+    return q, k, qkv[:, :, 2].contiguous().transpose(1, 2)
+
+
+def _rope_token_major(x, cos, sin):
+    """:func:`apply_rope` (the same arithmetic) on [B, T, H, hd], returning [B, T, H, hd]."""
+    x1, x2 = upcast(x).chunk(2, dim=-1)
+    cos, sin = cos[None, :, None], sin[None, :, None]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
 def _post_attention(x, o, proj_w, norm_w, up_w, gate_w, down_w, eps: float):
@@ -194,7 +204,7 @@ def _kept_kernel_ok(q: torch.Tensor, mode: str) -> bool:
         if not ok:
             raise RuntimeError("the kept-query attention kernel needs Triton and a power-of-two head_dim >= 16")
         return True
-    # auto: the dense fused (flash) backward with zero rows is still faster than this
+    # auto: the dense fused (cuDNN/flash) backward with zero rows is still faster than this
     # first Triton kernel on H200 (bench/results/collider_step_h200.json), so it wins
     return False
 

@@ -116,7 +116,6 @@ class Sparse24FFN(nn.Module):
         self.track_stats = False  # set by the trainer on log steps: fills last_stats at the next forward
         self.last_stats: dict[str, float] = {}
         self.last_backend = "dense"  # dense (warmup), masked_dense or cusparselt
-        self.sparse_grad_products = True  # cusparselt: also run du's two products sparse (packing du once more)
 
     @property
     def sparse(self) -> bool:
@@ -144,10 +143,9 @@ class Sparse24FFN(nn.Module):
                 self.scale.fill_(soft_threshold_scale(F.relu(F.linear(xp, self.up.weight)).square()))
         stats: dict[str, float] | None = {} if self.track_stats else None
         half = _half_dtype(xp)
-        if self.method == "transposable" and half is not None and cusparselt.supported(xp, self.up.weight):
+        if self.method == "transposable" and half is torch.bfloat16 and cusparselt.supported(xp, self.up.weight):
             self.last_backend = "cusparselt"
-            y = cusparselt.Sparse24FFNCusparselt.apply(xp.to(half), self.up.weight, self.down.weight, stats,
-                                                       self.sparse_grad_products)
+            y = cusparselt.Sparse24FFNCusparselt.apply(xp.to(half), self.up.weight, self.down.weight, stats)
         else:
             self.last_backend = "masked_dense"
             gen = self.generator if flat.device.type == "cpu" else None

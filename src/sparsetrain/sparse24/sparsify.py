@@ -15,13 +15,13 @@ get a gradient back).
   from the two kept ones, ``sign(x) * (|x| - t)``, then multiply by a
   per-layer scale ``beta`` (computed once by the caller and then fixed).
 * ``transposable``: 2:4 along *both* dimensions of a 2-D ``[tokens, hidden]``
-  tensor. Each aligned 4x4 tile keeps its largest magnitudes greedily, a value
-  being taken when its row and its column hold fewer than two kept values.
-  The result is 2:4 along the hidden dimension (the forward product's operand)
-  and along tokens (the weight-gradient products' operand), so one mask serves
-  every sparse GEMM of the FFN and the weight gradients stay exact -- the
-  pattern cuSPARSELt's tile kernel produces (``_sparse_semi_structured_tile``),
-  which is why it is the method the GPU path runs.
+  tensor. Each aligned 4x4 tile keeps, of the 90 patterns with two entries in
+  every row and column, the one with the largest sum of magnitudes
+  (``packing.transposable_mask``). The result is 2:4 along the hidden dimension
+  (the forward product's operand) and along tokens (the weight-gradient
+  products' operand), so one mask serves every sparse GEMM of the FFN and the
+  weight gradients stay exact. It is the pattern the GPU path's packing kernel
+  chooses, bit for bit, which is why it is the method that path runs.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..model import upcast
+from .packing import transposable_mask
 
 METHODS = ("naive", "mvue", "soft_threshold", "transposable")
 
@@ -101,28 +102,14 @@ def soft_threshold_scale(x: torch.Tensor) -> float:
 
 
 def transposable_24(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy transposable 2:4 of a 2-D ``x`` (rows a multiple of 4 after zero
-    padding, columns a multiple of 4): see the module docstring."""
+    """Transposable 2:4 of a 2-D ``x`` (columns a multiple of 4; rows are zero
+    padded to one): see the module docstring."""
     if x.dim() != 2:
         raise ValueError(f"transposable 2:4 needs a 2-D [tokens, hidden] tensor, got shape {tuple(x.shape)}")
     R, C = x.shape
     _groups(x)  # checks C % 4
     pad = (-R) % 4
-    xp = torch.nn.functional.pad(x, (0, 0, 0, pad))
-    # tiles [T, 16], entry 4 * row + col
-    tiles = xp.reshape((R + pad) // 4, 4, C // 4, 4).permute(0, 2, 1, 3).reshape(-1, 16)
-    order = upcast(tiles).abs().argsort(dim=-1, descending=True, stable=True)
-    rows, cols = order // 4, order % 4
-    n_row = torch.zeros(tiles.shape[0], 4, dtype=torch.long, device=x.device)
-    n_col = torch.zeros_like(n_row)
-    keep = torch.zeros(tiles.shape, dtype=torch.bool, device=x.device)
-    for k in range(16):  # largest first; a value fits while its row and column hold < 2
-        r, c = rows[:, k : k + 1], cols[:, k : k + 1]
-        ok = (n_row.gather(1, r) < 2) & (n_col.gather(1, c) < 2)
-        keep.scatter_(1, order[:, k : k + 1], ok)
-        n_row.scatter_add_(1, r, ok.long())
-        n_col.scatter_add_(1, c, ok.long())
-    mask = keep.reshape((R + pad) // 4, C // 4, 4, 4).permute(0, 2, 1, 3).reshape(R + pad, C)[:R]
+    mask = transposable_mask(torch.nn.functional.pad(x.abs(), (0, 0, 0, pad)))[:R]
     return x * mask, mask
 
 
