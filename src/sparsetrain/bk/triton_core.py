@@ -46,6 +46,13 @@ if triton is not None:
         return ar * br - ai * bi, ar * bi + ai * br
 
     @triton.jit
+    def _cdot2(ar, ai, br, bi, cr, ci, dr, di):
+        """a b + c d for complex a, b, c, d."""
+        x_r, x_i = _cmul(ar, ai, br, bi)
+        y_r, y_i = _cmul(cr, ci, dr, di)
+        return x_r + y_r, x_i + y_i
+
+    @triton.jit
     def _recip(x_re, x_im):
         d = x_re * x_re + x_im * x_im
         return x_re / d, -x_im / d
@@ -165,18 +172,10 @@ if triton is not None:
     def _mobius_combine(a00r, a00i, a01r, a01i, a10r, a10i, a11r, a11i,
                         b00r, b00i, b01r, b01i, b10r, b10i, b11r, b11i):
         # later (b) after earlier (a): C = B @ A
-        x_r, x_i = _cmul(b00r, b00i, a00r, a00i)
-        y_r, y_i = _cmul(b01r, b01i, a10r, a10i)
-        c00r, c00i = x_r + y_r, x_i + y_i
-        x_r, x_i = _cmul(b00r, b00i, a01r, a01i)
-        y_r, y_i = _cmul(b01r, b01i, a11r, a11i)
-        c01r, c01i = x_r + y_r, x_i + y_i
-        x_r, x_i = _cmul(b10r, b10i, a00r, a00i)
-        y_r, y_i = _cmul(b11r, b11i, a10r, a10i)
-        c10r, c10i = x_r + y_r, x_i + y_i
-        x_r, x_i = _cmul(b10r, b10i, a01r, a01i)
-        y_r, y_i = _cmul(b11r, b11i, a11r, a11i)
-        c11r, c11i = x_r + y_r, x_i + y_i
+        c00r, c00i = _cdot2(b00r, b00i, a00r, a00i, b01r, b01i, a10r, a10i)
+        c01r, c01i = _cdot2(b00r, b00i, a01r, a01i, b01r, b01i, a11r, a11i)
+        c10r, c10i = _cdot2(b10r, b10i, a00r, a00i, b11r, b11i, a10r, a10i)
+        c11r, c11i = _cdot2(b10r, b10i, a01r, a01i, b11r, b11i, a11r, a11i)
         sc = tl.maximum(tl.maximum(tl.maximum(tl.abs(c00r), tl.abs(c00i)), tl.maximum(tl.abs(c01r), tl.abs(c01i))),
                         tl.maximum(tl.maximum(tl.abs(c10r), tl.abs(c10i)), tl.maximum(tl.abs(c11r), tl.abs(c11i))))
         inv = 1.0 / sc
