@@ -53,10 +53,14 @@ def rope_tables(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x1, x2) = (first half, second half) of each head. x: [B, H, T, hd]."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_dim: int = 2) -> torch.Tensor:
+    """Rotate pairs (x1, x2) = (first half, second half) of each head. x: [B, H, T, hd]
+    (or any layout with positions along ``seq_dim``, e.g. 1 for [B, T, H, hd]);
+    cos, sin: [T, hd/2]. The result is contiguous in x's dimension order."""
     x1, x2 = upcast(x).chunk(2, dim=-1)
-    cos, sin = cos[None, None], sin[None, None]
+    shape = [1] * x.dim()
+    shape[seq_dim], shape[-1] = cos.shape
+    cos, sin = cos.reshape(shape), sin.reshape(shape)
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.type_as(x)
 

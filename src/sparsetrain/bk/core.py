@@ -49,6 +49,7 @@ import math
 import torch
 
 from ..errors import SparsetrainError
+from ..triton_util import interpreting
 
 DEFAULT_Z = 1j
 
@@ -140,16 +141,10 @@ def _use_triton(v: torch.Tensor, impl: str) -> bool:
         return False
     from .triton_core import triton_available
 
-    ok = triton_available() and v.dtype == torch.float32 and (v.is_cuda or _interpreting())
+    ok = triton_available() and v.dtype == torch.float32 and (v.is_cuda or interpreting())
     if impl == "triton" and not ok:
         raise BKCoreError("impl='triton' needs Triton and a float32 CUDA tensor (or TRITON_INTERPRET=1)")
     return ok and (impl == "triton" or v.is_cuda)
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class BKCoreFunction(torch.autograd.Function):

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import GPT, IGNORE_INDEX, rms_norm, upcast
+from ..model import GPT, IGNORE_INDEX, apply_rope, rms_norm, upcast
 from . import triton_attention
 from .attention import AttentionSaved, attention_backward, attention_forward
 from .triton_attention import kept_attention_backward
@@ -105,15 +105,8 @@ def _qkv_rope(x, norm_w, qkv_w, cos, sin, eps: float, n_head: int):
     so kept-row gathers and scatters are plain row copies of [B*T, D]."""
     B, T, D = x.shape
     qkv = F.linear(rms_norm(x, norm_w, eps).to(qkv_w.dtype), qkv_w).view(B, T, 3, n_head, D // n_head)
-    q, k = (_rope_token_major(qkv[:, :, i], cos, sin).transpose(1, 2) for i in (0, 1))
+    q, k = (apply_rope(qkv[:, :, i], cos, sin, seq_dim=1).transpose(1, 2) for i in (0, 1))
     return q, k, qkv[:, :, 2].contiguous().transpose(1, 2)
-
-
-def _rope_token_major(x, cos, sin):
-    """:func:`apply_rope` (the same arithmetic) on [B, T, H, hd], returning [B, T, H, hd]."""
-    x1, x2 = upcast(x).chunk(2, dim=-1)
-    cos, sin = cos[None, :, None], sin[None, :, None]
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
 def _post_attention(x, o, proj_w, norm_w, up_w, gate_w, down_w, eps: float):

@@ -34,6 +34,8 @@ import itertools
 
 import torch
 
+from ..triton_util import interpreting
+
 try:
     import triton
     import triton.language as tl
@@ -163,13 +165,7 @@ def pack_transposable_reference(u: torch.Tensor, ds: torch.Tensor | None = None
 
 def triton_ok(u: torch.Tensor) -> bool:
     """Can :func:`pack_transposable` run the Triton kernel on ``u``?"""
-    return triton is not None and (u.is_cuda or _interpreting()) and u.dtype == torch.bfloat16
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return triton is not None and (u.is_cuda or interpreting()) and u.dtype == torch.bfloat16
 
 
 # 64 x 64 blocks of u per program, and warps: set from bench/sparse24_ffn.py's sweep
