@@ -6,7 +6,7 @@ Torch caches cuDNN backward graphs per thread, keyed without the strides of
 with its own ``dO`` layout; the engine's backward also runs there (inside an
 autograd Function). This script reproduces the failure by calling the engine
 on that thread directly (``own_thread=False``) and checks the fix: the engine's
-own thread (``attention._own_thread``). Layouts are the engine's (token-major
+own thread (``attention.on_own_thread``). Layouts are the engine's (token-major
 q/k/v); the ordinary traffic passes a head-major ``dO``.
 
     PYTHONPATH=src python bench/collider_cudnn_order.py --out $OUT/collider_cudnn_order.json
@@ -51,13 +51,13 @@ class _EngineOnAutogradThread(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
-        real = A._own_thread
+        real = A.on_own_thread
         if not ctx.own_thread:
-            A._own_thread = lambda fn: fn()  # the old behaviour: the caller's thread
+            A.on_own_thread = lambda fn: fn()  # the old behaviour: the caller's thread
         try:
             ctx.grads = A.attention_backward(ctx.saved, ctx.d_out)
         finally:
-            A._own_thread = real
+            A.on_own_thread = real
         _EngineOnAutogradThread.last = ctx.grads
         return g, None, None, None
 

@@ -4,12 +4,15 @@ whole-step time (bf16 autocast, sequence 2048), one process, side by side.
     PYTHONPATH=src python bench/collider_step.py --out $OUT/collider_step.json
 
 Variants per model: dense; loss-only filtering at drop 0.5 (masked loss, dense
-backward: the naive baseline); Collider at drop 0.25, 0.4, 0.5. Keep masks come
-from the `collider` score with exact top-k, and the scoring+selection time is
-measured on its own. Each set runs eager and with torch.compile (the dense model compiled
-whole; Collider's elementwise pieces compiled), each against its own dense
-baseline. A torch.profiler pass on compiled nano-125m splits a step by kernel
-family.
+backward: the naive baseline); Collider at drop 0.25, 0.4, 0.5 with the default
+attention backward (``auto``: the Triton kept-query kernel up to keep 0.55),
+and at 0.5 with cuDNN's dense backward over all query rows (``_dense_attention``).
+Keep masks come from the `collider` score with exact top-k, and the
+scoring+selection time is measured on its own. Each set runs eager and with
+torch.compile (the dense model compiled whole; Collider's elementwise pieces
+compiled), each against its own dense baseline. ``--profile`` models get a
+torch.profiler pass that splits a compiled step by kernel family;
+``--attention-only`` times the attention backward alone at the 1B shape.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,11 +40,11 @@ MODELS = {
     "nano-125m": ("nano-125m", {}),
     "1b": ("nano-125m", {"d_model": 2048, "n_layer": 16, "n_head": 16, "vocab_size": 32768}),
 }
-VARIANTS = [  # (kind, drop ratio, torch.compile, Collider attention backward)
-    ("dense", None, False, ""), ("loss_only", 0.5, False, ""), ("collider", 0.25, False, "dense"),
-    ("collider", 0.4, False, "dense"), ("collider", 0.5, False, "dense"),
-    ("dense", None, True, ""), ("loss_only", 0.5, True, ""), ("collider", 0.25, True, "dense"),
-    ("collider", 0.4, True, "dense"), ("collider", 0.5, True, "dense"), ("collider", 0.5, True, "kept"),
+VARIANTS = [  # (kind, drop ratio, torch.compile, Collider attention backward: auto, dense or kept)
+    ("dense", None, False, ""), ("loss_only", 0.5, False, ""), ("collider", 0.25, False, "auto"),
+    ("collider", 0.4, False, "auto"), ("collider", 0.5, False, "auto"), ("collider", 0.5, False, "dense"),
+    ("dense", None, True, ""), ("loss_only", 0.5, True, ""), ("collider", 0.25, True, "auto"),
+    ("collider", 0.4, True, "auto"), ("collider", 0.5, True, "auto"), ("collider", 0.5, True, "dense"),
 ]
 
 
@@ -61,11 +65,12 @@ def kernel_family(name: str) -> str:
 
 def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only: list[str] | None = None) -> dict:
     preset, over = MODELS[name]
+    torch._dynamo.reset()  # compile afresh per model: no recompile limit carried over from the last one
     cfg = build_config(preset, overrides={"seq_len": seq, **over}).model
     torch.manual_seed(0)
     model = GPT(cfg).cuda()
     opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), "cuda")
-    colliders = {(c, a): ColliderModel(model, compile=c, attention=a or "auto") for c in (False, True) for a in ("kept", "dense")}
+    colliders = {(c, a): ColliderModel(model, compile=c, attention=a) for c in (False, True) for a in ("auto", "dense")}
     compiled_model = torch.compile(model)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=g)
@@ -73,10 +78,14 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only
     out = {"model": name, "params": model.num_params(), "d_model": cfg.d_model, "n_layer": cfg.n_layer,
            "vocab_size": cfg.vocab_size, "seq_len": seq, "batch": batch, "variants": {}}
 
+    host_ms: list[float] = []  # host (Python + launch) time of the backward call, timed steps only
+
     def step_fn(kind: str, drop: float | None, compiled: bool, attention: str, ev: list | None):
         sel = TokenSelector(score="collider", method="topk", keep_ratio=1.0 - drop) if drop else None
         dense_model = compiled_model if compiled else model
-        collider = colliders[(compiled, attention or "dense")]
+        collider = colliders[(compiled, attention or "auto")]
+
+        host = host_ms if ev is not None else []
 
         def step():
             e = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
@@ -94,7 +103,9 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only
             if kind != "dense":
                 loss = masked_cross_entropy(logits, y, keep)
             with collider_filter(keep if kind == "collider" else None):
+                t0 = time.perf_counter()
                 loss.backward()
+                host.append((time.perf_counter() - t0) * 1e3)
             e[3].record()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -105,13 +116,14 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only
 
     for kind, drop, compiled, attention in VARIANTS:
         label = (kind if drop is None else f"{kind}_{drop}") + ("_compiled" if compiled else "")
-        label += "_triton_kept_attention" if attention == "kept" else ""
+        label += "_dense_attention" if attention == "dense" else ""  # cuDNN over all query rows
         if only and label not in only:
             continue
         warm = step_fn(kind, drop, compiled, attention, None)
         for _ in range(3):
             warm()
         events: list = []
+        host_ms.clear()
         timed = step_fn(kind, drop, compiled, attention, events)
         torch.cuda.synchronize()
         for _ in range(repeats):
@@ -125,6 +137,9 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only
             parts["optimizer"].append(e[3].elapsed_time(e[4]))
             parts["step"].append(e[0].elapsed_time(e[4]))
         out["variants"][label] = {k: statistics.median(v) for k, v in parts.items()}
+        # host time of loss.backward() (it returns once every kernel is queued): near
+        # the GPU backward time means the backward is host-bound
+        out["variants"][label]["backward_host"] = statistics.median(host_ms)
         out["variants"][label]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         torch.cuda.reset_peak_memory_stats()
     for label, v in out["variants"].items():
@@ -137,7 +152,7 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only
 
         out["backward_breakdown_ms"] = {}
         for kind, drop in (("dense", None), ("collider", 0.5)):
-            step = step_fn(kind, drop, True, "dense", None)
+            step = step_fn(kind, drop, True, "auto", None)
             step()
             torch.cuda.synchronize()
             with prof(activities=[ProfilerActivity.CUDA]) as p:
@@ -159,6 +174,49 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only
     return out
 
 
+def attention_only(batch: int, seq: int, heads: int = 16, head_dim: int = 128, repeats: int = 20) -> dict:
+    """The attention backward alone at the 1B shape: the fused dense backward
+    (cuDNN, all query rows, zero dO rows for dropped ones) against the Triton
+    kept-query kernels reading the forward's log-sum-exp, per keep ratio."""
+    from sparsetrain.collider import triton_attention
+    from sparsetrain.collider.attention import attention_backward, attention_forward
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+               .transpose(1, 2) for _ in range(3))  # token-major, as the engine lays them out
+    out, saved = attention_forward(q, k, v)
+    res: dict = {"shape": [batch, heads, seq, head_dim], "forward_impl": saved.flash[0] if saved.flash else "recompute"}
+
+    def timed(fn) -> float:
+        """GPU time per call, median of 5 rounds of ``repeats`` calls queued back
+        to back (so the host's launch time does not count where the GPU is busy)."""
+        for _ in range(3):
+            fn()
+        ts = []
+        for _ in range(5):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(repeats):
+                fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b) / repeats)
+        return statistics.median(ts)
+
+    d_out = torch.randn_like(out)
+    res["dense_backward_ms"] = timed(lambda: attention_backward(saved, d_out))
+    for keep_ratio in (0.5, 0.6, 0.75):
+        keep = torch.rand(batch, seq, device="cuda", generator=g) < keep_ratio
+        kidx = torch.nonzero(keep.reshape(-1)).squeeze(1)
+        do_k = torch.randn(kidx.numel(), heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        lse = saved.flash[1]
+        ms = timed(lambda: triton_attention.kept_attention_backward(q, k, v, out, do_k, kidx, lse))
+        res[f"kept_{keep_ratio}_ms"] = ms
+        res[f"kept_{keep_ratio}_vs_dense"] = ms / res["dense_backward_ms"]
+    res["tuned_configs"] = {str(key): val for key, val in triton_attention._tuned.items()}
+    return res
+
+
 def print_profiles(res: dict) -> None:
     for r in res["results"]:
         for label, prof_ in r.get("backward_breakdown_ms", {}).items():
@@ -177,18 +235,22 @@ def main() -> None:
     ap.add_argument("--models", default="nano-125m,1b")
     ap.add_argument("--profile", default="nano-125m", help="models (comma list) to profile by kernel family")
     ap.add_argument("--variants", default="", help="only these variant labels (comma list; default all)")
+    ap.add_argument("--attention-only", action="store_true", help="also time the attention backward alone (1B shape)")
     args = ap.parse_args()
     res = {"environment": environment(), "results": []}
+    if args.attention_only:
+        res["attention_only"] = attention_only(args.batch, args.seq_len)
+        print(json.dumps(res["attention_only"], indent=1))
     for name in args.models.split(","):
         res["results"].append(run_model(name, args.seq_len, args.batch, args.repeats, profile=name in args.profile.split(","),
                                          only=[v for v in args.variants.split(",") if v]))
         Path(args.out).write_text(json.dumps(res, indent=2))
     print_profiles(res)
     print(f"\n{res['environment']['device']}, torch {res['environment']['torch']}, bf16, seq {args.seq_len} x batch {args.batch}")
-    print(f"{'model':<10} {'variant':<24} {'fwd':>7} {'select':>7} {'bwd':>8} {'opt':>6} {'step':>8} {'bwd/dense':>9} {'step/dense':>10}")
+    print(f"{'model':<10} {'variant':<24} {'fwd':>7} {'select':>7} {'bwd':>8} {'bwd host':>8} {'opt':>6} {'step':>8} {'bwd/dense':>9} {'step/dense':>10}")
     for r in res["results"]:
         for label, v in r["variants"].items():
-            print(f"{r['model']:<10} {label:<24} {v['forward']:7.1f} {v['select']:7.2f} {v['backward']:8.1f} {v['optimizer']:6.1f} "
+            print(f"{r['model']:<10} {label:<24} {v['forward']:7.1f} {v['select']:7.2f} {v['backward']:8.1f} {v['backward_host']:8.1f} {v['optimizer']:6.1f} "
                   f"{v['step']:8.1f} {v['backward_vs_dense']:9.2f} {v['step_vs_dense']:10.2f}")
 
 

@@ -13,7 +13,8 @@ Hugging Face causal LMs (Llama, Qwen2): ``apply(model)`` swaps in the same
 filtering (attention registry + kept-row linear backward); see ``hf.py``.
 """
 
-from .engine import ColliderModel, current_keep, filter, masked_cross_entropy, rmsnorm_backward, rope_inverse
+from .engine import ColliderModel, current_keep, filter, rmsnorm_backward, rope_inverse
 from .hf import apply
+from .loss import masked_cross_entropy
 
 __all__ = ["apply", "ColliderModel", "current_keep", "filter", "masked_cross_entropy", "rmsnorm_backward", "rope_inverse"]

@@ -20,7 +20,7 @@ thread (autograd's device thread runs every CUDA backward) leaves a graph
 built for its own ``dO`` layout, and a later call with another layout reads
 ``dO`` wrongly: relative error ~1 in every gradient
 (bench/results/collider_objective_cudnn_bug_h200.json). So the engine calls
-the cuDNN backward on a thread of its own (:func:`_own_thread`), on the
+the cuDNN backward on a thread of its own (:func:`on_own_thread`), on the
 caller's stream, always with ``dO`` laid out like the forward's output.
 ``SPARSETRAIN_ATTENTION_IMPL`` (``cudnn``, ``flash``, ``recompute``) forces one.
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -84,19 +85,24 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
 
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
+_THREAD_NAME = "sparsetrain-attention"
 
 
-def _own_thread(fn):
+def on_own_thread(fn):
     """``fn()`` on the engine's own thread (so its own cuDNN graph cache), on the
-    caller's device and stream; blocks until done."""
+    caller's device and stream, with autograd off; blocks until done. Runs
+    ``fn`` directly when already there, so the engine can move its whole
+    backward onto this thread (one hand-off per step, not one per layer)."""
     global _pool
+    if threading.current_thread().name.startswith(_THREAD_NAME):
+        return fn()
     if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sparsetrain-attention")
+        _pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=_THREAD_NAME)
     device, stream = torch.cuda.current_device(), torch.cuda.current_stream()
 
     def run():
         torch.cuda.set_device(device)
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), torch.no_grad():
             return fn()
 
     return _pool.submit(run).result()
@@ -118,7 +124,7 @@ def attention_backward(saved: AttentionSaved, d_out: torch.Tensor) -> tuple[torc
         if kind == "cudnn":
             d_out = _like(d_out, saved.out)
             try:
-                dq, dk, dv = _own_thread(lambda: aten._scaled_dot_product_cudnn_attention_backward(
+                dq, dk, dv = on_own_thread(lambda: aten._scaled_dot_product_cudnn_attention_backward(
                     d_out, saved.q, saved.k, saved.v, saved.out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k,
                     0.0, True))
                 _cudnn_ok = True

@@ -28,9 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import GPT, IGNORE_INDEX, apply_rope, rms_norm, upcast
+from ..model import GPT, apply_rope, rms_norm, upcast
 from . import triton_attention
-from .attention import AttentionSaved, attention_backward, attention_forward
+from .attention import AttentionSaved, attention_backward, attention_forward, on_own_thread
+from .loss import SLOT_ATTR, RowGradSlot
 from .triton_attention import kept_attention_backward
 
 # Process-wide, not thread-local: autograd runs CUDA backward nodes on its own
@@ -124,18 +125,27 @@ def _post_attention(x, o, proj_w, norm_w, up_w, gate_w, down_w, eps: float):
     return o2, x1, u, g, x1 + F.linear(f, down_w)
 
 
-def _head_backward(dl, h_k, norm_w, head_w, eps: float):
+def _rows(t: torch.Tensor, kidx: torch.Tensor) -> torch.Tensor:
+    """Kept tokens' rows of a token-major ``[B, T, ...]`` tensor: ``[K, ...]``.
+    Inside the compiled pieces this gather fuses into the kernel that reads it."""
+    return t.flatten(0, 1).index_select(0, kidx)
+
+
+def _head_backward(dl, h, kidx, norm_w, head_w, eps: float):
+    h_k = _rows(h, kidx)
     hn = rms_norm(h_k, norm_w, eps).to(head_w.dtype)
     d_head = dl.t() @ hn
     dx, d_norm = rmsnorm_backward(dl @ head_w, h_k, norm_w, eps)
     return dx, d_head, d_norm
 
 
-def _ffn_backward(dx, x1_k, u_k, g_k, norm_w, up_w, gate_w, down_w, eps: float):
+def _ffn_backward(dx, x1, u, g, kidx, norm_w, up_w, gate_w, down_w, eps: float):
     cdt = up_w.dtype
+    x1_k, u_k = _rows(x1, kidx), _rows(u, kidx)
     b = rms_norm(x1_k, norm_w, eps).to(cdt)
     dxc = dx.to(cdt)
     if gate_w is not None:
+        g_k = _rows(g, kidx)
         gf, uf = upcast(g_k), upcast(u_k)
         sig = torch.sigmoid(gf)
         f = F.silu(g_k) * u_k  # as the forward computed it
@@ -157,14 +167,19 @@ def _ffn_backward(dx, x1_k, u_k, g_k, norm_w, up_w, gate_w, down_w, eps: float):
     return dx + dxn, d_down, d_up, d_gate, d_norm
 
 
-def _proj_backward(dx, o2_k, proj_w):
+def _proj_backward(dx, o2, kidx, proj_w):
     dxc = dx.to(proj_w.dtype)
-    return dxc.t() @ o2_k, dxc @ proj_w
+    return dxc.t() @ _rows(o2, kidx).to(proj_w.dtype), dxc @ proj_w
 
 
-def _qkv_backward(dx, dq_k, dk_k, dv_k, x_k, cos_k, sin_k, norm_w, qkv_w, eps: float):
+def _qkv_backward(dx, dq, dk, dv, x, kidx, cos_k, sin_k, norm_w, qkv_w, eps: float, compact: bool):
+    """``dq``/``dk``/``dv``: token-major ``[B, T, H, hd]`` over all rows, or
+    with ``compact`` already the kept rows ``[K, H, hd]``."""
     K = dx.shape[0]
-    dqkv = torch.stack((rope_inverse(dq_k, cos_k, sin_k), rope_inverse(dk_k, cos_k, sin_k), dv_k), 1)
+    if not compact:
+        dq, dk, dv = _rows(dq, kidx), _rows(dk, kidx), _rows(dv, kidx)
+    x_k = _rows(x, kidx)
+    dqkv = torch.stack((rope_inverse(dq, cos_k, sin_k), rope_inverse(dk, cos_k, sin_k), dv), 1)
     dqkv = dqkv.reshape(K, -1).to(qkv_w.dtype)
     a = rms_norm(x_k, norm_w, eps).to(qkv_w.dtype)
     dxa, d_norm = rmsnorm_backward(dqkv @ qkv_w, x_k, norm_w, eps)
@@ -177,17 +192,29 @@ _compiled: dict[str, object] = {}
 
 
 def _piece(name: str, compile: bool):
-    """The named piece, compiled on first use when asked. Backward pieces see a
-    different kept count every step, so they are compiled with dynamic shapes."""
+    """The named piece, compiled on first use when asked.
+
+    Backward pieces see a new kept count K most steps. torch.compile's default
+    (automatic dynamic) recompiles once with K symbolic and every other size
+    and stride fixed. ``dynamic=True`` would make the widths and strides
+    symbolic as well, and the fused kept-row gathers then lose their vector
+    loads: 24 ms of gathers per 1B step instead of 8 (H200)."""
     if not compile:
         return _PIECES[name]
     if name not in _compiled:
-        dynamic = name.endswith("backward")
-        _compiled[name] = torch.compile(_PIECES[name], dynamic=dynamic)
+        _compiled[name] = torch.compile(_PIECES[name])
     return _compiled[name]
 
 
-def _kept_kernel_ok(q: torch.Tensor, mode: str) -> bool:
+# auto picks the kept-query kernel up to this kept fraction. H200, 1B shapes
+# (bench/results/collider_step_compact_h200.json): alone, calls queued back to
+# back, it takes 0.72x cuDNN's dense backward at keep 0.5, 0.85x at 0.6 and
+# 1.12x at 0.75; in the 1B step at drop 0.5 it saves 0.8 ms compiled and 5 ms
+# eager. Kept below the crossover (~0.68) because inside a step the gain is smaller.
+KEPT_KERNEL_MAX_KEEP = 0.55
+
+
+def _kept_kernel_ok(q: torch.Tensor, mode: str, keep_fraction: float) -> bool:
     """Use the kept-query Triton attention backward? ``mode``: auto, kept or dense."""
     if mode == "dense":
         return False
@@ -197,9 +224,8 @@ def _kept_kernel_ok(q: torch.Tensor, mode: str) -> bool:
         if not ok:
             raise RuntimeError("the kept-query attention kernel needs Triton and a power-of-two head_dim >= 16")
         return True
-    # auto: the dense fused (cuDNN/flash) backward with zero rows is still faster than this
-    # first Triton kernel on H200 (bench/results/collider_step_h200.json), so it wins
-    return False
+    # auto: on the GPU in 16-bit, when few enough queries are kept to beat the fused dense backward
+    return ok and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and keep_fraction <= KEPT_KERNEL_MAX_KEEP
 
 
 def _token_major(t: torch.Tensor) -> bool:
@@ -207,24 +233,42 @@ def _token_major(t: torch.Tensor) -> bool:
     return t.transpose(1, 2).is_contiguous()
 
 
-def _scatter_heads(rows_: torch.Tensor, like: torch.Tensor, kidx, kb, kt) -> torch.Tensor:
-    """A zero [B, H, T, hd] tensor laid out like ``like`` with ``rows_`` [K, D] at the kept tokens."""
+def _scatter_heads(rows_: torch.Tensor, like: torch.Tensor, kidx, kb, kt,
+                   buf: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A zero [B, H, T, hd] tensor laid out like ``like`` with ``rows_`` [K, D] at
+    the kept tokens, and the [B*T, D] buffer behind it when token-major.
+
+    Pass that buffer back in for the next layer: the kept rows are the same in
+    every layer, so they are overwritten and the dropped rows stay zero, and
+    the buffer is zero-filled once per backward instead of once per layer."""
     B, H, T, hd = like.shape
     if _token_major(like):  # a plain row copy into a [B*T, D] buffer
-        flat = torch.zeros(B * T, H * hd, dtype=like.dtype, device=like.device)
-        flat.index_copy_(0, kidx, rows_.to(like.dtype))
-        return flat.view(B, T, H, hd).transpose(1, 2)
+        if buf is None or buf.dtype != like.dtype:
+            buf = torch.zeros(B * T, H * hd, dtype=like.dtype, device=like.device)
+        buf.index_copy_(0, kidx, rows_.to(like.dtype))
+        return buf.view(B, T, H, hd).transpose(1, 2), buf
     out = torch.zeros_like(like)
     out[kb, :, kt] = rows_.view(-1, H, hd).to(like.dtype)
-    return out
+    return out, buf
 
 
-def _gather_heads(t: torch.Tensor, kidx, kb, kt) -> torch.Tensor:
-    """Kept tokens' rows [K, H, hd] of a [B, H, T, hd] tensor."""
-    B, H, T, hd = t.shape
-    if _token_major(t):
-        return t.transpose(1, 2).reshape(B * T, H, hd).index_select(0, kidx)
-    return t[kb, :, kt]
+def _kept_logit_grads(dlogits: torch.Tensor, items: list, keep: torch.Tensor | None, kidx: torch.Tensor,
+                      cdt: torch.dtype) -> torch.Tensor:
+    """The logits' gradient at the kept rows, ``[K, V]``: autograd's ``dlogits``
+    (skipped when it is the stride-0 zero a kept-rows loss returns) plus the
+    compact rows that :func:`~sparsetrain.collider.loss.masked_cross_entropy`
+    left in the slot. Rows of another mask are mapped onto ``kidx`` (rows
+    outside it are dropped, as everywhere else)."""
+    N, V = dlogits.shape[:-1].numel(), dlogits.shape[-1]
+    K = kidx.numel()
+    dl = None if all(s == 0 for s in dlogits.stride()) else dlogits.reshape(N, V).index_select(0, kidx).to(cdt)
+    for keep_l, kidx_l, rows in items:
+        if keep_l is not keep:
+            slot_of = torch.full((N,), K, dtype=torch.long, device=kidx.device)  # K: a scratch row
+            slot_of[kidx] = torch.arange(K, device=kidx.device)
+            rows = torch.zeros(K + 1, V, dtype=rows.dtype, device=rows.device).index_add_(0, slot_of[kidx_l], rows)[:K]
+        dl = rows.to(cdt) if dl is None else dl + rows.to(cdt)
+    return dl if dl is not None else torch.zeros(K, V, dtype=cdt, device=dlogits.device)
 
 
 def _forward(model: GPT, idx: torch.Tensor, compile: bool = False, attention: str = "auto") -> tuple[torch.Tensor, dict]:
@@ -267,15 +311,18 @@ def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor
     idx, cdt, w, compile = saved["idx"], saved["cdt"], saved["w"], saved["compile"]
     B, T = idx.shape
     N, H, hd = B * T, cfg.n_head, cfg.head_dim
+    if keep is not None and keep.shape != idx.shape:
+        raise ValueError(f"keep mask shape {tuple(keep.shape)} does not match the batch {tuple(idx.shape)}")
+    items, saved["slot"].items = saved["slot"].items, []
+    shared = [kidx_l for keep_l, kidx_l, _ in items if keep_l is keep]
     if keep is None:
         kidx = torch.arange(N, device=idx.device)
-    else:
-        if keep.shape != idx.shape:
-            raise ValueError(f"keep mask shape {tuple(keep.shape)} does not match the batch {tuple(idx.shape)}")
-        kidx = torch.nonzero(keep.reshape(-1)).squeeze(1)
+    else:  # the kept-rows loss already took the same mask's indices: reuse them
+        kidx = shared[0] if shared else torch.nonzero(keep.reshape(-1)).squeeze(1)
     K = kidx.numel()
     if K == 0:
         raise ValueError("Collider keep mask keeps no token: nothing to learn from in this batch")
+    dl = _kept_logit_grads(dlogits, items, keep, kidx, cdt)
     grads: dict[int, torch.Tensor] = {}
 
     def W(lin: nn.Linear | None) -> torch.Tensor | None:
@@ -287,42 +334,44 @@ def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor
         g = g.to(p.dtype)
         grads[id(p)] = grads[id(p)] + g if id(p) in grads else g
 
-    def rows(t: torch.Tensor | None) -> torch.Tensor | None:  # kept rows of a [B, T, ...] activation
-        return None if t is None else t.reshape(N, -1).index_select(0, kidx)
-
     kb, kt = kidx // T, kidx % T  # batch row and position of each kept token
     cos, sin = model.rope_cos[kt][:, None, :], model.rope_sin[kt][:, None, :]  # [K, 1, hd/2]
     eps = cfg.norm_eps
     ffn_bwd, proj_bwd = _piece("ffn_backward", compile), _piece("proj_backward", compile)
     qkv_bwd, head_bwd = _piece("qkv_backward", compile), _piece("head_backward", compile)
 
-    dl = dlogits.reshape(N, -1).index_select(0, kidx).to(cdt)
-    dx, d_head, d_norm = head_bwd(dl, rows(saved["h"]), model.norm.weight, W(model.lm_head), eps)
+    dx, d_head, d_norm = head_bwd(dl, saved["h"], kidx, model.norm.weight, W(model.lm_head), eps)
     acc(model.lm_head.weight, d_head)
     acc(model.norm.weight, d_norm)
     if dtrunk is not None:
-        dx = dx + rows(dtrunk).to(dx.dtype)
+        dx = dx + _rows(dtrunk, kidx).to(dx.dtype)
+    do_buf = None  # dO over all rows for the fused attention backward; dropped rows stay zero
+    rows_meta = None  # kept positions and per-row starts, for the kept-query kernel
     for blk, sv in zip(reversed(model.blocks), reversed(saved["blocks"])):
         ffn = blk.ffn
-        dx, d_down, d_up, d_gate, d_norm = ffn_bwd(dx, rows(sv.x1), rows(sv.u), rows(sv.g), blk.ffn_norm.weight,
+        dx, d_down, d_up, d_gate, d_norm = ffn_bwd(dx, sv.x1, sv.u, sv.g, kidx, blk.ffn_norm.weight,
                                                    W(ffn.up), W(ffn.gate), W(ffn.down), eps)
         acc(ffn.down.weight, d_down)
         acc(ffn.up.weight, d_up)
         acc(ffn.gate.weight if ffn.gate is not None else None, d_gate)
         acc(blk.ffn_norm.weight, d_norm)
-        d_proj, do2 = proj_bwd(dx, rows(sv.o2), W(blk.attn.proj))
+        d_proj, do2 = proj_bwd(dx, sv.o2, kidx, W(blk.attn.proj))
         acc(blk.attn.proj.weight, d_proj)
         att = sv.att
-        if _kept_kernel_ok(att.q, saved["attention"]):
+        if _kept_kernel_ok(att.q, saved["attention"], K / N):
             # only kept queries, and only kept keys' dk/dv: ~half the dense work at keep 0.5
-            q_k, o_k, k_k, v_k = (_gather_heads(t, kidx, kb, kt) for t in (att.q, att.out, att.k, att.v))
-            dq_k, dk_k, dv_k = kept_attention_backward(q_k, o_k, do2.view(K, H, hd).to(q_k.dtype), att.k, att.v,
-                                                       k_k, v_k, kidx, B, T)
+            lse = att.flash[1] if att.flash is not None else None  # the forward kernel's log-sum-exp
+            if rows_meta is None:
+                rows_meta = triton_attention.kept_rows_meta(kidx, B, T)
+            dq, dk, dv = kept_attention_backward(att.q, att.k, att.v, att.out, do2.view(K, H, hd), kidx, lse,
+                                                 rows_meta=rows_meta)
+            compact = True
         else:
-            dq, dk, dv = attention_backward(att, _scatter_heads(do2, att.out, kidx, kb, kt))
-            dq_k, dk_k, dv_k = (_gather_heads(t, kidx, kb, kt) for t in (dq, dk, dv))
-        dx, d_qkv, d_norm = qkv_bwd(dx, dq_k, dk_k, dv_k, rows(sv.x), cos, sin, blk.attn_norm.weight,
-                                    W(blk.attn.qkv), eps)
+            d_out, do_buf = _scatter_heads(do2, att.out, kidx, kb, kt, do_buf)
+            dq, dk, dv = (t.transpose(1, 2) for t in attention_backward(att, d_out))  # token-major views
+            compact = False
+        dx, d_qkv, d_norm = qkv_bwd(dx, dq, dk, dv, sv.x, kidx, cos, sin, blk.attn_norm.weight,
+                                    W(blk.attn.qkv), eps, compact)
         acc(blk.attn.qkv.weight, d_qkv)
         acc(blk.attn_norm.weight, d_norm)
 
@@ -334,8 +383,10 @@ def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor
 
 class _ColliderFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, idx: torch.Tensor, model: GPT, compile: bool, attention: str, *params: torch.Tensor):  # type: ignore[override]
+    def forward(ctx, idx: torch.Tensor, model: GPT, compile: bool, attention: str, slot: RowGradSlot,  # type: ignore[override]
+                *params: torch.Tensor):
         logits, saved = _forward(model, idx, compile, attention)
+        saved["slot"] = slot
         ctx.model, ctx.saved, ctx.params = model, saved, params
         # the trunk output too (pre final norm): extra heads (MTP) read it, and
         # their gradient at kept rows joins the LM head's in the compact backward
@@ -343,9 +394,14 @@ class _ColliderFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dlogits: torch.Tensor, dtrunk: torch.Tensor | None):  # type: ignore[override]
-        grads = _backward(ctx.model, ctx.saved, dlogits, current_keep(), dtrunk)
+        keep = current_keep()
+        run = lambda: _backward(ctx.model, ctx.saved, dlogits, keep, dtrunk)  # noqa: E731
+        # CUDA: the whole backward on the engine's own thread, where its cuDNN
+        # attention backward must run anyway (attention.py): one thread hand-off
+        # per step instead of one per layer
+        grads = on_own_thread(run) if dlogits.is_cuda else run()
         ctx.saved = None  # free activations as soon as possible
-        return (None, None, None, None, *[grads.get(id(p)) for p in ctx.params])
+        return (None, None, None, None, None, *[grads.get(id(p)) for p in ctx.params])
 
 
 class ColliderModel(nn.Module):
@@ -357,8 +413,9 @@ class ColliderModel(nn.Module):
     ``compile=True`` runs the elementwise-heavy pieces of the forward and
     backward through ``torch.compile``. ``attention``: ``dense`` (the fused
     dense attention backward with zero rows for dropped queries), ``kept``
-    (the Triton kernel that skips dropped queries; exact, not yet faster) or
-    ``auto`` (currently ``dense``, the faster one as measured).
+    (the Triton kernel that skips dropped queries) or ``auto`` (``kept`` on
+    the GPU in 16-bit when at most :data:`KEPT_KERNEL_MAX_KEEP` of the tokens
+    are kept, else ``dense``).
     """
 
     def __init__(self, model: GPT, compile: bool = False, attention: str = "auto") -> None:
@@ -379,13 +436,7 @@ class ColliderModel(nn.Module):
                 return self.model.lm_head(self.model.norm(trunk)), trunk
             return self.model(idx)[0]
         params = [p for p in self.model.parameters() if p.requires_grad]
-        logits, trunk = _ColliderFunction.apply(idx, self.model, self.compile, self.attention, *params)
+        slot = RowGradSlot(self.compile)
+        logits, trunk = _ColliderFunction.apply(idx, self.model, self.compile, self.attention, slot, *params)
+        setattr(logits, SLOT_ATTR, slot)  # masked_cross_entropy hands its kept rows' gradient through it
         return (logits, trunk) if return_trunk else logits
-
-
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over tokens that are kept and have a target."""
-    keep = keep & (targets != IGNORE_INDEX)
-    if not bool(keep.any()):
-        raise ValueError("Collider keep mask keeps no token with a target")
-    return F.cross_entropy(upcast(logits[keep]), targets[keep])

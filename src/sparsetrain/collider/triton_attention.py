@@ -1,22 +1,25 @@
 """Attention backward for kept queries only (Triton), causal by original positions.
 
-Kept tokens are packed in ``kidx`` order (sorted by batch row, then position);
-``cu[b]:cu[b+1]`` are batch row ``b``'s kept tokens. Two kernels:
+Kept tokens are given by ``kidx`` (flat ``b * T + t``, sorted); ``cu[b]:cu[b+1]``
+are batch row ``b``'s kept tokens and ``pos`` their positions. The kernels read
+q, k, v and the forward output in place (any ``[B, H, T, hd]`` strides with a
+contiguous head dim), so nothing is gathered first. Two kernels:
 
 * ``_dq_kernel`` -- one program per (tile of kept queries, batch row, head):
-  first the log-sum-exp of each kept query over its causal keys, then
-  ``dq = scale * sum_j dS_ij k_j`` with ``P = exp(S - lse)``,
-  ``dS = P * (dP - delta)``, ``dP = dO v^T``, ``delta = rowsum(dO * O)``.
-  Its loop covers keys ``0 .. max position`` of the tile: about half the
-  dense work at keep 0.5, for three of the five matrix products.
+  ``dq = scale * sum_j dS_ij k_j`` over the causal keys of each query, with
+  ``P = exp(S - lse)``, ``dS = P * (dP - delta)``, ``dP = dO v^T`` and
+  ``delta = rowsum(dO * O)``. It reuses the forward kernel's log-sum-exp when
+  given one (else it recomputes it in a first pass). Its loop covers keys
+  ``0 .. max position`` of the tile: half the dense work at keep 0.5, for
+  three of the dense backward's five matrix products. Key blocks that every
+  query of the tile sees run without the causal mask.
 * ``_dkdv_kernel`` -- one program per (tile of kept keys, batch row, head):
   ``dv = sum_i P_ij dO_i`` and ``dk = scale * sum_i dS_ij q_i`` over kept
   queries ``i`` at or after the key. Dropped keys need no gradient (they are
   constants), so this loop is kept x kept: a quarter of the dense work at 0.5.
 
-Recomputing the log-sum-exp keeps this independent of how the forward kernel
-(cuDNN or flash) stores its own. Tested against the dense reference through
-Triton's interpreter on the CPU and natively on the GPU.
+Tested against a float64 dense reference through Triton's interpreter on the
+CPU and natively on the GPU.
 """
 
 from __future__ import annotations
@@ -25,11 +28,15 @@ import math
 
 import torch
 
+from ..triton_util import interpreting
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover
     triton = None
+
+LOG2E = 1.4426950408889634
 
 
 def available() -> bool:
@@ -39,152 +46,239 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _program_range(CU, H):
-        """This program's tile index, batch row, head, and the row's kept-token range."""
-        b = tl.program_id(1) // H
-        lo = tl.load(CU + b)
-        return tl.program_id(0), b, tl.program_id(1) % H, lo, tl.load(CU + b + 1) - lo
+    def _dq_block(q, do, delta, lse2, qpos, kbase, vbase, start, d, s_kt, s_vt, T, scale2,
+                  MASKED: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+        """One key block's share of dq (unscaled): ``dS k`` with ``P = exp2(q k^T scale2 - lse2)``."""
+        kpos = start + tl.arange(0, BN)
+        if MASKED:  # the causal diagonal, possibly past T
+            k = tl.load(kbase + kpos[:, None] * s_kt + d[None, :], mask=kpos[:, None] < T, other=0.0)
+            v = tl.load(vbase + kpos[:, None] * s_vt + d[None, :], mask=kpos[:, None] < T, other=0.0)
+        else:
+            k = tl.load(kbase + kpos[:, None] * s_kt + d[None, :])
+            v = tl.load(vbase + kpos[:, None] * s_vt + d[None, :])
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale2 - lse2[:, None])
+        if MASKED:
+            p = tl.where(kpos[None, :] <= qpos[:, None], p, 0.0)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+        return tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+    @triton.jit
+    def _dkdv_block(k, v, kpos, Q, DO, POS, LSE, DELTA, qbase, lo, n, start, h, d, H, s_qt, s_dt, s_dh, scale2,
+                    MASKED: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+        """One block of kept queries' share of (dk unscaled, dv). Rows past ``n``
+        load q = dO = 0 and so add nothing."""
+        rows = start + tl.arange(0, BM)
+        rmask = rows < n
+        qtok = lo + rows
+        qpos = tl.load(POS + qtok, mask=rmask, other=-1)
+        q = tl.load(qbase + qpos[:, None] * s_qt + d[None, :], mask=rmask[:, None], other=0.0)
+        do = tl.load(DO + qtok[:, None] * s_dt + h * s_dh + d[None, :], mask=rmask[:, None], other=0.0)
+        lse2 = tl.load(LSE + qtok * H + h, mask=rmask, other=0.0)
+        delta = tl.load(DELTA + qtok * H + h, mask=rmask, other=0.0)
+        pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * scale2 - lse2[None, :])  # [BN, BM]
+        if MASKED:
+            pt = tl.where(kpos[:, None] <= qpos[None, :], pt, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dst = pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
+        return tl.dot(dst.to(q.dtype), q, input_precision=PREC), dv
 
     @triton.jit
     def _dq_kernel(
-        Q, DO, O, POS, CU, Kf, Vf, DQ, LSE, DELTA,
-        s_qt, s_qh,  # packed [K, H, hd] strides; head dim contiguous
-        s_kb, s_kh, s_kt,  # full keys [B, H, T, hd] strides
-        s_vb, s_vh, s_vt,  # full values, likewise
-        H, T, scale,
-        HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        Q, K, V, O, DO, LSE_IN, POS, CU, DQ, LSE, DELTA,
+        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
+        s_lb, s_lh, s_lt,  # LSE_IN [B, H, T] strides (unused without HAS_LSE)
+        s_dt, s_dh,  # DO / DQ packed [K, H, hd] strides
+        H, T, n_tiles, scale2,
+        HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LSE: tl.constexpr, PREC: tl.constexpr,
     ):
-        tile, b, h, lo, n = _program_range(CU, H)
+        # late tiles (late positions, long loops) first: better load balance
+        tile = n_tiles - 1 - tl.program_id(0)
+        b = tl.program_id(1) // H
+        h = tl.program_id(1) % H
+        lo = tl.load(CU + b)
+        n = tl.load(CU + b + 1) - lo
         if tile * BM >= n:
             return
         rows = tile * BM + tl.arange(0, BM)
         rmask = rows < n
         tok = lo + rows
         d = tl.arange(0, HD)
-        qp = tok[:, None] * s_qt + h * s_qh + d[None, :]
-        q = tl.load(Q + qp, mask=rmask[:, None], other=0.0)
-        do = tl.load(DO + qp, mask=rmask[:, None], other=0.0)
-        o = tl.load(O + qp, mask=rmask[:, None], other=0.0)
+        qpos = tl.load(POS + tok, mask=rmask, other=0)
+        q = tl.load(Q + b * s_qb + h * s_qh + qpos[:, None] * s_qt + d[None, :], mask=rmask[:, None], other=0.0)
+        o = tl.load(O + b * s_ob + h * s_oh + qpos[:, None] * s_ot + d[None, :], mask=rmask[:, None], other=0.0)
+        dp_ptr = tok[:, None] * s_dt + h * s_dh + d[None, :]
+        do = tl.load(DO + dp_ptr, mask=rmask[:, None], other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        qpos = tl.load(POS + tok, mask=rmask, other=-1)
-        hi = tl.max(qpos, 0) + 1
-        kbase = Kf + b * s_kb + h * s_kh
-        vbase = Vf + b * s_vb + h * s_vh
-        # pass 1: log-sum-exp of each kept query over its causal keys
-        m_i = tl.full((BM,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BM,), tl.float32)
-        for start in range(0, hi, BN):
-            kpos = start + tl.arange(0, BN)
-            kmask = kpos < T
-            k = tl.load(kbase + kpos[:, None] * s_kt + d[None, :], mask=kmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
-            ok = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)
-            m_i = m_new
-        lse = tl.where(rmask, m_i + tl.log(tl.where(rmask, l_i, 1.0)), 0.0)  # padded rows: no log(0)
-        # pass 2: dq
+        hi = tl.max(tl.where(rmask, qpos, -1), 0) + 1
+        # key blocks ending at or before the tile's first query need no causal mask
+        full_end = (tl.min(tl.where(rmask, qpos, T), 0) + 1) // BN * BN
+        kbase = K + b * s_kb + h * s_kh
+        vbase = V + b * s_vb + h * s_vh
+        if HAS_LSE:
+            lse2 = tl.load(LSE_IN + b * s_lb + h * s_lh + qpos * s_lt, mask=rmask, other=0.0) * 1.4426950408889634
+        else:  # the forward's log-sum-exp is not at hand: recompute it (online, base 2)
+            m_i = tl.full((BM,), float("-inf"), tl.float32)
+            l_i = tl.zeros((BM,), tl.float32)
+            for start in range(0, hi, BN):
+                kpos = start + tl.arange(0, BN)
+                k = tl.load(kbase + kpos[:, None] * s_kt + d[None, :], mask=kpos[:, None] < T, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale2
+                s = tl.where(kpos[None, :] <= qpos[:, None], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+                m_i = m_new
+            lse2 = tl.where(rmask, m_i + tl.math.log2(tl.where(rmask, l_i, 1.0)), 0.0)  # padded rows: no log(0)
         dq = tl.zeros((BM, HD), tl.float32)
-        for start in range(0, hi, BN):
-            kpos = start + tl.arange(0, BN)
-            kmask = kpos < T
-            k = tl.load(kbase + kpos[:, None] * s_kt + d[None, :], mask=kmask[:, None], other=0.0)
-            v = tl.load(vbase + kpos[:, None] * s_vt + d[None, :], mask=kmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
-            ok = (kpos[None, :] <= qpos[:, None]) & kmask[None, :] & rmask[:, None]
-            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
-        tl.store(DQ + qp, (dq * scale).to(DQ.dtype.element_ty), mask=rmask[:, None])
-        tl.store(LSE + tok * H + h, lse, mask=rmask)
+        for start in range(0, full_end, BN):
+            dq += _dq_block(q, do, delta, lse2, qpos, kbase, vbase, start, d, s_kt, s_vt, T, scale2, False, BN, PREC)
+        for start in range(full_end, hi, BN):
+            dq += _dq_block(q, do, delta, lse2, qpos, kbase, vbase, start, d, s_kt, s_vt, T, scale2, True, BN, PREC)
+        tl.store(DQ + dp_ptr, (dq * (scale2 / 1.4426950408889634)).to(DQ.dtype.element_ty), mask=rmask[:, None])
+        tl.store(LSE + tok * H + h, lse2, mask=rmask)
         tl.store(DELTA + tok * H + h, delta, mask=rmask)
 
     @triton.jit
     def _dkdv_kernel(
-        Q, DO, Kk, Vk, POS, CU, LSE, DELTA, DK, DV,
-        s_qt, s_qh,
-        H, scale,
-        HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        Q, K, V, DO, POS, CU, LSE, DELTA, DK, DV,
+        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+        s_dt, s_dh,
+        H, scale2,
+        HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
     ):
-        tile, b, h, lo, n = _program_range(CU, H)
+        tile = tl.program_id(0)
+        b = tl.program_id(1) // H
+        h = tl.program_id(1) % H
+        lo = tl.load(CU + b)
+        n = tl.load(CU + b + 1) - lo
         if tile * BN >= n:
             return
         cols = tile * BN + tl.arange(0, BN)
         cmask = cols < n
         ktok = lo + cols
         d = tl.arange(0, HD)
-        kp = ktok[:, None] * s_qt + h * s_qh + d[None, :]
-        k = tl.load(Kk + kp, mask=cmask[:, None], other=0.0)
-        v = tl.load(Vk + kp, mask=cmask[:, None], other=0.0)
         kpos = tl.load(POS + ktok, mask=cmask, other=2**30)
+        k = tl.load(K + b * s_kb + h * s_kh + kpos[:, None] * s_kt + d[None, :], mask=cmask[:, None], other=0.0)
+        v = tl.load(V + b * s_vb + h * s_vh + kpos[:, None] * s_vt + d[None, :], mask=cmask[:, None], other=0.0)
         dk = tl.zeros((BN, HD), tl.float32)
         dv = tl.zeros((BN, HD), tl.float32)
-        # kept queries are sorted by position: those at or after this tile's
-        # first key start at the tile's own index
-        for start in range((tile * BN) // BM * BM, n, BM):
-            rows = start + tl.arange(0, BM)
-            rmask = rows < n
-            qtok = lo + rows
-            qp = qtok[:, None] * s_qt + h * s_qh + d[None, :]
-            q = tl.load(Q + qp, mask=rmask[:, None], other=0.0)
-            do = tl.load(DO + qp, mask=rmask[:, None], other=0.0)
-            lse = tl.load(LSE + qtok * H + h, mask=rmask, other=0.0)
-            delta = tl.load(DELTA + qtok * H + h, mask=rmask, other=0.0)
-            qpos = tl.load(POS + qtok, mask=rmask, other=-1)
-            st = tl.dot(k, tl.trans(q)) * scale  # [BN, BM]
-            ok = (kpos[:, None] <= qpos[None, :]) & rmask[None, :] & cmask[:, None]
-            pt = tl.where(ok, tl.exp(st - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do)
-            dpt = tl.dot(v, tl.trans(do))
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q)
-        tl.store(DK + kp, (dk * scale).to(DK.dtype.element_ty), mask=cmask[:, None])
+        qbase = Q + b * s_qb + h * s_qh
+        # kept queries are sorted by position: those at or after this tile's first
+        # key start at the tile's own index; past the tile's last key, no mask
+        first = (tile * BN) // BM * BM
+        unmasked = tl.minimum(((tile + 1) * BN + BM - 1) // BM * BM, n)
+        for start in range(first, unmasked, BM):
+            dk_, dv_ = _dkdv_block(k, v, kpos, Q, DO, POS, LSE, DELTA, qbase, lo, n, start, h, d, H, s_qt, s_dt, s_dh,
+                                   scale2, True, BM, PREC)
+            dk += dk_
+            dv += dv_
+        for start in range(unmasked, n, BM):
+            dk_, dv_ = _dkdv_block(k, v, kpos, Q, DO, POS, LSE, DELTA, qbase, lo, n, start, h, d, H, s_qt, s_dt, s_dh,
+                                   scale2, False, BM, PREC)
+            dk += dk_
+            dv += dv_
+        kp = ktok[:, None] * s_dt + h * s_dh + d[None, :]
+        tl.store(DK + kp, (dk * (scale2 / 1.4426950408889634)).to(DK.dtype.element_ty), mask=cmask[:, None])
         tl.store(DV + kp, dv.to(DV.dtype.element_ty), mask=cmask[:, None])
 
 
+# (BM, BN, num_warps, num_stages) tried on first use per head_dim and dtype on the GPU
+GPU_CONFIGS = [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2),
+               (32, 128, 4, 3), (32, 128, 8, 2), (128, 64, 8, 3)]
+_tuned: dict[tuple, tuple[tuple, tuple]] = {}
+
+
+def _launch(args: dict, cfg_dq: tuple, cfg_kv: tuple) -> None:
+    a = args
+    B, H, T, hd = a["q"].shape
+    bm, bn, warps, stages = cfg_dq
+    n_tiles = triton.cdiv(T, bm)
+    _dq_kernel[(n_tiles, B * H)](
+        a["q"], a["k"], a["v"], a["out"], a["do"], a["lse_in"], a["pos"], a["cu"], a["dq"], a["lse"], a["delta"],
+        *a["q"].stride()[:3], *a["k"].stride()[:3], *a["v"].stride()[:3], *a["out"].stride()[:3], *a["lse_strides"],
+        a["do"].stride(0), a["do"].stride(1), H, T, n_tiles, a["scale2"],
+        HD=hd, BM=bm, BN=bn, HAS_LSE=a["has_lse"], PREC=a["prec"], num_warps=warps, num_stages=stages)
+    bm, bn, warps, stages = cfg_kv  # here BN is the key tile and BM the query block
+    _dkdv_kernel[(triton.cdiv(T, bn), B * H)](
+        a["q"], a["k"], a["v"], a["do"], a["pos"], a["cu"], a["lse"], a["delta"], a["dk"], a["dv"],
+        *a["q"].stride()[:3], *a["k"].stride()[:3], *a["v"].stride()[:3], a["do"].stride(0), a["do"].stride(1),
+        H, a["scale2"], HD=hd, BM=bm, BN=bn, PREC=a["prec"], num_warps=warps, num_stages=stages)
+
+
+def _time(fn, reps: int = 5) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _tune(args: dict) -> tuple[tuple, tuple]:
+    """Fastest (dq config, dk/dv config) of :data:`GPU_CONFIGS` for these shapes, timed once and cached."""
+    B, H, T, hd = args["q"].shape
+    key = (hd, T, args["q"].dtype, args["has_lse"])
+    if key not in _tuned:
+        best_dq = min(GPU_CONFIGS, key=lambda c: _time(lambda: _launch(args, c, GPU_CONFIGS[0])))
+        best_kv = min(GPU_CONFIGS, key=lambda c: _time(lambda: _launch(args, best_dq, c)))
+        _tuned[key] = (best_dq, best_kv)
+    return _tuned[key]
+
+
+def kept_rows_meta(kidx: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pos, cu)``: each kept token's position (int32), and where each batch
+    row's kept tokens start in ``kidx`` (int32 ``[B + 1]``). No host sync
+    (``bincount`` would wait for the GPU to size its output)."""
+    starts = torch.arange(B + 1, device=kidx.device) * T
+    return (kidx % T).to(torch.int32), torch.searchsorted(kidx, starts).to(torch.int32)
+
+
 def kept_attention_backward(
-    q_k: torch.Tensor, o_k: torch.Tensor, do_k: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    k_k: torch.Tensor, v_k: torch.Tensor, kidx: torch.Tensor, B: int, T: int,
-    block_m: int = 64, block_n: int = 64, num_warps: int | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, do_k: torch.Tensor, kidx: torch.Tensor,
+    lse: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
+    rows_meta: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Collider attention gradients for the kept tokens only.
 
-    ``q_k, o_k, do_k, k_k, v_k``: kept tokens' rows ``[K, H, hd]`` (packed in
-    ``kidx`` order, sorted); ``k, v``: all keys and values ``[B, H, T, hd]``.
-    Returns ``(dq_k, dk_k, dv_k)`` ``[K, H, hd]`` in the dtype of ``q_k``.
+    ``q, k, v, out``: all tokens, ``[B, H, T, hd]`` (the forward's tensors, any
+    strides with a contiguous head dim); ``do_k``: the kept tokens' output
+    gradient ``[K, H, hd]`` in ``kidx`` order; ``lse``: the forward kernel's
+    log-sum-exp of the scaled scores ``[B, H, T]`` (natural log), or None to
+    recompute it. ``rows_meta``: :func:`kept_rows_meta` of ``kidx``, to compute
+    once for all layers. ``config``: ``(BM, BN, num_warps, num_stages)`` for both
+    kernels; by default tuned once per shape on the GPU. Returns
+    ``(dq_k, dk_k, dv_k)`` ``[K, H, hd]`` in the dtype of ``q``.
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
-    K, H, hd = q_k.shape
+    B, H, T, hd = q.shape
+    K = kidx.numel()
     if hd & (hd - 1) or hd < 16:
         raise ValueError(f"head_dim must be a power of two >= 16 for the Triton kernel, got {hd}")
-    kb = kidx // T
-    counts = torch.bincount(kb, minlength=B)
-    cu = torch.zeros(B + 1, dtype=torch.int32, device=kidx.device)
-    cu[1:] = torch.cumsum(counts, 0)
-    pos = (kidx % T).to(torch.int32)
-    n_max = int(counts.max())
-    q_k, o_k, do_k, k_k, v_k = (t.contiguous() for t in (q_k, o_k, do_k, k_k, v_k))
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
-    dq = torch.empty_like(q_k)
-    dk = torch.empty_like(q_k)
-    dv = torch.empty_like(q_k)
-    lse = torch.empty(K, H, dtype=torch.float32, device=q_k.device)
-    delta = torch.empty(K, H, dtype=torch.float32, device=q_k.device)
-    scale = 1.0 / math.sqrt(hd)
-    num_warps = num_warps or (8 if hd >= 128 else 4)
-    grid_m = (triton.cdiv(n_max, block_m), B * H)
-    _dq_kernel[grid_m](q_k, do_k, o_k, pos, cu, k, v, dq, lse, delta,
-                       q_k.stride(0), q_k.stride(1), k.stride(0), k.stride(1), k.stride(2),
-                       v.stride(0), v.stride(1), v.stride(2),
-                       H, T, scale, HD=hd, BM=block_m, BN=block_n, num_warps=num_warps)
-    grid_n = (triton.cdiv(n_max, block_n), B * H)
-    _dkdv_kernel[grid_n](q_k, do_k, k_k, v_k, pos, cu, lse, delta, dk, dv,
-                         q_k.stride(0), q_k.stride(1), H, scale, HD=hd, BM=block_m, BN=block_n, num_warps=num_warps)
-    return dq, dk, dv
+    if any(t.stride(-1) != 1 for t in (q, k, v, out)):
+        raise ValueError("q, k, v and out need a contiguous head dim")
+    do_k = do_k.reshape(K, H, hd).to(q.dtype)
+    if do_k.stride(-1) != 1:
+        do_k = do_k.contiguous()
+    pos, cu = rows_meta if rows_meta is not None else kept_rows_meta(kidx, B, T)
+    if lse is not None:
+        lse = lse.reshape(B, H, T)
+    args = {
+        "q": q, "k": k, "v": v, "out": out, "do": do_k, "pos": pos, "cu": cu,
+        "lse_in": lse if lse is not None else q, "lse_strides": lse.stride() if lse is not None else (0, 0, 0),
+        "has_lse": lse is not None, "dq": torch.empty_like(do_k), "dk": torch.empty_like(do_k),
+        "dv": torch.empty_like(do_k), "lse": torch.empty(K, H, dtype=torch.float32, device=q.device),
+        "delta": torch.empty(K, H, dtype=torch.float32, device=q.device), "scale2": LOG2E / math.sqrt(hd),
+        # float32 inputs: true float32 products (tl.dot would round them to TF32 on the GPU)
+        "prec": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+    if config is not None:
+        cfg_dq = cfg_kv = config
+    elif interpreting() or not q.is_cuda:
+        cfg_dq = cfg_kv = (16, 16, 4, 1)
+    else:
+        cfg_dq, cfg_kv = _tune(args)
+    _launch(args, cfg_dq, cfg_kv)
+    return args["dq"], args["dk"], args["dv"]
