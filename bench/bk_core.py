@@ -12,11 +12,18 @@ Layer: bf16 autocast, B x N = 8 x 2048 tokens, d_model 1024, 4 experts of
 hidden 4096, causal BK op. The sparse layer picks its positions in ``topk``
 mask mode so every step skips exactly the stated fraction (threshold mode, the
 LM default, learns its rate; its per-position choice costs the same).
+
+``--graphed-only``: a fresh input every call, eagerly and as CUDA graphs
+(``torch.cuda.make_graphed_callables``), dense against sparse, at d 1024 and
+2048. (Session 3's ``--bucketing-only`` mode, which compared the per-expert loop's
+128-row padding against none, is gone: on CUDA in bf16 the MoE no longer
+loops over experts.)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -85,33 +92,47 @@ def bench_layer(B: int, N: int, D: int, H: int, E: int, ratios: list[float], rep
     return results
 
 
-def bench_bucketing(B: int, N: int, D: int, H: int, E: int, repeats: int) -> dict:
-    """Routing as in training: a fresh input each call (so new expert row counts),
-    dense and sparse 0.5, expert batches padded to 128 rows (the default) or not."""
-    from sparsetrain.bk import layers as L
-
+def bench_graphed(B: int, N: int, D: int, H: int, E: int, ratios: list[float], repeats: int) -> dict:
+    """Dense against sparse (``topk`` mask, so no host sync anywhere) forward+backward
+    with a fresh input each call, run eagerly and as CUDA graphs
+    (``torch.cuda.make_graphed_callables``: the host cost of launching the many
+    small kernels is gone, so this is what the GPU work itself takes)."""
     torch.manual_seed(0)
     xs = [torch.randn(B, N, D, device="cuda") for _ in range(8)]
     g = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16)
-    mods = {"dense": MoEResNetBKLayer(D, H, E).cuda(),
-            "sparse_0.5": SparseMoEResNetBKLayer(D, H, E, target_sparsity=0.5, mask_mode="topk", causal=False).cuda()}
-    mods["sparse_0.5"].causal = True
+    mods = {"dense": MoEResNetBKLayer(D, H, E).cuda()}
+    for r in ratios:
+        sp = SparseMoEResNetBKLayer(D, H, E, target_sparsity=r, mask_mode="topk", causal=False).cuda()
+        sp.causal = True
+        mods[f"sparse_{r}"] = sp
     out: dict = {}
     it = [0]
 
-    def call(layer):
+    def call(fn, layer) -> None:
         it[0] += 1
-        run_layer(layer, xs[it[0] % len(xs)], g)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            y = fn(xs[it[0] % len(xs)])
+        y.backward(g)
+        layer.zero_grad(set_to_none=False)  # graphs keep their gradient buffers
 
-    for bucket in (128, 1):
-        L.ROW_BUCKET = bucket
-        for name, layer in mods.items():
-            for _ in range(3):
-                call(layer)
-            out[f"{name}_bucket{bucket}"] = summarize(time_fn(lambda: call(layer), warmup=1, repeats=repeats))
-    L.ROW_BUCKET = 128
+    # graph copies first: parameters that already ran an eager backward on the
+    # default stream keep AccumulateGrad nodes there, which breaks the capture
+    graphs = {}
+    for name, layer in mods.items():
+        copy_ = copy.deepcopy(layer)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            graphs[name] = (torch.cuda.make_graphed_callables(copy_, (xs[0].clone(),)), copy_)
+    for name, layer in mods.items():
+        for _ in range(3):
+            call(layer, layer)
+        out[f"{name}_eager"] = summarize(time_fn(lambda: call(layer, layer), warmup=1, repeats=repeats))
+        graphed, copy_ = graphs[name]
+        for _ in range(3):
+            call(graphed, copy_)
+        out[f"{name}_graphed"] = summarize(time_fn(lambda: call(graphed, copy_), warmup=1, repeats=repeats))
     for k in out:
-        out[k]["speedup_vs_dense_bucket1"] = out["dense_bucket1"]["median_ms"] / out[k]["median_ms"]
+        base = out["dense_graphed" if k.endswith("graphed") else "dense_eager"]["median_ms"]
+        out[k]["speedup_vs_dense"] = base / out[k]["median_ms"]
     return out
 
 
@@ -153,14 +174,20 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bk_core.json"))
     ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--profile", action="store_true", help="also print the top kernels of dense and sparse 0.5")
-    ap.add_argument("--bucketing-only", action="store_true", help="only the fresh-input bucketing comparison")
+    ap.add_argument("--graphed-only", action="store_true", help="only the eager/CUDA-graph comparison (fresh inputs)")
     args = ap.parse_args()
-    if args.bucketing_only:
-        res = {"environment": environment(), "shape": {"B": 8, "N": 2048, "d_model": 1024, "hidden": 4096, "experts": 4},
-               "fresh_input_each_call": bench_bucketing(8, 2048, 1024, 4096, 4, args.repeats)}
-        Path(args.out).write_text(json.dumps(res, indent=2))
-        for k, r in res["fresh_input_each_call"].items():
-            print(f"{k:<22} {r['median_ms']:8.2f} ms {r['speedup_vs_dense_bucket1']:6.2f}x")
+    if args.graphed_only:
+        res = {"environment": environment(), "layer": {}}
+        for D, H in [(1024, 4096), (2048, 8192)]:
+            res["layer"][f"d{D}_h{H}"] = {"shape": {"B": 8, "N": 2048, "d_model": D, "hidden": H, "experts": 4},
+                                         **bench_graphed(8, 2048, D, H, 4, [0.3, 0.5, 0.7], args.repeats)}
+            Path(args.out).write_text(json.dumps(res, indent=2))
+            torch.cuda.empty_cache()
+        for shape, r in res["layer"].items():
+            print(f"\n{'layer ' + shape:<26} {'ms':>8} {'vs dense':>9}")
+            for k, v in r.items():
+                if isinstance(v, dict) and "median_ms" in v:
+                    print(f"{k:<26} {v['median_ms']:8.2f} {v['speedup_vs_dense']:8.2f}x")
         return
     global PROFILE
     PROFILE = args.profile  # profiles the first shape only

@@ -187,6 +187,67 @@ def test_bucketed_expert_equals_unpadded_with_gradients(rows: int) -> None:
     assert all(torch.allclose(g, w, rtol=1e-12, atol=1e-14) for g, w in zip(got, want))
 
 
+def _looped_gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """A plain reference for ``torch._grouped_mm(a, b, offs=offs)``: row group e times b[e]."""
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    assert ends[-1] == a.shape[0], "every row must belong to a group"
+    return torch.cat([a[s:e] @ b[i] for i, (s, e) in enumerate(zip(starts, ends))])
+
+
+@pytest.mark.parametrize("experts, rows", [(3, 40), (4, 7), (5, 64)])
+def test_grouped_experts_equal_the_per_expert_loop(experts: int, rows: int) -> None:
+    """The sync-free grouped path (sort, pad each expert's group to 16 rows,
+    slack to the last) against each expert applied to its own rows, in float64
+    with gradients; some experts get no rows at all."""
+    from sparsetrain.bk.layers import _expert, grouped_experts
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    D, H = 8, 12
+    x = torch.randn(rows, D, generator=g, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(experts, H, D, generator=g, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(experts, D, H, generator=g, dtype=torch.float64, requires_grad=True)
+    expert = torch.randint(0, max(1, experts - 1), (rows,), generator=g)  # the last expert stays empty
+    dy = torch.randn(rows, D, generator=g, dtype=torch.float64)
+    got = grouped_experts(x, expert, up, down, _looped_gmm)
+    want = torch.stack([_expert(x[i:i + 1], up[e], down[e])[0] for i, e in enumerate(expert.tolist())])
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    g_got = torch.autograd.grad(got, (x, up, down), dy)
+    g_want = torch.autograd.grad(want, (x, up, down), dy)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(g_got, g_want))
+
+
+@requires_cuda
+def test_grouped_mm_path_on_gpu_matches_float32_loop() -> None:
+    """torch._grouped_mm (bf16, transposed expert weights, offsets on the GPU)
+    through grouped_experts against the float32 group loop, gradients included;
+    and the MoE under bf16 autocast takes that path."""
+    from sparsetrain.bk.layers import _grouped_dtype, grouped_experts
+
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    E, M, D, H = 4, 300, 64, 128
+    x = torch.randn(M, D, device="cuda", generator=g)
+    up = torch.randn(E, H, D, device="cuda", generator=g) / D**0.5
+    down = torch.randn(E, D, H, device="cuda", generator=g) / H**0.5
+    expert = torch.randint(0, E - 1, (M,), device="cuda", generator=g)  # one expert empty
+    dy = torch.randn(M, D, device="cuda", generator=g)
+    res = []
+    for bf16 in (True, False):
+        ins = [t.to(torch.bfloat16 if bf16 else torch.float32).requires_grad_(True) for t in (x, up, down)]
+        y = grouped_experts(ins[0], expert, ins[1], ins[2], torch._grouped_mm if bf16 else _looped_gmm)
+        res.append((y.float(), torch.autograd.grad(y, ins, dy.to(y.dtype))))
+    (y1, g1), (y2, g2) = res
+    assert float((y1 - y2).norm() / y2.norm()) < 1e-2
+    for a, b in zip(g1, g2):
+        assert float((a.float() - b).norm() / b.norm()) < 2e-2
+    moe = MoEResNetBKLayer(D, H, num_experts=E).moe.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert _grouped_dtype(x) is torch.bfloat16
+        y = moe(x)
+    y.float().sum().backward()
+    assert y.dtype is torch.bfloat16 and bool(y.isfinite().all()) and moe.up.grad is not None
+
+
 def test_sparse_layer_at_zero_sparsity_equals_dense() -> None:
     dense, sparse = _pair(target_sparsity=0.0)
     x = torch.randn(2, 24, 16, dtype=torch.float64)
