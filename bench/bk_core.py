@@ -92,11 +92,14 @@ def bench_layer(B: int, N: int, D: int, H: int, E: int, ratios: list[float], rep
     return results
 
 
-def bench_graphed(B: int, N: int, D: int, H: int, E: int, ratios: list[float], repeats: int) -> dict:
+def bench_graphed(B: int, N: int, D: int, H: int, E: int, ratios: list[float], repeats: int,
+                  compile: bool = False) -> dict:
     """Dense against sparse (``topk`` mask, so no host sync anywhere) forward+backward
     with a fresh input each call, run eagerly and as CUDA graphs
     (``torch.cuda.make_graphed_callables``: the host cost of launching the many
-    small kernels is gone, so this is what the GPU work itself takes)."""
+    small kernels is gone, so this is what the GPU work itself takes). ``compile``:
+    also torch.compile each layer before capturing it (fusing the elementwise
+    work around the GEMMs)."""
     torch.manual_seed(0)
     xs = [torch.randn(B, N, D, device="cuda") for _ in range(8)]
     g = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16)
@@ -119,20 +122,27 @@ def bench_graphed(B: int, N: int, D: int, H: int, E: int, ratios: list[float], r
     # default stream keep AccumulateGrad nodes there, which breaks the capture
     graphs = {}
     for name, layer in mods.items():
-        copy_ = copy.deepcopy(layer)
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            graphs[name] = (torch.cuda.make_graphed_callables(copy_, (xs[0].clone(),)), copy_)
+        for kind in ("graphed", "compiled_graphed") if compile else ("graphed",):
+            copy_ = copy.deepcopy(layer)
+            fn = torch.compile(copy_) if kind == "compiled_graphed" else copy_
+            try:
+                with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                    graphs[f"{name}_{kind}"] = (torch.cuda.make_graphed_callables(fn, (xs[0].clone(),)), copy_)
+            except Exception as e:  # noqa: BLE001 -- record why, keep the other variants
+                out[f"{name}_{kind}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     for name, layer in mods.items():
         for _ in range(3):
             call(layer, layer)
         out[f"{name}_eager"] = summarize(time_fn(lambda: call(layer, layer), warmup=1, repeats=repeats))
-        graphed, copy_ = graphs[name]
-        for _ in range(3):
-            call(graphed, copy_)
-        out[f"{name}_graphed"] = summarize(time_fn(lambda: call(graphed, copy_), warmup=1, repeats=repeats))
-    for k in out:
-        base = out["dense_graphed" if k.endswith("graphed") else "dense_eager"]["median_ms"]
-        out[k]["speedup_vs_dense"] = base / out[k]["median_ms"]
+        for label, (graphed, copy_) in graphs.items():
+            if label.startswith(name + "_"):
+                for _ in range(3):
+                    call(graphed, copy_)
+                out[label] = summarize(time_fn(lambda: call(graphed, copy_), warmup=1, repeats=repeats))
+    for k, v in out.items():
+        if isinstance(v, dict):
+            base = out.get("dense_" + k.split("_", 2)[-1] if k.startswith("sparse") else k, v)
+            v["speedup_vs_dense"] = base["median_ms"] / v["median_ms"]
     return out
 
 
@@ -175,12 +185,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--profile", action="store_true", help="also print the top kernels of dense and sparse 0.5")
     ap.add_argument("--graphed-only", action="store_true", help="only the eager/CUDA-graph comparison (fresh inputs)")
+    ap.add_argument("--compile", action="store_true", help="with --graphed-only: also torch.compile before capture")
     args = ap.parse_args()
     if args.graphed_only:
+        if args.compile:  # aten's random ops, which CUDA-graph capture handles, instead of inductor's
+            torch._inductor.config.fallback_random = True
         res = {"environment": environment(), "layer": {}}
         for D, H in [(1024, 4096), (2048, 8192)]:
             res["layer"][f"d{D}_h{H}"] = {"shape": {"B": 8, "N": 2048, "d_model": D, "hidden": H, "experts": 4},
-                                         **bench_graphed(8, 2048, D, H, 4, [0.3, 0.5, 0.7], args.repeats)}
+                                         **bench_graphed(8, 2048, D, H, 4, [0.3, 0.5, 0.7], args.repeats, args.compile)}
             Path(args.out).write_text(json.dumps(res, indent=2))
             torch.cuda.empty_cache()
         for shape, r in res["layer"].items():
@@ -188,6 +201,8 @@ def main() -> None:
             for k, v in r.items():
                 if isinstance(v, dict) and "median_ms" in v:
                     print(f"{k:<26} {v['median_ms']:8.2f} {v['speedup_vs_dense']:8.2f}x")
+                elif k.endswith("_error"):
+                    print(f"{k:<26} {v[:150]}")
         return
     global PROFILE
     PROFILE = args.profile  # profiles the first shape only

@@ -178,6 +178,14 @@ class BKCoreFunction(torch.autograd.Function):
         return grad, None, None, None
 
 
+@torch.compiler.disable
+def _apply(v_nr: torch.Tensor, z: complex, causal: bool, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`BKCoreFunction` kept opaque to torch.compile: inductor would
+    recompile its Triton scan kernels itself and fails on their complex
+    associative scan; around it, a compiled model fuses everything else."""
+    return BKCoreFunction.apply(v_nr, z, causal, triton)
+
+
 def bk_core(v: torch.Tensor, z: complex = DEFAULT_Z, causal: bool = True, impl: str = "auto",
             check: bool = True) -> torch.Tensor:
     """Resolvent-diagonal features ``[..., N, 2]`` = ``(Re, Im)`` of ``G_ii`` for potentials ``v[..., N]``.
@@ -206,7 +214,7 @@ def bk_core(v: torch.Tensor, z: complex = DEFAULT_Z, causal: bool = True, impl: 
         raise BKCoreError(f"BK-Core shift z must have a nonzero imaginary part, got {z}")
     lead, N = work.shape[:-1], work.shape[-1]
     v_nr = work.reshape(-1, N).t().contiguous()
-    re, im = BKCoreFunction.apply(v_nr, complex(z), bool(causal), _use_triton(work, impl))
+    re, im = _apply(v_nr, complex(z), bool(causal), _use_triton(work, impl))
     feats = torch.stack((re.t(), im.t()), dim=-1).reshape(*lead, N, 2)
     return feats.to(out_dtype)
 
