@@ -2,8 +2,9 @@
 
 Kept tokens are given by ``kidx`` (flat ``b * T + t``, sorted); ``cu[b]:cu[b+1]``
 are batch row ``b``'s kept tokens and ``pos`` their positions. The kernels read
-q, k, v and the forward output in place (any ``[B, H, T, hd]`` strides with a
-contiguous head dim), so nothing is gathered first. Two kernels:
+k, v and the forward output in place (any ``[B, H, T, hd]`` strides with a
+contiguous head dim); only the kept rows of q are gathered once, so that the
+dk/dv kernel's inner loop reads plain row ranges. Two kernels:
 
 * ``_dq_kernel`` -- one program per (tile of kept queries, batch row, head):
   ``dq = scale * sum_j dS_ij k_j`` over the causal keys of each query, with
@@ -63,20 +64,22 @@ if triton is not None:
         return tl.dot(ds.to(k.dtype), k, input_precision=PREC)
 
     @triton.jit
-    def _dkdv_block(k, v, kpos, Q, DO, POS, LSE, DELTA, qbase, lo, n, start, h, d, H, s_qt, s_dt, s_dh, scale2,
+    def _dkdv_block(k, v, kpos, QK, DO, POS, LSE, DELTA, lo, n, start, h, d, H, s_dt, s_dh, scale2,
                     MASKED: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
-        """One block of kept queries' share of (dk unscaled, dv). Rows past ``n``
-        load q = dO = 0 and so add nothing."""
+        """One block of kept queries' share of (dk unscaled, dv). ``QK`` and ``DO``
+        are the kept rows ``[K, H, hd]``, so the loads are plain row ranges. Rows
+        past ``n`` load q = dO = 0 and so add nothing."""
         rows = start + tl.arange(0, BM)
         rmask = rows < n
         qtok = lo + rows
-        qpos = tl.load(POS + qtok, mask=rmask, other=-1)
-        q = tl.load(qbase + qpos[:, None] * s_qt + d[None, :], mask=rmask[:, None], other=0.0)
-        do = tl.load(DO + qtok[:, None] * s_dt + h * s_dh + d[None, :], mask=rmask[:, None], other=0.0)
+        rp = qtok[:, None] * s_dt + h * s_dh + d[None, :]
+        q = tl.load(QK + rp, mask=rmask[:, None], other=0.0)
+        do = tl.load(DO + rp, mask=rmask[:, None], other=0.0)
         lse2 = tl.load(LSE + qtok * H + h, mask=rmask, other=0.0)
         delta = tl.load(DELTA + qtok * H + h, mask=rmask, other=0.0)
         pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * scale2 - lse2[None, :])  # [BN, BM]
         if MASKED:
+            qpos = tl.load(POS + qtok, mask=rmask, other=-1)
             pt = tl.where(kpos[:, None] <= qpos[None, :], pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dst = pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
@@ -140,9 +143,9 @@ if triton is not None:
 
     @triton.jit
     def _dkdv_kernel(
-        Q, K, V, DO, POS, CU, LSE, DELTA, DK, DV,
-        s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-        s_dt, s_dh,
+        QK, K, V, DO, POS, CU, LSE, DELTA, DK, DV,
+        s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+        s_dt, s_dh,  # QK / DO / DK / DV packed [K, H, hd] strides
         H, scale2,
         HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
     ):
@@ -162,19 +165,18 @@ if triton is not None:
         v = tl.load(V + b * s_vb + h * s_vh + kpos[:, None] * s_vt + d[None, :], mask=cmask[:, None], other=0.0)
         dk = tl.zeros((BN, HD), tl.float32)
         dv = tl.zeros((BN, HD), tl.float32)
-        qbase = Q + b * s_qb + h * s_qh
         # kept queries are sorted by position: those at or after this tile's first
         # key start at the tile's own index; past the tile's last key, no mask
         first = (tile * BN) // BM * BM
         unmasked = tl.minimum(((tile + 1) * BN + BM - 1) // BM * BM, n)
         for start in range(first, unmasked, BM):
-            dk_, dv_ = _dkdv_block(k, v, kpos, Q, DO, POS, LSE, DELTA, qbase, lo, n, start, h, d, H, s_qt, s_dt, s_dh,
-                                   scale2, True, BM, PREC)
+            dk_, dv_ = _dkdv_block(k, v, kpos, QK, DO, POS, LSE, DELTA, lo, n, start, h, d, H, s_dt, s_dh, scale2,
+                                   True, BM, PREC)
             dk += dk_
             dv += dv_
         for start in range(unmasked, n, BM):
-            dk_, dv_ = _dkdv_block(k, v, kpos, Q, DO, POS, LSE, DELTA, qbase, lo, n, start, h, d, H, s_qt, s_dt, s_dh,
-                                   scale2, False, BM, PREC)
+            dk_, dv_ = _dkdv_block(k, v, kpos, QK, DO, POS, LSE, DELTA, lo, n, start, h, d, H, s_dt, s_dh, scale2,
+                                   False, BM, PREC)
             dk += dk_
             dv += dv_
         kp = ktok[:, None] * s_dt + h * s_dh + d[None, :]
@@ -184,7 +186,7 @@ if triton is not None:
 
 # (BM, BN, num_warps, num_stages) tried on first use per head_dim and dtype on the GPU
 GPU_CONFIGS = [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2),
-               (32, 128, 4, 3), (32, 128, 8, 2), (128, 64, 8, 3)]
+               (32, 128, 4, 3), (32, 128, 8, 2), (128, 64, 8, 3), (64, 128, 8, 3), (32, 128, 8, 3)]
 _tuned: dict[tuple, tuple[tuple, tuple]] = {}
 
 
@@ -200,8 +202,8 @@ def _launch(args: dict, cfg_dq: tuple, cfg_kv: tuple) -> None:
         HD=hd, BM=bm, BN=bn, HAS_LSE=a["has_lse"], PREC=a["prec"], num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = cfg_kv  # here BN is the key tile and BM the query block
     _dkdv_kernel[(triton.cdiv(T, bn), B * H)](
-        a["q"], a["k"], a["v"], a["do"], a["pos"], a["cu"], a["lse"], a["delta"], a["dk"], a["dv"],
-        *a["q"].stride()[:3], *a["k"].stride()[:3], *a["v"].stride()[:3], a["do"].stride(0), a["do"].stride(1),
+        a["q_k"], a["k"], a["v"], a["do"], a["pos"], a["cu"], a["lse"], a["delta"], a["dk"], a["dv"],
+        *a["k"].stride()[:3], *a["v"].stride()[:3], a["do"].stride(0), a["do"].stride(1),
         H, a["scale2"], HD=hd, BM=bm, BN=bn, PREC=a["prec"], num_warps=warps, num_stages=stages)
 
 
@@ -225,6 +227,13 @@ def _tune(args: dict) -> tuple[tuple, tuple]:
         best_kv = min(GPU_CONFIGS, key=lambda c: _time(lambda: _launch(args, best_dq, c)))
         _tuned[key] = (best_dq, best_kv)
     return _tuned[key]
+
+
+def _kept_rows(t: torch.Tensor, kidx: torch.Tensor) -> torch.Tensor:
+    """Kept tokens' rows ``[K, H, hd]`` (contiguous) of a ``[B, H, T, hd]`` tensor:
+    the dk/dv kernel then reads its query blocks as plain row ranges."""
+    B, H, T, hd = t.shape
+    return t.transpose(1, 2).reshape(B * T, H, hd).index_select(0, kidx)
 
 
 def kept_rows_meta(kidx: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,16 +268,14 @@ def kept_attention_backward(
         raise ValueError(f"head_dim must be a power of two >= 16 for the Triton kernel, got {hd}")
     if any(t.stride(-1) != 1 for t in (q, k, v, out)):
         raise ValueError("q, k, v and out need a contiguous head dim")
-    do_k = do_k.reshape(K, H, hd).to(q.dtype)
-    if do_k.stride(-1) != 1:
-        do_k = do_k.contiguous()
+    do_k = do_k.reshape(K, H, hd).to(q.dtype).contiguous()  # the same [K, H, hd] strides as the kept q rows
     pos, cu = rows_meta if rows_meta is not None else kept_rows_meta(kidx, B, T)
     if lse is not None:
         lse = lse.reshape(B, H, T)
     args = {
         "q": q, "k": k, "v": v, "out": out, "do": do_k, "pos": pos, "cu": cu,
         "lse_in": lse if lse is not None else q, "lse_strides": lse.stride() if lse is not None else (0, 0, 0),
-        "has_lse": lse is not None, "dq": torch.empty_like(do_k), "dk": torch.empty_like(do_k),
+        "has_lse": lse is not None, "q_k": _kept_rows(q, kidx), "dq": torch.empty_like(do_k), "dk": torch.empty_like(do_k),
         "dv": torch.empty_like(do_k), "lse": torch.empty(K, H, dtype=torch.float32, device=q.device),
         "delta": torch.empty(K, H, dtype=torch.float32, device=q.device), "scale2": LOG2E / math.sqrt(hd),
         # float32 inputs: true float32 products (tl.dot would round them to TF32 on the GPU)
