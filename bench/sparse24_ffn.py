@@ -32,7 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsetrain.benchmark import bench_train_step, environment, summarize, time_fn  # noqa: E402
 from sparsetrain.sparse24.cusparselt import _ALG_IDS, Sparse24FFNCusparselt, sparse_mm  # noqa: E402
-from sparsetrain.sparse24.ffn import _Sparse24FFN  # noqa: E402
+from sparsetrain.sparse24 import ffn as ffn_module  # noqa: E402
+from sparsetrain.sparse24.ffn import _Sparse24FFNMaskedKernel  # noqa: E402
 from sparsetrain.sparse24.packing import pack_transposable, transposable_mask  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -63,10 +64,10 @@ def ffn_block(N: int, d: int, h: int, repeats: int) -> dict:
     def relu2_24() -> None:
         Sparse24FFNCusparselt.apply(xg, w_up, w_down, None).backward(dy)
 
-    def relu2_24_masked_dense() -> None:  # the fallback: same pattern and numerics, dense GEMMs
-        _Sparse24FFN.apply(xg, w_up, w_down, "transposable", 1.0, None, False, 0.0, None).backward(dy)
+    def relu2_24_masked_kernel() -> None:  # the same selection on dense GEMMs (below CUSPARSELT_MIN_WIDTH)
+        _Sparse24FFNMaskedKernel.apply(xg, w_up, w_down).backward(dy)
 
-    variants = {"relu2": relu2, "swiglu": swiglu, "relu2_24": relu2_24, "relu2_24_masked_dense": relu2_24_masked_dense}
+    variants = {"relu2": relu2, "swiglu": swiglu, "relu2_24": relu2_24, "relu2_24_masked_kernel": relu2_24_masked_kernel}
     times = {k: [] for k in variants}
     for fn in variants.values():
         time_fn(fn, warmup=5, repeats=1)
@@ -183,32 +184,41 @@ def main() -> None:
     ap.add_argument("--shapes", default="16384x2048x8192,16384x4096x16384",
                     help="FFN shapes tokens x d_model x hidden (comma list)")
     ap.add_argument("--skip-pack-sweep", action="store_true")
+    ap.add_argument("--step-presets", default="d20", help="presets whose training step is timed (comma list)")
     args = ap.parse_args()
     out = {"environment": environment(), "ffn": {}, "step": {}}
     if not args.skip_pack_sweep:
         out["pack_sweep_N16384_h16384"] = pack_sweep(16384, 16384, args.repeats)
-    for N, d, h in (tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")):
+    for N, d, h in (tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",") if shape):
         key = f"N{N}_d{d}_h{h}"
         out["ffn"][key] = ffn_block(N, d, h, args.repeats)
         Path(args.out).write_text(json.dumps(out, indent=2))
         torch.cuda.empty_cache()
     if not args.skip_step:
-        for name, ov in [("relu2", {"ffn": "relu2"}),
-                         ("relu2_24", {"ffn": "relu2_24", "activation_sparse_method": "transposable",
-                                       "activation_dense_warmup_steps": 0})]:
-            out["step"][name] = bench_train_step("d20", 2048, 8, repeats=10, model_overrides=ov)
-            torch.cuda.empty_cache()
-        out["step"]["speedup"] = out["step"]["relu2"]["step"]["median_ms"] / out["step"]["relu2_24"]["step"]["median_ms"]
+        sparse = {"ffn": "relu2_24", "activation_sparse_method": "transposable", "activation_dense_warmup_steps": 0}
+        default_width = ffn_module.CUSPARSELT_MIN_WIDTH
+        for preset in args.step_presets.split(","):
+            st = out["step"][preset] = {}
+            # relu2_24 on cuSPARSELt and on the masked kernel (dense GEMMs), forced either way
+            for name, ov, min_width in [("relu2", {"ffn": "relu2"}, default_width), ("relu2_24_cusparselt", sparse, 0),
+                                        ("relu2_24_masked_kernel", sparse, 1 << 30)]:
+                ffn_module.CUSPARSELT_MIN_WIDTH = min_width
+                st[name] = bench_train_step(preset, 2048, 8, repeats=10, model_overrides=ov)
+                torch.cuda.empty_cache()
+            ffn_module.CUSPARSELT_MIN_WIDTH = default_width
+            for name in ("relu2_24_cusparselt", "relu2_24_masked_kernel"):
+                st[f"speedup_{name}"] = st["relu2"]["step"]["median_ms"] / st[name]["step"]["median_ms"]
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"\n{'FFN fwd+bwd ms':<20} {'relu2':>7} {'swiglu':>7} {'2:4':>7} {'2:4 md':>7} {'speedup':>8} {'ceiling':>8} {'of ceil':>8} {'fp8 2:4/dense':>13}")
+    print(f"\n{'FFN fwd+bwd ms':<20} {'relu2':>7} {'swiglu':>7} {'2:4':>7} {'2:4 mk':>7} {'speedup':>8} {'ceiling':>8} {'of ceil':>8} {'fp8 2:4/dense':>13}")
     for key, r in out["ffn"].items():
         f8 = r["fp8"].get("sparse_fp8_speedup_vs_dense_fp8", float("nan"))
         print(f"{key:<20} {r['relu2']['median_ms']:7.3f} {r['swiglu']['median_ms']:7.3f} {r['relu2_24']['median_ms']:7.3f}"
-              f" {r['relu2_24_masked_dense']['median_ms']:7.3f} {r['relu2_24']['speedup_vs_relu2']:7.3f}x {r['ceiling_gemms_only']:7.3f}x {r['fraction_of_ceiling']:8.3f} {f8:12.3f}x")
-    if out["step"]:
-        print(f"d20 step: relu2 {out['step']['relu2']['step']['median_ms']:.1f} ms, relu2_24 "
-              f"{out['step']['relu2_24']['step']['median_ms']:.1f} ms -> {out['step']['speedup']:.3f}x")
-
+              f" {r['relu2_24_masked_kernel']['median_ms']:7.3f} {r['relu2_24']['speedup_vs_relu2']:7.3f}x {r['ceiling_gemms_only']:7.3f}x {r['fraction_of_ceiling']:8.3f} {f8:12.3f}x")
+    for preset, st in out["step"].items():
+        print(f"{preset} step: relu2 {st['relu2']['step']['median_ms']:.1f} ms, relu2_24 on cuSPARSELt "
+              f"{st['relu2_24_cusparselt']['step']['median_ms']:.1f} ms ({st['speedup_relu2_24_cusparselt']:.3f}x), "
+              f"on the masked kernel {st['relu2_24_masked_kernel']['step']['median_ms']:.1f} ms "
+              f"({st['speedup_relu2_24_masked_kernel']:.3f}x)")
 
 if __name__ == "__main__":
     main()

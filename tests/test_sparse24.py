@@ -208,3 +208,42 @@ def test_cusparselt_path_equals_masked_dense_in_bf16() -> None:
 
     errs = [rel(y, y_ref)] + [rel(got.grad, want.grad) for got, want in zip(a, b)]
     assert max(errs) < 3e-2, errs
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_masked_kernel_path_equals_masked_dense(device: str) -> None:
+    """The transposable method on dense GEMMs with the Triton kernel's dense
+    2:4 activation (CPU: Triton's interpreter) against the masked-dense
+    reference, bf16 both; and on the GPU the FFN picks it below
+    CUSPARSELT_MIN_WIDTH."""
+    from sparsetrain.sparse24 import packing
+    from sparsetrain.sparse24.ffn import CUSPARSELT_MIN_WIDTH, Sparse24FFN, _Sparse24FFNMaskedKernel
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if packing.triton is None:
+        pytest.skip("triton not installed")
+    g = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    N, d, h = 128, 64, 192
+    x = torch.randn(N, d, device=device, generator=g).bfloat16()
+    w_up = torch.randn(h, d, device=device, generator=g) / d**0.5
+    w_down = torch.randn(d, h, device=device, generator=g) / h**0.5
+    dy = torch.randn(N, d, device=device, generator=g).bfloat16()
+    a = [t.clone().requires_grad_(True) for t in (x, w_up, w_down)]
+    y = _Sparse24FFNMaskedKernel.apply(*a)
+    y.backward(dy)
+    b = [t.clone().requires_grad_(True) for t in (x, w_up, w_down)]
+    y_ref = _Sparse24FFN.apply(b[0], b[1].bfloat16(), b[2].bfloat16(), "transposable", 1.0, None, False, 0.0, None)
+    y_ref.backward(dy)
+
+    def rel(p, q):
+        return float((p.float() - q.float()).norm() / q.float().norm())
+
+    errs = [rel(y, y_ref)] + [rel(got.grad, want.grad) for got, want in zip(a, b)]
+    assert max(errs) < 1e-2, errs
+    if device == "cuda":
+        ffn = Sparse24FFN(d, h, method="transposable", dense_warmup_steps=0).cuda()
+        assert d < CUSPARSELT_MIN_WIDTH
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ffn(torch.randn(2, 64, d, device="cuda"))
+        assert ffn.last_backend == "masked_kernel"

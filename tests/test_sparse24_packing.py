@@ -104,6 +104,24 @@ def test_kernel_equals_reference_bit_for_bit(shape: tuple[int, int]) -> None:
         assert torch.equal(packs[name][0].view(torch.int16), pack_24_reference(vals * mask, mask).view(torch.int16))
 
 
+@pytest.mark.parametrize("shape", [(64, 128), (128, 192)])
+def test_dense_masked_output_equals_reference_bit_for_bit(shape: tuple[int, int]) -> None:
+    """mask_transposable: the kernel's dense output (the masked-dense path's
+    activation and gradient) is the reference values times the reference mask."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter
+    u, ds = _random_u(*shape, device)
+    u[3, 8:16] = 0.0  # a tie inside a tile
+    assert packing.triton_ok(u)
+    a = torch.relu(u.float()).square().bfloat16()
+    mask = transposable_mask(a)
+    du = (ds.float() * 2 * torch.relu(u.float())).bfloat16()
+    for grad, vals in ((None, a), (ds, du)):
+        got = packing.mask_transposable(u, grad)
+        assert got.dtype == torch.bfloat16 and got.shape == u.shape
+        assert torch.equal(got.float(), (vals * mask).float())  # as numbers: a dropped -x is +0 here, -0 there
+        assert bool(((got != 0) <= mask).all())
+
+
 def test_bad_shapes_raise() -> None:
     with pytest.raises(ValueError, match="multiples of 64"):
         pack_transposable(torch.zeros(64, 96, dtype=torch.bfloat16))

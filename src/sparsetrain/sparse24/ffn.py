@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import upcast
-from . import cusparselt
+from . import cusparselt, packing
 from .sparsify import naive_24, soft_threshold_scale, sparsify_24, sparsity_stats
 
 
@@ -85,6 +85,41 @@ class _Sparse24FFN(torch.autograd.Function):
         return dx, d_up.to(w_up.dtype), d_down.to(w_down.dtype), None, None, None, None, None, None
 
 
+# cuSPARSELt pays in the training step from this d_model up (H200, 16k tokens,
+# bench/results/sparse24_steps_h200.json: d20, d 1280, 1.065x the relu2 step on
+# cuSPARSELt against 1.007x on the masked kernel; nano-125m, d 768, 0.85x against
+# 0.98x). Below it the transposable method runs the same selection on dense
+# GEMMs (_Sparse24FFNMaskedKernel).
+CUSPARSELT_MIN_WIDTH = 1280
+
+
+class _Sparse24FFNMaskedKernel(torch.autograd.Function):
+    """The ``transposable`` method on dense GEMMs: the Triton packing kernel writes
+    the 2:4 activation, and in backward its gradient, densely
+    (:func:`~sparsetrain.sparse24.packing.mask_transposable`). The same selection
+    and products as the cuSPARSELt path, for widths where dense GEMMs are faster."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):  # type: ignore[override]
+        with torch.autocast("cuda", enabled=False):
+            wu, wd = w_up.to(x.dtype), w_down.to(x.dtype)
+            u = F.linear(x, wu)
+            y = F.linear(packing.mask_transposable(u), wd)
+        ctx.save_for_backward(x, u, wu, wd)
+        ctx.weight_dtypes = (w_up.dtype, w_down.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
+        x, u, wu, wd = ctx.saved_tensors
+        with torch.autocast("cuda", enabled=False):
+            dy = dy.to(x.dtype)
+            s = packing.mask_transposable(u)  # recomputed: one pass, instead of keeping [N, h]
+            du = packing.mask_transposable(u, dy @ wd)  # ds * 2 relu(u) on the forward's pattern
+            d_down, d_up, dx = dy.t() @ s, du.t() @ x, du @ wu
+        return dx, d_up.to(ctx.weight_dtypes[0]), d_down.to(ctx.weight_dtypes[1])
+
+
 def _half_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The 16-bit dtype a CUDA product of ``x`` runs in (autocast's, or ``x``'s own), else None."""
     if not x.is_cuda:
@@ -115,7 +150,7 @@ class Sparse24FFN(nn.Module):
         self._perm: torch.Tensor | None = None
         self.track_stats = False  # set by the trainer on log steps: fills last_stats at the next forward
         self.last_stats: dict[str, float] = {}
-        self.last_backend = "dense"  # dense (warmup), masked_dense or cusparselt
+        self.last_backend = "dense"  # dense (warmup), masked_dense, masked_kernel or cusparselt
 
     @property
     def sparse(self) -> bool:
@@ -143,9 +178,18 @@ class Sparse24FFN(nn.Module):
                 self.scale.fill_(soft_threshold_scale(F.relu(F.linear(xp, self.up.weight)).square()))
         stats: dict[str, float] | None = {} if self.track_stats else None
         half = _half_dtype(xp)
-        if self.method == "transposable" and half is torch.bfloat16 and cusparselt.supported(xp, self.up.weight):
+        fast = self.method == "transposable" and half is torch.bfloat16
+        xh = xp.to(half) if fast else xp
+        if fast and cusparselt.supported(xh, self.up.weight) and xh.shape[1] >= CUSPARSELT_MIN_WIDTH:
             self.last_backend = "cusparselt"
-            y = cusparselt.Sparse24FFNCusparselt.apply(xp.to(half), self.up.weight, self.down.weight, stats)
+            y = cusparselt.Sparse24FFNCusparselt.apply(xh, self.up.weight, self.down.weight, stats)
+        elif fast and packing.triton_ok(xh) and xh.shape[0] % 64 == 0 and self.up.weight.shape[0] % 64 == 0:
+            self.last_backend = "masked_kernel"
+            y = _Sparse24FFNMaskedKernel.apply(xh, self.up.weight, self.down.weight)
+            if stats is not None:  # the trainer's log steps only
+                with torch.no_grad():
+                    u = F.linear(xh, self.up.weight.to(half))
+                    stats.update(sparsity_stats(F.relu(u).square(), packing.mask_transposable(u)))
         else:
             self.last_backend = "masked_dense"
             gen = self.generator if flat.device.type == "cpu" else None

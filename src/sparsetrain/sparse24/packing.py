@@ -196,9 +196,36 @@ def pack_transposable(u: torch.Tensor, ds: torch.Tensor | None = None) -> tuple[
     nb = next(n for n in (KERNEL_CONFIG["blocks"], 2, 1) if (K // 64) % n == 0)
     grid = (M // 64, K // (64 * nb))
     _pack_transposable_kernel[grid](u, ds_, packed.view(torch.int32), packed_t.view(torch.int32),
-                                    _pattern_table(u.device), M, K, HAS_DS=ds is not None, NB=nb,
+                                    _pattern_table(u.device), M, K, HAS_DS=ds is not None, NB=nb, DENSE=False,
                                     num_warps=KERNEL_CONFIG["num_warps"])
     return packed, packed_t
+
+
+def mask_transposable(u: torch.Tensor, ds: torch.Tensor | None = None) -> torch.Tensor:
+    """The same selection as :func:`pack_transposable`, written densely: ``[M, K]``
+    with the kept values of ``relu(u)^2`` (or of ``ds * 2 relu(u)``) and zeros.
+
+    For the masked-dense path (dense GEMMs on the 2:4 activation) at widths where
+    cuSPARSELt's products lose to cuBLAS's: one pass instead of the plain-torch
+    pattern search. Equal bit for bit to the reference (``_activation`` values
+    times :func:`transposable_mask` of the scores).
+    """
+    M, K = u.shape
+    if M % 64 or K % 64:
+        raise ValueError(f"mask_transposable needs both sizes to be multiples of 64, got {tuple(u.shape)}")
+    if ds is not None and ds.shape != u.shape:
+        raise ValueError(f"ds shape {tuple(ds.shape)} does not match u {tuple(u.shape)}")
+    if not triton_ok(u):
+        scores, vals = _activation(u, ds)
+        return vals * transposable_mask(scores)
+    u = u.contiguous()
+    ds_ = u if ds is None else ds.contiguous().to(u.dtype)
+    out = torch.empty_like(u)
+    nb = next(n for n in (KERNEL_CONFIG["blocks"], 2, 1) if (K // 64) % n == 0)
+    _pack_transposable_kernel[(M // 64, K // (64 * nb))](u, ds_, out.view(torch.int16), out, _pattern_table(u.device),
+                                                          M, K, HAS_DS=ds is not None, NB=nb, DENSE=True,
+                                                          num_warps=KERNEL_CONFIG["num_warps"])
+    return out
 
 
 if triton is not None:
@@ -260,8 +287,20 @@ if triton is not None:
         tl.store(out_ptr + meta_base + widx, tl.sum(code << shift, axis=AXIS))
 
     @triton.jit
+    def _store_dense_row(out_ptr, code, v0, v1, v2, v3, off):
+        """One tile row, densely: the two kept values (``code``'s indices) and zeros."""
+        i0 = code & 3
+        i1 = code >> 2
+        tl.store(out_ptr + off, tl.where((i0 == 0) | (i1 == 0), v0, 0).to(tl.int16))
+        tl.store(out_ptr + off + 1, tl.where((i0 == 1) | (i1 == 1), v1, 0).to(tl.int16))
+        tl.store(out_ptr + off + 2, tl.where((i0 == 2) | (i1 == 2), v2, 0).to(tl.int16))
+        tl.store(out_ptr + off + 3, tl.where((i0 == 3) | (i1 == 3), v3, 0).to(tl.int16))
+
+    @triton.jit
     def _pack_transposable_kernel(u_ptr, ds_ptr, out_ptr, out_t_ptr, table_ptr, M, K,
-                                  HAS_DS: tl.constexpr, NB: tl.constexpr):
+                                  HAS_DS: tl.constexpr, NB: tl.constexpr, DENSE: tl.constexpr):
+        # DENSE: write the masked values densely ([M, K] bf16 bits through an
+        # int16 view at out_ptr) instead of the two packed layouts
         # One program: 64 rows x (64 * NB) columns of u, i.e. 16 x (16 * NB) tiles of
         # 4x4, indexed [X, J, JT]: J = (row bit 3, col bit 4, col bit 2) is the
         # nibble slot of a tile's codes in s's metadata words, JT = (col bit 3, row
@@ -327,6 +366,13 @@ if triton is not None:
                             pid += 1
 
         codes_r = tl.load(table_ptr + 2 * best_id)  # 4-bit codes of the pattern's rows
+        if DENSE:
+            drow = row.to(tl.int64) * K + col
+            _store_dense_row(out_ptr, codes_r & 15, v0, v1, v2, v3, drow)
+            _store_dense_row(out_ptr, (codes_r >> 4) & 15, v4, v5, v6, v7, drow + K)
+            _store_dense_row(out_ptr, (codes_r >> 8) & 15, v8, v9, v10, v11, drow + 2 * K)
+            _store_dense_row(out_ptr, (codes_r >> 12) & 15, v12, v13, v14, v15, drow + 3 * K)
+            return
         codes_c = tl.load(table_ptr + 2 * best_id + 1)  # and of its columns
         G4 = K // 4  # int32 words per row of s's values
         GT4 = M // 4  # and of s^T's
