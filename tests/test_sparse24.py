@@ -196,8 +196,15 @@ def test_cusparselt_path_equals_masked_dense_in_bf16() -> None:
     w_up = torch.randn(h, d, device="cuda") / d**0.5
     w_down = torch.randn(d, h, device="cuda") / h**0.5
     dy = torch.randn(N, d, device="cuda", dtype=torch.bfloat16)
+    errs = _errors_against_masked_dense(lambda *a: cusparselt.Sparse24FFNCusparselt.apply(*a, None), x, w_up, w_down, dy)
+    assert max(errs) < 3e-2, errs
+
+
+def _errors_against_masked_dense(path, x, w_up, w_down, dy) -> list[float]:
+    """Relative errors of ``path(x, w_up, w_down)``'s output and three gradients
+    against the masked-dense transposable reference, both in bf16."""
     a = [t.clone().requires_grad_(True) for t in (x, w_up, w_down)]
-    y = cusparselt.Sparse24FFNCusparselt.apply(a[0], a[1], a[2], None)
+    y = path(*a)
     y.backward(dy)
     b = [t.clone().requires_grad_(True) for t in (x, w_up, w_down)]
     y_ref = _Sparse24FFN.apply(b[0], b[1].bfloat16(), b[2].bfloat16(), "transposable", 1.0, None, False, 0.0, None)
@@ -206,8 +213,7 @@ def test_cusparselt_path_equals_masked_dense_in_bf16() -> None:
     def rel(p, q):
         return float((p.float() - q.float()).norm() / q.float().norm())
 
-    errs = [rel(y, y_ref)] + [rel(got.grad, want.grad) for got, want in zip(a, b)]
-    assert max(errs) < 3e-2, errs
+    return [rel(y, y_ref)] + [rel(got.grad, want.grad) for got, want in zip(a, b)]
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -229,17 +235,7 @@ def test_masked_kernel_path_equals_masked_dense(device: str) -> None:
     w_up = torch.randn(h, d, device=device, generator=g) / d**0.5
     w_down = torch.randn(d, h, device=device, generator=g) / h**0.5
     dy = torch.randn(N, d, device=device, generator=g).bfloat16()
-    a = [t.clone().requires_grad_(True) for t in (x, w_up, w_down)]
-    y = _Sparse24FFNMaskedKernel.apply(*a)
-    y.backward(dy)
-    b = [t.clone().requires_grad_(True) for t in (x, w_up, w_down)]
-    y_ref = _Sparse24FFN.apply(b[0], b[1].bfloat16(), b[2].bfloat16(), "transposable", 1.0, None, False, 0.0, None)
-    y_ref.backward(dy)
-
-    def rel(p, q):
-        return float((p.float() - q.float()).norm() / q.float().norm())
-
-    errs = [rel(y, y_ref)] + [rel(got.grad, want.grad) for got, want in zip(a, b)]
+    errs = _errors_against_masked_dense(_Sparse24FFNMaskedKernel.apply, x, w_up, w_down, dy)
     assert max(errs) < 1e-2, errs
     if device == "cuda":
         ffn = Sparse24FFN(d, h, method="transposable", dense_warmup_steps=0).cuda()

@@ -181,24 +181,33 @@ def pack_transposable(u: torch.Tensor, ds: torch.Tensor | None = None) -> tuple[
     ``(packed [M, K/2 + K/16], packed_t [K, M/2 + M/16])``, equal bit for bit
     to :func:`pack_transposable_reference` (which runs where Triton cannot).
     """
-    M, K = u.shape
-    if M % 64 or K % 64:
-        raise ValueError(f"pack_transposable needs both sizes to be multiples of 64, got {tuple(u.shape)}")
-    if ds is not None and ds.shape != u.shape:
-        raise ValueError(f"ds shape {tuple(ds.shape)} does not match u {tuple(u.shape)}")
+    _check_shapes("pack_transposable", u, ds)
     if not triton_ok(u):
         packed, packed_t, _ = pack_transposable_reference(u, ds)
         return packed, packed_t
-    u = u.contiguous()
-    ds_ = u if ds is None else ds.contiguous().to(u.dtype)
+    M, K = u.shape
     packed = torch.empty(M, K // 2 + K // 16, dtype=u.dtype, device=u.device)
     packed_t = torch.empty(K, M // 2 + M // 16, dtype=u.dtype, device=u.device)
-    nb = next(n for n in (KERNEL_CONFIG["blocks"], 2, 1) if (K // 64) % n == 0)
-    grid = (M // 64, K // (64 * nb))
-    _pack_transposable_kernel[grid](u, ds_, packed.view(torch.int32), packed_t.view(torch.int32),
-                                    _pattern_table(u.device), M, K, HAS_DS=ds is not None, NB=nb, DENSE=False,
-                                    num_warps=KERNEL_CONFIG["num_warps"])
+    _launch(u, ds, packed.view(torch.int32), packed_t.view(torch.int32), dense=False)
     return packed, packed_t
+
+
+def _check_shapes(name: str, u: torch.Tensor, ds: torch.Tensor | None) -> None:
+    if u.shape[0] % 64 or u.shape[1] % 64:
+        raise ValueError(f"{name} needs both sizes to be multiples of 64, got {tuple(u.shape)}")
+    if ds is not None and ds.shape != u.shape:
+        raise ValueError(f"ds shape {tuple(ds.shape)} does not match u {tuple(u.shape)}")
+
+
+def _launch(u: torch.Tensor, ds: torch.Tensor | None, out: torch.Tensor, out_t: torch.Tensor, dense: bool) -> None:
+    """Run the select+pack kernel over ``u`` (and ``ds``) into ``out``/``out_t``."""
+    M, K = u.shape
+    u = u.contiguous()
+    ds_ = u if ds is None else ds.contiguous().to(u.dtype)
+    nb = next(n for n in (KERNEL_CONFIG["blocks"], 2, 1) if (K // 64) % n == 0)
+    _pack_transposable_kernel[(M // 64, K // (64 * nb))](u, ds_, out, out_t, _pattern_table(u.device), M, K,
+                                                          HAS_DS=ds is not None, NB=nb, DENSE=dense,
+                                                          num_warps=KERNEL_CONFIG["num_warps"])
 
 
 def mask_transposable(u: torch.Tensor, ds: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,21 +219,12 @@ def mask_transposable(u: torch.Tensor, ds: torch.Tensor | None = None) -> torch.
     pattern search. Equal bit for bit to the reference (``_activation`` values
     times :func:`transposable_mask` of the scores).
     """
-    M, K = u.shape
-    if M % 64 or K % 64:
-        raise ValueError(f"mask_transposable needs both sizes to be multiples of 64, got {tuple(u.shape)}")
-    if ds is not None and ds.shape != u.shape:
-        raise ValueError(f"ds shape {tuple(ds.shape)} does not match u {tuple(u.shape)}")
+    _check_shapes("mask_transposable", u, ds)
     if not triton_ok(u):
         scores, vals = _activation(u, ds)
         return vals * transposable_mask(scores)
-    u = u.contiguous()
-    ds_ = u if ds is None else ds.contiguous().to(u.dtype)
-    out = torch.empty_like(u)
-    nb = next(n for n in (KERNEL_CONFIG["blocks"], 2, 1) if (K // 64) % n == 0)
-    _pack_transposable_kernel[(M // 64, K // (64 * nb))](u, ds_, out.view(torch.int16), out, _pattern_table(u.device),
-                                                          M, K, HAS_DS=ds is not None, NB=nb, DENSE=True,
-                                                          num_warps=KERNEL_CONFIG["num_warps"])
+    out = torch.empty_like(u, memory_format=torch.contiguous_format)
+    _launch(u, ds, out.view(torch.int16), out, dense=True)  # out_t unused when dense
     return out
 
 
