@@ -24,9 +24,9 @@ the cuDNN backward on a thread of its own (:func:`on_own_thread`), on the
 caller's stream, always with ``dO`` laid out like the forward's output.
 ``SPARSETRAIN_ATTENTION_IMPL`` (``cudnn``, ``flash``, ``recompute``) forces one.
 
-Still dense here: the attention backward itself runs over all query rows
-(zeros included). A kernel that skips dropped queries is the next step; the
-GEMMs around it already run on kept rows only.
+This backward runs over all query rows (zeros included). The Triton kernels
+in ``triton_attention.py`` visit kept queries only; the engine picks between
+the two (``ColliderModel(attention=...)``).
 """
 
 from __future__ import annotations

@@ -198,7 +198,8 @@ def _piece(name: str, compile: bool):
     (automatic dynamic) recompiles once with K symbolic and every other size
     and stride fixed. ``dynamic=True`` would make the widths and strides
     symbolic as well, and the fused kept-row gathers then lose their vector
-    loads: 24 ms of gathers per 1B step instead of 8 (H200)."""
+    loads: on the H200 the 1B compiled backward took 83.2 ms that way against
+    71-73 ms (bench/results/collider_step_dynamic_shapes_h200.json)."""
     if not compile:
         return _PIECES[name]
     if name not in _compiled:

@@ -34,14 +34,16 @@ class RowGradSlot:
         self.items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
 
-def _ce_forward(logits2d: torch.Tensor, kidx: torch.Tensor, targets1d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-kept-row ``(lse, loss)`` in float32 (float64 stays); rows without a target get loss 0."""
+def _ce_forward(logits2d: torch.Tensor, kidx: torch.Tensor, targets1d: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-kept-row ``(lse, loss)`` in float32 (float64 stays), rows without a
+    target at loss 0, and the number of rows with one."""
     rows = upcast(logits2d.index_select(0, kidx))
     t = targets1d.index_select(0, kidx)
     valid = t != IGNORE_INDEX
     lse = torch.logsumexp(rows, dim=-1)
     picked = rows.gather(1, torch.where(valid, t, 0)[:, None]).squeeze(1)
-    return lse, torch.where(valid, lse - picked, 0.0)
+    return lse, torch.where(valid, lse - picked, 0.0), valid.sum()
 
 
 def _ce_backward(logits2d: torch.Tensor, kidx: torch.Tensor, targets1d: torch.Tensor, lse: torch.Tensor,
@@ -72,8 +74,7 @@ class _KeptCrossEntropy(torch.autograd.Function):
                 slot: RowGradSlot | None) -> torch.Tensor:
         V = logits.shape[-1]
         compile = slot is not None and slot.compile and logits.is_cuda
-        lse, loss_rows = _fn("forward", compile)(logits.reshape(-1, V), kidx, targets.reshape(-1))
-        count = (targets.reshape(-1).index_select(0, kidx) != IGNORE_INDEX).sum()
+        lse, loss_rows, count = _fn("forward", compile)(logits.reshape(-1, V), kidx, targets.reshape(-1))
         ctx.save_for_backward(logits, targets, keep, kidx, lse, count)
         ctx.slot, ctx.compile = slot, compile
         return loss_rows.sum() / count
