@@ -5,8 +5,9 @@ whole-step time (bf16 autocast, sequence 2048), one process, side by side.
 
 Variants per model: dense; loss-only filtering at drop 0.5 (masked loss, dense
 backward: the naive baseline); Collider at drop 0.25, 0.4, 0.5 with the default
-attention backward (``auto``: the Triton kept-query kernel up to keep 0.55),
-and at 0.5 with cuDNN's dense backward over all query rows (``_dense_attention``).
+attention backward (``auto``: the Triton kept-query kernel up to keep 0.65),
+at 0.5 with cuDNN's dense backward over all query rows (``_dense_attention``),
+and compiled at 0.4 with cuDNN's forced (``_dense_attention``).
 Keep masks come from the `collider` score with exact top-k, and the
 scoring+selection time is measured on its own. Each set runs eager and with
 torch.compile (the dense model compiled whole; Collider's elementwise pieces
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsetrain.benchmark import environment  # noqa: E402
@@ -44,7 +46,8 @@ VARIANTS = [  # (kind, drop ratio, torch.compile, Collider attention backward: a
     ("dense", None, False, ""), ("loss_only", 0.5, False, ""), ("collider", 0.25, False, "auto"),
     ("collider", 0.4, False, "auto"), ("collider", 0.5, False, "auto"), ("collider", 0.5, False, "dense"),
     ("dense", None, True, ""), ("loss_only", 0.5, True, ""), ("collider", 0.25, True, "auto"),
-    ("collider", 0.4, True, "auto"), ("collider", 0.5, True, "auto"), ("collider", 0.5, True, "dense"),
+    ("collider", 0.4, True, "auto"), ("collider", 0.4, True, "dense"), ("collider", 0.5, True, "auto"),
+    ("collider", 0.5, True, "dense"),
 ]
 
 
@@ -63,6 +66,35 @@ def kernel_family(name: str) -> str:
     return "other"
 
 
+def gpu_idle_by_phase(trace: dict, steps: int) -> dict:
+    """GPU idle time per step from a chrome trace, by the phase (the
+    ``phase:*`` range on the host) that launched the kernel ending each gap,
+    plus the largest gaps with the kernels on either side."""
+    ev = trace["traceEvents"]
+    gpu = sorted((e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    launch_ts = {e["args"]["correlation"]: e["ts"] for e in ev
+                 if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    phases = sorted((e["ts"], e["ts"] + e["dur"], e["name"][6:]) for e in ev
+                    if e.get("cat") == "user_annotation" and e["name"].startswith("phase:"))
+
+    def phase_at(ts: float) -> str:
+        inside = [name for a, b, name in phases if a <= ts <= b]
+        return inside[-1] if inside else "between"
+
+    by_phase: dict[str, float] = {}
+    gaps = []
+    end = gpu[0]["ts"] + gpu[0]["dur"]
+    for prev, e in zip(gpu, gpu[1:]):
+        if e["ts"] > end:
+            gap = e["ts"] - end
+            ph = phase_at(launch_ts.get(e["args"].get("correlation"), e["ts"]))
+            by_phase[ph] = by_phase.get(ph, 0.0) + gap / 1e3 / steps
+            gaps.append((round(gap / 1e3, 3), ph, prev["name"][:60], e["name"][:60]))
+        end = max(end, e["ts"] + e["dur"])
+    return {"ms_per_step_by_phase": by_phase, "total_ms_per_step": sum(by_phase.values()),
+            "largest": sorted(gaps, key=lambda g: -g[0])[:25]}
+
+
 def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only: list[str] | None = None) -> dict:
     preset, over = MODELS[name]
     torch._dynamo.reset()  # compile afresh per model: no recompile limit carried over from the last one
@@ -70,11 +102,12 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only
     torch.manual_seed(0)
     model = GPT(cfg).cuda()
     opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), "cuda")
-    colliders = {(c, a): ColliderModel(model, compile=c, attention=a) for c in (False, True) for a in ("auto", "dense")}
+    colliders = {(c, a): ColliderModel(model, compile=c, attention=a) for c in (False, True) for a in ("auto", "dense", "kept")}
     compiled_model = torch.compile(model)
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=g)
     y = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=g)
+    n_valid = int((y != -100).sum())  # as the trainer counts it on the host batch
     out = {"model": name, "params": model.num_params(), "d_model": cfg.d_model, "n_layer": cfg.n_layer,
            "vocab_size": cfg.vocab_size, "seq_len": seq, "batch": batch, "variants": {}}
 
@@ -90,7 +123,7 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only
         def step():
             e = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
             e[0].record()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.bfloat16), record_function("phase:forward"):
                 if kind == "dense":
                     _, loss = dense_model(x, y)
                     keep = None
@@ -98,17 +131,20 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only
                     logits = collider(x) if kind == "collider" else dense_model(x)[0]
             e[1].record()
             if kind != "dense":
-                keep, _ = sel(logits.detach(), y)
+                with record_function("phase:select"):
+                    keep, _ = sel(logits.detach(), y, n_valid=n_valid)  # counted once below: no sync per step
             e[2].record()
             if kind != "dense":
-                loss = masked_cross_entropy(logits, y, keep)
-            with collider_filter(keep if kind == "collider" else None):
+                with record_function("phase:loss"):
+                    loss = masked_cross_entropy(logits, y, keep)
+            with collider_filter(keep if kind == "collider" else None), record_function("phase:backward"):
                 t0 = time.perf_counter()
                 loss.backward()
                 host.append((time.perf_counter() - t0) * 1e3)
             e[3].record()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            with record_function("phase:optimizer"):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             e[4].record()
             if ev is not None:
                 ev.append(e)
@@ -116,7 +152,7 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only
 
     for kind, drop, compiled, attention in VARIANTS:
         label = (kind if drop is None else f"{kind}_{drop}") + ("_compiled" if compiled else "")
-        label += "_dense_attention" if attention == "dense" else ""  # cuDNN over all query rows
+        label += {"dense": "_dense_attention", "kept": "_kept_attention"}.get(attention, "")  # cuDNN all rows / Triton
         if only and label not in only:
             continue
         warm = step_fn(kind, drop, compiled, attention, None)
@@ -155,10 +191,14 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only
             step = step_fn(kind, drop, True, "auto", None)
             step()
             torch.cuda.synchronize()
-            with prof(activities=[ProfilerActivity.CUDA]) as p:
+            with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
                 for _ in range(3):
                     step()
                 torch.cuda.synchronize()
+            trace = Path(os.environ.get("OUT", ".")) / f"trace_{name}_{kind}.json"
+            p.export_chrome_trace(str(trace))
+            gaps = gpu_idle_by_phase(json.loads(trace.read_text()), steps=3)
+            os.system(f"gzip -f {trace}")
             fam: dict[str, float] = {}
             for evt in p.key_averages():
                 t = getattr(evt, "device_time_total", 0)
@@ -167,7 +207,7 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only
             top = sorted(((evt.key[:90], getattr(evt, "device_time_total", 0) / 1e3 / 3, evt.count // 3)
                           for evt in p.key_averages()), key=lambda r: -r[1])[:40]
             out["backward_breakdown_ms"][(kind if drop is None else f"{kind}_{drop}") + "_compiled"] = {
-                "whole_step_by_family": fam, "top_kernels": top}
+                "whole_step_by_family": fam, "top_kernels": top, "gpu_idle": gaps}
     del model, opt, colliders, compiled_model
     gc.collect()
     torch.cuda.empty_cache()
@@ -224,6 +264,12 @@ def print_profiles(res: dict) -> None:
             print(f"\n{r['model']} {label} ms/step by family: {fam}")
             for key, ms, n in prof_["top_kernels"][:20]:
                 print(f"  {ms:7.2f} ms {n:5d}x  {key}")
+            idle = prof_.get("gpu_idle")
+            if idle:
+                print(f"  GPU idle {idle['total_ms_per_step']:.2f} ms/step: "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in idle["ms_per_step_by_phase"].items()))
+                for g in idle["largest"][:8]:
+                    print(f"    {g}")
 
 
 def main() -> None:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from sparsetrain.collider import ColliderModel, filter, masked_cross_entropy, rmsnorm_backward, rope_inverse
 from sparsetrain.config import ModelConfig
-from sparsetrain.model import GPT, apply_rope
+from sparsetrain.model import GPT, apply_rope, rope_tables
+from sparsetrain.selection import TokenSelector, cached_kept_indices
 
 from conftest import requires_cuda
 
@@ -103,6 +104,29 @@ def test_compact_loss_rows_reach_the_engine(same_mask: bool) -> None:
         loss.backward()
     assert seen == [(0, 0, 0)]  # the full-size gradient was never written
     assert_close(grads(model), ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["topk", "random"])
+def test_selector_mask_with_its_own_indices_matches_reference(method: str) -> None:
+    """A selector's mask brings its kept indices (no host sync in loss or
+    backward); the gradients are still the reference's."""
+    model = make()
+    g = torch.Generator().manual_seed(fresh_seed())
+    B, T = 3, 20
+    idx = torch.randint(0, 97, (B, T), generator=g)
+    targets = torch.randint(0, 97, (B, T), generator=g)
+    targets[1, 4:9] = -100
+    cm = ColliderModel(model)
+    logits = cm(idx)
+    n_valid = int((targets != -100).sum())
+    keep, stats = TokenSelector(score="collider", method=method, keep_ratio=0.4)(logits.detach(), targets, n_valid=n_valid)
+    assert cached_kept_indices(keep) is not None and stats.kept == int(keep.sum())
+    loss = masked_cross_entropy(logits, targets, keep)
+    with filter(keep):
+        loss.backward()
+    got = grads(model)
+    reference_loss(model, idx, targets, keep.clone()).backward()
+    assert_close(got, grads(model), rtol=1e-6)
 
 
 def test_masked_cross_entropy_on_plain_logits_matches_float64() -> None:
@@ -371,6 +395,39 @@ def test_kept_query_attention_kernel_matches_dense_backward(B, H, T, hd, block, 
     for name, a, ref in zip(("dq", "dk", "dv"), got, (pick(dq), pick(dk), pick(dv))):
         err = (a.double().cpu() - ref).norm() / ref.norm()
         assert err < 1e-5, (name, float(err))  # float32 products (input_precision ieee on the GPU)
+
+
+def test_kept_attention_kernel_undoes_rope_into_packed_rows() -> None:
+    """With the RoPE tables, dq and dk come out as gradients before RoPE,
+    written as the [K, 3, H, hd] rows of the QKV projection's output: checked
+    against float64 autograd through apply_rope and attention."""
+    tri = pytest.importorskip("sparsetrain.collider.triton_attention")
+    if not tri.available():
+        pytest.skip("triton not installed")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(fresh_seed())
+    B, H, T, hd = 2, 2, 37, 16
+    cos, sin = rope_tables(T + 5, hd, 100.0)  # longer tables than T, as the model's may be
+    q0, k0, v = (torch.randn(B, T, H, hd, generator=g, dtype=torch.float64) for _ in range(3))  # before RoPE
+    keep = random_keep(B, T, g)
+    kidx = torch.nonzero(keep.reshape(-1)).squeeze(1)
+    kb, kt = kidx // T, kidx % T
+    qd, kd, vd = (t.clone().requires_grad_(True) for t in (q0, k0, v))
+    q, k = (apply_rope(t, cos[:T].double(), sin[:T].double(), seq_dim=1).transpose(1, 2) for t in (qd, kd))
+    out = F.scaled_dot_product_attention(q, k, vd.transpose(1, 2), is_causal=True)
+    d_out = torch.zeros(B, H, T, hd, dtype=torch.float64)
+    d_out[kb, :, kt] = torch.randn(kidx.numel(), H, hd, generator=g, dtype=torch.float64)
+    dq, dk, dv = torch.autograd.grad(out, (qd, kd, vd), d_out)  # token-major [B, T, H, hd]
+    to = lambda t: t.detach().float().transpose(1, 2).contiguous().transpose(1, 2).to(device)  # noqa: E731
+    grads = torch.full((kidx.numel(), 3, H, hd), float("nan"), device=device)
+    got = tri.kept_attention_backward(to(q), to(k), to(vd.transpose(1, 2)), to(out), d_out[kb, :, kt].float().to(device),
+                                      kidx.to(device), rope=(cos.to(device), sin.to(device)), grads=grads,
+                                      config=(16, 16, 4, 1))
+    assert all(t.data_ptr() == grads[:, i].data_ptr() for i, t in enumerate(got))
+    for name, i, ref in (("dq", 0, dq), ("dk", 1, dk), ("dv", 2, dv)):
+        ref = ref.reshape(B * T, H, hd)[kidx]
+        err = (grads[:, i].double().cpu() - ref).norm() / ref.norm()
+        assert err < 1e-5, (name, float(err))
 
 
 @requires_cuda

@@ -31,7 +31,7 @@ from sparsetrain.selection import (
     shift_labels,
     warmup_keep_ratio,
 )
-from sparsetrain.selection.select import allocate, strata_proportions
+from sparsetrain.selection.select import allocate, cached_kept_indices, kept_indices, strata_proportions
 from sparsetrain.selection.triton_scores import row_stats_triton, triton_available
 
 from conftest import requires_cuda
@@ -283,6 +283,47 @@ def test_selector_stats_and_adaptive_threshold_method() -> None:
     assert st.avg_confidence == pytest.approx(float(torch.softmax(logits, -1).amax(-1)[valid].mean()), rel=0.05)
     with pytest.raises(ValueError, match="ignore_index"):
         sel(logits, torch.full_like(targets, -100))
+
+
+@pytest.mark.parametrize("method", ["topk", "random", "stratified", "threshold"])
+def test_given_valid_count_gives_same_mask_and_cached_indices(method: str) -> None:
+    """Passing the host-known valid count changes nothing but the syncs: the
+    same mask, stats equal to the counted ones, and kept indices that ride
+    along (equal to nonzero) until the mask is modified in place."""
+    logits, targets = random_batch(B=4, T=33, V=40)
+    n_valid = int((targets != -100).sum())
+    mask_a, st_a = TokenSelector(score="loss", method=method, keep_ratio=0.4, threshold=1.0)(logits, targets)
+    mask_b, st_b = TokenSelector(score="loss", method=method, keep_ratio=0.4, threshold=1.0)(logits, targets, n_valid=n_valid)
+    assert torch.equal(mask_a, mask_b)
+    assert not (mask_b & (targets == -100)).any()
+    assert st_b.total == n_valid and st_b.kept == int(mask_b.sum())
+    valid = targets != -100
+    p1 = torch.softmax(logits, -1).amax(-1)
+    assert st_b.avg_confidence == pytest.approx(float(p1[valid].mean()), rel=1e-5)
+    for key, value in st_a.to_dict().items():
+        assert getattr(st_b, key) == (value if value is None else pytest.approx(value, rel=1e-6)), key
+    ref = torch.nonzero(mask_b.reshape(-1)).squeeze(1)
+    cached = cached_kept_indices(mask_b)
+    if method == "threshold":  # no indices at hand when the mask was made
+        assert cached is None
+    else:
+        assert torch.equal(cached, ref)
+    assert torch.equal(kept_indices(mask_b), ref)
+    flip = int(ref[0])
+    mask_b.view(-1)[flip] = False  # in place: the cached indices are stale and must not be used
+    assert cached_kept_indices(mask_b) is None
+    assert torch.equal(kept_indices(mask_b), ref[1:])
+
+
+def test_stats_read_back_lazily_from_tensors() -> None:
+    g = torch.Generator().manual_seed(fresh_seed())
+    vals = torch.rand(3, generator=g, dtype=torch.float64)
+    kept = torch.randint(1, 50, (), generator=g)
+    st = SelectionStats(kept=kept, total=100, keep_ratio=0.5, avg_confidence=vals[0], avg_entropy=vals[1],
+                        avg_difficulty=vals[2])
+    assert st.kept == int(kept) and isinstance(st.kept, int)
+    assert st.sparsity == pytest.approx(1 - int(kept) / 100)
+    assert [st.avg_confidence, st.avg_entropy, st.avg_difficulty] == pytest.approx(vals.tolist(), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- CGGR API

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .model import GPT, IGNORE_INDEX, RMSNorm, upcast
+from .selection.select import kept_indices
 
 
 def head_targets(targets: torch.Tensor, k: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -111,7 +112,7 @@ def kept_rows_loss(model: GPT, heads: MTPHeads, trunk: torch.Tensor, targets: to
     the heads' forward and backward run on ``[kept, D]`` and dropped rows get no
     gradient through any head. Returns (weighted sum, [L_1, ..., L_n])."""
     D = trunk.shape[-1]
-    kidx = keep.reshape(-1).nonzero().squeeze(1)
+    kidx = kept_indices(keep)
     h = trunk.reshape(-1, D).index_select(0, kidx)
     total = trunk.new_zeros((), dtype=torch.float32)
     losses = []

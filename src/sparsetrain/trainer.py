@@ -259,6 +259,8 @@ class Trainer:
         """One micro-batch: forward, ``(loss * loss_scale).backward()``. Returns the
         unscaled loss (detached). ``sync=False`` skips the DDP all-reduce, for
         all but the last micro-batch of an accumulation."""
+        # counted on the host batch, the selector needs no sync to size its budget
+        n_valid = int((y != IGNORE_INDEX).sum()) if y.device.type == "cpu" else None
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         ctx = self.ddp_model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
         with ctx:
@@ -266,7 +268,7 @@ class Trainer:
                 with self.autocast():
                     logits, trunk = self.ddp_model(x, return_trunk=True)
                 ref = self._reference_nll(x, y) if self.reference is not None else None
-                keep, stats = self.selector(logits.detach(), y, ref)
+                keep, stats = self.selector(logits.detach(), y, ref, n_valid=n_valid)
                 with self.autocast():
                     loss = masked_cross_entropy(logits, y, keep)
                     total = loss

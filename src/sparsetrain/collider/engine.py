@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import GPT, apply_rope, rms_norm, upcast
+from ..selection.select import kept_indices
 from . import triton_attention
 from .attention import AttentionSaved, attention_backward, attention_forward, on_own_thread
 from .loss import SLOT_ATTR, RowGradSlot
@@ -131,19 +132,32 @@ def _rows(t: torch.Tensor, kidx: torch.Tensor) -> torch.Tensor:
     return t.flatten(0, 1).index_select(0, kidx)
 
 
-def _head_backward(dl, h, kidx, norm_w, head_w, eps: float):
+def _wgrad(dy: torch.Tensor, x: torch.Tensor, f32: bool) -> torch.Tensor:
+    """A weight's gradient ``dy^T x``; with ``f32`` (16-bit CUDA operands, float32
+    master weights) cuBLAS writes it in float32 directly. Casting afterwards
+    took a separate copy kernel per weight: 2.8 ms of a 1B backward on the H200
+    (bench/results/collider_step_compact_1b_rerun_h200.json, direct_copy_kernel)."""
+    return torch.mm(dy.t(), x, out_dtype=torch.float32) if f32 else dy.t() @ x
+
+
+def _head_backward(dl, h, kidx, norm_w, head_w, eps: float, f32: bool):
     h_k = _rows(h, kidx)
     hn = rms_norm(h_k, norm_w, eps).to(head_w.dtype)
-    d_head = dl.t() @ hn
+    d_head = _wgrad(dl, hn, f32)
     dx, d_norm = rmsnorm_backward(dl @ head_w, h_k, norm_w, eps)
-    return dx, d_head, d_norm
+    return dx, dx.to(head_w.dtype), d_head, d_norm
 
 
-def _ffn_backward(dx, x1, u, g, kidx, norm_w, up_w, gate_w, down_w, eps: float):
+# Each piece that ends a residual-gradient update returns it twice: float32 for
+# the residual stream and in the compute dtype for the next piece's GEMMs, the
+# cast fused into the kernel that writes it (a separate cast kernel took 0.76 ms
+# of the 1B backward: bench/results/collider_step_sync_free_h200.json).
+
+
+def _ffn_backward(dx, dxc, x1, u, g, kidx, norm_w, up_w, gate_w, down_w, eps: float, f32: bool):
     cdt = up_w.dtype
     x1_k, u_k = _rows(x1, kidx), _rows(u, kidx)
     b = rms_norm(x1_k, norm_w, eps).to(cdt)
-    dxc = dx.to(cdt)
     if gate_w is not None:
         g_k = _rows(g, kidx)
         gf, uf = upcast(g_k), upcast(u_k)
@@ -151,43 +165,58 @@ def _ffn_backward(dx, x1, u, g, kidx, norm_w, up_w, gate_w, down_w, eps: float):
         f = F.silu(g_k) * u_k  # as the forward computed it
     else:
         f = F.relu(u_k).square()
-    d_down = dxc.t() @ f
+    d_down = _wgrad(dxc, f, f32)
     df = upcast(dxc @ down_w)  # activation derivatives in float32
     d_gate = None
     if gate_w is not None:
         du = (df * gf * sig).to(cdt)
         dg = (df * uf * sig * (1 + gf * (1 - sig))).to(cdt)
-        d_gate = dg.t() @ b
+        d_gate = _wgrad(dg, b, f32)
         db = dg @ gate_w + du @ up_w
     else:
         du = (df * 2 * F.relu(upcast(u_k))).to(cdt)
         db = du @ up_w
-    d_up = du.t() @ b
+    d_up = _wgrad(du, b, f32)
     dxn, d_norm = rmsnorm_backward(db, x1_k, norm_w, eps)
-    return dx + dxn, d_down, d_up, d_gate, d_norm
+    dx = dx + dxn
+    return dx, dx.to(cdt), d_down, d_up, d_gate, d_norm
 
 
-def _proj_backward(dx, o2, kidx, proj_w):
-    dxc = dx.to(proj_w.dtype)
-    return dxc.t() @ _rows(o2, kidx).to(proj_w.dtype), dxc @ proj_w
+def _proj_backward(dxc, o2, kidx, proj_w, f32: bool):
+    return _wgrad(dxc, _rows(o2, kidx).to(proj_w.dtype), f32), dxc @ proj_w
 
 
-def _qkv_backward(dx, dq, dk, dv, x, kidx, cos_k, sin_k, norm_w, qkv_w, eps: float, compact: bool):
-    """``dq``/``dk``/``dv``: token-major ``[B, T, H, hd]`` over all rows, or
-    with ``compact`` already the kept rows ``[K, H, hd]``."""
-    K = dx.shape[0]
-    if not compact:
-        dq, dk, dv = _rows(dq, kidx), _rows(dk, kidx), _rows(dv, kidx)
-    x_k = _rows(x, kidx)
+def _post_attention_backward(dx, dxc, x1, u, g, o2, kidx, norm_w, up_w, gate_w, down_w, proj_w, eps: float, f32: bool):
+    """FFN then output projection: one compiled call per layer instead of two
+    (host time per call matters on small models)."""
+    dx, dxc, d_down, d_up, d_gate, d_norm = _ffn_backward(dx, dxc, x1, u, g, kidx, norm_w, up_w, gate_w, down_w, eps, f32)
+    d_proj, do2 = _proj_backward(dxc, o2, kidx, proj_w, f32)
+    return dx, d_down, d_up, d_gate, d_norm, d_proj, do2
+
+
+def _qkv_grad_rows(dq, dk, dv, kidx, cos_k, sin_k, dtype: torch.dtype):
+    """The QKV projection's output gradient at the kept rows, ``[K, 3 * D]``,
+    from the dense attention backward's token-major ``[B, T, H, hd]`` gradients
+    (after RoPE for q and k: undone here). The kept-query kernel writes this
+    directly (``kept_attention_backward(rope=..., grads=...)``)."""
+    dq, dk, dv = _rows(dq, kidx), _rows(dk, kidx), _rows(dv, kidx)
     dqkv = torch.stack((rope_inverse(dq, cos_k, sin_k), rope_inverse(dk, cos_k, sin_k), dv), 1)
-    dqkv = dqkv.reshape(K, -1).to(qkv_w.dtype)
+    return dqkv.reshape(dq.shape[0], -1).to(dtype)
+
+
+def _qkv_backward(dx, dqkv, x, kidx, norm_w, qkv_w, eps: float, f32: bool):
+    """``dqkv``: the QKV projection's output gradient at the kept rows, ``[K, 3 * D]``."""
+    x_k = _rows(x, kidx)
+    dqkv = dqkv.to(qkv_w.dtype)
     a = rms_norm(x_k, norm_w, eps).to(qkv_w.dtype)
     dxa, d_norm = rmsnorm_backward(dqkv @ qkv_w, x_k, norm_w, eps)
-    return dx + dxa, dqkv.t() @ a, d_norm
+    dx = dx + dxa
+    return dx, dx.to(qkv_w.dtype), _wgrad(dqkv, a, f32), d_norm
 
 
 _PIECES = {"qkv_rope": _qkv_rope, "post_attention": _post_attention, "head_backward": _head_backward,
-           "ffn_backward": _ffn_backward, "proj_backward": _proj_backward, "qkv_backward": _qkv_backward}
+           "post_attention_backward": _post_attention_backward, "qkv_backward": _qkv_backward,
+           "qkv_grad_rows": _qkv_grad_rows}
 _compiled: dict[str, object] = {}
 
 
@@ -208,11 +237,11 @@ def _piece(name: str, compile: bool):
 
 
 # auto picks the kept-query kernel up to this kept fraction. H200, 1B shapes
-# (bench/results/collider_step_compact_h200.json): alone, calls queued back to
-# back, it takes 0.72x cuDNN's dense backward at keep 0.5, 0.85x at 0.6 and
-# 1.12x at 0.75; in the 1B step at drop 0.5 it saves 0.8 ms compiled and 5 ms
-# eager. Kept below the crossover (~0.68) because inside a step the gain is smaller.
-KEPT_KERNEL_MAX_KEEP = 0.55
+# (bench/results/collider_step_sync_free_h200.json): alone, calls queued back
+# to back, it takes 0.68x cuDNN's dense backward at keep 0.5, 0.81x at 0.6 and
+# 1.06x at 0.75; in the 1B compiled step (it also undoes RoPE in its epilogue)
+# the backward is 0.64x dense with it at drop 0.4 against 0.69x with cuDNN.
+KEPT_KERNEL_MAX_KEEP = 0.65
 
 
 def _kept_kernel_ok(q: torch.Tensor, mode: str, keep_fraction: float) -> bool:
@@ -319,7 +348,7 @@ def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor
     if keep is None:
         kidx = torch.arange(N, device=idx.device)
     else:  # the kept-rows loss already took the same mask's indices: reuse them
-        kidx = shared[0] if shared else torch.nonzero(keep.reshape(-1)).squeeze(1)
+        kidx = shared[0] if shared else kept_indices(keep)
     K = kidx.numel()
     if K == 0:
         raise ValueError("Collider keep mask keeps no token: nothing to learn from in this batch")
@@ -336,27 +365,31 @@ def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor
         grads[id(p)] = grads[id(p)] + g if id(p) in grads else g
 
     kb, kt = kidx // T, kidx % T  # batch row and position of each kept token
-    cos, sin = model.rope_cos[kt][:, None, :], model.rope_sin[kt][:, None, :]  # [K, 1, hd/2]
+    cos = sin = None  # [K, 1, hd/2] at the kept positions, for the dense attention backward's RoPE
     eps = cfg.norm_eps
-    ffn_bwd, proj_bwd = _piece("ffn_backward", compile), _piece("proj_backward", compile)
+    post_bwd = _piece("post_attention_backward", compile)
     qkv_bwd, head_bwd = _piece("qkv_backward", compile), _piece("head_backward", compile)
+    qkv_rows = _piece("qkv_grad_rows", compile)
 
-    dx, d_head, d_norm = head_bwd(dl, saved["h"], kidx, model.norm.weight, W(model.lm_head), eps)
+    # weight gradients straight to float32 under autocast (see _wgrad)
+    f32 = idx.is_cuda and cdt in (torch.float16, torch.bfloat16) and model.lm_head.weight.dtype == torch.float32
+    dx, dxc, d_head, d_norm = head_bwd(dl, saved["h"], kidx, model.norm.weight, W(model.lm_head), eps, f32)
     acc(model.lm_head.weight, d_head)
     acc(model.norm.weight, d_norm)
     if dtrunk is not None:
         dx = dx + _rows(dtrunk, kidx).to(dx.dtype)
+        dxc = dx.to(cdt)
     do_buf = None  # dO over all rows for the fused attention backward; dropped rows stay zero
     rows_meta = None  # kept positions and per-row starts, for the kept-query kernel
     for blk, sv in zip(reversed(model.blocks), reversed(saved["blocks"])):
         ffn = blk.ffn
-        dx, d_down, d_up, d_gate, d_norm = ffn_bwd(dx, sv.x1, sv.u, sv.g, kidx, blk.ffn_norm.weight,
-                                                   W(ffn.up), W(ffn.gate), W(ffn.down), eps)
+        dx, d_down, d_up, d_gate, d_norm, d_proj, do2 = post_bwd(
+            dx, dxc, sv.x1, sv.u, sv.g, sv.o2, kidx, blk.ffn_norm.weight, W(ffn.up), W(ffn.gate), W(ffn.down),
+            W(blk.attn.proj), eps, f32)
         acc(ffn.down.weight, d_down)
         acc(ffn.up.weight, d_up)
         acc(ffn.gate.weight if ffn.gate is not None else None, d_gate)
         acc(blk.ffn_norm.weight, d_norm)
-        d_proj, do2 = proj_bwd(dx, sv.o2, kidx, W(blk.attn.proj))
         acc(blk.attn.proj.weight, d_proj)
         att = sv.att
         if _kept_kernel_ok(att.q, saved["attention"], K / N):
@@ -364,15 +397,18 @@ def _backward(model: GPT, saved: dict, dlogits: torch.Tensor, keep: torch.Tensor
             lse = att.flash[1] if att.flash is not None else None  # the forward kernel's log-sum-exp
             if rows_meta is None:
                 rows_meta = triton_attention.kept_rows_meta(kidx, B, T)
-            dq, dk, dv = kept_attention_backward(att.q, att.k, att.v, att.out, do2.view(K, H, hd), kidx, lse,
-                                                 rows_meta=rows_meta)
-            compact = True
+            # writes [K, 3, H, hd] rows with RoPE undone: the QKV weight gradient's input as it is
+            dqkv = torch.empty(K, 3, H, hd, dtype=att.q.dtype, device=idx.device)
+            kept_attention_backward(att.q, att.k, att.v, att.out, do2.view(K, H, hd), kidx, lse,
+                                    rows_meta=rows_meta, rope=(model.rope_cos, model.rope_sin), grads=dqkv)
+            dqkv = dqkv.view(K, 3 * H * hd)
         else:
             d_out, do_buf = _scatter_heads(do2, att.out, kidx, kb, kt, do_buf)
             dq, dk, dv = (t.transpose(1, 2) for t in attention_backward(att, d_out))  # token-major views
-            compact = False
-        dx, d_qkv, d_norm = qkv_bwd(dx, dq, dk, dv, sv.x, kidx, cos, sin, blk.attn_norm.weight,
-                                    W(blk.attn.qkv), eps, compact)
+            if cos is None:
+                cos, sin = model.rope_cos[kt][:, None, :], model.rope_sin[kt][:, None, :]
+            dqkv = qkv_rows(dq, dk, dv, kidx, cos, sin, cdt)
+        dx, dxc, d_qkv, d_norm = qkv_bwd(dx, dqkv, sv.x, kidx, blk.attn_norm.weight, W(blk.attn.qkv), eps, f32)
         acc(blk.attn.qkv.weight, d_qkv)
         acc(blk.attn_norm.weight, d_norm)
 

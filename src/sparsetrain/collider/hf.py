@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..selection.select import kept_indices
 from .engine import current_keep
 
 ATTENTION_NAME = "sparsetrain_collider"
@@ -42,7 +43,7 @@ def _keep_rows(n_rows: int) -> torch.Tensor | None:
         return None
     if keep.numel() != n_rows:
         raise ValueError(f"Collider keep mask has {keep.numel()} entries but the layer sees {n_rows} rows")
-    return keep.reshape(-1).nonzero().squeeze(1)
+    return kept_indices(keep)  # cached on the mask: one nonzero per step at most, not one per layer
 
 
 class _KeptRowsLinear(torch.autograd.Function):

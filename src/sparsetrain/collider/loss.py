@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..model import IGNORE_INDEX, upcast
+from ..selection.select import cached_kept_indices, kept_indices
 
 SLOT_ATTR = "_sparsetrain_row_grad_slot"
 
@@ -99,7 +100,10 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, keep: torc
     if keep.shape != targets.shape or logits.shape[:-1] != targets.shape:
         raise ValueError(f"keep {tuple(keep.shape)}, targets {tuple(targets.shape)} and logits "
                          f"{tuple(logits.shape)} do not line up")
-    if not bool((keep & (targets != IGNORE_INDEX)).any()):
-        raise ValueError("Collider keep mask keeps no token with a target")
-    kidx = torch.nonzero(keep.reshape(-1)).squeeze(1)
+    kidx = cached_kept_indices(keep)
+    if kidx is None:  # a mask from elsewhere: check it (a host sync) and find its rows
+        if not bool((keep & (targets != IGNORE_INDEX)).any()):
+            raise ValueError("Collider keep mask keeps no token with a target")
+        kidx = kept_indices(keep)
+    # else a selector's mask: it kept >= 1 token, all with targets, and its rows came with it (no sync)
     return _KeptCrossEntropy.apply(logits, targets, keep, kidx, getattr(logits, SLOT_ATTR, None))

@@ -34,6 +34,7 @@ from ..triton_util import interpreting
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -64,7 +65,7 @@ if triton is not None:
         return tl.dot(ds.to(k.dtype), k, input_precision=PREC)
 
     @triton.jit
-    def _dkdv_block(k, v, kpos, QK, DO, POS, LSE, DELTA, lo, n, start, h, d, H, s_dt, s_dh, scale2,
+    def _dkdv_block(k, v, kpos, QK, DO, POS, LSE, DELTA, lo, n, start, h, d, KT, s_dt, s_dh, scale2,
                     MASKED: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
         """One block of kept queries' share of (dk unscaled, dv). ``QK`` and ``DO``
         are the kept rows ``[K, H, hd]``, so the loads are plain row ranges. Rows
@@ -75,8 +76,8 @@ if triton is not None:
         rp = qtok[:, None] * s_dt + h * s_dh + d[None, :]
         q = tl.load(QK + rp, mask=rmask[:, None], other=0.0)
         do = tl.load(DO + rp, mask=rmask[:, None], other=0.0)
-        lse2 = tl.load(LSE + qtok * H + h, mask=rmask, other=0.0)
-        delta = tl.load(DELTA + qtok * H + h, mask=rmask, other=0.0)
+        lse2 = tl.load(LSE + h * KT + qtok, mask=rmask, other=0.0)  # [H, K]: contiguous along the block
+        delta = tl.load(DELTA + h * KT + qtok, mask=rmask, other=0.0)
         pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * scale2 - lse2[None, :])  # [BN, BM]
         if MASKED:
             qpos = tl.load(POS + qtok, mask=rmask, other=-1)
@@ -86,13 +87,35 @@ if triton is not None:
         return tl.dot(dst.to(q.dtype), q, input_precision=PREC), dv
 
     @triton.jit
+    def _store_rows(OUT, offs, x, COS, SIN, pos, rmask, s_rope,
+                    ROPE: tl.constexpr, R: tl.constexpr, HD: tl.constexpr):
+        """Store rows ``x`` [R, HD] (float32) at ``OUT + offs[:, None] + column``.
+        With ``ROPE``, first undo the rotate-half RoPE at each row's position
+        ``pos`` (the gradient before RoPE: rotation by the opposite angle)."""
+        if ROPE:
+            x1, x2 = tl.split(tl.permute(tl.reshape(x, (R, 2, HD // 2)), (0, 2, 1)))  # first, second half
+            dh = tl.arange(0, HD // 2)
+            rp = pos[:, None] * s_rope + dh[None, :]
+            c = tl.load(COS + rp, mask=rmask[:, None], other=0.0).to(tl.float32)
+            sn = tl.load(SIN + rp, mask=rmask[:, None], other=0.0).to(tl.float32)
+            tl.store(OUT + offs[:, None] + dh[None, :], (x1 * c + x2 * sn).to(OUT.dtype.element_ty), mask=rmask[:, None])
+            tl.store(OUT + offs[:, None] + HD // 2 + dh[None, :], (x2 * c - x1 * sn).to(OUT.dtype.element_ty),
+                     mask=rmask[:, None])
+        else:
+            d = tl.arange(0, HD)
+            tl.store(OUT + offs[:, None] + d[None, :], x.to(OUT.dtype.element_ty), mask=rmask[:, None])
+
+    @triton.jit
     def _dq_kernel(
-        Q, K, V, O, DO, LSE_IN, POS, CU, DQ, LSE, DELTA,
+        Q, K, V, O, DO, LSE_IN, POS, CU, DQ, LSE, DELTA, COS, SIN,
         s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_ob, s_oh, s_ot,
         s_lb, s_lh, s_lt,  # LSE_IN [B, H, T] strides (unused without HAS_LSE)
-        s_dt, s_dh,  # DO / DQ packed [K, H, hd] strides
-        H, T, n_tiles, scale2,
+        s_dt, s_dh,  # DO packed [K, H, hd] strides
+        s_gt, s_gh,  # DQ / DK / DV [K, (3,) H, hd] strides
+        s_rope,  # COS / SIN [T, hd/2] row stride (unused without ROPE)
+        H, T, KT, n_tiles, scale2,
         HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LSE: tl.constexpr, PREC: tl.constexpr,
+        ROPE: tl.constexpr,
     ):
         # late tiles (late positions, long loops) first: better load balance
         tile = n_tiles - 1 - tl.program_id(0)
@@ -137,17 +160,19 @@ if triton is not None:
             dq += _dq_block(q, do, delta, lse2, qpos, kbase, vbase, start, d, s_kt, s_vt, T, scale2, False, BN, PREC)
         for start in range(full_end, hi, BN):
             dq += _dq_block(q, do, delta, lse2, qpos, kbase, vbase, start, d, s_kt, s_vt, T, scale2, True, BN, PREC)
-        tl.store(DQ + dp_ptr, (dq * (scale2 / 1.4426950408889634)).to(DQ.dtype.element_ty), mask=rmask[:, None])
-        tl.store(LSE + tok * H + h, lse2, mask=rmask)
-        tl.store(DELTA + tok * H + h, delta, mask=rmask)
+        _store_rows(DQ, tok * s_gt + h * s_gh, dq * (scale2 / 1.4426950408889634), COS, SIN, qpos, rmask, s_rope,
+                    ROPE, BM, HD)
+        tl.store(LSE + h * KT + tok, lse2, mask=rmask)
+        tl.store(DELTA + h * KT + tok, delta, mask=rmask)
 
     @triton.jit
     def _dkdv_kernel(
-        QK, K, V, DO, POS, CU, LSE, DELTA, DK, DV,
+        QK, K, V, DO, POS, CU, LSE, DELTA, DK, DV, COS, SIN,
         s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-        s_dt, s_dh,  # QK / DO / DK / DV packed [K, H, hd] strides
-        H, scale2,
-        HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+        s_dt, s_dh,  # QK / DO packed [K, H, hd] strides
+        s_gt, s_gh,  # DK / DV [K, (3,) H, hd] strides
+        s_rope, H, KT, scale2,
+        HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, ROPE: tl.constexpr,
     ):
         tile = tl.program_id(0)
         b = tl.program_id(1) // H
@@ -170,23 +195,24 @@ if triton is not None:
         first = (tile * BN) // BM * BM
         unmasked = tl.minimum(((tile + 1) * BN + BM - 1) // BM * BM, n)
         for start in range(first, unmasked, BM):
-            dk_, dv_ = _dkdv_block(k, v, kpos, QK, DO, POS, LSE, DELTA, lo, n, start, h, d, H, s_dt, s_dh, scale2,
+            dk_, dv_ = _dkdv_block(k, v, kpos, QK, DO, POS, LSE, DELTA, lo, n, start, h, d, KT, s_dt, s_dh, scale2,
                                    True, BM, PREC)
             dk += dk_
             dv += dv_
         for start in range(unmasked, n, BM):
-            dk_, dv_ = _dkdv_block(k, v, kpos, QK, DO, POS, LSE, DELTA, lo, n, start, h, d, H, s_dt, s_dh, scale2,
+            dk_, dv_ = _dkdv_block(k, v, kpos, QK, DO, POS, LSE, DELTA, lo, n, start, h, d, KT, s_dt, s_dh, scale2,
                                    False, BM, PREC)
             dk += dk_
             dv += dv_
-        kp = ktok[:, None] * s_dt + h * s_dh + d[None, :]
-        tl.store(DK + kp, (dk * (scale2 / 1.4426950408889634)).to(DK.dtype.element_ty), mask=cmask[:, None])
-        tl.store(DV + kp, dv.to(DV.dtype.element_ty), mask=cmask[:, None])
+        kp = ktok * s_gt + h * s_gh
+        _store_rows(DK, kp, dk * (scale2 / 1.4426950408889634), COS, SIN, kpos, cmask, s_rope, ROPE, BN, HD)
+        _store_rows(DV, kp, dv, COS, SIN, kpos, cmask, s_rope, False, BN, HD)
 
 
 # (BM, BN, num_warps, num_stages) tried on first use per head_dim and dtype on the GPU
 GPU_CONFIGS = [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2), (128, 64, 4, 3), (128, 128, 8, 2),
-               (32, 128, 4, 3), (32, 128, 8, 2), (128, 64, 8, 3), (64, 128, 8, 3), (32, 128, 8, 3)]
+               (32, 128, 4, 3), (32, 128, 8, 2), (128, 64, 8, 3), (64, 128, 8, 3), (32, 128, 8, 3),
+               (32, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 3), (32, 128, 8, 4), (16, 128, 4, 3), (64, 128, 8, 4)]
 _tuned: dict[tuple, tuple[tuple, tuple]] = {}
 
 
@@ -197,14 +223,17 @@ def _launch(args: dict, cfg_dq: tuple, cfg_kv: tuple) -> None:
     n_tiles = triton.cdiv(T, bm)
     _dq_kernel[(n_tiles, B * H)](
         a["q"], a["k"], a["v"], a["out"], a["do"], a["lse_in"], a["pos"], a["cu"], a["dq"], a["lse"], a["delta"],
+        a["cos"], a["sin"],
         *a["q"].stride()[:3], *a["k"].stride()[:3], *a["v"].stride()[:3], *a["out"].stride()[:3], *a["lse_strides"],
-        a["do"].stride(0), a["do"].stride(1), H, T, n_tiles, a["scale2"],
-        HD=hd, BM=bm, BN=bn, HAS_LSE=a["has_lse"], PREC=a["prec"], num_warps=warps, num_stages=stages)
+        a["do"].stride(0), a["do"].stride(1), a["dq"].stride(0), a["dq"].stride(1), a["cos"].stride(0),
+        H, T, a["do"].shape[0], n_tiles, a["scale2"],
+        HD=hd, BM=bm, BN=bn, HAS_LSE=a["has_lse"], PREC=a["prec"], ROPE=a["rope"], num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = cfg_kv  # here BN is the key tile and BM the query block
     _dkdv_kernel[(triton.cdiv(T, bn), B * H)](
-        a["q_k"], a["k"], a["v"], a["do"], a["pos"], a["cu"], a["lse"], a["delta"], a["dk"], a["dv"],
+        a["q_k"], a["k"], a["v"], a["do"], a["pos"], a["cu"], a["lse"], a["delta"], a["dk"], a["dv"], a["cos"], a["sin"],
         *a["k"].stride()[:3], *a["v"].stride()[:3], a["do"].stride(0), a["do"].stride(1),
-        H, a["scale2"], HD=hd, BM=bm, BN=bn, PREC=a["prec"], num_warps=warps, num_stages=stages)
+        a["dk"].stride(0), a["dk"].stride(1), a["cos"].stride(0), H, a["do"].shape[0], a["scale2"],
+        HD=hd, BM=bm, BN=bn, PREC=a["prec"], ROPE=a["rope"], num_warps=warps, num_stages=stages)
 
 
 def _time(fn, reps: int = 5) -> float:
@@ -221,10 +250,17 @@ def _time(fn, reps: int = 5) -> float:
 def _tune(args: dict) -> tuple[tuple, tuple]:
     """Fastest (dq config, dk/dv config) of :data:`GPU_CONFIGS` for these shapes, timed once and cached."""
     B, H, T, hd = args["q"].shape
-    key = (hd, T, args["q"].dtype, args["has_lse"])
+    key = (hd, T, args["q"].dtype, args["has_lse"], args["rope"])
     if key not in _tuned:
-        best_dq = min(GPU_CONFIGS, key=lambda c: _time(lambda: _launch(args, c, GPU_CONFIGS[0])))
-        best_kv = min(GPU_CONFIGS, key=lambda c: _time(lambda: _launch(args, best_dq, c)))
+        def cost(cfg_dq: tuple, cfg_kv: tuple) -> float:
+            try:
+                return _time(lambda: _launch(args, cfg_dq, cfg_kv))
+            except OutOfResources:  # too much shared memory for this GPU
+                return math.inf
+
+        safe = GPU_CONFIGS[0]  # fits everywhere this runs
+        best_dq = min(GPU_CONFIGS, key=lambda c: cost(c, safe))
+        best_kv = min(GPU_CONFIGS, key=lambda c: cost(best_dq, c))
         _tuned[key] = (best_dq, best_kv)
     return _tuned[key]
 
@@ -248,6 +284,7 @@ def kept_attention_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, do_k: torch.Tensor, kidx: torch.Tensor,
     lse: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None,
     rows_meta: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None, grads: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Collider attention gradients for the kept tokens only.
 
@@ -257,8 +294,17 @@ def kept_attention_backward(
     log-sum-exp of the scaled scores ``[B, H, T]`` (natural log), or None to
     recompute it. ``rows_meta``: :func:`kept_rows_meta` of ``kidx``, to compute
     once for all layers. ``config``: ``(BM, BN, num_warps, num_stages)`` for both
-    kernels; by default tuned once per shape on the GPU. Returns
-    ``(dq_k, dk_k, dv_k)`` ``[K, H, hd]`` in the dtype of ``q``.
+    kernels; by default tuned once per shape on the GPU.
+
+    ``rope``: the ``(cos, sin)`` tables ``[>= T, hd/2]`` that rotated q and k
+    (rotate-half): dq and dk then come out as gradients before RoPE, undone in
+    the kernels' epilogue instead of in a pass of their own. ``grads``: a
+    ``[K, 3, H, hd]`` buffer to write (dq, dk, dv) into, laid out as the QKV
+    projection's output rows, so the caller's weight-gradient GEMM reads it
+    as ``[K, 3 * H * hd]`` directly.
+
+    Returns ``(dq_k, dk_k, dv_k)``, each ``[K, H, hd]`` in the dtype of ``q``
+    (views into ``grads`` when given).
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -268,6 +314,17 @@ def kept_attention_backward(
         raise ValueError(f"head_dim must be a power of two >= 16 for the Triton kernel, got {hd}")
     if any(t.stride(-1) != 1 for t in (q, k, v, out)):
         raise ValueError("q, k, v and out need a contiguous head dim")
+    if grads is None:
+        grads = torch.empty(K, 3, H, hd, dtype=q.dtype, device=q.device)
+    elif grads.shape != (K, 3, H, hd) or not grads.is_contiguous() or grads.dtype != q.dtype:
+        raise ValueError(f"grads must be a contiguous {q.dtype} [{K}, 3, {H}, {hd}] tensor, got "
+                         f"{grads.dtype} {tuple(grads.shape)}")
+    if rope is not None:
+        cos, sin = rope
+        if cos.shape[0] < T or cos.shape[-1] != hd // 2 or cos.stride(-1) != 1 or cos.stride() != sin.stride():
+            raise ValueError(f"rope tables must be [>= {T}, {hd // 2}] with a contiguous last dim, got {tuple(cos.shape)}")
+    else:
+        cos = sin = q  # unused (ROPE off)
     do_k = do_k.reshape(K, H, hd).to(q.dtype).contiguous()  # the same [K, H, hd] strides as the kept q rows
     pos, cu = rows_meta if rows_meta is not None else kept_rows_meta(kidx, B, T)
     if lse is not None:
@@ -275,9 +332,10 @@ def kept_attention_backward(
     args = {
         "q": q, "k": k, "v": v, "out": out, "do": do_k, "pos": pos, "cu": cu,
         "lse_in": lse if lse is not None else q, "lse_strides": lse.stride() if lse is not None else (0, 0, 0),
-        "has_lse": lse is not None, "q_k": _kept_rows(q, kidx), "dq": torch.empty_like(do_k), "dk": torch.empty_like(do_k),
-        "dv": torch.empty_like(do_k), "lse": torch.empty(K, H, dtype=torch.float32, device=q.device),
-        "delta": torch.empty(K, H, dtype=torch.float32, device=q.device), "scale2": LOG2E / math.sqrt(hd),
+        "has_lse": lse is not None, "q_k": _kept_rows(q, kidx),
+        "dq": grads[:, 0], "dk": grads[:, 1], "dv": grads[:, 2], "cos": cos, "sin": sin, "rope": rope is not None,
+        "lse": torch.empty(H, K, dtype=torch.float32, device=q.device),
+        "delta": torch.empty(H, K, dtype=torch.float32, device=q.device), "scale2": LOG2E / math.sqrt(hd),
         # float32 inputs: true float32 products (tl.dot would round them to TF32 on the GPU)
         "prec": "ieee" if q.dtype == torch.float32 else "tf32",
     }

@@ -5,7 +5,6 @@ object with its health check."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
 
 import torch
 
@@ -83,18 +82,54 @@ class AdaptiveThreshold:
             setattr(self, k, v)
 
 
-@dataclass
 class SelectionStats:
-    """What one selection did. ``sparsity`` = dropped / total valid."""
+    """What one selection did. ``sparsity`` = dropped / total valid (derived
+    from ``kept`` and ``total`` unless given).
 
-    kept: int
-    total: int
-    sparsity: float
-    keep_ratio: float  # the ratio asked for (after warmup / dynamic adjustment)
-    threshold: float | None  # threshold in force, for threshold selection
-    avg_confidence: float  # mean top-1 probability over valid tokens
-    avg_entropy: float
-    avg_difficulty: float  # mean score over valid tokens
+    Any field may be a 0-d tensor still on the GPU. All of them are read back
+    together, in one host sync, the first time any field is read, so a step
+    that never looks at its stats never waits for the GPU (the selector hands
+    out its averages this way).
+    """
+
+    FIELDS = ("kept", "total", "sparsity", "keep_ratio", "threshold", "avg_confidence", "avg_entropy", "avg_difficulty")
+
+    def __init__(self, kept: int | torch.Tensor, total: int | torch.Tensor, sparsity: float | torch.Tensor | None = None,
+                 keep_ratio: float = 1.0, threshold: float | None = None,
+                 avg_confidence: float | torch.Tensor = float("nan"),  # mean top-1 probability over valid tokens
+                 avg_entropy: float | torch.Tensor = float("nan"),
+                 avg_difficulty: float | torch.Tensor = float("nan")) -> None:  # mean score over valid tokens
+        self._raw: dict = {"kept": kept, "total": total, "sparsity": sparsity, "keep_ratio": keep_ratio,
+                           "threshold": threshold, "avg_confidence": avg_confidence, "avg_entropy": avg_entropy,
+                           "avg_difficulty": avg_difficulty}
+
+    def _get(self, name: str):
+        lazy = [k for k, v in self._raw.items() if isinstance(v, torch.Tensor)]
+        if lazy:  # one device-to-host copy for all of them
+            t = [self._raw[k].detach().reshape(()) for k in lazy]
+            values = torch.stack([v.to(t[0].device, torch.float64) for v in t]).tolist()
+            for k, v in zip(lazy, values):
+                self._raw[k] = int(round(v)) if k in ("kept", "total") else v
+        return self._raw[name]
+
+    kept = property(lambda self: self._get("kept"))
+    total = property(lambda self: self._get("total"))
+    keep_ratio = property(lambda self: self._get("keep_ratio"))
+    threshold = property(lambda self: self._get("threshold"))
+    avg_confidence = property(lambda self: self._get("avg_confidence"))
+    avg_entropy = property(lambda self: self._get("avg_entropy"))
+    avg_difficulty = property(lambda self: self._get("avg_difficulty"))
+
+    @property
+    def sparsity(self) -> float:
+        s = self._get("sparsity")
+        if s is not None:
+            return s
+        return 1.0 - self.kept / self.total if self.total else 0.0
+
+    @sparsity.setter
+    def sparsity(self, value: float) -> None:
+        self._raw["sparsity"] = value
 
     def is_healthy(self, low: float = HEALTHY_SPARSITY[0], high: float = HEALTHY_SPARSITY[1]) -> bool:
         """Sparsity inside ``[low, high]``: below, filtering saves little; above,
@@ -102,7 +137,10 @@ class SelectionStats:
         return low <= self.sparsity <= high
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    def __repr__(self) -> str:
+        return "SelectionStats(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.FIELDS) + ")"
 
 
 def check_health(stats: SelectionStats, low: float = HEALTHY_SPARSITY[0], high: float = HEALTHY_SPARSITY[1]) -> bool:

@@ -29,10 +29,43 @@ def _valid(scores: torch.Tensor) -> torch.Tensor:
     return scores > float("-inf")
 
 
-def _keep_indices(flat_shape: torch.Size, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-    mask = torch.zeros(flat_shape, dtype=torch.bool, device=device)
-    mask[idx] = True
+_KEPT_INDICES = "_sparsetrain_kept_indices"
+
+
+def _keep_indices(shape: torch.Size, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Bool mask of ``shape``, true at the flat indices ``idx``. The sorted
+    indices ride along on the mask, for :func:`kept_indices`."""
+    mask = torch.zeros(shape.numel(), dtype=torch.bool, device=device).index_fill_(0, idx, True).view(shape)
+    if not mask.is_inference():  # inference tensors have no version counter to guard the cache with
+        setattr(mask, _KEPT_INDICES, (torch.sort(idx).values, mask._version))
     return mask
+
+
+def cached_kept_indices(keep: torch.Tensor) -> torch.Tensor | None:
+    """The sorted flat indices a policy here attached to its ``keep`` mask, or
+    None (another mask, or one modified in place since)."""
+    cached = getattr(keep, _KEPT_INDICES, None)
+    if cached is None or keep.is_inference() or cached[1] != keep._version:
+        return None
+    return cached[0]
+
+
+def kept_indices(keep: torch.Tensor) -> torch.Tensor:
+    """Sorted flat indices of the kept tokens (``int64 [K]``).
+
+    For a mask made by a policy here (``topk``, ``random``, ``stratified``)
+    they were known when it was made, so this needs no host sync; any other
+    mask costs one ``nonzero`` (which waits for the GPU) on its first call. The Collider
+    loss and backward take their kept rows from here: at the 1B shape on the
+    H200 the syncs of selection and loss left the GPU idle ~4 ms a step
+    (bench/results/collider_step_sync_free_h200.json)."""
+    cached = cached_kept_indices(keep)
+    if cached is not None:
+        return cached
+    idx = torch.nonzero(keep.reshape(-1)).squeeze(1)
+    if not keep.is_inference():  # the next call on the same mask is free
+        setattr(keep, _KEPT_INDICES, (idx, keep._version))
+    return idx
 
 
 def select_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -40,9 +73,11 @@ def select_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return (scores > threshold) & _valid(scores)
 
 
-def select_topk(scores: torch.Tensor, ratio: float, per_sequence: bool = False) -> torch.Tensor:
+def select_topk(scores: torch.Tensor, ratio: float, per_sequence: bool = False, n_valid: int | None = None) -> torch.Tensor:
     """Keep the ``budget(n_valid, ratio)`` highest scores, over the whole batch,
-    or with ``per_sequence`` the same ratio within each row (last dim)."""
+    or with ``per_sequence`` the same ratio within each row (last dim).
+    ``n_valid``: the number of valid (finite-score) tokens when the caller
+    knows it; otherwise it is counted, a host sync."""
     if per_sequence and scores.dim() >= 2:
         rows = scores.reshape(-1, scores.shape[-1])
         mask = torch.zeros_like(rows, dtype=torch.bool)
@@ -50,9 +85,9 @@ def select_topk(scores: torch.Tensor, ratio: float, per_sequence: bool = False) 
             mask[r] = select_topk(rows[r], ratio)
         return mask.view(scores.shape)
     flat = scores.reshape(-1)
-    k = budget(int(_valid(flat).sum()), ratio)
+    k = budget(int(_valid(flat).sum()) if n_valid is None else n_valid, ratio)
     idx = torch.topk(flat, k).indices if k else flat.new_zeros(0, dtype=torch.long)
-    return _keep_indices(flat.shape, idx, flat.device).view(scores.shape)
+    return _keep_indices(scores.shape, idx, flat.device)
 
 
 def select_random(
@@ -60,11 +95,13 @@ def select_random(
     ratio: float | None = None,
     count: int | torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    n_valid: int | None = None,
 ) -> torch.Tensor:
     """Uniformly random valid tokens: the control every score is compared with.
 
     Give ``ratio`` (same budget rule as top-k), a total ``count``, or a tensor of
-    per-row counts (to match another mask sequence by sequence).
+    per-row counts (to match another mask sequence by sequence). ``n_valid``:
+    the number of valid tokens when the caller knows it (saves a host sync).
     """
     if isinstance(count, torch.Tensor):
         rows = valid.reshape(-1, valid.shape[-1])
@@ -74,14 +111,14 @@ def select_random(
             mask[r] = select_random(rows[r], count=int(counts[r]), generator=generator)
         return mask.view(valid.shape)
     flat = valid.reshape(-1)
-    n = int(flat.sum())
+    n = int(flat.sum()) if n_valid is None else n_valid
     k = budget(n, ratio) if count is None else int(count)
     if not 0 <= k <= n:
         raise ValueError(f"cannot pick {k} of {n} valid tokens")
     noise = torch.rand(flat.shape, generator=generator, device=flat.device if generator is None else generator.device)
     noise = noise.to(flat.device).masked_fill(~flat, -1.0)
     idx = torch.topk(noise, k).indices
-    return _keep_indices(flat.shape, idx, flat.device).view(valid.shape)
+    return _keep_indices(valid.shape, idx, flat.device)
 
 
 def strata_proportions(num_strata: int) -> list[float]:
@@ -141,7 +178,7 @@ def select_stratified(
             perm = torch.randperm(stratum.numel(), generator=generator, device=generator.device if generator else "cpu")
             picked.append(stratum[perm[:c].to(stratum.device)])
     idx = torch.cat(picked) if picked else order[:0]
-    return _keep_indices(flat.shape, idx, flat.device).view(scores.shape)
+    return _keep_indices(scores.shape, idx, flat.device)
 
 
 def select_sequence_aware(scores: torch.Tensor, ratio: float, min_per_sequence: int = 1) -> torch.Tensor:
@@ -176,12 +213,14 @@ def select(
     min_per_sequence: int = 1,
     per_sequence: bool = False,
     generator: torch.Generator | None = None,
+    n_valid: int | None = None,
 ) -> torch.Tensor:
-    """Dispatch by name (see :data:`METHODS`)."""
+    """Dispatch by name (see :data:`METHODS`). ``n_valid``: the number of valid
+    tokens, when known on the host (``topk`` and ``random`` then need no sync)."""
     if method == "threshold":
         return select_threshold(scores, threshold)
     if method == "topk":
-        return select_topk(scores, ratio, per_sequence)
+        return select_topk(scores, ratio, per_sequence, n_valid)
     if method == "stratified":
         return select_stratified(scores, ratio, num_strata, generator=generator)
     if method == "sequence_aware":
@@ -191,5 +230,5 @@ def select(
             valid = _valid(scores)
             counts = torch.tensor([budget(int(v.sum()), ratio) for v in valid.reshape(-1, scores.shape[-1])])
             return select_random(valid, count=counts, generator=generator)
-        return select_random(_valid(scores), ratio=ratio, generator=generator)
+        return select_random(_valid(scores), ratio=ratio, generator=generator, n_valid=n_valid)
     raise ValueError(f"unknown selection method {method!r} (choose from {', '.join(METHODS)})")

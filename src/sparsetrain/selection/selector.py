@@ -8,7 +8,7 @@ import torch
 
 from .schedule import AdaptiveThreshold, SelectionStats, dynamic_keep_ratio, warmup_keep_ratio
 from .scores import IGNORE_INDEX, SCORES, RowStats, score_tokens
-from .select import METHODS, select
+from .select import METHODS, cached_kept_indices, select
 
 
 class TokenSelector:
@@ -84,20 +84,32 @@ class TokenSelector:
 
     @torch.no_grad()
     def __call__(
-        self, logits: torch.Tensor, targets: torch.Tensor, ref_nll: torch.Tensor | None = None
+        self, logits: torch.Tensor, targets: torch.Tensor, ref_nll: torch.Tensor | None = None,
+        n_valid: int | None = None,
     ) -> tuple[torch.Tensor, SelectionStats]:
-        """Keep mask (bool, shape of ``targets``) and stats for this batch."""
+        """Keep mask (bool, shape of ``targets``) and stats for this batch.
+
+        ``n_valid``: how many targets are not ``ignore_index``, when the caller
+        knows it on the host (the trainer counts it on the CPU batch). With it,
+        ``topk`` and ``random`` selection never wait for the GPU: the mask, its
+        kept indices and the stats stay on the device until read."""
         scores, rs = score_tokens(self.score, logits, targets, ref_nll, self.ignore_index)
-        return self.select_from_scores(scores, rs)
+        return self.select_from_scores(scores, rs, n_valid)
 
     @torch.no_grad()
-    def select_from_scores(self, scores: torch.Tensor, rs: RowStats) -> tuple[torch.Tensor, SelectionStats]:
+    def select_from_scores(self, scores: torch.Tensor, rs: RowStats,
+                           n_valid: int | None = None) -> tuple[torch.Tensor, SelectionStats]:
         valid = rs.valid
-        n_valid = int(valid.sum())
+        if n_valid is None:
+            n_valid = int(valid.sum())  # a host sync
         if n_valid == 0:
             raise ValueError("no token has a target to learn from (all are ignore_index)")
-        avg_conf = float(rs.p1[valid].mean())
-        ratio = self.current_ratio(avg_conf)
+
+        def valid_mean(x: torch.Tensor) -> torch.Tensor:  # on the device; boolean indexing would sync
+            return torch.where(valid, x.float(), 0.0).sum() / n_valid
+
+        avg_conf = valid_mean(rs.p1)
+        ratio = self.current_ratio(avg_conf)  # reads it (a sync) only when dynamic
         threshold = None
         if self.method == "threshold":
             if self.controller is not None:
@@ -111,21 +123,20 @@ class TokenSelector:
         mask = select(
             self.method, scores, ratio=ratio, threshold=threshold if threshold is not None else 0.0,
             num_strata=self.num_strata, min_per_sequence=self.min_per_sequence,
-            per_sequence=self.per_sequence, generator=self._generator(scores.device),
+            per_sequence=self.per_sequence, generator=self._generator(scores.device), n_valid=n_valid,
         )
         if self.controller is not None and self.method == "threshold":
             self.controller.update(scores)
-        kept = int(mask.sum())
+        idx = cached_kept_indices(mask)
         self.last_mask = mask
         self.last_stats = SelectionStats(
-            kept=kept,
+            kept=idx.numel() if idx is not None else mask.sum(),
             total=n_valid,
-            sparsity=1.0 - kept / n_valid,
             keep_ratio=ratio,
             threshold=threshold,
             avg_confidence=avg_conf,
-            avg_entropy=float(rs.entropy[valid].mean()),
-            avg_difficulty=float(scores[valid].mean()),
+            avg_entropy=valid_mean(rs.entropy),
+            avg_difficulty=valid_mean(scores),
         )
         return mask, self.last_stats
 
