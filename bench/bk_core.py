@@ -15,7 +15,9 @@ LM default, learns its rate; its per-position choice costs the same).
 
 ``--graphed-only``: a fresh input every call, eagerly and as CUDA graphs
 (``torch.cuda.make_graphed_callables``), dense against sparse, at d 1024 and
-2048. (Session 3's ``--bucketing-only`` mode, which compared the per-expert loop's
+2048 (``--dims``), at ``--batches`` sequences of 2048 per call.
+``--profile-only D``: the top kernels of dense and sparse 0.5 at d_model D,
+eagerly. (Session 3's ``--bucketing-only`` mode, which compared the per-expert loop's
 128-row padding against none, is gone: on CUDA in bf16 the MoE no longer
 loops over experts.)
 """
@@ -153,7 +155,7 @@ def run_layer(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
     layer.zero_grad(set_to_none=True)
 
 
-def profile_layers(layers: dict, x: torch.Tensor, g: torch.Tensor, names: list[str], top: int = 12) -> dict:
+def profile_layers(layers: dict, x: torch.Tensor, g: torch.Tensor, names: list[str], top: int = 25) -> dict:
     """Top CUDA kernels (total ms over 3 steps) of each named layer's forward+backward."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -174,7 +176,7 @@ def profile_layers(layers: dict, x: torch.Tensor, g: torch.Tensor, names: list[s
         print(f"\n{name}: GPU busy {out[name]['gpu_busy_ms_per_step']} ms/step, CPU {out[name]['cpu_ms_per_step']} ms/step")
         for k, t, c in out[name]["top_self_cpu"][:8]:
             print(f"  cpu {t:8.3f} ms  x{c:<4} {k}")
-        for k, t, c in out[name]["top_self_gpu"][:6]:
+        for k, t, c in out[name]["top_self_gpu"]:
             print(f"  gpu {t:8.3f} ms  x{c:<4} {k}")
     return out
 
@@ -184,18 +186,39 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bk_core.json"))
     ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--profile", action="store_true", help="also print the top kernels of dense and sparse 0.5")
+    ap.add_argument("--profile-only", type=int, default=0, metavar="D",
+                    help="only profile dense and sparse 0.5 at this d_model (hidden 4 D), eagerly, and exit")
     ap.add_argument("--graphed-only", action="store_true", help="only the eager/CUDA-graph comparison (fresh inputs)")
     ap.add_argument("--compile", action="store_true", help="with --graphed-only: also torch.compile before capture")
+    ap.add_argument("--dims", default="1024,2048", help="with --graphed-only: d_model values (hidden 4 d)")
+    ap.add_argument("--batches", default="8", help="with --graphed-only: batch sizes (sequences of 2048)")
     args = ap.parse_args()
+    if args.profile_only:
+        D = args.profile_only
+        torch.manual_seed(0)
+        x = torch.randn(8, 2048, D, device="cuda")
+        g = torch.randn(8, 2048, D, device="cuda", dtype=torch.bfloat16)
+        sp = SparseMoEResNetBKLayer(D, 4 * D, 4, target_sparsity=0.5, mask_mode="topk", causal=False).cuda()
+        sp.causal = True
+        layers = {"dense": MoEResNetBKLayer(D, 4 * D, 4).cuda(), "sparse_0.5": sp}
+        for layer in layers.values():
+            for _ in range(3):
+                run_layer(layer, x, g)
+        res = {"environment": environment(), "d_model": D, "profile": profile_layers(layers, x, g, list(layers))}
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        return
     if args.graphed_only:
         if args.compile:  # aten's random ops, which CUDA-graph capture handles, instead of inductor's
             torch._inductor.config.fallback_random = True
         res = {"environment": environment(), "layer": {}}
-        for D, H in [(1024, 4096), (2048, 8192)]:
-            res["layer"][f"d{D}_h{H}"] = {"shape": {"B": 8, "N": 2048, "d_model": D, "hidden": H, "experts": 4},
-                                         **bench_graphed(8, 2048, D, H, 4, [0.3, 0.5, 0.7], args.repeats, args.compile)}
-            Path(args.out).write_text(json.dumps(res, indent=2))
-            torch.cuda.empty_cache()
+        for D in (int(d) for d in args.dims.split(",")):
+            for B in (int(b) for b in args.batches.split(",")):
+                H = 4 * D
+                key = f"d{D}_h{H}" + (f"_b{B}" if B != 8 else "")
+                res["layer"][key] = {"shape": {"B": B, "N": 2048, "d_model": D, "hidden": H, "experts": 4},
+                                     **bench_graphed(B, 2048, D, H, 4, [0.3, 0.5, 0.7], args.repeats, args.compile)}
+                Path(args.out).write_text(json.dumps(res, indent=2))
+                torch.cuda.empty_cache()
         for shape, r in res["layer"].items():
             print(f"\n{'layer ' + shape:<26} {'ms':>8} {'vs dense':>9}")
             for k, v in r.items():

@@ -4,7 +4,8 @@
 combined / collider scores (CGGR selective loss), the same number of steps.
 ``--suite collider``: dense, Collider at drop 0.4 and 0.5 (adaptive threshold
 on the collider score) and random 0.5, the same wall-clock budget
-(``--max-seconds``) each.
+(``--max-seconds``) each. ``--suite collider_1b``: the same at the ~1B
+geometry (d 2048, 16 layers), Collider and random at exactly 0.5 (top-k).
 ``--suite mtp`` / ``hyper`` / ``sparse24``: dense against MTP heads, hyper-connections
 and the 2:4 FFN, at equal steps.
 ``--suite bk``: ResNet-BK dense and learned-sparse 0.5 at equal steps, then a
@@ -44,6 +45,15 @@ SUITES = {
         "collider_0.4": {"use_collider": True, "collider_sparsity": 0.4},
         "collider_0.5": {"use_collider": True, "collider_sparsity": 0.5},
         "random_0.5": {"use_collider": True, "collider_sparsity": 0.5, "collider_method": "random"},
+    },
+    # the ~1B geometry of bench/collider_step.py (vocab 8192, the corpus tokenizer's), where the
+    # Collider step is measured faster than dense; exact-ratio selection (topk: no host sync)
+    "collider_1b": {
+        "dense": {"d_model": 2048, "n_layer": 16, "n_head": 16},
+        "collider_0.5": {"d_model": 2048, "n_layer": 16, "n_head": 16, "use_collider": True, "collider_sparsity": 0.5,
+                         "collider_method": "topk"},
+        "random_0.5": {"d_model": 2048, "n_layer": 16, "n_head": 16, "use_collider": True, "collider_sparsity": 0.5,
+                       "collider_method": "random"},
     },
     "mtp": {  # equal steps = equal tokens seen; the main head's val loss
         "dense": {},

@@ -76,17 +76,23 @@ def _collider_worker(rank: int, world: int, port: int, state: dict, cfg_model, b
         x, y, keep = batch
         n = x.shape[0] // world
         part = slice(rank * n, (rank + 1) * n)
-        loss = masked_cross_entropy(ddp(x[part]), y[part], keep[part])
+        logits = ddp(x[part])
+        strides = []  # the logits' gradient as autograd sees it: stride 0 when the compact rows went to the engine
+        logits.register_hook(lambda grad: strides.append(grad.stride()))
+        loss = masked_cross_entropy(logits, y[part], keep[part])
         with collider_filter(keep[part]):
             loss.backward()
-        torch.save({k: p.grad for k, p in model.named_parameters()}, Path(out) / f"collider{rank}.pt")
+        grads = {k: p.grad for k, p in model.named_parameters()}
+        torch.save({"grads": grads, "logit_grad_strides": strides}, Path(out) / f"collider{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_ddp_with_collider_averages_exact_gradients(tmp_path: Path) -> None:
     """DDP(ColliderModel): the all-reduced gradients equal the mean of each rank's
-    Collider objective, computed with the float64 reference in one process."""
+    Collider objective, computed with the float64 reference in one process, and
+    the kept-rows loss still hands the engine its compact rows through DDP
+    (the full-size logits gradient is never written)."""
     from sparsetrain.config import ModelConfig
     from sparsetrain.model import GPT
     from test_collider import reference_loss
@@ -101,8 +107,10 @@ def test_ddp_with_collider_averages_exact_gradients(tmp_path: Path) -> None:
     mp.spawn(_collider_worker, args=(2, _free_port(), model.state_dict(), cfg, (x, y, keep), str(tmp_path)), nprocs=2, join=True)
     ref = 0.5 * (reference_loss(model, x[:2], y[:2], keep[:2]) + reference_loss(model, x[2:], y[2:], keep[2:]))
     ref.backward()
-    g0 = torch.load(tmp_path / "collider0.pt", weights_only=True)
-    g1 = torch.load(tmp_path / "collider1.pt", weights_only=True)
+    r0 = torch.load(tmp_path / "collider0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "collider1.pt", weights_only=True)
+    assert r0["logit_grad_strides"] == r1["logit_grad_strides"] == [(0, 0, 0)]
+    g0, g1 = r0["grads"], r1["grads"]
     for name, p in model.named_parameters():
         assert torch.equal(g0[name], g1[name]), name
         assert torch.allclose(g0[name], p.grad, rtol=1e-6, atol=1e-12), name

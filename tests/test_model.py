@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsetrain.config import ModelConfig
-from sparsetrain.model import GPT, apply_rope, rope_tables
+from sparsetrain.model import GPT, apply_rope, relu_squared, rope_tables
 
 
 def naive_forward(model: GPT, idx: torch.Tensor) -> torch.Tensor:
@@ -151,3 +151,21 @@ def test_residual_projection_init_scale() -> None:
     std = model.blocks[0].ffn.down.weight.std().item()
     assert abs(std - 0.02 / math.sqrt(16)) < 0.1 * 0.02 / math.sqrt(16)
     assert abs(model.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_relu_squared_matches_float32_square_bit_for_bit(dtype: torch.dtype) -> None:
+    """The bf16 product gives exactly what autocast's float32 square then a
+    cast would: same bits forward, and the same input gradient."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    u = (torch.randn(257, 96, generator=g) * 3).to(dtype)
+    dy = torch.randn(257, 96, generator=g).to(dtype)
+    a = u.clone().requires_grad_(True)
+    b = u.clone().requires_grad_(True)
+    y = relu_squared(a)
+    ref = torch.relu(b.float()).square().to(dtype)  # what autocast ran: float32 pow, then the cast
+    assert y.dtype == dtype and torch.equal(y, ref)
+    y.backward(dy)
+    ref.backward(dy)
+    assert torch.equal(a.grad, b.grad)
+    assert torch.equal(a.grad, (2 * torch.relu(u.double()) * dy.double()).to(dtype))  # the formula, rounded once

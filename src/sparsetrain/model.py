@@ -25,6 +25,21 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def relu_squared(u: torch.Tensor) -> torch.Tensor:
+    """``relu(u)**2`` in ``u``'s dtype.
+
+    ``.square()`` is a ``pow``, which autocast runs in float32: it writes a
+    float32 copy of the whole hidden activation and reads it back for the
+    next GEMM. The square of a bf16 value is exact in float32, and a bf16
+    product is computed exactly and rounded once, so ``r * r`` gives the same
+    bits, forward and backward (``2 r g`` = ``r g + r g``: doubling is exact),
+    without the float32 round trip (tests/test_model.py). In float16 the
+    gradient can differ in the last bit where products fall below its normal
+    range."""
+    r = F.relu(u)
+    return r * r
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x / sqrt(mean(x^2) + eps) * weight``, computed in float32 (or float64)."""
     x32 = upcast(x)
@@ -95,7 +110,7 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate is not None:
             return self.down(F.silu(self.gate(x)) * self.up(x))
-        return self.down(F.relu(self.up(x)).square())
+        return self.down(relu_squared(self.up(x)))
 
 
 class Block(nn.Module):

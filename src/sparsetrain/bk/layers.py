@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..config import BK_SPARSITY_LOSSES as SPARSITY_LOSSES
 from ..errors import ConfigError
-from ..model import upcast
+from ..model import relu_squared, upcast
 from .core import DEFAULT_Z, bk_core
 
 MASK_MODES = ("threshold", "topk")
@@ -111,14 +111,14 @@ def grouped_experts(x: torch.Tensor, expert: torch.Tensor, up: torch.Tensor, dow
     offs = torch.cat((ends[:-1], torch.full((1,), rows, dtype=ends.dtype, device=x.device))).to(torch.int32)
     dest = torch.arange(M, device=x.device) - start.index_select(0, sorted_e) + pstart.index_select(0, sorted_e)
     xp = torch.zeros(rows, x.shape[1], dtype=x.dtype, device=x.device).index_copy(0, dest, x.index_select(0, order))
-    h = F.relu(gmm(xp, up.transpose(1, 2), offs)).square().to(xp.dtype)  # autocast runs square in float32
+    h = relu_squared(gmm(xp, up.transpose(1, 2), offs))
     y_sorted = gmm(h, down.transpose(1, 2), offs).index_select(0, dest)
     return torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
 
 
 def _expert(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """One squared-ReLU expert: ``down(relu(up x)^2)``."""
-    return F.linear(F.relu(F.linear(x, up)).square(), down)
+    return F.linear(relu_squared(F.linear(x, up)), down)
 
 
 ROW_BUCKET = 128  # expert batches are zero-padded to a multiple of this many rows

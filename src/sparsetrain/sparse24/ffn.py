@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import upcast
+from ..model import relu_squared, upcast
 from . import cusparselt, packing
 from .sparsify import naive_24, soft_threshold_scale, sparsify_24, sparsity_stats
 
@@ -85,11 +85,11 @@ class _Sparse24FFN(torch.autograd.Function):
         return dx, d_up.to(w_up.dtype), d_down.to(w_down.dtype), None, None, None, None, None, None
 
 
-# cuSPARSELt pays in the training step from this d_model up (H200, 16k tokens,
-# bench/results/sparse24_steps_h200.json: d20, d 1280, 1.065x the relu2 step on
-# cuSPARSELt against 1.007x on the masked kernel; nano-125m, d 768, 0.85x against
-# 0.98x). Below it the transposable method runs the same selection on dense
-# GEMMs (_Sparse24FFNMaskedKernel).
+# cuSPARSELt beats the masked kernel in the training step from this d_model up
+# (H200, 16k tokens, bench/results/sparse24_steps_relu_squared_h200.json: d20,
+# d 1280, 0.97x the relu2 step on cuSPARSELt against 0.93x on the masked kernel;
+# nano-125m, d 768, 0.83x against 0.89x). Below it the transposable method runs
+# the same selection on dense GEMMs (_Sparse24FFNMaskedKernel).
 CUSPARSELT_MIN_WIDTH = 1280
 
 
@@ -168,7 +168,7 @@ class Sparse24FFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sparse:
-            return self.down(F.relu(self.up(x)).square())
+            return self.down(relu_squared(self.up(x)))
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         perm = self._permutation(flat.shape[0], flat.device)
