@@ -458,3 +458,47 @@ def test_kept_kernel_reads_the_fused_forward_log_sum_exp() -> None:
         r = r[kb, :, kt]
         assert float((a.double() - r).norm() / r.norm()) < 2e-2, name  # bf16 inputs and products
         assert float((a.double() - b.double()).norm() / r.norm()) < 1e-2, name
+
+
+def test_kernel_tuning_is_kept_on_disk(tmp_path, monkeypatch) -> None:
+    """The fastest tile pair is found by timing each candidate, written to the
+    cache folder, and read back (no timing) by a later process; a changed
+    candidate list or an unreadable file means tuning again."""
+    tri = pytest.importorskip("sparsetrain.collider.triton_attention")
+    if not tri.available():
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(tri, "_tuned", {})
+    monkeypatch.setattr(tri, "_launch", lambda args, dq, kv: None)
+    g = torch.Generator().manual_seed(fresh_seed())
+    cost = {c: float(torch.rand((), generator=g)) for c in tri.DQ_CONFIGS + tri.KV_CONFIGS}
+    timed = []
+
+    def timer_for(args):
+        def timer(launch):  # the pair being timed is the one _tune passes on; recover it from the call order
+            dq = tri.DQ_CONFIGS[len(timed)] if len(timed) < len(tri.DQ_CONFIGS) else None
+            kv = tri.KV_CONFIGS[len(timed) - len(tri.DQ_CONFIGS)] if dq is None else None
+            timed.append((dq, kv))
+            return cost[dq] if dq is not None else cost[kv]
+        return timer
+
+    args = {"q": torch.empty(2, 3, 64, 32), "has_lse": True, "rope": True}
+    choice = tri._tune(args, timer=timer_for(args))
+    assert choice == (min(tri.DQ_CONFIGS, key=cost.get), min(tri.KV_CONFIGS, key=cost.get))
+    assert len(timed) == len(tri.DQ_CONFIGS) + len(tri.KV_CONFIGS)
+    assert (tmp_path / tri.TUNING_FILE).exists()
+
+    def no_timing(launch):
+        raise AssertionError("tuned again although the choice was on disk")
+
+    monkeypatch.setattr(tri, "_tuned", {})  # a new process
+    assert tri._tune(args, timer=no_timing) == choice
+    monkeypatch.setattr(tri, "_tuned", {})
+    monkeypatch.setattr(tri, "KV_CONFIGS", tri.KV_CONFIGS[:-1])  # other candidates: other key
+    timed.clear()
+    cost_kv = min(tri.KV_CONFIGS, key=cost.get)
+    assert tri._tune(args, timer=timer_for(args))[1] == cost_kv and timed
+    (tmp_path / tri.TUNING_FILE).write_text("{not json")
+    monkeypatch.setattr(tri, "_tuned", {})
+    timed.clear()
+    assert tri._tune(args, timer=timer_for(args))[1] == cost_kv and timed
