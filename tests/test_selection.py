@@ -321,7 +321,9 @@ def test_stats_read_back_lazily_from_tensors() -> None:
     kept = torch.randint(1, 50, (), generator=g)
     st = SelectionStats(kept=kept, total=100, keep_ratio=0.5, avg_confidence=vals[0], avg_entropy=vals[1],
                         avg_difficulty=vals[2])
+    assert st.total == 100 and isinstance(st._raw["avg_confidence"], torch.Tensor)  # a host field: nothing read back
     assert st.kept == int(kept) and isinstance(st.kept, int)
+    assert not any(isinstance(v, torch.Tensor) for v in st._raw.values())  # one read resolved them all
     assert st.sparsity == pytest.approx(1 - int(kept) / 100)
     assert [st.avg_confidence, st.avg_entropy, st.avg_difficulty] == pytest.approx(vals.tolist(), rel=1e-12)
 

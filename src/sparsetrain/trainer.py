@@ -259,8 +259,10 @@ class Trainer:
         """One micro-batch: forward, ``(loss * loss_scale).backward()``. Returns the
         unscaled loss (detached). ``sync=False`` skips the DDP all-reduce, for
         all but the last micro-batch of an accumulation."""
-        # counted on the host batch, the selector needs no sync to size its budget
-        n_valid = int((y != IGNORE_INDEX).sum()) if y.device.type == "cpu" else None
+        # known on the host, the selector needs no sync to size its budget. The
+        # corpus windows (data.py, loader.py) have a target at every position;
+        # a batch still on the CPU is counted anyway
+        n_valid = int((y != IGNORE_INDEX).sum()) if y.device.type == "cpu" else y.numel()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         ctx = self.ddp_model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
         with ctx:

@@ -86,10 +86,11 @@ class SelectionStats:
     """What one selection did. ``sparsity`` = dropped / total valid (derived
     from ``kept`` and ``total`` unless given).
 
-    Any field may be a 0-d tensor still on the GPU. All of them are read back
-    together, in one host sync, the first time any field is read, so a step
-    that never looks at its stats never waits for the GPU (the selector hands
-    out its averages this way).
+    Any field may be a 0-d tensor still on the GPU. Reading such a field reads
+    all of them back together, in one host sync; fields known on the host
+    (``kept`` and ``total`` for top-k selection with a given valid count) read
+    without one. So a step that only counts tokens never waits for the GPU
+    (the selector hands out its averages this way).
     """
 
     FIELDS = ("kept", "total", "sparsity", "keep_ratio", "threshold", "avg_confidence", "avg_entropy", "avg_difficulty")
@@ -104,6 +105,8 @@ class SelectionStats:
                            "avg_difficulty": avg_difficulty}
 
     def _get(self, name: str):
+        if not isinstance(self._raw[name], torch.Tensor):  # known on the host: no sync
+            return self._raw[name]
         lazy = [k for k, v in self._raw.items() if isinstance(v, torch.Tensor)]
         if lazy:  # one device-to-host copy for all of them
             t = [self._raw[k].detach().reshape(()) for k in lazy]
