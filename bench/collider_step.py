@@ -208,7 +208,7 @@ def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only
                           for evt in p.key_averages()), key=lambda r: -r[1])[:40]
             out["backward_breakdown_ms"][(kind if drop is None else f"{kind}_{drop}") + "_compiled"] = {
                 "whole_step_by_family": fam, "top_kernels": top, "gpu_idle": gaps}
-    del model, opt, colliders, compiled_model
+    model = opt = colliders = compiled_model = None  # free the GPU memory before the next model
     gc.collect()
     torch.cuda.empty_cache()
     return out

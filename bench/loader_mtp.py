@@ -132,7 +132,7 @@ def bench_mtp(vocab: int, repeats: int) -> dict:
         torch.cuda.reset_peak_memory_stats()  # after warm-up: the peak of the timed steps
         times = time_fn(step, warmup=0, repeats=repeats)
         out[name] = {**summarize(times), "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
-        del model, heads
+        model = heads = None  # free the GPU memory before the next variant
         torch.cuda.empty_cache()
     for name, *_ in variants:
         out[name]["time_vs_none"] = out[name]["median_ms"] / out["none"]["median_ms"]

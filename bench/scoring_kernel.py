@@ -68,7 +68,7 @@ def main() -> None:
             v["gbs"] = N * V * 2 / (v["median_ms"] * 1e-3) / 1e9
             v["fraction_of_floor"] = floor_ms / v["median_ms"]
         rows.append({"N": N, "V": V, "dtype": "bfloat16", "floor_ms": floor_ms, "variants": variants})
-        del logits
+        logits = None  # free the GPU memory before the next size
         torch.cuda.empty_cache()
     Path(args.out).write_text(json.dumps({"environment": env, "results": rows}, indent=2))
     print(f"\n{env['device']}, copy bandwidth {bw:.0f} GB/s (read+write)")
