@@ -31,7 +31,7 @@ import torch
 from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sparsetrain.benchmark import environment  # noqa: E402
+from sparsetrain.benchmark import cuda_ms_per_call, environment  # noqa: E402
 from sparsetrain.collider import ColliderModel, filter as collider_filter, masked_cross_entropy  # noqa: E402
 from sparsetrain.config import build_config  # noqa: E402
 from sparsetrain.model import GPT  # noqa: E402
@@ -230,18 +230,9 @@ def attention_only(batch: int, seq: int, heads: int = 16, head_dim: int = 128, r
     def timed(fn) -> float:
         """GPU time per call, median of 5 rounds of ``repeats`` calls queued back
         to back (so the host's launch time does not count where the GPU is busy)."""
-        for _ in range(3):
+        for _ in range(2):
             fn()
-        ts = []
-        for _ in range(5):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(repeats):
-                fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) / repeats)
-        return statistics.median(ts)
+        return statistics.median(cuda_ms_per_call(fn, repeats) for _ in range(5))
 
     d_out = torch.randn_like(out)
     res["dense_backward_ms"] = timed(lambda: attention_backward(saved, d_out))

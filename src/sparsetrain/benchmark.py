@@ -91,6 +91,20 @@ def time_fn(fn: Callable[[], Any], warmup: int = 3, repeats: int = 10) -> list[f
     return times
 
 
+def cuda_ms_per_call(fn: Callable[[], Any], calls: int = 5) -> float:
+    """GPU milliseconds per call of ``fn()``: one untimed call, then ``calls``
+    queued back to back between two CUDA events, so the host's launch time
+    does not count where the GPU stays busy (kernel timing and tuning)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
 def summarize(times_ms: list[float]) -> dict[str, float]:
     return {
         "median_ms": statistics.median(times_ms),

@@ -247,17 +247,6 @@ def _launch(args: dict, cfg_dq: tuple, cfg_kv: tuple) -> None:
         HD=hd, BM=bm, BN=bn, PREC=a["prec"], ROPE=a["rope"], num_warps=warps, num_stages=stages)
 
 
-def _time(fn, reps: int = 5) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
-
-
 def _tuning_path() -> Path:
     from ..data import default_cache_dir
 
@@ -311,7 +300,8 @@ def _tune(args: dict, timer=None) -> tuple[tuple, tuple]:
     if hit is not None and tuple(hit[0]) in DQ_CONFIGS and tuple(hit[1]) in KV_CONFIGS:
         _tuned[key] = (tuple(hit[0]), tuple(hit[1]))
         return _tuned[key]
-    timer = timer or _time
+    if timer is None:
+        from ..benchmark import cuda_ms_per_call as timer
 
     def cost(cfg_dq: tuple, cfg_kv: tuple) -> float:
         try:
