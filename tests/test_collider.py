@@ -63,6 +63,11 @@ def grads(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
+def random_tokens(B: int, T: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input tokens and targets ``[B, T]`` (97 of the model's 300 ids)."""
+    return torch.randint(0, 97, (B, T), generator=g), torch.randint(0, 97, (B, T), generator=g)
+
+
 def random_keep(B: int, T: int, g: torch.Generator) -> torch.Tensor:
     keep = torch.rand(B, T, generator=g) < torch.rand(B, 1, generator=g).clamp(0.2, 0.9)  # uneven per sequence
     keep[:, 0] |= ~keep.any(-1)
@@ -85,8 +90,7 @@ def test_compact_loss_rows_reach_the_engine(same_mask: bool) -> None:
     model = make()
     g = torch.Generator().manual_seed(fresh_seed())
     B, T = 2, 20
-    idx = torch.randint(0, 97, (B, T), generator=g)
-    targets = torch.randint(0, 97, (B, T), generator=g)
+    idx, targets = random_tokens(B, T, g)
     targets[0, 2] = -100
     keep = random_keep(B, T, g)
     loss_keep = keep if same_mask else keep & (torch.rand(B, T, generator=g) < 0.7)
@@ -113,8 +117,7 @@ def test_selector_mask_with_its_own_indices_matches_reference(method: str) -> No
     model = make()
     g = torch.Generator().manual_seed(fresh_seed())
     B, T = 3, 20
-    idx = torch.randint(0, 97, (B, T), generator=g)
-    targets = torch.randint(0, 97, (B, T), generator=g)
+    idx, targets = random_tokens(B, T, g)
     targets[1, 4:9] = -100
     cm = ColliderModel(model)
     logits = cm(idx)
@@ -153,8 +156,7 @@ def test_gradients_match_detached_kv_reference(ffn: str, tie: bool) -> None:
     model = make(ffn, tie)
     g = torch.Generator().manual_seed(fresh_seed())
     B, T = 3, 20
-    idx = torch.randint(0, 97, (B, T), generator=g)
-    targets = torch.randint(0, 97, (B, T), generator=g)
+    idx, targets = random_tokens(B, T, g)
     targets[1, 3] = -100
     keep = random_keep(B, T, g)
     reference_loss(model, idx, targets, keep).backward()
