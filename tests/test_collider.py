@@ -4,6 +4,8 @@ positions' keys and values in every attention layer."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -500,7 +502,8 @@ def test_kernel_tuning_is_kept_on_disk(tmp_path, monkeypatch) -> None:
     timed.clear()
     cost_kv = min(tri.KV_CONFIGS, key=cost.get)
     assert tri._tune(args, timer=timer_for(args))[1] == cost_kv and timed
-    (tmp_path / tri.TUNING_FILE).write_text("{not json")
-    monkeypatch.setattr(tri, "_tuned", {})
-    timed.clear()
-    assert tri._tune(args, timer=timer_for(args))[1] == cost_kv and timed
+    for junk in ("{not json", "[1, 2]", json.dumps({tri._tuning_key(args): "junk"})):  # unreadable: tune again
+        (tmp_path / tri.TUNING_FILE).write_text(junk)
+        monkeypatch.setattr(tri, "_tuned", {})
+        timed.clear()
+        assert tri._tune(args, timer=timer_for(args))[1] == cost_kv and timed

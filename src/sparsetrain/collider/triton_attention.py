@@ -265,9 +265,10 @@ def _tuning_key(args: dict) -> str:
 
 def _load_tuning(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        table = json.loads(path.read_text())
     except (OSError, ValueError):  # none yet, or unreadable: tune again
         return {}
+    return table if isinstance(table, dict) else {}
 
 
 def _store_tuning(path: Path, key: str, choice: tuple[tuple, tuple]) -> None:
@@ -297,7 +298,8 @@ def _tune(args: dict, timer=None) -> tuple[tuple, tuple]:
         return _tuned[key]
     path, disk_key = _tuning_path(), _tuning_key(args)
     hit = _load_tuning(path).get(disk_key)
-    if hit is not None and tuple(hit[0]) in DQ_CONFIGS and tuple(hit[1]) in KV_CONFIGS:
+    if (isinstance(hit, list) and len(hit) == 2 and all(isinstance(c, list) for c in hit)
+            and tuple(hit[0]) in DQ_CONFIGS and tuple(hit[1]) in KV_CONFIGS):
         _tuned[key] = (tuple(hit[0]), tuple(hit[1]))
         return _tuned[key]
     if timer is None:
