@@ -20,6 +20,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _exit_without_teardown() -> None:
+    """End a worker whose results are on disk without freeing its objects.
+
+    Freeing the DDP reducer after ``destroy_process_group`` destroys the gloo
+    process group, whose destructor joins gloo's worker threads while holding
+    the GIL; a worker thread still releasing a finished all-reduce may need
+    the GIL, and both wait forever (seen once in a full test run: the test hung
+    in ``ProcessGroupGloo::~ProcessGroupGloo``). Reached only when the worker
+    succeeded, so an exception still reaches ``mp.spawn``."""
+    os._exit(0)
+
+
 def _worker(rank: int, world: int, port: int, cfg: TrainConfig, batch: tuple, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -36,6 +48,7 @@ def _worker(rank: int, world: int, port: int, cfg: TrainConfig, batch: tuple, ou
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    _exit_without_teardown()
 
 
 def test_ddp_gloo_two_processes(make_cfg, tmp_path: Path) -> None:
@@ -86,6 +99,7 @@ def _collider_worker(rank: int, world: int, port: int, state: dict, cfg_model, b
         torch.save({"grads": grads, "logit_grad_strides": strides}, Path(out) / f"collider{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
+    _exit_without_teardown()
 
 
 def test_ddp_with_collider_averages_exact_gradients(tmp_path: Path) -> None:
