@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -273,14 +271,12 @@ def _load_tuning(path: Path) -> dict:
 
 def _store_tuning(path: Path, key: str, choice: tuple[tuple, tuple]) -> None:
     """Add ``key`` to the tuning file, atomically (a half-written file is never read)."""
+    from ..checkpoint import atomic_write_text
+
+    table = _load_tuning(path)
+    table[key] = [list(choice[0]), list(choice[1])]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table = _load_tuning(path)
-        table[key] = [list(choice[0]), list(choice[1])]
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(table, f, indent=1)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(table, indent=1))
     except OSError:  # a read-only cache folder: keep the choice for this process only
         pass
 
