@@ -107,12 +107,11 @@ class SelectionStats:
     def _get(self, name: str):
         if not isinstance(self._raw[name], torch.Tensor):  # known on the host: no sync
             return self._raw[name]
-        lazy = [k for k, v in self._raw.items() if isinstance(v, torch.Tensor)]
-        if lazy:  # one device-to-host copy for all of them
-            t = [self._raw[k].detach().reshape(()) for k in lazy]
-            values = torch.stack([v.to(t[0].device, torch.float64) for v in t]).tolist()
-            for k, v in zip(lazy, values):
-                self._raw[k] = int(round(v)) if k in ("kept", "total") else v
+        lazy = [k for k, v in self._raw.items() if isinstance(v, torch.Tensor)]  # this one among them
+        t = [self._raw[k].detach().reshape(()) for k in lazy]
+        values = torch.stack([v.to(t[0].device, torch.float64) for v in t]).tolist()  # one device-to-host copy
+        for k, v in zip(lazy, values):
+            self._raw[k] = int(round(v)) if k in ("kept", "total") else v
         return self._raw[name]
 
     kept = property(lambda self: self._get("kept"))
