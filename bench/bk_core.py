@@ -64,15 +64,23 @@ def bench_kernel(B: int, N: int, repeats: int) -> dict:
     return out
 
 
+def timing_sparse_layer(D: int, H: int, E: int, skip: float) -> SparseMoEResNetBKLayer:
+    """The learned-sparse layer as the benches time it: ``topk`` mask mode, so
+    every call skips exactly ``skip`` of the positions (no host sync), with the
+    causal BK op the language model uses (``topk`` is refused for a causal
+    layer, so causality is switched on after construction; timing only)."""
+    sp = SparseMoEResNetBKLayer(D, H, E, target_sparsity=skip, mask_mode="topk", causal=False).cuda()
+    sp.causal = True
+    return sp
+
+
 def bench_layer(B: int, N: int, D: int, H: int, E: int, ratios: list[float], repeats: int) -> dict:
     torch.manual_seed(0)
     x = torch.randn(B, N, D, device="cuda")
     g = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16)
     layers = {"dense": MoEResNetBKLayer(D, H, E).cuda()}
     for r in ratios:
-        sp = SparseMoEResNetBKLayer(D, H, E, target_sparsity=r, mask_mode="topk", causal=False).cuda()
-        sp.causal = True  # timing only: exact top-k counts, with the causal BK op the LM uses
-        layers[f"sparse_{r}"] = sp
+        layers[f"sparse_{r}"] = timing_sparse_layer(D, H, E, r)
     layers["dense_bidirectional"] = MoEResNetBKLayer(D, H, E, causal=False).cuda()
     results = {}
     order = list(layers)
@@ -107,9 +115,7 @@ def bench_graphed(B: int, N: int, D: int, H: int, E: int, ratios: list[float], r
     g = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16)
     mods = {"dense": MoEResNetBKLayer(D, H, E).cuda()}
     for r in ratios:
-        sp = SparseMoEResNetBKLayer(D, H, E, target_sparsity=r, mask_mode="topk", causal=False).cuda()
-        sp.causal = True
-        mods[f"sparse_{r}"] = sp
+        mods[f"sparse_{r}"] = timing_sparse_layer(D, H, E, r)
     out: dict = {}
     it = [0]
 
@@ -198,9 +204,7 @@ def main() -> None:
         torch.manual_seed(0)
         x = torch.randn(8, 2048, D, device="cuda")
         g = torch.randn(8, 2048, D, device="cuda", dtype=torch.bfloat16)
-        sp = SparseMoEResNetBKLayer(D, 4 * D, 4, target_sparsity=0.5, mask_mode="topk", causal=False).cuda()
-        sp.causal = True
-        layers = {"dense": MoEResNetBKLayer(D, 4 * D, 4).cuda(), "sparse_0.5": sp}
+        layers = {"dense": MoEResNetBKLayer(D, 4 * D, 4).cuda(), "sparse_0.5": timing_sparse_layer(D, 4 * D, 4, 0.5)}
         for layer in layers.values():
             for _ in range(3):
                 run_layer(layer, x, g)
