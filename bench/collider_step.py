@@ -72,8 +72,8 @@ def gpu_idle_by_phase(trace: dict, steps: int) -> dict:
     plus the largest gaps with the kernels on either side."""
     ev = trace["traceEvents"]
     gpu = sorted((e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
-    launch_ts = {e["args"]["correlation"]: e["ts"] for e in ev
-                 if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    launch_ts = {e["args"]["correlation"]: e["ts"] for e in ev  # Triton and inductor launch through the driver API
+                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     phases = sorted((e["ts"], e["ts"] + e["dur"], e["name"][6:]) for e in ev
                     if e.get("cat") == "user_annotation" and e["name"].startswith("phase:"))
 
