@@ -473,21 +473,18 @@ def test_kernel_tuning_is_kept_on_disk(tmp_path, monkeypatch) -> None:
         pytest.skip("triton not installed")
     monkeypatch.setenv("SPARSETRAIN_CACHE", str(tmp_path))
     monkeypatch.setattr(tri, "_tuned", {})
-    monkeypatch.setattr(tri, "_launch", lambda args, dq, kv: None)
+    timed = []  # the (dq, dk/dv) tile pairs launched under the timer
+    monkeypatch.setattr(tri, "_launch", lambda args, dq, kv: timed.append((dq, kv)))
     g = torch.Generator().manual_seed(fresh_seed())
     cost = {c: float(torch.rand((), generator=g)) for c in tri.DQ_CONFIGS + tri.KV_CONFIGS}
-    timed = []
 
-    def timer_for(args):
-        def timer(launch):  # the pair being timed is the one _tune passes on; recover it from the call order
-            dq = tri.DQ_CONFIGS[len(timed)] if len(timed) < len(tri.DQ_CONFIGS) else None
-            kv = tri.KV_CONFIGS[len(timed) - len(tri.DQ_CONFIGS)] if dq is None else None
-            timed.append((dq, kv))
-            return cost[dq] if dq is not None else cost[kv]
-        return timer
+    def timer(launch):  # a pair "takes" the sum of its two tiles' costs
+        launch()
+        dq, kv = timed[-1]
+        return cost[dq] + cost[kv]
 
     args = {"q": torch.empty(2, 3, 64, 32), "has_lse": True, "rope": True}
-    choice = tri._tune(args, timer=timer_for(args))
+    choice = tri._tune(args, timer=timer)
     assert choice == (min(tri.DQ_CONFIGS, key=cost.get), min(tri.KV_CONFIGS, key=cost.get))
     assert len(timed) == len(tri.DQ_CONFIGS) + len(tri.KV_CONFIGS)
     assert (tmp_path / tri.TUNING_FILE).exists()
@@ -501,9 +498,9 @@ def test_kernel_tuning_is_kept_on_disk(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(tri, "KV_CONFIGS", tri.KV_CONFIGS[:-1])  # other candidates: other key
     timed.clear()
     cost_kv = min(tri.KV_CONFIGS, key=cost.get)
-    assert tri._tune(args, timer=timer_for(args))[1] == cost_kv and timed
+    assert tri._tune(args, timer=timer)[1] == cost_kv and timed
     for junk in ("{not json", "[1, 2]", json.dumps({tri._tuning_key(args): "junk"})):  # unreadable: tune again
         (tmp_path / tri.TUNING_FILE).write_text(junk)
         monkeypatch.setattr(tri, "_tuned", {})
         timed.clear()
-        assert tri._tune(args, timer=timer_for(args))[1] == cost_kv and timed
+        assert tri._tune(args, timer=timer)[1] == cost_kv and timed
