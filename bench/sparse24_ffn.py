@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsetrain.benchmark import bench_train_step, environment, summarize, time_fn  # noqa: E402
 from sparsetrain.sparse24.cusparselt import _ALG_IDS, Sparse24FFNCusparselt, sparse_mm  # noqa: E402
+from sparsetrain.sparse24 import cusparselt  # noqa: E402
 from sparsetrain.sparse24 import ffn as ffn_module  # noqa: E402
 from sparsetrain.sparse24.ffn import _Sparse24FFNMaskedKernel  # noqa: E402
 from sparsetrain.sparse24.packing import pack_transposable, transposable_mask  # noqa: E402
@@ -64,10 +65,18 @@ def ffn_block(N: int, d: int, h: int, repeats: int) -> dict:
     def relu2_24() -> None:
         Sparse24FFNCusparselt.apply(xg, w_up, w_down, None).backward(dy)
 
+    def relu2_24_row_major_operand() -> None:  # the dense operand row-major, as before session 6
+        cusparselt.DENSE_COLUMN_MAJOR = False
+        try:
+            relu2_24()
+        finally:
+            cusparselt.DENSE_COLUMN_MAJOR = True
+
     def relu2_24_masked_kernel() -> None:  # the same selection on dense GEMMs (below CUSPARSELT_MIN_WIDTH)
         _Sparse24FFNMaskedKernel.apply(xg, w_up, w_down).backward(dy)
 
-    variants = {"relu2": relu2, "swiglu": swiglu, "relu2_24": relu2_24, "relu2_24_masked_kernel": relu2_24_masked_kernel}
+    variants = {"relu2": relu2, "swiglu": swiglu, "relu2_24": relu2_24,
+                "relu2_24_row_major_operand": relu2_24_row_major_operand, "relu2_24_masked_kernel": relu2_24_masked_kernel}
     times = {k: [] for k in variants}
     for fn in variants.values():
         time_fn(fn, warmup=5, repeats=1)
@@ -97,7 +106,7 @@ def ffn_block(N: int, d: int, h: int, repeats: int) -> dict:
             "dWup du^T@x": ms(lambda: g.t() @ x, repeats),
         }
         wu = w_up.detach()
-        sparse = {  # the path's own products: searched algorithm per shape
+        sparse = {  # the path's own products (column-major copies included): searched algorithm per shape
             "down s@Wdown^T": ms(lambda: sparse_mm(s, wd_t), repeats),
             "dWdown s^T@dy": ms(lambda: sparse_mm(s_t, dy), repeats),
             "dx du@Wup": ms(lambda: sparse_mm(du, wu), repeats),
@@ -141,7 +150,7 @@ def fp8_probe(s16: torch.Tensor, w_down: torch.Tensor, repeats: int) -> dict:
         return out
     try:
         comp = torch._cslt_compress(a8)
-        rhs = w8.t().contiguous()  # [h, d] row-major
+        rhs = w8.t()  # [h, d] column-major: FP8 cuSPARSELt refuses a row-major operand
         try:
             alg = int(torch._cslt_sparse_mm_search(comp, rhs, alpha=(sa * sw).reshape(1), out_dtype=BF16))
         except Exception as e:  # noqa: BLE001
@@ -209,11 +218,11 @@ def main() -> None:
             for name in ("relu2_24_cusparselt", "relu2_24_masked_kernel"):
                 st[f"speedup_{name}"] = st["relu2"]["step"]["median_ms"] / st[name]["step"]["median_ms"]
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"\n{'FFN fwd+bwd ms':<20} {'relu2':>7} {'swiglu':>7} {'2:4':>7} {'2:4 mk':>7} {'speedup':>8} {'ceiling':>8} {'of ceil':>8} {'fp8 2:4/dense':>13}")
+    print(f"\n{'FFN fwd+bwd ms':<20} {'relu2':>7} {'swiglu':>7} {'2:4':>7} {'2:4 rowB':>8} {'2:4 mk':>7} {'speedup':>8} {'ceiling':>8} {'of ceil':>8} {'fp8 2:4/dense':>13}")
     for key, r in out["ffn"].items():
         f8 = r["fp8"].get("sparse_fp8_speedup_vs_dense_fp8", float("nan"))
         print(f"{key:<20} {r['relu2']['median_ms']:7.3f} {r['swiglu']['median_ms']:7.3f} {r['relu2_24']['median_ms']:7.3f}"
-              f" {r['relu2_24_masked_kernel']['median_ms']:7.3f} {r['relu2_24']['speedup_vs_relu2']:7.3f}x {r['ceiling_gemms_only']:7.3f}x {r['fraction_of_ceiling']:8.3f} {f8:12.3f}x")
+              f" {r['relu2_24_row_major_operand']['median_ms']:8.3f} {r['relu2_24_masked_kernel']['median_ms']:7.3f} {r['relu2_24']['speedup_vs_relu2']:7.3f}x {r['ceiling_gemms_only']:7.3f}x {r['fraction_of_ceiling']:8.3f} {f8:12.3f}x")
     for preset, st in out["step"].items():
         print(f"{preset} step: relu2 {st['relu2']['step']['median_ms']:.1f} ms, relu2_24 on cuSPARSELt "
               f"{st['relu2_24_cusparselt']['step']['median_ms']:.1f} ms ({st['speedup_relu2_24_cusparselt']:.3f}x), "

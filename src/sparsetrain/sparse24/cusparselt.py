@@ -57,9 +57,22 @@ def supported(x: torch.Tensor, w_up: torch.Tensor) -> bool:
 # per problem shape is searched once (``_cslt_sparse_mm_search``) and reused.
 _ALG_IDS: dict[tuple, int] = {}
 
+# The dense operand goes in column-major (the "TN" layout the sparse kernels are
+# built around): on the H200 at d 4096 the sparse products then took 1.80-2.02 ms
+# against 3.27-3.30 ms dense (bench/results/sparse24_fp8_gemm_h200.json); with a
+# row-major operand they ran 1.23x dense (the issue's probe). False restores the
+# row-major operand (bench/sparse24_ffn.py times both).
+DENSE_COLUMN_MAJOR = True
+
+
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the same values laid out column-major (a copy unless it already is)."""
+    return t if t.stride(0) == 1 and t.stride(1) == t.shape[0] else t.t().contiguous().t()
+
 
 def sparse_mm(packed: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     """``s @ dense`` for ``s`` packed by cuSPARSELt's layout, with the searched algorithm."""
+    dense = column_major(dense) if DENSE_COLUMN_MAJOR else dense.contiguous()
     key = (tuple(packed.shape), tuple(dense.shape), dense.stride(), dense.dtype)
     if key not in _ALG_IDS:
         try:
@@ -85,7 +98,7 @@ class Sparse24FFNCusparselt(torch.autograd.Function):
         wu, wd = w_up.to(dt), w_down.to(dt)
         u = F.linear(x, wu)
         packed, packed_t = pack_transposable(u)  # s and s^T, pattern from relu(u)^2
-        y = sparse_mm(packed, wd.t().contiguous())
+        y = sparse_mm(packed, wd.t())  # W_down^T: already column-major
         if stats is not None:  # the dense view of s, only when asked (the trainer's log steps)
             from .sparsify import sparsity_stats
 
