@@ -14,6 +14,9 @@ mask mode so every step skips exactly the stated fraction (threshold mode, the
 LM default, learns its rate; its per-position choice costs the same).
 
 ``--graphed-only``: a fresh input every call, eagerly and as CUDA graphs
+(``threshold_*`` rows: the causal threshold mask a language model trains
+with, on the sync-free parked path, skipping each position with the stated
+probability; ``sparse_*`` rows: ``topk``, exactly that fraction)
 (``torch.cuda.make_graphed_callables``), dense against sparse, at d 1024 and
 2048 (``--dims``), at ``--batches`` sequences of 2048 per call.
 ``--profile-only D``: the top kernels of dense and sparse 0.5 at d_model D,
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -34,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sparsetrain.benchmark import environment, summarize, time_fn  # noqa: E402
+from sparsetrain.benchmark import environment, profile_top_kernels, summarize, time_fn  # noqa: E402
 from sparsetrain.bk import MoEResNetBKLayer, SparseMoEResNetBKLayer, bk_core  # noqa: E402
 
 
@@ -71,6 +75,19 @@ def timing_sparse_layer(D: int, H: int, E: int, skip: float) -> SparseMoEResNetB
     layer, so causality is switched on after construction; timing only)."""
     sp = SparseMoEResNetBKLayer(D, H, E, target_sparsity=skip, mask_mode="topk", causal=False).cuda()
     sp.causal = True
+    return sp
+
+
+def timing_threshold_layer(D: int, H: int, E: int, skip: float) -> SparseMoEResNetBKLayer:
+    """The learned-sparse layer as a language model trains it (causal,
+    ``threshold`` mask, the sync-free parked path on CUDA), with the predictor
+    set so each position is skipped with probability ``skip``: its output is
+    the constant ``log((1 - skip) / skip)``, and the mask's logistic noise
+    does the rest, so the count varies from call to call as in training."""
+    sp = SparseMoEResNetBKLayer(D, H, E, target_sparsity=skip, mask_mode="threshold").cuda()
+    with torch.no_grad():
+        sp.predictor[2].weight.zero_()
+        sp.predictor[2].bias.fill_(math.log((1 - skip) / skip))
     return sp
 
 
@@ -116,6 +133,7 @@ def bench_graphed(B: int, N: int, D: int, H: int, E: int, ratios: list[float], r
     mods = {"dense": MoEResNetBKLayer(D, H, E).cuda()}
     for r in ratios:
         mods[f"sparse_{r}"] = timing_sparse_layer(D, H, E, r)
+        mods[f"threshold_{r}"] = timing_threshold_layer(D, H, E, r)
     out: dict = {}
     it = [0]
 
@@ -149,8 +167,11 @@ def bench_graphed(B: int, N: int, D: int, H: int, E: int, ratios: list[float], r
                 out[label] = summarize(time_fn(lambda: call(graphed, copy_), warmup=1, repeats=repeats))
     for k, v in out.items():
         if isinstance(v, dict):
-            base = out.get("dense_" + k.split("_", 2)[-1] if k.startswith("sparse") else k, v)
+            base = out.get("dense_" + k.split("_", 2)[-1] if k.startswith(("sparse", "threshold")) else k, v)
             v["speedup_vs_dense"] = base["median_ms"] / v["median_ms"]
+            layer = mods.get("_".join(k.split("_", 2)[:2]))
+            if isinstance(layer, SparseMoEResNetBKLayer):
+                v["last_call_stats"] = layer.get_sparsity_stats()
     return out
 
 
@@ -162,29 +183,20 @@ def run_layer(layer: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
 
 
 def profile_layers(layers: dict, x: torch.Tensor, g: torch.Tensor, names: list[str], top: int = 25) -> dict:
-    """Top CUDA kernels (total ms over 3 steps) of each named layer's forward+backward."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """Top CUDA kernels (ms per step over 3 steps) of each named layer's forward+backward."""
     out = {}
     for name in names:
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                run_layer(layers[name], x, g)
-            torch.cuda.synchronize()
-        events = prof.key_averages()
-        dev = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
-        by_cpu = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
-        by_dev = sorted(events, key=lambda e: -dev(e))[:top]
-        out[name] = {"gpu_busy_ms_per_step": round(sum(dev(e) for e in events) / 3e3, 3),
-                     "cpu_ms_per_step": round(sum(e.self_cpu_time_total for e in events) / 3e3, 3),
-                     "top_self_cpu": [(e.key[:50], round(e.self_cpu_time_total / 3e3, 3), e.count // 3) for e in by_cpu],
-                     "top_self_gpu": [(e.key[:50], round(dev(e) / 3e3, 3), e.count // 3) for e in by_dev]}
-        print(f"\n{name}: GPU busy {out[name]['gpu_busy_ms_per_step']} ms/step, CPU {out[name]['cpu_ms_per_step']} ms/step")
-        for k, t, c in out[name]["top_self_cpu"][:8]:
-            print(f"  cpu {t:8.3f} ms  x{c:<4} {k}")
-        for k, t, c in out[name]["top_self_gpu"]:
-            print(f"  gpu {t:8.3f} ms  x{c:<4} {k}")
+        out[name] = profile_top_kernels(lambda: run_layer(layers[name], x, g), steps=3, top=top)
+        print_profile(name, out[name])
     return out
+
+
+def print_profile(name: str, prof: dict) -> None:
+    print(f"\n{name}: GPU busy {prof['gpu_busy_ms_per_step']} ms/step, CPU {prof['cpu_ms_per_step']} ms/step")
+    for k, t, c in prof["top_self_cpu"][:8]:
+        print(f"  cpu {t:8.3f} ms  x{c:<4} {k}")
+    for k, t, c in prof["top_self_gpu"]:
+        print(f"  gpu {t:8.3f} ms  x{c:<4} {k}")
 
 
 def main() -> None:

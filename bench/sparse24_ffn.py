@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sparsetrain.benchmark import bench_train_step, environment, summarize, time_fn  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sparsetrain.benchmark import bench_train_step, environment, profile_top_kernels, summarize, time_fn  # noqa: E402
+from sparsetrain.model import relu_squared  # noqa: E402
 from sparsetrain.sparse24.cusparselt import _ALG_IDS, Sparse24FFNCusparselt, sparse_mm  # noqa: E402
 from sparsetrain.sparse24 import cusparselt  # noqa: E402
 from sparsetrain.sparse24 import ffn as ffn_module  # noqa: E402
@@ -166,6 +168,25 @@ def fp8_probe(s16: torch.Tensor, w_down: torch.Tensor, repeats: int) -> dict:
     return out
 
 
+def profile_blocks(N: int, d: int, h: int) -> dict:
+    """Top kernels of the relu2 and relu2_24 (cuSPARSELt) blocks' forward+backward."""
+    from bk_core import print_profile
+
+    torch.manual_seed(0)
+    x = torch.randn(N, d, device="cuda", dtype=BF16).requires_grad_(True)
+    dy = torch.randn(N, d, device="cuda", dtype=BF16)
+    w_up = (torch.randn(h, d, device="cuda") / d**0.5).to(BF16).requires_grad_(True)
+    w_down = (torch.randn(d, h, device="cuda") / h**0.5).to(BF16).requires_grad_(True)
+    fns = {"relu2": lambda: F.linear(relu_squared(F.linear(x, w_up)), w_down).backward(dy),
+           "relu2_24": lambda: Sparse24FFNCusparselt.apply(x, w_up, w_down, None).backward(dy)}
+    out = {}
+    for name, fn in fns.items():
+        time_fn(fn, warmup=5, repeats=1)
+        out[name] = profile_top_kernels(fn, steps=3, top=20)
+        print_profile(name, out[name])
+    return out
+
+
 def pack_sweep(N: int, h: int, repeats: int) -> dict:
     """Time the packing kernel over its launch configurations; keep the fastest."""
     from sparsetrain.sparse24 import packing
@@ -194,7 +215,14 @@ def main() -> None:
                     help="FFN shapes tokens x d_model x hidden (comma list)")
     ap.add_argument("--skip-pack-sweep", action="store_true")
     ap.add_argument("--step-presets", default="d20", help="presets whose training step is timed (comma list)")
+    ap.add_argument("--profile-only", default="", metavar="NxDxH",
+                    help="only profile the relu2 and relu2_24 blocks' kernels at this shape, and exit")
     args = ap.parse_args()
+    if args.profile_only:
+        N, d, h = (int(v) for v in args.profile_only.split("x"))
+        res = {"environment": environment(), "shape": [N, d, h], "profile": profile_blocks(N, d, h)}
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        return
     out = {"environment": environment(), "ffn": {}, "step": {}}
     if not args.skip_pack_sweep:
         out["pack_sweep_N16384_h16384"] = pack_sweep(16384, 16384, args.repeats)

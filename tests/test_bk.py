@@ -4,6 +4,8 @@ kernel against the torch recursion, and the (sparse) ResNet-BK layers."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -188,18 +190,26 @@ def test_bucketed_expert_equals_unpadded_with_gradients(rows: int) -> None:
 
 
 def _looped_gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """A plain reference for ``torch._grouped_mm(a, b, offs=offs)``: row group e times b[e]."""
+    """A plain reference for ``torch._grouped_mm(a, b, offs=offs)``: row group e
+    times b[e]. Like the real one (bench/results/grouped_mm_tail_h200.json), it
+    leaves the rows past the last offset uncomputed: here they are NaN, in the
+    product and in the gradient of ``a``, so any leak shows."""
     ends = offs.tolist()
     starts = [0] + ends[:-1]
-    assert ends[-1] == a.shape[0], "every row must belong to a group"
-    return torch.cat([a[s:e] @ b[i] for i, (s, e) in enumerate(zip(starts, ends))])
+    tail = a.shape[0] - ends[-1]
+    assert tail >= 0
+    if a.requires_grad:
+        a.register_hook(lambda g: torch.cat((g[:ends[-1]], torch.full_like(g[ends[-1]:], float("nan")))))
+    parts = [a[s:e] @ b[i] for i, (s, e) in enumerate(zip(starts, ends))]
+    return torch.cat(parts + [a.new_full((tail, b.shape[-1]), float("nan"))])
 
 
 @pytest.mark.parametrize("experts, rows", [(3, 40), (4, 7), (5, 64)])
 def test_grouped_experts_equal_the_per_expert_loop(experts: int, rows: int) -> None:
     """The sync-free grouped path (sort, pad each expert's group to 16 rows,
-    slack to the last) against each expert applied to its own rows, in float64
-    with gradients; some experts get no rows at all."""
+    leave the rest of the buffer past the last group) against each expert
+    applied to its own rows, in float64 with gradients; some experts get no
+    rows at all."""
     from sparsetrain.bk.layers import _expert, grouped_experts
 
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
@@ -215,6 +225,33 @@ def test_grouped_experts_equal_the_per_expert_loop(experts: int, rows: int) -> N
     g_got = torch.autograd.grad(got, (x, up, down), dy)
     g_want = torch.autograd.grad(want, (x, up, down), dy)
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(g_got, g_want))
+
+
+@pytest.mark.parametrize("experts", [1, 3])
+def test_grouped_experts_skip_parked_rows_exactly(experts: int) -> None:
+    """``keep=``: the kept rows equal each expert applied to them, the others
+    come out 0 with exactly 0 gradient, although the grouped GEMM leaves NaN
+    in the rows it does not compute; the weight gradients only see kept rows."""
+    from sparsetrain.bk.layers import _expert, grouped_experts
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    rows, D, H = 50, 8, 12
+    x = torch.randn(rows, D, generator=g, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(experts, H, D, generator=g, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(experts, D, H, generator=g, dtype=torch.float64, requires_grad=True)
+    expert = torch.randint(0, experts, (rows,), generator=g)
+    keep = torch.rand(rows, generator=g) < 0.4
+    dy = torch.randn(rows, D, generator=g, dtype=torch.float64)
+    got = grouped_experts(x, expert, up, down, _looped_gmm, keep=keep)
+    want = torch.stack([_expert(x[i:i + 1], up[e], down[e])[0] if k else x.new_zeros(D)
+                        for i, (e, k) in enumerate(zip(expert.tolist(), keep.tolist()))])
+    assert torch.equal(got[~keep], torch.zeros_like(got[~keep]))
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    g_got = torch.autograd.grad(got, (x, up, down), dy)
+    g_want = torch.autograd.grad(want, (x, up, down), dy, allow_unused=True)
+    assert torch.equal(g_got[0][~keep], torch.zeros_like(g_got[0][~keep]))
+    for a, b in zip(g_got, g_want):
+        assert torch.allclose(a, torch.zeros_like(a) if b is None else b, rtol=1e-12, atol=1e-12)
 
 
 @requires_cuda
@@ -248,6 +285,44 @@ def test_grouped_mm_path_on_gpu_matches_float32_loop() -> None:
     assert y.dtype is torch.bfloat16 and bool(y.isfinite().all()) and moe.up.grad is not None
 
 
+@requires_cuda
+def test_parked_path_on_gpu_matches_float32_gather_path() -> None:
+    """On the GPU with torch._grouped_mm (bf16 autocast), the parked threshold
+    path against the float32 gather path of the same layer and the same mask:
+    outputs and gradients to bf16 tolerance, and nothing non-finite leaks from
+    the rows the grouped GEMM leaves uncomputed."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    B, N, D = 2, 256, 64
+    layer = SparseMoEResNetBKLayer(D, 4 * D, 3, target_sparsity=0.5).cuda()
+    hard = torch.rand(B, N, device="cuda") < 0.5
+    x = torch.randn(B, N, D, device="cuda")
+    w = torch.randn(B, N, D, device="cuda")
+
+    def fixed_mask(logits, parked=False):
+        idx = None if parked else hard.reshape(-1).nonzero().squeeze(-1)
+        return hard, torch.sigmoid(logits), idx
+
+    res = []
+    for bf16 in (True, False):
+        lay = copy.deepcopy(layer)
+        lay._mask = fixed_mask
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            assert (lay.moe.grouped(xi) is not None) == bf16  # bf16: parked; float32: gather
+            y = lay(xi)
+        (y.float() * w).sum().backward()
+        res.append((y.float(), xi.grad, {n: p.grad for n, p in lay.named_parameters()}))
+    (y1, gx1, gp1), (y2, gx2, gp2) = res
+    assert bool(y1.isfinite().all()) and bool(gx1.isfinite().all())
+    assert torch.equal(y1[~hard], torch.zeros_like(y1[~hard])) and torch.equal(gx1[~hard], torch.zeros_like(gx1[~hard]))
+    assert float((y1 - y2).norm() / y2.norm()) < 2e-2
+    assert float((gx1 - gx2).norm() / gx2.norm()) < 3e-2
+    for name in ("moe.up", "moe.down", "moe.router.weight", "v_proj.weight", "feature_proj.weight"):
+        a, b = gp1[name], gp2[name]
+        assert bool(a.isfinite().all()), name
+        assert float((a - b).norm() / b.norm()) < 5e-2, name
+
+
 def test_sparse_layer_at_zero_sparsity_equals_dense() -> None:
     dense, sparse = _pair(target_sparsity=0.0)
     x = torch.randn(2, 24, 16, dtype=torch.float64)
@@ -276,8 +351,11 @@ def test_sparse_layer_skips_work_and_reports_stats() -> None:
     assert stats == {"sparsity_ratio": 0.75, "num_computed": 30.0, "target_sparsity": 0.75}
 
 
-def test_sparse_layer_is_causal_in_threshold_mode() -> None:
+@pytest.mark.parametrize("parked", [False, True])
+def test_sparse_layer_is_causal_in_threshold_mode(parked: bool) -> None:
     _, sparse = _pair(target_sparsity=0.5)
+    if parked:
+        sparse.moe.grouped_mm = _looped_gmm
     sparse.eval()
     with torch.no_grad():
         sparse.predictor[2].bias.fill_(0.0)
@@ -286,6 +364,38 @@ def test_sparse_layer_is_causal_in_threshold_mode() -> None:
         x2 = x.clone()
         x2[:, 20:] = torch.randn_like(x2[:, 20:])
         assert torch.equal(sparse(x2)[:, :20], base[:, :20])
+
+
+def test_parked_threshold_path_equals_the_gather_path() -> None:
+    """The sync-free threshold path (skipped rows parked past the grouped GEMM's
+    last group, shapes fixed) against the gather path (``nonzero`` and index
+    the computed rows), same weights and the same Gumbel noise: equal outputs,
+    input and parameter gradients, and skip counts, in float64."""
+    _, gather = _pair(target_sparsity=0.5)
+    parked = copy.deepcopy(gather)
+    parked.moe.grouped_mm = _looped_gmm
+    seen = []
+    parked.moe.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    x = torch.randn(3, 40, 16, dtype=torch.float64)
+    w = torch.randn(3, 40, 16, dtype=torch.float64)
+    res = []
+    for layer in (gather, parked):
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(seed)  # the same logistic noise in the mask
+        y = layer(xi)
+        ((y * w).sum() + layer.get_sparsity_loss()).backward()
+        res.append((y, xi.grad, {n: p.grad for n, p in layer.named_parameters()}, layer.get_sparsity_stats()))
+    (y1, gx1, gp1, st1), (y2, gx2, gp2, st2) = res
+    assert seen == [3 * 40]  # every row goes in; the skipped ones cost no GEMM work
+    assert 0 < st1["num_computed"] < 3 * 40 and st1 == st2
+    assert torch.allclose(y1, y2, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(gx1, gx2, rtol=1e-12, atol=1e-12)
+    for name, g1 in gp1.items():
+        g2 = gp2[name]
+        assert (g1 is None) == (g2 is None), name
+        if g1 is not None:
+            assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-12), name
 
 
 @pytest.mark.parametrize("kind", ["l2", "l1", "kl", "adaptive"])

@@ -105,6 +105,27 @@ def cuda_ms_per_call(fn: Callable[[], Any], calls: int = 5) -> float:
     return start.elapsed_time(end) / calls
 
 
+def profile_top_kernels(fn: Callable[[], Any], steps: int = 3, top: int = 25) -> dict[str, Any]:
+    """Profile ``steps`` calls of ``fn()`` (already warmed up): GPU-busy and host
+    milliseconds per call, and the ``top`` entries by self GPU time and by self
+    host time as ``(name, ms per call, calls per call)``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    dev = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
+    per = 1e3 * steps
+    return {"gpu_busy_ms_per_step": round(sum(dev(e) for e in events) / per, 3),
+            "cpu_ms_per_step": round(sum(e.self_cpu_time_total for e in events) / per, 3),
+            "top_self_cpu": [(e.key[:50], round(e.self_cpu_time_total / per, 3), e.count // steps)
+                             for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]],
+            "top_self_gpu": [(e.key[:50], round(dev(e) / per, 3), e.count // steps)
+                             for e in sorted(events, key=lambda e: -dev(e))[:top]]}
+
+
 def summarize(times_ms: list[float]) -> dict[str, float]:
     return {
         "median_ms": statistics.median(times_ms),

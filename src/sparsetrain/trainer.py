@@ -59,8 +59,8 @@ class TrainResult:
 
 
 def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Key-wise mean of same-keyed stat dicts, rounded for metrics.jsonl."""
-    return {k: round(sum(r[k] for r in rows) / len(rows), 4) for k in rows[0]}
+    """Key-wise mean of same-keyed stat dicts (floats or 0-dim tensors), rounded for metrics.jsonl."""
+    return {k: round(float(sum(r[k] for r in rows)) / len(rows), 4) for k in rows[0]}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -306,7 +306,7 @@ class Trainer:
                 # the reported loss stays the LM loss; a sparse ResNet-BK also learns its sparsity target
                 ((loss if aux is None else loss + aux) * loss_scale).backward()
             if aux is not None:
-                self.bk_stats.append(self.model.sparsity_stats())
+                self.bk_stats.append(self.model.sparsity_stats(sync=False))  # read on log steps only
         self.step_kept[0] += kept
         self.step_kept[1] += total
         return loss.detach()

@@ -29,6 +29,7 @@ the whole sequence, so it is non-causal -- for timing at a fixed sparsity).
 
 from __future__ import annotations
 
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -45,7 +46,10 @@ MASK_MODES = ("threshold", "topk")
 class MoEFFN(nn.Module):
     """Top-1 mixture of squared-ReLU experts. The chosen expert's output is
     multiplied by its softmax gate probability, so the router gets a gradient
-    (Switch Transformer's differentiable gating)."""
+    (Switch Transformer's differentiable gating).
+
+    ``grouped_mm``: a stand-in for ``torch._grouped_mm`` (the CPU tests' float64
+    reference); None uses torch's own wherever it applies (CUDA, bf16)."""
 
     def __init__(self, d_model: int, hidden: int, num_experts: int) -> None:
         super().__init__()
@@ -53,19 +57,32 @@ class MoEFFN(nn.Module):
         self.router = nn.Linear(d_model, num_experts, bias=False)
         self.up = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.down = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        self.grouped_mm: Callable | None = None
         std = 0.02
         nn.init.normal_(self.up, 0.0, std)
         nn.init.normal_(self.down, 0.0, std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x[M, D] -> [M, D]``."""
+    def grouped(self, x: torch.Tensor) -> tuple[torch.dtype, Callable] | None:
+        """(compute dtype, grouped GEMM) when the sync-free grouped path applies to ``x``, else None."""
+        if self.grouped_mm is not None:
+            return x.dtype, self.grouped_mm
+        cdt = _grouped_dtype(x)
+        return None if cdt is None else (cdt, torch._grouped_mm)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``x[M, D] -> [M, D]``. ``keep[M]`` (bool, grouped path only): rows to
+        compute; the others cost no GEMM work, come out 0 and pass no gradient
+        (see :func:`grouped_experts`)."""
         probs = F.softmax(upcast(self.router(x)), dim=-1)
         gate, expert = probs.max(dim=-1)
-        if self.num_experts == 1:
+        grouped = self.grouped(x)
+        if keep is not None and grouped is None:
+            raise ValueError("keep= needs the grouped-GEMM path (CUDA bf16, or a grouped_mm stand-in)")
+        if self.num_experts == 1 and keep is None:
             return _expert(x, self.up[0], self.down[0]) * gate.unsqueeze(-1).to(x.dtype)
-        cdt = _grouped_dtype(x)
-        if cdt is not None:
-            y = grouped_experts(x.to(cdt), expert, self.up.to(cdt), self.down.to(cdt), torch._grouped_mm)
+        if grouped is not None:
+            cdt, gmm = grouped
+            y = grouped_experts(x.to(cdt), expert, self.up.to(cdt), self.down.to(cdt), gmm, keep=keep)
             return y * gate.unsqueeze(-1).to(y.dtype)
         order = expert.argsort()
         counts = torch.bincount(expert, minlength=self.num_experts).tolist()  # one host sync per layer
@@ -89,31 +106,44 @@ def _grouped_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.bfloat16 if cdt is torch.bfloat16 else None
 
 
-def grouped_experts(x: torch.Tensor, expert: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gmm) -> torch.Tensor:
+def grouped_experts(x: torch.Tensor, expert: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gmm,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
     """All experts' ``down_e(relu(up_e x)^2)`` in two grouped GEMMs, with no host sync.
 
     ``x[M, D]``, ``expert[M]`` (each row's expert), ``up[E, H, D]``, ``down[E, D, H]``;
     ``gmm(a[R, K], b[E, K, N], offs)`` multiplies row group ``e`` (rows
-    ``offs[e-1]:offs[e]``) by ``b[e]`` (``torch._grouped_mm``). Rows are sorted
-    by expert into a zero buffer of a fixed size, each expert's group padded to
-    a multiple of :data:`GROUP_ALIGN` rows and the slack given to the last
-    expert, so every buffer row belongs to a group and the offsets stay on the
-    GPU: the per-expert loop's host sync (its row counts) and its 2E small
-    GEMMs go away, and the shapes no longer change from step to step."""
+    ``offs[e-1]:offs[e]``) by ``b[e]`` (``torch._grouped_mm``) and leaves the
+    rows past ``offs[-1]`` uncomputed. Rows are sorted by expert into a buffer
+    of a fixed size, each expert's group padded with zero rows to a multiple of
+    :data:`GROUP_ALIGN`, so the offsets stay on the GPU: no host sync (the
+    per-expert loop's row counts), no 2E small GEMMs, and the same shapes
+    every step.
+
+    ``keep[M]`` (bool): rows to compute. The others are parked past the last
+    group, where the grouped GEMM does no work (bench/results/grouped_mm_tail_h200.json:
+    forward+backward 2.1x faster with the last offset at half the rows), so
+    the cost follows the kept count while every shape stays fixed -- a
+    data-dependent skip with no host sync, which a CUDA graph can capture.
+    What the GEMMs leave in the parked rows is undefined (the H200 leaves
+    non-finite values), so they are selected away with ``torch.where`` on the
+    way in and out: they come out 0 and pass exactly 0 gradient."""
     M, E = x.shape[0], up.shape[0]
+    if keep is not None:
+        x = torch.where(keep.unsqueeze(-1), x, 0)  # parked rows' gradient: 0, not what the GEMMs left there
+        expert = torch.where(keep, expert, E)  # sentinel group E: sorted last, never multiplied
     order = expert.argsort()
     sorted_e = expert.index_select(0, order)
-    counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, expert, torch.ones_like(expert))
-    padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
+    counts = torch.zeros(E + 1, dtype=torch.long, device=x.device).scatter_add_(0, expert, torch.ones_like(expert))
+    padded = torch.cat(((counts[:E] + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN, counts[E:]))
     start, pstart = counts.cumsum(0) - counts, padded.cumsum(0) - padded
-    rows = M + E * GROUP_ALIGN  # >= the padded total, whatever the routing
-    ends = padded.cumsum(0)
-    offs = torch.cat((ends[:-1], torch.full((1,), rows, dtype=ends.dtype, device=x.device))).to(torch.int32)
+    rows = M + E * GROUP_ALIGN  # >= the padded groups plus the parked rows, whatever the routing
+    offs = padded[:E].cumsum(0).to(torch.int32)  # rows past offs[-1] (slack, parked) are not multiplied
     dest = torch.arange(M, device=x.device) - start.index_select(0, sorted_e) + pstart.index_select(0, sorted_e)
     xp = torch.zeros(rows, x.shape[1], dtype=x.dtype, device=x.device).index_copy(0, dest, x.index_select(0, order))
     h = relu_squared(gmm(xp, up.transpose(1, 2), offs))
     y_sorted = gmm(h, down.transpose(1, 2), offs).index_select(0, dest)
-    return torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
+    y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
+    return y if keep is None else torch.where(keep.unsqueeze(-1), y, 0)
 
 
 def _expert(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -200,7 +230,7 @@ class SparseMoEResNetBKLayer(MoEResNetBKLayer):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # saved: resume continues the schedule
         self._steps = 0  # host copy of steps_done: reading a CUDA buffer every forward would be a sync
         self._soft: torch.Tensor | None = None
-        self._num_computed = 0
+        self._num_computed: int | torch.Tensor = 0
         self._total = 0
 
     @property
@@ -220,9 +250,10 @@ class SparseMoEResNetBKLayer(MoEResNetBKLayer):
         if prefix + "steps_done" in state_dict:
             self._steps = int(state_dict[prefix + "steps_done"])
 
-    def _mask(self, logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    def _mask(self, logits: torch.Tensor, parked: bool = False) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """(hard bool mask [B, N] or None when every position is computed,
-        soft keep probabilities [B, N], flat indices of the computed positions)."""
+        soft keep probabilities [B, N], flat indices of the computed positions,
+        or None where the threshold mask takes the sync-free parked path)."""
         if self.training:
             u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
             noisy = logits + (u.log() - (-u).log1p())  # logistic noise = difference of two Gumbels
@@ -240,15 +271,23 @@ class SparseMoEResNetBKLayer(MoEResNetBKLayer):
             idx = (top + torch.arange(B, device=top.device)[:, None] * N).flatten().sort().values
         else:
             hard = noisy > 0
-            idx = hard.reshape(-1).nonzero().squeeze(-1)  # one host sync: the count is data-dependent
+            if parked:
+                idx = None  # parked rows instead of a gather: no host sync (_forward_parked)
+            else:
+                idx = hard.reshape(-1).nonzero().squeeze(-1)  # one host sync: the count is data-dependent
         return hard, soft, idx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         logits = upcast(self.predictor(x).squeeze(-1))
-        hard, soft, idx = self._mask(logits)
+        hard, soft, idx = self._mask(logits, parked=self.moe.grouped(x) is not None)
         self._soft, self._total = soft, B * N
-        if hard is None or idx.numel() == B * N:  # nothing to skip: the dense layer, bit for bit
+        if hard is None:  # nothing to skip: the dense layer, bit for bit
+            self._num_computed = B * N
+            return super().forward(x)
+        if idx is None:  # threshold mask on the grouped path: no gather, no host sync
+            return self._forward_parked(x, hard, soft)
+        if idx.numel() == B * N:
             self._num_computed = B * N
             return super().forward(x)
         self._num_computed = int(idx.numel())
@@ -256,15 +295,39 @@ class SparseMoEResNetBKLayer(MoEResNetBKLayer):
         h_c = self.moe(x_c)
         v_c = self.potential(h_c)
         v_sparse = torch.zeros(B * N, dtype=v_c.dtype, device=x.device).index_copy(0, idx, v_c).view(B, N)
-        m = hard.to(v_c.dtype)
-        # causal interpolation: left padding only, so position i reads positions <= i
-        filled = self.interp(F.pad(torch.stack((v_sparse, m), dim=1).to(self.interp.weight.dtype), (self.interp_kernel - 1, 0))).squeeze(1)
-        filled = self.v_max * torch.tanh(filled / self.v_max)
-        v = torch.where(hard, v_sparse, filled)
+        v = self._fill_skipped(v_sparse, hard)
         feats = self.features(v).reshape(B * N, 2).index_select(0, idx)
         st = (1.0 + (soft - soft.detach())).reshape(-1).index_select(0, idx)  # == 1; carries the predictor's gradient
         y_c = (h_c + self.bk_scale * self.feature_proj(feats.to(h_c.dtype))) * st.unsqueeze(-1).to(h_c.dtype)
         return torch.zeros(B * N, D, dtype=y_c.dtype, device=x.device).index_copy(0, idx, y_c).view(B, N, D)
+
+    def _fill_skipped(self, v_sparse: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+        """The potential everywhere: computed positions keep theirs (``v_sparse``, 0
+        elsewhere), skipped ones get the causal interpolation of it."""
+        m = hard.to(v_sparse.dtype)
+        # causal interpolation: left padding only, so position i reads positions <= i
+        filled = self.interp(F.pad(torch.stack((v_sparse, m), dim=1).to(self.interp.weight.dtype), (self.interp_kernel - 1, 0))).squeeze(1)
+        filled = self.v_max * torch.tanh(filled / self.v_max)
+        return torch.where(hard, v_sparse, filled)
+
+    def _forward_parked(self, x: torch.Tensor, hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        """The threshold mask without a host sync: every position keeps its row,
+        and the skipped ones are parked past the MoE's last expert group, where
+        the grouped GEMMs do no work (:func:`grouped_experts`). The GEMM cost
+        follows the kept count, shapes stay fixed, and the layer can be captured
+        in a CUDA graph; the row-wise work outside the GEMMs (the potential and
+        feature projections, over ``D``) runs on every row. Equal to the gather
+        path (tests/test_bk.py)."""
+        B, N, D = x.shape
+        keep = hard.reshape(-1)
+        self._num_computed = keep.sum()  # a device count: read (one sync) only when the stats are
+        h = self.moe(x.reshape(B * N, D), keep=keep)  # 0 at skipped rows
+        v_sparse = torch.where(keep, self.potential(h), 0).view(B, N)
+        v = self._fill_skipped(v_sparse, hard)
+        feats = self.features(v).reshape(B * N, 2)
+        st = (1.0 + (soft - soft.detach())).reshape(-1, 1)  # == 1; carries the predictor's gradient
+        y = (h + self.bk_scale * self.feature_proj(feats.to(h.dtype))) * st.to(h.dtype)
+        return torch.where(keep.unsqueeze(-1), y, 0).view(B, N, D)
 
     def get_sparsity_loss(self) -> torch.Tensor:
         """Weighted loss pulling the mean skip probability toward the current target
@@ -287,9 +350,14 @@ class SparseMoEResNetBKLayer(MoEResNetBKLayer):
             loss = F.huber_loss(sparsity, target, delta=0.1)
         return self.sparsity_loss_weight * loss
 
-    def get_sparsity_stats(self) -> dict[str, float]:
+    def get_sparsity_stats(self, sync: bool = True) -> dict[str, float]:
         """``sparsity_ratio`` (skipped / total in the last forward), ``num_computed``,
-        ``target_sparsity`` (current, after the schedule)."""
+        ``target_sparsity`` (current, after the schedule). ``sync=False``: on the
+        parked path the first two stay 0-dim device tensors (no host sync; the
+        trainer converts them when it logs)."""
         total = max(self._total, 1)
-        return {"sparsity_ratio": 1.0 - self._num_computed / total, "num_computed": float(self._num_computed),
+        computed = self._num_computed  # a device count on the parked path
+        if sync:
+            computed = float(computed)
+        return {"sparsity_ratio": 1.0 - computed / total, "num_computed": computed * 1.0,
                 "target_sparsity": float(self.target_sparsity)}

@@ -59,9 +59,10 @@ class ResNetBK(CausalLM):
         layers = self.sparse_layers()
         return sum(layer.get_sparsity_loss() for layer in layers) if layers else None  # type: ignore[return-value]
 
-    def sparsity_stats(self) -> dict[str, float]:
-        """Mean of the sparse layers' :meth:`get_sparsity_stats` (empty when dense)."""
-        stats = [layer.get_sparsity_stats() for layer in self.sparse_layers()]
+    def sparsity_stats(self, sync: bool = True) -> dict[str, float]:
+        """Mean of the sparse layers' :meth:`get_sparsity_stats` (empty when dense);
+        ``sync=False`` may leave device tensors in it (see there)."""
+        stats = [layer.get_sparsity_stats(sync) for layer in self.sparse_layers()]
         return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]} if stats else {}
 
     def trunk(self, idx: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
