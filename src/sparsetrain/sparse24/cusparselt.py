@@ -53,33 +53,44 @@ def supported(x: torch.Tensor, w_up: torch.Tensor) -> bool:
     return x.is_cuda and cusparselt_available() and N % 64 == 0 and d % 64 == 0 and h % 64 == 0
 
 
-# cuSPARSELt's default algorithm can be slower than the dense GEMM; the best one
-# per problem shape is searched once (``_cslt_sparse_mm_search``) and reused.
-_ALG_IDS: dict[tuple, int] = {}
-
-# The dense operand goes in column-major (the "TN" layout the sparse kernels are
-# built around): on the H200 at d 4096 the sparse products then took 1.80-2.02 ms
-# against 3.27-3.30 ms dense (bench/results/sparse24_fp8_gemm_h200.json); with a
-# row-major operand they ran 1.23x dense (the issue's probe). False restores the
-# row-major operand (bench/sparse24_ffn.py times both).
-DENSE_COLUMN_MAJOR = True
+# cuSPARSELt's default algorithm can be slower than the dense GEMM; the best
+# configuration (algorithm, split-K and its mode) per problem is searched once
+# and reused. ``torch._cslt_sparse_mm_search`` returns the algorithm alone and
+# drops the split-K it found, so the full search is used where torch has it.
+_CONFIGS: dict[tuple, tuple[int, int, int]] = {}
 
 
-def column_major(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with the same values laid out column-major (a copy unless it already is)."""
-    return t if t.stride(0) == 1 and t.stride(1) == t.shape[0] else t.t().contiguous().t()
+def _search(packed: torch.Tensor, dense: torch.Tensor, transpose_result: bool) -> tuple[int, int, int]:
+    try:
+        alg, split_k, split_k_mode, _ = torch._C._cusparselt.mm_search(packed, dense, None, None, None, transpose_result)
+        return int(alg), int(split_k), int(split_k_mode)
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        pass
+    try:
+        return int(torch._cslt_sparse_mm_search(packed, dense, transpose_result=transpose_result)), 1, -1
+    except (AttributeError, RuntimeError, TypeError):
+        return 0, 1, -1  # no search op here: the default configuration
 
 
-def sparse_mm(packed: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """``s @ dense`` for ``s`` packed by cuSPARSELt's layout, with the searched algorithm."""
-    dense = column_major(dense) if DENSE_COLUMN_MAJOR else dense.contiguous()
-    key = (tuple(packed.shape), tuple(dense.shape), dense.stride(), dense.dtype)
-    if key not in _ALG_IDS:
-        try:
-            _ALG_IDS[key] = int(torch._cslt_sparse_mm_search(packed, dense))
-        except (AttributeError, RuntimeError, TypeError):
-            _ALG_IDS[key] = 0  # no search op here: the default algorithm
-    return torch._cslt_sparse_mm(packed, dense, alg_id=_ALG_IDS[key])
+def sparse_mm(packed: torch.Tensor, dense: torch.Tensor, transpose_result: bool = False) -> torch.Tensor:
+    """``s @ dense`` (``[M, K] x [K, N]``) for ``s`` packed in cuSPARSELt's layout,
+    with the searched configuration; ``transpose_result``: return ``(s @ dense)^T``
+    ``[N, M]``, written that way by the kernel.
+
+    ``dense`` is taken row-major or column-major as it comes: torch hands any
+    non-contiguous operand to cuSPARSELt as a transposed (column-major) one,
+    and a transposing copy costs more than the layout saves (on the H200 at
+    d 4096: 0.44 ms per copy against 2.03 vs 2.11 ms for the product,
+    bench/results/sparse24_ffn_profile_column_major_h200.json and
+    sparse24_fp8_gemm_layouts_d4096_h200.json). Other strides are copied."""
+    if not (dense.is_contiguous() or dense.t().is_contiguous()):
+        dense = dense.contiguous()
+    key = (tuple(packed.shape), tuple(dense.shape), dense.stride(), dense.dtype, transpose_result)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = _search(packed, dense, transpose_result)
+    alg, split_k, split_k_mode = _CONFIGS[key]
+    return torch._cslt_sparse_mm(packed, dense, transpose_result=transpose_result, alg_id=alg, split_k=split_k,
+                                 split_k_mode=split_k_mode)
 
 
 class Sparse24FFNCusparselt(torch.autograd.Function):
@@ -98,7 +109,7 @@ class Sparse24FFNCusparselt(torch.autograd.Function):
         wu, wd = w_up.to(dt), w_down.to(dt)
         u = F.linear(x, wu)
         packed, packed_t = pack_transposable(u)  # s and s^T, pattern from relu(u)^2
-        y = sparse_mm(packed, wd.t())  # W_down^T: already column-major
+        y = sparse_mm(packed, wd.t())  # W_down^T: column-major, no copy
         if stats is not None:  # the dense view of s, only when asked (the trainer's log steps)
             from .sparsify import sparsity_stats
 
@@ -118,7 +129,7 @@ class Sparse24FFNCusparselt(torch.autograd.Function):
         x, u, wu, wd, packed_t = ctx.saved_tensors
         dy = dy.to(x.dtype).contiguous()
         ds = dy @ wd  # [N, h], dense
-        d_down = sparse_mm(packed_t, dy).t()  # (s^T dy)^T = dy^T s: [d, h]
+        d_down = sparse_mm(packed_t, dy, transpose_result=True)  # (s^T dy)^T = dy^T s: [d, h], contiguous
         du, du_t = pack_transposable(u, ds)  # du = ds * 2 relu(u) on the forward's pattern
         dx = sparse_mm(du, wu)  # [N, d]
         d_up = sparse_mm(du_t, x)  # [h, d]
