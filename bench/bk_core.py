@@ -205,7 +205,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--profile", action="store_true", help="also print the top kernels of dense and sparse 0.5")
     ap.add_argument("--profile-only", type=int, default=0, metavar="D",
-                    help="only profile dense and sparse 0.5 at this d_model (hidden 4 D), eagerly, and exit")
+                    help="only profile dense, sparse 0.5 (topk) and threshold 0.5 (parked) at this d_model (hidden 4 D), eagerly, and exit")
     ap.add_argument("--graphed-only", action="store_true", help="only the eager/CUDA-graph comparison (fresh inputs)")
     ap.add_argument("--compile", action="store_true", help="with --graphed-only: also torch.compile before capture")
     ap.add_argument("--dims", default="1024,2048", help="with --graphed-only: d_model values (hidden 4 d)")
@@ -216,7 +216,8 @@ def main() -> None:
         torch.manual_seed(0)
         x = torch.randn(8, 2048, D, device="cuda")
         g = torch.randn(8, 2048, D, device="cuda", dtype=torch.bfloat16)
-        layers = {"dense": MoEResNetBKLayer(D, 4 * D, 4).cuda(), "sparse_0.5": timing_sparse_layer(D, 4 * D, 4, 0.5)}
+        layers = {"dense": MoEResNetBKLayer(D, 4 * D, 4).cuda(), "sparse_0.5": timing_sparse_layer(D, 4 * D, 4, 0.5),
+                  "threshold_0.5": timing_threshold_layer(D, 4 * D, 4, 0.5)}
         for layer in layers.values():
             for _ in range(3):
                 run_layer(layer, x, g)
