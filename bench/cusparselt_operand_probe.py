@@ -35,9 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsetrain.benchmark import cuda_ms_per_call, environment, time_fn  # noqa: E402
 from sparsetrain.sparse24.packing import mask_transposable, pack_transposable  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparse24_fp8_gemm import prune_24  # noqa: E402
+from sparsetrain.sparse24.sparsify import naive_24  # noqa: E402
 
 
 def med(fn, n: int = 5) -> float:
@@ -84,7 +82,7 @@ def main() -> None:
     torch.manual_seed(0)
     b = (torch.randn(N, K, device="cuda") / K**0.5).bfloat16().t()  # [K, N] column-major
     u = torch.randn(M, K, device="cuda").bfloat16()
-    pruned = prune_24(torch.randn(M, K, device="cuda")).bfloat16()
+    pruned = naive_24(torch.randn(M, K, device="cuda"))[0].bfloat16()
     relu2_dense = mask_transposable(u)
     operands = {
         "randn_pruned": (pruned, torch._cslt_compress(pruned)),

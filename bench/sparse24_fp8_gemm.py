@@ -42,17 +42,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsetrain.benchmark import cuda_ms_per_call, environment  # noqa: E402
+from sparsetrain.sparse24.sparsify import naive_24  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 PRODUCTS = {"up": ("N", "d", "h", False), "down": ("N", "h", "d", True), "dS": ("N", "d", "h", False),
             "dWd": ("h", "N", "d", True), "dX": ("N", "h", "d", True), "dWu": ("h", "N", "d", True)}
-
-
-def prune_24(a: torch.Tensor) -> torch.Tensor:
-    """Keep the two largest magnitudes of each group of four along the last dim."""
-    g = a.reshape(*a.shape[:-1], -1, 4)
-    keep = g.abs().topk(2, dim=-1).indices
-    return torch.zeros_like(g).scatter_(-1, keep, g.gather(-1, keep)).reshape(a.shape)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -64,7 +58,7 @@ def bench_product(M: int, K: int, Nn: int, sparse_ok: bool, repeats: int) -> dic
     """``A[M, K] @ B[K, Nn]`` four ways; B is handed over column-major (``Bt[Nn, K]``
     transposed), the layout both ``_scaled_mm`` and FP8 cuSPARSELt want."""
     torch.manual_seed(0)
-    a = prune_24(torch.randn(M, K, device="cuda"))
+    a = naive_24(torch.randn(M, K, device="cuda"))[0]
     bt = torch.randn(Nn, K, device="cuda") / K**0.5
     row: dict = {"M": M, "K": K, "N": Nn, "flop": 2 * M * K * Nn}
     a16, b16 = a.bfloat16(), bt.bfloat16().t()

@@ -15,7 +15,10 @@ zero it); the op itself is exact for any finite ``v``.
   train the predictor;
 * only computed positions go through the MoE FFN, the potential projection
   and the feature projection (gather -> compute -> scatter): at sparsity ``s``
-  those cost ``1 - s`` of the dense layer;
+  those cost ``1 - s`` of the dense layer. On the grouped-GEMM path (CUDA,
+  bf16) the threshold mask instead parks skipped rows past the MoE's last
+  expert group, where the GEMMs do no work: no host sync, fixed shapes, but
+  the row-wise work outside the GEMMs runs on every row;
 * a causal Conv1d interpolation network fills the potential at skipped
   positions from the computed ones to their left, and BK-Core then runs
   exactly over every position;
@@ -282,12 +285,9 @@ class SparseMoEResNetBKLayer(MoEResNetBKLayer):
         logits = upcast(self.predictor(x).squeeze(-1))
         hard, soft, idx = self._mask(logits, parked=self.moe.grouped(x) is not None)
         self._soft, self._total = soft, B * N
-        if hard is None:  # nothing to skip: the dense layer, bit for bit
-            self._num_computed = B * N
-            return super().forward(x)
-        if idx is None:  # threshold mask on the grouped path: no gather, no host sync
+        if hard is not None and idx is None:  # threshold mask on the grouped path: no gather, no host sync
             return self._forward_parked(x, hard, soft)
-        if idx.numel() == B * N:
+        if hard is None or idx.numel() == B * N:  # nothing to skip: the dense layer, bit for bit
             self._num_computed = B * N
             return super().forward(x)
         self._num_computed = int(idx.numel())
