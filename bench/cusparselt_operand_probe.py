@@ -83,7 +83,7 @@ def main() -> None:
     b = (torch.randn(N, K, device="cuda") / K**0.5).bfloat16().t()  # [K, N] column-major
     u = torch.randn(M, K, device="cuda").bfloat16()
     pruned = naive_24(torch.randn(M, K, device="cuda"))[0].bfloat16()
-    relu2_dense = mask_transposable(u)
+    relu2_dense = mask_transposable(u)[0]
     operands = {
         "randn_pruned": (pruned, torch._cslt_compress(pruned)),
         "relu2_packed": (relu2_dense, pack_transposable(u)[0]),

@@ -68,6 +68,9 @@ SUITES = {
     "sparse24": {  # 2:4 after a dense warmup, against dense relu2 at equal steps
         "relu2": {},
         "relu2_24": {"ffn": "relu2_24", "activation_sparse_method": "transposable", "activation_dense_warmup_steps": 100},
+        # the control: the same structure and budget, patterns drawn at random (masked-dense path)
+        "relu2_24_random": {"ffn": "relu2_24", "activation_sparse_method": "transposable_random",
+                            "activation_dense_warmup_steps": 100},
     },
     # 59M parameters each at vocab 8192: 6 BK layers of 4 experts (8.4M each) vs 16 GPT blocks (3.1M each)
     "bk": {

@@ -13,8 +13,10 @@ Per shape (bf16, 16k tokens; d_model 2048 / hidden 8192 and 4096 / 16384):
 * the bf16 ceiling those measured GEMMs allow:
   ``sum(6 dense GEMMs) / (2 dense + 4 sparse GEMMs)``.
 
-Then the ``d20`` training step (sequence 2048, batch 8) dense ``relu2`` against
-``relu2_24``, both eager.
+Then training steps (sequence 2048, batch 8; ``--steps``, default the ``d20``
+preset; wider models through overrides, e.g. ``d20:d_model=4096,n_head=32,n_layer=8``):
+dense ``relu2`` against ``relu2_24`` on cuSPARSELt and on the masked kernel,
+all eager. The packing kernel alone: bench/sparse24_packing.py.
 """
 
 from __future__ import annotations
@@ -87,12 +89,12 @@ def ffn_block(N: int, d: int, h: int, repeats: int) -> dict:
     with torch.no_grad():
         u = F.linear(x, w_up)
         a = F.relu(u).square()
-        s, s_t = pack_transposable(u)
+        s, s_t, pattern = pack_transposable(u)
         mask = transposable_mask(a)
         wd_t = w_down.t()  # column-major, as the path passes it
         ds = dy @ w_down
         g = (ds * 2 * F.relu(u)) * mask
-        du, du_t = pack_transposable(u, ds)
+        du, du_t, _ = pack_transposable(u, ds, pattern)
         dense = {
             "up x@Wup^T": ms(lambda: F.linear(x, w_up), repeats),
             "down s@Wdown^T": ms(lambda: a @ wd_t, repeats),
@@ -114,7 +116,7 @@ def ffn_block(N: int, d: int, h: int, repeats: int) -> dict:
         err_t = float((sparse_mm(du_t, x).float() - want).norm() / want.norm())
         other = {
             "select+pack s, s^T (Triton)": ms(lambda: pack_transposable(u), repeats),
-            "select+pack du, du^T (Triton)": ms(lambda: pack_transposable(u, ds), repeats),
+            "pack du, du^T on the saved pattern (Triton)": ms(lambda: pack_transposable(u, ds, pattern), repeats),
             "cslt_compress s + s^T": ms(lambda: (torch._cslt_compress(a * mask), torch._cslt_compress((a * mask).t().contiguous())), 5),
             "relu^2": ms(lambda: F.relu(u).square(), repeats),
         }
@@ -123,42 +125,8 @@ def ffn_block(N: int, d: int, h: int, repeats: int) -> dict:
     sparse_mix = dense["up x@Wup^T"] + dense["ds dy@Wdown"] + sum(sparse.values())
     out["pieces_ms"] = {"dense_gemms": dense, "sparse_gemms": sparse, "other": other, "alg_ids": searched,
                         "sparse_down_rel_err_vs_masked_dense": err, "sparse_dWup_rel_err_vs_masked_dense": err_t}
-    out["fp8"] = fp8_probe(a * mask, w_down.detach(), repeats)
     out["ceiling_gemms_only"] = dense_gemms / sparse_mix
     out["fraction_of_ceiling"] = out["relu2_24"]["speedup_vs_relu2"] / out["ceiling_gemms_only"]
-    return out
-
-
-def fp8_probe(s16: torch.Tensor, w_down: torch.Tensor, repeats: int) -> dict:
-    """Is an FP8 2:4 GEMM (cuSPARSELt, e4m3) faster than the FP8 dense one (``_scaled_mm``)
-    by more than bf16 2:4 is over bf16 dense? The down-projection shape, one-off compression."""
-    out: dict = {}
-    try:
-        sa = (s16.abs().amax().float() / 448).clamp(min=1e-12)
-        sw = (w_down.abs().amax().float() / 448).clamp(min=1e-12)
-        a8 = (s16.float() / sa).to(torch.float8_e4m3fn)
-        w8 = (w_down.float() / sw).to(torch.float8_e4m3fn)  # [d, h]
-        b_colmajor = w8.contiguous().t()  # [h, d], column-major as _scaled_mm wants
-        out["dense_fp8_ms"] = ms(lambda: torch._scaled_mm(a8, b_colmajor, sa, sw, out_dtype=BF16), repeats)
-        out["dense_bf16_ms"] = ms(lambda: s16 @ w_down.t(), repeats)
-    except Exception as e:  # noqa: BLE001 - this is a probe: record what failed
-        out["dense_error"] = repr(e)[:300]
-        return out
-    try:
-        comp = torch._cslt_compress(a8)
-        rhs = w8.t()  # [h, d] column-major: FP8 cuSPARSELt refuses a row-major operand
-        try:
-            alg = int(torch._cslt_sparse_mm_search(comp, rhs, alpha=(sa * sw).reshape(1), out_dtype=BF16))
-        except Exception as e:  # noqa: BLE001
-            alg, out["search_error"] = 0, repr(e)[:200]
-        out["alg_id"] = alg
-        out["sparse_fp8_ms"] = ms(lambda: torch._cslt_sparse_mm(comp, rhs, alpha=(sa * sw).reshape(1), out_dtype=BF16, alg_id=alg), repeats)
-        ref = (a8.float() * sa) @ (w8.float() * sw).t()
-        got = torch._cslt_sparse_mm(comp, rhs, alpha=(sa * sw).reshape(1), out_dtype=BF16, alg_id=alg).float()
-        out["sparse_fp8_rel_err"] = float((got - ref).norm() / ref.norm())
-        out["sparse_fp8_speedup_vs_dense_fp8"] = out["dense_fp8_ms"] / out["sparse_fp8_ms"]
-    except Exception as e:  # noqa: BLE001
-        out["sparse_error"] = repr(e)[:300]
     return out
 
 
@@ -181,34 +149,18 @@ def profile_blocks(N: int, d: int, h: int) -> dict:
     return out
 
 
-def pack_sweep(N: int, h: int, repeats: int) -> dict:
-    """Time the packing kernel over its launch configurations; keep the fastest."""
-    from sparsetrain.sparse24 import packing
-
-    u = torch.randn(N, h, device="cuda", dtype=BF16)
-    ds = torch.randn(N, h, device="cuda", dtype=BF16)
-    res = {}
-    for blocks, warps in [(1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 8)]:
-        packing.KERNEL_CONFIG.update(blocks=blocks, num_warps=warps)
-        res[f"blocks{blocks}_warps{warps}"] = {"forward_ms": ms(lambda: pack_transposable(u), repeats),
-                                               "backward_ms": ms(lambda: pack_transposable(u, ds), repeats)}
-    best = min(res, key=lambda k: res[k]["forward_ms"] + res[k]["backward_ms"])
-    blocks, warps = (int(t) for t in best.replace("blocks", "").split("_warps"))
-    packing.KERNEL_CONFIG.update(blocks=blocks, num_warps=warps)
-    mb = 2 * N * h * 2 / 1e6  # read u, write s and s^T (values + metadata ~ the size of u)
-    print(f"pack sweep {N}x{h}: best {best}: {res[best]}, ~{mb / res[best]['forward_ms']:.0f} GB/s forward")
-    return {"configs": res, "best": best}
-
-
 def main() -> None:
+    from bk_core import print_profile
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "sparse24_ffn.json"))
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--skip-step", action="store_true")
     ap.add_argument("--shapes", default="16384x2048x8192,16384x4096x16384",
                     help="FFN shapes tokens x d_model x hidden (comma list)")
-    ap.add_argument("--skip-pack-sweep", action="store_true")
-    ap.add_argument("--step-presets", default="d20", help="presets whose training step is timed (comma list)")
+    ap.add_argument("--steps", default="d20",
+                    help="training steps to time: 'preset[:key=value,...]' entries (model overrides) separated by ';'")
+    ap.add_argument("--profile-steps", action="store_true", help="also profile each timed step's top kernels")
     ap.add_argument("--profile-only", default="", metavar="NxDxH",
                     help="only profile the relu2 and relu2_24 blocks' kernels at this shape, and exit")
     args = ap.parse_args()
@@ -218,8 +170,6 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(res, indent=2))
         return
     out = {"environment": environment(), "ffn": {}, "step": {}}
-    if not args.skip_pack_sweep:
-        out["pack_sweep_N16384_h16384"] = pack_sweep(16384, 16384, args.repeats)
     for N, d, h in (tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",") if shape):
         key = f"N{N}_d{d}_h{h}"
         out["ffn"][key] = ffn_block(N, d, h, args.repeats)
@@ -228,23 +178,27 @@ def main() -> None:
     if not args.skip_step:
         sparse = {"ffn": "relu2_24", "activation_sparse_method": "transposable", "activation_dense_warmup_steps": 0}
         default_width = ffn_module.CUSPARSELT_MIN_WIDTH
-        for preset in args.step_presets.split(","):
-            st = out["step"][preset] = {}
+        for entry in filter(None, args.steps.split(";")):
+            preset, _, extra = entry.partition(":")
+            model = {k: int(v) if v.isdigit() else v for k, v in (kv.split("=") for kv in filter(None, extra.split(",")))}
+            st = out["step"][entry] = {"preset": preset, "model_overrides": model}
             # relu2_24 on cuSPARSELt and on the masked kernel (dense GEMMs), forced either way
             for name, ov, min_width in [("relu2", {"ffn": "relu2"}, default_width), ("relu2_24_cusparselt", sparse, 0),
                                         ("relu2_24_masked_kernel", sparse, 1 << 30)]:
                 ffn_module.CUSPARSELT_MIN_WIDTH = min_width
-                st[name] = bench_train_step(preset, 2048, 8, repeats=10, model_overrides=ov)
+                st[name] = bench_train_step(preset, 2048, 8, repeats=10, model_overrides={**model, **ov},
+                                            profile_top=25 if args.profile_steps else 0)
+                if args.profile_steps:
+                    print_profile(f"{entry} {name}", st[name]["profile"])
                 torch.cuda.empty_cache()
             ffn_module.CUSPARSELT_MIN_WIDTH = default_width
             for name in ("relu2_24_cusparselt", "relu2_24_masked_kernel"):
                 st[f"speedup_{name}"] = st["relu2"]["step"]["median_ms"] / st[name]["step"]["median_ms"]
     Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"\n{'FFN fwd+bwd ms':<20} {'relu2':>7} {'swiglu':>7} {'2:4':>7} {'2:4 mk':>7} {'speedup':>8} {'ceiling':>8} {'of ceil':>8} {'fp8 2:4/dense':>13}")
+    print(f"\n{'FFN fwd+bwd ms':<20} {'relu2':>7} {'swiglu':>7} {'2:4':>7} {'2:4 mk':>7} {'speedup':>8} {'ceiling':>8} {'of ceil':>8}")
     for key, r in out["ffn"].items():
-        f8 = r["fp8"].get("sparse_fp8_speedup_vs_dense_fp8", float("nan"))
         print(f"{key:<20} {r['relu2']['median_ms']:7.3f} {r['swiglu']['median_ms']:7.3f} {r['relu2_24']['median_ms']:7.3f}"
-              f" {r['relu2_24_masked_kernel']['median_ms']:7.3f} {r['relu2_24']['speedup_vs_relu2']:7.3f}x {r['ceiling_gemms_only']:7.3f}x {r['fraction_of_ceiling']:8.3f} {f8:12.3f}x")
+              f" {r['relu2_24_masked_kernel']['median_ms']:7.3f} {r['relu2_24']['speedup_vs_relu2']:7.3f}x {r['ceiling_gemms_only']:7.3f}x {r['fraction_of_ceiling']:8.3f}")
     for preset, st in out["step"].items():
         print(f"{preset} step: relu2 {st['relu2']['step']['median_ms']:.1f} ms, relu2_24 on cuSPARSELt "
               f"{st['relu2_24_cusparselt']['step']['median_ms']:.1f} ms ({st['speedup_relu2_24_cusparselt']:.3f}x), "

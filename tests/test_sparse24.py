@@ -174,6 +174,22 @@ def test_ffn_module_warmup_and_permutation() -> None:
     assert not torch.allclose(out, dense)
 
 
+def test_permute_is_a_gather_both_ways_with_autograds_gradient() -> None:
+    from sparsetrain.sparse24.ffn import _Permute
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    perm = torch.randperm(10, generator=g)
+    inv = torch.argsort(perm)
+    x = torch.randn(10, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(10, 3, dtype=torch.float64, generator=g)
+    y = _Permute.apply(x, perm, inv)
+    assert torch.equal(y, x.detach()[perm])
+    (gx,) = torch.autograd.grad((y * w).sum(), x)
+    (want,) = torch.autograd.grad((x[perm] * w).sum(), x)  # autograd's own scatter-add
+    assert torch.equal(gx, want)
+    assert torch.autograd.gradcheck(lambda t: _Permute.apply(t, perm, inv), (x,))
+
+
 def test_ffn_module_collects_stats_when_asked() -> None:
     ffn = Sparse24FFN(8, 16, "transposable", dense_warmup_steps=0).double()
     x = torch.randn(2, 6, 8, dtype=torch.float64)
@@ -243,3 +259,25 @@ def test_masked_kernel_path_equals_masked_dense(device: str) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             ffn(torch.randn(2, 64, d, device="cuda"))
         assert ffn.last_backend == "masked_kernel"
+
+
+def test_transposable_random_is_a_uniform_transposable_pattern_whatever_the_values() -> None:
+    from sparsetrain.sparse24.packing import TRANSPOSABLE_PATTERNS, _pattern_mask
+    from sparsetrain.sparse24.sparsify import transposable_random_24
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    x = torch.randn(160, 256, dtype=torch.float64)
+    out, mask = transposable_random_24(x, torch.Generator().manual_seed(seed))
+    assert is_24(out) and is_24(out.t()) and torch.equal(out, x * mask)
+    assert (mask.reshape(40, 4, 64, 4).sum((1, 3)) == 8).all()  # 8 of 16 kept in every tile
+    _, again = transposable_random_24(-3 * x, torch.Generator().manual_seed(seed))
+    assert torch.equal(mask, again)  # the values play no part
+    # every tile is one of the 90 patterns, each drawn about equally often:
+    # 2560 tiles, 28.4 expected per pattern; chi-square with 89 dof stays below 150 with p > 0.9999
+    tiles = mask.reshape(40, 4, 64, 4).permute(0, 2, 1, 3).reshape(-1, 16)
+    patterns = torch.stack([torch.tensor(_pattern_mask(p)).flatten() for p in TRANSPOSABLE_PATTERNS])
+    hits = (tiles[:, None, :] == patterns[None]).all(-1)
+    assert (hits.sum(1) == 1).all()
+    counts = hits.sum(0).double()
+    expected = tiles.shape[0] / 90
+    assert float(((counts - expected) ** 2 / expected).sum()) < 150

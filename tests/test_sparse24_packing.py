@@ -14,7 +14,8 @@ import torch
 
 from sparsetrain.sparse24 import packing
 from sparsetrain.sparse24.packing import (TRANSPOSABLE_PATTERNS, pack_24_reference, pack_transposable,
-                                          pack_transposable_reference, transposable_mask)
+                                          pack_transposable_reference, pattern_mask, transposable_mask,
+                                          transposable_pattern)
 from sparsetrain.sparse24.sparsify import is_24, transposable_24
 
 FIXTURE = Path(__file__).parent / "data" / "cusparselt_0.8_compress.pt"
@@ -92,10 +93,16 @@ def test_kernel_equals_reference_bit_for_bit(shape: tuple[int, int]) -> None:
     assert packing.triton_ok(u)
     packs = {}
     for name, grad in (("forward", None), ("backward", ds)):
-        got, got_t = packs[name] = pack_transposable(u, grad)
-        want, want_t, _ = pack_transposable_reference(u, grad)
+        got, got_t, got_pattern = packs[name] = pack_transposable(u, grad)
+        want, want_t, want_pattern = pack_transposable_reference(u, grad)
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
         assert torch.equal(got_t.view(torch.int16), want_t.view(torch.int16))
+        assert got_pattern.dtype == torch.uint8 and torch.equal(got_pattern, want_pattern)
+    # the backward on the forward's saved pattern skips the search and packs the same bits
+    saved = pack_transposable(u, ds, packs["forward"][2])
+    for got, want in zip(saved, packs["backward"]):
+        assert torch.equal(got.view(torch.int16) if got.is_floating_point() else got,
+                           want.view(torch.int16) if want.is_floating_point() else want)
     # what it packs: relu(u)^2, and ds * 2 relu(u), on the mask chosen from relu(u)^2
     a = torch.relu(u.float()).square().bfloat16()
     mask = transposable_mask(a)
@@ -116,10 +123,26 @@ def test_dense_masked_output_equals_reference_bit_for_bit(shape: tuple[int, int]
     mask = transposable_mask(a)
     du = (ds.float() * 2 * torch.relu(u.float())).bfloat16()
     for grad, vals in ((None, a), (ds, du)):
-        got = packing.mask_transposable(u, grad)
+        got, pattern = packing.mask_transposable(u, grad)
         assert got.dtype == torch.bfloat16 and got.shape == u.shape
         assert torch.equal(got.float(), (vals * mask).float())  # as numbers: a dropped -x is +0 here, -0 there
         assert bool(((got != 0) <= mask).all())
+        assert torch.equal(pattern_mask(pattern), mask)
+        again, same = packing.mask_transposable(u, grad, pattern)  # on a saved pattern: no search, same output
+        assert torch.equal(again.view(torch.int16), got.view(torch.int16)) and torch.equal(same, pattern)
+
+
+def test_pattern_ids_name_the_chosen_patterns() -> None:
+    """transposable_pattern's ids, mapped through TRANSPOSABLE_PATTERNS tile by
+    tile (a loop, independent of pattern_mask's gather), give transposable_mask."""
+    g = torch.Generator().manual_seed(_seed())
+    x = torch.rand(12, 20, generator=g)
+    ids = transposable_pattern(x)
+    assert ids.shape == (3, 5) and ids.dtype == torch.uint8
+    mask = transposable_mask(x)
+    for tr, tc in itertools.product(range(3), range(5)):
+        want = torch.tensor(packing._pattern_mask(TRANSPOSABLE_PATTERNS[int(ids[tr, tc])]))
+        assert torch.equal(mask[4 * tr:4 * tr + 4, 4 * tc:4 * tc + 4], want)
 
 
 def test_bad_shapes_raise() -> None:
@@ -127,6 +150,8 @@ def test_bad_shapes_raise() -> None:
         pack_transposable(torch.zeros(64, 96, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="multiples of 4"):
         transposable_mask(torch.zeros(6, 8))
+    with pytest.raises(ValueError, match="pattern must be uint8 of shape"):
+        pack_transposable(torch.zeros(64, 64, dtype=torch.bfloat16), pattern=torch.zeros(16, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match="exactly two"):
         pack_24_reference(torch.ones(64, 32), torch.ones(64, 32, dtype=torch.bool))
 
@@ -139,14 +164,14 @@ def test_cuda_kernel_equals_cslt_compress_and_multiplies_right() -> None:
         pytest.skip("no cuSPARSELt")
     u, ds = _random_u(256, 512, "cuda")
     u = u.abs() + 0.25  # no zero kept: cuSPARSELt picks its own indices in groups with fewer than two nonzeros
-    packed, packed_t = pack_transposable(u)
+    packed, packed_t, _ = pack_transposable(u)
     a = torch.relu(u.float()).square().bfloat16()
     s = a * transposable_mask(a)
     assert torch.equal(packed.view(torch.int16), torch._cslt_compress(s).view(torch.int16))
     assert torch.equal(packed_t.view(torch.int16), torch._cslt_compress(s.t().contiguous()).view(torch.int16))
     # products, for the gradient packing too (zeros kept where relu(u) = 0)
     u, ds = _random_u(256, 512, "cuda")
-    du, du_t = pack_transposable(u, ds)
+    du, du_t, _ = pack_transposable(u, ds)
     vals = (ds.float() * 2 * torch.relu(u.float())).bfloat16() * transposable_mask(torch.relu(u.float()).square().bfloat16())
     b = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16)
     want = vals.float() @ b.float()

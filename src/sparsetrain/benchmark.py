@@ -152,11 +152,13 @@ def bench_train_step(
     repeats: int = 20,
     device: str | None = None,
     model_overrides: dict[str, Any] | None = None,
+    profile_top: int = 0,
 ) -> dict[str, Any]:
     """Time full dense training steps (forward, backward, AdamW) on random tokens.
 
     Returns tokens/s, the step-time summary, FLOPs per token and, on a GPU
-    with a known datasheet peak, MFU.
+    with a known datasheet peak, MFU; with ``profile_top``, also that many top
+    kernels of three profiled steps (:func:`profile_top_kernels`).
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = build_config(preset=preset, overrides={"seq_len": seq_len, **(model_overrides or {})})
@@ -203,4 +205,6 @@ def bench_train_step(
         peak = peak_bf16_tflops(torch.cuda.get_device_name(dev))
         if peak:
             out["mfu_vs_datasheet"] = out["achieved_tflops"] / peak
+        if profile_top:
+            out["profile"] = profile_top_kernels(step, steps=3, top=profile_top)
     return out

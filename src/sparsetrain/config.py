@@ -35,7 +35,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 FFN_KINDS = ("swiglu", "relu2", "relu2_24")
-SPARSE24_METHODS = ("naive", "mvue", "soft_threshold", "transposable")
+SPARSE24_METHODS = ("naive", "mvue", "soft_threshold", "transposable", "transposable_random")
 SECTIONS = ("model", "data", "training", "run")
 ARCHS = ("gpt", "resnet_bk")
 BK_SPARSITY_LOSSES = ("l2", "l1", "kl", "adaptive")
@@ -59,7 +59,7 @@ class ModelConfig:
     ffn_hidden: int = field(default=0, metadata={"help": "FFN hidden size; 0 = 4*d (relu2) or 2/3 of that (swiglu)"})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base"})
     norm_eps: float = field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
-    activation_sparse_method: str = field(default="naive", metadata={"help": "relu2_24: naive, mvue, soft_threshold or transposable (the one that runs on sparse tensor cores)"})
+    activation_sparse_method: str = field(default="naive", metadata={"help": "relu2_24: naive, mvue, soft_threshold, transposable (the one that runs on sparse tensor cores) or transposable_random (its control: random patterns)"})
     activation_dense_warmup_steps: int = field(default=1000, metadata={"help": "relu2_24: dense steps before 2:4 switches on"})
     activation_dense_fraction: float = field(default=0.05, metadata={"help": "relu2_24: densest features kept dense in weight gradients"})
     hyper_connections: int = field(default=0, metadata={"help": "mHC-lite residual streams: 0 (off), 2 or 4"})

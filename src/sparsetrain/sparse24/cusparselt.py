@@ -20,7 +20,7 @@ tile's transposable pattern from ``relu(u)^2`` and writes ``s`` and ``s^T``
 packed in cuSPARSELt's own layout, so the weight gradients use exactly the
 forward's ``s``. The backward calls it again with ``ds``: the same pattern
 (chosen from ``u`` again), the values ``du = ds * 2 relu(u)``, packed both
-ways. The result is the masked-dense ``transposable`` path of ``ffn.py`` to
+ways (reading the forward's pattern ids instead of searching again). The result is the masked-dense ``transposable`` path of ``ffn.py`` to
 bf16 rounding, which a GPU test checks.
 
 Requirements: CUDA with cuSPARSELt, bf16, token count and both widths
@@ -108,14 +108,14 @@ class Sparse24FFNCusparselt(torch.autograd.Function):
         dt = x.dtype
         wu, wd = w_up.to(dt), w_down.to(dt)
         u = F.linear(x, wu)
-        packed, packed_t = pack_transposable(u)  # s and s^T, pattern from relu(u)^2
+        packed, packed_t, pattern = pack_transposable(u)  # s and s^T, pattern from relu(u)^2
         y = sparse_mm(packed, wd.t())  # W_down^T: column-major, no copy
         if stats is not None:  # the dense view of s, only when asked (the trainer's log steps)
             from .sparsify import sparsity_stats
 
             a = F.relu(u).square()
             stats.update(sparsity_stats(a, a * transposable_mask(a)))
-        ctx.save_for_backward(x, u, wu, wd, packed_t)
+        ctx.save_for_backward(x, u, wu, wd, packed_t, pattern)
         ctx.weight_dtypes = (w_up.dtype, w_down.dtype)
         return y
 
@@ -126,11 +126,11 @@ class Sparse24FFNCusparselt(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dy):
-        x, u, wu, wd, packed_t = ctx.saved_tensors
+        x, u, wu, wd, packed_t, pattern = ctx.saved_tensors
         dy = dy.to(x.dtype).contiguous()
         ds = dy @ wd  # [N, h], dense
         d_down = sparse_mm(packed_t, dy, transpose_result=True)  # (s^T dy)^T = dy^T s: [d, h], contiguous
-        du, du_t = pack_transposable(u, ds)  # du = ds * 2 relu(u) on the forward's pattern
+        du, du_t, _ = pack_transposable(u, ds, pattern)  # du = ds * 2 relu(u) on the forward's pattern, no search
         dx = sparse_mm(du, wu)  # [N, d]
         d_up = sparse_mm(du_t, x)  # [h, d]
         return dx, d_up.to(ctx.weight_dtypes[0]), d_down.to(ctx.weight_dtypes[1]), None

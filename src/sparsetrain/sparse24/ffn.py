@@ -88,7 +88,8 @@ class _Sparse24FFN(torch.autograd.Function):
 # cuSPARSELt beats the masked kernel in the training step from this d_model up
 # (H200, 16k tokens, bench/results/sparse24_steps_relu_squared_h200.json: d20,
 # d 1280, 0.97x the relu2 step on cuSPARSELt against 0.93x on the masked kernel;
-# nano-125m, d 768, 0.83x against 0.89x). Below it the transposable method runs
+# nano-125m, d 768, 0.83x against 0.89x; with the faster packing of
+# sparse24_ffn_pattern_reuse_h200.json, d20: 1.024x against 1.015x). Below it the transposable method runs
 # the same selection on dense GEMMs (_Sparse24FFNMaskedKernel).
 CUSPARSELT_MIN_WIDTH = 1280
 
@@ -104,20 +105,37 @@ class _Sparse24FFNMaskedKernel(torch.autograd.Function):
         with torch.autocast("cuda", enabled=False):
             wu, wd = w_up.to(x.dtype), w_down.to(x.dtype)
             u = F.linear(x, wu)
-            y = F.linear(packing.mask_transposable(u), wd)
-        ctx.save_for_backward(x, u, wu, wd)
+            s, pattern = packing.mask_transposable(u)
+            y = F.linear(s, wd)
+        ctx.save_for_backward(x, u, wu, wd, pattern)
         ctx.weight_dtypes = (w_up.dtype, w_down.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
-        x, u, wu, wd = ctx.saved_tensors
+        x, u, wu, wd, pattern = ctx.saved_tensors
         with torch.autocast("cuda", enabled=False):
             dy = dy.to(x.dtype)
-            s = packing.mask_transposable(u)  # recomputed: one pass, instead of keeping [N, h]
-            du = packing.mask_transposable(u, dy @ wd)  # ds * 2 relu(u) on the forward's pattern
+            s, _ = packing.mask_transposable(u, pattern=pattern)  # recomputed, no search: instead of keeping [N, h]
+            du, _ = packing.mask_transposable(u, dy @ wd, pattern)  # ds * 2 relu(u) on the forward's pattern
             d_down, d_up, dx = dy.t() @ s, du.t() @ x, du @ wu
         return dx, d_up.to(ctx.weight_dtypes[0]), d_down.to(ctx.weight_dtypes[1])
+
+
+class _Permute(torch.autograd.Function):
+    """``x[perm]`` along the rows for a permutation ``perm`` with inverse ``inv``:
+    a gather both ways. (``x[perm]``'s own backward is a scatter-add, and
+    ``out[perm] = y`` an index_put, both slower than a gather on CUDA.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inv)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (inv,) = ctx.saved_tensors
+        return grad.index_select(0, inv), None, None
 
 
 def _half_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -147,7 +165,7 @@ class Sparse24FFN(nn.Module):
         self.register_buffer("scale", torch.zeros(()))  # S-STE scale, fixed at the first sparse call
         self.generator = torch.Generator().manual_seed(seed)
         self.seed = seed
-        self._perm: torch.Tensor | None = None
+        self._perm: tuple[torch.Tensor, torch.Tensor] | None = None  # the token permutation and its inverse
         self.track_stats = False  # set by the trainer on log steps: fills last_stats at the next forward
         self.last_stats: dict[str, float] = {}
         self.last_backend = "dense"  # dense (warmup), masked_dense, masked_kernel or cusparselt
@@ -160,10 +178,11 @@ class Sparse24FFN(nn.Module):
         """Count one optimizer step (the dense warmup ends after ``dense_warmup_steps``)."""
         self.steps += 1
 
-    def _permutation(self, n: int, device: torch.device) -> torch.Tensor:
-        if self._perm is None or self._perm.numel() != n or self._perm.device != device:
+    def _permutation(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._perm is None or self._perm[0].numel() != n or self._perm[0].device != device:
             g = torch.Generator().manual_seed(self.seed + n)
-            self._perm = torch.randperm(n, generator=g).to(device)  # fixed for a given token count
+            perm = torch.randperm(n, generator=g)  # fixed for a given token count
+            self._perm = perm.to(device), torch.argsort(perm).to(device)
         return self._perm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,8 +190,8 @@ class Sparse24FFN(nn.Module):
             return self.down(relu_squared(self.up(x)))
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        perm = self._permutation(flat.shape[0], flat.device)
-        xp = flat[perm]
+        perm, inv = self._permutation(flat.shape[0], flat.device)
+        xp = _Permute.apply(flat, perm, inv)
         if self.method == "soft_threshold" and float(self.scale) == 0.0:
             with torch.no_grad():
                 self.scale.fill_(soft_threshold_scale(F.relu(F.linear(xp, self.up.weight)).square()))
@@ -189,16 +208,14 @@ class Sparse24FFN(nn.Module):
             if stats is not None:  # the trainer's log steps only
                 with torch.no_grad():
                     u = F.linear(xh, self.up.weight.to(half))
-                    stats.update(sparsity_stats(F.relu(u).square(), packing.mask_transposable(u)))
+                    stats.update(sparsity_stats(F.relu(u).square(), packing.mask_transposable(u)[0]))
         else:
             self.last_backend = "masked_dense"
             gen = self.generator if flat.device.type == "cpu" else None
             # transposable masks are 2:4 along tokens already: the weight gradients need no second pruning
-            token_prune = self.token_prune and self.training and self.method != "transposable"
+            token_prune = self.token_prune and self.training and not self.method.startswith("transposable")
             y = _Sparse24FFN.apply(xp, self.up.weight, self.down.weight, self.method, float(self.scale), gen,
                                    token_prune, self.dense_fraction, stats)
         if stats is not None:
             self.last_stats = stats
-        out = torch.empty_like(y)
-        out[perm] = y  # undo the permutation
-        return out.reshape(*shape[:-1], -1)
+        return _Permute.apply(y, inv, perm).reshape(*shape[:-1], -1)  # undo the permutation

@@ -45,23 +45,38 @@ except ImportError:  # pragma: no cover - depends on the install
 PAIRS = tuple(itertools.combinations(range(4), 2))  # the 6 ways to keep 2 of 4, (0,1) ... (2,3)
 
 
-def _enumerate_patterns() -> tuple[tuple[int, int, int, int], ...]:
-    """The 90 transposable 4x4 patterns as one pair index per row, in the order
-    the kernel visits them (rows 0, 1, 2 ascending; row 3 is then forced)."""
-    out = []
-    for p0, p1, p2 in itertools.product(range(6), repeat=3):
-        used = [0] * 4
-        for p in (p0, p1, p2):
-            for c in PAIRS[p]:
-                used[c] += 1
-        rest = tuple(c for c in range(4) if used[c] == 1)
-        if max(used) <= 2 and len(rest) == 2 and sum(used) == 6:
-            out.append((p0, p1, p2, PAIRS.index(rest)))
-    return tuple(out)
+def _pair_index(x: int, y: int) -> int:
+    """Index in :data:`PAIRS` of the pair ``{x, y}`` (the kernel's formula)."""
+    return x + y - 1 + (x * y + 6) // 8
 
 
-TRANSPOSABLE_PATTERNS = _enumerate_patterns()
-assert len(TRANSPOSABLE_PATTERNS) == 90
+def _pattern_groups() -> tuple[tuple[tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]], ...]:
+    """The 90 transposable patterns as 19 groups, in the kernel's order. A group
+    fixes how often each column is used by rows 0-1 (then rows 2-3 use each
+    column the rest of two times); it lists its candidate row pairs for rows
+    0-1 ``(p0, p1)`` and for rows 2-3 ``(p2, p3)``, and every top with every
+    bottom is one pattern. So the best pattern is the best top plus the best
+    bottom of some group: 19 sums to compare instead of 90.
+
+    * 6 groups: both top rows keep the same pair ``P``, the bottom rows ``5 - P``;
+    * 12 groups (two per pair ``{a, b}``): columns ``a`` and ``b`` are used once
+      above and once below, column ``d`` twice above and ``z`` twice below;
+    * 1 group: the top rows keep complementary pairs, and so do the bottom ones.
+    """
+    groups = [(((p, p),), ((5 - p, 5 - p),)) for p in range(6)]
+    for s in range(6):
+        a, b = PAIRS[s]
+        for d, z in (PAIRS[5 - s], PAIRS[5 - s][::-1]):
+            da, db, za, zb = _pair_index(d, a), _pair_index(d, b), _pair_index(z, a), _pair_index(z, b)
+            groups.append((((da, db), (db, da)), ((za, zb), (zb, za))))
+    groups.append((tuple((p, 5 - p) for p in range(6)), tuple((p, 5 - p) for p in range(6))))
+    return tuple(groups)
+
+
+PATTERN_GROUPS = _pattern_groups()
+# pattern id = the group's first id + top index * len(bottoms) + bottom index
+TRANSPOSABLE_PATTERNS = tuple(top + bottom for tops, bottoms in PATTERN_GROUPS for top in tops for bottom in bottoms)
+assert len(TRANSPOSABLE_PATTERNS) == 90 and all(_pair_index(*PAIRS[p]) == p for p in range(6))
 
 
 def _pattern_mask(pattern: tuple[int, ...]) -> list[list[bool]]:
@@ -89,24 +104,51 @@ def _pattern_table(device: torch.device) -> torch.Tensor:
 # ----------------------------------------------------------------------------- torch reference
 
 
-def transposable_mask(scores: torch.Tensor) -> torch.Tensor:
-    """Bool mask [R, C] (R, C multiples of 4): per aligned 4x4 tile, the
-    transposable pattern with the largest float32 sum of ``scores``."""
+def transposable_pattern(scores: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[R/4, C/4]`` (R, C multiples of 4): per aligned 4x4 tile, the index in
+    :data:`TRANSPOSABLE_PATTERNS` of the pattern with the largest float32 sum of
+    ``scores``, found as in the kernel (:data:`PATTERN_GROUPS`: the best top
+    plus the best bottom of each group, first wins ties)."""
     R, C = scores.shape
     if R % 4 or C % 4:
         raise ValueError(f"transposable 2:4 needs both sizes to be multiples of 4, got {tuple(scores.shape)}")
     t = scores.float().reshape(R // 4, 4, C // 4, 4).permute(0, 2, 1, 3).reshape(-1, 4, 4)  # [T, row, col]
-    pair = torch.stack([t[:, :, a] + t[:, :, b] for a, b in PAIRS], -1)  # [T, row, pair]
+    pair = [[t[:, q, a] + t[:, q, b] for a, b in PAIRS] for q in range(4)]  # [row][pair] -> [T]
+
+    def best_of(rows: tuple[int, int], cands: tuple[tuple[int, int], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        best, best_i = pair[rows[0]][cands[0][0]] + pair[rows[1]][cands[0][1]], torch.zeros_like(t[:, 0, 0], dtype=torch.long)
+        for i, (p, q) in enumerate(cands[1:], 1):  # first wins ties, as in the kernel
+            s = pair[rows[0]][p] + pair[rows[1]][q]
+            best_i = torch.where(s > best, i, best_i)
+            best = torch.maximum(s, best)
+        return best, best_i
+
     best = torch.full(t.shape[:1], -float("inf"), device=t.device)
     best_id = torch.zeros(t.shape[:1], dtype=torch.long, device=t.device)
-    for i, (p0, p1, p2, p3) in enumerate(TRANSPOSABLE_PATTERNS):  # the kernel's order and additions
-        s = ((pair[:, 0, p0] + pair[:, 1, p1]) + pair[:, 2, p2]) + pair[:, 3, p3]
+    first = 0
+    for tops, bottoms in PATTERN_GROUPS:  # the kernel's order and additions
+        top, top_i = best_of((0, 1), tops)
+        bottom, bottom_i = best_of((2, 3), bottoms)
+        s = top + bottom
         better = s > best
         best = torch.where(better, s, best)
-        best_id = torch.where(better, i, best_id)
-    masks = torch.tensor([_pattern_mask(p) for p in TRANSPOSABLE_PATTERNS], dtype=torch.bool, device=t.device)
-    keep = masks[best_id]  # [T, 4, 4]
-    return keep.reshape(R // 4, C // 4, 4, 4).permute(0, 2, 1, 3).reshape(R, C)
+        best_id = torch.where(better, first + top_i * len(bottoms) + bottom_i, best_id)
+        first += len(tops) * len(bottoms)
+    return best_id.to(torch.uint8).reshape(R // 4, C // 4)
+
+
+def pattern_mask(pattern: torch.Tensor) -> torch.Tensor:
+    """Bool mask ``[4 R', 4 C']`` of the pattern ids ``[R', C']`` (one per 4x4 tile)."""
+    Rt, Ct = pattern.shape
+    masks = torch.tensor([_pattern_mask(p) for p in TRANSPOSABLE_PATTERNS], dtype=torch.bool, device=pattern.device)
+    return masks[pattern.long()].permute(0, 2, 1, 3).reshape(4 * Rt, 4 * Ct)  # [R', C', 4, 4] -> rows, cols
+
+
+def transposable_mask(scores: torch.Tensor) -> torch.Tensor:
+    """Bool mask [R, C] (R, C multiples of 4): per aligned 4x4 tile, the
+    transposable pattern with the largest float32 sum of ``scores``
+    (:func:`transposable_pattern`)."""
+    return pattern_mask(transposable_pattern(scores))
 
 
 def _nibble_index(M: int, G: int, device: torch.device) -> torch.Tensor:
@@ -152,12 +194,14 @@ def _activation(u: torch.Tensor, ds: torch.Tensor | None) -> tuple[torch.Tensor,
     return a, (ds.float() * (2.0 * torch.relu(u.float()))).to(u.dtype)
 
 
-def pack_transposable_reference(u: torch.Tensor, ds: torch.Tensor | None = None
+def pack_transposable_reference(u: torch.Tensor, ds: torch.Tensor | None = None, pattern: torch.Tensor | None = None
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain-torch :func:`pack_transposable`: ``(packed, packed_t, mask)``."""
+    """Plain-torch :func:`pack_transposable`: ``(packed, packed_t, pattern)``."""
     scores, vals = _activation(u, ds)
-    mask = transposable_mask(scores)
-    return pack_24_reference(vals, mask), pack_24_reference(vals.t().contiguous(), mask.t().contiguous()), mask
+    if pattern is None:
+        pattern = transposable_pattern(scores)
+    mask = pattern_mask(pattern)
+    return pack_24_reference(vals, mask), pack_24_reference(vals.t().contiguous(), mask.t().contiguous()), pattern
 
 
 # ----------------------------------------------------------------------------- Triton kernel
@@ -168,64 +212,78 @@ def triton_ok(u: torch.Tensor) -> bool:
     return triton is not None and (u.is_cuda or interpreting()) and u.dtype == torch.bfloat16
 
 
-# 64 x 64 blocks of u per program, and warps: set from bench/sparse24_ffn.py's sweep
-KERNEL_CONFIG = {"blocks": 1, "num_warps": 4}
+# warps per program (one 64 x 64 block of u): set from bench/sparse24_packing.py's sweep
+KERNEL_CONFIG = {"num_warps": 4}
 
 
-def pack_transposable(u: torch.Tensor, ds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_transposable(u: torch.Tensor, ds: torch.Tensor | None = None, pattern: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pack ``S(relu(u)^2)`` (or, given ``ds``, ``S(ds * 2 relu(u))`` on the
     pattern chosen from ``u``) and its transpose for cuSPARSELt, in one pass.
 
     ``u``, ``ds``: [M, K], M and K multiples of 64; the kernel takes bf16, other
-    dtypes run the reference. Returns
-    ``(packed [M, K/2 + K/16], packed_t [K, M/2 + M/16])``, equal bit for bit
-    to :func:`pack_transposable_reference` (which runs where Triton cannot).
+    dtypes run the reference. ``pattern``: the tiles' pattern ids as a forward
+    call returned them; given, the kernel skips the search (the backward's
+    ``du`` has the forward's pattern by definition). Returns ``(packed [M, K/2 +
+    K/16], packed_t [K, M/2 + M/16], pattern [M/4, K/4] uint8)``, equal bit for
+    bit to :func:`pack_transposable_reference` (which runs where Triton cannot).
     """
-    _check_shapes("pack_transposable", u, ds)
+    _check_shapes("pack_transposable", u, ds, pattern)
     if not triton_ok(u):
-        packed, packed_t, _ = pack_transposable_reference(u, ds)
-        return packed, packed_t
+        return pack_transposable_reference(u, ds, pattern)
     M, K = u.shape
     packed = torch.empty(M, K // 2 + K // 16, dtype=u.dtype, device=u.device)
     packed_t = torch.empty(K, M // 2 + M // 16, dtype=u.dtype, device=u.device)
-    _launch(u, ds, packed.view(torch.int32), packed_t.view(torch.int32), dense=False)
-    return packed, packed_t
+    pattern = _launch(u, ds, pattern, packed.view(torch.int32), packed_t.view(torch.int32), dense=False)
+    return packed, packed_t, pattern
 
 
-def _check_shapes(name: str, u: torch.Tensor, ds: torch.Tensor | None) -> None:
+def _check_shapes(name: str, u: torch.Tensor, ds: torch.Tensor | None, pattern: torch.Tensor | None) -> None:
     if u.shape[0] % 64 or u.shape[1] % 64:
         raise ValueError(f"{name} needs both sizes to be multiples of 64, got {tuple(u.shape)}")
     if ds is not None and ds.shape != u.shape:
         raise ValueError(f"ds shape {tuple(ds.shape)} does not match u {tuple(u.shape)}")
+    if pattern is not None and (pattern.shape != (u.shape[0] // 4, u.shape[1] // 4) or pattern.dtype != torch.uint8):
+        raise ValueError(f"pattern must be uint8 of shape {(u.shape[0] // 4, u.shape[1] // 4)}, "
+                         f"got {pattern.dtype} {tuple(pattern.shape)}")
 
 
-def _launch(u: torch.Tensor, ds: torch.Tensor | None, out: torch.Tensor, out_t: torch.Tensor, dense: bool) -> None:
-    """Run the select+pack kernel over ``u`` (and ``ds``) into ``out``/``out_t``."""
+def _launch(u: torch.Tensor, ds: torch.Tensor | None, pattern: torch.Tensor | None, out: torch.Tensor,
+            out_t: torch.Tensor, dense: bool) -> torch.Tensor:
+    """Run the select+pack kernel over ``u`` (and ``ds``) into ``out``/``out_t``;
+    returns the pattern ids (``pattern`` if given, else the ones it chose)."""
     M, K = u.shape
     u = u.contiguous()
     ds_ = u if ds is None else ds.contiguous().to(u.dtype)
-    nb = next(n for n in (KERNEL_CONFIG["blocks"], 2, 1) if (K // 64) % n == 0)
-    _pack_transposable_kernel[(M // 64, K // (64 * nb))](u, ds_, out, out_t, _pattern_table(u.device), M, K,
-                                                          HAS_DS=ds is not None, NB=nb, DENSE=dense,
-                                                          num_warps=KERNEL_CONFIG["num_warps"])
+    use = pattern is not None
+    ids = pattern.contiguous() if use else torch.empty(M // 4, K // 4, dtype=torch.uint8, device=u.device)
+    _pack_transposable_kernel[(M // 64, K // 64)](u, ds_, ids, out, out_t, _pattern_table(u.device), M, K,
+                                                  HAS_DS=ds is not None, USE_PATTERN=use, DENSE=dense,
+                                                  HW_ROUND=not interpreting(), num_warps=KERNEL_CONFIG["num_warps"])
+    return ids
 
 
-def mask_transposable(u: torch.Tensor, ds: torch.Tensor | None = None) -> torch.Tensor:
-    """The same selection as :func:`pack_transposable`, written densely: ``[M, K]``
-    with the kept values of ``relu(u)^2`` (or of ``ds * 2 relu(u)``) and zeros.
+def mask_transposable(u: torch.Tensor, ds: torch.Tensor | None = None, pattern: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same selection as :func:`pack_transposable`, written densely:
+    ``(values [M, K], pattern)``, the kept values of ``relu(u)^2`` (or of
+    ``ds * 2 relu(u)``) and zeros, and the tiles' pattern ids (``pattern``:
+    reuse these instead of searching).
 
     For the masked-dense path (dense GEMMs on the 2:4 activation) at widths where
     cuSPARSELt's products lose to cuBLAS's: one pass instead of the plain-torch
     pattern search. Equal bit for bit to the reference (``_activation`` values
-    times :func:`transposable_mask` of the scores).
+    times :func:`pattern_mask` of :func:`transposable_pattern` of the scores).
     """
-    _check_shapes("mask_transposable", u, ds)
+    _check_shapes("mask_transposable", u, ds, pattern)
     if not triton_ok(u):
         scores, vals = _activation(u, ds)
-        return vals * transposable_mask(scores)
+        if pattern is None:
+            pattern = transposable_pattern(scores)
+        return vals * pattern_mask(pattern), pattern
     out = torch.empty_like(u, memory_format=torch.contiguous_format)
-    _launch(u, ds, out.view(torch.int16), out, dense=True)  # out_t unused when dense
-    return out
+    pattern = _launch(u, ds, pattern, out.view(torch.int16), out, dense=True)  # out_t unused when dense
+    return out, pattern
 
 
 if triton is not None:
@@ -241,11 +299,15 @@ if triton is not None:
         return _pick(i0, v0, v1, v2, v3) | (_pick(i1, v0, v1, v2, v3) << 16)
 
     @triton.jit
-    def _bf16_bits(x):
-        """float32 -> bf16 bit pattern (in an int32), rounded to nearest even. By
-        hand because the Triton interpreter that runs the CPU tests truncates."""
-        b = x.to(tl.int32, bitcast=True)
-        return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+    def _bf16_bits(x, HW_ROUND: tl.constexpr):
+        """float32 -> bf16 bit pattern (in an int32), rounded to nearest even: one
+        conversion on the GPU, by hand in the Triton interpreter (which truncates)."""
+        if HW_ROUND:
+            r = x.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        else:
+            b = x.to(tl.int32, bitcast=True)
+            r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+        return r
 
     @triton.jit
     def _pair_sum(t0, t1, t2, t3, p: tl.constexpr):
@@ -265,140 +327,204 @@ if triton is not None:
         return r
 
     @triton.jit
-    def _entry(u_ptr, ds_ptr, off, HAS_DS: tl.constexpr):
-        """(score, value bits) of one tile entry: ``a = bf16(relu(u)^2)`` as float32,
-        and the bf16 bits of ``a`` or of ``ds * 2 relu(u)``."""
-        u = tl.load(u_ptr + off).to(tl.float32)
-        r = tl.maximum(u, 0.0)
-        a = _bf16_bits(r * r)
-        if HAS_DS:
-            v = _bf16_bits(tl.load(ds_ptr + off).to(tl.float32) * (2.0 * r))
+    def _split_rows(t):
+        """``t[..., r1, r0]`` -> its four slices by tile row ``q = 2 r1 + r0``."""
+        a, b = tl.split(t)
+        q0, q2 = tl.split(a)
+        q1, q3 = tl.split(b)
+        return q0, q1, q2, q3
+
+    @triton.jit
+    def _join_rows(q0, q1, q2, q3):
+        """The inverse of :func:`_split_rows`: four slices -> ``[..., r1, r0]``
+        (``tl.join`` appends its axis last, so the inner joins pair over r1)."""
+        return tl.join(tl.join(q0, q2), tl.join(q1, q3))
+
+    @triton.jit
+    def _store_words(ptr, w0, w1, w2, w3, row0, col0, stride, TRANSPOSED: tl.constexpr):
+        """Write four ``[X, J, JT]`` int32 slices (one per tile row of s, or per
+        tile column for s^T) as a ``[64, 16]`` block of words at ``ptr + (row0 + i)
+        * stride + col0 + k``: joined, permuted back to row-major, stored coalesced."""
+        w = tl.reshape(_join_rows(w0, w1, w2, w3), (2, 2, 2, 2, 2, 2, 2, 2, 2, 2))
+        # axes (c5 r5 c2 c4 r3 r2 r4 c3, then the slice's two bits) -> (rows, words)
+        if TRANSPOSED:
+            w = tl.permute(w, (0, 3, 7, 2, 8, 9, 1, 6, 4, 5))  # (c5 .. c0), (r5 .. r2)
         else:
-            v = a
-        return (a << 16).to(tl.float32, bitcast=True), v
+            w = tl.permute(w, (1, 6, 4, 5, 8, 9, 0, 3, 7, 2))  # (r5 .. r0), (c5 .. c2)
+        w = tl.reshape(w, (64, 16))
+        i = tl.arange(0, 64)[:, None]
+        k = tl.arange(0, 16)[None, :]
+        tl.store(ptr + (row0 + i).to(tl.int64) * stride + col0 + k, w)
 
     @triton.jit
-    def _store_row(out_ptr, code, v0, v1, v2, v3, val_idx, meta_base, widx, shift, AXIS: tl.constexpr):
-        """One tile row's two kept values (at ``val_idx``), and the metadata words
-        that gather the 8 nibble slots along ``AXIS`` (word indices ``widx``)."""
-        i0 = code & 3
-        i1 = code >> 2
-        tl.store(out_ptr + val_idx, _pair_bits(i0, i1, v0, v1, v2, v3))
-        tl.store(out_ptr + meta_base + widx, tl.sum(code << shift, axis=AXIS))
-
-    @triton.jit
-    def _store_dense_row(out_ptr, code, v0, v1, v2, v3, off):
-        """One tile row, densely: the two kept values (``code``'s indices) and zeros."""
-        i0 = code & 3
-        i1 = code >> 2
-        tl.store(out_ptr + off, tl.where((i0 == 0) | (i1 == 0), v0, 0).to(tl.int16))
-        tl.store(out_ptr + off + 1, tl.where((i0 == 1) | (i1 == 1), v1, 0).to(tl.int16))
-        tl.store(out_ptr + off + 2, tl.where((i0 == 2) | (i1 == 2), v2, 0).to(tl.int16))
-        tl.store(out_ptr + off + 3, tl.where((i0 == 3) | (i1 == 3), v3, 0).to(tl.int16))
-
-    @triton.jit
-    def _pack_transposable_kernel(u_ptr, ds_ptr, out_ptr, out_t_ptr, table_ptr, M, K,
-                                  HAS_DS: tl.constexpr, NB: tl.constexpr, DENSE: tl.constexpr):
+    def _pack_transposable_kernel(u_ptr, ds_ptr, ids_ptr, out_ptr, out_t_ptr, table_ptr, M, K,
+                                  HAS_DS: tl.constexpr, USE_PATTERN: tl.constexpr, DENSE: tl.constexpr,
+                                  HW_ROUND: tl.constexpr):
         # DENSE: write the masked values densely ([M, K] bf16 bits through an
-        # int16 view at out_ptr) instead of the two packed layouts
-        # One program: 64 rows x (64 * NB) columns of u, i.e. 16 x (16 * NB) tiles of
-        # 4x4, indexed [X, J, JT]: J = (row bit 3, col bit 4, col bit 2) is the
-        # nibble slot of a tile's codes in s's metadata words, JT = (col bit 3, row
-        # bit 4, row bit 2) their slot in s^T's, X = (row bit 5, col bit 5, block).
-        X: tl.constexpr = 4 * NB
-        x = tl.arange(0, X)[:, None, None]
-        j = tl.arange(0, 8)[None, :, None]
-        jt = tl.arange(0, 8)[None, None, :]
-        r2, r3, r4, r5 = (jt >> 2) & 1, j & 1, (jt >> 1) & 1, x & 1
-        c2, c3, c4, c5, cb = (j >> 2) & 1, jt & 1, (j >> 1) & 1, (x >> 1) & 1, x >> 2
+        # int16 view at out_ptr) instead of the two packed layouts. USE_PATTERN: read
+        # each tile's pattern id from ids_ptr ([M/4, K/4] uint8) instead of
+        # searching; else search and write it there.
+        # One program: a 64 x 64 block of u, loaded and stored coalesced. Its 16 x 16
+        # tiles of 4x4 are worked on as [X, J, JT]: J = (row bit 3, col bit 4, col
+        # bit 2) is the nibble slot of a tile's codes in s's metadata words, JT =
+        # (col bit 3, row bit 4, row bit 2) their slot in s^T's, X = (col bit 5, row
+        # bit 5). The block's bits, most significant first, are (r5 .. r0, c5 .. c0);
+        # the tile order (c5 r5 | c2 c4 r3 | r2 r4 c3) then (r1 r0 c1 c0) within a tile.
         pid_r = tl.program_id(0)
         pid_c = tl.program_id(1)
-        row = pid_r * 64 + 4 * (r2 + 2 * r3 + 4 * r4 + 8 * r5)  # the tile's first row of u
-        col = pid_c * 64 * NB + 64 * cb + 4 * (c2 + 2 * c3 + 4 * c4 + 8 * c5)  # and first column
-        base = row.to(tl.int64) * K + col
+        i64 = tl.arange(0, 64)
+        off = (pid_r * 64 + i64)[:, None].to(tl.int64) * K + (pid_c * 64 + i64)[None, :]
+        u = tl.load(u_ptr + off).to(tl.float32)
+        r = tl.maximum(u, 0.0)
+        a = _bf16_bits(r * r, HW_ROUND)  # the score, bf16(relu(u)^2), in the high half; the value in the low half
+        if HAS_DS:
+            v = _bf16_bits(tl.load(ds_ptr + off).to(tl.float32) * (2.0 * r), HW_ROUND)
+        else:
+            v = a
+        if USE_PATTERN:
+            a = tl.zeros_like(a)  # no search, no scores
+        w = tl.reshape(tl.permute(tl.reshape((a << 16) | v, (2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2)),
+                                  (6, 0, 9, 7, 2, 3, 1, 8, 4, 5, 10, 11)),
+                       (4, 8, 8, 2, 2, 2, 2))
+        c0, c1 = tl.split(w)  # by tile column: c0 holds columns 0 and 2, c1 columns 1 and 3
+        e0, e2 = tl.split(c0)
+        e1, e3 = tl.split(c1)
+        w0, w4, w8, w12 = _split_rows(e0)  # entry 4 q + c of the tile
+        w1, w5, w9, w13 = _split_rows(e1)
+        w2, w6, w10, w14 = _split_rows(e2)
+        w3, w7, w11, w15 = _split_rows(e3)
+        HI: tl.constexpr = -65536
+        a0, a1, a2, a3 = (w0 & HI).to(tl.float32, bitcast=True), (w1 & HI).to(tl.float32, bitcast=True), \
+            (w2 & HI).to(tl.float32, bitcast=True), (w3 & HI).to(tl.float32, bitcast=True)
+        a4, a5, a6, a7 = (w4 & HI).to(tl.float32, bitcast=True), (w5 & HI).to(tl.float32, bitcast=True), \
+            (w6 & HI).to(tl.float32, bitcast=True), (w7 & HI).to(tl.float32, bitcast=True)
+        a8, a9, a10, a11 = (w8 & HI).to(tl.float32, bitcast=True), (w9 & HI).to(tl.float32, bitcast=True), \
+            (w10 & HI).to(tl.float32, bitcast=True), (w11 & HI).to(tl.float32, bitcast=True)
+        a12, a13, a14, a15 = (w12 & HI).to(tl.float32, bitcast=True), (w13 & HI).to(tl.float32, bitcast=True), \
+            (w14 & HI).to(tl.float32, bitcast=True), (w15 & HI).to(tl.float32, bitcast=True)
+        v0, v1, v2, v3 = w0 & 0xFFFF, w1 & 0xFFFF, w2 & 0xFFFF, w3 & 0xFFFF
+        v4, v5, v6, v7 = w4 & 0xFFFF, w5 & 0xFFFF, w6 & 0xFFFF, w7 & 0xFFFF
+        v8, v9, v10, v11 = w8 & 0xFFFF, w9 & 0xFFFF, w10 & 0xFFFF, w11 & 0xFFFF
+        v12, v13, v14, v15 = w12 & 0xFFFF, w13 & 0xFFFF, w14 & 0xFFFF, w15 & 0xFFFF
 
-        a0, v0 = _entry(u_ptr, ds_ptr, base, HAS_DS)
-        a1, v1 = _entry(u_ptr, ds_ptr, base + 1, HAS_DS)
-        a2, v2 = _entry(u_ptr, ds_ptr, base + 2, HAS_DS)
-        a3, v3 = _entry(u_ptr, ds_ptr, base + 3, HAS_DS)
-        a4, v4 = _entry(u_ptr, ds_ptr, base + K, HAS_DS)
-        a5, v5 = _entry(u_ptr, ds_ptr, base + K + 1, HAS_DS)
-        a6, v6 = _entry(u_ptr, ds_ptr, base + K + 2, HAS_DS)
-        a7, v7 = _entry(u_ptr, ds_ptr, base + K + 3, HAS_DS)
-        a8, v8 = _entry(u_ptr, ds_ptr, base + 2 * K, HAS_DS)
-        a9, v9 = _entry(u_ptr, ds_ptr, base + 2 * K + 1, HAS_DS)
-        a10, v10 = _entry(u_ptr, ds_ptr, base + 2 * K + 2, HAS_DS)
-        a11, v11 = _entry(u_ptr, ds_ptr, base + 2 * K + 3, HAS_DS)
-        a12, v12 = _entry(u_ptr, ds_ptr, base + 3 * K, HAS_DS)
-        a13, v13 = _entry(u_ptr, ds_ptr, base + 3 * K + 1, HAS_DS)
-        a14, v14 = _entry(u_ptr, ds_ptr, base + 3 * K + 2, HAS_DS)
-        a15, v15 = _entry(u_ptr, ds_ptr, base + 3 * K + 3, HAS_DS)
-
-        # the best of the 90 patterns, visited in TRANSPOSABLE_PATTERNS' order: rows
-        # 0..2 take any pair, row 3 the two columns then used once (else no pattern)
-        best = tl.full([X, 8, 8], -float("inf"), tl.float32)
-        best_id = tl.zeros([X, 8, 8], tl.int32)
-        pid = 0
-        for p0 in tl.static_range(6):
-            s0 = _pair_sum(a0, a1, a2, a3, p0)
-            for p1 in tl.static_range(6):
-                s01 = s0 + _pair_sum(a4, a5, a6, a7, p1)
-                for p2 in tl.static_range(6):
-                    # how often each column is used, as 2-bit fields (pair p = (a, b) with
-                    # a = p//3 + p//5 and b = p + 1 - 2(p//3) - p//5)
-                    used = ((1 << 2 * (p0 // 3 + p0 // 5)) + (1 << 2 * (p0 + 1 - 2 * (p0 // 3) - p0 // 5))
-                            + (1 << 2 * (p1 // 3 + p1 // 5)) + (1 << 2 * (p1 + 1 - 2 * (p1 // 3) - p1 // 5))
-                            + (1 << 2 * (p2 // 3 + p2 // 5)) + (1 << 2 * (p2 + 1 - 2 * (p2 // 3) - p2 // 5)))
-                    n0 = used & 3
-                    n1 = (used >> 2) & 3
-                    n2 = (used >> 4) & 3
-                    n3 = (used >> 6) & 3
-                    # valid: no column used 3 times and exactly two used once
-                    if n0 // 3 + n1 // 3 + n2 // 3 + n3 // 3 == 0:
-                        if (n0 & 1) + (n1 & 1) + (n2 & 1) + (n3 & 1) == 2:
-                            q0 = (1 - (n0 & 1)) * (2 - (n1 & 1))  # first column used once
-                            q1 = 3 - (1 - (n3 & 1)) * (2 - (n2 & 1))  # last one
-                            p3 = q0 * (7 - q0) // 2 + q1 - q0 - 1  # the index of (q0, q1) in PAIRS
-                            s = (s01 + _pair_sum(a8, a9, a10, a11, p2)) + _pair_sum(a12, a13, a14, a15, p3)
-                            better = s > best
-                            best = tl.where(better, s, best)
-                            best_id = tl.where(better, pid, best_id)
-                            pid += 1
-
+        # each tile's [X, J, JT] position -> its index among the [M/4, K/4] tiles
+        tx = tl.arange(0, 4)[:, None, None]
+        tj = tl.arange(0, 8)[None, :, None]
+        tjt = tl.arange(0, 8)[None, None, :]
+        tile_row = pid_r * 16 + (tjt >> 2) + 2 * (tj & 1) + 4 * ((tjt >> 1) & 1) + 8 * (tx & 1)
+        tile_col = pid_c * 16 + (tj >> 2) + 2 * (tjt & 1) + 4 * ((tj >> 1) & 1) + 8 * (tx >> 1)
+        ids_off = tile_row.to(tl.int64) * (K // 4) + tile_col
+        if USE_PATTERN:
+            best_id = tl.load(ids_ptr + ids_off).to(tl.int32)
+        else:
+            # the best of the 90 patterns, group by group (PATTERN_GROUPS, same order and
+            # additions): the best rows 0-1 plus the best rows 2-3 of each group
+            best = tl.full([4, 8, 8], -float("inf"), tl.float32)
+            best_id = tl.zeros([4, 8, 8], tl.int32)
+            for p in tl.static_range(6):  # both top rows keep pair p, both bottom rows 5 - p
+                s = (_pair_sum(a0, a1, a2, a3, p) + _pair_sum(a4, a5, a6, a7, p)) \
+                    + (_pair_sum(a8, a9, a10, a11, 5 - p) + _pair_sum(a12, a13, a14, a15, 5 - p))
+                better = s > best
+                best = tl.where(better, s, best)
+                best_id = tl.where(better, p, best_id)
+            for sp in tl.static_range(6):  # columns (ca, cb) = PAIRS[sp] once above and below
+                ca = sp // 3 + sp // 5
+                cb = sp + 1 - 2 * (sp // 3) - sp // 5
+                d0 = (5 - sp) // 3 + (5 - sp) // 5
+                d1 = 6 - sp - 2 * ((5 - sp) // 3) - (5 - sp) // 5
+                for o in tl.static_range(2):  # column d twice above, z twice below
+                    d = d0 + o * (d1 - d0)
+                    z = d1 - o * (d1 - d0)
+                    da = d + ca - 1 + (d * ca + 6) // 8  # _pair_index
+                    db = d + cb - 1 + (d * cb + 6) // 8
+                    za = z + ca - 1 + (z * ca + 6) // 8
+                    zb = z + cb - 1 + (z * cb + 6) // 8
+                    t0 = _pair_sum(a0, a1, a2, a3, da) + _pair_sum(a4, a5, a6, a7, db)
+                    t1 = _pair_sum(a0, a1, a2, a3, db) + _pair_sum(a4, a5, a6, a7, da)
+                    b0 = _pair_sum(a8, a9, a10, a11, za) + _pair_sum(a12, a13, a14, a15, zb)
+                    b1 = _pair_sum(a8, a9, a10, a11, zb) + _pair_sum(a12, a13, a14, a15, za)
+                    s = tl.maximum(t0, t1) + tl.maximum(b0, b1)
+                    better = s > best
+                    best = tl.where(better, s, best)
+                    best_id = tl.where(better, 6 + 4 * (2 * sp + o) + 2 * (t1 > t0).to(tl.int32) + (b1 > b0).to(tl.int32),
+                                       best_id)
+            top = _pair_sum(a0, a1, a2, a3, 0) + _pair_sum(a4, a5, a6, a7, 5)  # complementary pairs above and below
+            bottom = _pair_sum(a8, a9, a10, a11, 0) + _pair_sum(a12, a13, a14, a15, 5)
+            top_i = tl.zeros([4, 8, 8], tl.int32)
+            bottom_i = tl.zeros([4, 8, 8], tl.int32)
+            for p in tl.static_range(1, 6):
+                t = _pair_sum(a0, a1, a2, a3, p) + _pair_sum(a4, a5, a6, a7, 5 - p)
+                top_i = tl.where(t > top, p, top_i)
+                top = tl.maximum(t, top)
+                bt = _pair_sum(a8, a9, a10, a11, p) + _pair_sum(a12, a13, a14, a15, 5 - p)
+                bottom_i = tl.where(bt > bottom, p, bottom_i)
+                bottom = tl.maximum(bt, bottom)
+            best_id = tl.where(top + bottom > best, 54 + 6 * top_i + bottom_i, best_id)
+            tl.store(ids_ptr + ids_off, best_id.to(tl.uint8))
         codes_r = tl.load(table_ptr + 2 * best_id)  # 4-bit codes of the pattern's rows
         if DENSE:
-            drow = row.to(tl.int64) * K + col
-            _store_dense_row(out_ptr, codes_r & 15, v0, v1, v2, v3, drow)
-            _store_dense_row(out_ptr, (codes_r >> 4) & 15, v4, v5, v6, v7, drow + K)
-            _store_dense_row(out_ptr, (codes_r >> 8) & 15, v8, v9, v10, v11, drow + 2 * K)
-            _store_dense_row(out_ptr, (codes_r >> 12) & 15, v12, v13, v14, v15, drow + 3 * K)
+            d = _join_rows(_join_rows(_kept_row(codes_r & 15, v0, v1, v2, v3, 0),
+                                      _kept_row(codes_r & 15, v0, v1, v2, v3, 1),
+                                      _kept_row(codes_r & 15, v0, v1, v2, v3, 2),
+                                      _kept_row(codes_r & 15, v0, v1, v2, v3, 3)),
+                           _join_rows(_kept_row((codes_r >> 4) & 15, v4, v5, v6, v7, 0),
+                                      _kept_row((codes_r >> 4) & 15, v4, v5, v6, v7, 1),
+                                      _kept_row((codes_r >> 4) & 15, v4, v5, v6, v7, 2),
+                                      _kept_row((codes_r >> 4) & 15, v4, v5, v6, v7, 3)),
+                           _join_rows(_kept_row((codes_r >> 8) & 15, v8, v9, v10, v11, 0),
+                                      _kept_row((codes_r >> 8) & 15, v8, v9, v10, v11, 1),
+                                      _kept_row((codes_r >> 8) & 15, v8, v9, v10, v11, 2),
+                                      _kept_row((codes_r >> 8) & 15, v8, v9, v10, v11, 3)),
+                           _join_rows(_kept_row(codes_r >> 12, v12, v13, v14, v15, 0),
+                                      _kept_row(codes_r >> 12, v12, v13, v14, v15, 1),
+                                      _kept_row(codes_r >> 12, v12, v13, v14, v15, 2),
+                                      _kept_row(codes_r >> 12, v12, v13, v14, v15, 3)))
+            # d is [X, J, JT, c1, c0, r1, r0]: each row joined over (c1, c0), then the rows
+            d = tl.reshape(d, (2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2))
+            d = tl.reshape(tl.permute(d, (1, 6, 4, 5, 10, 11, 0, 3, 7, 2, 8, 9)), (64, 64))  # back to (r5..r0 c5..c0)
+            tl.store(out_ptr + off, d.to(tl.int16))
             return
         codes_c = tl.load(table_ptr + 2 * best_id + 1)  # and of its columns
         G4 = K // 4  # int32 words per row of s's values
         GT4 = M // 4  # and of s^T's
-        # metadata words: s's indexed by (x, JT), s^T's by (x, J)
-        x2 = tl.arange(0, X)[:, None]
+        # values: tile row q -> s row `row + q`, tile column q -> s^T row `col + q`
+        _store_words(out_ptr, _kept_pair(codes_r & 15, v0, v1, v2, v3), _kept_pair((codes_r >> 4) & 15, v4, v5, v6, v7),
+                     _kept_pair((codes_r >> 8) & 15, v8, v9, v10, v11), _kept_pair(codes_r >> 12, v12, v13, v14, v15),
+                     pid_r * 64, pid_c * 16, G4, False)
+        _store_words(out_t_ptr, _kept_pair(codes_c & 15, v0, v4, v8, v12),
+                     _kept_pair((codes_c >> 4) & 15, v1, v5, v9, v13),
+                     _kept_pair((codes_c >> 8) & 15, v2, v6, v10, v14), _kept_pair(codes_c >> 12, v3, v7, v11, v15),
+                     pid_c * 64, pid_r * 16, GT4, True)
+        # metadata words (8 nibbles each, gathered over J for s and over JT for s^T):
+        # s's indexed by (x, JT), s^T's by (x, J)
+        j = tl.arange(0, 8)[None, :, None]
+        jt = tl.arange(0, 8)[None, None, :]
+        x2 = tl.arange(0, 4)[:, None]
         k2 = tl.arange(0, 8)[None, :]
-        tile_s = pid_r * (K // 32) + pid_c * 2 * NB + 2 * (x2 >> 2) + ((x2 >> 1) & 1)
-        widx_s = tile_s * 64 + (k2 & 1) + 8 * ((k2 >> 2) & 1) + 16 * ((k2 >> 1) & 1) + 32 * (x2 & 1)
-        tile_t = (pid_c * NB + (x2 >> 2)) * (M // 32) + pid_r * 2 + (x2 & 1)
-        widx_t = tile_t * 64 + (k2 & 1) + 8 * ((k2 >> 2) & 1) + 16 * ((k2 >> 1) & 1) + 32 * ((x2 >> 1) & 1)
-        meta_s = M.to(tl.int64) * G4
-        meta_t = K.to(tl.int64) * GT4
-        # tile row q -> s row `row + q`; tile column q -> s^T row `col + q`; q's bits
-        # are bits 1 and 2 of the word index in both
-        _store_row(out_ptr, codes_r & 15, v0, v1, v2, v3, row.to(tl.int64) * G4 + col // 4, meta_s, widx_s, 4 * j, 1)
-        _store_row(out_ptr, (codes_r >> 4) & 15, v4, v5, v6, v7, (row + 1).to(tl.int64) * G4 + col // 4, meta_s,
-                   widx_s + 2, 4 * j, 1)
-        _store_row(out_ptr, (codes_r >> 8) & 15, v8, v9, v10, v11, (row + 2).to(tl.int64) * G4 + col // 4, meta_s,
-                   widx_s + 4, 4 * j, 1)
-        _store_row(out_ptr, (codes_r >> 12) & 15, v12, v13, v14, v15, (row + 3).to(tl.int64) * G4 + col // 4, meta_s,
-                   widx_s + 6, 4 * j, 1)
-        _store_row(out_t_ptr, codes_c & 15, v0, v4, v8, v12, col.to(tl.int64) * GT4 + row // 4, meta_t, widx_t,
-                   4 * jt, 2)
-        _store_row(out_t_ptr, (codes_c >> 4) & 15, v1, v5, v9, v13, (col + 1).to(tl.int64) * GT4 + row // 4, meta_t,
-                   widx_t + 2, 4 * jt, 2)
-        _store_row(out_t_ptr, (codes_c >> 8) & 15, v2, v6, v10, v14, (col + 2).to(tl.int64) * GT4 + row // 4, meta_t,
-                   widx_t + 4, 4 * jt, 2)
-        _store_row(out_t_ptr, (codes_c >> 12) & 15, v3, v7, v11, v15, (col + 3).to(tl.int64) * GT4 + row // 4, meta_t,
-                   widx_t + 6, 4 * jt, 2)
+        slot = (k2 & 1) + 8 * ((k2 >> 2) & 1) + 16 * ((k2 >> 1) & 1)
+        widx_s = (pid_r * (K // 32) + pid_c * 2 + (x2 >> 1)) * 64 + slot + 32 * (x2 & 1)
+        widx_t = (pid_c * (M // 32) + pid_r * 2 + (x2 & 1)) * 64 + slot + 32 * (x2 >> 1)
+        meta_s = out_ptr + M.to(tl.int64) * G4
+        meta_t = out_t_ptr + K.to(tl.int64) * GT4
+        # tile row (column) q's words sit at word index + 2 q
+        for q in tl.static_range(4):
+            tl.store(meta_s + widx_s + 2 * q, tl.sum(((codes_r >> 4 * q) & 15) << 4 * j, axis=1))
+            tl.store(meta_t + widx_t + 2 * q, tl.sum(((codes_c >> 4 * q) & 15) << 4 * jt, axis=2))
+
+    @triton.jit
+    def _kept_pair(code, v0, v1, v2, v3):
+        """One tile row's two kept values (``code``'s indices ``i0 < i1``) as one int32, the first in the low half."""
+        return _pair_bits(code & 3, code >> 2, v0, v1, v2, v3)
+
+    @triton.jit
+    def _kept_row(code, v0, v1, v2, v3, c: tl.constexpr):
+        """Entry ``c`` of one tile row, densely: its value if ``code`` keeps it, else 0."""
+        if c == 0:
+            v = v0
+        elif c == 1:
+            v = v1
+        elif c == 2:
+            v = v2
+        else:
+            v = v3
+        return tl.where(((code & 3) == c) | ((code >> 2) == c), v, 0)

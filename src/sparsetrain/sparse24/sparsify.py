@@ -22,6 +22,9 @@ get a gradient back).
   products' operand), so one mask serves every sparse GEMM of the FFN and the
   weight gradients stay exact. It is the pattern the GPU path's packing kernel
   chooses, bit for bit, which is why it is the method that path runs.
+* ``transposable_random``: the control for ``transposable`` -- per tile one of
+  the 90 patterns drawn uniformly at random, whatever the values: the same
+  structure and budget with the choice left to chance (masked-dense path only).
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ from __future__ import annotations
 import torch
 
 from ..model import upcast
-from .packing import transposable_mask
+from .packing import TRANSPOSABLE_PATTERNS, pattern_mask, transposable_mask
 
-METHODS = ("naive", "mvue", "soft_threshold", "transposable")
+METHODS = ("naive", "mvue", "soft_threshold", "transposable", "transposable_random")
 
 
 def _groups(x: torch.Tensor) -> torch.Tensor:
@@ -113,6 +116,21 @@ def transposable_24(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x * mask, mask
 
 
+def transposable_random_24(x: torch.Tensor, generator: torch.Generator | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uniformly random transposable pattern per 4x4 tile of a 2-D ``x``
+    (rows zero padded to a multiple of 4), independent of the values."""
+    if x.dim() != 2:
+        raise ValueError(f"transposable 2:4 needs a 2-D [tokens, hidden] tensor, got shape {tuple(x.shape)}")
+    R, C = x.shape
+    _groups(x)
+    Rt = (R + 3) // 4
+    ids = torch.randint(0, len(TRANSPOSABLE_PATTERNS), (Rt, C // 4), generator=generator,
+                        device=generator.device if generator is not None else x.device)
+    mask = pattern_mask(ids.to(x.device))[:R]
+    return x * mask, mask
+
+
 def sparsify_24(x: torch.Tensor, method: str, scale: float = 1.0,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dispatch by name (see :data:`METHODS`)."""
@@ -124,6 +142,8 @@ def sparsify_24(x: torch.Tensor, method: str, scale: float = 1.0,
         return soft_threshold_24(x, scale)
     if method == "transposable":
         return transposable_24(x)
+    if method == "transposable_random":
+        return transposable_random_24(x, generator)
     raise ValueError(f"unknown 2:4 method {method!r} (choose from {', '.join(METHODS)})")
 
 
