@@ -120,13 +120,15 @@ def bench_layer(B: int, N: int, D: int, H: int, E: int, ratios: list[float], rep
 
 
 def bench_graphed(B: int, N: int, D: int, H: int, E: int, ratios: list[float], repeats: int,
-                  compile: bool = False) -> dict:
+                  compile: bool = False, bf16_params: bool = False) -> dict:
     """Dense against sparse (``topk`` mask, so no host sync anywhere) forward+backward
     with a fresh input each call, run eagerly and as CUDA graphs
     (``torch.cuda.make_graphed_callables``: the host cost of launching the many
     small kernels is gone, so this is what the GPU work itself takes). ``compile``:
     also torch.compile each layer before capturing it (fusing the elementwise
-    work around the GEMMs)."""
+    work around the GEMMs). ``bf16_params``: the layers' parameters in bf16, so
+    autocast casts nothing (a diagnostic of what the float32 weights' casts
+    cost; the trainer keeps float32 parameters)."""
     torch.manual_seed(0)
     xs = [torch.randn(B, N, D, device="cuda") for _ in range(8)]
     g = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16)
@@ -134,6 +136,9 @@ def bench_graphed(B: int, N: int, D: int, H: int, E: int, ratios: list[float], r
     for r in ratios:
         mods[f"sparse_{r}"] = timing_sparse_layer(D, H, E, r)
         mods[f"threshold_{r}"] = timing_threshold_layer(D, H, E, r)
+    if bf16_params:
+        for m in mods.values():
+            m.to(torch.bfloat16)
     out: dict = {}
     it = [0]
 
@@ -210,6 +215,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="with --graphed-only: also torch.compile before capture")
     ap.add_argument("--dims", default="1024,2048", help="with --graphed-only: d_model values (hidden 4 d)")
     ap.add_argument("--batches", default="8", help="with --graphed-only: batch sizes (sequences of 2048)")
+    ap.add_argument("--ratios", default="0.3,0.5,0.7", help="with --graphed-only: skip rates")
+    ap.add_argument("--bf16-params", action="store_true", help="with --graphed-only: bf16 parameters (no weight casts)")
     args = ap.parse_args()
     if args.profile_only:
         D = args.profile_only
@@ -233,7 +240,9 @@ def main() -> None:
                 H = 4 * D
                 key = f"d{D}_h{H}" + (f"_b{B}" if B != 8 else "")
                 res["layer"][key] = {"shape": {"B": B, "N": 2048, "d_model": D, "hidden": H, "experts": 4},
-                                     **bench_graphed(B, 2048, D, H, 4, [0.3, 0.5, 0.7], args.repeats, args.compile)}
+                                     "param_dtype": "bfloat16" if args.bf16_params else "float32",
+                                     **bench_graphed(B, 2048, D, H, 4, [float(r) for r in args.ratios.split(",")],
+                                                     args.repeats, args.compile, args.bf16_params)}
                 Path(args.out).write_text(json.dumps(res, indent=2))
                 torch.cuda.empty_cache()
         for shape, r in res["layer"].items():

@@ -80,6 +80,8 @@ def test_bad_files_name_the_problem(tmp_path: Path, toml: str, message: str) -> 
         ({"use_mtp": True, "selection": "loss"}, "not available yet"),
         ({"data": "tokens.bin", "data_on_the_fly": True}, "data_on_the_fly"),
         ({"nonsense": 1}, "unknown config key 'nonsense'"),
+        ({"compile_mode": "fast"}, "run.compile_mode must be one of default, reduce-overhead"),
+        ({"use_collider": True, "compile_mode": "reduce-overhead"}, "compile_mode other than default is not available"),
     ],
 )
 def test_out_of_range_values(overrides: dict, message: str) -> None:

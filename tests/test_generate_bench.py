@@ -62,6 +62,15 @@ def test_bench_train_step_on_cpu() -> None:
     assert r["achieved_tflops"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / 1e12)
 
 
+def test_bench_train_step_times_a_sparse_resnet_bk_with_its_sparsity_loss() -> None:
+    r = bench_train_step("tiny", seq_len=32, batch_size=2, warmup=1, repeats=2, device="cpu",
+                         model_overrides={"arch": "resnet_bk", "n_layer": 1, "d_model": 32, "n_head": 2,
+                                          "vocab_size": 512, "bk_num_experts": 2, "bk_sparsity": 0.5})
+    stats = r["sparsity_stats"]
+    assert r["step"]["median_ms"] > 0 and stats["target_sparsity"] == 0.5
+    assert stats["num_computed"] == pytest.approx(64 * (1 - stats["sparsity_ratio"]))
+
+
 @requires_cuda
 def test_cuda_bf16_step_matches_cpu_fp32(make_cfg) -> None:
     cpu = Trainer(make_cfg(device="cpu"), verbose=False)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig, build_config
-from .model import GPT
+from .model import build_model
 from .optim import make_optimizer
 
 # Dense bf16 tensor-core peak from NVIDIA's datasheets (SXM parts), used for MFU.
@@ -153,20 +153,32 @@ def bench_train_step(
     device: str | None = None,
     model_overrides: dict[str, Any] | None = None,
     profile_top: int = 0,
+    compile_mode: str | None = None,
+    prepare: Callable[[torch.nn.Module], None] | None = None,
 ) -> dict[str, Any]:
-    """Time full dense training steps (forward, backward, AdamW) on random tokens.
+    """Time full training steps (forward, backward, AdamW) on random tokens, of
+    the model the preset and ``model_overrides`` build (a GPT, or ResNet-BK with
+    ``arch="resnet_bk"``, whose sparsity loss joins the backward as in training).
 
     Returns tokens/s, the step-time summary, FLOPs per token and, on a GPU
     with a known datasheet peak, MFU; with ``profile_top``, also that many top
     kernels of three profiled steps (:func:`profile_top_kernels`).
+    ``compile_mode``: torch.compile's mode (``compile`` implied), e.g.
+    ``"reduce-overhead"`` for CUDA graphs. ``prepare(model)`` runs once after
+    the model is built (e.g. to pin a learned mask's rate for timing).
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = build_config(preset=preset, overrides={"seq_len": seq_len, **(model_overrides or {})})
     mcfg: ModelConfig = cfg.model
     torch.manual_seed(0)
-    model = GPT(mcfg).to(dev)
+    model = build_model(mcfg).to(dev)
+    model.train()
+    if prepare is not None:
+        prepare(model)
     opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), dev.type)
-    step_model = torch.compile(model) if compile else model
+    compile = compile or compile_mode is not None
+    step_model = torch.compile(model, mode=compile_mode) if compile else model
+    aux_loss = getattr(model, "aux_loss", None)
     x = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=dev)
     y = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=dev)
     amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
@@ -177,7 +189,8 @@ def bench_train_step(
                 _, loss = step_model(x, y)
         else:
             _, loss = step_model(x, y)
-        loss.backward()
+        aux = aux_loss() if aux_loss is not None else None
+        (loss if aux is None else loss + aux).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -194,6 +207,7 @@ def bench_train_step(
         "batch_size": batch_size,
         "tokens_per_step": tokens,
         "compile": compile,
+        "compile_mode": compile_mode,
         "dtype": "bf16 autocast" if dev.type == "cuda" else "float32",
         "step": s,
         "tokens_per_s": tokens / (s["median_ms"] * 1e-3),
@@ -207,4 +221,6 @@ def bench_train_step(
             out["mfu_vs_datasheet"] = out["achieved_tflops"] / peak
         if profile_top:
             out["profile"] = profile_top_kernels(step, steps=3, top=profile_top)
+    if hasattr(model, "sparsity_stats"):  # ResNet-BK: what the learned mask skipped in the last step
+        out["sparsity_stats"] = model.sparsity_stats()
     return out

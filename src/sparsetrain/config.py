@@ -35,6 +35,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 FFN_KINDS = ("swiglu", "relu2", "relu2_24")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SPARSE24_METHODS = ("naive", "mvue", "soft_threshold", "transposable", "transposable_random")
 SECTIONS = ("model", "data", "training", "run")
 ARCHS = ("gpt", "resnet_bk")
@@ -143,6 +144,8 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_section("run", "auto, cpu, cuda or cuda:N"))
     dtype: str = field(default="auto", metadata=_section("run", "auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16"))
     compile: bool = field(default=False, metadata=_section("run", "torch.compile the model"))
+    compile_mode: str = field(default="default", metadata=_section(
+        "run", "torch.compile mode with compile: default, reduce-overhead (CUDA graphs), max-autotune or max-autotune-no-cudagraphs"))
     log_every: int = field(default=10, metadata=_section("run", "steps between metric lines"))
     ckpt_every: int = field(default=0, metadata=_section("run", "steps between checkpoints; 0 = at evals and the end"))
     # [data]
@@ -197,6 +200,8 @@ class TrainConfig:
         _require(self.preset in list_presets(), f"unknown preset {self.preset!r} (choose from {', '.join(list_presets())})")
         _require(_valid_device(self.device), f"run.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _require(self.dtype in ("auto", "float32", "bfloat16"), f"run.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        _require(self.compile_mode in COMPILE_MODES,
+                 f"run.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         for name in ("log_every", "batch_size", "grad_accum", "max_steps", "eval_batches"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("ckpt_every", "eval_every", "warmup_steps"):
@@ -236,6 +241,7 @@ class TrainConfig:
         if self.use_collider:
             _require(self.model.ffn != "relu2_24", "use_collider with ffn = relu2_24 is not available yet")
             _require(not self.model.hyper_connections, "use_collider with hyper_connections is not available yet")
+            _require(self.compile_mode == "default", "use_collider compiles its own pieces; compile_mode other than default is not available with it")
             _require(self.collider_score in SCORES, f"training.collider_score must be one of {', '.join(SCORES)}, got {self.collider_score!r}")
             _require(self.collider_method in ("threshold", "topk", "random"), f"training.collider_method must be threshold, topk or random, got {self.collider_method!r}")
             _require(self.collider_method == "threshold" or self.collider_sparsity > 0, f"training.collider_method = {self.collider_method} needs collider_sparsity > 0")

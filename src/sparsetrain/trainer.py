@@ -132,7 +132,9 @@ class Trainer:
         # Collider compiles its own elementwise pieces; its autograd node is not traced whole
         self.ddp_model: nn.Module = ColliderModel(self.model, compile=cfg.compile) if cfg.use_collider else self.model
         if cfg.compile and not cfg.use_collider:
-            self.ddp_model = torch.compile(self.ddp_model)
+            # reduce-overhead: CUDA graphs of the compiled pieces (what the sync-free
+            # ResNet-BK parked path allows; bench/results/bk_step_0.5_h200.json)
+            self.ddp_model = torch.compile(self.ddp_model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DDP(self.ddp_model, device_ids=ids)
