@@ -124,8 +124,9 @@ class _Sparse24FFNMaskedKernel(torch.autograd.Function):
 
 class _Permute(torch.autograd.Function):
     """``x[perm]`` along the rows for a permutation ``perm`` with inverse ``inv``:
-    a gather both ways. (``x[perm]``'s own backward is a scatter-add, and
-    ``out[perm] = y`` an index_put, both slower than a gather on CUDA.)"""
+    a gather both ways. ``x[perm]``'s own backward is an accumulating
+    index_put (a sort and a scatter-add), and ``out[perm] = y`` an index_put;
+    for a permutation a gather by the inverse is all either needs."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

@@ -6,13 +6,19 @@ along tokens) for ``dW_down = dy^T s``; the backward needs ``du`` and ``du^T``
 with the same support. :func:`pack_transposable` reads ``u`` once, picks each
 aligned 4x4 tile's pattern, and writes both packed operands, ready for
 ``torch._cslt_sparse_mm``: no dense ``s``, no bitmask, no separate compression.
+It also returns each tile's pattern id (one byte); given those back, the
+backward's call packs ``du`` without searching again.
 
 **The pattern.** A transposable 2:4 pattern keeps exactly two entries in each
 row and each column of a 4x4 tile; there are 90 such patterns
 (:data:`TRANSPOSABLE_PATTERNS`). The tile keeps the one with the largest sum
-of scores, ties to the first in that list. Sums are formed in float32 in one
-fixed order (row-pair sums, then rows 0+1, +2, +3), in the kernel and in
-:func:`transposable_mask` alike, so both choose the same pattern bit for bit.
+of scores. The search goes by the 19 :data:`PATTERN_GROUPS` (a group fixes
+how often rows 0-1 use each column, so its best pattern is its best pair of
+top rows plus its best pair of bottom rows), with float32 sums in one fixed
+order (row-pair sums; top = row 0 + row 1, bottom = row 2 + row 3; top +
+bottom) and ties to the first candidate, then the first group, in the kernel
+and in :func:`transposable_pattern` alike, so both choose the same pattern
+bit for bit.
 
 **The packed layout** (cuSPARSELt 0.8, bf16/fp16, row-major ``[M, K]``, as
 ``torch._cslt_compress`` writes it): the ``M*K/2`` kept values, row-major,
