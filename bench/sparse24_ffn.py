@@ -161,6 +161,7 @@ def main() -> None:
     ap.add_argument("--steps", default="d20",
                     help="training steps to time: 'preset[:key=value,...]' entries (model overrides) separated by ';'")
     ap.add_argument("--profile-steps", action="store_true", help="also profile each timed step's top kernels")
+    ap.add_argument("--compile-steps", action="store_true", help="torch.compile the models whose steps are timed")
     ap.add_argument("--profile-only", default="", metavar="NxDxH",
                     help="only profile the relu2 and relu2_24 blocks' kernels at this shape, and exit")
     args = ap.parse_args()
@@ -186,10 +187,15 @@ def main() -> None:
             for name, ov, min_width in [("relu2", {"ffn": "relu2"}, default_width), ("relu2_24_cusparselt", sparse, 0),
                                         ("relu2_24_masked_kernel", sparse, 1 << 30)]:
                 ffn_module.CUSPARSELT_MIN_WIDTH = min_width
-                st[name] = bench_train_step(preset, 2048, 8, repeats=10, model_overrides={**model, **ov},
-                                            profile_top=25 if args.profile_steps else 0)
-                if args.profile_steps:
+                try:
+                    st[name] = bench_train_step(preset, 2048, 8, compile=args.compile_steps, repeats=10,
+                                                model_overrides={**model, **ov},
+                                                profile_top=25 if args.profile_steps else 0)
+                except Exception as e:  # noqa: BLE001 - e.g. a compile failure: recorded, the others still run
+                    st[name] = {"error": repr(e)[:500], "step": {"median_ms": float("nan")}}
+                if args.profile_steps and "profile" in st[name]:
                     print_profile(f"{entry} {name}", st[name]["profile"])
+                torch._dynamo.reset()
                 torch.cuda.empty_cache()
             ffn_module.CUSPARSELT_MIN_WIDTH = default_width
             for name in ("relu2_24_cusparselt", "relu2_24_masked_kernel"):
@@ -200,6 +206,9 @@ def main() -> None:
         print(f"{key:<20} {r['relu2']['median_ms']:7.3f} {r['swiglu']['median_ms']:7.3f} {r['relu2_24']['median_ms']:7.3f}"
               f" {r['relu2_24_masked_kernel']['median_ms']:7.3f} {r['relu2_24']['speedup_vs_relu2']:7.3f}x {r['ceiling_gemms_only']:7.3f}x {r['fraction_of_ceiling']:8.3f}")
     for preset, st in out["step"].items():
+        for name in ("relu2", "relu2_24_cusparselt", "relu2_24_masked_kernel"):
+            if "error" in st[name]:
+                print(f"{preset} {name}: {st[name]['error'][:300]}")
         print(f"{preset} step: relu2 {st['relu2']['step']['median_ms']:.1f} ms, relu2_24 on cuSPARSELt "
               f"{st['relu2_24_cusparselt']['step']['median_ms']:.1f} ms ({st['speedup_relu2_24_cusparselt']:.3f}x), "
               f"on the masked kernel {st['relu2_24_masked_kernel']['step']['median_ms']:.1f} ms "

@@ -510,8 +510,9 @@ if triton is not None:
         slot = (k2 & 1) + 8 * ((k2 >> 2) & 1) + 16 * ((k2 >> 1) & 1)
         widx_s = (pid_r * (K // 32) + pid_c * 2 + (x2 >> 1)) * 64 + slot + 32 * (x2 & 1)
         widx_t = (pid_c * (M // 32) + pid_r * 2 + (x2 & 1)) * 64 + slot + 32 * (x2 >> 1)
-        meta_s = out_ptr + M.to(tl.int64) * G4
-        meta_t = out_t_ptr + K.to(tl.int64) * GT4
+        # (tl.cast, not M.to: torch.compile's mutation analysis of this kernel sees plain ints)
+        meta_s = out_ptr + tl.cast(M, tl.int64) * G4
+        meta_t = out_t_ptr + tl.cast(K, tl.int64) * GT4
         # tile row (column) q's words sit at word index + 2 q
         for q in tl.static_range(4):
             tl.store(meta_s + widx_s + 2 * q, tl.sum(((codes_r >> 4 * q) & 15) << 4 * j, axis=1))
