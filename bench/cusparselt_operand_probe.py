@@ -57,7 +57,7 @@ def host_ms(fn, calls: int = 20) -> float:
 def ffn_block_timings(repeats: int = 11) -> dict:
     """The FFN block (d 4096, hidden 16384, 16k tokens) timed per call between two
     events (what bench/sparse24_ffn.py reports) and back to back (host work hidden)."""
-    from sparsetrain.sparse24.cusparselt import Sparse24FFNCusparselt
+    from sparsetrain.sparse24.cusparselt import sparse24_ffn_cusparselt
 
     N, d, h = 16384, 4096, 16384
     x = torch.randn(N, d, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
@@ -65,7 +65,7 @@ def ffn_block_timings(repeats: int = 11) -> dict:
     w_up = (torch.randn(h, d, device="cuda") / d**0.5).bfloat16().requires_grad_(True)
     w_down = (torch.randn(d, h, device="cuda") / h**0.5).bfloat16().requires_grad_(True)
     fns = {"relu2": lambda: F.linear(F.relu(F.linear(x, w_up)).square(), w_down).backward(dy),
-           "relu2_24": lambda: Sparse24FFNCusparselt.apply(x, w_up, w_down, None).backward(dy)}
+           "relu2_24": lambda: sparse24_ffn_cusparselt(x, w_up, w_down).backward(dy)}
     out = {}
     for name, fn in fns.items():
         out[name] = {"per_call_events_ms": sorted(time_fn(fn, 3, repeats))[repeats // 2],

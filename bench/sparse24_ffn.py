@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sparsetrain.benchmark import bench_train_step, cuda_ms_per_call, environment, profile_top_kernels, summarize, time_fn  # noqa: E402
 from sparsetrain.model import relu_squared  # noqa: E402
-from sparsetrain.sparse24.cusparselt import _CONFIGS, Sparse24FFNCusparselt, sparse_mm  # noqa: E402
+from sparsetrain.sparse24.cusparselt import _CONFIGS, sparse24_ffn_cusparselt, sparse_mm  # noqa: E402
 from sparsetrain.sparse24 import ffn as ffn_module  # noqa: E402
-from sparsetrain.sparse24.ffn import _Sparse24FFNMaskedKernel  # noqa: E402
+from sparsetrain.sparse24.ffn import sparse24_ffn_masked_kernel  # noqa: E402
 from sparsetrain.sparse24.packing import pack_transposable, transposable_mask  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -69,10 +69,10 @@ def ffn_block(N: int, d: int, h: int, repeats: int) -> dict:
         F.linear(F.silu(F.linear(xg, w_gate_s)) * F.linear(xg, w_up_s), w_down_s).backward(dy)
 
     def relu2_24() -> None:
-        Sparse24FFNCusparselt.apply(xg, w_up, w_down, None).backward(dy)
+        sparse24_ffn_cusparselt(xg, w_up, w_down).backward(dy)
 
     def relu2_24_masked_kernel() -> None:  # the same selection on dense GEMMs (below CUSPARSELT_MIN_WIDTH)
-        _Sparse24FFNMaskedKernel.apply(xg, w_up, w_down).backward(dy)
+        sparse24_ffn_masked_kernel(xg, w_up, w_down).backward(dy)
 
     variants = {"relu2": relu2, "swiglu": swiglu, "relu2_24": relu2_24, "relu2_24_masked_kernel": relu2_24_masked_kernel}
     times = {k: [] for k in variants}
@@ -140,7 +140,7 @@ def profile_blocks(N: int, d: int, h: int) -> dict:
     w_up = (torch.randn(h, d, device="cuda") / d**0.5).to(BF16).requires_grad_(True)
     w_down = (torch.randn(d, h, device="cuda") / h**0.5).to(BF16).requires_grad_(True)
     fns = {"relu2": lambda: F.linear(relu_squared(F.linear(x, w_up)), w_down).backward(dy),
-           "relu2_24": lambda: Sparse24FFNCusparselt.apply(x, w_up, w_down, None).backward(dy)}
+           "relu2_24": lambda: sparse24_ffn_cusparselt(x, w_up, w_down).backward(dy)}
     out = {}
     for name, fn in fns.items():
         time_fn(fn, warmup=5, repeats=1)

@@ -190,6 +190,17 @@ def test_permute_is_a_gather_both_ways_with_autograds_gradient() -> None:
     assert torch.autograd.gradcheck(lambda t: _Permute.apply(t, perm, inv), (x,))
 
 
+def test_warmup_count_survives_a_state_dict_round_trip() -> None:
+    ffn = Sparse24FFN(8, 16, "naive", dense_warmup_steps=2)
+    ffn.step()
+    ffn.step()
+    assert ffn.sparse and int(ffn.steps) == 2
+    fresh = Sparse24FFN(8, 16, "naive", dense_warmup_steps=2)
+    assert not fresh.sparse
+    fresh.load_state_dict(ffn.state_dict())
+    assert fresh.sparse  # the host copy of the count is restored with the buffer
+
+
 def test_ffn_module_collects_stats_when_asked() -> None:
     ffn = Sparse24FFN(8, 16, "transposable", dense_warmup_steps=0).double()
     x = torch.randn(2, 6, 8, dtype=torch.float64)
@@ -212,7 +223,7 @@ def test_cusparselt_path_equals_masked_dense_in_bf16() -> None:
     w_up = torch.randn(h, d, device="cuda") / d**0.5
     w_down = torch.randn(d, h, device="cuda") / h**0.5
     dy = torch.randn(N, d, device="cuda", dtype=torch.bfloat16)
-    errs = _errors_against_masked_dense(lambda *a: cusparselt.Sparse24FFNCusparselt.apply(*a, None), x, w_up, w_down, dy)
+    errs = _errors_against_masked_dense(cusparselt.sparse24_ffn_cusparselt, x, w_up, w_down, dy)
     assert max(errs) < 3e-2, errs
 
 
@@ -239,7 +250,7 @@ def test_masked_kernel_path_equals_masked_dense(device: str) -> None:
     reference, bf16 both; and on the GPU the FFN picks it below
     CUSPARSELT_MIN_WIDTH."""
     from sparsetrain.sparse24 import packing
-    from sparsetrain.sparse24.ffn import CUSPARSELT_MIN_WIDTH, Sparse24FFN, _Sparse24FFNMaskedKernel
+    from sparsetrain.sparse24.ffn import CUSPARSELT_MIN_WIDTH, Sparse24FFN, sparse24_ffn_masked_kernel
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -251,7 +262,7 @@ def test_masked_kernel_path_equals_masked_dense(device: str) -> None:
     w_up = torch.randn(h, d, device=device, generator=g) / d**0.5
     w_down = torch.randn(d, h, device=device, generator=g) / h**0.5
     dy = torch.randn(N, d, device=device, generator=g).bfloat16()
-    errs = _errors_against_masked_dense(_Sparse24FFNMaskedKernel.apply, x, w_up, w_down, dy)
+    errs = _errors_against_masked_dense(sparse24_ffn_masked_kernel, x, w_up, w_down, dy)
     assert max(errs) < 1e-2, errs
     if device == "cuda":
         ffn = Sparse24FFN(d, h, method="transposable", dense_warmup_steps=0).cuda()
@@ -281,3 +292,55 @@ def test_transposable_random_is_a_uniform_transposable_pattern_whatever_the_valu
     counts = hits.sum(0).double()
     expected = tiles.shape[0] / 90
     assert float(((counts - expected) ** 2 / expected).sum()) < 150
+
+
+def test_fast_paths_are_custom_ops_that_compile_without_a_graph_break() -> None:
+    """The masked-kernel path is a custom op pair (Triton's interpreter on CPU):
+    torch.library.opcheck passes (schema, fake tensors, autograd registration),
+    and torch.compile traces it whole (fullgraph) with the same outputs and
+    gradients as eager."""
+    from sparsetrain.sparse24 import packing
+    from sparsetrain.sparse24.ffn import sparse24_ffn_masked_kernel
+
+    if packing.triton is None:
+        pytest.skip("triton not installed")
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    x = torch.randn(64, 64, generator=g).bfloat16()
+    w_up = (torch.randn(128, 64, generator=g) / 8).requires_grad_(True)
+    w_down = (torch.randn(64, 128, generator=g) / 11).requires_grad_(True)
+    torch.library.opcheck(sparse24_ffn_masked_kernel.op, (x, w_up, w_down),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+    def run(fn):
+        xg = x.clone().requires_grad_(True)
+        y = fn(xg, w_up, w_down)
+        grads = torch.autograd.grad(y.float().square().sum(), (xg, w_up, w_down))
+        return (y, *grads)
+
+    eager = run(sparse24_ffn_masked_kernel)
+    compiled = run(torch.compile(sparse24_ffn_masked_kernel, backend="eager", fullgraph=True))
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparse_ffn_module_compiles_whole_on_gpu() -> None:
+    """On CUDA the relu2_24 module (transposable, either fast path) compiles with
+    fullgraph=True: no graph break anywhere in its forward; same output as eager."""
+    from sparsetrain.sparse24 import ffn as ffn_module
+    from sparsetrain.sparse24.cusparselt import cusparselt_available
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    for min_width in ((0, 1 << 30) if cusparselt_available() else (1 << 30,)):
+        ffn_module.CUSPARSELT_MIN_WIDTH = min_width
+        try:
+            ffn = Sparse24FFN(128, 512, method="transposable", dense_warmup_steps=0).cuda()
+            x = torch.randn(2, 128, 128, device="cuda")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                want = ffn(x)  # eager first: the token permutation is made and cached
+                torch._dynamo.reset()
+                got = torch.compile(ffn, fullgraph=True)(x)
+            assert ffn.last_backend == ("cusparselt" if min_width == 0 else "masked_kernel")
+            assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+        finally:
+            ffn_module.CUSPARSELT_MIN_WIDTH = 1280

@@ -34,9 +34,14 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .custom_ops import ffn_op
 from .packing import pack_transposable, transposable_mask
 
 
+# assume_constant_result: under torch.compile, run this once eagerly and treat the
+# answer as a constant (tracing torch.backends.cusparselt.is_available() is not
+# something dynamo can do without a graph break)
+@torch.compiler.assume_constant_result
 @functools.cache
 def cusparselt_available() -> bool:
     try:
@@ -93,44 +98,50 @@ def sparse_mm(packed: torch.Tensor, dense: torch.Tensor, transpose_result: bool 
                                  split_k_mode=split_k_mode)
 
 
-class Sparse24FFNCusparselt(torch.autograd.Function):
-    """``x[N, d]`` (bf16/fp16) -> ``y[N, d]``; weights in any float dtype (cast to ``x``'s)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                stats: dict | None = None):  # type: ignore[override]
-        # the GEMMs and the packing kernel take bf16 as given; autocast would recast
-        with torch.autocast("cuda", enabled=False):
-            return Sparse24FFNCusparselt._forward(ctx, x, w_up, w_down, stats)
-
-    @staticmethod
-    def _forward(ctx, x, w_up, w_down, stats):
+def _forward(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(y, u, s^T packed, pattern ids)``: the output and what the backward needs."""
+    with torch.autocast("cuda", enabled=False):  # the GEMMs and the packing kernel take bf16 as given
         dt = x.dtype
-        wu, wd = w_up.to(dt), w_down.to(dt)
-        u = F.linear(x, wu)
+        u = F.linear(x, w_up.to(dt))
         packed, packed_t, pattern = pack_transposable(u)  # s and s^T, pattern from relu(u)^2
-        y = sparse_mm(packed, wd.t())  # W_down^T: column-major, no copy
-        if stats is not None:  # the dense view of s, only when asked (the trainer's log steps)
-            from .sparsify import sparsity_stats
+        y = sparse_mm(packed, w_down.to(dt).t())  # W_down^T: column-major, no copy
+    return y, u, packed_t, pattern
 
-            a = F.relu(u).square()
-            stats.update(sparsity_stats(a, a * transposable_mask(a)))
-        ctx.save_for_backward(x, u, wu, wd, packed_t, pattern)
-        ctx.weight_dtypes = (w_up.dtype, w_down.dtype)
-        return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
-        with torch.autocast("cuda", enabled=False):
-            return Sparse24FFNCusparselt._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx, dy):
-        x, u, wu, wd, packed_t, pattern = ctx.saved_tensors
+def _backward(dy: torch.Tensor, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, u: torch.Tensor,
+              packed_t: torch.Tensor, pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.autocast("cuda", enabled=False):
         dy = dy.to(x.dtype).contiguous()
-        ds = dy @ wd  # [N, h], dense
+        ds = dy @ w_down.to(x.dtype)  # [N, h], dense
         d_down = sparse_mm(packed_t, dy, transpose_result=True)  # (s^T dy)^T = dy^T s: [d, h], contiguous
         du, du_t, _ = pack_transposable(u, ds, pattern)  # du = ds * 2 relu(u) on the forward's pattern, no search
-        dx = sparse_mm(du, wu)  # [N, d]
+        dx = sparse_mm(du, w_up.to(x.dtype))  # [N, d]
         d_up = sparse_mm(du_t, x)  # [h, d]
-        return dx, d_up.to(ctx.weight_dtypes[0]), d_down.to(ctx.weight_dtypes[1]), None
+    return dx, d_up.to(w_up.dtype), d_down.to(w_down.dtype)
+
+
+def _fake_saved(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    N, h = x.shape[0], w_up.shape[0]
+    return (x.new_empty(N, h), x.new_empty(h, N // 2 + N // 16),
+            x.new_empty(N // 4, h // 4, dtype=torch.uint8))
+
+
+_ffn = ffn_op("ffn24_cusparselt", _forward, _backward, _fake_saved)
+
+
+def sparse24_ffn_cusparselt(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                            stats: dict | None = None) -> torch.Tensor:
+    """``x[N, d]`` (bf16/fp16) -> ``y[N, d]``, differentiable in all three; weights
+    in any float dtype (cast to ``x``'s; their gradients come back in theirs).
+    One custom op (``sparsetrain::ffn24_cusparselt``) forward and one backward,
+    so torch.compile does not break its graph here. ``stats``: filled with
+    :func:`~sparsetrain.sparse24.sparsify.sparsity_stats` (extra work: the
+    trainer asks on log steps only)."""
+    y = _ffn(x, w_up, w_down)
+    if stats is not None:  # the dense view of s, only when asked
+        from .sparsify import sparsity_stats
+
+        with torch.no_grad(), torch.autocast("cuda", enabled=False):
+            a = F.relu(F.linear(x, w_up.to(x.dtype))).square()
+            stats.update(sparsity_stats(a, a * transposable_mask(a)))
+    return y

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..model import relu_squared, upcast
 from . import cusparselt, packing
+from .custom_ops import ffn_op
 from .sparsify import naive_24, soft_threshold_scale, sparsify_24, sparsity_stats
 
 
@@ -90,36 +91,37 @@ class _Sparse24FFN(torch.autograd.Function):
 # d 1280, 0.97x the relu2 step on cuSPARSELt against 0.93x on the masked kernel;
 # nano-125m, d 768, 0.83x against 0.89x; with the faster packing of
 # sparse24_ffn_pattern_reuse_h200.json, d20: 1.024x against 1.015x). Below it the transposable method runs
-# the same selection on dense GEMMs (_Sparse24FFNMaskedKernel).
+# the same selection on dense GEMMs (sparse24_ffn_masked_kernel).
 CUSPARSELT_MIN_WIDTH = 1280
 
 
-class _Sparse24FFNMaskedKernel(torch.autograd.Function):
-    """The ``transposable`` method on dense GEMMs: the Triton packing kernel writes
-    the 2:4 activation, and in backward its gradient, densely
-    (:func:`~sparsetrain.sparse24.packing.mask_transposable`). The same selection
-    and products as the cuSPARSELt path, for widths where dense GEMMs are faster."""
+def _masked_kernel_forward(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    with torch.autocast("cuda", enabled=False):
+        u = F.linear(x, w_up.to(x.dtype))
+        s, pattern = packing.mask_transposable(u)
+        y = F.linear(s, w_down.to(x.dtype))
+    return y, u, pattern
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):  # type: ignore[override]
-        with torch.autocast("cuda", enabled=False):
-            wu, wd = w_up.to(x.dtype), w_down.to(x.dtype)
-            u = F.linear(x, wu)
-            s, pattern = packing.mask_transposable(u)
-            y = F.linear(s, wd)
-        ctx.save_for_backward(x, u, wu, wd, pattern)
-        ctx.weight_dtypes = (w_up.dtype, w_down.dtype)
-        return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
-        x, u, wu, wd, pattern = ctx.saved_tensors
-        with torch.autocast("cuda", enabled=False):
-            dy = dy.to(x.dtype)
-            s, _ = packing.mask_transposable(u, pattern=pattern)  # recomputed, no search: instead of keeping [N, h]
-            du, _ = packing.mask_transposable(u, dy @ wd, pattern)  # ds * 2 relu(u) on the forward's pattern
-            d_down, d_up, dx = dy.t() @ s, du.t() @ x, du @ wu
-        return dx, d_up.to(ctx.weight_dtypes[0]), d_down.to(ctx.weight_dtypes[1])
+def _masked_kernel_backward(dy: torch.Tensor, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                            u: torch.Tensor, pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.autocast("cuda", enabled=False):
+        dy = dy.to(x.dtype)
+        wd = w_down.to(x.dtype)
+        s, _ = packing.mask_transposable(u, pattern=pattern)  # recomputed, no search: instead of keeping [N, h]
+        du, _ = packing.mask_transposable(u, dy @ wd, pattern)  # ds * 2 relu(u) on the forward's pattern
+        d_down, d_up, dx = dy.t() @ s, du.t() @ x, du @ w_up.to(x.dtype)
+    return dx, d_up.to(w_up.dtype), d_down.to(w_down.dtype)
+
+
+# The transposable method on dense GEMMs: the Triton packing kernel writes the
+# 2:4 activation, and in backward its gradient, densely (packing.mask_transposable).
+# The same selection and products as the cuSPARSELt path, for widths where dense
+# GEMMs are faster; a custom op pair (custom_ops.py), so torch.compile keeps it whole.
+sparse24_ffn_masked_kernel = ffn_op(
+    "ffn24_masked_kernel", _masked_kernel_forward, _masked_kernel_backward,
+    lambda x, w_up, w_down: (x.new_empty(x.shape[0], w_up.shape[0]),
+                             x.new_empty(x.shape[0] // 4, w_up.shape[0] // 4, dtype=torch.uint8)))
 
 
 class _Permute(torch.autograd.Function):
@@ -170,14 +172,23 @@ class Sparse24FFN(nn.Module):
         self.track_stats = False  # set by the trainer on log steps: fills last_stats at the next forward
         self.last_stats: dict[str, float] = {}
         self.last_backend = "dense"  # dense (warmup), masked_dense, masked_kernel or cusparselt
+        self._steps = 0  # host copy of the steps buffer
 
     @property
     def sparse(self) -> bool:
-        return int(self.steps) >= self.dense_warmup_steps
+        # from the host copy of steps: reading the buffer every forward would be a
+        # host sync, and a graph break under torch.compile
+        return self._steps >= self.dense_warmup_steps
 
     def step(self) -> None:
         """Count one optimizer step (the dense warmup ends after ``dense_warmup_steps``)."""
-        self.steps += 1
+        self._steps += 1
+        self.steps.fill_(self._steps)  # the saved copy: resume continues the warmup
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "steps" in state_dict:
+            self._steps = int(state_dict[prefix + "steps"])
 
     def _permutation(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._perm is None or self._perm[0].numel() != n or self._perm[0].device != device:
@@ -202,10 +213,10 @@ class Sparse24FFN(nn.Module):
         xh = xp.to(half) if fast else xp
         if fast and cusparselt.supported(xh, self.up.weight) and xh.shape[1] >= CUSPARSELT_MIN_WIDTH:
             self.last_backend = "cusparselt"
-            y = cusparselt.Sparse24FFNCusparselt.apply(xh, self.up.weight, self.down.weight, stats)
+            y = cusparselt.sparse24_ffn_cusparselt(xh, self.up.weight, self.down.weight, stats)
         elif fast and packing.triton_ok(xh) and xh.shape[0] % 64 == 0 and self.up.weight.shape[0] % 64 == 0:
             self.last_backend = "masked_kernel"
-            y = _Sparse24FFNMaskedKernel.apply(xh, self.up.weight, self.down.weight)
+            y = sparse24_ffn_masked_kernel(xh, self.up.weight, self.down.weight)
             if stats is not None:  # the trainer's log steps only
                 with torch.no_grad():
                     u = F.linear(xh, self.up.weight.to(half))
