@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .custom_ops import ffn_op
-from .packing import pack_transposable, transposable_mask
+from .packing import pack_transposable
 
 
 # assume_constant_result: under torch.compile, run this once eagerly and treat the
@@ -126,22 +126,8 @@ def _fake_saved(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> tu
             x.new_empty(N // 4, h // 4, dtype=torch.uint8))
 
 
-_ffn = ffn_op("ffn24_cusparselt", _forward, _backward, _fake_saved)
-
-
-def sparse24_ffn_cusparselt(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                            stats: dict | None = None) -> torch.Tensor:
-    """``x[N, d]`` (bf16/fp16) -> ``y[N, d]``, differentiable in all three; weights
-    in any float dtype (cast to ``x``'s; their gradients come back in theirs).
-    One custom op (``sparsetrain::ffn24_cusparselt``) forward and one backward,
-    so torch.compile does not break its graph here. ``stats``: filled with
-    :func:`~sparsetrain.sparse24.sparsify.sparsity_stats` (extra work: the
-    trainer asks on log steps only)."""
-    y = _ffn(x, w_up, w_down)
-    if stats is not None:  # the dense view of s, only when asked
-        from .sparsify import sparsity_stats
-
-        with torch.no_grad(), torch.autocast("cuda", enabled=False):
-            a = F.relu(F.linear(x, w_up.to(x.dtype))).square()
-            stats.update(sparsity_stats(a, a * transposable_mask(a)))
-    return y
+# ``x[N, d]`` (bf16/fp16) -> ``y[N, d]``, differentiable in all three; weights in
+# any float dtype (cast to ``x``'s; their gradients come back in theirs). One custom
+# op (``sparsetrain::ffn24_cusparselt``) forward and one backward, so torch.compile
+# does not break its graph here.
+sparse24_ffn_cusparselt = ffn_op("ffn24_cusparselt", _forward, _backward, _fake_saved)

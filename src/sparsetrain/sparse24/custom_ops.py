@@ -55,5 +55,4 @@ def ffn_op(name: str, forward: Callable[[torch.Tensor, torch.Tensor, torch.Tenso
         return fwd(x, w_up, w_down)[0]
 
     apply.op = fwd  # type: ignore[attr-defined]  # for torch.library.opcheck
-    apply.backward_op = bwd  # type: ignore[attr-defined]
     return apply

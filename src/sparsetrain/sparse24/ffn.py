@@ -213,14 +213,10 @@ class Sparse24FFN(nn.Module):
         xh = xp.to(half) if fast else xp
         if fast and cusparselt.supported(xh, self.up.weight) and xh.shape[1] >= CUSPARSELT_MIN_WIDTH:
             self.last_backend = "cusparselt"
-            y = cusparselt.sparse24_ffn_cusparselt(xh, self.up.weight, self.down.weight, stats)
+            y = cusparselt.sparse24_ffn_cusparselt(xh, self.up.weight, self.down.weight)
         elif fast and packing.triton_ok(xh) and xh.shape[0] % 64 == 0 and self.up.weight.shape[0] % 64 == 0:
             self.last_backend = "masked_kernel"
             y = sparse24_ffn_masked_kernel(xh, self.up.weight, self.down.weight)
-            if stats is not None:  # the trainer's log steps only
-                with torch.no_grad():
-                    u = F.linear(xh, self.up.weight.to(half))
-                    stats.update(sparsity_stats(F.relu(u).square(), packing.mask_transposable(u)[0]))
         else:
             self.last_backend = "masked_dense"
             gen = self.generator if flat.device.type == "cpu" else None
@@ -229,5 +225,9 @@ class Sparse24FFN(nn.Module):
             y = _Sparse24FFN.apply(xp, self.up.weight, self.down.weight, self.method, float(self.scale), gen,
                                    token_prune, self.dense_fraction, stats)
         if stats is not None:
+            if self.last_backend != "masked_dense":  # both fast paths choose the same patterns: one dense view
+                with torch.no_grad(), torch.autocast("cuda", enabled=False):
+                    u = F.linear(xh, self.up.weight.to(half))
+                    stats.update(sparsity_stats(F.relu(u).square(), packing.mask_transposable(u)[0]))
             self.last_stats = stats
         return _Permute.apply(y, inv, perm).reshape(*shape[:-1], -1)  # undo the permutation
