@@ -210,13 +210,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--profile", action="store_true", help="also print the top kernels of dense and sparse 0.5")
     ap.add_argument("--profile-only", type=int, default=0, metavar="D",
-                    help="only profile dense, sparse 0.5 (topk) and threshold 0.5 (parked) at this d_model (hidden 4 D), eagerly, and exit")
+                    help="only profile dense, sparse 0.5 (topk) and threshold 0.5 (parked) at this d_model "
+                         "(hidden 4 D), eagerly (or with --compile / --bf16-params), and exit")
     ap.add_argument("--graphed-only", action="store_true", help="only the eager/CUDA-graph comparison (fresh inputs)")
-    ap.add_argument("--compile", action="store_true", help="with --graphed-only: also torch.compile before capture")
+    ap.add_argument("--compile", action="store_true",
+                    help="with --graphed-only: also torch.compile before capture; with --profile-only: profile compiled layers")
     ap.add_argument("--dims", default="1024,2048", help="with --graphed-only: d_model values (hidden 4 d)")
     ap.add_argument("--batches", default="8", help="with --graphed-only: batch sizes (sequences of 2048)")
     ap.add_argument("--ratios", default="0.3,0.5,0.7", help="with --graphed-only: skip rates")
-    ap.add_argument("--bf16-params", action="store_true", help="with --graphed-only: bf16 parameters (no weight casts)")
+    ap.add_argument("--bf16-params", action="store_true",
+                    help="with --graphed-only or --profile-only: bf16 parameters (no weight casts)")
     args = ap.parse_args()
     if args.profile_only:
         D = args.profile_only
@@ -225,10 +228,18 @@ def main() -> None:
         g = torch.randn(8, 2048, D, device="cuda", dtype=torch.bfloat16)
         layers = {"dense": MoEResNetBKLayer(D, 4 * D, 4).cuda(), "sparse_0.5": timing_sparse_layer(D, 4 * D, 4, 0.5),
                   "threshold_0.5": timing_threshold_layer(D, 4 * D, 4, 0.5)}
+        if args.bf16_params:
+            for layer in layers.values():
+                layer.to(torch.bfloat16)
+        if args.compile:
+            torch._inductor.config.fallback_random = True
+            layers = {k: torch.compile(v) for k, v in layers.items()}
         for layer in layers.values():
             for _ in range(3):
                 run_layer(layer, x, g)
-        res = {"environment": environment(), "d_model": D, "profile": profile_layers(layers, x, g, list(layers))}
+        res = {"environment": environment(), "d_model": D, "compiled": args.compile,
+               "param_dtype": "bfloat16" if args.bf16_params else "float32",
+               "profile": profile_layers(layers, x, g, list(layers), top=40)}
         Path(args.out).write_text(json.dumps(res, indent=2))
         return
     if args.graphed_only:
