@@ -197,6 +197,7 @@ def main() -> None:
                     print_profile(f"{entry} {name}", st[name]["profile"])
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
+                Path(args.out).write_text(json.dumps(out, indent=2))  # a run cut short keeps what it measured
             ffn_module.CUSPARSELT_MIN_WIDTH = default_width
             for name in ("relu2_24_cusparselt", "relu2_24_masked_kernel"):
                 st[f"speedup_{name}"] = st["relu2"]["step"]["median_ms"] / st[name]["step"]["median_ms"]

@@ -174,22 +174,6 @@ def test_ffn_module_warmup_and_permutation() -> None:
     assert not torch.allclose(out, dense)
 
 
-def test_permute_is_a_gather_both_ways_with_autograds_gradient() -> None:
-    from sparsetrain.sparse24.ffn import _Permute
-
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    perm = torch.randperm(10, generator=g)
-    inv = torch.argsort(perm)
-    x = torch.randn(10, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(10, 3, dtype=torch.float64, generator=g)
-    y = _Permute.apply(x, perm, inv)
-    assert torch.equal(y, x.detach()[perm])
-    (gx,) = torch.autograd.grad((y * w).sum(), x)
-    (want,) = torch.autograd.grad((x[perm] * w).sum(), x)  # autograd's own scatter-add
-    assert torch.equal(gx, want)
-    assert torch.autograd.gradcheck(lambda t: _Permute.apply(t, perm, inv), (x,))
-
-
 def test_warmup_count_survives_a_state_dict_round_trip() -> None:
     ffn = Sparse24FFN(8, 16, "naive", dense_warmup_steps=2)
     ffn.step()

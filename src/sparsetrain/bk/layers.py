@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ..config import BK_SPARSITY_LOSSES as SPARSITY_LOSSES
 from ..errors import ConfigError
 from ..model import relu_squared, upcast
+from ..rows import gather_rows
 from .core import DEFAULT_Z, bk_core
 
 MASK_MODES = ("threshold", "topk")
@@ -141,11 +142,13 @@ def grouped_experts(x: torch.Tensor, expert: torch.Tensor, up: torch.Tensor, dow
     start, pstart = counts.cumsum(0) - counts, padded.cumsum(0) - padded
     rows = M + E * GROUP_ALIGN  # >= the padded groups plus the parked rows, whatever the routing
     offs = padded[:E].cumsum(0).to(torch.int32)  # rows past offs[-1] (slack, parked) are not multiplied
-    dest = torch.arange(M, device=x.device) - start.index_select(0, sorted_e) + pstart.index_select(0, sorted_e)
-    xp = torch.zeros(rows, x.shape[1], dtype=x.dtype, device=x.device).index_copy(0, dest, x.index_select(0, order))
+    # each row's slot in the padded buffer (sorted position - group start + padded group start):
+    # one scatter in and one gather out move the activations, and neither backward is an atomic add
+    slot_sorted = torch.arange(M, device=x.device) - start.index_select(0, sorted_e) + pstart.index_select(0, sorted_e)
+    slot = torch.empty_like(slot_sorted).index_copy_(0, order, slot_sorted)
+    xp = x.new_zeros(rows, x.shape[1]).index_copy(0, slot, x)  # pad rows 0: they are multiplied
     h = relu_squared(gmm(xp, up.transpose(1, 2), offs))
-    y_sorted = gmm(h, down.transpose(1, 2), offs).index_select(0, dest)
-    y = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
+    y = gather_rows(gmm(h, down.transpose(1, 2), offs), slot)
     return y if keep is None else torch.where(keep.unsqueeze(-1), y, 0)
 
 
@@ -271,7 +274,7 @@ class SparseMoEResNetBKLayer(MoEResNetBKLayer):
             k = max(1, int(round((1 - target) * N)))
             top = noisy.topk(k, dim=-1).indices
             hard = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
-            idx = (top + torch.arange(B, device=top.device)[:, None] * N).flatten().sort().values
+            idx = (top + torch.arange(B, device=top.device)[:, None] * N).flatten()  # any order: rows are independent
         else:
             hard = noisy > 0
             if parked:
@@ -291,7 +294,7 @@ class SparseMoEResNetBKLayer(MoEResNetBKLayer):
             self._num_computed = B * N
             return super().forward(x)
         self._num_computed = int(idx.numel())
-        x_c = x.reshape(B * N, D).index_select(0, idx)
+        x_c = gather_rows(x.reshape(B * N, D), idx)
         h_c = self.moe(x_c)
         v_c = self.potential(h_c)
         v_sparse = torch.zeros(B * N, dtype=v_c.dtype, device=x.device).index_copy(0, idx, v_c).view(B, N)

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import relu_squared, upcast
+from ..rows import permute_rows
 from . import cusparselt, packing
 from .custom_ops import ffn_op
 from .sparsify import naive_24, soft_threshold_scale, sparsify_24, sparsity_stats
@@ -124,23 +125,6 @@ sparse24_ffn_masked_kernel = ffn_op(
                              x.new_empty(x.shape[0] // 4, w_up.shape[0] // 4, dtype=torch.uint8)))
 
 
-class _Permute(torch.autograd.Function):
-    """``x[perm]`` along the rows for a permutation ``perm`` with inverse ``inv``:
-    a gather both ways. ``x[perm]``'s own backward is an accumulating
-    index_put (a sort and a scatter-add), and ``out[perm] = y`` an index_put;
-    for a permutation a gather by the inverse is all either needs."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(inv)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (inv,) = ctx.saved_tensors
-        return grad.index_select(0, inv), None, None
-
-
 def _half_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The 16-bit dtype a CUDA product of ``x`` runs in (autocast's, or ``x``'s own), else None."""
     if not x.is_cuda:
@@ -203,7 +187,7 @@ class Sparse24FFN(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         perm, inv = self._permutation(flat.shape[0], flat.device)
-        xp = _Permute.apply(flat, perm, inv)
+        xp = permute_rows(flat, perm, inv)
         if self.method == "soft_threshold" and float(self.scale) == 0.0:
             with torch.no_grad():
                 self.scale.fill_(soft_threshold_scale(F.relu(F.linear(xp, self.up.weight)).square()))
@@ -230,4 +214,4 @@ class Sparse24FFN(nn.Module):
                     u = F.linear(xh, self.up.weight.to(half))
                     stats.update(sparsity_stats(F.relu(u).square(), packing.mask_transposable(u)[0]))
             self.last_stats = stats
-        return _Permute.apply(y, inv, perm).reshape(*shape[:-1], -1)  # undo the permutation
+        return permute_rows(y, inv, perm).reshape(*shape[:-1], -1)  # undo the permutation
