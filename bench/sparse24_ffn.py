@@ -162,6 +162,8 @@ def main() -> None:
                     help="training steps to time: 'preset[:key=value,...]' entries (model overrides) separated by ';'")
     ap.add_argument("--profile-steps", action="store_true", help="also profile each timed step's top kernels")
     ap.add_argument("--compile-steps", action="store_true", help="torch.compile the models whose steps are timed")
+    ap.add_argument("--compile-mode", default=None,
+                    help="with --compile-steps: torch.compile's mode (e.g. reduce-overhead: CUDA graphs)")
     ap.add_argument("--profile-only", default="", metavar="NxDxH",
                     help="only profile the relu2 and relu2_24 blocks' kernels at this shape, and exit")
     args = ap.parse_args()
@@ -189,6 +191,7 @@ def main() -> None:
                 ffn_module.CUSPARSELT_MIN_WIDTH = min_width
                 try:
                     st[name] = bench_train_step(preset, 2048, 8, compile=args.compile_steps, repeats=10,
+                                                compile_mode=args.compile_mode if args.compile_steps else None,
                                                 model_overrides={**model, **ov},
                                                 profile_top=25 if args.profile_steps else 0)
                 except Exception as e:  # noqa: BLE001 - e.g. a compile failure: recorded, the others still run

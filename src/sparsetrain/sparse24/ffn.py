@@ -125,6 +125,18 @@ sparse24_ffn_masked_kernel = ffn_op(
                              x.new_empty(x.shape[0] // 4, w_up.shape[0] // 4, dtype=torch.uint8)))
 
 
+# Outside torch.compile: dynamo cannot trace a torch.Generator, and on the GPU
+# the break it made here inside a compiled model cascaded through the enclosing
+# frames ("failed to handle graph break gracefully ... falling back to eager").
+# Disabled, the first compiled call breaks the graph cleanly here once; the
+# permutation is then cached, and the recompiled graph has no break.
+@torch.compiler.disable
+def _token_permutation(n: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed pseudo-random permutation of ``n`` tokens and its inverse."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + n))
+    return perm.to(device), torch.argsort(perm).to(device)
+
+
 def _half_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The 16-bit dtype a CUDA product of ``x`` runs in (autocast's, or ``x``'s own), else None."""
     if not x.is_cuda:
@@ -176,9 +188,7 @@ class Sparse24FFN(nn.Module):
 
     def _permutation(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._perm is None or self._perm[0].numel() != n or self._perm[0].device != device:
-            g = torch.Generator().manual_seed(self.seed + n)
-            perm = torch.randperm(n, generator=g)  # fixed for a given token count
-            self._perm = perm.to(device), torch.argsort(perm).to(device)
+            self._perm = _token_permutation(n, self.seed, device)
         return self._perm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
