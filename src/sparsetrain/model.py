@@ -71,7 +71,21 @@ def rope_tables(
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_dim: int = 2) -> torch.Tensor:
     """Rotate pairs (x1, x2) = (first half, second half) of each head. x: [B, H, T, hd]
     (or any layout with positions along ``seq_dim``, e.g. 1 for [B, T, H, hd]);
-    cos, sin: [T, hd/2]. The result is contiguous in x's dimension order."""
+    cos, sin: [T, hd/2]. The result is contiguous in x's dimension order.
+
+    16-bit CUDA tensors outside torch.compile take one fused Triton kernel
+    (:mod:`sparsetrain.rope_triton`); everything else, the plain-torch reference."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and seq_dim in (1, 2) \
+            and not torch.compiler.is_compiling():
+        from .rope_triton import fused_rope, fused_rope_ok
+
+        if fused_rope_ok(x):
+            return fused_rope(x, cos, sin, seq_dim)
+    return apply_rope_reference(x, cos, sin, seq_dim)
+
+
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_dim: int = 2) -> torch.Tensor:
+    """Plain-torch :func:`apply_rope`: float32 arithmetic (float64 for float64 input), rounded once to x's dtype."""
     x1, x2 = upcast(x).chunk(2, dim=-1)
     shape = [1] * x.dim()
     shape[seq_dim], shape[-1] = cos.shape

@@ -45,6 +45,8 @@ from ..triton_util import interpreting
 try:
     import triton
     import triton.language as tl
+
+    from ..triton_util import bf16_bits_rne
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
@@ -311,8 +313,7 @@ if triton is not None:
         if HW_ROUND:
             r = x.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         else:
-            b = x.to(tl.int32, bitcast=True)
-            r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+            r = bf16_bits_rne(x)
         return r
 
     @triton.jit
