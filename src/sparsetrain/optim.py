@@ -36,3 +36,28 @@ def lr_at(step: int, peak: float, warmup_steps: int, max_steps: int, min_lr_rati
     progress = min(1.0, (step - warmup_steps) / span)
     floor = peak * min_lr_ratio
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class StepCounted(nn.Module):
+    """A module whose behaviour follows the optimizer step count (a dense warmup,
+    a sparsity ramp). The count lives twice: in a saved buffer, so a resumed run
+    continues where it stopped, and in a host int that the forward reads, since
+    reading a CUDA buffer every forward would be a host sync (and a graph break
+    under torch.compile). Subclasses name the buffer in ``STEP_BUFFER`` and call
+    :meth:`init_step_count` in ``__init__``."""
+
+    STEP_BUFFER = "steps"
+
+    def init_step_count(self) -> None:
+        self.register_buffer(self.STEP_BUFFER, torch.zeros((), dtype=torch.long))
+        self._steps = 0  # the host copy
+
+    def step(self) -> None:
+        """Count one optimizer step."""
+        self._steps += 1
+        getattr(self, self.STEP_BUFFER).fill_(self._steps)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + self.STEP_BUFFER in state_dict:
+            self._steps = int(state_dict[prefix + self.STEP_BUFFER])

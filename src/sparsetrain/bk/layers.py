@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ..config import BK_SPARSITY_LOSSES as SPARSITY_LOSSES
 from ..errors import ConfigError
 from ..model import relu_squared, upcast
+from ..optim import StepCounted
 from ..rows import gather_rows
 from .core import DEFAULT_Z, bk_core
 
@@ -201,7 +202,7 @@ class MoEResNetBKLayer(nn.Module):
         return h + self.bk_scale * self.feature_proj(feats.to(h.dtype))
 
 
-class SparseMoEResNetBKLayer(MoEResNetBKLayer):
+class SparseMoEResNetBKLayer(MoEResNetBKLayer, StepCounted):
     """:class:`MoEResNetBKLayer` that computes the MoE FFN and the feature path
     only where a learned Gumbel-sigmoid mask says so (see the module docstring).
 
@@ -210,6 +211,8 @@ class SparseMoEResNetBKLayer(MoEResNetBKLayer):
     :meth:`step`. At a current target of 0 every position is computed and the
     layer equals :class:`MoEResNetBKLayer` with the same weights.
     """
+
+    STEP_BUFFER = "steps_done"  # the schedule's count, as checkpoints name it
 
     def __init__(self, d_model: int, hidden: int, num_experts: int = 4, z: complex = DEFAULT_Z,
                  causal: bool = True, v_max: float = 3.0, target_sparsity: float = 0.5,
@@ -233,8 +236,7 @@ class SparseMoEResNetBKLayer(MoEResNetBKLayer):
         self.interp_kernel = interp_kernel
         self.final_sparsity, self.sparsity_loss_kind = target_sparsity, sparsity_loss
         self.sparsity_loss_weight, self.tau, self.schedule_steps, self.mask_mode = sparsity_loss_weight, tau, schedule_steps, mask_mode
-        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # saved: resume continues the schedule
-        self._steps = 0  # host copy of steps_done: reading a CUDA buffer every forward would be a sync
+        self.init_step_count()  # steps_done (saved) and its host copy: resume continues the schedule
         self._soft: torch.Tensor | None = None
         self._num_computed: int | torch.Tensor = 0
         self._total = 0
@@ -245,16 +247,6 @@ class SparseMoEResNetBKLayer(MoEResNetBKLayer):
         if self.schedule_steps <= 0:
             return self.final_sparsity
         return self.final_sparsity * min(1.0, self._steps / self.schedule_steps)
-
-    def step(self) -> None:
-        """Advance the sparsity schedule by one optimizer step."""
-        self._steps += 1
-        self.steps_done.fill_(self._steps)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "steps_done" in state_dict:
-            self._steps = int(state_dict[prefix + "steps_done"])
 
     def _mask(self, logits: torch.Tensor, parked: bool = False) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """(hard bool mask [B, N] or None when every position is computed,

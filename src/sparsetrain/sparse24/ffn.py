@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import relu_squared, upcast
+from ..optim import StepCounted
 from ..rows import permute_rows
 from . import cusparselt, packing
 from .custom_ops import ffn_op
@@ -146,7 +147,7 @@ def _half_dtype(x: torch.Tensor) -> torch.dtype | None:
     return x.dtype if x.dtype in (torch.float16, torch.bfloat16) else None
 
 
-class Sparse24FFN(nn.Module):
+class Sparse24FFN(StepCounted):
     """``down(S_24(relu(up(x))^2))`` on ``[B, T, d]``; dense (plain relu2) until
     ``dense_warmup_steps`` calls of :meth:`step` have happened."""
 
@@ -160,7 +161,7 @@ class Sparse24FFN(nn.Module):
         self.down = nn.Linear(hidden, d_model, bias=False)
         self.method, self.dense_warmup_steps = method, dense_warmup_steps
         self.dense_fraction, self.token_prune = dense_fraction, token_prune
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.init_step_count()  # steps (saved) and its host copy: resume continues the warmup
         self.register_buffer("scale", torch.zeros(()))  # S-STE scale, fixed at the first sparse call
         self.generator = torch.Generator().manual_seed(seed)
         self.seed = seed
@@ -168,23 +169,12 @@ class Sparse24FFN(nn.Module):
         self.track_stats = False  # set by the trainer on log steps: fills last_stats at the next forward
         self.last_stats: dict[str, float] = {}
         self.last_backend = "dense"  # dense (warmup), masked_dense, masked_kernel or cusparselt
-        self._steps = 0  # host copy of the steps buffer
 
     @property
     def sparse(self) -> bool:
         # from the host copy of steps: reading the buffer every forward would be a
         # host sync, and a graph break under torch.compile
         return self._steps >= self.dense_warmup_steps
-
-    def step(self) -> None:
-        """Count one optimizer step (the dense warmup ends after ``dense_warmup_steps``)."""
-        self._steps += 1
-        self.steps.fill_(self._steps)  # the saved copy: resume continues the warmup
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "steps" in state_dict:
-            self._steps = int(state_dict[prefix + "steps"])
 
     def _permutation(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._perm is None or self._perm[0].numel() != n or self._perm[0].device != device:
