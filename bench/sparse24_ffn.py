@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparsetrain.benchmark import bench_train_step, cuda_ms_per_call, environment, profile_top_kernels, summarize, time_fn  # noqa: E402
+from sparsetrain.benchmark import bench_train_step, cuda_ms_per_call, environment, parse_step_entries, profile_top_kernels, summarize, time_fn  # noqa: E402
 from sparsetrain.model import relu_squared  # noqa: E402
 from sparsetrain.sparse24.cusparselt import _CONFIGS, sparse24_ffn_cusparselt, sparse_mm  # noqa: E402
 from sparsetrain.sparse24 import ffn as ffn_module  # noqa: E402
@@ -181,9 +181,7 @@ def main() -> None:
     if not args.skip_step:
         sparse = {"ffn": "relu2_24", "activation_sparse_method": "transposable", "activation_dense_warmup_steps": 0}
         default_width = ffn_module.CUSPARSELT_MIN_WIDTH
-        for entry in filter(None, args.steps.split(";")):
-            preset, _, extra = entry.partition(":")
-            model = {k: int(v) if v.isdigit() else v for k, v in (kv.split("=") for kv in filter(None, extra.split(",")))}
+        for entry, preset, model in parse_step_entries(args.steps):
             st = out["step"][entry] = {"preset": preset, "model_overrides": model}
             # relu2_24 on cuSPARSELt and on the masked kernel (dense GEMMs), forced either way
             for name, ov, min_width in [("relu2", {"ffn": "relu2"}, default_width), ("relu2_24_cusparselt", sparse, 0),

@@ -82,8 +82,6 @@ def test_bad_files_name_the_problem(tmp_path: Path, toml: str, message: str) -> 
         ({"nonsense": 1}, "unknown config key 'nonsense'"),
         ({"compile_mode": "fast"}, "run.compile_mode must be one of default, reduce-overhead"),
         ({"use_collider": True, "compile_mode": "reduce-overhead"}, "compile_mode other than default is not available"),
-        ({"ffn": "relu2_24", "activation_sparse_method": "transposable", "compile_mode": "reduce-overhead"},
-         "reduce-overhead with CUDA graphs and ffn = relu2_24 with the transposable"),
     ],
 )
 def test_out_of_range_values(overrides: dict, message: str) -> None:

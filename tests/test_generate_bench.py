@@ -99,3 +99,12 @@ def test_quality_suites_are_valid_configs() -> None:
         for name, overrides in runs.items():
             ov = {k: v for k, v in overrides.items() if k != "equal_time_to"}
             build_config("nano-125m", overrides={**ov, "seq_len": 1024, "batch_size": 16, "keep_ratio": 0.5})
+
+
+def test_parse_step_entries() -> None:
+    from sparsetrain.benchmark import parse_step_entries
+
+    assert parse_step_entries("d20;;d20:d_model=4096,n_head=32,ffn=relu2") == [
+        ("d20", "d20", {}),
+        ("d20:d_model=4096,n_head=32,ffn=relu2", "d20", {"d_model": 4096, "n_head": 32, "ffn": "relu2"}),
+    ]

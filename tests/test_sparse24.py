@@ -328,3 +328,61 @@ def test_sparse_ffn_module_compiles_whole_on_gpu() -> None:
             assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2)
         finally:
             ffn_module.CUSPARSELT_MIN_WIDTH = 1280
+
+
+def test_cuda_graph_modes_need_the_cached_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA-graph compile modes with the transposable FFN are refused (ConfigError,
+    exit 2 from the CLI) exactly where cuSPARSELt would run through torch's op."""
+    from sparsetrain.config import build_config
+    from sparsetrain.errors import ConfigError
+    from sparsetrain.model import build_model
+    from sparsetrain.sparse24 import cslt_plans, cusparselt
+    from sparsetrain.trainer import prepare_sparse24
+
+    cfg = build_config("tiny", overrides={"ffn": "relu2_24", "activation_sparse_method": "transposable",
+                                          "compile": True, "compile_mode": "reduce-overhead"})
+    model = build_model(cfg.model)
+    cuda = torch.device("cuda")
+    prepare_sparse24(cfg, model, torch.device("cpu"))  # no cuSPARSELt on the CPU: nothing to refuse
+    monkeypatch.setattr(cusparselt, "cusparselt_available", lambda: True)
+    monkeypatch.setattr(cslt_plans, "load", lambda: object())
+    prepare_sparse24(cfg, model, cuda)
+    monkeypatch.setattr(cslt_plans, "load", lambda: None)
+    with pytest.raises(ConfigError, match="compile_mode reduce-overhead .* cached cuSPARSELt plans"):
+        prepare_sparse24(cfg, model, cuda)
+    cfg.compile_mode = "max-autotune-no-cudagraphs"
+    prepare_sparse24(cfg, model, cuda)
+    cfg.compile_mode = "reduce-overhead"
+    dense = build_model(build_config("tiny", overrides={"ffn": "relu2"}).model)
+    prepare_sparse24(cfg, dense, cuda)  # no 2:4 FFN, nothing to refuse
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparse_ffn_on_cusparselt_runs_under_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile's reduce-overhead mode (CUDA graph trees: warm-up, record,
+    then replays) gives eager's output and gradients on the cuSPARSELt path."""
+    from sparsetrain.sparse24 import cslt_plans
+    from sparsetrain.sparse24 import ffn as ffn_module
+    from sparsetrain.sparse24.cusparselt import cusparselt_available
+
+    if not cusparselt_available() or cslt_plans.load() is None:
+        pytest.skip("needs cuSPARSELt and the cached-plan extension")
+    monkeypatch.setattr(ffn_module, "CUSPARSELT_MIN_WIDTH", 0)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    ffn = Sparse24FFN(128, 512, method="transposable", dense_warmup_steps=0).cuda()
+    torch._dynamo.reset()
+    graphed = torch.compile(ffn, mode="reduce-overhead", fullgraph=True)
+
+    def run(fn, x):
+        x = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = fn(x)
+        grads = torch.autograd.grad(y.float().square().sum(), (x, ffn.up.weight, ffn.down.weight))
+        return [t.detach().clone() for t in (y, *grads)]
+
+    for _ in range(4):
+        x = torch.randn(2, 128, 128, device="cuda")
+        want, got = run(ffn, x), run(graphed, x)
+        assert ffn.last_backend == "cusparselt"
+        for a, b in zip(got, want):
+            assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)

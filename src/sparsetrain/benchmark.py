@@ -126,6 +126,17 @@ def profile_top_kernels(fn: Callable[[], Any], steps: int = 3, top: int = 25) ->
                              for e in sorted(events, key=lambda e: -dev(e))[:top]]}
 
 
+def parse_step_entries(spec: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """``"d20;d20:d_model=4096,n_head=32"`` -> ``[(entry, preset, model overrides), ...]``:
+    the ``--steps`` argument of the step benchmarks (integers parsed as ints)."""
+    out = []
+    for entry in filter(None, spec.split(";")):
+        preset, _, extra = entry.partition(":")
+        pairs = (kv.split("=", 1) for kv in filter(None, extra.split(",")))
+        out.append((entry, preset, {k: int(v) if v.isdigit() else v for k, v in pairs}))
+    return out
+
+
 def summarize(times_ms: list[float]) -> dict[str, float]:
     return {
         "median_ms": statistics.median(times_ms),

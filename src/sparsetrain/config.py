@@ -238,13 +238,6 @@ class TrainConfig:
             _require(self.selection == "loss", "the excess score works with selection = loss (batch splitting scores with its router)")
         # Switches whose technique has not landed yet fail loudly instead of
         # silently training dense.
-        if self.model.ffn == "relu2_24" and self.model.activation_sparse_method == "transposable":
-            # on the H200 the d20 step on cuSPARSELt failed under CUDA graphs ("tensor in the
-            # cudagraph pool not tracked as outputs", bench/results/sparse24_steps_reduce_overhead_h200.json),
-            # and the 2:4 path only turns on after the dense warmup: refuse up front, not at step 1000
-            _require(self.compile_mode in ("default", "max-autotune-no-cudagraphs"),
-                     f"compile_mode {self.compile_mode} with CUDA graphs and ffn = relu2_24 with the transposable method "
-                     "is not available yet; use default or max-autotune-no-cudagraphs")
         if self.use_collider:
             _require(self.model.ffn != "relu2_24", "use_collider with ffn = relu2_24 is not available yet")
             _require(not self.model.hyper_connections, "use_collider with hyper_connections is not available yet")

@@ -183,8 +183,9 @@ class CausalLM(nn.Module):
         logits = self.lm_head(self.hidden_states(idx))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        from .cross_entropy import cross_entropy  # imported here: it builds on this module
+
+        return logits, cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 class GPT(CausalLM):

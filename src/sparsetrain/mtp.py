@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import GPT, IGNORE_INDEX, RMSNorm, upcast
+from .cross_entropy import cross_entropy
+from .model import GPT, IGNORE_INDEX, RMSNorm
 from .selection.select import kept_indices
 
 
@@ -66,7 +67,7 @@ class MTPHeads(nn.Module):
 def lm_loss(model: GPT, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the model's final norm and LM head applied to ``x``."""
     logits = model.lm_head(model.norm(x))
-    return F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 def naive_loss(model: GPT, heads: MTPHeads, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, list[float]]:

@@ -33,7 +33,7 @@ from .errors import CheckpointError, ConfigError
 from .generate import load_model
 from .model import GPT, IGNORE_INDEX, build_model
 from .mtp import MTPHeads, kept_rows_loss, sequential_backward
-from .sparse24.ffn import Sparse24FFN
+from .sparse24.ffn import Sparse24FFN, cuda_graphs_ok
 from .bk.layers import SparseMoEResNetBKLayer
 from .bk.model import ResNetBK
 from .collider import ColliderModel, masked_cross_entropy
@@ -70,6 +70,20 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"run.device is {name!r} but CUDA is not available on this machine")
     return dev
+
+
+def prepare_sparse24(cfg: TrainConfig, model: nn.Module, device: torch.device) -> None:
+    """Build the cached cuSPARSELt plans now where the model's transposable 2:4
+    FFNs will use them (at start-up, not at the first sparse step after the
+    dense warmup), and refuse a CUDA-graph compile mode those FFNs cannot run
+    under here (:func:`~sparsetrain.sparse24.ffn.cuda_graphs_ok`)."""
+    if cfg.model.ffn != "relu2_24":
+        return
+    graphs_ok = cuda_graphs_ok(model, device)  # builds or loads the extension where it applies
+    if cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune") and not graphs_ok:
+        raise ConfigError(f"compile_mode {cfg.compile_mode} (CUDA graphs) with ffn = relu2_24 needs sparsetrain's cached "
+                          "cuSPARSELt plans, which did not build here (see the warning above); "
+                          "use default or max-autotune-no-cudagraphs")
 
 
 def compare_model_configs(saved: dict, wanted: ModelConfig, where: str) -> None:
@@ -131,6 +145,7 @@ class Trainer:
         self._write_run_files()
         # Collider compiles its own elementwise pieces; its autograd node is not traced whole
         self.ddp_model: nn.Module = ColliderModel(self.model, compile=cfg.compile) if cfg.use_collider else self.model
+        prepare_sparse24(cfg, self.model, self.device)
         if cfg.compile and not cfg.use_collider:
             # reduce-overhead: CUDA graphs of the compiled pieces (what the sync-free
             # ResNet-BK parked path allows; bench/results/bk_step_0.5_h200.json)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cslt_plans
 from .custom_ops import ffn_op
 from .packing import pack_transposable
 
@@ -101,8 +102,7 @@ def sparse_mm(packed: torch.Tensor, dense: torch.Tensor, transpose_result: bool 
     if key not in _CONFIGS:
         _CONFIGS[key] = _search(packed, dense, transpose_result)
     alg, split_k, split_k_mode = _CONFIGS[key]
-    return torch._cslt_sparse_mm(packed, dense, transpose_result=transpose_result, alg_id=alg, split_k=split_k,
-                                 split_k_mode=split_k_mode)
+    return cslt_plans.sparse_mm(packed, dense, transpose_result, alg, split_k, split_k_mode)
 
 
 def _forward(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..model import relu_squared, upcast
 from ..optim import StepCounted
 from ..rows import permute_rows
-from . import cusparselt, packing
+from . import cslt_plans, cusparselt, packing
 from .custom_ops import ffn_op
 from .sparsify import naive_24, soft_threshold_scale, sparsify_24, sparsity_stats
 
@@ -187,20 +187,21 @@ class Sparse24FFN(StepCounted):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         perm, inv = self._permutation(flat.shape[0], flat.device)
+        half = _half_dtype(flat)
+        fast = self.method == "transposable" and half is torch.bfloat16
+        if fast:  # cast, then permute: the rows move in bf16, half the bytes of the float32 norm output
+            flat = flat.to(half)
         xp = permute_rows(flat, perm, inv)
         if self.method == "soft_threshold" and float(self.scale) == 0.0:
             with torch.no_grad():
                 self.scale.fill_(soft_threshold_scale(F.relu(F.linear(xp, self.up.weight)).square()))
         stats: dict[str, float] | None = {} if self.track_stats else None
-        half = _half_dtype(xp)
-        fast = self.method == "transposable" and half is torch.bfloat16
-        xh = xp.to(half) if fast else xp
-        if fast and cusparselt.supported(xh, self.up.weight) and xh.shape[1] >= CUSPARSELT_MIN_WIDTH:
+        if fast and cusparselt.supported(xp, self.up.weight) and xp.shape[1] >= CUSPARSELT_MIN_WIDTH:
             self.last_backend = "cusparselt"
-            y = cusparselt.sparse24_ffn_cusparselt(xh, self.up.weight, self.down.weight)
-        elif fast and packing.triton_ok(xh) and xh.shape[0] % 64 == 0 and self.up.weight.shape[0] % 64 == 0:
+            y = cusparselt.sparse24_ffn_cusparselt(xp, self.up.weight, self.down.weight)
+        elif fast and packing.triton_ok(xp) and xp.shape[0] % 64 == 0 and self.up.weight.shape[0] % 64 == 0:
             self.last_backend = "masked_kernel"
-            y = sparse24_ffn_masked_kernel(xh, self.up.weight, self.down.weight)
+            y = sparse24_ffn_masked_kernel(xp, self.up.weight, self.down.weight)
         else:
             self.last_backend = "masked_dense"
             gen = self.generator if flat.device.type == "cpu" else None
@@ -211,7 +212,22 @@ class Sparse24FFN(StepCounted):
         if stats is not None:
             if self.last_backend != "masked_dense":  # both fast paths choose the same patterns: one dense view
                 with torch.no_grad(), torch.autocast("cuda", enabled=False):
-                    u = F.linear(xh, self.up.weight.to(half))
+                    u = F.linear(xp, self.up.weight.to(half))
                     stats.update(sparsity_stats(F.relu(u).square(), packing.mask_transposable(u)[0]))
             self.last_stats = stats
         return permute_rows(y, inv, perm).reshape(*shape[:-1], -1)  # undo the permutation
+
+
+def cuda_graphs_ok(model: nn.Module, device: torch.device) -> bool:
+    """Whether ``model``'s ``relu2_24`` FFNs can run under CUDA graphs on
+    ``device``; builds or loads the cached-plan extension where it applies.
+
+    False only where a transposable FFN would multiply through torch's
+    ``_cslt_sparse_mm``: the d20 step failed capture with it ("tensor in the
+    cudagraph pool not tracked as outputs"), and ran with the cached plans of
+    :mod:`.cslt_plans` (bench/results/cslt_plans_d20_graphs_h200.json)."""
+    if device.type != "cuda" or not cusparselt.cusparselt_available():
+        return True
+    if not any(isinstance(m, Sparse24FFN) and m.method == "transposable" for m in model.modules()):
+        return True
+    return cslt_plans.load() is not None
