@@ -1,4 +1,4 @@
-"""The cached-plan cuSPARSELt extension against torch's op and a float64 product (GPU only)."""
+"""The cached-plan cuSPARSELt extension against torch's op and a float64 product (GPU), and how it finds cuSPARSELt (CPU)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import torch
 from sparsetrain.sparse24 import cslt_plans
 from sparsetrain.sparse24.cusparselt import cusparselt_available
 from sparsetrain.sparse24.sparsify import naive_24
-
-pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +82,17 @@ def test_bad_operands_raise_clear_errors(ext) -> None:
     # a size that fits a 2:4 matrix of another shape gets cuSPARSELt's own error, raised
     with pytest.raises(RuntimeError, match="cuSPARSELt|cusparseLt"):
         cslt_plans.sparse_mm(packed[:-1].contiguous(), b)
+
+
+def test_cusparselt_dirs_are_found_in_the_nvidia_wheels(tmp_path, monkeypatch) -> None:
+    """Runs on CPU: the header and library are found where the ``nvidia-cusparselt`` wheel puts them."""
+    base = tmp_path / "site" / "nvidia" / "cusparselt"
+    (base / "include").mkdir(parents=True)
+    (base / "lib").mkdir()
+    (base / "include" / "cusparseLt.h").touch()
+    monkeypatch.setattr("sys.path", [str(tmp_path / "site")])
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-cuda"))
+    with pytest.raises(FileNotFoundError, match="cusparseLt.h with libcusparseLt.so"):
+        cslt_plans._cusparselt_dirs()  # a header without its library is not enough
+    (base / "lib" / "libcusparseLt.so.0").touch()
+    assert cslt_plans._cusparselt_dirs() == (str(base / "include"), str(base / "lib"), "libcusparseLt.so.0")

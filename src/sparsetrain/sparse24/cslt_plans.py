@@ -34,9 +34,9 @@ ENABLED = os.environ.get("SPARSETRAIN_CSLT_PLANS", "1") != "0"
 """Use the cached plans where they build; ``False``: torch's op (set from the environment, switchable for benchmarks)."""
 
 
-def _cusparselt_dirs() -> tuple[str, str]:
-    """(include dir, lib dir) of the cuSPARSELt that torch loads: the ``nvidia``
-    wheels' (``nvidia/cusparselt/`` or ``nvidia/cu13/``), else CUDA_HOME's."""
+def _cusparselt_dirs() -> tuple[str, str, str]:
+    """(include dir, lib dir, library file name) of the cuSPARSELt that torch
+    loads: the ``nvidia`` wheels' (``nvidia/cusparselt/`` or ``nvidia/cu13/``), else CUDA_HOME's."""
     roots = [Path(p) for p in sys.path if p and Path(p, "nvidia").is_dir()]
     candidates = [str(r / "nvidia" / "*" / "include" / "cusparseLt.h") for r in roots]
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
@@ -45,8 +45,9 @@ def _cusparselt_dirs() -> tuple[str, str]:
         for header in sorted(glob.glob(pattern)):
             base = Path(header).parent.parent
             for lib in ("lib", "lib64"):
-                if glob.glob(str(base / lib / "libcusparseLt.so*")):
-                    return str(base / "include"), str(base / lib)
+                libs = sorted(glob.glob(str(base / lib / "libcusparseLt.so*")))
+                if libs:
+                    return str(base / "include"), str(base / lib), os.path.basename(libs[0])
     raise FileNotFoundError("cusparseLt.h with libcusparseLt.so beside it (looked in the nvidia wheels and CUDA_HOME)")
 
 
@@ -61,8 +62,7 @@ def load() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load as load_extension
 
-        include, lib = _cusparselt_dirs()
-        libname = sorted(os.path.basename(p) for p in glob.glob(os.path.join(lib, "libcusparseLt.so*")))[0]
+        include, lib, libname = _cusparselt_dirs()
         _EXT = load_extension(
             name="sparsetrain_cslt_plans", sources=[str(_SOURCE)], extra_include_paths=[include],
             extra_ldflags=[f"-L{lib}", f"-l:{libname}", f"-Wl,-rpath,{lib}"], extra_cflags=["-O2"],
