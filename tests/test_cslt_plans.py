@@ -72,12 +72,20 @@ def test_cached_plans_run_inside_a_cuda_graph(ext) -> None:
 
 
 def test_bad_operands_raise_clear_errors(ext) -> None:
+    """The extension's own checks raise; none of them may crash the process (a
+    size check that streamed an integer once segfaulted on the H200)."""
     _, packed, b = _operands(64, 64, 64, False, torch.bfloat16)
-    with pytest.raises(ValueError, match="one dtype, got torch.bfloat16 and torch.float16"):
+    with pytest.raises(RuntimeError, match=r"dtypes differ \(BFloat16 vs Half\)"):
         cslt_plans.sparse_mm(packed, b.half())
-    with pytest.raises(ValueError, match="row- or column-major"):
+    with pytest.raises(RuntimeError, match="bf16 or fp16 only, got Float"):
+        cslt_plans.sparse_mm(packed.float(), b.float())
+    with pytest.raises(RuntimeError, match="row- or column-major"):
         cslt_plans.sparse_mm(packed, torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)[:, ::2])
-    with pytest.raises(ValueError, match="2303 packed elements .* do not hold a 2:4 matrix with 64 columns"):
+    with pytest.raises(RuntimeError, match="must be 2-D, got 3-D"):
+        cslt_plans.sparse_mm(packed, b[None])
+    with pytest.raises(RuntimeError, match="one CUDA device"):
+        cslt_plans.sparse_mm(packed, b.cpu())
+    with pytest.raises(RuntimeError, match="2303 packed elements do not hold a 2:4 matrix with 64 columns"):
         cslt_plans.sparse_mm(packed.flatten()[:-1].contiguous(), b)
     # a size that fits a 2:4 matrix of another shape gets cuSPARSELt's own error, raised
     with pytest.raises(RuntimeError, match="cuSPARSELt|cusparseLt"):

@@ -74,32 +74,15 @@ def load() -> ModuleType | None:
     return _EXT
 
 
-def _check_operands(packed: torch.Tensor, dense: torch.Tensor) -> None:
-    """What the extension requires, checked here with a clear message (the
-    extension checks again; on the H200 one of its checks, a packed size that
-    fits no 2:4 matrix, crashed the process instead of raising)."""
-    if not (packed.is_cuda and dense.is_cuda and packed.device == dense.device):
-        raise ValueError(f"sparse_mm: operands must be on one CUDA device, got {packed.device} and {dense.device}")
-    if packed.dtype != dense.dtype or dense.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"sparse_mm: bf16 or fp16 operands of one dtype, got {packed.dtype} and {dense.dtype}")
-    if dense.dim() != 2 or not (dense.is_contiguous() or dense.t().is_contiguous()):
-        raise ValueError(f"sparse_mm: the dense operand must be a row- or column-major matrix, got shape "
-                         f"{tuple(dense.shape)} with strides {dense.stride()}")
-    k = dense.shape[0]
-    if not packed.is_contiguous() or k == 0 or (packed.numel() * 16) % (9 * k):
-        raise ValueError(f"sparse_mm: {packed.numel()} packed elements (contiguous: {packed.is_contiguous()}) "
-                         f"do not hold a 2:4 matrix with {k} columns")
-
-
 def sparse_mm(packed: torch.Tensor, dense: torch.Tensor, transpose_result: bool = False, alg_id: int = 0,
               split_k: int = 1, split_k_mode: int = -1) -> torch.Tensor:
     """``torch._cslt_sparse_mm`` with the same arguments, on a cached plan where
-    the extension is available (the same kernel and result either way)."""
+    the extension is available (the same kernel and result either way).
+    Operands it cannot multiply raise ``RuntimeError`` naming the bad value."""
     ext = load() if ENABLED else None
     if ext is None:
         return torch._cslt_sparse_mm(packed, dense, transpose_result=transpose_result, alg_id=alg_id,
                                      split_k=split_k, split_k_mode=split_k_mode)
-    _check_operands(packed, dense)
     return ext.sparse_mm(packed, dense, transpose_result, alg_id, split_k, split_k_mode)
 
 

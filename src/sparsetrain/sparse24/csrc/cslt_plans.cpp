@@ -23,6 +23,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <tuple>
 
 namespace {
@@ -118,13 +119,19 @@ torch::Tensor sparse_mm(const torch::Tensor& packed, const torch::Tensor& dense,
     TORCH_CHECK(false, "cslt_plans.sparse_mm: bf16 or fp16 only, got ", dense.scalar_type());
   }
   TORCH_CHECK(packed.is_contiguous(), "cslt_plans.sparse_mm: the packed operand must be contiguous");
-  TORCH_CHECK(dense.dim() == 2, "cslt_plans.sparse_mm: the dense operand must be 2-D, got ", dense.dim(), "-D");
+  // Numbers go into messages through std::to_string, never an ostream: on the H200 machine (g++ 13,
+  // torch 2.11) streaming an integer from this extension crashed the process (the backtrace ended in
+  // the extension's own std::ostream::_M_insert<long> calling a wrong virtual), so a TORCH_CHECK
+  // that printed a size segfaulted instead of raising.
+  TORCH_CHECK(dense.dim() == 2, "cslt_plans.sparse_mm: the dense operand must be 2-D, got " +
+                                   std::to_string(dense.dim()) + "-D");
   const bool b_row_major = dense.is_contiguous();
   TORCH_CHECK(b_row_major || dense.t().is_contiguous(),
               "cslt_plans.sparse_mm: the dense operand must be row- or column-major");
   const int64_t k = dense.size(0), n = dense.size(1);
-  TORCH_CHECK(k > 0 && (packed.numel() * 16) % (9 * k) == 0, "cslt_plans.sparse_mm: ", packed.numel(),
-              " packed elements do not hold a 2:4 matrix with ", k, " columns");
+  TORCH_CHECK(k > 0 && (packed.numel() * 16) % (9 * k) == 0,
+              "cslt_plans.sparse_mm: " + std::to_string(packed.numel()) +
+                  " packed elements do not hold a 2:4 matrix with " + std::to_string(k) + " columns");
   const int64_t m = packed.numel() * 16 / (9 * k);
 
   const int device = packed.get_device();
