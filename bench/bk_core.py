@@ -18,7 +18,9 @@ LM default, learns its rate; its per-position choice costs the same).
 with, on the sync-free parked path, skipping each position with the stated
 probability; ``sparse_*`` rows: ``topk``, exactly that fraction)
 (``torch.cuda.make_graphed_callables``), dense against sparse, at d 1024 and
-2048 (``--dims``), at ``--batches`` sequences of 2048 per call.
+2048 (``--dims``), at ``--batches`` sequences of 2048 per call; ``--relu-control``
+adds each layer with its ReLU² over the whole grouped buffer (``*-full-relu``),
+the pass that the row-limited kernel (``bk/relu_squared_rows.py``) replaced.
 ``--profile-only D``: the top kernels of dense and sparse 0.5 at d_model D,
 eagerly. (Session 3's ``--bucketing-only`` mode, which compared the per-expert loop's
 128-row padding against none, is gone: on CUDA in bf16 the MoE no longer
@@ -120,7 +122,7 @@ def bench_layer(B: int, N: int, D: int, H: int, E: int, ratios: list[float], rep
 
 
 def bench_graphed(B: int, N: int, D: int, H: int, E: int, ratios: list[float], repeats: int,
-                  compile: bool = False, bf16_params: bool = False) -> dict:
+                  compile: bool = False, bf16_params: bool = False, relu_control: bool = False) -> dict:
     """Dense against sparse (``topk`` mask, so no host sync anywhere) forward+backward
     with a fresh input each call, run eagerly and as CUDA graphs
     (``torch.cuda.make_graphed_callables``: the host cost of launching the many
@@ -128,7 +130,9 @@ def bench_graphed(B: int, N: int, D: int, H: int, E: int, ratios: list[float], r
     also torch.compile each layer before capturing it (fusing the elementwise
     work around the GEMMs). ``bf16_params``: the layers' parameters in bf16, so
     autocast casts nothing (a diagnostic of what the float32 weights' casts
-    cost; the trainer keeps float32 parameters)."""
+    cost; the trainer keeps float32 parameters). ``relu_control``: each layer
+    also as ``<name>-full-relu``, its ReLU² over the whole grouped buffer (the
+    pass before session 10) instead of the row-limited kernel."""
     torch.manual_seed(0)
     xs = [torch.randn(B, N, D, device="cuda") for _ in range(8)]
     g = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16)
@@ -136,6 +140,12 @@ def bench_graphed(B: int, N: int, D: int, H: int, E: int, ratios: list[float], r
     for r in ratios:
         mods[f"sparse_{r}"] = timing_sparse_layer(D, H, E, r)
         mods[f"threshold_{r}"] = timing_threshold_layer(D, H, E, r)
+    if relu_control:
+        for name in list(mods):
+            control = copy.deepcopy(mods[name])
+            control.moe.limit_relu_rows = False
+            kind, _, rate = name.partition("_")
+            mods[f"{kind}-full-relu" + (f"_{rate}" if rate else "")] = control
     if bf16_params:
         for m in mods.values():
             m.to(torch.bfloat16)
@@ -151,32 +161,35 @@ def bench_graphed(B: int, N: int, D: int, H: int, E: int, ratios: list[float], r
 
     # graph copies first: parameters that already ran an eager backward on the
     # default stream keep AccumulateGrad nodes there, which breaks the capture
-    graphs = {}
+    runs = {}  # label -> (callable, the module whose gradients it fills)
     for name, layer in mods.items():
         for kind in ("graphed", "compiled_graphed") if compile else ("graphed",):
             copy_ = copy.deepcopy(layer)
             fn = torch.compile(copy_) if kind == "compiled_graphed" else copy_
             try:
                 with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-                    graphs[f"{name}_{kind}"] = (torch.cuda.make_graphed_callables(fn, (xs[0].clone(),)), copy_)
+                    runs[f"{name}_{kind}"] = (torch.cuda.make_graphed_callables(fn, (xs[0].clone(),)), copy_)
             except Exception as e:  # noqa: BLE001 -- record why, keep the other variants
                 out[f"{name}_{kind}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     for name, layer in mods.items():
+        runs[f"{name}_eager"] = (layer, layer)
+    for fn, layer in runs.values():
         for _ in range(3):
-            call(layer, layer)
-        out[f"{name}_eager"] = summarize(time_fn(lambda: call(layer, layer), warmup=1, repeats=repeats))
-        for label, (graphed, copy_) in graphs.items():
-            if label.startswith(name + "_"):
-                for _ in range(3):
-                    call(graphed, copy_)
-                out[label] = summarize(time_fn(lambda: call(graphed, copy_), warmup=1, repeats=repeats))
-    for k, v in out.items():
-        if isinstance(v, dict):
-            base = out.get("dense_" + k.split("_", 2)[-1] if k.startswith(("sparse", "threshold")) else k, v)
-            v["speedup_vs_dense"] = base["median_ms"] / v["median_ms"]
-            layer = mods.get("_".join(k.split("_", 2)[:2]))
-            if isinstance(layer, SparseMoEResNetBKLayer):
-                v["last_call_stats"] = layer.get_sparsity_stats()
+            call(fn, layer)
+    # interleaved rounds, so drifting clocks hit every variant alike (timed one after
+    # another, two identical compiled dense layers once differed by 8%)
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(3):
+        for label, (fn, layer) in runs.items():
+            times[label] += time_fn(lambda: call(fn, layer), warmup=1, repeats=max(1, repeats // 3))
+    out.update({label: summarize(times[label]) for label in runs})
+    for name, layer in mods.items():
+        for mode in ("eager", "graphed", "compiled_graphed"):
+            v, base = out.get(f"{name}_{mode}"), out.get(f"dense_{mode}")
+            if isinstance(v, dict) and isinstance(base, dict):
+                v["speedup_vs_dense"] = base["median_ms"] / v["median_ms"]
+                if isinstance(layer, SparseMoEResNetBKLayer):
+                    v["last_call_stats"] = layer.get_sparsity_stats()
     return out
 
 
@@ -220,6 +233,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.3,0.5,0.7", help="with --graphed-only: skip rates")
     ap.add_argument("--bf16-params", action="store_true",
                     help="with --graphed-only or --profile-only: bf16 parameters (no weight casts)")
+    ap.add_argument("--relu-control", action="store_true",
+                    help="with --graphed-only: each layer also with ReLU² over the whole grouped buffer")
     args = ap.parse_args()
     if args.profile_only:
         D = args.profile_only
@@ -253,16 +268,17 @@ def main() -> None:
                 res["layer"][key] = {"shape": {"B": B, "N": 2048, "d_model": D, "hidden": H, "experts": 4},
                                      "param_dtype": "bfloat16" if args.bf16_params else "float32",
                                      **bench_graphed(B, 2048, D, H, 4, [float(r) for r in args.ratios.split(",")],
-                                                     args.repeats, args.compile, args.bf16_params)}
+                                                     args.repeats, args.compile, args.bf16_params,
+                                                     args.relu_control)}
                 Path(args.out).write_text(json.dumps(res, indent=2))
                 torch.cuda.empty_cache()
         for shape, r in res["layer"].items():
-            print(f"\n{'layer ' + shape:<26} {'ms':>8} {'vs dense':>9}")
+            print(f"\n{'layer ' + shape:<40} {'ms':>8} {'vs dense':>9}")
             for k, v in r.items():
                 if isinstance(v, dict) and "median_ms" in v:
-                    print(f"{k:<26} {v['median_ms']:8.2f} {v['speedup_vs_dense']:8.2f}x")
+                    print(f"{k:<40} {v['median_ms']:8.2f} {v['speedup_vs_dense']:8.2f}x")
                 elif k.endswith("_error"):
-                    print(f"{k:<26} {v[:150]}")
+                    print(f"{k:<40} {v[:150]}")
         return
     global PROFILE
     PROFILE = args.profile  # profiles the first shape only

@@ -17,7 +17,9 @@ The threshold mask's skip rate is learned. For timing it is pinned: each
 predictor's last layer starts at weight 0 and bias ``logit(1 - sparsity)``,
 so a position is computed when its logistic noise exceeds ``-bias``, with
 probability ``1 - sparsity``, at random positions. Each row reports the
-skipped fraction the last step measured.
+skipped fraction the last step measured. ``--relu-control`` adds both models
+with the MoE's ReLU² over the whole grouped buffer (``*-full-relu``), the pass
+the row-limited kernel replaced.
 """
 
 from __future__ import annotations
@@ -46,6 +48,16 @@ def pin_skip_rate(sparsity: float):
     return prepare
 
 
+def full_relu(prepare):
+    """``prepare`` plus the control: every MoE's ReLU² over its whole grouped buffer (before session 10)."""
+    def both(model: torch.nn.Module) -> None:
+        prepare(model)
+        for module in model.modules():
+            if hasattr(module, "limit_relu_rows"):
+                module.limit_relu_rows = False
+    return both
+
+
 MODES = {"eager": None, "compiled": "default", "compiled_graphs": "reduce-overhead"}
 
 
@@ -64,10 +76,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--profile", action="store_true", help="also profile each step's top kernels")
+    ap.add_argument("--relu-control", action="store_true",
+                    help="also both models with ReLU² over the whole grouped buffer (the pass before session 10)")
     args = ap.parse_args()
     base = {"arch": "resnet_bk", "d_model": args.d_model, "ffn_hidden": args.hidden, "n_layer": args.layers,
             "n_head": max(1, args.d_model // 128), "bk_num_experts": args.experts}
     variants = {"dense": {}, f"sparse_{args.sparsity}": {"bk_sparsity": args.sparsity, "bk_sparsity_warmup_steps": 0}}
+    if args.relu_control:
+        variants.update({"dense-full-relu": {}, f"sparse-full-relu_{args.sparsity}": variants[f"sparse_{args.sparsity}"]})
     out = {"environment": environment(), "model": base, "seq_len": args.seq_len, "batch_size": args.batch_size,
            "steps": {}}
     for mode in args.modes.split(","):
@@ -77,7 +93,8 @@ def main() -> None:
                 out["steps"][key] = bench_train_step("nano-125m", args.seq_len, args.batch_size, repeats=args.repeats,
                                                      model_overrides={**base, **extra}, compile_mode=MODES[mode],
                                                      profile_top=30 if args.profile else 0,
-                                                     prepare=pin_skip_rate(args.sparsity))
+                                                     prepare=(full_relu if "full-relu" in name else lambda p: p)(
+                                                         pin_skip_rate(args.sparsity)))
                 if args.profile:
                     print_profile(key, out["steps"][key]["profile"])
             except Exception as e:  # noqa: BLE001 - a mode that fails is a result too
@@ -85,16 +102,16 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(out, indent=2))
             torch._dynamo.reset()
             torch.cuda.empty_cache()
-    print(f"\n{'mode':<16} {'dense ms':>9} {'sparse ms':>9} {'speedup':>8} {'skipped':>8}")
-    sparse = f"sparse_{args.sparsity}"
+    print(f"\n{'mode':<32} {'dense ms':>9} {'sparse ms':>9} {'speedup':>8} {'skipped':>8}")
     for mode in args.modes.split(","):
-        d, s = out["steps"][f"dense_{mode}"], out["steps"][f"{sparse}_{mode}"]
-        if "error" in d or "error" in s:
-            print(f"{mode:<16} error: {(d.get('error') or s.get('error'))[:200]}")
-            continue
-        dm, sm = d["step"]["median_ms"], s["step"]["median_ms"]
-        skipped = s.get("sparsity_stats", {}).get("sparsity_ratio", float("nan"))
-        print(f"{mode:<16} {dm:9.2f} {sm:9.2f} {dm / sm:7.3f}x {skipped:8.3f}")
+        for tag in ("", "-full-relu") if args.relu_control else ("",):
+            d, s = out["steps"][f"dense{tag}_{mode}"], out["steps"][f"sparse{tag}_{args.sparsity}_{mode}"]
+            if "error" in d or "error" in s:
+                print(f"{mode + tag:<32} error: {(d.get('error') or s.get('error'))[:200]}")
+                continue
+            dm, sm = d["step"]["median_ms"], s["step"]["median_ms"]
+            skipped = s.get("sparsity_stats", {}).get("sparsity_ratio", float("nan"))
+            print(f"{mode + tag:<32} {dm:9.2f} {sm:9.2f} {dm / sm:7.3f}x {skipped:8.3f}")
 
 
 if __name__ == "__main__":

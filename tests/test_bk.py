@@ -228,6 +228,33 @@ def test_grouped_experts_equal_the_per_expert_loop(experts: int, rows: int) -> N
     assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(g_got, g_want))
 
 
+def test_grouped_experts_row_limited_relu_equals_the_full_pass() -> None:
+    """float32 through the row-limited ReLU² kernel (Triton's interpreter on CPU):
+    the same bits, forward and backward, as ReLU² over the whole buffer, and
+    the per-expert float64 result within float32 rounding; the parked rows'
+    NaN never reach a kept row or a weight gradient."""
+    from sparsetrain.bk.layers import _expert, grouped_experts
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    rows, D, H, E = 45, 16, 24, 3
+    ins = [torch.randn(*s, generator=g) for s in ((rows, D), (E, H, D), (E, D, H))]
+    expert = torch.randint(0, E, (rows,), generator=g)
+    keep = torch.rand(rows, generator=g) < 0.5
+    dy = torch.randn(rows, D, generator=g)
+    results = []
+    for limit_rows in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in ins]
+        y = grouped_experts(*leaves[:1], expert, *leaves[1:], _looped_gmm, keep=keep, limit_rows=limit_rows)
+        results.append((y, *torch.autograd.grad(y, leaves, dy)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    x64, up64, down64 = (t.double() for t in ins)
+    want = torch.stack([_expert(x64[i:i + 1], up64[e], down64[e])[0] if k else x64.new_zeros(D)
+                        for i, (e, k) in enumerate(zip(expert.tolist(), keep.tolist()))])
+    assert float((results[0][0].detach().double() - want).norm() / want.norm()) < 1e-6
+    assert all(torch.isfinite(t).all() for t in results[0])
+
+
 @pytest.mark.parametrize("experts", [1, 3])
 def test_grouped_experts_skip_parked_rows_exactly(experts: int) -> None:
     """``keep=``: the kept rows equal each expert applied to them, the others

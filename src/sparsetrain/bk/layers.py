@@ -44,6 +44,7 @@ from ..model import relu_squared, upcast
 from ..optim import StepCounted
 from ..rows import gather_rows
 from .core import DEFAULT_Z, bk_core
+from .relu_squared_rows import relu_squared_rows
 
 MASK_MODES = ("threshold", "topk")
 
@@ -63,6 +64,7 @@ class MoEFFN(nn.Module):
         self.up = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.down = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.grouped_mm: Callable | None = None
+        self.limit_relu_rows = True  # grouped path: ReLU² skips the parked rows (False: the old full pass, for benchmarks)
         std = 0.02
         nn.init.normal_(self.up, 0.0, std)
         nn.init.normal_(self.down, 0.0, std)
@@ -87,7 +89,8 @@ class MoEFFN(nn.Module):
             return _expert(x, self.up[0], self.down[0]) * gate.unsqueeze(-1).to(x.dtype)
         if grouped is not None:
             cdt, gmm = grouped
-            y = grouped_experts(x.to(cdt), expert, self.up.to(cdt), self.down.to(cdt), gmm, keep=keep)
+            y = grouped_experts(x.to(cdt), expert, self.up.to(cdt), self.down.to(cdt), gmm, keep=keep,
+                                limit_rows=self.limit_relu_rows)
             return y * gate.unsqueeze(-1).to(y.dtype)
         order = expert.argsort()
         counts = torch.bincount(expert, minlength=self.num_experts).tolist()  # one host sync per layer
@@ -112,7 +115,7 @@ def _grouped_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 def grouped_experts(x: torch.Tensor, expert: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gmm,
-                    keep: torch.Tensor | None = None) -> torch.Tensor:
+                    keep: torch.Tensor | None = None, limit_rows: bool = True) -> torch.Tensor:
     """All experts' ``down_e(relu(up_e x)^2)`` in two grouped GEMMs, with no host sync.
 
     ``x[M, D]``, ``expert[M]`` (each row's expert), ``up[E, H, D]``, ``down[E, D, H]``;
@@ -131,7 +134,11 @@ def grouped_experts(x: torch.Tensor, expert: torch.Tensor, up: torch.Tensor, dow
     data-dependent skip with no host sync, which a CUDA graph can capture.
     What the GEMMs leave in the parked rows is undefined (the H200 leaves
     non-finite values), so they are selected away with ``torch.where`` on the
-    way in and out: they come out 0 and pass exactly 0 gradient."""
+    way in and out: they come out 0 and pass exactly 0 gradient.
+
+    ``limit_rows``: the ReLU² between the GEMMs skips the rows past the last
+    group too (:mod:`.relu_squared_rows`; ``False``: it runs over the whole
+    buffer, the behaviour before session 10, kept for benchmarks)."""
     M, E = x.shape[0], up.shape[0]
     if keep is not None:
         x = torch.where(keep.unsqueeze(-1), x, 0)  # parked rows' gradient: 0, not what the GEMMs left there
@@ -148,7 +155,14 @@ def grouped_experts(x: torch.Tensor, expert: torch.Tensor, up: torch.Tensor, dow
     slot_sorted = torch.arange(M, device=x.device) - start.index_select(0, sorted_e) + pstart.index_select(0, sorted_e)
     slot = torch.empty_like(slot_sorted).index_copy_(0, order, slot_sorted)
     xp = x.new_zeros(rows, x.shape[1]).index_copy(0, slot, x)  # pad rows 0: they are multiplied
-    h = relu_squared(gmm(xp, up.transpose(1, 2), offs))
+    pre = gmm(xp, up.transpose(1, 2), offs)
+    # ReLU² on the grouped rows only (rows past offs[-1] are never read). Compiled with nothing
+    # parked (dense, top-k) there is little to skip and inductor fuses its own ReLU², so under
+    # torch.compile only the parked path takes the kernel.
+    if limit_rows and (keep is not None or not torch.compiler.is_compiling()):
+        h = relu_squared_rows(pre, offs[-1:])
+    else:
+        h = relu_squared(pre)
     y = gather_rows(gmm(h, down.transpose(1, 2), offs), slot)
     return y if keep is None else torch.where(keep.unsqueeze(-1), y, 0)
 
