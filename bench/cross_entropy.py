@@ -5,7 +5,10 @@
 1. The loss alone, forward+backward on bf16 logits ``[N, V]`` for each ``--shapes``
    entry: milliseconds (median of repeats after warm-up) and peak memory above
    the logits, for ``F.cross_entropy(logits.float(), targets)`` and the fused kernels.
-2. Training steps (sequence 2048, batch 8) of each ``--steps`` entry, eager and
+2. ``--kept``: Collider's kept-rows loss (half the rows kept, the gradient
+   handed to the engine's slot) in plain torch, eager and compiled, against the
+   same kernels reading the kept rows in place.
+3. Training steps (sequence 2048, batch 8) of each ``--steps`` entry, eager and
    compiled (``--modes``), with the model's loss on the reference (under
    torch.compile: inductor's lowering of it) and on the fused kernels.
 
@@ -59,6 +62,40 @@ def loss_alone(N: int, V: int, repeats: int) -> dict:
     return out
 
 
+def kept_rows_loss(N: int, V: int, repeats: int, keep_ratio: float = 0.5) -> dict:
+    """Collider's kept-rows loss (``collider.masked_cross_entropy`` handing its
+    ``[K, V]`` gradient to the engine's slot, as in a Collider step), forward+backward
+    on ``keep_ratio`` of ``N`` bf16 rows: plain torch eagerly, plain torch
+    compiled (what ``ColliderModel(compile=True)`` ran before), and the kernels."""
+    from sparsetrain.collider import loss as kept_loss
+    from sparsetrain.selection.select import kept_indices
+
+    torch.manual_seed(0)
+    logits = (2 * torch.randn(1, N, V, device="cuda")).to(torch.bfloat16).requires_grad_(True)
+    targets = torch.randint(0, V, (1, N), device="cuda")
+    keep = torch.rand(1, N, device="cuda") < keep_ratio
+    kept_indices(keep)  # cached on the mask, as a selector's mask brings them: no sync per call
+    out: dict = {"kept_rows": int(keep.sum())}
+    rows = {}
+    for name, fused, compile in (("torch_eager", False, False), ("torch_compiled", False, True), ("kernels", True, False)):
+        ce.FUSED = fused
+
+        def step() -> None:
+            slot = kept_loss.RowGradSlot(compile)
+            setattr(logits, kept_loss.SLOT_ATTR, slot)
+            kept_loss.masked_cross_entropy(logits, targets, keep).backward()
+            logits.grad = None
+            rows[name] = slot.items[0][2]
+
+        ms = time_fn(step, warmup=5, repeats=repeats)
+        out[name] = {"median_ms": statistics.median(ms), "min_ms": min(ms)}
+    ce.FUSED = True
+    out["grad_max_abs_diff_kernels_vs_torch"] = float((rows["kernels"].float() - rows["torch_eager"].float()).abs().max())
+    out["speedup_vs_torch_eager"] = out["torch_eager"]["median_ms"] / out["kernels"]["median_ms"]
+    out["speedup_vs_torch_compiled"] = out["torch_compiled"]["median_ms"] / out["kernels"]["median_ms"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "cross_entropy.json"))
@@ -66,10 +103,11 @@ def main() -> None:
     ap.add_argument("--steps", default="nano-125m;d20", help="'preset[:key=value,...]' entries separated by ';'")
     ap.add_argument("--modes", default="eager,compiled", help="comma list of eager, compiled")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--kept", default="", help="N x V entries for Collider's kept-rows loss (half the rows kept)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/cross_entropy.py needs a CUDA GPU")
-    res: dict = {"environment": environment(), "loss": {}, "steps": {}}
+    res: dict = {"environment": environment(), "loss": {}, "kept_rows_loss": {}, "steps": {}}
 
     def save() -> None:
         Path(args.out).write_text(json.dumps(res, indent=2))
@@ -77,6 +115,11 @@ def main() -> None:
     for shape in filter(None, args.shapes.split(",")):
         N, V = (int(v) for v in shape.split("x"))
         res["loss"][shape] = loss_alone(N, V, args.repeats)
+        torch.cuda.empty_cache()
+        save()
+    for shape in filter(None, args.kept.split(",")):
+        N, V = (int(v) for v in shape.split("x"))
+        res["kept_rows_loss"][shape] = kept_rows_loss(N, V, args.repeats)
         torch.cuda.empty_cache()
         save()
     for entry, preset, model in parse_step_entries(args.steps):
@@ -99,6 +142,11 @@ def main() -> None:
     for shape, r in res["loss"].items():
         print(f"{shape:<14} {r['reference']['median_ms']:7.2f} {r['fused']['median_ms']:9.2f} {r['speedup']:7.2f}x "
               f"{r['reference']['peak_extra_gib']:8.2f} {r['fused']['peak_extra_gib']:10.2f} {r['grad_max_abs_diff']:10.2e}")
+    for shape, r in res["kept_rows_loss"].items():
+        print(f"kept-rows loss {shape} ({r['kept_rows']} kept): torch eager {r['torch_eager']['median_ms']:.2f} ms, "
+              f"torch compiled {r['torch_compiled']['median_ms']:.2f} ms, kernels {r['kernels']['median_ms']:.2f} ms "
+              f"({r['speedup_vs_torch_eager']:.2f}x / {r['speedup_vs_torch_compiled']:.2f}x); "
+              f"grad diff {r['grad_max_abs_diff_kernels_vs_torch']:.2e}")
     for entry, st in res["steps"].items():
         print(f"{entry} step: reference loss {st['reference']['step']['median_ms']:.1f} ms, fused "
               f"{st['fused']['step']['median_ms']:.1f} ms ({st['speedup']:.3f}x); peak memory "

@@ -153,6 +153,46 @@ def test_masked_cross_entropy_on_plain_logits_matches_float64() -> None:
     assert torch.allclose(dl, ref_logits.grad, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compact", [False, True])
+def test_masked_cross_entropy_kernels_match_float64(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                                   compact: bool) -> None:
+    """The loss on its Triton kernels (on CUDA; here through Triton's interpreter):
+    loss and gradient against float64, as a full gradient and as the compact
+    kept rows handed to the engine's slot."""
+    from sparsetrain import cross_entropy as ce
+    from sparsetrain.collider import loss as kept_loss
+
+    monkeypatch.setattr(kept_loss, "_fused", ce.fused_ok)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(fresh_seed())
+    B, T, V = 2, 9, 600
+    logits = (3 * torch.randn(B, T, V, generator=g)).to(device, dtype).requires_grad_(True)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[1, 2] = -100
+    keep = torch.rand(B, T, generator=g) < 0.6
+    keep[1, 2] = keep[0, 1] = True
+    targets, keep = targets.to(device), keep.to(device)
+    slot = kept_loss.RowGradSlot()
+    if compact:
+        setattr(logits, kept_loss.SLOT_ATTR, slot)
+    loss = masked_cross_entropy(logits, targets, keep)
+    (dl,) = torch.autograd.grad(loss * 0.8, logits)
+    x64 = logits.detach().double().requires_grad_(True)
+    sel = keep & (targets != -100)
+    ref = F.cross_entropy(x64[sel], targets[sel])
+    (want,) = torch.autograd.grad(ref * 0.8, x64)
+    assert abs(float(loss) - float(ref)) <= 1e-5 * abs(float(ref))
+    if compact:  # the engine's rows: the gradient of the kept rows, in the filter's order
+        (keep_, kidx, rows), = slot.items
+        got = torch.zeros(B * T, V, dtype=rows.dtype, device=device).index_copy_(0, kidx, rows).view(B, T, V)
+    else:
+        got = dl
+    tol = 1e-6 if dtype == torch.float32 else 2**-8
+    assert got.dtype == dtype
+    assert torch.allclose(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("ffn, tie", [("relu2", False), ("swiglu", False), ("relu2", True)])
 def test_gradients_match_detached_kv_reference(ffn: str, tie: bool) -> None:
     model = make(ffn, tie)

@@ -38,6 +38,32 @@ def test_fused_cross_entropy_matches_float64(dtype: torch.dtype, V: int) -> None
     assert torch.allclose(loss, cross_entropy_reference(logits, targets), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_kernel_on_listed_rows_matches_the_reference(dtype: torch.dtype) -> None:
+    """``cross_entropy_grad(rows=...)`` reads the listed rows in place: equal to
+    the plain-torch gradient of those rows (one rounding) and to float64."""
+    from sparsetrain.cross_entropy import cross_entropy_grad, cross_entropy_grad_reference
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    N, V = 23, 1500
+    logits = (3 * torch.randn(N, V, generator=g)).to(DEVICE, dtype)
+    targets = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    targets[3] = IGNORE_INDEX
+    rows = torch.randperm(N, generator=g)[:9].to(DEVICE)
+    rows[0] = 3  # a listed row without a target
+    lse = torch.logsumexp(logits.float(), dim=-1).index_select(0, rows)
+    scale = torch.tensor([0.37], device=DEVICE)
+    got = cross_entropy_grad(logits, targets, lse, scale, rows=rows)
+    want = cross_entropy_grad_reference(logits, targets, lse, scale, rows=rows)
+    x64 = logits.double().index_select(0, rows)
+    t = targets.index_select(0, rows)
+    exact = (torch.softmax(x64, -1) - F.one_hot(t.clamp(min=0), V).double()) * 0.37 * (t != IGNORE_INDEX)[:, None]
+    assert got.shape == (9, V) and got.dtype == dtype and not got[0].any()
+    tol = 1e-6 if dtype == torch.float32 else 2**-8
+    assert torch.allclose(got.double(), want.double(), rtol=tol, atol=tol * float(want.abs().max().double()))
+    assert torch.allclose(got.double(), exact, rtol=tol, atol=tol * float(exact.abs().max()))
+
+
 def test_fused_cross_entropy_edge_cases() -> None:
     logits = torch.randn(4, 300, device=DEVICE)
     none = torch.full((4,), IGNORE_INDEX, device=DEVICE)

@@ -50,15 +50,19 @@ def fused_ok(logits: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _ce_grad_kernel(logits_ptr, targets_ptr, lse_ptr, scale_ptr, grad_ptr, V, stride_row, grad_stride,
-                        ignore_index, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr):
-        # one program: BLOCK columns of one row
+    def _ce_grad_kernel(logits_ptr, targets_ptr, rows_ptr, lse_ptr, scale_ptr, grad_ptr, V, stride_row, grad_stride,
+                        ignore_index, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr, GATHER: tl.constexpr):
+        # one program: BLOCK columns of one output row; GATHER: it reads logits row rows[i]
         row = tl.program_id(0).to(tl.int64)
+        if GATHER:
+            src = tl.load(rows_ptr + row).to(tl.int64)
+        else:
+            src = row
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inb = cols < V
-        tgt = tl.load(targets_ptr + row).to(tl.int64)
+        tgt = tl.load(targets_ptr + src).to(tl.int64)
         scale = tl.where(tgt != ignore_index, tl.load(scale_ptr), 0.0)
-        x = tl.load(logits_ptr + row * stride_row + cols, mask=inb, other=0.0).to(tl.float32)
+        x = tl.load(logits_ptr + src * stride_row + cols, mask=inb, other=0.0).to(tl.float32)
         g = (tl.exp(x - tl.load(lse_ptr + row)) - tl.where(cols == tgt, 1.0, 0.0)) * scale
         if ROUND_BF16:  # the interpreter truncates to bf16: round to nearest even first, as the GPU does
             g = (bf16_bits_rne(g) << 16).to(tl.float32, bitcast=True)
@@ -83,21 +87,45 @@ def _(logits, targets):
     return logits.new_empty((), dtype=f32), logits.new_empty(logits.shape[:1], dtype=f32), targets.new_empty((), dtype=torch.int64)
 
 
+def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``(softmax - onehot) * scale`` of ``logits`` ``[N, V]`` in one read of each row,
+    in the logits' dtype; rows whose target is ``IGNORE_INDEX`` get 0. ``lse``: each
+    row's log-sum-exp (float32), ``scale``: a 1-element float32 tensor (read on the
+    device). ``rows``: only those rows of ``logits`` (and ``targets``), giving
+    ``[len(rows), V]`` and ``lse`` per listed row. Where :func:`fused_ok`;
+    :func:`cross_entropy_grad_reference` is the plain-torch equal."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    V = logits.shape[1]
+    n = logits.shape[0] if rows is None else rows.numel()
+    out = torch.empty((n, V), dtype=logits.dtype, device=logits.device)
+    block = min(4096, triton.next_power_of_2(V))
+    if n:
+        targets = targets.contiguous()
+        _ce_grad_kernel[(n, triton.cdiv(V, block))](
+            logits, targets, rows.contiguous() if rows is not None else targets, lse, scale.reshape(1), out, V,
+            logits.stride(0), out.stride(0), IGNORE_INDEX, BLOCK=block,
+            ROUND_BF16=interpreting() and logits.dtype == torch.bfloat16, GATHER=rows is not None, num_warps=8)
+    return out
+
+
+def cross_entropy_grad_reference(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                                 scale: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`cross_entropy_grad` in plain torch (float32 arithmetic; float64 stays)."""
+    if rows is not None:
+        logits, targets = logits.index_select(0, rows), targets.index_select(0, rows)
+    x = upcast(logits)
+    w = torch.where(targets != IGNORE_INDEX, scale.reshape(()).to(x.dtype), 0.0)[:, None]
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    return ((torch.exp(x - lse[:, None].to(x.dtype)) - onehot.to(x.dtype)) * w).to(logits.dtype)
+
+
 @torch.library.custom_op("sparsetrain::cross_entropy_backward", mutates_args=())
 def _ce_backward(grad: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                  count: torch.Tensor) -> torch.Tensor:
     """``(softmax - onehot) * grad / count`` on rows with a target, 0 elsewhere, in the logits' dtype."""
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    N, V = logits.shape
-    out = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
-    scale = (grad.float() / count).reshape(1)
-    block = min(4096, triton.next_power_of_2(V))
-    if N:
-        _ce_grad_kernel[(N, triton.cdiv(V, block))](
-            logits, targets, lse, scale, out, V, logits.stride(0), out.stride(0), IGNORE_INDEX,
-            BLOCK=block, ROUND_BF16=interpreting() and logits.dtype == torch.bfloat16, num_warps=8)
-    return out
+    return cross_entropy_grad(logits, targets, lse, grad.float() / count)
 
 
 @_ce_backward.register_fake

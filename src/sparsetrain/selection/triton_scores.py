@@ -36,15 +36,20 @@ if triton is not None:
 
     @triton.jit
     def _row_stats_kernel(
-        logits_ptr, targets_ptr, lse_ptr, nll_ptr, ent_ptr, p1_ptr, p2_ptr,
+        logits_ptr, targets_ptr, rows_ptr, lse_ptr, nll_ptr, ent_ptr, p1_ptr, p2_ptr,
         V, stride_row, ignore_index,
-        BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr, GATHER: tl.constexpr,
     ):
         # Per-lane accumulators: the only cross-lane reduction inside the loop is
         # the block max (the shared rescaling reference); sums and the top-2 stay
         # lane-wise and are reduced once after the loop. One exp per element.
         row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride_row
+        # GATHER: program i reads logits row rows[i] (and its target) and writes output i
+        if GATHER:
+            src = tl.load(rows_ptr + row).to(tl.int64)
+        else:
+            src = row
+        base = logits_ptr + src * stride_row
         offs = tl.arange(0, BLOCK)
         m = tl.full((), float("-inf"), tl.float32)
         s_vec = tl.zeros((BLOCK,), tl.float32)
@@ -70,7 +75,7 @@ if triton is not None:
         i1 = tl.argmax(top1, 0)
         b2 = tl.maximum(tl.max(tl.where(offs == i1, float("-inf"), top1), 0), tl.max(tl.where(offs == i1, top2, float("-inf")), 0))
         lse = m + tl.log(s)
-        tgt = tl.load(targets_ptr + row).to(tl.int64)
+        tgt = tl.load(targets_ptr + src).to(tl.int64)
         valid = tgt != ignore_index
         x_t = tl.load(base + tl.where(valid, tgt, 0)).to(tl.float32)
         tl.store(lse_ptr + row, lse)
@@ -86,8 +91,12 @@ def row_stats_triton(
     ignore_index: int = IGNORE_INDEX,
     block: int | None = None,
     num_warps: int | None = None,
+    rows: torch.Tensor | None = None,
 ) -> RowStats:
-    """The fused kernel. ``logits [..., V]`` (any float dtype, last dim contiguous)."""
+    """The fused kernel. ``logits [..., V]`` (any float dtype, last dim contiguous).
+    ``rows``: a 1-D index into the flattened rows; then the stats are those of
+    ``logits.reshape(-1, V)[rows]`` (shape ``[len(rows)]``), read in place
+    without gathering the rows first."""
     if triton is None:
         raise RuntimeError("Triton is not installed")
     shape = logits.shape[:-1]
@@ -98,11 +107,15 @@ def row_stats_triton(
     tgt = targets.reshape(-1).contiguous()
     if tgt.numel() != flat.shape[0]:
         raise ValueError(f"targets {tuple(targets.shape)} do not match logits {tuple(logits.shape)}")
-    n = flat.shape[0]
+    if rows is not None:
+        rows = rows.reshape(-1).contiguous()
+        shape = rows.shape
+    n = shape.numel()
     outs = [torch.empty(n, device=logits.device, dtype=torch.float32) for _ in range(5)]
     if n:
         BLOCK = block or min(1024, triton.next_power_of_2(V))  # best on H200 (bench/results/scoring_kernel_h200.json)
-        _row_stats_kernel[(n,)](flat, tgt, *outs, V, flat.stride(0), ignore_index, BLOCK=BLOCK,
-                                num_warps=num_warps or 4)
+        _row_stats_kernel[(n,)](flat, tgt, rows if rows is not None else tgt, *outs, V, flat.stride(0), ignore_index,
+                                BLOCK=BLOCK, GATHER=rows is not None, num_warps=num_warps or 4)
     lse, nll, ent, p1, p2 = (o.view(shape) for o in outs)
-    return RowStats(lse=lse, nll=nll, entropy=ent, p1=p1, p2=p2, valid=(targets != ignore_index).view(shape))
+    kept_targets = targets.reshape(-1).index_select(0, rows) if rows is not None else targets
+    return RowStats(lse=lse, nll=nll, entropy=ent, p1=p1, p2=p2, valid=(kept_targets != ignore_index).view(shape))
