@@ -19,7 +19,9 @@ so a position is computed when its logistic noise exceeds ``-bias``, with
 probability ``1 - sparsity``, at random positions. Each row reports the
 skipped fraction the last step measured. ``--relu-control`` adds both models
 with the MoE's ReLU² over the whole grouped buffer (``*-full-relu``), the pass
-the row-limited kernel replaced.
+the row-limited kernel replaced. ``--interleave``: each mode's variants are
+built together and timed in interleaved rounds (timed one after another, this
+host-bound step moved by more than the effects measured).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparsetrain.benchmark import bench_train_step, environment  # noqa: E402
+from sparsetrain.benchmark import bench_train_step, bench_train_steps_interleaved, environment  # noqa: E402
 
 def pin_skip_rate(sparsity: float):
     """``prepare`` for bench_train_step: every sparse layer skips ``sparsity`` of positions at random."""
@@ -78,6 +80,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also profile each step's top kernels")
     ap.add_argument("--relu-control", action="store_true",
                     help="also both models with ReLU² over the whole grouped buffer (the pass before session 10)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="per mode, build every variant and time them in interleaved rounds (all models at once)")
     args = ap.parse_args()
     base = {"arch": "resnet_bk", "d_model": args.d_model, "ffn_hidden": args.hidden, "n_layer": args.layers,
             "n_head": max(1, args.d_model // 128), "bk_num_experts": args.experts}
@@ -86,6 +90,9 @@ def main() -> None:
         variants.update({"dense-full-relu": {}, f"sparse-full-relu_{args.sparsity}": variants[f"sparse_{args.sparsity}"]})
     out = {"environment": environment(), "model": base, "seq_len": args.seq_len, "batch_size": args.batch_size,
            "steps": {}}
+    if args.interleave:
+        run_interleaved(args, base, variants, out)
+        return
     for mode in args.modes.split(","):
         for name, extra in variants.items():
             key = f"{name}_{mode}"
@@ -112,6 +119,30 @@ def main() -> None:
             dm, sm = d["step"]["median_ms"], s["step"]["median_ms"]
             skipped = s.get("sparsity_stats", {}).get("sparsity_ratio", float("nan"))
             print(f"{mode + tag:<32} {dm:9.2f} {sm:9.2f} {dm / sm:7.3f}x {skipped:8.3f}")
+
+
+def run_interleaved(args, base: dict, variants: dict, out: dict) -> None:
+    """Each mode's variants built together and timed in three interleaved rounds."""
+    torch._dynamo.config.cache_size_limit = 64  # several models of one class compile side by side
+    for mode in args.modes.split(","):
+        kwargs = {name: dict(preset="nano-125m", seq_len=args.seq_len, batch_size=args.batch_size,
+                             model_overrides={**base, **extra}, compile_mode=MODES[mode],
+                             prepare=(full_relu if "full-relu" in name else lambda p: p)(pin_skip_rate(args.sparsity)))
+                  for name, extra in variants.items()}
+        try:
+            res = bench_train_steps_interleaved(kwargs, rounds=3, repeats=max(3, args.repeats))
+        except Exception as e:  # noqa: BLE001 - a mode that fails is a result too
+            res = {"error": repr(e)[:500]}
+        out["steps"][mode] = res
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    print(f"\n{'mode':<16} " + " ".join(f"{name:>22}" for name in variants))
+    for mode, res in out["steps"].items():
+        if "error" in res:
+            print(f"{mode:<16} error: {res['error'][:200]}")
+            continue
+        print(f"{mode:<16} " + " ".join(f"{res[name]['median_ms']:19.2f} ms" for name in variants))
 
 
 if __name__ == "__main__":

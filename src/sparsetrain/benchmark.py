@@ -154,30 +154,19 @@ def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def bench_train_step(
+def make_train_step(
     preset: str = "nano-125m",
     seq_len: int = 2048,
     batch_size: int = 8,
     compile: bool = False,
-    warmup: int = 5,
-    repeats: int = 20,
     device: str | None = None,
     model_overrides: dict[str, Any] | None = None,
-    profile_top: int = 0,
     compile_mode: str | None = None,
     prepare: Callable[[torch.nn.Module], None] | None = None,
-) -> dict[str, Any]:
-    """Time full training steps (forward, backward, AdamW) on random tokens, of
-    the model the preset and ``model_overrides`` build (a GPT, or ResNet-BK with
-    ``arch="resnet_bk"``, whose sparsity loss joins the backward as in training).
-
-    Returns tokens/s, the step-time summary, FLOPs per token and, on a GPU
-    with a known datasheet peak, MFU; with ``profile_top``, also that many top
-    kernels of three profiled steps (:func:`profile_top_kernels`).
-    ``compile_mode``: torch.compile's mode (``compile`` implied), e.g.
-    ``"reduce-overhead"`` for CUDA graphs. ``prepare(model)`` runs once after
-    the model is built (e.g. to pin a learned mask's rate for timing).
-    """
+) -> tuple[Callable[[], None], torch.nn.Module]:
+    """``(step, model)``: one training step (forward, backward, AdamW) on fixed
+    random tokens of the model the preset and ``model_overrides`` build, as
+    :func:`bench_train_step` times it (arguments as there)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = build_config(preset=preset, overrides={"seq_len": seq_len, **(model_overrides or {})})
     mcfg: ModelConfig = cfg.model
@@ -205,6 +194,54 @@ def bench_train_step(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step, model
+
+
+def bench_train_steps_interleaved(variants: dict[str, dict[str, Any]], rounds: int = 3, warmup: int = 5,
+                                  repeats: int = 20) -> dict[str, dict[str, float]]:
+    """Step-time summaries of several models timed in ``rounds`` interleaved
+    rounds (``repeats`` steps each in all), so that clock and host drift hit every
+    variant alike; timed one after another, identical configurations have
+    differed by 8% or more (bench/results/bk_relu_rows_sequential_bf16_h200.json).
+    ``variants``: name -> :func:`make_train_step` keyword arguments. All models
+    live at once."""
+    steps = {name: make_train_step(**kw)[0] for name, kw in variants.items()}
+    for step in steps.values():
+        time_fn(step, warmup=warmup, repeats=0)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name] += time_fn(step, warmup=1, repeats=max(1, repeats // rounds))
+    return {name: summarize(t) for name, t in times.items()}
+
+
+def bench_train_step(
+    preset: str = "nano-125m",
+    seq_len: int = 2048,
+    batch_size: int = 8,
+    compile: bool = False,
+    warmup: int = 5,
+    repeats: int = 20,
+    device: str | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    profile_top: int = 0,
+    compile_mode: str | None = None,
+    prepare: Callable[[torch.nn.Module], None] | None = None,
+) -> dict[str, Any]:
+    """Time full training steps (forward, backward, AdamW) on random tokens, of
+    the model the preset and ``model_overrides`` build (a GPT, or ResNet-BK with
+    ``arch="resnet_bk"``, whose sparsity loss joins the backward as in training).
+
+    Returns tokens/s, the step-time summary, FLOPs per token and, on a GPU
+    with a known datasheet peak, MFU; with ``profile_top``, also that many top
+    kernels of three profiled steps (:func:`profile_top_kernels`).
+    ``compile_mode``: torch.compile's mode (``compile`` implied), e.g.
+    ``"reduce-overhead"`` for CUDA graphs. ``prepare(model)`` runs once after
+    the model is built (e.g. to pin a learned mask's rate for timing).
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    step, model = make_train_step(preset, seq_len, batch_size, compile, device, model_overrides, compile_mode, prepare)
+    compile = compile or compile_mode is not None
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     times = time_fn(step, warmup=warmup, repeats=repeats)
