@@ -16,7 +16,9 @@ Per shape (bf16, 16k tokens; d_model 2048 / hidden 8192 and 4096 / 16384):
 Then training steps (sequence 2048, batch 8; ``--steps``, default the ``d20``
 preset; wider models through overrides, e.g. ``d20:d_model=4096,n_head=32,n_layer=8``):
 dense ``relu2`` against ``relu2_24`` on cuSPARSELt and on the masked kernel,
-all eager. The packing kernel alone: bench/sparse24_packing.py.
+all eager. ``--interleave-steps``: relu2 and relu2_24 on cuSPARSELt built
+together and timed in interleaved rounds instead (eager, or compiled with
+``--compile-steps``). The packing kernel alone: bench/sparse24_packing.py.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparsetrain.benchmark import bench_train_step, cuda_ms_per_call, environment, parse_step_entries, profile_top_kernels, summarize, time_fn  # noqa: E402
+from sparsetrain.benchmark import bench_train_step, bench_train_steps_interleaved, cuda_ms_per_call, environment, parse_step_entries, profile_top_kernels, summarize, time_fn  # noqa: E402
 from sparsetrain.model import relu_squared  # noqa: E402
 from sparsetrain.sparse24.cusparselt import _CONFIGS, sparse24_ffn_cusparselt, sparse_mm  # noqa: E402
 from sparsetrain.sparse24 import ffn as ffn_module  # noqa: E402
@@ -164,6 +166,8 @@ def main() -> None:
     ap.add_argument("--compile-steps", action="store_true", help="torch.compile the models whose steps are timed")
     ap.add_argument("--compile-mode", default=None,
                     help="with --compile-steps: torch.compile's mode (e.g. reduce-overhead: CUDA graphs)")
+    ap.add_argument("--interleave-steps", action="store_true",
+                    help="time relu2 and relu2_24 on cuSPARSELt built together, in interleaved rounds (no masked kernel)")
     ap.add_argument("--profile-only", default="", metavar="NxDxH",
                     help="only profile the relu2 and relu2_24 blocks' kernels at this shape, and exit")
     args = ap.parse_args()
@@ -178,6 +182,9 @@ def main() -> None:
         out["ffn"][key] = ffn_block(N, d, h, args.repeats)
         Path(args.out).write_text(json.dumps(out, indent=2))
         torch.cuda.empty_cache()
+    if args.interleave_steps:
+        interleaved_steps(args, out)
+        return
     if not args.skip_step:
         sparse = {"ffn": "relu2_24", "activation_sparse_method": "transposable", "activation_dense_warmup_steps": 0}
         default_width = ffn_module.CUSPARSELT_MIN_WIDTH
@@ -215,6 +222,36 @@ def main() -> None:
               f"{st['relu2_24_cusparselt']['step']['median_ms']:.1f} ms ({st['speedup_relu2_24_cusparselt']:.3f}x), "
               f"on the masked kernel {st['relu2_24_masked_kernel']['step']['median_ms']:.1f} ms "
               f"({st['speedup_relu2_24_masked_kernel']:.3f}x)")
+
+def interleaved_steps(args, out: dict) -> None:
+    """Dense relu2 against relu2_24 on cuSPARSELt, both models built at once and
+    timed in three interleaved rounds of 5 steps, so drift between two
+    sequential runs cannot pass for a speedup (on the ResNet-BK step it was
+    larger than the effects; bench/results/bk_step_relu_rows_interleaved_h200.json)."""
+    sparse = {"ffn": "relu2_24", "activation_sparse_method": "transposable", "activation_dense_warmup_steps": 0}
+    torch._dynamo.config.cache_size_limit = 64  # two models of one class compile side by side
+    mode = args.compile_mode if args.compile_steps else None
+    for entry, preset, model in parse_step_entries(args.steps):
+        kw = dict(preset=preset, seq_len=2048, batch_size=8, compile=args.compile_steps, compile_mode=mode)
+        variants = {"relu2": {**kw, "model_overrides": {**model, "ffn": "relu2"}},
+                    "relu2_24_cusparselt": {**kw, "model_overrides": {**model, **sparse}}}
+        key = f"{entry} {'compiled' if args.compile_steps else 'eager'}" + (f" {mode}" if mode else "")
+        try:
+            res = bench_train_steps_interleaved(variants, rounds=3, repeats=15)
+            res["speedup"] = res["relu2"]["median_ms"] / res["relu2_24_cusparselt"]["median_ms"]
+        except Exception as e:  # noqa: BLE001 - recorded, the other entries still run
+            res = {"error": repr(e)[:500]}
+        out["step"][key] = res
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        Path(args.out).write_text(json.dumps(out, indent=2))
+    for key, res in out["step"].items():
+        if "error" in res:
+            print(f"{key}: {res['error'][:300]}")
+        else:
+            print(f"{key} step, interleaved: relu2 {res['relu2']['median_ms']:.1f} ms, relu2_24 on cuSPARSELt "
+                  f"{res['relu2_24_cusparselt']['median_ms']:.1f} ms ({res['speedup']:.3f}x)")
+
 
 if __name__ == "__main__":
     main()
