@@ -19,6 +19,7 @@ import torch
 from .config import ModelConfig, build_config
 from .model import build_model
 from .optim import make_optimizer
+from .sparse24.ffn import prepare_permutations
 
 # Dense bf16 tensor-core peak from NVIDIA's datasheets (SXM parts), used for MFU.
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -175,6 +176,7 @@ def make_train_step(
     model.train()
     if prepare is not None:
         prepare(model)
+    prepare_permutations(model, batch_size * seq_len)  # 2:4 FFNs: before compiling, as the trainer does
     opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), dev.type)
     compile = compile or compile_mode is not None
     step_model = torch.compile(model, mode=compile_mode) if compile else model
