@@ -10,7 +10,8 @@ traffic per step for a few MB of useful numbers.
 in float32, never materialised) and once in backward: on CUDA through the
 Triton kernels of :mod:`sparsetrain.cross_entropy` (the row-statistics kernel
 and the gradient kernel, both reading the kept rows in place by index),
-elsewhere in plain torch, compiled when the engine compiles. When ``logits`` came
+elsewhere (or with ``cross_entropy.FUSED`` off) in plain torch, which on CUDA
+is compiled when the engine compiles. When ``logits`` came
 out of a :class:`~sparsetrain.collider.ColliderModel` (it carries a
 :class:`RowGradSlot`), the backward hands the engine the compact ``[K, V]``
 gradient through the slot and returns a stride-0 zero tensor to autograd, so
