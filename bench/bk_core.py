@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sparsetrain.benchmark import environment, profile_top_kernels, summarize, time_fn  # noqa: E402
+from sparsetrain.benchmark import environment, profile_top_kernels, summarize, time_fn, time_interleaved  # noqa: E402
 from sparsetrain.bk import MoEResNetBKLayer, SparseMoEResNetBKLayer, bk_core  # noqa: E402
 
 
@@ -103,15 +103,13 @@ def bench_layer(B: int, N: int, D: int, H: int, E: int, ratios: list[float], rep
     layers["dense_bidirectional"] = MoEResNetBKLayer(D, H, E, causal=False).cuda()
     results = {}
     order = list(layers)
-    times: dict[str, list[float]] = {k: [] for k in order}
     for k in order:  # warm-up (and autotune) each
         for _ in range(3):
             run_layer(layers[k], x, g)
     if PROFILE:  # after the warm-up: first calls load kernels and autotune
         results["profile"] = profile_layers(layers, x, g, ["dense", "sparse_0.5"])
-    for _ in range(3):  # interleaved rounds so clock drift hits every variant alike
-        for k in order:
-            times[k] += time_fn(lambda: run_layer(layers[k], x, g), warmup=1, repeats=max(1, repeats // 3))
+    times = time_interleaved({k: (lambda layer=layers[k]: run_layer(layer, x, g)) for k in order},
+                             warmup=0, repeats=repeats)
     for k in order:
         results[k] = summarize(times[k])
         if isinstance(layers[k], SparseMoEResNetBKLayer):
@@ -173,15 +171,8 @@ def bench_graphed(B: int, N: int, D: int, H: int, E: int, ratios: list[float], r
                 out[f"{name}_{kind}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     for name, layer in mods.items():
         runs[f"{name}_eager"] = (layer, layer)
-    for fn, layer in runs.values():
-        for _ in range(3):
-            call(fn, layer)
-    # interleaved rounds, so drifting clocks hit every variant alike (timed one after
-    # another, two identical compiled dense layers once differed by 8%)
-    times: dict[str, list[float]] = {label: [] for label in runs}
-    for _ in range(3):
-        for label, (fn, layer) in runs.items():
-            times[label] += time_fn(lambda: call(fn, layer), warmup=1, repeats=max(1, repeats // 3))
+    times = time_interleaved({label: (lambda fn=fn, layer=layer: call(fn, layer)) for label, (fn, layer) in runs.items()},
+                             warmup=3, repeats=repeats)
     out.update({label: summarize(times[label]) for label in runs})
     for name, layer in mods.items():
         for mode in ("eager", "graphed", "compiled_graphed"):

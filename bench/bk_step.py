@@ -60,6 +60,12 @@ def full_relu(prepare):
     return both
 
 
+def prepare_for(name: str, sparsity: float):
+    """The ``prepare`` of variant ``name``: the pinned skip rate, plus the full-buffer ReLU² for ``*full-relu*``."""
+    prepare = pin_skip_rate(sparsity)
+    return full_relu(prepare) if "full-relu" in name else prepare
+
+
 MODES = {"eager": None, "compiled": "default", "compiled_graphs": "reduce-overhead"}
 
 
@@ -100,8 +106,7 @@ def main() -> None:
                 out["steps"][key] = bench_train_step("nano-125m", args.seq_len, args.batch_size, repeats=args.repeats,
                                                      model_overrides={**base, **extra}, compile_mode=MODES[mode],
                                                      profile_top=30 if args.profile else 0,
-                                                     prepare=(full_relu if "full-relu" in name else lambda p: p)(
-                                                         pin_skip_rate(args.sparsity)))
+                                                     prepare=prepare_for(name, args.sparsity))
                 if args.profile:
                     print_profile(key, out["steps"][key]["profile"])
             except Exception as e:  # noqa: BLE001 - a mode that fails is a result too
@@ -127,7 +132,7 @@ def run_interleaved(args, base: dict, variants: dict, out: dict) -> None:
     for mode in args.modes.split(","):
         kwargs = {name: dict(preset="nano-125m", seq_len=args.seq_len, batch_size=args.batch_size,
                              model_overrides={**base, **extra}, compile_mode=MODES[mode],
-                             prepare=(full_relu if "full-relu" in name else lambda p: p)(pin_skip_rate(args.sparsity)))
+                             prepare=prepare_for(name, args.sparsity))
                   for name, extra in variants.items()}
         try:
             res = bench_train_steps_interleaved(kwargs, rounds=3, repeats=max(3, args.repeats))

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparsetrain.benchmark import bench_train_step, bench_train_steps_interleaved, cuda_ms_per_call, environment, parse_step_entries, profile_top_kernels, summarize, time_fn  # noqa: E402
+from sparsetrain.benchmark import bench_train_step, bench_train_steps_interleaved, cuda_ms_per_call, environment, parse_step_entries, profile_top_kernels, summarize, time_fn, time_interleaved  # noqa: E402
 from sparsetrain.model import relu_squared  # noqa: E402
 from sparsetrain.sparse24.cusparselt import _CONFIGS, sparse24_ffn_cusparselt, sparse_mm  # noqa: E402
 from sparsetrain.sparse24 import ffn as ffn_module  # noqa: E402
@@ -77,12 +77,7 @@ def ffn_block(N: int, d: int, h: int, repeats: int) -> dict:
         sparse24_ffn_masked_kernel(xg, w_up, w_down).backward(dy)
 
     variants = {"relu2": relu2, "swiglu": swiglu, "relu2_24": relu2_24, "relu2_24_masked_kernel": relu2_24_masked_kernel}
-    times = {k: [] for k in variants}
-    for fn in variants.values():
-        time_fn(fn, warmup=5, repeats=1)
-    for _ in range(3):  # interleaved rounds
-        for k, fn in variants.items():
-            times[k] += time_fn(fn, warmup=1, repeats=max(1, repeats // 3))
+    times = time_interleaved(variants, warmup=6, repeats=repeats)
     out = {k: summarize(v) for k, v in times.items()}
     for k in out:
         out[k]["speedup_vs_relu2"] = out["relu2"]["median_ms"] / out[k]["median_ms"]

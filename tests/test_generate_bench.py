@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsetrain.benchmark import bench_train_step, summarize, time_fn
+from sparsetrain.benchmark import bench_train_step, summarize, time_fn, time_interleaved
 from sparsetrain.config import ModelConfig
 from sparsetrain.data import train_batch
 from sparsetrain.generate import sample
@@ -108,3 +108,14 @@ def test_parse_step_entries() -> None:
         ("d20", "d20", {}),
         ("d20:d_model=4096,n_head=32,ffn=relu2", "d20", {"d_model": 4096, "n_head": 32, "ffn": "relu2"}),
     ]
+
+
+def test_time_interleaved_alternates_the_variants() -> None:
+    """Each variant gets its warm-up calls, then the rounds take turns: a, b, a, b, ..."""
+    calls: list[str] = []
+    times = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                             rounds=3, warmup=2, repeats=6)
+    assert calls[:4] == ["a", "a", "b", "b"]  # warm-up
+    # each round: one untimed call, then 6 // 3 = 2 timed calls, per variant in turn
+    assert calls[4:] == (["a"] * 3 + ["b"] * 3) * 3
+    assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6} and all(t >= 0 for v in times.values() for t in v)

@@ -92,6 +92,23 @@ def time_fn(fn: Callable[[], Any], warmup: int = 3, repeats: int = 10) -> list[f
     return times
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 3, warmup: int = 3,
+                     repeats: int = 21) -> dict[str, list[float]]:
+    """Milliseconds per call of each ``fns`` entry (:func:`time_fn`), timed in
+    ``rounds`` interleaved rounds of ``repeats // rounds`` calls (one untimed
+    call first in each), after ``warmup`` untimed calls of each. Clocks and the
+    host drift over a run: timed one after another, two identical compiled
+    layers once differed by 8% (bench/results/bk_relu_rows_sequential_bf16_h200.json);
+    interleaved, every variant sees the same drift."""
+    for fn in fns.values():
+        time_fn(fn, warmup=warmup, repeats=0)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name] += time_fn(fn, warmup=1, repeats=max(1, repeats // rounds))
+    return times
+
+
 def cuda_ms_per_call(fn: Callable[[], Any], calls: int = 5) -> float:
     """GPU milliseconds per call of ``fn()``: one untimed call, then ``calls``
     queued back to back between two CUDA events, so the host's launch time
@@ -201,19 +218,11 @@ def make_train_step(
 
 def bench_train_steps_interleaved(variants: dict[str, dict[str, Any]], rounds: int = 3, warmup: int = 5,
                                   repeats: int = 20) -> dict[str, dict[str, float]]:
-    """Step-time summaries of several models timed in ``rounds`` interleaved
-    rounds (``repeats`` steps each in all), so that clock and host drift hit every
-    variant alike; timed one after another, identical configurations have
-    differed by 8% or more (bench/results/bk_relu_rows_sequential_bf16_h200.json).
-    ``variants``: name -> :func:`make_train_step` keyword arguments. All models
-    live at once."""
+    """Step-time summaries of several models timed in interleaved rounds
+    (:func:`time_interleaved`; ``repeats`` steps each in all). ``variants``:
+    name -> :func:`make_train_step` keyword arguments. All models live at once."""
     steps = {name: make_train_step(**kw)[0] for name, kw in variants.items()}
-    for step in steps.values():
-        time_fn(step, warmup=warmup, repeats=0)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            times[name] += time_fn(step, warmup=1, repeats=max(1, repeats // rounds))
+    times = time_interleaved(steps, rounds=rounds, warmup=warmup, repeats=repeats)
     return {name: summarize(t) for name, t in times.items()}
 
 
@@ -241,8 +250,8 @@ def bench_train_step(
     ``"reduce-overhead"`` for CUDA graphs. ``prepare(model)`` runs once after
     the model is built (e.g. to pin a learned mask's rate for timing).
     """
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     step, model = make_train_step(preset, seq_len, batch_size, compile, device, model_overrides, compile_mode, prepare)
+    dev = next(model.parameters()).device
     compile = compile or compile_mode is not None
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

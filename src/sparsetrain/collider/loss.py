@@ -103,10 +103,10 @@ class _KeptCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, kidx: torch.Tensor,  # type: ignore[override]
                 slot: RowGradSlot | None) -> torch.Tensor:
-        V = logits.shape[-1]
+        logits2d = logits.reshape(-1, logits.shape[-1])
         compile = slot is not None and slot.compile and logits.is_cuda
-        fused = _fused(logits.reshape(-1, V))
-        lse, loss_rows, count = _fn("forward", compile, fused)(logits.reshape(-1, V), kidx, targets.reshape(-1))
+        fused = _fused(logits2d)
+        lse, loss_rows, count = _fn("forward", compile, fused)(logits2d, kidx, targets.reshape(-1))
         ctx.save_for_backward(logits, targets, keep, kidx, lse, count)
         ctx.slot, ctx.compile, ctx.fused = slot, compile, fused
         return loss_rows.sum() / count
