@@ -31,7 +31,7 @@ import torch
 from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sparsetrain.benchmark import cuda_ms_per_call, environment  # noqa: E402
+from sparsetrain.benchmark import cuda_ms_per_call, environment, gpu_idle_by_phase  # noqa: E402
 from sparsetrain.collider import ColliderModel, filter as collider_filter, masked_cross_entropy  # noqa: E402
 from sparsetrain.config import build_config  # noqa: E402
 from sparsetrain.model import GPT  # noqa: E402
@@ -64,35 +64,6 @@ def kernel_family(name: str) -> str:
     if "elementwise" in n or "vectorized" in n or "unrolled" in n:
         return "elementwise"
     return "other"
-
-
-def gpu_idle_by_phase(trace: dict, steps: int) -> dict:
-    """GPU idle time per step from a chrome trace, by the phase (the
-    ``phase:*`` range on the host) that launched the kernel ending each gap,
-    plus the largest gaps with the kernels on either side."""
-    ev = trace["traceEvents"]
-    gpu = sorted((e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
-    launch_ts = {e["args"]["correlation"]: e["ts"] for e in ev  # Triton and inductor launch through the driver API
-                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
-    phases = sorted((e["ts"], e["ts"] + e["dur"], e["name"][6:]) for e in ev
-                    if e.get("cat") == "user_annotation" and e["name"].startswith("phase:"))
-
-    def phase_at(ts: float) -> str:
-        inside = [name for a, b, name in phases if a <= ts <= b]
-        return inside[-1] if inside else "between"
-
-    by_phase: dict[str, float] = {}
-    gaps = []
-    end = gpu[0]["ts"] + gpu[0]["dur"]
-    for prev, e in zip(gpu, gpu[1:]):
-        if e["ts"] > end:
-            gap = e["ts"] - end
-            ph = phase_at(launch_ts.get(e["args"].get("correlation"), e["ts"]))
-            by_phase[ph] = by_phase.get(ph, 0.0) + gap / 1e3 / steps
-            gaps.append((round(gap / 1e3, 3), ph, prev["name"][:60], e["name"][:60]))
-        end = max(end, e["ts"] + e["dur"])
-    return {"ms_per_step_by_phase": by_phase, "total_ms_per_step": sum(by_phase.values()),
-            "largest": sorted(gaps, key=lambda g: -g[0])[:25]}
 
 
 def run_model(name: str, seq: int, batch: int, repeats: int, profile: bool, only: list[str] | None = None) -> dict:

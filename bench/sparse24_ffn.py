@@ -157,12 +157,16 @@ def main() -> None:
                     help="FFN shapes tokens x d_model x hidden (comma list)")
     ap.add_argument("--steps", default="d20",
                     help="training steps to time: 'preset[:key=value,...]' entries (model overrides) separated by ';'")
-    ap.add_argument("--profile-steps", action="store_true", help="also profile each timed step's top kernels")
+    ap.add_argument("--profile-steps", action="store_true", help="also profile each timed step's top kernels "
+                    "(with --interleave-steps: after the timing, 60 GPU kernels each)")
     ap.add_argument("--compile-steps", action="store_true", help="torch.compile the models whose steps are timed")
     ap.add_argument("--compile-mode", default=None,
                     help="with --compile-steps: torch.compile's mode (e.g. reduce-overhead: CUDA graphs)")
     ap.add_argument("--interleave-steps", action="store_true",
                     help="time relu2 and relu2_24 on cuSPARSELt built together, in interleaved rounds (no masked kernel)")
+    ap.add_argument("--queued-steps", type=int, default=5,
+                    help="with --interleave-steps: also time samples of this many steps queued back to back, one "
+                         "sync per sample, as the trainer runs them (0: off)")
     ap.add_argument("--profile-only", default="", metavar="NxDxH",
                     help="only profile the relu2 and relu2_24 blocks' kernels at this shape, and exit")
     args = ap.parse_args()
@@ -232,8 +236,11 @@ def interleaved_steps(args, out: dict) -> None:
                     "relu2_24_cusparselt": {**kw, "model_overrides": {**model, **sparse}}}
         key = f"{entry} {'compiled' if args.compile_steps else 'eager'}" + (f" {mode}" if mode else "")
         try:
-            res = bench_train_steps_interleaved(variants, rounds=3, repeats=15)
+            res = bench_train_steps_interleaved(variants, rounds=3, repeats=15, profile_top=60 if args.profile_steps else 0,
+                                                queued=args.queued_steps)
             res["speedup"] = res["relu2"]["median_ms"] / res["relu2_24_cusparselt"]["median_ms"]
+            if args.queued_steps:
+                res["speedup_queued"] = res["relu2"]["queued"]["median_ms"] / res["relu2_24_cusparselt"]["queued"]["median_ms"]
         except Exception as e:  # noqa: BLE001 - recorded, the other entries still run
             res = {"error": repr(e)[:500]}
         out["step"][key] = res
@@ -244,8 +251,22 @@ def interleaved_steps(args, out: dict) -> None:
         if "error" in res:
             print(f"{key}: {res['error'][:300]}")
         else:
+            if args.profile_steps:
+                for name in ("relu2", "relu2_24_cusparselt"):
+                    print(f"-- {key} {name}: GPU kernels, ms per step, calls per step")
+                    prof = res[name]["profile"]
+                    for k, t, c in prof["gpu_kernels"][:30]:
+                        print(f"{t:9.3f} {c:5d}  {k}")
+                    idle = prof["gpu_idle"]
+                    print(f"   kernels {prof['kernel_ms_per_step']:.2f} ms/step, GPU idle {idle['total_ms_per_step']:.2f} ms/step: "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in idle["ms_per_step_by_phase"].items()))
+                    for g in idle["largest"][:10]:
+                        print("     gap", g)
             print(f"{key} step, interleaved: relu2 {res['relu2']['median_ms']:.1f} ms, relu2_24 on cuSPARSELt "
-                  f"{res['relu2_24_cusparselt']['median_ms']:.1f} ms ({res['speedup']:.3f}x)")
+                  f"{res['relu2_24_cusparselt']['median_ms']:.1f} ms ({res['speedup']:.3f}x)"
+                  + (f"; {args.queued_steps} steps queued: {res['relu2']['queued']['median_ms']:.1f} ms against "
+                     f"{res['relu2_24_cusparselt']['queued']['median_ms']:.1f} ms ({res['speedup_queued']:.3f}x)"
+                     if args.queued_steps else ""))
 
 
 if __name__ == "__main__":

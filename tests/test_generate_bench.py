@@ -119,3 +119,45 @@ def test_time_interleaved_alternates_the_variants() -> None:
     # each round: one untimed call, then 6 // 3 = 2 timed calls, per variant in turn
     assert calls[4:] == (["a"] * 3 + ["b"] * 3) * 3
     assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6} and all(t >= 0 for v in times.values() for t in v)
+
+
+def test_time_fn_queues_calls_per_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sample of ``calls_per_sample`` calls reports milliseconds per call: on a
+    fake clock where each call takes exactly 1 s, every sample is 1000 ms."""
+    import sparsetrain.benchmark as bench
+
+    clock = [0.0]
+    calls: list[int] = []
+
+    def fn() -> None:
+        calls.append(1)
+        clock[0] += 1.0
+
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # the host clock, also on a GPU machine
+    times = bench.time_fn(fn, warmup=2, repeats=4, calls_per_sample=3)
+    assert times == [1000.0] * 4 and len(calls) == 2 + 4 * 3
+
+
+def test_gpu_idle_by_phase_on_a_made_up_trace() -> None:
+    """Gaps between GPU kernels, charged to the host phase that launched the kernel
+    after each gap; overlapping kernels leave no gap. Times in microseconds."""
+    from sparsetrain.benchmark import gpu_idle_by_phase
+
+    def kernel(ts, dur, corr, name):
+        return {"cat": "kernel", "ts": ts, "dur": dur, "name": name, "args": {"correlation": corr}}
+
+    def launch(ts, corr):
+        return {"cat": "cuda_driver", "ts": ts, "name": "cuLaunchKernel", "args": {"correlation": corr}}
+
+    events = [{"cat": "user_annotation", "ts": 0, "dur": 100, "name": "phase:forward"},
+              {"cat": "user_annotation", "ts": 100, "dur": 200, "name": "phase:backward"},
+              launch(1, 1), launch(50, 2), launch(60, 3), launch(150, 4),
+              kernel(10, 20, 1, "a"),        # busy 10..30
+              kernel(40, 30, 2, "b"),        # 10 us idle, launched in forward
+              kernel(50, 40, 3, "c"),        # overlaps b: no gap; busy until 90
+              kernel(390, 10, 4, "d")]       # 300 us idle, launched in backward
+    idle = gpu_idle_by_phase({"traceEvents": events}, steps=2)
+    assert idle["ms_per_step_by_phase"] == pytest.approx({"forward": 0.005, "backward": 0.15})
+    assert idle["total_ms_per_step"] == pytest.approx(0.155)
+    assert idle["largest"][0] == (0.3, "backward", "c", "d")

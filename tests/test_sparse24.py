@@ -182,7 +182,7 @@ def _compiled_graph_runs(prepare: bool, device: str) -> tuple[int, int, list[str
 
     from sparsetrain.config import build_config
     from sparsetrain.model import build_model
-    from sparsetrain.sparse24 import prepare_permutations
+    from sparsetrain.sparse24 import prepare_ffns
 
     torch._dynamo.reset()
     cfg = build_config(preset="nano-125m", overrides={
@@ -191,7 +191,7 @@ def _compiled_graph_runs(prepare: bool, device: str) -> tuple[int, int, list[str
     model = build_model(cfg.model).to(device)
     x = torch.randint(0, 300, (2, 64), device=device)
     if prepare:
-        prepare_permutations(model, x.numel())
+        prepare_ffns(model, x.numel())
     runs: collections.Counter = collections.Counter()
     graphs: list = []
 
@@ -218,10 +218,10 @@ def _compiled_graph_runs(prepare: bool, device: str) -> tuple[int, int, list[str
 def test_permutations_made_before_compiling_spare_the_graph_breaks() -> None:
     """Made inside a compiled call, each layer's permutation is a graph break
     that dynamo keeps after it is cached (and the module warns); made before
-    by prepare_permutations, those breaks are gone."""
+    by prepare_ffns, those breaks are gone."""
     graphs_late, runs_late, warned = _compiled_graph_runs(prepare=False, device="cpu")
     graphs_early, runs_early, quiet = _compiled_graph_runs(prepare=True, device="cpu")
-    assert warned and "prepare_permutations" in warned[0] and not quiet
+    assert warned and "prepare_ffns" in warned[0] and not quiet
     # the CPU's masked-dense path breaks for other reasons too; the permutation's breaks go
     assert graphs_early < graphs_late and runs_early < runs_late
 
@@ -419,8 +419,12 @@ def test_cuda_graph_modes_need_the_cached_plans(monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sparse_ffn_on_cusparselt_runs_under_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.compile's reduce-overhead mode (CUDA graph trees: warm-up, record,
-    then replays) gives eager's output and gradients on the cuSPARSELt path."""
-    from sparsetrain.sparse24 import cslt_plans
+    then replays) gives eager's output and gradients on the cuSPARSELt path,
+    also when the graphed call comes first in the process: the packing kernel's
+    pattern table, made by prepare_ffns, is not left untracked in the graphs'
+    memory pool (made in the warm-up, it stopped the d20 step with "Detected 1
+    tensor(s) in the cudagraph pool not tracked as outputs")."""
+    from sparsetrain.sparse24 import cslt_plans, packing, prepare_ffns
     from sparsetrain.sparse24 import ffn as ffn_module
     from sparsetrain.sparse24.cusparselt import cusparselt_available
 
@@ -429,6 +433,9 @@ def test_sparse_ffn_on_cusparselt_runs_under_cuda_graphs(monkeypatch: pytest.Mon
     monkeypatch.setattr(ffn_module, "CUSPARSELT_MIN_WIDTH", 0)
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     ffn = Sparse24FFN(128, 512, method="transposable", dense_warmup_steps=0).cuda()
+    packing.pattern_table.cache_clear()
+    prepare_ffns(ffn, 2 * 128)
+    assert packing.pattern_table.cache_info().currsize == 1
     torch._dynamo.reset()
     graphed = torch.compile(ffn, mode="reduce-overhead", fullgraph=True)
 
@@ -441,7 +448,7 @@ def test_sparse_ffn_on_cusparselt_runs_under_cuda_graphs(monkeypatch: pytest.Mon
 
     for _ in range(4):
         x = torch.randn(2, 128, 128, device="cuda")
-        want, got = run(ffn, x), run(graphed, x)
+        got, want = run(graphed, x), run(ffn, x)
         assert ffn.last_backend == "cusparselt"
         for a, b in zip(got, want):
             assert torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)

@@ -7,19 +7,23 @@ repeats after warm-up, CUDA events on the GPU) and is stored with
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from .config import ModelConfig, build_config
 from .model import build_model
 from .optim import make_optimizer
-from .sparse24.ffn import prepare_permutations
+from .sparse24.ffn import prepare_ffns
 
 # Dense bf16 tensor-core peak from NVIDIA's datasheets (SXM parts), used for MFU.
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -70,9 +74,12 @@ def peak_bf16_tflops(device_name: str) -> float | None:
     return None
 
 
-def time_fn(fn: Callable[[], Any], warmup: int = 3, repeats: int = 10) -> list[float]:
-    """Wall-clock milliseconds of ``fn()`` for each of ``repeats`` calls after
-    ``warmup`` untimed calls. On CUDA each call is bracketed by events."""
+def time_fn(fn: Callable[[], Any], warmup: int = 3, repeats: int = 10, calls_per_sample: int = 1) -> list[float]:
+    """Wall-clock milliseconds of ``fn()`` for each of ``repeats`` samples after
+    ``warmup`` untimed calls. On CUDA each sample is bracketed by events and
+    synchronized. ``calls_per_sample > 1``: a sample is that many calls queued
+    back to back (ms per call), so the host's launch time only counts where the
+    GPU runs dry, as in a training loop that syncs once per log window."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     for _ in range(warmup):
         fn()
@@ -81,22 +88,25 @@ def time_fn(fn: Callable[[], Any], warmup: int = 3, repeats: int = 10) -> list[f
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(calls_per_sample):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / calls_per_sample)
         else:
             t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(calls_per_sample):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / calls_per_sample)
     return times
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 3, warmup: int = 3,
-                     repeats: int = 21) -> dict[str, list[float]]:
-    """Milliseconds per call of each ``fns`` entry (:func:`time_fn`), timed in
-    ``rounds`` interleaved rounds of ``repeats // rounds`` calls (one untimed
-    call first in each), after ``warmup`` untimed calls of each. Clocks and the
+                     repeats: int = 21, calls_per_sample: int = 1) -> dict[str, list[float]]:
+    """Milliseconds per call of each ``fns`` entry (:func:`time_fn`, ``repeats``
+    samples of ``calls_per_sample`` calls), timed in ``rounds`` interleaved
+    rounds of ``repeats // rounds`` samples (one untimed call first in each),
+    after ``warmup`` untimed calls of each. Clocks and the
     host drift over a run: timed one after another, two identical compiled
     layers once differed by 8% (bench/results/bk_relu_rows_sequential_bf16_h200.json);
     interleaved, every variant sees the same drift."""
@@ -105,7 +115,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 3, warmup:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name] += time_fn(fn, warmup=1, repeats=max(1, repeats // rounds))
+            times[name] += time_fn(fn, warmup=1, repeats=max(1, repeats // rounds), calls_per_sample=calls_per_sample)
     return times
 
 
@@ -123,25 +133,75 @@ def cuda_ms_per_call(fn: Callable[[], Any], calls: int = 5) -> float:
     return start.elapsed_time(end) / calls
 
 
+def gpu_idle_by_phase(trace: dict, steps: int) -> dict:
+    """GPU idle time per step from a chrome trace (``torch.profiler``'s
+    ``export_chrome_trace``), by the phase (the ``phase:*`` range on the host)
+    that launched the kernel ending each gap, plus the largest gaps with the
+    kernels on either side."""
+    ev = trace["traceEvents"]
+    gpu = sorted((e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    launch_ts = {e["args"]["correlation"]: e["ts"] for e in ev  # Triton and inductor launch through the driver API
+                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    phases = sorted((e["ts"], e["ts"] + e["dur"], e["name"][6:]) for e in ev
+                    if e.get("cat") == "user_annotation" and e["name"].startswith("phase:"))
+
+    def phase_at(ts: float) -> str:
+        inside = [name for a, b, name in phases if a <= ts <= b]
+        return inside[-1] if inside else "between"
+
+    by_phase: dict[str, float] = {}
+    gaps = []
+    end = gpu[0]["ts"] + gpu[0]["dur"]
+    for prev, e in zip(gpu, gpu[1:]):
+        if e["ts"] > end:
+            gap = e["ts"] - end
+            ph = phase_at(launch_ts.get(e["args"].get("correlation"), e["ts"]))
+            by_phase[ph] = by_phase.get(ph, 0.0) + gap / 1e3 / steps
+            gaps.append((round(gap / 1e3, 3), ph, prev["name"][:60], e["name"][:60]))
+        end = max(end, e["ts"] + e["dur"])
+    return {"ms_per_step_by_phase": by_phase, "total_ms_per_step": sum(by_phase.values()),
+            "largest": sorted(gaps, key=lambda g: -g[0])[:25]}
+
+
 def profile_top_kernels(fn: Callable[[], Any], steps: int = 3, top: int = 25) -> dict[str, Any]:
     """Profile ``steps`` calls of ``fn()`` (already warmed up): GPU-busy and host
     milliseconds per call, and the ``top`` entries by self GPU time and by self
-    host time as ``(name, ms per call, calls per call)``."""
+    host time as ``(name, ms per call, calls per call)``; ``kernel_ms_per_step``:
+    the GPU kernels' time alone (what a step takes if the GPU never idles, less
+    any overlap of kernels), and ``gpu_kernels``: the
+    ``top`` GPU kernels alone (no host ops or profiler markers, names to 100
+    characters), the list to diff two variants' steps by; ``gpu_idle``: where
+    the GPU waited (:func:`gpu_idle_by_phase`, by the ``phase:*`` ranges that
+    :func:`make_train_step`'s steps mark)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        idle = gpu_idle_by_phase(json.loads(trace.read_text()), steps=steps)
+    kernels: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+            k = kernels.setdefault(e.name[:100], [0.0, 0])
+            k[0] += getattr(e, "device_time", 0.0)
+            k[1] += 1
     events = prof.key_averages()
     dev = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
     per = 1e3 * steps
     return {"gpu_busy_ms_per_step": round(sum(dev(e) for e in events) / per, 3),
+            "kernel_ms_per_step": round(sum(t for t, _ in kernels.values()) / per, 3),
             "cpu_ms_per_step": round(sum(e.self_cpu_time_total for e in events) / per, 3),
             "top_self_cpu": [(e.key[:50], round(e.self_cpu_time_total / per, 3), e.count // steps)
                              for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]],
             "top_self_gpu": [(e.key[:50], round(dev(e) / per, 3), e.count // steps)
-                             for e in sorted(events, key=lambda e: -dev(e))[:top]]}
+                             for e in sorted(events, key=lambda e: -dev(e))[:top]],
+            "gpu_idle": idle,
+            "gpu_kernels": [(name, round(t / per, 3), n // steps)
+                            for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]]}
 
 
 def parse_step_entries(spec: str) -> list[tuple[str, str, dict[str, Any]]]:
@@ -193,7 +253,7 @@ def make_train_step(
     model.train()
     if prepare is not None:
         prepare(model)
-    prepare_permutations(model, batch_size * seq_len)  # 2:4 FFNs: before compiling, as the trainer does
+    prepare_ffns(model, batch_size * seq_len)  # 2:4 FFNs: before compiling, as the trainer does
     opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), dev.type)
     compile = compile or compile_mode is not None
     step_model = torch.compile(model, mode=compile_mode) if compile else model
@@ -203,27 +263,48 @@ def make_train_step(
     amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
 
     def step() -> None:
-        if amp is not None:
-            with amp:
+        # the phase ranges name where a profiled step's GPU idled (profile_top_kernels)
+        with record_function("phase:forward"):
+            if amp is not None:
+                with amp:
+                    _, loss = step_model(x, y)
+            else:
                 _, loss = step_model(x, y)
-        else:
-            _, loss = step_model(x, y)
-        aux = aux_loss() if aux_loss is not None else None
-        (loss if aux is None else loss + aux).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            aux = aux_loss() if aux_loss is not None else None
+        with record_function("phase:backward"):
+            (loss if aux is None else loss + aux).backward()
+        with record_function("phase:optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     return step, model
 
 
 def bench_train_steps_interleaved(variants: dict[str, dict[str, Any]], rounds: int = 3, warmup: int = 5,
-                                  repeats: int = 20) -> dict[str, dict[str, float]]:
+                                  repeats: int = 20, profile_top: int = 0, queued: int = 0) -> dict[str, dict[str, Any]]:
     """Step-time summaries of several models timed in interleaved rounds
-    (:func:`time_interleaved`; ``repeats`` steps each in all). ``variants``:
-    name -> :func:`make_train_step` keyword arguments. All models live at once."""
+    (:func:`time_interleaved`; ``repeats`` steps each in all, each step
+    synchronized). ``variants``: name -> :func:`make_train_step` keyword
+    arguments. All models live at once.
+
+    ``queued``: also time ``repeats`` samples of that many steps queued back to
+    back, one sync per sample, under ``"queued"`` (ms per step). The trainer
+    syncs once per log window, so this is the step time it sees; a synchronized
+    step also counts the host time before the GPU's first kernel and wherever
+    the host falls behind the GPU. ``profile_top``: after the timing, also
+    profile three steps of each (:func:`profile_top_kernels`, that many
+    entries) under ``"profile"``."""
     steps = {name: make_train_step(**kw)[0] for name, kw in variants.items()}
     times = time_interleaved(steps, rounds=rounds, warmup=warmup, repeats=repeats)
-    return {name: summarize(t) for name, t in times.items()}
+    out: dict[str, dict[str, Any]] = {name: summarize(t) for name, t in times.items()}
+    if queued:
+        times = time_interleaved(steps, rounds=rounds, warmup=1, repeats=repeats, calls_per_sample=queued)
+        for name, t in times.items():
+            out[name]["queued"] = summarize(t)
+    if profile_top:
+        for name, step in steps.items():
+            out[name]["profile"] = profile_top_kernels(step, steps=3, top=profile_top)
+    return out
 
 
 def bench_train_step(

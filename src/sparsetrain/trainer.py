@@ -33,7 +33,7 @@ from .errors import CheckpointError, ConfigError
 from .generate import load_model
 from .model import GPT, IGNORE_INDEX, build_model
 from .mtp import MTPHeads, kept_rows_loss, sequential_backward
-from .sparse24.ffn import Sparse24FFN, cuda_graphs_ok, prepare_permutations
+from .sparse24.ffn import Sparse24FFN, cuda_graphs_ok, prepare_ffns
 from .bk.layers import SparseMoEResNetBKLayer
 from .bk.model import ResNetBK
 from .collider import ColliderModel, masked_cross_entropy
@@ -73,15 +73,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def prepare_sparse24(cfg: TrainConfig, model: nn.Module, device: torch.device) -> None:
-    """Make the 2:4 FFNs' token permutations and build the cached cuSPARSELt
+    """Make the 2:4 FFNs' token permutations (and pattern table) and build the cached cuSPARSELt
     plans now where the model's transposable 2:4 FFNs will use them (at
     start-up, not at the first sparse step after the dense warmup), and refuse
     a CUDA-graph compile mode those FFNs cannot run under here
     (:func:`~sparsetrain.sparse24.ffn.cuda_graphs_ok`)."""
     if cfg.model.ffn != "relu2_24":
         return
-    # before torch.compile sees the model: made inside a compiled call, each would split the graph for good
-    prepare_permutations(model, cfg.batch_size * cfg.model.seq_len)
+    # before torch.compile sees the model: made inside a compiled call, each permutation would
+    # split the graph for good, and the table made in a CUDA-graph warm-up stops the step
+    prepare_ffns(model, cfg.batch_size * cfg.model.seq_len)
     graphs_ok = cuda_graphs_ok(model, device)  # builds or loads the extension where it applies
     if cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune") and not graphs_ok:
         raise ConfigError(f"compile_mode {cfg.compile_mode} (CUDA graphs) with ffn = relu2_24 needs sparsetrain's cached "

@@ -133,31 +133,37 @@ sparse24_ffn_masked_kernel = ffn_op(
 # frames ("failed to handle graph break gracefully ... falling back to eager").
 # Disabled, it is one clean break per layer, but dynamo keeps that split after
 # the permutation is cached (the outer frames never re-trace), so the trainer
-# and the benches make the permutations before compiling (prepare_permutations).
+# and the benches make the permutations before compiling (prepare_ffns).
 @torch.compiler.disable
 def _token_permutation(n: int, seed: int, device: torch.device, compiling: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed pseudo-random permutation of ``n`` tokens and its inverse."""
     if compiling:
         warnings.warn(f"sparsetrain: the 2:4 FFN's token permutation for {n} tokens was made inside torch.compile, "
                       "which splits the compiled model at every such layer for good; call "
-                      "sparse24.prepare_permutations(model, n_tokens) before the first compiled call",
+                      "sparse24.prepare_ffns(model, n_tokens) before the first compiled call",
                       stacklevel=2)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + n))
     return perm.to(device), torch.argsort(perm).to(device)
 
 
-def prepare_permutations(model: nn.Module, n_tokens: int) -> None:
-    """Make every 2:4 FFN's token permutation for ``n_tokens`` tokens per call
-    (micro-batch x sequence length) now, on the FFN's device, before
-    ``torch.compile`` sees the model.
+def prepare_ffns(model: nn.Module, n_tokens: int) -> None:
+    """Make what every 2:4 FFN of ``model`` makes once, before ``torch.compile``
+    or CUDA graphs see the model: the token permutation for ``n_tokens`` tokens
+    per call (micro-batch x sequence length), on the FFN's device, and on CUDA
+    the packing kernel's pattern table (:func:`.packing.pattern_table`).
 
     Made inside a compiled call instead, the permutation is a graph break, and
     dynamo keeps the split it made there: on the H200 a 3-layer model ran 6
     graphs per call for good (14 graph calls per step) against 1 when the
-    permutations existed before the first compiled call."""
+    permutations existed before the first compiled call. Made inside a
+    CUDA-graph warm-up, the pattern table is an untracked tensor in the graphs'
+    memory pool, and cudagraph trees stop the step with an error."""
     for module in model.modules():
         if isinstance(module, Sparse24FFN):
-            module._permutation(n_tokens, module.up.weight.device)
+            device = module.up.weight.device
+            module._permutation(n_tokens, device)
+            if device.type == "cuda":
+                packing.pattern_table(device)
 
 
 def _half_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -220,12 +226,21 @@ class Sparse24FFN(StepCounted):
             with torch.no_grad():
                 self.scale.fill_(soft_threshold_scale(F.relu(F.linear(xp, self.up.weight)).square()))
         stats: dict[str, float] | None = {} if self.track_stats else None
-        if fast and cusparselt.supported(xp, self.up.weight) and xp.shape[1] >= CUSPARSELT_MIN_WIDTH:
+        if fast:
+            # cast here, not inside the ops: autograd (or the compiled graph) then keeps the
+            # bf16 weights for the backward as autocast's dense products do. Cast inside the
+            # opaque op, each weight was cast again in its backward, and every cast ran on
+            # torch's copy kernels rather than inductor's: 6.7 ms of FFN weight and gradient
+            # casts per compiled step at d 4096 x 8 layers on the H200, 3.3 ms now (dense
+            # relu2: 3.0); the step went from 1.086x to 1.100x dense (profiles:
+            # bench/results/sparse24_steps_weight_casts_{before_,}h200.json)
+            w_up, w_down = self.up.weight.to(half), self.down.weight.to(half)
+        if fast and cusparselt.supported(xp, w_up) and xp.shape[1] >= CUSPARSELT_MIN_WIDTH:
             self.last_backend = "cusparselt"
-            y = cusparselt.sparse24_ffn_cusparselt(xp, self.up.weight, self.down.weight)
-        elif fast and packing.triton_ok(xp) and xp.shape[0] % 64 == 0 and self.up.weight.shape[0] % 64 == 0:
+            y = cusparselt.sparse24_ffn_cusparselt(xp, w_up, w_down)
+        elif fast and packing.triton_ok(xp) and xp.shape[0] % 64 == 0 and w_up.shape[0] % 64 == 0:
             self.last_backend = "masked_kernel"
-            y = sparse24_ffn_masked_kernel(xp, self.up.weight, self.down.weight)
+            y = sparse24_ffn_masked_kernel(xp, w_up, w_down)
         else:
             self.last_backend = "masked_dense"
             gen = self.generator if flat.device.type == "cpu" else None
@@ -236,7 +251,7 @@ class Sparse24FFN(StepCounted):
         if stats is not None:
             if self.last_backend != "masked_dense":  # both fast paths choose the same patterns: one dense view
                 with torch.no_grad(), torch.autocast("cuda", enabled=False):
-                    u = F.linear(xp, self.up.weight.to(half))
+                    u = F.linear(xp, w_up)
                     stats.update(sparsity_stats(F.relu(u).square(), packing.mask_transposable(u)[0]))
             self.last_stats = stats
         return permute_rows(y, inv, perm).reshape(*shape[:-1], -1)  # undo the permutation

@@ -92,9 +92,12 @@ def _pattern_mask(pattern: tuple[int, ...]) -> list[list[bool]]:
 
 
 @functools.cache
-def _pattern_table(device: torch.device) -> torch.Tensor:
+def pattern_table(device: torch.device) -> torch.Tensor:
     """int32 [90, 2]: per pattern, the 4-bit codes of its rows (row r at bits
-    4r..4r+3) and of its columns (the kept rows of column c, likewise)."""
+    4r..4r+3) and of its columns (the kept rows of column c, likewise); the
+    kernel's lookup table, made once per device and kept. Made first inside a
+    CUDA-graph warm-up, it would sit in the graphs' memory pool untracked, which
+    cudagraph trees refuse; :func:`~sparsetrain.sparse24.ffn.prepare_ffns` makes it before."""
     rows = []
     for pat in TRANSPOSABLE_PATTERNS:
         m = _pattern_mask(pat)
@@ -265,7 +268,7 @@ def _launch(u: torch.Tensor, ds: torch.Tensor | None, pattern: torch.Tensor | No
     ds_ = u if ds is None else ds.contiguous().to(u.dtype)
     use = pattern is not None
     ids = pattern.contiguous() if use else torch.empty(M // 4, K // 4, dtype=torch.uint8, device=u.device)
-    _pack_transposable_kernel[(M // 64, K // 64)](u, ds_, ids, out, out_t, _pattern_table(u.device), M, K,
+    _pack_transposable_kernel[(M // 64, K // 64)](u, ds_, ids, out, out_t, pattern_table(u.device), M, K,
                                                   HAS_DS=ds is not None, USE_PATTERN=use, DENSE=dense,
                                                   HW_ROUND=not interpreting(), num_warps=KERNEL_CONFIG["num_warps"])
     return ids
