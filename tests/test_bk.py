@@ -412,7 +412,10 @@ def test_sparse_layer_is_causal_in_threshold_mode(parked: bool) -> None:
         base = sparse(x)
         x2 = x.clone()
         x2[:, 20:] = torch.randn_like(x2[:, 20:])
-        assert torch.equal(sparse(x2)[:, :20], base[:, :20])
+        # equal up to float64 rounding, not bit for bit: on the gather path a changed
+        # future changes how many rows the MoE's GEMMs see, and with it their blocking
+        # (a 5.6e-17 difference in isolation); a leak of the future would be O(1)
+        torch.testing.assert_close(sparse(x2)[:, :20], base[:, :20], rtol=0, atol=1e-12)
 
 
 def test_parked_threshold_path_equals_the_gather_path() -> None:

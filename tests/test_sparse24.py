@@ -85,9 +85,24 @@ def test_sparsity_stats_hand_computed() -> None:
     act = torch.tensor([[0.0, 2.0, 0.0, 3.0, 1.0, 2.0, 3.0, 4.0]])
     sparse, _ = naive_24(act)
     st = sparsity_stats(act, sparse)
-    assert st["activation_sparsity"] == pytest.approx(2 / 8)
-    assert st["groups_already_24"] == pytest.approx(1 / 2)
-    assert st["pruned_beyond_relu"] == pytest.approx(2 / 8)
+    assert all(v.dim() == 0 for v in st.values())  # tensors: the trainer reads them when it logs, no sync here
+    assert float(st["activation_sparsity"]) == pytest.approx(2 / 8)
+    assert float(st["groups_already_24"]) == pytest.approx(1 / 2)
+    assert float(st["pruned_beyond_relu"]) == pytest.approx(2 / 8)
+
+
+def test_sparsity_stats_against_a_loop_over_groups() -> None:
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    act = torch.relu(torch.randn(6, 40, generator=g, dtype=torch.float64)) ** 2
+    sparse, _ = naive_24(act)
+    groups = act.reshape(-1, 4).tolist()
+    fits = sum(sum(v != 0 for v in grp) <= 2 for grp in groups) / len(groups)
+    zeros = sum(v == 0 for grp in groups for v in grp) / act.numel()
+    pruned = sum(a != 0 and b == 0 for a, b in zip(act.flatten().tolist(), sparse.flatten().tolist())) / act.numel()
+    st = sparsity_stats(act, sparse)
+    assert float(st["groups_already_24"]) == pytest.approx(fits)
+    assert float(st["activation_sparsity"]) == pytest.approx(zeros)
+    assert float(st["pruned_beyond_relu"]) == pytest.approx(pruned)
 
 
 def test_bad_shapes_and_methods() -> None:

@@ -283,3 +283,20 @@ def test_hyper_connections_train_and_report(make_cfg) -> None:
     assert len(layers) == 2 * cfg.model.n_layer
     assert all(l["grad_norm"]["res"] > 0 and "stream_divergence" in l for l in layers)
     assert hyper_rows[-1]["composed_res_gain"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_2_4_statistics_reach_the_logged_rows(make_cfg) -> None:
+    """The relu2_24 layers' statistics, kept as tensors until the step is logged,
+    land in metrics.jsonl as floats for the logged sparse steps only."""
+    cfg = make_cfg(ffn="relu2_24", activation_sparse_method="naive", activation_dense_warmup_steps=2,
+                   log_every=2, max_steps=6, eval_every=0)
+    train(cfg, verbose=False)
+    rows = [json.loads(l) for l in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r.get("sparse24") for r in rows if r["kind"] == "train"}
+    assert logged[2] is None  # still dense at the step logged after the warmup's two steps
+    for step in (4, 6):
+        st = logged[step]
+        assert st["backend"] == "masked_dense"
+        assert all(0.0 <= st[k] <= 1.0 for k in ("activation_sparsity", "groups_already_24", "pruned_beyond_relu"))
+        assert st["pruned_beyond_relu"] > 0  # naive 2:4 on a dense-ish ReLU^2 prunes something
+    assert logged[3] is None and logged[5] is None  # not logged steps: no statistics computed

@@ -41,23 +41,37 @@ def lr_at(step: int, peak: float, warmup_steps: int, max_steps: int, min_lr_rati
 class StepCounted(nn.Module):
     """A module whose behaviour follows the optimizer step count (a dense warmup,
     a sparsity ramp). The count lives twice: in a saved buffer, so a resumed run
-    continues where it stopped, and in a host int that the forward reads, since
-    reading a CUDA buffer every forward would be a host sync (and a graph break
-    under torch.compile). Subclasses name the buffer in ``STEP_BUFFER`` and call
-    :meth:`init_step_count` in ``__init__``."""
+    continues where it stopped, and in a host int, since reading a CUDA buffer
+    every forward would be a host sync (and a graph break under torch.compile).
+
+    The forward must not read that int either: torch.compile takes an int
+    attribute for a constant, so a compiled model recompiled at every step and,
+    past dynamo's recompile limit (8), ran the module eagerly for good (the
+    compiled d20 2:4 trainer ran at 0.82x dense, bench/results/trainer_throughput_d20_compiled_before_h200.json).
+    Subclasses derive what the forward reads in :meth:`_count_changed`, a value
+    that changes only where the behaviour does (a warmup's end), so a compiled
+    model recompiles there and nowhere else. They name the buffer in
+    ``STEP_BUFFER`` and call :meth:`init_step_count` in ``__init__`` once the
+    attributes :meth:`_count_changed` reads are set."""
 
     STEP_BUFFER = "steps"
 
     def init_step_count(self) -> None:
         self.register_buffer(self.STEP_BUFFER, torch.zeros((), dtype=torch.long))
         self._steps = 0  # the host copy
+        self._count_changed()
 
     def step(self) -> None:
         """Count one optimizer step."""
         self._steps += 1
         getattr(self, self.STEP_BUFFER).fill_(self._steps)
+        self._count_changed()
+
+    def _count_changed(self) -> None:
+        """Recompute what the forward reads from the count (nothing by default)."""
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + self.STEP_BUFFER in state_dict:
             self._steps = int(state_dict[prefix + self.STEP_BUFFER])
+            self._count_changed()

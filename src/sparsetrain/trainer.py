@@ -58,7 +58,7 @@ class TrainResult:
     train_seconds: float = 0.0
 
 
-def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
+def _mean_rows(rows: list[dict[str, float | torch.Tensor]]) -> dict[str, float]:
     """Key-wise mean of same-keyed stat dicts (floats or 0-dim tensors), rounded for metrics.jsonl."""
     return {k: round(float(sum(r[k] for r in rows)) / len(rows), 4) for k in rows[0]}
 
@@ -140,7 +140,7 @@ class Trainer:
         self.hyper_report: dict | None = None  # mHC-lite analysis, written at the next eval
         self.mtp_losses: list[list[float]] = []  # per micro-step [main, L_1..L_n] since the last log
         self.bk_stats: list[dict[str, float]] = []  # sparse ResNet-BK mask stats per micro-step since the last log
-        self.sparse24_stats: dict[int, dict] = {}  # step -> mean 2:4 statistics of the relu2_24 layers
+        self.sparse24_stats: dict[int, tuple[list, str]] = {}  # step -> (each relu2_24 layer's statistics, backend)
         self._loader_next = (0, 0)
         self._setup_selection()
         self.out_dir = self._prepare_out_dir(resume)
@@ -421,7 +421,8 @@ class Trainer:
             self.selector.step()
         stats = [m.last_stats for m in self.sparse_ffns if m.track_stats and m.last_stats]
         if stats:
-            self.sparse24_stats[self.step + 1] = {**_mean_rows(stats), "backend": self.sparse_ffns[0].last_backend}
+            # kept as tensors and averaged when the step is logged, after the window's one sync
+            self.sparse24_stats[self.step + 1] = (stats, self.sparse_ffns[0].last_backend)
         for m in self.scheduled:
             m.step()
         self.step += 1
@@ -511,7 +512,8 @@ class Trainer:
                         if bwd_ms is not None:
                             row["backward_ms"] = round(bwd_ms, 3)  # mean over the log window
                         if s in self.sparse24_stats:
-                            row["sparse24"] = self.sparse24_stats.pop(s)
+                            layer_stats, backend = self.sparse24_stats.pop(s)
+                            row["sparse24"] = {**_mean_rows(layer_stats), "backend": backend}
                         if self.bk_stats:
                             row["bk_sparsity"] = _mean_rows(self.bk_stats)
                         if self.mtp_losses:

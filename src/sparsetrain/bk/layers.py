@@ -255,12 +255,21 @@ class SparseMoEResNetBKLayer(MoEResNetBKLayer, StepCounted):
         self._num_computed: int | torch.Tensor = 0
         self._total = 0
 
+    def _count_changed(self) -> None:
+        # recomputed per optimizer step, read by the forward instead of the count
+        # (StepCounted): under torch.compile the threshold mask reads only whether
+        # it skips at all, which flips once; the top-k mask's count follows the
+        # target, so a compiled top-k layer recompiles at each step of a ramp
+        if self.schedule_steps <= 0:
+            self._target = self.final_sparsity
+        else:
+            self._target = self.final_sparsity * min(1.0, self._steps / self.schedule_steps)
+        self._skipping = self._target > 0
+
     @property
     def target_sparsity(self) -> float:
         """The schedule's current target: linear ramp 0 -> final over ``schedule_steps``."""
-        if self.schedule_steps <= 0:
-            return self.final_sparsity
-        return self.final_sparsity * min(1.0, self._steps / self.schedule_steps)
+        return self._target
 
     def _mask(self, logits: torch.Tensor, parked: bool = False) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """(hard bool mask [B, N] or None when every position is computed,
@@ -272,12 +281,11 @@ class SparseMoEResNetBKLayer(MoEResNetBKLayer, StepCounted):
         else:
             noisy = logits
         soft = torch.sigmoid(noisy / self.tau)
-        target = self.target_sparsity
-        if target == 0:
+        if not self._skipping:
             return None, soft, None
         B, N = logits.shape
         if self.mask_mode == "topk":  # known count: indices without a host sync
-            k = max(1, int(round((1 - target) * N)))
+            k = max(1, int(round((1 - self._target) * N)))
             top = noisy.topk(k, dim=-1).indices
             hard = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, top, True)
             idx = (top + torch.arange(B, device=top.device)[:, None] * N).flatten()  # any order: rows are independent

@@ -195,14 +195,18 @@ class Sparse24FFN(StepCounted):
         self.seed = seed
         self._perms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # tokens per call -> permutation, inverse
         self.track_stats = False  # set by the trainer on log steps: fills last_stats at the next forward
-        self.last_stats: dict[str, float] = {}
+        self.last_stats: dict[str, torch.Tensor] = {}  # 0-dim tensors (sparsity_stats): read when logged
         self.last_backend = "dense"  # dense (warmup), masked_dense, masked_kernel or cusparselt
+
+    def _count_changed(self) -> None:
+        # a bool that flips once, at the warmup's end: the forward reads this, not
+        # the step count, which torch.compile would recompile for at every step
+        self._sparse = self._steps >= self.dense_warmup_steps
 
     @property
     def sparse(self) -> bool:
-        # from the host copy of steps: reading the buffer every forward would be a
-        # host sync, and a graph break under torch.compile
-        return self._steps >= self.dense_warmup_steps
+        """Whether the forward runs 2:4 (the dense warmup is over)."""
+        return self._sparse
 
     def _permutation(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # one per token count (training and evaluation may differ), so that neither evicts the other
@@ -225,7 +229,7 @@ class Sparse24FFN(StepCounted):
         if self.method == "soft_threshold" and float(self.scale) == 0.0:
             with torch.no_grad():
                 self.scale.fill_(soft_threshold_scale(F.relu(F.linear(xp, self.up.weight)).square()))
-        stats: dict[str, float] | None = {} if self.track_stats else None
+        stats: dict[str, torch.Tensor] | None = {} if self.track_stats else None
         if fast:
             # cast here, not inside the ops: autograd (or the compiled graph) then keeps the
             # bf16 weights for the backward as autocast's dense products do. Cast inside the
