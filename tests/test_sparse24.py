@@ -269,6 +269,58 @@ def test_ffn_module_collects_stats_when_asked() -> None:
     assert set(ffn.last_stats) == {"activation_sparsity", "groups_already_24", "pruned_beyond_relu"}
 
 
+def test_fast_path_statistics_helper_against_the_torch_mask() -> None:
+    """The fast paths' statistics helper (the packing kernel's dense view; CPU:
+    Triton's interpreter) counts what the plain-torch transposable mask gives,
+    also when called from a compiled function (it runs outside the graph)."""
+    from sparsetrain.sparse24 import packing
+    from sparsetrain.sparse24.ffn import _fast_path_stats
+
+    if packing.triton is None:
+        pytest.skip("triton not installed")
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    x = torch.randn(64, 64, generator=g).bfloat16()
+    w = (torch.randn(128, 64, generator=g) / 8).bfloat16()
+    a = torch.relu(F.linear(x, w).float()).square().bfloat16()
+    want = sparsity_stats(a, a * packing.transposable_mask(a))
+    for got in (_fast_path_stats(x, w), torch.compile(lambda x, w: _fast_path_stats(x, w), backend="eager")(x, w)):
+        assert set(got) == set(want)
+        for k in want:
+            assert float(got[k]) == pytest.approx(float(want[k]), abs=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_path_statistics_eager_and_compiled_on_gpu() -> None:
+    """On a fast path, a logged step's statistics are 0-dim tensors, the same
+    eager and compiled (they are computed outside the graph), and equal to the
+    counts from the plain-torch transposable mask of relu(u)^2 on the same
+    permuted tokens."""
+    from sparsetrain.sparse24 import packing, prepare_ffns
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    ffn = Sparse24FFN(128, 512, method="transposable", dense_warmup_steps=0).cuda()
+    x = torch.randn(2, 128, 128, device="cuda")
+    prepare_ffns(ffn, 256)
+    ffn.track_stats = True
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ffn(x)
+        eager = dict(ffn.last_stats)
+        torch._dynamo.reset()
+        torch.compile(ffn)(x)
+        compiled = dict(ffn.last_stats)
+    torch._dynamo.reset()
+    assert ffn.last_backend in ("masked_kernel", "cusparselt")
+    assert set(eager) == {"activation_sparsity", "groups_already_24", "pruned_beyond_relu"}
+    assert all(v.dim() == 0 for v in eager.values())
+    perm, _ = ffn._perms[256]
+    u = F.linear(x.reshape(-1, 128).bfloat16()[perm], ffn.up.weight.bfloat16())
+    a = torch.relu(u.float()).square().bfloat16()
+    want = sparsity_stats(a, a * packing.transposable_mask(a))
+    for k in want:
+        assert float(eager[k]) == float(compiled[k])
+        assert float(eager[k]) == pytest.approx(float(want[k]), abs=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cusparselt_path_equals_masked_dense_in_bf16() -> None:
     from sparsetrain.sparse24 import cusparselt

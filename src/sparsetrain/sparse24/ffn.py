@@ -254,11 +254,21 @@ class Sparse24FFN(StepCounted):
                                    token_prune, self.dense_fraction, stats)
         if stats is not None:
             if self.last_backend != "masked_dense":  # both fast paths choose the same patterns: one dense view
-                with torch.no_grad(), torch.autocast("cuda", enabled=False):
-                    u = F.linear(xp, w_up)
-                    stats.update(sparsity_stats(F.relu(u).square(), packing.mask_transposable(u)[0]))
+                stats.update(_fast_path_stats(xp.detach(), w_up.detach()))
             self.last_stats = stats
         return permute_rows(y, inv, perm).reshape(*shape[:-1], -1)  # undo the permutation
+
+
+# Outside torch.compile: the statistics run on logged steps only, where one graph
+# break costs little, and the packing kernel is then launched as the fast paths
+# launch it, not traced by dynamo.
+@torch.compiler.disable
+def _fast_path_stats(x: torch.Tensor, w_up: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`.sparsify.sparsity_stats` of the fast paths' activation, from a dense
+    view of the transposable selection (the same patterns either path picks)."""
+    with torch.no_grad(), torch.autocast("cuda", enabled=False):
+        u = F.linear(x, w_up)
+        return sparsity_stats(F.relu(u).square(), packing.mask_transposable(u)[0])
 
 
 def cuda_graphs_ok(model: nn.Module, device: torch.device) -> bool:
