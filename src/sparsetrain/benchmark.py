@@ -164,15 +164,18 @@ def gpu_idle_by_phase(trace: dict, steps: int) -> dict:
 
 
 def profile_top_kernels(fn: Callable[[], Any], steps: int = 3, top: int = 25) -> dict[str, Any]:
-    """Profile ``steps`` calls of ``fn()`` (already warmed up): GPU-busy and host
-    milliseconds per call, and the ``top`` entries by self GPU time and by self
-    host time as ``(name, ms per call, calls per call)``; ``kernel_ms_per_step``:
-    the GPU kernels' time alone (what a step takes if the GPU never idles, less
-    any overlap of kernels), and ``gpu_kernels``: the
-    ``top`` GPU kernels alone (no host ops or profiler markers, names to 100
-    characters), the list to diff two variants' steps by; ``gpu_idle``: where
-    the GPU waited (:func:`gpu_idle_by_phase`, by the ``phase:*`` ranges that
-    :func:`make_train_step`'s steps mark)."""
+    """Profile ``steps`` calls of ``fn()`` (already warmed up, queued back to
+    back, one sync at the end). Per call:
+
+    * ``gpu_busy_ms_per_step``, ``cpu_ms_per_step``; ``top_self_gpu`` and
+      ``top_self_cpu``: the ``top`` entries by self time, as ``(name, ms per
+      call, calls per call)``;
+    * ``kernel_ms_per_step``: the GPU kernels' time alone (what the call takes
+      if the GPU never idles and no kernels overlap), and ``gpu_kernels``: the
+      ``top`` kernels alone (no host ops or profiler ranges, names to 100
+      characters), the list to diff two variants by;
+    * ``gpu_idle``: where the GPU waited (:func:`gpu_idle_by_phase`, by the
+      ``phase:*`` ranges that :func:`make_train_step`'s steps mark)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
