@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sparsetrain.benchmark import bench_train_step, cuda_ms_per_call, environment, parse_step_entries  # noqa: E402
+from sparsetrain.benchmark import SPARSE24_OVERRIDES, bench_train_step, cuda_ms_per_call, environment, parse_step_entries  # noqa: E402
 from sparsetrain.sparse24 import cslt_plans  # noqa: E402
 from sparsetrain.sparse24 import ffn as ffn_module  # noqa: E402
 from sparsetrain.sparse24.cusparselt import sparse_mm  # noqa: E402
@@ -103,7 +103,7 @@ def main() -> None:
         res["products"][shape] = products(N, d, h)
         save()
 
-    sparse = {"ffn": "relu2_24", "activation_sparse_method": "transposable", "activation_dense_warmup_steps": 0}
+    sparse = SPARSE24_OVERRIDES
     default_width = ffn_module.CUSPARSELT_MIN_WIDTH
     for entry, preset, model in parse_step_entries(args.steps):
         for mode in filter(None, args.modes.split(",")):

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparsetrain.benchmark import bench_train_step, bench_train_steps_interleaved, cuda_ms_per_call, environment, parse_step_entries, profile_top_kernels, summarize, time_fn, time_interleaved  # noqa: E402
+from sparsetrain.benchmark import SPARSE24_OVERRIDES, bench_train_step, bench_train_steps_interleaved, cuda_ms_per_call, environment, parse_step_entries, profile_top_kernels, summarize, time_fn, time_interleaved  # noqa: E402
 from sparsetrain.model import relu_squared  # noqa: E402
 from sparsetrain.sparse24.cusparselt import _CONFIGS, sparse24_ffn_cusparselt, sparse_mm  # noqa: E402
 from sparsetrain.sparse24 import ffn as ffn_module  # noqa: E402
@@ -185,7 +185,7 @@ def main() -> None:
         interleaved_steps(args, out)
         return
     if not args.skip_step:
-        sparse = {"ffn": "relu2_24", "activation_sparse_method": "transposable", "activation_dense_warmup_steps": 0}
+        sparse = SPARSE24_OVERRIDES
         default_width = ffn_module.CUSPARSELT_MIN_WIDTH
         for entry, preset, model in parse_step_entries(args.steps):
             st = out["step"][entry] = {"preset": preset, "model_overrides": model}
@@ -227,7 +227,7 @@ def interleaved_steps(args, out: dict) -> None:
     timed in three interleaved rounds of 5 steps, so drift between two
     sequential runs cannot pass for a speedup (on the ResNet-BK step it was
     larger than the effects; bench/results/bk_step_relu_rows_interleaved_h200.json)."""
-    sparse = {"ffn": "relu2_24", "activation_sparse_method": "transposable", "activation_dense_warmup_steps": 0}
+    sparse = SPARSE24_OVERRIDES
     torch._dynamo.config.cache_size_limit = 64  # two models of one class compile side by side
     mode = args.compile_mode if args.compile_steps else None
     for entry, preset, model in parse_step_entries(args.steps):

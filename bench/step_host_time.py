@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sparsetrain.benchmark import environment, parse_step_entries  # noqa: E402
+from sparsetrain.benchmark import SPARSE24_OVERRIDES, environment, parse_step_entries  # noqa: E402
 from sparsetrain.config import build_config  # noqa: E402
 from sparsetrain.model import build_model  # noqa: E402
 from sparsetrain.sparse24.ffn import prepare_ffns  # noqa: E402
 
-SPARSE = {"ffn": "relu2_24", "activation_sparse_method": "transposable", "activation_dense_warmup_steps": 0}
 
 
 def one_variant(preset: str, overrides: dict, compile_: bool, repeats: int, batch: int = 8, seq: int = 2048) -> dict:
@@ -93,7 +92,7 @@ def main() -> None:
     out: dict = {"environment": environment(), "compiled": not args.eager, "steps": {}}
     for entry, preset, model in parse_step_entries(args.steps):
         res = out["steps"][entry] = {}
-        for name, ov in (("relu2", {"ffn": "relu2"}), ("relu2_24_cusparselt", SPARSE)):
+        for name, ov in (("relu2", {"ffn": "relu2"}), ("relu2_24_cusparselt", SPARSE24_OVERRIDES)):
             res[name] = one_variant(preset, {**model, **ov}, not args.eager, args.repeats)
             torch._dynamo.reset()
             torch.cuda.empty_cache()

@@ -27,11 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsetrain import build_config, train  # noqa: E402
-from sparsetrain.benchmark import environment  # noqa: E402
+from sparsetrain.benchmark import SPARSE24_OVERRIDES, environment  # noqa: E402
 
 RUNS = {
     "relu2": {"ffn": "relu2"},
-    "relu2_24": {"ffn": "relu2_24", "activation_sparse_method": "transposable", "activation_dense_warmup_steps": 0},
+    "relu2_24": SPARSE24_OVERRIDES,
 }
 
 

@@ -25,6 +25,10 @@ from .model import build_model
 from .optim import make_optimizer
 from .sparse24.ffn import prepare_ffns
 
+# The model overrides of a 2:4 model as the step benches time it: the transposable
+# method (cuSPARSELt or the masked kernel by width), sparse from the first step.
+SPARSE24_OVERRIDES = {"ffn": "relu2_24", "activation_sparse_method": "transposable", "activation_dense_warmup_steps": 0}
+
 # Dense bf16 tensor-core peak from NVIDIA's datasheets (SXM parts), used for MFU.
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 

@@ -254,7 +254,7 @@ class Sparse24FFN(StepCounted):
                                    token_prune, self.dense_fraction, stats)
         if stats is not None:
             if self.last_backend != "masked_dense":  # both fast paths choose the same patterns: one dense view
-                stats.update(_fast_path_stats(xp.detach(), w_up.detach()))
+                stats.update(_fast_path_stats(xp, w_up))
             self.last_stats = stats
         return permute_rows(y, inv, perm).reshape(*shape[:-1], -1)  # undo the permutation
 
