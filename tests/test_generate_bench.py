@@ -161,3 +161,22 @@ def test_gpu_idle_by_phase_on_a_made_up_trace() -> None:
     assert idle["ms_per_step_by_phase"] == pytest.approx({"forward": 0.005, "backward": 0.15})
     assert idle["total_ms_per_step"] == pytest.approx(0.155)
     assert idle["largest"][0] == (0.3, "backward", "c", "d")
+
+
+def test_make_train_step_counts_steps_as_the_trainer_does() -> None:
+    """The benches' step calls every StepCounted module's step() after the
+    optimizer, as the trainer does (so a model that recompiles per count shows
+    in the benches too): a 2:4 FFN with a 2-step dense warmup is sparse after two."""
+    from sparsetrain.benchmark import make_train_step
+    from sparsetrain.sparse24 import Sparse24FFN
+
+    step, model = make_train_step("tiny", seq_len=32, batch_size=2, device="cpu",
+                                  model_overrides={"ffn": "relu2_24", "activation_sparse_method": "naive",
+                                                   "activation_dense_warmup_steps": 2})
+    ffns = [m for m in model.modules() if isinstance(m, Sparse24FFN)]
+    assert ffns and not any(f.sparse for f in ffns)
+    step()
+    step()
+    assert all(f._steps == 2 and int(f.steps) == 2 and f.sparse for f in ffns)
+    step()
+    assert all(f.last_backend == "masked_dense" for f in ffns)

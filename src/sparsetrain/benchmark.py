@@ -22,7 +22,7 @@ from torch.profiler import record_function
 
 from .config import ModelConfig, build_config
 from .model import build_model
-from .optim import make_optimizer
+from .optim import make_optimizer, step_counted
 from .sparse24.ffn import prepare_ffns
 
 # The model overrides of a 2:4 model as the step benches time it: the transposable
@@ -265,6 +265,9 @@ def make_train_step(
     compile = compile or compile_mode is not None
     step_model = torch.compile(model, mode=compile_mode) if compile else model
     aux_loss = getattr(model, "aux_loss", None)
+    # counted after each optimizer step as the trainer counts them, so that a compiled
+    # model which recompiles when a count changes shows it here too
+    counted = step_counted(model)
     x = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=dev)
     y = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=dev)
     amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
@@ -283,6 +286,8 @@ def make_train_step(
         with record_function("phase:optimizer"):
             opt.step()
             opt.zero_grad(set_to_none=True)
+            for m in counted:
+                m.step()
 
     return step, model
 

@@ -75,3 +75,9 @@ class StepCounted(nn.Module):
         if prefix + self.STEP_BUFFER in state_dict:
             self._steps = int(state_dict[prefix + self.STEP_BUFFER])
             self._count_changed()
+
+
+def step_counted(model: nn.Module) -> list[StepCounted]:
+    """The modules of ``model`` whose :meth:`StepCounted.step` a training loop
+    calls after each optimizer step."""
+    return [m for m in model.modules() if isinstance(m, StepCounted)]

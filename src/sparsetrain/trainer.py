@@ -34,12 +34,11 @@ from .generate import load_model
 from .model import GPT, IGNORE_INDEX, build_model
 from .mtp import MTPHeads, kept_rows_loss, sequential_backward
 from .sparse24.ffn import Sparse24FFN, cuda_graphs_ok, prepare_ffns
-from .bk.layers import SparseMoEResNetBKLayer
 from .bk.model import ResNetBK
 from .collider import ColliderModel, masked_cross_entropy
 from .collider import filter as collider_filter
 from .selection import CGGRLoss, CGGRModel, TokenSelector, create_truncated_router
-from .optim import lr_at, make_optimizer
+from .optim import lr_at, make_optimizer, step_counted
 from .plotting import plot_loss_curve
 
 METRICS_NAME = "metrics.jsonl"
@@ -125,7 +124,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model).to(self.device)
         # modules with a per-step schedule: relu2_24's dense warmup, sparse BK layers' sparsity ramp
-        self.scheduled = [m for m in self.model.modules() if isinstance(m, (Sparse24FFN, SparseMoEResNetBKLayer))]
+        self.scheduled = step_counted(self.model)
         self.sparse_ffns = [m for m in self.scheduled if isinstance(m, Sparse24FFN)]
         self.mtp: MTPHeads | None = None
         if cfg.use_mtp:
