@@ -18,7 +18,11 @@ preset; wider models through overrides, e.g. ``d20:d_model=4096,n_head=32,n_laye
 dense ``relu2`` against ``relu2_24`` on cuSPARSELt and on the masked kernel,
 all eager. ``--interleave-steps``: relu2 and relu2_24 on cuSPARSELt built
 together and timed in interleaved rounds instead (eager, or compiled with
-``--compile-steps``). The packing kernel alone: bench/sparse24_packing.py.
+``--compile-steps``): each step synchronized, then ``--queued-steps`` steps
+per sync as the trainer runs them; with ``--clock-steps``, the SM clock and
+power while each model runs; with ``--profile-steps``, kernel lists and GPU
+idle by phase. The packing kernel alone: bench/sparse24_packing.py; the
+trainer's own tokens/s: bench/trainer_throughput.py.
 """
 
 from __future__ import annotations
@@ -167,6 +171,9 @@ def main() -> None:
     ap.add_argument("--queued-steps", type=int, default=5,
                     help="with --interleave-steps: also time samples of this many steps queued back to back, one "
                          "sync per sample, as the trainer runs them (0: off)")
+    ap.add_argument("--clock-steps", type=int, default=10,
+                    help="with --interleave-steps: also run this many queued steps of each model while nvidia-smi "
+                         "reads the SM clock and power (0: off)")
     ap.add_argument("--profile-only", default="", metavar="NxDxH",
                     help="only profile the relu2 and relu2_24 blocks' kernels at this shape, and exit")
     args = ap.parse_args()
@@ -237,7 +244,7 @@ def interleaved_steps(args, out: dict) -> None:
         key = f"{entry} {'compiled' if args.compile_steps else 'eager'}" + (f" {mode}" if mode else "")
         try:
             res = bench_train_steps_interleaved(variants, rounds=3, repeats=15, profile_top=60 if args.profile_steps else 0,
-                                                queued=args.queued_steps)
+                                                queued=args.queued_steps, clock_steps=args.clock_steps)
             res["speedup"] = res["relu2"]["median_ms"] / res["relu2_24_cusparselt"]["median_ms"]
             if args.queued_steps:
                 res["speedup_queued"] = res["relu2"]["queued"]["median_ms"] / res["relu2_24_cusparselt"]["queued"]["median_ms"]
@@ -251,6 +258,11 @@ def interleaved_steps(args, out: dict) -> None:
         if "error" in res:
             print(f"{key}: {res['error'][:300]}")
         else:
+            for name in ("relu2", "relu2_24_cusparselt"):
+                clocks = res[name].get("gpu_clocks")
+                if clocks and clocks["samples"]:
+                    print(f"{key} {name}: SM clock {clocks['sm_clock_mhz']:.0f} MHz, power {clocks['power_w']:.0f} W "
+                          f"(median of {clocks['samples']} readings over {args.clock_steps} queued steps)")
             if args.profile_steps:
                 for name in ("relu2", "relu2_24_cusparselt"):
                     print(f"-- {key} {name}: GPU kernels, ms per step, calls per step")

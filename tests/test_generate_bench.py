@@ -180,3 +180,20 @@ def test_make_train_step_counts_steps_as_the_trainer_does() -> None:
     assert all(f._steps == 2 and int(f.steps) == 2 and f.sparse for f in ffns)
     step()
     assert all(f.last_backend == "masked_dense" for f in ffns)
+
+
+def test_gpu_clock_monitor_takes_medians_of_what_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The monitor's medians over made-up readings; no readings (no nvidia-smi) give 0 samples."""
+    import time as _time
+
+    import sparsetrain.benchmark as bench
+
+    readings = iter([(1980.0, 600.0), (1755.0, 700.0), (1830.0, 650.0)])
+    monkeypatch.setattr(bench, "_query_clock_and_power", lambda device_index: next(readings, None))
+    with bench.gpu_clock_monitor(interval_s=0.001) as got:
+        _time.sleep(0.2)
+    assert got == {"samples": 3, "sm_clock_mhz": 1830.0, "power_w": 650.0}
+    monkeypatch.setattr(bench, "_query_clock_and_power", lambda device_index: None)
+    with bench.gpu_clock_monitor() as none:
+        pass
+    assert none == {"samples": 0}

@@ -7,12 +7,15 @@ repeats after warm-up, CUDA events on the GPU) and is stored with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
+import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -121,6 +124,50 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 3, warmup:
         for name, fn in fns.items():
             times[name] += time_fn(fn, warmup=1, repeats=max(1, repeats // rounds), calls_per_sample=calls_per_sample)
     return times
+
+
+def _query_clock_and_power(device_index: int) -> tuple[float, float] | None:
+    """One ``nvidia-smi`` reading of (SM clock MHz, power W), or None."""
+    cmd = ["nvidia-smi", f"--id={device_index}", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"]
+    try:
+        text = subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=True).stdout
+        clock, power = (float(v) for v in text.strip().splitlines()[0].split(","))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):  # no nvidia-smi, "[N/A]" fields
+        return None
+    return clock, power
+
+
+@contextlib.contextmanager
+def gpu_clock_monitor(interval_s: float = 0.1, device_index: int = 0) -> Iterator[dict[str, Any]]:
+    """Read the GPU's SM clock and power draw (``nvidia-smi``, every
+    ``interval_s`` from a background thread) while the block runs; the
+    yielded dict is filled on exit with ``samples``, ``sm_clock_mhz`` and
+    ``power_w`` (medians), ``samples`` 0 where nothing could be read. For
+    telling kernels that got slower from a GPU that clocked down (a
+    power-limited run of dense or sparse GEMMs)."""
+    out: dict[str, Any] = {}
+    rows: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            row = _query_clock_and_power(device_index)
+            if row is None:
+                return
+            rows.append(row)
+            stop.wait(interval_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        out["samples"] = len(rows)
+        if rows:
+            out["sm_clock_mhz"] = statistics.median(r[0] for r in rows)
+            out["power_w"] = statistics.median(r[1] for r in rows)
 
 
 def cuda_ms_per_call(fn: Callable[[], Any], calls: int = 5) -> float:
@@ -293,7 +340,8 @@ def make_train_step(
 
 
 def bench_train_steps_interleaved(variants: dict[str, dict[str, Any]], rounds: int = 3, warmup: int = 5,
-                                  repeats: int = 20, profile_top: int = 0, queued: int = 0) -> dict[str, dict[str, Any]]:
+                                  repeats: int = 20, profile_top: int = 0, queued: int = 0,
+                                  clock_steps: int = 0) -> dict[str, dict[str, Any]]:
     """Step-time summaries of several models timed in interleaved rounds
     (:func:`time_interleaved`; ``repeats`` steps each in all, each step
     synchronized). ``variants``: name -> :func:`make_train_step` keyword
@@ -305,7 +353,8 @@ def bench_train_steps_interleaved(variants: dict[str, dict[str, Any]], rounds: i
     step also counts the host time before the GPU's first kernel and wherever
     the host falls behind the GPU. ``profile_top``: after the timing, also
     profile three steps of each (:func:`profile_top_kernels`, that many
-    entries) under ``"profile"``."""
+    entries) under ``"profile"``. ``clock_steps``: also run that many queued
+    steps of each under :func:`gpu_clock_monitor`, under ``"gpu_clocks"``."""
     steps = {name: make_train_step(**kw)[0] for name, kw in variants.items()}
     times = time_interleaved(steps, rounds=rounds, warmup=warmup, repeats=repeats)
     out: dict[str, dict[str, Any]] = {name: summarize(t) for name, t in times.items()}
@@ -313,6 +362,13 @@ def bench_train_steps_interleaved(variants: dict[str, dict[str, Any]], rounds: i
         times = time_interleaved(steps, rounds=rounds, warmup=1, repeats=repeats, calls_per_sample=queued)
         for name, t in times.items():
             out[name]["queued"] = summarize(t)
+    if clock_steps:
+        for name, step in steps.items():
+            with gpu_clock_monitor() as clocks:
+                for _ in range(clock_steps):
+                    step()
+                torch.cuda.synchronize()
+            out[name]["gpu_clocks"] = clocks
     if profile_top:
         for name, step in steps.items():
             out[name]["profile"] = profile_top_kernels(step, steps=3, top=profile_top)
