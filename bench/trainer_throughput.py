@@ -1,17 +1,20 @@
-"""Training throughput as the trainer itself reports it: dense ``relu2``
-against ``relu2_24`` (``transposable``, sparse from the first step), the same
-preset, on the embedded corpus.
+"""Training throughput as the trainer itself reports it, on the embedded
+corpus: by default dense ``relu2`` against ``relu2_24`` (``transposable``,
+sparse from the first step); any runs through ``--runs``, each against the
+first.
 
     PYTHONPATH=src python bench/trainer_throughput.py --preset d20 --compile --out $OUT/throughput.json
+    PYTHONPATH=src python bench/trainer_throughput.py --runs "dense;collider:use_collider=True,collider_sparsity=0.5"
 
 Each run trains ``--steps`` steps and logs every ``--log-every``; the
 trainer syncs the GPU once per log window, so its tokens/s per window is the
 end-to-end rate a user sees (data loading, queued steps, optimizer). The
-first two windows (compilation, warm-up) are left out of the median. The runs
+first two windows (compilation, warm-up) are left out of the median (a run
+too short for that takes its last window). The runs
 go one after the other, so host or clock drift between them counts (the GPU's
-tokens/s fell about 2% over each 80-step d20 run); ``--abba`` runs relu2,
-relu2_24, relu2_24, relu2 and averages each pair, which cancels a drift that
-is linear in time. Compare with the interleaved step timings of
+tokens/s fell about 2% over each 80-step d20 run); ``--abba`` runs the list
+forwards then backwards (relu2, relu2_24, relu2_24, relu2) and averages each
+run's two, which cancels a drift that is linear in time. Compare with the interleaved step timings of
 ``bench/sparse24_ffn.py``.
 """
 
@@ -27,12 +30,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsetrain import build_config, train  # noqa: E402
-from sparsetrain.benchmark import SPARSE24_OVERRIDES, environment  # noqa: E402
+from sparsetrain.benchmark import SPARSE24_OVERRIDES, environment, parse_step_entries  # noqa: E402
 
-RUNS = {
-    "relu2": {"ffn": "relu2"},
-    "relu2_24": SPARSE24_OVERRIDES,
-}
+DEFAULT_RUNS = "relu2:ffn=relu2;relu2_24:" + ",".join(f"{k}={v}" for k, v in SPARSE24_OVERRIDES.items())
+
+
+def _value(v: object) -> object:
+    """``"True"``/``"False"`` and decimal numbers from a ``--runs`` entry as Python values."""
+    if v in ("True", "False"):
+        return v == "True"
+    try:
+        return float(v) if isinstance(v, str) and "." in v else v
+    except ValueError:
+        return v
 
 
 def main() -> None:
@@ -44,34 +54,39 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--abba", action="store_true", help="run relu2, relu2_24, relu2_24, relu2 (twice the time)")
+    ap.add_argument("--runs", default=DEFAULT_RUNS,
+                    help="'name:key=value,...' entries (config overrides) separated by ';'; the first is the baseline")
+    ap.add_argument("--abba", action="store_true", help="run the list forwards, then backwards (twice the time)")
     args = ap.parse_args()
+    runs = {name: {k: _value(v) for k, v in ov.items()} for _, name, ov in parse_step_entries(args.runs)}
     base = dict(max_steps=args.steps, log_every=args.log_every, eval_every=10 * args.steps, eval_batches=2,
                 seq_len=args.seq_len, batch_size=args.batch_size, warmup_steps=10, compile=args.compile,
                 cache_dir=os.environ.get("SPARSETRAIN_CACHE", "/tmp/sparsetrain-cache"))
-    out = {"environment": environment(), "settings": {**base, "preset": args.preset}, "runs": {}}
+    out = {"environment": environment(), "settings": {**base, "preset": args.preset, "runs": args.runs}, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        order = ["relu2", "relu2_24", "relu2_24", "relu2"] if args.abba else list(RUNS)
+        order = list(runs) + list(runs)[::-1] if args.abba else list(runs)
         for i, name in enumerate(order):
             run_dir = f"{tmp}/{i}_{name}"
-            cfg = build_config(args.preset, overrides={**base, **RUNS[name], "out_dir": run_dir})
+            cfg = build_config(args.preset, overrides={**base, **runs[name], "out_dir": run_dir})
             train(cfg, verbose=False)
             rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
             windows = [r["tokens_per_s"] for r in rows if r["kind"] == "train" and r["step"] % args.log_every == 0]
-            run = {"order": i, "tokens_per_s_by_window": windows, "median_tokens_per_s": statistics.median(windows[2:]),
+            run = {"order": i, "tokens_per_s_by_window": windows, "median_tokens_per_s": statistics.median(windows[2:] or windows[-1:]),
                    "loss_last": next(r["loss"] for r in reversed(rows) if r["kind"] == "train")}
             out["runs"].setdefault(name, {"repeats": []})["repeats"].append(run)
             Path(args.out).write_text(json.dumps(out, indent=2))
     for r in out["runs"].values():  # the mean over an ABBA pair cancels a linear drift
         r["median_tokens_per_s"] = statistics.mean(x["median_tokens_per_s"] for x in r["repeats"])
     r = out["runs"]
-    out["speedup"] = r["relu2_24"]["median_tokens_per_s"] / r["relu2"]["median_tokens_per_s"]
+    first = next(iter(r))
+    out["speedup"] = {name: v["median_tokens_per_s"] / r[first]["median_tokens_per_s"] for name, v in r.items()}
     Path(args.out).write_text(json.dumps(out, indent=2))
     for name, v in r.items():
         for x in v["repeats"]:
             print(f"{name:<10} run {x['order']}: {x['median_tokens_per_s']:10.0f} tokens/s  "
                   f"(windows: {[round(w) for w in x['tokens_per_s_by_window']]})")
-    print(f"relu2_24 / relu2: {out['speedup']:.3f}x")
+    for name, speedup in out["speedup"].items():
+        print(f"{name} / {first}: {speedup:.3f}x")
 
 
 if __name__ == "__main__":
