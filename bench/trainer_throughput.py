@@ -12,7 +12,7 @@ end-to-end rate a user sees (data loading, queued steps, optimizer). The
 first two windows (compilation, warm-up) are left out of the median (a run
 too short for that takes its last window). The runs
 go one after the other, so host or clock drift between them counts (the GPU's
-tokens/s fell about 2% over each 80-step d20 run); ``--abba`` runs the list
+tokens/s fell 1–2% over each 80-step d20 run); ``--abba`` runs the list
 forwards then backwards (relu2, relu2_24, relu2_24, relu2) and averages each
 run's two, which cancels a drift that is linear in time. Compare with the interleaved step timings of
 ``bench/sparse24_ffn.py``.
