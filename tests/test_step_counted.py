@@ -1,8 +1,10 @@
-"""Modules whose behaviour follows the step count (optim.StepCounted) under
-torch.compile: the forward reads a value derived from the count that changes
-only where the behaviour does, so a compiled model recompiles there and not at
+"""What module forwards read, under torch.compile: host values, never buffers
+or per-step counters. Modules whose behaviour follows the step count
+(optim.StepCounted) read a value derived from the count that changes only
+where the behaviour does, so a compiled model recompiles there and not at
 every step (reading the count itself, the compiled 2:4 trainer recompiled each
-step and, past dynamo's limit of 8, ran the FFNs eagerly: 0.82x dense)."""
+step and, past dynamo's limit of 8, ran the FFNs eagerly: 0.82x dense); the
+2:4 FFN's masked-dense path reads a host copy of its S-STE scale."""
 
 from __future__ import annotations
 
@@ -55,3 +57,28 @@ def test_bk_threshold_mask_recompiles_once_when_its_ramp_starts() -> None:
     # outside the compiled forward, which sees only that positions are skipped
     assert counts[0] < counts[1] and counts[-1] == counts[4], counts
     assert abs(layer.target_sparsity - 0.5) < 1e-12 and not limit_warnings
+
+
+def test_masked_dense_ffn_reads_no_buffer_in_its_forward() -> None:
+    """The masked-dense 2:4 path (CPU, and any method but transposable on the GPU)
+    read its S-STE scale buffer with float() on every call: a host sync and a
+    graph break. It reads a host copy now: one graph, no break, for every method
+    without a generator; and the copy comes back with a state dict."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    x = torch.randn(2, 8, 16)
+    for method in ("naive", "soft_threshold", "transposable"):
+        ffn = Sparse24FFN(16, 32, method=method, dense_warmup_steps=0)
+        prepare_ffns(ffn, 16)
+        want = ffn(x)  # the first sparse call fixes the S-STE scale
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(ffn)(x)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (method, explained.break_reasons)
+        torch.testing.assert_close(torch.compile(ffn, backend="eager")(x), want)
+        torch._dynamo.reset()
+    assert ffn.last_backend == "masked_dense"
+    sste = Sparse24FFN(16, 32, method="soft_threshold", dense_warmup_steps=0)
+    prepare_ffns(sste, 16)
+    sste(x)
+    fresh = Sparse24FFN(16, 32, method="soft_threshold", dense_warmup_steps=0)
+    fresh.load_state_dict(sste.state_dict())
+    assert sste._scale != 0.0 and fresh._scale == sste._scale == float(sste.scale)

@@ -191,12 +191,20 @@ class Sparse24FFN(StepCounted):
         self.dense_fraction, self.token_prune = dense_fraction, token_prune
         self.init_step_count()  # steps (saved) and its host copy: resume continues the warmup
         self.register_buffer("scale", torch.zeros(()))  # S-STE scale, fixed at the first sparse call
+        # its host copy, which the forward reads: reading the buffer was a host sync and a
+        # graph break on every call of the masked-dense path
+        self._scale = 0.0
         self.generator = torch.Generator().manual_seed(seed)
         self.seed = seed
         self._perms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # tokens per call -> permutation, inverse
         self.track_stats = False  # set by the trainer on log steps: fills last_stats at the next forward
         self.last_stats: dict[str, torch.Tensor] = {}  # 0-dim tensors (sparsity_stats): read when logged
         self.last_backend = "dense"  # dense (warmup), masked_dense, masked_kernel or cusparselt
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "scale" in state_dict:
+            self._scale = float(state_dict[prefix + "scale"])
 
     def _count_changed(self) -> None:
         # a bool that flips once, at the warmup's end: the forward reads this, not
@@ -226,9 +234,10 @@ class Sparse24FFN(StepCounted):
         if fast:  # cast, then permute: the rows move in bf16, half the bytes of the float32 norm output
             flat = flat.to(half)
         xp = permute_rows(flat, perm, inv)
-        if self.method == "soft_threshold" and float(self.scale) == 0.0:
+        if self.method == "soft_threshold" and self._scale == 0.0:
             with torch.no_grad():
                 self.scale.fill_(soft_threshold_scale(F.relu(F.linear(xp, self.up.weight)).square()))
+            self._scale = float(self.scale)  # once; as stored (float32), so a resumed run reads the same value
         stats: dict[str, torch.Tensor] | None = {} if self.track_stats else None
         if fast:
             # cast here, not inside the ops: autograd (or the compiled graph) then keeps the
@@ -250,7 +259,7 @@ class Sparse24FFN(StepCounted):
             gen = self.generator if flat.device.type == "cpu" else None
             # transposable masks are 2:4 along tokens already: the weight gradients need no second pruning
             token_prune = self.token_prune and self.training and not self.method.startswith("transposable")
-            y = _Sparse24FFN.apply(xp, self.up.weight, self.down.weight, self.method, float(self.scale), gen,
+            y = _Sparse24FFN.apply(xp, self.up.weight, self.down.weight, self.method, self._scale, gen,
                                    token_prune, self.dense_fraction, stats)
         if stats is not None:
             if self.last_backend != "masked_dense":  # both fast paths choose the same patterns: one dense view
