@@ -34,7 +34,6 @@ from sparsetrain.model import build_model  # noqa: E402
 from sparsetrain.sparse24.ffn import prepare_ffns  # noqa: E402
 
 
-
 def one_variant(preset: str, overrides: dict, compile_: bool, repeats: int, batch: int = 8, seq: int = 2048) -> dict:
     cfg = build_config(preset=preset, overrides={"seq_len": seq, **overrides})
     torch.manual_seed(0)

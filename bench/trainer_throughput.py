@@ -35,16 +35,6 @@ from sparsetrain.benchmark import SPARSE24_OVERRIDES, environment, parse_step_en
 DEFAULT_RUNS = "relu2:ffn=relu2;relu2_24:" + ",".join(f"{k}={v}" for k, v in SPARSE24_OVERRIDES.items())
 
 
-def _value(v: object) -> object:
-    """``"True"``/``"False"`` and decimal numbers from a ``--runs`` entry as Python values."""
-    if v in ("True", "False"):
-        return v == "True"
-    try:
-        return float(v) if isinstance(v, str) and "." in v else v
-    except ValueError:
-        return v
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "trainer_throughput.json"))
@@ -58,7 +48,7 @@ def main() -> None:
                     help="'name:key=value,...' entries (config overrides) separated by ';'; the first is the baseline")
     ap.add_argument("--abba", action="store_true", help="run the list forwards, then backwards (twice the time)")
     args = ap.parse_args()
-    runs = {name: {k: _value(v) for k, v in ov.items()} for _, name, ov in parse_step_entries(args.runs)}
+    runs = {name: ov for _, name, ov in parse_step_entries(args.runs)}
     base = dict(max_steps=args.steps, log_every=args.log_every, eval_every=10 * args.steps, eval_batches=2,
                 seq_len=args.seq_len, batch_size=args.batch_size, warmup_steps=10, compile=args.compile,
                 cache_dir=os.environ.get("SPARSETRAIN_CACHE", "/tmp/sparsetrain-cache"))

@@ -108,6 +108,10 @@ def test_parse_step_entries() -> None:
         ("d20", "d20", {}),
         ("d20:d_model=4096,n_head=32,ffn=relu2", "d20", {"d_model": 4096, "n_head": 32, "ffn": "relu2"}),
     ]
+    assert parse_step_entries("collider:use_collider=True,collider_sparsity=0.5,out_dir=a.b") == [
+        ("collider:use_collider=True,collider_sparsity=0.5,out_dir=a.b", "collider",
+         {"use_collider": True, "collider_sparsity": 0.5, "out_dir": "a.b"}),
+    ]
 
 
 def test_time_interleaved_alternates_the_variants() -> None:

@@ -258,14 +258,28 @@ def profile_top_kernels(fn: Callable[[], Any], steps: int = 3, top: int = 25) ->
                             for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]]}
 
 
+def _entry_value(v: str) -> Any:
+    """A ``key=value`` value as a Python value: ``True``/``False``, an int, a float, else the string."""
+    if v in ("True", "False"):
+        return v == "True"
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
+
+
 def parse_step_entries(spec: str) -> list[tuple[str, str, dict[str, Any]]]:
-    """``"d20;d20:d_model=4096,n_head=32"`` -> ``[(entry, preset, model overrides), ...]``:
-    the ``--steps`` argument of the step benchmarks (integers parsed as ints)."""
+    """``"d20;d20:d_model=4096,n_head=32"`` -> ``[(entry, name, overrides), ...]``:
+    the ``--steps`` argument of the step benchmarks (name: the preset) and
+    ``--runs`` of bench/trainer_throughput.py (name: the run's); values parsed
+    as bools, ints and floats where they read as one."""
     out = []
     for entry in filter(None, spec.split(";")):
         preset, _, extra = entry.partition(":")
         pairs = (kv.split("=", 1) for kv in filter(None, extra.split(",")))
-        out.append((entry, preset, {k: int(v) if v.isdigit() else v for k, v in pairs}))
+        out.append((entry, preset, {k: _entry_value(v) for k, v in pairs}))
     return out
 
 
