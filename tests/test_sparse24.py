@@ -269,21 +269,26 @@ def test_ffn_module_collects_stats_when_asked() -> None:
     assert set(ffn.last_stats) == {"activation_sparsity", "groups_already_24", "pruned_beyond_relu"}
 
 
-def test_fast_path_statistics_helper_against_the_torch_mask() -> None:
-    """The fast paths' statistics helper (the packing kernel's dense view; CPU:
-    Triton's interpreter) counts what the plain-torch transposable mask gives,
-    also when called from a compiled function (it runs outside the graph)."""
+def test_fast_path_statistics_helper_against_the_torch_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast paths' statistics (the packing kernel's dense view; CPU:
+    Triton's interpreter) count what the plain-torch transposable mask gives
+    on the first STATS_TOKENS tokens, also inside a compiled function, where
+    they are one node: fullgraph=True fails on any graph break."""
+    from sparsetrain.sparse24 import ffn as ffn_module
     from sparsetrain.sparse24 import packing
-    from sparsetrain.sparse24.ffn import _fast_path_stats
+    from sparsetrain.sparse24.ffn import fast_path_stats
 
     if packing.triton is None:
         pytest.skip("triton not installed")
+    monkeypatch.setattr(ffn_module, "STATS_TOKENS", 64)
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    x = torch.randn(64, 64, generator=g).bfloat16()
+    x = torch.randn(128, 64, generator=g).bfloat16()
     w = (torch.randn(128, 64, generator=g) / 8).bfloat16()
-    a = torch.relu(F.linear(x, w).float()).square().bfloat16()
+    a = torch.relu(F.linear(x[:64], w).float()).square().bfloat16()
     want = sparsity_stats(a, a * packing.transposable_mask(a))
-    for got in (_fast_path_stats(x, w), torch.compile(lambda x, w: _fast_path_stats(x, w), backend="eager")(x, w)):
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, w: fast_path_stats(x, w), backend="eager", fullgraph=True)
+    for got in (fast_path_stats(x, w), compiled(x, w)):
         assert set(got) == set(want)
         for k in want:
             assert float(got[k]) == pytest.approx(float(want[k]), abs=1e-6)
@@ -292,9 +297,11 @@ def test_fast_path_statistics_helper_against_the_torch_mask() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fast_path_statistics_eager_and_compiled_on_gpu() -> None:
     """On a fast path, a logged step's statistics are 0-dim tensors, the same
-    eager and compiled (they are computed outside the graph), and equal to the
-    counts from the plain-torch transposable mask of relu(u)^2 on the same
-    permuted tokens."""
+    eager and compiled, and equal to the counts from the plain-torch
+    transposable mask of relu(u)^2 on the same permuted tokens. Compiled, the
+    FFN is one graph with them (fullgraph=True), and switching them on and off
+    as the trainer does on log steps compiles one more graph, not one per
+    logged step (a graph break there once recompiled at every logged step)."""
     from sparsetrain.sparse24 import packing, prepare_ffns
 
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
@@ -305,10 +312,21 @@ def test_fast_path_statistics_eager_and_compiled_on_gpu() -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         ffn(x)
         eager = dict(ffn.last_stats)
+        graphs: list = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
         torch._dynamo.reset()
-        torch.compile(ffn)(x)
+        compiled_ffn = torch.compile(ffn, backend=backend, fullgraph=True)
+        compiled_ffn(x)
         compiled = dict(ffn.last_stats)
+        for i in range(12):
+            ffn.track_stats = i % 3 == 0
+            compiled_ffn(x).sum().backward()
     torch._dynamo.reset()
+    assert len(graphs) == 2
     assert ffn.last_backend in ("masked_kernel", "cusparselt")
     assert set(eager) == {"activation_sparsity", "groups_already_24", "pruned_beyond_relu"}
     assert all(v.dim() == 0 for v in eager.values())

@@ -263,21 +263,45 @@ class Sparse24FFN(StepCounted):
                                    token_prune, self.dense_fraction, stats)
         if stats is not None:
             if self.last_backend != "masked_dense":  # both fast paths choose the same patterns: one dense view
-                stats.update(_fast_path_stats(xp, w_up))
+                stats.update(fast_path_stats(xp.detach(), w_up.detach()))
             self.last_stats = stats
         return permute_rows(y, inv, perm).reshape(*shape[:-1], -1)  # undo the permutation
 
 
-# Outside torch.compile: the statistics run on logged steps only, where one graph
-# break costs little, and the packing kernel is then launched as the fast paths
-# launch it, not traced by dynamo.
-@torch.compiler.disable
-def _fast_path_stats(x: torch.Tensor, w_up: torch.Tensor) -> dict[str, torch.Tensor]:
-    """:func:`.sparsify.sparsity_stats` of the fast paths' activation, from a dense
-    view of the transposable selection (the same patterns either path picks)."""
-    with torch.no_grad(), torch.autocast("cuda", enabled=False):
+STAT_NAMES = ("activation_sparsity", "groups_already_24", "pruned_beyond_relu")
+# tokens the fast paths' statistics count (the first rows of the permuted tokens, a
+# random sample): the up-projection and the selection run again for them, which
+# for all 16k tokens of a d20 step would add about 1% to every step at log_every 10
+STATS_TOKENS = 4096
+
+
+# An opaque custom op, so a compiled model stays one graph on logged steps too.
+# It was a torch.compiler.disable'd function before: a graph break in every FFN,
+# and dynamo recompiled the resume frame after it on every logged step ("cache
+# line invalidated": the frame guarded on the stats dict, new each call), hit its
+# recompile limit after 8 logged steps and ran those steps' FFN tails eagerly
+# from then on (seen in the trainer on the H200, session 12).
+@torch.library.custom_op("sparsetrain::ffn24_fast_path_stats", mutates_args=())
+def _fast_path_stats_op(x: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         u = F.linear(x, w_up)
-        return sparsity_stats(F.relu(u).square(), packing.mask_transposable(u)[0])
+        stats = sparsity_stats(F.relu(u).square(), packing.mask_transposable(u)[0])
+        return torch.stack([stats[k].float() for k in STAT_NAMES])
+
+
+@_fast_path_stats_op.register_fake
+def _(x: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(len(STAT_NAMES), dtype=torch.float32)
+
+
+def fast_path_stats(x: torch.Tensor, w_up: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`.sparsify.sparsity_stats` of the fast paths' activation for the
+    first :data:`STATS_TOKENS` rows of ``x`` (the FFN passes its permuted tokens,
+    so a random sample) and up-projection ``w_up``, without gradient: a dense
+    view of the transposable selection, which both fast paths make alike.
+    0-dim tensors, no host sync; one opaque node under torch.compile (the
+    up-projection and the selection run again, on logged steps only)."""
+    return dict(zip(STAT_NAMES, _fast_path_stats_op(x[:STATS_TOKENS], w_up).unbind()))
 
 
 def cuda_graphs_ok(model: nn.Module, device: torch.device) -> bool:
