@@ -166,6 +166,8 @@ def main() -> None:
     ap.add_argument("--compile-steps", action="store_true", help="torch.compile the models whose steps are timed")
     ap.add_argument("--compile-mode", default=None,
                     help="with --compile-steps: torch.compile's mode (e.g. reduce-overhead: CUDA graphs)")
+    ap.add_argument("--tokens", choices=("random", "corpus"), default="random",
+                    help="with --interleave-steps: the timed batch, uniform random token ids or the embedded corpus")
     ap.add_argument("--interleave-steps", action="store_true",
                     help="time relu2 and relu2_24 on cuSPARSELt built together, in interleaved rounds (no masked kernel)")
     ap.add_argument("--queued-steps", type=int, default=5,
@@ -238,10 +240,11 @@ def interleaved_steps(args, out: dict) -> None:
     torch._dynamo.config.cache_size_limit = 64  # two models of one class compile side by side
     mode = args.compile_mode if args.compile_steps else None
     for entry, preset, model in parse_step_entries(args.steps):
-        kw = dict(preset=preset, seq_len=2048, batch_size=8, compile=args.compile_steps, compile_mode=mode)
+        kw = dict(preset=preset, seq_len=2048, batch_size=8, compile=args.compile_steps, compile_mode=mode, tokens=args.tokens)
         variants = {"relu2": {**kw, "model_overrides": {**model, "ffn": "relu2"}},
                     "relu2_24_cusparselt": {**kw, "model_overrides": {**model, **sparse}}}
-        key = f"{entry} {'compiled' if args.compile_steps else 'eager'}" + (f" {mode}" if mode else "")
+        key = (f"{entry} {'compiled' if args.compile_steps else 'eager'}" + (f" {mode}" if mode else "")
+               + (f" {args.tokens} tokens" if args.tokens != "random" else ""))
         try:
             res = bench_train_steps_interleaved(variants, rounds=3, repeats=15, profile_top=60 if args.profile_steps else 0,
                                                 queued=args.queued_steps, clock_steps=args.clock_steps)

@@ -7,7 +7,7 @@ Per shape (tokens x hidden, bf16): GPU ms per call of
 * ``pack_transposable(u)`` (forward: ``s`` and ``s^T`` packed, the pattern
   searched) and ``pack_transposable(u, ds, pattern)`` (backward: ``du`` and
   ``du^T`` on the forward's saved pattern; also timed searching again), per
-  ``num_warps``;
+  ``num_warps`` and register cap (``maxnreg``: 96, or the compiler's choice);
 * ``mask_transposable(u)`` (the same selection written densely);
 * the bandwidth floors: ``u.clone()`` (read and write ``u``), and dense relu2's
   own elementwise work, ``relu(u)^2`` forward and ``ds * 2 relu(u)`` backward;
@@ -52,15 +52,19 @@ def one_shape(M: int, K: int, repeats: int, previous) -> dict:
     res["clone_ms"] = ms(lambda: u.clone(), repeats)
     res["relu2_forward_ms"] = ms(lambda: torch.relu(u) * torch.relu(u), repeats)
     res["relu2_backward_ms"] = ms(lambda: ds * (2 * torch.relu(u)), repeats)
-    for warps in (2, 4, 8):
-        packing.KERNEL_CONFIG.update(num_warps=warps)
+    configs = {f"warps{w}" + (f"_maxnreg{r}" if r else ""): {"num_warps": w, **({"maxnreg": r} if r else {})}
+               for w in (2, 4, 8) for r in (None, 96)}
+    for name, config in configs.items():
+        packing.KERNEL_CONFIG.clear()
+        packing.KERNEL_CONFIG.update(config)
         pattern = packing.pack_transposable(u)[2]
-        res["kernel"][f"warps{warps}"] = {"forward_ms": ms(lambda: packing.pack_transposable(u), repeats),
+        res["kernel"][name] = {"forward_ms": ms(lambda: packing.pack_transposable(u), repeats),
                                           "backward_ms": ms(lambda: packing.pack_transposable(u, ds, pattern), repeats),
                                           "backward_search_ms": ms(lambda: packing.pack_transposable(u, ds), repeats),
                                           "dense_ms": ms(lambda: packing.mask_transposable(u), repeats)}
     best = min(res["kernel"], key=lambda k: res["kernel"][k]["forward_ms"] + res["kernel"][k]["backward_ms"])
-    packing.KERNEL_CONFIG.update(num_warps=int(best.replace("warps", "")))
+    packing.KERNEL_CONFIG.clear()
+    packing.KERNEL_CONFIG.update(configs[best])
     res["best"] = best
     b = res["kernel"][best]
     res["forward_gb_per_s"] = gb_fwd / b["forward_ms"] * 1e3

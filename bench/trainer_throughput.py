@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -49,7 +50,7 @@ def main() -> None:
     ap.add_argument("--abba", action="store_true", help="run the list forwards, then backwards (twice the time)")
     args = ap.parse_args()
     runs = {name: ov for _, name, ov in parse_step_entries(args.runs)}
-    base = dict(max_steps=args.steps, log_every=args.log_every, eval_every=10 * args.steps, eval_batches=2,
+    base = dict(max_steps=args.steps, log_every=args.log_every, eval_every=10 * args.steps, eval_batches=2, save_checkpoints=False,
                 seq_len=args.seq_len, batch_size=args.batch_size, warmup_steps=10, compile=args.compile,
                 cache_dir=os.environ.get("SPARSETRAIN_CACHE", "/tmp/sparsetrain-cache"))
     out = {"environment": environment(), "settings": {**base, "preset": args.preset, "runs": args.runs}, "runs": {}}
@@ -61,8 +62,11 @@ def main() -> None:
             train(cfg, verbose=False)
             rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
             windows = [r["tokens_per_s"] for r in rows if r["kind"] == "train" and r["step"] % args.log_every == 0]
+            bwd = [r["backward_ms"] for r in rows if r["kind"] == "train" and r["step"] % args.log_every == 0 and "backward_ms" in r]
             run = {"order": i, "tokens_per_s_by_window": windows, "median_tokens_per_s": statistics.median(windows[2:] or windows[-1:]),
+                   "backward_ms_by_window": bwd,
                    "loss_last": next(r["loss"] for r in reversed(rows) if r["kind"] == "train")}
+            shutil.rmtree(run_dir, ignore_errors=True)
             out["runs"].setdefault(name, {"repeats": []})["repeats"].append(run)
             Path(args.out).write_text(json.dumps(out, indent=2))
     for r in out["runs"].values():  # the mean over an ABBA pair cancels a linear drift
@@ -74,7 +78,8 @@ def main() -> None:
     for name, v in r.items():
         for x in v["repeats"]:
             print(f"{name:<10} run {x['order']}: {x['median_tokens_per_s']:10.0f} tokens/s  "
-                  f"(windows: {[round(w) for w in x['tokens_per_s_by_window']]})")
+                  f"(windows: {[round(w) for w in x['tokens_per_s_by_window']]}; "
+                  f"backward ms: {[round(b, 1) for b in x['backward_ms_by_window']]})")
     for name, speedup in out["speedup"].items():
         print(f"{name} / {first}: {speedup:.3f}x")
 

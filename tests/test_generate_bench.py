@@ -186,6 +186,24 @@ def test_make_train_step_counts_steps_as_the_trainer_does() -> None:
     assert all(f.last_backend == "masked_dense" for f in ffns)
 
 
+def test_make_train_step_can_take_a_corpus_batch(corpus_dir, cache_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tokens="corpus": the model sees the corpus's first training batch, as the
+    data module cuts it (and ids outside uniform sampling's reach stay legal)."""
+    from sparsetrain.benchmark import make_train_step
+    from sparsetrain.data import load_corpus, train_batch
+
+    monkeypatch.setenv("SPARSETRAIN_CACHE", str(cache_dir))
+    seen = []
+    step, model = make_train_step("tiny", seq_len=32, batch_size=2, device="cpu", tokens="corpus", data=str(corpus_dir),
+                                  model_overrides={"vocab_size": 320, "n_layer": 1, "d_model": 32, "n_head": 2})
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    step()
+    corpus = load_corpus(str(corpus_dir), vocab_size=320, cache_dir=cache_dir, verbose=False)
+    assert torch.equal(seen[0], train_batch(corpus.train, 2, 32, seed=0, step=0)[0])
+    with pytest.raises(ValueError, match="'words'"):
+        make_train_step("tiny", seq_len=32, batch_size=2, device="cpu", tokens="words")
+
+
 def test_gpu_clock_monitor_takes_medians_of_what_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     """The monitor's medians over made-up readings; no readings (no nvidia-smi) give 0 samples."""
     import time as _time

@@ -38,6 +38,13 @@ def interrupted_run_matches(make_cfg, tmp_path: Path, stop_at: int, **kw) -> tup
     return straight, rest
 
 
+def test_save_checkpoints_false_writes_no_checkpoint(make_cfg) -> None:
+    cfg = make_cfg(max_steps=4, eval_every=2, save_checkpoints=False)
+    train(cfg, verbose=False)
+    names = {p.name for p in Path(cfg.out_dir).iterdir()}
+    assert "metrics.jsonl" in names and not any(n.startswith("ckpt") for n in names), names
+
+
 def test_training_reduces_loss_and_writes_run(make_cfg) -> None:
     cfg = make_cfg(max_steps=30, lr=1e-2, eval_every=10)
     result = train(cfg, verbose=False)

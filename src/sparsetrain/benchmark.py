@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -24,6 +25,7 @@ import torch
 from torch.profiler import record_function
 
 from .config import ModelConfig, build_config
+from .data import load_corpus, train_batch
 from .model import build_model
 from .optim import make_optimizer, step_counted
 from .sparse24.ffn import prepare_ffns
@@ -309,10 +311,16 @@ def make_train_step(
     model_overrides: dict[str, Any] | None = None,
     compile_mode: str | None = None,
     prepare: Callable[[torch.nn.Module], None] | None = None,
+    tokens: str = "random",
+    data: str = "",
 ) -> tuple[Callable[[], None], torch.nn.Module]:
-    """``(step, model)``: one training step (forward, backward, AdamW) on fixed
-    random tokens of the model the preset and ``model_overrides`` build, as
-    :func:`bench_train_step` times it (arguments as there)."""
+    """``(step, model)``: one training step (forward, backward, AdamW) on one
+    fixed batch of the model the preset and ``model_overrides`` build, as
+    :func:`bench_train_step` times it (arguments as there). ``tokens``:
+    ``"random"`` (uniform token ids) or ``"corpus"`` (the trainer's first batch
+    of ``data``, the embedded corpus when empty; tokenized into
+    ``$SPARSETRAIN_CACHE``): GPU power, and so the clock under the power limit,
+    depends on the data."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = build_config(preset=preset, overrides={"seq_len": seq_len, **(model_overrides or {})})
     mcfg: ModelConfig = cfg.model
@@ -329,8 +337,15 @@ def make_train_step(
     # counted after each optimizer step as the trainer counts them, so that a compiled
     # model which recompiles when a count changes shows it here too
     counted = step_counted(model)
-    x = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=dev)
-    y = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=dev)
+    if tokens == "corpus":
+        corpus = load_corpus(data, vocab_size=mcfg.vocab_size, cache_dir=os.environ.get("SPARSETRAIN_CACHE", ""),
+                             verbose=False)
+        x, y = (t.to(dev) for t in train_batch(corpus.train, batch_size, seq_len, seed=0, step=0))
+    elif tokens == "random":
+        x = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=dev)
+        y = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=dev)
+    else:
+        raise ValueError(f"tokens must be 'random' or 'corpus', got {tokens!r}")
     amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
 
     def step() -> None:

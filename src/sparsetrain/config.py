@@ -148,6 +148,8 @@ class TrainConfig:
         "run", "torch.compile mode with compile: default, reduce-overhead (CUDA graphs), max-autotune or max-autotune-no-cudagraphs"))
     log_every: int = field(default=10, metadata=_section("run", "steps between metric lines"))
     ckpt_every: int = field(default=0, metadata=_section("run", "steps between checkpoints; 0 = at evals and the end"))
+    save_checkpoints: bool = field(default=True, metadata=_section(
+        "run", "write checkpoints (false: throughput benchmarks, where a large model's filled the disk)"))
     # [data]
     data: str = field(default="", metadata=_section("data", "text file, folder of text files or .bin tokens; empty = Python stdlib sources"))
     token_dtype: str = field(default="uint16", metadata=_section("data", "dtype of a .bin token file: uint16 or uint32"))

@@ -545,7 +545,8 @@ class Trainer:
                         if not r["healthy"]:
                             self._say(bar, f"step {self.step}: hyper-connections unhealthy: {'; '.join(r['problems'])}")
                         self.hyper_report = None
-                if eval_now and not c.ckpt_every or c.ckpt_every and self.step % c.ckpt_every == 0 or last or out_of_time:
+                if c.save_checkpoints and (eval_now and not c.ckpt_every or c.ckpt_every and self.step % c.ckpt_every == 0
+                                           or last or out_of_time):
                     self.save()
                 if out_of_time:
                     self._say(bar, f"stopping at step {self.step}: max_seconds={c.max_seconds} reached")

@@ -223,8 +223,9 @@ def triton_ok(u: torch.Tensor) -> bool:
     return triton is not None and (u.is_cuda or interpreting()) and u.dtype == torch.bfloat16
 
 
-# warps per program (one 64 x 64 block of u): set from bench/sparse24_packing.py's sweep
-KERNEL_CONFIG = {"num_warps": 4}
+# launch options (one program per 64 x 64 block of u): num_warps set from
+# bench/sparse24_packing.py's sweep; a "maxnreg" entry would cap registers per thread
+KERNEL_CONFIG: dict[str, int] = {"num_warps": 4, "maxnreg": 96}
 
 
 def pack_transposable(u: torch.Tensor, ds: torch.Tensor | None = None, pattern: torch.Tensor | None = None
@@ -270,7 +271,7 @@ def _launch(u: torch.Tensor, ds: torch.Tensor | None, pattern: torch.Tensor | No
     ids = pattern.contiguous() if use else torch.empty(M // 4, K // 4, dtype=torch.uint8, device=u.device)
     _pack_transposable_kernel[(M // 64, K // 64)](u, ds_, ids, out, out_t, pattern_table(u.device), M, K,
                                                   HAS_DS=ds is not None, USE_PATTERN=use, DENSE=dense,
-                                                  HW_ROUND=not interpreting(), num_warps=KERNEL_CONFIG["num_warps"])
+                                                  HW_ROUND=not interpreting(), **KERNEL_CONFIG)
     return ids
 
 
