@@ -149,7 +149,7 @@ class TrainConfig:
     log_every: int = field(default=10, metadata=_section("run", "steps between metric lines"))
     ckpt_every: int = field(default=0, metadata=_section("run", "steps between checkpoints; 0 = at evals and the end"))
     save_checkpoints: bool = field(default=True, metadata=_section(
-        "run", "write checkpoints (false: throughput benchmarks, where a large model's filled the disk)"))
+        "run", "write checkpoints (false: nothing to resume from; for throughput benchmarks of large models)"))
     # [data]
     data: str = field(default="", metadata=_section("data", "text file, folder of text files or .bin tokens; empty = Python stdlib sources"))
     token_dtype: str = field(default="uint16", metadata=_section("data", "dtype of a .bin token file: uint16 or uint32"))
