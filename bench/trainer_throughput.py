@@ -15,7 +15,9 @@ go one after the other, so host or clock drift between them counts (the GPU's
 tokens/s fell 1–2% over each 80-step d20 run); ``--abba`` runs the list
 forwards then backwards (relu2, relu2_24, relu2_24, relu2) and averages each
 run's two, which cancels a drift that is linear in time. Compare with the interleaved step timings of
-``bench/sparse24_ffn.py``.
+``bench/sparse24_ffn.py``; ``--fixed-batch`` trains on the first batch at
+every step, as those do (the trainer's dense model ran 3-4% faster than the
+step bench's while the 2:4 one did not, session 12).
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import torch  # noqa: E402
+
 from sparsetrain import build_config, train  # noqa: E402
+from sparsetrain.trainer import Trainer  # noqa: E402
 from sparsetrain.benchmark import SPARSE24_OVERRIDES, environment, parse_step_entries  # noqa: E402
 
 DEFAULT_RUNS = "relu2:ffn=relu2;relu2_24:" + ",".join(f"{k}={v}" for k, v in SPARSE24_OVERRIDES.items())
@@ -48,7 +53,11 @@ def main() -> None:
     ap.add_argument("--runs", default=DEFAULT_RUNS,
                     help="'name:key=value,...' entries (config overrides) separated by ';'; the first is the baseline")
     ap.add_argument("--abba", action="store_true", help="run the list forwards, then backwards (twice the time)")
+    ap.add_argument("--fixed-batch", action="store_true",
+                    help="train every step on the first batch, as the step benches do (is the data path what differs?)")
     args = ap.parse_args()
+    if args.fixed_batch:
+        _repeat_first_batch()
     runs = {name: ov for _, name, ov in parse_step_entries(args.runs)}
     base = dict(max_steps=args.steps, log_every=args.log_every, eval_every=10 * args.steps, eval_batches=2, save_checkpoints=False,
                 seq_len=args.seq_len, batch_size=args.batch_size, warmup_steps=10, compile=args.compile,
@@ -82,6 +91,19 @@ def main() -> None:
                   f"backward ms: {[round(b, 1) for b in x['backward_ms_by_window']]})")
     for name, speedup in out["speedup"].items():
         print(f"{name} / {first}: {speedup:.3f}x")
+
+
+def _repeat_first_batch() -> None:
+    """Make every Trainer return the first batch it built, already on its device,
+    for every step (the step benches time one resident batch)."""
+    build = Trainer._batch
+
+    def first_batch(self: Trainer, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not hasattr(self, "_bench_batch"):
+            self._bench_batch = tuple(t.to(self.device) for t in build(self, micro))
+        return self._bench_batch
+
+    Trainer._batch = first_batch
 
 
 if __name__ == "__main__":
