@@ -307,3 +307,20 @@ def test_2_4_statistics_reach_the_logged_rows(make_cfg) -> None:
         assert all(0.0 <= st[k] <= 1.0 for k in ("activation_sparsity", "groups_already_24", "pruned_beyond_relu"))
         assert st["pruned_beyond_relu"] > 0  # naive 2:4 on a dense-ish ReLU^2 prunes something
     assert logged[3] is None and logged[5] is None  # not logged steps: no statistics computed
+
+
+def test_2_4_statistics_are_not_counted_in_evaluation(make_cfg) -> None:
+    """Statistics are asked for on the logged training step only: an evaluation
+    right after it (same step) runs without them."""
+    from sparsetrain.sparse24.ffn import Sparse24FFN
+
+    t = Trainer(make_cfg(ffn="relu2_24", activation_sparse_method="naive", activation_dense_warmup_steps=0,
+                         log_every=2, eval_every=0), verbose=False)
+    ffns = [m for m in t.model.modules() if isinstance(m, Sparse24FFN)]
+    t.train_step()
+    assert not any(f.last_stats for f in ffns)
+    t.train_step()  # logged
+    logged = [f.last_stats for f in ffns]
+    assert all(logged) and not any(f.track_stats for f in ffns)
+    t.evaluate()
+    assert all(f.last_stats is s for f, s in zip(ffns, logged))

@@ -422,6 +422,8 @@ class Trainer:
         if stats:
             # kept as tensors and averaged when the step is logged, after the window's one sync
             self.sparse24_stats[self.step + 1] = (stats, self.sparse_ffns[0].last_backend)
+        for m in self.sparse_ffns:  # off again, so that an evaluation after this step counts nothing
+            m.track_stats = False
         for m in self.scheduled:
             m.step()
         self.step += 1
