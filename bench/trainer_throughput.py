@@ -62,7 +62,7 @@ def main() -> None:
     base = dict(max_steps=args.steps, log_every=args.log_every, eval_every=10 * args.steps, eval_batches=2, save_checkpoints=False,
                 seq_len=args.seq_len, batch_size=args.batch_size, warmup_steps=10, compile=args.compile,
                 cache_dir=os.environ.get("SPARSETRAIN_CACHE", "/tmp/sparsetrain-cache"))
-    out = {"environment": environment(), "settings": {**base, "preset": args.preset, "runs": args.runs}, "runs": {}}
+    out = {"environment": environment(), "settings": {**base, "preset": args.preset, "runs": args.runs, "fixed_batch": args.fixed_batch}, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         order = list(runs) + list(runs)[::-1] if args.abba else list(runs)
         for i, name in enumerate(order):
@@ -70,8 +70,9 @@ def main() -> None:
             cfg = build_config(args.preset, overrides={**base, **runs[name], "out_dir": run_dir})
             train(cfg, verbose=False)
             rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-            windows = [r["tokens_per_s"] for r in rows if r["kind"] == "train" and r["step"] % args.log_every == 0]
-            bwd = [r["backward_ms"] for r in rows if r["kind"] == "train" and r["step"] % args.log_every == 0 and "backward_ms" in r]
+            logged = [r for r in rows if r["kind"] == "train" and r["step"] % args.log_every == 0]  # one per window
+            windows = [r["tokens_per_s"] for r in logged]
+            bwd = [r["backward_ms"] for r in logged if "backward_ms" in r]
             run = {"order": i, "tokens_per_s_by_window": windows, "median_tokens_per_s": statistics.median(windows[2:] or windows[-1:]),
                    "backward_ms_by_window": bwd,
                    "loss_last": next(r["loss"] for r in reversed(rows) if r["kind"] == "train")}
