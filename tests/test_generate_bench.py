@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -205,17 +209,55 @@ def test_make_train_step_can_take_a_corpus_batch(corpus_dir, cache_dir, monkeypa
 
 
 def test_gpu_clock_monitor_takes_medians_of_what_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The monitor's medians over made-up readings; no readings (no nvidia-smi) give 0 samples."""
+    """The monitor's medians over made-up readings, and the first and last
+    temperature; no readings (no nvidia-smi) give 0 samples."""
     import time as _time
 
     import sparsetrain.benchmark as bench
 
-    readings = iter([(1980.0, 600.0), (1755.0, 700.0), (1830.0, 650.0)])
-    monkeypatch.setattr(bench, "_query_clock_and_power", lambda device_index: next(readings, None))
+    readings = iter([(1980.0, 600.0, 41.0), (1755.0, 700.0, 58.0), (1830.0, 650.0, 55.0)])
+    monkeypatch.setattr(bench, "_query_gpu", lambda device_index: next(readings, None))
     with bench.gpu_clock_monitor(interval_s=0.001) as got:
         _time.sleep(0.2)
-    assert got == {"samples": 3, "sm_clock_mhz": 1830.0, "power_w": 650.0}
-    monkeypatch.setattr(bench, "_query_clock_and_power", lambda device_index: None)
+    assert got == {"samples": 3, "sm_clock_mhz": 1830.0, "power_w": 650.0, "temperature_c": 55.0,
+                   "temperature_c_first_last": [41.0, 55.0]}
+    monkeypatch.setattr(bench, "_query_gpu", lambda device_index: None)
     with bench.gpu_clock_monitor() as none:
         pass
     assert none == {"samples": 0}
+
+
+def test_trainer_throughput_primes_each_run_then_times_abba(corpus_dir, cache_dir, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/trainer_throughput.py --abba: every run trained once untimed
+    (--prime-steps) before any timed run, the timed runs in the order A B B A,
+    and each run's figure the mean of its two (the speedup their ratio)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trainer_throughput", Path(__file__).parents[1] / "bench" / "trainer_throughput.py")
+    tt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tt)
+    calls = []
+    real_train = tt.train
+
+    def train(cfg, verbose=True):
+        calls.append((cfg.model.ffn, cfg.max_steps))
+        return real_train(cfg, verbose=verbose)
+
+    monkeypatch.setattr(tt, "train", train)
+    monkeypatch.setenv("SPARSETRAIN_CACHE", str(cache_dir))
+    common = f"data={corpus_dir},vocab_size=320,n_layer=1,d_model=32,n_head=2,device=cpu"
+    out = tmp_path / "t.json"
+    monkeypatch.setattr(sys, "argv", ["trainer_throughput.py", "--preset", "tiny", "--steps", "4", "--log-every", "2",
+                                      "--seq-len", "32", "--batch-size", "2", "--abba", "--prime-steps", "1",
+                                      "--runs", f"a:ffn=relu2,{common};b:ffn=relu2_24,activation_dense_warmup_steps=0,{common}",
+                                      "--out", str(out)])
+    tt.main()
+    assert calls == [("relu2", 1), ("relu2_24", 1), ("relu2", 4), ("relu2_24", 4), ("relu2_24", 4), ("relu2", 4)]
+    got = json.loads(out.read_text())
+    assert [r["order"] for r in got["runs"]["a"]["repeats"]] == [0, 3]
+    assert [r["order"] for r in got["runs"]["b"]["repeats"]] == [1, 2]
+    assert got["settings"]["prime_steps"] == 1 and "heat" not in got  # no CUDA: no heating
+    means = {k: sum(r["median_tokens_per_s"] for r in v["repeats"]) / 2 for k, v in got["runs"].items()}
+    assert got["speedup"]["b"] == pytest.approx(means["b"] / means["a"])
+    assert all(len(r["tokens_per_s_by_window"]) == 2 for v in got["runs"].values() for r in v["repeats"])

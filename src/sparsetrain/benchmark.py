@@ -128,32 +128,35 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 3, warmup:
     return times
 
 
-def _query_clock_and_power(device_index: int) -> tuple[float, float] | None:
-    """One ``nvidia-smi`` reading of (SM clock MHz, power W), or None."""
-    cmd = ["nvidia-smi", f"--id={device_index}", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits"]
+def _query_gpu(device_index: int) -> tuple[float, float, float] | None:
+    """One ``nvidia-smi`` reading of (SM clock MHz, power W, temperature C), or None."""
+    cmd = ["nvidia-smi", f"--id={device_index}", "--query-gpu=clocks.sm,power.draw,temperature.gpu",
+           "--format=csv,noheader,nounits"]
     try:
         text = subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=True).stdout
-        clock, power = (float(v) for v in text.strip().splitlines()[0].split(","))
+        clock, power, temperature = (float(v) for v in text.strip().splitlines()[0].split(","))
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):  # no nvidia-smi, "[N/A]" fields
         return None
-    return clock, power
+    return clock, power, temperature
 
 
 @contextlib.contextmanager
 def gpu_clock_monitor(interval_s: float = 0.1, device_index: int = 0) -> Iterator[dict[str, Any]]:
-    """Read the GPU's SM clock and power draw (``nvidia-smi``, every
-    ``interval_s`` from a background thread) while the block runs; the
-    yielded dict is filled on exit with ``samples``, ``sm_clock_mhz`` and
-    ``power_w`` (medians), ``samples`` 0 where nothing could be read. For
-    telling kernels that got slower from a GPU that clocked down (a
-    power-limited run of dense or sparse GEMMs)."""
+    """Read the GPU's SM clock, power draw and temperature (``nvidia-smi``,
+    every ``interval_s`` from a background thread) while the block runs; the
+    yielded dict is filled on exit with ``samples``, ``sm_clock_mhz``,
+    ``power_w`` and ``temperature_c`` (medians) and ``temperature_c_first_last``,
+    ``samples`` 0 where nothing could be read. For telling kernels that got
+    slower from a GPU that clocked down: under the power limit the clock
+    falls as the chip warms (the first run of a call on a cool GPU ran 3-5%
+    faster than the same run later, session 13)."""
     out: dict[str, Any] = {}
-    rows: list[tuple[float, float]] = []
+    rows: list[tuple[float, float, float]] = []
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            row = _query_clock_and_power(device_index)
+            row = _query_gpu(device_index)
             if row is None:
                 return
             rows.append(row)
@@ -170,6 +173,23 @@ def gpu_clock_monitor(interval_s: float = 0.1, device_index: int = 0) -> Iterato
         if rows:
             out["sm_clock_mhz"] = statistics.median(r[0] for r in rows)
             out["power_w"] = statistics.median(r[1] for r in rows)
+            out["temperature_c"] = statistics.median(r[2] for r in rows)
+            out["temperature_c_first_last"] = [rows[0][2], rows[-1][2]]
+
+
+def heat_gpu(seconds: float, device: torch.device | str = "cuda", n: int = 8192) -> dict[str, Any]:
+    """Run bf16 ``n x n`` matmuls for ``seconds`` so the GPU reaches the
+    temperature, and so the power-limited clock, of sustained training before
+    anything is timed; returns :func:`gpu_clock_monitor`'s readings over it."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    deadline = time.perf_counter() + seconds
+    with gpu_clock_monitor(interval_s=1.0) as readings:
+        while time.perf_counter() < deadline:
+            for _ in range(20):
+                a @ b
+            torch.cuda.synchronize(device)
+    return readings
 
 
 def cuda_ms_per_call(fn: Callable[[], Any], calls: int = 5) -> float:
