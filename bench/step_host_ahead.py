@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from sparsetrain.benchmark import SPARSE24_OVERRIDES, environment, make_train_step, parse_step_entries  # noqa: E402
+from sparsetrain.benchmark import (SPARSE24_OVERRIDES, cuda_ms_per_call, environment, make_train_step,  # noqa: E402
+                                   parse_step_entries)
 
 SLEEP_CYCLES = int(1.5e9)  # about a second at the H200's power-limited clock: longer than launching the steps
 
@@ -34,15 +35,7 @@ SLEEP_CYCLES = int(1.5e9)  # about a second at the H200's power-limited clock: l
 def time_queued(step, queued: int, host_ahead: bool) -> float:
     """GPU milliseconds per step over ``queued`` steps (see the module docstring)."""
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    if host_ahead:
-        torch.cuda._sleep(SLEEP_CYCLES)
-    start.record()
-    for _ in range(queued):
-        step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / queued
+    return cuda_ms_per_call(step, queued, warmup=0, sleep_cycles=SLEEP_CYCLES if host_ahead else 0)
 
 
 def main() -> None:

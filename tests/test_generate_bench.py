@@ -76,6 +76,29 @@ def test_bench_train_step_times_a_sparse_resnet_bk_with_its_sparsity_loss() -> N
 
 
 @requires_cuda
+def test_cuda_ms_per_call_leaves_the_sleep_and_warmup_untimed() -> None:
+    """cuda_ms_per_call times only the queued calls: a leading GPU sleep (the
+    host-ahead mode of bench/step_host_ahead.py) and warm-up calls add nothing,
+    and a call that itself sleeps is timed at about its sleep."""
+    from sparsetrain.benchmark import cuda_ms_per_call
+
+    torch.cuda.synchronize()
+    sleep = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    sleep[0].record()
+    torch.cuda._sleep(int(2e8))
+    sleep[1].record()
+    sleep[1].synchronize()
+    sleep_ms = sleep[0].elapsed_time(sleep[1])
+    x = torch.randn(256, 256, device="cuda")
+    x @ x  # cuBLAS's first call loads its kernels on the host for tens of ms: not what is timed here
+    torch.cuda.synchronize()
+    quick = cuda_ms_per_call(lambda: x @ x, calls=3, warmup=0, sleep_cycles=int(2e8))
+    assert quick < 0.1 * sleep_ms
+    slow = cuda_ms_per_call(lambda: torch.cuda._sleep(int(2e8)), calls=2, warmup=2)
+    assert slow == pytest.approx(sleep_ms, rel=0.2)
+
+
+@requires_cuda
 def test_cuda_bf16_step_matches_cpu_fp32(make_cfg) -> None:
     cpu = Trainer(make_cfg(device="cpu"), verbose=False)
     gpu = Trainer(make_cfg(device="cuda", out_dir=str(cpu.out_dir) + "-gpu"), verbose=False)
@@ -249,7 +272,7 @@ def test_trainer_throughput_primes_each_run_then_times_abba(corpus_dir, cache_di
     common = f"data={corpus_dir},vocab_size=320,n_layer=1,d_model=32,n_head=2,device=cpu"
     out = tmp_path / "t.json"
     monkeypatch.setattr(sys, "argv", ["trainer_throughput.py", "--preset", "tiny", "--steps", "4", "--log-every", "2",
-                                      "--seq-len", "32", "--batch-size", "2", "--abba", "--prime-steps", "1",
+                                      "--seq-len", "32", "--batch-size", "2", "--abba", "--prime-steps", "1", "--heat-seconds", "0",
                                       "--runs", f"a:ffn=relu2,{common};b:ffn=relu2_24,activation_dense_warmup_steps=0,{common}",
                                       "--out", str(out)])
     tt.main()
@@ -257,7 +280,7 @@ def test_trainer_throughput_primes_each_run_then_times_abba(corpus_dir, cache_di
     got = json.loads(out.read_text())
     assert [r["order"] for r in got["runs"]["a"]["repeats"]] == [0, 3]
     assert [r["order"] for r in got["runs"]["b"]["repeats"]] == [1, 2]
-    assert got["settings"]["prime_steps"] == 1 and "heat" not in got  # no CUDA: no heating
+    assert got["settings"]["prime_steps"] == 1 and got["settings"]["heat_seconds"] == 0 and "heat" not in got
     means = {k: sum(r["median_tokens_per_s"] for r in v["repeats"]) / 2 for k, v in got["runs"].items()}
     assert got["speedup"]["b"] == pytest.approx(means["b"] / means["a"])
     assert all(len(r["tokens_per_s_by_window"]) == 2 for v in got["runs"].values() for r in v["repeats"])

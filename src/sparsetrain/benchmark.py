@@ -192,11 +192,16 @@ def heat_gpu(seconds: float, device: torch.device | str = "cuda", n: int = 8192)
     return readings
 
 
-def cuda_ms_per_call(fn: Callable[[], Any], calls: int = 5) -> float:
-    """GPU milliseconds per call of ``fn()``: one untimed call, then ``calls``
-    queued back to back between two CUDA events, so the host's launch time
-    does not count where the GPU stays busy (kernel timing and tuning)."""
-    fn()
+def cuda_ms_per_call(fn: Callable[[], Any], calls: int = 5, warmup: int = 1, sleep_cycles: int = 0) -> float:
+    """GPU milliseconds per call of ``fn()``: ``warmup`` untimed calls, then
+    ``calls`` queued back to back between two CUDA events, so the host's launch
+    time does not count where the GPU stays busy (kernel timing and tuning).
+    ``sleep_cycles``: first queue a ``torch.cuda._sleep`` of that many cycles,
+    untimed, so the host launches the timed calls far ahead of the GPU."""
+    for _ in range(warmup):
+        fn()
+    if sleep_cycles:
+        torch.cuda._sleep(sleep_cycles)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(calls):
