@@ -74,20 +74,21 @@ def main() -> None:
     if args.fixed_batch:
         _repeat_first_batch()
     runs = {name: ov for _, name, ov in parse_step_entries(args.runs)}
+    heat_seconds = args.heat_seconds if torch.cuda.is_available() else 0.0  # nothing to heat without CUDA
     base = dict(max_steps=args.steps, log_every=args.log_every, eval_every=10 * args.steps, eval_batches=2, save_checkpoints=False,
                 seq_len=args.seq_len, batch_size=args.batch_size, warmup_steps=10, compile=args.compile,
                 cache_dir=os.environ.get("SPARSETRAIN_CACHE", "/tmp/sparsetrain-cache"))
     out = {"environment": environment(), "runs": {},
            "settings": {**base, "preset": args.preset, "runs": args.runs, "fixed_batch": args.fixed_batch,
-                        "heat_seconds": args.heat_seconds if torch.cuda.is_available() else 0,
+                        "heat_seconds": heat_seconds,
                         "prime_steps": args.prime_steps}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in runs if args.prime_steps > 0 else ():
             prime = {**base, **runs[name], "max_steps": args.prime_steps, "log_every": 1, "out_dir": f"{tmp}/prime_{name}"}
             train(build_config(args.preset, overrides=prime), verbose=False)
             shutil.rmtree(prime["out_dir"], ignore_errors=True)
-        if torch.cuda.is_available() and args.heat_seconds > 0:
-            out["heat"] = heat_gpu(args.heat_seconds)
+        if heat_seconds > 0:
+            out["heat"] = heat_gpu(heat_seconds)
         order = list(runs) + list(runs)[::-1] if args.abba else list(runs)
         for i, name in enumerate(order):
             run_dir = f"{tmp}/{i}_{name}"
