@@ -1,4 +1,4 @@
-"""Command line: ``sparsetrain {train,generate,bench,info}``.
+"""Command line: ``sparsetrain {train,race,generate,bench,fire,grpo,info}``.
 
 Every config field is also a flag (``lr`` -> ``--lr``, ``use_collider`` ->
 ``--use-collider/--no-use-collider``), so the CLI and TOML files can never
@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shortcut: Collider on, holding this fraction of tokens dropped (sets use_collider, collider_sparsity)")
     _add_config_flags(t)
 
+    rc = sub.add_parser("race", help="train several arms for the same wall-clock budget each and compare their held-out loss")
+    rc.add_argument("--config", metavar="FILE", help="base TOML config, under every arm")
+    rc.add_argument("--seconds", type=float, required=True, help="training seconds of every run, after its start-up")
+    rc.add_argument("--seeds", type=int, default=1, help="runs per arm, seeds --seed, --seed + 1, ... (default 1)")
+    rc.add_argument("--arm", action="append", required=True, metavar="NAME:KEY=VALUE,...",
+                    help="an arm: a name and config overrides on the base (NAME: for the base itself); "
+                         "repeat; the first arm's final loss is the target")
+    _add_config_flags(rc)
+
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("--ckpt", required=True, metavar="RUN", help="run directory (or its ckpt.pt)")
     g.add_argument("--prompt", default="def", help="text to continue (default: 'def')")
@@ -125,6 +134,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     if result.val_losses:
         print(f"final val loss {result.val_losses[max(result.val_losses)]:.4f}; sample with: sparsetrain generate --ckpt {result.out_dir}")
+    return 0
+
+
+def cmd_race(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from .race import parse_arm, run_race
+
+    if hasattr(args, "max_seconds"):
+        raise SparsetrainError("a race's budget is --seconds (an arm may set max_seconds=S of its own)")
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "seconds", "seeds", "arm")}
+    preset = flags.pop("preset", None)
+    out = flags.pop("out_dir", "") or f"runs/race-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    arms = [parse_arm(a) for a in args.arm]
+    run_race(arms, args.seconds, args.seeds, out, preset=preset, config_file=args.config, flags=flags)
+    print(f"race report: {Path(out) / 'race.json'}, plot: {Path(out) / 'race.png'}")
     return 0
 
 
@@ -252,7 +277,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "generate": cmd_generate, "bench": cmd_bench, "fire": cmd_fire,
+    handler = {"train": cmd_train, "race": cmd_race, "generate": cmd_generate, "bench": cmd_bench, "fire": cmd_fire,
                "grpo": cmd_grpo, "info": cmd_info}[args.command]
     try:
         return handler(args)
