@@ -234,6 +234,10 @@ class TrainConfig:
                  f"training.schedule_by must be one of {', '.join(SCHEDULE_KINDS)}, got {self.schedule_by!r}")
         _require(self.schedule_by != "time" or self.max_seconds > 0,
                  "training.schedule_by = time decays the lr to its floor at max_seconds; set max_seconds > 0")
+        _require(not (self.reference_ckpt and self.reference_losses),
+                 "training.reference_ckpt and reference_losses are two sources of one reference: set one")
+        _require(not (self.reference_losses and self.data_on_the_fly),
+                 "training.reference_losses is aligned with the token cache; data_on_the_fly does not read it")
         _require(self.data_max_bytes >= 0, f"data.data_max_bytes must be >= 0, got {self.data_max_bytes}")
         if self.data_include or self.data_exclude or self.data_max_bytes:
             _require(not Path(self.data).is_file() and not self.data.endswith(".bin"),
@@ -255,7 +259,8 @@ class TrainConfig:
         if self.selection == "batch":
             _require(1 <= self.router_layers <= self.model.n_layer, f"training.router_layers must be in [1, {self.model.n_layer}], got {self.router_layers}")
         if self.selection != "none" and self.selection_score == "excess":
-            _require(bool(self.reference_ckpt), "training.selection_score = excess needs training.reference_ckpt (a reference run)")
+            _require(bool(self.reference_ckpt or self.reference_losses),
+                     "training.selection_score = excess needs training.reference_ckpt (a reference run) or reference_losses")
             _require(self.selection == "loss", "the excess score works with selection = loss (batch splitting scores with its router)")
         # Switches whose technique has not landed yet fail loudly instead of
         # silently training dense.
@@ -268,7 +273,8 @@ class TrainConfig:
             _require(self.collider_method == "threshold" or self.collider_sparsity > 0, f"training.collider_method = {self.collider_method} needs collider_sparsity > 0")
             _require(self.selection == "none", "use_collider and selection (CGGR) are exclusive: pick one token filter")
             if self.collider_score == "excess":
-                _require(bool(self.reference_ckpt), "training.collider_score = excess needs training.reference_ckpt")
+                _require(bool(self.reference_ckpt or self.reference_losses),
+                         "training.collider_score = excess needs training.reference_ckpt or reference_losses")
         _require(self.fire_at_step >= 0, f"training.fire_at_step must be >= 0, got {self.fire_at_step}")
         _require(0 <= self.mtp_decay <= 1, f"training.mtp_decay must be in [0, 1], got {self.mtp_decay}")
         if self.model.arch != "gpt":

@@ -306,6 +306,28 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torc
     return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
 
 
+def train_window_starts(
+    n_tokens: int,
+    batch_size: int,
+    seq_len: int,
+    *,
+    seed: int,
+    step: int,
+    micro: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> np.ndarray:
+    """Stream positions where the windows of :func:`train_batch` start (int64 ``[batch_size]``)."""
+    lo, hi = rank * n_tokens // world_size, (rank + 1) * n_tokens // world_size
+    if hi - lo < seq_len + 1:
+        raise DataError(
+            f"train split has {hi - lo} tokens per process, fewer than seq_len + 1 = {seq_len + 1}; "
+            "use a larger corpus or a shorter seq_len"
+        )
+    rng = np.random.Generator(np.random.PCG64([seed, step, micro, rank]))
+    return rng.integers(lo, hi - seq_len, size=batch_size)
+
+
 def train_batch(
     tokens: np.ndarray,
     batch_size: int,
@@ -318,15 +340,10 @@ def train_batch(
     world_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows from this rank's shard: ``(x, y)`` with ``y[:, t] = x[:, t+1]``
-    of the underlying stream, both int64 ``[batch_size, seq_len]`` on the CPU."""
-    lo, hi = rank * tokens.size // world_size, (rank + 1) * tokens.size // world_size
-    if hi - lo < seq_len + 1:
-        raise DataError(
-            f"train split has {hi - lo} tokens per process, fewer than seq_len + 1 = {seq_len + 1}; "
-            "use a larger corpus or a shorter seq_len"
-        )
-    rng = np.random.Generator(np.random.PCG64([seed, step, micro, rank]))
-    starts = rng.integers(lo, hi - seq_len, size=batch_size)
+    of the underlying stream, both int64 ``[batch_size, seq_len]`` on the CPU. Row
+    ``b`` starts at :func:`train_window_starts`' ``b``-th position."""
+    starts = train_window_starts(tokens.size, batch_size, seq_len, seed=seed, step=step, micro=micro, rank=rank,
+                                 world_size=world_size)
     return _windows(tokens, starts, seq_len)
 
 

@@ -41,6 +41,7 @@ from .collider import filter as collider_filter
 from .selection import CGGRLoss, CGGRModel, TokenSelector, create_truncated_router
 from .optim import LRSchedule, make_optimizer, step_counted
 from .plotting import plot_loss_curve
+from .reference_losses import ReferenceLosses
 from .train_clock import TrainClock
 
 METRICS_NAME = "metrics.jsonl"
@@ -72,6 +73,19 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"run.device is {name!r} but CUDA is not available on this machine")
     return dev
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``run.dtype`` on ``device``: bf16 where asked, or by default on CUDA."""
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def load_run_corpus(cfg: TrainConfig, verbose: bool = True) -> TokenizedCorpus:
+    """The corpus a run with ``cfg`` trains on (its [data] settings and vocabulary)."""
+    return load_corpus(cfg.data, cfg.model.vocab_size, cfg.val_fraction, cfg.cache_dir, cfg.token_dtype, cfg.tokenizer,
+                       verbose=verbose, include=cfg.data_include, exclude=cfg.data_exclude, max_bytes=cfg.data_max_bytes)
 
 
 def prepare_sparse24(cfg: TrainConfig, model: nn.Module, device: torch.device) -> None:
@@ -184,7 +198,7 @@ class Trainer:
         self.selector: TokenSelector | None = None
         self.criterion: CGGRLoss | None = None
         self.batch_splitter: CGGRModel | None = None
-        self.reference: GPT | None = None
+        self.reference: GPT | ReferenceLosses | None = None
         self.step_kept = [0, 0]  # kept / total valid tokens of the current step
         self.backward_ms: list = []  # per micro-step backward timings of the current log window
         seed = c.seed * 1000 + self.dist.rank
@@ -205,6 +219,8 @@ class Trainer:
             return
         if c.selection == "loss":
             self.criterion = CGGRLoss(selector=self.selector)
+        if c.reference_losses:  # precomputed: read per batch, no reference forward
+            self.reference = ReferenceLosses(c.reference_losses, self.corpus.train)
         if c.reference_ckpt:
             self.reference = load_model(c.reference_ckpt, self.device)
             if self.reference.config.vocab_size != c.model.vocab_size:
@@ -215,21 +231,20 @@ class Trainer:
 
     @torch.no_grad()
     def _reference_nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.reference, ReferenceLosses):  # the sidecar's entries for this micro-batch's windows
+            c, (step, micro) = self.cfg, self._batch_key
+            nll = self.reference.batch(c.batch_size, c.model.seq_len, seed=c.seed, step=step, micro=micro,
+                                       rank=self.dist.rank, world_size=self.dist.world_size)
+            return nll.to(self.device, non_blocking=True)
         logits, _ = self.reference(x)
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
         return nll.view(y.shape)
 
     def _amp_dtype(self) -> torch.dtype | None:
-        if self.cfg.dtype == "bfloat16" or (self.cfg.dtype == "auto" and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
+        return autocast_dtype(self.cfg.dtype, self.device)
 
     def _load_corpus(self) -> TokenizedCorpus:
-        c = self.cfg
-        return load_corpus(
-            c.data, c.model.vocab_size, c.val_fraction, c.cache_dir, c.token_dtype, c.tokenizer, verbose=self.verbose,
-            include=c.data_include, exclude=c.data_exclude, max_bytes=c.data_max_bytes,
-        )
+        return load_run_corpus(self.cfg, verbose=self.verbose)
 
     def _prepare_out_dir(self, resume: str | Path | None) -> Path:
         if resume is not None:
@@ -433,6 +448,7 @@ class Trainer:
         """Micro-batch ``micro`` of step ``self.step``: built here, or taken from the
         async loader (restarted whenever the step sequence jumps, as after a resume)."""
         c = self.cfg
+        self._batch_key = (self.step, micro)  # which windows: what a reference_losses sidecar is read by
         if not c.use_async_loader and not c.data_on_the_fly:
             return train_batch(self.corpus.train, c.batch_size, c.model.seq_len, seed=c.seed, step=self.step,
                                micro=micro, rank=self.dist.rank, world_size=self.dist.world_size)
