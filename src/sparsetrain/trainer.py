@@ -311,6 +311,9 @@ class Trainer:
 
     def _setup_clock_and_schedule(self) -> None:
         c = self.cfg
+        if self.dist.enabled and (c.schedule_by == "time" or c.eval_every_seconds):
+            # each process reads its own clock: lrs (and evaluation points) would differ between replicas
+            raise ConfigError("schedule_by = time and eval_every_seconds are not available with several processes yet")
         self.clock = TrainClock(c.startup_steps, sync=self._sync_device)
         self.lr_schedule = LRSchedule.from_settings(c.schedule_by, c.lr, c.warmup_steps, c.min_lr_ratio, self._schedule_end())
         self._next_eval_seconds = c.eval_every_seconds  # eval_every_seconds: the next due point
