@@ -688,9 +688,9 @@ class Trainer:
         result.steps_done = self.step
         result.train_seconds = self.train_seconds
         result.startup_seconds = self.clock.startup_seconds
-        session_seconds = self.train_seconds - fit_start_seconds
+        fit_seconds = self.train_seconds - fit_start_seconds
         done = len(result.train_losses)
-        result.tokens_per_second = done * tokens_per_step / session_seconds if session_seconds > 0 else 0.0
+        result.tokens_per_second = done * tokens_per_step / fit_seconds if fit_seconds > 0 else 0.0
         if self.dist.is_main:
             plot_loss_curve(self.out_dir / METRICS_NAME, self.out_dir / "loss.png", f"{c.preset} - {self.out_dir.name}")
             if self.verbose:
