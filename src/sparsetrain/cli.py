@@ -1,4 +1,4 @@
-"""Command line: ``sparsetrain {train,generate,bench,info}``.
+"""Command line: ``sparsetrain {train,race,reference-losses,generate,bench,fire,grpo,info}``.
 
 Every config field is also a flag (``lr`` -> ``--lr``, ``use_collider`` ->
 ``--use-collider/--no-use-collider``), so the CLI and TOML files can never
@@ -67,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shortcut: Collider on, holding this fraction of tokens dropped (sets use_collider, collider_sparsity)")
     _add_config_flags(t)
 
+    rc = sub.add_parser("race", help="train several arms for the same wall-clock budget each and compare their held-out loss")
+    rc.add_argument("--config", metavar="FILE", help="base TOML config, under every arm")
+    rc.add_argument("--seconds", type=float, required=True, help="training seconds of every run, after its start-up")
+    rc.add_argument("--seeds", type=int, default=1, help="runs per arm, seeds --seed, --seed + 1, ... (default 1)")
+    rc.add_argument("--arm", action="append", required=True, metavar="NAME:KEY=VALUE,...",
+                    help="an arm: a name and config overrides on the base (NAME: for the base itself); "
+                         "repeat; the first arm's final loss is the target")
+    _add_config_flags(rc)
+
+    rl = sub.add_parser("reference-losses", help="precompute a reference run's loss of every train token (a sidecar "
+                        "for the excess score: training then reads it instead of running the reference)")
+    rl.add_argument("--ckpt", required=True, metavar="RUN", help="the reference run directory (or its ckpt.pt)")
+    rl.add_argument("--out", required=True, metavar="FILE", help="sidecar to write (FILE and FILE.json); "
+                    "train with --reference-losses FILE")
+    rl.add_argument("--config", metavar="FILE", help="the training run's TOML config: its [data] picks the tokens")
+    _add_config_flags(rl)
+
     g = sub.add_parser("generate", help="sample text from a trained run")
     g.add_argument("--ckpt", required=True, metavar="RUN", help="run directory (or its ckpt.pt)")
     g.add_argument("--prompt", default="def", help="text to continue (default: 'def')")
@@ -125,6 +142,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     if result.val_losses:
         print(f"final val loss {result.val_losses[max(result.val_losses)]:.4f}; sample with: sparsetrain generate --ckpt {result.out_dir}")
+    return 0
+
+
+def cmd_race(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from .race import parse_arm, run_race
+
+    if hasattr(args, "max_seconds"):
+        raise SparsetrainError("a race's budget is --seconds (an arm may set max_seconds=S of its own)")
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "seconds", "seeds", "arm")}
+    preset = flags.pop("preset", None)
+    out = flags.pop("out_dir", "") or f"runs/race-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    arms = [parse_arm(a) for a in args.arm]
+    run_race(arms, args.seconds, args.seeds, out, preset=preset, config_file=args.config, flags=flags)
+    print(f"race report: {Path(out) / 'race.json'}, plot: {Path(out) / 'race.png'}")
+    return 0
+
+
+def cmd_reference_losses(args: argparse.Namespace) -> int:
+    from .checkpoint import resolve_checkpoint
+    from .generate import load_model
+    from .reference_losses import compute_reference_losses
+    from .trainer import autocast_dtype, load_run_corpus, resolve_device
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "ckpt", "out", "config")}
+    cfg = build_config(flags.pop("preset", None), args.config, flags)
+    ckpt = resolve_checkpoint(args.ckpt)
+    device = resolve_device(cfg.device)
+    model = load_model(ckpt, device)
+    corpus = load_run_corpus(cfg)
+    if model.config.vocab_size != cfg.model.vocab_size:
+        raise SparsetrainError(f"reference {ckpt.parent} has vocab_size {model.config.vocab_size}, the corpus {cfg.model.vocab_size}")
+    ref_tok = ckpt.parent / "tokenizer.json"
+    if ref_tok.is_file() and corpus.tokenizer_path is not None and ref_tok.read_bytes() != corpus.tokenizer_path.read_bytes():
+        raise SparsetrainError(f"reference {ckpt.parent} was trained with another tokenizer than this corpus's "
+                               f"({corpus.tokenizer_path}): its token ids would mean other text")
+    out = compute_reference_losses(model, corpus.train, args.out, cfg.batch_size, device,
+                                   autocast_dtype(cfg.dtype, device), reference=str(ckpt))
+    print(f"reference losses of {corpus.train.size:,} train tokens -> {out}; train with --reference-losses {out}")
     return 0
 
 
@@ -252,7 +309,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "generate": cmd_generate, "bench": cmd_bench, "fire": cmd_fire,
+    handler = {"train": cmd_train, "race": cmd_race, "reference-losses": cmd_reference_losses, "generate": cmd_generate, "bench": cmd_bench, "fire": cmd_fire,
                "grpo": cmd_grpo, "info": cmd_info}[args.command]
     try:
         return handler(args)

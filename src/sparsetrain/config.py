@@ -157,11 +157,16 @@ class TrainConfig:
     cache_dir: str = field(default="", metadata=_section("data", "tokenizer/token cache; empty = $SPARSETRAIN_CACHE or ~/.cache/sparsetrain"))
     val_fraction: float = field(default=0.02, metadata=_section("data", "fraction of files (or tokens, for .bin) held out for validation"))
     data_on_the_fly: bool = field(default=False, metadata=_section("data", "read and tokenize the raw train files for every batch (in the loader, async with use_async_loader) instead of reading the token cache"))
+    data_include: str = field(default="", metadata=_section("data", "folder corpus: comma-separated globs of the relative paths to keep (fnmatch, * crosses /); empty = every text file"))
+    data_exclude: str = field(default="", metadata=_section("data", "folder corpus: comma-separated globs of the relative paths to drop (after data_include)"))
+    data_max_bytes: int = field(default=0, metadata=_section("data", "folder corpus: keep files in an order fixed by a hash of their paths while their total stays within this many bytes; 0 = no cap"))
     # [training]
     batch_size: int = field(default=16, metadata=_section("training", "sequences per micro-batch per process"))
     grad_accum: int = field(default=1, metadata=_section("training", "micro-batches per optimizer step"))
     max_steps: int = field(default=300, metadata=_section("training", "optimizer steps"))
-    max_seconds: float = field(default=0.0, metadata=_section("training", "stop after this much training time; 0 = no limit"))
+    max_seconds: float = field(default=0.0, metadata=_section("training", "stop after this much training time (seconds after start-up, eval and checkpoints excluded); 0 = no limit"))
+    startup_steps: int = field(default=1, metadata=_section("training", "first steps of each process timed as start-up (compile, autotuning), outside max_seconds and the time schedule"))
+    schedule_by: str = field(default="steps", metadata=_section("training", "lr decay over steps (to max_steps) or time (to max_seconds of training after start-up)"))
     lr: float = field(default=3e-3, metadata=_section("training", "peak learning rate"))
     min_lr_ratio: float = field(default=0.1, metadata=_section("training", "final lr as a fraction of the peak"))
     warmup_steps: int = field(default=30, metadata=_section("training", "linear warmup steps"))
@@ -170,6 +175,7 @@ class TrainConfig:
     beta2: float = field(default=0.95, metadata=_section("training", "AdamW beta2"))
     grad_clip: float = field(default=1.0, metadata=_section("training", "max grad norm; 0 = off"))
     eval_every: int = field(default=100, metadata=_section("training", "steps between val evals; 0 = only at the end"))
+    eval_every_seconds: float = field(default=0.0, metadata=_section("training", "also eval each time this many training seconds (after start-up) have passed; 0 = off"))
     eval_batches: int = field(default=8, metadata=_section("training", "val micro-batches per eval"))
     selection: str = field(default="none", metadata=_section("training", "token selection: none, loss (CGGR selective loss) or batch (CGGR batch splitting)"))
     selection_score: str = field(default="combined", metadata=_section("training", "token score: loss, entropy, margin, combined, collider, excess"))
@@ -182,6 +188,7 @@ class TrainConfig:
     selection_target_sparsity: float = field(default=0.0, metadata=_section("training", "threshold method: hold this dropped fraction adaptively; 0 = fixed threshold"))
     router_layers: int = field(default=2, metadata=_section("training", "layers of the truncated router (selection = batch)"))
     reference_ckpt: str = field(default="", metadata=_section("training", "reference run for the excess score (Rho-1)"))
+    reference_losses: str = field(default="", metadata=_section("training", "precomputed reference losses for the excess score (sparsetrain reference-losses), instead of reference_ckpt"))
     use_collider: bool = field(default=False, metadata=_section("training", "Collider token filtering in backward"))
     collider_threshold: float = field(default=0.5, metadata=_section("training", "Collider fixed threshold on the score (used when collider_sparsity = 0)"))
     collider_sparsity: float = field(default=0.0, metadata=_section("training", "Collider target drop ratio, held by the adaptive threshold (or exact, with collider_method = topk)"))
@@ -219,6 +226,22 @@ class TrainConfig:
             _require(0 <= getattr(self, name) < 1, f"training.{name} must be in [0, 1), got {getattr(self, name)}")
         _require(self.grad_clip >= 0, f"training.grad_clip must be >= 0, got {self.grad_clip}")
         _require(self.max_seconds >= 0, f"training.max_seconds must be >= 0, got {self.max_seconds}")
+        _require(self.startup_steps >= 0, f"training.startup_steps must be >= 0, got {self.startup_steps}")
+        _require(self.eval_every_seconds >= 0, f"training.eval_every_seconds must be >= 0, got {self.eval_every_seconds}")
+        from .optim import SCHEDULE_KINDS
+
+        _require(self.schedule_by in SCHEDULE_KINDS,
+                 f"training.schedule_by must be one of {', '.join(SCHEDULE_KINDS)}, got {self.schedule_by!r}")
+        _require(self.schedule_by != "time" or self.max_seconds > 0,
+                 "training.schedule_by = time decays the lr to its floor at max_seconds; set max_seconds > 0")
+        _require(not (self.reference_ckpt and self.reference_losses),
+                 "training.reference_ckpt and reference_losses are two sources of one reference: set one")
+        _require(not (self.reference_losses and self.data_on_the_fly),
+                 "training.reference_losses is aligned with the token cache; data_on_the_fly does not read it")
+        _require(self.data_max_bytes >= 0, f"data.data_max_bytes must be >= 0, got {self.data_max_bytes}")
+        if self.data_include or self.data_exclude or self.data_max_bytes:
+            _require(not Path(self.data).is_file() and not self.data.endswith(".bin"),
+                     f"data.data_include, data_exclude and data_max_bytes select files of a folder; data is the file {self.data!r}")
         _require(0 <= self.collider_sparsity < 1, f"training.collider_sparsity must be in [0, 1), got {self.collider_sparsity}")
         _require(2 <= self.mtp_n_tokens <= 4, f"training.mtp_n_tokens must be 2, 3 or 4, got {self.mtp_n_tokens}")
         _require(self.mtp_weight >= 0, f"training.mtp_weight must be >= 0, got {self.mtp_weight}")
@@ -236,7 +259,8 @@ class TrainConfig:
         if self.selection == "batch":
             _require(1 <= self.router_layers <= self.model.n_layer, f"training.router_layers must be in [1, {self.model.n_layer}], got {self.router_layers}")
         if self.selection != "none" and self.selection_score == "excess":
-            _require(bool(self.reference_ckpt), "training.selection_score = excess needs training.reference_ckpt (a reference run)")
+            _require(bool(self.reference_ckpt or self.reference_losses),
+                     "training.selection_score = excess needs training.reference_ckpt (a reference run) or reference_losses")
             _require(self.selection == "loss", "the excess score works with selection = loss (batch splitting scores with its router)")
         # Switches whose technique has not landed yet fail loudly instead of
         # silently training dense.
@@ -249,7 +273,8 @@ class TrainConfig:
             _require(self.collider_method == "threshold" or self.collider_sparsity > 0, f"training.collider_method = {self.collider_method} needs collider_sparsity > 0")
             _require(self.selection == "none", "use_collider and selection (CGGR) are exclusive: pick one token filter")
             if self.collider_score == "excess":
-                _require(bool(self.reference_ckpt), "training.collider_score = excess needs training.reference_ckpt")
+                _require(bool(self.reference_ckpt or self.reference_losses),
+                         "training.collider_score = excess needs training.reference_ckpt or reference_losses")
         _require(self.fire_at_step >= 0, f"training.fire_at_step must be >= 0, got {self.fire_at_step}")
         _require(0 <= self.mtp_decay <= 1, f"training.mtp_decay must be in [0, 1], got {self.mtp_decay}")
         if self.model.arch != "gpt":

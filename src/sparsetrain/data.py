@@ -19,8 +19,10 @@ of the train tokens.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
+import math
 import os
 import shutil
 import sysconfig
@@ -46,16 +48,19 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def discover_text_files(path: str | Path | None) -> tuple[Path, list[Path]]:
+def discover_text_files(path: str | Path | None, include: str = "", exclude: str = "",
+                        max_bytes: int = 0) -> tuple[Path, list[Path]]:
     """Return ``(root, files)``. ``None`` means the stdlib ``*.py`` sources.
 
     For a folder, every regular file below it that is not hidden and holds no
-    NUL byte in its first 8 KiB (a binary file) counts as text.
+    NUL byte in its first 8 KiB (a binary file) counts as text. ``include``,
+    ``exclude`` and ``max_bytes`` narrow a folder (or the stdlib) down, see
+    :func:`select_files`.
     """
     if path is None:
         root = stdlib_root()
         files = [p for p in root.rglob("*.py") if not (SKIP_DIRS & set(p.relative_to(root).parts)) and p.is_file()]
-        return root, sorted(files)
+        return root, select_files(root, sorted(files), include, exclude, max_bytes)
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path does not exist: {path}")
@@ -66,11 +71,44 @@ def discover_text_files(path: str | Path | None) -> tuple[Path, list[Path]]:
         rel = f.relative_to(p).parts
         if not f.is_file() or any(part.startswith(".") for part in rel) or SKIP_DIRS & set(rel):
             continue
-        with open(f, "rb") as fh:
-            if b"\0" in fh.read(8192):
-                continue
         files.append(f)
-    return p, files
+    files = [f for f in select_files(p, files, include, exclude) if not _looks_binary(f)]
+    return p, select_files(p, files, max_bytes=max_bytes)
+
+
+def _looks_binary(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return b"\0" in fh.read(8192)
+
+
+def _globs(patterns: str) -> list[str]:
+    return [g.strip() for g in patterns.split(",") if g.strip()]
+
+
+def select_files(root: Path, files: list[Path], include: str = "", exclude: str = "", max_bytes: int = 0) -> list[Path]:
+    """The files (in their given order) whose path relative to ``root`` matches one of
+    the comma-separated ``include`` globs (all, if empty) and none of ``exclude``
+    (``fnmatch`` patterns, case-sensitive; ``*`` also crosses ``/``, so ``*.py``
+    matches at any depth). With ``max_bytes``, files are taken in the order of a
+    hash of their relative path (a fixed, directory-mixing order that does not
+    depend on the other files) while their total size stays within ``max_bytes``;
+    a file that would overflow it is skipped and smaller later ones still fit."""
+    rel = {f: f.relative_to(root).as_posix() for f in files}
+    inc, exc = _globs(include), _globs(exclude)
+    kept = [f for f in files if (not inc or any(fnmatch.fnmatchcase(rel[f], g) for g in inc))
+            and not any(fnmatch.fnmatchcase(rel[f], g) for g in exc)]
+    if max_bytes:
+        chosen, total = set(), 0
+        for f in sorted(kept, key=lambda f: hashlib.sha1(rel[f].encode()).digest()):
+            size = f.stat().st_size
+            if total + size <= max_bytes:
+                chosen.add(f)
+                total += size
+        kept = [f for f in kept if f in chosen]
+    if files and not kept:
+        raise DataError(f"no file under {root} is left by data_include={include!r}, data_exclude={exclude!r}, "
+                        f"data_max_bytes={max_bytes}")
+    return kept
 
 
 def is_val_file(relpath: str, val_fraction: float) -> bool:
@@ -119,17 +157,26 @@ def load_corpus(
     token_dtype: str = "uint16",
     tokenizer: str = "",
     verbose: bool = True,
+    include: str = "",
+    exclude: str = "",
+    max_bytes: int = 0,
 ) -> TokenizedCorpus:
-    """Load (building and caching if needed) the corpus a run trains on."""
+    """Load (building and caching if needed) the corpus a run trains on. ``include``,
+    ``exclude`` and ``max_bytes`` select a folder's files (:func:`select_files`); the
+    cache key covers the selected files' names and contents, so each selection has
+    its own cache."""
     if data and data.endswith(".bin"):
         return _load_bin(data, vocab_size, val_fraction, token_dtype, tokenizer)
-    root, files = discover_text_files(data or None)
+    root, files = discover_text_files(data or None, include, exclude, max_bytes)
     docs = {}
     for f in files:
         text = f.read_bytes().decode("utf-8", errors="replace")
         if text.strip():
             docs[str(f.relative_to(root))] = text
     source = data or f"Python {'.'.join(map(str, __import__('sys').version_info[:2]))} standard library at {root}"
+    if include or exclude or max_bytes:
+        chosen = [f"include {include}"] * bool(include) + [f"exclude {exclude}"] * bool(exclude)
+        source += f" ({', '.join(chosen + [f'at most {max_bytes:,} bytes'] * bool(max_bytes))})"
     if not docs:
         raise DataError(f"no text found in {data or root}: the corpus is empty")
     key = _corpus_key(docs, vocab_size, val_fraction)
@@ -231,6 +278,25 @@ def _load_bin(path: str, vocab_size: int, val_fraction: float, token_dtype: str,
     )
 
 
+# ----------------------------------------------------------------------------- bytes
+
+
+def tokens_per_byte(tokens: np.ndarray, tokenizer: BPETokenizer) -> float:
+    """Tokens per UTF-8 byte of the text ``tokens`` stand for (end-of-text is a
+    token of no bytes)."""
+    lengths = np.asarray(tokenizer.byte_lengths(), dtype=np.int64)
+    n_bytes = sum(int(lengths[np.asarray(tokens[i : i + 2**24], dtype=np.int64)].sum()) for i in range(0, tokens.size, 2**24))
+    if n_bytes == 0:
+        raise DataError("the tokens stand for no text bytes: bits per byte is undefined")
+    return tokens.size / n_bytes
+
+
+def bits_per_byte(nats_per_token: float, tokens_per_byte: float) -> float:
+    """A cross-entropy in nats per token as bits per UTF-8 byte, which compares
+    across tokenizers: ``nats * tokens / bytes / ln 2``."""
+    return nats_per_token * tokens_per_byte / math.log(2)
+
+
 # ----------------------------------------------------------------------------- batches
 
 
@@ -238,6 +304,28 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torc
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
     chunk = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
     return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+
+
+def train_window_starts(
+    n_tokens: int,
+    batch_size: int,
+    seq_len: int,
+    *,
+    seed: int,
+    step: int,
+    micro: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> np.ndarray:
+    """Stream positions where the windows of :func:`train_batch` start (int64 ``[batch_size]``)."""
+    lo, hi = rank * n_tokens // world_size, (rank + 1) * n_tokens // world_size
+    if hi - lo < seq_len + 1:
+        raise DataError(
+            f"train split has {hi - lo} tokens per process, fewer than seq_len + 1 = {seq_len + 1}; "
+            "use a larger corpus or a shorter seq_len"
+        )
+    rng = np.random.Generator(np.random.PCG64([seed, step, micro, rank]))
+    return rng.integers(lo, hi - seq_len, size=batch_size)
 
 
 def train_batch(
@@ -252,15 +340,10 @@ def train_batch(
     world_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows from this rank's shard: ``(x, y)`` with ``y[:, t] = x[:, t+1]``
-    of the underlying stream, both int64 ``[batch_size, seq_len]`` on the CPU."""
-    lo, hi = rank * tokens.size // world_size, (rank + 1) * tokens.size // world_size
-    if hi - lo < seq_len + 1:
-        raise DataError(
-            f"train split has {hi - lo} tokens per process, fewer than seq_len + 1 = {seq_len + 1}; "
-            "use a larger corpus or a shorter seq_len"
-        )
-    rng = np.random.Generator(np.random.PCG64([seed, step, micro, rank]))
-    starts = rng.integers(lo, hi - seq_len, size=batch_size)
+    of the underlying stream, both int64 ``[batch_size, seq_len]`` on the CPU. Row
+    ``b`` starts at :func:`train_window_starts`' ``b``-th position."""
+    starts = train_window_starts(tokens.size, batch_size, seq_len, seed=seed, step=step, micro=micro, rank=rank,
+                                 world_size=world_size)
     return _windows(tokens, starts, seq_len)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -27,15 +28,114 @@ def make_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 
+SCHEDULE_KINDS = ("steps", "time")
+
+
+def cosine_to_floor(progress: float, start: float, floor: float) -> float:
+    """Half a cosine from ``start`` (progress 0) to ``floor`` (progress 1 and beyond)."""
+    progress = min(1.0, max(0.0, progress))
+    return floor + (start - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def lr_at(step: int, peak: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
     """Linear warmup over ``warmup_steps`` (step 0 gets peak/warmup), then cosine
     decay from ``peak`` to ``min_lr_ratio * peak`` at ``max_steps``."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    span = max(1, max_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    floor = peak * min_lr_ratio
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return LRSchedule.from_settings("steps", peak, warmup_steps, min_lr_ratio, max_steps).lr(step, 0.0)
+
+
+@dataclass
+class LRSchedule:
+    """Warmup over steps times a decay over steps or training seconds, extendable.
+
+    ``lr(step, seconds) = decay(x) * min(1, (step + 1) / warmup_steps)`` and ``x`` is the step
+    (``by = "steps"``) or the training seconds at the end of the step
+    (``by = "time"``). The decay is a list of segments ``(start, end, start_lr)``,
+    each a half cosine from ``start_lr`` at ``start`` to the floor at ``end``;
+    ``x`` before the first segment decays nothing (``peak``). By steps the
+    first segment starts when the warmup ends, which is the classic warmup-then-
+    cosine; by time it starts at 0, so the warmup (in steps, since it steadies
+    AdamW's moment estimates, which count updates) overlaps the first seconds of
+    the decay and the floor falls exactly on the budget.
+
+    Resuming with another end (``--resume RUN --max-steps N``) calls
+    :meth:`extend`, which appends a segment from the lr the next step had under the
+    old schedule to the floor at the new end: the lr never jumps, and a run that had
+    finished (at its floor) continues at the floor. The segments are saved in the
+    checkpoint, so a resume continues exactly.
+    """
+
+    by: str
+    peak: float
+    warmup_steps: int
+    min_lr_ratio: float
+    segments: list[tuple[float, float, float]] = field(default_factory=list)
+
+    @classmethod
+    def from_settings(cls, by: str, peak: float, warmup_steps: int, min_lr_ratio: float, end: float) -> "LRSchedule":
+        """The schedule of a fresh run ending at ``end`` (max_steps, or max_seconds by time)."""
+        if by not in SCHEDULE_KINDS:
+            raise ValueError(f"schedule by {by!r}, not one of {SCHEDULE_KINDS}")
+        start = float(warmup_steps) if by == "steps" else 0.0
+        return cls(by, peak, warmup_steps, min_lr_ratio, [(start, float(end), peak)])
+
+    @property
+    def floor(self) -> float:
+        return self.peak * self.min_lr_ratio
+
+    @property
+    def end(self) -> float:
+        """Where the lr reaches its floor (a step, or training seconds)."""
+        return self.segments[-1][1]
+
+    def decay(self, x: float) -> float:
+        """The decay factor's lr at ``x`` (a step or training seconds), warmup aside."""
+        current = None
+        for seg in self.segments:  # the last segment starting at or before x rules
+            if seg[0] <= x:
+                current = seg
+        if current is None:
+            return self.peak
+        start, end, start_lr = current
+        # by steps, a schedule shorter than its warmup still divides by 1 (as it always has)
+        return cosine_to_floor((x - start) / max(1.0 if self.by == "steps" else 1e-12, end - start), start_lr, self.floor)
+
+    def lr(self, step: int, seconds: float) -> float:
+        """The lr of the update at ``step``; ``seconds`` (the training seconds at the
+        end of that update) is read only by a time schedule."""
+        lr = self.decay(float(step) if self.by == "steps" else seconds)
+        return lr * (step + 1) / self.warmup_steps if step < self.warmup_steps else lr
+
+    def extend(self, at: float, new_end: float) -> str | None:
+        """Move the floor to ``new_end``, continuing from ``at`` (the next step, or the
+        training seconds so far). Returns a one-line description, or None where the end
+        is unchanged or nothing is left to train."""
+        if new_end == self.end or new_end <= at:
+            return None
+        start = max(at, self.segments[-1][0])
+        from_lr = self.decay(start)
+        self.segments.append((start, float(new_end), from_lr))
+        unit = "step" if self.by == "steps" else "s"
+        return (f"lr schedule extended: from {from_lr:.3g} at {start:g} {unit} to the floor {self.floor:.3g} "
+                f"at {new_end:g} {unit} (was {self.segments[-2][1]:g} {unit})")
+
+    def check_same_shape(self, by: str, peak: float, warmup_steps: int, min_lr_ratio: float) -> str | None:
+        """Name the first setting a resumed config changes from this saved schedule (None if none):
+        a resume keeps the schedule it was saved with, only its end may move."""
+        for name, saved, wanted in (("schedule_by", self.by, by), ("lr", self.peak, peak),
+                                    ("warmup_steps", self.warmup_steps, warmup_steps),
+                                    ("min_lr_ratio", self.min_lr_ratio, min_lr_ratio)):
+            if saved != wanted:
+                return f"{name}={saved!r} there vs {wanted!r} here"
+        return None
+
+    def state_dict(self) -> dict:
+        return {"by": self.by, "peak": self.peak, "warmup_steps": self.warmup_steps,
+                "min_lr_ratio": self.min_lr_ratio, "segments": [list(s) for s in self.segments]}
+
+    @classmethod
+    def from_state_dict(cls, d: dict) -> "LRSchedule":
+        return cls(d["by"], float(d["peak"]), int(d["warmup_steps"]), float(d["min_lr_ratio"]),
+                   [tuple(map(float, s)) for s in d["segments"]])
 
 
 class StepCounted(nn.Module):

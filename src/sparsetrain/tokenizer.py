@@ -66,3 +66,13 @@ class BPETokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def byte_lengths(self) -> list[int]:
+        """UTF-8 bytes each token id stands for, indexed by id: 0 for special tokens
+        (end-of-text). Byte-level BPE writes every byte as one character of its
+        alphabet, so a token's length in characters is its length in bytes."""
+        lengths = [0] * self.vocab_size
+        special = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        for token, i in self._tok.get_vocab(with_added_tokens=False).items():
+            lengths[i] = 0 if token in special else len(token)
+        return lengths

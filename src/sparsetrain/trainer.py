@@ -9,6 +9,7 @@ function of ``s``, and the checkpoint holds the model and AdamW state.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -27,7 +28,7 @@ from . import distributed as D
 from . import fire, hyper
 from .checkpoint import CKPT_NAME, atomic_write_text, load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig, dumps_toml
-from .data import TokenizedCorpus, load_corpus, train_batch, val_batches
+from .data import TokenizedCorpus, bits_per_byte, load_corpus, tokens_per_byte, train_batch, val_batches
 from .loader import make_loader
 from .errors import CheckpointError, ConfigError
 from .generate import load_model
@@ -38,8 +39,10 @@ from .bk.model import ResNetBK
 from .collider import ColliderModel, masked_cross_entropy
 from .collider import filter as collider_filter
 from .selection import CGGRLoss, CGGRModel, TokenSelector, create_truncated_router
-from .optim import lr_at, make_optimizer, step_counted
+from .optim import LRSchedule, make_optimizer, step_counted
 from .plotting import plot_loss_curve
+from .reference_losses import ReferenceLosses
+from .train_clock import TrainClock
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.toml"
@@ -55,6 +58,7 @@ class TrainResult:
     val_losses: dict[int, float] = field(default_factory=dict)  # step -> val loss, this session only
     tokens_per_second: float = 0.0
     train_seconds: float = 0.0
+    startup_seconds: float = 0.0  # part of train_seconds: every process's first steps (compile, autotuning)
 
 
 def _mean_rows(rows: list[dict[str, float | torch.Tensor]]) -> dict[str, float]:
@@ -69,6 +73,19 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"run.device is {name!r} but CUDA is not available on this machine")
     return dev
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``run.dtype`` on ``device``: bf16 where asked, or by default on CUDA."""
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def load_run_corpus(cfg: TrainConfig, verbose: bool = True) -> TokenizedCorpus:
+    """The corpus a run with ``cfg`` trains on (its [data] settings and vocabulary)."""
+    return load_corpus(cfg.data, cfg.model.vocab_size, cfg.val_fraction, cfg.cache_dir, cfg.token_dtype, cfg.tokenizer,
+                       verbose=verbose, include=cfg.data_include, exclude=cfg.data_exclude, max_bytes=cfg.data_max_bytes)
 
 
 def prepare_sparse24(cfg: TrainConfig, model: nn.Module, device: torch.device) -> None:
@@ -134,7 +151,8 @@ class Trainer:
         trainable = nn.ModuleList([self.model] + ([self.mtp] if self.mtp is not None else []))
         self.optimizer = make_optimizer(trainable, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
         self.step = 0
-        self.train_seconds = 0.0  # cumulative over resumes; what max_seconds limits
+        self._setup_clock_and_schedule()
+        self.train_seconds = 0.0  # cumulative over resumes
         self.loader = None  # async batch loader, started on first use
         self.hyper_report: dict | None = None  # mHC-lite analysis, written at the next eval
         self.mtp_losses: list[list[float]] = []  # per micro-step [main, L_1..L_n] since the last log
@@ -180,7 +198,7 @@ class Trainer:
         self.selector: TokenSelector | None = None
         self.criterion: CGGRLoss | None = None
         self.batch_splitter: CGGRModel | None = None
-        self.reference: GPT | None = None
+        self.reference: GPT | ReferenceLosses | None = None
         self.step_kept = [0, 0]  # kept / total valid tokens of the current step
         self.backward_ms: list = []  # per micro-step backward timings of the current log window
         seed = c.seed * 1000 + self.dist.rank
@@ -201,6 +219,8 @@ class Trainer:
             return
         if c.selection == "loss":
             self.criterion = CGGRLoss(selector=self.selector)
+        if c.reference_losses:  # precomputed: read per batch, no reference forward
+            self.reference = ReferenceLosses(c.reference_losses, self.corpus.train)
         if c.reference_ckpt:
             self.reference = load_model(c.reference_ckpt, self.device)
             if self.reference.config.vocab_size != c.model.vocab_size:
@@ -211,20 +231,20 @@ class Trainer:
 
     @torch.no_grad()
     def _reference_nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.reference, ReferenceLosses):  # the sidecar's entries for this micro-batch's windows
+            c, (step, micro) = self.cfg, self._batch_key
+            nll = self.reference.batch(c.batch_size, c.model.seq_len, seed=c.seed, step=step, micro=micro,
+                                       rank=self.dist.rank, world_size=self.dist.world_size)
+            return nll.to(self.device, non_blocking=True)
         logits, _ = self.reference(x)
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
         return nll.view(y.shape)
 
     def _amp_dtype(self) -> torch.dtype | None:
-        if self.cfg.dtype == "bfloat16" or (self.cfg.dtype == "auto" and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
+        return autocast_dtype(self.cfg.dtype, self.device)
 
     def _load_corpus(self) -> TokenizedCorpus:
-        c = self.cfg
-        return load_corpus(
-            c.data, c.model.vocab_size, c.val_fraction, c.cache_dir, c.token_dtype, c.tokenizer, verbose=self.verbose
-        )
+        return load_run_corpus(self.cfg, verbose=self.verbose)
 
     def _prepare_out_dir(self, resume: str | Path | None) -> Path:
         if resume is not None:
@@ -262,11 +282,107 @@ class Trainer:
         if self.selector is not None and "selector" in state:
             self.selector.load_state_dict(state["selector"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self._restore_clock_and_schedule(state, out)
         if self.dist.is_main:  # drop metric rows written after the checkpoint
             path = out / METRICS_NAME
             if path.is_file():
                 keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
                 atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+    # ------------------------------------------------------------------ time and lr schedule
+
+    @property
+    def train_seconds(self) -> float:
+        """Training seconds so far, cumulative over resumes: start-up included, eval and
+        checkpoints excluded (:class:`~sparsetrain.train_clock.TrainClock`)."""
+        return self.clock.seconds
+
+    @train_seconds.setter
+    def train_seconds(self, value: float) -> None:
+        self.clock.seconds = value
+
+    def _sync_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _schedule_end(self) -> float:
+        """Where the lr reaches its floor: max_steps, or max_seconds by time."""
+        return float(self.cfg.max_seconds if self.cfg.schedule_by == "time" else self.cfg.max_steps)
+
+    def _setup_clock_and_schedule(self) -> None:
+        c = self.cfg
+        if self.dist.enabled and (c.schedule_by == "time" or c.eval_every_seconds):
+            # each process reads its own clock: lrs (and evaluation points) would differ between replicas
+            raise ConfigError("schedule_by = time and eval_every_seconds are not available with several processes yet")
+        self.clock = TrainClock(c.startup_steps, sync=self._sync_device)
+        self.lr_schedule = LRSchedule.from_settings(c.schedule_by, c.lr, c.warmup_steps, c.min_lr_ratio, self._schedule_end())
+        self._next_eval_seconds = c.eval_every_seconds  # eval_every_seconds: the next due point
+
+    def _restore_clock_and_schedule(self, state: dict, out: Path) -> None:
+        """A resumed run keeps its start-up count and its lr schedule; a new max_steps (or
+        max_seconds, by time) extends the schedule without a jump (:meth:`LRSchedule.extend`),
+        announced on stdout and as a ``lr_schedule`` row in metrics.jsonl."""
+        c = self.cfg
+        self.clock.startup_seconds = float(state.get("startup_seconds", 0.0))
+        if state.get("lr_schedule"):
+            schedule = LRSchedule.from_state_dict(state["lr_schedule"])
+        else:  # a checkpoint written before the schedule was saved: its config's steps schedule
+            t = state["train_config"]["training"]
+            schedule = LRSchedule.from_settings("steps", t["lr"], t["warmup_steps"], t["min_lr_ratio"], t["max_steps"])
+        diff = schedule.check_same_shape(c.schedule_by, c.lr, c.warmup_steps, c.min_lr_ratio)
+        if diff:
+            raise CheckpointError(f"cannot resume {out} with another lr schedule: {diff} "
+                                  "(a resume keeps its schedule; a new max_steps or max_seconds extends it)")
+        seconds = self.clock.seconds_after_startup
+        change = schedule.extend(self.step if c.schedule_by == "steps" else seconds, self._schedule_end())
+        self.lr_schedule = schedule
+        if c.eval_every_seconds:
+            self._next_eval_seconds = (math.floor(seconds / c.eval_every_seconds) + 1) * c.eval_every_seconds
+        if change and self.dist.is_main:
+            with open(out / METRICS_NAME, "a") as f:
+                f.write(json.dumps({"kind": "lr_schedule", "step": self.step, "change": change,
+                                    "schedule": schedule.state_dict()}) + "\n")
+            if self.verbose:
+                print(f"step {self.step}: {change}", flush=True)
+
+    def _lr_for_step(self) -> float:
+        """The lr of step ``self.step``: by steps a function of the step; by time, of the
+        training seconds after start-up expected at the end of this step, read from the
+        host clock without a device sync (see :mod:`sparsetrain.train_clock`)."""
+        seconds = self.clock.expected_after_next_step() if self.cfg.schedule_by == "time" else 0.0
+        return self.lr_schedule.lr(self.step, seconds)
+
+    def _out_of_time(self) -> bool:
+        return self.cfg.max_seconds > 0 and self.clock.seconds_after_startup >= self.cfg.max_seconds
+
+    def _eval_due_by_time(self) -> bool:
+        """True once per ``eval_every_seconds`` of training after start-up."""
+        every = self.cfg.eval_every_seconds
+        seconds = self.clock.seconds_after_startup
+        if not every or seconds < self._next_eval_seconds:
+            return False
+        self._next_eval_seconds = (math.floor(seconds / every) + 1) * every
+        return True
+
+    @functools.cached_property
+    def _val_tokens_per_byte(self) -> float | None:
+        """Tokens per UTF-8 byte of the eval windows' targets (all ranks' windows), or None
+        without a tokenizer (a .bin corpus given without one)."""
+        if self.corpus.tokenizer is None:
+            return None
+        c = self.cfg
+        windows = val_batches(self.corpus.val, c.eval_batches, c.batch_size, c.model.seq_len)
+        return tokens_per_byte(torch.cat([y for _, y in windows]).numpy(), self.corpus.tokenizer)
+
+    def _eval_row(self, val: float) -> dict:
+        """The metrics.jsonl row of an evaluation: val loss (nats/token) and bits per byte,
+        at the step and the training seconds with and without start-up."""
+        row = {"kind": "eval", "step": self.step, "val_loss": val, "train_seconds": round(self.train_seconds, 3),
+               "startup_seconds": round(self.clock.startup_seconds, 3),
+               "train_seconds_after_startup": round(self.clock.seconds_after_startup, 3)}
+        if self._val_tokens_per_byte is not None:
+            row["val_bpb"] = round(bits_per_byte(val, self._val_tokens_per_byte), 5)
+        return row
 
     # ------------------------------------------------------------------ steps
 
@@ -335,6 +451,7 @@ class Trainer:
         """Micro-batch ``micro`` of step ``self.step``: built here, or taken from the
         async loader (restarted whenever the step sequence jumps, as after a resume)."""
         c = self.cfg
+        self._batch_key = (self.step, micro)  # which windows: what a reference_losses sidecar is read by
         if not c.use_async_loader and not c.data_on_the_fly:
             return train_batch(self.corpus.train, c.batch_size, c.model.seq_len, seed=c.seed, step=self.step,
                                micro=micro, rank=self.dist.rank, world_size=self.dist.world_size)
@@ -394,7 +511,7 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step at ``self.step``. Returns (mean loss, grad norm) as tensors."""
         c = self.cfg
-        lr = lr_at(self.step, c.lr, c.warmup_steps, c.max_steps, c.min_lr_ratio)
+        lr = self._lr_for_step()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
@@ -455,6 +572,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "train_seconds": self.train_seconds,
+            "startup_seconds": self.clock.startup_seconds,
+            "lr_schedule": self.lr_schedule.state_dict(),
             "selector": self.selector.state_dict() if self.selector is not None else None,
             "mtp": self.mtp.state_dict() if self.mtp is not None else None,  # generate ignores the heads
             "model_config": asdict(self.cfg.model),
@@ -484,25 +603,27 @@ class Trainer:
                 val = self.evaluate()
                 result.val_losses[0] = val
                 if metrics:
-                    metrics.write(json.dumps({"kind": "eval", "step": 0, "val_loss": val, "train_seconds": 0.0}) + "\n")
+                    metrics.write(json.dumps(self._eval_row(val)) + "\n")
                 self._say(bar, f"step 0: val loss {val:.4f}")
-            session_seconds, window_t0, window_tokens = 0.0, time.perf_counter(), 0
+            fit_start_seconds, window_t0, window_tokens = self.train_seconds, time.perf_counter(), 0
+            self.clock.run()
             while self.step < c.max_steps:
-                t0 = time.perf_counter()
                 loss, gnorm = self.train_step()
+                if self.clock.step_done():  # start-up measured (one sync)
+                    if metrics:
+                        metrics.write(json.dumps({"kind": "startup", "step": self.step, "steps": c.startup_steps,
+                                                  "startup_seconds": round(self.clock.startup_seconds, 3)}) + "\n")
                 kept_frac = self.step_kept[0] / self.step_kept[1] if self.step_kept[1] else None
                 pending.append((self.step, loss, gnorm, self.optimizer.param_groups[0]["lr"], kept_frac))
                 window_tokens += tokens_per_step
                 last = self.step >= c.max_steps
-                dt = time.perf_counter() - t0
-                session_seconds += dt
-                self.train_seconds += dt
-                out_of_time = c.max_seconds > 0 and self.train_seconds >= c.max_seconds
+                out_of_time = self._out_of_time()
                 log_now = self.step % c.log_every == 0 or last or out_of_time
                 if log_now:  # one host sync per log window, not per step
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     now = time.perf_counter()
+                    self.clock.synced()
                     tps = window_tokens / max(now - window_t0, 1e-9)
                     bwd_ms = self._drain_backward_ms()
                     for s, l, g, lr, kf in pending:
@@ -530,13 +651,16 @@ class Trainer:
                     pending.clear()
                     window_t0, window_tokens = now, 0
                 pause_t0 = time.perf_counter()  # eval and checkpoint time stay out of tokens/s
-                eval_now = last or out_of_time or (c.eval_every and self.step % c.eval_every == 0)
+                eval_now = last or out_of_time or (c.eval_every and self.step % c.eval_every == 0) or self._eval_due_by_time()
+                save_now = c.save_checkpoints and (eval_now and not c.ckpt_every or c.ckpt_every and self.step % c.ckpt_every == 0
+                                                   or last or out_of_time)
+                if eval_now or save_now:
+                    self.clock.pause()  # waits for the device: its queued steps count as training
                 if eval_now:
                     val = self.evaluate()
                     result.val_losses[self.step] = val
                     if metrics:
-                        metrics.write(json.dumps({"kind": "eval", "step": self.step, "val_loss": val,
-                                                  "train_seconds": round(self.train_seconds, 3)}) + "\n")
+                        metrics.write(json.dumps(self._eval_row(val)) + "\n")
                         metrics.flush()
                     self._say(bar, f"step {self.step}: val loss {val:.4f}")
                     if self.hyper_report is not None and metrics:
@@ -547,13 +671,14 @@ class Trainer:
                         if not r["healthy"]:
                             self._say(bar, f"step {self.step}: hyper-connections unhealthy: {'; '.join(r['problems'])}")
                         self.hyper_report = None
-                if c.save_checkpoints and (eval_now and not c.ckpt_every or c.ckpt_every and self.step % c.ckpt_every == 0
-                                           or last or out_of_time):
+                if save_now:
                     self.save()
                 if out_of_time:
                     self._say(bar, f"stopping at step {self.step}: max_seconds={c.max_seconds} reached")
                     break
+                self.clock.run()
                 window_t0 += time.perf_counter() - pause_t0
+            self.clock.pause()
         finally:
             self.close_loader()
             if bar is not None:
@@ -562,8 +687,10 @@ class Trainer:
                 metrics.close()
         result.steps_done = self.step
         result.train_seconds = self.train_seconds
+        result.startup_seconds = self.clock.startup_seconds
+        fit_seconds = self.train_seconds - fit_start_seconds
         done = len(result.train_losses)
-        result.tokens_per_second = done * tokens_per_step / session_seconds if session_seconds > 0 else 0.0
+        result.tokens_per_second = done * tokens_per_step / fit_seconds if fit_seconds > 0 else 0.0
         if self.dist.is_main:
             plot_loss_curve(self.out_dir / METRICS_NAME, self.out_dir / "loss.png", f"{c.preset} - {self.out_dir.name}")
             if self.verbose:

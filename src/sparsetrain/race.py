@@ -1,0 +1,350 @@
+"""Equal wall-clock races: several arms, each trained for the same training seconds.
+
+A race is a base config (preset, ``--config``, flags) and arms, each a name and
+config overrides (``collider50:drop_ratio=0.5,collider_method=topk``). Every arm
+runs once per seed for ``seconds`` of training after its start-up
+(:mod:`sparsetrain.train_clock`), with the learning rate decaying to its floor at
+that budget (``schedule_by = "time"``) and held-out evaluations every
+``eval_every_seconds``. Arms of one seed share the initialisation and the data
+order (both are functions of the seed). The runs are interleaved, ``A B C`` for
+the first seed, ``C B A`` for the next, and so on, so that a device warming up or
+drifting over the race weighs on every arm alike.
+
+Each run is an ordinary run directory, ``<race>/<arm>/seed<seed>``: a killed race
+run again with the same settings skips the finished runs (they hold
+``race_done.json``), resumes the interrupted one from its checkpoint, and starts
+the rest. The report (``race.json``, ``race.png`` and a table) gives per arm the
+final held-out loss and bits per byte with their spread over seeds, the training
+seconds each run needed to reach the first arm's mean final loss (linear
+interpolation on its evaluation curve, with and without start-up; None where
+never reached), the steps, and the tokens forwarded and back-propagated.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CKPT_NAME, atomic_write_text
+from .config import TrainConfig, build_config, preset_dict, read_toml
+from .errors import ConfigError
+from .plotting import read_metrics
+
+SPEC_NAME = "race_spec.json"
+REPORT_NAME = "race.json"
+PLOT_NAME = "race.png"
+DONE_NAME = "race_done.json"
+# the race's own settings, applied unless the config file, a flag or an arm sets them
+RACE_DEFAULTS = ("max_steps", "schedule_by", "eval_every", "eval_every_seconds")
+ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One contestant: a name (its folder) and config overrides on the base config."""
+
+    name: str
+    overrides: dict[str, str]
+
+
+def parse_arm(spec: str) -> Arm:
+    """``NAME:KEY=VALUE,KEY=VALUE`` (``NAME:`` for the base config unchanged). Keys are
+    config fields (``-`` or ``_``); ``drop_ratio=R`` is the train command's shortcut
+    for ``use_collider=true,collider_sparsity=R``."""
+    name, sep, rest = spec.partition(":")
+    if not sep or not ARM_NAME.match(name):
+        raise ConfigError(f"--arm {spec!r} must be NAME:KEY=VALUE,... with a NAME of letters, digits, _ . + -")
+    overrides: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--arm {spec!r}: {item!r} is not KEY=VALUE")
+        key = key.strip().replace("-", "_")
+        if key in ("out_dir", "seed"):
+            raise ConfigError(f"--arm {spec!r}: the race sets {key} itself")
+        if key == "drop_ratio":
+            overrides.update(use_collider="true", collider_sparsity=value.strip())
+        else:
+            overrides[key] = value.strip()
+    return Arm(name, overrides)
+
+
+def interleave_order(n_arms: int, n_seeds: int) -> list[tuple[int, int]]:
+    """``(seed index, arm index)`` in running order: arms forward for even seed
+    indices, backward for odd ones (A B C, C B A, A B C, ...)."""
+    order = []
+    for s in range(n_seeds):
+        arms = range(n_arms) if s % 2 == 0 else range(n_arms - 1, -1, -1)
+        order += [(s, a) for a in arms]
+    return order
+
+
+def time_to_target(times: list[float], losses: list[float], target: float) -> float | None:
+    """The first time the curve ``losses(times)`` reaches ``target`` or below, linearly
+    interpolated between the two evaluations around the crossing; None if it never does."""
+    for i, (t, loss) in enumerate(zip(times, losses)):
+        if loss <= target:
+            if i == 0:
+                return t
+            t0, l0 = times[i - 1], losses[i - 1]
+            return t0 + (t - t0) * (l0 - target) / (l0 - loss)
+    return None
+
+
+def arm_configs(arms: list[Arm], seconds: float, seeds: list[int], out_dir: Path, preset: str | None,
+                config_file: str | None, flags: dict[str, Any]) -> dict[str, dict[int, TrainConfig]]:
+    """Resolve every run's config: defaults < preset < config file < the race's settings
+    (:data:`RACE_DEFAULTS`, where the file, a flag or the arm does not set them) < flags
+    < the arm's overrides; then the run's seed and folder. Every arm is validated
+    before anything runs."""
+    if seconds <= 0 or not math.isfinite(seconds):
+        raise ConfigError(f"--seconds must be a positive number, got {seconds}")
+    if not arms:
+        raise ConfigError("a race needs at least one --arm")
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"arm names must differ, got {', '.join(names)}")
+    in_file = {k for table in (read_toml(config_file) if config_file else {}).values() if isinstance(table, dict)
+               for k in table}
+    race = {"max_seconds": seconds, "max_steps": 10**9, "schedule_by": "time", "eval_every": 0,
+            "eval_every_seconds": seconds / 10}
+    out: dict[str, dict[int, TrainConfig]] = {}
+    for arm in arms:
+        given = in_file | set(flags) | set(arm.overrides)
+        layers = {k: v for k, v in race.items() if k == "max_seconds" or k not in given}
+        out[arm.name] = {}
+        for seed in seeds:
+            overrides = {**layers, **flags, **arm.overrides, "seed": seed,
+                         "out_dir": str(out_dir / arm.name / f"seed{seed}")}
+            try:
+                out[arm.name][seed] = build_config(preset, config_file, overrides)
+            except ConfigError as e:
+                raise ConfigError(f"arm {arm.name}: {e}") from None
+    return out
+
+
+def _base_seed(preset: str | None, config_file: str | None) -> int:
+    """The seed the base config sets (config file over preset over the default)."""
+    for layer in ((read_toml(config_file) if config_file else {}), (preset_dict(preset) if preset else {})):
+        if "seed" in layer.get("run", {}):
+            return int(layer["run"]["seed"])
+    return TrainConfig().seed
+
+
+def git_commit() -> str | None:
+    """The sparsetrain source's git commit (``+dirty`` with uncommitted changes), or None."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _check_spec(out_dir: Path, spec: dict) -> None:
+    """A race folder holds one race: refuse to mix settings into it."""
+    path = out_dir / SPEC_NAME
+    if path.is_file():
+        old = json.loads(path.read_text())
+        for key in ("seconds", "seeds", "arms"):
+            if old.get(key) != spec[key]:
+                raise ConfigError(f"race folder {out_dir} holds a race with other {key} "
+                                  f"({old.get(key)!r} there vs {spec[key]!r} here); pick another --out-dir")
+        for name, cfg in spec["configs"].items():
+            if old["configs"].get(name) != cfg:
+                diff = _first_difference(old["configs"].get(name) or {}, cfg)
+                raise ConfigError(f"race folder {out_dir} holds arm {name} with another config ({diff}); "
+                                  "pick another --out-dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(spec, indent=2))
+
+
+def _first_difference(old: dict, new: dict) -> str:
+    for sec in sorted(set(old) | set(new)):
+        for key in sorted(set(old.get(sec, {})) | set(new.get(sec, {}))):
+            a, b = old.get(sec, {}).get(key), new.get(sec, {}).get(key)
+            if a != b:
+                return f"{key}={a!r} there vs {b!r} here"
+    return "none"
+
+
+def _config_for_spec(cfg: TrainConfig) -> dict:
+    d = cfg.to_dict()
+    d["run"] = {k: v for k, v in d["run"].items() if k not in ("out_dir", "seed")}
+    return d
+
+
+def run_one(cfg: TrainConfig, verbose: bool = True) -> str:
+    """Run (or resume, or skip) one race run in ``cfg.out_dir``. Returns what it did."""
+    import torch
+
+    from .trainer import Trainer
+
+    run = Path(cfg.out_dir)
+    if (run / DONE_NAME).is_file():
+        return "done before"
+    resume = run if (run / CKPT_NAME).is_file() else None
+    if resume is None and run.exists():
+        shutil.rmtree(run)  # a start killed before its first checkpoint: its rows would mix in
+    trainer = Trainer(cfg, resume=resume, verbose=verbose)
+    result = trainer.fit()
+    atomic_write_text(run / DONE_NAME, json.dumps({"steps": result.steps_done, "train_seconds": result.train_seconds,
+                                                   "startup_seconds": result.startup_seconds}))
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()  # every arm compiles afresh: start-ups stay comparable
+    return "resumed" if resume is not None else "ran"
+
+
+def run_race(arms: list[Arm], seconds: float, n_seeds: int, out_dir: str | Path, preset: str | None = None,
+             config_file: str | None = None, flags: dict[str, Any] | None = None, verbose: bool = True) -> dict:
+    """Run every arm for every seed in interleaved order, then write and return the
+    report (``race.json``, ``race.png`` in ``out_dir``)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("sparsetrain race runs in one process; start it without torchrun")
+    if n_seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {n_seeds}")
+    flags = dict(flags or {})
+    out = Path(out_dir)
+    base_seed = int(flags.pop("seed", _base_seed(preset, config_file)))
+    seeds = [base_seed + i for i in range(n_seeds)]
+    configs = arm_configs(arms, seconds, seeds, out, preset, config_file, flags)
+    spec = {"seconds": seconds, "seeds": seeds, "arms": {a.name: a.overrides for a in arms},
+            "configs": {a.name: _config_for_spec(configs[a.name][seeds[0]]) for a in arms}}
+    _check_spec(out, spec)
+    order = interleave_order(len(arms), len(seeds))
+    for i, (s, a) in enumerate(order, 1):
+        name, seed = arms[a].name, seeds[s]
+        if verbose:
+            print(f"race {i}/{len(order)}: arm {name}, seed {seed}", flush=True)
+        did = run_one(configs[name][seed], verbose)
+        if verbose and did == "done before":
+            print(f"  finished in an earlier start of this race: skipped", flush=True)
+    report = race_report(arms, configs, seeds, seconds, order)
+    atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2))
+    from .plotting import plot_race
+
+    plot_race(report, out / PLOT_NAME)
+    if verbose:
+        print(format_table(report), flush=True)
+    return report
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def run_summary(cfg: TrainConfig) -> dict:
+    """What one finished run did, read from its metrics.jsonl."""
+    rows = read_metrics(Path(cfg.out_dir) / "metrics.jsonl")
+    train = [r for r in rows if r["kind"] == "train"]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    if not train or not evals:
+        raise ConfigError(f"run {cfg.out_dir} has no training or evaluation rows; delete it and run the race again")
+    tokens_per_step = cfg.batch_size * cfg.model.seq_len * cfg.grad_accum
+    last = evals[-1]
+    return {
+        "seed": cfg.seed,
+        "run_dir": cfg.out_dir,
+        "steps": train[-1]["step"],
+        "train_seconds": last["train_seconds"],
+        "startup_seconds": last.get("startup_seconds", 0.0),
+        "train_seconds_after_startup": last.get("train_seconds_after_startup", last["train_seconds"]),
+        "final_val_loss": last["val_loss"],
+        "final_val_bpb": last.get("val_bpb"),
+        "final_lr": train[-1]["lr"],
+        "floor_lr": cfg.lr * cfg.min_lr_ratio,
+        "tokens_forwarded": train[-1]["step"] * tokens_per_step,
+        "tokens_backpropagated": round(sum(r.get("kept_fraction", 1.0) for r in train) * tokens_per_step),
+        # [seconds after start-up, seconds with start-up, val loss, val bits per byte]
+        "evals": [[r.get("train_seconds_after_startup", r["train_seconds"]), r["train_seconds"], r["val_loss"],
+                   r.get("val_bpb")] for r in evals],
+    }
+
+
+def _spread(values: list[float]) -> dict[str, float] | None:
+    if not values or any(v is None for v in values):
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], seeds: list[int], seconds: float,
+                order: list[tuple[int, int]]) -> dict:
+    """The race's JSON report (see the module docstring)."""
+    from .benchmark import environment
+
+    runs = {a.name: [run_summary(configs[a.name][s]) for s in seeds] for a in arms}
+    target = statistics.fmean(r["final_val_loss"] for r in runs[arms[0].name])
+    report_arms = {}
+    for arm in arms:
+        rs = runs[arm.name]
+        times: dict[str, list[float | None]] = {"after_startup": [], "with_startup": []}
+        for r in rs:
+            losses = [e[2] for e in r["evals"]]
+            times["after_startup"].append(time_to_target([e[0] for e in r["evals"]], losses, target))
+            times["with_startup"].append(time_to_target([e[1] for e in r["evals"]], losses, target))
+            r["seconds_to_target"] = {k: v[-1] for k, v in times.items()}
+        report_arms[arm.name] = {
+            "overrides": arm.overrides,
+            "final_val_loss": _spread([r["final_val_loss"] for r in rs]),
+            "final_val_bpb": _spread([r["final_val_bpb"] for r in rs]),
+            # the mean only where every seed reached the target
+            "seconds_to_target": {k: {"mean": statistics.fmean(v) if None not in v else None,
+                                      "reached": f"{sum(x is not None for x in v)}/{len(v)}", "per_seed": v}
+                                  for k, v in times.items()},
+            "steps": _spread([r["steps"] for r in rs]),
+            "startup_seconds": _spread([r["startup_seconds"] for r in rs]),
+            "tokens_forwarded": _spread([r["tokens_forwarded"] for r in rs]),
+            "tokens_backpropagated": _spread([r["tokens_backpropagated"] for r in rs]),
+            "runs": rs,
+        }
+    env = environment()
+    env["git_commit"] = git_commit()
+    return {
+        "environment": env,
+        "settings": {"seconds": seconds, "seeds": seeds, "arms": {a.name: a.overrides for a in arms},
+                     "order": [[arms[a].name, seeds[s]] for s, a in order],
+                     "base_config": configs[arms[0].name][seeds[0]].to_dict()},
+        "target_val_loss": target,
+        "target": f"the mean final val loss of the first arm, {arms[0].name}",
+        "arms": report_arms,
+    }
+
+
+def format_table(report: dict) -> str:
+    """The report as a fixed-width table, one arm a line."""
+    head = ["arm", "val loss", "val bpb", "s to target", "(w/ start-up)", "steps", "start-up s", "tokens fwd", "tokens bwd"]
+    lines = []
+    for name, a in report["arms"].items():
+        loss, bpb = a["final_val_loss"], a["final_val_bpb"]
+        tt = a["seconds_to_target"]
+
+        def secs(d: dict) -> str:
+            return f"{d['mean']:.1f}" if d["mean"] is not None else f"never ({d['reached']})"
+
+        lines.append([name, f"{loss['mean']:.4f} ± {loss['std']:.4f}", f"{bpb['mean']:.4f}" if bpb else "-",
+                      secs(tt["after_startup"]), secs(tt["with_startup"]), f"{a['steps']['mean']:.0f}",
+                      f"{a['startup_seconds']['mean']:.1f}", f"{a['tokens_forwarded']['mean']:,.0f}",
+                      f"{a['tokens_backpropagated']['mean']:,.0f}"])
+    widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+    seeds = report["settings"]["seeds"]
+    title = (f"race: {report['settings']['seconds']:g} s of training after start-up per run, "
+             f"{len(seeds)} seed(s); target val loss {report['target_val_loss']:.4f} ({report['target']}); "
+             "± is the standard deviation over seeds")
+    return "\n".join([title, fmt(head)] + [fmt(r) for r in lines])

@@ -1,0 +1,159 @@
+"""Equal wall-clock races: arm parsing, interleaving, time to target, a tiny race end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sparsetrain.cli import main
+from sparsetrain.errors import ConfigError
+from sparsetrain.race import Arm, interleave_order, parse_arm, run_race, time_to_target
+
+
+def test_parse_arm() -> None:
+    assert parse_arm("dense:") == Arm("dense", {})
+    assert parse_arm("c50:drop_ratio=0.5, collider-method=topk") == Arm(
+        "c50", {"use_collider": "true", "collider_sparsity": "0.5", "collider_method": "topk"})
+    for bad, msg in [("dense", "must be NAME:KEY=VALUE"), (":lr=1", "must be NAME"), ("a b:", "must be NAME"),
+                     ("x:lr", "'lr' is not KEY=VALUE"), ("x:seed=3", "the race sets seed itself")]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_arm(bad)
+
+
+def test_interleave_order_alternates_direction_per_seed() -> None:
+    assert interleave_order(3, 3) == [(0, 0), (0, 1), (0, 2), (1, 2), (1, 1), (1, 0), (2, 0), (2, 1), (2, 2)]
+    assert interleave_order(2, 2) == [(0, 0), (0, 1), (1, 1), (1, 0)]
+    assert interleave_order(1, 2) == [(0, 0), (1, 0)]
+    # every arm runs once per seed, and over two seeds each arm's mean position is the same
+    order = interleave_order(4, 2)
+    positions = {a: [i for i, (_, b) in enumerate(order) if b == a] for a in range(4)}
+    assert {sum(p) for p in positions.values()} == {7}
+
+
+@pytest.mark.parametrize("times, losses, target, want", [
+    ([0, 1, 2, 3], [5.0, 4.0, 3.0, 2.5], 3.5, 1.5),        # halfway between the 2nd and 3rd evaluation
+    ([0, 1, 2, 3], [5.0, 4.0, 3.0, 2.5], 2.5, 3.0),        # reached exactly at the last one
+    ([0, 1, 2, 3], [5.0, 4.0, 3.0, 2.5], 2.4, None),       # never
+    ([0, 10, 30], [5.0, 3.0, 4.0], 4.5, 2.5),              # the first crossing counts, not a later rise
+    ([0, 2, 6], [5.0, 4.0, 2.0], 3.0, 4.0),                # 2 + 4 * (4 - 3) / (4 - 2)
+    ([3, 4], [1.0, 0.5], 2.0, 3),                          # below the target from the first evaluation
+])
+def test_time_to_target_interpolates_linearly(times, losses, target, want) -> None:
+    got = time_to_target(times, losses, target)
+    assert got == (pytest.approx(want, rel=1e-12) if want is not None else None)
+
+
+def test_race_arms_refuse_bad_settings(make_cfg, tmp_path: Path) -> None:
+    base = dict(data=make_cfg().data, cache_dir=make_cfg().cache_dir, device="cpu")
+    with pytest.raises(ConfigError, match="arm bad: unknown config key 'no_such_key'"):
+        run_race([Arm("dense", {}), Arm("bad", {"no_such_key": "1"})], 1.0, 1, tmp_path / "r", "tiny", flags=base)
+    with pytest.raises(ConfigError, match="arm names must differ"):
+        run_race([Arm("a", {}), Arm("a", {})], 1.0, 1, tmp_path / "r", "tiny", flags=base)
+    with pytest.raises(ConfigError, match="--seconds must be a positive number, got 0"):
+        run_race([Arm("a", {})], 0, 1, tmp_path / "r", "tiny", flags=base)
+    assert not (tmp_path / "r").exists()  # nothing ran
+
+
+def _tiny_flags(make_cfg) -> dict:
+    cfg = make_cfg()
+    return dict(data=cfg.data, cache_dir=cfg.cache_dir, vocab_size=320, seq_len=32, n_layer=2, n_head=2, d_model=32,
+                batch_size=4, warmup_steps=2, eval_batches=2, log_every=5, val_fraction=0.1, device="cpu", lr=1e-2,
+                seed=11)
+
+
+def test_tiny_race_end_to_end(make_cfg, tmp_path: Path, capsys) -> None:
+    flags = _tiny_flags(make_cfg)
+    arms = [Arm("dense", {}), Arm("random50", {"use_collider": "true", "collider_sparsity": "0.5",
+                                                "collider_method": "random"})]
+    seconds = 1.5
+    report = run_race(arms, seconds, 2, tmp_path / "race", "tiny", flags=dict(flags), verbose=True)
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[-3].startswith("arm") and table[-2].startswith("dense") and table[-1].startswith("random50")
+    out = tmp_path / "race"
+    on_disk = json.loads((out / "race.json").read_text())
+    assert on_disk["target_val_loss"] == pytest.approx(report["target_val_loss"])
+    assert (out / "race.png").read_bytes()[:4] == b"\x89PNG"
+    assert {"device", "torch", "date", "git_commit"} <= set(on_disk["environment"])
+    assert on_disk["settings"]["order"] == [["dense", 11], ["random50", 11], ["random50", 12], ["dense", 12]]
+    dense = on_disk["arms"]["dense"]
+    assert on_disk["target_val_loss"] == pytest.approx(sum(r["final_val_loss"] for r in dense["runs"]) / 2)
+    for name, arm in on_disk["arms"].items():
+        assert [r["seed"] for r in arm["runs"]] == [11, 12]
+        for r in arm["runs"]:
+            rows = [json.loads(l) for l in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+            train = [x for x in rows if x["kind"] == "train"]
+            evals = [x for x in rows if x["kind"] == "eval"]
+            # the budget: training stopped at the first step past it
+            after = [e["train_seconds_after_startup"] for e in evals]
+            assert after[-1] >= seconds > after[-2]
+            assert r["steps"] == train[-1]["step"] >= 2
+            # the lr of the last step is the time schedule's after the last evaluation before the end (a
+            # step's lr is chosen for its expected end; a loaded machine can stall a step for longer, which
+            # the exact fake-clock test in test_schedule.py leaves out)
+            floor, peak = 1e-2 * 0.1, 1e-2
+            assert floor <= r["final_lr"] <= floor + (peak - floor) * (1 + math.cos(math.pi * after[-2] / seconds)) / 2
+            # evaluations each time another tenth of the budget (after start-up) has passed, and one at the end
+            assert after[0] == 0 and len(evals) >= 2
+            assert all(int(b / (seconds / 10) + 1e-9) > int(a / (seconds / 10) + 1e-9) for a, b in zip(after[1:-2], after[2:-1]))
+            tokens_per_step = 4 * 32
+            assert r["tokens_forwarded"] == r["steps"] * tokens_per_step
+            kept = sum(x.get("kept_fraction", 1.0) for x in train)
+            assert r["tokens_backpropagated"] == round(kept * tokens_per_step)
+            if name == "dense":
+                assert r["tokens_backpropagated"] == r["tokens_forwarded"]
+            else:  # half of the tokens after the (absent) warmup
+                assert r["tokens_backpropagated"] == pytest.approx(r["tokens_forwarded"] / 2, rel=0.02)
+            # time to target recomputed from the rows
+            want = time_to_target(after, [e["val_loss"] for e in evals], on_disk["target_val_loss"])
+            assert r["seconds_to_target"]["after_startup"] == (pytest.approx(want) if want is not None else None)
+    spread = dense["final_val_loss"]
+    losses = [r["final_val_loss"] for r in dense["runs"]]
+    assert spread["mean"] == pytest.approx(sum(losses) / 2)
+    assert spread["std"] == pytest.approx(abs(losses[0] - losses[1]) / math.sqrt(2))
+    # a seed gives every arm the same initial weights, and another seed other ones
+    start = {(name, r["seed"]): r["evals"][0][2] for name, arm in on_disk["arms"].items() for r in arm["runs"]}
+    assert start["dense", 11] == start["random50", 11] != start["dense", 12] == start["random50", 12]
+
+    # run again: every run is finished, nothing trains, the report is rebuilt the same
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("ckpt.pt")}
+    again = run_race(arms, seconds, 2, out, "tiny", flags=dict(flags), verbose=False)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("ckpt.pt")} == mtimes
+    assert again["arms"]["dense"]["final_val_loss"] == dense["final_val_loss"]
+    with pytest.raises(ConfigError, match="holds a race with other seconds"):
+        run_race(arms, 2.0, 2, out, "tiny", flags=dict(flags), verbose=False)
+
+
+def test_killed_race_resumes_its_unfinished_run(make_cfg, tmp_path: Path) -> None:
+    flags = _tiny_flags(make_cfg)
+    arms = [Arm("dense", {}), Arm("wide", {"d_model": "64"})]
+    out = tmp_path / "race"
+    run_race(arms, 0.6, 1, out, "tiny", flags=dict(flags), verbose=False)
+    dense, wide = out / "dense" / "seed11", out / "wide" / "seed11"
+    # as if killed during the second run after a checkpoint: its done marker never got written
+    (wide / "race_done.json").unlink()
+    before = (dense / "ckpt.pt").stat().st_mtime_ns
+    report = run_race(arms, 0.6, 1, out, "tiny", flags=dict(flags), verbose=False)
+    assert (dense / "ckpt.pt").stat().st_mtime_ns == before  # the finished run was skipped
+    assert (wide / "race_done.json").is_file()
+    assert report["arms"]["wide"]["runs"][0]["train_seconds_after_startup"] >= 0.6
+
+
+def test_race_cli(make_cfg, tmp_path: Path, capsys) -> None:
+    cfg = make_cfg()
+    common = ["race", "--preset", "tiny", "--data", cfg.data, "--cache-dir", cfg.cache_dir, "--vocab-size", "320",
+              "--seq-len", "32", "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--batch-size", "2",
+              "--eval-batches", "1", "--val-fraction", "0.1", "--device", "cpu", "--out-dir", str(tmp_path / "r")]
+    assert main(common + ["--seconds", "0.3", "--arm", "dense:", "--arm", "lowlr:lr=1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "race report:" in out and (tmp_path / "r" / "race.json").is_file()
+    # the same seed, the same initial weights and first batch: the arms' first losses agree (lr acts after it)
+    first = [next(r for r in map(json.loads, (tmp_path / "r" / arm / "seed1337" / "metrics.jsonl").read_text().splitlines())
+                  if r["kind"] == "train")["loss"] for arm in ("dense", "lowlr")]
+    assert first[0] == first[1]
+    assert main(common + ["--seconds", "0.3", "--arm", "dense"]) == 2
+    assert "must be NAME:KEY=VALUE" in capsys.readouterr().err
+    assert main(common + ["--seconds", "0.3", "--arm", "x:", "--max-seconds", "4"]) == 2
+    assert "a race's budget is --seconds" in capsys.readouterr().err

@@ -1,0 +1,130 @@
+"""The reference-loss sidecar: computed once, aligned with the train stream and train_batch windows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsetrain.cli import main
+from sparsetrain.data import train_window_starts
+from sparsetrain.errors import ConfigError, DataError
+from sparsetrain.generate import load_model
+from sparsetrain.reference_losses import ReferenceLosses, sidecar_windows
+from sparsetrain.trainer import Trainer, train
+
+
+@pytest.mark.parametrize("n, L", [(33, 32), (34, 32), (100, 32), (1000, 32), (257, 16), (1001, 7), (50, 1)])
+def test_sidecar_windows_cover_every_target_once_with_context(n: int, L: int) -> None:
+    windows = sidecar_windows(n, L)
+    covered = []
+    for w, lo, hi in windows:
+        assert 0 <= w and w + L <= n - 1 and w <= lo < hi <= w + L  # inputs w..w+L-1, targets up to w+L
+        covered += range(lo, hi)
+        assert w == 0 or lo - w >= L - max(1, L // 2)  # at least L - L//2 tokens of context
+    assert covered == list(range(n - 1))
+
+
+def _naive_window(i: int, n: int, L: int) -> int:
+    """Where the sidecar's window for position ``i`` starts, derived directly from the rule:
+    the first window [0, L) keeps all; the windows at multiples of H = L // 2 keep their
+    last H positions; a final window ending at the stream's end keeps the rest."""
+    H = max(1, L // 2)
+    if i < L:
+        return 0
+    w = (i - (L - H)) // H * H  # the multiple of H whose last H positions hold i
+    return w if w + L <= n - 1 else n - 1 - L
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, corpus_dir, cache_dir):
+    from sparsetrain.config import build_config
+
+    out = tmp_path_factory.mktemp("ref") / "run"
+    flags = dict(data=str(corpus_dir), cache_dir=str(cache_dir), vocab_size=320, seq_len=32, n_layer=2, n_head=2,
+                 d_model=32, batch_size=4, max_steps=8, warmup_steps=2, eval_every=0, eval_batches=2, val_fraction=0.1,
+                 device="cpu", lr=1e-2)
+    train(build_config("tiny", overrides={**flags, "out_dir": str(out)}), verbose=False)
+    sidecar = out.parent / "ref_losses.f16"
+    argv = ["reference-losses", "--ckpt", str(out), "--out", str(sidecar), "--preset", "tiny"]
+    for k, v in flags.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    assert main(argv + ["--batch-size", "3"]) == 0
+    return out, sidecar, flags
+
+
+def test_sidecar_equals_an_online_reference_forward(reference_run, make_cfg) -> None:
+    run, sidecar, _ = reference_run
+    corpus = Trainer(make_cfg(), verbose=False).corpus
+    tokens = np.asarray(corpus.train, dtype=np.int64)
+    n, L = tokens.size, 32
+    losses = np.memmap(sidecar, dtype=np.float16, mode="r")
+    header = json.loads(Path(str(sidecar) + ".json").read_text())
+    assert losses.size == n == header["n_tokens"] and header["seq_len"] == L and losses[-1] == 0
+    model = load_model(run).double()
+
+    @torch.no_grad()
+    def online(start: int) -> np.ndarray:  # the reference's losses over the window of L inputs at `start`
+        x = torch.from_numpy(tokens[start : start + L + 1])
+        logits, _ = model(x[None, :-1])
+        return F.cross_entropy(logits[0], x[1:], reduction="none").numpy()
+
+    rng = np.random.default_rng(0)
+    for i in list(rng.integers(0, n - 1, size=60)) + [0, 1, L - 1, L, n - 2, n - L - 1]:
+        w = _naive_window(int(i), n, L)
+        assert losses[i] == pytest.approx(online(w)[i - w], rel=2e-3, abs=2e-3), i
+    # a train_batch window that starts where a sidecar window does: the online forward over the
+    # training window itself gives the sidecar's entries past the first L - H positions
+    H = L // 2
+    for start in (H * 3, H * 10, 0):
+        got, want = losses[start : start + L].astype(np.float64), online(start)
+        first = 0 if start == 0 else L - H
+        np.testing.assert_allclose(got[first:], want[first:], rtol=2e-3, atol=2e-3)
+
+
+def test_trainer_reads_the_sidecar_for_each_micro_batch(reference_run, make_cfg, tmp_path: Path) -> None:
+    _, sidecar, _ = reference_run
+    cfg = make_cfg(out_dir=str(tmp_path / "t"), use_collider=True, collider_score="excess", collider_sparsity=0.5,
+                   collider_method="topk", reference_losses=str(sidecar), grad_accum=2, max_steps=3)
+    t = Trainer(cfg, verbose=False)
+    losses = np.memmap(sidecar, dtype=np.float16, mode="r")
+    tokens = np.asarray(t.corpus.train, dtype=np.int64)
+    seen = []
+    real_batch, real_ref = t._batch, t._reference_nll
+    t._batch = lambda micro: seen.append(["batch", t.step, micro, real_batch(micro)]) or seen[-1][3]
+    t._reference_nll = lambda x, y: seen.append(["ref", x, y, real_ref(x, y)]) or seen[-1][3]
+    t.fit()
+    pairs = list(zip(seen[0::2], seen[1::2]))
+    assert [(b[1], b[2]) for b, _ in pairs] == [(s, m) for s in range(3) for m in range(2)]
+    for (_, step, micro, (x, y)), (_, xr, yr, ref) in pairs:
+        assert torch.equal(x, xr) and torch.equal(y, yr)
+        starts = train_window_starts(tokens.size, 4, 32, seed=cfg.seed, step=step, micro=micro)
+        # the windows the sidecar was read at are the batch's: its targets are the tokens after each position
+        assert torch.equal(y, torch.from_numpy(tokens[starts[:, None] + 1 + np.arange(32)]))
+        want = torch.from_numpy(losses[starts[:, None] + np.arange(32)].astype(np.float32))
+        assert torch.equal(ref, want)
+
+
+def test_sidecar_for_other_tokens_is_refused(reference_run, make_cfg, tmp_path: Path) -> None:
+    _, sidecar, _ = reference_run
+    with pytest.raises(DataError, match="computed for other train tokens"):
+        ReferenceLosses(sidecar, np.arange(100, dtype=np.uint16))
+    with pytest.raises(DataError, match="no such sidecar"):
+        ReferenceLosses(tmp_path / "nope", np.arange(100, dtype=np.uint16))
+    with pytest.raises(ConfigError, match="two sources of one reference"):
+        make_cfg(reference_losses=str(sidecar), reference_ckpt="x", use_collider=True, collider_score="excess")
+    with pytest.raises(ConfigError, match="excess needs training.reference_ckpt or reference_losses"):
+        make_cfg(use_collider=True, collider_score="excess")
+
+
+def test_reference_with_another_tokenizer_is_refused(reference_run, tmp_path: Path, capsys) -> None:
+    run, _, flags = reference_run
+    argv = ["reference-losses", "--ckpt", str(run), "--out", str(tmp_path / "x.f16"), "--preset", "tiny"]
+    for k, v in {**flags, "val_fraction": 0.2}.items():  # another split: another BPE
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    assert main(argv) == 2
+    assert "trained with another tokenizer" in capsys.readouterr().err
