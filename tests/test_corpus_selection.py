@@ -37,14 +37,14 @@ def _tree(root: Path, seed: int) -> dict[str, int]:
 def test_include_exclude_and_size_cap_select_files_deterministically(tmp_path: Path, seed: int) -> None:
     sizes = _tree(tmp_path, seed)
     include, exclude = "*.py,*.md", "*/tests/*,*test_*"
-    # the naive reference: filter by fnmatch, then take files in sha1(path) order while they fit
+    # the naive reference: filter by fnmatch, then take files in salted sha1(path) order while they fit
     matching = [n for n in sorted(sizes) if any(fnmatch.fnmatchcase(n, g) for g in include.split(","))
                 and not any(fnmatch.fnmatchcase(n, g) for g in exclude.split(","))]
     cap = sum(sizes[n] for n in matching) // 2
     root, files = discover_text_files(tmp_path, include, exclude, cap)
     got = [f.relative_to(root).as_posix() for f in files]
     want, total = [], 0
-    for n in sorted(matching, key=lambda n: hashlib.sha1(n.encode()).digest()):
+    for n in sorted(matching, key=lambda n: hashlib.sha1(b"select:" + n.encode()).digest()):
         if total + sizes[n] <= cap:
             want.append(n)
             total += sizes[n]
@@ -53,6 +53,20 @@ def test_include_exclude_and_size_cap_select_files_deterministically(tmp_path: P
     assert not any("tests/" in n or "test_" in n or n.endswith(".txt") for n in got)
     assert discover_text_files(tmp_path, include, exclude, cap)[1] == files  # deterministic
     assert "alpha/blob.py" not in got  # binary files stay out
+
+
+def test_size_cap_keeps_the_train_val_split_proportional(tmp_path: Path) -> None:
+    """A cap that takes a tenth of the files must not take the held-out ones first: the
+    selection order and the val split are independent hashes of the path."""
+    for i in range(400):
+        (tmp_path / f"pkg{i % 7}" / f"mod{i}.py").parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f"pkg{i % 7}" / f"mod{i}.py").write_text("x = 1\n" * 10)
+    root, files = discover_text_files(tmp_path, "*.py", "", 40 * 60)
+    assert len(files) == 40
+    docs = {f.relative_to(root).as_posix(): f.read_text() for f in files}
+    train, val = split_documents(docs, 0.1)
+    # binomial(40, 0.1): 0..12 covers all but ~1e-4 of draws; the shared hash gave 40 of 40 in val
+    assert len(val) <= 12 and len(train) >= 28
 
 
 def test_selection_has_its_own_token_cache(tmp_path: Path) -> None:

@@ -99,7 +99,9 @@ def select_files(root: Path, files: list[Path], include: str = "", exclude: str 
             and not any(fnmatch.fnmatchcase(rel[f], g) for g in exc)]
     if max_bytes:
         chosen, total = set(), 0
-        for f in sorted(kept, key=lambda f: hashlib.sha1(rel[f].encode()).digest()):
+        # salted: unsalted, this order would be is_val_file's hash, and a cap would take the
+        # held-out files first (the lowest hashes) and leave almost nothing to train on
+        for f in sorted(kept, key=lambda f: hashlib.sha1(b"select:" + rel[f].encode()).digest()):
             size = f.stat().st_size
             if total + size <= max_bytes:
                 chosen.add(f)
