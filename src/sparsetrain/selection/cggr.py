@@ -7,7 +7,10 @@ Drop-in for users of the ``cggr`` package (same constructor arguments and
 * the loss's scores use the targets when the score needs them (``loss``,
   ``combined``), and ignored targets (-100) are never selected;
 * warmup advances by itself: every training-mode forward counts as a step
-  until you call :meth:`step` yourself, from then on only your calls count;
+  until you call :meth:`step` yourself, from then on only your calls count.
+  That holds for the selector a CGGR object builds from its cggr-style
+  arguments; a ``selector`` passed in belongs to the caller, who counts its
+  steps (the trainer, once per optimizer step however many micro-batches);
 * batch splitting ranks sequences by their *mean* token score (choosing a
   sequence when *any* token is hard selects nearly everything), shifts the
   router's labels once, and slices the attention mask with the batch.
@@ -29,10 +32,12 @@ from .selector import TokenSelector
 
 
 class _AutoStep:
-    """Step counting shared by CGGRLoss and CGGRModel."""
+    """Step counting shared by CGGRLoss and CGGRModel: only a selector the CGGR
+    object built itself is stepped by its forwards (until the first :meth:`step`)."""
 
     selector: TokenSelector
     _manual_steps = False
+    _owns_selector = True
 
     def step(self) -> None:
         """Advance the warmup by one optimizer step (call after ``optimizer.step()``)."""
@@ -40,7 +45,7 @@ class _AutoStep:
         self.selector.step()
 
     def _auto_step(self, training: bool) -> None:
-        if training and not self._manual_steps:
+        if training and self._owns_selector and not self._manual_steps:
             self.selector.step()
 
 
@@ -68,7 +73,8 @@ class CGGRLoss(_AutoStep, nn.Module):
         selector: TokenSelector | None = None,
     ) -> None:
         super().__init__()
-        # ``selector`` (sparsetrain extension) replaces the cggr-style arguments
+        # ``selector`` (sparsetrain extension) replaces the cggr-style arguments; its owner counts its steps
+        self._owns_selector = selector is None
         self.selector = selector or TokenSelector(
             score=scoring, method=selection, keep_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
             dynamic=dynamic_threshold, sensitivity=threshold_sensitivity, num_strata=num_strata,
@@ -204,7 +210,9 @@ class CGGRModel(_AutoStep, nn.Module):
         super().__init__()
         self.model = model
         self.router = router if router is not None else model
-        # the selector's score and schedule (warmup, dynamic ratio) decide which and how many sequences
+        # the selector's score and schedule (warmup, dynamic ratio) decide which and how many sequences;
+        # a selector passed in is stepped by its owner
+        self._owns_selector = selector is None
         self.selector = selector or TokenSelector(
             score=scoring, method="topk", keep_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
             dynamic=dynamic_threshold, sensitivity=threshold_sensitivity, ignore_index=ignore_index)
