@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import GPT, upcast
+from ..numerics import upcast
 from .scores import IGNORE_INDEX, score_tokens, shift_labels
+from .select import kept_indices
 from .selector import TokenSelector
 
 
@@ -84,10 +85,15 @@ class CGGRLoss(_AutoStep, nn.Module):
         self.base_loss = base_loss
         self.metrics: dict[str, Any] = {}
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor, ref_nll: torch.Tensor | None = None) -> torch.Tensor:
-        mask, stats = self.selector(logits, targets, ref_nll)
-        kept_logits = logits[mask]
-        kept_targets = targets[mask]
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, ref_nll: torch.Tensor | None = None,
+                n_valid: int | None = None) -> torch.Tensor:
+        """``n_valid``: the number of targets that are not ``ignore_index``, when the
+        caller knows it on the host (see :meth:`TokenSelector.__call__`); with it, and
+        a selection method that knows its kept rows, the loss waits for no host sync."""
+        mask, stats = self.selector(logits, targets, ref_nll, n_valid=n_valid)
+        kidx = kept_indices(mask)  # sorted: the rows logits[mask] would give, without its sync
+        kept_logits = logits.reshape(-1, logits.shape[-1]).index_select(0, kidx)
+        kept_targets = targets.reshape(-1).index_select(0, kidx)
         if self.base_loss is None:
             loss = F.cross_entropy(upcast(kept_logits), kept_targets)
         else:
@@ -113,11 +119,18 @@ class CGGRLoss(_AutoStep, nn.Module):
 # ----------------------------------------------------------------------------- routers
 
 
+def is_sparsetrain_lm(model: nn.Module) -> bool:
+    """Does ``model`` have the interface of :class:`sparsetrain.model.CausalLM`
+    (``trunk(idx, n_layers)``, ``norm``, ``lm_head``; ``forward`` returns ``(logits, loss)``)?
+    Checked by interface: this package sits below the model module."""
+    return callable(getattr(model, "trunk", None)) and hasattr(model, "norm") and hasattr(model, "lm_head")
+
+
 class GPTTruncatedRouter(nn.Module):
-    """The first ``num_layers`` blocks of a sparsetrain GPT plus its final norm and
+    """The first ``num_layers`` blocks of a sparsetrain causal LM plus its final norm and
     LM head, sharing every parameter with it (no copies)."""
 
-    def __init__(self, model: GPT, num_layers: int) -> None:
+    def __init__(self, model: nn.Module, num_layers: int) -> None:
         super().__init__()
         self.model = model
         self.num_layers = num_layers
@@ -172,10 +185,11 @@ class HFTruncatedRouter(nn.Module):
 def create_truncated_router(model: nn.Module, num_layers: int = 2) -> nn.Module:
     """A cheap scorer that shares weights with ``model``: embedding, its first
     ``num_layers`` layers, final norm and LM head. Returns logits."""
-    n_total = model.config.n_layer if isinstance(model, GPT) else None
+    sparsetrain_lm = is_sparsetrain_lm(model)
+    n_total = model.config.n_layer if sparsetrain_lm else None
     if n_total is not None and not 1 <= num_layers <= n_total:
         raise ValueError(f"num_layers must be in [1, {n_total}], got {num_layers}")
-    if isinstance(model, GPT):
+    if sparsetrain_lm:
         return GPTTruncatedRouter(model, num_layers)
     return HFTruncatedRouter(model, num_layers)
 
@@ -221,7 +235,7 @@ class CGGRModel(_AutoStep, nn.Module):
         self._pending: dict[str, Any] = {}
 
     def _logits(self, module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(module, GPT):
+        if is_sparsetrain_lm(module):
             return module(input_ids)[0]
         if isinstance(module, GPTTruncatedRouter):
             return module(input_ids)
@@ -252,8 +266,9 @@ class CGGRModel(_AutoStep, nn.Module):
             scores, rs = score_tokens(self.scoring, router_logits, targets, ignore_index=self.ignore_index)
             del router_logits
             valid = rs.valid
-            conf = rs.p1[valid].mean()
-            ratio = self.selector.current_ratio(conf)
+            n_valid = valid.sum().clamp(min=1)  # means over valid tokens on the device: boolean indexing would sync
+            conf = torch.where(valid, rs.p1, 0.0).sum() / n_valid
+            ratio = self.selector.current_ratio(conf)  # reads conf (a sync) only with a dynamic ratio
             n_tok = valid.sum(-1)
             seq_score = torch.where(valid, scores, 0.0).sum(-1) / n_tok.clamp(min=1)
             seq_score = seq_score.masked_fill(n_tok == 0, float("-inf"))  # all-padding rows come last
@@ -266,9 +281,15 @@ class CGGRModel(_AutoStep, nn.Module):
         # metrics stay on the device until get_metrics() asks: no host sync in the step
         self._pending = {"step": self.selector.step_count, "token_ratio": ratio, "sequences_selected": k,
                          "tokens_selected": (sub_targets != self.ignore_index).sum(), "tokens_total": valid.sum(),
-                         "avg_confidence": conf, "avg_entropy": rs.entropy[valid].mean()}
+                         "avg_confidence": conf, "avg_entropy": torch.where(valid, rs.entropy, 0.0).sum() / n_valid}
         self._auto_step(self.training)
         return loss
+
+    @property
+    def last_metrics(self) -> dict[str, Any]:
+        """The last forward's metrics as they are: counts and means may be device
+        tensors (reading them is a host sync, which :meth:`get_metrics` does)."""
+        return dict(self._pending)
 
     def get_metrics(self) -> dict[str, Any]:
         """cggr's keys (plus ``sequences_selected``), as Python numbers."""
