@@ -75,7 +75,7 @@ class ColliderLoss(Objective):
         ref = self.reference_nll(x, y) if self.reference_nll is not None else None
         keep, stats = self.selector(logits.detach(), y, ref, n_valid=n_valid)
         loss = masked_cross_entropy(logits, y, keep)
-        metrics = {"kept": stats.kept, "total": stats.total}
+        metrics = {"kept": stats.unread("kept"), "total": stats.unread("total")}  # device counts stay unread
         total = loss
         if self.heads is not None:  # every head uses the primary head's keep mask, on kept rows only
             extra, head_losses = kept_rows_loss(self._model[0], self.heads, trunk, y, keep)

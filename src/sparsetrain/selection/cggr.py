@@ -83,7 +83,7 @@ class CGGRLoss(_AutoStep, nn.Module):
         )
         self.scoring, self.selection = self.selector.score, self.selector.method
         self.base_loss = base_loss
-        self.metrics: dict[str, Any] = {}
+        self._last: tuple[int, Any] | None = None  # (step, SelectionStats) of the last forward
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, ref_nll: torch.Tensor | None = None,
                 n_valid: int | None = None) -> torch.Tensor:
@@ -98,22 +98,18 @@ class CGGRLoss(_AutoStep, nn.Module):
             loss = F.cross_entropy(upcast(kept_logits), kept_targets)
         else:
             loss = self.base_loss(kept_logits, kept_targets).mean()
-        self.metrics = {
-            "step": self.selector.step_count,
-            "token_ratio": stats.keep_ratio,
-            "tokens_selected": stats.kept,
-            "tokens_total": stats.total,
-            "avg_confidence": stats.avg_confidence,
-            "avg_entropy": stats.avg_entropy,
-            "avg_difficulty": stats.avg_difficulty,
-            "selection": self.selection,
-            "scoring": self.scoring,
-        }
+        self._last = (self.selector.step_count, stats)  # read by get_metrics(): no host sync in the step
         self._auto_step(self.training)
         return loss
 
     def get_metrics(self) -> dict[str, Any]:
-        return dict(self.metrics)
+        """cggr's keys for the last forward, as Python numbers (a host sync for device values)."""
+        if self._last is None:
+            return {}
+        step, stats = self._last
+        return {"step": step, "token_ratio": stats.keep_ratio, "tokens_selected": stats.kept,
+                "tokens_total": stats.total, "avg_confidence": stats.avg_confidence, "avg_entropy": stats.avg_entropy,
+                "avg_difficulty": stats.avg_difficulty, "selection": self.selection, "scoring": self.scoring}
 
 
 # ----------------------------------------------------------------------------- routers
