@@ -137,11 +137,11 @@ class Trainer:
         self.out_dir = self._prepare_out_dir(resume)
         if resume is not None:
             self._load_state(self.out_dir)
-        self._set_schedules(self.step)  # one step counter: the optimizer step's, also after a resume
         self._write_run_files()
         prepare_sparse24(cfg, self.model, self.device)  # before anything is compiled
         self.objective: Objective = build_objective(cfg, self.model, self.mtp, self.selector,
                                                     self._reference_nll if self.reference is not None else None)
+        self._set_schedules(self.step)  # one step counter, the optimizer step's; also after a resume
         # DDP wraps the whole objective, so every trainable module it reads (the MTP heads too)
         # gets its gradients all-reduced; evaluate() toggles train/eval on it
         self.ddp_model: nn.Module = self.objective
@@ -176,10 +176,9 @@ class Trainer:
 
     def _set_schedules(self, step: int) -> None:
         """Put every per-step schedule at optimizer step ``step``: the objective's
-        (selection warmup) and the network's modules' (2:4 dense warmup, BK
+        own (a selection warmup) and the network's modules' (2:4 dense warmup, BK
         sparsity ramp). The trainer's step is the only counter."""
-        if self.selector is not None:
-            self.selector.set_step(step)
+        self.objective.set_step(step)
         for m in self.scheduled:
             m.set_step(step)
 
