@@ -32,17 +32,17 @@ from ..config import TrainConfig, register_train_check
 from ..model import CausalLM
 from ..mtp import MTPHeads
 from ..selection import TokenSelector, create_truncated_router
-from . import collider, multi_token, selection
+from . import cggr, collider, multi_token
 from .base import Objective, ObjectiveOutput
 from .collider import ColliderLoss
 from .multi_token import MultiTokenLoss, Trunk
 from .next_token import AuxiliaryLoss, NextTokenLoss
-from .selection import BatchSplitLoss, ReferenceNLL, SelectiveLoss
+from .cggr import BatchSplitLoss, ReferenceNLL, SelectiveLoss
 
 __all__ = ["AuxiliaryLoss", "BatchSplitLoss", "ColliderLoss", "MultiTokenLoss", "NextTokenLoss", "Objective",
            "ObjectiveOutput", "ReferenceNLL", "SelectiveLoss", "Trunk", "build_objective", "make_selector"]
 
-register_train_check("selection", selection.check_config)
+register_train_check("selection", cggr.check_config)
 register_train_check("collider", collider.check_config)
 register_train_check("mtp", multi_token.check_config)
 
@@ -52,7 +52,7 @@ def make_selector(cfg: TrainConfig, seed: int) -> TokenSelector | None:
     if cfg.use_collider:
         return collider.make_selector(cfg, seed)
     if cfg.selection != "none":
-        return selection.make_selector(cfg, seed)
+        return cggr.make_selector(cfg, seed)
     return None
 
 

@@ -14,7 +14,7 @@ from ..model import CausalLM
 from ..mtp import MTPHeads, kept_rows_loss
 from ..selection import SCORES, TokenSelector
 from .base import Objective, ObjectiveOutput
-from .selection import ReferenceNLL
+from .cggr import ReferenceNLL
 
 METHODS = ("threshold", "topk", "random")
 
