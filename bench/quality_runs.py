@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsetrain import build_config, train  # noqa: E402
 from sparsetrain.benchmark import environment  # noqa: E402
-from sparsetrain.model import build_model  # noqa: E402
+from sparsetrain.build import build_model  # noqa: E402
 
 SUITES = {
     "selection": {

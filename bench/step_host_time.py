@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from sparsetrain.benchmark import SPARSE24_OVERRIDES, environment, parse_step_entries  # noqa: E402
 from sparsetrain.config import build_config  # noqa: E402
-from sparsetrain.model import build_model  # noqa: E402
+from sparsetrain.build import build_model  # noqa: E402
 from sparsetrain.sparse24.ffn import prepare_ffns  # noqa: E402
 
 

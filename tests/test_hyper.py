@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from sparsetrain.build import build_model
 from sparsetrain.config import ModelConfig
 from sparsetrain.hyper import HyperConnection, analyze_layer, analyze_model, report, stream_divergence
 from sparsetrain.model import GPT
@@ -24,7 +25,7 @@ def test_h_res_is_doubly_stochastic(n: int) -> None:
 
 def _model(n: int) -> GPT:
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    return GPT(ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=32, hyper_connections=n))
+    return build_model(ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=32, hyper_connections=n))
 
 
 def _step(model: GPT) -> None:
@@ -92,6 +93,6 @@ def test_causality_with_hyper_connections(n: int) -> None:
 def test_report_runs_where_the_model_lives(device: str) -> None:
     # the composed residual map is a tiny product computed on the CPU; a CUDA model once broke it
     cfg = ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=16, hyper_connections=2)
-    model = GPT(cfg).to(device)
+    model = build_model(cfg).to(device)
     out = report(model, torch.randint(0, 300, (2, 16), device=device))
     assert math.isfinite(out["composed_res_gain"]) and abs(out["composed_res_gain"] - 1.0) < 1e-6  # doubly stochastic

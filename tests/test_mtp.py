@@ -1,5 +1,5 @@
-"""Multi-token prediction: sequential backward == naive summed loss (float64),
-per-head targets, and lower peak memory for the sequential path."""
+"""Multi-token prediction: the sequential loss's gradients == the naive summed
+loss's (float64), per-head targets, and lower peak memory for the sequential path."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import torch
 
 from sparsetrain.config import ModelConfig
 from sparsetrain.model import GPT
-from sparsetrain.mtp import MTPHeads, head_targets, naive_loss, sequential_backward
+from sparsetrain.mtp import MTPHeads, head_targets, naive_loss, sequential_backward, sequential_loss
 
 
-def _setup(n: int):
+def _setup(n: int, tie: bool = False):
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    model = GPT(ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=32, init_std=0.2)).double()
+    model = GPT(ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=32, init_std=0.2,
+                            tie_embeddings=tie)).double()
     heads = MTPHeads(model, n, weight=0.3, decay=0.5).double()
     for p in heads.parameters():
         p.data.normal_(0, 0.2) if p.dim() > 1 else p.data.uniform_(0.5, 1.5)
@@ -34,21 +35,46 @@ def _grads(*mods):
     return out
 
 
-@pytest.mark.parametrize("n", [2, 3, 4])
-def test_sequential_backward_equals_naive(n: int) -> None:
-    model, heads, idx, targets = _setup(n)
+@pytest.mark.parametrize("n, tie", [(2, False), (3, False), (4, False), (3, True)])
+def test_sequential_loss_gradients_equal_naive(n: int, tie: bool) -> None:
+    """The head-by-head loss is one differentiable function of the trunk output:
+    back-propagated like any loss, it gives the naive loss's value, per-head
+    losses and gradients for every parameter (a tied LM head included, whose
+    gradient sums the trunk's and the heads' uses)."""
+    model, heads, idx, targets = _setup(n, tie)
     total, losses = naive_loss(model, heads, idx, targets)
     total.backward()
     ref = _grads(model, heads)
-    seq_total, seq_losses = sequential_backward(model, heads, idx, targets)
+    seq_total, seq_losses = sequential_loss(model, heads, model.trunk(idx), targets)
+    assert seq_total.requires_grad and not seq_losses.requires_grad
+    (2.5 * seq_total).backward()  # the incoming gradient scales every gradient
     got = _grads(model, heads)
     assert torch.allclose(seq_total, total.detach(), rtol=1e-12)
-    assert seq_losses == pytest.approx(losses, rel=1e-12)
+    assert seq_losses.tolist() == pytest.approx(losses, rel=1e-12)
     assert ref.keys() == got.keys() and len(ref) == len(list(model.parameters())) + len(list(heads.parameters()))
     for k in ref:
-        assert torch.allclose(got[k], ref[k], rtol=1e-9, atol=1e-14), k
+        assert torch.allclose(got[k], 2.5 * ref[k], rtol=1e-9, atol=1e-14), k
     # loss = main + w * sum_k decay^(k-1) L_k
-    assert float(total) == pytest.approx(losses[0] + sum(0.3 * 0.5 ** (k - 1) * losses[k] for k in range(1, n + 1)))
+    assert float(total.detach()) == pytest.approx(losses[0] + sum(0.3 * 0.5 ** (k - 1) * losses[k] for k in range(1, n + 1)))
+    # the convenience wrapper: the same backward, host floats back
+    wrapped_total, wrapped_losses = sequential_backward(model, heads, idx, targets, scale=2.5)
+    assert wrapped_losses == pytest.approx(losses, rel=1e-12)
+    for k, g in _grads(model, heads).items():
+        assert torch.allclose(g, 2.5 * ref[k], rtol=1e-9, atol=1e-14), k
+
+
+def test_sequential_loss_compiled_trunk_equals_naive() -> None:
+    """The head loss under torch.compile: the trunk compiles, the head-by-head
+    node runs eagerly (a clean break), and the gradients are the naive loss's."""
+    model, heads, idx, targets = _setup(2)
+    naive_loss(model, heads, idx, targets)[0].backward()
+    ref = _grads(model, heads)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda i, t: sequential_loss(model, heads, model.trunk(i), t)[0], backend="aot_eager")
+    compiled(idx, targets).backward()
+    torch._dynamo.reset()
+    for k, g in _grads(model, heads).items():
+        assert torch.allclose(g, ref[k], rtol=1e-9, atol=1e-14), k
 
 
 def test_head_targets_and_sequence_end() -> None:
@@ -72,7 +98,7 @@ PEAK = r"""
 import json, resource, sys, torch
 from sparsetrain.config import ModelConfig
 from sparsetrain.model import GPT
-from sparsetrain.mtp import MTPHeads, naive_loss, sequential_backward
+from sparsetrain.mtp import MTPHeads, naive_loss, sequential_loss
 torch.manual_seed(0)
 model = GPT(ModelConfig(vocab_size=32768, seq_len=512, n_layer=1, n_head=2, d_model=64))
 heads = MTPHeads(model, 4)
@@ -81,7 +107,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if sys.argv[1] == "naive":
     naive_loss(model, heads, idx, tgt)[0].backward()
 else:
-    sequential_backward(model, heads, idx, tgt)
+    sequential_loss(model, heads, model.trunk(idx), tgt)[0].backward()
 print(json.dumps({"peak_growth_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before}))
 """
 

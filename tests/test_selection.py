@@ -453,3 +453,23 @@ def test_hf_truncated_router_equals_first_layers(family: str) -> None:
         assert torch.allclose(router(ids, attention_mask=attn), cut(ids, attention_mask=attn).logits, atol=1e-5)
     full_ptrs = {p.data_ptr() for p in full.parameters()}
     assert all(p.data_ptr() in full_ptrs for p in router.parameters())
+
+
+def test_cggr_objects_never_step_a_selector_passed_in() -> None:
+    """A selector handed to CGGRLoss / CGGRModel is stepped by its owner only (the
+    trainer steps it once per optimizer step): forwards leave its count alone."""
+    logits, targets = random_batch(B=4, T=16, V=30)
+    sel = TokenSelector(score="loss", keep_ratio=0.25, warmup_steps=4)
+    crit = CGGRLoss(selector=sel)
+    for _ in range(3):
+        crit(logits, targets)
+    assert sel.step_count == 0 and crit.get_metrics()["token_ratio"] == 1.0
+    model = _tiny_gpt(n_layer=1)
+    split = CGGRModel(model, selector=sel)
+    ids = torch.randint(0, 300, (4, 16))
+    for _ in range(3):
+        split(ids, targets=ids)
+    assert sel.step_count == 0
+    sel.step()
+    crit(logits, targets)
+    assert crit.get_metrics()["token_ratio"] == pytest.approx(0.8125)

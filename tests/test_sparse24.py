@@ -196,7 +196,7 @@ def _compiled_graph_runs(prepare: bool, device: str) -> tuple[int, int, list[str
     import warnings
 
     from sparsetrain.config import build_config
-    from sparsetrain.model import build_model
+    from sparsetrain.build import build_model
     from sparsetrain.sparse24 import prepare_ffns
 
     torch._dynamo.reset()
@@ -375,10 +375,11 @@ def _errors_against_masked_dense(path, x, w_up, w_down, dy) -> list[float]:
 def test_masked_kernel_path_equals_masked_dense(device: str) -> None:
     """The transposable method on dense GEMMs with the Triton kernel's dense
     2:4 activation (CPU: Triton's interpreter) against the masked-dense
-    reference, bf16 both; and on the GPU the FFN picks it below
-    CUSPARSELT_MIN_WIDTH."""
+    reference, bf16 both; and on the GPU the FFN picks it below the kernel
+    policy's cuSPARSELt width."""
+    from sparsetrain import kernels
     from sparsetrain.sparse24 import packing
-    from sparsetrain.sparse24.ffn import CUSPARSELT_MIN_WIDTH, Sparse24FFN, sparse24_ffn_masked_kernel
+    from sparsetrain.sparse24.ffn import Sparse24FFN, sparse24_ffn_masked_kernel
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -394,7 +395,7 @@ def test_masked_kernel_path_equals_masked_dense(device: str) -> None:
     assert max(errs) < 1e-2, errs
     if device == "cuda":
         ffn = Sparse24FFN(d, h, method="transposable", dense_warmup_steps=0).cuda()
-        assert d < CUSPARSELT_MIN_WIDTH
+        assert d < kernels.current().cusparselt_min_width
         with torch.autocast("cuda", dtype=torch.bfloat16):
             ffn(torch.randn(2, 64, d, device="cuda"))
         assert ffn.last_backend == "masked_kernel"
@@ -454,24 +455,22 @@ def test_fast_paths_are_custom_ops_that_compile_without_a_graph_break() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sparse_ffn_module_compiles_whole_on_gpu() -> None:
     """On CUDA the relu2_24 module (transposable, either fast path) compiles with
-    fullgraph=True: no graph break anywhere in its forward; same output as eager."""
-    from sparsetrain.sparse24 import ffn as ffn_module
+    fullgraph=True: no graph break anywhere in its forward; same output as eager.
+    The path follows the kernel policy the module was given."""
+    from sparsetrain.kernels import KernelPolicy
     from sparsetrain.sparse24.cusparselt import cusparselt_available
 
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     for min_width in ((0, 1 << 30) if cusparselt_available() else (1 << 30,)):
-        ffn_module.CUSPARSELT_MIN_WIDTH = min_width
-        try:
-            ffn = Sparse24FFN(128, 512, method="transposable", dense_warmup_steps=0).cuda()
-            x = torch.randn(2, 128, 128, device="cuda")
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                want = ffn(x)  # eager first: the token permutation is made and cached
-                torch._dynamo.reset()
-                got = torch.compile(ffn, fullgraph=True)(x)
-            assert ffn.last_backend == ("cusparselt" if min_width == 0 else "masked_kernel")
-            assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2)
-        finally:
-            ffn_module.CUSPARSELT_MIN_WIDTH = 1280
+        ffn = Sparse24FFN(128, 512, method="transposable", dense_warmup_steps=0,
+                          policy=KernelPolicy(cusparselt_min_width=min_width)).cuda()
+        x = torch.randn(2, 128, 128, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            want = ffn(x)  # eager first: the token permutation is made and cached
+            torch._dynamo.reset()
+            got = torch.compile(ffn, fullgraph=True)(x)
+        assert ffn.last_backend == ("cusparselt" if min_width == 0 else "masked_kernel")
+        assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
 def test_cuda_graph_modes_need_the_cached_plans(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -479,7 +478,7 @@ def test_cuda_graph_modes_need_the_cached_plans(monkeypatch: pytest.MonkeyPatch)
     exit 2 from the CLI) exactly where cuSPARSELt would run through torch's op."""
     from sparsetrain.config import build_config
     from sparsetrain.errors import ConfigError
-    from sparsetrain.model import build_model
+    from sparsetrain.build import build_model
     from sparsetrain.sparse24 import cslt_plans, cusparselt
     from sparsetrain.trainer import prepare_sparse24
 
@@ -509,15 +508,15 @@ def test_sparse_ffn_on_cusparselt_runs_under_cuda_graphs(monkeypatch: pytest.Mon
     pattern table, made by prepare_ffns, is not left untracked in the graphs'
     memory pool (made in the warm-up, it stopped the d20 step with "Detected 1
     tensor(s) in the cudagraph pool not tracked as outputs")."""
+    from sparsetrain import kernels
     from sparsetrain.sparse24 import cslt_plans, packing, prepare_ffns
-    from sparsetrain.sparse24 import ffn as ffn_module
     from sparsetrain.sparse24.cusparselt import cusparselt_available
 
     if not cusparselt_available() or cslt_plans.load() is None:
         pytest.skip("needs cuSPARSELt and the cached-plan extension")
-    monkeypatch.setattr(ffn_module, "CUSPARSELT_MIN_WIDTH", 0)
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    ffn = Sparse24FFN(128, 512, method="transposable", dense_warmup_steps=0).cuda()
+    ffn = Sparse24FFN(128, 512, method="transposable", dense_warmup_steps=0,
+                      policy=kernels.current().replace(cusparselt_min_width=0)).cuda()  # cuSPARSELt at any width
     packing.pattern_table.cache_clear()
     prepare_ffns(ffn, 2 * 128)
     assert packing.pattern_table.cache_info().currsize == 1

@@ -324,3 +324,24 @@ def test_2_4_statistics_are_not_counted_in_evaluation(make_cfg) -> None:
     assert all(logged) and not any(f.track_stats for f in ffns)
     t.evaluate()
     assert all(f.last_stats is s for f, s in zip(ffns, logged))
+
+
+@pytest.mark.parametrize("mode", ["loss", "batch"])
+def test_selection_warmup_counts_optimizer_steps_with_grad_accum(make_cfg, mode: str) -> None:
+    """The keep ratio in force during optimizer step ``s`` is the warmup formula at
+    ``s``, however many micro-batches a step has: the kept fraction logged for
+    every step equals the budget that ratio gives (tokens for ``loss``,
+    sequences for ``batch``)."""
+    from sparsetrain.selection import budget, warmup_keep_ratio
+
+    accum, warm, target = 2, 6, 0.25
+    cfg = make_cfg(max_steps=9, selection=mode, selection_method="topk", keep_ratio=target, selection_score="loss",
+                   selection_warmup_steps=warm, grad_accum=accum, router_layers=1, eval_every=0)
+    train(cfg, verbose=False)
+    rows = [json.loads(l) for l in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    kept = {r["step"]: r["kept_fraction"] for r in rows if r["kind"] == "train"}
+    n_tokens, n_seqs = cfg.batch_size * cfg.model.seq_len, cfg.batch_size
+    for s in range(cfg.max_steps):
+        ratio = warmup_keep_ratio(s, target, warm)
+        want = budget(n_tokens, ratio) / n_tokens if mode == "loss" else budget(n_seqs, ratio) / n_seqs
+        assert kept[s + 1] == pytest.approx(want, abs=1e-4), (s, kept)

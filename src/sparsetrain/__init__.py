@@ -2,9 +2,15 @@
 
 Public API::
 
-    from sparsetrain import GPT, ModelConfig, TrainConfig, build_config, Trainer, train
+    from sparsetrain import GPT, ModelConfig, TrainConfig, build_config, build_model, Trainer, train
+
+Importing the package registers every technique's config checks with
+``sparsetrain.config`` (``build`` for the network converters, ``objectives``
+for the training objectives), so a config validated anywhere meets all of them.
 """
 
+from . import build, objectives  # noqa: F401  (registers the techniques' config checks)
+from .build import build_model
 from .config import ModelConfig, TrainConfig, build_config, list_presets
 from .data import TokenizedCorpus, load_corpus
 from .errors import CheckpointError, ConfigError, DataError, SparsetrainError
@@ -28,6 +34,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "build_config",
+    "build_model",
     "generate_text",
     "list_presets",
     "load_corpus",

@@ -26,7 +26,7 @@ from torch.profiler import record_function
 
 from .config import ModelConfig, build_config
 from .data import load_corpus, train_batch
-from .model import build_model
+from .build import build_model
 from .optim import make_optimizer, step_counted
 from .sparse24.ffn import prepare_ffns
 

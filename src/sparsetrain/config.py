@@ -25,6 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from .errors import ConfigError
@@ -36,10 +37,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 FFN_KINDS = ("swiglu", "relu2", "relu2_24")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-SPARSE24_METHODS = ("naive", "mvue", "soft_threshold", "transposable", "transposable_random")
 SECTIONS = ("model", "data", "training", "run")
 ARCHS = ("gpt", "resnet_bk")
-BK_SPARSITY_LOSSES = ("l2", "l1", "kl", "adaptive")
 
 
 def _section(name: str, help: str) -> dict[str, Any]:
@@ -97,26 +96,7 @@ class ModelConfig:
         _require(self.vocab_size >= 257, f"model.vocab_size must be >= 257 (256 bytes + end-of-text), got {self.vocab_size}")
         _require(self.ffn in FFN_KINDS, f"model.ffn must be one of {', '.join(FFN_KINDS)}, got {self.ffn!r}")
         _require(self.ffn_hidden >= 0, f"model.ffn_hidden must be >= 0, got {self.ffn_hidden}")
-        _require(self.activation_sparse_method in SPARSE24_METHODS,
-                 f"model.activation_sparse_method must be one of {', '.join(SPARSE24_METHODS)}, got {self.activation_sparse_method!r}")
-        _require(self.activation_dense_warmup_steps >= 0,
-                 f"model.activation_dense_warmup_steps must be >= 0, got {self.activation_dense_warmup_steps}")
-        _require(0 <= self.activation_dense_fraction <= 1,
-                 f"model.activation_dense_fraction must be in [0, 1], got {self.activation_dense_fraction}")
-        _require(self.hyper_connections in (0, 2, 4), f"model.hyper_connections must be 0, 2 or 4, got {self.hyper_connections}")
         _require(self.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        _require(self.bk_num_experts >= 1, f"model.bk_num_experts must be >= 1, got {self.bk_num_experts}")
-        _require(0 <= self.bk_sparsity < 1, f"model.bk_sparsity must be in [0, 1), got {self.bk_sparsity}")
-        _require(self.bk_sparsity_loss in BK_SPARSITY_LOSSES,
-                 f"model.bk_sparsity_loss must be one of {', '.join(BK_SPARSITY_LOSSES)}, got {self.bk_sparsity_loss!r}")
-        _require(self.bk_sparsity_loss_weight >= 0, f"model.bk_sparsity_loss_weight must be >= 0, got {self.bk_sparsity_loss_weight}")
-        _require(self.bk_sparsity_warmup_steps >= 0, f"model.bk_sparsity_warmup_steps must be >= 0, got {self.bk_sparsity_warmup_steps}")
-        _require(self.bk_tau > 0, f"model.bk_tau must be > 0, got {self.bk_tau}")
-        if self.arch == "resnet_bk":
-            _require(self.ffn == "relu2", f"model.arch = resnet_bk uses its own squared-ReLU experts; model.ffn must be relu2, got {self.ffn!r}")
-            _require(not self.hyper_connections, "model.arch = resnet_bk does not support hyper_connections")
-        if self.ffn == "relu2_24":
-            _require(self.hidden_size % 4 == 0, f"model.ffn_hidden must be a multiple of 4 for relu2_24, got {self.hidden_size}")
         _require(
             self.d_model % self.n_head == 0,
             f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})",
@@ -125,6 +105,8 @@ class ModelConfig:
         _require(self.rope_theta > 0, f"model.rope_theta must be > 0, got {self.rope_theta}")
         _require(0 < self.norm_eps < 1, f"model.norm_eps must be in (0, 1), got {self.norm_eps}")
         _require(self.init_std > 0, f"model.init_std must be > 0, got {self.init_std}")
+        for check in _MODEL_CHECKS.values():  # the network techniques' own fields (sparsetrain.build)
+            check(self)
 
 
 @dataclass
@@ -242,46 +224,11 @@ class TrainConfig:
         if self.data_include or self.data_exclude or self.data_max_bytes:
             _require(not Path(self.data).is_file() and not self.data.endswith(".bin"),
                      f"data.data_include, data_exclude and data_max_bytes select files of a folder; data is the file {self.data!r}")
-        _require(0 <= self.collider_sparsity < 1, f"training.collider_sparsity must be in [0, 1), got {self.collider_sparsity}")
-        _require(2 <= self.mtp_n_tokens <= 4, f"training.mtp_n_tokens must be 2, 3 or 4, got {self.mtp_n_tokens}")
-        _require(self.mtp_weight >= 0, f"training.mtp_weight must be >= 0, got {self.mtp_weight}")
         _require(self.async_n_workers >= 1, f"training.async_n_workers must be >= 1, got {self.async_n_workers}")
         _require(self.async_prefetch_size >= 1, f"training.async_prefetch_size must be >= 1, got {self.async_prefetch_size}")
-        from .selection import METHODS, SCORES
-
-        _require(self.selection in ("none", "loss", "batch"), f"training.selection must be none, loss or batch, got {self.selection!r}")
-        _require(self.selection_score in SCORES, f"training.selection_score must be one of {', '.join(SCORES)}, got {self.selection_score!r}")
-        _require(self.selection_method in METHODS, f"training.selection_method must be one of {', '.join(METHODS)}, got {self.selection_method!r}")
-        _require(0 < self.keep_ratio <= 1, f"training.keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        _require(self.selection_warmup_steps >= 0, f"training.selection_warmup_steps must be >= 0, got {self.selection_warmup_steps}")
-        _require(0 <= self.selection_sensitivity <= 1, f"training.selection_sensitivity must be in [0, 1], got {self.selection_sensitivity}")
-        _require(0 <= self.selection_target_sparsity < 1, f"training.selection_target_sparsity must be in [0, 1), got {self.selection_target_sparsity}")
-        if self.selection == "batch":
-            _require(1 <= self.router_layers <= self.model.n_layer, f"training.router_layers must be in [1, {self.model.n_layer}], got {self.router_layers}")
-        if self.selection != "none" and self.selection_score == "excess":
-            _require(bool(self.reference_ckpt or self.reference_losses),
-                     "training.selection_score = excess needs training.reference_ckpt (a reference run) or reference_losses")
-            _require(self.selection == "loss", "the excess score works with selection = loss (batch splitting scores with its router)")
-        # Switches whose technique has not landed yet fail loudly instead of
-        # silently training dense.
-        if self.use_collider:
-            _require(self.model.ffn != "relu2_24", "use_collider with ffn = relu2_24 is not available yet")
-            _require(not self.model.hyper_connections, "use_collider with hyper_connections is not available yet")
-            _require(self.compile_mode == "default", "use_collider compiles its own pieces; compile_mode other than default is not available with it")
-            _require(self.collider_score in SCORES, f"training.collider_score must be one of {', '.join(SCORES)}, got {self.collider_score!r}")
-            _require(self.collider_method in ("threshold", "topk", "random"), f"training.collider_method must be threshold, topk or random, got {self.collider_method!r}")
-            _require(self.collider_method == "threshold" or self.collider_sparsity > 0, f"training.collider_method = {self.collider_method} needs collider_sparsity > 0")
-            _require(self.selection == "none", "use_collider and selection (CGGR) are exclusive: pick one token filter")
-            if self.collider_score == "excess":
-                _require(bool(self.reference_ckpt or self.reference_losses),
-                         "training.collider_score = excess needs training.reference_ckpt or reference_losses")
         _require(self.fire_at_step >= 0, f"training.fire_at_step must be >= 0, got {self.fire_at_step}")
-        _require(0 <= self.mtp_decay <= 1, f"training.mtp_decay must be in [0, 1], got {self.mtp_decay}")
-        if self.model.arch != "gpt":
-            _require(not self.use_collider and self.selection == "none" and not self.use_mtp,
-                     f"model.arch = {self.model.arch} trains with the plain loss: use_collider, selection and use_mtp need arch = gpt")
-        if self.use_mtp:
-            _require(self.selection == "none", "use_mtp with CGGR selection is not available yet (use_collider composes with it)")
+        for check in _TRAIN_CHECKS.values():  # each training objective's own fields (sparsetrain.objectives)
+            check(self)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Sectioned plain dict, the shape of the TOML file."""
@@ -293,9 +240,43 @@ class TrainConfig:
         return out
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """Raise :class:`ConfigError` with ``message`` (one line naming the bad value) unless ``ok``."""
     if not ok:
         raise ConfigError(message)
+
+
+_require = require
+
+# ----------------------------------------------------------------------------- technique checks
+#
+# Each technique checks its own fields: the model converters (2:4 FFN,
+# hyper-connections, ResNet-BK) register with register_model_check, the
+# training objectives (CGGR selection, Collider, MTP) with register_train_check.
+# They register when their modules are imported (sparsetrain.build and
+# sparsetrain.objectives, which the package's __init__ imports, so before any
+# submodule of sparsetrain runs). This module imports none of them: the
+# techniques build on the config, not the other way round.
+
+_MODEL_CHECKS: dict[str, Callable[[ModelConfig], None]] = {}
+_TRAIN_CHECKS: dict[str, Callable[[TrainConfig], None]] = {}
+
+
+def register_model_check(name: str, check: Callable[[ModelConfig], None]) -> None:
+    """Run ``check(model_config)`` in every :meth:`ModelConfig.validate` (a
+    network technique's own fields); registering a name again replaces its check."""
+    _MODEL_CHECKS[name] = check
+
+
+def register_train_check(name: str, check: Callable[[TrainConfig], None]) -> None:
+    """Run ``check(train_config)`` in every :meth:`TrainConfig.validate` (a
+    training objective's own fields); registering a name again replaces its check."""
+    _TRAIN_CHECKS[name] = check
+
+
+def registered_checks() -> dict[str, list[str]]:
+    """Names of the registered technique checks: ``{"model": [...], "training": [...]}``."""
+    return {"model": list(_MODEL_CHECKS), "training": list(_TRAIN_CHECKS)}
 
 
 def _valid_device(device: str) -> bool:

@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import IGNORE_INDEX, upcast
+from . import kernels
+from .numerics import IGNORE_INDEX, upcast
 from .triton_util import interpreting
 
 try:
@@ -37,8 +38,15 @@ try:
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-FUSED = True
-"""Use the fused kernels where they apply (switchable for benchmarks and tests)."""
+
+
+def __getattr__(name: str):
+    """``FUSED``, read-only: the current :class:`~sparsetrain.kernels.KernelPolicy`'s
+    ``fused_cross_entropy``, for code that still reads the old module flag (set
+    it with ``kernels.using(fused_cross_entropy=...)``)."""
+    if name == "FUSED":
+        return kernels.current().fused_cross_entropy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fused_ok(logits: torch.Tensor) -> bool:
@@ -163,10 +171,12 @@ def fused_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return _ce_forward(logits, targets)[0]
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                  policy: kernels.KernelPolicy | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``logits`` ``[N, V]`` against ``targets`` ``[N]``
     (``IGNORE_INDEX`` rows left out), in float32 arithmetic: the fused kernels
-    for CUDA tensors (eager or compiled), else :func:`cross_entropy_reference`."""
-    if FUSED and logits.is_cuda and fused_ok(logits):
+    for CUDA tensors (eager or compiled) where ``policy`` (default
+    :func:`sparsetrain.kernels.current`) allows, else :func:`cross_entropy_reference`."""
+    if (policy or kernels.current()).fused_cross_entropy and logits.is_cuda and fused_ok(logits):
         return fused_cross_entropy(logits, targets)
     return cross_entropy_reference(logits, targets)

@@ -9,7 +9,8 @@ import torch
 from .checkpoint import resolve_checkpoint, load_checkpoint
 from .config import ModelConfig
 from .errors import CheckpointError
-from .model import GPT, build_model
+from .build import build_model
+from .model import GPT
 from .tokenizer import BPETokenizer
 
 

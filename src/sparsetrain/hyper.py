@@ -17,6 +17,10 @@ init breaks it: the streams start as the embedding at distinct learned scales
 mostly to stream ``(l + 1) mod n``, ``H_res`` starts near the identity, and the
 output is a learned read-out (``GPT.hyper_out``; a plain mean would leave the
 last ``H_res`` without gradient, since its columns also sum to 1).
+
+``model.hyper_connections = n`` is applied to a built GPT by
+:func:`add_hyper_connections` (:func:`sparsetrain.build.build_model` does it);
+:func:`check_model_config` owns the field's check.
 """
 
 from __future__ import annotations
@@ -27,7 +31,11 @@ import math
 import torch
 import torch.nn as nn
 
-from .model import upcast
+from .config import ModelConfig, require
+from .model import GPT
+from .numerics import upcast
+
+STREAM_COUNTS = (0, 2, 4)
 
 
 def permutation_matrices(n: int) -> torch.Tensor:
@@ -77,6 +85,29 @@ class HyperConnection(nn.Module):
     def write(self, streams: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         mixed = torch.einsum("ij,...jd->...id", self.h_res().to(streams.dtype), streams)
         return mixed + self.h_post().to(streams.dtype)[:, None] * out.unsqueeze(-2)
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """The config fields this technique owns (``model.hyper_connections``)."""
+    require(cfg.hyper_connections in STREAM_COUNTS,
+            f"model.hyper_connections must be 0, 2 or 4, got {cfg.hyper_connections}")
+
+
+def add_hyper_connections(model: GPT, n: int) -> GPT:
+    """Give ``model`` ``n`` residual streams: a :class:`HyperConnection` around each
+    block's attention (``hc_attn``) and FFN (``hc_ffn``), and the streams' entry
+    scales (``hyper_in``) and read-out (``hyper_out``), initialised as the module
+    docstring says (no random draws). In place; returns ``model``."""
+    if model.hyper_in is not None:
+        raise ValueError("model already has hyper-connections")
+    for index, block in enumerate(model.blocks):
+        block.hc_attn = HyperConnection(n, 2 * index)
+        block.hc_ffn = HyperConnection(n, 2 * index + 1)
+    device = model.embed.weight.device
+    model.hyper_in = nn.Parameter(torch.linspace(1.0, 0.5, n, device=device))
+    out = torch.linspace(1.5, 0.5, n, device=device)
+    model.hyper_out = nn.Parameter(out / out.sum())  # unequal, summing to 1
+    return model
 
 
 # ----------------------------------------------------------------------------- analysis

@@ -4,6 +4,11 @@ Token embedding -> n_layer x [RMSNorm -> causal attention (RoPE, SDPA) -> residu
 RMSNorm -> FFN -> residual] -> RMSNorm -> LM head. No biases anywhere. The FFN is
 SwiGLU or squared ReLU (nanochat's choice, and the one whose activations are
 sparse enough for 2:4 tricks).
+
+This module builds the plain decoder only. Techniques that change the network
+(the 2:4 FFN, hyper-connections) convert it afterwards, and ResNet-BK is its
+own network: :func:`sparsetrain.build.build_model` applies whatever a config
+names. They build on this module; it imports none of them.
 """
 
 from __future__ import annotations
@@ -15,14 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .cross_entropy import cross_entropy
+from .errors import ConfigError
+from .numerics import IGNORE_INDEX, upcast
 
-IGNORE_INDEX = -100
-
-
-def upcast(x: torch.Tensor) -> torch.Tensor:
-    """float32 for half/bfloat16 tensors; float32/float64 pass through (so a
-    float64 model stays float64 end to end, which the tests rely on)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+__all__ = ["IGNORE_INDEX", "upcast", "CausalLM", "GPT", "RMSNorm", "relu_squared", "rms_norm", "apply_rope"]
 
 
 def relu_squared(u: torch.Tensor) -> torch.Tensor:
@@ -128,24 +130,15 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, index: int = 0) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        if cfg.ffn == "relu2_24":
-            from .sparse24.ffn import Sparse24FFN  # imported here: sparse24 builds on this module
-
-            self.ffn = Sparse24FFN(cfg.d_model, cfg.hidden_size, cfg.activation_sparse_method,
-                                   cfg.activation_dense_warmup_steps, cfg.activation_dense_fraction)
-        else:
-            self.ffn = FeedForward(cfg)
-        self.hc_attn = self.hc_ffn = None
-        if cfg.hyper_connections:
-            from .hyper import HyperConnection
-
-            self.hc_attn = HyperConnection(cfg.hyper_connections, 2 * index)
-            self.hc_ffn = HyperConnection(cfg.hyper_connections, 2 * index + 1)
+        self.ffn: nn.Module = FeedForward(cfg)  # a converter may replace it (sparsetrain.sparse24.convert)
+        # the residual streams' mixing around each sublayer, set by sparsetrain.hyper's converter
+        self.hc_attn: nn.Module | None = None
+        self.hc_ffn: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``x``: the residual stream ``[B, T, D]``, or ``[B, T, n, D]`` streams with hyper-connections."""
@@ -183,8 +176,6 @@ class CausalLM(nn.Module):
         logits = self.lm_head(self.hidden_states(idx))
         if targets is None:
             return logits, None
-        from .cross_entropy import cross_entropy  # imported here: it builds on this module
-
         return logits, cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
@@ -200,18 +191,21 @@ class GPT(CausalLM):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         cfg.validate()
+        converted = [f for f, on in (("ffn = relu2_24", cfg.ffn == "relu2_24"),
+                                     ("hyper_connections", cfg.hyper_connections)) if on]
+        if converted:
+            raise ConfigError(f"GPT(cfg) builds the plain decoder; model.{converted[0]} is applied by "
+                              "sparsetrain.build.build_model(cfg)")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        if cfg.hyper_connections:
-            n = cfg.hyper_connections
-            self.hyper_in = nn.Parameter(torch.linspace(1.0, 0.5, n))
-            out = torch.linspace(1.5, 0.5, n)
-            self.hyper_out = nn.Parameter(out / out.sum())  # unequal, summing to 1
+        # the residual streams' entry scales and read-out, set by sparsetrain.hyper's converter
+        self.hyper_in: nn.Parameter | None = None
+        self.hyper_out: nn.Parameter | None = None
         cos, sin = rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
         # Not saved in checkpoints: they are a pure function of the config.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -240,12 +234,12 @@ class GPT(CausalLM):
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.config.seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.embed(idx)
-        n = self.config.hyper_connections
-        if n:  # streams = the embedding at distinct learned scales (identical streams would make H_res dead)
+        streams = self.hyper_in is not None
+        if streams:  # streams = the embedding at distinct learned scales (identical streams would make H_res dead)
             x = x.unsqueeze(-2) * self.hyper_in.to(x.dtype)[:, None]
         for block in self.blocks[:n_layers]:
             x = block(x, cos, sin)
-        if n:  # a learned read-out: a plain mean would make the last H_res dead (columns of H sum to 1)
+        if streams:  # a learned read-out: a plain mean would make the last H_res dead (columns of H sum to 1)
             x = torch.einsum("i,...id->...d", self.hyper_out.to(x.dtype), x)
         return x
 
@@ -261,12 +255,3 @@ class GPT(CausalLM):
         if cfg.tie_embeddings:
             n_matmul += self.embed.weight.numel()
         return 6.0 * n_matmul + 12.0 * cfg.n_layer * cfg.d_model * T
-
-
-def build_model(cfg: ModelConfig) -> CausalLM:
-    """The network ``cfg.arch`` names: :class:`GPT` or :class:`~sparsetrain.bk.ResNetBK`."""
-    if cfg.arch == "resnet_bk":
-        from .bk.model import ResNetBK  # imported here: bk builds on this module
-
-        return ResNetBK(cfg)
-    return GPT(cfg)

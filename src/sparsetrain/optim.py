@@ -163,8 +163,18 @@ class StepCounted(nn.Module):
 
     def step(self) -> None:
         """Count one optimizer step."""
-        self._steps += 1
-        getattr(self, self.STEP_BUFFER).fill_(self._steps)
+        self.set_step(self._steps + 1)
+
+    def set_step(self, step: int) -> None:
+        """Put the schedule at optimizer step ``step`` (the trainer sets every
+        module from its own step count, so there is one counter; a resumed run
+        sets it from the checkpoint's step)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if step == self._steps:
+            return
+        self._steps = step
+        getattr(self, self.STEP_BUFFER).fill_(step)
         self._count_changed()
 
     def _count_changed(self) -> None:
@@ -178,6 +188,6 @@ class StepCounted(nn.Module):
 
 
 def step_counted(model: nn.Module) -> list[StepCounted]:
-    """The modules of ``model`` whose :meth:`StepCounted.step` a training loop
-    calls after each optimizer step."""
+    """The modules of ``model`` whose schedule a training loop advances after each
+    optimizer step (:meth:`StepCounted.set_step` or :meth:`StepCounted.step`)."""
     return [m for m in model.modules() if isinstance(m, StepCounted)]

@@ -32,13 +32,13 @@ from .data import TokenizedCorpus, bits_per_byte, load_corpus, tokens_per_byte, 
 from .loader import make_loader
 from .errors import CheckpointError, ConfigError
 from .generate import load_model
-from .model import GPT, IGNORE_INDEX, build_model
-from .mtp import MTPHeads, kept_rows_loss, sequential_backward
+from .build import build_model
+from .metrics import ElapsedMs, MetricWindow, tensor_means
+from .model import GPT, IGNORE_INDEX
+from .mtp import MTPHeads
+from .objectives import Objective, build_objective, make_selector
 from .sparse24.ffn import Sparse24FFN, cuda_graphs_ok, prepare_ffns
-from .bk.model import ResNetBK
-from .collider import ColliderModel, masked_cross_entropy
-from .collider import filter as collider_filter
-from .selection import CGGRLoss, CGGRModel, TokenSelector, create_truncated_router
+from .selection import TokenSelector
 from .optim import LRSchedule, make_optimizer, step_counted
 from .plotting import plot_loss_curve
 from .reference_losses import ReferenceLosses
@@ -59,11 +59,6 @@ class TrainResult:
     tokens_per_second: float = 0.0
     train_seconds: float = 0.0
     startup_seconds: float = 0.0  # part of train_seconds: every process's first steps (compile, autotuning)
-
-
-def _mean_rows(rows: list[dict[str, float | torch.Tensor]]) -> dict[str, float]:
-    """Key-wise mean of same-keyed stat dicts (floats or 0-dim tensors), rounded for metrics.jsonl."""
-    return {k: round(float(sum(r[k] for r in rows)) / len(rows), 4) for k in rows[0]}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,8 +140,6 @@ class Trainer:
         self.sparse_ffns = [m for m in self.scheduled if isinstance(m, Sparse24FFN)]
         self.mtp: MTPHeads | None = None
         if cfg.use_mtp:
-            if self.dist.enabled:
-                raise ConfigError("use_mtp is not available with several processes yet")
             self.mtp = MTPHeads(self.model, cfg.mtp_n_tokens, cfg.mtp_weight, cfg.mtp_decay).to(self.device)
         trainable = nn.ModuleList([self.model] + ([self.mtp] if self.mtp is not None else []))
         self.optimizer = make_optimizer(trainable, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
@@ -155,30 +148,24 @@ class Trainer:
         self.train_seconds = 0.0  # cumulative over resumes
         self.loader = None  # async batch loader, started on first use
         self.hyper_report: dict | None = None  # mHC-lite analysis, written at the next eval
-        self.mtp_losses: list[list[float]] = []  # per micro-step [main, L_1..L_n] since the last log
-        self.bk_stats: list[dict[str, float]] = []  # sparse ResNet-BK mask stats per micro-step since the last log
-        self.sparse24_stats: dict[int, tuple[list, str]] = {}  # step -> (each relu2_24 layer's statistics, backend)
+        # every micro-step's metrics and every step's loss, read once per log window
+        self.metric_window = MetricWindow()
         self._loader_next = (0, 0)
         self._setup_selection()
         self.out_dir = self._prepare_out_dir(resume)
         if resume is not None:
             self._load_state(self.out_dir)
         self._write_run_files()
-        # Collider compiles its own elementwise pieces; its autograd node is not traced whole
-        self.ddp_model: nn.Module = ColliderModel(self.model, compile=cfg.compile) if cfg.use_collider else self.model
-        prepare_sparse24(cfg, self.model, self.device)
-        if cfg.compile and not cfg.use_collider:
-            # reduce-overhead: CUDA graphs of the compiled pieces (what the sync-free
-            # ResNet-BK parked path allows; bench/results/bk_step_0.5_h200.json)
-            self.ddp_model = torch.compile(self.ddp_model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        prepare_sparse24(cfg, self.model, self.device)  # before anything is compiled
+        self.objective: Objective = build_objective(cfg, self.model, self.mtp, self.selector,
+                                                    self._reference_nll if self.reference is not None else None)
+        self._set_schedules(self.step)  # one step counter, the optimizer step's; also after a resume
+        # DDP wraps the whole objective, so every trainable module it reads (the MTP heads too)
+        # gets its gradients all-reduced; evaluate() toggles train/eval on it
+        self.ddp_model: nn.Module = self.objective
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model = DDP(self.ddp_model, device_ids=ids)
-        if self.cfg.selection == "batch":
-            # the router scores with the raw model's first layers; the selected
-            # sequences go through the DDP/compiled model so gradients sync
-            router = create_truncated_router(self.model, self.cfg.router_layers)
-            self.batch_splitter = CGGRModel(self.ddp_model, router=router, selector=self.selector)
+            self.ddp_model = DDP(self.objective, device_ids=ids)
         self._val = val_batches(
             self.corpus.val, cfg.eval_batches, cfg.batch_size, cfg.model.seq_len, self.dist.rank, self.dist.world_size
         )
@@ -192,42 +179,28 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
 
     def _setup_selection(self) -> None:
-        """Token selection objects: the selector for Collider (``use_collider``) or for
-        CGGR (``selection`` = loss | batch), and the reference model for ``excess``."""
+        """The token selector of the run's objective (Collider's, or CGGR's for
+        ``selection`` = loss | batch), and the reference model for ``excess``."""
         c = self.cfg
-        self.selector: TokenSelector | None = None
-        self.criterion: CGGRLoss | None = None
-        self.batch_splitter: CGGRModel | None = None
+        self.selector: TokenSelector | None = make_selector(c, seed=c.seed * 1000 + self.dist.rank)
         self.reference: GPT | ReferenceLosses | None = None
-        self.step_kept = [0, 0]  # kept / total valid tokens of the current step
-        self.backward_ms: list = []  # per micro-step backward timings of the current log window
-        seed = c.seed * 1000 + self.dist.rank
-        if c.use_collider:
-            adaptive = c.collider_method == "threshold" and c.collider_sparsity > 0
-            self.selector = TokenSelector(
-                score=c.collider_score, method=c.collider_method, keep_ratio=1.0 - c.collider_sparsity,
-                warmup_steps=c.selection_warmup_steps, threshold=c.collider_threshold,
-                target_sparsity=c.collider_sparsity if adaptive else None, seed=seed,
-            )
-        elif c.selection != "none":
-            self.selector = TokenSelector(
-                score=c.selection_score, method=c.selection_method, keep_ratio=c.keep_ratio,
-                warmup_steps=c.selection_warmup_steps, dynamic=c.selection_dynamic, sensitivity=c.selection_sensitivity,
-                threshold=c.selection_threshold, target_sparsity=c.selection_target_sparsity or None, seed=seed,
-            )
-        else:
-            return
-        if c.selection == "loss":
-            self.criterion = CGGRLoss(selector=self.selector)
-        if c.reference_losses:  # precomputed: read per batch, no reference forward
+        if self.selector is not None and c.reference_losses:  # precomputed: read per batch, no reference forward
             self.reference = ReferenceLosses(c.reference_losses, self.corpus.train)
-        if c.reference_ckpt:
+        if self.selector is not None and c.reference_ckpt:
             self.reference = load_model(c.reference_ckpt, self.device)
             if self.reference.config.vocab_size != c.model.vocab_size:
                 raise CheckpointError(
                     f"reference {c.reference_ckpt} has vocab_size {self.reference.config.vocab_size}, "
                     f"this run {c.model.vocab_size}"
                 )
+
+    def _set_schedules(self, step: int) -> None:
+        """Put every per-step schedule at optimizer step ``step``: the objective's
+        own (a selection warmup) and the network's modules' (2:4 dense warmup, BK
+        sparsity ramp). The trainer's step is the only counter."""
+        self.objective.set_step(step)
+        for m in self.scheduled:
+            m.set_step(step)
 
     @torch.no_grad()
     def _reference_nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -392,60 +365,23 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float = 1.0, sync: bool = True) -> torch.Tensor:
-        """One micro-batch: forward, ``(loss * loss_scale).backward()``. Returns the
-        unscaled loss (detached). ``sync=False`` skips the DDP all-reduce, for
+        """One micro-batch: the objective's forward, ``(loss * loss_scale).backward()``
+        (timed), its metrics into the log window. Returns the reported loss
+        (detached, never read here). ``sync=False`` skips the DDP all-reduce, for
         all but the last micro-batch of an accumulation."""
         # known on the host, the selector needs no sync to size its budget. The
         # corpus windows (data.py, loader.py) have a target at every position;
         # a batch still on the CPU is counted anyway
         n_valid = int((y != IGNORE_INDEX).sum()) if y.device.type == "cpu" else y.numel()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        ctx = self.ddp_model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
-        with ctx:
-            if self.cfg.use_collider:
-                with self.autocast():
-                    logits, trunk = self.ddp_model(x, return_trunk=True)
-                ref = self._reference_nll(x, y) if self.reference is not None else None
-                keep, stats = self.selector(logits.detach(), y, ref, n_valid=n_valid)
-                with self.autocast():
-                    loss = masked_cross_entropy(logits, y, keep)
-                    total = loss
-                    if self.mtp is not None:  # every head uses the primary head's keep mask, on kept rows only
-                        extra, head_losses = kept_rows_loss(self.model, self.mtp, trunk, y, keep)
-                        total = loss + extra
-                        self.mtp_losses.append([float(loss.detach())] + head_losses)
-                with collider_filter(keep), self._timed_backward():
-                    (total * loss_scale).backward()
-                self.step_kept[0] += stats.kept
-                self.step_kept[1] += stats.total
-                return loss.detach()
-            if self.mtp is not None:
-                with self._timed_backward():
-                    _, losses = sequential_backward(self.model, self.mtp, x, y, loss_scale, self.autocast)
-                self.mtp_losses.append(losses)
-                return torch.tensor(losses[0], device=self.device)  # the main head's loss, comparable to dense
+        no_sync = self.ddp_model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
+        with no_sync:
             with self.autocast():
-                if self.batch_splitter is not None:
-                    loss = self.batch_splitter(x, targets=y)
-                    m = self.batch_splitter.get_metrics()
-                    kept, total = m["tokens_selected"], m["tokens_total"]
-                elif self.criterion is not None:
-                    logits, _ = self.ddp_model(x)
-                    ref = self._reference_nll(x, y) if self.reference is not None else None
-                    loss = self.criterion(logits, y, ref)
-                    kept, total = self.selector.last_stats.kept, self.selector.last_stats.total
-                else:
-                    _, loss = self.ddp_model(x, y)
-                    kept = total = 0
-                aux = self.model.aux_loss() if isinstance(self.model, ResNetBK) else None
-            with self._timed_backward():
-                # the reported loss stays the LM loss; a sparse ResNet-BK also learns its sparsity target
-                ((loss if aux is None else loss + aux) * loss_scale).backward()
-            if aux is not None:
-                self.bk_stats.append(self.model.sparsity_stats(sync=False))  # read on log steps only
-        self.step_kept[0] += kept
-        self.step_kept[1] += total
-        return loss.detach()
+                out = self.ddp_model(x, y, n_valid)
+            with out.backward_context(), self._timed_backward() as timing:
+                (out.loss * loss_scale).backward()
+        self.metric_window.add({**out.metrics, "backward_ms": timing[0]})
+        return out.lm_loss
 
     def _batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Micro-batch ``micro`` of step ``self.step``: built here, or taken from the
@@ -488,25 +424,19 @@ class Trainer:
 
     @contextlib.contextmanager
     def _timed_backward(self):
-        """Time a backward pass: CUDA events (read at the next log), or the host clock."""
+        """Time a backward pass: CUDA events (read when the log window is), or the
+        host clock. Yields a one-item list that holds the timing afterwards."""
+        timing: list = [None]
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            yield
+            yield timing
             end.record()
-            self.backward_ms.append((start, end))
+            timing[0] = ElapsedMs(start, end)
         else:
             t0 = time.perf_counter()
-            yield
-            self.backward_ms.append((time.perf_counter() - t0) * 1e3)
-
-    def _drain_backward_ms(self) -> float | None:
-        """Mean backward milliseconds per micro-step since the last call."""
-        if not self.backward_ms:
-            return None
-        ms = [b if isinstance(b, float) else b[0].elapsed_time(b[1]) for b in self.backward_ms]
-        self.backward_ms = []
-        return sum(ms) / len(ms)
+            yield timing
+            timing[0] = (time.perf_counter() - t0) * 1e3
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step at ``self.step``. Returns (mean loss, grad norm) as tensors."""
@@ -515,7 +445,6 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
-        self.step_kept = [0, 0]
         log_step = (self.step + 1) % c.log_every == 0
         for m in self.sparse_ffns:  # 2:4 statistics cost extra reductions: only on steps that get logged
             m.track_stats = log_step and m.sparse
@@ -533,20 +462,19 @@ class Trainer:
             gnorm = torch.zeros((), device=self.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.selector is not None:
-            self.selector.step()
+        extras = {}
         stats = [m.last_stats for m in self.sparse_ffns if m.track_stats and m.last_stats]
-        if stats:
-            # kept as tensors and averaged when the step is logged, after the window's one sync
-            self.sparse24_stats[self.step + 1] = (stats, self.sparse_ffns[0].last_backend)
+        if stats:  # device tensors, averaged over layers here and read when the step is logged
+            extras["sparse24"] = {**tensor_means(stats), "backend": self.sparse_ffns[0].last_backend}
         for m in self.sparse_ffns:  # off again, so that an evaluation after this step counts nothing
             m.track_stats = False
-        for m in self.scheduled:
-            m.step()
+        loss = D.all_reduce_mean(total / c.grad_accum, self.dist)
+        self.metric_window.end_step(self.step + 1, loss, gnorm.detach(), self.optimizer.param_groups[0]["lr"], extras)
         self.step += 1
+        self._set_schedules(self.step)
         if c.fire_at_step and self.step == c.fire_at_step:
             self._fire()
-        return D.all_reduce_mean(total / c.grad_accum, self.dist), gnorm.detach()
+        return loss, gnorm.detach()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -597,7 +525,6 @@ class Trainer:
             print(f"run dir: {self.out_dir}  ({tokens_per_step:,} tokens/step, steps {self.step} -> {c.max_steps})")
         bar = self._progress_bar()
         metrics = open(self.out_dir / METRICS_NAME, "a") if self.dist.is_main else None
-        pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
         try:
             if self.step == 0:  # the starting point of the val curve
                 val = self.evaluate()
@@ -608,13 +535,11 @@ class Trainer:
             fit_start_seconds, window_t0, window_tokens = self.train_seconds, time.perf_counter(), 0
             self.clock.run()
             while self.step < c.max_steps:
-                loss, gnorm = self.train_step()
+                self.train_step()  # its loss and metrics wait in self.metric_window until logged
                 if self.clock.step_done():  # start-up measured (one sync)
                     if metrics:
                         metrics.write(json.dumps({"kind": "startup", "step": self.step, "steps": c.startup_steps,
                                                   "startup_seconds": round(self.clock.startup_seconds, 3)}) + "\n")
-                kept_frac = self.step_kept[0] / self.step_kept[1] if self.step_kept[1] else None
-                pending.append((self.step, loss, gnorm, self.optimizer.param_groups[0]["lr"], kept_frac))
                 window_tokens += tokens_per_step
                 last = self.step >= c.max_steps
                 out_of_time = self._out_of_time()
@@ -625,30 +550,14 @@ class Trainer:
                     now = time.perf_counter()
                     self.clock.synced()
                     tps = window_tokens / max(now - window_t0, 1e-9)
-                    bwd_ms = self._drain_backward_ms()
-                    for s, l, g, lr, kf in pending:
-                        row = {"kind": "train", "step": s, "loss": float(l), "grad_norm": float(g), "lr": lr,
-                               "tokens": s * tokens_per_step, "tokens_per_s": round(tps, 1)}
-                        if kf is not None:
-                            row["kept_fraction"] = round(kf, 4)
-                        if bwd_ms is not None:
-                            row["backward_ms"] = round(bwd_ms, 3)  # mean over the log window
-                        if s in self.sparse24_stats:
-                            layer_stats, backend = self.sparse24_stats.pop(s)
-                            row["sparse24"] = {**_mean_rows(layer_stats), "backend": backend}
-                        if self.bk_stats:
-                            row["bk_sparsity"] = _mean_rows(self.bk_stats)
-                        if self.mtp_losses:
-                            row["mtp_losses"] = [round(sum(c) / len(c), 4) for c in zip(*self.mtp_losses)][1:]
-                        result.train_losses[s] = row["loss"]
+                    rows = self.metric_window.rows(tokens_per_step, tps)
+                    for row in rows:
+                        result.train_losses[row["step"]] = row["loss"]
                         if metrics:
                             metrics.write(json.dumps(row) + "\n")
                     if not math.isfinite(result.train_losses[self.step]):
                         raise FloatingPointError(f"loss became {result.train_losses[self.step]} at step {self.step}")
-                    self.mtp_losses = []
-                    self.bk_stats = []
-                    self._report(bar, result.train_losses[self.step], tps, len(pending), pending[-1][4])
-                    pending.clear()
+                    self._report(bar, result.train_losses[self.step], tps, len(rows), rows[-1].get("kept_fraction"))
                     window_t0, window_tokens = now, 0
                 pause_t0 = time.perf_counter()  # eval and checkpoint time stay out of tokens/s
                 eval_now = last or out_of_time or (c.eval_every and self.step % c.eval_every == 0) or self._eval_due_by_time()

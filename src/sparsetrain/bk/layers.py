@@ -38,13 +38,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import BK_SPARSITY_LOSSES as SPARSITY_LOSSES
 from ..errors import ConfigError
 from ..model import relu_squared, upcast
 from ..optim import StepCounted
 from ..rows import gather_rows
 from .core import DEFAULT_Z, bk_core
 from .relu_squared_rows import relu_squared_rows
+
+SPARSITY_LOSSES = ("l2", "l1", "kl", "adaptive")
 
 MASK_MODES = ("threshold", "topk")
 

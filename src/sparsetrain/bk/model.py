@@ -13,9 +13,23 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, require
 from ..model import CausalLM, RMSNorm
-from .layers import MoEResNetBKLayer, SparseMoEResNetBKLayer
+from .layers import SPARSITY_LOSSES, MoEResNetBKLayer, SparseMoEResNetBKLayer
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """The config fields ResNet-BK owns (``model.bk_*``), and what ``arch = resnet_bk`` needs."""
+    require(cfg.bk_num_experts >= 1, f"model.bk_num_experts must be >= 1, got {cfg.bk_num_experts}")
+    require(0 <= cfg.bk_sparsity < 1, f"model.bk_sparsity must be in [0, 1), got {cfg.bk_sparsity}")
+    require(cfg.bk_sparsity_loss in SPARSITY_LOSSES,
+            f"model.bk_sparsity_loss must be one of {', '.join(SPARSITY_LOSSES)}, got {cfg.bk_sparsity_loss!r}")
+    require(cfg.bk_sparsity_loss_weight >= 0, f"model.bk_sparsity_loss_weight must be >= 0, got {cfg.bk_sparsity_loss_weight}")
+    require(cfg.bk_sparsity_warmup_steps >= 0, f"model.bk_sparsity_warmup_steps must be >= 0, got {cfg.bk_sparsity_warmup_steps}")
+    require(cfg.bk_tau > 0, f"model.bk_tau must be > 0, got {cfg.bk_tau}")
+    if cfg.arch == "resnet_bk":
+        require(cfg.ffn == "relu2", f"model.arch = resnet_bk uses its own squared-ReLU experts; model.ffn must be relu2, got {cfg.ffn!r}")
+        require(not cfg.hyper_connections, "model.arch = resnet_bk does not support hyper_connections")
 
 
 class BKBlock(nn.Module):

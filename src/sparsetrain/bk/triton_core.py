@@ -18,9 +18,9 @@ inputs (on the CPU through ``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from .. import kernels
 
 try:
     import triton
@@ -31,9 +31,7 @@ except ImportError:  # pragma: no cover - depends on the install
 BLOCK = 32  # rows per program
 
 
-@functools.cache
-def triton_available() -> bool:
-    return triton is not None
+triton_available = kernels.triton_available  # decided once for the process, a constant to torch.compile
 
 
 if triton is not None:

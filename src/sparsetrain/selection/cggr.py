@@ -7,7 +7,10 @@ Drop-in for users of the ``cggr`` package (same constructor arguments and
 * the loss's scores use the targets when the score needs them (``loss``,
   ``combined``), and ignored targets (-100) are never selected;
 * warmup advances by itself: every training-mode forward counts as a step
-  until you call :meth:`step` yourself, from then on only your calls count;
+  until you call :meth:`step` yourself, from then on only your calls count.
+  That holds for the selector a CGGR object builds from its cggr-style
+  arguments; a ``selector`` passed in belongs to the caller, who counts its
+  steps (the trainer, once per optimizer step however many micro-batches);
 * batch splitting ranks sequences by their *mean* token score (choosing a
   sequence when *any* token is hard selects nearly everything), shifts the
   router's labels once, and slices the attention mask with the batch.
@@ -23,16 +26,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model import GPT, upcast
+from ..numerics import upcast
 from .scores import IGNORE_INDEX, score_tokens, shift_labels
+from .select import kept_indices
 from .selector import TokenSelector
 
 
 class _AutoStep:
-    """Step counting shared by CGGRLoss and CGGRModel."""
+    """Step counting shared by CGGRLoss and CGGRModel: only a selector the CGGR
+    object built itself is stepped by its forwards (until the first :meth:`step`)."""
 
     selector: TokenSelector
     _manual_steps = False
+    _owns_selector = True
 
     def step(self) -> None:
         """Advance the warmup by one optimizer step (call after ``optimizer.step()``)."""
@@ -40,7 +46,7 @@ class _AutoStep:
         self.selector.step()
 
     def _auto_step(self, training: bool) -> None:
-        if training and not self._manual_steps:
+        if training and self._owns_selector and not self._manual_steps:
             self.selector.step()
 
 
@@ -68,7 +74,8 @@ class CGGRLoss(_AutoStep, nn.Module):
         selector: TokenSelector | None = None,
     ) -> None:
         super().__init__()
-        # ``selector`` (sparsetrain extension) replaces the cggr-style arguments
+        # ``selector`` (sparsetrain extension) replaces the cggr-style arguments; its owner counts its steps
+        self._owns_selector = selector is None
         self.selector = selector or TokenSelector(
             score=scoring, method=selection, keep_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
             dynamic=dynamic_threshold, sensitivity=threshold_sensitivity, num_strata=num_strata,
@@ -76,42 +83,50 @@ class CGGRLoss(_AutoStep, nn.Module):
         )
         self.scoring, self.selection = self.selector.score, self.selector.method
         self.base_loss = base_loss
-        self.metrics: dict[str, Any] = {}
+        self._last: tuple[int, Any] | None = None  # (step, SelectionStats) of the last forward
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor, ref_nll: torch.Tensor | None = None) -> torch.Tensor:
-        mask, stats = self.selector(logits, targets, ref_nll)
-        kept_logits = logits[mask]
-        kept_targets = targets[mask]
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, ref_nll: torch.Tensor | None = None,
+                n_valid: int | None = None) -> torch.Tensor:
+        """``n_valid``: the number of targets that are not ``ignore_index``, when the
+        caller knows it on the host (see :meth:`TokenSelector.__call__`); with it, and
+        a selection method that knows its kept rows, the loss waits for no host sync."""
+        mask, stats = self.selector(logits, targets, ref_nll, n_valid=n_valid)
+        kidx = kept_indices(mask)  # sorted: the rows logits[mask] would give, without its sync
+        kept_logits = logits.reshape(-1, logits.shape[-1]).index_select(0, kidx)
+        kept_targets = targets.reshape(-1).index_select(0, kidx)
         if self.base_loss is None:
             loss = F.cross_entropy(upcast(kept_logits), kept_targets)
         else:
             loss = self.base_loss(kept_logits, kept_targets).mean()
-        self.metrics = {
-            "step": self.selector.step_count,
-            "token_ratio": stats.keep_ratio,
-            "tokens_selected": stats.kept,
-            "tokens_total": stats.total,
-            "avg_confidence": stats.avg_confidence,
-            "avg_entropy": stats.avg_entropy,
-            "avg_difficulty": stats.avg_difficulty,
-            "selection": self.selection,
-            "scoring": self.scoring,
-        }
+        self._last = (self.selector.step_count, stats)  # read by get_metrics(): no host sync in the step
         self._auto_step(self.training)
         return loss
 
     def get_metrics(self) -> dict[str, Any]:
-        return dict(self.metrics)
+        """cggr's keys for the last forward, as Python numbers (a host sync for device values)."""
+        if self._last is None:
+            return {}
+        step, stats = self._last
+        return {"step": step, "token_ratio": stats.keep_ratio, "tokens_selected": stats.kept,
+                "tokens_total": stats.total, "avg_confidence": stats.avg_confidence, "avg_entropy": stats.avg_entropy,
+                "avg_difficulty": stats.avg_difficulty, "selection": self.selection, "scoring": self.scoring}
 
 
 # ----------------------------------------------------------------------------- routers
 
 
+def is_sparsetrain_lm(model: nn.Module) -> bool:
+    """Does ``model`` have the interface of :class:`sparsetrain.model.CausalLM`
+    (``trunk(idx, n_layers)``, ``norm``, ``lm_head``; ``forward`` returns ``(logits, loss)``)?
+    Checked by interface: this package sits below the model module."""
+    return callable(getattr(model, "trunk", None)) and hasattr(model, "norm") and hasattr(model, "lm_head")
+
+
 class GPTTruncatedRouter(nn.Module):
-    """The first ``num_layers`` blocks of a sparsetrain GPT plus its final norm and
+    """The first ``num_layers`` blocks of a sparsetrain causal LM plus its final norm and
     LM head, sharing every parameter with it (no copies)."""
 
-    def __init__(self, model: GPT, num_layers: int) -> None:
+    def __init__(self, model: nn.Module, num_layers: int) -> None:
         super().__init__()
         self.model = model
         self.num_layers = num_layers
@@ -166,10 +181,11 @@ class HFTruncatedRouter(nn.Module):
 def create_truncated_router(model: nn.Module, num_layers: int = 2) -> nn.Module:
     """A cheap scorer that shares weights with ``model``: embedding, its first
     ``num_layers`` layers, final norm and LM head. Returns logits."""
-    n_total = model.config.n_layer if isinstance(model, GPT) else None
+    sparsetrain_lm = is_sparsetrain_lm(model)
+    n_total = model.config.n_layer if sparsetrain_lm else None
     if n_total is not None and not 1 <= num_layers <= n_total:
         raise ValueError(f"num_layers must be in [1, {n_total}], got {num_layers}")
-    if isinstance(model, GPT):
+    if sparsetrain_lm:
         return GPTTruncatedRouter(model, num_layers)
     return HFTruncatedRouter(model, num_layers)
 
@@ -204,7 +220,9 @@ class CGGRModel(_AutoStep, nn.Module):
         super().__init__()
         self.model = model
         self.router = router if router is not None else model
-        # the selector's score and schedule (warmup, dynamic ratio) decide which and how many sequences
+        # the selector's score and schedule (warmup, dynamic ratio) decide which and how many sequences;
+        # a selector passed in is stepped by its owner
+        self._owns_selector = selector is None
         self.selector = selector or TokenSelector(
             score=scoring, method="topk", keep_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
             dynamic=dynamic_threshold, sensitivity=threshold_sensitivity, ignore_index=ignore_index)
@@ -213,7 +231,7 @@ class CGGRModel(_AutoStep, nn.Module):
         self._pending: dict[str, Any] = {}
 
     def _logits(self, module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(module, GPT):
+        if is_sparsetrain_lm(module):
             return module(input_ids)[0]
         if isinstance(module, GPTTruncatedRouter):
             return module(input_ids)
@@ -244,8 +262,9 @@ class CGGRModel(_AutoStep, nn.Module):
             scores, rs = score_tokens(self.scoring, router_logits, targets, ignore_index=self.ignore_index)
             del router_logits
             valid = rs.valid
-            conf = rs.p1[valid].mean()
-            ratio = self.selector.current_ratio(conf)
+            n_valid = valid.sum().clamp(min=1)  # means over valid tokens on the device: boolean indexing would sync
+            conf = torch.where(valid, rs.p1, 0.0).sum() / n_valid
+            ratio = self.selector.current_ratio(conf)  # reads conf (a sync) only with a dynamic ratio
             n_tok = valid.sum(-1)
             seq_score = torch.where(valid, scores, 0.0).sum(-1) / n_tok.clamp(min=1)
             seq_score = seq_score.masked_fill(n_tok == 0, float("-inf"))  # all-padding rows come last
@@ -258,9 +277,15 @@ class CGGRModel(_AutoStep, nn.Module):
         # metrics stay on the device until get_metrics() asks: no host sync in the step
         self._pending = {"step": self.selector.step_count, "token_ratio": ratio, "sequences_selected": k,
                          "tokens_selected": (sub_targets != self.ignore_index).sum(), "tokens_total": valid.sum(),
-                         "avg_confidence": conf, "avg_entropy": rs.entropy[valid].mean()}
+                         "avg_confidence": conf, "avg_entropy": torch.where(valid, rs.entropy, 0.0).sum() / n_valid}
         self._auto_step(self.training)
         return loss
+
+    @property
+    def last_metrics(self) -> dict[str, Any]:
+        """The last forward's metrics as they are: counts and means may be device
+        tensors (reading them is a host sync, which :meth:`get_metrics` does)."""
+        return dict(self._pending)
 
     def get_metrics(self) -> dict[str, Any]:
         """cggr's keys (plus ``sequences_selected``), as Python numbers."""

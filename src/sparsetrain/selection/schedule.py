@@ -114,6 +114,11 @@ class SelectionStats:
             self._raw[k] = int(round(v)) if k in ("kept", "total") else v
         return self._raw[name]
 
+    def unread(self, name: str):
+        """Field ``name`` as stored: a device tensor comes back as it is, not read
+        (for callers that add counts up on the device and read them later)."""
+        return self._raw[name]
+
     kept = property(lambda self: self._get("kept"))
     total = property(lambda self: self._get("total"))
     keep_ratio = property(lambda self: self._get("keep_ratio"))

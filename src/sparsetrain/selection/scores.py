@@ -26,26 +26,13 @@ float32 at a time).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-IGNORE_INDEX = -100
+from ..numerics import IGNORE_INDEX
+from .row_stats import RowStats
+
 SCORES = ("loss", "entropy", "margin", "combined", "collider", "excess")
 COLLIDER_EPS = 1e-6
-
-
-@dataclass
-class RowStats:
-    """Per-token statistics of a logits row (float32, float64 for float64 logits;
-    shape = logits.shape[:-1])."""
-
-    lse: torch.Tensor  # log-sum-exp of the row
-    nll: torch.Tensor  # lse - logit[target]; 0 where the target is ignored
-    entropy: torch.Tensor  # entropy of softmax(row), nats
-    p1: torch.Tensor  # largest probability (the model's confidence)
-    p2: torch.Tensor  # second-largest probability
-    valid: torch.Tensor  # bool: target != ignore_index
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

@@ -28,7 +28,9 @@ class TokenSelector:
         num_strata, min_per_sequence, per_sequence: see ``select.py``.
         seed: seed of the generator behind ``random`` and ``stratified``.
 
-    ``step_count`` advances with :meth:`step`; call it once per optimizer step.
+    ``step_count`` is the optimizer step the schedule is at: :meth:`step` advances
+    it by one, :meth:`set_step` sets it (the trainer sets it from its own step
+    count after every optimizer step, so there is one counter).
     """
 
     def __init__(
@@ -66,7 +68,14 @@ class TokenSelector:
         self.last_mask: torch.Tensor | None = None  # keep mask of the last call
 
     def step(self) -> None:
+        """Count one optimizer step."""
         self.step_count += 1
+
+    def set_step(self, step: int) -> None:
+        """Put the schedule at optimizer step ``step``."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        self.step_count = step
 
     def current_ratio(self, confidence: torch.Tensor | float | None = None) -> float:
         """Keep ratio in force at this step: the warmup schedule, adjusted by the

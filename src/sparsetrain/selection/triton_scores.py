@@ -14,11 +14,11 @@ GPU, and on the CPU through Triton's interpreter, ``TRITON_INTERPRET=1``).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .scores import IGNORE_INDEX, RowStats
+from .. import kernels
+from ..numerics import IGNORE_INDEX
+from .row_stats import RowStats
 
 try:
     import triton
@@ -27,9 +27,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
-@functools.cache
-def triton_available() -> bool:
-    return triton is not None
+triton_available = kernels.triton_available  # decided once for the process
 
 
 if triton is not None:

@@ -12,8 +12,9 @@ The extension is compiled on first use with ``torch.utils.cpp_extension``
 (a C++ compiler, CUDA's headers and cuSPARSELt's header, which the
 ``nvidia-cusparselt`` wheel beside torch carries; 27 s on the H200 machine,
 then cached under ``TORCH_EXTENSIONS_DIR``). Where it cannot be built, :func:`load` warns
-once and returns ``None``, and callers use torch's op. ``SPARSETRAIN_CSLT_PLANS=0``
-turns it off.
+once and returns ``None``, and callers use torch's op. The kernel policy's
+``cached_cslt_plans`` (:mod:`sparsetrain.kernels`; ``SPARSETRAIN_CSLT_PLANS=0``
+in the environment) turns it off.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ from types import ModuleType
 
 import torch
 
+from .. import kernels
+
 _SOURCE = Path(__file__).with_name("csrc") / "cslt_plans.cpp"
 _EXT: ModuleType | None = None
 _TRIED = False
-ENABLED = os.environ.get("SPARSETRAIN_CSLT_PLANS", "1") != "0"
-"""Use the cached plans where they build; ``False``: torch's op (set from the environment, switchable for benchmarks)."""
 
 
 def _cusparselt_dirs() -> tuple[str, str, str]:
@@ -75,11 +76,12 @@ def load() -> ModuleType | None:
 
 
 def sparse_mm(packed: torch.Tensor, dense: torch.Tensor, transpose_result: bool = False, alg_id: int = 0,
-              split_k: int = 1, split_k_mode: int = -1) -> torch.Tensor:
+              split_k: int = 1, split_k_mode: int = -1, policy: kernels.KernelPolicy | None = None) -> torch.Tensor:
     """``torch._cslt_sparse_mm`` with the same arguments, on a cached plan where
-    the extension is available (the same kernel and result either way).
-    Operands it cannot multiply raise ``RuntimeError`` naming the bad value."""
-    ext = load() if ENABLED else None
+    the extension is available and ``policy`` (default :func:`sparsetrain.kernels.current`)
+    allows it (the same kernel and result either way). Operands it cannot
+    multiply raise ``RuntimeError`` naming the bad value."""
+    ext = load() if (policy or kernels.current()).cached_cslt_plans else None
     if ext is None:
         return torch._cslt_sparse_mm(packed, dense, transpose_result=transpose_result, alg_id=alg_id,
                                      split_k=split_k, split_k_mode=split_k_mode)

@@ -33,30 +33,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from . import cslt_plans
 from .custom_ops import ffn_op
 from .packing import pack_transposable
 
 
-_AVAILABLE: bool | None = None
-
-
-# assume_constant_result: under torch.compile, dynamo runs this eagerly once and
-# treats the answer as a constant (it will not trace torch.backends.cusparselt.
-# is_available()). The cache is a module global, not functools.cache: dynamo
-# looks through an lru_cache wrapper and traces the function inside it, marker
-# and all, which is the graph break this avoids.
-@torch.compiler.assume_constant_result
-def cusparselt_available() -> bool:
-    """Whether torch's cuSPARSELt 2:4 products can run here (CUDA, sm80+, cuSPARSELt built in)."""
-    global _AVAILABLE
-    if _AVAILABLE is None:
-        try:
-            _AVAILABLE = bool(torch.cuda.is_available() and torch.backends.cusparselt.is_available()
-                              and torch.cuda.get_device_capability() >= (8, 0) and hasattr(torch, "_cslt_sparse_mm"))
-        except (AttributeError, RuntimeError):
-            _AVAILABLE = False
-    return _AVAILABLE
+# decided once for the process, a constant to torch.compile (see sparsetrain.kernels)
+cusparselt_available = kernels.cusparselt_available
 
 
 def supported(x: torch.Tensor, w_up: torch.Tensor) -> bool:

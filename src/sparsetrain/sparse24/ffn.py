@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
 from ..model import relu_squared, upcast
 from ..optim import StepCounted
 from ..rows import permute_rows
@@ -88,15 +89,6 @@ class _Sparse24FFN(torch.autograd.Function):
         d_up = du_w.t() @ x.to(du.dtype)
         dx = du @ w_up.to(du.dtype)
         return dx, d_up.to(w_up.dtype), d_down.to(w_down.dtype), None, None, None, None, None, None
-
-
-# cuSPARSELt beats the masked kernel in the training step from this d_model up
-# (H200, 16k tokens, bench/results/sparse24_steps_relu_squared_h200.json: d20,
-# d 1280, 0.97x the relu2 step on cuSPARSELt against 0.93x on the masked kernel;
-# nano-125m, d 768, 0.83x against 0.89x; with the faster packing of
-# sparse24_ffn_pattern_reuse_h200.json, d20: 1.024x against 1.015x). Below it the transposable method runs
-# the same selection on dense GEMMs (sparse24_ffn_masked_kernel).
-CUSPARSELT_MIN_WIDTH = 1280
 
 
 def _masked_kernel_forward(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -180,13 +172,23 @@ class Sparse24FFN(StepCounted):
     ``dense_warmup_steps`` calls of :meth:`step` have happened."""
 
     def __init__(self, d_model: int, hidden: int, method: str = "naive", dense_warmup_steps: int = 1000,
-                 dense_fraction: float = 0.05, token_prune: bool = True, seed: int = 0) -> None:
+                 dense_fraction: float = 0.05, token_prune: bool = True, seed: int = 0,
+                 policy: kernels.KernelPolicy | None = None, up: nn.Linear | None = None,
+                 down: nn.Linear | None = None) -> None:
+        """``policy``: the kernel policy the forward dispatches by (default: the
+        current one at each call, :func:`sparsetrain.kernels.current`). ``up``,
+        ``down``: existing projections to take over (a dense FFN's, converted), so
+        no new weights are drawn."""
         super().__init__()
         if hidden % 4:
             raise ValueError(f"hidden size must be a multiple of 4 for 2:4 sparsity, got {hidden}")
-        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.up = up if up is not None else nn.Linear(d_model, hidden, bias=False)
         self.gate = None  # the FFN interface the rest of sparsetrain reads (no SwiGLU gate here)
-        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.down = down if down is not None else nn.Linear(hidden, d_model, bias=False)
+        if self.up.weight.shape != (hidden, d_model) or self.down.weight.shape != (d_model, hidden):
+            raise ValueError(f"up {tuple(self.up.weight.shape)} and down {tuple(self.down.weight.shape)} "
+                             f"are not the projections of a {d_model} -> {hidden} FFN")
+        self.policy = policy
         self.method, self.dense_warmup_steps = method, dense_warmup_steps
         self.dense_fraction, self.token_prune = dense_fraction, token_prune
         self.init_step_count()  # steps (saved) and its host copy: resume continues the warmup
@@ -248,7 +250,10 @@ class Sparse24FFN(StepCounted):
             # relu2: 3.0); the step went from 1.086x to 1.100x dense (profiles:
             # bench/results/sparse24_steps_weight_casts_{before_,}h200.json)
             w_up, w_down = self.up.weight.to(half), self.down.weight.to(half)
-        if fast and cusparselt.supported(xp, w_up) and xp.shape[1] >= CUSPARSELT_MIN_WIDTH:
+        # cuSPARSELt from the policy's width up (where it beats the masked kernel in the step);
+        # below it the transposable method runs the same selection on dense GEMMs
+        min_width = (self.policy or kernels.current()).cusparselt_min_width
+        if fast and cusparselt.supported(xp, w_up) and xp.shape[1] >= min_width:
             self.last_backend = "cusparselt"
             y = cusparselt.sparse24_ffn_cusparselt(xp, w_up, w_down)
         elif fast and packing.triton_ok(xp) and xp.shape[0] % 64 == 0 and w_up.shape[0] % 64 == 0:

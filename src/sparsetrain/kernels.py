@@ -1,0 +1,162 @@
+"""Which kernels run: what this machine can run (decided once per process) and
+the dispatch policy (what to run where several kernels could).
+
+Availability::
+
+    kernels.triton_available()            # Triton importable
+    kernels.cusparselt_available()        # torch's cuSPARSELt 2:4 products (CUDA, sm80+)
+    kernels.cudnn_attention_available()   # aten's cuDNN SDPA op on a CUDA device
+
+The policy is one frozen :class:`KernelPolicy`, built from the environment
+once (:meth:`KernelPolicy.from_env`: ``SPARSETRAIN_CSLT_PLANS``,
+``SPARSETRAIN_ATTENTION_IMPL``) and read by the modules that dispatch
+(:func:`sparsetrain.cross_entropy.cross_entropy`, the ``relu2_24`` FFN,
+:func:`sparsetrain.sparse24.cslt_plans.sparse_mm`, Collider's attention and
+kept-query kernel). A module that is given a policy uses it; one that is not
+reads :func:`current`. To change it, for a benchmark or a test::
+
+    with kernels.using(fused_cross_entropy=False, cusparselt_min_width=0):
+        ...                        # every module without its own policy sees these values
+    kernels.set_policy(kernels.KernelPolicy(attention_impl="flash"))  # for the rest of the process
+
+A leaf module: it imports nothing from sparsetrain, so every other module may import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+
+ATTENTION_IMPLS = ("auto", "cudnn", "flash", "recompute")
+
+
+# Each answer is computed once and cached in a module global. assume_constant_result:
+# under torch.compile, dynamo runs the function eagerly once and treats the answer as
+# a constant (it will not trace torch.backends.*.is_available()). Not functools.cache:
+# dynamo looks through an lru_cache wrapper and traces the function inside it, marker
+# and all, which is the graph break this avoids.
+_AVAILABLE: dict[str, bool] = {}
+
+
+def _probe_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _probe_cusparselt() -> bool:
+    try:
+        return bool(torch.cuda.is_available() and torch.backends.cusparselt.is_available()
+                    and torch.cuda.get_device_capability() >= (8, 0) and hasattr(torch, "_cslt_sparse_mm"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _probe_cudnn_attention() -> bool:
+    return bool(torch.cuda.is_available() and torch.backends.cudnn.is_available()
+                and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"))
+
+
+def _available(name: str, probe) -> bool:
+    if name not in _AVAILABLE:
+        _AVAILABLE[name] = probe()
+    return _AVAILABLE[name]
+
+
+@torch.compiler.assume_constant_result
+def triton_available() -> bool:
+    """Is Triton importable here (on the GPU, or through its CPU interpreter in tests)?"""
+    return _available("triton", _probe_triton)
+
+
+@torch.compiler.assume_constant_result
+def cusparselt_available() -> bool:
+    """Can torch's cuSPARSELt 2:4 products run here (CUDA, sm80+, cuSPARSELt built in)?"""
+    return _available("cusparselt", _probe_cusparselt)
+
+
+@torch.compiler.assume_constant_result
+def cudnn_attention_available() -> bool:
+    """Does this torch have aten's cuDNN attention op, with CUDA and cuDNN present?
+    (A given shape may still be refused at its first call; callers fall back then.)"""
+    return _available("cudnn_attention", _probe_cudnn_attention)
+
+
+@dataclass(frozen=True)
+class KernelPolicy:
+    """Which kernel a module runs where several could. Frozen: a changed policy
+    is a new object (:meth:`replace`), so no module sees half a change."""
+
+    fused_cross_entropy: bool = True
+    """Mean cross-entropy and the Collider kept-rows loss by the Triton kernels on CUDA (else plain torch)."""
+    cached_cslt_plans: bool = True
+    """cuSPARSELt 2:4 products on sparsetrain's cached plans where the extension builds (else torch's op)."""
+    cusparselt_min_width: int = 1280
+    """``relu2_24`` transposable FFN on cuSPARSELt from this d_model up; below it the masked Triton
+    kernel on dense GEMMs. Measured crossing: bench/results/sparse24_steps_relu_squared_h200.json."""
+    attention_impl: str = "auto"
+    """Collider's attention: auto (cuDNN, else flash), cudnn, flash or recompute (plain SDPA, recomputed in backward)."""
+    kept_kernel_max_keep: float = 0.65
+    """Collider's kept-query attention backward kernel up to this kept fraction (auto mode);
+    measured in bench/results/collider_step_sync_free_h200.json."""
+
+    def __post_init__(self) -> None:
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention implementation must be one of {', '.join(ATTENTION_IMPLS)}, "
+                              f"got {self.attention_impl!r}")
+        if self.cusparselt_min_width < 0:
+            raise ConfigError(f"cusparselt_min_width must be >= 0, got {self.cusparselt_min_width}")
+        if not 0.0 <= self.kept_kernel_max_keep <= 1.0:
+            raise ConfigError(f"kept_kernel_max_keep must be in [0, 1], got {self.kept_kernel_max_keep}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> KernelPolicy:
+        """The default policy with the environment's overrides: ``SPARSETRAIN_CSLT_PLANS=0``
+        (torch's cuSPARSELt op, no cached plans) and ``SPARSETRAIN_ATTENTION_IMPL``."""
+        env = os.environ if environ is None else environ
+        return cls(cached_cslt_plans=env.get("SPARSETRAIN_CSLT_PLANS", "1") != "0",
+                   attention_impl=env.get("SPARSETRAIN_ATTENTION_IMPL", "auto") or "auto")
+
+    def replace(self, **changes) -> KernelPolicy:
+        """A copy with ``changes`` (field names as above)."""
+        return dataclasses.replace(self, **changes)
+
+
+_current: KernelPolicy | None = None
+
+
+def current() -> KernelPolicy:
+    """The process's policy: the environment's, read at the first call, unless set since."""
+    global _current
+    if _current is None:
+        _current = KernelPolicy.from_env()
+    return _current
+
+
+def set_policy(policy: KernelPolicy) -> KernelPolicy:
+    """Make ``policy`` the process's; returns the one it replaces."""
+    global _current
+    previous = current()
+    _current = policy
+    return previous
+
+
+@contextlib.contextmanager
+def using(policy: KernelPolicy | None = None, **changes) -> Iterator[KernelPolicy]:
+    """``policy`` (default: the current one), with ``changes``, as the process's
+    policy inside the block; the previous one is restored after it."""
+    new = (policy or current()).replace(**changes) if changes else (policy or current())
+    previous = set_policy(new)
+    try:
+        yield new
+    finally:
+        set_policy(previous)

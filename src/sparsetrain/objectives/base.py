@@ -1,0 +1,45 @@
+"""What every training objective returns, and the interface the trainer calls."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class ObjectiveOutput:
+    """One micro-batch's result.
+
+    ``loss``: what the trainer back-propagates (it scales it for gradient
+    accumulation); ``lm_loss``: the next-token loss the run reports, comparable
+    across objectives (detached); ``metrics``: this micro-step's numbers for
+    metrics.jsonl, device tensors left unread (see :mod:`.metrics` for the keys
+    and how a log window reduces them); ``backward_context``: what the backward
+    must run inside (Collider's row filter)."""
+
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    metrics: dict[str, Any] = field(default_factory=dict)
+    backward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+class Objective(nn.Module):
+    """A training objective: ``forward(x, y, n_valid)`` -> :class:`ObjectiveOutput`.
+
+    The module holds every trainable module the loss reads (the network, extra
+    heads), so wrapping it in DDP synchronises all of their gradients. ``x``,
+    ``y``: one micro-batch's inputs and aligned targets ``[B, T]``; ``n_valid``:
+    how many targets are not ignored, counted on the host by the caller so that
+    token selection needs no sync to size its budget."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, n_valid: int) -> ObjectiveOutput:  # type: ignore[override]
+        raise NotImplementedError
+
+    def set_step(self, step: int) -> None:
+        """Put the objective's own schedules (a selection warmup) at optimizer step ``step``.
+        The trainer calls it after every optimizer step and after a resume."""
