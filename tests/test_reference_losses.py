@@ -94,9 +94,9 @@ def test_trainer_reads_the_sidecar_for_each_micro_batch(reference_run, make_cfg,
     losses = np.memmap(sidecar, dtype=np.float16, mode="r")
     tokens = np.asarray(t.corpus.train, dtype=np.int64)
     seen = []
-    real_batch, real_ref = t._batch, t._reference_nll
+    real_batch, real_ref = t._batch, t.objective.reference_nll  # the objective calls the trainer's reader
     t._batch = lambda micro: seen.append(["batch", t.step, micro, real_batch(micro)]) or seen[-1][3]
-    t._reference_nll = lambda x, y: seen.append(["ref", x, y, real_ref(x, y)]) or seen[-1][3]
+    t.objective.reference_nll = lambda x, y: seen.append(["ref", x, y, real_ref(x, y)]) or seen[-1][3]
     t.fit()
     pairs = list(zip(seen[0::2], seen[1::2]))
     assert [(b[1], b[2]) for b, _ in pairs] == [(s, m) for s in range(3) for m in range(2)]
