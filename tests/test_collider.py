@@ -4,6 +4,7 @@ positions' keys and values in every attention layer."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -83,33 +84,46 @@ def assert_close(a: dict, b: dict, rtol: float = 1e-6) -> None:
         assert err <= rtol, (n, float(err))
 
 
-@pytest.mark.parametrize("same_mask", [True, False])
-def test_compact_loss_rows_reach_the_engine(same_mask: bool) -> None:
+@pytest.mark.parametrize("given", ["none", "same", "copy"])
+def test_compact_loss_rows_reach_the_engine(given: str) -> None:
     """masked_cross_entropy on ColliderModel logits hands the engine [K, V] rows
-    (autograd only sees a stride-0 zero): with the filter's own mask object the
-    rows are used as they are, with an equal copy (or a mask of fewer rows) they
-    are mapped onto the filter's rows. Both give the reference gradients."""
+    (autograd only sees a stride-0 zero) and its keep mask: no filter is needed,
+    and a filter given the same mask object, or an equal copy, changes nothing.
+    All give the reference gradients."""
     model = make()
     g = torch.Generator().manual_seed(fresh_seed())
     B, T = 2, 20
     idx, targets = random_tokens(B, T, g)
     targets[0, 2] = -100
     keep = random_keep(B, T, g)
-    loss_keep = keep if same_mask else keep & (torch.rand(B, T, generator=g) < 0.7)
-    loss_keep[0, 0] = keep[0, 0] = True  # at least one kept row with a target...
+    keep[0, 0] = True  # at least one kept row with a target...
     targets[0, 0] = 5
-    reference = reference_trunk(model, idx, keep)
-    sel = loss_keep & (targets != -100)
-    F.cross_entropy(model.lm_head(model.norm(reference))[sel], targets[sel]).backward()
+    reference_loss(model, idx, targets, keep).backward()
     ref = grads(model)
     logits = ColliderModel(model)(idx)
     seen = []
     logits.register_hook(lambda grad: seen.append(grad.stride()))
-    loss = masked_cross_entropy(logits, targets, loss_keep)
-    with filter(keep):
+    loss = masked_cross_entropy(logits, targets, keep)
+    ctx = {"none": contextlib.nullcontext(), "same": filter(keep), "copy": filter(keep.clone())}[given]
+    with ctx:
         loss.backward()
     assert seen == [(0, 0, 0)]  # the full-size gradient was never written
     assert_close(grads(model), ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("other", ["subset", "none"])
+def test_filter_that_disagrees_with_the_loss_mask_raises(other: str) -> None:
+    """filter is a check when the loss brings its mask: another mask (or None,
+    keep-everything, while the loss dropped tokens) is one clear error."""
+    model = make()
+    g = torch.Generator().manual_seed(fresh_seed())
+    idx, targets = random_tokens(2, 16, g)
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    keep[1, 3:9] = False
+    loss = masked_cross_entropy(ColliderModel(model)(idx), targets, keep)
+    with pytest.raises(ValueError, match="collider.filter"):
+        with filter(None if other == "none" else keep & (torch.rand(2, 16, generator=g) < 0.5)):
+            loss.backward()
 
 
 @pytest.mark.parametrize("method", ["topk", "random"])
@@ -392,7 +406,7 @@ def test_compiled_pieces_match_eager() -> None:
 
 @pytest.mark.parametrize("token_major", [True, False])
 def test_head_scatter_gather_both_layouts(token_major: bool) -> None:
-    from sparsetrain.collider.engine import _scatter_heads
+    from sparsetrain.collider.attention import scatter_heads as _scatter_heads
 
     B, H, T, hd = 2, 3, 5, 4
     like = torch.randn(B, T, H, hd).transpose(1, 2) if token_major else torch.randn(B, H, T, hd)

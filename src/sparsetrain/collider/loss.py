@@ -30,14 +30,33 @@ from ..selection.select import cached_kept_indices, kept_indices
 SLOT_ATTR = "_sparsetrain_row_grad_slot"
 
 
-class RowGradSlot:
-    """Where a kept-rows loss leaves ``(keep, kidx, grad_rows)`` for the engine's backward."""
+def zero_gradient(like: torch.Tensor) -> torch.Tensor:
+    """A stride-0 zero tensor shaped like ``like``: what autograd carries where the
+    real gradient travels as compact rows beside it (no ``[N, ...]`` memory)."""
+    return torch.zeros((), dtype=like.dtype, device=like.device).expand(like.shape)
 
-    __slots__ = ("compile", "items")
+
+def is_same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` is ``b`` as autograd handed it on (same memory, shape and strides)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+class RowGradSlot:
+    """Where a kept-rows loss leaves ``(keep, kidx, grad_rows)`` for the backward
+    of the model that made its logits, and the stride-0 zero gradients it
+    returned to autograd in their place (so the model's backward can tell them
+    from a real gradient, which it adds)."""
+
+    __slots__ = ("compile", "items", "markers")
 
     def __init__(self, compile: bool = False) -> None:
         self.compile = compile
         self.items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.markers: list[torch.Tensor] = []
+
+    def is_marker(self, grad: torch.Tensor) -> bool:
+        """Is ``grad`` one of the zero gradients a kept-rows loss returned (not a real one)?"""
+        return any(is_same_tensor(grad, m) for m in self.markers)
 
 
 def _ce_forward(logits2d: torch.Tensor, kidx: torch.Tensor, targets1d: torch.Tensor
@@ -118,8 +137,10 @@ class _KeptCrossEntropy(torch.autograd.Function):
         scale = (grad.to(lse.dtype) / count).reshape(1)
         rows = _fn("backward", ctx.compile, ctx.fused)(logits.reshape(-1, V), kidx, targets.reshape(-1), lse, scale)
         if ctx.slot is not None:
+            marker = zero_gradient(logits)
             ctx.slot.items.append((keep, kidx, rows))
-            return torch.zeros((), dtype=logits.dtype, device=logits.device).expand(logits.shape), None, None, None, None
+            ctx.slot.markers.append(marker)
+            return marker, None, None, None, None
         full = torch.zeros(logits.shape[:-1].numel(), V, dtype=logits.dtype, device=logits.device)
         return full.index_copy_(0, kidx, rows).view(logits.shape), None, None, None, None
 
