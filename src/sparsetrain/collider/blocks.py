@@ -59,12 +59,19 @@ class BlockAdapter(abc.ABC):
 
     def __init__(self, block: nn.Module) -> None:
         self.block = block
+        # where the block registers parameters, found once; what is registered
+        # there is read at each call (FSDP2 swaps sharded and unsharded ones)
+        self._slots = [(m, n) for m in block.modules() for n in m._parameters] if block is not None else []
 
     def parameters(self) -> list[nn.Parameter]:
         """The parameters the block's node takes as inputs and returns gradients
-        for: every trainable parameter of the block, read at call time (FSDP2
-        swaps sharded and unsharded parameters around each call)."""
-        return [p for p in self.block.parameters() if p.requires_grad]
+        for: every trainable parameter of the block, as registered at call time."""
+        out: dict[int, nn.Parameter] = {}
+        for m, n in self._slots:
+            p = m._parameters[n]
+            if p is not None and p.requires_grad:
+                out.setdefault(id(p), p)
+        return list(out.values())
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor, run: ColliderPass) -> tuple[torch.Tensor, Any]:
