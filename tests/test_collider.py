@@ -811,8 +811,11 @@ def test_second_backward_through_one_forward_is_refused() -> None:
 @requires_cuda
 @pytest.mark.parametrize("variant", ["relu2_24-noprune", "swiglu-hyper2"])
 def test_cuda_bf16_composed_blocks_close_to_float64_reference(variant: str) -> None:
-    """The composed path (relu2_24, hyper-connections) in bf16 autocast on the GPU."""
-    model = make(n_layer=2, **{k: v for k, v in VARIANTS[variant].items()})
+    """The composed path (relu2_24, hyper-connections) in bf16 autocast on the GPU
+    is as close to the float64 reference as the plain autograd reference run in
+    bf16 is (the hyper-connection logits' gradients are small sums of large terms,
+    so a fixed tolerance would not fit every parameter)."""
+    model = make(n_layer=2, **VARIANTS[variant])
     g = torch.Generator().manual_seed(fresh_seed())
     idx, targets = random_tokens(2, 24, g)
     keep = random_keep(2, 24, g)
@@ -820,9 +823,16 @@ def test_cuda_bf16_composed_blocks_close_to_float64_reference(variant: str) -> N
     ref = grads(model)
     gpu = make(n_layer=2, **VARIANTS[variant]).float().cuda()
     gpu.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    idx, targets, keep = idx.cuda(), targets.cuda(), keep.cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = ColliderModel(gpu)(idx.cuda())
-        loss = masked_cross_entropy(logits, targets.cuda(), keep.cuda())
+        reference_loss(gpu, idx, targets, keep).backward()
+    plain = {n: t.double().cpu() for n, t in grads(gpu).items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = masked_cross_entropy(ColliderModel(gpu)(idx), targets, keep)
     loss.backward()
-    got = {n: p.grad.double().cpu() for n, p in gpu.named_parameters()}
-    assert_close(got, ref, rtol=5e-2)
+    got = {n: t.double().cpu() for n, t in grads(gpu).items()}
+    assert got.keys() == ref.keys()
+    for n in ref:
+        err = float((got[n] - ref[n]).norm() / ref[n].norm())
+        bf16 = float((plain[n] - ref[n]).norm() / ref[n].norm())
+        assert err <= 3 * bf16 + 1e-2, (n, err, bf16)
