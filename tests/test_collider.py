@@ -719,6 +719,24 @@ def test_each_block_is_its_own_node_with_hooks_and_stride0_gradients(variant: st
         model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("variant", ["relu2", "swiglu-hyper2"])
+def test_zero_gradients_in_the_channel_are_never_gathered(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stride-0 zeros autograd carries (the loss's on the logits, the blocks'
+    between them) are recognised as such: no node gathers their kept rows as if
+    they were a gradient (for the logits that would be a [K, V] copy per step)."""
+    from sparsetrain.collider.keep import KeptRows
+
+    gathered = []
+    rows = KeptRows.rows
+    monkeypatch.setattr(KeptRows, "rows", lambda self, t: (gathered.append(t.stride()), rows(self, t))[1])
+    model = make(**VARIANTS[variant])
+    g = torch.Generator().manual_seed(fresh_seed())
+    idx, targets = random_tokens(2, 16, g)
+    keep = random_keep(2, 16, g)
+    masked_cross_entropy(ColliderModel(model)(idx), targets, keep).backward()
+    assert not [s for s in gathered if set(s) == {0}], gathered
+
+
 def test_relu2_24_with_token_pruning_backpropagates_the_ffn_on_kept_rows() -> None:
     """relu2_24's weight gradients prune 2:4 along tokens in groups of four rows
     (of the FFN's permuted batch) with the densest features dense. Under Collider

@@ -44,9 +44,15 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("family, with_filter", [("llama", True), ("qwen2", True), ("llama", False)])
-def test_apply_matches_detached_kv_reference(family: str, with_filter: bool) -> None:
+def test_apply_matches_detached_kv_reference(family: str, with_filter: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The loss carries the keep mask to every layer's backward; filter, given
-    the same mask, changes nothing."""
+    the same mask, changes nothing. The LM head takes the loss's [K, V] rows and
+    never gathers the stride-0 zero the loss gave autograd."""
+    from sparsetrain.collider.keep import KeptRows
+
+    gathered = []
+    rows = KeptRows.rows
+    monkeypatch.setattr(KeptRows, "rows", lambda self, t: (gathered.append(t.stride()), rows(self, t))[1])
     ref = _model(family)
     model = apply(copy.deepcopy(ref))
     transformers.AttentionInterface.register("test_detached_kv", _detached_kv_attention)
@@ -70,6 +76,7 @@ def test_apply_matches_detached_kv_reference(family: str, with_filter: bool) -> 
     with collider_filter(keep) if with_filter else contextlib.nullcontext():
         masked_cross_entropy(logits, targets, keep).backward()
     assert seen == [(0, 0, 0)]  # the LM head took the compact [K, V] rows: no full logits gradient
+    assert not [st for st in gathered if set(st) == {0}]
     got = _grads(model)
     assert set(got) == set(want)
     for n in want:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..selection.select import kept_indices
+from .loss import is_same_tensor
 
 _filters: list[torch.Tensor | None] = []
 _lock = threading.Lock()
@@ -111,11 +112,12 @@ class KeepResolver:
         self.slot = slot
         self.kept: KeptRows | None = None
         self.loss_rows: list[torch.Tensor] = []  # the kept-rows losses' [K, V] logit gradients
+        self.loss_markers: list[torch.Tensor] = []  # the zero gradients those losses gave autograd instead
 
     def begin(self, shape: tuple[int, int], device: torch.device) -> KeptRows:
         """Take the loss's mask and rows from the slot (a new backward starts here)."""
         items, self.slot.items = self.slot.items, []
-        self.slot.markers = []
+        self.loss_markers, self.slot.markers = self.slot.markers, []
         if items:
             keep, kidx = items[0][0], items[0][1]
             for other, _, _ in items[1:]:
@@ -141,7 +143,7 @@ class KeepResolver:
         return self.kept if self.kept is not None else self.begin(shape, device)
 
     def finish(self) -> None:
-        self.kept, self.loss_rows = None, []
+        self.kept, self.loss_rows, self.loss_markers = None, [], []
 
     def logit_rows(self, dlogits: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """The logits' gradient at the kept rows, ``[K, V]`` in ``dtype``: the
@@ -151,7 +153,7 @@ class KeepResolver:
         if kept is None:
             raise RuntimeError("logit_rows before the keep mask was resolved")
         dl = None
-        if dlogits is not None and not self.slot.is_marker(dlogits):
+        if dlogits is not None and not any(is_same_tensor(dlogits, m) for m in self.loss_markers):
             dl = kept.rows(dlogits).to(dtype)
         for r in self.loss_rows:
             dl = r.to(dtype) if dl is None else dl + r.to(dtype)

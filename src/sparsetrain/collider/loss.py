@@ -55,10 +55,6 @@ class RowGradSlot:
         self.items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.markers: list[torch.Tensor] = []
 
-    def is_marker(self, grad: torch.Tensor) -> bool:
-        """Is ``grad`` one of the zero gradients a kept-rows loss returned (not a real one)?"""
-        return any(is_same_tensor(grad, m) for m in self.markers)
-
 
 def _ce_forward(logits2d: torch.Tensor, kidx: torch.Tensor, targets1d: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
