@@ -281,14 +281,16 @@ def test_gradients_match_detached_kv_reference(variant: str) -> None:
     assert max(float((plain[n] - got[n]).norm() / got[n].norm()) for n in got) > 1e-3
 
 
-def test_engine_with_kept_attention_kernel_matches_reference() -> None:
-    """The full Collider backward with the Triton kept-query kernel (interpreter on CPU)."""
+@pytest.mark.parametrize("variant", ["relu2", "swiglu-hyper2"])
+def test_engine_with_kept_attention_kernel_matches_reference(variant: str) -> None:
+    """The full Collider backward with the Triton kept-query kernel (interpreter on
+    CPU), in the compact and the composed block paths."""
     from sparsetrain.collider import triton_attention
 
     if not triton_attention.available():
         pytest.skip("triton not installed")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = make(n_layer=2)
+    model = make(n_layer=2, **VARIANTS[variant])
     torch.nn.init.normal_(model.embed.weight, 0, 0.3)
     cfg = model.config
     model32 = GPT(ModelConfig(**{**cfg.__dict__, "d_model": 32})).double()  # head_dim 16: a kernel-legal shape
@@ -301,11 +303,17 @@ def test_engine_with_kept_attention_kernel_matches_reference() -> None:
     reference_loss(model32, idx, targets, keep).backward()
     ref = grads(model32)
     m = model32.float().to(device)
-    loss = masked_cross_entropy(ColliderModel(m, attention="kept")(idx.to(device)), targets.to(device), keep.to(device))
-    with filter(keep.to(device)):
+    idx, targets, keep = idx.to(device), targets.to(device), keep.to(device)
+    reference_loss(m, idx, targets, keep).backward()  # the same reference in float32: the precision to expect
+    plain = {n: t.double().cpu() for n, t in grads(m).items()}
+    loss = masked_cross_entropy(ColliderModel(m, attention="kept")(idx), targets, keep)
+    with filter(keep):
         loss.backward()
     got = {n: p.grad.double().cpu() for n, p in m.named_parameters()}
-    assert_close(got, ref, rtol=2e-3)
+    assert got.keys() == ref.keys()
+    for n in ref:  # float32 products; the hyper-connection logits' gradients are small sums of large terms
+        err = float((got[n] - ref[n]).norm() / ref[n].norm())
+        assert err <= max(2e-3, 3 * float((plain[n] - ref[n]).norm() / ref[n].norm())), (n, err)
 
 
 @pytest.mark.parametrize("variant", ["swiglu", "relu2_24", "swiglu-hyper2", "relu2-hyper4"])

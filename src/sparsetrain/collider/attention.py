@@ -226,7 +226,7 @@ def kept_rows_backward(saved: AttentionSaved, do_rows: torch.Tensor, kept, rope:
             scratch["rows_meta"] = triton_attention.kept_rows_meta(kidx, B, T)
         # [K, 3, H, hd] rows with RoPE undone: the QKV weight gradient's input as it is
         dqkv = torch.empty(K, 3, H, hd, dtype=saved.q.dtype, device=saved.q.device)
-        triton_attention.kept_attention_backward(saved.q, saved.k, saved.v, saved.out, do_rows.view(K, H, hd), kidx,
+        triton_attention.kept_attention_backward(saved.q, saved.k, saved.v, saved.out, do_rows.reshape(K, H, hd), kidx,
                                                  lse, rows_meta=scratch["rows_meta"], rope=rope, grads=dqkv)
         return dqkv.view(K, 3 * H * hd).to(dtype)
     kb, kt = kept.positions
