@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import triton_attention
 from .compact import piece, rope_inverse, rows
@@ -138,7 +139,11 @@ def attention_backward(saved: AttentionSaved, d_out: torch.Tensor) -> tuple[torc
         else:
             return aten._scaled_dot_product_flash_attention_backward(
                 d_out, saved.q, saved.k, saved.v, saved.out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset)
-    with torch.enable_grad():
+    # on the calling thread (a nested autograd call from another thread would wait
+    # for autograd's device thread, which is waiting for it), so never through
+    # cuDNN's backward and its per-thread graph cache
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with torch.enable_grad(), sdpa_kernel(backends):
         q = saved.q.detach().requires_grad_(True)
         k = saved.k.detach().requires_grad_(True)
         v = saved.v.detach().requires_grad_(True)
