@@ -3,12 +3,13 @@ float64 reference that detaches dropped positions' keys and values up front."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 
-from sparsetrain.collider import apply, filter as collider_filter, masked_cross_entropy
+from sparsetrain.collider import apply, filter as collider_filter, masked_cross_entropy, remove
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,8 +43,16 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_apply_matches_detached_kv_reference(family: str) -> None:
+@pytest.mark.parametrize("family, with_filter", [("llama", True), ("qwen2", True), ("llama", False)])
+def test_apply_matches_detached_kv_reference(family: str, with_filter: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss carries the keep mask to every layer's backward; filter, given
+    the same mask, changes nothing. The LM head takes the loss's [K, V] rows and
+    never gathers the stride-0 zero the loss gave autograd."""
+    from sparsetrain.collider.keep import KeptRows
+
+    gathered = []
+    rows = KeptRows.rows
+    monkeypatch.setattr(KeptRows, "rows", lambda self, t: (gathered.append(t.stride()), rows(self, t))[1])
     ref = _model(family)
     model = apply(copy.deepcopy(ref))
     transformers.AttentionInterface.register("test_detached_kv", _detached_kv_attention)
@@ -62,8 +71,12 @@ def test_apply_matches_detached_kv_reference(family: str) -> None:
         _REFERENCE_KEEP.pop()
     want = _grads(ref)
     logits = model(ids, use_cache=False).logits
-    with collider_filter(keep):
+    seen = []
+    logits.register_hook(lambda grad: seen.append(grad.stride()))
+    with collider_filter(keep) if with_filter else contextlib.nullcontext():
         masked_cross_entropy(logits, targets, keep).backward()
+    assert seen == [(0, 0, 0)]  # the LM head took the compact [K, V] rows: no full logits gradient
+    assert not [st for st in gathered if set(st) == {0}]
     got = _grads(model)
     assert set(got) == set(want)
     for n in want:
@@ -84,3 +97,62 @@ def test_apply_outside_filter_is_dense_and_keeps_the_state_dict() -> None:
     want, got = _grads(ref), _grads(model)
     for n in want:
         assert torch.allclose(got[n], want[n], rtol=1e-9, atol=1e-12), n
+
+
+def test_filter_that_disagrees_with_the_loss_mask_raises() -> None:
+    model = apply(_model("llama"))
+    ids = torch.randint(0, 120, (2, 12))
+    keep = torch.rand(2, 12) < 0.5
+    keep[:, 0] = True
+    loss = masked_cross_entropy(model(ids, use_cache=False).logits, ids, keep)
+    with pytest.raises(ValueError, match="collider.filter"):
+        with collider_filter(~keep):
+            loss.backward()
+
+
+def test_two_forwards_keep_their_own_masks() -> None:
+    """The mask belongs to each forward (no process-wide state): two forwards
+    whose losses are backpropagated together each keep their own tokens."""
+    ref = _model("llama")
+    model = apply(copy.deepcopy(ref))
+    transformers.AttentionInterface.register("test_detached_kv", _detached_kv_attention)
+    ref.set_attn_implementation("test_detached_kv")
+    batches = [(torch.randint(0, 120, (2, 10)), torch.randint(0, 120, (2, 10)), torch.rand(2, 10) < p)
+               for p in (0.3, 0.7)]
+    for _, _, keep in batches:
+        keep[:, 0] = True
+    total = 0
+    for ids, targets, keep in batches:
+        total = total + masked_cross_entropy(model(ids, use_cache=False).logits, targets, keep)
+    total.backward()
+    got = _grads(model)
+    for ids, targets, keep in batches:
+        _REFERENCE_KEEP.append(keep)
+        try:
+            masked_cross_entropy(ref(ids, use_cache=False).logits, targets, keep).backward()
+        finally:
+            _REFERENCE_KEEP.pop()
+    want = _grads(ref)
+    for n in want:
+        assert torch.allclose(got[n], want[n], rtol=1e-6, atol=1e-12), n
+
+
+def test_remove_restores_the_model() -> None:
+    """remove(apply(m)) trains as m: the model's own attention and linear layers,
+    dense gradients of a masked loss (dropped keys and values not detached)."""
+    ref = _model("qwen2")
+    attn = ref.config._attn_implementation
+    model = remove(apply(copy.deepcopy(ref)))
+    assert model.config._attn_implementation == attn
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    ids = torch.randint(0, 120, (2, 12))
+    keep = torch.rand(2, 12) < 0.5
+    keep[:, 0] = True
+    for m in (ref, model):
+        masked_cross_entropy(m(ids, use_cache=False).logits, ids, keep).backward()
+    want, got = _grads(ref), _grads(model)
+    for n in want:
+        assert torch.allclose(got[n], want[n], rtol=1e-9, atol=1e-12), n
+    with pytest.raises(ValueError, match="not made a Collider trainee"):
+        remove(model)

@@ -473,3 +473,22 @@ def test_cggr_objects_never_step_a_selector_passed_in() -> None:
     sel.step()
     crit(logits, targets)
     assert crit.get_metrics()["token_ratio"] == pytest.approx(0.8125)
+
+
+def test_kept_index_cache_lives_as_long_as_its_masks() -> None:
+    """Kept indices are remembered per mask object (no attribute on the tensor),
+    and forgotten when the mask is freed: a training loop does not grow the cache."""
+    from sparsetrain.selection.select import _kept_index_cache as cache
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    before = len(cache._entries)
+    for _ in range(5):
+        mask = select_random(torch.ones(3, 7, dtype=torch.bool), ratio=0.5, generator=g)
+        ref = torch.nonzero(mask.reshape(-1)).squeeze(1)
+        assert torch.equal(cached_kept_indices(mask), ref)
+        assert not any("kept" in k for k in mask.__dict__)
+        other = mask.clone()  # equal values, another object: not known
+        assert cached_kept_indices(other) is None
+        assert torch.equal(kept_indices(other), ref) and torch.equal(cached_kept_indices(other), ref)
+        del mask, other
+    assert len(cache._entries) == before

@@ -1,20 +1,28 @@
 """Collider: cross-layer token filtering in the backward pass (see README.md here).
 
-    from sparsetrain.collider import ColliderModel, filter, masked_cross_entropy
+    from sparsetrain.collider import ColliderModel, masked_cross_entropy
 
     cm = ColliderModel(gpt)
     logits = cm(idx)                                  # dense forward, all tokens
     keep, stats = selector(logits.detach(), targets)  # sparsetrain.selection.TokenSelector
     loss = masked_cross_entropy(logits, targets, keep)
-    with filter(keep):
-        loss.backward()                               # kept rows only, in every layer
+    loss.backward()                                   # kept rows only, in every layer
+
+The keep mask travels with the loss; ``with filter(keep):`` around the
+backward is optional (it must then be the same mask).
 
 Hugging Face causal LMs (Llama, Qwen2): ``apply(model)`` swaps in the same
-filtering (attention registry + kept-row linear backward); see ``hf.py``.
+filtering (attention registry + kept-row linear backward), ``remove(model)``
+undoes it; see ``hf.py``. Other block types join the engine through
+``register_block_adapter`` (``blocks.py``).
 """
 
-from .engine import ColliderModel, current_keep, filter, rmsnorm_backward, rope_inverse
-from .hf import apply
+from .blocks import BlockAdapter, RowGrad, register_block_adapter
+from .compact import rmsnorm_backward, rope_inverse
+from .gpt import ColliderModel
+from .hf import apply, remove
+from .keep import filter
 from .loss import masked_cross_entropy
 
-__all__ = ["apply", "ColliderModel", "current_keep", "filter", "masked_cross_entropy", "rmsnorm_backward", "rope_inverse"]
+__all__ = ["apply", "BlockAdapter", "ColliderModel", "filter", "masked_cross_entropy", "register_block_adapter",
+           "remove", "rmsnorm_backward", "RowGrad", "rope_inverse"]

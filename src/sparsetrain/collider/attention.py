@@ -25,8 +25,9 @@ caller's stream, always with ``dO`` laid out like the forward's output.
 ``SPARSETRAIN_ATTENTION_IMPL`` (``cudnn``, ``flash``, ``recompute``) forces one.
 
 This backward runs over all query rows (zeros included). The Triton kernels
-in ``triton_attention.py`` visit kept queries only; the engine picks between
-the two (``ColliderModel(attention=...)``).
+in ``triton_attention.py`` visit kept queries only; :func:`kept_rows_backward`
+picks between the two (``ColliderModel(attention=...)``) and returns the QKV
+projection's output gradient at the kept rows, whichever ran.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from . import triton_attention
+from .compact import piece, rope_inverse, rows
 
 
 @dataclass
@@ -91,8 +96,8 @@ _THREAD_NAME = "sparsetrain-attention"
 def on_own_thread(fn):
     """``fn()`` on the engine's own thread (so its own cuDNN graph cache), on the
     caller's device and stream, with autograd off; blocks until done. Runs
-    ``fn`` directly when already there, so the engine can move its whole
-    backward onto this thread (one hand-off per step, not one per layer)."""
+    ``fn`` directly when already there. Only the cuDNN backward needs it: the
+    other attention paths run on the calling thread, with no hand-off."""
     global _pool
     if threading.current_thread().name.startswith(_THREAD_NAME):
         return fn()
@@ -134,10 +139,106 @@ def attention_backward(saved: AttentionSaved, d_out: torch.Tensor) -> tuple[torc
         else:
             return aten._scaled_dot_product_flash_attention_backward(
                 d_out, saved.q, saved.k, saved.v, saved.out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset)
-    with torch.enable_grad():
+    # on the calling thread (a nested autograd call from another thread would wait
+    # for autograd's device thread, which is waiting for it), so never through
+    # cuDNN's backward and its per-thread graph cache
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with torch.enable_grad(), sdpa_kernel(backends):
         q = saved.q.detach().requires_grad_(True)
         k = saved.k.detach().requires_grad_(True)
         v = saved.v.detach().requires_grad_(True)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), d_out)
     return dq, dk, dv
+
+
+# auto picks the kept-query kernel up to this kept fraction: alone, calls queued
+# back to back at the 1B shape, it beats cuDNN's dense backward clearly at keep
+# 0.5 and 0.6 and loses at 0.75, and in the 1B compiled step (it also undoes
+# RoPE in its epilogue) the backward is faster with it at drop 0.4
+# (bench/results/collider_step_sync_free_h200.json).
+KEPT_KERNEL_MAX_KEEP = 0.65
+MODES = ("auto", "kept", "dense")
+
+
+def kept_kernel_ok(q: torch.Tensor, mode: str, keep_fraction: float) -> bool:
+    """Use the kept-query Triton attention backward? ``mode``: auto, kept or dense."""
+    if mode == "dense":
+        return False
+    hd = q.shape[-1]
+    ok = triton_attention.available() and hd >= 16 and not hd & (hd - 1)
+    if mode == "kept":
+        if not ok:
+            raise RuntimeError("the kept-query attention kernel needs Triton and a power-of-two head_dim >= 16")
+        return True
+    # auto: on the GPU in 16-bit, when few enough queries are kept to beat the fused dense backward
+    return ok and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and keep_fraction <= KEPT_KERNEL_MAX_KEEP
+
+
+def _token_major(t: torch.Tensor) -> bool:
+    """Is this [B, H, T, hd] tensor laid out as [B, T, H, hd] (rows = tokens)?"""
+    return t.transpose(1, 2).is_contiguous()
+
+
+def scatter_heads(rows_: torch.Tensor, like: torch.Tensor, kidx, kb, kt,
+                  buf: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A zero [B, H, T, hd] tensor laid out like ``like`` with ``rows_`` [K, D] at
+    the kept tokens, and the [B*T, D] buffer behind it when token-major.
+
+    Pass that buffer back in for the next layer: the kept rows are the same in
+    every layer, so they are overwritten and the dropped rows stay zero, and
+    the buffer is zero-filled once per backward instead of once per layer."""
+    B, H, T, hd = like.shape
+    if _token_major(like):  # a plain row copy into a [B*T, D] buffer
+        if buf is None or buf.dtype != like.dtype or buf.shape != (B * T, H * hd):
+            buf = torch.zeros(B * T, H * hd, dtype=like.dtype, device=like.device)
+        buf.index_copy_(0, kidx, rows_.to(like.dtype))
+        return buf.view(B, T, H, hd).transpose(1, 2), buf
+    out = torch.zeros_like(like)
+    out[kb, :, kt] = rows_.view(-1, H, hd).to(like.dtype)
+    return out, buf
+
+
+def _qkv_grad_rows(dq, dk, dv, kidx, cos_k, sin_k, dtype: torch.dtype):
+    """The QKV projection's output gradient at the kept rows, ``[K, 3 * D]``,
+    from the dense attention backward's token-major ``[B, T, H, hd]`` gradients
+    (after RoPE for q and k: undone here). The kept-query kernel writes this
+    directly (``kept_attention_backward(rope=..., grads=...)``)."""
+    dq, dk, dv = rows(dq, kidx), rows(dk, kidx), rows(dv, kidx)
+    dqkv = torch.stack((rope_inverse(dq, cos_k, sin_k), rope_inverse(dk, cos_k, sin_k), dv), 1)
+    return dqkv.reshape(dq.shape[0], -1).to(dtype)
+
+
+def kept_rows_backward(saved: AttentionSaved, do_rows: torch.Tensor, kept, rope: tuple[torch.Tensor, torch.Tensor],
+                       mode: str, scratch: dict, compile: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The attention backward of one layer at the kept rows: from the output
+    gradient ``do_rows`` [K, H * hd] (kept rows, token-major heads) to the QKV
+    projection's output gradient ``[K, 3 * H * hd]`` in ``dtype``, RoPE undone.
+
+    ``kept``: the backward's :class:`~sparsetrain.collider.keep.KeptRows`;
+    ``rope``: the full ``(cos, sin)`` tables ``[>= T, hd/2]`` that rotated q
+    and k; ``mode``: auto, kept or dense (:func:`kept_kernel_ok`); ``scratch``:
+    a dict shared by every layer of one backward, for what is the same in all
+    of them (the kept-query kernel's row metadata, the zero-filled dO buffer,
+    the RoPE tables at the kept positions)."""
+    kidx = kept.kidx
+    K = kidx.numel()
+    B, H, T, hd = saved.q.shape
+    if kept_kernel_ok(saved.q, mode, K / kept.tokens):
+        # only kept queries, and only kept keys' dk/dv: about half the dense work at keep 0.5
+        lse = saved.flash[1] if saved.flash is not None else None  # the forward kernel's log-sum-exp
+        if "rows_meta" not in scratch:
+            scratch["rows_meta"] = triton_attention.kept_rows_meta(kidx, B, T)
+        # [K, 3, H, hd] rows with RoPE undone: the QKV weight gradient's input as it is
+        dqkv = torch.empty(K, 3, H, hd, dtype=saved.q.dtype, device=saved.q.device)
+        triton_attention.kept_attention_backward(saved.q, saved.k, saved.v, saved.out, do_rows.reshape(K, H, hd), kidx,
+                                                 lse, rows_meta=scratch["rows_meta"], rope=rope, grads=dqkv)
+        return dqkv.view(K, 3 * H * hd).to(dtype)
+    kb, kt = kept.positions
+    d_out, scratch["do_buf"] = scatter_heads(do_rows, saved.out, kidx, kb, kt, scratch.get("do_buf"))
+    dq, dk, dv = (t.transpose(1, 2) for t in attention_backward(saved, d_out))  # token-major views
+    if "rope_kept" not in scratch:
+        cos, sin = rope
+        scratch["rope_kept"] = (cos[kt][:, None, :], sin[kt][:, None, :])
+    cos_k, sin_k = scratch["rope_kept"]
+    return piece(_qkv_grad_rows, compile)(dq, dk, dv, kidx, cos_k, sin_k, dtype)

@@ -12,11 +12,12 @@ Triton kernels of :mod:`sparsetrain.cross_entropy` (the row-statistics kernel
 and the gradient kernel, both reading the kept rows in place by index),
 elsewhere (or with ``cross_entropy.FUSED`` off) in plain torch, which on CUDA
 is compiled when the engine compiles. When ``logits`` came
-out of a :class:`~sparsetrain.collider.ColliderModel` (it carries a
-:class:`RowGradSlot`), the backward hands the engine the compact ``[K, V]``
-gradient through the slot and returns a stride-0 zero tensor to autograd, so
-the full-size gradient is never written. Any other logits get the ordinary
-full gradient.
+out of a :class:`~sparsetrain.collider.ColliderModel` or a model made by
+``collider.apply`` (it carries a :class:`RowGradSlot`), the backward leaves
+the keep mask, its kept indices and the compact ``[K, V]`` gradient in the
+slot for the model's backward, and returns a stride-0 zero tensor to
+autograd, so the full-size gradient is never written. Any other logits get
+the ordinary full gradient.
 """
 
 from __future__ import annotations
@@ -30,14 +31,29 @@ from ..selection.select import cached_kept_indices, kept_indices
 SLOT_ATTR = "_sparsetrain_row_grad_slot"
 
 
-class RowGradSlot:
-    """Where a kept-rows loss leaves ``(keep, kidx, grad_rows)`` for the engine's backward."""
+def zero_gradient(like: torch.Tensor) -> torch.Tensor:
+    """A stride-0 zero tensor shaped like ``like``: what autograd carries where the
+    real gradient travels as compact rows beside it (no ``[N, ...]`` memory)."""
+    return torch.zeros((), dtype=like.dtype, device=like.device).expand(like.shape)
 
-    __slots__ = ("compile", "items")
+
+def is_same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` is ``b`` as autograd handed it on (same memory, shape and strides)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+class RowGradSlot:
+    """Where a kept-rows loss leaves ``(keep, kidx, grad_rows)`` for the backward
+    of the model that made its logits, and the stride-0 zero gradients it
+    returned to autograd in their place (so the model's backward can tell them
+    from a real gradient, which it adds)."""
+
+    __slots__ = ("compile", "items", "markers")
 
     def __init__(self, compile: bool = False) -> None:
         self.compile = compile
         self.items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.markers: list[torch.Tensor] = []
 
 
 def _ce_forward(logits2d: torch.Tensor, kidx: torch.Tensor, targets1d: torch.Tensor
@@ -77,8 +93,7 @@ def _fused(logits2d: torch.Tensor) -> bool:
     """The loss's Triton kernels (``sparsetrain.cross_entropy``'s, reading kept rows
     in place: one read of each kept row per direction, at any kept count without
     recompiling) run on CUDA; elsewhere, or with ``cross_entropy.FUSED`` off, plain torch.
-    On the H200 they took 1.75 / 2.80 ms for 8k kept rows of 32k / 65k logits, plain
-    torch 9.24 / 18.37 ms eagerly and 1.65 / 4.77 ms compiled
+    They beat plain torch eagerly and at the larger vocabulary compiled too
     (bench/results/cross_entropy_kept_rows_h200.json)."""
     return ce.FUSED and logits2d.is_cuda and ce.fused_ok(logits2d)
 
@@ -118,8 +133,10 @@ class _KeptCrossEntropy(torch.autograd.Function):
         scale = (grad.to(lse.dtype) / count).reshape(1)
         rows = _fn("backward", ctx.compile, ctx.fused)(logits.reshape(-1, V), kidx, targets.reshape(-1), lse, scale)
         if ctx.slot is not None:
+            marker = zero_gradient(logits)
             ctx.slot.items.append((keep, kidx, rows))
-            return torch.zeros((), dtype=logits.dtype, device=logits.device).expand(logits.shape), None, None, None, None
+            ctx.slot.markers.append(marker)
+            return marker, None, None, None, None
         full = torch.zeros(logits.shape[:-1].numel(), V, dtype=logits.dtype, device=logits.device)
         return full.index_copy_(0, kidx, rows).view(logits.shape), None, None, None, None
 

@@ -9,6 +9,7 @@ comparison (against ``random`` at the same budget) needs them to be.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -29,25 +30,52 @@ def _valid(scores: torch.Tensor) -> torch.Tensor:
     return scores > float("-inf")
 
 
-_KEPT_INDICES = "_sparsetrain_kept_indices"
+class KeptIndexCache:
+    """The sorted flat kept indices of keep masks, by mask identity, each entry
+    living as long as its mask and valid until the mask is modified in place.
+
+    A policy that knows its kept indices when it makes a mask leaves them here,
+    so the Collider loss and backward need no ``nonzero`` (a host sync) to find
+    them again. Inference tensors have no version counter to guard an entry
+    with, so they get none."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, torch.Tensor, int]] = {}
+
+    def put(self, mask: torch.Tensor, idx: torch.Tensor) -> None:
+        if mask.is_inference():
+            return
+        key = id(mask)
+
+        def forget(ref: weakref.ref) -> None:  # the mask is gone: so is its entry
+            if self._entries.get(key, (None,))[0] is ref:
+                del self._entries[key]
+
+        self._entries[key] = (weakref.ref(mask, forget), idx, mask._version)
+
+    def get(self, mask: torch.Tensor) -> torch.Tensor | None:
+        entry = self._entries.get(id(mask))
+        if entry is None or entry[0]() is not mask or mask.is_inference() or entry[2] != mask._version:
+            return None
+        return entry[1]
+
+
+_kept_index_cache = KeptIndexCache()
 
 
 def _keep_indices(shape: torch.Size, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Bool mask of ``shape``, true at the flat indices ``idx``. The sorted
-    indices ride along on the mask, for :func:`kept_indices`."""
+    """Bool mask of ``shape``, true at the flat indices ``idx``, whose sorted
+    indices go to the :class:`KeptIndexCache` for :func:`kept_indices`."""
     mask = torch.zeros(shape.numel(), dtype=torch.bool, device=device).index_fill_(0, idx, True).view(shape)
-    if not mask.is_inference():  # inference tensors have no version counter to guard the cache with
-        setattr(mask, _KEPT_INDICES, (torch.sort(idx).values, mask._version))
+    _kept_index_cache.put(mask, torch.sort(idx).values)
     return mask
 
 
 def cached_kept_indices(keep: torch.Tensor) -> torch.Tensor | None:
-    """The sorted flat indices a policy here attached to its ``keep`` mask, or
-    None (another mask, or one modified in place since)."""
-    cached = getattr(keep, _KEPT_INDICES, None)
-    if cached is None or keep.is_inference() or cached[1] != keep._version:
-        return None
-    return cached[0]
+    """The sorted flat indices known for the ``keep`` mask (a policy here made it,
+    or :func:`kept_indices` found them), or None (another mask, or one modified
+    in place since)."""
+    return _kept_index_cache.get(keep)
 
 
 def kept_indices(keep: torch.Tensor) -> torch.Tensor:
@@ -56,15 +84,14 @@ def kept_indices(keep: torch.Tensor) -> torch.Tensor:
     For a mask made by a policy here (``topk``, ``random``, ``stratified``)
     they were known when it was made, so this needs no host sync; any other
     mask costs one ``nonzero`` (which waits for the GPU) on its first call. The Collider
-    loss and backward take their kept rows from here: at the 1B shape on the
-    H200 the syncs of selection and loss left the GPU idle ~4 ms a step
+    loss takes its kept rows from here, and the backward from the loss: the syncs
+    of selection and loss left the GPU idle in every step otherwise
     (bench/results/collider_step_sync_free_h200.json)."""
     cached = cached_kept_indices(keep)
     if cached is not None:
         return cached
     idx = torch.nonzero(keep.reshape(-1)).squeeze(1)
-    if not keep.is_inference():  # the next call on the same mask is free
-        setattr(keep, _KEPT_INDICES, (idx, keep._version))
+    _kept_index_cache.put(keep, idx)  # the next call on the same mask is free
     return idx
 
 

@@ -20,7 +20,9 @@ exactly autograd's for the masked forward (the test's float64 reference).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -167,6 +169,11 @@ def _half_dtype(x: torch.Tensor) -> torch.dtype | None:
     return x.dtype if x.dtype in (torch.float16, torch.bfloat16) else None
 
 
+# token counts of recomputed calls (Sparse24FFN.recompute_context) whose
+# permutation stays cached: each is a host-made randperm and a copy to the device
+RECOMPUTED_PERMUTATIONS = 4
+
+
 class Sparse24FFN(StepCounted):
     """``down(S_24(relu(up(x))^2))`` on ``[B, T, d]``; dense (plain relu2) until
     ``dense_warmup_steps`` calls of :meth:`step` have happened."""
@@ -202,6 +209,7 @@ class Sparse24FFN(StepCounted):
         self.track_stats = False  # set by the trainer on log steps: fills last_stats at the next forward
         self.last_stats: dict[str, torch.Tensor] = {}  # 0-dim tensors (sparsity_stats): read when logged
         self.last_backend = "dense"  # dense (warmup), masked_dense, masked_kernel or cusparselt
+        self._recomputed_counts: list[int] = []  # token counts whose permutation a recomputation made, oldest first
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -217,6 +225,26 @@ class Sparse24FFN(StepCounted):
     def sparse(self) -> bool:
         """Whether the forward runs 2:4 (the dense warmup is over)."""
         return self._sparse
+
+    @contextlib.contextmanager
+    def recompute_context(self) -> Iterator[None]:
+        """For a forward run again on some of the tokens (Collider's exact
+        backward recomputes position-wise maps on the kept rows,
+        collider/positionwise.py): the statistics and the backend record keep
+        describing the real forward, and only the :data:`RECOMPUTED_PERMUTATIONS`
+        latest token counts of such calls keep their permutation (Collider's
+        kept count changes from step to step)."""
+        saved = self.track_stats, self.last_stats, self.last_backend
+        before = set(self._perms)
+        self.track_stats = False
+        try:
+            yield
+        finally:
+            self.track_stats, self.last_stats, self.last_backend = saved
+            for n in set(self._perms) - before:
+                self._recomputed_counts.append(n)
+            while len(self._recomputed_counts) > RECOMPUTED_PERMUTATIONS:
+                self._perms.pop(self._recomputed_counts.pop(0), None)
 
     def _permutation(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # one per token count (training and evaluation may differ), so that neither evicts the other
