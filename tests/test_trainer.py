@@ -276,8 +276,25 @@ def test_relu2_24_ffn_switches_after_warmup_and_resumes_exactly(make_cfg, tmp_pa
     for step in range(5):
         assert all(f.sparse == (step >= 3) for f in ffns), step
         t.train_step()
-    with pytest.raises(ConfigError, match="relu2_24"):
-        make_cfg(ffn="relu2_24", use_collider=True, collider_sparsity=0.5)
+
+
+@pytest.mark.parametrize("network", [dict(ffn="relu2_24", activation_sparse_method="naive", activation_dense_warmup_steps=1),
+                                     dict(hyper_connections=2)])
+def test_collider_trains_with_converted_networks(make_cfg, network) -> None:
+    """Collider composes with the 2:4 FFN (dense, then sparse after its warmup) and with
+    hyper-connections in the trainer: every logged step kept exactly half of its tokens
+    and every parameter the loss reaches got a finite gradient."""
+    cfg = make_cfg(max_steps=3, eval_every=0, use_collider=True, collider_sparsity=0.5, collider_method="topk", **network)
+    t = Trainer(cfg, verbose=False)
+    t.fit()
+    rows = [json.loads(l) for l in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert [r["kept_fraction"] for r in train_rows] == [0.5] * 3
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in train_rows)
+    x, y = t._batch(0)
+    t.forward_backward(x, y)
+    grads = [p.grad for p in t.model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 def test_hyper_connections_train_and_report(make_cfg) -> None:

@@ -378,7 +378,7 @@ class Trainer:
         with no_sync:
             with self.autocast():
                 out = self.ddp_model(x, y, n_valid)
-            with out.backward_context(), self._timed_backward() as timing:
+            with self._timed_backward() as timing:
                 (out.loss * loss_scale).backward()
         self.metric_window.add({**out.metrics, "backward_ms": timing[0]})
         return out.lm_loss

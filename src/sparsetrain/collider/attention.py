@@ -22,7 +22,8 @@ built for its own ``dO`` layout, and a later call with another layout reads
 (bench/results/collider_objective_cudnn_bug_h200.json). So the engine calls
 the cuDNN backward on a thread of its own (:func:`on_own_thread`), on the
 caller's stream, always with ``dO`` laid out like the forward's output.
-``SPARSETRAIN_ATTENTION_IMPL`` (``cudnn``, ``flash``, ``recompute``) forces one.
+The kernel policy's ``attention_impl`` (:mod:`sparsetrain.kernels`; ``SPARSETRAIN_ATTENTION_IMPL``
+at start-up) forces one: ``cudnn``, ``flash`` or ``recompute``.
 
 This backward runs over all query rows (zeros included). The Triton kernels
 in ``triton_attention.py`` visit kept queries only; :func:`kept_rows_backward`
@@ -33,12 +34,13 @@ projection's output gradient at the kept rows, whichever ran.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .. import kernels
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import triton_attention
@@ -69,9 +71,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
     """
     global _cudnn_ok
     aten = torch.ops.aten
-    impl = os.environ.get("SPARSETRAIN_ATTENTION_IMPL", "auto")  # auto (cudnn, else flash), cudnn, flash, recompute
+    impl = kernels.current().attention_impl  # auto (cudnn, else flash), cudnn, flash, recompute
     if _fused_ok(q) and impl != "recompute":
-        if impl in ("auto", "cudnn") and _cudnn_ok is not False and hasattr(aten, "_scaled_dot_product_cudnn_attention"):
+        if impl in ("auto", "cudnn") and _cudnn_ok is not False and kernels.cudnn_attention_available():
             try:
                 res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False)
                 out, lse, cum_q, cum_k, max_q, max_k, seed, offset = res[:8]
@@ -152,12 +154,6 @@ def attention_backward(saved: AttentionSaved, d_out: torch.Tensor) -> tuple[torc
     return dq, dk, dv
 
 
-# auto picks the kept-query kernel up to this kept fraction: alone, calls queued
-# back to back at the 1B shape, it beats cuDNN's dense backward clearly at keep
-# 0.5 and 0.6 and loses at 0.75, and in the 1B compiled step (it also undoes
-# RoPE in its epilogue) the backward is faster with it at drop 0.4
-# (bench/results/collider_step_sync_free_h200.json).
-KEPT_KERNEL_MAX_KEEP = 0.65
 MODES = ("auto", "kept", "dense")
 
 
@@ -172,7 +168,7 @@ def kept_kernel_ok(q: torch.Tensor, mode: str, keep_fraction: float) -> bool:
             raise RuntimeError("the kept-query attention kernel needs Triton and a power-of-two head_dim >= 16")
         return True
     # auto: on the GPU in 16-bit, when few enough queries are kept to beat the fused dense backward
-    return ok and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and keep_fraction <= KEPT_KERNEL_MAX_KEEP
+    return ok and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and keep_fraction <= kernels.current().kept_kernel_max_keep
 
 
 def _token_major(t: torch.Tensor) -> bool:

@@ -112,7 +112,7 @@ class ColliderModel(nn.Module):
     dense attention backward with zero rows for dropped queries), ``kept``
     (the Triton kernel that skips dropped queries) or ``auto`` (``kept`` on
     the GPU in 16-bit when at most
-    :data:`~sparsetrain.collider.attention.KEPT_KERNEL_MAX_KEEP` of the tokens
+    the kernel policy's ``kept_kernel_max_keep`` of the tokens
     are kept, else ``dense``).
     """
 

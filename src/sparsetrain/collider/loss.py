@@ -10,7 +10,7 @@ traffic per step for a few MB of useful numbers.
 in float32, never materialised) and once in backward: on CUDA through the
 Triton kernels of :mod:`sparsetrain.cross_entropy` (the row-statistics kernel
 and the gradient kernel, both reading the kept rows in place by index),
-elsewhere (or with ``cross_entropy.FUSED`` off) in plain torch, which on CUDA
+elsewhere (or with the kernel policy's fused cross-entropy off) in plain torch, which on CUDA
 is compiled when the engine compiles. When ``logits`` came
 out of a :class:`~sparsetrain.collider.ColliderModel` or a model made by
 ``collider.apply`` (it carries a :class:`RowGradSlot`), the backward leaves
@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import cross_entropy as ce
+from .. import kernels
 from ..model import IGNORE_INDEX, upcast
 from ..selection.select import cached_kept_indices, kept_indices
 
@@ -92,10 +93,11 @@ def _ce_backward_fused(logits2d: torch.Tensor, kidx: torch.Tensor, targets1d: to
 def _fused(logits2d: torch.Tensor) -> bool:
     """The loss's Triton kernels (``sparsetrain.cross_entropy``'s, reading kept rows
     in place: one read of each kept row per direction, at any kept count without
-    recompiling) run on CUDA; elsewhere, or with ``cross_entropy.FUSED`` off, plain torch.
+    recompiling) run on CUDA; elsewhere, or with the kernel policy's ``fused_cross_entropy``
+    off, plain torch.
     They beat plain torch eagerly and at the larger vocabulary compiled too
     (bench/results/cross_entropy_kept_rows_h200.json)."""
-    return ce.FUSED and logits2d.is_cuda and ce.fused_ok(logits2d)
+    return kernels.current().fused_cross_entropy and logits2d.is_cuda and ce.fused_ok(logits2d)
 
 
 _compiled: dict[str, object] = {}

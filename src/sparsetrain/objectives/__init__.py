@@ -1,13 +1,12 @@
 """Training objectives: what one micro-batch's forward computes, under one interface.
 
 ``objective(x, y, n_valid)`` returns an :class:`ObjectiveOutput` (the loss to
-back-propagate, the reported next-token loss, this micro-step's metrics and
-the context the backward runs in); ``objective.set_step(step)`` advances its
-own schedules. The trainer runs every objective the same way::
+back-propagate, the reported next-token loss and this micro-step's metrics);
+``objective.set_step(step)`` advances its own schedules. The trainer runs every
+objective the same way::
 
     out = objective(x, y, n_valid)              # under autocast; DDP wraps the objective
-    with out.backward_context():
-        (out.loss * scale).backward()
+    (out.loss * scale).backward()
 
 ========================= =====================================================
 :class:`NextTokenLoss`    dense next-token cross-entropy

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,14 +16,12 @@ class ObjectiveOutput:
     ``loss``: what the trainer back-propagates (it scales it for gradient
     accumulation); ``lm_loss``: the next-token loss the run reports, comparable
     across objectives (detached); ``metrics``: this micro-step's numbers for
-    metrics.jsonl, device tensors left unread (see :mod:`.metrics` for the keys
-    and how a log window reduces them); ``backward_context``: what the backward
-    must run inside (Collider's row filter)."""
+    metrics.jsonl, device tensors left unread (see :mod:`sparsetrain.metrics` for
+    the keys and how a log window reduces them)."""
 
     loss: torch.Tensor
     lm_loss: torch.Tensor
     metrics: dict[str, Any] = field(default_factory=dict)
-    backward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 class Objective(nn.Module):

@@ -1,13 +1,13 @@
 """Collider as a training objective: a dense forward, the selector's keep mask,
 the mean cross-entropy over kept tokens, and a backward filtered to the kept
-rows in every layer; with MTP heads, their loss on the kept rows too."""
+rows in every layer (the keep mask travels with the kept-rows loss); with MTP
+heads, their loss on the kept rows too."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ..collider import filter as collider_filter
 from ..collider import masked_cross_entropy
 from ..config import TrainConfig, require
 from ..model import CausalLM
@@ -26,9 +26,6 @@ def check_config(cfg: TrainConfig) -> None:
         return
     require(cfg.model.arch == "gpt", f"model.arch = {cfg.model.arch} trains with the plain loss: "
                                      "use_collider, selection and use_mtp need arch = gpt")
-    # switches whose combination has not landed yet fail loudly instead of silently training dense
-    require(cfg.model.ffn != "relu2_24", "use_collider with ffn = relu2_24 is not available yet")
-    require(not cfg.model.hyper_connections, "use_collider with hyper_connections is not available yet")
     require(cfg.compile_mode == "default",
             "use_collider compiles its own pieces; compile_mode other than default is not available with it")
     require(cfg.collider_score in SCORES, f"training.collider_score must be one of {', '.join(SCORES)}, got {cfg.collider_score!r}")
@@ -82,7 +79,7 @@ class ColliderLoss(Objective):
             extra, head_losses = kept_rows_loss(self._model[0], self.heads, trunk, y, keep)
             total = loss + extra
             metrics["mtp_losses"] = head_losses
-        return ObjectiveOutput(total, loss.detach(), metrics, lambda: collider_filter(keep))
+        return ObjectiveOutput(total, loss.detach(), metrics)
 
     def set_step(self, step: int) -> None:
         self.selector.set_step(step)
