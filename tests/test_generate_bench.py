@@ -284,3 +284,44 @@ def test_trainer_throughput_primes_each_run_then_times_abba(corpus_dir, cache_di
     means = {k: sum(r["median_tokens_per_s"] for r in v["repeats"]) / 2 for k, v in got["runs"].items()}
     assert got["speedup"]["b"] == pytest.approx(means["b"] / means["a"])
     assert all(len(r["tokens_per_s_by_window"]) == 2 for v in got["runs"].values() for r in v["repeats"])
+
+
+def test_cli_bench_step_times_the_presets_own_shape(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sparsetrain bench step --preset tiny` times tiny's own sequence length and
+    batch (not 2048 x 8), says what it times before the first timed step, and
+    on the CPU times only a few steps."""
+    import sparsetrain.benchmark as bench
+    from sparsetrain.cli import main
+    from sparsetrain.config import build_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU defaults, also on a GPU machine
+    cfg = build_config("tiny")
+    real_time_fn = bench.time_fn
+    said_before_timing = []
+
+    def time_fn(*args, **kwargs):
+        said_before_timing.append(capsys.readouterr().out)
+        assert f"seq {cfg.model.seq_len}" in said_before_timing[0] and f"batch {cfg.batch_size}" in said_before_timing[0]
+        return real_time_fn(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_fn", time_fn)
+    out = tmp_path / "step.json"
+    assert main(["bench", "step", "--preset", "tiny", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["seq_len"], r["batch_size"]) == (cfg.model.seq_len, cfg.batch_size)
+    assert r["tokens_per_step"] == cfg.model.seq_len * cfg.batch_size
+    assert r["step"]["repeats"] <= 3 and len(said_before_timing) == 1
+
+
+def test_bench_step_default_batch_keeps_a_step_within_the_token_limit() -> None:
+    """A preset whose own batch makes a step longer than STEP_TOKENS_LIMIT tokens
+    (d20: 16 x 2048) gets the largest batch within it; given values are kept."""
+    from sparsetrain.cli import STEP_TOKENS_LIMIT, bench_step_shape
+    from sparsetrain.config import build_config
+
+    d20 = build_config("d20")
+    assert d20.model.seq_len * d20.batch_size > STEP_TOKENS_LIMIT  # the case under test
+    seq, batch = bench_step_shape("d20")
+    assert seq == d20.model.seq_len and batch * seq <= STEP_TOKENS_LIMIT < (batch + 1) * seq
+    assert bench_step_shape("d20", 512, 3) == (512, 3)
