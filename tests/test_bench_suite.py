@@ -396,3 +396,50 @@ def test_plot_reads_the_schema(tmp_path: Path) -> None:
     doc = run_document("quality", [Result("dense", "quality:tiny", [1.0], extra={"val_loss": {"2": 5.0}, "val_seconds": {"2": 1.0}}),
                                    Result("timing_only", "quality:tiny", [1.0])], {}, ["quality"])
     assert curves(doc) == {"dense": {"val_loss": {"2": 5.0}, "val_seconds": {"2": 1.0}}}
+
+
+def test_shared_variants_step_one_set_of_weights_with_one_optimizer() -> None:
+    """Dense relu2 and the 2:4 FFN built to share parameters: the second model's
+    parameters are the first one's tensors, one AdamW holds state for exactly
+    those (none for the second model's own initial weights), and each step runs
+    its own model and a full optimizer step."""
+    from bench.train_steps import SPARSE24_OVERRIDES, SharedOptimizer, share_parameters
+
+    from sparsetrain.benchmark import make_train_step
+    from sparsetrain.sparse24 import Sparse24FFN
+
+    small = {"n_layer": 1, "d_model": 32, "n_head": 2, "vocab_size": 320}
+    kw = dict(preset="tiny", seq_len=32, batch_size=2, device="cpu")
+    opt = SharedOptimizer()
+    step_a, dense = make_train_step(**kw, model_overrides={**small, "ffn": "relu2"}, optimizer=opt)
+    step_b, sparse = make_train_step(**kw, model_overrides={**small, **SPARSE24_OVERRIDES}, optimizer=opt,
+                                     prepare=lambda m: share_parameters(m, dense))
+    a, b = dict(dense.named_parameters()), dict(sparse.named_parameters())
+    assert a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+    before = {k: p.detach().clone() for k, p in a.items()}
+    step_a()
+    step_b()
+    state = opt.optimizer.state
+    assert len(state) == len(a) and all(int(state[p]["step"]) == 2 for p in a.values())
+    assert all(not torch.equal(before[k], p) for k, p in a.items() if p.requires_grad)
+    assert [f.last_backend for f in sparse.modules() if isinstance(f, Sparse24FFN)] != ["dense"]
+    with pytest.raises(ValueError, match="exactly its parameters"):  # a model that does not share them
+        make_train_step(**kw, model_overrides=small, optimizer=opt)
+    swiglu = make_train_step(**kw, model_overrides={**small, "ffn": "swiglu"})[1]
+    with pytest.raises(ValueError, match="first difference"):
+        share_parameters(swiglu, dense)
+
+
+def test_headline_is_the_three_comparisons_each_in_its_own_mode() -> None:
+    import argparse
+
+    from bench import steps
+
+    args = argparse.Namespace(shapes="", compile=False, cuda_graphs=False, drops=None, skip=None, headline=True,
+                              rounds=3, queued=1, profile=False, tokens="random")
+    assert steps._check(args) == [("collider", "1b", True, False), ("sparse24", "d4096", False, False),
+                                  ("bk_layer", "64k", True, True)]
+    assert args.drops == [0.5] and args.skip == 0.5 and steps.file_label(args) == "headline"
+    one_b = steps.SHAPES["collider"]["1b"]
+    assert (one_b["seq"], one_b["batch"]) == (2048, 8) and one_b["overrides"]["d_model"] == 2048
+    assert steps.SHAPES["bk_layer"]["64k"]["batch"] * steps.SHAPES["bk_layer"]["64k"]["seq"] == 65536
