@@ -91,6 +91,8 @@ class Bench:
     extra: dict[str, Any] = field(default_factory=dict)
     left_out: dict[str, str] = field(default_factory=dict)  # variant -> why it cannot run here
     check: Callable[[], dict[str, Any]] | None = None  # after timing: compares what the timed calls produced
+    max_repeats: int | None = None  # fewer samples for a bench whose reference is slow
+    queued: int | None = None  # calls per sample, instead of --queued
 
 
 def _triton_here() -> bool:
@@ -210,10 +212,10 @@ def scoring(s: dict, device: torch.device) -> Bench:
     targets = torch.randint(0, V, (N,), device=device, generator=g)
     targets[::97] = -100  # some rows without a target
 
-    def naive() -> None:  # a straightforward implementation: a full float32 softmax
+    def naive() -> tuple[torch.Tensor, ...]:  # a straightforward implementation: a full float32 softmax
         logp = torch.log_softmax(logits.float(), -1)
         p = logp.exp()
-        -(p * logp).sum(-1), p.topk(2, -1).values, logp.gather(-1, targets.clamp(min=0)[:, None])
+        return -(p * logp).sum(-1), p.topk(2, -1).values, logp.gather(-1, targets.clamp(min=0)[:, None])
 
     b = Bench({"torch_naive_fp32": naive, "torch": lambda: row_stats_torch(logits, targets)}, {"torch": "torch_naive_fp32"})
     b.extra = {"logits_gb": N * V * logits.element_size() / 1e9}
@@ -294,7 +296,8 @@ def bk_core(s: dict, device: torch.device) -> Bench:
         return call
 
     ref = bk(v64.cpu(), causal=True).to(device)
-    b = Bench({"torch_loop": run("torch")}, {})
+    # the loop runs one position per Python iteration: a few samples of one call each
+    b = Bench({"torch_loop": run("torch")}, {}, max_repeats=5, queued=1)
     errs = {}
     impls = ["torch"] + (["triton"] if _triton_here() else [])
     with torch.no_grad():
@@ -368,10 +371,11 @@ def run_bench(bench: str, shape: str, args: argparse.Namespace) -> list[Result]:
         for call in built.calls.values():
             for _ in range(args.warmup):
                 call()
+        repeats = min(args.repeats, built.max_repeats or args.repeats)
+        queued = built.queued or args.queued
         with gpu_clock_monitor() as clocks:
-            times = time_interleaved(built.calls, rounds=args.rounds, warmup=0, repeats=args.repeats,
-                                     calls_per_sample=args.queued)
-        extra = {"spec": spec, "queued": args.queued, "gpu_clocks": clocks, **built.extra,
+            times = time_interleaved(built.calls, rounds=args.rounds, warmup=0, repeats=repeats, calls_per_sample=queued)
+        extra = {"spec": spec, "queued": queued, "gpu_clocks": clocks, **built.extra,
                  **(built.check() if built.check else {})}
         if built.left_out:
             extra["left_out"] = built.left_out

@@ -266,7 +266,10 @@ def _check(args: argparse.Namespace) -> list[tuple[str, str, bool, bool]]:
         args.drops, args.skip = [HEADLINE_DROP], HEADLINE_SKIP
         cases = HEADLINE
     else:
-        args.drops = [float(d) for d in (args.drops or "0.5").split(",")]
+        try:
+            args.drops = [float(d) for d in (args.drops or "0.5").split(",")]
+        except ValueError:
+            raise BenchError(f"--drops {args.drops!r}: a comma list of numbers") from None
         args.skip = 0.5 if args.skip is None else args.skip
         cases = [(b, s, args.compile, args.cuda_graphs) for b, s in parse_cases(args.shapes, SHAPES, DEFAULT)]
     if any(not 0 < d < 1 for d in args.drops) or not 0 < args.skip < 1:

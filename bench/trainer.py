@@ -99,8 +99,8 @@ def run_shape(shape: str, args: argparse.Namespace) -> list[Result]:
     base = dict(max_steps=args.steps, log_every=args.log_every, eval_every=10 * args.steps, eval_batches=2,
                 save_checkpoints=False, warmup_steps=10, compile=args.compile,
                 cache_dir=os.environ.get("SPARSETRAIN_CACHE", "/tmp/sparsetrain-cache"), **spec["overrides"])
-    tokens = build_config(spec["preset"], overrides={**base, **next(iter(runs.values()))})
-    tokens_per_step = tokens.batch_size * tokens.model.seq_len * tokens.grad_accum
+    configs = {name: build_config(spec["preset"], overrides={**base, **ov}) for name, ov in runs.items()}  # checked first
+    tokens_per_step = {name: c.batch_size * c.model.seq_len * c.grad_accum for name, c in configs.items()}
     repeats: dict[str, list[dict]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp, (first_batch_only() if args.fixed_batch else contextlib.nullcontext()):
         for name in runs if args.prime_steps > 0 else ():
@@ -116,8 +116,9 @@ def run_shape(shape: str, args: argparse.Namespace) -> list[Result]:
     first = next(iter(runs))
     results = []
     for name, reps in repeats.items():
-        times = [tokens_per_step / r["median_tokens_per_s"] * 1e3 for r in reps]  # ms per step, one per run
-        extra = {"preset": spec["preset"], "overrides": {**spec["overrides"], **runs[name]}, "tokens_per_step": tokens_per_step,
+        times = [tokens_per_step[name] / r["median_tokens_per_s"] * 1e3 for r in reps]  # ms per step, one per run
+        extra = {"preset": spec["preset"], "overrides": {**spec["overrides"], **runs[name]},
+                 "tokens_per_step": tokens_per_step[name],
                  "tokens_per_s": statistics.mean(r["median_tokens_per_s"] for r in reps), "runs": reps, "heat": heat}
         results.append(Result(name, f"trainer:{shape}", times, baseline=None if name == first else first, extra=extra))
     return results

@@ -19,7 +19,7 @@ from .errors import SparsetrainError
 
 EXIT_USAGE = 2
 STEP_TOKENS_LIMIT = 16384
-"""Most tokens per step that ``bench step`` picks by default (2048 x 8: fits one 80 GB GPU at every preset)."""
+"""Most tokens per step that ``bench step`` picks by default (2048 x 8, the step shape the benches time)."""
 STEP_REPEATS = {"cuda": 20, "cpu": 3}
 STEP_WARMUP = {"cuda": 5, "cpu": 1}
 
