@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if shared is None:  # a delegating suite: its arguments pass through, and it writes its own output
         args = argparse.Namespace(passthrough=argv[1:])
     else:
-        parser = _Parser(prog=f"python -m bench {name}", description=SUITES[name], parents=[shared_parser()])
+        parser = _Parser(prog=f"python -m bench {name}", description=SUITES[name], parents=[shared_parser(shared, getattr(suite, "SHARED_MEANING", None))])
         suite.add_arguments(parser)
         args = parser.parse_args(argv[1:])
     try:

@@ -23,16 +23,28 @@ class BenchError(Exception):
     """Bad input or an unsupported combination: one line, exit code 2."""
 
 
-def shared_parser() -> argparse.ArgumentParser:
-    """The shared options, all defaulting to None (the suite's default applies)."""
+def shared_parser(defaults: dict[str, Any], meaning: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """The shared options, all defaulting to None (the suite's ``defaults`` apply;
+    the help says which, and which options the suite does not take).
+    ``meaning``: the suite's own help text for an option, where it reads it its own way."""
+    def text(name: str) -> str:
+        base = (meaning or {}).get(name, SHARED_HELP[name])
+        if name == "out":
+            return base
+        if name not in defaults:
+            return base + " (not taken by this suite)"
+        d = defaults[name]
+        shown = f"{d['cuda']} on CUDA, {d['cpu']} on the CPU" if isinstance(d, dict) else ("the default shapes" if d == "" else d)
+        return f"{base} (default: {shown})"
+
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("shared options")
-    g.add_argument("--out", metavar="PATH", help=SHARED_HELP["out"])
-    g.add_argument("--repeats", type=int, metavar="N", help=SHARED_HELP["repeats"])
-    g.add_argument("--warmup", type=int, metavar="N", help=SHARED_HELP["warmup"])
-    g.add_argument("--shapes", metavar="LIST", help=SHARED_HELP["shapes"])
-    g.add_argument("--compile", action="store_true", default=None, help=SHARED_HELP["compile"])
-    g.add_argument("--heat-seconds", type=float, metavar="S", help=SHARED_HELP["heat_seconds"])
+    g.add_argument("--out", metavar="PATH", help=text("out"))
+    g.add_argument("--repeats", type=int, metavar="N", help=text("repeats"))
+    g.add_argument("--warmup", type=int, metavar="N", help=text("warmup"))
+    g.add_argument("--shapes", metavar="LIST", help=text("shapes"))
+    g.add_argument("--compile", action="store_true", default=None, help=text("compile"))
+    g.add_argument("--heat-seconds", type=float, metavar="S", help=text("heat_seconds"))
     return p
 
 

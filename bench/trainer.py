@@ -39,6 +39,8 @@ from .timing import abba_order, gpu_clock_monitor, heat_gpu
 from .train_steps import SPARSE24_OVERRIDES
 
 SHARED_DEFAULTS = {"repeats": 2, "warmup": 2, "shapes": "", "compile": False, "heat_seconds": {"cuda": 60.0, "cpu": 0.0}}
+SHARED_MEANING = {"repeats": "timed runs of each variant, in ABBA order (2: A B B A)",
+                  "warmup": "logged windows left out of each run's median (compilation, warm-up)"}
 
 SHAPES = {"trainer": {
     "tiny": {"preset": "tiny", "overrides": {}},
