@@ -1,15 +1,14 @@
-"""Sampling semantics, the benchmark helpers, and the CUDA path (skipped without a GPU)."""
+"""Sampling semantics, the library's step timing (`sparsetrain bench step`), and the CUDA path (skipped without a GPU)."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from sparsetrain.benchmark import bench_train_step, summarize, time_fn, time_interleaved
+from sparsetrain.benchmark import bench_train_step, summarize, time_fn
 from sparsetrain.config import ModelConfig
 from sparsetrain.data import train_batch
 from sparsetrain.generate import sample
@@ -77,8 +76,8 @@ def test_bench_train_step_times_a_sparse_resnet_bk_with_its_sparsity_loss() -> N
 
 @requires_cuda
 def test_cuda_ms_per_call_leaves_the_sleep_and_warmup_untimed() -> None:
-    """cuda_ms_per_call times only the queued calls: a leading GPU sleep (the
-    host-ahead mode of bench/step_host_ahead.py) and warm-up calls add nothing,
+    """cuda_ms_per_call times only the queued calls: a leading GPU sleep (which
+    puts the host far ahead of the GPU) and warm-up calls add nothing,
     and a call that itself sleeps is timed at about its sleep."""
     from sparsetrain.benchmark import cuda_ms_per_call
 
@@ -111,47 +110,6 @@ def test_cuda_bf16_step_matches_cpu_fp32(make_cfg) -> None:
         assert rel < 5e-2, n
 
 
-def test_quality_suites_are_valid_configs() -> None:
-    """Every run of bench/quality_runs.py builds a valid config (a GPU run once died on a bad head count)."""
-    import importlib.util
-    from pathlib import Path
-
-    from sparsetrain.config import build_config
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "quality_runs.py"
-    spec = importlib.util.spec_from_file_location("quality_runs", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    for suite, runs in mod.SUITES.items():
-        for name, overrides in runs.items():
-            ov = {k: v for k, v in overrides.items() if k != "equal_time_to"}
-            build_config("nano-125m", overrides={**ov, "seq_len": 1024, "batch_size": 16, "keep_ratio": 0.5})
-
-
-def test_parse_step_entries() -> None:
-    from sparsetrain.benchmark import parse_step_entries
-
-    assert parse_step_entries("d20;;d20:d_model=4096,n_head=32,ffn=relu2") == [
-        ("d20", "d20", {}),
-        ("d20:d_model=4096,n_head=32,ffn=relu2", "d20", {"d_model": 4096, "n_head": 32, "ffn": "relu2"}),
-    ]
-    assert parse_step_entries("collider:use_collider=True,collider_sparsity=0.5,out_dir=a.b") == [
-        ("collider:use_collider=True,collider_sparsity=0.5,out_dir=a.b", "collider",
-         {"use_collider": True, "collider_sparsity": 0.5, "out_dir": "a.b"}),
-    ]
-
-
-def test_time_interleaved_alternates_the_variants() -> None:
-    """Each variant gets its warm-up calls, then the rounds take turns: a, b, a, b, ..."""
-    calls: list[str] = []
-    times = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                             rounds=3, warmup=2, repeats=6)
-    assert calls[:4] == ["a", "a", "b", "b"]  # warm-up
-    # each round: one untimed call, then 6 // 3 = 2 timed calls, per variant in turn
-    assert calls[4:] == (["a"] * 3 + ["b"] * 3) * 3
-    assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6} and all(t >= 0 for v in times.values() for t in v)
-
-
 def test_time_fn_queues_calls_per_sample(monkeypatch: pytest.MonkeyPatch) -> None:
     """A sample of ``calls_per_sample`` calls reports milliseconds per call: on a
     fake clock where each call takes exactly 1 s, every sample is 1000 ms."""
@@ -168,30 +126,6 @@ def test_time_fn_queues_calls_per_sample(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # the host clock, also on a GPU machine
     times = bench.time_fn(fn, warmup=2, repeats=4, calls_per_sample=3)
     assert times == [1000.0] * 4 and len(calls) == 2 + 4 * 3
-
-
-def test_gpu_idle_by_phase_on_a_made_up_trace() -> None:
-    """Gaps between GPU kernels, charged to the host phase that launched the kernel
-    after each gap; overlapping kernels leave no gap. Times in microseconds."""
-    from sparsetrain.benchmark import gpu_idle_by_phase
-
-    def kernel(ts, dur, corr, name):
-        return {"cat": "kernel", "ts": ts, "dur": dur, "name": name, "args": {"correlation": corr}}
-
-    def launch(ts, corr):
-        return {"cat": "cuda_driver", "ts": ts, "name": "cuLaunchKernel", "args": {"correlation": corr}}
-
-    events = [{"cat": "user_annotation", "ts": 0, "dur": 100, "name": "phase:forward"},
-              {"cat": "user_annotation", "ts": 100, "dur": 200, "name": "phase:backward"},
-              launch(1, 1), launch(50, 2), launch(60, 3), launch(150, 4),
-              kernel(10, 20, 1, "a"),        # busy 10..30
-              kernel(40, 30, 2, "b"),        # 10 us idle, launched in forward
-              kernel(50, 40, 3, "c"),        # overlaps b: no gap; busy until 90
-              kernel(390, 10, 4, "d")]       # 300 us idle, launched in backward
-    idle = gpu_idle_by_phase({"traceEvents": events}, steps=2)
-    assert idle["ms_per_step_by_phase"] == pytest.approx({"forward": 0.005, "backward": 0.15})
-    assert idle["total_ms_per_step"] == pytest.approx(0.155)
-    assert idle["largest"][0] == (0.3, "backward", "c", "d")
 
 
 def test_make_train_step_counts_steps_as_the_trainer_does() -> None:
@@ -231,56 +165,42 @@ def test_make_train_step_can_take_a_corpus_batch(corpus_dir, cache_dir, monkeypa
         make_train_step("tiny", seq_len=32, batch_size=2, device="cpu", tokens="words")
 
 
-def test_gpu_clock_monitor_takes_medians_of_what_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The monitor's medians over made-up readings, and the first and last
-    temperature; no readings (no nvidia-smi) give 0 samples."""
-    import time as _time
-
+def test_cli_bench_step_times_the_presets_own_shape(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sparsetrain bench step --preset tiny` times tiny's own sequence length and
+    batch (not 2048 x 8), says what it times before the first timed step, and
+    on the CPU times only a few steps."""
     import sparsetrain.benchmark as bench
+    from sparsetrain.cli import main
+    from sparsetrain.config import build_config
 
-    readings = iter([(1980.0, 600.0, 41.0), (1755.0, 700.0, 58.0), (1830.0, 650.0, 55.0)])
-    monkeypatch.setattr(bench, "_query_gpu", lambda device_index: next(readings, None))
-    with bench.gpu_clock_monitor(interval_s=0.001) as got:
-        _time.sleep(0.2)
-    assert got == {"samples": 3, "sm_clock_mhz": 1830.0, "power_w": 650.0, "temperature_c": 55.0,
-                   "temperature_c_first_last": [41.0, 55.0]}
-    monkeypatch.setattr(bench, "_query_gpu", lambda device_index: None)
-    with bench.gpu_clock_monitor() as none:
-        pass
-    assert none == {"samples": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU defaults, also on a GPU machine
+    cfg = build_config("tiny")
+    real_time_fn = bench.time_fn
+    said_before_timing = []
+
+    def time_fn(*args, **kwargs):
+        said_before_timing.append(capsys.readouterr().out)
+        assert f"seq {cfg.model.seq_len}" in said_before_timing[0] and f"batch {cfg.batch_size}" in said_before_timing[0]
+        return real_time_fn(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "time_fn", time_fn)
+    out = tmp_path / "step.json"
+    assert main(["bench", "step", "--preset", "tiny", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["seq_len"], r["batch_size"]) == (cfg.model.seq_len, cfg.batch_size)
+    assert r["tokens_per_step"] == cfg.model.seq_len * cfg.batch_size
+    assert r["step"]["repeats"] <= 3 and len(said_before_timing) == 1
 
 
-def test_trainer_throughput_primes_each_run_then_times_abba(corpus_dir, cache_dir, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """bench/trainer_throughput.py --abba: every run trained once untimed
-    (--prime-steps) before any timed run, the timed runs in the order A B B A,
-    and each run's figure the mean of its two (the speedup their ratio)."""
-    import importlib.util
+def test_bench_step_default_batch_keeps_a_step_within_the_token_limit() -> None:
+    """A preset whose own batch makes a step longer than STEP_TOKENS_LIMIT tokens
+    (d20: 16 x 2048) gets the largest batch within it; given values are kept."""
+    from sparsetrain.cli import STEP_TOKENS_LIMIT, bench_step_shape
+    from sparsetrain.config import build_config
 
-    spec = importlib.util.spec_from_file_location("trainer_throughput", Path(__file__).parents[1] / "bench" / "trainer_throughput.py")
-    tt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tt)
-    calls = []
-    real_train = tt.train
-
-    def train(cfg, verbose=True):
-        calls.append((cfg.model.ffn, cfg.max_steps))
-        return real_train(cfg, verbose=verbose)
-
-    monkeypatch.setattr(tt, "train", train)
-    monkeypatch.setenv("SPARSETRAIN_CACHE", str(cache_dir))
-    common = f"data={corpus_dir},vocab_size=320,n_layer=1,d_model=32,n_head=2,device=cpu"
-    out = tmp_path / "t.json"
-    monkeypatch.setattr(sys, "argv", ["trainer_throughput.py", "--preset", "tiny", "--steps", "4", "--log-every", "2",
-                                      "--seq-len", "32", "--batch-size", "2", "--abba", "--prime-steps", "1", "--heat-seconds", "0",
-                                      "--runs", f"a:ffn=relu2,{common};b:ffn=relu2_24,activation_dense_warmup_steps=0,{common}",
-                                      "--out", str(out)])
-    tt.main()
-    assert calls == [("relu2", 1), ("relu2_24", 1), ("relu2", 4), ("relu2_24", 4), ("relu2_24", 4), ("relu2", 4)]
-    got = json.loads(out.read_text())
-    assert [r["order"] for r in got["runs"]["a"]["repeats"]] == [0, 3]
-    assert [r["order"] for r in got["runs"]["b"]["repeats"]] == [1, 2]
-    assert got["settings"]["prime_steps"] == 1 and got["settings"]["heat_seconds"] == 0 and "heat" not in got
-    means = {k: sum(r["median_tokens_per_s"] for r in v["repeats"]) / 2 for k, v in got["runs"].items()}
-    assert got["speedup"]["b"] == pytest.approx(means["b"] / means["a"])
-    assert all(len(r["tokens_per_s_by_window"]) == 2 for v in got["runs"].values() for r in v["repeats"])
+    d20 = build_config("d20")
+    assert d20.model.seq_len * d20.batch_size > STEP_TOKENS_LIMIT  # the case under test
+    seq, batch = bench_step_shape("d20")
+    assert seq == d20.model.seq_len and batch * seq <= STEP_TOKENS_LIMIT < (batch + 1) * seq
+    assert bench_step_shape("d20", 512, 3) == (512, 3)

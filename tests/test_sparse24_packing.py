@@ -1,7 +1,7 @@
 """The one-pass transposable 2:4 packing (sparse24/packing.py) against
 independent references: a brute-force enumeration of 4x4 patterns, float64
 tile sums, cuSPARSELt's own ``_cslt_compress`` output (saved from an H200 with
-cuSPARSELt 0.8 by bench/cusparselt_layout_probe.py, and live on CUDA), and the
+cuSPARSELt 0.8 in tests/data, and live on CUDA), and the
 plain-torch packer (the Triton kernel runs in the interpreter on CPU)."""
 
 from __future__ import annotations

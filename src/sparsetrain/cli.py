@@ -18,6 +18,10 @@ from .config import ARCHS, ModelConfig, TrainConfig, build_config, field_types, 
 from .errors import SparsetrainError
 
 EXIT_USAGE = 2
+STEP_TOKENS_LIMIT = 16384
+"""Most tokens per step that ``bench step`` picks by default (2048 x 8, the step shape the benches time)."""
+STEP_REPEATS = {"cuda": 20, "cpu": 3}
+STEP_WARMUP = {"cuda": 5, "cpu": 1}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,10 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench_kind", required=True, parser_class=_Parser)
     bs = bsub.add_parser("step", help="dense training step: tokens/s and MFU")
     bs.add_argument("--preset", default="nano-125m", choices=list_presets())
-    bs.add_argument("--seq-len", type=int, default=2048)
-    bs.add_argument("--batch-size", type=int, default=8)
+    bs.add_argument("--seq-len", type=int, default=None, help="default: the preset's seq_len")
+    bs.add_argument("--batch-size", type=int, default=None,
+                    help=f"default: the preset's batch_size, at most {STEP_TOKENS_LIMIT:,} tokens per step")
     bs.add_argument("--compile", action="store_true", help="torch.compile the model")
-    bs.add_argument("--repeats", type=int, default=20)
+    bs.add_argument("--repeats", type=int, default=None,
+                    help=f"timed steps (default {STEP_REPEATS['cuda']} on CUDA, {STEP_REPEATS['cpu']} on the CPU)")
     bs.add_argument("--json", metavar="FILE", help="also write the result as JSON")
 
     f = sub.add_parser("fire", help="FIRE-reinitialise a run's weights into a new run directory (for continual training)")
@@ -194,18 +200,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_step_shape(preset: str, seq_len: int | None = None, batch_size: int | None = None) -> tuple[int, int]:
+    """``(seq_len, batch_size)`` that ``sparsetrain bench step`` times: the given
+    values, else the preset's own, with the default batch cut so that a step
+    holds at most ``STEP_TOKENS_LIMIT`` tokens (the step shape every bench times
+    on one GPU)."""
+    cfg = build_config(preset)
+    seq = seq_len if seq_len is not None else cfg.model.seq_len
+    batch = batch_size if batch_size is not None else max(1, min(cfg.batch_size, STEP_TOKENS_LIMIT // seq))
+    return seq, batch
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
     from .benchmark import bench_train_step, environment
 
     for name in ("seq_len", "batch_size", "repeats"):
-        if getattr(args, name) < 1:
-            raise SparsetrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    result = bench_train_step(args.preset, args.seq_len, args.batch_size, args.compile, repeats=args.repeats)
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SparsetrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    seq, batch = bench_step_shape(args.preset, args.seq_len, args.batch_size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    repeats = args.repeats if args.repeats is not None else STEP_REPEATS[device]
+    warmup = STEP_WARMUP[device]
+    print(f"timing {args.preset}: seq {seq} x batch {batch} ({seq * batch:,} tokens per step), "
+          f"{'compiled' if args.compile else 'eager'}, on {device}: {warmup} warm-up + {repeats} timed steps", flush=True)
+    result = bench_train_step(args.preset, seq, batch, args.compile, warmup=warmup, repeats=repeats, device=device)
     result = {"environment": environment(), **result}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     mfu = f", MFU {result['mfu_vs_datasheet']:.1%}" if "mfu_vs_datasheet" in result else ""
-    print(f"{args.preset} seq {args.seq_len} batch {args.batch_size}: step {result['step']['median_ms']:.1f} ms, "
+    print(f"{args.preset} seq {seq} batch {batch}: step {result['step']['median_ms']:.1f} ms, "
           f"{result['tokens_per_s']:,.0f} tokens/s, {result['achieved_tflops']:.1f} TFLOP/s{mfu}")
     return 0
 

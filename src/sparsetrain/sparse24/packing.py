@@ -26,7 +26,7 @@ then one 4-bit code ``i0 | i1 << 2`` per group of four (its kept indices,
 ``i0 < i1``). The codes come in tiles of 64 rows x 8 groups, tiles in
 row-major order; inside a tile the nibble index has, lowest bit first, the
 bits ``r3 g2 g0 g1 r0 r1 r2 r4 r5`` of the row ``r`` and group ``g``
-(decoded by bench/cusparselt_layout_probe.py + cusparselt_layout_decode.py;
+(decoded from ``_cslt_compress`` dumps of crafted and random matrices;
 ``tests/test_sparse24_packing.py`` checks :func:`pack_24_reference` against
 ``_cslt_compress``'s own output on random inputs, saved from the GPU).
 torch's ``_sparse_semi_structured_tile`` orders the codes differently, which
@@ -223,8 +223,8 @@ def triton_ok(u: torch.Tensor) -> bool:
     return triton is not None and (u.is_cuda or interpreting()) and u.dtype == torch.bfloat16
 
 
-# launch options (one program per 64 x 64 block of u), from bench/sparse24_packing.py's
-# sweep: 4 warps, registers capped at 96 per thread (the searching forward took 121-124
+# launch options (one program per 64 x 64 block of u), from a sweep of warps and
+# register caps: 4 warps, registers capped at 96 per thread (the searching forward took 121-124
 # uncapped, four programs per SM; capped, its forward ran about 5% faster on the H200)
 KERNEL_CONFIG: dict[str, int] = {"num_warps": 4, "maxnreg": 96}
 

@@ -1,0 +1,445 @@
+"""The benchmark suites (``python -m bench``): the result schema and its math,
+the timing orders, the option parsing, and each suite's CPU path end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bench.timing as timing
+from bench.__main__ import main as bench_main
+from bench.options import BenchError, parse_cases, parse_overrides
+from bench.results import SCHEMA, Result, output_path, result_rows, run_document, summarize_times, validate
+
+
+def fresh_rng() -> random.Random:
+    return random.Random(int(torch.randint(0, 2**31 - 1, ())))
+
+
+def run_bench(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    try:
+        code = bench_main(args)
+    except SystemExit as e:  # argparse usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def only_file(folder: Path) -> dict:
+    files = list(folder.glob("*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text())
+
+
+# ---------------------------------------------------------------- schema and math
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 20, 51])
+def test_median_and_spread_match_numpy(n: int) -> None:
+    rng = fresh_rng()
+    times = [rng.lognormvariate(0, 1) for _ in range(n)]
+    s = summarize_times(times)
+    q1, med, q3 = np.percentile(times, [25, 50, 75])
+    assert s["median_ms"] == pytest.approx(float(np.median(times)), rel=1e-12)
+    assert s["median_ms"] == pytest.approx(float(med), rel=1e-12)
+    assert s["spread"] == pytest.approx({"min_ms": min(times), "q1_ms": float(q1), "q3_ms": float(q3),
+                                         "max_ms": max(times), "iqr_ms": float(q3 - q1)}, rel=1e-12)
+    assert s["repeats"] == n
+
+
+def test_rows_give_each_variant_its_speedup_over_its_baseline_at_the_same_shape() -> None:
+    rng = fresh_rng()
+    base_a, base_b = [rng.uniform(5, 10) for _ in range(5)], [rng.uniform(5, 10) for _ in range(5)]
+    fast = [rng.uniform(1, 4) for _ in range(5)]
+    rows = result_rows("steps", [Result("dense", "a", base_a), Result("dense", "b", base_b),
+                                 Result("fast", "b", fast, baseline="dense"),
+                                 Result("broken", "b", [], baseline="dense", error="OutOfMemoryError: ...")])
+    assert rows[2]["speedup_vs_baseline"] == pytest.approx(float(np.median(base_b) / np.median(fast)))
+    assert rows[0]["speedup_vs_baseline"] is None and rows[3]["median_ms"] is None
+    with pytest.raises(ValueError, match="'dense' was not measured"):
+        result_rows("steps", [Result("fast", "a", fast, baseline="dense")])
+
+
+def _doc() -> dict:
+    rng = fresh_rng()
+    return run_document("kernels", [Result("reference", "rope:tiny", [rng.uniform(1, 2) for _ in range(3)]),
+                                    Result("fused", "rope:tiny", [rng.uniform(0.1, 1) for _ in range(3)],
+                                           baseline="reference", extra={"max_abs_diff": 0.0})],
+                        {"repeats": 3}, ["kernels", "--shapes", "rope:tiny"])
+
+
+def test_a_run_document_follows_the_schema_and_each_fault_is_named() -> None:
+    doc = _doc()
+    assert validate(doc) == [] and doc["schema"] == SCHEMA
+    assert doc["command"] == "python -m bench kernels --shapes rope:tiny"
+    assert set(doc["versions"]) == {"python", "torch", "cuda", "triton", "cusparselt"} and doc["versions"]["torch"] == torch.__version__
+    faults = {
+        "median_ms": lambda d: d["results"][0].update(median_ms="fast"),
+        "spread is not ordered": lambda d: d["results"][1]["spread"].update(min_ms=1e9),
+        "baseline": lambda d: d["results"][1].update(baseline="nothing"),
+        "not UTC": lambda d: d.update(date="2026-12-05T10:00:00+02:00"),
+        "suite": lambda d: d["results"][0].update(suite="steps"),
+        "versions": lambda d: d["versions"].pop("cusparselt"),
+        "schema": lambda d: d.update(schema="other/1"),
+        "error row": lambda d: d["results"][0].update(error="boom"),
+    }
+    for needle, break_it in faults.items():
+        bad = copy.deepcopy(doc)
+        break_it(bad)
+        problems = validate(bad)
+        assert problems and any(needle in p for p in problems), (needle, problems)
+
+
+def test_output_names(tmp_path: Path) -> None:
+    device = "cpu" if not torch.cuda.is_available() else output_path(str(tmp_path), "x", "y").stem.split("_")[-1]
+    assert output_path(str(tmp_path), "steps", "collider-1b.sparse24:d4096") == \
+        tmp_path / f"steps_collider-1b.sparse24-d4096_{device}.json"
+    assert output_path(str(tmp_path / "mine.json"), "steps", "headline") == tmp_path / "mine.json"
+    assert output_path(None, "kernels", "default").parent == Path(__file__).parents[1] / "bench" / "results"
+
+
+# ---------------------------------------------------------------- timing orders
+
+
+def test_interleaved_schedule_warms_up_then_alternates_rounds() -> None:
+    calls: list[str] = []
+    times = timing.time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                    rounds=3, warmup=2, repeats=6)
+    assert calls[:4] == ["a", "a", "b", "b"]  # warm-up
+    # each round: one untimed call, then 6 // 3 = 2 timed calls, per variant in turn
+    assert calls[4:] == (["a"] * 3 + ["b"] * 3) * 3
+    assert {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6} and all(t >= 0 for v in times.values() for t in v)
+
+
+@pytest.mark.parametrize("rounds, repeats", [(3, 7), (3, 2), (4, 21), (1, 5)])
+def test_interleaved_schedule_times_each_variant_exactly_repeats_times(rounds: int, repeats: int) -> None:
+    order = timing.interleaved_schedule(["a", "b", "c"], rounds, warmup=1, repeats=repeats)
+    assert order[:3] == [("a", False), ("b", False), ("c", False)]
+    for name in "abc":
+        assert sum(1 for n, t in order if n == name and t) == repeats
+    timed = [n for n, t in order if t]
+    if min(rounds, repeats) > 1:  # in rounds: some of c's samples come before some of a's
+        assert timed.index("c") < len(timed) - 1 - timed[::-1].index("a")
+    else:
+        assert timed == sorted(timed)
+
+
+@pytest.mark.parametrize("names, repeats, want", [
+    (["a", "b"], 2, "abba"), (["a", "b"], 3, "abbaab"), (["a", "b", "c"], 2, "abccba"), (["a", "b"], 1, "ab")])
+def test_abba_order(names: list[str], repeats: int, want: str) -> None:
+    assert "".join(timing.abba_order(names, repeats)) == want
+
+
+def test_abba_cancels_a_linear_drift() -> None:
+    """Run i takes base + drift * i: with an even number of repeats every
+    variant's mean run time carries the same drift."""
+    rng = fresh_rng()
+    names = [f"v{i}" for i in range(rng.randint(2, 5))]
+    order = timing.abba_order(names, 2 * rng.randint(1, 3))
+    drift = rng.uniform(0.1, 1.0)
+    means = {n: np.mean([drift * i for i, m in enumerate(order) if m == n]) for n in names}
+    assert max(means.values()) - min(means.values()) == pytest.approx(0, abs=1e-9)
+
+
+def test_step_flags_mark_exactly_the_calls_inside_timed_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Collider phases are medians over the calls the step suite marks as
+    timed: those must be the calls that ran inside a timed sample."""
+    import argparse
+
+    from bench import steps
+
+    inside = [False]
+    real = timing.time_fn
+
+    def sample(fn, **kw):
+        inside[0] = True
+        try:
+            return real(fn, **kw)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(timing, "time_fn", sample)
+    rng = fresh_rng()
+    args = argparse.Namespace(warmup=rng.randint(0, 3), rounds=rng.randint(1, 4), repeats=rng.randint(1, 9),
+                              queued=rng.randint(1, 3))
+    seen: dict[str, list[bool]] = {"a": [], "b": []}
+    calls = {n: (lambda n=n: seen[n].append(inside[0])) for n in seen}
+    for call in calls.values():
+        for _ in range(args.warmup):
+            call()
+    timing.time_interleaved(calls, rounds=args.rounds, warmup=0, repeats=args.repeats, calls_per_sample=args.queued)
+    assert steps._flags(list(calls), args) == seen
+
+
+def test_gpu_clock_monitor_takes_medians_of_what_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The monitor's medians over made-up readings, and the first and last
+    temperature; no readings (no nvidia-smi) give 0 samples."""
+    import time as _time
+
+    readings = iter([(1980.0, 600.0, 41.0), (1755.0, 700.0, 58.0), (1830.0, 650.0, 55.0)])
+    monkeypatch.setattr(timing, "_query_gpu", lambda device_index: next(readings, None))
+    with timing.gpu_clock_monitor(interval_s=0.001) as got:
+        _time.sleep(0.2)
+    assert got == {"samples": 3, "sm_clock_mhz": 1830.0, "power_w": 650.0, "temperature_c": 55.0,
+                   "temperature_c_first_last": [41.0, 55.0]}
+    monkeypatch.setattr(timing, "_query_gpu", lambda device_index: None)
+    with timing.gpu_clock_monitor() as none:
+        pass
+    assert none == {"samples": 0}
+    assert timing.heat_gpu(0) == {}
+
+
+def test_gpu_idle_by_phase_on_a_made_up_trace() -> None:
+    """Gaps between GPU kernels, charged to the host phase that launched the kernel
+    after each gap; overlapping kernels leave no gap. Times in microseconds."""
+    from bench.profiling import gpu_idle_by_phase
+
+    def kernel(ts, dur, corr, name):
+        return {"cat": "kernel", "ts": ts, "dur": dur, "name": name, "args": {"correlation": corr}}
+
+    def launch(ts, corr):
+        return {"cat": "cuda_driver", "ts": ts, "name": "cuLaunchKernel", "args": {"correlation": corr}}
+
+    events = [{"cat": "user_annotation", "ts": 0, "dur": 100, "name": "phase:forward"},
+              {"cat": "user_annotation", "ts": 100, "dur": 200, "name": "phase:backward"},
+              launch(1, 1), launch(50, 2), launch(60, 3), launch(150, 4),
+              kernel(10, 20, 1, "a"),        # busy 10..30
+              kernel(40, 30, 2, "b"),        # 10 us idle, launched in forward
+              kernel(50, 40, 3, "c"),        # overlaps b: no gap; busy until 90
+              kernel(390, 10, 4, "d")]       # 300 us idle, launched in backward
+    idle = gpu_idle_by_phase({"traceEvents": events}, steps=2)
+    assert idle["ms_per_step_by_phase"] == pytest.approx({"forward": 0.005, "backward": 0.15})
+    assert idle["total_ms_per_step"] == pytest.approx(0.155)
+    assert idle["largest"][0] == (0.3, "backward", "c", "d")
+
+
+# ---------------------------------------------------------------- options
+
+
+def test_parse_overrides() -> None:
+    assert parse_overrides("d20;;d20:d_model=4096,n_head=32,ffn=relu2") == [
+        ("d20", "d20", {}),
+        ("d20:d_model=4096,n_head=32,ffn=relu2", "d20", {"d_model": 4096, "n_head": 32, "ffn": "relu2"}),
+    ]
+    assert parse_overrides("collider:use_collider=True,collider_sparsity=0.5,out_dir=a.b") == [
+        ("collider:use_collider=True,collider_sparsity=0.5,out_dir=a.b", "collider",
+         {"use_collider": True, "collider_sparsity": 0.5, "out_dir": "a.b"}),
+    ]
+    with pytest.raises(BenchError, match="key=value"):
+        parse_overrides("a:ffn")
+
+
+def test_parse_cases() -> None:
+    shapes = {"x": {"tiny": {}, "big": {}, "huge": {}}, "y": {"tiny": {}, "big": {}}, "z": {"other": {}}}
+    default = ["x:big", "y:big", "x:huge"]
+    assert parse_cases("", shapes, default) == [("x", "big"), ("y", "big"), ("x", "huge")]
+    assert parse_cases("tiny", shapes, default) == [("x", "tiny"), ("y", "tiny")]
+    assert parse_cases("x, y:tiny,x:big", shapes, default) == [("x", "big"), ("x", "huge"), ("y", "tiny")]
+    for bad, needle in (("x:small", "no shape 'small'"), ("w:tiny", "no bench 'w'"), ("small", "no bench or shape")):
+        with pytest.raises(BenchError, match=needle):
+            parse_cases(bad, shapes, default)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["quality", "--repeats", "3"], "--repeats does not apply"),
+    (["steps", "--repeats", "0"], "--repeats must be >= 1"),
+    (["steps", "--shapes", "collider:2b"], "collider has no shape '2b'"),
+    (["steps", "--headline", "--compile"], "--headline fixes the shapes and modes; drop --compile"),
+    (["steps", "--shapes", "collider:tiny", "--drops", "1.5"], "--drops and --skip"),
+    (["trainer", "--runs", "a:ffn"], "key=value"),
+    (["nosuch"], "no suite 'nosuch'"),
+])
+def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str, tmp_path: Path, capsys) -> None:
+    code, _, err = run_bench(args + (["--out", str(tmp_path)] if args[0] in ("steps", "trainer", "quality") else []), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert not list(tmp_path.glob("*.json"))
+
+
+@pytest.mark.parametrize("present", [True, False])
+def test_race_hands_its_arguments_to_sparsetrain_race(present: bool, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """With ``sparsetrain.race`` in the checkout, ``python -m bench race ARGS``
+    runs ``sparsetrain race ARGS``; without it, one line and exit code 2."""
+    import importlib.util
+
+    import sparsetrain.cli
+
+    got = []
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *a):
+        if name == "sparsetrain.race":
+            return object() if present else None
+        return real_find_spec(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(sparsetrain.cli, "main", lambda argv: got.append(argv) or 0)
+    code, _, err = run_bench(["race", "--budget", "60", "x"], capsys)
+    if present:
+        assert code == 0 and got == [["race", "--budget", "60", "x"]]
+    else:
+        assert code == 2 and not got and len(err.strip().splitlines()) == 1 and "sparsetrain.race" in err
+
+
+# ---------------------------------------------------------------- the suites on the CPU
+
+
+def _check_run(doc: dict, suite: str, cases: set[str]) -> list[dict]:
+    assert validate(doc) == [], validate(doc)
+    assert doc["suite"] == suite and doc["command"].startswith(f"python -m bench {suite}")
+    rows = doc["results"]
+    assert {r["shape"] for r in rows} == cases
+    assert all(r["error"] is None for r in rows), [r["error"] for r in rows if r["error"]]
+    return rows
+
+
+def test_steps_suite_runs_every_tiny_shape_on_the_cpu(tmp_path: Path, capsys) -> None:
+    code, out, err = run_bench(["steps", "--shapes", "tiny", "--repeats", "2", "--warmup", "0", "--rounds", "2",
+                                "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    rows = _check_run(only_file(tmp_path), "steps", {f"{b}:tiny" for b in
+                                                     ("dense", "collider", "sparse24", "hyper", "bk_step", "bk_layer")})
+    by = {(r["shape"], r["variant"]): r for r in rows}
+    assert by[("collider:tiny", "collider_0.5")]["baseline"] == "dense"
+    assert set(by[("collider:tiny", "collider_0.5")]["extra"]["phase_ms"]) == {"forward", "select", "backward", "optimizer"}
+    assert by[("sparse24:tiny", "relu2_24")]["baseline"] == "relu2"
+    assert by[("bk_step:tiny", "sparse_0.5")]["extra"]["sparsity_stats"]["target_sparsity"] == 0.5
+    for r in rows:
+        assert r["repeats"] == 2 and r["extra"]["tokens_per_s"] == pytest.approx(r["extra"]["tokens_per_call"] / r["median_ms"] * 1e3)
+    assert out.strip().splitlines()[-1].startswith("wrote ")
+
+
+def test_kernels_suite_runs_every_tiny_kernel_on_the_cpu(tmp_path: Path, capsys) -> None:
+    """Without CUDA the Triton variants run in Triton's interpreter (set by conftest)."""
+    code, out, err = run_bench(["kernels", "--shapes", "tiny", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    from bench.kernels import BENCHES
+
+    rows = _check_run(only_file(tmp_path), "kernels", {f"{b}:tiny" for b in BENCHES})
+    by = {(r["shape"], r["variant"]): r for r in rows}
+    assert by[("packing:tiny", "pack_forward")]["extra"]["equal_to_reference"] is True
+    assert by[("cross_entropy:tiny", "fused")]["extra"]["grad_max_abs_diff"] < 1e-5
+    assert by[("rope:tiny", "fused")]["extra"]["max_abs_diff"] < 1e-5
+    assert max(by[("bk_core:tiny", "triton")]["extra"]["max_rel_err_vs_float64"].values()) < 1e-3
+
+
+def test_trainer_suite_primes_each_run_then_times_abba(corpus_dir, cache_dir, tmp_path: Path, capsys,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every run trained once untimed (--prime-steps) before any timed run, the
+    timed runs in the order A B B A, and each run's figure the median (here the
+    mean) of its two runs' median windows."""
+    import bench.trainer as tt
+
+    calls = []
+    real_train = tt.train
+
+    def train(cfg, verbose=True):
+        calls.append((cfg.model.ffn, cfg.max_steps))
+        return real_train(cfg, verbose=verbose)
+
+    monkeypatch.setattr(tt, "train", train)
+    monkeypatch.setenv("SPARSETRAIN_CACHE", str(cache_dir))
+    common = f"data={corpus_dir},vocab_size=320,n_layer=1,d_model=32,n_head=2,device=cpu,seq_len=32,batch_size=2"
+    code, _, err = run_bench(["trainer", "--shapes", "tiny", "--steps", "4", "--log-every", "2", "--prime-steps", "1",
+                              "--warmup", "0", "--runs", f"a:ffn=relu2,{common};b:ffn=relu2_24,activation_dense_warmup_steps=0,{common}",
+                              "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    assert calls == [("relu2", 1), ("relu2_24", 1), ("relu2", 4), ("relu2_24", 4), ("relu2_24", 4), ("relu2", 4)]
+    rows = _check_run(only_file(tmp_path), "trainer", {"trainer:tiny"})
+    a, b = rows
+    assert [r["order"] for r in a["extra"]["runs"]] == [0, 3] and [r["order"] for r in b["extra"]["runs"]] == [1, 2]
+    assert b["baseline"] == "a" and a["baseline"] is None
+    for row in rows:
+        per_run = [row["extra"]["tokens_per_step"] / float(np.median(r["tokens_per_s_by_window"])) * 1e3
+                   for r in row["extra"]["runs"]]
+        assert row["median_ms"] == pytest.approx(float(np.mean(per_run)))
+    assert b["speedup_vs_baseline"] == pytest.approx(a["median_ms"] / b["median_ms"])
+
+
+def test_quality_suite_runs_a_set_on_the_cpu(corpus_dir, cache_dir, tmp_path: Path, capsys,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARSETRAIN_CACHE", str(cache_dir))
+    common = (f"data={corpus_dir},vocab_size=320,n_layer=1,d_model=32,n_head=2,device=cpu,seq_len=32,batch_size=2,"
+              "eval_every=2,eval_batches=1,log_every=2,warmup_steps=1")
+    code, _, err = run_bench(["quality", "--set", "collider_topk", "--runs", "dense,collider_0.5", "--shapes", "tiny",
+                              "--steps", "4", "--overrides", common, "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    rows = _check_run(only_file(tmp_path), "quality", {"quality:tiny"})
+    dense, collider = rows
+    assert collider["baseline"] == "dense" and dense["extra"]["steps"] == 4
+    assert dense["extra"]["val_loss_final"] == dense["extra"]["val_loss"]["4"]
+    assert collider["extra"]["mean_kept_fraction"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_every_quality_run_is_a_valid_config() -> None:
+    """Every run of every set builds a valid config at every shape (a GPU run once died on a bad head count)."""
+    from bench.quality import RUN_SETS, SHAPES
+
+    from sparsetrain.config import build_config
+
+    for shape in SHAPES["quality"].values():
+        for runs in RUN_SETS.values():
+            for overrides in runs.values():
+                ov = {k: v for k, v in overrides.items() if k != "equal_time_to"}
+                build_config(shape["preset"], overrides={**shape["overrides"], **ov, "keep_ratio": 0.5})
+
+
+def test_plot_reads_the_schema(tmp_path: Path) -> None:
+    from bench.plot import curves
+
+    doc = run_document("quality", [Result("dense", "quality:tiny", [1.0], extra={"val_loss": {"2": 5.0}, "val_seconds": {"2": 1.0}}),
+                                   Result("timing_only", "quality:tiny", [1.0])], {}, ["quality"])
+    assert curves(doc) == {"dense": {"val_loss": {"2": 5.0}, "val_seconds": {"2": 1.0}}}
+
+
+def test_shared_variants_step_one_set_of_weights_with_one_optimizer() -> None:
+    """Dense relu2 and the 2:4 FFN built to share parameters: the second model's
+    parameters are the first one's tensors, one AdamW holds state for exactly
+    those (none for the second model's own initial weights), and each step runs
+    its own model and a full optimizer step."""
+    from bench.train_steps import SPARSE24_OVERRIDES, SharedOptimizer, share_parameters
+
+    from sparsetrain.benchmark import make_train_step
+    from sparsetrain.sparse24 import Sparse24FFN
+
+    small = {"n_layer": 1, "d_model": 32, "n_head": 2, "vocab_size": 320}
+    kw = dict(preset="tiny", seq_len=32, batch_size=2, device="cpu")
+    opt = SharedOptimizer()
+    step_a, dense = make_train_step(**kw, model_overrides={**small, "ffn": "relu2"}, optimizer=opt)
+    step_b, sparse = make_train_step(**kw, model_overrides={**small, **SPARSE24_OVERRIDES}, optimizer=opt,
+                                     prepare=lambda m: share_parameters(m, dense))
+    a, b = dict(dense.named_parameters()), dict(sparse.named_parameters())
+    assert a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+    before = {k: p.detach().clone() for k, p in a.items()}
+    step_a()
+    step_b()
+    state = opt.optimizer.state
+    assert len(state) == len(a) and all(int(state[p]["step"]) == 2 for p in a.values())
+    assert all(not torch.equal(before[k], p) for k, p in a.items() if p.requires_grad)
+    assert [f.last_backend for f in sparse.modules() if isinstance(f, Sparse24FFN)] != ["dense"]
+    with pytest.raises(ValueError, match="exactly its parameters"):  # a model that does not share them
+        make_train_step(**kw, model_overrides=small, optimizer=opt)
+    swiglu = make_train_step(**kw, model_overrides={**small, "ffn": "swiglu"})[1]
+    with pytest.raises(ValueError, match="first difference"):
+        share_parameters(swiglu, dense)
+
+
+def test_headline_is_the_three_comparisons_each_in_its_own_mode() -> None:
+    import argparse
+
+    from bench import steps
+
+    args = argparse.Namespace(shapes="", compile=False, cuda_graphs=False, drops=None, skip=None, headline=True,
+                              rounds=3, queued=1, profile=False, tokens="random")
+    assert steps._check(args) == [("collider", "1b", True, False), ("sparse24", "d4096", False, False),
+                                  ("bk_layer", "64k", True, True)]
+    assert args.drops == [0.5] and args.skip == 0.5 and steps.file_label(args) == "headline"
+    one_b = steps.SHAPES["collider"]["1b"]
+    assert (one_b["seq"], one_b["batch"]) == (2048, 8) and one_b["overrides"]["d_model"] == 2048
+    assert steps.SHAPES["bk_layer"]["64k"]["batch"] * steps.SHAPES["bk_layer"]["64k"]["seq"] == 65536
