@@ -6,6 +6,8 @@ loads in transformers with matching logits; bad input is one line, exit 2."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
@@ -240,6 +242,32 @@ def test_gguf_vocabulary_retokenizes_exactly(tokenizer_json: Path, tmp_path: Pat
     for text in TEXTS + ["a brand new line with wörds and 42 numbers\n    def f(x): return x**2\n"]:
         assert naive_bpe(text, tokens, merges) == tok.encode(text)
         assert tok.decode(naive_bpe(text, tokens, merges)) == text
+
+
+LLAMA_CPP_PROBE = os.environ.get("SPARSETRAIN_LLAMA_CPP_PROBE", "")
+
+
+@pytest.mark.skipif(not LLAMA_CPP_PROBE, reason="set SPARSETRAIN_LLAMA_CPP_PROBE to a built tests/llama_cpp_probe.cpp")
+@pytest.mark.parametrize("ffn, tied", [("swiglu", False), ("relu2", True)])
+def test_gguf_runs_in_llama_cpp(ffn: str, tied: bool, tokenizer_json: Path, tmp_path: Path) -> None:
+    """The real consumer: llama.cpp loads the file as llama/arcee, gives the float64
+    model's logits up to float32 rounding, and tokenizes as we do (BOS = end-of-text)."""
+    model = random_model(ffn=ffn, tie_embeddings=tied)
+    export_gguf(model, tokenizer_json, tmp_path / "m.gguf")
+    tokens = np.random.default_rng(2).integers(0, 320, 24)
+    subprocess.run([LLAMA_CPP_PROBE, str(tmp_path / "m.gguf"), "logits", str(tmp_path / "out.f32"), *map(str, tokens)],
+                   check=True, capture_output=True)
+    got = np.fromfile(tmp_path / "out.f32", dtype=np.float32).reshape(24, -1)
+    with torch.no_grad():
+        want = float64_model(model)(torch.from_numpy(tokens)[None])[0][0].numpy()
+    # float32 arithmetic in llama.cpp over 2 layers: a few 1e-6 on logits of magnitude ~5
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-5)
+    text = "".join(TEXTS) + "a brand new line with wörds and 42 numbers\n    def f(x): return x**2\n"
+    (tmp_path / "text.txt").write_text(text)
+    out = subprocess.run([LLAMA_CPP_PROBE, str(tmp_path / "m.gguf"), "tok", str(tmp_path / "text.txt")],
+                         check=True, capture_output=True, text=True).stdout
+    tok = BPETokenizer.load(tokenizer_json)
+    assert list(map(int, out.split())) == [tok.eot_id] + tok.encode(text)
 
 
 # ----------------------------------------------------------------------------- safetensors

@@ -39,6 +39,7 @@ from .config import ModelConfig
 from .errors import ConfigError, SparsetrainError
 from .generate import load_model
 from .model import GPT, CausalLM, build_model
+from .tokenizer import EOT
 
 FORMATS = ("gguf", "safetensors", "hf")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -132,7 +133,7 @@ def read_bpe_vocab(tokenizer_json: str | Path, vocab_size: int) -> BPEVocab:
     return BPEVocab(tokens, merges, frozenset(special.values()), n)
 
 
-def _float_state(model: CausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _cpu_state(model: CausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The state dict on the CPU, floating-point tensors cast to ``dtype``, others as they are."""
     return {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in model.state_dict().items()}
 
@@ -174,7 +175,7 @@ def export_safetensors(model: CausalLM, out: str | Path, dtype: torch.dtype = to
     save_file = _import("safetensors.torch").save_file
 
     out = Path(out)
-    state = _float_state(model, dtype)
+    state = _cpu_state(model, dtype)
     if model.config.tie_embeddings:
         state.pop("lm_head.weight")
     state = {k: v.contiguous() for k, v in state.items()}
@@ -220,7 +221,7 @@ def gguf_tensors(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, to
     cfg = model.config
     llama_family(model)
     names, T = gguf.TENSOR_NAMES, gguf.MODEL_TENSOR
-    state = _float_state(model, torch.float32)
+    state = _cpu_state(model, torch.float32)
     out = {names[T.TOKEN_EMBD] + ".weight": state["embed.weight"],
            names[T.OUTPUT_NORM] + ".weight": state["norm.weight"]}
     if not cfg.tie_embeddings:
@@ -256,9 +257,9 @@ def export_gguf(model: GPT, tokenizer_json: str | Path, out: str | Path, dtype: 
     cfg = model.config
     family = llama_family(model)
     vocab = read_bpe_vocab(tokenizer_json, cfg.vocab_size)
-    eot = vocab.tokens.index("<|endoftext|>") if "<|endoftext|>" in vocab.tokens else None
-    if eot is None:
-        raise SparsetrainError(f"tokenizer {tokenizer_json} has no <|endoftext|> token")
+    if EOT not in vocab.tokens:
+        raise SparsetrainError(f"tokenizer {tokenizer_json} has no {EOT} token")
+    eot = vocab.tokens.index(EOT)
     out = Path(out)
     tmp = _atomic_path(out)
     try:
@@ -350,7 +351,7 @@ def hf_state_dict(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, t
     q and k keep their row order)."""
     cfg = model.config
     llama_family(model)
-    state = _float_state(model, dtype)
+    state = _cpu_state(model, dtype)
     out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
@@ -383,7 +384,7 @@ def export_hf(model: GPT, tokenizer_json: str | Path | None, out: str | Path, dt
     eot = None
     if tokenizer_json is not None:
         vocab = read_bpe_vocab(tokenizer_json, model.config.vocab_size)
-        eot = vocab.tokens.index("<|endoftext|>") if "<|endoftext|>" in vocab.tokens else None
+        eot = vocab.tokens.index(EOT) if EOT in vocab.tokens else None
     config = hf_config(model, eot, dtype)
     files: dict[str, bytes | dict[str, torch.Tensor]] = {
         "config.json": json.dumps(config, indent=2).encode(),
@@ -394,7 +395,7 @@ def export_hf(model: GPT, tokenizer_json: str | Path | None, out: str | Path, dt
         files["tokenizer.json"] = Path(tokenizer_json).read_bytes()
         files["tokenizer_config.json"] = json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.seq_len,
-            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "add_prefix_space": False,
+            "bos_token": EOT, "eos_token": EOT, "add_prefix_space": False,
         }, indent=2).encode()
     out.mkdir(parents=True, exist_ok=True)
     for fname, content in files.items():
