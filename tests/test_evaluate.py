@@ -267,6 +267,18 @@ def test_eval_cli_end_to_end(python_corpus: Path, tmp_path: Path, capsys) -> Non
     assert c["n"] == 4 and 0 <= c["compiled"] <= 4 and len(c["samples"]) == 4
     assert (c["low"], c["high"]) == pytest.approx(wilson_interval(c["compiled"], 4))
 
+    # the same val tokens as a .bin: the same loss and bytes, no code files to sample
+    np.asarray(corpus.val, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    bin_args = ["eval", "--ckpt", str(run), "--data", str(tmp_path / "val.bin"), "--samples", "2"]
+    assert main(bin_args + ["--json", str(tmp_path / "c.json")]) == 0
+    assert "compile rate: n/a (no held-out Python files)" in capsys.readouterr().out
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["held_out"]["loss"] == a["held_out"]["loss"] and c["held_out"]["n_bytes"] == val_bytes
+    np.asarray([5, 320], dtype=np.uint16).tofile(tmp_path / "bad.bin")
+    assert main(["eval", "--ckpt", str(run), "--data", str(tmp_path / "bad.bin")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "320" in err[0] and "vocab_size" in err[0]
+
 
 @pytest.mark.parametrize(
     "args, needle",

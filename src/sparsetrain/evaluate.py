@@ -169,6 +169,8 @@ def held_out_data(cfg: TrainConfig, tokenizer: BPETokenizer | None, data: str = 
             if not Path(data).is_file():
                 raise DataError(f"data path does not exist: {data}")
             tokens = np.memmap(data, dtype=np.dtype(cfg.token_dtype), mode="r")
+            if tokens.size and int(tokens.max()) >= cfg.model.vocab_size:
+                raise DataError(f"{data} holds token id {int(tokens.max())}, outside model.vocab_size {cfg.model.vocab_size}")
             return HeldOutData(tokens, [], f"{data} (all {tokens.size:,} tokens)")
         corpus = load_corpus(cfg.data, cfg.model.vocab_size, cfg.val_fraction, cfg.cache_dir, cfg.token_dtype,
                              cfg.tokenizer, verbose=False)
