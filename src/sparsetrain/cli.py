@@ -1,4 +1,4 @@
-"""Command line: ``sparsetrain {train,race,reference-losses,generate,bench,fire,grpo,info}``.
+"""Command line: ``sparsetrain {train,race,reference-losses,generate,eval,export,bench,fire,grpo,info}``.
 
 Every config field is also a flag (``lr`` -> ``--lr``, ``use_collider`` ->
 ``--use-collider/--no-use-collider``), so the CLI and TOML files can never
@@ -127,8 +127,39 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json", metavar="FILE", help="also write the rewards as JSON")
 
+    _add_export_parser(sub)
+    _add_eval_parser(sub)
+
     sub.add_parser("info", help="device, torch, CUDA, cuSPARSELt and Triton availability")
     return parser
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    from .export import DTYPES, FORMATS
+
+    e = sub.add_parser("export", help="write a run as GGUF (llama.cpp), safetensors or a Hugging Face folder")
+    e.add_argument("--ckpt", required=True, metavar="RUN", help="run directory (or its ckpt.pt)")
+    e.add_argument("--format", required=True, choices=FORMATS,
+                   help="gguf: llama/arcee file for llama.cpp; safetensors: weights + config; hf: folder for transformers")
+    e.add_argument("--out", required=True, metavar="PATH", help="output file (gguf, safetensors) or folder (hf)")
+    e.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype (GGUF norm gains stay float32)")
+    e.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser("eval", help="held-out loss, bits per byte and the compile rate of sampled code continuations")
+    v.add_argument("--ckpt", required=True, metavar="RUN", help="run directory (or its ckpt.pt)")
+    v.add_argument("--data", default="", metavar="PATH",
+                   help="text file or folder to evaluate whole (default: the run's own val split)")
+    v.add_argument("--samples", type=int, default=20, help="sampled continuations for the compile rate (0 = skip)")
+    v.add_argument("--max-new-tokens", type=int, default=128, help="tokens per continuation at most")
+    v.add_argument("--max-tokens", type=int, default=0, help="evaluate the loss on the first N tokens only (0 = all)")
+    v.add_argument("--batch-size", type=int, default=8, help="windows per forward for the loss")
+    v.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    v.add_argument("--top-k", type=int, default=50)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -319,6 +350,36 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    out = export_run(args.ckpt, args.format, args.out, force=args.force, dtype=args.dtype)
+    print(f"exported {args.ckpt} as {args.format} ({args.dtype}) -> {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_run
+
+    for name in ("samples", "max_tokens"):
+        if getattr(args, name) < 0:
+            raise SparsetrainError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SparsetrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    report = evaluate_run(args.ckpt, data=args.data, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                          max_tokens=args.max_tokens, batch_size=args.batch_size, temperature=args.temperature,
+                          top_k=args.top_k, seed=args.seed, device=args.device)
+    print(report.summary())
+    if args.json:
+        from .benchmark import environment
+
+        Path(args.json).write_text(json.dumps({"environment": environment(), "checkpoint": str(args.ckpt),
+                                               "settings": {k: v for k, v in vars(args).items() if k != "json"},
+                                               **report.to_dict()}, indent=2))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .benchmark import environment
 
@@ -335,8 +396,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": cmd_train, "race": cmd_race, "reference-losses": cmd_reference_losses, "generate": cmd_generate, "bench": cmd_bench, "fire": cmd_fire,
-               "grpo": cmd_grpo, "info": cmd_info}[args.command]
+    handler = {"train": cmd_train, "race": cmd_race, "reference-losses": cmd_reference_losses, "generate": cmd_generate,
+               "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench, "fire": cmd_fire, "grpo": cmd_grpo,
+               "info": cmd_info}[args.command]
     try:
         return handler(args)
     except SparsetrainError as e:

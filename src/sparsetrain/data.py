@@ -137,6 +137,28 @@ def split_documents(docs: dict[str, str], val_fraction: float) -> tuple[list[str
     return [text[:cut]], [text[cut:]]
 
 
+def read_documents(root: Path, files: list[Path]) -> dict[str, str]:
+    """``{path relative to root: text}`` of the files holding more than whitespace,
+    decoded as UTF-8 (invalid bytes become U+FFFD)."""
+    docs = {}
+    for f in files:
+        text = f.read_bytes().decode("utf-8", errors="replace")
+        if text.strip():
+            docs[str(f.relative_to(root))] = text
+    return docs
+
+
+def join_documents(ids: list[list[int]], eot_id: int, dtype: np.dtype | type) -> np.ndarray:
+    """One token stream: every document preceded by end-of-text, as a separator."""
+    flat = np.empty(sum(len(x) + 1 for x in ids), dtype=dtype)
+    pos = 0
+    for seq in ids:
+        flat[pos] = eot_id
+        flat[pos + 1 : pos + 1 + len(seq)] = seq
+        pos += len(seq) + 1
+    return flat
+
+
 @dataclass
 class TokenizedCorpus:
     """Train and val token arrays (memory-mapped) and, for text corpora, the tokenizer."""
@@ -170,11 +192,7 @@ def load_corpus(
     if data and data.endswith(".bin"):
         return _load_bin(data, vocab_size, val_fraction, token_dtype, tokenizer)
     root, files = discover_text_files(data or None, include, exclude, max_bytes)
-    docs = {}
-    for f in files:
-        text = f.read_bytes().decode("utf-8", errors="replace")
-        if text.strip():
-            docs[str(f.relative_to(root))] = text
+    docs = read_documents(root, files)
     source = data or f"Python {'.'.join(map(str, __import__('sys').version_info[:2]))} standard library at {root}"
     if include or exclude or max_bytes:
         chosen = [f"include {include}"] * bool(include) + [f"exclude {exclude}"] * bool(exclude)
@@ -221,13 +239,7 @@ def _build_cache(folder: Path, docs: dict[str, str], vocab_size: int, val_fracti
     try:
         counts = {}
         for split, texts in (("train", train_docs), ("val", val_docs)):
-            ids = tok.encode_batch(texts)
-            flat = np.empty(sum(len(x) + 1 for x in ids), dtype=dtype)
-            pos = 0
-            for seq in ids:  # every document starts with end-of-text, as a separator
-                flat[pos] = tok.eot_id
-                flat[pos + 1 : pos + 1 + len(seq)] = seq
-                pos += len(seq) + 1
+            flat = join_documents(tok.encode_batch(texts), tok.eot_id, dtype)
             flat.tofile(tmp / f"{split}.bin")
             counts[split] = int(flat.size)
         tok.save(tmp / "tokenizer.json")

@@ -1,0 +1,459 @@
+"""Evaluating a trained run: held-out loss, bits per byte, and how often sampled
+code continuations compile.
+
+Held-out loss covers every token of the held-out stream once: the stream is cut
+into consecutive windows of ``seq_len + 1`` tokens overlapping by one, so each
+token after the first is predicted exactly once, from the context since its
+window's start. (The trainer's val loss reads a fixed sample of windows; this
+reads them all.) ``loss`` is the mean over all predicted tokens, end-of-text
+separators included, as the trainer's.
+
+Bits per byte is ``sum(nats) / (ln 2 * bytes)`` over the predicted tokens that
+are text: end-of-text separators carry no bytes and are left out of both sums.
+A token's bytes are the UTF-8 bytes it decodes to (byte-level BPE: one byte per
+character of its vocabulary string), so the bytes of a document's tokens are
+its text's UTF-8 bytes exactly -- the file's size for a file in valid UTF-8
+(invalid bytes are read as U+FFFD, three bytes).
+
+The compile rate samples continuations of held-out Python files: each prompt is
+a file cut just after a block header (``def``, ``if``, ``for``, ... ending with
+``:``) inside a top-level ``def`` or ``class``; the model writes on until a line
+starts at column 0 with code (a dedent to the top level: the end of that
+definition), an end-of-text, or ``max_new_tokens``; then ``compile(prompt +
+continuation, "exec")`` judges. A prompt is used only if the file's own text,
+cut by the same rule, compiles, so every prompt has a correct answer.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import random
+import statistics
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import resolve_checkpoint
+from .config import TrainConfig, build_config, read_toml
+from .data import discover_text_files, is_val_file, join_documents, load_corpus, read_documents, split_documents
+from .errors import CheckpointError, DataError, SparsetrainError
+from .generate import load_model, sample
+from .model import CausalLM, upcast
+from .tokenizer import BPETokenizer
+
+Sampler = Callable[[str, int], str]
+"""``sampler(prompt, max_new_tokens) -> continuation text``."""
+
+WILSON_Z = statistics.NormalDist().inv_cdf(0.975)
+SAMPLE_CHUNK = 16  # tokens sampled between checks for the stopping line
+PROMPT_TRIES = 64  # random cut points tried per sample before the sample is given up
+
+
+# ----------------------------------------------------------------------------- held-out loss
+
+
+@dataclass
+class HeldOutLoss:
+    """Held-out loss (nats/token) and bits per byte (``None`` without a tokenizer)."""
+
+    loss: float
+    n_tokens: int
+    bits_per_byte: float | None
+    n_text_tokens: int
+    n_bytes: int
+    source: str
+
+
+def token_byte_lengths(tokenizer_json: str | Path, vocab_size: int) -> np.ndarray:
+    """UTF-8 bytes each token id decodes to: the length of its byte-level string
+    (one character per byte); 0 for special tokens and ids past the tokenizer's."""
+    from tokenizers import pre_tokenizers
+
+    from .export import read_bpe_vocab
+
+    vocab = read_bpe_vocab(tokenizer_json, vocab_size)
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    lengths = np.zeros(vocab_size, dtype=np.int64)
+    for i, text in enumerate(vocab.tokens[: vocab.n_tokenizer]):
+        if i in vocab.special_ids:
+            continue
+        if not set(text) <= alphabet:
+            raise SparsetrainError(f"token {i} ({text!r}) of {tokenizer_json} is not byte-level BPE")
+        lengths[i] = len(text)
+    return lengths
+
+
+@torch.no_grad()
+def token_nats(model: CausalLM, tokens: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """Cross-entropy (nats, float64) of every token of ``tokens`` after the first,
+    predicted from consecutive windows of ``seq_len`` inputs (see the module docstring)."""
+    if tokens.size < 2:
+        raise DataError(f"{tokens.size} held-out tokens: nothing to predict")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    T = model.config.seq_len
+    starts = list(range(0, tokens.size - 1, T))
+    out = np.empty(tokens.size - 1, dtype=np.float64)
+    try:
+        full = [s for s in starts if s + T + 1 <= tokens.size]
+        for i in range(0, len(full), batch_size):
+            group = full[i : i + batch_size]
+            idx = np.asarray(group)[:, None] + np.arange(T + 1)[None, :]
+            chunk = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64)).to(device)
+            logits, _ = model(chunk[:, :-1])
+            nats = F.cross_entropy(upcast(logits).flatten(0, 1), chunk[:, 1:].flatten(), reduction="none")
+            nats = nats.view(len(group), T).double().cpu().numpy()
+            for row, s in zip(nats, group):
+                out[s : s + T] = row
+        tail = starts[len(full):]  # at most one window, shorter than seq_len
+        for s in tail:
+            chunk = torch.from_numpy(np.asarray(tokens[s:], dtype=np.int64)).to(device)[None]
+            logits, _ = model(chunk[:, :-1])
+            out[s:] = F.cross_entropy(upcast(logits)[0], chunk[0, 1:], reduction="none").double().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def held_out_loss(model: CausalLM, tokens: np.ndarray, byte_lengths: np.ndarray | None,
+                  batch_size: int = 8, source: str = "") -> HeldOutLoss:
+    """Loss and bits per byte of ``model`` on the token stream ``tokens``
+    (``byte_lengths[id]``: bytes of each token id, 0 for separators; ``None``: no bits per byte)."""
+    nats = token_nats(model, tokens, batch_size)
+    targets = np.asarray(tokens[1:], dtype=np.int64)
+    bpb, n_text, n_bytes = None, 0, 0
+    if byte_lengths is not None:
+        nbytes = byte_lengths[targets]
+        text = nbytes > 0
+        n_text, n_bytes = int(text.sum()), int(nbytes.sum())
+        if n_bytes:
+            bpb = float(nats[text].sum() / (math.log(2) * n_bytes))
+    return HeldOutLoss(float(nats.mean()), int(nats.size), bpb, n_text, n_bytes, source)
+
+
+@dataclass
+class HeldOutData:
+    """The held-out token stream of a run and the whole held-out files (for the compile rate)."""
+
+    tokens: np.ndarray
+    files: list[Path]
+    source: str
+
+
+def held_out_code_files(data: str, val_fraction: float, include: str = "", exclude: str = "",
+                        max_bytes: int = 0) -> list[Path]:
+    """The ``.py`` files of a text corpus's val split (``data`` and the selection as in
+    the config: empty = the stdlib). Empty when the split cut one text instead of holding
+    out whole files (too few files; see :func:`sparsetrain.data.split_documents`)."""
+    root, files = discover_text_files(data or None, include, exclude, max_bytes)
+    names = sorted(read_documents(root, files))
+    val = [n for n in names if is_val_file(n, val_fraction)]
+    if not val or len(val) == len(names):
+        return []
+    return [root / n for n in val if n.endswith(".py")]
+
+
+def held_out_data(cfg: TrainConfig, tokenizer: BPETokenizer | None, data: str = "") -> HeldOutData:
+    """The run's val split (``data`` empty), tokenized with the run's tokenizer
+    exactly as :func:`sparsetrain.data.load_corpus` builds it, or the whole of
+    ``data`` (a text file or folder, or a ``.bin`` of the run's token dtype)."""
+    source = data or cfg.data
+    if source.endswith(".bin"):
+        if data:
+            if not Path(data).is_file():
+                raise DataError(f"data path does not exist: {data}")
+            tokens = np.memmap(data, dtype=np.dtype(cfg.token_dtype), mode="r")
+            if tokens.size and int(tokens.max()) >= cfg.model.vocab_size:
+                raise DataError(f"{data} holds token id {int(tokens.max())}, outside model.vocab_size {cfg.model.vocab_size}")
+            return HeldOutData(tokens, [], f"{data} (all {tokens.size:,} tokens)")
+        corpus = load_corpus(cfg.data, cfg.model.vocab_size, cfg.val_fraction, cfg.cache_dir, cfg.token_dtype,
+                             cfg.tokenizer, verbose=False)
+        return HeldOutData(corpus.val, [], f"val split of {cfg.data}")
+    if tokenizer is None:
+        raise CheckpointError("the run has no tokenizer.json: text data cannot be tokenized")
+    selection = () if data else (cfg.data_include, cfg.data_exclude, cfg.data_max_bytes)  # the run's own files
+    root, files = discover_text_files(source or None, *selection)
+    docs = read_documents(root, files)
+    if not docs:
+        raise DataError(f"no text found in {source or root}")
+    if data:
+        texts, code = [docs[n] for n in sorted(docs)], [root / n for n in sorted(docs) if n.endswith(".py")]
+        what = f"{data} ({len(texts)} files, all held out)"
+    else:
+        texts = split_documents(docs, cfg.val_fraction)[1]
+        code = held_out_code_files(cfg.data, cfg.val_fraction, *selection)
+        what = f"val split of {cfg.data or 'the Python standard library'} ({len(texts)} documents)"
+    dtype = np.uint16 if cfg.model.vocab_size <= 2**16 else np.uint32
+    return HeldOutData(join_documents(tokenizer.encode_batch(texts), tokenizer.eot_id, dtype), code, what)
+
+
+# ----------------------------------------------------------------------------- compile rate
+
+
+class NoCodePromptError(DataError):
+    """No held-out Python file offers a block to complete."""
+
+
+@dataclass
+class CodePrompt:
+    """A held-out file cut after a block header: ``prompt`` ends at that line's end
+    (without its newline); ``reference`` is the file's own continuation to the stopping line."""
+
+    file: str
+    line: int  # 1-based number of the header's last line
+    prompt: str
+    reference: str
+
+
+@dataclass
+class CompileRate:
+    """Compile rate of ``n`` sampled continuations with its Wilson 95% interval."""
+
+    n: int
+    compiled: int
+    rate: float
+    low: float
+    high: float
+    stopped_at_boundary: int
+    samples: list[dict] = field(default_factory=list)
+
+
+def wilson_interval(successes: int, n: int, z: float = WILSON_Z) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% for the default ``z``)."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def cut_at_boundary(continuation: str) -> tuple[str, bool]:
+    """The continuation up to its stopping line, and whether one was found.
+
+    Its first line finishes the prompt's last line and is always kept. A later
+    line stops it when it starts at column 0 with code (anything but whitespace
+    or ``#``): a dedent to the top level. Without one, an unfinished last line
+    (no newline: the token budget ran out in it) is dropped."""
+    first = continuation.find("\n")
+    if first < 0:
+        return "", False
+    pos = first + 1
+    while pos < len(continuation):
+        end = continuation.find("\n", pos)
+        line = continuation[pos:] if end < 0 else continuation[pos : end + 1]
+        if line.strip() and line[0] not in " \t\f#":
+            return continuation[:pos], True
+        if end < 0:
+            return continuation[:pos], False
+        pos = end + 1
+    return continuation, False
+
+
+def compiles(source: str) -> bool:
+    """Whether ``compile(source, "<sample>", "exec")`` accepts it (warnings silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            compile(source, "<sample>", "exec", dont_inherit=True)
+        except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
+            return False
+    return True
+
+
+def block_header_lines(source: str) -> list[int]:
+    """1-based numbers of the last line of every block header inside a top-level
+    ``def`` or ``class`` (that definition's own header included) whose block starts
+    on a later line. Empty if ``source`` does not parse."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return []
+    lines = set()
+    for top in tree.body:
+        if not isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        for node in ast.walk(top):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.stmt) and body[0].lineno > node.lineno:
+                lines.add(body[0].lineno - 1)
+    return sorted(lines)
+
+
+def _prompt_at(name: str, text: str, line: int) -> CodePrompt:
+    starts = [0]
+    for i, ch in enumerate(text):
+        if ch == "\n":
+            starts.append(i + 1)
+            if len(starts) > line:
+                break
+    cut = starts[line] - 1  # the newline ending line `line`
+    rest = text[cut:] if text.endswith("\n") else text[cut:] + "\n"
+    return CodePrompt(name, line, text[:cut], cut_at_boundary(rest)[0])
+
+
+def code_prompts(files: Sequence[str | Path], n: int, seed: int = 0) -> list[CodePrompt]:
+    """``n`` prompts (a deterministic function of ``files``, ``n`` and ``seed``;
+    prompt ``i`` does not depend on ``n``): for each, a file drawn uniformly among
+    those with a usable cut point, then a cut uniformly among its block headers,
+    kept if the file's own continuation compiles (redrawn otherwise)."""
+    candidates: list[tuple[str, str, list[int]]] = []
+    for f in sorted(map(str, files)):
+        try:
+            text = Path(f).read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        lines = block_header_lines(text)
+        if lines and compiles(text):
+            candidates.append((f, text, lines))
+    if not candidates:
+        raise NoCodePromptError(f"none of the {len(files)} held-out Python files has a block to complete")
+    prompts = []
+    for i in range(n):
+        rng = random.Random(f"{seed}:{i}")
+        for _ in range(PROMPT_TRIES):
+            name, text, lines = rng.choice(candidates)
+            p = _prompt_at(name, text, rng.choice(lines))
+            if compiles(p.prompt + p.reference):
+                prompts.append(p)
+                break
+        else:
+            raise NoCodePromptError(f"no cut point with a compiling reference in {PROMPT_TRIES} draws (sample {i})")
+    return prompts
+
+
+def model_sampler(model: CausalLM, tokenizer: BPETokenizer, temperature: float = 0.8, top_k: int = 50,
+                  seed: int = 0) -> Sampler:
+    """A :data:`Sampler` that continues the prompt with ``model`` (context: end-of-text
+    + the prompt's tokens, cropped to ``seq_len`` by :func:`sparsetrain.generate.sample`),
+    stopping at the stopping line, an end-of-text (the file ends there: its last
+    line counts as finished) or ``max_new_tokens``. Call ``i`` samples from the
+    generator seeded ``(seed, i)``."""
+    calls = [0]
+
+    def sampler(prompt: str, max_new_tokens: int) -> str:
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed * 1_000_003 + calls[0])
+        calls[0] += 1
+        ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
+        new: list[int] = []
+        while len(new) < max_new_tokens:
+            new += sample(model, ids + new, min(SAMPLE_CHUNK, max_new_tokens - len(new)), temperature, top_k, gen)
+            if tokenizer.eot_id in new:
+                text = tokenizer.decode(new[: new.index(tokenizer.eot_id)])
+                return text if text.endswith("\n") else text + "\n"
+            if cut_at_boundary(tokenizer.decode(new))[1]:
+                break
+        return tokenizer.decode(new)
+
+    return sampler
+
+
+def code_compile_rate(
+    model: CausalLM | None,
+    tokenizer: BPETokenizer | None,
+    files: Sequence[str | Path],
+    n: int,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+    sampler: Sampler | None = None,
+) -> CompileRate:
+    """Fraction of ``n`` sampled continuations of held-out Python ``files`` that
+    compile, with its Wilson 95% interval (see the module docstring).
+
+    Deterministic for a given ``seed``. ``sampler`` replaces the model (then
+    ``model`` and ``tokenizer`` may be ``None``). The model is put in eval mode
+    for the sampling and restored after. Raises :class:`DataError` when no file
+    has a block to complete (:class:`NoCodePromptError`)."""
+    if n < 1:
+        raise SparsetrainError(f"the compile rate needs n >= 1 samples, got {n}")
+    if sampler is None:
+        if model is None or tokenizer is None:
+            raise SparsetrainError("code_compile_rate needs a model and a tokenizer, or a sampler")
+        sampler = model_sampler(model, tokenizer, temperature, top_k, seed)
+    was_training = model.training if model is not None else False
+    if model is not None:
+        model.eval()
+    records = []
+    try:
+        for p in code_prompts(files, n, seed):
+            continuation, stopped = cut_at_boundary(sampler(p.prompt, max_new_tokens))
+            records.append({"file": p.file, "line": p.line, "compiled": compiles(p.prompt + continuation),
+                            "stopped_at_boundary": stopped, "continuation": continuation})
+    finally:
+        if model is not None:
+            model.train(was_training)
+    ok = sum(r["compiled"] for r in records)
+    low, high = wilson_interval(ok, n)
+    return CompileRate(n, ok, ok / n, low, high, sum(r["stopped_at_boundary"] for r in records), records)
+
+
+# ----------------------------------------------------------------------------- a run
+
+
+@dataclass
+class EvalReport:
+    """What ``sparsetrain eval`` prints."""
+
+    loss: HeldOutLoss
+    compile_rate: CompileRate | None
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        h = self.loss
+        lines = [f"held-out loss {h.loss:.4f} nats/token over {h.n_tokens:,} tokens ({h.source})"]
+        if h.bits_per_byte is not None:
+            lines.append(f"bits per byte {h.bits_per_byte:.4f} over {h.n_bytes:,} bytes ({h.n_text_tokens:,} text tokens)")
+        c = self.compile_rate
+        if c is not None:
+            lines.append(f"compile rate {c.rate:.3f} ({c.compiled}/{c.n}), Wilson 95% [{c.low:.3f}, {c.high:.3f}]; "
+                         f"{c.stopped_at_boundary}/{c.n} stopped at a top-level line")
+        return "\n".join(lines + self.notes)
+
+    def to_dict(self) -> dict:
+        return {"held_out": asdict(self.loss),
+                "compile_rate": asdict(self.compile_rate) if self.compile_rate is not None else None,
+                "notes": self.notes}
+
+
+def evaluate_run(ckpt: str | Path, data: str = "", samples: int = 20, max_new_tokens: int = 128,
+                 max_tokens: int = 0, batch_size: int = 8, temperature: float = 0.8, top_k: int = 50,
+                 seed: int = 0, device: str = "cpu") -> EvalReport:
+    """Held-out loss, bits per byte and (``samples`` > 0) the compile rate of a run
+    directory; ``data`` replaces the run's val split by a whole file or folder;
+    ``max_tokens`` > 0 keeps the first that many tokens of the stream for the loss."""
+    path = resolve_checkpoint(ckpt)
+    run = path.parent
+    if not (run / "config.toml").is_file():
+        raise CheckpointError(f"no config.toml in {run}: eval needs the run directory (it names the data)")
+    cfg = build_config(None, None, {}, base=read_toml(run / "config.toml"))
+    tok_path = run / "tokenizer.json"
+    tokenizer = BPETokenizer.load(tok_path) if tok_path.is_file() else None
+    model = load_model(path, device)
+    held = held_out_data(cfg, tokenizer, data)
+    tokens = held.tokens[: max_tokens + 1] if max_tokens else held.tokens
+    lengths = token_byte_lengths(tok_path, cfg.model.vocab_size) if tokenizer is not None else None
+    notes = [] if lengths is not None else ["bits per byte: n/a (no tokenizer.json in the run)"]
+    report = EvalReport(held_out_loss(model, tokens, lengths, batch_size, held.source), None, notes)
+    if samples:
+        if tokenizer is None:
+            report.notes.append("compile rate: n/a (no tokenizer.json in the run)")
+        elif not held.files:
+            report.notes.append("compile rate: n/a (no held-out Python files)")
+        else:
+            try:
+                report.compile_rate = code_compile_rate(model, tokenizer, held.files, samples, max_new_tokens=max_new_tokens,
+                                                        temperature=temperature, top_k=top_k, seed=seed)
+            except NoCodePromptError as e:
+                report.notes.append(f"compile rate: n/a ({e})")
+    return report
