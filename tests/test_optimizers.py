@@ -738,3 +738,52 @@ def test_optimizer_keys_from_toml(tmp_path) -> None:
     path.write_text('[training]\noptimizer = "muon"\nmuon_fallback = "lion"\nmuon_lr = 0.01\nmuon_momentum = 0.9\n')
     cfg = build_config("tiny", config_file=path)
     assert (cfg.optimizer, cfg.muon_fallback, cfg.muon_lr, cfg.muon_momentum) == ("muon", "lion", 0.01, 0.9)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+def _trainer_builds_from_config() -> bool:
+    import inspect
+
+    from sparsetrain import trainer
+
+    return "build_optimizer" in inspect.getsource(trainer)
+
+
+needs_trainer_wiring = pytest.mark.skipif(not _trainer_builds_from_config(),
+                                          reason="the trainer does not build its optimizer with build_optimizer yet")
+
+
+@needs_trainer_wiring
+@needs_muon
+def test_trainer_runs_muon_with_mtp_and_resumes_exactly(make_cfg, tmp_path) -> None:
+    from test_trainer import interrupted_run_matches
+
+    from sparsetrain.trainer import Trainer
+
+    kw = dict(optimizer="muon", use_mtp=True, max_steps=6, eval_every=3)
+    interrupted_run_matches(make_cfg, tmp_path, stop_at=3, **kw)
+    t = Trainer(make_cfg(out_dir=str(tmp_path / "c"), **kw), verbose=False)
+    t.train_step()
+    assert isinstance(t.optimizer, O.CombinedOptimizer)
+    lr = lr_at(0, t.cfg.lr, t.cfg.warmup_steps, t.cfg.max_steps, t.cfg.min_lr_ratio)
+    assert [g["lr"] for g in t.optimizer.param_groups] == [lr * g["lr_scale"] for g in t.optimizer.param_groups]
+    assert t.optimizer.param_groups[-1]["lr"] == pytest.approx(lr * t.cfg.muon_lr / t.cfg.lr)
+    mtp_proj = t.mtp.heads[0].proj.weight
+    assert "momentum_buffer" in t.optimizer.state[mtp_proj]
+
+
+@needs_trainer_wiring
+@needs_muon
+def test_trainer_fire_clears_every_part(make_cfg) -> None:
+    from sparsetrain.trainer import Trainer
+
+    t = Trainer(make_cfg(optimizer="muon", fire_at_step=2, max_steps=3, eval_every=0), verbose=False)
+    t.train_step()
+    n_params = sum(len(g["params"]) for g in t.optimizer.param_groups)
+    assert len(t.optimizer.state) == n_params
+    t.train_step()  # FIRE after this step restarts the moments of both parts
+    assert len(t.optimizer.state) == 0 and all(len(part.state) == 0 for part in t.optimizer.parts.values())
+    t.train_step()
+    assert len(t.optimizer.state) == n_params
