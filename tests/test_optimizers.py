@@ -6,6 +6,7 @@ through a checkpoint, DDP, Collider, and one-line refusals."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
 import math
 import os
@@ -55,12 +56,8 @@ needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="needs 
 
 
 def needs(module: str):
-    try:
-        __import__(module)
-        ok = True
-    except ImportError:
-        ok = False
-    return pytest.mark.skipif(not ok, reason=f"needs {module}")
+    """Skip without ``module``; found without importing it (see offline_hub)."""
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"needs {module}")
 
 
 # ----------------------------------------------------------------------------- grouping
@@ -385,6 +382,7 @@ def test_adamw8bit_runs_on_cpu_close_to_adamw(offline_hub) -> None:
     cfg = cfg_of(optimizer="adamw8bit", lr=1e-2)
     layer = nn.Linear(128, 128)
     ref_layer = copy.deepcopy(layer)
+    w0 = layer.weight.detach().clone()
     opt = O.build_optimizer(layer, cfg, "cpu")
     ref = legacy_adamw(ref_layer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     for _ in range(5):
@@ -394,8 +392,8 @@ def test_adamw8bit_runs_on_cpu_close_to_adamw(offline_hub) -> None:
         opt.step()
         ref.step()
     assert opt.state[layer.weight]["state1"].dtype == torch.uint8
-    moved = (ref_layer.weight - layer.weight.detach()).abs().max()
-    assert moved < 0.2 * 5 * cfg.lr  # within 20% of the largest possible move
+    err = (layer.weight - ref_layer.weight).norm() / (ref_layer.weight - w0).norm()
+    assert err < 0.04  # 8-bit moments: about 1% off AdamW's moves
 
 
 # ----------------------------------------------------------------------------- exact resume
@@ -671,8 +669,9 @@ def test_muon_under_ddp_keeps_replicas_equal(tmp_path) -> None:
         opt.zero_grad(set_to_none=True)
     for k, v in model.state_dict().items():
         assert torch.equal(r0[k], r1[k]), k
-        moved = (v - start[k]).abs().max()
-        assert (r0[k] - v).abs().max() <= 0.05 * moved + 1e-7, k  # bf16 orthogonalisation of all-reduced sums
+        # all-reduced half-batch gradients differ from the whole batch's in the last
+        # bits; bfloat16 Newton-Schulz amplifies that in a few entries, not in the whole
+        assert (r0[k] - v).norm() <= 0.05 * (v - start[k]).norm() + 1e-7, k
 
 
 # ----------------------------------------------------------------------------- refusals, config

@@ -92,7 +92,8 @@ def parameter_roles(model: nn.Module) -> list[tuple[str, nn.Parameter, str]]:
     """``(name, parameter, role)`` for every trainable parameter of ``model``,
     each once (a tied weight under its first name), in ``named_parameters`` order.
     The roles are explained in the module docstring."""
-    from .bk.layers import MoEFFN  # imported here: bk builds on the optimizer's StepCounted
+    # imported here: config validation imports this module for its name lists alone
+    from .bk.layers import MoEFFN
     from .model import CausalLM
 
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -117,11 +118,11 @@ def parameter_roles(model: nn.Module) -> list[tuple[str, nn.Parameter, str]]:
     return out
 
 
-def _split(model: nn.Module, muon_roles: tuple[str, ...] = ()) -> tuple[list, list, list]:
-    """(parameters whose role is in ``muon_roles``, other decayed ones, undecayed ones)."""
+def _split(model: nn.Module, special_roles: tuple[str, ...] = ()) -> tuple[list, list, list]:
+    """(parameters whose role is in ``special_roles``, other decayed ones, undecayed ones)."""
     special, decay, no_decay = [], [], []
     for _, p, role in parameter_roles(model):
-        if role in muon_roles:
+        if role in special_roles:
             special.append(p)
         elif role in DECAYED_ROLES:
             decay.append(p)
@@ -167,7 +168,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
         return _adamw8bit_class()(_groups(kind, decay, no_decay, cfg.weight_decay), lr=cfg.lr, betas=betas)
     if kind == "galore_adamw":
         cls = _galore_adamw_class()
-        low_rank, decay, no_decay = _split(model, muon_roles=("hidden",))
+        low_rank, decay, no_decay = _split(model, special_roles=("hidden",))
         stacks = [p for p in low_rank if p.dim() != 2]  # GaLore projects 2-D gradients only
         low_rank = [p for p in low_rank if p.dim() == 2]
         groups = _groups(kind, stacks + decay, no_decay, cfg.weight_decay)
@@ -183,17 +184,17 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
 
 def _make_muon_combined(model: nn.Module, cfg: TrainConfig, device_type: str) -> CombinedOptimizer:
     muon_cls = _muon_class()
-    matrices, decay, no_decay = _split(model, muon_roles=("hidden",))
+    matrices, decay, no_decay = _split(model, special_roles=("hidden",))
     betas = (cfg.beta1, cfg.beta2)
     fallback_groups = _groups(cfg.muon_fallback, decay, no_decay, cfg.weight_decay)
     parts: dict[str, torch.optim.Optimizer] = {}
     if cfg.muon_fallback == "lion":
         # checked even when no parameter needs Lion: a missing package fails alike for every model
         _require_module("lion_pytorch", "training.muon_fallback = lion")
-    if fallback_groups and cfg.muon_fallback == "lion":
-        parts["lion"] = _make_lion(fallback_groups, cfg.lr, betas, "training.muon_fallback = lion")
-    elif fallback_groups:
-        parts["adamw"] = _tagged(torch.optim.AdamW(fallback_groups, lr=cfg.lr, betas=betas, fused=device_type == "cuda"), "adamw")
+    if fallback_groups:
+        parts[cfg.muon_fallback] = (
+            _make_lion(fallback_groups, cfg.lr, betas, "training.muon_fallback = lion") if cfg.muon_fallback == "lion"
+            else _tagged(torch.optim.AdamW(fallback_groups, lr=cfg.lr, betas=betas, fused=device_type == "cuda"), "adamw"))
     if matrices:
         group = {"params": matrices, "lr_scale": cfg.muon_lr / cfg.lr, "kind": "muon"}
         parts["muon"] = _tagged(muon_cls([group], lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,
