@@ -152,9 +152,22 @@ class TrainConfig:
     lr: float = field(default=3e-3, metadata=_section("training", "peak learning rate"))
     min_lr_ratio: float = field(default=0.1, metadata=_section("training", "final lr as a fraction of the peak"))
     warmup_steps: int = field(default=30, metadata=_section("training", "linear warmup steps"))
-    weight_decay: float = field(default=0.1, metadata=_section("training", "AdamW decay on matrices"))
+    weight_decay: float = field(default=0.1, metadata=_section("training", "AdamW (and Lion) decay on matrices other than embeddings"))
     beta1: float = field(default=0.9, metadata=_section("training", "AdamW beta1"))
     beta2: float = field(default=0.95, metadata=_section("training", "AdamW beta2"))
+    optimizer: str = field(default="adamw", metadata=_section(
+        "training", "adamw, muon (hidden matrices; the rest with muon_fallback), lion, adamw8bit (bitsandbytes) or "
+        "galore_adamw (galore-torch); lr, weight_decay and the betas apply to AdamW and Lion (docs/optimizers.md)"))
+    muon_fallback: str = field(default="adamw", metadata=_section(
+        "training", "optimizer = muon: adamw or lion for embeddings, LM head, norms, biases and scalars"))
+    muon_lr: float = field(default=0.02, metadata=_section("training", "optimizer = muon: peak lr of the Muon matrices (the schedule scales it with lr)"))
+    muon_momentum: float = field(default=0.95, metadata=_section("training", "optimizer = muon: Nesterov momentum"))
+    muon_weight_decay: float = field(default=0.0, metadata=_section("training", "optimizer = muon: decoupled decay of the Muon matrices (times the Muon lr)"))
+    muon_adjust_lr: str = field(default="original", metadata=_section(
+        "training", "optimizer = muon: per-shape lr scale, original (sqrt(max(1, rows/cols))) or match_rms_adamw (0.2*sqrt(max(rows, cols)))"))
+    galore_rank: int = field(default=128, metadata=_section("training", "optimizer = galore_adamw: rank of the projected gradients"))
+    galore_update_proj_gap: int = field(default=200, metadata=_section("training", "optimizer = galore_adamw: steps between projection updates"))
+    galore_scale: float = field(default=0.25, metadata=_section("training", "optimizer = galore_adamw: scale of the projected-back update"))
     grad_clip: float = field(default=1.0, metadata=_section("training", "max grad norm; 0 = off"))
     eval_every: int = field(default=100, metadata=_section("training", "steps between val evals; 0 = only at the end"))
     eval_every_seconds: float = field(default=0.0, metadata=_section("training", "also eval each time this many training seconds (after start-up) have passed; 0 = off"))
@@ -207,6 +220,19 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             _require(0 <= getattr(self, name) < 1, f"training.{name} must be in [0, 1), got {getattr(self, name)}")
         _require(self.grad_clip >= 0, f"training.grad_clip must be >= 0, got {self.grad_clip}")
+        from .optimizers import MUON_ADJUST_LR, MUON_FALLBACKS, OPTIMIZERS
+
+        _require(self.optimizer in OPTIMIZERS, f"training.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        _require(self.muon_fallback in MUON_FALLBACKS,
+                 f"training.muon_fallback must be one of {', '.join(MUON_FALLBACKS)}, got {self.muon_fallback!r}")
+        _require(math.isfinite(self.muon_lr) and self.muon_lr > 0, f"training.muon_lr must be a positive number, got {self.muon_lr}")
+        _require(0 <= self.muon_momentum < 1, f"training.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        _require(self.muon_weight_decay >= 0, f"training.muon_weight_decay must be >= 0, got {self.muon_weight_decay}")
+        _require(self.muon_adjust_lr in MUON_ADJUST_LR,
+                 f"training.muon_adjust_lr must be one of {', '.join(MUON_ADJUST_LR)}, got {self.muon_adjust_lr!r}")
+        _require(self.galore_rank >= 1, f"training.galore_rank must be >= 1, got {self.galore_rank}")
+        _require(self.galore_update_proj_gap >= 1, f"training.galore_update_proj_gap must be >= 1, got {self.galore_update_proj_gap}")
+        _require(math.isfinite(self.galore_scale) and self.galore_scale > 0, f"training.galore_scale must be a positive number, got {self.galore_scale}")
         _require(self.max_seconds >= 0, f"training.max_seconds must be >= 0, got {self.max_seconds}")
         _require(self.startup_steps >= 0, f"training.startup_steps must be >= 0, got {self.startup_steps}")
         _require(self.eval_every_seconds >= 0, f"training.eval_every_seconds must be >= 0, got {self.eval_every_seconds}")

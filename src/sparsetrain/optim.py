@@ -12,20 +12,13 @@ import torch.nn as nn
 def make_optimizer(
     model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str
 ) -> torch.optim.AdamW:
-    """Decay 2-D weights except the embedding; never decay norms' gains.
+    """AdamW with decay on matrices except embeddings; never on norms' gains or
+    biases. The grouping lives in :mod:`sparsetrain.optimizers` (where
+    :func:`~sparsetrain.optimizers.build_optimizer` picks any optimizer from a
+    config)."""
+    from .optimizers import make_adamw  # imported here: optimizers reads the model, which builds on this module
 
-    Decaying the input embedding pulls rare tokens' rows to zero between their
-    rare updates, which hurts at small scale for no gain.
-    """
-    embed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and id(p) not in embed else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel is the fastest on CUDA; it does not exist for CPU tensors on older torch.
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+    return make_adamw(model, lr, weight_decay, betas, device_type)
 
 
 SCHEDULE_KINDS = ("steps", "time")

@@ -1,0 +1,456 @@
+"""Optimizer construction: AdamW, Muon (+ AdamW or Lion for the rest), Lion,
+8-bit AdamW and GaLore-AdamW, chosen by ``[training] optimizer``.
+
+Every parameter gets one *role* (:func:`parameter_roles`), decided by the
+module that owns it rather than by its number of dimensions alone:
+
+- ``hidden``: a matrix of a hidden layer -- the weight of an ``nn.Linear``
+  inside the network (attention qkv/proj, FFN up/gate/down, MTP head
+  projections, ResNet-BK routers and projections) and each expert of a
+  ResNet-BK ``[E, out, in]`` expert stack. Muon (and GaLore) take these.
+- ``embedding``: an ``nn.Embedding`` table (a tied LM head is this too).
+- ``head``: the ``lm_head`` weight of a :class:`~sparsetrain.model.CausalLM`;
+  its rows are per-token classifiers, like the embedding's, so Muon's
+  whole-matrix orthogonalisation does not suit it (nanochat, modded-nanogpt).
+- ``other_matrix``: any other parameter of 2+ dimensions -- a linear map with
+  one input or one output (ResNet-BK's potential ``v_proj``, the sparsity
+  predictor's read-out; orthogonalising a vector only normalises it) and
+  convolution kernels.
+- ``vector``: 0-D and 1-D parameters -- norm gains, biases, scalars,
+  hyper-connection logits.
+
+AdamW (and Lion, 8-bit AdamW) decays ``hidden``, ``head`` and ``other_matrix``
+and never ``embedding`` or ``vector``: decaying rare tokens' embedding rows
+between their rare updates hurts at small scale for no gain.
+
+With ``optimizer = "muon"`` the ``hidden`` parameters go to
+:class:`torch.optim.Muon` (torch >= 2.9) and the rest to AdamW or Lion
+(``muon_fallback``); :class:`CombinedOptimizer` drives both as one optimizer.
+
+Per-group learning rates: every group carries ``lr_scale``; a training loop
+that sets a scheduled ``lr`` writes ``group["lr"] = lr * group.get("lr_scale", 1.0)``
+(``.get``: checkpoints written before ``lr_scale`` existed have groups without it).
+The Muon group's scale is ``muon_lr / lr``, so the schedule's peak reaches
+``muon_lr`` there and ``lr`` everywhere else.
+
+Peak memory of one training step per optimizer (CUDA), e.g.::
+
+    import torch
+    from sparsetrain.config import build_config
+    from sparsetrain.model import build_model
+    from sparsetrain.optimizers import OPTIMIZERS, build_optimizer, state_bytes
+
+    for kind in OPTIMIZERS:
+        cfg = build_config("d20", overrides={"optimizer": kind, "device": "cuda"})
+        model = build_model(cfg.model).cuda()
+        opt = build_optimizer(model, cfg, "cuda")
+        x = torch.randint(0, cfg.model.vocab_size, (cfg.batch_size, cfg.model.seq_len), device="cuda")
+        for _ in range(2):  # the second step runs with the optimizer state allocated
+            torch.cuda.reset_peak_memory_stats()
+            with torch.autocast("cuda", torch.bfloat16):
+                _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        print(kind, state_bytes(opt), torch.cuda.max_memory_allocated())
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import importlib
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+OPTIMIZERS = ("adamw", "muon", "lion", "adamw8bit", "galore_adamw")
+MUON_FALLBACKS = ("adamw", "lion")
+MUON_ADJUST_LR = ("original", "match_rms_adamw")
+ROLES = ("hidden", "embedding", "head", "other_matrix", "vector")
+DECAYED_ROLES = ("hidden", "head", "other_matrix")
+
+# import name -> (PyPI name, sparsetrain extra) of the optional optimizer packages
+_PACKAGES = {
+    "lion_pytorch": ("lion-pytorch", "lion"),
+    "bitsandbytes": ("bitsandbytes", "adamw8bit"),
+    "galore_torch": ("galore-torch", "galore"),
+    "transformers": ("transformers", "galore"),  # galore-torch imports it without declaring it
+}
+
+
+# ----------------------------------------------------------------------------- roles
+
+
+def parameter_roles(model: nn.Module) -> list[tuple[str, nn.Parameter, str]]:
+    """``(name, parameter, role)`` for every trainable parameter of ``model``,
+    each once (a tied weight under its first name), in ``named_parameters`` order.
+    The roles are explained in the module docstring."""
+    # imported here: config validation imports this module for its name lists alone
+    from .bk.layers import MoEFFN
+    from .model import CausalLM
+
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    heads = {id(m.lm_head.weight) for m in model.modules() if isinstance(m, CausalLM)}
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    stacks = {id(p) for m in model.modules() if isinstance(m, MoEFFN) for p in (m.up, m.down)}
+    out = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in embeddings:
+            role = "embedding"
+        elif id(p) in heads:
+            role = "head"
+        elif p.dim() < 2:
+            role = "vector"
+        elif (id(p) in linear and p.dim() == 2 or id(p) in stacks and p.dim() == 3) and min(p.shape[-2:]) > 1:
+            role = "hidden"
+        else:
+            role = "other_matrix"
+        out.append((name, p, role))
+    return out
+
+
+def _split(model: nn.Module, special_roles: tuple[str, ...] = ()) -> tuple[list, list, list]:
+    """(parameters whose role is in ``special_roles``, other decayed ones, undecayed ones)."""
+    special, decay, no_decay = [], [], []
+    for _, p, role in parameter_roles(model):
+        if role in special_roles:
+            special.append(p)
+        elif role in DECAYED_ROLES:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return special, decay, no_decay
+
+
+def _groups(kind: str, decay: list, no_decay: list, weight_decay: float) -> list[dict[str, Any]]:
+    """The decayed and undecayed groups (empty ones left out)."""
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [dict(g, lr_scale=1.0, kind=kind) for g in groups if g["params"]]
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def make_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+               device_type: str) -> torch.optim.AdamW:
+    """AdamW over every trainable parameter: decay on ``hidden``, ``head`` and
+    ``other_matrix`` roles (all matrices but embeddings), none on the rest."""
+    _, decay, no_decay = _split(model)
+    # The fused kernel is the fastest on CUDA; it does not exist for CPU tensors on older torch.
+    opt = torch.optim.AdamW(_groups("adamw", decay, no_decay, weight_decay), lr=lr, betas=betas,
+                            fused=device_type == "cuda")
+    return _tagged(opt, "adamw")
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> torch.optim.Optimizer | CombinedOptimizer:
+    """The optimizer ``cfg.optimizer`` names, over the trainable parameters of
+    ``model`` (pass the model and any extra heads together, e.g. an
+    ``nn.ModuleList``). Raises :class:`ConfigError` with one line when the
+    optimizer's package (or torch's Muon) is missing."""
+    kind = cfg.optimizer
+    betas = (cfg.beta1, cfg.beta2)
+    if kind == "adamw":
+        return make_adamw(model, cfg.lr, cfg.weight_decay, betas, device_type)
+    if kind == "lion":
+        _, decay, no_decay = _split(model)
+        return _make_lion(_groups("lion", decay, no_decay, cfg.weight_decay), cfg.lr, betas, "optimizer = lion")
+    if kind == "adamw8bit":
+        _, decay, no_decay = _split(model)
+        return _adamw8bit_class()(_groups(kind, decay, no_decay, cfg.weight_decay), lr=cfg.lr, betas=betas)
+    if kind == "galore_adamw":
+        cls = _galore_adamw_class()
+        low_rank, decay, no_decay = _split(model, special_roles=("hidden",))
+        stacks = [p for p in low_rank if p.dim() != 2]  # GaLore projects 2-D gradients only
+        low_rank = [p for p in low_rank if p.dim() == 2]
+        groups = _groups(kind, stacks + decay, no_decay, cfg.weight_decay)
+        if low_rank:
+            groups.insert(0, {"params": low_rank, "weight_decay": cfg.weight_decay, "lr_scale": 1.0, "kind": kind,
+                              "rank": cfg.galore_rank, "update_proj_gap": cfg.galore_update_proj_gap,
+                              "scale": cfg.galore_scale, "proj_type": "std"})
+        return _tagged(cls(groups, lr=cfg.lr, betas=betas, eps=1e-8, no_deprecation_warning=True), kind)
+    if kind == "muon":
+        return _make_muon_combined(model, cfg, device_type)
+    raise ConfigError(f"training.optimizer must be one of {', '.join(OPTIMIZERS)}, got {kind!r}")
+
+
+def _make_muon_combined(model: nn.Module, cfg: TrainConfig, device_type: str) -> CombinedOptimizer:
+    muon_cls = _muon_class()
+    matrices, decay, no_decay = _split(model, special_roles=("hidden",))
+    betas = (cfg.beta1, cfg.beta2)
+    fallback_groups = _groups(cfg.muon_fallback, decay, no_decay, cfg.weight_decay)
+    parts: dict[str, torch.optim.Optimizer] = {}
+    if cfg.muon_fallback == "lion":
+        # checked even when no parameter needs Lion: a missing package fails alike for every model
+        _require_module("lion_pytorch", "training.muon_fallback = lion")
+    if fallback_groups:
+        parts[cfg.muon_fallback] = (
+            _make_lion(fallback_groups, cfg.lr, betas, "training.muon_fallback = lion") if cfg.muon_fallback == "lion"
+            else _tagged(torch.optim.AdamW(fallback_groups, lr=cfg.lr, betas=betas, fused=device_type == "cuda"), "adamw"))
+    if matrices:
+        group = {"params": matrices, "lr_scale": cfg.muon_lr / cfg.lr, "kind": "muon"}
+        parts["muon"] = _tagged(muon_cls([group], lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True,
+                                         weight_decay=cfg.muon_weight_decay, adjust_lr_fn=cfg.muon_adjust_lr), "muon")
+    return CombinedOptimizer(parts)
+
+
+def _require_module(module: str, what: str) -> Any:
+    """Import an optional package, or raise one line naming the missing one."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        missing = (e.name or module).split(".")[0]
+        pip_name, extra = _PACKAGES.get(missing, (missing, None))
+        hint = f"pip install {pip_name}" + (f", or the sparsetrain[{extra}] extra" if extra else "")
+        raise ConfigError(f"{what} needs the {pip_name} package, which is not installed ({hint})") from None
+
+
+def _make_lion(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], what: str) -> torch.optim.Optimizer:
+    lion = _require_module("lion_pytorch", what)
+    return _tagged(lion.Lion(groups, lr=lr, betas=betas), "lion")
+
+
+# ----------------------------------------------------------------------------- Muon
+
+
+_MUON_CLASS: type | None = None
+
+
+def _muon_class() -> type:
+    """:class:`torch.optim.Muon`, extended to ``[E, out, in]`` expert stacks:
+    each of the E matrices is orthogonalised, scaled and decayed on its own,
+    exactly as if it were a separate 2-D parameter (a test holds it to that)."""
+    global _MUON_CLASS
+    if _MUON_CLASS is not None:
+        return _MUON_CLASS
+    base = getattr(torch.optim, "Muon", None)
+    if base is None:
+        raise ConfigError(f"optimizer = muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+
+    class StackedMuon(base):  # type: ignore[misc, valid-type]
+        __doc__ = _muon_class.__doc__
+
+        def __init__(self, params: Any, **hyper: Any) -> None:
+            # torch's constructor refuses anything but 2-D parameters; its defaults
+            # (whatever this torch version's Muon has) are read off its signature.
+            sig = inspect.signature(base.__init__).parameters
+            unknown = set(hyper) - set(sig)
+            if unknown:
+                raise TypeError(f"torch.optim.Muon of torch {torch.__version__} has no option {sorted(unknown)}")
+            defaults = {n: p.default for n, p in sig.items() if n not in ("self", "params")}
+            defaults.update(hyper)
+            torch.optim.Optimizer.__init__(self, params, defaults)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.dim() not in (2, 3):
+                        raise ValueError(f"Muon takes matrices and [E, out, in] stacks, got a parameter of shape {tuple(p.shape)}")
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            # load_state_dict ends here: a state saved by a torch whose Muon had fewer
+            # options (use_addmm came and went between versions) gets this one's defaults
+            super().__setstate__(state)
+            for group in self.param_groups:
+                for key, value in self.defaults.items():
+                    group.setdefault(key, value)
+
+        def _init_group(self, group, params_with_grad, grads, momentum_bufs):  # type: ignore[override]
+            ps: list[torch.Tensor] = []
+            gs: list[torch.Tensor] = []
+            bs: list[torch.Tensor] = []
+            has_complex = super()._init_group(group, ps, gs, bs)
+            for p, g, b in zip(ps, gs, bs):
+                # views: torch's in-place update of a slice writes the stack (and its momentum)
+                params_with_grad.extend(p.unbind(0) if p.dim() == 3 else [p])
+                grads.extend(g.unbind(0) if g.dim() == 3 else [g])
+                momentum_bufs.extend(b.unbind(0) if b.dim() == 3 else [b])
+            return has_complex
+
+    _MUON_CLASS = StackedMuon
+    return StackedMuon
+
+
+# ----------------------------------------------------------------------------- 8-bit AdamW, GaLore
+
+
+def _adamw8bit_class() -> type:
+    """bitsandbytes' AdamW8bit, refusing another optimizer's state (its
+    ``load_state_dict`` does not run torch's load hooks)."""
+    bnb = _require_module("bitsandbytes", "optimizer = adamw8bit")
+
+    class CheckedAdamW8bit(bnb.optim.AdamW8bit):
+        def load_state_dict(self, state_dict: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+            check_kind(state_dict, "adamw8bit")
+            super().load_state_dict(state_dict, *args, **kwargs)
+
+    return CheckedAdamW8bit
+
+
+
+def _galore_adamw_class() -> type:
+    """galore-torch's AdamW whose ``state_dict`` holds tensors only: its
+    projector (a Python object) is saved as its projection matrix and rebuilt
+    on load, so checkpoints load with ``torch.load(weights_only=True)`` and a
+    resumed run keeps the projection it had."""
+    galore = _require_module("galore_torch", "optimizer = galore_adamw")
+    from galore_torch.galore_projector import GaLoreProjector
+
+    class TensorStateGaLoreAdamW(galore.GaLoreAdamW):
+        def state_dict(self) -> dict[str, Any]:
+            sd = super().state_dict()
+            state = {}
+            for k, s in sd["state"].items():
+                s = dict(s)  # torch hands out the live per-parameter dicts
+                projector = s.pop("projector", None)
+                if projector is not None and projector.ortho_matrix is not None:
+                    s["galore_ortho_matrix"] = projector.ortho_matrix
+                state[k] = s
+            return {"state": state, "param_groups": sd["param_groups"]}
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            super().load_state_dict(state_dict)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    s = self.state.get(p)
+                    if s and "galore_ortho_matrix" in s:
+                        proj = GaLoreProjector(group["rank"], update_proj_gap=group["update_proj_gap"],
+                                               scale=group["scale"], proj_type=group["proj_type"])
+                        proj.ortho_matrix = s.pop("galore_ortho_matrix")
+                        s["projector"] = proj
+
+    return TensorStateGaLoreAdamW
+
+
+# ----------------------------------------------------------------------------- one optimizer
+
+
+def _tagged(opt: torch.optim.Optimizer, kind: str) -> torch.optim.Optimizer:
+    """Refuse, with one line, to load another optimizer's state into ``opt``
+    (a run resumed with a different ``optimizer``): torch would take it and
+    step with the wrong moments."""
+    opt.register_load_state_dict_pre_hook(lambda _opt, state_dict: check_kind(state_dict, kind))
+    return opt
+
+
+def check_kind(state_dict: dict[str, Any], kind: str) -> None:
+    """Raise :class:`CheckpointError` unless ``state_dict`` is the state of a
+    ``kind`` optimizer. Groups carry ``kind``; states saved before it existed
+    were AdamW's."""
+    if "combined" in state_dict:
+        saved = {"+".join(state_dict["combined"])}
+    else:
+        saved = {g.get("kind", "adamw") for g in state_dict.get("param_groups", [])}
+    if saved != {kind}:
+        raise CheckpointError(f"the checkpoint's optimizer state is {', '.join(sorted(saved)) or 'empty'}, "
+                              f"this run's optimizer is {kind}; resume with the optimizer it was trained with")
+
+
+class _CombinedState(collections.abc.MutableMapping):
+    """The parts' ``state`` mappings seen as one (``clear()`` clears them all)."""
+
+    def __init__(self, parts: dict[str, torch.optim.Optimizer]) -> None:
+        self._parts = parts
+
+    def _owner(self, p: torch.Tensor) -> torch.optim.Optimizer:
+        for opt in self._parts.values():
+            if any(q is p for g in opt.param_groups for q in g["params"]):
+                return opt
+        raise KeyError(p)
+
+    def __getitem__(self, p: torch.Tensor) -> Any:
+        return self._owner(p).state[p]
+
+    def __setitem__(self, p: torch.Tensor, value: Any) -> None:
+        self._owner(p).state[p] = value
+
+    def __delitem__(self, p: torch.Tensor) -> None:
+        del self._owner(p).state[p]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for opt in self._parts.values():
+            yield from opt.state
+
+    def __len__(self) -> int:
+        return sum(len(opt.state) for opt in self._parts.values())
+
+    def clear(self) -> None:
+        for opt in self._parts.values():
+            opt.state.clear()
+
+
+class CombinedOptimizer:
+    """Several optimizers over disjoint parameters, driven as one: what a
+    training loop uses of an optimizer -- ``param_groups`` (the parts' live
+    group dicts, so writing ``group["lr"]`` reaches them), ``state``,
+    ``step``, ``zero_grad``, ``state_dict`` and ``load_state_dict`` -- works
+    on the whole. ``parts`` maps a name to each optimizer; group order is the
+    parts' order."""
+
+    def __init__(self, parts: dict[str, torch.optim.Optimizer]) -> None:
+        if not parts:
+            raise ValueError("CombinedOptimizer needs at least one optimizer")
+        seen: set[int] = set()
+        for opt in parts.values():
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    if id(p) in seen:
+                        raise ValueError("a parameter is in two of the combined optimizers")
+                    seen.add(id(p))
+        self.parts = dict(parts)
+        self.defaults: dict[str, Any] = {}
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        # rebuilt on every read: torch's load_state_dict replaces a part's group dicts
+        return [g for opt in self.parts.values() for g in opt.param_groups]
+
+    @property
+    def state(self) -> _CombinedState:
+        return _CombinedState(self.parts)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One step of every part; ``closure`` (re-evaluating the loss) runs once."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in self.parts.values():
+            opt.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.parts.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"combined": {name: opt.state_dict() for name, opt in self.parts.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_kind(state_dict, "+".join(self.parts))
+        for name, opt in self.parts.items():
+            opt.load_state_dict(state_dict["combined"][name])
+
+    def __repr__(self) -> str:
+        return f"CombinedOptimizer({', '.join(f'{n}={type(o).__name__}' for n, o in self.parts.items())})"
+
+
+def state_bytes(optimizer: torch.optim.Optimizer | CombinedOptimizer) -> int:
+    """Bytes held by the optimizer's state tensors (moments, momentum buffers,
+    8-bit quantisation maps, GaLore projections); what the optimizer adds to
+    the memory of the parameters and their gradients."""
+    total = 0
+    for s in optimizer.state.values():
+        for v in s.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+            elif hasattr(v, "ortho_matrix") and isinstance(v.ortho_matrix, torch.Tensor):  # a GaLore projector
+                total += v.ortho_matrix.numel() * v.ortho_matrix.element_size()
+    return total
