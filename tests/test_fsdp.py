@@ -191,10 +191,12 @@ def test_fsdp_equals_ddp_for_the_24_sparse_ffn(tmp_path: Path) -> None:
             torch.testing.assert_close(grads["fsdp"][k], grads["ddp"][k], rtol=1e-9, atol=1e-13, msg=k)
 
 
-def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients_and_keys() -> None:
+@pytest.mark.parametrize("ffn_settings", [dict(ffn="swiglu"), dict(ffn="relu2_24", activation_dense_warmup_steps=0,
+                                                                     activation_sparse_method="transposable")])
+def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients_and_keys(ffn_settings: dict) -> None:
     """One process: each block's forward runs twice per step (once more in the
     backward), gradients and state-dict keys are those of the plain model."""
-    cfg = tiny_config(n_layer=3)
+    cfg = tiny_config(n_layer=3, **ffn_settings)
     plain = fresh_model(cfg)
     ckpt = GPT(cfg).double()
     ckpt.load_state_dict(plain.state_dict())
@@ -357,3 +359,38 @@ def test_sharded_checkpoint_errors_name_the_problem(tmp_path: Path) -> None:
         S.load_sharded(tmp_path, GPT(tiny_config()))
     with pytest.raises(CheckpointError, match="meta.pt"):
         S.read_meta(tmp_path / S.SHARDED_DIR / "step_00000003")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (dict(parallel="zero3"), "run.parallel must be ddp or fsdp, got 'zero3'"),
+    (dict(parallel="fsdp", use_collider=True), "parallel = fsdp with use_collider"),
+    (dict(parallel="fsdp", selection="batch"), "parallel = fsdp with selection = batch"),
+    (dict(parallel="fsdp", fire_at_step=3), "parallel = fsdp with fire_at_step"),
+    (dict(parallel="fsdp", hyper_connections=2), "parallel = fsdp with hyper_connections"),
+    (dict(parallel="fsdp", arch="resnet_bk"), "parallel = fsdp with model.arch = resnet_bk"),
+    (dict(parallel="fsdp", ffn="relu2_24", activation_sparse_method="soft_threshold"), "soft_threshold"),
+    (dict(activation_checkpointing=True, use_collider=True), "activation_checkpointing with use_collider"),
+    (dict(activation_checkpointing=True, ffn="relu2_24", activation_sparse_method="mvue"), "= mvue is not available"),
+])
+def test_config_refuses_what_fsdp_and_checkpointing_cannot_do(make_cfg, overrides: dict, named: str) -> None:
+    from sparsetrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        make_cfg(**overrides)
+
+
+def test_config_accepts_fsdp_with_checkpointing_and_the_deterministic_24_ffn(make_cfg) -> None:
+    cfg = make_cfg(parallel="fsdp", activation_checkpointing=True, ffn="relu2_24", activation_sparse_method="transposable",
+                   tie_embeddings=True)
+    assert (cfg.parallel, cfg.activation_checkpointing) == ("fsdp", True)
+
+
+def test_cli_names_a_bad_parallel_value_in_one_line(capsys) -> None:
+    from sparsetrain.cli import main
+
+    assert main(["train", "--parallel", "zero3", "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sparsetrain: error: run.parallel must be ddp or fsdp, got 'zero3'"]

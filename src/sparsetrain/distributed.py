@@ -19,8 +19,9 @@ destruction to such an owner or to interpreter shutdown:
   ``torch._dynamo``. Imported after ``init_process_group``, its functions hold
   the default group for the life of the process, so :func:`init_distributed`
   imports it first (the defaults are then ``None``: "the default group").
-* a live DDP wrapper's reducer; :func:`track_ddp` registers wrappers that
-  :func:`shutdown_distributed` releases.
+* a live DDP wrapper: its C++ reducer (the dangerous owner) and its Python
+  ``process_group`` attribute; :func:`track_ddp` registers wrappers whose
+  reducer, logger and group :func:`shutdown_distributed` releases.
 
 FSDP2's sharded parameters (DTensors) and DTensor's sharding caches hold the
 group through Python references only; those release the GIL when they go.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -87,9 +89,9 @@ def track_ddp(wrapper: DistributedDataParallel) -> DistributedDataParallel:
 
 
 def release_ddp(wrapper: DistributedDataParallel) -> None:
-    """Free ``wrapper``'s reducer and logger now; the wrapper cannot run a
-    forward or backward afterwards."""
-    for name in ("reducer", "logger"):
+    """Free ``wrapper``'s reducer and logger and drop its process group now; the
+    wrapper cannot run a forward or backward afterwards."""
+    for name in ("reducer", "logger", "process_group"):
         if name in wrapper.__dict__:
             delattr(wrapper, name)
     _DDP_WRAPPERS.discard(wrapper)
@@ -101,11 +103,16 @@ def shutdown_distributed(synchronize: bool = True) -> None:
     ``synchronize``: wait at a barrier first, so that no rank destroys the group
     while a peer's collective still involves it, and gloo has finished this
     rank's queued work. Pass ``False`` when leaving on an error, where a peer
-    may never reach the barrier."""
+    may never reach the barrier. A barrier that fails (a peer already gone)
+    is reported with a warning and the teardown goes on."""
     if not dist.is_initialized():
         return
     if synchronize:
-        _barrier()
+        try:
+            _barrier()
+        except RuntimeError as e:  # DistBackendError and gloo's connection errors are RuntimeErrors
+            warnings.warn(f"rank {dist.get_rank()}: the barrier before destroying the process group failed "
+                          f"({str(e).splitlines()[0][:200]}); tearing down anyway", RuntimeWarning, stacklevel=2)
     for wrapper in list(_DDP_WRAPPERS):
         release_ddp(wrapper)
     gc.collect()  # unreachable wrappers (reference cycles) free their reducers now, not at exit

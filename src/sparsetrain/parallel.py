@@ -27,8 +27,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from . import distributed as D
-
-PARALLEL_KINDS = ("ddp", "fsdp")
+from .config import PARALLEL_KINDS
 
 
 def mixed_precision_policy(param_dtype: torch.dtype | None, cast_forward_inputs: bool = True) -> MixedPrecisionPolicy:
