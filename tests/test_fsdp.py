@@ -372,6 +372,7 @@ def test_sharded_checkpoint_errors_name_the_problem(tmp_path: Path) -> None:
     (dict(parallel="fsdp", hyper_connections=2), "parallel = fsdp with hyper_connections"),
     (dict(parallel="fsdp", arch="resnet_bk"), "parallel = fsdp with model.arch = resnet_bk"),
     (dict(parallel="fsdp", ffn="relu2_24", activation_sparse_method="soft_threshold"), "soft_threshold"),
+    (dict(parallel="fsdp", compile=True, compile_mode="reduce-overhead"), "compile_mode = reduce-overhead"),
     (dict(activation_checkpointing=True, use_collider=True), "activation_checkpointing with use_collider"),
     (dict(activation_checkpointing=True, ffn="relu2_24", activation_sparse_method="mvue"), "= mvue is not available"),
 ])

@@ -290,6 +290,8 @@ class TrainConfig:
             what = "model.arch = resnet_bk (scalar parameters cannot be sharded)"
         elif self.model.ffn == "relu2_24" and self.model.activation_sparse_method == "soft_threshold":
             what = "activation_sparse_method = soft_threshold (each rank would fix its own S-STE scale buffer)"
+        elif self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            what = f"compile_mode = {self.compile_mode} (CUDA graphs around the sharding collectives are untested)"
         _require(what is None, f"parallel = fsdp with {what} is not available yet; use parallel = ddp")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
