@@ -293,13 +293,23 @@ def _load_worker(info: D.DistInfo, cfg: ModelConfig, run: str, tag: str) -> None
         torch.save({"meta": meta, "loaded": loaded, "after": after}, Path(run) / f"load_{tag}.pt")
 
 
-def test_sharded_checkpoint_resumes_exactly_and_on_other_world_sizes(tmp_path: Path) -> None:
+CKPT_CONFIG = tiny_config(tie_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory whose sharded checkpoint 2 FSDP processes saved after one
+    step, with the full states around the save in ``reference.pt``."""
+    run = tmp_path_factory.mktemp("sharded") / "run"
+    run_workers(2, _save_worker, CKPT_CONFIG, fresh_model(CKPT_CONFIG).state_dict(), str(run))
+    return run
+
+
+def test_sharded_checkpoint_resumes_exactly_and_on_other_world_sizes(saved_run: Path) -> None:
     """Saved by 2 FSDP processes: loaded by 2 and 3 FSDP processes and by one
     plain process, model and optimizer state equal the saved state exactly;
     the 2-process resume then continues exactly as the uninterrupted run did."""
-    cfg = tiny_config(tie_embeddings=True)
-    run = tmp_path / "run"
-    run_workers(2, _save_worker, cfg, fresh_model(cfg).state_dict(), str(run))
+    cfg, run = CKPT_CONFIG, saved_run
     ref = torch.load(run / "reference.pt", weights_only=True)
     assert S.latest_sharded_dir(run).name == S.step_dir_name(1)
     assert len(list((S.latest_sharded_dir(run)).glob("*.distcp"))) == 2  # one file per rank
@@ -320,12 +330,10 @@ def test_sharded_checkpoint_resumes_exactly_and_on_other_world_sizes(tmp_path: P
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
 
 
-def test_consolidate_and_single_file_state_round_trip(tmp_path: Path) -> None:
+def test_consolidate_and_single_file_state_round_trip(saved_run: Path, tmp_path: Path) -> None:
     """A sharded checkpoint consolidates into the single-file format (plain
     ``state_dict``s), and that single file continues under FSDP with the same state."""
-    cfg = tiny_config()
-    run = tmp_path / "run"
-    run_workers(2, _save_worker, cfg, fresh_model(cfg).state_dict(), str(run))
+    cfg, run = CKPT_CONFIG, saved_run
     ref = torch.load(run / "reference.pt", weights_only=True)["saved"]
     single = S.consolidate_sharded(run)
     assert single["step"] == 1 and single["note"] == "x"
@@ -346,6 +354,27 @@ def _single_file_worker(info: D.DistInfo, cfg: ModelConfig, folder: str) -> None
     state = full_state(model, optimizer)
     if info.is_main:
         torch.save(state, Path(folder) / "from_single.pt")
+
+
+def test_saving_a_step_again_names_a_new_directory_and_prunes_the_rest(tmp_path: Path) -> None:
+    """One process: a step saved twice (a resumed run stopping at once) gets a
+    fresh directory, ``latest`` moves to it, the older one and a crashed save's
+    ``.partial`` leftovers are removed, and the second state is what loads."""
+    cfg = tiny_config()
+    model = fresh_model(cfg)
+    optimizer = make_optimizer(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
+    info = D.DistInfo()
+    _step(model, optimizer, cfg, 0, info)
+    first = S.save_sharded(tmp_path, model, optimizer, {"step": 5}, step=5)
+    (tmp_path / S.SHARDED_DIR / "step_00000006.partial").mkdir()  # a save that crashed
+    _step(model, optimizer, cfg, 1, info)
+    second = S.save_sharded(tmp_path, model, optimizer, {"step": 5, "again": True}, step=5)
+    assert first.name == "step_00000005" and second.name == "step_00000005_1"
+    assert sorted(p.name for p in (tmp_path / S.SHARDED_DIR).iterdir()) == [S.LATEST_NAME, "step_00000005_1"]
+    fresh = build_model(cfg).double()
+    fresh_optimizer = make_optimizer(fresh, 1e-2, 0.1, (0.9, 0.95), "cpu")
+    assert S.load_sharded(tmp_path, fresh, fresh_optimizer) == {"step": 5, "again": True}
+    assert_states_equal(full_state(fresh, fresh_optimizer), full_state(model, optimizer), "reloaded")
 
 
 def test_sharded_checkpoint_errors_name_the_problem(tmp_path: Path) -> None:

@@ -80,18 +80,21 @@ def save_sharded(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.O
     writes ``meta`` (plain values and tensors, loadable with
     ``weights_only``). Returns the step directory."""
     root = Path(run_dir) / SHARDED_DIR
+    # a fresh name even when this step was saved before, so that `latest` never names a directory being replaced
     final = root / step_dir_name(step)
+    n = 1
+    while final.exists():
+        final, n = root / f"{step_dir_name(step)}_{n}", n + 1
     staging = root / (final.name + ".partial")
+    _barrier()  # every rank has picked the name before rank 0 creates anything
     if _rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)  # left by a crash mid-save
         staging.mkdir(parents=True)
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=staging)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=staging, no_dist=not dist.is_initialized())
     if _rank() == 0:
         save_checkpoint(staging / META_NAME, meta)
-        if final.exists():  # the same step saved again (a resumed run that stops at once)
-            shutil.rmtree(final)
         staging.rename(final)
         atomic_write_text(root / LATEST_NAME, final.name + "\n")
         for old in root.iterdir():
@@ -125,7 +128,7 @@ def load_sharded(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.O
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
     try:
-        dcp.load(state, checkpoint_id=step_dir)
+        dcp.load(state, checkpoint_id=step_dir, no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"cannot load the sharded checkpoint {step_dir}: {_first_failure(e)}") from None
     if optimizer is None:
