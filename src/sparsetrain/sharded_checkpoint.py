@@ -19,7 +19,10 @@ The directory must be on a file system every rank sees.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,14 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it assumes one process whenever no group exists; here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def step_dir_name(step: int) -> str:
@@ -92,7 +103,8 @@ def save_sharded(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.O
         staging.mkdir(parents=True)
     _barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=staging, no_dist=not dist.is_initialized())
+    with _quiet_single_process():
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=staging, no_dist=not dist.is_initialized())
     if _rank() == 0:
         save_checkpoint(staging / META_NAME, meta)
         staging.rename(final)
@@ -128,7 +140,8 @@ def load_sharded(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.O
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
     try:
-        dcp.load(state, checkpoint_id=step_dir, no_dist=not dist.is_initialized())
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=step_dir, no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"cannot load the sharded checkpoint {step_dir}: {_first_failure(e)}") from None
     if optimizer is None:
