@@ -109,7 +109,7 @@ def shutdown_distributed(synchronize: bool = True) -> None:
         return
     if synchronize:
         try:
-            _barrier()
+            barrier_all()
         except RuntimeError as e:  # DistBackendError and gloo's connection errors are RuntimeErrors
             warnings.warn(f"rank {dist.get_rank()}: the barrier before destroying the process group failed "
                           f"({str(e).splitlines()[0][:200]}); tearing down anyway", RuntimeWarning, stacklevel=2)
@@ -122,10 +122,13 @@ def shutdown_distributed(synchronize: bool = True) -> None:
 def barrier(info: DistInfo) -> None:
     """Wait for every rank (a no-op in a single process)."""
     if info.enabled:
-        _barrier()
+        barrier_all()
 
 
-def _barrier() -> None:
+def barrier_all() -> None:
+    """Wait for every rank of the default group, if there is one with several ranks."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
     if dist.get_backend() == "nccl":  # NCCL's barrier needs this rank's device
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:

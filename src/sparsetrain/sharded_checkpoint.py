@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .checkpoint import atomic_write_text, save_checkpoint
+from .distributed import barrier_all
 from .errors import CheckpointError
 
 SHARDED_DIR = "ckpt_sharded"
@@ -49,11 +50,6 @@ META_NAME = "meta.pt"
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 @contextlib.contextmanager
@@ -97,11 +93,11 @@ def save_sharded(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.O
     while final.exists():
         final, n = root / f"{step_dir_name(step)}_{n}", n + 1
     staging = root / (final.name + ".partial")
-    _barrier()  # every rank has picked the name before rank 0 creates anything
+    barrier_all()  # every rank has picked the name before rank 0 creates anything
     if _rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)  # left by a crash mid-save
         staging.mkdir(parents=True)
-    _barrier()
+    barrier_all()
     model_state, optim_state = get_state_dict(model, optimizer)
     with _quiet_single_process():
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=staging, no_dist=not dist.is_initialized())
@@ -112,7 +108,7 @@ def save_sharded(run_dir: str | Path, model: nn.Module, optimizer: torch.optim.O
         for old in root.iterdir():
             if old.is_dir() and old.name != final.name and old.name.startswith("step_"):
                 shutil.rmtree(old)
-    _barrier()  # no rank goes on (or exits) before the checkpoint is named
+    barrier_all()  # no rank goes on (or exits) before the checkpoint is named
     return final
 
 
