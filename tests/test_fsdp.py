@@ -377,6 +377,23 @@ def test_saving_a_step_again_names_a_new_directory_and_prunes_the_rest(tmp_path:
     assert_states_equal(full_state(fresh, fresh_optimizer), full_state(model, optimizer), "reloaded")
 
 
+def test_resume_reads_the_checkpoint_with_the_larger_step(tmp_path: Path) -> None:
+    """A run directory can hold both kinds (a run that changed its number of
+    processes): the newer one is resumed."""
+    cfg = tiny_config()
+    model = fresh_model(cfg)
+    optimizer = make_optimizer(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
+    assert not S.resume_from_sharded(tmp_path)  # nothing there
+    save_checkpoint(tmp_path / "ckpt.pt", {"step": 5, "model": model.state_dict()})
+    assert not S.resume_from_sharded(tmp_path)  # only the single file
+    S.save_sharded(tmp_path, model, optimizer, {"step": 3}, step=3)
+    assert not S.resume_from_sharded(tmp_path)  # the single file is newer
+    S.save_sharded(tmp_path, model, optimizer, {"step": 5}, step=5)
+    assert S.resume_from_sharded(tmp_path)  # a tie: the sharded one
+    (tmp_path / "ckpt.pt").unlink()
+    assert S.resume_from_sharded(tmp_path)  # only the sharded one
+
+
 def test_sharded_checkpoint_errors_name_the_problem(tmp_path: Path) -> None:
     from sparsetrain.errors import CheckpointError
 

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .checkpoint import atomic_write_text, save_checkpoint
+from .checkpoint import CKPT_NAME, atomic_write_text, save_checkpoint
 from .distributed import barrier_all
 from .errors import CheckpointError
 
@@ -70,6 +70,22 @@ def has_sharded_checkpoint(run_dir: str | Path) -> bool:
     root = Path(run_dir) / SHARDED_DIR
     latest = root / LATEST_NAME
     return latest.is_file() and (root / latest.read_text().strip()).is_dir()
+
+
+def resume_from_sharded(run_dir: str | Path) -> bool:
+    """Whether resuming ``run_dir`` should read its sharded checkpoint rather than
+    its single-file ``ckpt.pt``: the one with the larger step, the sharded one
+    on a tie (a run that changed its number of processes or its mode leaves both)."""
+    if not has_sharded_checkpoint(run_dir):
+        return False
+    single = Path(run_dir) / CKPT_NAME
+    if not single.is_file():
+        return True
+    try:  # memory-mapped: only the step is read
+        single_step = int(torch.load(single, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception as e:
+        raise CheckpointError(f"cannot read the step of {single}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    return int(read_meta(latest_sharded_dir(run_dir))["step"]) >= single_step
 
 
 def latest_sharded_dir(run_dir: str | Path) -> Path:
