@@ -65,7 +65,7 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int, param_d
     LM head and any other root parameters) the last group. Returns ``model``.
 
     Blocks do not cast their inputs to ``param_dtype``: the RoPE tables they
-    receive stay float32 (in bfloat16 the rotation angles would lose digits);
+    receive stay float32 (bfloat16 cos and sin values would lose digits);
     the residual stream reaches them in the dtype the previous group computed."""
     mesh = init_device_mesh(device.type, (world_size,))
     for block in model.blocks:
