@@ -1,18 +1,22 @@
 """Two gloo processes on CPU: DDP gradients equal one process on the global batch
-(dense, and MTP whose heads now go through DDP too), ranks stay in sync through
-training, only rank 0 writes."""
+(dense, and MTP whose heads go through DDP too), ranks stay in sync through
+training, only rank 0 writes, and processes leave through the ordered teardown
+and a normal interpreter exit."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from sparsetrain import distributed as D
+from sparsetrain import parallel as P
 from sparsetrain.config import TrainConfig
 from sparsetrain.trainer import Trainer
 
@@ -21,18 +25,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _exit_without_teardown() -> None:
-    """End a worker whose results are on disk without freeing its objects.
-
-    Freeing the DDP reducer after ``destroy_process_group`` destroys the gloo
-    process group, whose destructor joins gloo's worker threads while holding
-    the GIL; a worker thread still releasing a finished all-reduce may need
-    the GIL, and both wait forever (seen once in a full test run: the test hung
-    in ``ProcessGroupGloo::~ProcessGroupGloo``). Reached only when the worker
-    succeeded, so an exception still reaches ``mp.spawn``."""
-    os._exit(0)
 
 
 def _grads(t: Trainer) -> dict[str, torch.Tensor]:
@@ -58,10 +50,9 @@ def _worker(rank: int, world: int, port: int, cfg: TrainConfig, batch: tuple, ou
         if t.mtp is not None:
             params.update({f"mtp.{k}": v.clone() for k, v in t.mtp.state_dict().items()})
         torch.save({"grads": grads, "params": params}, Path(out) / f"rank{rank}.pt")
+        del t  # its DDP reducer goes while the process group still has its Python owners
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    _exit_without_teardown()
+        D.shutdown_distributed()
 
 
 def test_ddp_gloo_two_processes(make_cfg, tmp_path: Path) -> None:
@@ -87,8 +78,6 @@ def test_ddp_gloo_two_processes(make_cfg, tmp_path: Path) -> None:
 
 
 def _collider_worker(rank: int, world: int, port: int, state: dict, cfg_model, batch: tuple, out: str) -> None:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     from sparsetrain.collider import ColliderModel, filter as collider_filter, masked_cross_entropy
     from sparsetrain.model import GPT
 
@@ -98,7 +87,7 @@ def _collider_worker(rank: int, world: int, port: int, state: dict, cfg_model, b
     try:
         model = GPT(cfg_model).double()
         model.load_state_dict(state)
-        ddp = DDP(ColliderModel(model))
+        ddp = P.wrap_ddp(ColliderModel(model), torch.device("cpu"))
         x, y, keep = batch
         n = x.shape[0] // world
         part = slice(rank * n, (rank + 1) * n)
@@ -111,8 +100,7 @@ def _collider_worker(rank: int, world: int, port: int, state: dict, cfg_model, b
         grads = {k: p.grad for k, p in model.named_parameters()}
         torch.save({"grads": grads, "logit_grad_strides": strides}, Path(out) / f"collider{rank}.pt")
     finally:
-        torch.distributed.destroy_process_group()
-    _exit_without_teardown()
+        D.shutdown_distributed()
 
 
 def test_ddp_with_collider_averages_exact_gradients(tmp_path: Path) -> None:
@@ -198,7 +186,108 @@ def _mtp_worker(rank: int, world: int, port: int, cfg: TrainConfig, state: dict,
         params = {k: v.clone() for k, v in t.model.state_dict().items()}
         params.update({f"mtp.{k}": v.clone() for k, v in t.mtp.state_dict().items()})
         torch.save({"grads": grads, "params": params}, Path(out) / f"rank{rank}.pt")
+        del t  # its DDP reducer goes while the process group still has its Python owners
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    _exit_without_teardown()
+        D.shutdown_distributed()
+
+
+# ----------------------------------------------------------------------------- teardown
+
+GLOO_THREAD_PREFIXES = ("pt_gloo", "gloo", "pt_tcpstore")
+
+
+def _thread_names() -> list[str]:
+    """Names of this process's threads (Linux)."""
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+        except FileNotFoundError:  # ended meanwhile
+            pass
+    return names
+
+
+def _gloo_threads() -> list[str]:
+    return sorted(n for n in _thread_names() if n.startswith(GLOO_THREAD_PREFIXES))
+
+
+def _teardown_worker(rank: int, world: int, port: int, cfg_model, state: dict, batch: tuple, out: str) -> None:
+    from sparsetrain.model import GPT
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = D.init_distributed("cpu")
+    model = GPT(cfg_model).double()
+    model.load_state_dict(state)
+    ddp = P.parallelize(model, "ddp", info, torch.device("cpu"))
+    x, y = (t.chunk(world)[rank] for t in batch)
+    with P.no_sync(ddp):
+        (ddp(x[:1], y[:1])[1] / 2).backward()
+    (ddp(x[1:], y[1:])[1] / 2).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    during = _gloo_threads()
+    D.shutdown_distributed()
+    after = _gloo_threads()
+    torch.save({"during": during, "after": after, "grads": grads}, Path(out) / f"teardown{rank}.pt")
+    # returns normally with ``ddp`` alive until here: nothing is left for the exit to destroy
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_shutdown_destroys_the_gloo_group_while_a_ddp_wrapper_lives(tmp_path: Path) -> None:
+    """The ordered teardown destroys the process group (gloo's worker threads
+    are gone) inside ``shutdown_distributed``, through its Python owner, even
+    though the caller still holds the DDP wrapper whose C++ reducer would
+    otherwise destroy it later while holding the GIL. DDP's ``no_sync``
+    accumulation gives the global-batch gradients."""
+    from sparsetrain.config import ModelConfig
+    from sparsetrain.model import GPT
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    cfg = ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=16, init_std=0.3)
+    model = GPT(cfg).double()
+    x, y = torch.randint(0, 300, (4, 16)), torch.randint(0, 300, (4, 16))
+    mp.spawn(_teardown_worker, args=(2, _free_port(), cfg, model.state_dict(), (x, y), str(tmp_path)), nprocs=2, join=True)
+    model(x, y)[1].backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"teardown{rank}.pt", weights_only=True)
+        assert got["during"], "no gloo threads seen while the group was up: the check cannot see them"
+        assert got["after"] == [], f"rank {rank}: threads of a destroyed process group still run: {got['after']}"
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(got["grads"][k], p.grad, rtol=1e-10, atol=1e-14, msg=k)
+
+
+def _cli_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
+    from sparsetrain.cli import main
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    rc = main(argv)
+    if rc:
+        raise SystemExit(rc)
+
+
+RUNS = 10
+RUN_LIMIT_S = 60.0
+
+
+def test_two_process_cli_runs_exit_cleanly_every_time(make_cfg, tmp_path: Path) -> None:
+    """Ten 2-process ``sparsetrain train`` runs, each in fresh interpreters that
+    exit normally (no ``os._exit``): every process exits 0 within the limit."""
+    cfg = make_cfg()
+    Trainer(make_cfg(out_dir=str(tmp_path / "warm")), verbose=False)  # builds the token cache once
+    base = ["train", "--data", cfg.data, "--cache-dir", cfg.cache_dir, "--vocab-size", "320", "--seq-len", "32",
+            "--n-layer", "2", "--n-head", "2", "--d-model", "32", "--batch-size", "2", "--max-steps", "2",
+            "--warmup-steps", "1", "--eval-every", "0", "--eval-batches", "1", "--log-every", "1",
+            "--val-fraction", "0.1", "--device", "cpu"]
+    for run in range(RUNS):
+        out = tmp_path / f"run{run}"
+        ctx = mp.start_processes(_cli_worker, args=(2, _free_port(), base + ["--out-dir", str(out)]), nprocs=2,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + RUN_LIMIT_S
+        while not ctx.join(timeout=0.5):  # raises if a process fails
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"run {run}: the processes did not exit within {RUN_LIMIT_S:.0f} s")
+        assert [p.exitcode for p in ctx.processes] == [0, 0], f"run {run}"
+        assert (out / "ckpt.pt").is_file(), f"run {run}"

@@ -36,6 +36,7 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 FFN_KINDS = ("swiglu", "relu2", "relu2_24")
+PARALLEL_KINDS = ("ddp", "fsdp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SECTIONS = ("model", "data", "training", "run")
 ARCHS = ("gpt", "resnet_bk")
@@ -132,6 +133,11 @@ class TrainConfig:
     ckpt_every: int = field(default=0, metadata=_section("run", "steps between checkpoints; 0 = at evals and the end"))
     save_checkpoints: bool = field(default=True, metadata=_section(
         "run", "write checkpoints (false: nothing to resume from; for throughput benchmarks of large models)"))
+    parallel: str = field(default="ddp", metadata=_section(
+        "run", "with several processes (torchrun): ddp (replicated weights) or fsdp (FSDP2: weights, gradients and "
+               "optimizer state sharded per block; sharded checkpoints)"))
+    activation_checkpointing: bool = field(default=False, metadata=_section(
+        "run", "recompute each block's activations in the backward instead of storing them (less memory, one more forward)"))
     # [data]
     data: str = field(default="", metadata=_section("data", "text file, folder of text files or .bin tokens; empty = Python stdlib sources"))
     token_dtype: str = field(default="uint16", metadata=_section("data", "dtype of a .bin token file: uint16 or uint32"))
@@ -206,6 +212,15 @@ class TrainConfig:
         _require(self.dtype in ("auto", "float32", "bfloat16"), f"run.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         _require(self.compile_mode in COMPILE_MODES,
                  f"run.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
+        _require(self.parallel in PARALLEL_KINDS, f"run.parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.parallel == "fsdp":
+            self._validate_fsdp()
+        if self.activation_checkpointing:
+            _require(not self.use_collider, "activation_checkpointing with use_collider is not available yet "
+                                            "(Collider runs its own backward through the blocks)")
+            _require(self.model.ffn != "relu2_24" or self.model.activation_sparse_method not in ("mvue", "transposable_random"),
+                     f"activation_checkpointing with activation_sparse_method = {self.model.activation_sparse_method} is not "
+                     "available: the recomputation would draw other random 2:4 patterns than the forward did")
         for name in ("log_every", "batch_size", "grad_accum", "max_steps", "eval_batches"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("ckpt_every", "eval_every", "warmup_steps"):
@@ -255,6 +270,27 @@ class TrainConfig:
         _require(self.fire_at_step >= 0, f"training.fire_at_step must be >= 0, got {self.fire_at_step}")
         for check in _TRAIN_CHECKS.values():  # each training objective's own fields (sparsetrain.objectives)
             check(self)
+
+    def _validate_fsdp(self) -> None:
+        """What FSDP2 cannot shard yet, refused by name."""
+        what = None
+        if self.use_collider:
+            what = "use_collider (its compact backward needs per-block autograd nodes)"
+        elif self.selection == "batch":
+            what = "selection = batch (its router runs the first blocks outside the sharded forward)"
+        elif self.use_mtp:
+            what = "use_mtp"
+        elif self.fire_at_step:
+            what = "fire_at_step (FIRE orthogonalises whole matrices, not shards)"
+        elif self.model.hyper_connections:
+            what = "hyper_connections (their analysis runs blocks outside the sharded forward)"
+        elif self.model.arch == "resnet_bk":
+            what = "model.arch = resnet_bk (scalar parameters cannot be sharded)"
+        elif self.model.ffn == "relu2_24" and self.model.activation_sparse_method == "soft_threshold":
+            what = "activation_sparse_method = soft_threshold (each rank would fix its own S-STE scale buffer)"
+        elif self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            what = f"compile_mode = {self.compile_mode} (CUDA graphs around the sharding collectives are untested)"
+        _require(what is None, f"parallel = fsdp with {what} is not available yet; use parallel = ddp")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Sectioned plain dict, the shape of the TOML file."""
