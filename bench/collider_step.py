@@ -27,7 +27,7 @@ from torch.profiler import record_function
 from sparsetrain.benchmark import default_optimizer
 from sparsetrain.collider import ColliderModel, filter as collider_filter, masked_cross_entropy
 from sparsetrain.config import build_config
-from sparsetrain.model import build_model
+from sparsetrain.build import build_model
 from sparsetrain.selection import TokenSelector
 
 PHASES = ("forward", "select", "backward", "optimizer")

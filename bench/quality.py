@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from sparsetrain import build_config, train
-from sparsetrain.model import build_model
+from sparsetrain.build import build_model
 
 from .options import BenchError, describe_shapes, parse_cases, parse_overrides
 from .results import Result

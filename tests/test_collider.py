@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsetrain.collider import ColliderModel, filter, masked_cross_entropy, rmsnorm_backward, rope_inverse
+from sparsetrain.build import build_model
 from sparsetrain.config import ModelConfig
 from sparsetrain.model import GPT, apply_rope, rope_tables
 from sparsetrain.selection import TokenSelector, cached_kept_indices
@@ -99,7 +100,7 @@ def make(ffn: str = "relu2", tie: bool = False, n_layer: int = 3, hyper: int = 0
     cfg = ModelConfig(vocab_size=300, seq_len=24, n_layer=n_layer, n_head=2, d_model=16, ffn=ffn, init_std=0.3,
                       tie_embeddings=tie, hyper_connections=hyper, activation_dense_warmup_steps=0,
                       activation_dense_fraction=dense_fraction)
-    model = GPT(cfg).double()
+    model = build_model(cfg).double()
     for p in model.parameters():  # non-trivial norm gains and mixing
         if p.dim() == 1:
             p.data.uniform_(0.5, 1.5)
@@ -293,7 +294,7 @@ def test_engine_with_kept_attention_kernel_matches_reference(variant: str) -> No
     model = make(n_layer=2, **VARIANTS[variant])
     torch.nn.init.normal_(model.embed.weight, 0, 0.3)
     cfg = model.config
-    model32 = GPT(ModelConfig(**{**cfg.__dict__, "d_model": 32})).double()  # head_dim 16: a kernel-legal shape
+    model32 = build_model(ModelConfig(**{**cfg.__dict__, "d_model": 32})).double()  # head_dim 16: a kernel-legal shape
     for p in model32.parameters():
         p.data.normal_(0, 0.2) if p.dim() > 1 else p.data.uniform_(0.5, 1.5)
     g = torch.Generator().manual_seed(fresh_seed())

@@ -30,7 +30,8 @@ from sparsetrain.export import (  # noqa: E402
     load_safetensors,
 )
 from sparsetrain.generate import load_model  # noqa: E402
-from sparsetrain.model import GPT, RMSNorm, build_model, rope_tables  # noqa: E402
+from sparsetrain.build import build_model  # noqa: E402
+from sparsetrain.model import GPT, RMSNorm, rope_tables  # noqa: E402
 from sparsetrain.tokenizer import BPETokenizer  # noqa: E402
 
 TEXTS = ["def add(a, b):\n    return a + b  # sum\n", "class Point:\n    x: int = 0\n    y: int = 0\n",

@@ -20,8 +20,9 @@ from sparsetrain import parallel as P
 from sparsetrain import sharded_checkpoint as S
 from sparsetrain.checkpoint import save_checkpoint
 from sparsetrain.config import ModelConfig
-from sparsetrain.model import GPT, build_model
-from sparsetrain.optim import make_optimizer
+from sparsetrain.build import build_model
+from sparsetrain.model import GPT
+from sparsetrain.optimizers import make_adamw
 
 from test_distributed import _free_port
 
@@ -95,7 +96,7 @@ def _train_worker(info: D.DistInfo, cfg: ModelConfig, state: dict, steps: list, 
     model.load_state_dict(state)
     sharded = P.parallelize(model, "fsdp", info, torch.device("cpu"), activation_checkpointing=ac)
     assert P.is_sharded(sharded)
-    optimizer = make_optimizer(sharded, 1e-2, 0.1, (0.9, 0.95), "cpu")
+    optimizer = make_adamw(sharded, 1e-2, 0.1, (0.9, 0.95), "cpu")
     losses, norms, grads = [], [], []
     for micro_batches in steps:
         micro_batches = [(x.chunk(info.world_size)[info.rank], y.chunk(info.world_size)[info.rank]) for x, y in micro_batches]
@@ -129,7 +130,7 @@ def test_fsdp_training_equals_one_process_on_the_global_batch(ffn: str, tied: bo
     run_workers(2, _train_worker, cfg, state, steps, ac, str(tmp_path))
     got = torch.load(tmp_path / "fsdp.pt", weights_only=True)
 
-    optimizer = make_optimizer(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
+    optimizer = make_adamw(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
     for s, micro_batches in enumerate(steps):
         total = 0.0
         for x, y in micro_batches:
@@ -198,7 +199,7 @@ def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients_and_keys
     backward), gradients and state-dict keys are those of the plain model."""
     cfg = tiny_config(n_layer=3, **ffn_settings)
     plain = fresh_model(cfg)
-    ckpt = GPT(cfg).double()
+    ckpt = build_model(cfg).double()
     ckpt.load_state_dict(plain.state_dict())
     P.apply_activation_checkpointing(ckpt)
     calls = []
@@ -213,7 +214,7 @@ def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients_and_keys
     grads = {k.replace(WRAPPER_PREFIX, ""): p.grad for k, p in ckpt.named_parameters()}
     for k, p in plain.named_parameters():
         torch.testing.assert_close(grads[k], p.grad, rtol=1e-12, atol=1e-15, msg=k)
-    fresh = GPT(cfg).double()
+    fresh = build_model(cfg).double()
     P.apply_activation_checkpointing(fresh)
     fresh.load_state_dict(plain.state_dict())  # a plain checkpoint loads into the wrapped model
     for k, v in plain.state_dict().items():
@@ -266,7 +267,7 @@ def _sharded_model(info: D.DistInfo, cfg: ModelConfig, state: dict | None):
     if state is not None:
         model.load_state_dict(state)
     model = P.parallelize(model, "fsdp", info, torch.device("cpu"))
-    return model, make_optimizer(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
+    return model, make_adamw(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
 
 
 def _save_worker(info: D.DistInfo, cfg: ModelConfig, state: dict, run: str) -> None:
@@ -323,7 +324,7 @@ def test_sharded_checkpoint_resumes_exactly_and_on_other_world_sizes(saved_run: 
     assert_states_equal(torch.load(run / "load_3.pt", weights_only=True)["loaded"], ref["saved"], "3 processes")
 
     model = build_model(cfg).double()  # one process, no process group, no sharding
-    optimizer = make_optimizer(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
+    optimizer = make_adamw(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
     S.load_sharded(run, model, optimizer)
     assert_states_equal(full_state(model, optimizer), ref["saved"], "1 process")
     # the optimizer hyperparameters come back too (the template had others)
@@ -339,7 +340,7 @@ def test_consolidate_and_single_file_state_round_trip(saved_run: Path, tmp_path:
     assert single["step"] == 1 and single["note"] == "x"
     model = build_model(cfg).double()
     model.load_state_dict(single["model"])
-    optimizer = make_optimizer(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
+    optimizer = make_adamw(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
     optimizer.load_state_dict(single["optimizer"])
     assert_states_equal(full_state(model, optimizer), ref, "consolidated")
 
@@ -362,7 +363,7 @@ def test_saving_a_step_again_names_a_new_directory_and_prunes_the_rest(tmp_path:
     ``.partial`` leftovers are removed, and the second state is what loads."""
     cfg = tiny_config()
     model = fresh_model(cfg)
-    optimizer = make_optimizer(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
+    optimizer = make_adamw(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
     info = D.DistInfo()
     _step(model, optimizer, cfg, 0, info)
     first = S.save_sharded(tmp_path, model, optimizer, {"step": 5}, step=5)
@@ -372,7 +373,7 @@ def test_saving_a_step_again_names_a_new_directory_and_prunes_the_rest(tmp_path:
     assert first.name == "step_00000005" and second.name == "step_00000005_1"
     assert sorted(p.name for p in (tmp_path / S.SHARDED_DIR).iterdir()) == [S.LATEST_NAME, "step_00000005_1"]
     fresh = build_model(cfg).double()
-    fresh_optimizer = make_optimizer(fresh, 1e-2, 0.1, (0.9, 0.95), "cpu")
+    fresh_optimizer = make_adamw(fresh, 1e-2, 0.1, (0.9, 0.95), "cpu")
     assert S.load_sharded(tmp_path, fresh, fresh_optimizer) == {"step": 5, "again": True}
     assert_states_equal(full_state(fresh, fresh_optimizer), full_state(model, optimizer), "reloaded")
 
@@ -382,7 +383,7 @@ def test_resume_reads_the_checkpoint_with_the_larger_step(tmp_path: Path) -> Non
     processes): the newer one is resumed."""
     cfg = tiny_config()
     model = fresh_model(cfg)
-    optimizer = make_optimizer(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
+    optimizer = make_adamw(model, 1e-2, 0.1, (0.9, 0.95), "cpu")
     assert not S.resume_from_sharded(tmp_path)  # nothing there
     save_checkpoint(tmp_path / "ckpt.pt", {"step": 5, "model": model.state_dict()})
     assert not S.resume_from_sharded(tmp_path)  # only the single file

@@ -23,9 +23,10 @@ import torch.nn as nn
 from sparsetrain import optimizers as O
 from sparsetrain.config import build_config
 from sparsetrain.errors import CheckpointError, ConfigError
-from sparsetrain.model import build_model
+from sparsetrain.build import build_model
 from sparsetrain.mtp import MTPHeads, naive_loss
-from sparsetrain.optim import lr_at, make_optimizer
+from sparsetrain.optim import lr_at
+from sparsetrain.optimizers import make_adamw
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's defaults (Keller Jordan's quintic)
 SMALL = dict(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=32, warmup_steps=2, max_steps=6)
@@ -150,7 +151,7 @@ def test_muon_groups_follow_roles(arch, fallback) -> None:
 
 
 def legacy_adamw(model: nn.Module, lr: float, wd: float, betas) -> torch.optim.AdamW:
-    """make_optimizer as it was before the optimizers module: the reference for AdamW."""
+    """make_adamw as make_optimizer was before the optimizers module: the reference for AdamW."""
     embed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embed]
     no_decay = [p for p in model.parameters() if not (p.dim() >= 2 and id(p) not in embed)]
@@ -159,14 +160,14 @@ def legacy_adamw(model: nn.Module, lr: float, wd: float, betas) -> torch.optim.A
 
 @pytest.mark.parametrize("arch", ["gpt", "resnet_bk"])
 def test_adamw_unchanged_from_the_legacy_grouping(arch) -> None:
-    """optimizer = adamw (and optim.make_optimizer) step exactly as before."""
+    """optimizer = adamw (and optimizers.make_adamw) step exactly as before."""
     fresh_seed()
     cfg = cfg_of(arch=arch, ffn="relu2", tie_embeddings=arch == "gpt")
     model = build_model(cfg.model)
     ref_model = copy.deepcopy(model)
     opt = O.build_optimizer(model, cfg, "cpu")
     assert type(opt) is torch.optim.AdamW
-    assert group_sets(opt) == group_sets(make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), "cpu"))
+    assert group_sets(opt) == group_sets(make_adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), "cpu"))
     ref = legacy_adamw(ref_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     for _ in range(3):
         for p, q in zip(model.parameters(), ref_model.parameters()):

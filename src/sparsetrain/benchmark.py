@@ -23,7 +23,8 @@ from torch.profiler import record_function
 from .config import ModelConfig, build_config
 from .data import load_corpus, train_batch
 from .build import build_model
-from .optim import make_optimizer, step_counted
+from .optim import step_counted
+from .optimizers import make_adamw
 from .sparse24.ffn import prepare_ffns
 
 # Dense bf16 tensor-core peak from NVIDIA's datasheets (SXM parts), used for MFU.
@@ -134,7 +135,7 @@ def summarize(times_ms: list[float]) -> dict[str, float]:
 def default_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW as the trainer builds it (fused on CUDA), at the step benches' settings."""
     device = next(model.parameters()).device
-    return make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), device.type)
+    return make_adamw(model, 1e-4, 0.1, (0.9, 0.95), device.type)
 
 
 def make_train_step(

@@ -40,6 +40,10 @@ PARALLEL_KINDS = ("ddp", "fsdp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SECTIONS = ("model", "data", "training", "run")
 ARCHS = ("gpt", "resnet_bk")
+SCHEDULE_KINDS = ("steps", "time")  # what the lr schedule follows (sparsetrain.optim.LRSchedule)
+OPTIMIZERS = ("adamw", "muon", "lion", "adamw8bit", "galore_adamw")  # built by sparsetrain.optimizers
+MUON_FALLBACKS = ("adamw", "lion")
+MUON_ADJUST_LR = ("original", "match_rms_adamw")
 
 
 def _section(name: str, help: str) -> dict[str, Any]:
@@ -235,8 +239,6 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             _require(0 <= getattr(self, name) < 1, f"training.{name} must be in [0, 1), got {getattr(self, name)}")
         _require(self.grad_clip >= 0, f"training.grad_clip must be >= 0, got {self.grad_clip}")
-        from .optimizers import MUON_ADJUST_LR, MUON_FALLBACKS, OPTIMIZERS
-
         _require(self.optimizer in OPTIMIZERS, f"training.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         _require(self.muon_fallback in MUON_FALLBACKS,
                  f"training.muon_fallback must be one of {', '.join(MUON_FALLBACKS)}, got {self.muon_fallback!r}")
@@ -251,8 +253,6 @@ class TrainConfig:
         _require(self.max_seconds >= 0, f"training.max_seconds must be >= 0, got {self.max_seconds}")
         _require(self.startup_steps >= 0, f"training.startup_steps must be >= 0, got {self.startup_steps}")
         _require(self.eval_every_seconds >= 0, f"training.eval_every_seconds must be >= 0, got {self.eval_every_seconds}")
-        from .optim import SCHEDULE_KINDS
-
         _require(self.schedule_by in SCHEDULE_KINDS,
                  f"training.schedule_by must be one of {', '.join(SCHEDULE_KINDS)}, got {self.schedule_by!r}")
         _require(self.schedule_by != "time" or self.max_seconds > 0,

@@ -37,7 +37,8 @@ from .checkpoint import resolve_checkpoint
 from .config import ModelConfig
 from .errors import ConfigError, SparsetrainError
 from .generate import load_model
-from .model import GPT, CausalLM, build_model
+from .build import build_model
+from .model import GPT, CausalLM
 from .tokenizer import EOT
 
 FORMATS = ("gguf", "safetensors", "hf")

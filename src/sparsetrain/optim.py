@@ -8,20 +8,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-
-def make_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str
-) -> torch.optim.AdamW:
-    """AdamW with decay on matrices except embeddings; never on norms' gains or
-    biases. The grouping lives in :mod:`sparsetrain.optimizers` (where
-    :func:`~sparsetrain.optimizers.build_optimizer` picks any optimizer from a
-    config)."""
-    from .optimizers import make_adamw  # imported here: optimizers reads the model, which builds on this module
-
-    return make_adamw(model, lr, weight_decay, betas, device_type)
+from .config import SCHEDULE_KINDS
 
 
-SCHEDULE_KINDS = ("steps", "time")
 
 
 def cosine_to_floor(progress: float, start: float, floor: float) -> float:

@@ -37,7 +37,7 @@ Peak memory of one training step per optimizer (CUDA), e.g.::
 
     import torch
     from sparsetrain.config import build_config
-    from sparsetrain.model import build_model
+    from sparsetrain.build import build_model
     from sparsetrain.optimizers import OPTIMIZERS, build_optimizer, state_bytes
 
     for kind in OPTIMIZERS:
@@ -65,14 +65,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
+from .config import OPTIMIZERS
 from .errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-OPTIMIZERS = ("adamw", "muon", "lion", "adamw8bit", "galore_adamw")
-MUON_FALLBACKS = ("adamw", "lion")
-MUON_ADJUST_LR = ("original", "match_rms_adamw")
 ROLES = ("hidden", "embedding", "head", "other_matrix", "vector")
 DECAYED_ROLES = ("hidden", "head", "other_matrix")
 

@@ -175,11 +175,11 @@ def _plain_model_and_optimizer(model_config: dict[str, Any], dtype: torch.dtype)
     the trainer's parameter groups; the hyperparameters come from the state
     loaded into it."""
     from .config import ModelConfig
-    from .model import build_model
-    from .optim import make_optimizer
+    from .build import build_model
+    from .optimizers import make_adamw
 
     model = build_model(ModelConfig(**model_config)).to(dtype)
-    return model, make_optimizer(model, 0.0, 0.0, (0.9, 0.95), "cpu")
+    return model, make_adamw(model, 0.0, 0.0, (0.9, 0.95), "cpu")
 
 
 def _saved_dtype(step_dir: Path) -> torch.dtype:

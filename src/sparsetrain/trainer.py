@@ -39,7 +39,8 @@ from .mtp import MTPHeads
 from .objectives import Objective, build_objective, make_selector
 from .sparse24.ffn import Sparse24FFN, cuda_graphs_ok, prepare_ffns
 from .selection import TokenSelector
-from .optim import LRSchedule, make_optimizer, step_counted
+from .optim import LRSchedule, step_counted
+from .optimizers import build_optimizer
 from .plotting import plot_loss_curve
 from .reference_losses import ReferenceLosses
 from .train_clock import TrainClock
@@ -142,7 +143,7 @@ class Trainer:
         if cfg.use_mtp:
             self.mtp = MTPHeads(self.model, cfg.mtp_n_tokens, cfg.mtp_weight, cfg.mtp_decay).to(self.device)
         trainable = nn.ModuleList([self.model] + ([self.mtp] if self.mtp is not None else []))
-        self.optimizer = make_optimizer(trainable, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
+        self.optimizer = build_optimizer(trainable, cfg, self.device.type)
         self.step = 0
         self._setup_clock_and_schedule()
         self.train_seconds = 0.0  # cumulative over resumes
@@ -443,7 +444,7 @@ class Trainer:
         c = self.cfg
         lr = self._lr_for_step()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups run at muon_lr / lr of it
         total = torch.zeros((), device=self.device)
         log_step = (self.step + 1) % c.log_every == 0
         for m in self.sparse_ffns:  # 2:4 statistics cost extra reductions: only on steps that get logged
