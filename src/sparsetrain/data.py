@@ -50,7 +50,8 @@ def discover_text_files(path: str | Path | None) -> tuple[Path, list[Path]]:
     """Return ``(root, files)``. ``None`` means the stdlib ``*.py`` sources.
 
     For a folder, every regular file below it that is not hidden and holds no
-    NUL byte in its first 8 KiB (a binary file) counts as text.
+    NUL byte in its first 8 KiB (a binary file) counts as text; a single file
+    given by name must be text.
     """
     if path is None:
         root = stdlib_root()
@@ -60,17 +61,24 @@ def discover_text_files(path: str | Path | None) -> tuple[Path, list[Path]]:
     if not p.exists():
         raise DataError(f"data path does not exist: {path}")
     if p.is_file():
+        if is_binary(p):
+            raise DataError(f"data file {path} is not text (a NUL byte in its first 8 KiB); --data takes a text file, "
+                            "a folder of text files, or a .bin of tokens")
         return p.parent, [p]
     files = []
     for f in sorted(p.rglob("*")):
         rel = f.relative_to(p).parts
         if not f.is_file() or any(part.startswith(".") for part in rel) or SKIP_DIRS & set(rel):
             continue
-        with open(f, "rb") as fh:
-            if b"\0" in fh.read(8192):
-                continue
-        files.append(f)
+        if not is_binary(f):
+            files.append(f)
     return p, files
+
+
+def is_binary(path: Path) -> bool:
+    """A NUL byte in the first 8 KiB: not a text file (text never holds one)."""
+    with open(path, "rb") as fh:
+        return b"\0" in fh.read(8192)
 
 
 def is_val_file(relpath: str, val_fraction: float) -> bool:
