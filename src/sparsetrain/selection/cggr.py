@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import GPT, upcast
-from .scores import IGNORE_INDEX, score_tokens, shift_labels
+from .scores import IGNORE_INDEX, raise_if_nonfinite, score_tokens, shift_labels
 from .selector import TokenSelector
 
 
@@ -242,6 +242,7 @@ class CGGRModel(_AutoStep, nn.Module):
         with torch.no_grad():
             router_logits = self._logits(self.router, input_ids, attention_mask)
             scores, rs = score_tokens(self.scoring, router_logits, targets, ignore_index=self.ignore_index)
+            raise_if_nonfinite(rs)  # this path reads back on the host below anyway
             del router_logits
             valid = rs.valid
             conf = rs.p1[valid].mean()
