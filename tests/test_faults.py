@@ -254,6 +254,8 @@ def check_recovered(run: Path, ref: Reference, before: list[dict], restored: int
     kept = [r for r in before if r["step"] <= restored]
     if any(r not in rows for r in kept):
         return "a row up to the restored checkpoint was lost"
+    if list(run.glob("*.tmp")):
+        return f"temporary files left: {[p.name for p in run.glob('*.tmp')]}"
     state = checkpoint.load_checkpoint(run)
     if state["step"] != MAX_STEPS or checkpoint.verify_file(run / "ckpt.pt") is not None:
         return f"final checkpoint step {state['step']}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
-import math
 import os
 import re
 import subprocess
@@ -20,7 +19,6 @@ import pytest
 import torch
 
 from sparsetrain import checkpoint
-from sparsetrain.cli import main
 from sparsetrain.errors import DivergedError
 from sparsetrain.trainer import Trainer, train
 from test_cli import SMALL, assert_one_line_error, run_main
@@ -40,7 +38,6 @@ def replace(src, dst, *a, **k):
         if seen[0] == n:
             os.kill(os.getpid(), signal.SIGKILL)
 os.replace = replace
-from sparsetrain.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 
@@ -432,6 +429,14 @@ def test_tensorboard_gets_every_logged_row(common: list[str], tmp_path: Path, ca
     assert loss == pytest.approx(want, rel=1e-6)  # float32 in the event file
     assert val == pytest.approx({r["step"]: r["val_loss"] for r in rows(run) if r["kind"] == "eval"}, rel=1e-6)
     assert {e.step for e in acc.Scalars("train/lr")} == set(want)
+    zero_block(run / "ckpt.pt")  # resumed from step 2: the rows after it are dropped from the log, and from TensorBoard
+    assert run_main(["train", "--resume", str(run), "--max-steps", "6"], capsys)[0] == 0
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert sorted(steps) == list(range(1, 7)) == train_steps(run)
+    assert {e.step: e.value for e in acc.Scalars("train/loss")} == pytest.approx(
+        {r["step"]: r["loss"] for r in rows(run) if r["kind"] == "train"}, rel=1e-6)
 
 
 def fake_wandb(monkeypatch: pytest.MonkeyPatch) -> list:

@@ -120,8 +120,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def remove_partial_writes(folder: str | Path) -> list[Path]:
-    """Delete the temporary files a killed process left in ``folder``; returns them."""
-    left = [p for p in Path(folder).glob(f"*{TMP_SUFFIX}") if p.is_file()]
+    """Delete the temporary files a killed process left in ``folder`` (the names
+    :func:`atomic_write_bytes` gives them: ``<name>.<8 random characters>.tmp``); returns them."""
+    pattern = re.compile(r".+\.[a-z0-9_]{8}" + re.escape(TMP_SUFFIX))
+    left = [p for p in Path(folder).iterdir() if pattern.fullmatch(p.name) and p.is_file()]
     for p in left:
         p.unlink(missing_ok=True)
     return left

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import ARCHS, SECTIONS, _valid_device, ModelConfig, TrainConfig, build_config, dumps_toml, field_types, list_presets, read_toml
+from .config import (ARCHS, SECTIONS, ModelConfig, TrainConfig, _valid_device, build_config, dumps_toml, field_types,
+                     list_presets, read_toml)
 from .errors import ConfigError, SparsetrainError
 
 EXIT_USAGE = 2
@@ -344,8 +345,8 @@ def name_typed(message: str, typed: dict[str, str]) -> str:
     sections = "|".join(SECTIONS)
     for key, flag in sorted(typed.items(), key=lambda kv: -len(kv[0])):
         pattern = rf"(?<![\w.'\"-])(?:(?:{sections})\.)?{re.escape(key)}(?![\w-])"
-        message = re.sub(pattern + " = ", flag.replace("\\", "\\\\") + " ", message)  # "ffn = relu2_24" -> "--ffn relu2_24"
-        message = re.sub(pattern, flag.replace("\\", "\\\\"), message)
+        message = re.sub(pattern + " = ", lambda _: flag + " ", message)  # "ffn = relu2_24" -> "--ffn relu2_24"
+        message = re.sub(pattern, lambda _: flag, message)
     return message
 
 
@@ -367,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     except SparsetrainError as e:
         return _error(str(e))
     except OSError as e:  # a full disk, a read-only or vanished folder: the user's to fix
-        where = f" ({e.filename})" if e.filename else ""
-        return _error(f"{e.strerror or e}{where}; the last checkpoint is intact")
+        where = f": {e.filename}" if e.filename else ""
+        return _error(f"{e.strerror or e}{where}")
     except KeyboardInterrupt:
         sys.stderr.write("sparsetrain: interrupted (the last checkpoint is intact)\n")
         return 130

@@ -103,12 +103,14 @@ class MetricsLog:
 
 
 class TensorBoardReporter:
-    """Scalars under ``<run>/tensorboard`` (``torch.utils.tensorboard``)."""
+    """Scalars under ``<run>/tensorboard`` (``torch.utils.tensorboard``). A run resumed
+    at step ``s`` purges what an earlier process logged after ``s`` (the rows that
+    ``metrics.jsonl`` dropped), so every step keeps one value."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, first_step: int = 0) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(out_dir / TENSORBOARD_DIR))
+        self.writer = SummaryWriter(log_dir=str(out_dir / TENSORBOARD_DIR), purge_step=first_step + 1 if first_step else None)
 
     def log(self, row: dict[str, Any]) -> None:
         for tag, value in scalars(row).items():
@@ -145,13 +147,15 @@ class WandbReporter:
 class RunLog:
     """Every sink of one run behind one call per row."""
 
-    def __init__(self, out_dir: str | Path, report_to: str = "none", config: dict[str, Any] | None = None) -> None:
+    def __init__(self, out_dir: str | Path, report_to: str = "none", config: dict[str, Any] | None = None,
+                 first_step: int = 0) -> None:
+        """``first_step``: the step the run starts (or resumes) from."""
         out = Path(out_dir)
         self.metrics = MetricsLog(out / METRICS_NAME)
         self.extra: list[Reporter] = []
         try:
             for name in sinks(report_to):
-                self.extra.append(TensorBoardReporter(out) if name == "tensorboard" else WandbReporter(out, config or {}))
+                self.extra.append(TensorBoardReporter(out, first_step) if name == "tensorboard" else WandbReporter(out, config or {}))
         except BaseException:
             self.close()
             raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -536,7 +535,7 @@ class Trainer:
             )
             print(f"run dir: {self.out_dir}  ({tokens_per_step:,} tokens/step, steps {self.step} -> {c.max_steps})")
         bar = self._progress_bar()
-        log = RunLog(self.out_dir, c.report_to, c.to_dict()) if self.dist.is_main else None
+        log = RunLog(self.out_dir, c.report_to, c.to_dict(), first_step=self.step) if self.dist.is_main else None
 
         def write(row: dict) -> None:
             if log is not None:
