@@ -516,3 +516,14 @@ def test_selection_accepts_masked_vocab_and_ignores_ignored_rows() -> None:
     scores, _ = score_tokens("loss", logits, targets)
     ref = -torch.log_softmax(logits[:2], -1).gather(1, targets[:2, None]).squeeze(1)
     assert torch.allclose(scores[:2], ref) and scores[2] == float("-inf")
+
+
+def test_deferred_nonfinite_count_raises_on_the_first_read() -> None:
+    """On CUDA the count stays on the device (no sync in the step); reading the stats raises."""
+    from sparsetrain.selection import SelectionStats
+
+    stats = SelectionStats(kept=torch.tensor(3), total=10, avg_entropy=torch.tensor(1.5), nonfinite=torch.tensor(2))
+    with pytest.raises(DivergedError, match="NaN or Inf in 2 of 10 scored tokens"):
+        stats.avg_entropy
+    fine = SelectionStats(kept=torch.tensor(3), total=10, avg_entropy=torch.tensor(1.5), nonfinite=torch.tensor(0))
+    assert fine.kept == 3 and fine.avg_entropy == 1.5
