@@ -251,7 +251,8 @@ def check_recovered(run: Path, ref: Reference, before: list[dict], restored: int
     got = {r["step"]: r["loss"] for r in rows if r["kind"] == "train" and r["step"] >= first}
     if any(abs(got[s] - ref.train[s]) > 1e-5 * abs(ref.train[s]) for s in got):
         return "losses differ from the uninterrupted run"
-    kept = [r for r in before if r["step"] <= restored]
+    # every well-formed row up to the checkpoint (a damaged log: those the damage left well-formed)
+    kept = [r for r in before if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= restored]
     if any(r not in rows for r in kept):
         return "a row up to the restored checkpoint was lost"
     if list(run.glob("*.tmp")):
