@@ -58,8 +58,8 @@ def test_resnet_bk_trains_and_generates_from_the_cli(corpus_dir: Path, cache_dir
     [
         (["train", "--preset", "huge"], ["invalid choice", "huge"]),
         (["train", "--lr", "fast"], ["--lr", "fast"]),
-        (["train", "--lr", "-1"], ["training.lr", "-1"]),
-        (["train", "--n-head", "3"], ["d_model", "n_head"]),
+        (["train", "--lr", "-1"], ["--lr must be", "-1"]),
+        (["train", "--n-head", "3"], ["d_model", "--n-head (3)"]),
         (["train", "--data", "/no/such/path"], ["/no/such/path"]),
         (["train", "--config", "/no/such.toml"], ["/no/such.toml"]),
         (["train", "--resume", "/no/such/run"], ["/no/such/run"]),
@@ -67,11 +67,11 @@ def test_resnet_bk_trains_and_generates_from_the_cli(corpus_dir: Path, cache_dir
         (["generate", "--ckpt", ".", "--max-new-tokens", "0"], ["--max-new-tokens", "0"]),
         (["bench", "step", "--seq-len", "0"], ["--seq-len", "0"]),
         (["frobnicate"], ["frobnicate"]),
-        (["train", "--drop-ratio", "1.5"], ["collider_sparsity", "1.5"]),
+        (["train", "--drop-ratio", "1.5"], ["--drop-ratio must be in [0, 1)", "1.5"]),
         (["train", "--model", "rnn"], ["--model", "rnn"]),
-        (["train", "--model", "resnet_bk", "--bk-sparsity", "1"], ["bk_sparsity", "1"]),
-        (["train", "--model", "resnet_bk", "--drop-ratio", "0.5"], ["resnet_bk", "use_collider"]),
-        (["train", "--ffn", "relu2_24", "--activation-sparse-method", "random"], ["activation_sparse_method", "random"]),
+        (["train", "--model", "resnet_bk", "--bk-sparsity", "1"], ["--bk-sparsity must be", "1"]),
+        (["train", "--model", "resnet_bk", "--drop-ratio", "0.5"], ["--model resnet_bk", "--drop-ratio"]),
+        (["train", "--ffn", "relu2_24", "--activation-sparse-method", "random"], ["--activation-sparse-method must be", "random"]),
     ],
 )
 def test_bad_input_one_line_exit_2(args: list[str], needles: list[str], capsys) -> None:

@@ -136,7 +136,8 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_config": {}})
     assert path.read_bytes() == good
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checksums.sha256", "ckpt.pt"]  # no temp file left behind
+    assert torch.equal(checkpoint.load_checkpoint(path)["model"]["w"], torch.ones(3))  # and it still verifies
 
 
 def test_bad_checkpoint_files(tmp_path: Path) -> None:

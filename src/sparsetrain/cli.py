@@ -2,7 +2,8 @@
 
 Every config field is also a flag (``lr`` -> ``--lr``, ``use_collider`` ->
 ``--use-collider/--no-use-collider``), so the CLI and TOML files can never
-drift apart. User errors print one line and exit with code 2.
+drift apart. User errors print one line naming what the user typed (the flag,
+or the TOML key) and exit with code 2.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .config import ARCHS, ModelConfig, TrainConfig, build_config, field_types, list_presets, read_toml
-from .errors import SparsetrainError
+from .config import (ARCHS, SECTIONS, ModelConfig, TrainConfig, _valid_device, build_config, dumps_toml, field_types,
+                     list_presets, read_toml)
+from .errors import ConfigError, SparsetrainError
 
 EXIT_USAGE = 2
 STEP_TOKENS_LIMIT = 16384
@@ -23,31 +26,73 @@ STEP_TOKENS_LIMIT = 16384
 STEP_REPEATS = {"cuda": 20, "cpu": 3}
 STEP_WARMUP = {"cuda": 5, "cpu": 1}
 
+DEFAULT_PRESET = TrainConfig().preset
+
+# train --help groups, shown in this order. A field goes to the group of its TOML section whose
+# prefixes it starts with, else to its section's catch-all group (prefix "").
+FLAG_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("model shape", "model", ("",)),
+    ("data", "data", ("",)),
+    ("optimisation and evaluation", "training", ("",)),
+    ("run: output, logging, device", "run", ("",)),
+    ("2:4 activation-sparse FFN (ffn = relu2_24)", "model", ("activation_",)),
+    ("ResNet-BK (arch = resnet_bk)", "model", ("bk_",)),
+    ("CGGR token selection", "training", ("selection", "keep_ratio", "router_layers", "reference_ckpt")),
+    ("Collider token filtering", "training", ("use_collider", "collider_")),
+    ("multi-token prediction", "training", ("use_mtp", "mtp_")),
+    ("async data loader", "training", ("use_async_loader", "async_")),
+    ("optimizer", "training", ("optimizer", "muon_", "galore_")),
+    ("learning-rate schedule and time budget", "training", ("schedule_by", "startup_steps", "max_seconds", "min_lr_ratio",
+                                                              "warmup_steps", "eval_every_seconds")),
+)
+
+
+def _say_error(text: str) -> None:
+    """One line on stderr, whatever the text holds (newlines, undecodable argv bytes)."""
+    line = " ".join(text.split()).encode("utf-8", "backslashreplace").decode("utf-8")
+    sys.stderr.write(line + "\n")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (no usage dump) and exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        _say_error(f"{self.prog}: error: {message}")
         raise SystemExit(EXIT_USAGE)
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    groups = {
-        "model": p.add_argument_group("[model] options"),
-        "run": p.add_argument_group("[run] options"),
-        "data": p.add_argument_group("[data] options"),
-        "training": p.add_argument_group("[training] options"),
-    }
-    items: list[tuple[str, dataclasses.Field, Any]] = []
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34, width=110)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return repr(value) if value == "" else str(value)
+
+
+def _flag_group(section: str, name: str) -> str:
+    matches = [(prefix != "", title) for title, sec, prefixes in FLAG_GROUPS if sec == section
+               for prefix in prefixes if name.startswith(prefix)]
+    return max(matches)[1]  # a specific prefix before the catch-all
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """One flag per config field, grouped by topic, each with its default (the default preset's value)."""
+    groups = {title: p.add_argument_group(f"{title} [{sec}]") for title, sec, _ in FLAG_GROUPS}
+    defaults = build_config(DEFAULT_PRESET)
+    items: list[tuple[str, dataclasses.Field, Any, Any]] = []
     mtypes = field_types(ModelConfig)
-    items += [("model", f, mtypes[f.name]) for f in dataclasses.fields(ModelConfig)]
+    items += [("model", f, mtypes[f.name], getattr(defaults.model, f.name)) for f in dataclasses.fields(ModelConfig)]
     ttypes = field_types(TrainConfig)
-    items += [(f.metadata["section"], f, ttypes[f.name]) for f in dataclasses.fields(TrainConfig) if f.name != "model"]
-    for section, f, typ in items:
+    items += [(f.metadata["section"], f, ttypes[f.name], getattr(defaults, f.name))
+              for f in dataclasses.fields(TrainConfig) if f.name != "model"]
+    for section, f, typ, default in items:
         flag = "--" + f.name.replace("_", "-")
         flags = [flag, "--model"] if f.name == "arch" else [flag]
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        help_text = f.metadata.get("help", "").replace("%", "%%") + f" (default: {_shown(default)})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if typ is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -57,19 +102,30 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             kwargs["choices"] = list_presets()
         if f.name == "arch":
             kwargs["choices"] = ARCHS
-        groups[section].add_argument(*flags, **kwargs)
+        groups[_flag_group(section, f.name)].add_argument(*flags, **kwargs)
+    return groups
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sparsetrain", description="Cheaper LM training, measured.")
+    from . import __version__
+
+    parser = _Parser(prog="sparsetrain", description="Cheaper LM training, measured.", formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a GPT (default: preset tiny on the Python stdlib sources)")
+    t = sub.add_parser("train", help="train a GPT (default: preset tiny on the Python stdlib sources)",
+                       formatter_class=_HelpFormatter, usage="%(prog)s [--config FILE | --resume RUN] [--dry-run] [--FLAG VALUE ...]",
+                       description=f"Train a model. Settings layer as: defaults < --preset < --config FILE < flags; "
+                                   f"the defaults shown are the {DEFAULT_PRESET} preset's. Every flag is also a key "
+                                   f"of the TOML table named in its group's heading.")
     t.add_argument("--config", metavar="FILE", help="TOML config ([model], [data], [training], [run])")
     t.add_argument("--resume", metavar="RUN", help="continue the run in this directory exactly where it stopped")
-    t.add_argument("--drop-ratio", type=float, metavar="FLOAT", default=argparse.SUPPRESS,
-                   help="shortcut: Collider on, holding this fraction of tokens dropped (sets use_collider, collider_sparsity)")
-    _add_config_flags(t)
+    t.add_argument("--dry-run", action="store_true",
+                   help="check the settings and print the resolved config as TOML; load no data, write nothing")
+    groups = _add_config_flags(t)
+    groups["Collider token filtering"].add_argument(
+        "--drop-ratio", type=float, metavar="FLOAT", default=argparse.SUPPRESS,
+        help="shortcut: Collider on, holding this fraction of tokens dropped (sets use_collider, collider_sparsity)")
 
     rc = sub.add_parser("race", help="train several arms for the same wall-clock budget each and compare their held-out loss")
     rc.add_argument("--config", metavar="FILE", help="base TOML config, under every arm")
@@ -88,14 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--config", metavar="FILE", help="the training run's TOML config: its [data] picks the tokens")
     _add_config_flags(rl)
 
-    g = sub.add_parser("generate", help="sample text from a trained run")
-    g.add_argument("--ckpt", required=True, metavar="RUN", help="run directory (or its ckpt.pt)")
-    g.add_argument("--prompt", default="def", help="text to continue (default: 'def')")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu")
+    g = sub.add_parser("generate", help="sample text from a trained run", formatter_class=_HelpFormatter)
+    g.add_argument("--ckpt", required=True, metavar="RUN",
+                   help="run directory (reads its weights-only model.safetensors), or a model.safetensors or ckpt.pt file")
+    g.add_argument("--prompt", default="def", help="text to continue (default: %(default)r)")
+    g.add_argument("--max-new-tokens", type=int, default=200, metavar="INT", help="tokens to sample (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.8, metavar="FLOAT",
+                   help="softmax temperature, >= 0; 0 = greedy (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=50, metavar="INT",
+                   help="sample among the k likeliest tokens; 0 = all (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, metavar="INT", help="sampling seed (default: %(default)s)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
 
     b = sub.add_parser("bench", help="measure speed on this machine")
     bsub = b.add_subparsers(dest="bench_kind", required=True, parser_class=_Parser)
@@ -163,9 +222,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .trainer import train
-
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "drop_ratio")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "drop_ratio", "dry_run")}
     if hasattr(args, "drop_ratio"):
         overrides.update(use_collider=True, collider_sparsity=args.drop_ratio)
     base = None
@@ -176,6 +233,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         base = read_toml(run / "config.toml")
         overrides["out_dir"] = str(run)
     cfg = build_config(overrides.pop("preset", None), args.config, overrides, base=base)
+    if args.dry_run:
+        print(dumps_toml(cfg.to_dict()), end="")
+        return 0
+    from .trainer import train
+
     result = train(cfg, resume=args.resume)
     if result.val_losses:
         print(f"final val loss {result.val_losses[max(result.val_losses)]:.4f}; sample with: sparsetrain generate --ckpt {result.out_dir}")
@@ -223,11 +285,15 @@ def cmd_reference_losses(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import generate_text
+    from .generate import check_sampling, generate_text
 
-    if args.max_new_tokens < 1:
-        raise SparsetrainError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    print(generate_text(args.ckpt, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, args.device))
+    from .trainer import resolve_device
+
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k)  # before the model loads
+    if not _valid_device(args.device):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    device = str(resolve_device(args.device))
+    print(generate_text(args.ckpt, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, device))
     return 0
 
 
@@ -269,29 +335,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_fire(args: argparse.Namespace) -> int:
     import shutil
+    from dataclasses import asdict
 
-    from .checkpoint import CKPT_NAME, load_checkpoint, resolve_checkpoint, save_checkpoint
+    from .checkpoint import CKPT_NAME, WEIGHTS_NAME, load_checkpoint_from, save_checkpoint, save_weights
     from .fire import reinitialize
     from .generate import load_model
 
     if args.tol <= 0 or args.max_iters < 1:
         raise SparsetrainError(f"--tol must be > 0 and --max-iters >= 1, got {args.tol} and {args.max_iters}")
-    src = resolve_checkpoint(args.ckpt)
+    state, src = load_checkpoint_from(args.ckpt)
     out = Path(args.out)
-    if (out / CKPT_NAME).exists():
-        raise SparsetrainError(f"{out} already holds a checkpoint; pick another --out")
-    state = load_checkpoint(src)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SparsetrainError(f"{out} is not an empty directory; pick another --out")
     model = load_model(src)
     stats = reinitialize(model, args.tol, args.max_iters)
     state["model"] = model.state_dict()
     state["optimizer"]["state"] = {}  # AdamW's moments described the old weights
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.toml", "tokenizer.json"):
+    for name in ("config.toml", "tokenizer.json"):  # config.toml names no out_dir: the new run's is its own folder
         if (src.parent / name).is_file():
             shutil.copyfile(src.parent / name, out / name)
-    if (out / "config.toml").is_file():  # the new run writes into its own directory
-        text = (out / "config.toml").read_text().replace(f'out_dir = "{src.parent}"', f'out_dir = "{out}"')
-        (out / "config.toml").write_text(text)
+    save_weights(out / WEIGHTS_NAME, state["model"], asdict(model.config), int(state["step"]))
     save_checkpoint(out / CKPT_NAME, state)
     worst = max(s["orthogonality_error"] for s in stats)
     print(f"FIRE: {len(stats)} layers reinitialised (max orthogonality error {worst:.2e}, "
@@ -305,19 +369,19 @@ def cmd_grpo(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .checkpoint import resolve_checkpoint
-    from .generate import load_model, sample
+    from .generate import check_sampling, load_model, sample
     from .grpo import ExperienceLibrary, arithmetic_prompts, mean_reward, run_round
     from .tokenizer import BPETokenizer
 
     for name in ("rounds", "train_prompts", "test_prompts", "group_size", "max_size"):
         if getattr(args, name) < 1:
             raise SparsetrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    ckpt = resolve_checkpoint(args.ckpt)
-    model = load_model(ckpt)
-    tok_path = ckpt.parent / "tokenizer.json"
+    check_sampling(6, args.temperature, 50)
+    folder = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
+    model = load_model(args.ckpt)
+    tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():
-        raise SparsetrainError(f"no tokenizer.json in {ckpt.parent}")
+        raise SparsetrainError(f"no tokenizer.json in {folder}")
     tok = BPETokenizer.load(tok_path)
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -345,7 +409,7 @@ def cmd_grpo(args: argparse.Namespace) -> int:
         from .benchmark import environment
 
         Path(args.json).write_text(json.dumps({
-            "environment": environment(), "checkpoint": str(ckpt), "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "environment": environment(), "checkpoint": str(args.ckpt), "settings": {k: v for k, v in vars(args).items() if k != "json"},
             "rounds": rounds, "held_out_mean_reward": {"without_library": base, "with_library": with_lib}}, indent=2))
     return 0
 
@@ -394,16 +458,67 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub)parser that handled ``argv``: follows the subcommand names in it."""
+    for token in argv:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs and token in subs[0].choices:
+            parser = subs[0].choices[token]
+    return parser
+
+
+def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, str]:
+    """``{config key: the flag the user typed for it}`` for the flags in ``argv``
+    (abbreviations expanded; ``--drop-ratio`` stands for the two keys it sets)."""
+    options = _command_parser(parser, argv)._option_string_actions
+    typed: dict[str, str] = {}
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        name = token.split("=", 1)[0]
+        if name not in options:  # an abbreviation argparse accepted
+            full = [o for o in options if o.startswith(name)]
+            if len(full) != 1:
+                continue
+            name = full[0]
+        typed[options[name].dest] = name
+    if "drop_ratio" in typed:
+        typed["collider_sparsity"] = typed["use_collider"] = typed.pop("drop_ratio")
+    return typed
+
+
+def name_typed(message: str, typed: dict[str, str]) -> str:
+    """Write the config keys a message names (``lr``, ``training.lr``) as the flags the
+    user typed for them (``--lr``); keys set elsewhere (a TOML file) stay as they are."""
+    sections = "|".join(SECTIONS)
+    for key, flag in sorted(typed.items(), key=lambda kv: -len(kv[0])):
+        pattern = rf"(?<![\w.'\"-])(?:(?:{sections})\.)?{re.escape(key)}(?![\w-])"
+        message = re.sub(pattern + " = ", lambda _: flag + " ", message)  # "ffn = relu2_24" -> "--ffn relu2_24"
+        message = re.sub(pattern, lambda _: flag, message)
+    return message
+
+
+def _error(message: str) -> int:
+    _say_error(f"sparsetrain: error: {message}")
+    return EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     handler = {"train": cmd_train, "race": cmd_race, "reference-losses": cmd_reference_losses, "generate": cmd_generate,
                "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench, "fire": cmd_fire, "grpo": cmd_grpo,
                "info": cmd_info}[args.command]
     try:
         return handler(args)
+    except ConfigError as e:  # names a setting: the flag where the user typed one
+        return _error(name_typed(str(e), typed_flags(parser, argv)))
     except SparsetrainError as e:
-        sys.stderr.write(f"sparsetrain: error: {e}\n")
-        return EXIT_USAGE
+        return _error(str(e))
+    except OSError as e:  # a full disk, a read-only or vanished folder: the user's to fix
+        where = f": {e.filename}" if e.filename else ""
+        return _error(f"{e.strerror or e}{where}")
     except KeyboardInterrupt:
         sys.stderr.write("sparsetrain: interrupted (the last checkpoint is intact)\n")
         return 130

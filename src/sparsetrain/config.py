@@ -44,6 +44,7 @@ SCHEDULE_KINDS = ("steps", "time")  # what the lr schedule follows (sparsetrain.
 OPTIMIZERS = ("adamw", "muon", "lion", "adamw8bit", "galore_adamw")  # built by sparsetrain.optimizers
 MUON_FALLBACKS = ("adamw", "lion")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
 
 
 def _section(name: str, help: str) -> dict[str, Any]:
@@ -142,6 +143,8 @@ class TrainConfig:
                "optimizer state sharded per block; sharded checkpoints)"))
     activation_checkpointing: bool = field(default=False, metadata=_section(
         "run", "recompute each block's activations in the backward instead of storing them (less memory, one more forward)"))
+    report_to: str = field(default="none", metadata=_section(
+        "run", "also log to: none, tensorboard, wandb (offline without WANDB_API_KEY) or all; metrics.jsonl is always written"))
     # [data]
     data: str = field(default="", metadata=_section("data", "text file, folder of text files or .bin tokens; empty = Python stdlib sources"))
     token_dtype: str = field(default="uint16", metadata=_section("data", "dtype of a .bin token file: uint16 or uint32"))
@@ -214,6 +217,7 @@ class TrainConfig:
         _require(self.preset in list_presets(), f"unknown preset {self.preset!r} (choose from {', '.join(list_presets())})")
         _require(_valid_device(self.device), f"run.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _require(self.dtype in ("auto", "float32", "bfloat16"), f"run.dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        _require(self.report_to in REPORT_TO, f"run.report_to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
         _require(self.compile_mode in COMPILE_MODES,
                  f"run.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         _require(self.parallel in PARALLEL_KINDS, f"run.parallel must be ddp or fsdp, got {self.parallel!r}")
@@ -401,13 +405,21 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        if not math.isfinite(number):  # no setting means anything at inf or nan, and TOML files must round-trip
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return number
     if typ is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key} must be a string, got {value!r}")
-        return str(value)
+        text = str(value)
+        try:
+            text.encode("utf-8")  # the run's config.toml is UTF-8
+        except UnicodeEncodeError:
+            raise ConfigError(f"{key} must be UTF-8 text, got {value!r}") from None
+        return text
     raise TypeError(f"unsupported config type {typ} for {key}")  # a bug, not user input
 
 
@@ -453,7 +465,8 @@ def build_config(
     if base is not None:
         apply_dict(cfg, base, "the saved run config")
     else:
-        name = preset or overrides.get("preset") or file_data.get("run", {}).get("preset") or cfg.preset
+        run_table = file_data.get("run")  # checked as a table by apply_dict below
+        name = preset or overrides.get("preset") or (run_table.get("preset") if isinstance(run_table, dict) else None) or cfg.preset
         apply_dict(cfg, preset_dict(str(name)), f"preset {name}")
         cfg.preset = str(name)
     if file_data:
@@ -494,7 +507,10 @@ def _toml_value(v: Any) -> str:
             raise ValueError(f"cannot write {v} to TOML")
         return repr(v)
     if isinstance(v, str):
-        escaped = v.replace("\\", "\\\\").replace('"', '\\"')
+        # TOML basic strings: backslash and quote escaped, control characters as \uXXXX
+        escaped = "".join(
+            "\\" + c if c in '"\\' else f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in v
+        )
         return f'"{escaped}"'
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 

@@ -53,9 +53,9 @@ def discover_text_files(path: str | Path | None, include: str = "", exclude: str
     """Return ``(root, files)``. ``None`` means the stdlib ``*.py`` sources.
 
     For a folder, every regular file below it that is not hidden and holds no
-    NUL byte in its first 8 KiB (a binary file) counts as text. ``include``,
-    ``exclude`` and ``max_bytes`` narrow a folder (or the stdlib) down, see
-    :func:`select_files`.
+    NUL byte in its first 8 KiB (a binary file) counts as text; a single file
+    given by name must be text. ``include``, ``exclude`` and ``max_bytes`` narrow
+    a folder (or the stdlib) down, see :func:`select_files`.
     """
     if path is None:
         root = stdlib_root()
@@ -65,6 +65,9 @@ def discover_text_files(path: str | Path | None, include: str = "", exclude: str
     if not p.exists():
         raise DataError(f"data path does not exist: {path}")
     if p.is_file():
+        if is_binary(p):
+            raise DataError(f"data file {path} is not text (a NUL byte in its first 8 KiB); --data takes a text file, "
+                            "a folder of text files, or a .bin of tokens")
         return p.parent, [p]
     files = []
     for f in sorted(p.rglob("*")):
@@ -72,13 +75,8 @@ def discover_text_files(path: str | Path | None, include: str = "", exclude: str
         if not f.is_file() or any(part.startswith(".") for part in rel) or SKIP_DIRS & set(rel):
             continue
         files.append(f)
-    files = [f for f in select_files(p, files, include, exclude) if not _looks_binary(f)]
+    files = [f for f in select_files(p, files, include, exclude) if not is_binary(f)]
     return p, select_files(p, files, max_bytes=max_bytes)
-
-
-def _looks_binary(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return b"\0" in fh.read(8192)
 
 
 def _globs(patterns: str) -> list[str]:
@@ -111,6 +109,12 @@ def select_files(root: Path, files: list[Path], include: str = "", exclude: str 
         raise DataError(f"no file under {root} is left by data_include={include!r}, data_exclude={exclude!r}, "
                         f"data_max_bytes={max_bytes}")
     return kept
+
+
+def is_binary(path: Path) -> bool:
+    """A NUL byte in the first 8 KiB: not a text file (text never holds one)."""
+    with open(path, "rb") as fh:
+        return b"\0" in fh.read(8192)
 
 
 def is_val_file(relpath: str, val_fraction: float) -> bool:

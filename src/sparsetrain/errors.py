@@ -22,3 +22,8 @@ class DataError(SparsetrainError):
 
 class CheckpointError(SparsetrainError):
     """A missing, unreadable or mismatched checkpoint."""
+
+
+class DivergedError(SparsetrainError):
+    """Training produced NaN or Inf (a loss, a gradient norm, weights, logits): the
+    run cannot go on from here, and nothing non-finite is saved."""

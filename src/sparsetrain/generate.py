@@ -1,29 +1,63 @@
-"""Sampling text from a trained checkpoint."""
+"""Sampling text from a trained run."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .checkpoint import resolve_checkpoint, load_checkpoint
+from .checkpoint import WEIGHTS_NAME, load_checkpoint, load_weights, warn
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .build import build_model
 from .model import GPT
 from .tokenizer import BPETokenizer
 
 
-def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """Rebuild the network (GPT or ResNet-BK) a checkpoint was saved from and load its weights."""
-    state = load_checkpoint(ckpt, map_location=device)
+def _build(model_config: dict[str, Any], tensors: dict[str, torch.Tensor], where: str, device: str | torch.device) -> GPT:
     try:
-        cfg = ModelConfig(**state["model_config"])
+        cfg = ModelConfig(**model_config)
     except TypeError as e:
-        raise CheckpointError(f"checkpoint {ckpt} has an unknown model config: {e}") from None
+        raise CheckpointError(f"checkpoint {where} has an unknown model config: {e}") from None
     model = build_model(cfg)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights in {where} do not fit the model they describe: {str(e).splitlines()[0][:200]}") from None
     return model.to(device).eval()
+
+
+def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """Rebuild the network (GPT or ResNet-BK) a run was trained with and load its weights.
+
+    ``ckpt`` is a run directory, its weights-only ``model.safetensors`` or a full
+    checkpoint (``ckpt.pt``). A run directory is read from its weights-only file
+    (a third of the full checkpoint: no optimizer state); where that file is
+    missing (runs written before it existed) or damaged, from the full checkpoint."""
+    p = Path(ckpt)
+    weights = p / WEIGHTS_NAME if p.is_dir() else p if p.suffix == ".safetensors" else None
+    if weights is not None and (weights.is_file() or not p.is_dir()):
+        try:
+            w = load_weights(weights, device)
+            return _build(w.model_config, w.tensors, str(weights), device)
+        except CheckpointError as e:
+            if not p.is_dir():
+                raise
+            warn(f"{e}; loading the weights from the full checkpoint instead")
+    state = load_checkpoint(p, map_location=device)
+    return _build(state["model_config"], state["model"], str(p), device)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int) -> None:
+    """Refuse sampling settings that mean nothing (:class:`ConfigError`, naming the value)."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ConfigError(f"top_k must be >= 0 (0 = no top-k cut), got {top_k}")
 
 
 @torch.no_grad()
@@ -35,8 +69,9 @@ def sample(
     top_k: int = 50,
     generator: torch.Generator | None = None,
 ) -> list[int]:
-    """Autoregressive sampling (temperature 0 = greedy), cropping the context
-    to the model's ``seq_len``."""
+    """Autoregressive sampling (temperature 0 = greedy, ``top_k`` 0 = no cut), cropping
+    the context to the model's ``seq_len``."""
+    check_sampling(max_new_tokens, temperature, top_k)
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
@@ -63,12 +98,15 @@ def generate_text(
     seed: int = 0,
     device: str = "cpu",
 ) -> str:
-    """Load a run directory (checkpoint + tokenizer.json) and continue ``prompt``."""
-    ckpt = resolve_checkpoint(run)
-    model = load_model(ckpt, device)
-    tok_path = ckpt.parent / "tokenizer.json"
+    """Load a run (its directory, or a checkpoint or weights file in it, next to
+    its tokenizer.json) and continue ``prompt``."""
+    check_sampling(max_new_tokens, temperature, top_k)
+    run = Path(run)
+    folder = run if run.is_dir() else run.parent
+    model = load_model(run, device)
+    tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():
-        raise CheckpointError(f"no tokenizer.json in {ckpt.parent} (a run on .bin tokens needs --tokenizer to sample text)")
+        raise CheckpointError(f"no tokenizer.json in {folder} (a run on .bin tokens needs --tokenizer to sample text)")
     tok = BPETokenizer.load(tok_path)
     ids = [tok.eot_id] + tok.encode(prompt)
     gen = torch.Generator(device=device).manual_seed(seed)

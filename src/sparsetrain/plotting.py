@@ -27,9 +27,10 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
-    val = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "eval"]
+    rows = [r for r in read_metrics(metrics_path) if isinstance(r, dict)]
+    # a row a damaged log left without its numbers is skipped, not plotted
+    train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train" and {"step", "loss"} <= r.keys()]
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("kind") == "eval" and {"step", "val_loss"} <= r.keys()]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         steps, losses = zip(*train)

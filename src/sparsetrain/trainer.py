@@ -12,7 +12,6 @@ import contextlib
 import functools
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,11 +25,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import distributed as D
 from . import fire, hyper
-from .checkpoint import CKPT_NAME, atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, atomic_write_bytes, atomic_write_text,
+                         load_checkpoint_from, remove_partial_writes, save_checkpoint, save_weights)
 from .config import ModelConfig, TrainConfig, dumps_toml
 from .data import TokenizedCorpus, bits_per_byte, load_corpus, tokens_per_byte, train_batch, val_batches
 from .loader import make_loader
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, DivergedError
 from .generate import load_model
 from .build import build_model
 from .metrics import ElapsedMs, MetricWindow, tensor_means
@@ -44,9 +44,11 @@ from .optimizers import build_optimizer
 from .plotting import plot_loss_curve
 from .reference_losses import ReferenceLosses
 from .train_clock import TrainClock
+from .reporting import METRICS_NAME, RunLog, sinks, truncate_metrics
 
-METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "config.toml"
+CONFIG_HEADER = ("# The resolved config of this run. `sparsetrain train --config` on this file starts a new run\n"
+                 "# in a new folder (out_dir is not recorded); `sparsetrain train --resume <this folder>` continues it.\n")
 
 
 @dataclass
@@ -100,6 +102,22 @@ def prepare_sparse24(cfg: TrainConfig, model: nn.Module, device: torch.device) -
         raise ConfigError(f"compile_mode {cfg.compile_mode} (CUDA graphs) with ffn = relu2_24 needs sparsetrain's cached "
                           "cuSPARSELt plans, which did not build here (see the warning above); "
                           "use default or max-autotune-no-cudagraphs")
+
+
+def _unusable_out_dir(out: Path) -> str | None:
+    """Why a new run may not write into ``out`` (None: it may)."""
+    if out.exists() and not out.is_dir():
+        return f"run directory {out} is a file"
+    if not out.is_dir():
+        return None
+    if (out / CKPT_NAME).exists() or (out / PREVIOUS_CKPT_NAME).exists():
+        return f"run directory {out} already holds a checkpoint; resume it with --resume {out} or pick another --out-dir"
+    names = sorted(p.name for p in out.iterdir())
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return (f"run directory {out} is not empty ({shown}) and holds no checkpoint to resume from; "
+                "pick another --out-dir or delete it")
+    return None
 
 
 def compare_model_configs(saved: dict, wanted: ModelConfig, where: str) -> None:
@@ -221,30 +239,39 @@ class Trainer:
         return load_run_corpus(self.cfg, verbose=self.verbose)
 
     def _prepare_out_dir(self, resume: str | Path | None) -> Path:
+        """The run directory: the one resumed, or a new one that must not exist yet
+        or be empty (a folder holding another run's files is never written into)."""
+        sinks(self.cfg.report_to)  # a missing logging package is refused before anything is written
+        self.last_saved_step: int | None = None  # step of the newest checkpoint on disk
         if resume is not None:
             out = Path(resume)
-            if not (out / CKPT_NAME).is_file():
+            if not (out / CKPT_NAME).is_file() and not (out / PREVIOUS_CKPT_NAME).is_file():
                 raise CheckpointError(f"cannot resume: no {CKPT_NAME} in {out}")
         else:
             name = self.cfg.out_dir or f"runs/{self.cfg.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
             out = Path(D.broadcast_object(name, self.dist))
-            if (out / CKPT_NAME).exists():
-                raise ConfigError(
-                    f"run directory {out} already holds a checkpoint; resume it with --resume {out} or pick another --out-dir"
-                )
+            problem = D.broadcast_object(_unusable_out_dir(out) if self.dist.is_main else None, self.dist)
+            if problem:
+                raise ConfigError(problem)
         self.cfg.out_dir = str(out)
         return out
 
     def _write_run_files(self) -> None:
-        """Resolved config and tokenizer, written only once every check has passed."""
+        """Resolved config (without out_dir, so that ``--config`` on it starts a new run)
+        and tokenizer, written only once every check has passed."""
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out_dir / CONFIG_NAME, dumps_toml(self.cfg.to_dict()))
+            remove_partial_writes(self.out_dir)  # what a killed run was writing
+            data = self.cfg.to_dict()
+            del data["run"]["out_dir"]
+            atomic_write_text(self.out_dir / CONFIG_NAME, CONFIG_HEADER + dumps_toml(data))
             if self.corpus.tokenizer_path is not None:
-                shutil.copyfile(self.corpus.tokenizer_path, self.out_dir / "tokenizer.json")
+                atomic_write_bytes(self.out_dir / "tokenizer.json", Path(self.corpus.tokenizer_path).read_bytes())
 
     def _load_state(self, out: Path) -> None:
-        state = load_checkpoint(out / CKPT_NAME, map_location=self.device)
+        """Load the newest intact checkpoint of ``out`` (``ckpt.pt``, else ``ckpt.prev.pt``
+        with a warning) and drop the metric rows written after it."""
+        state, _ = load_checkpoint_from(out, map_location=self.device)
         compare_model_configs(state["model_config"], self.cfg.model, str(out))
         self.model.load_state_dict(state["model"])
         if self.mtp is not None:
@@ -253,15 +280,13 @@ class Trainer:
             self.mtp.load_state_dict(state["mtp"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.last_saved_step = self.step
         if self.selector is not None and "selector" in state:
             self.selector.load_state_dict(state["selector"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self._restore_clock_and_schedule(state, out)
-        if self.dist.is_main:  # drop metric rows written after the checkpoint
-            path = out / METRICS_NAME
-            if path.is_file():
-                keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-                atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+        if self.dist.is_main:
+            truncate_metrics(out / METRICS_NAME, self.step)
 
     # ------------------------------------------------------------------ time and lr schedule
 
@@ -492,10 +517,30 @@ class Trainer:
             torch.distributed.all_reduce(s)
         return float(s[0] / s[1])
 
+    def _kept_note(self) -> str:
+        """Which checkpoint survives a failure now, for error messages."""
+        if self.last_saved_step is None:
+            return "no checkpoint was written before it"
+        return f"the last good checkpoint (step {self.last_saved_step}) in {self.out_dir} is kept"
+
+    def _diverged(self, what: str) -> DivergedError:
+        advice = f"; continue from it with --resume {self.out_dir} and a lower --lr" if self.last_saved_step is not None else ""
+        return DivergedError(f"training diverged: {what}; {self._kept_note()}{advice}")
+
+    def _check_finite_weights(self) -> None:
+        """Refuse to save NaN/Inf weights (one host sync)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise self._diverged(f"the weights hold NaN or Inf after step {self.step} (not saved)")
+
     def save(self) -> None:
-        """Atomic checkpoint of everything needed to continue exactly (rank 0 only)."""
+        """Checkpoint everything needed to continue exactly (rank 0 only): the
+        weights-only ``model.safetensors``, then ``ckpt.pt`` (model, AdamW state,
+        step, ...), each written atomically and verified, the checkpoint before it
+        kept as ``ckpt.prev.pt``. Non-finite weights are never saved."""
         if not self.dist.is_main:
             return
+        self._check_finite_weights()
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -508,12 +553,25 @@ class Trainer:
             "model_config": asdict(self.cfg.model),
             "train_config": self.cfg.to_dict(),
         }
-        save_checkpoint(self.out_dir / CKPT_NAME, state)
+        try:
+            save_weights(self.out_dir / WEIGHTS_NAME, state["model"], state["model_config"], self.step)
+            save_checkpoint(self.out_dir / CKPT_NAME, state)
+        except OSError as e:
+            raise CheckpointError(f"cannot write the step-{self.step} checkpoint in {self.out_dir}: "
+                                  f"{e.strerror or e}; {self._kept_note()}") from e
+        self.last_saved_step = self.step
 
     # ------------------------------------------------------------------ loop
 
     def fit(self) -> TrainResult:
-        """Train from ``self.step`` to ``max_steps`` (or ``max_seconds``)."""
+        """Train from ``self.step`` to ``max_steps`` (or ``max_seconds``).
+
+        Every metric row is handed to the run's :class:`~sparsetrain.reporting.RunLog`
+        (``metrics.jsonl``, and TensorBoard / W&B with ``report_to``); before each
+        checkpoint the rows up to its step are written and fsynced, so the log
+        never lags a checkpoint. A NaN or Inf loss, gradient norm, val loss or
+        weight stops the run with :class:`DivergedError` naming the step, before
+        anything non-finite is saved."""
         c = self.cfg
         result = TrainResult(out_dir=self.out_dir, steps_done=self.step)
         tokens_per_step = self.tokens_per_step
@@ -525,63 +583,74 @@ class Trainer:
             )
             print(f"run dir: {self.out_dir}  ({tokens_per_step:,} tokens/step, steps {self.step} -> {c.max_steps})")
         bar = self._progress_bar()
-        metrics = open(self.out_dir / METRICS_NAME, "a") if self.dist.is_main else None
+        log = RunLog(self.out_dir, c.report_to, c.to_dict(), first_step=self.step) if self.dist.is_main else None
+
+        def write(row: dict) -> None:
+            if log is not None:
+                log.log(row)
+
         try:
             if self.step == 0:  # the starting point of the val curve
                 val = self.evaluate()
                 result.val_losses[0] = val
-                if metrics:
-                    metrics.write(json.dumps(self._eval_row(val)) + "\n")
+                write(self._eval_row(val))
+                if not math.isfinite(val):
+                    raise self._diverged(f"val loss {val} at step 0")
                 self._say(bar, f"step 0: val loss {val:.4f}")
             fit_start_seconds, window_t0, window_tokens = self.train_seconds, time.perf_counter(), 0
             self.clock.run()
             while self.step < c.max_steps:
-                self.train_step()  # its loss and metrics wait in self.metric_window until logged
+                try:
+                    self.train_step()  # its loss and metrics wait in self.metric_window until logged
+                except DivergedError as e:  # raised inside the step (token scores of NaN logits)
+                    raise self._diverged(f"step {self.step + 1}: {e}") from None
                 if self.clock.step_done():  # start-up measured (one sync)
-                    if metrics:
-                        metrics.write(json.dumps({"kind": "startup", "step": self.step, "steps": c.startup_steps,
-                                                  "startup_seconds": round(self.clock.startup_seconds, 3)}) + "\n")
+                    write({"kind": "startup", "step": self.step, "steps": c.startup_steps,
+                           "startup_seconds": round(self.clock.startup_seconds, 3)})
                 window_tokens += tokens_per_step
                 last = self.step >= c.max_steps
                 out_of_time = self._out_of_time()
-                log_now = self.step % c.log_every == 0 or last or out_of_time
-                if log_now:  # one host sync per log window, not per step
+                eval_now = last or out_of_time or (c.eval_every and self.step % c.eval_every == 0) or self._eval_due_by_time()
+                save_now = c.save_checkpoints and (eval_now and not c.ckpt_every or c.ckpt_every and self.step % c.ckpt_every == 0
+                                                   or last or out_of_time)
+                # a checkpoint step is always a log step: the log must hold every row up to it
+                if self.step % c.log_every == 0 or last or out_of_time or save_now:  # one host sync per log window
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     now = time.perf_counter()
                     self.clock.synced()
                     tps = window_tokens / max(now - window_t0, 1e-9)
                     rows = self.metric_window.rows(tokens_per_step, tps)
+                    diverged = None
                     for row in rows:
                         result.train_losses[row["step"]] = row["loss"]
-                        if metrics:
-                            metrics.write(json.dumps(row) + "\n")
-                    if not math.isfinite(result.train_losses[self.step]):
-                        raise FloatingPointError(f"loss became {result.train_losses[self.step]} at step {self.step}")
+                        write(row)
+                        if diverged is None and not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
+                            diverged = f"loss {row['loss']}, grad norm {row['grad_norm']} at step {row['step']}"
+                    if diverged is not None:
+                        raise self._diverged(diverged)
                     self._report(bar, result.train_losses[self.step], tps, len(rows), rows[-1].get("kept_fraction"))
                     window_t0, window_tokens = now, 0
                 pause_t0 = time.perf_counter()  # eval and checkpoint time stay out of tokens/s
-                eval_now = last or out_of_time or (c.eval_every and self.step % c.eval_every == 0) or self._eval_due_by_time()
-                save_now = c.save_checkpoints and (eval_now and not c.ckpt_every or c.ckpt_every and self.step % c.ckpt_every == 0
-                                                   or last or out_of_time)
                 if eval_now or save_now:
                     self.clock.pause()  # waits for the device: its queued steps count as training
                 if eval_now:
                     val = self.evaluate()
                     result.val_losses[self.step] = val
-                    if metrics:
-                        metrics.write(json.dumps(self._eval_row(val)) + "\n")
-                        metrics.flush()
+                    write(self._eval_row(val))
+                    if not math.isfinite(val):
+                        raise self._diverged(f"val loss {val} at step {self.step}")
                     self._say(bar, f"step {self.step}: val loss {val:.4f}")
-                    if self.hyper_report is not None and metrics:
+                    if self.hyper_report is not None:
                         r = self.hyper_report
-                        metrics.write(json.dumps({"kind": "hyper", "step": self.step, "healthy": r["healthy"],
-                                                  "problems": r["problems"], "composed_res_gain": r["composed_res_gain"],
-                                                  "layers": r["layers"]}) + "\n")
+                        write({"kind": "hyper", "step": self.step, "healthy": r["healthy"], "problems": r["problems"],
+                               "composed_res_gain": r["composed_res_gain"], "layers": r["layers"]})
                         if not r["healthy"]:
                             self._say(bar, f"step {self.step}: hyper-connections unhealthy: {'; '.join(r['problems'])}")
                         self.hyper_report = None
                 if save_now:
+                    if log is not None:
+                        log.sync()  # every row up to this step on disk before the checkpoint that vouches for them
                     self.save()
                 if out_of_time:
                     self._say(bar, f"stopping at step {self.step}: max_seconds={c.max_seconds} reached")
@@ -593,8 +662,8 @@ class Trainer:
             self.close_loader()
             if bar is not None:
                 bar.close()
-            if metrics:
-                metrics.close()
+            if log is not None:
+                log.close()
         result.steps_done = self.step
         result.train_seconds = self.train_seconds
         result.startup_seconds = self.clock.startup_seconds
@@ -604,8 +673,9 @@ class Trainer:
         if self.dist.is_main:
             plot_loss_curve(self.out_dir / METRICS_NAME, self.out_dir / "loss.png", f"{c.preset} - {self.out_dir.name}")
             if self.verbose:
+                saved = f", checkpoint {self.out_dir / CKPT_NAME}" if c.save_checkpoints else ""
                 print(f"done: {self.step} steps, {result.tokens_per_second:,.0f} tokens/s; "
-                      f"loss curve {self.out_dir / 'loss.png'}, checkpoint {self.out_dir / CKPT_NAME}")
+                      f"loss curve {self.out_dir / 'loss.png'}{saved}")
         return result
 
     def _progress_bar(self):

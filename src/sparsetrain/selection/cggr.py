@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..numerics import upcast
-from .scores import IGNORE_INDEX, score_tokens, shift_labels
+from .scores import IGNORE_INDEX, raise_if_nonfinite, score_tokens, shift_labels
 from .select import kept_indices
 from .selector import TokenSelector
 
@@ -260,6 +260,7 @@ class CGGRModel(_AutoStep, nn.Module):
         with torch.no_grad():
             router_logits = self._logits(self.router, input_ids, attention_mask)
             scores, rs = score_tokens(self.scoring, router_logits, targets, ignore_index=self.ignore_index)
+            raise_if_nonfinite(rs)  # this path reads back on the host below anyway
             del router_logits
             valid = rs.valid
             n_valid = valid.sum().clamp(min=1)  # means over valid tokens on the device: boolean indexing would sync

@@ -19,3 +19,4 @@ class RowStats:
     p1: torch.Tensor  # largest probability (the model's confidence)
     p2: torch.Tensor  # second-largest probability
     valid: torch.Tensor  # bool: target != ignore_index
+    nonfinite: torch.Tensor | None = None  # 0-d count of scored rows with NaN/Inf statistics (set by score_tokens)

@@ -8,6 +8,8 @@ import warnings
 
 import torch
 
+from .scores import nonfinite_error
+
 HEALTHY_SPARSITY = (0.2, 0.5)
 
 
@@ -99,10 +101,11 @@ class SelectionStats:
                  keep_ratio: float = 1.0, threshold: float | None = None,
                  avg_confidence: float | torch.Tensor = float("nan"),  # mean top-1 probability over valid tokens
                  avg_entropy: float | torch.Tensor = float("nan"),
-                 avg_difficulty: float | torch.Tensor = float("nan")) -> None:  # mean score over valid tokens
+                 avg_difficulty: float | torch.Tensor = float("nan"),  # mean score over valid tokens
+                 nonfinite: int | torch.Tensor = 0) -> None:  # scored tokens with NaN/Inf logits
         self._raw: dict = {"kept": kept, "total": total, "sparsity": sparsity, "keep_ratio": keep_ratio,
                            "threshold": threshold, "avg_confidence": avg_confidence, "avg_entropy": avg_entropy,
-                           "avg_difficulty": avg_difficulty}
+                           "avg_difficulty": avg_difficulty, "nonfinite": nonfinite}
 
     def _get(self, name: str):
         if not isinstance(self._raw[name], torch.Tensor):  # known on the host: no sync
@@ -111,7 +114,9 @@ class SelectionStats:
         t = [self._raw[k].detach().reshape(()) for k in lazy]
         values = torch.stack([v.to(t[0].device, torch.float64) for v in t]).tolist()  # one device-to-host copy
         for k, v in zip(lazy, values):
-            self._raw[k] = int(round(v)) if k in ("kept", "total") else v
+            self._raw[k] = int(round(v)) if k in ("kept", "total", "nonfinite") else v
+        if self._raw["nonfinite"]:  # scored on the GPU without a sync: the first read tells
+            raise nonfinite_error(self._raw["nonfinite"], self._raw["total"])
         return self._raw[name]
 
     def unread(self, name: str):

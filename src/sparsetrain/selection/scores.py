@@ -28,11 +28,29 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import DivergedError
 from ..numerics import IGNORE_INDEX
 from .row_stats import RowStats
 
 SCORES = ("loss", "entropy", "margin", "combined", "collider", "excess")
 COLLIDER_EPS = 1e-6
+
+
+def raise_if_nonfinite(stats: RowStats) -> None:
+    """Raise :class:`~sparsetrain.errors.DivergedError` when any scored row's logits
+    (or reference loss) held NaN or Inf: no score can rank such a token. Reads the
+    count on the host (a sync, for CUDA tensors)."""
+    if stats.nonfinite is None:
+        return
+    n = int(stats.nonfinite)
+    if n:
+        raise nonfinite_error(n, int(stats.valid.sum()))
+
+
+def nonfinite_error(n: int, total: int) -> DivergedError:
+    """The error for ``n`` of ``total`` scored tokens with NaN/Inf logits."""
+    return DivergedError(f"logits hold NaN or Inf in {n} of {total} scored tokens; "
+                         "token scores cannot rank them (the model has diverged)")
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -127,8 +145,20 @@ def score_tokens(
 
     Never builds a graph: scores choose which tokens get a gradient, they are
     not part of the objective.
+
+    A scored row (target not ignored) whose logits hold NaN or +Inf (or are all
+    -Inf) raises :class:`~sparsetrain.errors.DivergedError`: at once for CPU
+    tensors; for CUDA tensors, which are read without a host sync, when the
+    selection's statistics are first read (``stats.nonfinite`` holds the count).
+    -Inf entries in a row (a masked vocabulary) are fine.
     """
     if kind not in SCORES:
         raise ValueError(f"unknown score {kind!r} (choose from {', '.join(SCORES)})")
     stats = row_stats(logits.detach(), targets, ignore_index)
+    bad = ~torch.isfinite(stats.lse)
+    if ref_nll is not None and ref_nll.shape == bad.shape:
+        bad |= ~torch.isfinite(ref_nll.to(bad.device))
+    stats.nonfinite = (bad & stats.valid).sum()
+    if not logits.is_cuda:
+        raise_if_nonfinite(stats)
     return scores_from_stats(kind, stats, ref_nll), stats

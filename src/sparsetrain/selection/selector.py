@@ -146,6 +146,7 @@ class TokenSelector:
             avg_confidence=avg_conf,
             avg_entropy=valid_mean(rs.entropy),
             avg_difficulty=valid_mean(scores),
+            nonfinite=rs.nonfinite if rs.nonfinite is not None else 0,
         )
         return mask, self.last_stats
 
