@@ -441,4 +441,4 @@ def test_cli_names_a_bad_parallel_value_in_one_line(capsys) -> None:
 
     assert main(["train", "--parallel", "zero3", "--max-steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["sparsetrain: error: run.parallel must be ddp or fsdp, got 'zero3'"]
+    assert err == ["sparsetrain: error: --parallel must be ddp or fsdp, got 'zero3'"]  # the flag typed
