@@ -329,6 +329,30 @@ def test_kernels_suite_runs_every_tiny_kernel_on_the_cpu(tmp_path: Path, capsys)
     assert max(by[("bk_core:tiny", "triton")]["extra"]["max_rel_err_vs_float64"].values()) < 1e-3
 
 
+def test_kept_loss_bench_runs_each_variant_under_the_kernel_policy_it_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain-torch variant runs with the policy's fused cross-entropy off (the
+    old module flag ``cross_entropy.FUSED`` is read-only: assigning it changed
+    nothing the loss reads and shadowed the policy for every later reader), the
+    policy is restored after the call, and the kept rows' gradient it leaves for
+    the engine is the float64 ``(softmax - onehot) / kept`` of those rows."""
+    from bench import kernels as kb
+
+    from sparsetrain import cross_entropy as ce
+    from sparsetrain import kernels
+    from sparsetrain.collider import loss as kept_loss
+
+    seen: list[bool] = []
+    real = kept_loss._fused
+    monkeypatch.setattr(kept_loss, "_fused", lambda logits2d: seen.append(kernels.current().fused_cross_entropy)
+                        or real(logits2d))
+    before = kernels.current()
+    bench = kb.kept_loss(kb.NAMED_SHAPES["tiny"], torch.device("cpu"))
+    bench.calls["torch_eager"]()
+    assert seen == [False]
+    assert kernels.current() is before and "FUSED" not in vars(ce)
+    assert bench.check is not None and bench.check()["grad_max_abs_diff_vs_float64"] < 1e-6
+
+
 def test_trainer_suite_primes_each_run_then_times_abba(corpus_dir, cache_dir, tmp_path: Path, capsys,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Every run trained once untimed (--prime-steps) before any timed run, the
