@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch.profiler import record_function
 
-from sparsetrain.benchmark import default_optimizer
+from sparsetrain.bench_step import default_optimizer
 from sparsetrain.collider import ColliderModel, filter as collider_filter, masked_cross_entropy
 from sparsetrain.config import build_config
 from sparsetrain.build import build_model

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sparsetrain.benchmark import default_optimizer, make_train_step
+from sparsetrain.bench_step import default_optimizer, make_train_step
 
 # A 2:4 model as the step benches time it: the transposable method (cuSPARSELt
 # or the masked kernel by width), sparse from the first step.

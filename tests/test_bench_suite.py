@@ -429,7 +429,7 @@ def test_shared_variants_step_one_set_of_weights_with_one_optimizer() -> None:
     its own model and a full optimizer step."""
     from bench.train_steps import SPARSE24_OVERRIDES, SharedOptimizer, share_parameters
 
-    from sparsetrain.benchmark import make_train_step
+    from sparsetrain.bench_step import make_train_step
     from sparsetrain.sparse24 import Sparse24FFN
 
     small = {"n_layer": 1, "d_model": 32, "n_head": 2, "vocab_size": 320}
