@@ -60,6 +60,18 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 3, warmup:
     return times
 
 
+def call_flags(names: list[str], untimed_first: int, rounds: int, repeats: int, calls_per_sample: int = 1
+               ) -> dict[str, list[bool]]:
+    """Per variant, one flag per call in call order, True for the calls inside a
+    timed sample: ``untimed_first`` calls made before timing, then those of
+    :func:`time_interleaved` (no warm-up of its own; a timed sample is
+    ``calls_per_sample`` calls)."""
+    flags = {n: [False] * untimed_first for n in names}
+    for name, timed in interleaved_schedule(names, rounds, 0, repeats):
+        flags[name] += [timed] * (calls_per_sample if timed else 1)
+    return flags
+
+
 def abba_order(names: list[str], repeats: int) -> list[str]:
     """Run order of ``repeats`` runs of each variant: the list forwards, then
     backwards, and so on (``a b b a`` for two), so that a drift linear in time
@@ -141,3 +153,11 @@ def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     b = torch.randn(n, n, device="cuda", dtype=dtype)
     ms = statistics.median(time_fn(lambda: a @ b, warmup=5, repeats=20))
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def graphs_compiled() -> int:
+    """How many graphs torch.compile has compiled in this process so far (dynamo's
+    count); the difference over a stretch of calls tells whether they compiled."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
