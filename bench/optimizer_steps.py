@@ -37,42 +37,26 @@ from sparsetrain.errors import SparsetrainError
 from sparsetrain.optimizers import state_bytes
 
 from .results import Result, quantile
-from .timing import call_flags, gpu_clock_monitor, graphs_compiled, heat_gpu, time_interleaved
+from .timing import call_flags, gib, gpu_clock_monitor, heat_gpu, prime, sync, time_interleaved
 from .train_steps import build_steps
-
-
-def _gib(n: int) -> float:
-    return round(n / 2**30, 3)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure_one(name: str, kwargs: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Build, prime, measure and time one optimizer's step: its samples (ms) and extra."""
     t0 = time.perf_counter()
     built = build_steps({name: kwargs})[name]
-    _sync(device)
-    startup: dict[str, Any] = {"build_s": time.perf_counter() - t0}
-    graphs, t0 = graphs_compiled(), time.perf_counter()
+    sync(device)
+    build_s = time.perf_counter() - t0
     warmup = max(1, args.warmup)
-    for i in range(warmup):
-        built.step()
-        if i == 0:
-            _sync(device)
-            startup["first_call_s"] = time.perf_counter() - t0
-    _sync(device)
-    startup.update(prime_s=time.perf_counter() - t0, graphs_compiled=graphs_compiled() - graphs)
+    startup = {"build_s": build_s, **prime({name: built.step}, warmup, device)[name]}
     extra: dict[str, Any] = {"optimizer": name, "startup": startup}
     if device.type == "cuda":
-        extra["resident_memory_gib"] = _gib(torch.cuda.memory_allocated())
+        extra["resident_memory_gib"] = gib(torch.cuda.memory_allocated())
         torch.cuda.reset_peak_memory_stats()
     built.step()  # with the state allocated: the step a long run repeats
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
-        extra["peak_memory_gib"] = _gib(torch.cuda.max_memory_allocated())
+        extra["peak_memory_gib"] = gib(torch.cuda.max_memory_allocated())
     params = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
     extra.update(state_bytes=state_bytes(built.step.optimizer), params=params)
     extra["state_bytes_per_param"] = extra["state_bytes"] / params

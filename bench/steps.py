@@ -49,7 +49,8 @@ from .optimizer_steps import run_optimizers
 from .options import BenchError, describe_shapes, parse_cases
 from .profiling import profile_top_kernels
 from .results import Result, quantile
-from .timing import call_flags, gpu_clock_monitor, graphs_compiled, heat_gpu, matmul_tflops, time_interleaved
+from .timing import (call_flags, gib, gpu_clock_monitor, graphs_compiled, heat_gpu, matmul_tflops, prime, sync,
+                     time_interleaved)
 from .train_steps import SPARSE24_OVERRIDES, BuiltStep, build_steps, collider_overrides, pin_bk_skip_rate
 
 SHARED_DEFAULTS = {"repeats": 15, "warmup": 3, "shapes": "", "compile": False,
@@ -192,7 +193,6 @@ def build_case(bench: str, spec: dict[str, Any], compile: bool, graphs: bool, ar
     """The variants of ``bench`` at shape ``spec``."""
     if bench == "dense":
         case = _model_case(bench, spec, compile, graphs, args, device, share=False)
-        case.baseline = None
         if device.type == "cuda":  # the ceiling to read MFU against
             case.extra["measured_bf16_matmul_tflops"] = round(matmul_tflops(), 1)
         return case
@@ -217,41 +217,6 @@ def build_case(bench: str, spec: dict[str, Any], compile: bool, graphs: bool, ar
     raise BenchError(f"no bench {bench!r}")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _gib(n: int) -> float:
-    return round(n / 2**30, 2)
-
-
-def prime(calls: dict[str, Callable[[], None]], warmup: int, device: torch.device) -> dict[str, dict[str, Any]]:
-    """Call each variant ``warmup`` times in turn (its first call compiles it)
-    and record, per variant, its start-up apart from anything timed later:
-    ``first_call_s`` and ``prime_s`` (wall-clock seconds of the first call and
-    of all ``warmup``), ``graphs_compiled`` (torch.compile graphs made meanwhile)
-    and, on CUDA, ``peak_memory_gib`` (the process's peak while it primed)."""
-    out = {}
-    for name, call in calls.items():
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        graphs, t0 = graphs_compiled(), time.perf_counter()
-        first = None
-        for i in range(warmup):
-            call()
-            if i == 0:
-                _sync(device)
-                first = time.perf_counter() - t0
-        _sync(device)
-        out[name] = {"first_call_s": first, "prime_s": time.perf_counter() - t0,
-                     "graphs_compiled": graphs_compiled() - graphs}
-        if device.type == "cuda":
-            out[name]["peak_memory_gib"] = _gib(torch.cuda.max_memory_allocated())
-    return out
-
-
 def run_case(bench: str, shape: str, compile: bool, graphs: bool, args: argparse.Namespace) -> list[Result]:
     """Build, prime, heat and time one shape's variants; their rows (error rows if anything failed)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -269,9 +234,9 @@ def run_case(bench: str, shape: str, compile: bool, graphs: bool, args: argparse
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         case = build_case(bench, spec, compile, graphs, args, device)
-        _sync(device)
+        sync(device)
         build_s = time.perf_counter() - t0
-        build_peak = _gib(torch.cuda.max_memory_allocated()) if device.type == "cuda" else None
+        build_peak = gib(torch.cuda.max_memory_allocated()) if device.type == "cuda" else None
         startup = prime(case.calls, args.warmup, device)  # compiles, autotunes, fills caches
         t0 = time.perf_counter()
         heat = heat_gpu(args.heat_seconds)
@@ -293,7 +258,7 @@ def run_case(bench: str, shape: str, compile: bool, graphs: bool, args: argparse
                   "graphs_compiled_while_timed": late_graphs, **case.extra}
         if device.type == "cuda":  # the most the shape needed at once: building, priming or timed
             shared["peak_memory_gib_all_variants"] = max(
-                [build_peak, _gib(torch.cuda.max_memory_allocated())] + [s["peak_memory_gib"] for s in startup.values()])
+                [build_peak, gib(torch.cuda.max_memory_allocated())] + [s["peak_memory_gib"] for s in startup.values()])
         results = []
         for name, t in times.items():
             extra = dict(shared, startup=startup[name])

@@ -387,7 +387,7 @@ def test_optimizers_bench_measures_each_optimizer_alone_and_names_a_missing_pack
 
 
 def test_prime_records_start_up_apart_and_counts_the_graphs_it_compiled() -> None:
-    from bench.steps import prime
+    from bench.timing import prime
 
     compiled = torch.compile(lambda x: (x.sin() * 2).sum(), backend="eager")  # dynamo only: fast on the CPU
     x = torch.randn(8)
