@@ -54,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         suite.add_arguments(parser)
         args = parser.parse_args(argv[1:])
     try:
-        if shared is None:
-            suite.run(args)
-            return 0
+        if shared is None:  # its exit code is the run's
+            return int(suite.run(args) or 0)
         apply_shared_defaults(args, name, shared)
         path = output_path(args.out, name, suite.file_label(args))
 

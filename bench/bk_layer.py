@@ -16,7 +16,6 @@ compiling with ``compile`` too.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 
@@ -46,13 +45,17 @@ def threshold_layer(d: int, hidden: int, experts: int, skip: float) -> SparseMoE
     return layer
 
 
+def layer_names(skip: float, threshold: bool = True) -> list[str]:
+    """The variants :func:`build_layers` builds, in order."""
+    return ["dense", f"sparse_{skip}"] + ([f"threshold_{skip}"] if threshold else [])
+
+
 def build_layers(d: int, hidden: int, experts: int, skip: float, threshold: bool = True) -> dict[str, torch.nn.Module]:
     """``dense``, ``sparse_<skip>`` and (``threshold``) ``threshold_<skip>``, on the CPU."""
     torch.manual_seed(0)
-    layers = {"dense": MoEResNetBKLayer(d, hidden, experts), f"sparse_{skip}": topk_layer(d, hidden, experts, skip)}
-    if threshold:
-        layers[f"threshold_{skip}"] = threshold_layer(d, hidden, experts, skip)
-    return layers
+    makers = [lambda: MoEResNetBKLayer(d, hidden, experts), lambda: topk_layer(d, hidden, experts, skip),
+              lambda: threshold_layer(d, hidden, experts, skip)]
+    return {name: make() for name, make in zip(layer_names(skip, threshold), makers)}
 
 
 def layer_calls(layers: dict[str, torch.nn.Module], batch: int, seq: int, device: torch.device,

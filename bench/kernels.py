@@ -139,7 +139,7 @@ def cross_entropy(s: dict, device: torch.device) -> Bench:
 
 
 def kept_loss(s: dict, device: torch.device) -> Bench:
-    from sparsetrain import cross_entropy as ce
+    from sparsetrain import kernels
     from sparsetrain.collider import loss as kept
     from sparsetrain.selection.select import kept_indices
 
@@ -148,29 +148,38 @@ def kept_loss(s: dict, device: torch.device) -> Bench:
     logits = (2 * torch.randn(1, N, V, device=device, generator=g)).to(_dtype(device)).requires_grad_(True)
     targets = torch.randint(0, V, (1, N), device=device, generator=g)
     keep = torch.rand(1, N, device=device, generator=g) < 0.5
-    kept_indices(keep)  # cached on the mask, as a selector's mask brings them: no sync per call
+    kidx = kept_indices(keep)  # cached on the mask, as a selector's mask brings them: no sync per call
     rows: dict[str, torch.Tensor] = {}
 
     def run(name: str, fused: bool, compile: bool) -> Callable[[], None]:
         def call() -> None:
-            ce.FUSED = fused
-            try:
+            with kernels.using(fused_cross_entropy=fused):
                 slot = kept.RowGradSlot(compile)
                 setattr(logits, kept.SLOT_ATTR, slot)
                 kept.masked_cross_entropy(logits, targets, keep).backward()
                 logits.grad = None
                 rows[name] = slot.items[0][2]  # the kept rows' gradient, handed to the engine's slot
-            finally:
-                ce.FUSED = True
         return call
 
-    b = Bench({"torch_eager": run("torch_eager", False, False)}, {}, extra={"kept_rows": int(keep.sum())})
+    def float64_rows() -> torch.Tensor:  # (softmax - onehot) / kept count, row by row
+        picked = logits.detach().double().reshape(N, V).index_select(0, kidx)
+        grad = torch.softmax(picked, -1)
+        grad[torch.arange(kidx.numel(), device=device), targets.reshape(-1)[kidx]] -= 1.0
+        return grad / kidx.numel()
+
+    def check() -> dict[str, float]:
+        ref = float64_rows()
+        out = {"grad_max_abs_diff_vs_float64": max(_max_diff(r, ref) for r in rows.values())}
+        if "kernels" in rows:
+            out["grad_max_abs_diff_kernels_vs_torch"] = _max_diff(rows["kernels"], rows["torch_eager"])
+        return out
+
+    b = Bench({"torch_eager": run("torch_eager", False, False)}, {}, extra={"kept_rows": int(keep.sum())}, check=check)
     if device.type != "cuda":  # the kernels run on CUDA only; compiling on the CPU is not what is measured
         b.left_out.update(torch_compiled="CUDA only", kernels="CUDA only")
         return b
     b.calls.update(torch_compiled=run("torch_compiled", False, True), kernels=run("kernels", True, False))
     b.baselines.update(torch_compiled="torch_eager", kernels="torch_eager")
-    b.check = lambda: {"grad_max_abs_diff_kernels_vs_torch": _max_diff(rows["kernels"], rows["torch_eager"])}
     return b
 
 

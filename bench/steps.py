@@ -3,21 +3,29 @@
 Benches (``--shapes list`` prints their shapes):
 
 * ``dense``: the plain GPT step (forward, backward, AdamW), with tokens/s and MFU;
-* ``collider``: dense against Collider at each ``--drops`` ratio, the same
-  model, split into forward / select / backward / optimizer phases;
+* ``collider``: dense against Collider at each ``--drops`` ratio, one shared
+  copy of the weights, each step split into forward / select / loss /
+  backward / optimizer phases;
 * ``sparse24``: dense ``relu2`` against the 2:4 ``relu2_24`` FFN (transposable,
   sparse from the first step), one shared copy of the weights;
 * ``hyper``: no hyper-connections against 2 and 4 streams;
 * ``bk_step``: the ResNet-BK step, dense against learned-sparse at ``--skip``;
-* ``bk_layer``: one ResNet-BK layer's forward+backward (:mod:`bench.bk_layer`).
+* ``bk_layer``: one ResNet-BK layer's forward+backward (:mod:`bench.bk_layer`);
+* ``optimizers``: one step with each optimizer (:mod:`bench.optimizer_steps`):
+  peak memory and optimizer state bytes, each variant built and measured alone.
 
-Every variant of a shape is built at once, called ``--warmup`` times (which
-compiles it), the GPU heated (``--heat-seconds``), and then all are timed in
-``--rounds`` interleaved rounds (:func:`bench.timing.time_interleaved`) under
-a clock monitor; a sample is one step, or ``--queued`` steps queued back to
-back. ``--headline`` runs the three headline comparisons, each in its own
+A model step is the trainer's (:mod:`bench.train_steps`: the objective the
+config names, its backward, the optimizer). Every variant of a shape is built
+at once, called ``--warmup`` times (its first call compiles it; the start-up
+time, the graphs compiled and the peak memory of this priming are recorded
+apart from the timed steps), the GPU heated (``--heat-seconds``), and then all
+are timed in ``--rounds`` interleaved rounds (:func:`bench.timing.time_interleaved`)
+under a clock monitor; a sample is one step, or ``--queued`` steps queued back
+to back. ``--headline`` runs the three headline comparisons, each in its own
 mode: the ~1B Collider step compiled at drop 0.5, the 2:4 step at d 4096
-eager, and the BK layer at skip 0.5 and 64k tokens compiled and captured.
+eager, and the BK layer at skip 0.5 and 64k tokens compiled and captured
+(``--shapes`` may pick some of them). Before anything runs the suite prints
+its plan: what is built, compiled, primed and timed.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,14 +42,16 @@ from typing import Any
 import torch
 
 from sparsetrain.benchmark import peak_bf16_tflops
+from sparsetrain.config import OPTIMIZERS
 
-from .bk_layer import build_layers, layer_calls
-from .collider_step import build_collider_steps
+from .bk_layer import build_layers, layer_calls, layer_names
+from .optimizer_steps import run_optimizers
 from .options import BenchError, describe_shapes, parse_cases
 from .profiling import profile_top_kernels
 from .results import Result, quantile
-from .timing import gpu_clock_monitor, heat_gpu, interleaved_schedule, matmul_tflops, time_interleaved
-from .train_steps import SPARSE24_OVERRIDES, build_steps, pin_bk_skip_rate
+from .timing import (call_flags, gib, gpu_clock_monitor, graphs_compiled, heat_gpu, matmul_tflops, prime, sync,
+                     time_interleaved)
+from .train_steps import SPARSE24_OVERRIDES, BuiltStep, build_steps, collider_overrides, pin_bk_skip_rate
 
 SHARED_DEFAULTS = {"repeats": 15, "warmup": 3, "shapes": "", "compile": False,
                    "heat_seconds": {"cuda": 20.0, "cpu": 0.0}}
@@ -70,19 +81,21 @@ SHAPES: dict[str, dict[str, dict[str, Any]]] = {
     "bk_step": {"tiny": _model("tiny", TINY_BK, 32, 2), "16k": _model("nano-125m", BK_16K)},
     "bk_layer": {"tiny": _layer(2, 32, 32, 64, 2), "16k": _layer(8, 2048, 2048, 8192, 4),
                  "64k": _layer(32, 2048, 2048, 8192, 4)},
+    "optimizers": {"tiny": _model("tiny", TINY_GPT, 64, 2), "d20": _model("d20")},
 }
 DEFAULT = ["dense:nano-125m", "dense:d20", "collider:nano-125m", "collider:1b", "sparse24:d20", "sparse24:d4096",
-           "hyper:nano-125m", "bk_step:16k", "bk_layer:16k", "bk_layer:64k"]
+           "hyper:nano-125m", "bk_step:16k", "bk_layer:16k", "bk_layer:64k", "optimizers:d20"]
 # (bench, shape, compile, CUDA graphs): each headline figure in the mode it is quoted in
 HEADLINE = [("collider", "1b", True, False), ("sparse24", "d4096", False, False), ("bk_layer", "64k", True, True)]
 HEADLINE_DROP = 0.5
 HEADLINE_SKIP = 0.5
+ISOLATED = ("optimizers",)  # benches whose variants are built and measured one at a time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--headline", action="store_true",
-                   help="only the three headline comparisons, each in its own mode (no --shapes, --compile, "
-                        "--cuda-graphs, --drops or --skip)")
+                   help="only the three headline comparisons, each in its own mode (--shapes may pick some of them; "
+                        "no --compile, --cuda-graphs, --drops or --skip)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds the timed samples are split into")
     p.add_argument("--queued", type=int, default=1, help="steps per timed sample, queued back to back (ms per step)")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -96,10 +109,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def file_label(args: argparse.Namespace) -> str:
+    label = args.shapes.replace(":", "-").replace(",", ".") if args.shapes else ""
     if args.headline:
-        return "headline"
-    label = args.shapes.replace(":", "-").replace(",", ".") if args.shapes else "default"
-    return label + ("-compiled" if args.compile else "") + ("-graphs" if args.cuda_graphs else "")
+        return "headline" + (f"-{label}" if label else "")
+    return (label or "default") + ("-compiled" if args.compile else "") + ("-graphs" if args.cuda_graphs else "")
 
 
 @dataclass
@@ -115,79 +128,93 @@ class Case:
     extra: dict[str, Any] = field(default_factory=dict)  # for every variant's row
 
 
+def model_variants(bench: str, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The model-step variants of ``bench``: name -> config overrides (and a
+    ``prepare``), on top of the shape's; the first is the baseline."""
+    if bench == "dense":
+        return {"dense": {}}
+    if bench == "collider":
+        return {"dense": {}, **{f"collider_{drop}": collider_overrides(drop) for drop in args.drops}}
+    if bench == "sparse24":
+        return {"relu2": {"ffn": "relu2"}, "relu2_24": dict(SPARSE24_OVERRIDES)}
+    if bench == "hyper":
+        return {name: {"hyper_connections": n} for name, n in (("none", 0), ("hyper_2", 2), ("hyper_4", 4))}
+    if bench == "bk_step":
+        sparse = {"bk_sparsity": args.skip, "bk_sparsity_warmup_steps": 0}
+        return {name: {**extra, "prepare": pin_bk_skip_rate(args.skip)}
+                for name, extra in (("dense", {}), (f"sparse_{args.skip}", sparse))}
+    if bench == "optimizers":
+        return {kind: {"optimizer": kind} for kind in OPTIMIZERS}
+    raise BenchError(f"no model bench {bench!r}")
+
+
+def variant_names(bench: str, args: argparse.Namespace) -> list[str]:
+    """The variants ``bench`` builds, in order (the first is the baseline)."""
+    if bench == "bk_layer":
+        return layer_names(args.skip, threshold=not args.headline)
+    return list(model_variants(bench, args))
+
+
 def _step_kwargs(spec: dict[str, Any], compile: bool, graphs: bool, device: torch.device, tokens: str) -> dict:
     return {"preset": spec["preset"], "seq_len": spec["seq"], "batch_size": spec["batch"], "device": device.type,
             "compile": compile or graphs, "compile_mode": "reduce-overhead" if graphs else None, "tokens": tokens}
 
 
-def _model_case(variants: dict[str, dict], spec: dict, baseline: str | None, share: bool,
-                after: Callable[[dict], Callable[[str, dict[str, list[bool]]], dict]] | None = None) -> Case:
-    built = build_steps(variants, share=share)
+def step_variants(bench: str, spec: dict[str, Any], compile: bool, graphs: bool, args: argparse.Namespace,
+                  device: torch.device) -> dict[str, dict[str, Any]]:
+    """The :func:`sparsetrain.bench_step.make_train_step` arguments of each of ``bench``'s variants at ``spec``."""
+    kw = _step_kwargs(spec, compile, graphs, device, args.tokens)
+    out = {}
+    for name, over in model_variants(bench, args).items():
+        over = dict(over)
+        prepare = over.pop("prepare", None)
+        out[name] = {**kw, "model_overrides": {**spec["overrides"], **over}, **({"prepare": prepare} if prepare else {})}
+    return out
+
+
+def _model_case(bench: str, spec: dict, compile: bool, graphs: bool, args: argparse.Namespace, device: torch.device,
+                share: bool, after: Callable[[dict[str, BuiltStep], str], dict] | None = None) -> Case:
+    """A case of model steps: their phases in each row, and ``after(built, name)``'s extra."""
+    built = build_steps(step_variants(bench, spec, compile, graphs, args, device), share=share)
+    names = list(built)
     seq = spec["seq"]
-    return Case(calls={n: s for n, (s, _) in built.items()}, baseline=baseline, tokens_per_call=spec["batch"] * seq,
-                flops_per_token={n: m.flops_per_token(seq) for n, (_, m) in built.items() if hasattr(m, "flops_per_token")},
-                after=after(built) if after else None, keep=[m for _, m in built.values()])
+
+    def extra(name: str, timed: dict[str, list[bool]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"phase_ms": built[name].clock.phase_ms(timed[name])}
+        return {**out, **(after(built, name) if after else {})}
+    return Case(calls={n: b.step for n, b in built.items()}, baseline=names[0], tokens_per_call=spec["batch"] * seq,
+                flops_per_token={n: b.model.flops_per_token(seq) for n, b in built.items()
+                                 if hasattr(b.model, "flops_per_token")},
+                after=extra, keep=[b.model for b in built.values()])
 
 
 def build_case(bench: str, spec: dict[str, Any], compile: bool, graphs: bool, args: argparse.Namespace,
                device: torch.device) -> Case:
     """The variants of ``bench`` at shape ``spec``."""
-    kw = _step_kwargs(spec, compile, graphs, device, args.tokens) if "preset" in spec else {}
-    over = spec.get("overrides", {})
     if bench == "dense":
-        case = _model_case({"dense": {**kw, "model_overrides": over}}, spec, None, share=False)
+        case = _model_case(bench, spec, compile, graphs, args, device, share=False)
         if device.type == "cuda":  # the ceiling to read MFU against
             case.extra["measured_bf16_matmul_tflops"] = round(matmul_tflops(), 1)
         return case
-    if bench == "sparse24":
+    if bench in ("sparse24", "bk_step"):
         torch._dynamo.config.cache_size_limit = 64  # two models of one class compile side by side
-        return _model_case({"relu2": {**kw, "model_overrides": {**over, "ffn": "relu2"}},
-                            "relu2_24": {**kw, "model_overrides": {**over, **SPARSE24_OVERRIDES}}},
-                           spec, "relu2", share=True)
-    if bench == "hyper":
-        return _model_case({name: {**kw, "model_overrides": {**over, "hyper_connections": n}}
-                            for name, n in (("none", 0), ("hyper_2", 2), ("hyper_4", 4))}, spec, "none", share=False)
+    if bench in ("collider", "sparse24", "hyper"):  # Collider and 2:4 train the same weights as their baseline
+        return _model_case(bench, spec, compile, graphs, args, device, share=bench != "hyper")
     if bench == "bk_step":
-        torch._dynamo.config.cache_size_limit = 64
-        skip = args.skip
-        sparse = {"bk_sparsity": skip, "bk_sparsity_warmup_steps": 0}
-        variants = {name: {**kw, "model_overrides": {**over, **extra}, "prepare": pin_bk_skip_rate(skip)}
-                    for name, extra in (("dense", {}), (f"sparse_{skip}", sparse))}
-
-        def stats(built: dict) -> Callable[[str, dict[str, list[bool]]], dict]:
-            def after(name: str, timed: dict[str, list[bool]]) -> dict:
-                model = built[name][1]
-                return {"sparsity_stats": model.sparsity_stats()} if model.sparse_layers() else {}
-            return after
-        return _model_case(variants, spec, "dense", share=False, after=stats)
-    if bench == "collider":
-        steps, model = build_collider_steps(spec["preset"], over, spec["seq"], spec["batch"], args.drops, compile, device)
-
-        def phases(name: str, timed: dict[str, list[bool]]) -> dict:
-            ph = steps[name].phase_ms(timed[name])
-            base = steps["dense"].phase_ms(timed["dense"])
-            return {"phase_ms": ph, "backward_vs_dense": ph["backward"] / base["backward"]}
-        return Case(calls=dict(steps), baseline="dense", tokens_per_call=spec["batch"] * spec["seq"], after=phases,
-                    keep=[model])
+        def stats(built: dict[str, BuiltStep], name: str) -> dict:
+            model = built[name].model
+            return {"sparsity_stats": model.sparsity_stats()} if model.sparse_layers() else {}
+        return _model_case(bench, spec, compile, graphs, args, device, share=False, after=stats)
     if bench == "bk_layer":
         layers = build_layers(spec["d_model"], spec["hidden"], spec["experts"], args.skip, threshold=not args.headline)
         calls = layer_calls(layers, spec["batch"], spec["seq"], device, compile, graphs)
 
-        def stats(name: str, timed: dict[str, list[bool]]) -> dict:
+        def layer_stats(name: str, timed: dict[str, list[bool]]) -> dict:
             layer = layers[name]
             return {"last_call_stats": layer.get_sparsity_stats()} if hasattr(layer, "get_sparsity_stats") else {}
-        return Case(calls=calls, baseline="dense", tokens_per_call=spec["batch"] * spec["seq"], after=stats,
+        return Case(calls=calls, baseline="dense", tokens_per_call=spec["batch"] * spec["seq"], after=layer_stats,
                     keep=list(layers.values()))
     raise BenchError(f"no bench {bench!r}")
-
-
-def _flags(names: list[str], args: argparse.Namespace) -> dict[str, list[bool]]:
-    """Per variant, one flag per call in call order: the priming calls, then
-    the interleaved schedule's (a timed sample is ``--queued`` calls)."""
-    flags = {n: [False] * args.warmup for n in names}
-    for name, timed in interleaved_schedule(names, args.rounds, 0, args.repeats):
-        flags[name] += [timed] * (args.queued if timed else 1)
-    return flags
 
 
 def run_case(bench: str, shape: str, compile: bool, graphs: bool, args: argparse.Namespace) -> list[Result]:
@@ -197,30 +224,44 @@ def run_case(bench: str, shape: str, compile: bool, graphs: bool, args: argparse
     mode = {"compile": compile, "cuda_graphs": graphs, "queued": args.queued, "rounds": args.rounds,
             "warmup": args.warmup, "heat_seconds": args.heat_seconds}
     spec = SHAPES[bench][shape]
-    print(f"steps {label}: {spec}, {'compiled' if compile else 'eager'}{' + CUDA graphs' if graphs else ''}", flush=True)
+    print(f"steps {label}: {spec}, {_mode_text(compile, graphs)}", flush=True)
+    if bench in ISOLATED:
+        return run_optimizers(label, step_variants(bench, spec, compile, graphs, args, device), args, device, mode)
     fallback_random = torch._inductor.config.fallback_random
     case = None
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
         case = build_case(bench, spec, compile, graphs, args, device)
-        for call in case.calls.values():  # prime: compiles, autotunes, fills caches
-            for _ in range(args.warmup):
-                call()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
+        build_s = time.perf_counter() - t0
+        build_peak = gib(torch.cuda.max_memory_allocated()) if device.type == "cuda" else None
+        startup = prime(case.calls, args.warmup, device)  # compiles, autotunes, fills caches
+        t0 = time.perf_counter()
         heat = heat_gpu(args.heat_seconds)
+        heat_s = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        graphs_before, t0 = graphs_compiled(), time.perf_counter()
         with gpu_clock_monitor() as clocks:
             times = time_interleaved(case.calls, rounds=args.rounds, warmup=0, repeats=args.repeats,
                                      calls_per_sample=args.queued)
-        flags = _flags(list(case.calls), args)
+        timed_s, late_graphs = time.perf_counter() - t0, graphs_compiled() - graphs_before
+        if late_graphs:
+            print(f"steps {label}: {late_graphs} graph(s) compiled while timed: the priming did not compile everything",
+                  flush=True)
+        flags = call_flags(list(case.calls), args.warmup, args.rounds, args.repeats, args.queued)
         shared = {"mode": mode, "spec": spec, "tokens_per_call": case.tokens_per_call, "gpu_clocks": clocks, "heat": heat,
-                  **case.extra}
-        if device.type == "cuda":
-            shared["peak_memory_gib_all_variants"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                  "wall_s": {"build": build_s, "prime": sum(s["prime_s"] for s in startup.values()), "heat": heat_s,
+                             "timed": timed_s},
+                  "graphs_compiled_while_timed": late_graphs, **case.extra}
+        if device.type == "cuda":  # the most the shape needed at once: building, priming or timed
+            shared["peak_memory_gib_all_variants"] = max(
+                [build_peak, gib(torch.cuda.max_memory_allocated())] + [s["peak_memory_gib"] for s in startup.values()])
         results = []
         for name, t in times.items():
-            extra = dict(shared)
+            extra = dict(shared, startup=startup[name])
             extra["tokens_per_s"] = case.tokens_per_call / (quantile(t, 0.5) * 1e-3)
             if name in case.flops_per_token:
                 extra["achieved_tflops"] = case.flops_per_token[name] * extra["tokens_per_s"] / 1e12
@@ -229,15 +270,20 @@ def run_case(bench: str, shape: str, compile: bool, graphs: bool, args: argparse
                     extra["mfu_vs_datasheet"] = extra["achieved_tflops"] / peak
             if case.after is not None:
                 extra.update(case.after(name, flags))
-            if args.profile:
-                extra["profile"] = profile_top_kernels(case.calls[name], steps=3, top=40)
             results.append(Result(name, label, t, baseline=None if name == case.baseline else case.baseline, extra=extra))
+        base = next((r for r in results if r.variant == case.baseline), None)
+        for r in results:  # the backward against the baseline's (Collider's point)
+            if base is not None and r is not base and "backward" in r.extra.get("phase_ms", {}):
+                r.extra["backward_vs_baseline"] = r.extra["phase_ms"]["backward"] / base.extra["phase_ms"]["backward"]
+        if args.profile:
+            for r in results:
+                r.extra["profile"] = profile_top_kernels(case.calls[r.variant], steps=3, top=40)
         return results
     except BenchError:
         raise
     except Exception as e:  # noqa: BLE001 - out of memory, a compile error: recorded, the other shapes still run
         traceback.print_exc(file=sys.stderr)
-        names = list(case.calls) if case is not None else ["(build)"]
+        names = list(case.calls) if case is not None else variant_names(bench, args)
         return [Result(n, label, [], extra={"mode": mode, "spec": spec}, error=f"{type(e).__name__}: {e}"[:500])
                 for n in names]
     finally:
@@ -247,6 +293,40 @@ def run_case(bench: str, shape: str, compile: bool, graphs: bool, args: argparse
         torch._inductor.config.fallback_random = fallback_random
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _mode_text(compile: bool, graphs: bool) -> str:
+    return ("compiled" if compile or graphs else "eager") + (" + CUDA graphs" if graphs else "")
+
+
+def plan(cases: list[tuple[str, str, bool, bool]], args: argparse.Namespace) -> str:
+    """What the run will do, before it does it: per shape its variants and mode,
+    and the calls each variant gets (priming, which compiles it once, then the
+    timed and untimed calls of the interleaved rounds), and the totals."""
+    rounds = max(1, min(args.rounds, args.repeats))
+    timed_calls, switches = args.repeats * args.queued, rounds
+    lines = [f"steps plan: {len(cases)} shape(s). Each variant is built, then primed with {args.warmup} untimed "
+             f"call(s) (the first compiles it where compiled; start-up is recorded apart from the timed steps), "
+             f"the GPU heated {args.heat_seconds:g} s, then each variant gets {args.repeats} timed sample(s) of "
+             f"{args.queued} call(s) in {rounds} interleaved round(s), {switches} untimed switch call(s) between them"
+             + ("; optimizers: each variant built, primed, measured (one more step), heated and timed alone"
+                if any(b in ISOLATED for b, _, _, _ in cases) else "")]
+    totals = {"variants": 0, "compiled": 0, "calls": 0, "heat_s": 0.0}
+    width = max(len(f"{b}:{s}") for b, s, _, _ in cases)
+    for bench, shape, compile, graphs in cases:
+        names = variant_names(bench, args)
+        isolated = bench in ISOLATED
+        per_variant = args.warmup + timed_calls + switches + (1 if isolated else 0)
+        heats = len(names) if isolated else 1
+        lines.append(f"  {bench + ':' + shape:<{width}}  {_mode_text(compile, graphs):<22} {len(names)} variant(s): "
+                     f"{', '.join(names)}; {per_variant} call(s) each; heat {heats} x {args.heat_seconds:g} s")
+        totals["variants"] += len(names)
+        totals["compiled"] += len(names) if compile or graphs else 0
+        totals["calls"] += len(names) * per_variant
+        totals["heat_s"] += heats * args.heat_seconds
+    lines.append(f"  total: {totals['variants']} variant(s), {totals['compiled']} compiled once each, "
+                 f"{totals['calls']} step call(s), {totals['heat_s']:g} s of heating")
+    return "\n".join(lines)
 
 
 def _check(args: argparse.Namespace) -> list[tuple[str, str, bool, bool]]:
@@ -259,12 +339,16 @@ def _check(args: argparse.Namespace) -> list[tuple[str, str, bool, bool]]:
             raise BenchError(f"--{name} must be >= 1, got {getattr(args, name)}")
     cuda = torch.cuda.is_available()
     if args.headline:
-        given = [f for f, v in (("--shapes", args.shapes), ("--compile", args.compile), ("--cuda-graphs", args.cuda_graphs),
+        given = [f for f, v in (("--compile", args.compile), ("--cuda-graphs", args.cuda_graphs),
                                 ("--drops", args.drops), ("--skip", args.skip)) if v]
         if given:
             raise BenchError(f"--headline fixes the shapes and modes; drop {', '.join(given)}")
         args.drops, args.skip = [HEADLINE_DROP], HEADLINE_SKIP
         cases = HEADLINE
+        if args.shapes:
+            headline_shapes = {b: {s: SHAPES[b][s]} for b, s, _, _ in HEADLINE}
+            picked = parse_cases(args.shapes, headline_shapes, [f"{b}:{s}" for b, s, _, _ in HEADLINE])
+            cases = [c for c in HEADLINE if (c[0], c[1]) in picked]
     else:
         try:
             args.drops = [float(d) for d in (args.drops or "0.5").split(",")]
@@ -279,7 +363,9 @@ def _check(args: argparse.Namespace) -> list[tuple[str, str, bool, bool]]:
     for bench, shape, _, graphs in cases:
         if bench == "collider" and graphs:
             raise BenchError("collider: --cuda-graphs is not supported (the Collider backward is not captured)")
-        if bench in ("collider", "bk_layer") and args.tokens != "random":
+        if bench in ISOLATED and args.profile:
+            raise BenchError(f"{bench}: --profile applies to the interleaved benches only")
+        if bench == "bk_layer" and args.tokens != "random":
             raise BenchError(f"{bench}: --tokens {args.tokens} applies to the model steps only")
         if not cuda and SHAPES[bench][shape].get("seq", 0) * SHAPES[bench][shape].get("batch", 0) > 4096:
             print(f"steps {bench}:{shape}: a GPU shape on the CPU; this will be slow", flush=True)
@@ -288,8 +374,11 @@ def _check(args: argparse.Namespace) -> list[tuple[str, str, bool, bool]]:
 
 def run(args: argparse.Namespace) -> list[Result]:
     cases = _check(args)
+    print(plan(cases, args), flush=True)
     results: list[Result] = []
+    t0 = time.perf_counter()
     for bench, shape, compile, graphs in cases:
         results += run_case(bench, shape, compile, graphs, args)
         args.save_partial(results)
+    print(f"steps: {len(cases)} shape(s) in {time.perf_counter() - t0:.0f} s", flush=True)
     return results

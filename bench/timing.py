@@ -1,4 +1,4 @@
-"""How the suites time: interleaved rounds, ABBA orders, GPU heating and clock readings.
+"""How the suites time: priming, interleaved rounds, ABBA orders, GPU heating and clock readings.
 
 A sample is :func:`sparsetrain.benchmark.time_fn`'s (CUDA events around the
 call on the GPU, the host clock on the CPU). The helpers here decide which
@@ -58,6 +58,18 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int = 3, warmup:
         else:
             fns[name]()
     return times
+
+
+def call_flags(names: list[str], untimed_first: int, rounds: int, repeats: int, calls_per_sample: int = 1
+               ) -> dict[str, list[bool]]:
+    """Per variant, one flag per call in call order, True for the calls inside a
+    timed sample: ``untimed_first`` calls made before timing, then those of
+    :func:`time_interleaved` (no warm-up of its own; a timed sample is
+    ``calls_per_sample`` calls)."""
+    flags = {n: [False] * untimed_first for n in names}
+    for name, timed in interleaved_schedule(names, rounds, 0, repeats):
+        flags[name] += [timed] * (calls_per_sample if timed else 1)
+    return flags
 
 
 def abba_order(names: list[str], repeats: int) -> list[str]:
@@ -141,3 +153,48 @@ def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     b = torch.randn(n, n, device="cuda", dtype=dtype)
     ms = statistics.median(time_fn(lambda: a @ b, warmup=5, repeats=20))
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA), so a host clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gib(n: int) -> float:
+    """Bytes in GiB, to 0.01 GiB (how the suites record memory)."""
+    return round(n / 2**30, 2)
+
+
+def graphs_compiled() -> int:
+    """How many graphs torch.compile has compiled in this process so far (dynamo's
+    count); the difference over a stretch of calls tells whether they compiled."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def prime(calls: dict[str, Callable[[], None]], warmup: int, device: torch.device) -> dict[str, dict[str, Any]]:
+    """Call each variant ``warmup`` times in turn (its first call compiles it)
+    and record, per variant, its start-up apart from anything timed later:
+    ``first_call_s`` and ``prime_s`` (wall-clock seconds of the first call and
+    of all ``warmup``), ``graphs_compiled`` (torch.compile graphs made meanwhile)
+    and, on CUDA, ``peak_memory_gib`` (the process's peak while it primed)."""
+    out = {}
+    for name, call in calls.items():
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        graphs, t0 = graphs_compiled(), time.perf_counter()
+        first = None
+        for i in range(warmup):
+            call()
+            if i == 0:
+                sync(device)
+                first = time.perf_counter() - t0
+        sync(device)
+        out[name] = {"first_call_s": first, "prime_s": time.perf_counter() - t0,
+                     "graphs_compiled": graphs_compiled() - graphs}
+        if device.type == "cuda":
+            out[name]["peak_memory_gib"] = gib(torch.cuda.max_memory_allocated())
+    return out

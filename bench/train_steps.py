@@ -1,27 +1,72 @@
-"""Training steps built side by side for timing, with one copy of the weights where the variants allow it.
+"""Training steps as the step benches build and time them.
 
-Variants of one model whose parameters have the same names and shapes (dense
-``relu2`` and the 2:4 ``relu2_24`` FFN, a model eager and compiled) share one
-set of parameters and one optimizer: timing them in interleaved rounds needs
-every variant alive at once, and two copies of a 2B-parameter model's
-weights, gradients and AdamW state do not fit one 80 GB GPU. Each step still
-runs its own forward, backward and a full optimizer step, so it costs what it
-costs alone.
+A variant is :func:`sparsetrain.bench_step.make_train_step`'s step of the
+preset with some config overrides: the trainer's objective (the dense loss,
+Collider, the ResNet-BK auxiliary loss), its backward and the optimizer.
+Variants of one architecture can share one copy of the weights and one
+optimizer (:func:`build_steps` with ``share``): a pair then needs one model's
+weights, gradients and AdamW state, not two. Each step marks its phases on a
+:class:`PhaseClock`.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from sparsetrain.benchmark import default_optimizer, make_train_step
+from sparsetrain.bench_step import TrainStep, default_optimizer, make_train_step
 
 # A 2:4 model as the step benches time it: the transposable method (cuSPARSELt
 # or the masked kernel by width), sparse from the first step.
 SPARSE24_OVERRIDES = {"ffn": "relu2_24", "activation_sparse_method": "transposable", "activation_dense_warmup_steps": 0}
+
+
+def collider_overrides(drop: float) -> dict[str, Any]:
+    """Collider as the step benches time it: the collider score, exactly ``1 - drop``
+    of the tokens kept (``topk``: no host sync, the same kept count every step)."""
+    return {"use_collider": True, "collider_score": "collider", "collider_method": "topk", "collider_sparsity": drop}
+
+
+class PhaseClock:
+    """The ``mark`` of :func:`make_train_step`: when each phase of each call
+    began (CUDA events on the GPU, the host clock elsewhere)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.calls: list[list[tuple[str, Any]]] = []  # per call: (phase, its start), then ("end", ...)
+
+    def __call__(self, phase: str) -> None:
+        if self.cuda:
+            stamp: Any = torch.cuda.Event(enable_timing=True)
+            stamp.record()
+        else:
+            stamp = time.perf_counter()
+        if phase == "forward":  # a step begins
+            self.calls.append([])
+        self.calls[-1].append((phase, stamp))
+
+    def _ms(self, a: Any, b: Any) -> float:
+        return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+
+    def phase_ms(self, which: list[bool]) -> dict[str, float]:
+        """Median milliseconds of each phase over the calls flagged in ``which``
+        (one flag per call, in call order, for the first ``len(which)`` calls)."""
+        if len(which) > len(self.calls):
+            raise ValueError(f"{len(which)} flags for {len(self.calls)} calls")
+        if self.cuda:
+            torch.cuda.synchronize()
+        picked = [marks for marks, timed in zip(self.calls, which) if timed]
+        if not picked:
+            return {}
+        names = [name for name, _ in picked[0][:-1]]
+        return {name: statistics.median(self._ms(m[i][1], m[i + 1][1]) for m in picked)
+                for i, name in enumerate(names)}
 
 
 def share_parameters(model: torch.nn.Module, source: torch.nn.Module) -> None:
@@ -64,11 +109,20 @@ def _then(first: Callable[[torch.nn.Module], None] | None,
     return both
 
 
-def build_steps(variants: dict[str, dict[str, Any]], share: bool = False) -> dict[str, tuple[Callable[[], None], torch.nn.Module]]:
-    """``name -> (step, model)`` of :func:`make_train_step` for each variant's
-    keyword arguments; ``share``: every model after the first takes the first
-    one's parameters and optimizer (:func:`share_parameters`)."""
-    out: dict[str, tuple[Callable[[], None], torch.nn.Module]] = {}
+@dataclass
+class BuiltStep:
+    """One variant: its step, the model it trains, and the clock its phases are marked on."""
+
+    step: TrainStep
+    model: torch.nn.Module
+    clock: PhaseClock
+
+
+def build_steps(variants: dict[str, dict[str, Any]], share: bool = False) -> dict[str, BuiltStep]:
+    """:func:`make_train_step` of each variant's keyword arguments, each marking
+    its phases on a clock of its own; ``share``: every model after the first
+    takes the first one's parameters and optimizer (:func:`share_parameters`)."""
+    out: dict[str, BuiltStep] = {}
     optimizer = SharedOptimizer()
     first: torch.nn.Module | None = None
     for name, kwargs in variants.items():
@@ -77,9 +131,11 @@ def build_steps(variants: dict[str, dict[str, Any]], share: bool = False) -> dic
             if first is not None:
                 kwargs["prepare"] = _then(kwargs.get("prepare"), lambda m, src=first: share_parameters(m, src))
             kwargs["optimizer"] = optimizer
-        step, model = make_train_step(**kwargs)
+        device = torch.device(kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        clock = PhaseClock(device)
+        step, model = make_train_step(**kwargs, mark=clock)
         first = first if first is not None else model
-        out[name] = (step, model)
+        out[name] = BuiltStep(step, model, clock)
     return out
 
 

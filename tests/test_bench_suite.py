@@ -7,6 +7,7 @@ import copy
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -148,11 +149,9 @@ def test_abba_cancels_a_linear_drift() -> None:
 
 
 def test_step_flags_mark_exactly_the_calls_inside_timed_samples(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Collider phases are medians over the calls the step suite marks as
+    """The step phases are medians over the calls the step suite marks as
     timed: those must be the calls that ran inside a timed sample."""
     import argparse
-
-    from bench import steps
 
     inside = [False]
     real = timing.time_fn
@@ -174,7 +173,7 @@ def test_step_flags_mark_exactly_the_calls_inside_timed_samples(monkeypatch: pyt
         for _ in range(args.warmup):
             call()
     timing.time_interleaved(calls, rounds=args.rounds, warmup=0, repeats=args.repeats, calls_per_sample=args.queued)
-    assert steps._flags(list(calls), args) == seen
+    assert timing.call_flags(list(calls), args.warmup, args.rounds, args.repeats, args.queued) == seen
 
 
 def test_gpu_clock_monitor_takes_medians_of_what_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -251,6 +250,9 @@ def test_parse_cases() -> None:
     (["steps", "--repeats", "0"], "--repeats must be >= 1"),
     (["steps", "--shapes", "collider:2b"], "collider has no shape '2b'"),
     (["steps", "--headline", "--compile"], "--headline fixes the shapes and modes; drop --compile"),
+    (["steps", "--headline", "--shapes", "dense"], "no bench or shape of that name"),
+    (["steps", "--shapes", "optimizers:tiny", "--profile"], "needs a CUDA device" if not torch.cuda.is_available()
+     else "--profile applies to the interleaved benches only"),
     (["steps", "--shapes", "collider:tiny", "--drops", "1.5"], "--drops and --skip"),
     (["trainer", "--runs", "a:ffn"], "key=value"),
     (["nosuch"], "no suite 'nosuch'"),
@@ -287,6 +289,29 @@ def test_race_hands_its_arguments_to_sparsetrain_race(present: bool, monkeypatch
         assert code == 2 and not got and len(err.strip().splitlines()) == 1 and "sparsetrain.race" in err
 
 
+def test_race_suite_runs_a_tiny_race_on_the_cpu(make_cfg, tmp_path: Path, capsys) -> None:
+    """``python -m bench race`` at tiny settings: a dense arm and a Collider arm
+    (topk, half the tokens back-propagated) race for the same seconds; the
+    race's own report is written, and a bad arm is one line and exit code 2."""
+    cfg = make_cfg()
+    common = ["race", "--preset", "tiny", "--data", cfg.data, "--cache-dir", cfg.cache_dir, "--vocab-size", "320",
+              "--seq-len", "32", "--n-layer", "1", "--d-model", "32", "--n-head", "2", "--batch-size", "2",
+              "--eval-batches", "1", "--val-fraction", "0.1", "--device", "cpu", "--out-dir", str(tmp_path / "r"),
+              "--seconds", "0.3"]
+    code, out, err = run_bench(common + ["--arm", "dense:", "--arm", "collider50:drop_ratio=0.5,collider_method=topk"],
+                               capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "r" / "race.json").read_text())
+    assert set(report["arms"]) == {"dense", "collider50"} and "race report:" in out
+    for name, arm in report["arms"].items():
+        run = arm["runs"][0]
+        assert run["steps"] >= 1 and run["tokens_forwarded"] == run["steps"] * 2 * 32
+        share = 1.0 if name == "dense" else 0.5
+        assert run["tokens_backpropagated"] == pytest.approx(share * run["tokens_forwarded"], rel=0.02)
+    code, _, err = run_bench(common + ["--arm", "dense"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "must be NAME:KEY=VALUE" in err
+
+
 # ---------------------------------------------------------------- the suites on the CPU
 
 
@@ -300,19 +325,104 @@ def _check_run(doc: dict, suite: str, cases: set[str]) -> list[dict]:
 
 
 def test_steps_suite_runs_every_tiny_shape_on_the_cpu(tmp_path: Path, capsys) -> None:
-    code, out, err = run_bench(["steps", "--shapes", "tiny", "--repeats", "2", "--warmup", "0", "--rounds", "2",
+    code, out, err = run_bench(["steps", "--shapes", "tiny", "--repeats", "2", "--warmup", "1", "--rounds", "2",
                                 "--out", str(tmp_path)], capsys)
     assert code == 0, err
-    rows = _check_run(only_file(tmp_path), "steps", {f"{b}:tiny" for b in
-                                                     ("dense", "collider", "sparse24", "hyper", "bk_step", "bk_layer")})
+    from bench.steps import SHAPES
+
+    rows = _check_run(only_file(tmp_path), "steps", {f"{b}:tiny" for b in SHAPES})
     by = {(r["shape"], r["variant"]): r for r in rows}
-    assert by[("collider:tiny", "collider_0.5")]["baseline"] == "dense"
-    assert set(by[("collider:tiny", "collider_0.5")]["extra"]["phase_ms"]) == {"forward", "select", "backward", "optimizer"}
+    collider = by[("collider:tiny", "collider_0.5")]
+    assert collider["baseline"] == "dense"
+    assert list(collider["extra"]["phase_ms"]) == ["forward", "select", "loss", "backward", "optimizer"]
+    assert list(by[("collider:tiny", "dense")]["extra"]["phase_ms"]) == ["forward", "backward", "optimizer"]
+    assert collider["extra"]["backward_vs_baseline"] == pytest.approx(
+        collider["extra"]["phase_ms"]["backward"] / by[("collider:tiny", "dense")]["extra"]["phase_ms"]["backward"])
     assert by[("sparse24:tiny", "relu2_24")]["baseline"] == "relu2"
     assert by[("bk_step:tiny", "sparse_0.5")]["extra"]["sparsity_stats"]["target_sparsity"] == 0.5
     for r in rows:
         assert r["repeats"] == 2 and r["extra"]["tokens_per_s"] == pytest.approx(r["extra"]["tokens_per_call"] / r["median_ms"] * 1e3)
+        startup = r["extra"]["startup"]  # the priming, recorded apart from the timed steps
+        assert 0 < startup["first_call_s"] <= startup["prime_s"] and startup["graphs_compiled"] == 0  # eager
+    assert "steps plan: 7 shape(s)" in out and "collider:tiny" in out.split("steps plan")[1].splitlines()[2]
     assert out.strip().splitlines()[-1].startswith("wrote ")
+
+
+def test_optimizers_bench_measures_each_optimizer_alone_and_names_a_missing_package(
+        tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One row per optimizer: the state bytes of AdamW (two float32 moments per
+    parameter and a float32 step count per tensor) and of Muon, Lion and 8-bit
+    AdamW (fewer); an optimizer whose package is missing gets a row whose error
+    names the package, and the others still run."""
+    import sys
+
+    from bench.steps import SHAPES
+
+    from sparsetrain.build import build_model
+    from sparsetrain.config import OPTIMIZERS, build_config
+
+    monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # as if not installed
+    code, out, err = run_bench(["steps", "--shapes", "optimizers:tiny", "--repeats", "2", "--warmup", "1",
+                                "--rounds", "1", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    doc = only_file(tmp_path)
+    assert validate(doc) == []
+    by = {r["variant"]: r for r in doc["results"]}
+    assert list(by) == list(OPTIMIZERS) and all(r["shape"] == "optimizers:tiny" for r in by.values())
+    lion = by["lion"]
+    assert lion["median_ms"] is None and "lion-pytorch" in lion["error"] and "not installed" in lion["error"]
+    assert all(r["error"] is None for n, r in by.items() if n != "lion"), [r["error"] for r in by.values()]
+    spec = SHAPES["optimizers"]["tiny"]
+    params = list(build_model(build_config(spec["preset"], overrides=spec["overrides"]).model).parameters())
+    n = sum(p.numel() for p in params)
+    state = {name: r["extra"]["state_bytes"] for name, r in by.items() if r["error"] is None}
+    assert by["adamw"]["extra"]["params"] == n and state["adamw"] == 8 * n + 4 * len(params)
+    assert 0 < state["muon"] < state["adamw"] and 0 < state["adamw8bit"] < state["adamw"] and state["galore_adamw"] > 0
+    for name, r in by.items():
+        if r["error"] is None:
+            assert r["baseline"] == (None if name == "adamw" else "adamw") and r["repeats"] == 2
+            assert list(r["extra"]["phase_ms"]) == ["forward", "backward", "optimizer"]
+            if torch.cuda.is_available():
+                assert r["extra"]["peak_memory_gib"] >= r["extra"]["resident_memory_gib"] > 0
+
+
+def test_prime_records_start_up_apart_and_counts_the_graphs_it_compiled() -> None:
+    from bench.timing import prime
+
+    compiled = torch.compile(lambda x: (x.sin() * 2).sum(), backend="eager")  # dynamo only: fast on the CPU
+    x = torch.randn(8)
+    calls = {"compiled": lambda: compiled(x), "eager": lambda: x.cos().sum()}
+    got = prime(calls, 3, torch.device("cpu"))
+    assert got["compiled"]["graphs_compiled"] == 1 and got["eager"]["graphs_compiled"] == 0
+    assert all(0 < s["first_call_s"] <= s["prime_s"] for s in got.values())
+    assert prime(calls, 0, torch.device("cpu"))["eager"] == {"first_call_s": None, "prime_s": pytest.approx(0, abs=1e-2),
+                                                            "graphs_compiled": 0}
+
+
+def test_phase_clock_takes_each_phases_median_over_the_flagged_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a fake host clock, steps whose phases take known times: each phase's
+    figure is the median of its durations over the flagged calls only."""
+    import bench.train_steps as ts
+
+    now = [0.0]
+    monkeypatch.setattr(ts.time, "perf_counter", lambda: now[0])
+    rng = fresh_rng()
+    clock = ts.PhaseClock(torch.device("cpu"))
+    phases = ("forward", "select", "loss", "backward", "optimizer")
+    durations = []
+    for _ in range(9):
+        durations.append({p: rng.uniform(1, 50) for p in phases})
+        for p in phases:
+            clock(p)
+            now[0] += durations[-1][p] / 1e3
+        clock("end")
+    which = [rng.random() < 0.5 for _ in range(8)]  # flags for the first 8 of the 9 calls
+    which[rng.randrange(8)] = True
+    want = {p: float(np.median([d[p] for d, w in zip(durations, which) if w])) for p in phases}
+    got = clock.phase_ms(which)
+    assert list(got) == list(phases) and got == pytest.approx(want)
+    with pytest.raises(ValueError, match="10 flags for 9 calls"):
+        clock.phase_ms([True] * 10)
 
 
 def test_kernels_suite_runs_every_tiny_kernel_on_the_cpu(tmp_path: Path, capsys) -> None:
@@ -327,6 +437,30 @@ def test_kernels_suite_runs_every_tiny_kernel_on_the_cpu(tmp_path: Path, capsys)
     assert by[("cross_entropy:tiny", "fused")]["extra"]["grad_max_abs_diff"] < 1e-5
     assert by[("rope:tiny", "fused")]["extra"]["max_abs_diff"] < 1e-5
     assert max(by[("bk_core:tiny", "triton")]["extra"]["max_rel_err_vs_float64"].values()) < 1e-3
+
+
+def test_kept_loss_bench_runs_each_variant_under_the_kernel_policy_it_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plain-torch variant runs with the policy's fused cross-entropy off (the
+    old module flag ``cross_entropy.FUSED`` is read-only: assigning it changed
+    nothing the loss reads and shadowed the policy for every later reader), the
+    policy is restored after the call, and the kept rows' gradient it leaves for
+    the engine is the float64 ``(softmax - onehot) / kept`` of those rows."""
+    from bench import kernels as kb
+
+    from sparsetrain import cross_entropy as ce
+    from sparsetrain import kernels
+    from sparsetrain.collider import loss as kept_loss
+
+    seen: list[bool] = []
+    real = kept_loss._fused
+    monkeypatch.setattr(kept_loss, "_fused", lambda logits2d: seen.append(kernels.current().fused_cross_entropy)
+                        or real(logits2d))
+    before = kernels.current()
+    bench = kb.kept_loss(kb.NAMED_SHAPES["tiny"], torch.device("cpu"))
+    bench.calls["torch_eager"]()
+    assert seen == [False]
+    assert kernels.current() is before and "FUSED" not in vars(ce)
+    assert bench.check is not None and bench.check()["grad_max_abs_diff_vs_float64"] < 1e-6
 
 
 def test_trainer_suite_primes_each_run_then_times_abba(corpus_dir, cache_dir, tmp_path: Path, capsys,
@@ -405,7 +539,7 @@ def test_shared_variants_step_one_set_of_weights_with_one_optimizer() -> None:
     its own model and a full optimizer step."""
     from bench.train_steps import SPARSE24_OVERRIDES, SharedOptimizer, share_parameters
 
-    from sparsetrain.benchmark import make_train_step
+    from sparsetrain.bench_step import make_train_step
     from sparsetrain.sparse24 import Sparse24FFN
 
     small = {"n_layer": 1, "d_model": 32, "n_head": 2, "vocab_size": 320}
@@ -430,16 +564,35 @@ def test_shared_variants_step_one_set_of_weights_with_one_optimizer() -> None:
         share_parameters(swiglu, dense)
 
 
-def test_headline_is_the_three_comparisons_each_in_its_own_mode() -> None:
+def _headline_args(shapes: str = "") -> Any:
     import argparse
 
+    return argparse.Namespace(shapes=shapes, compile=False, cuda_graphs=False, drops=None, skip=None, headline=True,
+                              rounds=3, queued=1, profile=False, tokens="random", warmup=3, repeats=15, heat_seconds=20.0)
+
+
+def test_headline_is_the_three_comparisons_each_in_its_own_mode() -> None:
     from bench import steps
 
-    args = argparse.Namespace(shapes="", compile=False, cuda_graphs=False, drops=None, skip=None, headline=True,
-                              rounds=3, queued=1, profile=False, tokens="random")
-    assert steps._check(args) == [("collider", "1b", True, False), ("sparse24", "d4096", False, False),
-                                  ("bk_layer", "64k", True, True)]
+    args = _headline_args()
+    cases = steps._check(args)
+    assert cases == [("collider", "1b", True, False), ("sparse24", "d4096", False, False),
+                     ("bk_layer", "64k", True, True)]
     assert args.drops == [0.5] and args.skip == 0.5 and steps.file_label(args) == "headline"
+    # the plan: each case's variants and mode, every variant compiled once where compiled, and the totals
+    plan = steps.plan(cases, args).splitlines()
+    assert "collider:1b" in plan[1] and "compiled " in plan[1] and "dense, collider_0.5" in plan[1]
+    assert "sparse24:d4096" in plan[2] and "eager" in plan[2] and "relu2, relu2_24" in plan[2]
+    assert "bk_layer:64k" in plan[3] and "compiled + CUDA graphs" in plan[3] and "dense, sparse_0.5;" in plan[3]
+    per_variant = 3 + 15 + 3  # priming, timed, one untimed switch call per round
+    assert f"{per_variant} call(s) each" in plan[1]
+    assert plan[4].strip() == f"total: 6 variant(s), 4 compiled once each, {6 * per_variant} step call(s), 60 s of heating"
+    # --shapes picks headline cases, in their headline modes; anything else is refused
+    some = _headline_args("bk_layer,collider:1b")
+    assert steps._check(some) == [("collider", "1b", True, False), ("bk_layer", "64k", True, True)]
+    assert steps.file_label(some) == "headline-bk_layer.collider-1b"
+    with pytest.raises(BenchError, match="collider has no shape 'tiny'"):
+        steps._check(_headline_args("collider:tiny"))
     one_b = steps.SHAPES["collider"]["1b"]
     assert (one_b["seq"], one_b["batch"]) == (2048, 8) and one_b["overrides"]["d_model"] == 2048
     assert steps.SHAPES["bk_layer"]["64k"]["batch"] * steps.SHAPES["bk_layer"]["64k"]["seq"] == 65536

@@ -20,6 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sparsetrain import kernels
+
 from conftest import requires_cuda
 
 
@@ -52,15 +54,15 @@ def float32_grads(q, k, v, d_out):
 def test_each_engine_attention_backward_matches_dense_gradients(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import sparsetrain.collider.attention as A
 
-    monkeypatch.setenv("SPARSETRAIN_ATTENTION_IMPL", impl)
     monkeypatch.setattr(A, "_cudnn_ok", None)
     q, k, v, d_out = attention_inputs(2, 4, 256, 64, fresh_seed())
-    out, saved = A.attention_forward(q, k, v)
-    used = saved.flash[0] if saved.flash else "recompute"
-    if used != impl:
-        pytest.skip(f"{impl} attention does not run here (the engine used {used})")
-    ref = float32_grads(q, k, v, d_out)
-    got = A.attention_backward(saved, torch.empty_like(out).copy_(d_out))
+    with kernels.using(attention_impl=impl):  # the policy, not the environment: it is read once per process
+        out, saved = A.attention_forward(q, k, v)
+        used = saved.flash[0] if saved.flash else "recompute"
+        if used != impl:
+            pytest.skip(f"{impl} attention does not run here (the engine used {used})")
+        ref = float32_grads(q, k, v, d_out)
+        got = A.attention_backward(saved, torch.empty_like(out).copy_(d_out))
     for name, a, r in zip(("dq", "dk", "dv"), got, ref):
         assert rel(a, r) < 2e-2, (impl, name, rel(a, r))  # bf16 inputs and products
 
@@ -89,28 +91,28 @@ def test_engine_cudnn_backward_stays_right_after_ordinary_sdpa_training(monkeypa
     import sparsetrain.collider.attention as A
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    monkeypatch.setenv("SPARSETRAIN_ATTENTION_IMPL", "cudnn")
     monkeypatch.setattr(A, "_cudnn_ok", None)
-    seed = fresh_seed()
-    # ordinary training first: cuDNN's backward of the same shapes, with a head-major output gradient
-    q, k, v, d_out = attention_inputs(4, 12, 1024, 64, seed + 1)
-    qr, kr, vr = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    try:
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            F.scaled_dot_product_attention(qr, kr, vr, is_causal=True).backward(d_out.contiguous())
-    except RuntimeError as e:
-        pytest.skip(f"cuDNN attention does not run here: {str(e)[:100]}")
-    for t, r in zip((qr, kr, vr), float32_grads(q, k, v, d_out)):
-        assert rel(t.grad, r) < 2e-2
-    # then the engine, inside a backward
-    q, k, v, d_out = attention_inputs(4, 12, 1024, 64, seed)
-    _, saved = A.attention_forward(q, k, v)
-    if not saved.flash or saved.flash[0] != "cudnn":
-        pytest.skip("the engine does not use cuDNN attention here")
-    x = torch.zeros(1, device="cuda", requires_grad=True)
-    _EngineInBackward.apply(x, saved, d_out).sum().backward()
-    for name, a, r in zip(("dq", "dk", "dv"), _EngineInBackward.grads, float32_grads(q, k, v, d_out)):
-        assert rel(a, r) < 2e-2, (name, rel(a, r))
+    with kernels.using(attention_impl="cudnn"):  # process-wide: autograd's device thread sees it too
+        seed = fresh_seed()
+        # ordinary training first: cuDNN's backward of the same shapes, with a head-major output gradient
+        q, k, v, d_out = attention_inputs(4, 12, 1024, 64, seed + 1)
+        qr, kr, vr = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        try:
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                F.scaled_dot_product_attention(qr, kr, vr, is_causal=True).backward(d_out.contiguous())
+        except RuntimeError as e:
+            pytest.skip(f"cuDNN attention does not run here: {str(e)[:100]}")
+        for t, r in zip((qr, kr, vr), float32_grads(q, k, v, d_out)):
+            assert rel(t.grad, r) < 2e-2
+        # then the engine, inside a backward
+        q, k, v, d_out = attention_inputs(4, 12, 1024, 64, seed)
+        _, saved = A.attention_forward(q, k, v)
+        if not saved.flash or saved.flash[0] != "cudnn":
+            pytest.skip("the engine does not use cuDNN attention here")
+        x = torch.zeros(1, device="cuda", requires_grad=True)
+        _EngineInBackward.apply(x, saved, d_out).sum().backward()
+        for name, a, r in zip(("dq", "dk", "dv"), _EngineInBackward.grads, float32_grads(q, k, v, d_out)):
+            assert rel(a, r) < 2e-2, (name, rel(a, r))
 
 
 @requires_cuda

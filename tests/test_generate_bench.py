@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsetrain.benchmark import bench_train_step, summarize, time_fn
+from sparsetrain.bench_step import bench_train_step
+from sparsetrain.benchmark import summarize, time_fn
 from sparsetrain.config import ModelConfig
 from sparsetrain.data import train_batch
 from sparsetrain.generate import sample
@@ -132,7 +133,7 @@ def test_make_train_step_counts_steps_as_the_trainer_does() -> None:
     """The benches' step calls every StepCounted module's step() after the
     optimizer, as the trainer does (so a model that recompiles per count shows
     in the benches too): a 2:4 FFN with a 2-step dense warmup is sparse after two."""
-    from sparsetrain.benchmark import make_train_step
+    from sparsetrain.bench_step import make_train_step
     from sparsetrain.sparse24 import Sparse24FFN
 
     step, model = make_train_step("tiny", seq_len=32, batch_size=2, device="cpu",
@@ -150,7 +151,7 @@ def test_make_train_step_counts_steps_as_the_trainer_does() -> None:
 def test_make_train_step_can_take_a_corpus_batch(corpus_dir, cache_dir, monkeypatch: pytest.MonkeyPatch) -> None:
     """tokens="corpus": the model sees the corpus's first training batch, as the
     data module cuts it (and ids outside uniform sampling's reach stay legal)."""
-    from sparsetrain.benchmark import make_train_step
+    from sparsetrain.bench_step import make_train_step
     from sparsetrain.data import load_corpus, train_batch
 
     monkeypatch.setenv("SPARSETRAIN_CACHE", str(cache_dir))
@@ -170,7 +171,7 @@ def test_cli_bench_step_times_the_presets_own_shape(tmp_path: Path, capsys: pyte
     """`sparsetrain bench step --preset tiny` times tiny's own sequence length and
     batch (not 2048 x 8), says what it times before the first timed step, and
     on the CPU times only a few steps."""
-    import sparsetrain.benchmark as bench
+    import sparsetrain.bench_step as bench
     from sparsetrain.cli import main
     from sparsetrain.config import build_config
 
@@ -204,3 +205,36 @@ def test_bench_step_default_batch_keeps_a_step_within_the_token_limit() -> None:
     seq, batch = bench_step_shape("d20")
     assert seq == d20.model.seq_len and batch * seq <= STEP_TOKENS_LIMIT < (batch + 1) * seq
     assert bench_step_shape("d20", 512, 3) == (512, 3)
+
+
+def test_make_train_step_runs_the_objective_the_config_names() -> None:
+    """The step runs the trainer's objective for its config and marks its phases
+    in order. Dense: every token of the batch gets an embedding gradient.
+    Collider (topk, drop 0.5): dropped positions get no gradient in any layer,
+    so only the ids at the kept half of the positions do."""
+    from sparsetrain.bench_step import make_train_step
+
+    small = {"vocab_size": 512, "n_layer": 1, "d_model": 32, "n_head": 2, "tie_embeddings": False}
+    collider = {"use_collider": True, "collider_method": "topk", "collider_sparsity": 0.5}
+    rows, ids, marks = {}, {}, {}
+    for name, extra in (("dense", {}), ("collider", collider)):
+        def recording(model, name=name):  # an optimizer that changes nothing and keeps the embedding's gradient
+            opt = torch.optim.SGD(model.parameters(), lr=0.0)
+            real_step = opt.step
+
+            def step(*args, **kwargs):
+                grad = model.embed.weight.grad
+                rows[name] = set(torch.nonzero(grad.abs().sum(1)).flatten().tolist())
+                return real_step(*args, **kwargs)
+            opt.step = step
+            return opt
+
+        marks[name] = []
+        step, model = make_train_step("tiny", seq_len=32, batch_size=2, device="cpu", model_overrides={**small, **extra},
+                                      optimizer=recording, mark=marks[name].append)
+        step()
+        ids[name] = set(step.x.flatten().tolist())
+    assert rows["dense"] == ids["dense"]
+    assert rows["collider"] <= ids["collider"] and len(rows["collider"]) <= 32 < len(rows["dense"])
+    assert marks == {"dense": ["forward", "backward", "optimizer", "end"],
+                     "collider": ["forward", "select", "loss", "backward", "optimizer", "end"]}

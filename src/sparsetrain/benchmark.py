@@ -1,15 +1,16 @@
-"""Step timing for ``sparsetrain bench step``, and the run environment.
+"""Timing and the run environment.
 
 Every speed number sparsetrain reports comes from :func:`time_fn` (median of
 repeats after warm-up, CUDA events on the GPU) and is stored with
-:func:`environment` so a reader knows what produced it. The benchmark suites
-under ``bench/`` build on these; their own helpers (interleaved rounds, GPU
-heating and clock readings, profiles) live there.
+:func:`environment` so a reader knows what produced it. A leaf: kernels that
+tune themselves by timing import it. The training step that ``sparsetrain
+bench step`` and the benchmark suites under ``bench/`` time is
+:mod:`sparsetrain.bench_step`; the suites' own helpers (interleaved rounds,
+GPU heating and clock readings, profiles) live under ``bench/``.
 """
 
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import time
@@ -18,14 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import torch
-from torch.profiler import record_function
 
-from .config import ModelConfig, build_config
-from .data import load_corpus, train_batch
-from .build import build_model
-from .optim import step_counted
-from .optimizers import make_adamw
-from .sparse24.ffn import prepare_ffns
 
 # Dense bf16 tensor-core peak from NVIDIA's datasheets (SXM parts), used for MFU.
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -130,133 +124,3 @@ def summarize(times_ms: list[float]) -> dict[str, float]:
         "max_ms": max(times_ms),
         "repeats": len(times_ms),
     }
-
-
-def default_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW as the trainer builds it (fused on CUDA), at the step benches' settings."""
-    device = next(model.parameters()).device
-    return make_adamw(model, 1e-4, 0.1, (0.9, 0.95), device.type)
-
-
-def make_train_step(
-    preset: str = "nano-125m",
-    seq_len: int = 2048,
-    batch_size: int = 8,
-    compile: bool = False,
-    device: str | None = None,
-    model_overrides: dict[str, Any] | None = None,
-    compile_mode: str | None = None,
-    prepare: Callable[[torch.nn.Module], None] | None = None,
-    tokens: str = "random",
-    data: str = "",
-    optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] = default_optimizer,
-) -> tuple[Callable[[], None], torch.nn.Module]:
-    """``(step, model)``: one training step (forward, backward, optimizer) on one
-    fixed batch of the model the preset and ``model_overrides`` build, as
-    :func:`bench_train_step` times it (arguments as there). ``tokens``:
-    ``"random"`` (uniform token ids) or ``"corpus"`` (the trainer's first batch
-    of ``data``, the embedded corpus when empty; tokenized into
-    ``$SPARSETRAIN_CACHE``): GPU power, and so the clock under the power limit,
-    depends on the data. ``optimizer(model)`` gives the optimizer the step
-    calls, once the model is built and ``prepare`` ran (models whose
-    ``prepare`` gave them another model's parameters can share its optimizer,
-    and so its state's memory)."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = build_config(preset=preset, overrides={"seq_len": seq_len, **(model_overrides or {})})
-    mcfg: ModelConfig = cfg.model
-    torch.manual_seed(0)
-    model = build_model(mcfg).to(dev)
-    model.train()
-    if prepare is not None:
-        prepare(model)
-    prepare_ffns(model, batch_size * seq_len)  # 2:4 FFNs: before compiling, as the trainer does
-    opt = optimizer(model)
-    compile = compile or compile_mode is not None
-    step_model = torch.compile(model, mode=compile_mode) if compile else model
-    aux_loss = getattr(model, "aux_loss", None)
-    # counted after each optimizer step as the trainer counts them, so that a compiled
-    # model which recompiles when a count changes shows it here too
-    counted = step_counted(model)
-    if tokens == "corpus":
-        corpus = load_corpus(data, vocab_size=mcfg.vocab_size, cache_dir=os.environ.get("SPARSETRAIN_CACHE", ""),
-                             verbose=False)
-        x, y = (t.to(dev) for t in train_batch(corpus.train, batch_size, seq_len, seed=0, step=0))
-    elif tokens == "random":
-        x = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=dev)
-        y = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=dev)
-    else:
-        raise ValueError(f"tokens must be 'random' or 'corpus', got {tokens!r}")
-    amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if dev.type == "cuda" else None
-
-    def step() -> None:
-        # the phase ranges let a profile charge the GPU's idle time to forward, backward or optimizer
-        with record_function("phase:forward"):
-            if amp is not None:
-                with amp:
-                    _, loss = step_model(x, y)
-            else:
-                _, loss = step_model(x, y)
-            aux = aux_loss() if aux_loss is not None else None
-        with record_function("phase:backward"):
-            (loss if aux is None else loss + aux).backward()
-        with record_function("phase:optimizer"):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            for m in counted:
-                m.step()
-
-    return step, model
-
-
-def bench_train_step(
-    preset: str = "nano-125m",
-    seq_len: int = 2048,
-    batch_size: int = 8,
-    compile: bool = False,
-    warmup: int = 5,
-    repeats: int = 20,
-    device: str | None = None,
-    model_overrides: dict[str, Any] | None = None,
-    compile_mode: str | None = None,
-    prepare: Callable[[torch.nn.Module], None] | None = None,
-) -> dict[str, Any]:
-    """Time full training steps (forward, backward, AdamW) on random tokens, of
-    the model the preset and ``model_overrides`` build (a GPT, or ResNet-BK with
-    ``arch="resnet_bk"``, whose sparsity loss joins the backward as in training).
-
-    Returns tokens/s, the step-time summary, FLOPs per token and, on a GPU
-    with a known datasheet peak, MFU. ``compile_mode``: torch.compile's mode (``compile`` implied), e.g.
-    ``"reduce-overhead"`` for CUDA graphs. ``prepare(model)`` runs once after
-    the model is built (e.g. to pin a learned mask's rate for timing).
-    """
-    step, model = make_train_step(preset, seq_len, batch_size, compile, device, model_overrides, compile_mode, prepare)
-    dev = next(model.parameters()).device
-    compile = compile or compile_mode is not None
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    times = time_fn(step, warmup=warmup, repeats=repeats)
-    s = summarize(times)
-    tokens = batch_size * seq_len
-    flops_tok = model.flops_per_token(seq_len)
-    out: dict[str, Any] = {
-        "preset": preset,
-        "params": model.num_params(),
-        "seq_len": seq_len,
-        "batch_size": batch_size,
-        "tokens_per_step": tokens,
-        "compile": compile,
-        "compile_mode": compile_mode,
-        "dtype": "bf16 autocast" if dev.type == "cuda" else "float32",
-        "step": s,
-        "tokens_per_s": tokens / (s["median_ms"] * 1e-3),
-        "flops_per_token": flops_tok,
-        "achieved_tflops": flops_tok * tokens / (s["median_ms"] * 1e-3) / 1e12,
-    }
-    if dev.type == "cuda":
-        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
-        peak = peak_bf16_tflops(torch.cuda.get_device_name(dev))
-        if peak:
-            out["mfu_vs_datasheet"] = out["achieved_tflops"] / peak
-    if hasattr(model, "sparsity_stats"):  # ResNet-BK: what the learned mask skipped in the last step
-        out["sparsity_stats"] = model.sparsity_stats()
-    return out

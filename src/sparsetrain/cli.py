@@ -311,7 +311,8 @@ def bench_step_shape(preset: str, seq_len: int | None = None, batch_size: int | 
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .benchmark import bench_train_step, environment
+    from .bench_step import bench_train_step
+    from .benchmark import environment
 
     for name in ("seq_len", "batch_size", "repeats"):
         value = getattr(args, name)
