@@ -284,9 +284,9 @@ class Trainer:
         if self.selector is not None and "selector" in state:
             self.selector.load_state_dict(state["selector"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        self._restore_clock_and_schedule(state, out)
-        if self.dist.is_main:
+        if self.dist.is_main:  # before any row of this process is appended (a torn last line stays last)
             truncate_metrics(out / METRICS_NAME, self.step)
+        self._restore_clock_and_schedule(state, out)
 
     # ------------------------------------------------------------------ time and lr schedule
 
