@@ -83,7 +83,7 @@ def kept_rows_loss(logits: torch.Tensor, targets: torch.Tensor, selector: TokenS
         keep, stats = torch.ones_like(valid), SelectionStats(kept=n_valid, total=n_valid, keep_ratio=1.0)
     loss = masked_cross_entropy(logits, targets, keep)
     if num_items_in_batch is not None:
-        loss = loss * (stats.unread("kept") / num_items_in_batch)
+        loss = loss * stats.unread("kept") / num_items_in_batch  # in the loss's precision
     return loss, stats
 
 

@@ -229,6 +229,7 @@ class HFDecoderLayerAdapter(BlockAdapter):
 
     def forward(self, x: torch.Tensor, run: ColliderPass) -> tuple[torch.Tensor, Any]:
         self._window(x.shape[1])
+        x = x.detach()  # the pieces then see one kind of input in every layer (no recompile for the first)
         layer = self._read()
         seeds = {n: [new_seed() if t.p > 0 else None for t in layer.lin[n].loras] for n in _PROJECTIONS}
         with torch.autocast(x.device.type, enabled=False):
