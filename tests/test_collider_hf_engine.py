@@ -466,3 +466,53 @@ def test_16bit_runs_close_to_the_float64_reference(weights: str) -> None:
     for n in want:
         err = float((got[n] - want[n]).norm() / want[n].norm())
         assert err < 0.05, (n, err, seed)
+
+
+def _ddp_worker(rank: int, world: int, port: int, seed: int, state: dict, batches: list, total: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        with float64_norms():
+            model = make_model("llama", seed)
+            model.load_state_dict(state)
+            selector = TokenSelector(score="collider", method="topk", keep_ratio=0.5)
+            ddp = torch.nn.parallel.DistributedDataParallel(apply(model, selector=selector))
+            ids, labels = batches[rank]
+            # the loss over this rank's kept tokens divided by every rank's: DDP's mean then needs the world size
+            loss = ddp(ids, labels=labels, num_items_in_batch=torch.tensor(total)).loss * world
+            loss.backward()
+            torch.save({"grads": {k: p.grad for k, p in model.named_parameters()}, "keep": selector.last_mask},
+                       f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_normalises_by_the_global_kept_count(tmp_path) -> None:
+    """Two gloo processes, a selector in each forward: the all-reduced gradients
+    equal one process's float64 reference over every kept token of both
+    ranks divided by their total count."""
+    import torch.multiprocessing as mp
+
+    from test_distributed import _free_port
+
+    seed = fresh_seed()
+    ref = make_model("llama", seed)
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randint(0, 120, (2, 12), generator=g), torch.randint(0, 120, (2, 12), generator=g))
+               for _ in range(2)]
+    batches[0][1][1, :5] = -100
+    total = sum(budget(int((shift_labels(lab) != -100).sum()), 0.5) for _, lab in batches)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), seed, ref.state_dict(), batches, total, str(tmp_path)), nprocs=2,
+             join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for (ids, labels), r in zip(batches, (r0, r1)):
+        keep, targets = r["keep"], shift_labels(labels)
+        reference_backward(ref, lambda logits: masked_cross_entropy(logits, targets, keep) * (int(keep.sum()) / total),
+                           keep, ids)
+    want = grads(ref)
+    for name in want:
+        assert torch.equal(r0["grads"][name], r1["grads"][name]), name
+    assert_grads_close({k: v.double() for k, v in r0["grads"].items()}, want)
