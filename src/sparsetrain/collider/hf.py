@@ -195,9 +195,7 @@ def _forward_of(cls: type):
             if not hasattr(out, "logits"):
                 raise ValueError("the Collider training forward needs return_dict outputs (a .logits field)")
         if labels is not None or shift_labels is not None:
-            targets = shift_labels if shift_labels is not None else shift_labels_of(labels)
-            if attention_mask is not None and attention_mask.dim() == 2:  # padded positions are never targets
-                targets = targets.masked_fill(attention_mask == 0, IGNORE_INDEX)
+            targets = collider_targets(labels, shift_labels, attention_mask)
             out.loss, state.last_stats = kept_rows_loss(out.logits, targets, state.selector, num_items_in_batch)
         if not collider_logits:  # the caller wants the loss only: nothing left to convert or keep
             out.logits = None
@@ -206,10 +204,16 @@ def _forward_of(cls: type):
     return forward
 
 
-def shift_labels_of(labels: torch.Tensor) -> torch.Tensor:
-    """HF-style labels (same positions as the inputs) as aligned targets."""
-    return shift_labels(labels, IGNORE_INDEX)
+def collider_targets(labels: torch.Tensor | None, shifted: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The aligned targets the training forward learns from: HF-style ``labels``
+    (same positions as the inputs) shifted, or ``shifted`` as given (HF's
+    ``shift_labels``); none at padded positions (``attention_mask`` 0)."""
+    targets = shifted if shifted is not None else shift_labels(labels, IGNORE_INDEX)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        targets = targets.masked_fill(attention_mask.to(targets.device) == 0, IGNORE_INDEX)
+    return targets
 
 
-__all__ = ["ColliderGenericPathWarning", "apply", "applied_state", "causal_lm", "kept_rows_loss", "remove",
-           "uses_engine"]
+__all__ = ["ColliderGenericPathWarning", "apply", "applied_state", "causal_lm", "collider_targets", "kept_rows_loss",
+           "remove", "uses_engine"]
