@@ -66,15 +66,18 @@ def causal_lm(model: nn.Module) -> nn.Module:
 
 
 def kept_rows_loss(logits: torch.Tensor, targets: torch.Tensor, selector: TokenSelector | None = None,
-                   num_items_in_batch: torch.Tensor | int | None = None) -> tuple[torch.Tensor, SelectionStats]:
+                   num_items_in_batch: torch.Tensor | int | None = None, n_valid: int | None = None
+                   ) -> tuple[torch.Tensor, SelectionStats]:
     """Collider's loss on ``logits`` ``[B, T, V]`` for aligned ``targets`` ``[B, T]``
     (``IGNORE_INDEX`` for none): the mean cross-entropy over the tokens
     ``selector`` keeps (every token without one: dense training), or with
     ``num_items_in_batch`` their sum divided by it. Returns the loss and the
-    selection's stats. One host sync (the number of targets, which sizes the
-    selector's budget); a batch without targets gives a zero loss."""
+    selection's stats. ``n_valid``: the number of targets, when the caller
+    counted them (else counted here: a host sync); it sizes the selector's
+    budget. A batch without targets gives a zero loss."""
     valid = targets != IGNORE_INDEX
-    n_valid = int(valid.sum())
+    if n_valid is None:
+        n_valid = int(valid.sum())
     if n_valid == 0:
         return logits.sum() * 0.0, SelectionStats(kept=0, total=0)
     if selector is not None:
@@ -184,6 +187,11 @@ def _forward_of(cls: type):
         if args:
             raise ValueError("the Collider training forward takes input_ids, attention_mask and position_ids "
                              "positionally; pass the rest by keyword")
+        targets = n_valid = None
+        if labels is not None or shift_labels is not None:
+            # counted before the forward: the host sync then waits for no forward work
+            targets = collider_targets(labels, shift_labels, attention_mask)
+            n_valid = int((targets != IGNORE_INDEX).sum())
         if state.engine is not None:
             from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -194,9 +202,9 @@ def _forward_of(cls: type):
             out = previous(input_ids, attention_mask, position_ids, **kwargs)
             if not hasattr(out, "logits"):
                 raise ValueError("the Collider training forward needs return_dict outputs (a .logits field)")
-        if labels is not None or shift_labels is not None:
-            targets = collider_targets(labels, shift_labels, attention_mask)
-            out.loss, state.last_stats = kept_rows_loss(out.logits, targets, state.selector, num_items_in_batch)
+        if targets is not None:
+            out.loss, state.last_stats = kept_rows_loss(out.logits, targets, state.selector, num_items_in_batch,
+                                                        n_valid)
         if not collider_logits:  # the caller wants the loss only: nothing left to convert or keep
             out.logits = None
         return out
