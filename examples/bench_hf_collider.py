@@ -28,6 +28,7 @@ Run one shape per process to stay within a command's time limit:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import statistics
@@ -152,8 +153,6 @@ def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 
 def bench_shape(shape: str, args: argparse.Namespace) -> list[dict]:
-    import transformers
-
     results = []
     model = build(shape, args.device)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
@@ -224,8 +223,8 @@ def bench_liger(shape: str, model: torch.nn.Module, ids: torch.Tensor, collider_
         print(f"{shape} liger: warming up")
         fn, compiled = compiled_or_eager(lambda: liger_forward(input_ids=ids, labels=ids, use_cache=False).loss,
                                          not args.no_compile)
-        kinds = [Kind("dense_liger", fn, opt, compiled, "cuda"), Kind("collider_on_liger", collider_loss(model), opt, True,
-                                                                     "cuda")]
+        kinds = [Kind("dense_liger", fn, opt, compiled, "cuda"),
+                 Kind("collider_on_liger", collider_loss(model), opt, True, "cuda")]
         variants = run_interleaved(kinds, args.warmup, args.steps)
         entry = {"shape": shape, "lora": False, "kinds": variants,
                  "collider_speedup_over_liger": round(variants["dense_liger"]["median_ms"]
@@ -260,12 +259,7 @@ def main() -> None:
     if not 0 < args.drop < 1:
         raise SystemExit(f"--drop must be in (0, 1), got {args.drop}")
     args.lora = {"off": [False], "on": [True], "both": [False, True]}[args.lora]
-    try:
-        import liger_kernel  # noqa: F401
-
-        args.liger = not args.no_liger and args.device == "cuda"
-    except ImportError:
-        args.liger = False
+    args.liger = importlib.util.find_spec("liger_kernel") is not None and not args.no_liger and args.device == "cuda"
     results = []
     for shape in args.shape or [s for s in sorted(SHAPES) if s != "tiny"]:
         results += bench_shape(shape, args)

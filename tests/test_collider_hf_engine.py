@@ -233,7 +233,6 @@ def test_lora_dropout_masks_are_the_forwards_in_the_backward(monkeypatch: pytest
                 q.copy_(torch.randn(q.shape, generator=g, dtype=q.dtype))
     model = apply(copy.deepcopy(ref))
     seeds = iter(range(seed, seed + 100))
-    monkeypatch.setattr(hf_linear, "new_seed", lambda: next(seeds))
     monkeypatch.setattr("sparsetrain.collider.hf_block.new_seed", lambda: next(seeds))
     ids, targets, keep = random_batch(2, 12, 120, g)
     masked_cross_entropy(model(ids, use_cache=False).logits, targets, keep).backward()

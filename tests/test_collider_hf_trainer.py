@@ -93,8 +93,9 @@ def test_trainer_accumulates_the_kept_rows_loss_over_micro_batches(tmp_path) -> 
     total = sum(int(keep.sum()) for _, keep in first)
     for batch, keep in first:
         targets = collider_targets(batch["labels"], None, batch.get("attention_mask"))
-        reference_backward(initial, lambda logits: masked_cross_entropy(logits, targets, keep) * (int(keep.sum()) / total),
-                           keep, batch["input_ids"])
+        share = int(keep.sum()) / total
+        reference_backward(initial, lambda logits: masked_cross_entropy(logits, targets, keep) * share, keep,
+                           batch["input_ids"])
     want = {n: p.grad.double() for n, p in initial.named_parameters() if p.grad is not None}
     assert_grads_close({n: g.double() for n, g in rec.grads.items()}, want)
 

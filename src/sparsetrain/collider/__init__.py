@@ -26,5 +26,5 @@ from .hf import ColliderGenericPathWarning, apply, kept_rows_loss, remove
 from .keep import filter
 from .loss import masked_cross_entropy
 
-__all__ = ["apply", "BlockAdapter", "ColliderGenericPathWarning", "kept_rows_loss", "ColliderModel", "filter", "masked_cross_entropy", "register_block_adapter",
-           "remove", "rmsnorm_backward", "RowGrad", "rope_inverse"]
+__all__ = ["apply", "BlockAdapter", "ColliderGenericPathWarning", "ColliderModel", "filter", "kept_rows_loss",
+           "masked_cross_entropy", "register_block_adapter", "remove", "rmsnorm_backward", "RowGrad", "rope_inverse"]

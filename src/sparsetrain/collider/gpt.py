@@ -98,7 +98,8 @@ class HeadNode(torch.autograd.Function):
         dl = run.logit_rows(dlogits, cdt)
         # weight gradients straight to float32 under autocast (compact.wgrad)
         dx, dxc, d_head, d_norm = piece(_head_backward, run.compile)(
-            dl, ctx.h, kept.kidx, norm_w, ctx.w, ctx.eps, wgrad_in_float32(head_w, cdt), ctx.norm, ctx.needs_input_grad[5])
+            dl, ctx.h, kept.kidx, norm_w, ctx.w, ctx.eps, wgrad_in_float32(head_w, cdt), ctx.norm,
+            ctx.needs_input_grad[5])
         ctx.h = None
         dh = run.give(ctx.key, RowGrad(dx, dxc), ctx.meta, ctx.needs_input_grad[0])
         grads = {id(norm_w): d_norm, id(head_w): d_head}

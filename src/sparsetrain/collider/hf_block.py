@@ -39,8 +39,8 @@ from .attention import AttentionSaved, attention_forward, expand_kv_heads, kept_
 from .blocks import BlockAdapter, RowGrad, register_block_adapter
 from .compact import piece, rmsnorm_backward, rows, swiglu_backward, wgrad_in_float32
 from .engine import ColliderPass
-from .hf_linear import (LinearParts, UnsupportedLayer, bias_grad, cast_cat, keep_mask, linear_backward,
-                        linear_forward, linear_parts, lora_backward, lora_forward, lora_rows, new_seed, piece_terms)
+from .hf_linear import (LinearParts, UnsupportedLayer, cast_cat, keep_mask, linear_backward, linear_forward,
+                        linear_parts, lora_backward, lora_forward, lora_rows, new_seed, piece_terms)
 
 LAYER_CLASSES = (("llama", "LlamaDecoderLayer"), ("mistral", "MistralDecoderLayer"), ("qwen2", "Qwen2DecoderLayer"),
                  ("qwen3", "Qwen3DecoderLayer"))
