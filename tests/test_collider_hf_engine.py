@@ -101,7 +101,7 @@ def test_engine_with_kept_query_kernel_and_grouped_heads(family: str) -> None:
         assert err <= 3 * float((plain[n] - want[n]).norm() / want[n].norm()) + 1e-6, (n, err, seed)
 
 
-@pytest.mark.parametrize("H, Hkv, T", [(4, 2, 40), (6, 2, 33), (3, 1, 24)])
+@pytest.mark.parametrize("H, Hkv, T", [(4, 2, 40), (6, 2, 33), (3, 1, 24), (15, 5, 20)])
 def test_kept_attention_kernel_grouped_heads_matches_dense(H: int, Hkv: int, T: int) -> None:
     """Grouped-query heads straight into the kernel: dq per query head, dk and dv
     summed over the query heads sharing each key/value head (HF's repeat_kv),

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .collider import apply
+from .collider import apply, remove
 from .collider.attention import MODES
 from .collider.hf import applied_state, collider_targets
 from .errors import ConfigError
@@ -169,6 +169,8 @@ class ColliderTrainerMixin:
             raise ConfigError("Collider normalises by the kept tokens of every process: set "
                               "average_tokens_across_devices=True")
         self.collider_selector = ca.selector()
+        if applied_state(self.model) is not None:  # applied before: these arguments replace that
+            remove(self.model)
         apply(self.model, selector=self.collider_selector, compile=ca.compile, attention=ca.attention,
               engine=ca.engine)
         self.model_accepts_loss_kwargs = True  # the applied forward takes num_items_in_batch
