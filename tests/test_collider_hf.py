@@ -1,5 +1,7 @@
-"""sparsetrain.collider.apply on Hugging Face Llama / Qwen2: gradients equal a
-float64 reference that detaches dropped positions' keys and values up front."""
+"""The generic path of sparsetrain.collider.apply (``engine=False``: the
+attention and linear swaps) on Hugging Face Llama / Qwen2: gradients equal a
+float64 reference that detaches dropped positions' keys and values up front.
+The engine path has its own tests (test_collider_hf_engine.py)."""
 
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def test_apply_matches_detached_kv_reference(family: str, with_filter: bool, mon
     rows = KeptRows.rows
     monkeypatch.setattr(KeptRows, "rows", lambda self, t: (gathered.append(t.stride()), rows(self, t))[1])
     ref = _model(family)
-    model = apply(copy.deepcopy(ref))
+    model = apply(copy.deepcopy(ref), engine=False)
     transformers.AttentionInterface.register("test_detached_kv", _detached_kv_attention)
     ref.set_attn_implementation("test_detached_kv")
     B, T = 3, 16
@@ -89,18 +91,19 @@ def test_apply_matches_detached_kv_reference(family: str, with_filter: bool, mon
 
 def test_apply_outside_filter_is_dense_and_keeps_the_state_dict() -> None:
     ref = _model("llama")
-    model = apply(copy.deepcopy(ref))
+    model = apply(copy.deepcopy(ref), engine=False)
     assert model.state_dict().keys() == ref.state_dict().keys()
     ids = torch.randint(0, 120, (2, 12))
-    for m in (ref, model):
-        m(ids, labels=ids, use_cache=False).loss.backward()
+    for m in (ref, model):  # a plain loss on the logits (not the kept-rows loss): the ordinary dense backward
+        logits = m(ids, use_cache=False).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
     want, got = _grads(ref), _grads(model)
     for n in want:
         assert torch.allclose(got[n], want[n], rtol=1e-9, atol=1e-12), n
 
 
 def test_filter_that_disagrees_with_the_loss_mask_raises() -> None:
-    model = apply(_model("llama"))
+    model = apply(_model("llama"), engine=False)
     ids = torch.randint(0, 120, (2, 12))
     keep = torch.rand(2, 12) < 0.5
     keep[:, 0] = True
@@ -114,7 +117,7 @@ def test_two_forwards_keep_their_own_masks() -> None:
     """The mask belongs to each forward (no process-wide state): two forwards
     whose losses are backpropagated together each keep their own tokens."""
     ref = _model("llama")
-    model = apply(copy.deepcopy(ref))
+    model = apply(copy.deepcopy(ref), engine=False)
     transformers.AttentionInterface.register("test_detached_kv", _detached_kv_attention)
     ref.set_attn_implementation("test_detached_kv")
     batches = [(torch.randint(0, 120, (2, 10)), torch.randint(0, 120, (2, 10)), torch.rand(2, 10) < p)
@@ -142,7 +145,7 @@ def test_remove_restores_the_model() -> None:
     dense gradients of a masked loss (dropped keys and values not detached)."""
     ref = _model("qwen2")
     attn = ref.config._attn_implementation
-    model = remove(apply(copy.deepcopy(ref)))
+    model = remove(apply(copy.deepcopy(ref), engine=False))
     assert model.config._attn_implementation == attn
     assert not any("forward" in m.__dict__ for m in model.modules())
     assert not model._forward_pre_hooks and not model._forward_hooks

@@ -11,18 +11,20 @@
 The keep mask travels with the loss; ``with filter(keep):`` around the
 backward is optional (it must then be the same mask).
 
-Hugging Face causal LMs (Llama, Qwen2): ``apply(model)`` swaps in the same
-filtering (attention registry + kept-row linear backward), ``remove(model)``
-undoes it; see ``hf.py``. Other block types join the engine through
+Hugging Face causal LMs: ``apply(model)`` runs Llama, Mistral, Qwen2 and Qwen3
+through the engine (``hf_engine.py``, ``hf_block.py``; PEFT LoRA included) and
+any other model on the attention registry through the generic swap
+(``hf_generic.py``, with a one-line notice); ``remove(model)`` undoes it; see
+``hf.py``. Other block types join the engine through
 ``register_block_adapter`` (``blocks.py``).
 """
 
 from .blocks import BlockAdapter, RowGrad, register_block_adapter
 from .compact import rmsnorm_backward, rope_inverse
 from .gpt import ColliderModel
-from .hf import apply, remove
+from .hf import ColliderGenericPathWarning, apply, kept_rows_loss, remove
 from .keep import filter
 from .loss import masked_cross_entropy
 
-__all__ = ["apply", "BlockAdapter", "ColliderModel", "filter", "masked_cross_entropy", "register_block_adapter",
-           "remove", "rmsnorm_backward", "RowGrad", "rope_inverse"]
+__all__ = ["apply", "BlockAdapter", "ColliderGenericPathWarning", "ColliderModel", "filter", "kept_rows_loss",
+           "masked_cross_entropy", "register_block_adapter", "remove", "rmsnorm_backward", "RowGrad", "rope_inverse"]

@@ -40,8 +40,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import kernels
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .. import kernels
+from ..model import upcast
 
 from . import triton_attention
 from .compact import piece, rope_inverse, rows
@@ -50,7 +52,7 @@ from .compact import piece, rope_inverse, rows
 @dataclass
 class AttentionSaved:
     q: torch.Tensor  # [B, H, T, hd], after RoPE
-    k: torch.Tensor
+    k: torch.Tensor  # [B, H, T, hd], or [B, Hkv, T, hd] for grouped-query attention (see expand_kv_heads)
     v: torch.Tensor
     out: torch.Tensor  # [B, H, T, hd]
     flash: tuple | None  # ("cudnn" | "flash", lse, ...) for the fused backward, or None: recompute
@@ -195,21 +197,48 @@ def scatter_heads(rows_: torch.Tensor, like: torch.Tensor, kidx, kb, kt,
     return out, buf
 
 
-def _qkv_grad_rows(dq, dk, dv, kidx, cos_k, sin_k, dtype: torch.dtype):
-    """The QKV projection's output gradient at the kept rows, ``[K, 3 * D]``,
-    from the dense attention backward's token-major ``[B, T, H, hd]`` gradients
-    (after RoPE for q and k: undone here). The kept-query kernel writes this
-    directly (``kept_attention_backward(rope=..., grads=...)``)."""
+def expand_kv_heads(t: torch.Tensor, groups: int, buf: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Grouped-query keys or values ``[B, Hkv, T, hd]`` (token-major) repeated to
+    ``[B, Hkv * groups, T, hd]`` as Hugging Face's ``repeat_kv`` does (query head
+    ``h`` reads key/value head ``h // groups``), token-major, for the fused
+    attention kernels that take equal head counts; and the ``[B, T, Hkv, groups, hd]``
+    buffer behind it, which a later call may pass back in to be overwritten
+    (the layers of one backward share one)."""
+    B, Hkv, T, hd = t.shape
+    if groups == 1:
+        return t, buf
+    if buf is None or buf.shape != (B, T, Hkv, groups, hd) or buf.dtype != t.dtype or buf.device != t.device:
+        buf = torch.empty(B, T, Hkv, groups, hd, dtype=t.dtype, device=t.device)
+    buf.copy_(t.transpose(1, 2).unsqueeze(3).expand(B, T, Hkv, groups, hd))
+    return buf.view(B, T, Hkv * groups, hd).transpose(1, 2), buf
+
+
+def _qkv_grad_rows(dq, dk, dv, kidx, cos_k, sin_k, dtype: torch.dtype, groups: int = 1):
+    """The QKV projection's output gradient at the kept rows, ``[K, (H + 2 Hkv) hd]``
+    (``[K, 3 * D]`` without grouped-query heads), from the dense attention
+    backward's token-major ``[B, T, H, hd]`` gradients (after RoPE for q and k:
+    undone here). With ``groups`` query heads per key/value head, each
+    key/value head's gradient is the sum over its group (in float32). The
+    kept-query kernel writes this directly
+    (``kept_attention_backward(rope=..., grads=...)``)."""
     dq, dk, dv = rows(dq, kidx), rows(dk, kidx), rows(dv, kidx)
-    dqkv = torch.stack((rope_inverse(dq, cos_k, sin_k), rope_inverse(dk, cos_k, sin_k), dv), 1)
-    return dqkv.reshape(dq.shape[0], -1).to(dtype)
+    if groups > 1:
+        K, H, hd = dk.shape
+        dk, dv = (upcast(t).view(K, H // groups, groups, hd).sum(2) for t in (dk, dv))
+    parts = (rope_inverse(dq, cos_k, sin_k), rope_inverse(dk, cos_k, sin_k), dv)
+    return torch.cat([p.to(dtype) for p in parts], 1).reshape(dq.shape[0], -1)
 
 
 def kept_rows_backward(saved: AttentionSaved, do_rows: torch.Tensor, kept, rope: tuple[torch.Tensor, torch.Tensor],
                        mode: str, scratch: dict, compile: bool, dtype: torch.dtype) -> torch.Tensor:
     """The attention backward of one layer at the kept rows: from the output
     gradient ``do_rows`` [K, H * hd] (kept rows, token-major heads) to the QKV
-    projection's output gradient ``[K, 3 * H * hd]`` in ``dtype``, RoPE undone.
+    projection's output gradient ``[K, (H + 2 * Hkv) * hd]`` in ``dtype``, RoPE
+    undone. ``saved.k`` and ``saved.v`` may have ``Hkv`` heads, fewer than
+    ``H`` (grouped-query attention, see :func:`expand_kv_heads`): the kernel
+    reads them so, and the dense backward expands them again (into a buffer
+    shared by the layers of one backward).
 
     ``kept``: the backward's :class:`~sparsetrain.collider.keep.KeptRows`;
     ``rope``: the full ``(cos, sin)`` tables ``[>= T, hd/2]`` that rotated q
@@ -220,21 +249,26 @@ def kept_rows_backward(saved: AttentionSaved, do_rows: torch.Tensor, kept, rope:
     kidx = kept.kidx
     K = kidx.numel()
     B, H, T, hd = saved.q.shape
+    Hkv = saved.k.shape[1]
     if kept_kernel_ok(saved.q, mode, K / kept.tokens):
         # only kept queries, and only kept keys' dk/dv: about half the dense work at keep 0.5
         lse = saved.flash[1] if saved.flash is not None else None  # the forward kernel's log-sum-exp
         if "rows_meta" not in scratch:
             scratch["rows_meta"] = triton_attention.kept_rows_meta(kidx, B, T)
-        # [K, 3, H, hd] rows with RoPE undone: the QKV weight gradient's input as it is
-        dqkv = torch.empty(K, 3, H, hd, dtype=saved.q.dtype, device=saved.q.device)
+        # [K, H + 2 Hkv, hd] rows with RoPE undone: the QKV weight gradient's input as it is
+        dqkv = torch.empty(K, H + 2 * Hkv, hd, dtype=saved.q.dtype, device=saved.q.device)
         triton_attention.kept_attention_backward(saved.q, saved.k, saved.v, saved.out, do_rows.reshape(K, H, hd), kidx,
                                                  lse, rows_meta=scratch["rows_meta"], rope=rope, grads=dqkv)
-        return dqkv.view(K, 3 * H * hd).to(dtype)
+        return dqkv.view(K, (H + 2 * Hkv) * hd).to(dtype)
     kb, kt = kept.positions
     d_out, scratch["do_buf"] = scatter_heads(do_rows, saved.out, kidx, kb, kt, scratch.get("do_buf"))
+    if Hkv != H:  # the fused kernels take equal head counts: the forward expanded k and v so, and so does this
+        k, scratch["k_buf"] = expand_kv_heads(saved.k, H // Hkv, scratch.get("k_buf"))
+        v, scratch["v_buf"] = expand_kv_heads(saved.v, H // Hkv, scratch.get("v_buf"))
+        saved = AttentionSaved(saved.q, k, v, saved.out, saved.flash)
     dq, dk, dv = (t.transpose(1, 2) for t in attention_backward(saved, d_out))  # token-major views
     if "rope_kept" not in scratch:
         cos, sin = rope
         scratch["rope_kept"] = (cos[kt][:, None, :], sin[kt][:, None, :])
     cos_k, sin_k = scratch["rope_kept"]
-    return piece(_qkv_grad_rows, compile)(dq, dk, dv, kidx, cos_k, sin_k, dtype)
+    return piece(_qkv_grad_rows, compile)(dq, dk, dv, kidx, cos_k, sin_k, dtype, H // Hkv)

@@ -42,6 +42,16 @@ def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ep
     return dx, dw
 
 
+def swiglu_backward(df: torch.Tensor, g: torch.Tensor, u: torch.Tensor, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(dg, du)`` in ``dtype`` of ``f = silu(g) * u`` for ``df``,
+    computed in float32 (float64 stays): ``du = df silu(g)``,
+    ``dg = df u sigmoid(g) (1 + g (1 - sigmoid(g)))``."""
+    df, gf, uf = upcast(df), upcast(g), upcast(u)
+    sig = torch.sigmoid(gf)
+    return (df * uf * sig * (1 + gf * (1 - sig))).to(dtype), (df * gf * sig).to(dtype)
+
+
 def rope_inverse(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Transpose of :func:`~sparsetrain.model.apply_rope` (a rotation by the opposite angle)."""
     x1, x2 = upcast(x).chunk(2, dim=-1)

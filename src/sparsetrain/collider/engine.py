@@ -188,13 +188,17 @@ class _BlockNode(torch.autograd.Function):
         return (dx, None, None, None, *parameter_grads(ctx.params, grads, ctx.needs_input_grad[4:]))
 
 
-def run_block(block: nn.Module | None, adapter: BlockAdapter, x: torch.Tensor, run: ColliderPass, key: int) -> torch.Tensor:
+def run_block(block: nn.Module | None, adapter: BlockAdapter, x: torch.Tensor, run: ColliderPass, key: int,
+              call: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """``block`` on ``x`` as a Collider node reading boundary ``key`` and writing
     ``key + 1``. The block is called through its ``__call__`` (with the node as
     its forward for this call), so its forward hooks and full backward hooks
     fire as for an ordinary call, once per forward and once per backward; the
     parameters are read after its pre-forward hooks ran. ``block=None``: a
-    node without a module (the adapter alone)."""
+    node without a module (the adapter alone). ``call``: how to call the block
+    instead of its own ``__call__`` (``nn.Module.__call__`` for a class whose
+    ``__call__`` does more, such as checkpointing the layer: the adapter
+    recomputes what it needs itself)."""
     def node(x_: torch.Tensor) -> torch.Tensor:
         return _BlockNode.apply(x_, run, key, adapter, *adapter.parameters())
 
@@ -206,7 +210,7 @@ def run_block(block: nn.Module | None, adapter: BlockAdapter, x: torch.Tensor, r
     had, old = "forward" in d, d.get("forward")
     d["forward"] = node
     try:
-        return block(x)
+        return block(x) if call is None else call(block, x)
     finally:
         if had:
             d["forward"] = old

@@ -25,19 +25,21 @@ from .gpt_block import GPTBlockAdapter  # noqa: F401  (registers the GPT block's
 from .loss import SLOT_ATTR
 
 
-class _EmbedNode(torch.autograd.Function):
+class EmbedNode(torch.autograd.Function):
     """Token embedding (and, with hyper-connections, the ``n`` scaled streams):
     writes boundary 0. Its backward is the last of a backward: an ``index_add``
-    of the kept rows into the embedding gradient."""
+    of the kept rows into the embedding gradient (nothing into the row of
+    ``padding_idx``, as ``nn.Embedding``'s backward)."""
 
     @staticmethod
     def forward(ctx, idx: torch.Tensor, run: ColliderPass, weight: torch.Tensor,  # type: ignore[override]
-                hyper_in: torch.Tensor | None) -> torch.Tensor:
+                hyper_in: torch.Tensor | None, padding_idx: int | None = None) -> torch.Tensor:
         ctx.set_materialize_grads(False)
         x = F.embedding(idx, weight)
         if hyper_in is not None:  # as GPT.trunk: the embedding at distinct learned scales
             x = x.unsqueeze(-2) * hyper_in.to(x.dtype)[:, None]
         ctx.run, ctx.idx, ctx.weight, ctx.hyper_in, ctx.meta = run, idx, weight, hyper_in, (x.shape, x.dtype)
+        ctx.padding_idx = padding_idx
         run.produced(0)
         return x
 
@@ -55,29 +57,33 @@ class _EmbedNode(torch.autograd.Function):
         d_embed = None
         if ctx.needs_input_grad[2]:
             d_embed = torch.zeros_like(ctx.weight).index_add_(0, ids, g.to(ctx.weight.dtype))
+            if ctx.padding_idx is not None:
+                d_embed[ctx.padding_idx] = 0
         run.finish()
-        return None, None, d_embed, d_hyper if ctx.needs_input_grad[3] else None
+        return None, None, d_embed, d_hyper if ctx.needs_input_grad[3] else None, None
 
 
-def _head_backward(dl, h, kidx, norm_w, head_w, eps: float, f32: bool):
+def _head_backward(dl, h, kidx, norm_w, head_w, eps: float, f32: bool, norm=rms_norm, need_head: bool = True):
     h_k = rows(h, kidx)
-    hn = rms_norm(h_k, norm_w, eps).to(head_w.dtype)
-    d_head = wgrad(dl, hn, f32)
+    d_head = wgrad(dl, norm(h_k, norm_w, eps).to(head_w.dtype), f32) if need_head else None  # none for a frozen head
     dx, d_norm = rmsnorm_backward(dl @ head_w, h_k, norm_w, eps)
     return dx, dx.to(head_w.dtype), d_head, d_norm
 
 
-class _HeadNode(torch.autograd.Function):
-    """Final norm and LM head on the trunk output (boundary ``key``)."""
+class HeadNode(torch.autograd.Function):
+    """Final norm and LM head on the trunk output (boundary ``key``). ``norm``:
+    the RMSNorm ``(x, weight, eps) -> y`` of the model (the sparsetrain GPT's by
+    default; Hugging Face models round differently)."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, run: ColliderPass, key: int, eps: float,  # type: ignore[override]
-                norm_w: torch.Tensor, head_w: torch.Tensor) -> torch.Tensor:
+                norm_w: torch.Tensor, head_w: torch.Tensor, norm=rms_norm) -> torch.Tensor:
         ctx.set_materialize_grads(False)
         with torch.autocast(h.device.type, enabled=False):
             w = head_w.to(run.compute_dtype)  # cast once, reused by the backward
-            logits = F.linear(rms_norm(h, norm_w, eps).to(w.dtype), w)
+            logits = F.linear(norm(h, norm_w, eps).to(w.dtype), w)
         ctx.run, ctx.key, ctx.eps, ctx.h, ctx.w, ctx.params = run, key, eps, h, w, (norm_w, head_w)
+        ctx.norm = norm
         ctx.meta = (h.shape, h.dtype)
         return logits
 
@@ -92,11 +98,12 @@ class _HeadNode(torch.autograd.Function):
         dl = run.logit_rows(dlogits, cdt)
         # weight gradients straight to float32 under autocast (compact.wgrad)
         dx, dxc, d_head, d_norm = piece(_head_backward, run.compile)(
-            dl, ctx.h, kept.kidx, norm_w, ctx.w, ctx.eps, wgrad_in_float32(head_w, cdt))
+            dl, ctx.h, kept.kidx, norm_w, ctx.w, ctx.eps, wgrad_in_float32(head_w, cdt), ctx.norm,
+            ctx.needs_input_grad[5])
         ctx.h = None
         dh = run.give(ctx.key, RowGrad(dx, dxc), ctx.meta, ctx.needs_input_grad[0])
         grads = {id(norm_w): d_norm, id(head_w): d_head}
-        return (dh, None, None, None, *parameter_grads(ctx.params, grads, ctx.needs_input_grad[4:]))
+        return (dh, None, None, None, *parameter_grads(ctx.params, grads, ctx.needs_input_grad[4:6]), None)
 
 
 class ColliderModel(nn.Module):
@@ -157,7 +164,7 @@ class ColliderModel(nn.Module):
         run = ColliderPass((B, T), device, autocast or model.embed.weight.dtype, autocast, self.compile,
                            self.attention, rope=(model.rope_cos, model.rope_sin))
         hyper_in = model.hyper_in if model.config.hyper_connections else None
-        x = _EmbedNode.apply(idx, run, model.embed.weight, hyper_in)
+        x = EmbedNode.apply(idx, run, model.embed.weight, hyper_in)
         key = 0
         for blk in model.blocks:
             x = run_block(blk, self._adapter(blk), x, run, key)
@@ -165,6 +172,6 @@ class ColliderModel(nn.Module):
         if self._readout is not None:
             x = run_block(None, self._readout, x, run, key)
             key += 1
-        logits = _HeadNode.apply(x, run, key, model.norm.eps, model.norm.weight, model.lm_head.weight)
+        logits = HeadNode.apply(x, run, key, model.norm.eps, model.norm.weight, model.lm_head.weight)
         setattr(logits, SLOT_ATTR, run.slot)  # masked_cross_entropy hands its kept rows' gradient through it
         return (logits, x) if return_trunk else logits

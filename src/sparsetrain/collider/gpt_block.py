@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ..model import Block, FeedForward, apply_rope, rms_norm, upcast
 from .attention import AttentionSaved, attention_forward, kept_rows_backward
 from .blocks import BlockAdapter, RowGrad, register_block_adapter
-from .compact import piece, rmsnorm_backward, rows, wgrad, wgrad_in_float32
+from .compact import piece, rmsnorm_backward, rows, swiglu_backward, wgrad, wgrad_in_float32
 from .engine import ColliderPass
 from .positionwise import parameter_slots, rows_vjp
 
@@ -81,8 +81,6 @@ def _ffn_backward(dx, dxc, x1, u, g, kidx, norm_w, up_w, gate_w, down_w, eps: fl
     b = rms_norm(x1_k, norm_w, eps).to(cdt)
     if gate_w is not None:
         g_k = rows(g, kidx)
-        gf, uf = upcast(g_k), upcast(u_k)
-        sig = torch.sigmoid(gf)
         f = F.silu(g_k) * u_k  # as the forward computed it
     else:
         f = F.relu(u_k).square()
@@ -90,8 +88,7 @@ def _ffn_backward(dx, dxc, x1, u, g, kidx, norm_w, up_w, gate_w, down_w, eps: fl
     df = upcast(dxc @ down_w)  # activation derivatives in float32
     d_gate = None
     if gate_w is not None:
-        du = (df * gf * sig).to(cdt)
-        dg = (df * uf * sig * (1 + gf * (1 - sig))).to(cdt)
+        dg, du = swiglu_backward(df, g_k, u_k, cdt)
         d_gate = wgrad(dg, b, f32)
         db = dg @ gate_w + du @ up_w
     else:

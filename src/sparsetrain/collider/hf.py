@@ -1,257 +1,227 @@
-"""Collider for Hugging Face causal LMs (Llama, Qwen2, and others built on the
-transformers attention registry): ``sparsetrain.collider.apply(model)``.
+"""Collider for Hugging Face causal LMs: ``sparsetrain.collider.apply(model)``.
 
-The same objective as the engine: the loss is the mean over kept tokens, and
-in every attention layer the keys and values of dropped positions are
-constants. Two swaps make that hold and make it cheaper:
+``apply`` makes a transformers causal LM (bf16 or float32 weights, under
+autocast or not, PEFT-wrapped or not) a Collider trainee, in place and with
+its state dict unchanged:
 
-* **attention**: a registered attention function (``sparsetrain_collider``)
-  calls the model's SDPA attention, with gradient hooks on the key and value
-  tensors that zero the rows of dropped positions. With the loss on kept
-  tokens only, no gradient then reaches a dropped position in any layer;
-* **linear layers**: every ``nn.Linear`` of the model keeps its weights (the
-  state dict is unchanged) but gets a backward that gathers the kept rows of
-  its input and output gradient and runs its two GEMMs on ``[kept, features]``:
-  exact, because the dropped rows of the output gradient are zero. The LM
-  head's backward takes the compact ``[K, V]`` rows that
-  :func:`~sparsetrain.collider.masked_cross_entropy` leaves for it.
+* **engine path** (every decoder layer has a block adapter: Llama, Mistral,
+  Qwen2, Qwen3): the training forward runs the whole model through the
+  Collider engine (hf_engine.py): compact kept-row gradients between layers,
+  every backward GEMM on kept rows, the kept-query attention kernel;
+* **generic path** (any other model on the attention registry, with a
+  one-line notice that it is the slower path): the attention and linear
+  swaps of hf_generic.py.
 
-Each forward of the applied model makes a :class:`_Forward` (a forward
-pre-hook on the model); the swapped layers capture it when they run, and the
-logits carry its slot, which the kept-rows loss fills with its mask and rows.
-So the keep mask travels with the loss, as in the engine (keep.py): no
-process-wide state is needed, and ``collider.filter(keep)``, if given, must
-agree with the loss's mask. With no kept-rows loss and no filter (the model's
-own loss, say) the backward is the ordinary dense one.
-
-The forward is the model's own (all tokens). Call the applied model itself
-(its forward hooks make the per-forward context); layers run outside such a
-forward (activation checkpointing's recomputation in backward included)
-behave densely. :func:`remove` undoes :func:`apply`. Tested in float64
-against a reference that detaches dropped keys and values up front
-(tests/test_collider_hf.py).
+Both keep HF's forward for evaluation and generation (no gradient: the
+model's own forward runs). In a training forward with ``labels`` the loss is
+computed here, on the logits before they leave the model: the mean
+cross-entropy over kept tokens (:func:`kept_rows_loss`; the keep mask comes
+from ``selector``, or every token without one, which is dense training), so
+no float32 copy of the logits and no ``[N, V]`` gradient is ever made (a
+caller that converts outputs to float32, as accelerate's autocast wrapper
+does, sees the logits only after the loss has its rows). ``num_items_in_batch``
+(the Trainer's) turns the mean into a sum over this batch's kept tokens
+divided by it. Tokens at padded positions (``attention_mask`` 0) are never
+targets. :func:`remove` undoes :func:`apply`.
 """
 
 from __future__ import annotations
 
-import threading
+import functools
 import types
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .keep import KeepResolver, KeptRows
-from .loss import SLOT_ATTR, RowGradSlot
+from ..selection import IGNORE_INDEX, SelectionStats, TokenSelector, shift_labels
+from .hf_engine import HFEngine, unsupported_reason
+from .hf_generic import GenericSwap, swap_in, swap_out
+from .hf_linear import UnsupportedLayer
+from .loss import masked_cross_entropy
 
-ATTENTION_NAME = "sparsetrain_collider"
 _STATE_ATTR = "_sparsetrain_collider"
 
 
-class _Forward:
-    """One forward of an applied model: the slot its loss fills, and the keep
-    mask its layers' backward resolve from it."""
-
-    def __init__(self) -> None:
-        self.slot = RowGradSlot()
-        self.keep = KeepResolver(self.slot)
-        self.shape: tuple[int, int] | None = None
-        self.device: torch.device | None = None
-
-    def saw(self, x: torch.Tensor) -> None:
-        """A layer input ``[B, T, ...]``: the batch shape, from the first one seen."""
-        if self.shape is None and x.dim() >= 3:
-            self.shape, self.device = (int(x.shape[0]), int(x.shape[1])), x.device
-
-    def kept(self, n_rows: int | None = None) -> KeptRows | None:
-        """The backward's kept rows, or None for a dense backward (no mask anywhere)."""
-        if self.shape is None:
-            return None
-        kept = self.keep.resolve(self.shape, self.device)
-        if kept.keep is None:
-            return None
-        if n_rows is not None and n_rows != kept.tokens:
-            raise ValueError(f"Collider keep mask has {kept.tokens} entries but the layer sees {n_rows} rows")
-        return kept
-
-
-_local = threading.local()  # the applied models' forwards running on this thread, innermost last
-
-
-def _current() -> _Forward | None:
-    stack = getattr(_local, "forwards", None)
-    return stack[-1] if stack else None
-
-
-def _push(module: nn.Module, args) -> None:
-    if not hasattr(_local, "forwards"):
-        _local.forwards = []
-    _local.forwards.append(_Forward())
-
-
-def _pop(module: nn.Module, args, output) -> None:
-    _local.forwards.pop()
-
-
-class _KeptRowsLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
-                fwd: _Forward | None) -> torch.Tensor:
-        y = F.linear(x, weight, bias)  # under autocast: the autocast dtype, as nn.Linear would
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.compute_dtype, ctx.fwd = bias is not None, y.dtype, fwd
-        return y
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        x, w = ctx.saved_tensors
-        dt = ctx.compute_dtype
-        g2 = g.reshape(-1, g.shape[-1]).to(dt)
-        x2 = x.reshape(-1, x.shape[-1]).to(dt)
-        kept = ctx.fwd.kept(g2.shape[0]) if ctx.fwd is not None else None
-        if kept is not None:  # dropped rows of g are zero: both GEMMs on the kept rows only
-            g_k, x_k = g2.index_select(0, kept.kidx), x2.index_select(0, kept.kidx)
-            dx = torch.zeros_like(x2).index_copy_(0, kept.kidx, g_k @ w.to(dt))
-        else:
-            g_k, x_k = g2, x2
-            dx = g2 @ w.to(dt)
-        return _linear_grads(ctx, dx.view(x.shape).to(x.dtype), g_k, x_k, w)
-
-
-def _linear_grads(ctx, dx: torch.Tensor, g_k: torch.Tensor, x_k: torch.Tensor, w: torch.Tensor):
-    dw = (g_k.t() @ x_k).to(w.dtype)
-    db = g_k.sum(0).to(w.dtype) if ctx.has_bias else None
-    return dx, dw, db, None
-
-
-class _KeptRowsHead(torch.autograd.Function):
-    """The LM head: its backward starts the model's backward, taking the keep mask
-    and the compact logit rows from the loss (see the module docstring)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
-                fwd: _Forward) -> torch.Tensor:
-        y = F.linear(x, weight, bias)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.compute_dtype, ctx.fwd = bias is not None, y.dtype, fwd
-        return y
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        x, w = ctx.saved_tensors
-        dt, fwd = ctx.compute_dtype, ctx.fwd
-        fwd.saw(x)
-        fwd.keep.begin(fwd.shape, fwd.device)  # a backward starts here: the loss's mask, else filter's
-        kept = fwd.kept()
-        x2 = x.reshape(-1, x.shape[-1]).to(dt)
-        if kept is None:
-            g_k, x_k = g.reshape(-1, g.shape[-1]).to(dt), x2
-            dx = g_k @ w.to(dt)
-        else:
-            g_k, x_k = fwd.keep.logit_rows(g, dt), x2.index_select(0, kept.kidx)
-            dx = torch.zeros_like(x2).index_copy_(0, kept.kidx, g_k @ w.to(dt))
-        return _linear_grads(ctx, dx.view(x.shape).to(x.dtype), g_k, x_k, w)
-
-
-def _kept_rows_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    fwd = _current()
-    if fwd is not None:
-        fwd.saw(x)
-    return _KeptRowsLinear.apply(x, self.weight, self.bias, fwd)
-
-
-def _kept_rows_head_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    fwd = _current()
-    if fwd is None:
-        return _KeptRowsLinear.apply(x, self.weight, self.bias, None)
-    fwd.saw(x)
-    y = _KeptRowsHead.apply(x, self.weight, self.bias, fwd)
-    setattr(y, SLOT_ATTR, fwd.slot)  # masked_cross_entropy leaves its mask and rows here
-    return y
-
-
-def _dropped_rows_zeroed(fwd: _Forward):
-    """Gradient hook for ``[B, heads, T, hd]`` keys/values of one forward: zero
-    dropped positions' rows."""
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        kept = fwd.kept()
-        if kept is None or kept.keep is None:
-            return grad
-        return grad * kept.keep[:, None, :, None].to(grad.dtype)
-    return hook
-
-
-def collider_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, **kwargs):
-    """The model's SDPA attention with dropped positions' keys and values made
-    constant in the backward of the forward it runs in."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    fwd = _current()
-    if fwd is not None:
-        for t in (key, value):
-            if t.requires_grad:
-                t.register_hook(_dropped_rows_zeroed(fwd))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+class ColliderGenericPathWarning(UserWarning):
+    """``collider.apply`` took the generic (exact, slower) path for a model the engine cannot run."""
 
 
 @dataclass
 class _Applied:
-    """What :func:`apply` changed, for :func:`remove`."""
+    """What :func:`apply` changed, for :func:`remove`, and what the forward reads."""
 
-    attn_implementation: str | None
-    linears: list[nn.Linear] = field(default_factory=list)
-    hooks: list = field(default_factory=list)
+    engine: HFEngine | None
+    generic: GenericSwap | None
+    selector: TokenSelector | None
+    previous_forward: Any  # the instance-level forward the model had (another wrapper's), or None
+    last_stats: SelectionStats | None = None
 
 
-def apply(model: nn.Module) -> nn.Module:
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside ``model`` (PEFT's wrapper removed)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def kept_rows_loss(logits: torch.Tensor, targets: torch.Tensor, selector: TokenSelector | None = None,
+                   num_items_in_batch: torch.Tensor | int | None = None, n_valid: int | None = None
+                   ) -> tuple[torch.Tensor, SelectionStats]:
+    """Collider's loss on ``logits`` ``[B, T, V]`` for aligned ``targets`` ``[B, T]``
+    (``IGNORE_INDEX`` for none): the mean cross-entropy over the tokens
+    ``selector`` keeps (every token without one: dense training), or with
+    ``num_items_in_batch`` their sum divided by it. Returns the loss and the
+    selection's stats. ``n_valid``: the number of targets, when the caller
+    counted them (else counted here: a host sync); it sizes the selector's
+    budget. A batch without targets gives a zero loss."""
+    valid = targets != IGNORE_INDEX
+    if n_valid is None:
+        n_valid = int(valid.sum())
+    if n_valid == 0:
+        return logits.sum() * 0.0, SelectionStats(kept=0, total=0)
+    if selector is not None:
+        keep, stats = selector(logits.detach(), targets, n_valid=n_valid)
+    else:  # every token kept: every position's keys and values get their gradient, as in dense training
+        keep, stats = torch.ones_like(valid), SelectionStats(kept=n_valid, total=n_valid, keep_ratio=1.0)
+    loss = masked_cross_entropy(logits, targets, keep)
+    if num_items_in_batch is not None:
+        loss = loss * stats.unread("kept") / num_items_in_batch  # in the loss's precision
+    return loss, stats
+
+
+def apply(model: nn.Module, selector: TokenSelector | None = None, compile: bool | None = None,
+          attention: str = "auto", engine: bool | None = None) -> nn.Module:
     """Make a Hugging Face causal LM train with Collider filtering (in place; returns it).
 
-    Use: ``logits = model(ids).logits``; pick ``keep`` [B, T]; the loss is the
-    mean cross-entropy over kept tokens (``collider.masked_cross_entropy``),
-    and ``loss.backward()`` keeps those tokens in every layer. Applying twice
+    ``model``: a transformers ``*ForCausalLM`` or PEFT's wrapper of one.
+    ``selector``: picks the kept tokens when the forward gets ``labels``
+    (None: every token, dense training through the same path). ``compile``:
+    run the engine's pieces through ``torch.compile`` (None: on CUDA);
+    ``attention``: the engine's attention backward (auto, kept or dense).
+    ``engine``: None takes the engine when every layer has an adapter, else
+    the generic path with a one-line :class:`ColliderGenericPathWarning`;
+    True requires the engine (:class:`~sparsetrain.collider.hf_linear.UnsupportedLayer`
+    says why not); False takes the generic path.
+
+    Use: ``model(ids, labels=labels).loss.backward()``, or
+    ``logits = model(ids).logits``, pick ``keep``, and backpropagate
+    ``collider.masked_cross_entropy(logits, targets, keep)``. Applying twice
     changes nothing; :func:`remove` undoes it.
     """
-    try:
-        from transformers import AttentionInterface
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError("sparsetrain.collider.apply needs transformers") from e
-    if hasattr(model, _STATE_ATTR):
+    lm = causal_lm(model)
+    if hasattr(lm, _STATE_ATTR):
         return model
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("collider.apply found no nn.Linear layers to swap")
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    state = _Applied(getattr(model.config, "_attn_implementation", None), linears)
-    AttentionInterface.register(ATTENTION_NAME, collider_attention)
-    _set_attention(model, ATTENTION_NAME)
-    for module in linears:
-        fn = _kept_rows_head_forward if module is head else _kept_rows_forward
-        module.forward = types.MethodType(fn, module)
-    state.hooks = [model.register_forward_pre_hook(_push), model.register_forward_hook(_pop, always_call=True)]
-    setattr(model, _STATE_ATTR, state)
+    if compile is None:
+        compile = any(p.is_cuda for p in lm.parameters())
+    eng = generic = None
+    if engine is not False:
+        reason = unsupported_reason(lm)
+        if reason is None:
+            eng = HFEngine(lm, compile=compile, attention=attention)
+        elif engine:
+            raise UnsupportedLayer(reason)
+        else:
+            warnings.warn(f"sparsetrain.collider.apply: {reason}; taking the generic path (exact, slower)",
+                          ColliderGenericPathWarning, stacklevel=2)
+    if eng is None:
+        generic = swap_in(lm)
+    state = _Applied(eng, generic, selector, lm.__dict__.get("forward"))
+    setattr(lm, _STATE_ATTR, state)
+    lm.forward = types.MethodType(_forward_of(type(lm)), lm)
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply` (in place; returns the model): the linear layers'
-    own forward, the attention implementation the model had, no hooks."""
-    state: _Applied | None = getattr(model, _STATE_ATTR, None)
+    """Undo :func:`apply` (in place; returns the model): the model's own forward
+    (or the wrapper it had), linear layers and attention implementation."""
+    lm = causal_lm(model)
+    state: _Applied | None = getattr(lm, _STATE_ATTR, None)
     if state is None:
         raise ValueError("collider.remove: this model was not made a Collider trainee by collider.apply")
-    for h in state.hooks:
-        h.remove()
-    for module in state.linears:
-        module.__dict__.pop("forward", None)
-    if state.attn_implementation is not None:
-        _set_attention(model, state.attn_implementation)
-    delattr(model, _STATE_ATTR)
+    if state.generic is not None:
+        swap_out(lm, state.generic)
+    if state.previous_forward is not None:
+        lm.forward = state.previous_forward
+    else:
+        lm.__dict__.pop("forward", None)
+    delattr(lm, _STATE_ATTR)
     return model
 
 
-def _set_attention(model: nn.Module, name: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:  # older transformers
-        model.config._attn_implementation = name
+def applied_state(model: nn.Module) -> _Applied | None:
+    """The state :func:`apply` left on ``model`` (or PEFT's wrapper of it), or None."""
+    return getattr(causal_lm(model), _STATE_ATTR, None)
+
+
+def uses_engine(model: nn.Module) -> bool:
+    """Whether :func:`apply` put ``model`` on the engine path."""
+    state = applied_state(model)
+    return state is not None and state.engine is not None
+
+
+def _refuse_checkpointing(lm: nn.Module) -> None:
+    if any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in lm.modules()):
+        raise ValueError("gradient checkpointing on the generic Collider path would recompute layers without the "
+                         "keep mask; disable it (model.gradient_checkpointing_disable()) or use a model the engine "
+                         "runs")
+
+
+def _forward_of(cls: type):
+    """The applied model's forward, to bind to an instance of ``cls`` (its signature
+    shows as ``cls.forward``'s, which the Trainer reads to pick dataset columns)."""
+    cls_forward = cls.forward
+
+    @functools.wraps(cls_forward)
+    @torch.compiler.disable  # the engine compiles its own pieces; its autograd nodes are not traced whole
+    def forward(lm: nn.Module, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, *args: Any, labels: torch.Tensor | None = None,
+                shift_labels: torch.Tensor | None = None, num_items_in_batch: Any = None,
+                collider_logits: bool = True, **kwargs: Any):
+        state: _Applied = lm.__dict__[_STATE_ATTR]
+        previous = state.previous_forward or functools.partial(cls_forward, lm)
+        if not torch.is_grad_enabled():  # evaluation, generation: the model's own forward and loss
+            extra = {k: v for k, v in (("labels", labels), ("shift_labels", shift_labels),
+                                       ("num_items_in_batch", num_items_in_batch)) if v is not None}
+            return previous(input_ids, attention_mask, position_ids, *args, **extra, **kwargs)
+        if args:
+            raise ValueError("the Collider training forward takes input_ids, attention_mask and position_ids "
+                             "positionally; pass the rest by keyword")
+        targets = n_valid = None
+        if labels is not None or shift_labels is not None:
+            # counted before the forward: the host sync then waits for no forward work
+            targets = collider_targets(labels, shift_labels, attention_mask)
+            n_valid = int((targets != IGNORE_INDEX).sum())
+        if state.engine is not None:
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+
+            out = CausalLMOutputWithPast(logits=state.engine.forward(input_ids, attention_mask, position_ids,
+                                                                     **kwargs))
+        else:
+            _refuse_checkpointing(lm)
+            out = previous(input_ids, attention_mask, position_ids, **kwargs)
+            if not hasattr(out, "logits"):
+                raise ValueError("the Collider training forward needs return_dict outputs (a .logits field)")
+        if targets is not None:
+            out.loss, state.last_stats = kept_rows_loss(out.logits, targets, state.selector, num_items_in_batch,
+                                                        n_valid)
+        if not collider_logits:  # the caller wants the loss only: nothing left to convert or keep
+            out.logits = None
+        return out
+
+    return forward
+
+
+def collider_targets(labels: torch.Tensor | None, shifted: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The aligned targets the training forward learns from: HF-style ``labels``
+    (same positions as the inputs) shifted, or ``shifted`` as given (HF's
+    ``shift_labels``); none at padded positions (``attention_mask`` 0)."""
+    targets = shifted if shifted is not None else shift_labels(labels, IGNORE_INDEX)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        targets = targets.masked_fill(attention_mask.to(targets.device) == 0, IGNORE_INDEX)
+    return targets
+
+
+__all__ = ["ColliderGenericPathWarning", "apply", "applied_state", "causal_lm", "collider_targets", "kept_rows_loss",
+           "remove", "uses_engine"]

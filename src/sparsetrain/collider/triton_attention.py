@@ -116,7 +116,7 @@ if triton is not None:
         s_dt, s_dh,  # DO packed [K, H, hd] strides
         s_gt, s_gh,  # DQ / DK / DV [K, (3,) H, hd] strides
         s_rope,  # COS / SIN [T, hd/2] row stride (unused without ROPE)
-        H, T, KT, n_tiles, scale2,
+        H, G, T, KT, n_tiles, scale2,
         HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_LSE: tl.constexpr, PREC: tl.constexpr,
         ROPE: tl.constexpr,
     ):
@@ -141,8 +141,8 @@ if triton is not None:
         hi = tl.max(tl.where(rmask, qpos, -1), 0) + 1
         # key blocks ending at or before the tile's first query need no causal mask
         full_end = (tl.min(tl.where(rmask, qpos, T), 0) + 1) // BN * BN
-        kbase = K + b * s_kb + h * s_kh
-        vbase = V + b * s_vb + h * s_vh
+        kbase = K + b * s_kb + (h // G) * s_kh  # grouped-query: G query heads share a key/value head
+        vbase = V + b * s_vb + (h // G) * s_vh
         if HAS_LSE:
             lse2 = tl.load(LSE_IN + b * s_lb + h * s_lh + qpos * s_lt, mask=rmask, other=0.0) * 1.4426950408889634
         else:  # the forward's log-sum-exp is not at hand: recompute it (online, base 2)
@@ -174,12 +174,14 @@ if triton is not None:
         s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
         s_dt, s_dh,  # QK / DO packed [K, H, hd] strides
         s_gt, s_gh,  # DK / DV [K, (3,) H, hd] strides
-        s_rope, H, KT, scale2,
+        s_rope, HKV, G, KT, scale2,
         HD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, ROPE: tl.constexpr,
     ):
+        # one program per (key tile, batch row, key/value head): it sums over the
+        # G query heads that share the key/value head
         tile = tl.program_id(0)
-        b = tl.program_id(1) // H
-        h = tl.program_id(1) % H
+        b = tl.program_id(1) // HKV
+        hk = tl.program_id(1) % HKV
         lo = tl.load(CU + b)
         n = tl.load(CU + b + 1) - lo
         if tile * BN >= n:
@@ -189,25 +191,27 @@ if triton is not None:
         ktok = lo + cols
         d = tl.arange(0, HD)
         kpos = tl.load(POS + ktok, mask=cmask, other=2**30)
-        k = tl.load(K + b * s_kb + h * s_kh + kpos[:, None] * s_kt + d[None, :], mask=cmask[:, None], other=0.0)
-        v = tl.load(V + b * s_vb + h * s_vh + kpos[:, None] * s_vt + d[None, :], mask=cmask[:, None], other=0.0)
+        k = tl.load(K + b * s_kb + hk * s_kh + kpos[:, None] * s_kt + d[None, :], mask=cmask[:, None], other=0.0)
+        v = tl.load(V + b * s_vb + hk * s_vh + kpos[:, None] * s_vt + d[None, :], mask=cmask[:, None], other=0.0)
         dk = tl.zeros((BN, HD), tl.float32)
         dv = tl.zeros((BN, HD), tl.float32)
         # kept queries are sorted by position: those at or after this tile's first
         # key start at the tile's own index; past the tile's last key, no mask
         first = (tile * BN) // BM * BM
         unmasked = tl.minimum(((tile + 1) * BN + BM - 1) // BM * BM, n)
-        for start in range(first, unmasked, BM):
-            dk_, dv_ = _dkdv_block(k, v, kpos, QK, DO, POS, LSE, DELTA, lo, n, start, h, d, KT, s_dt, s_dh, scale2,
-                                   True, BM, PREC)
-            dk += dk_
-            dv += dv_
-        for start in range(unmasked, n, BM):
-            dk_, dv_ = _dkdv_block(k, v, kpos, QK, DO, POS, LSE, DELTA, lo, n, start, h, d, KT, s_dt, s_dh, scale2,
-                                   False, BM, PREC)
-            dk += dk_
-            dv += dv_
-        kp = ktok * s_gt + h * s_gh
+        for g in range(G):
+            h = hk * G + g
+            for start in range(first, unmasked, BM):
+                dk_, dv_ = _dkdv_block(k, v, kpos, QK, DO, POS, LSE, DELTA, lo, n, start, h, d, KT, s_dt, s_dh, scale2,
+                                       True, BM, PREC)
+                dk += dk_
+                dv += dv_
+            for start in range(unmasked, n, BM):
+                dk_, dv_ = _dkdv_block(k, v, kpos, QK, DO, POS, LSE, DELTA, lo, n, start, h, d, KT, s_dt, s_dh, scale2,
+                                       False, BM, PREC)
+                dk += dk_
+                dv += dv_
+        kp = ktok * s_gt + hk * s_gh
         _store_rows(DK, kp, dk * (scale2 / 1.4426950408889634), COS, SIN, kpos, cmask, s_rope, ROPE, BN, HD)
         _store_rows(DV, kp, dv, COS, SIN, kpos, cmask, s_rope, False, BN, HD)
 
@@ -235,13 +239,14 @@ def _launch(args: dict, cfg_dq: tuple, cfg_kv: tuple) -> None:
         a["cos"], a["sin"],
         *a["q"].stride()[:3], *a["k"].stride()[:3], *a["v"].stride()[:3], *a["out"].stride()[:3], *a["lse_strides"],
         a["do"].stride(0), a["do"].stride(1), a["dq"].stride(0), a["dq"].stride(1), a["cos"].stride(0),
-        H, T, a["do"].shape[0], n_tiles, a["scale2"],
+        H, a["groups"], T, a["do"].shape[0], n_tiles, a["scale2"],
         HD=hd, BM=bm, BN=bn, HAS_LSE=a["has_lse"], PREC=a["prec"], ROPE=a["rope"], num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = cfg_kv  # here BN is the key tile and BM the query block
-    _dkdv_kernel[(triton.cdiv(T, bn), B * H)](
+    _dkdv_kernel[(triton.cdiv(T, bn), B * (H // a["groups"]))](
         a["q_k"], a["k"], a["v"], a["do"], a["pos"], a["cu"], a["lse"], a["delta"], a["dk"], a["dv"], a["cos"], a["sin"],
         *a["k"].stride()[:3], *a["v"].stride()[:3], a["do"].stride(0), a["do"].stride(1),
-        a["dk"].stride(0), a["dk"].stride(1), a["cos"].stride(0), H, a["do"].shape[0], a["scale2"],
+        a["dk"].stride(0), a["dk"].stride(1), a["cos"].stride(0), H // a["groups"], a["groups"], a["do"].shape[0],
+        a["scale2"],
         HD=hd, BM=bm, BN=bn, PREC=a["prec"], ROPE=a["rope"], num_warps=warps, num_stages=stages)
 
 
@@ -257,8 +262,10 @@ def _tuning_key(args: dict) -> str:
     lists = hashlib.sha1(repr((DQ_CONFIGS, KV_CONFIGS)).encode()).hexdigest()[:12]
     dev = args["q"].device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    groups = args.get("groups", 1)
     return (f"{name}|triton {triton.__version__}|hd {hd}|T {T}|"
-            f"{args['q'].dtype}|lse {args['has_lse']}|rope {args['rope']}|{lists}")
+            f"{args['q'].dtype}|lse {args['has_lse']}|rope {args['rope']}|{lists}"
+            + (f"|groups {groups}" if groups != 1 else ""))
 
 
 def _load_tuning(path: Path) -> dict:
@@ -289,7 +296,8 @@ def _tune(args: dict, timer=None) -> tuple[tuple, tuple]:
     timed once and written there. ``timer(launch) -> ms`` replaces the CUDA
     timing (tests)."""
     B, H, T, hd = args["q"].shape
-    key = (hd, T, args["q"].dtype, args["has_lse"], args["rope"])
+    groups = args.get("groups", 1)
+    key = (hd, T, args["q"].dtype, args["has_lse"], args["rope"], groups)
     if key in _tuned:
         return _tuned[key]
     path, disk_key = _tuning_path(), _tuning_key(args)
@@ -337,8 +345,11 @@ def kept_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Collider attention gradients for the kept tokens only.
 
-    ``q, k, v, out``: all tokens, ``[B, H, T, hd]`` (the forward's tensors, any
-    strides with a contiguous head dim); ``do_k``: the kept tokens' output
+    ``q, out``: all tokens, ``[B, H, T, hd]``; ``k, v``: all tokens,
+    ``[B, Hkv, T, hd]`` with ``Hkv`` dividing ``H`` (grouped-query attention:
+    query head ``h`` reads key/value head ``h // (H // Hkv)``, as Hugging
+    Face's ``repeat_kv``); the forward's tensors, any strides with a contiguous
+    head dim. ``do_k``: the kept tokens' output
     gradient ``[K, H, hd]`` in ``kidx`` order; ``lse``: the forward kernel's
     log-sum-exp of the scaled scores ``[B, H, T]`` (natural log), or None to
     recompute it. ``rows_meta``: :func:`kept_rows_meta` of ``kidx``, to compute
@@ -348,12 +359,13 @@ def kept_attention_backward(
     ``rope``: the ``(cos, sin)`` tables ``[>= T, hd/2]`` that rotated q and k
     (rotate-half): dq and dk then come out as gradients before RoPE, undone in
     the kernels' epilogue instead of in a pass of their own. ``grads``: a
-    ``[K, 3, H, hd]`` buffer to write (dq, dk, dv) into, laid out as the QKV
-    projection's output rows, so the caller's weight-gradient GEMM reads it
-    as ``[K, 3 * H * hd]`` directly.
+    contiguous ``[K, H + 2 * Hkv, hd]`` buffer (``[K, 3, H, hd]`` also when
+    ``Hkv == H``) to write (dq, dk, dv) into, laid out as the QKV projection's
+    output rows, so the caller's weight-gradient GEMM reads it as
+    ``[K, (H + 2 * Hkv) * hd]`` directly.
 
-    Returns ``(dq_k, dk_k, dv_k)``, each ``[K, H, hd]`` in the dtype of ``q``
-    (views into ``grads`` when given).
+    Returns ``(dq_k, dk_k, dv_k)``: ``[K, H, hd]``, ``[K, Hkv, hd]``,
+    ``[K, Hkv, hd]`` in the dtype of ``q`` (views into ``grads`` when given).
     """
     if triton is None:
         raise RuntimeError("Triton is not installed")
@@ -363,11 +375,18 @@ def kept_attention_backward(
         raise ValueError(f"head_dim must be a power of two >= 16 for the Triton kernel, got {hd}")
     if any(t.stride(-1) != 1 for t in (q, k, v, out)):
         raise ValueError("q, k, v and out need a contiguous head dim")
+    Hkv = k.shape[1]
+    if H % Hkv or any(t.shape[1] != Hkv or t.shape[0] != B or t.shape[2:] != (T, hd) for t in (k, v)):
+        raise ValueError(f"k and v must be [B, Hkv, T, hd] with Hkv dividing the {H} query heads, got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    width = H + 2 * Hkv
     if grads is None:
-        grads = torch.empty(K, 3, H, hd, dtype=q.dtype, device=q.device)
-    elif grads.shape != (K, 3, H, hd) or not grads.is_contiguous() or grads.dtype != q.dtype:
-        raise ValueError(f"grads must be a contiguous {q.dtype} [{K}, 3, {H}, {hd}] tensor, got "
+        grads = torch.empty(K, width, hd, dtype=q.dtype, device=q.device)
+    elif (grads.shape != (K, width, hd) and not (Hkv == H and grads.shape == (K, 3, H, hd))
+          or not grads.is_contiguous() or grads.dtype != q.dtype):
+        raise ValueError(f"grads must be a contiguous {q.dtype} [{K}, {width}, {hd}] tensor, got "
                          f"{grads.dtype} {tuple(grads.shape)}")
+    grads = grads.view(K, width, hd)
     if rope is not None:
         cos, sin = rope
         if cos.shape[0] < T or cos.shape[-1] != hd // 2 or cos.stride(-1) != 1 or cos.stride() != sin.stride():
@@ -382,7 +401,8 @@ def kept_attention_backward(
         "q": q, "k": k, "v": v, "out": out, "do": do_k, "pos": pos, "cu": cu,
         "lse_in": lse if lse is not None else q, "lse_strides": lse.stride() if lse is not None else (0, 0, 0),
         "has_lse": lse is not None, "q_k": _kept_rows(q, kidx),
-        "dq": grads[:, 0], "dk": grads[:, 1], "dv": grads[:, 2], "cos": cos, "sin": sin, "rope": rope is not None,
+        "dq": grads[:, :H], "dk": grads[:, H:H + Hkv], "dv": grads[:, H + Hkv:], "groups": H // Hkv,
+        "cos": cos, "sin": sin, "rope": rope is not None,
         "lse": torch.empty(H, K, dtype=torch.float32, device=q.device),
         "delta": torch.empty(H, K, dtype=torch.float32, device=q.device), "scale2": LOG2E / math.sqrt(hd),
         # float32 inputs: true float32 products (tl.dot would round them to TF32 on the GPU)

@@ -1,0 +1,270 @@
+"""Collider in the Hugging Face ``Trainer`` (and TRL's ``SFTTrainer``).
+
+``ColliderTrainer(model=..., args=..., train_dataset=..., collider=ColliderArguments(drop_ratio=0.5))``
+trains like ``Trainer`` with Collider (:func:`sparsetrain.collider.apply` on
+the model; the selector picks the kept tokens in each training forward,
+from the forward's own logits). For another Trainer subclass,
+``with_collider(SFTTrainer)`` gives one that does the same.
+
+* **Loss normalisation.** The loss of an optimizer step is the sum of
+  cross-entropy over the kept tokens of all its micro-batches (gradient
+  accumulation) and, under DDP, of all processes, divided by their total
+  count. For ``topk`` and ``random`` selection at a fixed ratio the count is
+  known from the batches' target counts before the first forward (each
+  micro-batch keeps ``budget(n_valid, ratio)``), and is handed to the model
+  as the Trainer's ``num_items_in_batch``. Threshold and other selections
+  keep an unknown count: they train with one process and no accumulation
+  (refused otherwise, in one line).
+* **Logging.** ``collider_kept_fraction`` (kept / targets since the last log)
+  and ``collider_backward_seconds`` (mean backward time per micro-batch: CUDA
+  events on the GPU, read at log time) join the Trainer's logs, so every
+  ``report_to`` integration sees them.
+* **Evaluation** runs the model's own forward and loss (no gradient).
+
+TRL's ``SFTTrainer`` computes its loss through a fused LM head that skips
+the logits; under Collider the loss is the kept-rows loss on the logits
+instead, so the trainer's own entropy and token-accuracy metrics are not
+logged (``with_collider`` bypasses that loss).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .collider import apply, remove
+from .collider.attention import MODES
+from .collider.hf import applied_state, collider_targets
+from .errors import ConfigError
+from .selection import IGNORE_INDEX, METHODS, SCORES, TokenSelector, budget
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError("sparsetrain.hf_trainer needs transformers (and accelerate)") from e
+
+
+@dataclass
+class ColliderArguments:
+    """What Collider adds to ``TrainingArguments``.
+
+    ``drop_ratio``: fraction of target tokens dropped from the backward (0 is
+    dense training through the same path); ``score`` and ``method``: the
+    selector's (:class:`~sparsetrain.selection.TokenSelector`; ``threshold``
+    holds ``drop_ratio`` adaptively); ``warmup_steps``: optimizer steps over
+    which the kept fraction falls from 1 to ``1 - drop_ratio``; ``attention``,
+    ``compile``, ``engine``: as :func:`sparsetrain.collider.apply`.
+    """
+
+    drop_ratio: float = 0.5
+    score: str = "collider"
+    method: str = "topk"
+    warmup_steps: int = 0
+    attention: str = "auto"
+    compile: bool | None = None
+    engine: bool | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.drop_ratio < 1.0:
+            raise ConfigError(f"collider drop_ratio must be in [0, 1), got {self.drop_ratio}")
+        if self.score not in SCORES:
+            raise ConfigError(f"collider score must be one of {', '.join(SCORES)}, got {self.score!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"collider method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.score == "excess":
+            raise ConfigError("collider score 'excess' needs reference losses, which the Trainer integration does "
+                              "not load; pick another score")
+        if self.method == "threshold" and self.drop_ratio == 0:
+            raise ConfigError("collider method 'threshold' holds drop_ratio adaptively: give drop_ratio > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"collider warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.attention not in MODES:
+            raise ConfigError(f"collider attention must be one of {', '.join(MODES)}, got {self.attention!r}")
+
+    @property
+    def count_known_ahead(self) -> bool:
+        """Whether a micro-batch's kept count follows from its target count."""
+        return self.method in ("topk", "random")
+
+    def selector(self) -> TokenSelector | None:
+        """The selector these arguments describe (None at ``drop_ratio`` 0: every token kept)."""
+        if self.drop_ratio == 0:
+            return None
+        threshold = self.method == "threshold"
+        return TokenSelector(score=self.score, method=self.method, keep_ratio=1.0 - self.drop_ratio,
+                             warmup_steps=self.warmup_steps, target_sparsity=self.drop_ratio if threshold else None,
+                             seed=self.seed)
+
+
+class ColliderCallback(TrainerCallback):
+    """Keeps ``selector``'s schedule at the Trainer's optimizer step (for a plain
+    ``Trainer`` over a model given to :func:`sparsetrain.collider.apply` with a
+    selector; :class:`ColliderTrainer` adds one itself)."""
+
+    def __init__(self, selector: TokenSelector | None) -> None:
+        self.selector = selector
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: D102 - the TrainerCallback hook
+        if self.selector is not None:
+            self.selector.set_step(state.global_step)
+
+
+class _BackwardClock:
+    """Backward time per micro-batch: CUDA events (read when asked), else the host clock."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[Any, Any]] = []
+        self._start: Any = None
+
+    def _mark(self) -> Any:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._start = self._mark()
+
+    def stop(self) -> None:
+        if self._start is not None:
+            self.spans.append((self._start, self._mark()))
+            self._start = None
+
+    def mean_seconds(self) -> float | None:
+        """Mean span since the last call (None without any), then forget them."""
+        spans, self.spans = self.spans, []
+        if not spans:
+            return None
+        secs = []
+        for a, b in spans:
+            if isinstance(a, float):
+                secs.append(b - a)
+            else:
+                b.synchronize()
+                secs.append(a.elapsed_time(b) / 1e3)
+        return sum(secs) / len(secs)
+
+
+class ColliderTrainerMixin:
+    """What :class:`ColliderTrainer` adds to a ``Trainer`` class (see the module docstring)."""
+
+    def __init__(self, *args: Any, collider: ColliderArguments | None = None, **kwargs: Any) -> None:
+        self.collider_args = collider if collider is not None else ColliderArguments()
+        super().__init__(*args, **kwargs)
+        ca, targs = self.collider_args, self.args
+        if targs.label_smoothing_factor or getattr(self, "compute_loss_func", None) is not None:
+            raise ConfigError("Collider computes its own loss (the kept-rows loss): label_smoothing_factor and "
+                              "compute_loss_func are not available with it")
+        world = targs.world_size
+        if not ca.count_known_ahead and ca.drop_ratio > 0 and (targs.gradient_accumulation_steps > 1 or world > 1):
+            raise ConfigError(f"collider method {ca.method!r} keeps a count known only after each forward: it trains "
+                              "with gradient_accumulation_steps 1 on one process; use topk or random to normalise "
+                              "over accumulated or distributed batches")
+        if world > 1 and not targs.average_tokens_across_devices:
+            raise ConfigError("Collider normalises by the kept tokens of every process: set "
+                              "average_tokens_across_devices=True")
+        self.collider_selector = ca.selector()
+        if applied_state(self.model) is not None:  # applied before: these arguments replace that
+            remove(self.model)
+        apply(self.model, selector=self.collider_selector, compile=ca.compile, attention=ca.attention,
+              engine=ca.engine)
+        self.model_accepts_loss_kwargs = True  # the applied forward takes num_items_in_batch
+        self.add_callback(ColliderCallback(self.collider_selector))
+        self._collider_counts: list[tuple[Any, Any]] = []
+        self._collider_clock = _BackwardClock()
+
+    # ------------------------------------------------------------------ normalisation
+
+    def _sync_selector(self) -> None:
+        if self.collider_selector is not None:
+            self.collider_selector.set_step(self.state.global_step)
+
+    def get_batch_samples(self, *args: Any, **kwargs: Any):
+        """The Trainer's micro-batches of one optimizer step, with
+        ``num_items_in_batch`` the number of tokens they will keep (all
+        processes'), when that is known ahead (see the module docstring)."""
+        batches, count = super().get_batch_samples(*args, **kwargs)
+        ca = self.collider_args
+        if not batches or "labels" not in batches[0]:
+            return batches, count
+        if ca.drop_ratio > 0 and not ca.count_known_ahead:
+            return batches, None  # a mean over each micro-batch's kept tokens (one process, no accumulation)
+        self._sync_selector()
+        ratio = self.collider_selector.current_ratio() if self.collider_selector is not None else 1.0
+        kept = 0
+        for b in batches:
+            targets = collider_targets(b["labels"], b.get("shift_labels"), b.get("attention_mask"))
+            kept += budget(int((targets != IGNORE_INDEX).sum()), ratio)
+        total = torch.tensor(kept, device=self.args.device)
+        if self.args.world_size > 1:
+            total = self.accelerator.gather(total).sum()
+        return batches, total
+
+    # ------------------------------------------------------------------ loss, backward, logs
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        """The applied model's loss: the kept-rows loss of its training forward
+        (``Trainer.compute_loss`` itself, not a subclass's own loss)."""
+        self._sync_selector()
+        inputs = {**inputs, "collider_logits": return_outputs} if torch.is_grad_enabled() else dict(inputs)
+        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        state = applied_state(model)
+        if torch.is_grad_enabled() and state is not None and state.last_stats is not None:
+            stats, state.last_stats = state.last_stats, None
+            self._collider_counts.append((stats.unread("kept"), stats.unread("total")))
+            self._collider_clock.start()
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = super().training_step(*args, **kwargs)
+        self._collider_clock.stop()
+        return loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's logs plus Collider's, for every ``report_to`` integration."""
+        if self._collider_counts and "loss" in logs:
+            counts, self._collider_counts = self._collider_counts, []
+            values = torch.tensor([[float(k), float(t)] for k, t in counts]).sum(0)  # device counts read here
+            if values[1] > 0:
+                logs["collider_kept_fraction"] = round(float(values[0] / values[1]), 4)
+            secs = self._collider_clock.mean_seconds()
+            if secs is not None:
+                logs["collider_backward_seconds"] = round(secs, 6)
+        super().log(logs, *args, **kwargs)
+
+
+def with_collider(trainer_class: type) -> type:
+    """``trainer_class`` (``Trainer`` or a subclass such as TRL's ``SFTTrainer``)
+    with Collider: it takes ``collider=ColliderArguments(...)``."""
+    return type(f"Collider{trainer_class.__name__}", (ColliderTrainerMixin, trainer_class), {})
+
+
+class ColliderTrainer(ColliderTrainerMixin, Trainer):
+    """``transformers.Trainer`` with Collider (see the module docstring)."""
+
+
+def local_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE learned on ``texts`` as a transformers fast tokenizer
+    (end of text ``<|endoftext|>``, also the padding token): for training a
+    randomly initialised model without the hub."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import PreTrainedTokenizerFast
+
+    from .tokenizer import EOT, BPETokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokenizer.json"
+        BPETokenizer.train(texts, vocab_size).save(path)
+        return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOT, pad_token=EOT, bos_token=EOT)
+
+
+__all__ = ["ColliderArguments", "ColliderCallback", "ColliderTrainer", "ColliderTrainerMixin", "local_tokenizer",
+           "with_collider"]
