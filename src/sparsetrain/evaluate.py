@@ -283,7 +283,10 @@ def block_header_lines(source: str) -> list[int]:
             continue
         for node in ast.walk(top):
             body = getattr(node, "body", None)
-            if isinstance(body, list) and body and isinstance(body[0], ast.stmt) and body[0].lineno > node.lineno:
+            if not (isinstance(body, list) and body and isinstance(body[0], ast.stmt)):
+                continue
+            start = node.pattern.lineno if isinstance(node, ast.match_case) else node.lineno  # a case has no lineno
+            if body[0].lineno > start:
                 lines.add(body[0].lineno - 1)
     return sorted(lines)
 
