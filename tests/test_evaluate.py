@@ -166,6 +166,19 @@ def test_cut_at_boundary(continuation: str, kept: str, stopped: bool) -> None:
     assert cut_at_boundary(continuation) == (kept, stopped)
 
 
+def test_block_headers_of_a_match_statement() -> None:
+    """``case`` clauses are block headers too (their node has no line number of its
+    own: the pattern's is theirs); ``match`` itself opens case clauses, not statements."""
+    source = ("def f(command):\n"        # 1
+              "    match command:\n"     # 2
+              "        case [x,\n"       # 3
+              "              y]:\n"      # 4
+              "            return x\n"   # 5
+              "        case _:\n"        # 6
+              "            return None\n")
+    assert block_header_lines(source) == [1, 4, 6]
+
+
 def test_prompts_end_at_a_block_header_and_have_a_compiling_reference(python_corpus: Path) -> None:
     files = sorted(python_corpus.iterdir())
     prompts = code_prompts(files, 25, seed=4)

@@ -174,23 +174,51 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tol", type=float, default=1e-4, help="orthogonality error target of Newton-Schulz")
     f.add_argument("--max-iters", type=int, default=60, help="Newton-Schulz iterations before the SVD fallback")
 
-    r = sub.add_parser("grpo", help="training-free GRPO: grow an experience library on a built-in arithmetic task")
-    r.add_argument("--ckpt", required=True, metavar="RUN", help="run directory to sample from")
-    r.add_argument("--library", default="", metavar="FILE", help="experience library JSON (loaded if present, saved after)")
-    r.add_argument("--rounds", type=int, default=3)
-    r.add_argument("--train-prompts", type=int, default=32)
-    r.add_argument("--test-prompts", type=int, default=32)
-    r.add_argument("--group-size", type=int, default=4, help="rollouts per prompt (G)")
-    r.add_argument("--max-size", type=int, default=64, help="library capacity")
-    r.add_argument("--temperature", type=float, default=0.8, help="sampling temperature of the model")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--json", metavar="FILE", help="also write the rewards as JSON")
-
+    _add_grpo_parser(sub)
     _add_export_parser(sub)
     _add_eval_parser(sub)
 
     sub.add_parser("info", help="device, torch, CUDA, cuSPARSELt and Triton availability")
     return parser
+
+
+def _add_grpo_parser(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("grpo", formatter_class=_HelpFormatter,
+                       help="training-free GRPO: grow an experience library, measure held-out success with and without it",
+                       description="Grow an experience library from rewarded rollouts on library prompts, then sample "
+                                   "every held-out prompt once without and once with library items in its context; "
+                                   "report both success rates per seed (Wilson 95% intervals) and their mean and "
+                                   "spread over seeds. The compile task's two prompt sets come from disjoint halves "
+                                   "of the run's held-out Python files. See docs/grpo.md.")
+    r.add_argument("--ckpt", required=True, metavar="RUN", help="run directory (or its ckpt.pt)")
+    r.add_argument("--task", default="compile", choices=("compile", "arithmetic"),
+                   help="compile: complete a block of a held-out Python file of the run's corpus so that it compiles; "
+                        "arithmetic: the value of a +/- b (default: %(default)s)")
+    r.add_argument("--library", default="", metavar="FILE",
+                   help="experience library JSON: the starting library of every seed if present; each seed's grown "
+                        "library is saved to it (--seeds 1) or to FILE with .seedN before its suffix")
+    r.add_argument("--rounds", type=int, default=3, metavar="INT", help="rounds over the library prompts, >= 0 (default: %(default)s)")
+    r.add_argument("--seeds", type=int, default=3, metavar="INT",
+                   help="independent repetitions, seeds --seed, --seed + 1, ... (default: %(default)s)")
+    r.add_argument("--seed", type=int, default=0, metavar="INT", help="first seed (default: %(default)s)")
+    r.add_argument("--train-prompts", type=int, default=32, metavar="INT", help="library prompts per seed (default: %(default)s)")
+    r.add_argument("--test-prompts", type=int, default=64, metavar="INT",
+                   help="held-out prompts per seed, one sample each per arm (default: %(default)s)")
+    r.add_argument("--group-size", type=int, default=4, metavar="INT", help="rollouts per library prompt, G (default: %(default)s)")
+    r.add_argument("--context-items", type=int, default=2, metavar="INT",
+                   help="library items drawn into each prompt's context (default: %(default)s)")
+    r.add_argument("--max-size", type=int, default=64, metavar="INT", help="library capacity (default: %(default)s)")
+    r.add_argument("--experience-lines", type=int, default=12, metavar="INT",
+                   help="compile: lines of a completed block kept as an experience (default: %(default)s)")
+    r.add_argument("--context-tokens", type=int, default=128, metavar="INT",
+                   help="tokens of the model's window for library items (default: %(default)s)")
+    r.add_argument("--prompt-tokens", type=int, default=256, metavar="INT",
+                   help="tokens of the model's window for the end of the prompt, the same in both arms (default: %(default)s)")
+    r.add_argument("--max-new-tokens", type=int, default=96, metavar="INT", help="tokens per completion at most (default: %(default)s)")
+    r.add_argument("--temperature", type=float, default=0.8, metavar="FLOAT", help="sampling temperature, 0 = greedy (default: %(default)s)")
+    r.add_argument("--top-k", type=int, default=50, metavar="INT", help="sample among the k likeliest tokens; 0 = all (default: %(default)s)")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    r.add_argument("--json", metavar="FILE", help="also write the results, every held-out sample included, as JSON")
 
 
 def _add_export_parser(sub: argparse._SubParsersAction) -> None:
@@ -366,52 +394,67 @@ def cmd_fire(args: argparse.Namespace) -> int:
 
 
 def cmd_grpo(args: argparse.Namespace) -> int:
-    import random
+    from dataclasses import asdict
 
-    import torch
+    from .evaluate import held_out_code_files, load_run
+    from .generate import check_sampling
+    from .grpo import (ArithmeticTask, CompileTask, ExperienceLibrary, GRPOSettings, Task, measure_seed, model_generate,
+                       summarize)
+    from .trainer import autocast_dtype, resolve_device
 
-    from .generate import check_sampling, load_model, sample
-    from .grpo import ExperienceLibrary, arithmetic_prompts, mean_reward, run_round
-    from .tokenizer import BPETokenizer
-
-    for name in ("rounds", "train_prompts", "test_prompts", "group_size", "max_size"):
+    for name in ("seeds", "max_size", "experience_lines"):  # the rest is checked where it is used, by its name
         if getattr(args, name) < 1:
             raise SparsetrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    check_sampling(6, args.temperature, 50)
-    folder = Path(args.ckpt) if Path(args.ckpt).is_dir() else Path(args.ckpt).parent
-    model = load_model(args.ckpt)
-    tok_path = folder / "tokenizer.json"
-    if not tok_path.is_file():
-        raise SparsetrainError(f"no tokenizer.json in {folder}")
-    tok = BPETokenizer.load(tok_path)
-    gen = torch.Generator().manual_seed(args.seed)
-
-    def generate(prompt: str, n: int) -> list[str]:
-        ids = [tok.eot_id] + tok.encode(prompt)
-        ids = ids[-(model.config.seq_len - 6):]
-        return [tok.decode(sample(model, ids, 6, args.temperature, 50, gen)) for _ in range(n)]
-
+    settings = GRPOSettings(args.rounds, args.train_prompts, args.test_prompts, args.group_size, args.context_items)
+    settings.validate()  # before the model loads
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k)
+    if not _valid_device(args.device):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     lib_path = Path(args.library) if args.library else None
-    library = ExperienceLibrary.load(lib_path) if lib_path and lib_path.is_file() else ExperienceLibrary(args.max_size)
-    rng = random.Random(args.seed)
-    train_p = arithmetic_prompts(args.train_prompts, args.seed)
-    test_p = arithmetic_prompts(args.test_prompts, args.seed + 10_000)  # held out
-    base = mean_reward(generate, test_p, args.group_size, None, rng)
-    rounds = []
-    for rd in range(args.rounds):
-        r = run_round(generate, library, train_p, args.group_size, rd, rng)
-        rounds.append({"round": rd, "mean_train_reward": r, "library_size": len(library.items)})
-        print(f"round {rd}: mean train reward {r:.3f}, library size {len(library.items)}", flush=True)
-    with_lib = mean_reward(generate, test_p, args.group_size, library, rng)
-    if lib_path:
-        library.save(lib_path)
-    print(f"held-out mean reward: {base:.3f} without the library, {with_lib:.3f} with it")
+    start = ExperienceLibrary.load(lib_path) if lib_path and lib_path.is_file() else ExperienceLibrary(args.max_size)
+
+    device = resolve_device(args.device)
+    run = load_run(args.ckpt, str(device))
+    if run.tokenizer is None:
+        raise SparsetrainError(f"no tokenizer.json in {run.tokenizer_path.parent}: the run's text cannot be sampled")
+    cfg = run.cfg
+    task: Task
+    if args.task == "compile":
+        files = held_out_code_files(cfg.data, cfg.val_fraction, cfg.data_include, cfg.data_exclude, cfg.data_max_bytes)
+        task = CompileTask(files, args.experience_lines)
+    else:
+        task = ArithmeticTask()
+    make_generate = model_generate(run.model, run.tokenizer, context_tokens=args.context_tokens,
+                                   prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_k=args.top_k,
+                                   autocast_dtype=autocast_dtype(cfg.dtype, device))
+
+    results = []
+    for k in range(args.seeds):
+        seed = args.seed + k
+        library = start.copy()
+        result = measure_seed(task, make_generate, library, seed, settings, on_round=lambda r: print(
+            f"seed {seed} round {r['round']}: mean reward {r['mean_reward']:.3f}, library size {r['library_size']}",
+            flush=True))
+        results.append(result)
+        if lib_path:
+            library.save(lib_path if args.seeds == 1 else lib_path.with_name(f"{lib_path.stem}.seed{seed}{lib_path.suffix}"))
+        w, o = result.with_library, result.without_library
+        print(f"seed {seed}: held-out success without the library {o.rate:.3f} ({o.successes}/{o.n}, Wilson 95% "
+              f"[{o.low:.3f}, {o.high:.3f}]), with it {w.rate:.3f} ({w.successes}/{w.n}, [{w.low:.3f}, {w.high:.3f}]); "
+              f"{result.library_size} library items", flush=True)
+    summary = summarize(results)
+    o, w, d = summary["without_library"], summary["with_library"], summary["difference"]
+    print(f"{args.task} over {len(results)} seed(s), mean +- std: without the library {o['mean']:.3f} +- {o['std']:.3f}, "
+          f"with it {w['mean']:.3f} +- {w['std']:.3f}, difference {d['mean']:+.3f} +- {d['std']:.3f} "
+          f"(min {d['min']:+.3f}, max {d['max']:+.3f})")
     if args.json:
         from .benchmark import environment
 
         Path(args.json).write_text(json.dumps({
-            "environment": environment(), "checkpoint": str(args.ckpt), "settings": {k: v for k, v in vars(args).items() if k != "json"},
-            "rounds": rounds, "held_out_mean_reward": {"without_library": base, "with_library": with_lib}}, indent=2))
+            "environment": environment(), "checkpoint": str(args.ckpt), "task": args.task,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "command")},
+            "seeds": [{**asdict(r), "difference": r.difference} for r in results], "summary": summary}, indent=2))
     return 0
 
 

@@ -269,23 +269,50 @@ def compiles(source: str) -> bool:
     return True
 
 
+def _parse(source: str) -> ast.Module | None:
+    try:
+        return ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+
+
+def _statement_blocks(root: ast.AST) -> list[tuple[int, list[ast.stmt]]]:
+    """``(header's first line, statements)`` of every block under ``root`` (itself
+    included, a module excepted) whose body holds statements."""
+    blocks = []
+    for node in ast.walk(root):
+        body = getattr(node, "body", None)
+        if isinstance(node, ast.mod) or not (isinstance(body, list) and body and isinstance(body[0], ast.stmt)):
+            continue
+        start = node.pattern.lineno if isinstance(node, ast.match_case) else node.lineno  # a case has no lineno
+        blocks.append((start, body))
+    return blocks
+
+
 def block_header_lines(source: str) -> list[int]:
     """1-based numbers of the last line of every block header inside a top-level
     ``def`` or ``class`` (that definition's own header included) whose block starts
     on a later line. Empty if ``source`` does not parse."""
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+    tree = _parse(source)
+    if tree is None:
         return []
     lines = set()
     for top in tree.body:
-        if not isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            continue
-        for node in ast.walk(top):
-            body = getattr(node, "body", None)
-            if isinstance(body, list) and body and isinstance(body[0], ast.stmt) and body[0].lineno > node.lineno:
-                lines.add(body[0].lineno - 1)
+        if isinstance(top, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            lines.update(body[0].lineno - 1 for start, body in _statement_blocks(top) if body[0].lineno > start)
     return sorted(lines)
+
+
+def opened_block(source: str, line: int) -> tuple[int, list[ast.stmt]] | None:
+    """The block whose header ends on line ``line`` of ``source`` (a prompt's cut
+    line, completed): ``(its header's first line, its statements)``, the innermost
+    block whose header starts at or before ``line`` and whose first statement is on
+    or after it. ``None`` if ``source`` does not parse or no block opens there."""
+    tree = _parse(source)
+    if tree is None:
+        return None
+    found = [(start, body) for start, body in _statement_blocks(tree) if start <= line <= body[0].lineno]
+    return max(found, key=lambda block: block[0]) if found else None
 
 
 def _prompt_at(name: str, text: str, line: int) -> CodePrompt:
@@ -426,20 +453,37 @@ class EvalReport:
                 "notes": self.notes}
 
 
+@dataclass
+class LoadedRun:
+    """A trained run as evaluation reads it: its config, model and tokenizer."""
+
+    cfg: TrainConfig
+    model: CausalLM
+    tokenizer: BPETokenizer | None  # None for a run on .bin tokens without a tokenizer.json
+    tokenizer_path: Path
+
+
+def load_run(ckpt: str | Path, device: str = "cpu") -> LoadedRun:
+    """The run directory of ``ckpt`` (the directory or its ``ckpt.pt``): its
+    ``config.toml`` (it names the data), model (in eval mode) and tokenizer."""
+    path = resolve_checkpoint(ckpt)
+    run = path.parent
+    if not (run / "config.toml").is_file():
+        raise CheckpointError(f"no config.toml in {run}: evaluation needs the run directory (it names the data)")
+    cfg = build_config(None, None, {}, base=read_toml(run / "config.toml"))
+    tok_path = run / "tokenizer.json"
+    tokenizer = BPETokenizer.load(tok_path) if tok_path.is_file() else None
+    return LoadedRun(cfg, load_model(path, device), tokenizer, tok_path)
+
+
 def evaluate_run(ckpt: str | Path, data: str = "", samples: int = 20, max_new_tokens: int = 128,
                  max_tokens: int = 0, batch_size: int = 8, temperature: float = 0.8, top_k: int = 50,
                  seed: int = 0, device: str = "cpu") -> EvalReport:
     """Held-out loss, bits per byte and (``samples`` > 0) the compile rate of a run
     directory; ``data`` replaces the run's val split by a whole file or folder;
     ``max_tokens`` > 0 keeps the first that many tokens of the stream for the loss."""
-    path = resolve_checkpoint(ckpt)
-    run = path.parent
-    if not (run / "config.toml").is_file():
-        raise CheckpointError(f"no config.toml in {run}: eval needs the run directory (it names the data)")
-    cfg = build_config(None, None, {}, base=read_toml(run / "config.toml"))
-    tok_path = run / "tokenizer.json"
-    tokenizer = BPETokenizer.load(tok_path) if tok_path.is_file() else None
-    model = load_model(path, device)
+    loaded = load_run(ckpt, device)
+    cfg, model, tokenizer, tok_path = loaded.cfg, loaded.model, loaded.tokenizer, loaded.tokenizer_path
     held = held_out_data(cfg, tokenizer, data)
     tokens = held.tokens[: max_tokens + 1] if max_tokens else held.tokens
     lengths = token_byte_lengths(tok_path, cfg.model.vocab_size) if tokenizer is not None else None
