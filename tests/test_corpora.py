@@ -443,3 +443,27 @@ def test_corpus_cli(source: Path, tmp_path: Path, capsys) -> None:
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and msg in err and "Traceback" not in err, (args, err)
     assert _tree(out) == before and not (tmp_path / "d").exists()
+
+
+def test_the_loader_reads_clean_val_tokens(corpus_dir: Path, tmp_path: Path) -> None:
+    """Through the token cache: the val tokens decode to the clean val files, noise is among the train tokens."""
+    import numpy as np
+
+    from sparsetrain.data import load_corpus
+
+    out = tmp_path / "c"
+    manifest = build_corpus(CorpusSpec(src=str(corpus_dir), out=str(out), val_fraction=0.1, noise_fraction=0.3,
+                                       noise_kinds=("table", "boilerplate", "random"), seed=1), verbose=False)
+    corpus = load_corpus(str(out), 320, 0.1, tmp_path / "cache", verbose=False)
+    tok = corpus.tokenizer
+
+    def documents(tokens: np.ndarray) -> list[str]:
+        cuts = np.flatnonzero(tokens == tok.eot_id)
+        return [tok.decode(tokens[a + 1:b].tolist()) for a, b in zip(cuts, [*cuts[1:], len(tokens)])]
+
+    clean = {p.relative_to(corpus_dir).as_posix(): p.read_text() for p in corpus_dir.rglob("*.py")}
+    assert documents(np.asarray(corpus.val)) == [clean[r] for r in sorted(clean) if is_val_file(r, 0.1)]
+    train_docs = documents(np.asarray(corpus.train))
+    generated = sorted(manifest["generated"])
+    assert len(train_docs) == sum(not is_val_file(r, 0.1) for r in clean) + len(generated)
+    assert (out / generated[0]).read_text() in train_docs
