@@ -76,6 +76,7 @@ def test_tiny_race_end_to_end(make_cfg, tmp_path: Path, capsys) -> None:
     on_disk = json.loads((out / "race.json").read_text())
     assert on_disk["target_val_loss"] == pytest.approx(report["target_val_loss"])
     assert (out / "race.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "race_full.png").read_bytes()[:4] == b"\x89PNG"
     assert {"device", "torch", "date", "git_commit"} <= set(on_disk["environment"])
     assert on_disk["settings"]["order"] == [["dense", 11], ["random50", 11], ["random50", 12], ["dense", 12]]
     dense = on_disk["arms"]["dense"]
@@ -126,6 +127,14 @@ def test_tiny_race_end_to_end(make_cfg, tmp_path: Path, capsys) -> None:
         run_race(arms, 2.0, 2, out, "tiny", flags=dict(flags), verbose=False)
 
 
+def test_race_without_checkpoints_names_none(make_cfg, tmp_path: Path, capsys) -> None:
+    flags = {**_tiny_flags(make_cfg), "save_checkpoints": False}
+    run_race([Arm("dense", {})], 0.3, 1, tmp_path / "race", "tiny", flags=flags, verbose=True)
+    done = [l for l in capsys.readouterr().out.splitlines() if l.startswith("done:")]
+    assert len(done) == 1 and ", checkpoint" not in done[0] and "ckpt.pt" not in done[0]
+    assert not list((tmp_path / "race").rglob("ckpt*"))
+
+
 def test_killed_race_resumes_its_unfinished_run(make_cfg, tmp_path: Path) -> None:
     flags = _tiny_flags(make_cfg)
     arms = [Arm("dense", {}), Arm("wide", {"d_model": "64"})]
@@ -157,3 +166,119 @@ def test_race_cli(make_cfg, tmp_path: Path, capsys) -> None:
     assert "must be NAME:KEY=VALUE" in capsys.readouterr().err
     assert main(common + ["--seconds", "0.3", "--arm", "x:", "--max-seconds", "4"]) == 2
     assert "a race's budget is --seconds" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- report from given curves
+
+
+def _write_run(cfg, rng, evals: list[tuple[float, float]], startup: float) -> None:
+    """A finished run's metrics.jsonl: evaluations ``(seconds after start-up, val loss)``, a step per 0.1 s."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True)
+    rows = []
+    for t, loss in evals:
+        step = round(t * 10)
+        rows += [{"kind": "train", "step": s, "loss": loss, "lr": 1e-3, "kept_fraction": rng.uniform(0.4, 1.0)}
+                 for s in range(max((r["step"] for r in rows if r["kind"] == "train"), default=0) + 1, step + 1)]
+        rows.append({"kind": "eval", "step": step, "val_loss": loss, "val_bpb": loss / math.log(2) / 3,
+                     "train_seconds": t + startup, "startup_seconds": startup, "train_seconds_after_startup": t})
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _random_curve(rng, seconds: float, overfit: bool) -> list[tuple[float, float]]:
+    """A falling loss curve evaluated every tenth of the budget; ``overfit``: it rises again after a random point."""
+    times = [0.0] + sorted(rng.uniform(i, i + 1) * seconds / 10 for i in range(1, 11))
+    turn = rng.randint(4, 8) if overfit else 99
+    losses = [9.0]  # the loss at step 0, far above the rest
+    for i in range(1, len(times)):
+        losses.append(losses[-1] - rng.uniform(0.1, 1.5) / i if i <= turn else losses[-1] + rng.uniform(0.01, 0.1))
+    return list(zip(times, losses))
+
+
+def test_report_best_loss_and_the_best_target(make_cfg, tmp_path: Path) -> None:
+    from sparsetrain.race import format_table, race_report
+
+    rng = __import__("random").Random(7)
+    seconds, seeds = 100.0, [3, 4, 5]
+    arms = [Arm("dense", {}), Arm("other", {"lr": "1e-2"})]
+    configs = {a.name: {s: make_cfg(out_dir=str(tmp_path / a.name / f"seed{s}"), seed=s) for s in seeds} for a in arms}
+    curves = {(a.name, s): _random_curve(rng, seconds, overfit=True) for a in arms for s in seeds}
+    startups = {(a.name, s): rng.uniform(1, 20) for a in arms for s in seeds}
+    for (name, s), curve in curves.items():
+        _write_run(configs[name][s], rng, curve, startups[name, s])
+    report = race_report(arms, configs, seeds, seconds, interleave_order(2, 3))
+
+    bests = {k: min(c, key=lambda e: e[1]) for k, c in curves.items()}
+    best_target = sum(bests["dense", s][1] for s in seeds) / 3
+    assert report["best_target_val_loss"] == pytest.approx(best_target, rel=1e-12)
+    assert report["target_val_loss"] == pytest.approx(sum(curves["dense", s][-1][1] for s in seeds) / 3, rel=1e-12)
+    assert "lowest val loss" in report["best_target"] and "dense" in report["best_target"]
+    for a in arms:
+        arm = report["arms"][a.name]
+        assert arm["best_val_loss"]["mean"] == pytest.approx(sum(bests[a.name, s][1] for s in seeds) / 3, rel=1e-12)
+        assert arm["best_seconds_after_startup"]["max"] == pytest.approx(max(bests[a.name, s][0] for s in seeds))
+        for s, r in zip(seeds, arm["runs"]):
+            t_best, l_best = bests[a.name, s]
+            assert r["best_val_loss"] == l_best and r["best_step"] == round(t_best * 10)
+            assert r["best_seconds"] == {"after_startup": t_best, "with_startup": pytest.approx(t_best + startups[a.name, s])}
+            assert r["final_minus_best_val_loss"] == pytest.approx(curves[a.name, s][-1][1] - l_best) and \
+                r["final_minus_best_val_loss"] > 0  # every curve here rises after its best
+            # the time to the best target: the curve, interpolated, is at the target there and above it before
+            times, losses = zip(*curves[a.name, s])
+            got = r["seconds_to_best_target"]["after_startup"]
+            if got is None:
+                assert min(losses) > best_target
+            else:
+                assert float(__import__("numpy").interp(got, times, losses)) == pytest.approx(best_target, abs=1e-9) \
+                    or losses[0] <= best_target
+                assert all(l > best_target for t, l in zip(times, losses) if t < got - 1e-9)
+                assert r["seconds_to_best_target"]["with_startup"] == pytest.approx(got + startups[a.name, s])
+        per_seed = [r["seconds_to_best_target"]["after_startup"] for r in arm["runs"]]
+        assert arm["seconds_to_best_target"]["after_startup"]["per_seed"] == per_seed
+        assert arm["seconds_to_best_target"]["after_startup"]["reached"] == f"{sum(x is not None for x in per_seed)}/3"
+    table = format_table(report)
+    assert f"best target val loss {best_target:.4f}" in table and "s to best target" in table
+
+
+def test_race_plot_zooms_on_the_comparison(make_cfg, tmp_path: Path) -> None:
+    import numpy as np
+
+    from sparsetrain.plotting import plot_race, race_curves, race_figure
+    from sparsetrain.race import race_report
+
+    rng = __import__("random").Random(3)
+    seconds, seeds = 50.0, [1, 2]
+    arms = [Arm("dense", {}), Arm("b", {}), Arm("c", {})]
+    configs = {a.name: {s: make_cfg(out_dir=str(tmp_path / a.name / f"seed{s}"), seed=s) for s in seeds} for a in arms}
+    curves = {(a.name, s): _random_curve(rng, seconds, overfit=rng.random() < 0.5) for a in arms for s in seeds}
+    for (name, s), curve in curves.items():
+        _write_run(configs[name][s], rng, curve, 2.0)
+    report = race_report(arms, configs, seeds, seconds, interleave_order(3, 2))
+
+    # the mean and band over seeds on the union of the evaluation times, recomputed point by point
+    for a in arms:
+        grid, mean, low, high = race_curves(report)[a.name]
+        end = min(curves[a.name, s][-1][0] for s in seeds)
+        assert grid[-1] == end and set(grid) == {t for s in seeds for t, _ in curves[a.name, s] if t <= end}
+        for g, m, lo, hi in zip(grid, mean, low, high):
+            at = [float(np.interp(g, *zip(*curves[a.name, s]))) for s in seeds]
+            assert (m, lo, hi) == pytest.approx((sum(at) / 2, min(at), max(at)), rel=1e-12)
+    # the y-range: the lowest plotted value to the highest arm mean at a fifth of the budget, padded 5 %
+    lowest = min(min(float(np.interp(g, *zip(*curves[a.name, s]))) for s in seeds)
+                 for a in arms for g in race_curves(report)[a.name][0])
+    at_fifth = max(sum(float(np.interp(0.2 * seconds, *zip(*curves[a.name, s]))) for s in seeds) / 2 for a in arms)
+    assert at_fifth < 9.0  # the step-0 loss is left out
+    pad = 0.05 * (at_fifth - lowest)
+    fig = race_figure(report)
+    assert fig.axes[0].get_ylim() == pytest.approx((lowest - pad, at_fifth + pad), rel=1e-9)
+    full = race_figure(report, full=True)
+    assert full.axes[0].get_ylim()[1] >= 9.0  # the whole curve, from the start
+    # the second panel: one bar per arm and target where every seed reached it, as long as its mean
+    widths = sorted(p.get_width() for p in fig.axes[1].patches)
+    want = sorted(d["mean"] for a in report["arms"].values() for key in ("seconds_to_target", "seconds_to_best_target")
+                  for d in [a[key]["after_startup"]] if d["mean"] is not None)
+    assert widths == pytest.approx(want)
+    texts = [t.get_text() for t in fig.axes[1].texts]
+    assert len(texts) == sum(a[key]["after_startup"]["mean"] is None for a in report["arms"].values()
+                             for key in ("seconds_to_target", "seconds_to_best_target"))
+    assert plot_race(report, tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"

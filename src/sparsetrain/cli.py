@@ -1,4 +1,4 @@
-"""Command line: ``sparsetrain {train,race,reference-losses,generate,eval,export,bench,fire,grpo,info}``.
+"""Command line: ``sparsetrain {train,race,reference-losses,generate,eval,export,bench,fire,grpo,corpus,info}``.
 
 Every config field is also a flag (``lr`` -> ``--lr``, ``use_collider`` ->
 ``--use-collider/--no-use-collider``), so the CLI and TOML files can never
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_grpo_parser(sub)
     _add_export_parser(sub)
     _add_eval_parser(sub)
+    _add_corpus_parser(sub)
 
     sub.add_parser("info", help="device, torch, CUDA, cuSPARSELt and Triton availability")
     return parser
@@ -231,6 +232,34 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, metavar="PATH", help="output file (gguf, safetensors) or folder (hf)")
     e.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype (GGUF norm gains stay float32)")
     e.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+
+def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
+    from .corpora import NOISE_KINDS
+
+    c = sub.add_parser("corpus", help="build a folder corpus for a training regime (a clean domain with noise or duplicates)")
+    csub = c.add_subparsers(dest="corpus_kind", required=True, parser_class=_Parser)
+    b = csub.add_parser("build", formatter_class=_HelpFormatter,
+                        help="copy a selection of a folder and add noise documents and duplicates to its train split",
+                        description="Copy the files of --src that training would select (--include, --exclude, "
+                                    "--max-bytes), under their own paths, so the train/val split is the source's; then "
+                                    "add noise documents and duplicates of clean train files to the train split only. "
+                                    "Deterministic given --seed. See docs/time_to_quality.md.")
+    b.add_argument("--src", required=True, metavar="FOLDER", help="source folder of text files")
+    b.add_argument("--out", required=True, metavar="DIR", help="the corpus folder to write (new, or empty)")
+    b.add_argument("--include", default="", metavar="GLOBS", help="as data_include: comma-separated globs to keep")
+    b.add_argument("--exclude", default="", metavar="GLOBS", help="as data_exclude: comma-separated globs to drop")
+    b.add_argument("--max-bytes", type=int, default=0, metavar="N", help="as data_max_bytes: cap on the source selection")
+    b.add_argument("--val-fraction", type=float, default=TrainConfig().val_fraction, metavar="F",
+                   help="noise and duplicates are made only from files that are train under this val_fraction: "
+                        "train the corpus with it or a smaller one (default: %(default)s)")
+    b.add_argument("--noise-fraction", type=float, default=0.0, metavar="F",
+                   help="fraction of the train bytes that are noise documents (default: %(default)s)")
+    b.add_argument("--noise-kinds", default=",".join(NOISE_KINDS), metavar="K,K",
+                   help="noise kinds, sharing the noise bytes equally (default: %(default)s)")
+    b.add_argument("--duplicate-fraction", type=float, default=0.0, metavar="F",
+                   help="fraction of the train bytes that are copies of clean train files (default: %(default)s)")
+    b.add_argument("--seed", type=int, default=0, help="seed of everything generated (default: %(default)s)")
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -488,6 +517,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_corpus(args: argparse.Namespace) -> int:
+    from .corpora import CorpusSpec, build_corpus
+
+    kinds = tuple(k.strip() for k in args.noise_kinds.split(",") if k.strip())
+    build_corpus(CorpusSpec(src=args.src, out=args.out, include=args.include, exclude=args.exclude,
+                            max_bytes=args.max_bytes, val_fraction=args.val_fraction, noise_fraction=args.noise_fraction,
+                            noise_kinds=kinds, duplicate_fraction=args.duplicate_fraction, seed=args.seed))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .benchmark import environment
 
@@ -553,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = {"train": cmd_train, "race": cmd_race, "reference-losses": cmd_reference_losses, "generate": cmd_generate,
                "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench, "fire": cmd_fire, "grpo": cmd_grpo,
-               "info": cmd_info}[args.command]
+               "corpus": cmd_corpus, "info": cmd_info}[args.command]
     try:
         return handler(args)
     except ConfigError as e:  # names a setting: the flag where the user typed one

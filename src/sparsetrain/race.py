@@ -13,11 +13,13 @@ drifting over the race weighs on every arm alike.
 Each run is an ordinary run directory, ``<race>/<arm>/seed<seed>``: a killed race
 run again with the same settings skips the finished runs (they hold
 ``race_done.json``), resumes the interrupted one from its checkpoint, and starts
-the rest. The report (``race.json``, ``race.png`` and a table) gives per arm the
-final held-out loss and bits per byte with their spread over seeds, the training
-seconds each run needed to reach the first arm's mean final loss (linear
+the rest. The report (``race.json``, ``race.png``, ``race_full.png`` and a table)
+gives per arm the final held-out loss and bits per byte with their spread over
+seeds; the best (lowest) held-out loss and when it happened (a run that overfits
+repeated data peaks before its end); the training seconds each run needed to reach
+two targets, the first arm's mean final loss and its mean best loss (linear
 interpolation on its evaluation curve, with and without start-up; None where
-never reached), the steps, and the tokens forwarded and back-propagated.
+never reached); the steps; and the tokens forwarded and back-propagated.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from .plotting import read_metrics
 SPEC_NAME = "race_spec.json"
 REPORT_NAME = "race.json"
 PLOT_NAME = "race.png"
+FULL_PLOT_NAME = "race_full.png"  # the same with the whole y-range, from the start-up loss down
 DONE_NAME = "race_done.json"
 # the race's own settings, applied unless the config file, a flag or an arm sets them
 RACE_DEFAULTS = ("max_steps", "schedule_by", "eval_every", "eval_every_seconds")
@@ -240,6 +243,7 @@ def run_race(arms: list[Arm], seconds: float, n_seeds: int, out_dir: str | Path,
     from .plotting import plot_race
 
     plot_race(report, out / PLOT_NAME)
+    plot_race(report, out / FULL_PLOT_NAME, full=True)
     if verbose:
         print(format_table(report), flush=True)
     return report
@@ -257,23 +261,33 @@ def run_summary(cfg: TrainConfig) -> dict:
         raise ConfigError(f"run {cfg.out_dir} has no training or evaluation rows; delete it and run the race again")
     tokens_per_step = cfg.batch_size * cfg.model.seq_len * cfg.grad_accum
     last = evals[-1]
+    best = min(evals, key=lambda r: r["val_loss"])  # the first of equal minima
     return {
         "seed": cfg.seed,
         "run_dir": cfg.out_dir,
         "steps": train[-1]["step"],
         "train_seconds": last["train_seconds"],
         "startup_seconds": last.get("startup_seconds", 0.0),
-        "train_seconds_after_startup": last.get("train_seconds_after_startup", last["train_seconds"]),
+        "train_seconds_after_startup": _after_startup(last),
         "final_val_loss": last["val_loss"],
         "final_val_bpb": last.get("val_bpb"),
+        # the lowest evaluation, where a run that overfits (repeated data) peaks before its end
+        "best_val_loss": best["val_loss"],
+        "best_val_bpb": best.get("val_bpb"),
+        "best_step": best["step"],
+        "best_seconds": {"after_startup": _after_startup(best), "with_startup": best["train_seconds"]},
+        "final_minus_best_val_loss": last["val_loss"] - best["val_loss"],
         "final_lr": train[-1]["lr"],
         "floor_lr": cfg.lr * cfg.min_lr_ratio,
         "tokens_forwarded": train[-1]["step"] * tokens_per_step,
         "tokens_backpropagated": round(sum(r.get("kept_fraction", 1.0) for r in train) * tokens_per_step),
         # [seconds after start-up, seconds with start-up, val loss, val bits per byte]
-        "evals": [[r.get("train_seconds_after_startup", r["train_seconds"]), r["train_seconds"], r["val_loss"],
-                   r.get("val_bpb")] for r in evals],
+        "evals": [[_after_startup(r), r["train_seconds"], r["val_loss"], r.get("val_bpb")] for r in evals],
     }
+
+
+def _after_startup(row: dict) -> float:
+    return row.get("train_seconds_after_startup", row["train_seconds"])
 
 
 def _spread(values: list[float]) -> dict[str, float] | None:
@@ -283,30 +297,42 @@ def _spread(values: list[float]) -> dict[str, float] | None:
             "min": min(values), "max": max(values)}
 
 
+def _times_to(runs: list[dict], target: float, key: str) -> dict[str, dict]:
+    """Each run's seconds to ``target`` (after and with start-up), stored in the run under
+    ``key``, and per clock their mean where every seed reached it and ``reached`` (k/n)."""
+    times: dict[str, list[float | None]] = {"after_startup": [], "with_startup": []}
+    for r in runs:
+        losses = [e[2] for e in r["evals"]]
+        times["after_startup"].append(time_to_target([e[0] for e in r["evals"]], losses, target))
+        times["with_startup"].append(time_to_target([e[1] for e in r["evals"]], losses, target))
+        r[key] = {k: v[-1] for k, v in times.items()}
+    return {k: {"mean": statistics.fmean(v) if None not in v else None,
+                "reached": f"{sum(x is not None for x in v)}/{len(v)}", "per_seed": v} for k, v in times.items()}
+
+
 def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], seeds: list[int], seconds: float,
                 order: list[tuple[int, int]]) -> dict:
     """The race's JSON report (see the module docstring)."""
     from .benchmark import environment
 
     runs = {a.name: [run_summary(configs[a.name][s]) for s in seeds] for a in arms}
-    target = statistics.fmean(r["final_val_loss"] for r in runs[arms[0].name])
+    first = arms[0].name
+    target = statistics.fmean(r["final_val_loss"] for r in runs[first])
+    best_target = statistics.fmean(r["best_val_loss"] for r in runs[first])
     report_arms = {}
     for arm in arms:
         rs = runs[arm.name]
-        times: dict[str, list[float | None]] = {"after_startup": [], "with_startup": []}
-        for r in rs:
-            losses = [e[2] for e in r["evals"]]
-            times["after_startup"].append(time_to_target([e[0] for e in r["evals"]], losses, target))
-            times["with_startup"].append(time_to_target([e[1] for e in r["evals"]], losses, target))
-            r["seconds_to_target"] = {k: v[-1] for k, v in times.items()}
         report_arms[arm.name] = {
             "overrides": arm.overrides,
             "final_val_loss": _spread([r["final_val_loss"] for r in rs]),
             "final_val_bpb": _spread([r["final_val_bpb"] for r in rs]),
+            "best_val_loss": _spread([r["best_val_loss"] for r in rs]),
+            "best_val_bpb": _spread([r["best_val_bpb"] for r in rs]),
+            "best_seconds_after_startup": _spread([r["best_seconds"]["after_startup"] for r in rs]),
+            "final_minus_best_val_loss": _spread([r["final_minus_best_val_loss"] for r in rs]),
             # the mean only where every seed reached the target
-            "seconds_to_target": {k: {"mean": statistics.fmean(v) if None not in v else None,
-                                      "reached": f"{sum(x is not None for x in v)}/{len(v)}", "per_seed": v}
-                                  for k, v in times.items()},
+            "seconds_to_target": _times_to(rs, target, "seconds_to_target"),
+            "seconds_to_best_target": _times_to(rs, best_target, "seconds_to_best_target"),
             "steps": _spread([r["steps"] for r in rs]),
             "startup_seconds": _spread([r["startup_seconds"] for r in rs]),
             "tokens_forwarded": _spread([r["tokens_forwarded"] for r in rs]),
@@ -319,32 +345,38 @@ def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], see
         "environment": env,
         "settings": {"seconds": seconds, "seeds": seeds, "arms": {a.name: a.overrides for a in arms},
                      "order": [[arms[a].name, seeds[s]] for s, a in order],
-                     "base_config": configs[arms[0].name][seeds[0]].to_dict()},
+                     "base_config": configs[first][seeds[0]].to_dict()},
         "target_val_loss": target,
-        "target": f"the mean final val loss of the first arm, {arms[0].name}",
+        "target": f"the mean final val loss of the first arm, {first}",
+        "best_target_val_loss": best_target,
+        "best_target": f"the mean over seeds of the lowest val loss (any evaluation) of the first arm, {first}",
         "arms": report_arms,
     }
 
 
 def format_table(report: dict) -> str:
-    """The report as a fixed-width table, one arm a line."""
-    head = ["arm", "val loss", "val bpb", "s to target", "(w/ start-up)", "steps", "start-up s", "tokens fwd", "tokens bwd"]
+    """The report as a fixed-width table, one arm a line: final and best held-out loss,
+    seconds to each target (after start-up; the final target also with start-up)."""
+    head = ["arm", "val loss", "val bpb", "best loss", "best at s", "s to target", "(w/ start-up)", "s to best target",
+            "steps", "start-up s", "tokens fwd", "tokens bwd"]
     lines = []
+
+    def secs(d: dict) -> str:
+        return f"{d['mean']:.1f}" if d["mean"] is not None else f"never ({d['reached']})"
+
     for name, a in report["arms"].items():
-        loss, bpb = a["final_val_loss"], a["final_val_bpb"]
-        tt = a["seconds_to_target"]
-
-        def secs(d: dict) -> str:
-            return f"{d['mean']:.1f}" if d["mean"] is not None else f"never ({d['reached']})"
-
+        loss, bpb, best = a["final_val_loss"], a["final_val_bpb"], a["best_val_loss"]
+        tt, tb = a["seconds_to_target"], a["seconds_to_best_target"]
         lines.append([name, f"{loss['mean']:.4f} ± {loss['std']:.4f}", f"{bpb['mean']:.4f}" if bpb else "-",
-                      secs(tt["after_startup"]), secs(tt["with_startup"]), f"{a['steps']['mean']:.0f}",
-                      f"{a['startup_seconds']['mean']:.1f}", f"{a['tokens_forwarded']['mean']:,.0f}",
-                      f"{a['tokens_backpropagated']['mean']:,.0f}"])
+                      f"{best['mean']:.4f} ± {best['std']:.4f}", f"{a['best_seconds_after_startup']['mean']:.1f}",
+                      secs(tt["after_startup"]), secs(tt["with_startup"]), secs(tb["after_startup"]),
+                      f"{a['steps']['mean']:.0f}", f"{a['startup_seconds']['mean']:.1f}",
+                      f"{a['tokens_forwarded']['mean']:,.0f}", f"{a['tokens_backpropagated']['mean']:,.0f}"])
     widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
     seeds = report["settings"]["seeds"]
-    title = (f"race: {report['settings']['seconds']:g} s of training after start-up per run, "
-             f"{len(seeds)} seed(s); target val loss {report['target_val_loss']:.4f} ({report['target']}); "
-             "± is the standard deviation over seeds")
+    title = (f"race: {report['settings']['seconds']:g} s of training after start-up per run, {len(seeds)} seed(s); "
+             "± is the standard deviation over seeds\n"
+             f"target val loss {report['target_val_loss']:.4f} ({report['target']})\n"
+             f"best target val loss {report['best_target_val_loss']:.4f} ({report['best_target']})")
     return "\n".join([title, fmt(head)] + [fmt(r) for r in lines])
