@@ -70,7 +70,9 @@ def test_tiny_race_end_to_end(make_cfg, tmp_path: Path, capsys) -> None:
                                                 "collider_method": "random"})]
     seconds = 1.5
     report = run_race(arms, seconds, 2, tmp_path / "race", "tiny", flags=dict(flags), verbose=True)
-    table = capsys.readouterr().out.strip().splitlines()
+    said = capsys.readouterr().out
+    assert "1000000000" not in said and "for 1.5 s of training after start-up" in said  # no step limit, only time
+    table = said.strip().splitlines()
     assert table[-3].startswith("arm") and table[-2].startswith("dense") and table[-1].startswith("random50")
     out = tmp_path / "race"
     on_disk = json.loads((out / "race.json").read_text())

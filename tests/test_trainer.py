@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,31 @@ def test_max_seconds_stops_and_checkpoints(make_cfg) -> None:
     assert 0 < result.steps_done < 10_000
     assert result.train_seconds >= 0.5
     assert checkpoint.load_checkpoint(cfg.out_dir)["step"] == result.steps_done
+
+
+def test_no_step_limit_under_a_time_budget(make_cfg, capsys) -> None:
+    """max_steps = 0: the time budget alone ends the run, and the progress lines count seconds."""
+    cfg = make_cfg(max_steps=0, max_seconds=0.5, eval_every=0, log_every=2, schedule_by="time")
+    result = train(cfg, verbose=True)
+    assert result.steps_done > 0 and result.train_seconds >= 0.5
+    out = capsys.readouterr().out
+    assert "for 0.5 s of training after start-up" in out and "->" not in out
+    progress = [l for l in out.splitlines() if l.startswith("step ") and "tok/s" in l]
+    assert progress and all(re.search(r"/0\.5 s  ETA \d+s$", l) and not re.match(r"step \d+/", l) for l in progress)
+    both = make_cfg(out_dir=cfg.out_dir + "2", max_steps=3, max_seconds=30.0, eval_every=0, log_every=1)
+    train(both, verbose=True)
+    out = capsys.readouterr().out
+    assert "steps 0 -> 3 or 30 s of training after start-up, whichever comes first" in out
+    assert re.search(r"^step 3/3  .*/30 s  ETA 0s$", out, re.M)
+
+
+def test_no_step_limit_needs_a_time_budget(make_cfg) -> None:
+    with pytest.raises(ConfigError, match="max_steps = 0 .no step limit. needs max_seconds > 0"):
+        make_cfg(max_steps=0)
+    with pytest.raises(ConfigError, match="schedule_by = steps decays the lr to its floor at max_steps"):
+        make_cfg(max_steps=0, max_seconds=2.0)
+    with pytest.raises(ConfigError, match="max_steps must be >= 0, got -1"):
+        make_cfg(max_steps=-1, max_seconds=2.0, schedule_by="time")
 
 
 def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -158,7 +158,7 @@ class TrainConfig:
     # [training]
     batch_size: int = field(default=16, metadata=_section("training", "sequences per micro-batch per process"))
     grad_accum: int = field(default=1, metadata=_section("training", "micro-batches per optimizer step"))
-    max_steps: int = field(default=300, metadata=_section("training", "optimizer steps"))
+    max_steps: int = field(default=300, metadata=_section("training", "optimizer steps; 0 = no limit (the time budget max_seconds ends the run)"))
     max_seconds: float = field(default=0.0, metadata=_section("training", "stop after this much training time (seconds after start-up, eval and checkpoints excluded); 0 = no limit"))
     startup_steps: int = field(default=1, metadata=_section("training", "first steps of each process timed as start-up (compile, autotuning), outside max_seconds and the time schedule"))
     schedule_by: str = field(default="steps", metadata=_section("training", "lr decay over steps (to max_steps) or time (to max_seconds of training after start-up)"))
@@ -229,9 +229,9 @@ class TrainConfig:
             _require(self.model.ffn != "relu2_24" or self.model.activation_sparse_method not in ("mvue", "transposable_random"),
                      f"activation_checkpointing with activation_sparse_method = {self.model.activation_sparse_method} is not "
                      "available: the recomputation would draw other random 2:4 patterns than the forward did")
-        for name in ("log_every", "batch_size", "grad_accum", "max_steps", "eval_batches"):
+        for name in ("log_every", "batch_size", "grad_accum", "eval_batches"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("ckpt_every", "eval_every", "warmup_steps"):
+        for name in ("max_steps", "ckpt_every", "eval_every", "warmup_steps"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _require(self.token_dtype in ("uint16", "uint32"), f"data.token_dtype must be uint16 or uint32, got {self.token_dtype!r}")
         _require(0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
@@ -261,6 +261,11 @@ class TrainConfig:
                  f"training.schedule_by must be one of {', '.join(SCHEDULE_KINDS)}, got {self.schedule_by!r}")
         _require(self.schedule_by != "time" or self.max_seconds > 0,
                  "training.schedule_by = time decays the lr to its floor at max_seconds; set max_seconds > 0")
+        _require(self.max_steps > 0 or self.max_seconds > 0,
+                 "training.max_steps = 0 (no step limit) needs max_seconds > 0, a time budget that ends the run")
+        _require(self.max_steps > 0 or self.schedule_by == "time",
+                 "training.schedule_by = steps decays the lr to its floor at max_steps; with max_steps = 0 "
+                 "(no step limit) set schedule_by = time")
         _require(not (self.reference_ckpt and self.reference_losses),
                  "training.reference_ckpt and reference_losses are two sources of one reference: set one")
         _require(not (self.reference_losses and self.data_on_the_fly),

@@ -118,7 +118,7 @@ def arm_configs(arms: list[Arm], seconds: float, seeds: list[int], out_dir: Path
         raise ConfigError(f"arm names must differ, got {', '.join(names)}")
     in_file = {k for table in (read_toml(config_file) if config_file else {}).values() if isinstance(table, dict)
                for k in table}
-    race = {"max_seconds": seconds, "max_steps": 10**9, "schedule_by": "time", "eval_every": 0,
+    race = {"max_seconds": seconds, "max_steps": 0, "schedule_by": "time", "eval_every": 0,
             "eval_every_seconds": seconds / 10}
     out: dict[str, dict[int, TrainConfig]] = {}
     for arm in arms:

@@ -477,8 +477,8 @@ class Trainer:
         for micro in range(c.grad_accum):
             x, y = self._batch(micro)
             total += self.forward_backward(x, y, 1.0 / c.grad_accum, sync=micro == c.grad_accum - 1)
-        report_every = c.eval_every or c.max_steps
-        if self.model.config.hyper_connections and (self.step + 1) % report_every == 0:
+        report_every = c.eval_every or c.max_steps  # 0 (no step limit, no step-counted evaluations): never
+        if self.model.config.hyper_connections and report_every and (self.step + 1) % report_every == 0:
             # analysed here, while the mixing parameters still hold this step's gradients
             self.hyper_report = hyper.report(self.model, x.to(self.device)[:2])
         if c.grad_clip > 0:
@@ -581,7 +581,7 @@ class Trainer:
                 f"model: {self.model.num_params() / 1e6:.2f}M params ({c.preset}), device {self.device}"
                 f"{', bf16 autocast' if self.amp_dtype else ''}, {self.dist.world_size} process(es)"
             )
-            print(f"run dir: {self.out_dir}  ({tokens_per_step:,} tokens/step, steps {self.step} -> {c.max_steps})")
+            print(f"run dir: {self.out_dir}  ({tokens_per_step:,} tokens/step, {self._limits()})")
         bar = self._progress_bar()
         log = RunLog(self.out_dir, c.report_to, c.to_dict(), first_step=self.step) if self.dist.is_main else None
 
@@ -599,7 +599,7 @@ class Trainer:
                 self._say(bar, f"step 0: val loss {val:.4f}")
             fit_start_seconds, window_t0, window_tokens = self.train_seconds, time.perf_counter(), 0
             self.clock.run()
-            while self.step < c.max_steps:
+            while not c.max_steps or self.step < c.max_steps:
                 try:
                     self.train_step()  # its loss and metrics wait in self.metric_window until logged
                 except DivergedError as e:  # raised inside the step (token scores of NaN logits)
@@ -608,7 +608,7 @@ class Trainer:
                     write({"kind": "startup", "step": self.step, "steps": c.startup_steps,
                            "startup_seconds": round(self.clock.startup_seconds, 3)})
                 window_tokens += tokens_per_step
-                last = self.step >= c.max_steps
+                last = bool(c.max_steps) and self.step >= c.max_steps
                 out_of_time = self._out_of_time()
                 eval_now = last or out_of_time or (c.eval_every and self.step % c.eval_every == 0) or self._eval_due_by_time()
                 save_now = c.save_checkpoints and (eval_now and not c.ckpt_every or c.ckpt_every and self.step % c.ckpt_every == 0
@@ -683,7 +683,7 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        return tqdm(total=self.cfg.max_steps or None, initial=self.step, unit="step", dynamic_ncols=True)
 
     def _report(self, bar, loss: float, tps: float, n_steps: int, kept_fraction: float | None) -> None:
         kept = {} if kept_fraction is None else {"kept": f"{kept_fraction:.0%}"}
@@ -691,9 +691,27 @@ class Trainer:
             bar.update(n_steps)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", **kept)
         elif self.verbose:
-            eta = (self.cfg.max_steps - self.step) * self.tokens_per_step / max(tps, 1e-9)
+            c = self.cfg
+            etas, step, budget = [], f"step {self.step}", ""
+            if c.max_steps:
+                etas.append((c.max_steps - self.step) * self.tokens_per_step / max(tps, 1e-9))
+                step += f"/{c.max_steps}"
+            if c.max_seconds:
+                seconds = self.clock.seconds_after_startup
+                etas.append(max(c.max_seconds - seconds, 0.0))
+                budget = f"  {seconds:.1f}/{c.max_seconds:g} s"
             extra = f"  kept {kept['kept']}" if kept else ""
-            print(f"step {self.step}/{self.cfg.max_steps}  loss {loss:.4f}{extra}  {tps:,.0f} tok/s  ETA {eta:.0f}s", flush=True)
+            print(f"{step}  loss {loss:.4f}{extra}  {tps:,.0f} tok/s{budget}  ETA {min(etas):.0f}s", flush=True)
+
+    def _limits(self) -> str:
+        """Where the run stops: a step, a time budget, or whichever comes first."""
+        c = self.cfg
+        seconds = f"{c.max_seconds:g} s of training after start-up"
+        if not c.max_steps:
+            return f"from step {self.step} for {seconds}"
+        if c.max_seconds:
+            return f"steps {self.step} -> {c.max_steps} or {seconds}, whichever comes first"
+        return f"steps {self.step} -> {c.max_steps}"
 
     def _say(self, bar, message: str) -> None:
         if not self.verbose:
