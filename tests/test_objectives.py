@@ -94,7 +94,7 @@ def test_auxiliary_loss_adds_the_networks_own_and_reports_the_lm_loss() -> None:
 ])
 def test_the_trainer_builds_the_objective_the_config_names(make_cfg, overrides: dict, kind: type) -> None:
     t = Trainer(make_cfg(**overrides), verbose=False)
-    assert type(t.objective) is kind and t.ddp_model is t.objective
+    assert type(t.objective) is kind and t.train_module is t.objective
     trainable = {id(p) for p in t.objective.parameters()}
     assert all(id(p) in trainable for group in t.optimizer.param_groups for p in group["params"])  # DDP sees them all
     if overrides.get("use_mtp"):

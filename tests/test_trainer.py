@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -389,3 +390,88 @@ def test_selection_warmup_counts_optimizer_steps_with_grad_accum(make_cfg, mode:
         ratio = warmup_keep_ratio(s, target, warm)
         want = budget(n_tokens, ratio) / n_tokens if mode == "loss" else budget(n_seqs, ratio) / n_seqs
         assert kept[s + 1] == pytest.approx(want, abs=1e-4), (s, kept)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_train_tears_down_with_a_barrier_only_after_a_normal_end(make_cfg, monkeypatch: pytest.MonkeyPatch,
+                                                                  fails: bool) -> None:
+    """``train`` leaves through ``shutdown_distributed(synchronize=True)`` when the run
+    ended normally and with ``synchronize=False`` when it leaves on an exception
+    (a peer that failed never reaches the barrier)."""
+    from sparsetrain import trainer
+
+    seen = []
+    monkeypatch.setattr(trainer.D, "shutdown_distributed", lambda synchronize=True: seen.append(synchronize))
+    if fails:
+        def broken_step(self):
+            raise RuntimeError("a step that fails")
+
+        monkeypatch.setattr(Trainer, "train_step", broken_step)
+        with pytest.raises(RuntimeError, match="a step that fails"):
+            train(make_cfg(max_steps=1), verbose=False)
+    else:
+        train(make_cfg(max_steps=1), verbose=False)
+    assert seen == [not fails]
+
+
+@pytest.fixture(scope="module")
+def python_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_evaluate import write_python_corpus
+
+    return write_python_corpus(tmp_path_factory.mktemp("pycorpus"))
+
+
+SAMPLING_SECONDS = 2.0
+
+
+def test_eval_code_samples_logs_the_compile_rate_of_the_current_weights(make_cfg, python_corpus: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``eval_code_samples`` each eval row holds the compile rate and its Wilson
+    bounds, from ``code_compile_rate`` called with the trainer's weights of that
+    step, the held-out .py files, the sample count and the run's seed; the
+    sampling time (stretched here) stays out of the training time."""
+    from sparsetrain import trainer
+    from sparsetrain.evaluate import held_out_code_files
+
+    calls = []
+    real = trainer.code_compile_rate
+
+    def watched(model, tokenizer, files, n, **kwargs):
+        time.sleep(SAMPLING_SECONDS)
+        result = real(model, tokenizer, files, n, **kwargs)
+        calls.append({"weights": {k: v.clone() for k, v in model.state_dict().items()}, "files": files, "n": n,
+                      "kwargs": kwargs, "result": result})
+        return result
+
+    monkeypatch.setattr(trainer, "code_compile_rate", watched)
+    cfg = make_cfg(data=str(python_corpus), val_fraction=0.2, eval_code_samples=3, max_steps=2, eval_every=1)
+    t = Trainer(cfg, verbose=False)
+    result = t.fit()
+    files = held_out_code_files(cfg.data, cfg.val_fraction)
+    assert files and all(f.suffix == ".py" for f in files)
+    assert [c["n"] for c in calls] == [3, 3, 3] and all(c["files"] == files for c in calls)
+    assert all(c["kwargs"] == {"seed": cfg.seed} for c in calls)
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(calls[-1]["weights"][k], v), k
+    rows = [json.loads(l) for l in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    for r, c in zip(evals, calls):
+        assert (r["code_compile_rate"], r["code_compile_low"], r["code_compile_high"]) == (
+            c["result"].rate, c["result"].low, c["result"].high)
+    assert result.train_seconds < SAMPLING_SECONDS  # three samplings took 3 x that
+
+
+def test_eval_code_samples_without_a_usable_held_out_python_file_is_one_line(make_cfg, tmp_path: Path) -> None:
+    """Refused at set-up, before the run folder exists: held-out .py files that
+    have nothing to complete (the synthetic corpus's lines do not compile), and a
+    corpus without .py files."""
+    with pytest.raises(ConfigError, match=r"eval_code_samples = 2 .* has no usable \.py file"):
+        Trainer(make_cfg(out_dir=str(tmp_path / "a"), eval_code_samples=2), verbose=False)
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(20):
+        (text / f"doc{i}.txt").write_text(f"plain text number {i}, nothing to compile here.\n" * 20)
+    with pytest.raises(ConfigError, match=r"eval_code_samples = 2 .* holds no \.py file"):
+        Trainer(make_cfg(out_dir=str(tmp_path / "b"), data=str(text), eval_code_samples=2), verbose=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

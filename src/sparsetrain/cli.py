@@ -395,24 +395,25 @@ def cmd_fire(args: argparse.Namespace) -> int:
     import shutil
     from dataclasses import asdict
 
-    from .checkpoint import CKPT_NAME, WEIGHTS_NAME, load_checkpoint_from, save_checkpoint, save_weights
+    from .checkpoint import CKPT_NAME, WEIGHTS_NAME, save_checkpoint, save_weights
     from .fire import reinitialize
-    from .generate import load_model
+    from .generate import model_from_tensors
+    from .sharded_checkpoint import load_training_state
 
     if args.tol <= 0 or args.max_iters < 1:
         raise SparsetrainError(f"--tol must be > 0 and --max-iters >= 1, got {args.tol} and {args.max_iters}")
-    state, src = load_checkpoint_from(args.ckpt)
+    state, folder = load_training_state(args.ckpt)  # an FSDP run's sharded checkpoint consolidated
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SparsetrainError(f"{out} is not an empty directory; pick another --out")
-    model = load_model(src)
+    model = model_from_tensors(state["model_config"], state["model"], str(folder), "cpu")
     stats = reinitialize(model, args.tol, args.max_iters)
     state["model"] = model.state_dict()
     state["optimizer"]["state"] = {}  # AdamW's moments described the old weights
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.toml", "tokenizer.json"):  # config.toml names no out_dir: the new run's is its own folder
-        if (src.parent / name).is_file():
-            shutil.copyfile(src.parent / name, out / name)
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, out / name)
     save_weights(out / WEIGHTS_NAME, state["model"], asdict(model.config), int(state["step"]))
     save_checkpoint(out / CKPT_NAME, state)
     worst = max(s["orthogonality_error"] for s in stats)

@@ -185,6 +185,9 @@ class TrainConfig:
     eval_every: int = field(default=100, metadata=_section("training", "steps between val evals; 0 = only at the end"))
     eval_every_seconds: float = field(default=0.0, metadata=_section("training", "also eval each time this many training seconds (after start-up) have passed; 0 = off"))
     eval_batches: int = field(default=8, metadata=_section("training", "val micro-batches per eval"))
+    eval_code_samples: int = field(default=0, metadata=_section(
+        "training", "at each eval, the compile rate of this many sampled continuations of the held-out .py files "
+                    "(rank 0; eval time, not training time); 0 = off"))
     selection: str = field(default="none", metadata=_section("training", "token selection: none, loss (CGGR selective loss) or batch (CGGR batch splitting)"))
     selection_score: str = field(default="combined", metadata=_section("training", "token score: loss, entropy, margin, combined, collider, excess"))
     selection_method: str = field(default="topk", metadata=_section("training", "threshold, topk, stratified, sequence_aware or random"))
@@ -231,7 +234,7 @@ class TrainConfig:
                      "available: the recomputation would draw other random 2:4 patterns than the forward did")
         for name in ("log_every", "batch_size", "grad_accum", "eval_batches"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "ckpt_every", "eval_every", "warmup_steps"):
+        for name in ("max_steps", "ckpt_every", "eval_every", "warmup_steps", "eval_code_samples"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _require(self.token_dtype in ("uint16", "uint32"), f"data.token_dtype must be uint16 or uint32, got {self.token_dtype!r}")
         _require(0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
@@ -299,6 +302,8 @@ class TrainConfig:
             what = "activation_sparse_method = soft_threshold (each rank would fix its own S-STE scale buffer)"
         elif self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
             what = f"compile_mode = {self.compile_mode} (CUDA graphs around the sharding collectives are untested)"
+        elif self.optimizer != "adamw":
+            what = f"optimizer = {self.optimizer} (only AdamW's state is sharded and checkpointed through DCP here)"
         _require(what is None, f"parallel = fsdp with {what} is not available yet; use parallel = ddp")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

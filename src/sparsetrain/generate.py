@@ -16,7 +16,10 @@ from .model import GPT
 from .tokenizer import BPETokenizer
 
 
-def _build(model_config: dict[str, Any], tensors: dict[str, torch.Tensor], where: str, device: str | torch.device) -> GPT:
+def model_from_tensors(model_config: dict[str, Any], tensors: dict[str, torch.Tensor], where: str,
+                       device: str | torch.device) -> GPT:
+    """The network ``model_config`` describes with ``tensors`` loaded, on ``device``, in
+    eval mode; :class:`CheckpointError` naming ``where`` when they do not fit."""
     try:
         cfg = ModelConfig(**model_config)
     except TypeError as e:
@@ -35,19 +38,27 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> GPT:
     ``ckpt`` is a run directory, its weights-only ``model.safetensors`` or a full
     checkpoint (``ckpt.pt``). A run directory is read from its weights-only file
     (a third of the full checkpoint: no optimizer state); where that file is
-    missing (runs written before it existed) or damaged, from the full checkpoint."""
+    missing (runs written before it existed) or damaged, from the full checkpoint:
+    ``ckpt.pt``, or the sharded checkpoint of an FSDP run when that is the newer
+    one, consolidated here in one process."""
     p = Path(ckpt)
     weights = p / WEIGHTS_NAME if p.is_dir() else p if p.suffix == ".safetensors" else None
     if weights is not None and (weights.is_file() or not p.is_dir()):
         try:
             w = load_weights(weights, device)
-            return _build(w.model_config, w.tensors, str(weights), device)
+            return model_from_tensors(w.model_config, w.tensors, str(weights), device)
         except CheckpointError as e:
             if not p.is_dir():
                 raise
             warn(f"{e}; loading the weights from the full checkpoint instead")
+    if p.is_dir():
+        from .sharded_checkpoint import consolidate_sharded, resume_from_sharded
+
+        if resume_from_sharded(p):
+            state = consolidate_sharded(p, with_optimizer=False)
+            return model_from_tensors(state["model_config"], state["model"], str(p), device)
     state = load_checkpoint(p, map_location=device)
-    return _build(state["model_config"], state["model"], str(p), device)
+    return model_from_tensors(state["model_config"], state["model"], str(p), device)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int) -> None:

@@ -149,6 +149,20 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+def all_finite(params: Iterable[torch.Tensor]) -> bool:
+    """Whether every element of ``params`` is finite (one host sync). Sharded
+    (DTensor) parameters are checked shard by shard and the verdict is agreed
+    over all ranks, so every rank must call it (a collective)."""
+    params = list(params)
+    if not params:
+        return True
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    ok = torch.stack([torch.isfinite(t).all() for t in local]).all().to(torch.int32)
+    if any(isinstance(p, DTensor) for p in params) and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok)
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` (or its compiled original) went through :func:`shard_model`."""
     return isinstance(_outermost(model), FSDPModule)

@@ -1,14 +1,21 @@
-"""The training loop: one readable loop, with DDP, grad accumulation, bf16
-autocast, eval, metrics, atomic checkpoints and exact resume.
+"""The training loop: one readable loop, with DDP or FSDP2, grad accumulation,
+bf16 autocast, eval, metrics, atomic checkpoints and exact resume.
 
 Exact resume holds because nothing in a step depends on hidden state: the
 batch of step ``s`` is a pure function of ``(seed, s, micro, rank)``, the LR a
 function of ``s``, and the checkpoint holds the model and AdamW state.
+
+With several processes, ``parallel = ddp`` wraps the objective in DDP (every
+module the loss reads, MTP heads included, gets its gradients all-reduced)
+and rank 0 writes single-file checkpoints; ``parallel = fsdp`` shards the model
+per block (:mod:`sparsetrain.parallel`), the objective calls the sharded model,
+and every rank writes its shards (:mod:`sparsetrain.sharded_checkpoint`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -21,16 +28,19 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from . import distributed as D
 from . import fire, hyper
+from . import parallel as P
+from . import sharded_checkpoint as S
 from .checkpoint import (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, atomic_write_bytes, atomic_write_text,
                          load_checkpoint_from, remove_partial_writes, save_checkpoint, save_weights)
 from .config import ModelConfig, TrainConfig, dumps_toml
 from .data import TokenizedCorpus, bits_per_byte, load_corpus, tokens_per_byte, train_batch, val_batches
 from .loader import make_loader
-from .errors import CheckpointError, ConfigError, DivergedError
+from .errors import CheckpointError, ConfigError, DataError, DivergedError
+from .evaluate import code_compile_rate, code_prompts, held_out_code_files
 from .generate import load_model
 from .build import build_model
 from .metrics import ElapsedMs, MetricWindow, tensor_means
@@ -110,7 +120,7 @@ def _unusable_out_dir(out: Path) -> str | None:
         return f"run directory {out} is a file"
     if not out.is_dir():
         return None
-    if (out / CKPT_NAME).exists() or (out / PREVIOUS_CKPT_NAME).exists():
+    if (out / CKPT_NAME).exists() or (out / PREVIOUS_CKPT_NAME).exists() or (out / S.SHARDED_DIR).exists():
         return f"run directory {out} already holds a checkpoint; resume it with --resume {out} or pick another --out-dir"
     names = sorted(p.name for p in out.iterdir())
     if names:
@@ -152,6 +162,8 @@ class Trainer:
         if not self.dist.is_main:
             self.corpus = self._load_corpus()
 
+        # FSDP2 only with several processes; one process trains the plain model in either mode
+        self.sharded = cfg.parallel == "fsdp" and self.dist.enabled
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model).to(self.device)
         # modules with a per-step schedule: relu2_24's dense warmup, sparse BK layers' sparsity ramp
@@ -160,8 +172,6 @@ class Trainer:
         self.mtp: MTPHeads | None = None
         if cfg.use_mtp:
             self.mtp = MTPHeads(self.model, cfg.mtp_n_tokens, cfg.mtp_weight, cfg.mtp_decay).to(self.device)
-        trainable = nn.ModuleList([self.model] + ([self.mtp] if self.mtp is not None else []))
-        self.optimizer = build_optimizer(trainable, cfg, self.device.type)
         self.step = 0
         self._setup_clock_and_schedule()
         self.train_seconds = 0.0  # cumulative over resumes
@@ -172,22 +182,22 @@ class Trainer:
         self._loader_next = (0, 0)
         self._setup_selection()
         self.out_dir = self._prepare_out_dir(resume)
+        self.code_files = self._setup_code_eval()
+        prepare_sparse24(cfg, self.model, self.device)  # before anything is compiled
+        self._parallelize()
+        # after sharding: FSDP replaces every parameter with a sharded DTensor parameter
+        trainable = nn.ModuleList([self.model] + ([self.mtp] if self.mtp is not None else []))
+        self.optimizer = build_optimizer(trainable, cfg, self.device.type)
         if resume is not None:
             self._load_state(self.out_dir)
         self._write_run_files()
-        prepare_sparse24(cfg, self.model, self.device)  # before anything is compiled
-        self.objective: Objective = build_objective(cfg, self.model, self.mtp, self.selector,
-                                                    self._reference_nll if self.reference is not None else None)
         self._set_schedules(self.step)  # one step counter, the optimizer step's; also after a resume
-        # DDP wraps the whole objective, so every trainable module it reads (the MTP heads too)
-        # gets its gradients all-reduced; evaluate() toggles train/eval on it
-        self.ddp_model: nn.Module = self.objective
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model = DDP(self.objective, device_ids=ids)
         self._val = val_batches(
             self.corpus.val, cfg.eval_batches, cfg.batch_size, cfg.model.seq_len, self.dist.rank, self.dist.world_size
         )
+        # each forward of a sharded model is a collective: every rank runs ceil(eval_batches / world) of them
+        rounds = -(-cfg.eval_batches // self.dist.world_size)
+        self._eval_padding = rounds - len(self._val) if self.sharded else 0
 
     @property
     def tokens_per_step(self) -> int:
@@ -212,6 +222,55 @@ class Trainer:
                     f"reference {c.reference_ckpt} has vocab_size {self.reference.config.vocab_size}, "
                     f"this run {c.model.vocab_size}"
                 )
+
+    def _parallelize(self) -> None:
+        """The objective and the module a training step calls (``self.train_module``).
+
+        ``fsdp`` (several processes): the model is sharded in place, each block
+        compiled with ``compile`` (the objective then compiles nothing), and the
+        objective calls the sharded model. Otherwise the objective is built as
+        for one process and, with several, wrapped in DDP. Activation
+        checkpointing wraps the blocks first, before anything is compiled."""
+        c = self.cfg
+        reference_nll = self._reference_nll if self.reference is not None else None
+        if self.sharded:
+            param_dtype = self.amp_dtype if self.device.type == "cuda" else None  # bf16 gathers, float32 reduction
+            P.parallelize(self.model, "fsdp", self.dist, self.device, param_dtype=param_dtype,
+                          activation_checkpointing=c.activation_checkpointing, compile_model=c.compile,
+                          compile_mode=None if c.compile_mode == "default" else c.compile_mode)
+            self.objective: Objective = build_objective(dataclasses.replace(c, compile=False), self.model, self.mtp,
+                                                        self.selector, reference_nll)
+            self.train_module: nn.Module = self.objective
+            self._grad_sync_module: nn.Module = self.model  # the FSDP root: no_sync acts on it
+            return
+        if c.activation_checkpointing:
+            P.apply_activation_checkpointing(self.model)
+        self.objective = build_objective(c, self.model, self.mtp, self.selector, reference_nll)
+        # DDP wraps the whole objective, so every trainable module it reads (the MTP heads too)
+        # gets its gradients all-reduced; evaluate() toggles train/eval on it
+        self.train_module = P.parallelize(self.model, "ddp", self.dist, self.device, forward_module=self.objective)
+        self._grad_sync_module = self.train_module
+
+    def _setup_code_eval(self) -> list[Path]:
+        """The held-out ``.py`` files whose sampled continuations ``eval_code_samples``
+        judges (empty when off); refused at set-up when there is nothing to complete."""
+        c = self.cfg
+        if not c.eval_code_samples:
+            return []
+        problem = None
+        try:
+            files = [] if c.data.endswith(".bin") else held_out_code_files(
+                c.data, c.val_fraction, c.data_include, c.data_exclude, c.data_max_bytes)
+            if not files:
+                problem = "holds no .py file"
+            else:
+                code_prompts(files, c.eval_code_samples, c.seed)  # every sample has a prompt
+        except DataError as e:
+            problem = f"has no usable .py file ({e})"
+        if problem is not None:
+            raise ConfigError(f"training.eval_code_samples = {c.eval_code_samples} samples held-out Python files, "
+                              f"but the val split of {c.data or 'the Python stdlib'} {problem}; set eval_code_samples = 0")
+        return files
 
     def _set_schedules(self, step: int) -> None:
         """Put every per-step schedule at optimizer step ``step``: the objective's
@@ -245,8 +304,8 @@ class Trainer:
         self.last_saved_step: int | None = None  # step of the newest checkpoint on disk
         if resume is not None:
             out = Path(resume)
-            if not (out / CKPT_NAME).is_file() and not (out / PREVIOUS_CKPT_NAME).is_file():
-                raise CheckpointError(f"cannot resume: no {CKPT_NAME} in {out}")
+            if not (out / CKPT_NAME).is_file() and not (out / PREVIOUS_CKPT_NAME).is_file() and not S.has_sharded_checkpoint(out):
+                raise CheckpointError(f"cannot resume: no {CKPT_NAME} and no sharded checkpoint in {out}")
         else:
             name = self.cfg.out_dir or f"runs/{self.cfg.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
             out = Path(D.broadcast_object(name, self.dist))
@@ -269,16 +328,36 @@ class Trainer:
                 atomic_write_bytes(self.out_dir / "tokenizer.json", Path(self.corpus.tokenizer_path).read_bytes())
 
     def _load_state(self, out: Path) -> None:
-        """Load the newest intact checkpoint of ``out`` (``ckpt.pt``, else ``ckpt.prev.pt``
-        with a warning) and drop the metric rows written after it."""
-        state, _ = load_checkpoint_from(out, map_location=self.device)
-        compare_model_configs(state["model_config"], self.cfg.model, str(out))
-        self.model.load_state_dict(state["model"])
-        if self.mtp is not None:
-            if state.get("mtp") is None:
+        """Load the newest checkpoint of ``out`` and drop the metric rows written after it.
+
+        The newer of the sharded checkpoint (any number of processes saved it,
+        any number loads it) and the single-file one (``ckpt.pt``, else
+        ``ckpt.prev.pt`` with a warning) is read; a single file loads into a
+        sharded model too (:func:`~sparsetrain.sharded_checkpoint.load_single_file_state`)."""
+        if S.resume_from_sharded(out):
+            state = S.read_meta(S.latest_sharded_dir(out))
+            compare_model_configs(state["model_config"], self.cfg.model, str(out))
+            saved = state["train_config"]["training"].get("optimizer", "adamw")
+            if saved != self.cfg.optimizer:
+                raise CheckpointError(f"the checkpoint's optimizer state is {saved}, this run's optimizer is "
+                                      f"{self.cfg.optimizer}; resume with the optimizer it was trained with")
+            if self.mtp is not None:  # a sharded run has no MTP heads (refused under FSDP)
                 raise CheckpointError(f"checkpoint {out} has no MTP heads; resume without use_mtp")
-            self.mtp.load_state_dict(state["mtp"])
-        self.optimizer.load_state_dict(state["optimizer"])
+            state = S.load_sharded(out, self.model, self.optimizer)
+        else:
+            # a sharded model takes the full state from host memory, every rank the same
+            state, _ = load_checkpoint_from(out, map_location="cpu" if self.sharded else self.device)
+            compare_model_configs(state["model_config"], self.cfg.model, str(out))
+            if self.sharded:
+                S.load_single_file_state(self.model, self.optimizer, state)
+            else:
+                self.model.load_state_dict(state["model"])
+            if self.mtp is not None:
+                if state.get("mtp") is None:
+                    raise CheckpointError(f"checkpoint {out} has no MTP heads; resume without use_mtp")
+                self.mtp.load_state_dict(state["mtp"])
+            if not self.sharded:
+                self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.last_saved_step = self.step
         if self.selector is not None and "selector" in state:
@@ -373,15 +452,40 @@ class Trainer:
         windows = val_batches(self.corpus.val, c.eval_batches, c.batch_size, c.model.seq_len)
         return tokens_per_byte(torch.cat([y for _, y in windows]).numpy(), self.corpus.tokenizer)
 
-    def _eval_row(self, val: float) -> dict:
+    def _eval_row(self, val: float, extra: dict | None = None) -> dict:
         """The metrics.jsonl row of an evaluation: val loss (nats/token) and bits per byte,
-        at the step and the training seconds with and without start-up."""
+        at the step and the training seconds with and without start-up, plus ``extra``."""
         row = {"kind": "eval", "step": self.step, "val_loss": val, "train_seconds": round(self.train_seconds, 3),
                "startup_seconds": round(self.clock.startup_seconds, 3),
                "train_seconds_after_startup": round(self.clock.seconds_after_startup, 3)}
         if self._val_tokens_per_byte is not None:
             row["val_bpb"] = round(bits_per_byte(val, self._val_tokens_per_byte), 5)
-        return row
+        return {**row, **(extra or {})}
+
+    def code_compile_metrics(self, val: float) -> dict[str, float]:
+        """``code_compile_rate`` and its Wilson 95% bounds ``code_compile_low/high`` over
+        ``eval_code_samples`` continuations of the held-out ``.py`` files
+        (:func:`~sparsetrain.evaluate.code_compile_rate`), sampled on rank 0; empty
+        when off, on other ranks, or when ``val`` (the eval's loss) is not finite.
+        Every rank calls it: under FSDP the weights are first gathered to rank 0
+        into an unsharded copy of the model."""
+        c = self.cfg
+        if not c.eval_code_samples or not math.isfinite(val):
+            return {}
+        model: nn.Module = self.model
+        if self.sharded:
+            full = self.full_model_state()
+            if not self.dist.is_main:
+                return {}
+            with torch.random.fork_rng(devices=[]):  # the copy's initialisation draws nothing from the run's stream
+                model = build_model(c.model)
+            model.load_state_dict(full)
+            model.to(self.device)
+        elif not self.dist.is_main:
+            return {}
+        with self.autocast():
+            r = code_compile_rate(model, self.corpus.tokenizer, self.code_files, c.eval_code_samples, seed=c.seed)
+        return {"code_compile_rate": r.rate, "code_compile_low": r.low, "code_compile_high": r.high}
 
     # ------------------------------------------------------------------ steps
 
@@ -393,17 +497,18 @@ class Trainer:
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float = 1.0, sync: bool = True) -> torch.Tensor:
         """One micro-batch: the objective's forward, ``(loss * loss_scale).backward()``
         (timed), its metrics into the log window. Returns the reported loss
-        (detached, never read here). ``sync=False`` skips the DDP all-reduce, for
-        all but the last micro-batch of an accumulation."""
+        (detached, never read here). ``sync=False`` skips the gradient reduction
+        (DDP's all-reduce, FSDP's reduce-scatter), for all but the last
+        micro-batch of an accumulation."""
         # known on the host, the selector needs no sync to size its budget. The
         # corpus windows (data.py, loader.py) have a target at every position;
         # a batch still on the CPU is counted anyway
         n_valid = int((y != IGNORE_INDEX).sum()) if y.device.type == "cpu" else y.numel()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        no_sync = self.ddp_model.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
+        no_sync = P.no_sync(self._grad_sync_module) if not sync else contextlib.nullcontext()
         with no_sync:
             with self.autocast():
-                out = self.ddp_model(x, y, n_valid)
+                out = self.train_module(x, y, n_valid)
             with self._timed_backward() as timing:
                 (out.loss * loss_scale).backward()
         self.metric_window.add({**out.metrics, "backward_ms": timing[0]})
@@ -483,7 +588,7 @@ class Trainer:
             self.hyper_report = hyper.report(self.model, x.to(self.device)[:2])
         if c.grad_clip > 0:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]  # MTP heads too
-            gnorm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+            gnorm = P.clip_grad_norm(params, c.grad_clip)  # sharded gradients: the norm over all ranks' shards
         else:
             gnorm = torch.zeros((), device=self.device)
         self.optimizer.step()
@@ -504,15 +609,22 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean val cross-entropy over the fixed val windows (all ranks together)."""
-        self.ddp_model.eval()
+        """Mean val cross-entropy over the fixed val windows (all ranks together):
+        the mean of the ``eval_batches`` batch means, whatever the number of processes.
+        Under FSDP a rank with fewer batches than others runs padding forwards that
+        count with weight zero, so that every rank joins every sharded forward."""
+        self.train_module.eval()
         s = torch.zeros(2, device=self.device, dtype=torch.float64)
         for x, y in self._val:
             with self.autocast():
                 _, loss = self.model(x.to(self.device), y.to(self.device))
             s[0] += loss.double()
             s[1] += 1
-        self.ddp_model.train()
+        padding = torch.zeros((self.cfg.batch_size, self.cfg.model.seq_len), dtype=torch.long, device=self.device)
+        for _ in range(self._eval_padding):
+            with self.autocast():
+                self.model(padding)
+        self.train_module.train()
         if self.dist.enabled:
             torch.distributed.all_reduce(s)
         return float(s[0] / s[1])
@@ -528,22 +640,15 @@ class Trainer:
         return DivergedError(f"training diverged: {what}; {self._kept_note()}{advice}")
 
     def _check_finite_weights(self) -> None:
-        """Refuse to save NaN/Inf weights (one host sync)."""
+        """Refuse to save NaN/Inf weights (one host sync; under FSDP a collective,
+        every rank checking its shards)."""
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        if not P.all_finite(params):
             raise self._diverged(f"the weights hold NaN or Inf after step {self.step} (not saved)")
 
-    def save(self) -> None:
-        """Checkpoint everything needed to continue exactly (rank 0 only): the
-        weights-only ``model.safetensors``, then ``ckpt.pt`` (model, AdamW state,
-        step, ...), each written atomically and verified, the checkpoint before it
-        kept as ``ckpt.prev.pt``. Non-finite weights are never saved."""
-        if not self.dist.is_main:
-            return
-        self._check_finite_weights()
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+    def _run_state(self) -> dict:
+        """What a checkpoint holds besides the model and optimizer tensors."""
+        return {
             "step": self.step,
             "train_seconds": self.train_seconds,
             "startup_seconds": self.clock.startup_seconds,
@@ -553,12 +658,57 @@ class Trainer:
             "model_config": asdict(self.cfg.model),
             "train_config": self.cfg.to_dict(),
         }
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The model's whole state dict: under FSDP gathered from every rank's
+        shards into rank 0's host memory (a collective: every rank calls it; the
+        others get an empty dict); otherwise the model's own tensors."""
+        if not self.sharded:
+            return self.model.state_dict()
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save(self) -> None:
+        """Checkpoint everything needed to continue exactly, the weights-only
+        ``model.safetensors`` first (rank 0, from the full state dict), each
+        write verified, the previous checkpoint kept until the new one is.
+        Replicated (one process, DDP): rank 0 writes ``ckpt.pt`` (model, AdamW
+        state, step, ...), the one before it kept as ``ckpt.prev.pt``. FSDP:
+        every rank writes its shards (:func:`~sparsetrain.sharded_checkpoint.save_sharded`;
+        every rank must call this). Non-finite weights are never saved."""
+        if self.sharded:
+            self._save_sharded()
+            return
+        if not self.dist.is_main:
+            return
+        self._check_finite_weights()
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self._run_state()}
         try:
             save_weights(self.out_dir / WEIGHTS_NAME, state["model"], state["model_config"], self.step)
             save_checkpoint(self.out_dir / CKPT_NAME, state)
         except OSError as e:
             raise CheckpointError(f"cannot write the step-{self.step} checkpoint in {self.out_dir}: "
                                   f"{e.strerror or e}; {self._kept_note()}") from e
+        self.last_saved_step = self.step
+
+    def _save_sharded(self) -> None:
+        self._check_finite_weights()
+        full = self.full_model_state()
+        meta = self._run_state()
+        error = None
+        if self.dist.is_main:
+            try:
+                save_weights(self.out_dir / WEIGHTS_NAME, full, meta["model_config"], self.step)
+            except (OSError, CheckpointError) as e:
+                error = f"{e.strerror or e}" if isinstance(e, OSError) else str(e)
+        del full
+        error = D.broadcast_object(error, self.dist)  # every rank stops alike
+        try:
+            if error is not None:
+                raise CheckpointError(error)
+            S.save_sharded(self.out_dir, self.model, self.optimizer, meta, self.step)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot write the step-{self.step} checkpoint in {self.out_dir}: {e}; "
+                                  f"{self._kept_note()}") from None
         self.last_saved_step = self.step
 
     # ------------------------------------------------------------------ loop
@@ -593,7 +743,7 @@ class Trainer:
             if self.step == 0:  # the starting point of the val curve
                 val = self.evaluate()
                 result.val_losses[0] = val
-                write(self._eval_row(val))
+                write(self._eval_row(val, self.code_compile_metrics(val)))
                 if not math.isfinite(val):
                     raise self._diverged(f"val loss {val} at step 0")
                 self._say(bar, f"step 0: val loss {val:.4f}")
@@ -637,7 +787,7 @@ class Trainer:
                 if eval_now:
                     val = self.evaluate()
                     result.val_losses[self.step] = val
-                    write(self._eval_row(val))
+                    write(self._eval_row(val, self.code_compile_metrics(val)))
                     if not math.isfinite(val):
                         raise self._diverged(f"val loss {val} at step {self.step}")
                     self._say(bar, f"step {self.step}: val loss {val:.4f}")
@@ -673,7 +823,8 @@ class Trainer:
         if self.dist.is_main:
             plot_loss_curve(self.out_dir / METRICS_NAME, self.out_dir / "loss.png", f"{c.preset} - {self.out_dir.name}")
             if self.verbose:
-                saved = f", checkpoint {self.out_dir / CKPT_NAME}" if c.save_checkpoints else ""
+                where = self.out_dir / (S.SHARDED_DIR if self.sharded else CKPT_NAME)
+                saved = f", checkpoint {where}" if c.save_checkpoints else ""
                 print(f"done: {self.step} steps, {result.tokens_per_second:,.0f} tokens/s; "
                       f"loss curve {self.out_dir / 'loss.png'}{saved}")
         return result
@@ -723,9 +874,14 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, resume: str | Path | None = None, verbose: bool = True) -> TrainResult:
-    """Train (or resume) a run and tear down the process group afterwards."""
+    """Train (or resume) a run and tear down the process group afterwards: after
+    a barrier when it ended normally, without one when it leaves on an
+    exception (a peer may never reach the barrier)."""
+    ok = False
     try:
-        return Trainer(cfg, resume=resume, verbose=verbose).fit()
+        result = Trainer(cfg, resume=resume, verbose=verbose).fit()
+        ok = True
+        return result
     finally:
-        D.shutdown_distributed()
+        D.shutdown_distributed(synchronize=ok)
 
