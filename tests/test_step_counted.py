@@ -49,14 +49,33 @@ def test_2_4_ffn_recompiles_once_at_the_end_of_its_warmup() -> None:
 
 
 def test_bk_threshold_mask_recompiles_once_when_its_ramp_starts() -> None:
+    """Step 0: target 0, nothing skipped. From step 1 on the ramp's target (which
+    grows until step 4) is read outside the compiled forward, which sees only
+    that positions are skipped: one recompile, at step 1, and none after."""
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     layer = SparseMoEResNetBKLayer(16, 32, num_experts=3, target_sparsity=0.5, schedule_steps=4)
     x = torch.randn(2, 12, 16)
+    # The same positions skipped at every step: the predictor's logit is 100 * x[..., 0]
+    # with x[..., 0] = +-1 (12 of each), beyond the reach of the mask's logistic noise
+    # (|log(u / (1 - u))| < 14 for u clamped to [1e-6, 1 - 1e-6]). A freshly drawn mask
+    # changes the kept count and each expert's row count from step to step, and the
+    # compiled CPU expert loop recompiles for those on its own: once the kept count
+    # first changes (dynamic shapes), and whenever an expert's row count first
+    # reaches 0 (`if chunk.shape[0]`) -- at random steps, not at the schedule's.
+    x[..., 0] = torch.where(torch.randperm(24) < 12, 1.0, -1.0).view(2, 12)
+    first, last = layer.predictor[0], layer.predictor[2]
+    with torch.no_grad():
+        for p in (*first.parameters(), *last.parameters()):
+            p.zero_()
+        first.weight[0, 0], first.weight[1, 0] = 1.0, -1.0  # relu(x0), relu(-x0)
+        last.weight[0, 0], last.weight[0, 1] = 100.0, -100.0
     counts, limit_warnings = _graphs_after_each_step(layer, x, steps=12)
-    # step 0: target 0, nothing skipped; from step 1 on the ramp's target is read
-    # outside the compiled forward, which sees only that positions are skipped
-    assert counts[0] < counts[1] and counts[-1] == counts[4], counts
+    assert counts[0] < counts[1] == counts[-1], counts
     assert abs(layer.target_sparsity - 0.5) < 1e-12 and not limit_warnings
+    for _ in range(3):  # the mask of every skipping step: the positions where x[..., 0] > 0
+        layer(x)
+        assert layer.get_sparsity_stats()["num_computed"] == 12
+        assert torch.equal(layer._soft > 0.5, x[..., 0] > 0)
 
 
 def test_masked_dense_ffn_reads_no_buffer_in_its_forward() -> None:
