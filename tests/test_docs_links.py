@@ -54,7 +54,7 @@ def test_every_relative_link_resolves(page: Path) -> None:
 def test_the_anchor_rule_matches_github(tmp_path: Path) -> None:
     """Headings of the kinds these pages use, against the anchors GitHub gives them."""
     page = tmp_path / "page.md"
-    page.write_text("# 2:4 activation sparsity\n\n## `sparsetrain export`\n\n### Speed (H200, bf16) ##\n\n"
+    page.write_text("# 2:4 activation sparsity\n\n## `sparsetrain export`\n\n### Speed (bf16, 16k tokens) ##\n\n"
                     "```\n# not a heading\n```\n\n## Resume, DDP, Collider, MTP\n")
-    assert heading_anchors(page) == {"24-activation-sparsity", "sparsetrain-export", "speed-h200-bf16",
+    assert heading_anchors(page) == {"24-activation-sparsity", "sparsetrain-export", "speed-bf16-16k-tokens",
                                      "resume-ddp-collider-mtp"}
