@@ -31,9 +31,9 @@ def build_model(cfg: ModelConfig, policy: KernelPolicy | None = None) -> CausalL
     with ``cfg``'s converters applied. ``policy``: the kernel policy the 2:4
     FFNs dispatch by (default: :func:`sparsetrain.kernels.current` at each call).
 
-    Weights and state-dict keys are those the network had when the converters'
-    modules were built inside the GPT: the converters take over the dense
-    modules' parameters and draw nothing random."""
+    The converters take over the dense modules' parameters and draw nothing
+    random, so the weights and state-dict keys are those of a GPT that built the
+    converted modules itself."""
     cfg.validate()
     if cfg.arch == "resnet_bk":
         return ResNetBK(cfg)

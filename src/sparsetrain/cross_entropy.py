@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 def __getattr__(name: str):
     """``FUSED``, read-only: the current :class:`~sparsetrain.kernels.KernelPolicy`'s
-    ``fused_cross_entropy``, for code that still reads the old module flag (set
+    ``fused_cross_entropy``, for code that reads it as a module flag (set
     it with ``kernels.using(fused_cross_entropy=...)``)."""
     if name == "FUSED":
         return kernels.current().fused_cross_entropy

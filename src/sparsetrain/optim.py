@@ -127,9 +127,9 @@ class StepCounted(nn.Module):
     every forward would be a host sync (and a graph break under torch.compile).
 
     The forward must not read that int either: torch.compile takes an int
-    attribute for a constant, so a compiled model recompiled at every step and,
-    past dynamo's recompile limit (8), ran the module eagerly for good (the
-    compiled d20 2:4 trainer ran at 0.82x dense, bench/results/trainer_throughput_d20_compiled_before_h200.json).
+    attribute for a constant, so a compiled model would recompile at every step and,
+    past dynamo's recompile limit (8), run the module eagerly for good
+    (bench/results/trainer_throughput_d20_compiled_before_h200.json).
     Subclasses derive what the forward reads in :meth:`_count_changed`, a value
     that changes only where the behaviour does (a warmup's end), so a compiled
     model recompiles there and nowhere else. They name the buffer in

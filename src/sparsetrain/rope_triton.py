@@ -3,9 +3,9 @@
 The plain-torch RoPE (:func:`sparsetrain.model.apply_rope_reference`) upcasts
 q and k to float32, multiplies and adds halves in separate kernels and
 concatenates them: about ten passes over a float32 copy of q and of k in the
-forward, more in the backward. Run eagerly at d 4096 that was a large share of
-the ``aten::copy_``, ``aten::mul`` and ``aten::cat`` time in the step's
-profile (bench/results/sparse24_step_profile_h200.json). Here one kernel reads
+forward, more in the backward: in an eager step's profile a large share of the
+``aten::copy_``, ``aten::mul`` and ``aten::cat`` time
+(bench/results/sparse24_step_profile_h200.json). Here one kernel reads
 each (position, head) row once from wherever it lies (q and k are strided
 views of the fused qkv output), rotates it in float32 registers and writes it
 contiguous. The backward is the same kernel rotating by the opposite angle

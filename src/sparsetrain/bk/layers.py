@@ -65,7 +65,7 @@ class MoEFFN(nn.Module):
         self.up = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         self.down = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.grouped_mm: Callable | None = None
-        self.limit_relu_rows = True  # grouped path: ReLU² skips the parked rows (False: the old full pass, for benchmarks)
+        self.limit_relu_rows = True  # grouped path: ReLU² skips the parked rows (False: a pass over the whole buffer, a benchmark baseline)
         std = 0.02
         nn.init.normal_(self.up, 0.0, std)
         nn.init.normal_(self.down, 0.0, std)
@@ -129,17 +129,17 @@ def grouped_experts(x: torch.Tensor, expert: torch.Tensor, up: torch.Tensor, dow
     every step.
 
     ``keep[M]`` (bool): rows to compute. The others are parked past the last
-    group, where the grouped GEMM does no work (bench/results/grouped_mm_tail_h200.json:
-    forward+backward 2.1x faster with the last offset at half the rows), so
+    group, where the grouped GEMM does no work (its time follows the last
+    offset: bench/results/grouped_mm_tail_h200.json), so
     the cost follows the kept count while every shape stays fixed -- a
     data-dependent skip with no host sync, which a CUDA graph can capture.
-    What the GEMMs leave in the parked rows is undefined (the H200 leaves
-    non-finite values), so they are selected away with ``torch.where`` on the
+    What the GEMMs leave in the parked rows is undefined (it can be non-finite),
+    so they are selected away with ``torch.where`` on the
     way in and out: they come out 0 and pass exactly 0 gradient.
 
     ``limit_rows``: the ReLU² between the GEMMs skips the rows past the last
     group too (:mod:`.relu_squared_rows`; ``False``: it runs over the whole
-    buffer, the behaviour before session 10, kept for benchmarks)."""
+    buffer, a baseline for benchmarks)."""
     M, E = x.shape[0], up.shape[0]
     if keep is not None:
         x = torch.where(keep.unsqueeze(-1), x, 0)  # parked rows' gradient: 0, not what the GEMMs left there
@@ -181,8 +181,8 @@ def _expert_bucketed(x: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> t
 
     Routing changes every step, so unpadded expert batches have new row counts
     every call, and each new GEMM shape costs a cuBLAS heuristic lookup on the
-    host (about 0.1 ms per product on an H200: bench/results/bk_core_h200.json's
-    profile). Padded, a layer sees a few shapes; rows are independent in a GEMM,
+    host (bench/results/bk_core_h200.json's profile). Padded, a layer sees a few
+    shapes; rows are independent in a GEMM,
     so the real rows' results are the same."""
     pad = (-x.shape[0]) % ROW_BUCKET
     if pad == 0:

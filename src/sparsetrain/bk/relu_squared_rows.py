@@ -3,10 +3,9 @@
 The grouped MoE experts (:func:`sparsetrain.bk.layers.grouped_experts`) sort
 their rows into a buffer whose tail, past the last expert group's offset, holds
 the skipped ("parked") positions and some slack. ``torch._grouped_mm`` does no
-work there, but the ReLU² between the two grouped GEMMs ran over the whole
-``[rows, hidden]`` buffer, forward and backward: in the compiled layer's
-profile at d 2048, skip 0.5, those two kernels took 0.31 ms on the threshold
-path against 0.15 ms on the top-k path, which gathers the kept rows instead
+work there; a plain ReLU² between the two grouped GEMMs would run over the
+whole ``[rows, hidden]`` buffer, forward and backward, and cost the threshold
+path (parked rows) what the top-k path (gathered kept rows) does not
 (bench/results/bk_profile_compiled_bf16_gather_rows_h200.json).
 
 Here one Triton kernel per direction reads the row count (the last group

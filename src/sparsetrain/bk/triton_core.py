@@ -4,10 +4,9 @@ The recurrences are sequential along the sequence, so the parallelism is over
 rows (batch x channels): a program owns ``BLOCK`` rows and walks the N
 positions, reading one contiguous ``[BLOCK]`` slice of the ``[N, R]`` layout per
 step. Each step is latency-bound (one dependent global load per position);
-a chunked variant that loaded ``[16, BLOCK]`` tiles and stepped through them
-in registers measured 4-8x *slower* on an H200 (register pressure of the
-masked in-register selects), so this simple form stays for the bidirectional
-mode. The causal mode (the LM's) runs as two parallel scans instead: the
+a chunked variant that loads ``[16, BLOCK]`` tiles and steps through them
+in registers is slower (register pressure of the masked in-register selects),
+so this simple form serves the bidirectional mode. The causal mode (the LM's) runs as two parallel scans instead: the
 forward ratios are prefix products of 2x2 Moebius matrices, the backward
 adjoint an affine recurrence scanned from the end (``_bk_causal_scan_*``),
 one program per row with the row in registers, for N up to ``SCAN_MAX_N``. Complex numbers are carried as (re, im) float32 pairs; ``1/x`` is

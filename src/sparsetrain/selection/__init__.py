@@ -1,6 +1,6 @@
 """Token importance and selection: the shared core of every token-filtering
 method (CGGR's selective loss and batch splitting, Collider's cross-layer
-filtering). See README.md in this folder."""
+filtering). See docs/cggr.md."""
 
 from .cggr import CGGRLoss, CGGRModel, create_truncated_router
 from .schedule import AdaptiveThreshold, SelectionStats, check_health, dynamic_keep_ratio, warmup_keep_ratio

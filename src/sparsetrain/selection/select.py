@@ -84,8 +84,8 @@ def kept_indices(keep: torch.Tensor) -> torch.Tensor:
     For a mask made by a policy here (``topk``, ``random``, ``stratified``)
     they were known when it was made, so this needs no host sync; any other
     mask costs one ``nonzero`` (which waits for the GPU) on its first call. The Collider
-    loss takes its kept rows from here, and the backward from the loss: the syncs
-    of selection and loss left the GPU idle in every step otherwise
+    loss takes its kept rows from here, and the backward from the loss, so no
+    sync between forward and backward leaves the GPU idle
     (bench/results/collider_step_sync_free_h200.json)."""
     cached = cached_kept_indices(keep)
     if cached is not None:

@@ -111,7 +111,7 @@ def row_stats_triton(
     n = shape.numel()
     outs = [torch.empty(n, device=logits.device, dtype=torch.float32) for _ in range(5)]
     if n:
-        BLOCK = block or min(1024, triton.next_power_of_2(V))  # best on H200 (bench/results/scoring_kernel_h200.json)
+        BLOCK = block or min(1024, triton.next_power_of_2(V))  # the measured best: bench/results/scoring_kernel_h200.json
         _row_stats_kernel[(n,)](flat, tgt, rows if rows is not None else tgt, *outs, V, flat.stride(0), ignore_index,
                                 BLOCK=BLOCK, GATHER=rows is not None, num_warps=num_warps or 4)
     lse, nll, ent, p1, p2 = (o.view(shape) for o in outs)

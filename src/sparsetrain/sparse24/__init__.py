@@ -1,4 +1,4 @@
-"""2:4 activation sparsity for the squared-ReLU FFN (see README.md here).
+"""2:4 activation sparsity for the squared-ReLU FFN (docs/sparse24.md).
 
 The sparsifiers, their statistics, the ``relu2_24`` FFN's masked-dense path
 and, for the ``transposable`` method, its cuSPARSELt path (``cusparselt.py``)."""

@@ -1,8 +1,8 @@
 """cuSPARSELt 2:4 products on cached plans (``csrc/cslt_plans.cpp``).
 
 ``torch._cslt_sparse_mm`` sets up and tears down a cuSPARSELt plan on every
-call, about 0.65 ms of host time per product on the H200, which makes a
-compiled or small-width 2:4 step host-bound. The extension here keeps one plan
+call; that host time, paid by every product, makes a compiled or small-width
+2:4 step host-bound (bench/results/cslt_plans_d20_h200.json). The extension here keeps one plan
 per problem (shapes, layouts, dtype, algorithm, split-K) and takes torch's
 operand conventions, so :func:`sparse_mm` is a drop-in for
 ``torch._cslt_sparse_mm(packed, dense, transpose_result=..., alg_id=...,
@@ -10,8 +10,8 @@ split_k=..., split_k_mode=...)``.
 
 The extension is compiled on first use with ``torch.utils.cpp_extension``
 (a C++ compiler, CUDA's headers and cuSPARSELt's header, which the
-``nvidia-cusparselt`` wheel beside torch carries; 27 s on the H200 machine,
-then cached under ``TORCH_EXTENSIONS_DIR``). Where it cannot be built, :func:`load` warns
+``nvidia-cusparselt`` wheel beside torch carries; it takes tens of seconds
+once, then is cached under ``TORCH_EXTENSIONS_DIR``). Where it cannot be built, :func:`load` warns
 once and returns ``None``, and callers use torch's op. The kernel policy's
 ``cached_cslt_plans`` (:mod:`sparsetrain.kernels`; ``SPARSETRAIN_CSLT_PLANS=0``
 in the environment) turns it off.

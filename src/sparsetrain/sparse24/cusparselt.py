@@ -76,8 +76,7 @@ def sparse_mm(packed: torch.Tensor, dense: torch.Tensor, transpose_result: bool 
 
     ``dense`` is taken row-major or column-major as it comes: torch hands any
     non-contiguous operand to cuSPARSELt as a transposed (column-major) one,
-    and a transposing copy costs more than the layout saves (on the H200 at
-    d 4096: 0.44 ms per copy against 2.03 vs 2.11 ms for the product,
+    and a transposing copy costs more than the layout saves (measured in
     bench/results/sparse24_ffn_profile_column_major_h200.json and
     sparse24_fp8_gemm_layouts_d4096_h200.json). Other strides are copied."""
     if not (dense.is_contiguous() or dense.t().is_contiguous()):

@@ -147,9 +147,8 @@ def prepare_ffns(model: nn.Module, n_tokens: int) -> None:
     the packing kernel's pattern table (:func:`.packing.pattern_table`).
 
     Made inside a compiled call instead, the permutation is a graph break, and
-    dynamo keeps the split it made there: on the H200 a 3-layer model ran 6
-    graphs per call for good (14 graph calls per step) against 1 when the
-    permutations existed before the first compiled call. Made inside a
+    dynamo keeps the split it made there for good: the model runs as several
+    graphs per layer instead of one graph. Made inside a
     CUDA-graph warm-up, the pattern table is an untracked tensor in the graphs'
     memory pool, and cudagraph trees stop the step with an error."""
     for module in model.modules():
@@ -200,7 +199,7 @@ class Sparse24FFN(StepCounted):
         self.dense_fraction, self.token_prune = dense_fraction, token_prune
         self.init_step_count()  # steps (saved) and its host copy: resume continues the warmup
         self.register_buffer("scale", torch.zeros(()))  # S-STE scale, fixed at the first sparse call
-        # its host copy, which the forward reads: reading the buffer was a host sync and a
+        # its host copy, which the forward reads: reading the buffer would be a host sync and a
         # graph break on every call of the masked-dense path
         self._scale = 0.0
         self.generator = torch.Generator().manual_seed(seed)
@@ -272,10 +271,8 @@ class Sparse24FFN(StepCounted):
         if fast:
             # cast here, not inside the ops: autograd (or the compiled graph) then keeps the
             # bf16 weights for the backward as autocast's dense products do. Cast inside the
-            # opaque op, each weight was cast again in its backward, and every cast ran on
-            # torch's copy kernels rather than inductor's: 6.7 ms of FFN weight and gradient
-            # casts per compiled step at d 4096 x 8 layers on the H200, 3.3 ms now (dense
-            # relu2: 3.0); the step went from 1.086x to 1.100x dense (profiles:
+            # opaque op, each weight would be cast again in its backward, and every cast would
+            # run on torch's copy kernels rather than inductor's (profiles of both:
             # bench/results/sparse24_steps_weight_casts_{before_,}h200.json)
             w_up, w_down = self.up.weight.to(half), self.down.weight.to(half)
         # cuSPARSELt from the policy's width up (where it beats the masked kernel in the step);
@@ -309,11 +306,10 @@ STATS_TOKENS = 4096
 
 
 # An opaque custom op, so a compiled model stays one graph on logged steps too.
-# It was a torch.compiler.disable'd function before: a graph break in every FFN,
-# and dynamo recompiled the resume frame after it on every logged step ("cache
-# line invalidated": the frame guarded on the stats dict, new each call), hit its
-# recompile limit after 8 logged steps and ran those steps' FFN tails eagerly
-# from then on (seen in the trainer on the H200, session 12).
+# Not a torch.compiler.disable'd function: that is a graph break in every FFN, and
+# dynamo recompiles the resume frame after it on every logged step ("cache line
+# invalidated": the frame guards on the stats dict, new each call) until its
+# recompile limit, after which those steps' FFN tails run eagerly.
 @torch.library.custom_op("sparsetrain::ffn24_fast_path_stats", mutates_args=())
 def _fast_path_stats_op(x: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
@@ -342,9 +338,9 @@ def cuda_graphs_ok(model: nn.Module, device: torch.device) -> bool:
     ``device``; builds or loads the cached-plan extension where it applies.
 
     False only where a transposable FFN would multiply through torch's
-    ``_cslt_sparse_mm``: the d20 step failed capture with it ("tensor in the
-    cudagraph pool not tracked as outputs"), and ran with the cached plans of
-    :mod:`.cslt_plans` (bench/results/cslt_plans_d20_graphs_h200.json)."""
+    ``_cslt_sparse_mm``: a step with it fails capture ("tensor in the cudagraph
+    pool not tracked as outputs"); with the cached plans of :mod:`.cslt_plans`
+    it is captured (bench/results/cslt_plans_d20_graphs_h200.json)."""
     if device.type != "cuda" or not cusparselt.cusparselt_available():
         return True
     if not any(isinstance(m, Sparse24FFN) and m.method == "transposable" for m in model.modules()):

@@ -223,9 +223,10 @@ def triton_ok(u: torch.Tensor) -> bool:
     return triton is not None and (u.is_cuda or interpreting()) and u.dtype == torch.bfloat16
 
 
-# launch options (one program per 64 x 64 block of u), from a sweep of warps and
-# register caps: 4 warps, registers capped at 96 per thread (the searching forward took 121-124
-# uncapped, four programs per SM; capped, its forward ran about 5% faster on the H200)
+# launch options (one program per 64 x 64 block of u), the best of a sweep of warps and
+# register caps (bench/results/sparse24_packing_maxnreg_h200.json): 4 warps, registers capped
+# at 96 per thread. Uncapped, the searching forward takes more registers than that, which
+# leaves room for fewer programs per SM.
 KERNEL_CONFIG: dict[str, int] = {"num_warps": 4, "maxnreg": 96}
 
 

@@ -1,10 +1,9 @@
 // cuSPARSELt 2:4 products with cached plans.
 //
 // torch._cslt_sparse_mm builds the matrix descriptors, the algorithm selection
-// and the plan on every call and destroys them afterwards: about 0.65 ms of
-// host time per product on the H200 (bench/results/
-// sparse24_steps_compiled_no_break_profile_h200.json), which makes small or
-// compiled 2:4 steps host-bound. A plan depends only on the problem (shapes,
+// and the plan on every call and destroys them afterwards; that host time,
+// paid by every product, makes small or compiled 2:4 steps host-bound
+// (bench/results/cslt_plans_d20_h200.json). A plan depends only on the problem (shapes,
 // layouts, dtype) and the configuration (algorithm, split-K), not on the data,
 // so it is built once per problem here and reused; a call then costs an output
 // allocation and one cusparseLtMatmul.
@@ -119,10 +118,10 @@ torch::Tensor sparse_mm(const torch::Tensor& packed, const torch::Tensor& dense,
     TORCH_CHECK(false, "cslt_plans.sparse_mm: bf16 or fp16 only, got ", dense.scalar_type());
   }
   TORCH_CHECK(packed.is_contiguous(), "cslt_plans.sparse_mm: the packed operand must be contiguous");
-  // Numbers go into messages through std::to_string, never an ostream: on the H200 machine (g++ 13,
-  // torch 2.11) streaming an integer from this extension crashed the process (the backtrace ended in
-  // the extension's own std::ostream::_M_insert<long> calling a wrong virtual), so a TORCH_CHECK
-  // that printed a size segfaulted instead of raising.
+  // Numbers go into messages through std::to_string, never an ostream: with g++ 13 and torch 2.11,
+  // streaming an integer from this extension can crash the process (the extension's own
+  // std::ostream::_M_insert<long> calls a wrong virtual), so a TORCH_CHECK that printed a size
+  // would segfault instead of raising.
   TORCH_CHECK(dense.dim() == 2, "cslt_plans.sparse_mm: the dense operand must be 2-D, got " +
                                    std::to_string(dense.dim()) + "-D");
   const bool b_row_major = dense.is_contiguous();
