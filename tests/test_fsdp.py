@@ -11,6 +11,7 @@ import math
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -26,6 +27,9 @@ from sparsetrain.config import ModelConfig
 from sparsetrain.build import build_model
 from sparsetrain.model import GPT
 from sparsetrain.optimizers import make_adamw
+
+if TYPE_CHECKING:
+    from sparsetrain.trainer import Trainer
 
 from test_distributed import _free_port
 

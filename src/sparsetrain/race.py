@@ -237,7 +237,7 @@ def run_race(arms: list[Arm], seconds: float, n_seeds: int, out_dir: str | Path,
             print(f"race {i}/{len(order)}: arm {name}, seed {seed}", flush=True)
         did = run_one(configs[name][seed], verbose)
         if verbose and did == "done before":
-            print(f"  finished in an earlier start of this race: skipped", flush=True)
+            print("  finished in an earlier start of this race: skipped", flush=True)
     report = race_report(arms, configs, seeds, seconds, order)
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2))
     from .plotting import plot_race
