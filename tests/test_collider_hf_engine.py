@@ -471,23 +471,29 @@ def test_16bit_runs_close_to_the_float64_reference(weights: str) -> None:
 def _ddp_worker(rank: int, world: int, port: int, seed: int, state: dict, batches: list, total: int, out: str) -> None:
     import os
 
+    from sparsetrain.distributed import shutdown_distributed, track_ddp
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    ok = False
     try:
         with float64_norms():
             model = make_model("llama", seed)
             model.load_state_dict(state)
             selector = TokenSelector(score="collider", method="topk", keep_ratio=0.5)
-            ddp = torch.nn.parallel.DistributedDataParallel(apply(model, selector=selector))
+            ddp = track_ddp(torch.nn.parallel.DistributedDataParallel(apply(model, selector=selector)))
             ids, labels = batches[rank]
             # the loss over this rank's kept tokens divided by every rank's: DDP's mean then needs the world size
             loss = ddp(ids, labels=labels, num_items_in_batch=torch.tensor(total)).loss * world
             loss.backward()
             torch.save({"grads": {k: p.grad for k, p in model.named_parameters()}, "keep": selector.last_mask},
                        f"{out}/rank{rank}.pt")
+        ok = True
     finally:
-        torch.distributed.destroy_process_group()
+        # the project's ordered teardown: destroying the group while DDP's reducer is
+        # alive deadlocks gloo's teardown (docs/scaling.md, Clean exits)
+        shutdown_distributed(synchronize=ok)
 
 
 def test_ddp_normalises_by_the_global_kept_count(tmp_path) -> None:

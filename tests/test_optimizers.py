@@ -629,14 +629,17 @@ def _free_port() -> int:
 def _ddp_worker(rank: int, world: int, port: int, seed: int, batch: tuple, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from sparsetrain.distributed import shutdown_distributed, track_ddp
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    ok = False
     try:
         cfg = cfg_of(optimizer="muon")
         torch.manual_seed(seed)
         model = build_model(cfg.model)
-        ddp = DDP(model)
+        ddp = track_ddp(DDP(model))
         opt = O.build_optimizer(model, cfg, "cpu")
         x, y = batch
         n = x.shape[0] // world
@@ -645,9 +648,9 @@ def _ddp_worker(rank: int, world: int, port: int, seed: int, batch: tuple, out: 
             opt.step()
             opt.zero_grad(set_to_none=True)
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, Path(out) / f"muon{rank}.pt")
+        ok = True
     finally:
-        torch.distributed.destroy_process_group()
-    os._exit(0)  # see test_distributed._exit_without_teardown
+        shutdown_distributed(synchronize=ok)  # ordered teardown, no os._exit (docs/scaling.md)
 
 
 @needs_muon
