@@ -176,6 +176,34 @@ def test_step_flags_mark_exactly_the_calls_inside_timed_samples(monkeypatch: pyt
     assert timing.call_flags(list(calls), args.warmup, args.rounds, args.repeats, args.queued) == seen
 
 
+def test_prime_heat_time_primes_then_times_and_flags_the_timed_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared measuring order: each variant's first ``warmup`` calls are its
+    priming (recorded apart), the rest interleaved rounds; ``flags`` marks
+    exactly the calls that ran inside a timed sample, ``repeats`` per variant."""
+    inside = [False]
+    real = timing.time_fn
+
+    def sample(fn, **kw):
+        inside[0] = True
+        try:
+            return real(fn, **kw)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(timing, "time_fn", sample)
+    rng = fresh_rng()
+    warmup, rounds, repeats, queued = rng.randint(1, 3), rng.randint(1, 4), rng.randint(1, 9), rng.randint(1, 3)
+    seen: dict[str, list[bool]] = {"a": [], "b": [], "c": []}
+    calls = {n: (lambda n=n: seen[n].append(inside[0])) for n in seen}
+    m = timing.prime_heat_time(calls, torch.device("cpu"), warmup, 0.0, rounds, repeats, queued)
+    assert m.flags == seen
+    assert all(s[:warmup] == [False] * warmup for s in seen.values())
+    assert {n: len(t) for n, t in m.times.items()} == {n: repeats for n in seen}
+    assert {n: s["graphs_compiled"] for n, s in m.startup.items()} == {n: 0 for n in seen}
+    assert m.graphs_compiled_while_timed == 0 and m.timed_peak_memory_gib is None and m.heat == {}
+    assert set(m.wall_s) == {"prime", "heat", "timed"}
+
+
 def test_gpu_clock_monitor_takes_medians_of_what_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     """The monitor's medians over made-up readings, and the first and last
     temperature; no readings (no nvidia-smi) give 0 samples."""
