@@ -11,7 +11,7 @@ from typing import NoReturn
 from sparsetrain.errors import SparsetrainError
 
 from .options import BenchError, apply_shared_defaults, shared_parser
-from .results import format_table, output_path, run_document, validate
+from .results import format_table, git_state, output_path, run_document, validate
 
 SUITES = {
     "kernels": "fused kernels against their plain-torch references (loss, RoPE, scoring, 2:4, BK, attention)",
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if shared is None:  # its exit code is the run's
             return int(suite.run(args) or 0)
+        git_state()  # a bad commit variable is refused before anything runs
         apply_shared_defaults(args, name, shared)
         path = output_path(args.out, name, suite.file_label(args))
 
