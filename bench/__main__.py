@@ -11,13 +11,14 @@ from typing import NoReturn
 from sparsetrain.errors import SparsetrainError
 
 from .options import BenchError, apply_shared_defaults, shared_parser
-from .results import format_table, output_path, run_document, validate
+from .results import format_table, git_state, output_path, run_document, validate
 
 SUITES = {
     "kernels": "fused kernels against their plain-torch references (loss, RoPE, scoring, 2:4, BK, attention)",
     "steps": "whole training steps, dense against Collider, 2:4 and BK at named shapes (--headline: the three headline figures)",
     "trainer": "the trainer's own tokens/s, runs primed, the GPU heated, in ABBA order",
     "quality": "val loss against controls at equal steps or equal wall-clock",
+    "hf": "a Hugging Face Llama-family training step, dense HF (compiled) against Collider, full fine-tuning and LoRA",
     "race": "delegates to `sparsetrain race`",
 }
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if shared is None:  # its exit code is the run's
             return int(suite.run(args) or 0)
+        git_state()  # a bad commit variable is refused before anything runs
         apply_shared_defaults(args, name, shared)
         path = output_path(args.out, name, suite.file_label(args))
 

@@ -11,7 +11,9 @@ A run writes one JSON file::
         "median_ms": 121.1, "spread": {"min_ms", "q1_ms", "q3_ms", "max_ms", "iqr_ms"}, "repeats": 15,
         "baseline": "dense", "speedup_vs_baseline": 1.43, "error": null, "extra": {...}}, ...]}
 
-Every row shares the file's device, versions, commit, date and command.
+Every row shares the file's device, versions, commit, date and command
+(``git_commit``: the checkout's HEAD, or in a copy without ``.git`` the
+``SPARSETRAIN_GIT_COMMIT`` variable's value; null without either).
 ``median_ms`` and ``spread`` come from the row's timed samples;
 ``speedup_vs_baseline`` is the baseline row's median (same shape) over this
 row's: above 1, faster than the baseline. A variant that failed (out of
@@ -21,6 +23,7 @@ memory, a compile error) keeps its row, with ``error`` set and no times.
 from __future__ import annotations
 
 import math
+import os
 import re
 import shlex
 import subprocess
@@ -33,11 +36,14 @@ import torch
 
 from sparsetrain.benchmark import environment
 
+from .options import BenchError
+
 SCHEMA = "sparsetrain-bench/1"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPREAD_KEYS = ("min_ms", "q1_ms", "q3_ms", "max_ms", "iqr_ms")
 VERSION_KEYS = ("python", "torch", "cuda", "triton", "cusparselt")
+COMMIT_VARIABLE = "SPARSETRAIN_GIT_COMMIT"  # names the commit where the suites run from a copy without .git
 
 
 @dataclass
@@ -96,15 +102,23 @@ def result_rows(suite: str, results: list[Result]) -> list[dict[str, Any]]:
 
 
 def git_state() -> tuple[str | None, bool | None]:
-    """``(commit, dirty)`` of the checkout the suites run from; ``(None, None)``
-    outside a git checkout (e.g. a copied working tree)."""
+    """``(commit, dirty)`` of the checkout the suites run from. Outside a git
+    checkout (a copied working tree) the commit is ``$SPARSETRAIN_GIT_COMMIT``
+    (the commit the copy was taken from, 7 to 40 hex digits) and dirty is
+    unknown, or ``(None, None)`` without it. Raises :class:`BenchError` for a
+    variable that is not a commit hash."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
                                 capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return None, None
+        given = os.environ.get(COMMIT_VARIABLE)
+        if given is None:
+            return None, None
+        if not re.fullmatch(r"[0-9a-f]{7,40}", given):
+            raise BenchError(f"{COMMIT_VARIABLE}={given!r} is not a commit hash (7 to 40 hex digits)")
+        return given, None
     return commit, bool(status.strip())
 
 

@@ -49,8 +49,7 @@ from .optimizer_steps import run_optimizers
 from .options import BenchError, describe_shapes, parse_cases
 from .profiling import profile_top_kernels
 from .results import Result, quantile
-from .timing import (call_flags, gib, gpu_clock_monitor, graphs_compiled, heat_gpu, matmul_tflops, prime, sync,
-                     time_interleaved)
+from .timing import gib, matmul_tflops, prime_heat_time, sync
 from .train_steps import SPARSE24_OVERRIDES, BuiltStep, build_steps, collider_overrides, pin_bk_skip_rate
 
 SHARED_DEFAULTS = {"repeats": 15, "warmup": 3, "shapes": "", "compile": False,
@@ -237,28 +236,18 @@ def run_case(bench: str, shape: str, compile: bool, graphs: bool, args: argparse
         sync(device)
         build_s = time.perf_counter() - t0
         build_peak = gib(torch.cuda.max_memory_allocated()) if device.type == "cuda" else None
-        startup = prime(case.calls, args.warmup, device)  # compiles, autotunes, fills caches
-        t0 = time.perf_counter()
-        heat = heat_gpu(args.heat_seconds)
-        heat_s = time.perf_counter() - t0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        graphs_before, t0 = graphs_compiled(), time.perf_counter()
-        with gpu_clock_monitor() as clocks:
-            times = time_interleaved(case.calls, rounds=args.rounds, warmup=0, repeats=args.repeats,
-                                     calls_per_sample=args.queued)
-        timed_s, late_graphs = time.perf_counter() - t0, graphs_compiled() - graphs_before
-        if late_graphs:
-            print(f"steps {label}: {late_graphs} graph(s) compiled while timed: the priming did not compile everything",
-                  flush=True)
-        flags = call_flags(list(case.calls), args.warmup, args.rounds, args.repeats, args.queued)
-        shared = {"mode": mode, "spec": spec, "tokens_per_call": case.tokens_per_call, "gpu_clocks": clocks, "heat": heat,
-                  "wall_s": {"build": build_s, "prime": sum(s["prime_s"] for s in startup.values()), "heat": heat_s,
-                             "timed": timed_s},
-                  "graphs_compiled_while_timed": late_graphs, **case.extra}
+        m = prime_heat_time(case.calls, device, args.warmup, args.heat_seconds, args.rounds, args.repeats,
+                            args.queued)  # priming compiles, autotunes, fills caches
+        if m.graphs_compiled_while_timed:
+            print(f"steps {label}: {m.graphs_compiled_while_timed} graph(s) compiled while timed: the priming did not "
+                  "compile everything", flush=True)
+        startup, times, flags = m.startup, m.times, m.flags
+        shared = {"mode": mode, "spec": spec, "tokens_per_call": case.tokens_per_call, "gpu_clocks": m.clocks,
+                  "heat": m.heat, "wall_s": {"build": build_s, **m.wall_s},
+                  "graphs_compiled_while_timed": m.graphs_compiled_while_timed, **case.extra}
         if device.type == "cuda":  # the most the shape needed at once: building, priming or timed
             shared["peak_memory_gib_all_variants"] = max(
-                [build_peak, gib(torch.cuda.max_memory_allocated())] + [s["peak_memory_gib"] for s in startup.values()])
+                [build_peak, m.timed_peak_memory_gib] + [s["peak_memory_gib"] for s in startup.values()])
         results = []
         for name, t in times.items():
             extra = dict(shared, startup=startup[name])

@@ -21,6 +21,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -198,3 +199,41 @@ def prime(calls: dict[str, Callable[[], None]], warmup: int, device: torch.devic
         if device.type == "cuda":
             out[name]["peak_memory_gib"] = gib(torch.cuda.max_memory_allocated())
     return out
+
+
+@dataclass
+class Measured:
+    """What :func:`prime_heat_time` measured of a set of variants."""
+
+    times: dict[str, list[float]]  # per variant, its timed samples (ms per call)
+    startup: dict[str, dict[str, Any]]  # per variant, :func:`prime`'s record
+    flags: dict[str, list[bool]]  # per variant, :func:`call_flags` over every call since priming began
+    heat: dict[str, Any]  # :func:`heat_gpu`'s readings
+    clocks: dict[str, Any]  # :func:`gpu_clock_monitor`'s readings while timed
+    wall_s: dict[str, float]  # seconds of priming (all variants), heating and the timed rounds
+    graphs_compiled_while_timed: int  # 0 when the priming compiled everything
+    timed_peak_memory_gib: float | None  # on CUDA, the process's peak over the timed rounds
+
+
+def prime_heat_time(calls: dict[str, Callable[[], Any]], device: torch.device, warmup: int, heat_seconds: float,
+                    rounds: int, repeats: int, calls_per_sample: int = 1) -> Measured:
+    """The measuring order every interleaved bench follows: prime each variant
+    (:func:`prime`, ``warmup`` calls: compiles it), heat the GPU
+    (:func:`heat_gpu`), then time all variants in ``rounds`` interleaved rounds
+    (:func:`time_interleaved`, ``repeats`` samples of ``calls_per_sample``
+    calls each) under :func:`gpu_clock_monitor`."""
+    startup = prime(calls, warmup, device)
+    t0 = time.perf_counter()
+    heat = heat_gpu(heat_seconds)
+    heat_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    graphs, t0 = graphs_compiled(), time.perf_counter()
+    with gpu_clock_monitor() as clocks:
+        times = time_interleaved(calls, rounds=rounds, warmup=0, repeats=repeats, calls_per_sample=calls_per_sample)
+    timed_s, late = time.perf_counter() - t0, graphs_compiled() - graphs
+    return Measured(times=times, startup=startup,
+                    flags=call_flags(list(calls), warmup, rounds, repeats, calls_per_sample), heat=heat, clocks=clocks,
+                    wall_s={"prime": sum(s["prime_s"] for s in startup.values()), "heat": heat_s, "timed": timed_s},
+                    graphs_compiled_while_timed=late,
+                    timed_peak_memory_gib=gib(torch.cuda.max_memory_allocated()) if device.type == "cuda" else None)

@@ -97,6 +97,35 @@ def test_a_run_document_follows_the_schema_and_each_fault_is_named() -> None:
         assert problems and any(needle in p for p in problems), (needle, problems)
 
 
+def test_outside_a_git_checkout_the_commit_comes_from_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys) -> None:
+    """A copied working tree has no .git: ``SPARSETRAIN_GIT_COMMIT`` names the
+    commit (dirty unknown); a value that is no hash is one line and exit 2
+    before anything runs. Inside a checkout, git's own answer wins."""
+    import bench.results as results
+
+    real_root = results.REPO_ROOT
+    monkeypatch.setattr(results, "REPO_ROOT", tmp_path)
+    monkeypatch.delenv(results.COMMIT_VARIABLE, raising=False)
+    assert results.git_state() == (None, None)
+    sha = f"{fresh_rng().getrandbits(160):040x}"
+    monkeypatch.setenv(results.COMMIT_VARIABLE, sha)
+    assert results.git_state() == (sha, None)
+    doc = _doc()
+    assert doc["git_commit"] == sha and doc["git_dirty"] is None and validate(doc) == []
+    monkeypatch.setenv(results.COMMIT_VARIABLE, "HEAD")
+    code, out, err = run_bench(["steps", "--shapes", "dense:tiny", "--out", str(tmp_path)], capsys)
+    assert code == 2 and err.strip() == ("python -m bench steps: error: SPARSETRAIN_GIT_COMMIT='HEAD' is not a commit "
+                                         "hash (7 to 40 hex digits)") and not out and not list(tmp_path.glob("*.json"))
+    monkeypatch.setattr(results, "REPO_ROOT", real_root)
+    monkeypatch.setenv(results.COMMIT_VARIABLE, sha)
+    if (real_root / ".git").exists():
+        import subprocess
+
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=real_root, capture_output=True, text=True).stdout
+        assert results.git_state()[0] == head.strip() != sha
+
+
 def test_output_names(tmp_path: Path) -> None:
     device = "cpu" if not torch.cuda.is_available() else output_path(str(tmp_path), "x", "y").stem.split("_")[-1]
     assert output_path(str(tmp_path), "steps", "collider-1b.sparse24:d4096") == \
@@ -174,6 +203,34 @@ def test_step_flags_mark_exactly_the_calls_inside_timed_samples(monkeypatch: pyt
             call()
     timing.time_interleaved(calls, rounds=args.rounds, warmup=0, repeats=args.repeats, calls_per_sample=args.queued)
     assert timing.call_flags(list(calls), args.warmup, args.rounds, args.repeats, args.queued) == seen
+
+
+def test_prime_heat_time_primes_then_times_and_flags_the_timed_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared measuring order: each variant's first ``warmup`` calls are its
+    priming (recorded apart), the rest interleaved rounds; ``flags`` marks
+    exactly the calls that ran inside a timed sample, ``repeats`` per variant."""
+    inside = [False]
+    real = timing.time_fn
+
+    def sample(fn, **kw):
+        inside[0] = True
+        try:
+            return real(fn, **kw)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(timing, "time_fn", sample)
+    rng = fresh_rng()
+    warmup, rounds, repeats, queued = rng.randint(1, 3), rng.randint(1, 4), rng.randint(1, 9), rng.randint(1, 3)
+    seen: dict[str, list[bool]] = {"a": [], "b": [], "c": []}
+    calls = {n: (lambda n=n: seen[n].append(inside[0])) for n in seen}
+    m = timing.prime_heat_time(calls, torch.device("cpu"), warmup, 0.0, rounds, repeats, queued)
+    assert m.flags == seen
+    assert all(s[:warmup] == [False] * warmup for s in seen.values())
+    assert {n: len(t) for n, t in m.times.items()} == {n: repeats for n in seen}
+    assert {n: s["graphs_compiled"] for n, s in m.startup.items()} == {n: 0 for n in seen}
+    assert m.graphs_compiled_while_timed == 0 and m.timed_peak_memory_gib is None and m.heat == {}
+    assert set(m.wall_s) == {"prime", "heat", "timed"}
 
 
 def test_gpu_clock_monitor_takes_medians_of_what_it_reads(monkeypatch: pytest.MonkeyPatch) -> None:

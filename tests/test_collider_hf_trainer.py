@@ -169,18 +169,3 @@ def test_finetune_example_trains_and_saves(corpus_dir, tmp_path) -> None:
 
     saved = load_file(out / "adapter_model.safetensors")
     assert saved and all("lora_A" in k or "lora_B" in k for k in saved)
-
-
-def test_bench_script_runs_on_the_cpu_smoke_shape(tmp_path) -> None:
-    """examples/bench_hf_collider.py end to end on the CPU (shape tiny): both
-    kinds of step, full and LoRA, in the JSON."""
-    import json
-
-    out = tmp_path / "bench.json"
-    _run_example("bench_hf_collider.py", "--device", "cpu", "--shape", "tiny", "--batch", "2", "--seq", "32",
-                 "--warmup", "1", "--steps", "2", "--no-compile", "--out", str(out), cwd=tmp_path)
-    res = json.loads(out.read_text())
-    assert [r["lora"] for r in res["results"]] == [False, True]
-    for r in res["results"]:
-        assert set(r["kinds"]) == {"dense", "collider"} and r["kinds"]["collider"]["repeats"] == 2
-        assert r["kept_tokens_per_step"] == 31  # ceil(0.5 * 2 * 31)
