@@ -1,6 +1,6 @@
 """Shared fixtures: a small synthetic text corpus and a tiny model config.
 
-The corpus is random but fixed per session (seeded), big enough for a BPE of a
+The corpus is random but fixed for the whole test run (seeded), big enough for a BPE of a
 few hundred tokens and for several train/val windows, small enough that the
 tokenizer trains in well under a second.
 """

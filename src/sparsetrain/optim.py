@@ -129,7 +129,7 @@ class StepCounted(nn.Module):
     The forward must not read that int either: torch.compile takes an int
     attribute for a constant, so a compiled model would recompile at every step and,
     past dynamo's recompile limit (8), run the module eagerly for good
-    (bench/results/trainer_throughput_d20_compiled_before_h200.json).
+    (bench/results/trainer_throughput_d20_compiled_recompiling_h200.json).
     Subclasses derive what the forward reads in :meth:`_count_changed`, a value
     that changes only where the behaviour does (a warmup's end), so a compiled
     model recompiles there and nowhere else. They name the buffer in

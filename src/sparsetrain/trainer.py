@@ -67,8 +67,8 @@ class TrainResult:
 
     out_dir: Path
     steps_done: int
-    train_losses: dict[int, float] = field(default_factory=dict)  # step -> loss, this session only
-    val_losses: dict[int, float] = field(default_factory=dict)  # step -> val loss, this session only
+    train_losses: dict[int, float] = field(default_factory=dict)  # step -> loss, of the steps this call ran (none before a resume)
+    val_losses: dict[int, float] = field(default_factory=dict)  # step -> val loss, of the evaluations this call ran
     tokens_per_second: float = 0.0
     train_seconds: float = 0.0
     startup_seconds: float = 0.0  # part of train_seconds: every process's first steps (compile, autotuning)

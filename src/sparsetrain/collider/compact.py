@@ -20,7 +20,7 @@ def wgrad(dy: torch.Tensor, x: torch.Tensor, f32: bool) -> torch.Tensor:
     """A weight's gradient ``dy^T x``; with ``f32`` (16-bit CUDA operands, float32
     master weights) cuBLAS writes it in float32 directly: casting afterwards
     costs a separate copy kernel per weight (direct_copy_kernel in
-    bench/results/collider_step_compact_1b_rerun_h200.json)."""
+    bench/results/collider_step_compact_1b_h200.json)."""
     return torch.mm(dy.t(), x, out_dtype=torch.float32) if f32 else dy.t() @ x
 
 

@@ -292,7 +292,7 @@ def _tune(args: dict, timer=None) -> tuple[tuple, tuple]:
     """Fastest (dq config, dk/dv config) for these shapes: read from the tuning
     file when this GPU, Triton and shape were tuned before (each candidate costs
     a Triton compile, which on a fresh machine took about a minute of a 1B
-    run's start-up: bench/results/collider_quality_1b_partial_h200.json), else
+    run's start-up: bench/results/collider_quality_1b_90s_h200.json), else
     timed once and written there. ``timer(launch) -> ms`` replaces the CUDA
     timing (tests)."""
     B, H, T, hd = args["q"].shape

@@ -273,7 +273,7 @@ class Sparse24FFN(StepCounted):
             # bf16 weights for the backward as autocast's dense products do. Cast inside the
             # opaque op, each weight would be cast again in its backward, and every cast would
             # run on torch's copy kernels rather than inductor's (profiles of both:
-            # bench/results/sparse24_steps_weight_casts_{before_,}h200.json)
+            # bench/results/sparse24_steps_weight_casts_{in_op_,}h200.json)
             w_up, w_down = self.up.weight.to(half), self.down.weight.to(half)
         # cuSPARSELt from the policy's width up (where it beats the masked kernel in the step);
         # below it the transposable method runs the same selection on dense GEMMs
