@@ -231,8 +231,11 @@ class _Mix(torch.autograd.Function):
         x = streams.contiguous()
         M = x.numel() // (n * D)
         f = out.contiguous() if writes else None
-        unused = torch.zeros(1, dtype=acc, device=x.device)  # the weights a node does not take
-        h, q, p = (w.to(acc).contiguous() if w is not None else unused for w in (h_res, h_post, h_pre))
+        h, q, p = (w.to(acc).contiguous() if w is not None else None for w in (h_res, h_post, h_pre))
+        if not writes:  # a node passes the weights it has in the places of those it lacks, unread
+            h = q = p
+        if not reads:
+            p = h
         y = torch.empty_like(x) if writes else x
         a = torch.empty((*lead, D), dtype=x.dtype, device=x.device) if reads else None
         np_, block_m, block_d = _tiles(n, D)
@@ -265,7 +268,7 @@ class _Mix(torch.autograd.Function):
         np_, block_m, block_d = _tiles(n, D)
         grid = (triton.cdiv(M, block_m), triton.cdiv(D, block_d))
         npart = n * n + 2 * n
-        partials = torch.zeros((grid[0] * grid[1], npart), dtype=ctx.acc, device=x.device)
+        partials = torch.empty((grid[0] * grid[1], npart), dtype=ctx.acc, device=x.device)  # every tile writes its row
         dx = torch.empty_like(x)
         df = torch.empty(f.shape, dtype=ctx.dtypes[0], device=x.device) if writes else None
         if M:
@@ -275,7 +278,7 @@ class _Mix(torch.autograd.Function):
                 READ=reads, HAS_DY=dy is not None, BLOCK_M=block_m, BLOCK_D=block_d,
                 ROUND_BF16=interpreting() and x.dtype == torch.bfloat16,
                 ROUND_DF_BF16=interpreting() and ctx.dtypes[0] == torch.bfloat16)
-        sums = partials.double().sum(0)  # the tiles' partial sums, added in float64
+        sums = partials.sum(0, dtype=torch.float64)  # the tiles' partial sums, added in float64
         _, h_dtype, q_dtype, p_dtype = ctx.dtypes
         d_h = sums[: n * n].view(n, n).to(h_dtype) if writes else None
         d_q = sums[n * n: n * n + n].to(q_dtype) if writes else None
