@@ -210,6 +210,9 @@ if triton is not None:
                 tl.store(part + N * N + N + s, tl.sum(tl.sum(da[:, None, :] * x, axis=2), axis=0), mask=s < N)
 
 
+NUM_WARPS = 8  # 16 elements of each [BLOCK_M, NP, BLOCK_D] tile per thread: the backward holds several at once
+
+
 def _tiles(n: int, D: int) -> tuple[int, int, int]:
     """(NP, BLOCK_M, BLOCK_D): the stream axis padded to a power of two, and a tile of
     about 4096 elements of ``[BLOCK_M, NP, BLOCK_D]``."""
@@ -242,7 +245,8 @@ class _Mix(torch.autograd.Function):
         if M:
             _forward_kernel[(triton.cdiv(M, block_m), triton.cdiv(D, block_d))](
                 x, f if writes else x, y, a if reads else x, h, q, p, M, D, N=n, NP=np_, WRITE=writes, READ=reads,
-                BLOCK_M=block_m, BLOCK_D=block_d, ROUND_BF16=interpreting() and x.dtype == torch.bfloat16)
+                BLOCK_M=block_m, BLOCK_D=block_d, ROUND_BF16=interpreting() and x.dtype == torch.bfloat16,
+                num_warps=NUM_WARPS)
         ctx.save_for_backward(x, f, h, q, p)
         ctx.writes, ctx.reads, ctx.through, ctx.acc = writes, reads, through, acc
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (out, h_res, h_post, h_pre))
@@ -277,7 +281,7 @@ class _Mix(torch.autograd.Function):
                 dx, df if writes else x, partials, h, q, p, M, D, N=n, NP=np_, NPART=npart, WRITE=writes,
                 READ=reads, HAS_DY=dy is not None, BLOCK_M=block_m, BLOCK_D=block_d,
                 ROUND_BF16=interpreting() and x.dtype == torch.bfloat16,
-                ROUND_DF_BF16=interpreting() and ctx.dtypes[0] == torch.bfloat16)
+                ROUND_DF_BF16=interpreting() and ctx.dtypes[0] == torch.bfloat16, num_warps=NUM_WARPS)
         sums = partials.sum(0, dtype=torch.float64)  # the tiles' partial sums, added in float64
         _, h_dtype, q_dtype, p_dtype = ctx.dtypes
         d_h = sums[: n * n].view(n, n).to(h_dtype) if writes else None
