@@ -29,9 +29,10 @@ def _model(n: int) -> GPT:
 
 
 def _step(model: GPT) -> None:
-    idx = torch.randint(0, 300, (4, 16))
+    device = model.embed.weight.device
+    idx = torch.randint(0, 300, (4, 16), device=device)
     model.zero_grad(set_to_none=True)
-    model(idx, torch.randint(0, 300, (4, 16)))[1].backward()
+    model(idx, torch.randint(0, 300, (4, 16), device=device))[1].backward()
 
 
 def test_identical_streams_give_the_mixing_no_gradient_and_the_init_breaks_it() -> None:
@@ -130,6 +131,9 @@ def test_mixing_under_autocast_keeps_float32_streams_exact_to_float32(n: int) ->
     assert float((written.double() - want_written).abs().max()) <= 8 * eps * scale
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel-path tests run
+
+
 @pytest.fixture(params=["torch", "kernel"])
 def mixing_path(request, monkeypatch) -> str:
     """The model's mixing in plain torch, or by the Triton kernels (the interpreter on CPU)."""
@@ -151,7 +155,7 @@ def _model_with_streams(n: int, **overrides) -> GPT:
 
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     cfg = ModelConfig(**{"vocab_size": 300, "seq_len": 16, "n_layer": 2, "n_head": 2, "d_model": 32, **overrides})
-    model = add_hyper_connections(build_model(cfg), n).double()
+    model = add_hyper_connections(build_model(cfg), n).double().to(DEVICE)
     for hc in (m for m in model.modules() if isinstance(m, HyperConnection)):
         for p in (hc.res_logits, hc.pre_logits, hc.post_logits):
             p.data.normal_(0, 1.5)
@@ -183,8 +187,8 @@ def test_model_matches_the_formulas_in_float64(n: int, mixing_path: str) -> None
     """Logits and every parameter's gradient (mixing logits, hyper_in / hyper_out,
     the sublayers) equal the formulas' to float64 rounding."""
     model = _model_with_streams(n)
-    idx = torch.randint(0, 300, (2, 16))
-    up = torch.randn(2, 16, 300, dtype=torch.float64)
+    idx = torch.randint(0, 300, (2, 16), device=DEVICE)
+    up = torch.randn(2, 16, 300, dtype=torch.float64, device=DEVICE)
     want = formula_logits(model, idx)
     (want * up).sum().backward()
     want_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -214,7 +218,7 @@ def test_report_is_the_same_on_either_path(monkeypatch) -> None:
     if hyper_mixing.triton is None:
         pytest.skip("triton not installed")
     model = _model_with_streams(2)
-    idx = torch.randint(0, 300, (2, 16))
+    idx = torch.randint(0, 300, (2, 16), device=DEVICE)
     _step(model)
     monkeypatch.setattr(hyper_mixing, "uses_kernel", lambda streams: False)
     plain = report(model, idx)
@@ -269,8 +273,8 @@ def test_kernel_path_touches_the_streams_only_in_its_kernels(n: int, monkeypatch
         monkeypatch.setattr(hyper_mixing, name, Launch(getattr(hyper_mixing, name)))
     blk = model.blocks[0]
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    x = torch.randn(B, T, n, D, requires_grad=True)
-    up = torch.randn(B, T, n, D)
+    x = torch.randn(B, T, n, D, device=DEVICE, requires_grad=True)
+    up = torch.randn(B, T, n, D, device=DEVICE)
     with Log():
         y = blk(x, cos, sin)
     forward, events[:] = list(events), []
