@@ -20,7 +20,11 @@ hidden size, vocabulary, heads; ``--shapes list`` prints them):
   loop against the Triton kernel;
 * ``bk_layer``: the ResNet-BK layer, dense against learned-sparse (eager);
 * ``kept_attention``: the attention backward, cuDNN's dense backward over all
-  query rows against the Triton kept-query kernels at keep 0.5.
+  query rows against the Triton kept-query kernels at keep 0.5;
+* ``hyper_mixing``: one block's hyper-connection mixing forward+backward
+  (read, write-then-read, write; float32 streams, bf16 sublayer outputs) at 2
+  and 4 streams, plain torch eager and compiled and the Triton kernels, against
+  the plain residual's own work (two adds, and autograd adding the gradients).
 
 A shape's variants are timed in interleaved rounds after ``--warmup`` calls
 each; on CUDA a sample is ``--queued`` calls queued back to back (GPU time per
@@ -64,11 +68,12 @@ NAMED_SHAPES = {
     "d2048": _shape(16384, 8, 2048, 8192, 32768, 16),  # the ~1B model's
     "d4096": _shape(16384, 8, 4096, 16384, 65536, 32),
 }
-BENCHES = ("cross_entropy", "kept_loss", "rope", "scoring", "packing", "ffn", "bk_core", "bk_layer", "kept_attention")
+BENCHES = ("cross_entropy", "kept_loss", "rope", "scoring", "packing", "ffn", "bk_core", "bk_layer", "kept_attention",
+           "hyper_mixing")
 SHAPES = {bench: NAMED_SHAPES for bench in BENCHES}
 DEFAULT = ["cross_entropy:d1280", "cross_entropy:d2048", "kept_loss:d1280", "kept_loss:d2048", "rope:d1280",
            "rope:d4096", "scoring:d2048", "packing:d1280", "packing:d2048", "packing:d4096", "ffn:d2048", "ffn:d4096",
-           "bk_core:d2048", "bk_layer:d2048", "kept_attention:d2048"]
+           "bk_core:d2048", "bk_layer:d2048", "kept_attention:d2048", "hyper_mixing:d1280"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -353,9 +358,76 @@ def kept_attention(s: dict, device: torch.device) -> Bench:
     return b
 
 
+def hyper_mixing(s: dict, device: torch.device) -> Bench:
+    from sparsetrain import hyper_mixing as hm
+    from sparsetrain import kernels
+
+    B, D = s["batch"], s["d_model"]
+    T = s["tokens"] // B
+    g = torch.Generator(device=device).manual_seed(0)
+    half = _dtype(device)  # what a sublayer hands back under autocast
+
+    def randn(*shape: int, dtype: torch.dtype = torch.float32, grad: bool = False) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype, generator=g).requires_grad_(grad)
+
+    f1, f2 = randn(B, T, D, dtype=half, grad=True), randn(B, T, D, dtype=half, grad=True)
+    da1, da2 = randn(B, T, D), randn(B, T, D)
+    x_res, dy_res = randn(B, T, D, grad=True), randn(B, T, D)
+    grads: dict[str, list[torch.Tensor]] = {}
+
+    def residual() -> None:  # what the plain block does with its stream: reads it as is, adds each output
+        a1 = x_res.view_as(x_res)
+        x1 = a1 + f1
+        a2 = x1.view_as(x1)
+        torch.autograd.backward([x1 + f2, a1, a2], [dy_res, da1, da2])
+        x_res.grad = f1.grad = f2.grad = None
+
+    def mixing(n: int, name: str, fused: bool, compile: bool) -> Callable[[], None]:
+        x, dy = randn(B, T, n, D, grad=True), randn(B, T, n, D)
+        w = [torch.rand(*shape, device=device, generator=g).requires_grad_(True)
+             for shape in ((n,), (n, n), (n,), (n,), (n, n), (n,))]
+
+        def block(x, f1, f2, p1, h1, q1, p2, h2, q2):
+            a1, x = hm.read_through(x, p1)
+            x, a2 = hm.write_then_read(x, f1, h1, q1, p2)
+            return hm.write(x, f2, h2, q2), a1, a2
+        fn = torch.compile(block) if compile else block
+
+        def call() -> None:
+            with kernels.using(fused_hyper_mixing=fused):
+                y, a1, a2 = fn(x, f1, f2, *w)
+                torch.autograd.backward([y, a1, a2], [dy, da1, da2])
+            grads[name] = [t.grad for t in (x, f1, f2, *w)]
+            for t in (x, f1, f2, *w):
+                t.grad = None
+        return call
+
+    b = Bench({"residual": residual}, {}, extra={"streams_dtype": "float32", "sublayer_dtype": str(half)[6:]})
+    for n in (2, 4):
+        variants = {f"torch_eager_n{n}": (False, False), f"torch_compiled_n{n}": (False, True),
+                    f"kernels_n{n}": (True, False)}
+        for name, (fused, compile) in variants.items():
+            if device.type != "cuda" and (compile or fused):
+                # the model takes the kernels on CUDA only; compiling on the CPU is not what is measured
+                b.left_out[name] = "CUDA only"
+            else:
+                b.calls[name], b.baselines[name] = mixing(n, name, fused, compile), "residual"
+
+    def check() -> dict[str, float]:  # the timed calls' last gradients, against plain torch eager
+        out = {}
+        for name, got in grads.items():
+            ref = grads[f"torch_eager_n{name[-1]}"]
+            if name != f"torch_eager_n{name[-1]}":
+                out[f"{name}_grad_max_abs_diff"] = max(_max_diff(a, r) for a, r in zip(got, ref))
+        return out
+    b.check = check
+    return b
+
+
 BUILDERS: dict[str, Callable[[dict, torch.device], Bench]] = {
     "cross_entropy": cross_entropy, "kept_loss": kept_loss, "rope": rope, "scoring": scoring, "packing": packing,
-    "ffn": ffn, "bk_core": bk_core, "bk_layer": bk_layer, "kept_attention": kept_attention}
+    "ffn": ffn, "bk_core": bk_core, "bk_layer": bk_layer, "kept_attention": kept_attention,
+    "hyper_mixing": hyper_mixing}
 
 
 def _peak_extra_gib(call: Callable[[], None]) -> float:

@@ -76,7 +76,7 @@ SHAPES: dict[str, dict[str, dict[str, Any]]] = {
     "collider": {"tiny": _model("tiny", TINY_GPT, 64, 2), "nano-125m": _model("nano-125m"),
                  "1b": _model("nano-125m", ONE_B)},
     "sparse24": {"tiny": _model("tiny", TINY_GPT, 64, 2), "d20": _model("d20"), "d4096": _model("d20", D4096)},
-    "hyper": {"tiny": _model("tiny", TINY_GPT, 64, 2), "nano-125m": _model("nano-125m")},
+    "hyper": {"tiny": _model("tiny", TINY_GPT, 64, 2), "nano-125m": _model("nano-125m"), "d20": _model("d20")},
     "bk_step": {"tiny": _model("tiny", TINY_BK, 32, 2), "16k": _model("nano-125m", BK_16K)},
     "bk_layer": {"tiny": _layer(2, 32, 32, 64, 2), "16k": _layer(8, 2048, 2048, 8192, 4),
                  "64k": _layer(32, 2048, 2048, 8192, 4)},

@@ -29,9 +29,10 @@ def _model(n: int) -> GPT:
 
 
 def _step(model: GPT) -> None:
-    idx = torch.randint(0, 300, (4, 16))
+    device = model.embed.weight.device
+    idx = torch.randint(0, 300, (4, 16), device=device)
     model.zero_grad(set_to_none=True)
-    model(idx, torch.randint(0, 300, (4, 16)))[1].backward()
+    model(idx, torch.randint(0, 300, (4, 16), device=device))[1].backward()
 
 
 def test_identical_streams_give_the_mixing_no_gradient_and_the_init_breaks_it() -> None:
@@ -96,3 +97,192 @@ def test_report_runs_where_the_model_lives(device: str) -> None:
     model = build_model(cfg).to(device)
     out = report(model, torch.randint(0, 300, (2, 16), device=device))
     assert math.isfinite(out["composed_res_gain"]) and abs(out["composed_res_gain"] - 1.0) < 1e-6  # doubly stochastic
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_mixing_under_autocast_keeps_float32_streams_exact_to_float32(n: int) -> None:
+    """Under bf16 autocast the streams stay float32, as the plain residual stream
+    does: ``H_res`` doubly stochastic to float32 rounding, the read and the write
+    within float32 rounding of the float64 formulas (16-bit einsum GEMMs once
+    rounded both to bf16: ``H_res``'s rows summed to 1 within 2^-8 only)."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    hc = HyperConnection(n, 1)
+    for p in (hc.res_logits, hc.pre_logits, hc.post_logits):
+        p.data = torch.randn(p.shape, generator=g)
+    streams = torch.randn(3, 7, n, 64, generator=g)
+    out = torch.randn(3, 7, 64, generator=g).bfloat16()  # a sublayer's output under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        h = hc.h_res()
+        read, written = hc(streams), hc.write(streams, out)
+    eps = torch.finfo(torch.float32).eps
+    assert h.dtype == torch.float32
+    for axis in (0, 1):
+        assert float((h.double().sum(axis) - 1).abs().max()) <= 4 * eps
+    w = torch.softmax(hc.res_logits.detach().double(), 0)
+    H = sum(w[k] * hc.perms[k].double() for k in range(len(w)))
+    p, q = torch.sigmoid(hc.pre_logits.detach().double()), 2 * torch.sigmoid(hc.post_logits.detach().double())
+    X = streams.double()
+    want_read = sum(p[i] * X[..., i, :] for i in range(n))
+    want_written = torch.stack([sum(H[i, j] * X[..., j, :] for j in range(n)) + q[i] * out.double()
+                                for i in range(n)], dim=-2)
+    assert read.dtype == written.dtype == torch.float32
+    scale = float(X.abs().max() + out.double().abs().max()) * 2 * n
+    assert float((read.double() - want_read).abs().max()) <= 8 * eps * scale
+    assert float((written.double() - want_written).abs().max()) <= 8 * eps * scale
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel-path tests run
+
+
+@pytest.fixture(params=["torch", "kernel"])
+def mixing_path(request, monkeypatch) -> str:
+    """The model's mixing in plain torch, or by the Triton kernels (the interpreter on CPU)."""
+    from sparsetrain import hyper_mixing
+
+    if request.param == "kernel":
+        if hyper_mixing.triton is None:
+            pytest.skip("triton not installed")
+        monkeypatch.setattr(hyper_mixing, "uses_kernel", hyper_mixing.kernel_ok)
+    else:
+        monkeypatch.setattr(hyper_mixing, "uses_kernel", lambda streams: False)
+    return request.param
+
+
+def _model_with_streams(n: int, **overrides) -> GPT:
+    """A float64 GPT with ``n`` streams (n = 1 too, which the config does not offer) and
+    random mixing parameters."""
+    from sparsetrain.hyper import add_hyper_connections
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    cfg = ModelConfig(**{"vocab_size": 300, "seq_len": 16, "n_layer": 2, "n_head": 2, "d_model": 32, **overrides})
+    model = add_hyper_connections(build_model(cfg), n).double().to(DEVICE)
+    for hc in (m for m in model.modules() if isinstance(m, HyperConnection)):
+        for p in (hc.res_logits, hc.pre_logits, hc.post_logits):
+            p.data.normal_(0, 1.5)
+    model.hyper_in.data.uniform_(0.5, 1.5)
+    model.hyper_out.data.uniform_(0.2, 0.8)
+    return model
+
+
+def formula_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The model's logits by the mHC-lite formulas, one term at a time, from its
+    parameters (the sublayers, norms and head are the model's own modules)."""
+    n, T = model.hyper_in.numel(), idx.shape[1]
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    e = model.embed(idx)
+    X = [model.hyper_in[i] * e for i in range(n)]
+    for blk in model.blocks:
+        for hc, sublayer in ((blk.hc_attn, lambda a: blk.attn(blk.attn_norm(a), cos, sin)),
+                             (blk.hc_ffn, lambda a: blk.ffn(blk.ffn_norm(a)))):
+            w = torch.softmax(hc.res_logits, 0)
+            H = sum(w[k] * hc.perms[k].to(w.dtype) for k in range(len(w)))
+            p, q = torch.sigmoid(hc.pre_logits), 2 * torch.sigmoid(hc.post_logits)
+            f = sublayer(sum(p[i] * X[i] for i in range(n)))
+            X = [sum(H[i, j] * X[j] for j in range(n)) + q[i] * f for i in range(n)]
+    return model.lm_head(model.norm(sum(model.hyper_out[i] * X[i] for i in range(n))))
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_model_matches_the_formulas_in_float64(n: int, mixing_path: str) -> None:
+    """Logits and every parameter's gradient (mixing logits, hyper_in / hyper_out,
+    the sublayers) equal the formulas' to float64 rounding."""
+    model = _model_with_streams(n)
+    idx = torch.randint(0, 300, (2, 16), device=DEVICE)
+    up = torch.randn(2, 16, 300, dtype=torch.float64, device=DEVICE)
+    want = formula_logits(model, idx)
+    (want * up).sum().backward()
+    want_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    got, _ = model(idx)
+    (got * up).sum().backward()
+    assert float((got - want).detach().abs().max()) <= 1e-10 * float(want.detach().abs().max())
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert float((p.grad - want_grads[name]).norm()) <= 1e-10 * float(want_grads[name].norm()) + 1e-300, name
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_compiles_without_a_graph_break(n: int) -> None:
+    """Dynamo traces the whole model with its streams as one graph (the mixing is plain
+    torch under compile, for inductor to fuse)."""
+    model = _model(n)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16)))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_report_is_the_same_on_either_path(monkeypatch) -> None:
+    """The analysis hooks each read, so the kernel path's fused nodes step aside while it runs."""
+    from sparsetrain import hyper_mixing
+
+    if hyper_mixing.triton is None:
+        pytest.skip("triton not installed")
+    model = _model_with_streams(2)
+    idx = torch.randint(0, 300, (2, 16), device=DEVICE)
+    _step(model)
+    monkeypatch.setattr(hyper_mixing, "uses_kernel", lambda streams: False)
+    plain = report(model, idx)
+    monkeypatch.setattr(hyper_mixing, "uses_kernel", hyper_mixing.kernel_ok)
+    fused = report(model, idx)
+    assert len(fused["layers"]) == 2 * len(model.blocks)
+    for a, b in zip(plain["layers"], fused["layers"]):
+        assert a["stream_divergence"] == pytest.approx(b["stream_divergence"], rel=1e-12)
+        assert a["grad_norm"] == b["grad_norm"]
+    assert plain["composed_res_gain"] == fused["composed_res_gain"]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_kernel_path_touches_the_streams_only_in_its_kernels(n: int, monkeypatch) -> None:
+    """One block, forward and backward, on the kernel path: three mixing kernels each
+    way (read, write-then-read, write), and no other operation that reads or writes
+    a tensor the size of the streams (no copies, casts, GEMMs, or autograd adding
+    two gradients of the streams); only their outputs' allocations."""
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+    from torch.utils._pytree import tree_flatten
+
+    from sparsetrain import hyper_mixing
+
+    if hyper_mixing.triton is None:
+        pytest.skip("triton not installed")
+    monkeypatch.setattr(hyper_mixing, "uses_kernel", hyper_mixing.kernel_ok)
+    B, T, D = 2, 16, 32
+    model = _model_with_streams(n, ffn_hidden=3 * D).float()  # no sublayer tensor of the streams' size
+    stream_numel = B * T * n * D
+    events: list[str] = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+            if any(t.numel() == stream_numel for t in tensors):
+                events.append(func.overloadpacket.__name__)
+            return out
+
+    class Launch:  # a kernel launch as one event (the interpreter's own copies left out)
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                events.append(f"kernel:{self.kernel.fn.__name__}")
+                with _disable_current_modes():
+                    return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_forward_kernel", "_backward_kernel"):
+        monkeypatch.setattr(hyper_mixing, name, Launch(getattr(hyper_mixing, name)))
+    blk = model.blocks[0]
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    x = torch.randn(B, T, n, D, device=DEVICE, requires_grad=True)
+    up = torch.randn(B, T, n, D, device=DEVICE)
+    with Log():
+        y = blk(x, cos, sin)
+    forward, events[:] = list(events), []
+    with Log():
+        y.backward(up)
+    backward = list(events)
+    allocations = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "view",
+                   "alias", "_unsafe_view"}
+    assert [e for e in forward if e not in allocations] == ["kernel:_forward_kernel"] * 3, forward
+    assert [e for e in backward if e not in allocations] == ["kernel:_backward_kernel"] * 3, backward
+    assert x.grad is not None and x.grad.shape == x.shape

@@ -18,6 +18,10 @@ mostly to stream ``(l + 1) mod n``, ``H_res`` starts near the identity, and the
 output is a learned read-out (``GPT.hyper_out``; a plain mean would leave the
 last ``H_res`` without gradient, since its columns also sum to 1).
 
+The weights are per layer, the same for every token, so a block's mixing is
+three passes over the streams (read; write and the next read; write), each
+one node of :mod:`sparsetrain.hyper_mixing`, in the streams' own dtype.
+
 ``model.hyper_connections = n`` is applied to a built GPT by
 :func:`add_hyper_connections` (:func:`sparsetrain.build.build_model` does it);
 :func:`check_model_config` owns the field's check.
@@ -31,6 +35,7 @@ import math
 import torch
 import torch.nn as nn
 
+from . import hyper_mixing
 from .config import ModelConfig, require
 from .model import GPT
 from .numerics import upcast
@@ -68,9 +73,11 @@ class HyperConnection(nn.Module):
         return torch.softmax(upcast(self.res_logits), 0)
 
     def h_res(self) -> torch.Tensor:
-        """``[n, n]``, doubly stochastic by construction."""
+        """``[n, n]``, doubly stochastic by construction. A weighted sum, not an einsum:
+        under autocast an einsum is a 16-bit GEMM, whose rounding leaves rows and
+        columns summing to 1 only within 2^-8."""
         w = self.perm_weights()
-        return torch.einsum("k,kij->ij", w, self.perms.to(w.dtype))
+        return (w[:, None, None] * self.perms.to(w.dtype)).sum(0)
 
     def h_pre(self) -> torch.Tensor:
         return torch.sigmoid(upcast(self.pre_logits))
@@ -80,11 +87,32 @@ class HyperConnection(nn.Module):
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         """Read: ``[..., n, D] -> [..., D]`` (a forward, so hooks can see the streams)."""
-        return torch.einsum("i,...id->...d", self.h_pre().to(streams.dtype), streams)
+        return hyper_mixing.read(streams, self.h_pre())
 
     def write(self, streams: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        mixed = torch.einsum("ij,...jd->...id", self.h_res().to(streams.dtype), streams)
-        return mixed + self.h_post().to(streams.dtype)[:, None] * out.unsqueeze(-2)
+        """Write the sublayer output ``out [..., D]``: ``H_res X + h_post (outer) out``."""
+        return hyper_mixing.write(streams, out, self.h_res(), self.h_post())
+
+    def read_through(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(self(streams), streams)`` as one node, so the backward adds the gradient
+        reaching the returned streams to the read's in one pass
+        (:func:`~sparsetrain.hyper_mixing.read_through`)."""
+        if self._hooked():  # hooks see the read as a forward call
+            return self(streams), streams
+        return hyper_mixing.read_through(streams, self.h_pre())
+
+    def write_then_read(self, streams: torch.Tensor, out: torch.Tensor, reader: HyperConnection
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, reader(y))`` for ``y = self.write(streams, out)``: the next sublayer's
+        read in the same pass over the streams (:func:`~sparsetrain.hyper_mixing.write_then_read`)."""
+        if self._hooked() or reader._hooked():  # hooks see the read as a forward call
+            y = self.write(streams, out)
+            return y, reader(y)
+        return hyper_mixing.write_then_read(streams, out, self.h_res(), self.h_post(), reader.h_pre())
+
+    def _hooked(self) -> bool:
+        return bool(self._forward_pre_hooks or self._forward_hooks or nn.modules.module._global_forward_pre_hooks
+                    or nn.modules.module._global_forward_hooks)
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -144,8 +172,8 @@ def analyze_layer(hc: HyperConnection, streams: torch.Tensor | None = None) -> d
         "perm_entropy_fraction": entropy / math.log(w.numel()),
         "h_pre": hc.h_pre().detach().tolist(),
         "h_post": hc.h_post().detach().tolist(),
-        "h_pre_gain": float(hc.h_pre().sum()),
-        "h_post_gain": float(hc.h_post().sum()),
+        "h_pre_gain": float(hc.h_pre().detach().sum()),
+        "h_post_gain": float(hc.h_post().detach().sum()),
         "grad_norm": {name: (float(p.grad.norm()) if p.grad is not None else 0.0)
                       for name, p in (("res", hc.res_logits), ("pre", hc.pre_logits), ("post", hc.post_logits))},
     }

@@ -12,7 +12,7 @@ once (:meth:`KernelPolicy.from_env`: ``SPARSETRAIN_CSLT_PLANS``,
 ``SPARSETRAIN_ATTENTION_IMPL``) and read by the modules that dispatch
 (:func:`sparsetrain.cross_entropy.cross_entropy`, the ``relu2_24`` FFN,
 :func:`sparsetrain.sparse24.cslt_plans.sparse_mm`, Collider's attention and
-kept-query kernel). A module that is given a policy uses it; one that is not
+kept-query kernel, :mod:`sparsetrain.hyper_mixing`). A module that is given a policy uses it; one that is not
 reads :func:`current`. To change it, for a benchmark or a test::
 
     with kernels.using(fused_cross_entropy=False, cusparselt_min_width=0):
@@ -105,6 +105,8 @@ class KernelPolicy:
     kernel on dense GEMMs. Measured crossing: bench/results/sparse24_steps_relu_squared_h200.json."""
     attention_impl: str = "auto"
     """Collider's attention: auto (cuDNN, else flash), cudnn, flash or recompute (plain SDPA, recomputed in backward)."""
+    fused_hyper_mixing: bool = True
+    """Hyper-connection stream mixing by the Triton kernels on CUDA outside torch.compile (else plain torch)."""
     kept_kernel_max_keep: float = 0.65
     """Collider's kept-query attention backward kernel up to this kept fraction (auto mode);
     measured in bench/results/collider_step_sync_free_h200.json."""

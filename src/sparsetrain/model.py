@@ -8,7 +8,8 @@ sparse enough for 2:4 tricks).
 This module builds the plain decoder only. Techniques that change the network
 (the 2:4 FFN, hyper-connections) convert it afterwards, and ResNet-BK is its
 own network: :func:`sparsetrain.build.build_model` applies whatever a config
-names. They build on this module; it imports none of them.
+names. They build on this module; it imports none of them (the streams'
+read-out takes its operation from :mod:`sparsetrain.hyper_mixing`, a leaf).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .cross_entropy import cross_entropy
 from .errors import ConfigError
+from .hyper_mixing import read as read_streams
 from .numerics import IGNORE_INDEX, upcast
 
 __all__ = ["IGNORE_INDEX", "upcast", "CausalLM", "GPT", "RMSNorm", "relu_squared", "rms_norm", "apply_rope"]
@@ -142,9 +144,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``x``: the residual stream ``[B, T, D]``, or ``[B, T, n, D]`` streams with hyper-connections."""
-        if self.hc_attn is not None:
-            x = self.hc_attn.write(x, self.attn(self.attn_norm(self.hc_attn(x)), cos, sin))
-            return self.hc_ffn.write(x, self.ffn(self.ffn_norm(self.hc_ffn(x))))
+        if self.hc_attn is not None:  # three mixing passes: read, write-then-read, write (sparsetrain.hyper)
+            a, x = self.hc_attn.read_through(x)
+            x, a = self.hc_attn.write_then_read(x, self.attn(self.attn_norm(a), cos, sin), self.hc_ffn)
+            return self.hc_ffn.write(x, self.ffn(self.ffn_norm(a)))
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -239,9 +242,12 @@ class GPT(CausalLM):
             x = x.unsqueeze(-2) * self.hyper_in.to(x.dtype)[:, None]
         for block in self.blocks[:n_layers]:
             x = block(x, cos, sin)
-        if streams:  # a learned read-out: a plain mean would make the last H_res dead (columns of H sum to 1)
-            x = torch.einsum("i,...id->...d", self.hyper_out.to(x.dtype), x)
-        return x
+        return self.read_out(x) if streams else x
+
+    def read_out(self, streams: torch.Tensor) -> torch.Tensor:
+        """The hyper-connection streams' learned read-out, ``[..., n, D] -> [..., D]``
+        (a plain mean would leave the last ``H_res`` without gradient: its columns sum to 1)."""
+        return read_streams(streams, self.hyper_out)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6 * (matmul params) + attention scores,

@@ -137,8 +137,7 @@ class ColliderModel(nn.Module):
         if model.config.hyper_connections:
             # a learned read-out of the streams, as GPT.trunk computes it
             self._readout = PositionwiseAdapter(
-                lambda xs: torch.einsum("i,...id->...d", model.hyper_out.to(xs.dtype), xs),
-                slots=[(model, "hyper_out")] if model.hyper_out.requires_grad else [])
+                model.read_out, slots=[(model, "hyper_out")] if model.hyper_out.requires_grad else [])
 
     def _adapter(self, blk: nn.Module) -> BlockAdapter:
         adapter = self._adapters.get(id(blk))

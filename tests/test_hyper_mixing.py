@@ -1,0 +1,173 @@
+"""The hyper-connection stream mixing (sparsetrain.hyper_mixing), plain torch and the
+Triton kernels (Triton's interpreter on CPU), against the mHC-lite formulas written
+out term by term in float64: outputs and every gradient.
+
+Every output and gradient is a sum of products of the inputs, so the same formulas
+on the inputs' absolute values (and the output gradients') give each one's sum of
+|terms|: the scale that floating-point rounding is bounded by (Higham ch. 4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsetrain import hyper_mixing
+from sparsetrain.hyper_mixing import read, read_through, write, write_then_read
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OPERATIONS = ("read", "read_through", "write", "write_then_read")
+# the most machine epsilons of the streams' dtype, times the sum of |terms|, an output
+# or gradient may be off by: a few roundings per term, and sums of up to a tile of terms
+# (in float32 registers) or of n + 1 terms in the streams' dtype (plain torch)
+ROUNDINGS = {torch.float64: 16, torch.float32: 16, torch.bfloat16: 4}
+
+
+def fresh_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+
+
+def formula(op: str, X: torch.Tensor, f: torch.Tensor, H: torch.Tensor, q: torch.Tensor, p: torch.Tensor
+            ) -> list[torch.Tensor]:
+    """The operation's outputs by the mHC-lite formulas, one term at a time:
+    ``Y_i = sum_j H_ij X_j + q_i f`` (or ``Y = X`` for the reads) and ``a = sum_i p_i Y_i``."""
+    n = X.shape[-2]
+    if op in ("write", "write_then_read"):
+        Y = torch.stack([sum(H[i, j] * X[..., j, :] for j in range(n)) + q[i] * f for i in range(n)], dim=-2)
+    else:
+        Y = X
+    a = sum(p[i] * Y[..., i, :] for i in range(n))
+    return {"read": [a], "read_through": [a, Y], "write": [Y], "write_then_read": [Y, a]}[op]
+
+
+def run(op: str, X, f, H, q, p) -> list[torch.Tensor]:
+    if op == "read":
+        return [read(X, p)]
+    if op == "read_through":
+        return list(read_through(X, p))
+    if op == "write":
+        return [write(X, f, H, q)]
+    return list(write_then_read(X, f, H, q, p))
+
+
+def inputs(n: int, dtype: torch.dtype, g: torch.Generator, rows: tuple[int, ...] = (2, 5), D: int = 300,
+           out_dtype: torch.dtype | None = None):
+    """Streams ``[*rows, n, D]`` in ``dtype`` and a sublayer output in ``out_dtype`` (default
+    ``dtype``); the mixing weights as the model makes them: float32 (float64 for float64
+    streams), positive."""
+    wdt = torch.float64 if dtype == torch.float64 else torch.float32
+    X = torch.randn(*rows, n, D, generator=g).to(DEVICE, dtype)
+    f = torch.randn(*rows, D, generator=g).to(DEVICE, out_dtype or dtype)
+    H = torch.rand(n, n, generator=g).to(DEVICE, wdt)
+    q = (2 * torch.rand(n, generator=g)).to(DEVICE, wdt)
+    p = torch.rand(n, generator=g).to(DEVICE, wdt)
+    return X, f, H, q, p
+
+
+@pytest.fixture(params=["torch", "kernel"])
+def path(request, monkeypatch) -> str:
+    if request.param == "kernel":
+        if hyper_mixing.triton is None:
+            pytest.skip("triton not installed")
+        monkeypatch.setattr(hyper_mixing, "uses_kernel", hyper_mixing.kernel_ok)
+    else:
+        monkeypatch.setattr(hyper_mixing, "uses_kernel", lambda streams: False)
+    return request.param
+
+
+def coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
+
+
+# (streams, sublayer output): one precision throughout, and the model's under autocast
+DTYPES = [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+          (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("op", OPERATIONS)
+def test_operation_matches_the_formulas(op: str, n: int, dtypes: tuple[torch.dtype, torch.dtype], path: str) -> None:
+    """Outputs and the gradients of the streams, the sublayer output and the three
+    weights; 2 x 5 rows and D = 300: rows and columns over several tiles, partly masked.
+    Each within its rounding bound: the streams' dtype's, or its own where coarser."""
+    dtype, out_dtype = dtypes
+    g = fresh_generator()
+    args = inputs(n, dtype, g, out_dtype=out_dtype)
+    leaves = [t.detach().requires_grad_() for t in args]
+    got = run(op, *leaves)
+    ups = [torch.randn(t.shape, generator=g).to(DEVICE, t.dtype) for t in got]
+    names = {"read": "Xp", "read_through": "Xp", "write": "XfHq", "write_then_read": "XfHqp"}[op]
+    used = [t for t, name in zip(leaves, "XfHqp") if name in names]
+    got_grads = torch.autograd.grad(sum((t.double() * u.double()).sum() for t, u in zip(got, ups)), used)
+
+    def exact(values, upstream):
+        xs = [t.detach().double().requires_grad_() for t in values]
+        out = formula(op, *xs)
+        grads = torch.autograd.grad(sum((t * u.double()).sum() for t, u in zip(out, upstream)),
+                                    [x for x, leaf in zip(xs, leaves) if any(leaf is u for u in used)])
+        return [t.detach() for t in out], list(grads)
+
+    want, want_grads = exact(args, ups)
+    scale, scale_grads = exact([t.abs() for t in args], [u.abs() for u in ups])  # the sums of |terms|
+    for name, a, w, s in zip(["out"] * len(got) + ["grad"] * len(used), got + list(got_grads),
+                             want + want_grads, scale + scale_grads):
+        assert a.shape == w.shape, (name, a.shape, w.shape)
+        rounding = coarser(dtype, a.dtype)
+        bound = ROUNDINGS[rounding] * torch.finfo(rounding).eps
+        err = (a.double() - w).abs()
+        assert (err <= bound * s + 1e-300).all(), (name, float(err.max()), float((err / s.clamp(min=1e-300)).max()))
+    for t in got:  # the streams and the read keep the streams' dtype
+        assert t.dtype == dtype
+    for gr, leaf in zip(got_grads, used):
+        assert gr.dtype == leaf.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_then_read_is_the_write_and_the_read_bit_for_bit(dtype: torch.dtype, path: str) -> None:
+    """The fused node gives the streams and the read that the two operations give one
+    after the other (the read sees the streams as stored): the model's block and
+    Collider's recomputation, which runs them apart, agree exactly."""
+    X, f, H, q, p = inputs(4, dtype, fresh_generator())
+    y, a = write_then_read(X, f, H, q, p)
+    y_apart = write(X, f, H, q)
+    assert torch.equal(y, y_apart)
+    assert torch.equal(a, read(y_apart, p))
+    a_through, same = read_through(X, p)
+    assert torch.equal(a_through, read(X, p)) and torch.equal(same, X)
+
+
+def test_gradient_reaching_the_passed_through_streams_is_added_to_the_reads(path: str) -> None:
+    """``read_through``'s streams output carries its gradient back to the input."""
+    X, _, _, _, p = inputs(2, torch.float64, fresh_generator())
+    X.requires_grad_()
+    a, same = read_through(X, p)
+    up = torch.randn(same.shape, dtype=X.dtype, device=DEVICE)
+    (dx,) = torch.autograd.grad((a.sum() + (same * up).sum()), X)
+    want = up + p[:, None]  # d(sum a)/dX_i = p_i, plus the gradient that reached the streams
+    assert torch.allclose(dx, want.expand_as(dx), rtol=1e-12, atol=1e-12)
+
+
+def test_no_rows(path: str) -> None:
+    """No rows (a Collider step that keeps no token): empty outputs, zero weight gradients."""
+    X, f, H, q, p = (t.detach().requires_grad_() for t in inputs(4, torch.float32, fresh_generator(), rows=(0,)))
+    y, a = write_then_read(X, f, H, q, p)
+    assert y.shape == (0, 4, 300) and a.shape == (0, 300)
+    grads = torch.autograd.grad((y.sum() + a.sum()), (X, f, H, q, p))
+    assert all(float(gr.abs().sum()) == 0.0 for gr in grads)
+
+
+def test_kernel_policy_and_compile_choose_plain_torch(monkeypatch) -> None:
+    """On CUDA the kernels run unless the policy turns them off; CPU tensors (outside the
+    interpreter's tests) and compiled code take plain torch."""
+    from sparsetrain import kernels
+
+    x = torch.zeros(2, 2, 4)
+    assert not hyper_mixing.uses_kernel(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not hyper_mixing.kernel_ok(x)
+    if torch.cuda.is_available() and hyper_mixing.triton is not None:
+        monkeypatch.undo()
+        xc = x.cuda()
+        assert hyper_mixing.uses_kernel(xc)
+        with kernels.using(fused_hyper_mixing=False):
+            assert not hyper_mixing.uses_kernel(xc)
