@@ -1,7 +1,7 @@
 """Collider under FSDP2 on CPU with gloo processes: the sharded model's Collider
 losses and (gathered) gradients equal one process on the global batch, with the
 float64 reference of tests/test_collider.py; the 2:4 FFN's token-pruned path
-equals DDP's.
+equals DDP's; the trainer trains, checkpoints and resumes exactly.
 
 Normalisation: each rank's loss is the mean over its kept tokens, and the
 reduce-scatter averages the ranks' gradients (as DDP's all-reduce does). With a
@@ -13,6 +13,7 @@ gradient accumulation."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,14 @@ import torch
 
 from sparsetrain import distributed as D
 from sparsetrain import parallel as P
+from sparsetrain import sharded_checkpoint as S
 from sparsetrain.build import build_model
 from sparsetrain.config import ModelConfig
 
 from gradient_magnitudes import assert_within_rounding, recording
 from test_collider import reference_loss
-from test_fsdp import run_workers
+from test_fsdp import (TRAINER_STEPS, TRAINER_WORLD, assert_states_equal, full_state, metric_rows, run_workers,
+                       trainer_config)
 
 LR = 0.05  # SGD: each step's update is the gradient, scaled; the next step's gradients see the new weights
 
@@ -207,3 +210,95 @@ def test_fsdp_collider_with_the_token_pruned_24_ffn_equals_ddp(tmp_path: Path) -
             for k, want in ddp["grads"][s].items():  # the same float64 sums, reduced in another order
                 torch.testing.assert_close(fsdp["grads"][s][k], want, rtol=1e-9, atol=1e-13, msg=k)
 
+
+# ----------------------------------------------------------------------------- the trainer
+#
+# One launch of 2 FSDP processes with use_collider (topk, half the tokens dropped):
+#   straight/  steps 0 -> 4, checkpoints at 2 and 4
+#   stopped/   steps 0 -> 2 and a checkpoint, then a new Trainer resumes it to step 4
+
+COLLIDER_TRAINING = dict(use_collider=True, collider_method="topk", collider_sparsity=0.5)
+
+
+def _collider_trainer_worker(info: D.DistInfo, make_cfg, root: str) -> None:
+    from sparsetrain.collider import ColliderModel
+    from sparsetrain.objectives import ColliderLoss
+    from sparsetrain.trainer import Trainer
+
+    root_path = Path(root)
+    compiled = Trainer(make_cfg(root_path / "compiled", compile=True), verbose=False)
+    # Collider compiles its own pieces; a compiled block would trace the node the engine calls it with
+    assert isinstance(compiled.objective.net, ColliderModel) and compiled.objective.net.compile
+    assert all(block._compiled_call_impl is None for block in compiled.model.blocks)
+    del compiled
+    straight = Trainer(make_cfg(root_path / "straight"), verbose=False)
+    assert P.is_sharded(straight.model) and straight.train_module is straight.objective
+    assert isinstance(straight.objective, ColliderLoss) and straight.objective.net.model is straight.model
+    straight.fit()
+    stopped = Trainer(make_cfg(root_path / "stopped"), verbose=False)
+    while stopped.step < 2:
+        stopped.train_step()
+    stopped.save()
+    saved = full_state(stopped.model, stopped.optimizer)
+    resumed = Trainer(make_cfg(root_path / "stopped"), resume=root_path / "stopped", verbose=False)
+    loaded = full_state(resumed.model, resumed.optimizer)
+    resumed.fit()
+    record = {"straight": full_state(straight.model, straight.optimizer), "saved": saved, "loaded": loaded,
+              "resumed": full_state(resumed.model, resumed.optimizer), "steps": (straight.step, resumed.step)}
+    if info.is_main:
+        torch.save(record, root_path / "collider.pt")
+
+
+@pytest.fixture(scope="module")
+def collider_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from test_evaluate import write_python_corpus
+
+    root = tmp_path_factory.mktemp("fsdp_collider_trainer")
+    corpus, cache = write_python_corpus(root / "corpus"), root / "cache"
+    make_cfg = functools.partial(trainer_config, corpus, cache, eval_code_samples=0, **COLLIDER_TRAINING)
+    run_workers(TRAINER_WORLD, _collider_trainer_worker, make_cfg, str(root))
+    return {"root": root, "cfg": make_cfg, "record": torch.load(root / "collider.pt", weights_only=True)}
+
+
+def test_fsdp_collider_trainer_resumes_exactly(collider_runs: dict) -> None:
+    """``parallel = fsdp`` with ``use_collider`` (topk): a run stopped after its
+    step-2 checkpoint and resumed by a new trainer loads the saved model and
+    AdamW state bit for bit and finishes with the uninterrupted run's losses,
+    val losses and final state, bit for bit."""
+    root, record = collider_runs["root"], collider_runs["record"]
+    assert record["steps"] == (TRAINER_STEPS, TRAINER_STEPS)
+    assert_states_equal(record["loaded"], record["saved"], "loaded")
+    assert_states_equal(record["resumed"], record["straight"], "resumed")
+    assert S.latest_sharded_dir(root / "stopped").name == S.step_dir_name(TRAINER_STEPS)
+    straight, resumed = metric_rows(root / "straight", "train"), metric_rows(root / "stopped", "train")
+    assert [r["step"] for r in resumed] == [3, 4]  # the stopped trainer wrote no rows (train_step alone)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[2:]]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in straight[2:]]
+    assert metric_rows(root / "stopped", "eval")[-1]["val_loss"] == metric_rows(root / "straight", "eval")[-1]["val_loss"]
+
+
+def test_fsdp_collider_trainer_equals_one_process_on_the_global_batch(collider_runs: dict) -> None:
+    """The straight run against one process accumulating the 2 x 2 micro-batches
+    the FSDP processes drew: every micro-batch keeps its top half (the same count
+    on every rank, so the ranks' mean is the global kept mean), and the losses,
+    gradient norms and final weights agree to float32 rounding (the tolerances
+    of test_fsdp.test_fsdp_trainer_equals_one_process_on_the_global_batch, whose
+    comment says why); the kept fraction logged is the one asked for."""
+    from sparsetrain.checkpoint import load_weights
+    from test_fsdp import _one_process_reference
+
+    root = collider_runs["root"]
+    ref = _one_process_reference(collider_runs)
+    got, want = metric_rows(root / "straight", "train"), metric_rows(ref.out_dir, "train")
+    assert [r["step"] for r in got] == list(range(1, TRAINER_STEPS + 1))
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), a["step"]
+        assert a["kept_fraction"] == b["kept_fraction"] == 0.5, a["step"]
+    weights = load_weights(root / "straight" / "model.safetensors")
+    final = ref.model.state_dict()
+    torch.manual_seed(ref.cfg.seed)
+    initial = build_model(ref.cfg.model).state_dict()
+    assert max(float((final[k] - initial[k]).abs().max()) for k in final) > 1e-3  # it trained
+    for k, v in final.items():
+        torch.testing.assert_close(weights.tensors[k], v, rtol=0, atol=1e-6, msg=k)
