@@ -518,7 +518,8 @@ def test_a_new_run_never_writes_into_a_folder_with_a_sharded_checkpoint(make_cfg
 
 @pytest.mark.parametrize("overrides,named", [
     (dict(parallel="zero3"), "run.parallel must be ddp or fsdp, got 'zero3'"),
-    (dict(parallel="fsdp", use_collider=True), "parallel = fsdp with use_collider"),
+    (dict(parallel="fsdp", use_mtp=True), "parallel = fsdp with use_mtp (the MTP heads live outside the sharded model"),
+    (dict(parallel="fsdp", use_collider=True, use_mtp=True), "parallel = fsdp with use_mtp"),
     (dict(parallel="fsdp", selection="batch"), "parallel = fsdp with selection = batch"),
     (dict(parallel="fsdp", fire_at_step=3), "parallel = fsdp with fire_at_step"),
     (dict(parallel="fsdp", hyper_connections=2), "parallel = fsdp with hyper_connections"),
@@ -540,6 +541,12 @@ def test_config_accepts_fsdp_with_checkpointing_and_the_deterministic_24_ffn(mak
     cfg = make_cfg(parallel="fsdp", activation_checkpointing=True, ffn="relu2_24", activation_sparse_method="transposable",
                    tie_embeddings=True)
     assert (cfg.parallel, cfg.activation_checkpointing) == ("fsdp", True)
+
+
+def test_config_accepts_fsdp_with_collider_and_the_24_ffn(make_cfg) -> None:
+    cfg = make_cfg(parallel="fsdp", use_collider=True, collider_method="topk", collider_sparsity=0.5, ffn="relu2_24",
+                   activation_sparse_method="transposable", tie_embeddings=True)
+    assert (cfg.parallel, cfg.use_collider, cfg.model.ffn) == ("fsdp", True, "relu2_24")
 
 
 def test_cli_names_a_bad_parallel_value_in_one_line(capsys) -> None:

@@ -286,12 +286,11 @@ class TrainConfig:
     def _validate_fsdp(self) -> None:
         """What FSDP2 cannot shard yet, refused by name."""
         what = None
-        if self.use_collider:
-            what = "use_collider (its compact backward needs per-block autograd nodes)"
-        elif self.selection == "batch":
+        if self.selection == "batch":
             what = "selection = batch (its router runs the first blocks outside the sharded forward)"
         elif self.use_mtp:
-            what = "use_mtp"
+            what = ("use_mtp (the MTP heads live outside the sharded model: nothing would reduce their gradients "
+                    "and the sharded checkpoint would not hold them)")
         elif self.fire_at_step:
             what = "fire_at_step (FIRE orthogonalises whole matrices, not shards)"
         elif self.model.hyper_connections:

@@ -228,18 +228,22 @@ class Trainer:
 
         ``fsdp`` (several processes): the model is sharded in place, each block
         compiled with ``compile`` (the objective then compiles nothing), and the
-        objective calls the sharded model. Otherwise the objective is built as
-        for one process and, with several, wrapped in DDP. Activation
-        checkpointing wraps the blocks first, before anything is compiled."""
+        objective calls the sharded model. Collider instead compiles its own
+        pieces, as with one process: its engine calls each block with a node as
+        the block's forward, which a compiled block would trace. Otherwise the
+        objective is built as for one process and, with several, wrapped in DDP.
+        Activation checkpointing wraps the blocks first, before anything is compiled."""
         c = self.cfg
         reference_nll = self._reference_nll if self.reference is not None else None
         if self.sharded:
             param_dtype = self.amp_dtype if self.device.type == "cuda" else None  # bf16 gathers, float32 reduction
+            compile_blocks = c.compile and not c.use_collider
             P.parallelize(self.model, "fsdp", self.dist, self.device, param_dtype=param_dtype,
-                          activation_checkpointing=c.activation_checkpointing, compile_model=c.compile,
+                          activation_checkpointing=c.activation_checkpointing, compile_model=compile_blocks,
                           compile_mode=None if c.compile_mode == "default" else c.compile_mode)
-            self.objective: Objective = build_objective(dataclasses.replace(c, compile=False), self.model, self.mtp,
-                                                        self.selector, reference_nll)
+            objective_cfg = dataclasses.replace(c, compile=c.compile and not compile_blocks)
+            self.objective: Objective = build_objective(objective_cfg, self.model, self.mtp, self.selector,
+                                                        reference_nll)
             self.train_module: nn.Module = self.objective
             self._grad_sync_module: nn.Module = self.model  # the FSDP root: no_sync acts on it
             return

@@ -188,34 +188,49 @@ class _BlockNode(torch.autograd.Function):
         return (dx, None, None, None, *parameter_grads(ctx.params, grads, ctx.needs_input_grad[4:]))
 
 
-def run_block(block: nn.Module | None, adapter: BlockAdapter, x: torch.Tensor, run: ColliderPass, key: int,
-              call: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """``block`` on ``x`` as a Collider node reading boundary ``key`` and writing
-    ``key + 1``. The block is called through its ``__call__`` (with the node as
-    its forward for this call), so its forward hooks and full backward hooks
-    fire as for an ordinary call, once per forward and once per backward; the
-    parameters are read after its pre-forward hooks ran. ``block=None``: a
-    node without a module (the adapter alone). ``call``: how to call the block
-    instead of its own ``__call__`` (``nn.Module.__call__`` for a class whose
-    ``__call__`` does more, such as checkpointing the layer: the adapter
-    recomputes what it needs itself)."""
-    def node(x_: torch.Tensor) -> torch.Tensor:
-        return _BlockNode.apply(x_, run, key, adapter, *adapter.parameters())
+def call_with_forward(module: nn.Module, forward: Callable[..., Any], *args: Any,
+                      call: Callable[..., Any] | None = None) -> Any:
+    """``module(*args)`` with ``forward`` as its forward for this call: the
+    module's ``__call__`` runs, so its forward pre-hooks run before ``forward``
+    reads any parameter and its forward hooks see what ``forward`` returns.
 
-    if block is None:
-        return node(x)
-    # the node as the block's forward for this call, set in the instance dict
-    # directly (nn.Module.__setattr__'s checks cost more than the call)
-    d = block.__dict__
+    This is how the engine's nodes meet the hooks data parallelism puts on
+    modules: FSDP2's pre-forward hook unshards the module's parameters (and
+    registers its post-backward on the forward inputs that require grad), its
+    post-forward hook reshards them and registers its pre-backward unshard on
+    the outputs. A node that takes the parameters registered at call time as
+    inputs then returns its gradients to the unsharded parameters, which
+    FSDP2's post-backward reduce-scatters. ``call``: how to call the module
+    instead of its own ``__call__`` (``nn.Module.__call__`` for a class whose
+    ``__call__`` does more, such as checkpointing the layer)."""
+    # set in the instance dict directly (nn.Module.__setattr__'s checks cost more than the call)
+    d = module.__dict__
     had, old = "forward" in d, d.get("forward")
-    d["forward"] = node
+    d["forward"] = forward
     try:
-        return block(x) if call is None else call(block, x)
+        return module(*args) if call is None else call(module, *args)
     finally:
         if had:
             d["forward"] = old
         else:
             del d["forward"]
+
+
+def run_block(block: nn.Module | None, adapter: BlockAdapter, x: torch.Tensor, run: ColliderPass, key: int,
+              call: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """``block`` on ``x`` as a Collider node reading boundary ``key`` and writing
+    ``key + 1``. The block is called through its ``__call__`` with the node as
+    its forward (:func:`call_with_forward`), so its forward hooks and full
+    backward hooks fire as for an ordinary call, once per forward and once per
+    backward, and the parameters are read after its pre-forward hooks ran.
+    ``block=None``: a node without a module (the adapter alone). ``call``: as
+    for :func:`call_with_forward` (the adapter recomputes what it needs itself)."""
+    def node(x_: torch.Tensor) -> torch.Tensor:
+        return _BlockNode.apply(x_, run, key, adapter, *adapter.parameters())
+
+    if block is None:
+        return node(x)
+    return call_with_forward(block, node, x, call=call)
 
 
 class PositionwiseAdapter(BlockAdapter):
@@ -245,4 +260,4 @@ class PositionwiseAdapter(BlockAdapter):
         return RowGrad(dx), grads
 
 
-__all__ = ["ColliderPass", "PositionwiseAdapter", "parameter_grads", "run_block"]
+__all__ = ["ColliderPass", "PositionwiseAdapter", "call_with_forward", "parameter_grads", "run_block"]

@@ -12,6 +12,8 @@ nodes both return a gradient for (autograd adds them).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from ..model import GPT, rms_norm
 from .attention import MODES
 from .blocks import BlockAdapter, RowGrad, block_adapter
 from .compact import piece, rmsnorm_backward, rows, wgrad, wgrad_in_float32
-from .engine import _TWICE, ColliderPass, PositionwiseAdapter, parameter_grads, run_block
+from .engine import _TWICE, ColliderPass, PositionwiseAdapter, call_with_forward, parameter_grads, run_block
 from .gpt_block import GPTBlockAdapter  # noqa: F401  (registers the GPT block's adapter)
 from .loss import SLOT_ATTR
 
@@ -113,7 +115,8 @@ class ColliderModel(nn.Module):
     :func:`~sparsetrain.collider.masked_cross_entropy` (mean over kept tokens)
     carries the keep mask into the backward, which runs on the kept rows only
     in every layer (``collider.filter(keep)`` around it is optional; if given
-    it must be the same mask). Wrap this module (not the GPT) in DDP.
+    it must be the same mask). Wrap this module (not the GPT) in DDP; under
+    FSDP2 shard the GPT (:func:`sparsetrain.parallel.shard_model`) and wrap it after.
     ``compile=True`` runs the elementwise-heavy pieces of the forward and
     backward through ``torch.compile``. ``attention``: ``dense`` (the fused
     dense attention backward with zero rows for dropped queries), ``kept``
@@ -148,13 +151,21 @@ class ColliderModel(nn.Module):
     def forward(self, idx: torch.Tensor, return_trunk: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``[B, T, V]``; with ``return_trunk`` also the trunk output
         ``[B, T, D]`` (before the final norm), for extra heads such as MTP's:
-        the gradient they send back is used at kept rows only."""
+        the gradient they send back is used at kept rows only.
+
+        The GPT is called through its own ``__call__`` with the node chain as
+        its forward (:func:`~sparsetrain.collider.engine.call_with_forward`),
+        as each block is: under FSDP2 the root's hooks unshard what no block
+        holds (embedding, final norm, LM head) before the chain reads it, and
+        each block's unshard its own parameters before its node does."""
+        return call_with_forward(self.model, functools.partial(self._chain, return_trunk=return_trunk), idx)
+
+    def _chain(self, idx: torch.Tensor, return_trunk: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         if not torch.is_grad_enabled():
-            if return_trunk:
-                trunk = model.trunk(idx)
-                return model.lm_head(model.norm(trunk)), trunk
-            return model(idx)[0]
+            trunk = model.trunk(idx)
+            logits = model.lm_head(model.norm(trunk))
+            return (logits, trunk) if return_trunk else logits
         B, T = idx.shape
         if T > model.config.seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's seq_len {model.config.seq_len}")
