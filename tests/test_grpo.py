@@ -426,6 +426,10 @@ def test_grpo_cli_end_to_end(make_cfg, python_corpus: Path, tmp_path: Path, caps
     assert_one_line_error(*run_main(args + ["--test-prompts", "0"], capsys)[::2], "--test-prompts must be >= 1, got 0")
     assert_one_line_error(*run_main(args + ["--rounds", "-1"], capsys)[::2], "--rounds must be >= 0, got -1")
     assert_one_line_error(*run_main(args + ["--temperature", "-1"], capsys)[::2], "-1")
+    existing = tmp_path / "existing.json"
+    ExperienceLibrary(5).save(existing)
+    assert_one_line_error(*run_main(args + ["--library", str(existing), "--max-size", "8"], capsys)[::2],
+                          "--max-size 8 differs from the capacity 5")
 
 
 def test_grpo_cli_refuses_a_run_without_held_out_code(make_cfg, tmp_path: Path, capsys) -> None:

@@ -208,7 +208,8 @@ def _add_grpo_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--group-size", type=int, default=4, metavar="INT", help="rollouts per library prompt, G (default: %(default)s)")
     r.add_argument("--context-items", type=int, default=2, metavar="INT",
                    help="library items drawn into each prompt's context (default: %(default)s)")
-    r.add_argument("--max-size", type=int, default=64, metavar="INT", help="library capacity (default: %(default)s)")
+    r.add_argument("--max-size", type=int, default=None, metavar="INT",
+                   help="library capacity (default: 64, or the --library file's own)")
     r.add_argument("--experience-lines", type=int, default=12, metavar="INT",
                    help="compile: lines of a completed block kept as an experience (default: %(default)s)")
     r.add_argument("--context-tokens", type=int, default=128, metavar="INT",
@@ -433,7 +434,7 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     from .trainer import autocast_dtype, resolve_device
 
     for name in ("seeds", "max_size", "experience_lines"):  # the rest is checked where it is used, by its name
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SparsetrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     settings = GRPOSettings(args.rounds, args.train_prompts, args.test_prompts, args.group_size, args.context_items)
     settings.validate()  # before the model loads
@@ -441,7 +442,13 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     if not _valid_device(args.device):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     lib_path = Path(args.library) if args.library else None
-    start = ExperienceLibrary.load(lib_path) if lib_path and lib_path.is_file() else ExperienceLibrary(args.max_size)
+    if lib_path and lib_path.is_file():
+        start = ExperienceLibrary.load(lib_path)
+        if args.max_size is not None and args.max_size != start.max_size:  # the file's capacity is the library's
+            raise SparsetrainError(f"--max-size {args.max_size} differs from the capacity {start.max_size} of the "
+                                   f"existing library {lib_path}; drop the flag or use a new --library file")
+    else:
+        start = ExperienceLibrary(64 if args.max_size is None else args.max_size)
 
     device = resolve_device(args.device)
     run = load_run(args.ckpt, str(device))
