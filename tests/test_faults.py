@@ -242,13 +242,13 @@ def check_recovered(run: Path, ref: Reference, before: list[dict], restored: int
         return f"resume printed more than one line: {err[-300:]}"
     rows = read_rows(run)
     first = 1 if log_intact else restored + 1
-    train = [r["step"] for r in rows if r["kind"] == "train" and r["step"] >= first]
+    train = [r["step"] for r in rows if r.get("kind") == "train" and r["step"] >= first]
     if train != list(range(first, MAX_STEPS + 1)):
         return f"train rows {train}"
-    evals = [r["step"] for r in rows if r["kind"] == "eval" and (log_intact or r["step"] > restored)]
+    evals = [r["step"] for r in rows if r.get("kind") == "eval" and (log_intact or r["step"] > restored)]
     if evals != [s for s in EVAL_STEPS if log_intact or s > restored]:
         return f"eval rows {evals}"
-    got = {r["step"]: r["loss"] for r in rows if r["kind"] == "train" and r["step"] >= first}
+    got = {r["step"]: r["loss"] for r in rows if r.get("kind") == "train" and r["step"] >= first}
     if any(abs(got[s] - ref.train[s]) > 1e-5 * abs(ref.train[s]) for s in got):
         return "losses differ from the uninterrupted run"
     # every well-formed row up to the checkpoint (a damaged log: those the damage left well-formed)
