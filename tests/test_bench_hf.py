@@ -15,24 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.__main__ import main as bench_main
 from bench.hf import LORA, MODELS, build_model, make_batch
 from bench.results import validate
 from conftest import requires_cuda
+from test_bench_suite import run_bench
 
 pytest.importorskip("transformers")
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_bench(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        code = bench_main(args)
-    except SystemExit as e:  # argparse usage errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def float64_losses(shape: str, keep_ratio: float) -> tuple[float, float, int]:

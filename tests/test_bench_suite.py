@@ -177,11 +177,9 @@ def test_abba_cancels_a_linear_drift() -> None:
     assert max(means.values()) - min(means.values()) == pytest.approx(0, abs=1e-9)
 
 
-def test_step_flags_mark_exactly_the_calls_inside_timed_samples(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The step phases are medians over the calls the step suite marks as
-    timed: those must be the calls that ran inside a timed sample."""
-    import argparse
-
+def mark_timed_samples(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Wrap ``timing.time_fn`` so that the returned flag's ``[0]`` is true exactly
+    while a timed sample runs."""
     inside = [False]
     real = timing.time_fn
 
@@ -193,6 +191,15 @@ def test_step_flags_mark_exactly_the_calls_inside_timed_samples(monkeypatch: pyt
             inside[0] = False
 
     monkeypatch.setattr(timing, "time_fn", sample)
+    return inside
+
+
+def test_step_flags_mark_exactly_the_calls_inside_timed_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step phases are medians over the calls the step suite marks as
+    timed: those must be the calls that ran inside a timed sample."""
+    import argparse
+
+    inside = mark_timed_samples(monkeypatch)
     rng = fresh_rng()
     args = argparse.Namespace(warmup=rng.randint(0, 3), rounds=rng.randint(1, 4), repeats=rng.randint(1, 9),
                               queued=rng.randint(1, 3))
@@ -209,17 +216,7 @@ def test_prime_heat_time_primes_then_times_and_flags_the_timed_calls(monkeypatch
     """The shared measuring order: each variant's first ``warmup`` calls are its
     priming (recorded apart), the rest interleaved rounds; ``flags`` marks
     exactly the calls that ran inside a timed sample, ``repeats`` per variant."""
-    inside = [False]
-    real = timing.time_fn
-
-    def sample(fn, **kw):
-        inside[0] = True
-        try:
-            return real(fn, **kw)
-        finally:
-            inside[0] = False
-
-    monkeypatch.setattr(timing, "time_fn", sample)
+    inside = mark_timed_samples(monkeypatch)
     rng = fresh_rng()
     warmup, rounds, repeats, queued = rng.randint(1, 3), rng.randint(1, 4), rng.randint(1, 9), rng.randint(1, 3)
     seen: dict[str, list[bool]] = {"a": [], "b": [], "c": []}

@@ -96,10 +96,7 @@ class _KeptRowsLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
                 fwd: _Forward | None) -> torch.Tensor:
-        y = F.linear(x, weight, bias)  # under autocast: the autocast dtype, as nn.Linear would
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.compute_dtype, ctx.fwd = bias is not None, y.dtype, fwd
-        return y
+        return _linear_forward(ctx, x, weight, bias, fwd)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
@@ -117,6 +114,16 @@ class _KeptRowsLinear(torch.autograd.Function):
         return _linear_grads(ctx, dx.view(x.shape).to(x.dtype), g_k, x_k, w)
 
 
+def _linear_forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    fwd: "_Forward | None") -> torch.Tensor:
+    """``x @ weight.T + bias`` (under autocast: the autocast dtype, as nn.Linear
+    would), saving what both kept-rows backwards read."""
+    y = F.linear(x, weight, bias)
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias, ctx.compute_dtype, ctx.fwd = bias is not None, y.dtype, fwd
+    return y
+
+
 def _linear_grads(ctx, dx: torch.Tensor, g_k: torch.Tensor, x_k: torch.Tensor, w: torch.Tensor):
     dw = (g_k.t() @ x_k).to(w.dtype)
     db = g_k.sum(0).to(w.dtype) if ctx.has_bias else None
@@ -130,10 +137,7 @@ class _KeptRowsHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
                 fwd: _Forward) -> torch.Tensor:
-        y = F.linear(x, weight, bias)
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias, ctx.compute_dtype, ctx.fwd = bias is not None, y.dtype, fwd
-        return y
+        return _linear_forward(ctx, x, weight, bias, fwd)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
