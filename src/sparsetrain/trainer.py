@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import sys
 import time
@@ -188,6 +187,7 @@ class Trainer:
         # after sharding: FSDP replaces every parameter with a sharded DTensor parameter
         trainable = nn.ModuleList([self.model] + ([self.mtp] if self.mtp is not None else []))
         self.optimizer = build_optimizer(trainable, cfg, self.device.type)
+        self._pending_rows: list[dict] = []  # rows made outside fit's log (set-up, FIRE), logged by fit
         if resume is not None:
             self._load_state(self.out_dir)
         self._write_run_files()
@@ -421,9 +421,8 @@ class Trainer:
         if c.eval_every_seconds:
             self._next_eval_seconds = (math.floor(seconds / c.eval_every_seconds) + 1) * c.eval_every_seconds
         if change and self.dist.is_main:
-            with open(out / METRICS_NAME, "a") as f:
-                f.write(json.dumps({"kind": "lr_schedule", "step": self.step, "change": change,
-                                    "schedule": schedule.state_dict()}) + "\n")
+            self._pending_rows.append({"kind": "lr_schedule", "step": self.step, "change": change,
+                                          "schedule": schedule.state_dict()})
             if self.verbose:
                 print(f"step {self.step}: {change}", flush=True)
 
@@ -551,8 +550,7 @@ class Trainer:
                    "max_orthogonality_error": max(s["orthogonality_error"] for s in stats),
                    "svd_fallbacks": sum(s["method"] == "svd" for s in stats),
                    "mean_relative_change": sum(s["relative_change"] for s in stats) / len(stats)}
-            with open(self.out_dir / METRICS_NAME, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            self._pending_rows.append(row)  # logged with the step's window
             if self.verbose:
                 print(f"step {self.step}: FIRE reinitialised {len(stats)} layers "
                       f"(max orthogonality error {row['max_orthogonality_error']:.2e})", flush=True)
@@ -743,6 +741,12 @@ class Trainer:
             if log is not None:
                 log.log(row)
 
+        def write_pending() -> None:
+            for row in self._pending_rows:
+                write(row)
+            self._pending_rows.clear()
+
+        write_pending()  # a resume's lr-schedule change, after the rows its checkpoint vouches for
         try:
             if self.step == 0:  # the starting point of the val curve
                 val = self.evaluate()
@@ -781,6 +785,7 @@ class Trainer:
                         write(row)
                         if diverged is None and not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
                             diverged = f"loss {row['loss']}, grad norm {row['grad_norm']} at step {row['step']}"
+                    write_pending()  # e.g. FIRE's stats of a step in this window
                     if diverged is not None:
                         raise self._diverged(diverged)
                     self._report(bar, result.train_losses[self.step], tps, len(rows), rows[-1].get("kept_fraction"))
