@@ -67,3 +67,17 @@ def make_cfg(corpus_dir: Path, cache_dir: Path, tmp_path: Path):
         return build_config("tiny", overrides=base)
 
     return make
+
+
+@pytest.fixture(params=["torch", "kernel"])
+def mixing_path(request, monkeypatch) -> str:
+    """Hyper-connection mixing in plain torch, or by the Triton kernels (the interpreter on CPU)."""
+    from sparsetrain import hyper_mixing
+
+    if request.param == "kernel":
+        if hyper_mixing.triton is None:
+            pytest.skip("triton not installed")
+        monkeypatch.setattr(hyper_mixing, "uses_kernel", hyper_mixing.kernel_ok)
+    else:
+        monkeypatch.setattr(hyper_mixing, "uses_kernel", lambda streams: False)
+    return request.param

@@ -134,20 +134,6 @@ def test_mixing_under_autocast_keeps_float32_streams_exact_to_float32(n: int) ->
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel-path tests run
 
 
-@pytest.fixture(params=["torch", "kernel"])
-def mixing_path(request, monkeypatch) -> str:
-    """The model's mixing in plain torch, or by the Triton kernels (the interpreter on CPU)."""
-    from sparsetrain import hyper_mixing
-
-    if request.param == "kernel":
-        if hyper_mixing.triton is None:
-            pytest.skip("triton not installed")
-        monkeypatch.setattr(hyper_mixing, "uses_kernel", hyper_mixing.kernel_ok)
-    else:
-        monkeypatch.setattr(hyper_mixing, "uses_kernel", lambda streams: False)
-    return request.param
-
-
 def _model_with_streams(n: int, **overrides) -> GPT:
     """A float64 GPT with ``n`` streams (n = 1 too, which the config does not offer) and
     random mixing parameters."""

@@ -63,17 +63,6 @@ def inputs(n: int, dtype: torch.dtype, g: torch.Generator, rows: tuple[int, ...]
     return X, f, H, q, p
 
 
-@pytest.fixture(params=["torch", "kernel"])
-def path(request, monkeypatch) -> str:
-    if request.param == "kernel":
-        if hyper_mixing.triton is None:
-            pytest.skip("triton not installed")
-        monkeypatch.setattr(hyper_mixing, "uses_kernel", hyper_mixing.kernel_ok)
-    else:
-        monkeypatch.setattr(hyper_mixing, "uses_kernel", lambda streams: False)
-    return request.param
-
-
 def coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
 
@@ -86,7 +75,7 @@ DTYPES = [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch
 @pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 @pytest.mark.parametrize("op", OPERATIONS)
-def test_operation_matches_the_formulas(op: str, n: int, dtypes: tuple[torch.dtype, torch.dtype], path: str) -> None:
+def test_operation_matches_the_formulas(op: str, n: int, dtypes: tuple[torch.dtype, torch.dtype], mixing_path: str) -> None:
     """Outputs and the gradients of the streams, the sublayer output and the three
     weights; 2 x 5 rows and D = 300: rows and columns over several tiles, partly masked.
     Each within its rounding bound: the streams' dtype's, or its own where coarser."""
@@ -123,7 +112,7 @@ def test_operation_matches_the_formulas(op: str, n: int, dtypes: tuple[torch.dty
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_write_then_read_is_the_write_and_the_read_bit_for_bit(dtype: torch.dtype, path: str) -> None:
+def test_write_then_read_is_the_write_and_the_read_bit_for_bit(dtype: torch.dtype, mixing_path: str) -> None:
     """The fused node gives the streams and the read that the two operations give one
     after the other (the read sees the streams as stored): the model's block and
     Collider's recomputation, which runs them apart, agree exactly."""
@@ -136,7 +125,7 @@ def test_write_then_read_is_the_write_and_the_read_bit_for_bit(dtype: torch.dtyp
     assert torch.equal(a_through, read(X, p)) and torch.equal(same, X)
 
 
-def test_gradient_reaching_the_passed_through_streams_is_added_to_the_reads(path: str) -> None:
+def test_gradient_reaching_the_passed_through_streams_is_added_to_the_reads(mixing_path: str) -> None:
     """``read_through``'s streams output carries its gradient back to the input."""
     X, _, _, _, p = inputs(2, torch.float64, fresh_generator())
     X.requires_grad_()
@@ -147,7 +136,7 @@ def test_gradient_reaching_the_passed_through_streams_is_added_to_the_reads(path
     assert torch.allclose(dx, want.expand_as(dx), rtol=1e-12, atol=1e-12)
 
 
-def test_no_rows(path: str) -> None:
+def test_no_rows(mixing_path: str) -> None:
     """No rows (a Collider step that keeps no token): empty outputs, zero weight gradients."""
     X, f, H, q, p = (t.detach().requires_grad_() for t in inputs(4, torch.float32, fresh_generator(), rows=(0,)))
     y, a = write_then_read(X, f, H, q, p)
