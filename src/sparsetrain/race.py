@@ -210,7 +210,7 @@ def run_one(cfg: TrainConfig, verbose: bool = True) -> str:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    torch._dynamo.reset()  # every arm compiles afresh: start-ups stay comparable
+    torch._dynamo.reset()  # every arm traces afresh (the on-disk inductor and Triton caches persist)
     return "resumed" if resume is not None else "ran"
 
 
