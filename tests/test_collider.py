@@ -843,31 +843,44 @@ def test_second_backward_through_one_forward_is_refused() -> None:
         loss.backward()
 
 
-@requires_cuda
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("variant", ["relu2_24-noprune", "swiglu-hyper2"])
-def test_cuda_bf16_composed_blocks_close_to_float64_reference(variant: str) -> None:
-    """The composed path (relu2_24, hyper-connections) in bf16 autocast on the GPU
-    is as close to the float64 reference as the plain autograd reference run in
-    bf16 is (the hyper-connection logits' gradients are small sums of large terms,
-    so a fixed tolerance would not fit every parameter)."""
+def test_bf16_composed_blocks_close_to_float64_reference(variant: str, device: str) -> None:
+    """The composed path (relu2_24, hyper-connections) in bf16 autocast (on the
+    GPU, and on the CPU, whose autocast also runs the GEMMs in bf16) is as close
+    to the float64 reference as the plain autograd reference run in bf16 is, measured in multiples of bf16's rounding scale of each gradient
+    (eps times the norm of the sum of its |terms|, gradient_magnitudes.py): the
+    hyper-connection logits' gradients are small sums of large terms, so their
+    relative error is rounding noise in any bf16 computation (it reached 0.1
+    for the engine and 0.001 for plain autograd on one draw, with both at 2-13
+    multiples of the scale). Gradients whose terms do not cancel (most) keep
+    the relative bound, which is the stronger one for them."""
     model = make(n_layer=2, **VARIANTS[variant])
     g = torch.Generator().manual_seed(fresh_seed())
     idx, targets = random_tokens(2, 24, g)
     keep = random_keep(2, 24, g)
-    reference_loss(model, idx, targets, keep).backward()
+    with recording(model) as magnitudes:
+        reference_loss(model, idx, targets, keep).backward()
     ref = grads(model)
-    gpu = make(n_layer=2, **VARIANTS[variant]).float().cuda()
-    gpu.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
-    idx, targets, keep = idx.cuda(), targets.cuda(), keep.cuda()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        reference_loss(gpu, idx, targets, keep).backward()
-    plain = {n: t.double().cpu() for n, t in grads(gpu).items()}
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = masked_cross_entropy(ColliderModel(gpu)(idx), targets, keep)
+    net = make(n_layer=2, **VARIANTS[variant]).float().to(device)
+    net.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    idx, targets, keep = idx.to(device), targets.to(device), keep.to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        reference_loss(net, idx, targets, keep).backward()
+    plain = {n: t.double().cpu() for n, t in grads(net).items()}
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = masked_cross_entropy(ColliderModel(net)(idx), targets, keep)
     loss.backward()
-    got = {n: t.double().cpu() for n, t in grads(gpu).items()}
+    got = {n: t.double().cpu() for n, t in grads(net).items()}
     assert got.keys() == ref.keys()
+    eps = torch.finfo(torch.bfloat16).eps
     for n in ref:
-        err = float((got[n] - ref[n]).norm() / ref[n].norm())
-        bf16 = float((plain[n] - ref[n]).norm() / ref[n].norm())
-        assert err <= 3 * bf16 + 1e-2, (n, err, bf16)
+        terms = float(magnitudes[n].norm()) if n in magnitudes else 0.0
+        if terms > 16 * float(ref[n].norm()):  # the terms cancel: errors in multiples of the rounding scale
+            scale = eps * terms
+            err, bf16 = float((got[n] - ref[n]).norm()) / scale, float((plain[n] - ref[n]).norm()) / scale
+            assert err <= max(32.0, 3 * bf16), (n, err, bf16)
+        else:
+            err = float((got[n] - ref[n]).norm() / ref[n].norm())
+            bf16 = float((plain[n] - ref[n]).norm() / ref[n].norm())
+            assert err <= 3 * bf16 + 1e-2, (n, err, bf16)
