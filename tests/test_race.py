@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
 
 from sparsetrain.cli import main
 from sparsetrain.errors import ConfigError
-from sparsetrain.race import Arm, interleave_order, parse_arm, run_race, time_to_target
+from sparsetrain.race import Arm, interleave_order, loss_at_step, parse_arm, run_race, time_to_target
 
 
 def test_parse_arm() -> None:
@@ -44,6 +45,19 @@ def test_interleave_order_alternates_direction_per_seed() -> None:
 def test_time_to_target_interpolates_linearly(times, losses, target, want) -> None:
     got = time_to_target(times, losses, target)
     assert got == (pytest.approx(want, rel=1e-12) if want is not None else None)
+
+
+def test_loss_at_step_interpolates_between_evaluations() -> None:
+    rng = random.Random()
+    steps = sorted(rng.sample(range(1, 500), 6))
+    losses = [rng.uniform(2, 9) for _ in steps]
+    for i in range(1, len(steps)):  # a point inside each interval, against the line through its ends
+        s = rng.randint(steps[i - 1], steps[i])
+        frac = (s - steps[i - 1]) / (steps[i] - steps[i - 1])
+        assert loss_at_step(steps, losses, s) == pytest.approx(losses[i - 1] * (1 - frac) + losses[i] * frac)
+    assert loss_at_step(steps, losses, steps[3]) == losses[3]
+    assert loss_at_step(steps, losses, steps[-1] + 1) is None
+    assert loss_at_step(steps, losses, 0) == losses[0]
 
 
 def test_race_arms_refuse_bad_settings(make_cfg, tmp_path: Path) -> None:
@@ -112,6 +126,18 @@ def test_tiny_race_end_to_end(make_cfg, tmp_path: Path, capsys) -> None:
             # time to target recomputed from the rows
             want = time_to_target(after, [e["val_loss"] for e in evals], on_disk["target_val_loss"])
             assert r["seconds_to_target"]["after_startup"] == (pytest.approx(want) if want is not None else None)
+            # the loss at the steps every arm made in this seed, from the rows
+            seed_i = [11, 12].index(r["seed"])
+            equal = on_disk["settings"]["equal_steps"][seed_i]
+            assert equal == min(a["runs"][seed_i]["evals"][-1][4] for a in on_disk["arms"].values())
+            at = [(e["step"], e["val_loss"]) for e in evals]
+            hi = next(i for i, (st, _) in enumerate(at) if st >= equal)
+            if at[hi][0] == equal:
+                want = at[hi][1]
+            else:
+                (s0, l0), (s1, l1) = at[hi - 1], at[hi]
+                want = l0 + (l1 - l0) * (equal - s0) / (s1 - s0)
+            assert r["val_loss_at_equal_steps"] == pytest.approx(want)
     spread = dense["final_val_loss"]
     losses = [r["final_val_loss"] for r in dense["runs"]]
     assert spread["mean"] == pytest.approx(sum(losses) / 2)

@@ -103,6 +103,18 @@ def time_to_target(times: list[float], losses: list[float], target: float) -> fl
     return None
 
 
+def loss_at_step(steps: list[int], losses: list[float], step: int) -> float | None:
+    """The curve ``losses(steps)`` at ``step``, linearly interpolated between the two
+    evaluations around it; None past the last evaluation."""
+    for i, (s, loss) in enumerate(zip(steps, losses)):
+        if s >= step:
+            if s == step or i == 0:
+                return loss
+            s0, l0 = steps[i - 1], losses[i - 1]
+            return l0 + (loss - l0) * (step - s0) / (s - s0)
+    return None
+
+
 def arm_configs(arms: list[Arm], seconds: float, seeds: list[int], out_dir: Path, preset: str | None,
                 config_file: str | None, flags: dict[str, Any]) -> dict[str, dict[int, TrainConfig]]:
     """Resolve every run's config: defaults < preset < config file < the race's settings
@@ -281,8 +293,8 @@ def run_summary(cfg: TrainConfig) -> dict:
         "floor_lr": cfg.lr * cfg.min_lr_ratio,
         "tokens_forwarded": train[-1]["step"] * tokens_per_step,
         "tokens_backpropagated": round(sum(r.get("kept_fraction", 1.0) for r in train) * tokens_per_step),
-        # [seconds after start-up, seconds with start-up, val loss, val bits per byte]
-        "evals": [[_after_startup(r), r["train_seconds"], r["val_loss"], r.get("val_bpb")] for r in evals],
+        # [seconds after start-up, seconds with start-up, val loss, val bits per byte, step]
+        "evals": [[_after_startup(r), r["train_seconds"], r["val_loss"], r.get("val_bpb"), r["step"]] for r in evals],
     }
 
 
@@ -319,6 +331,12 @@ def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], see
     first = arms[0].name
     target = statistics.fmean(r["final_val_loss"] for r in runs[first])
     best_target = statistics.fmean(r["best_val_loss"] for r in runs[first])
+    # per seed, the steps every arm made: the loss there compares what the arms learn
+    # per update, apart from how fast each update is
+    equal_steps = [min(runs[a.name][i]["evals"][-1][4] for a in arms) for i in range(len(seeds))]
+    for arm in arms:
+        for r, step in zip(runs[arm.name], equal_steps):
+            r["val_loss_at_equal_steps"] = loss_at_step([e[4] for e in r["evals"]], [e[2] for e in r["evals"]], step)
     report_arms = {}
     for arm in arms:
         rs = runs[arm.name]
@@ -330,6 +348,7 @@ def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], see
             "best_val_bpb": _spread([r["best_val_bpb"] for r in rs]),
             "best_seconds_after_startup": _spread([r["best_seconds"]["after_startup"] for r in rs]),
             "final_minus_best_val_loss": _spread([r["final_minus_best_val_loss"] for r in rs]),
+            "val_loss_at_equal_steps": _spread([r["val_loss_at_equal_steps"] for r in rs]),
             # the mean only where every seed reached the target
             "seconds_to_target": _times_to(rs, target, "seconds_to_target"),
             "seconds_to_best_target": _times_to(rs, best_target, "seconds_to_best_target"),
@@ -344,7 +363,7 @@ def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], see
     return {
         "environment": env,
         "settings": {"seconds": seconds, "seeds": seeds, "arms": {a.name: a.overrides for a in arms},
-                     "order": [[arms[a].name, seeds[s]] for s, a in order],
+                     "order": [[arms[a].name, seeds[s]] for s, a in order], "equal_steps": equal_steps,
                      "base_config": configs[first][seeds[0]].to_dict()},
         "target_val_loss": target,
         "target": f"the mean final val loss of the first arm, {first}",
@@ -356,13 +375,17 @@ def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], see
 
 def format_table(report: dict) -> str:
     """The report as a fixed-width table, one arm a line: final and best held-out loss,
-    seconds to each target (after start-up; the final target also with start-up)."""
+    seconds to each target (after start-up; the final target also with start-up), and
+    the held-out loss at the steps every arm made."""
     head = ["arm", "val loss", "val bpb", "best loss", "best at s", "s to target", "(w/ start-up)", "s to best target",
-            "steps", "start-up s", "tokens fwd", "tokens bwd"]
+            "steps", "loss at equal steps", "start-up s", "tokens fwd", "tokens bwd"]
     lines = []
 
     def secs(d: dict) -> str:
         return f"{d['mean']:.1f}" if d["mean"] is not None else f"never ({d['reached']})"
+
+    def at_steps(d: dict | None) -> str:  # None: a report from before the figure existed
+        return f"{d['mean']:.4f} ± {d['std']:.4f}" if d else "-"
 
     for name, a in report["arms"].items():
         loss, bpb, best = a["final_val_loss"], a["final_val_bpb"], a["best_val_loss"]
@@ -370,7 +393,8 @@ def format_table(report: dict) -> str:
         lines.append([name, f"{loss['mean']:.4f} ± {loss['std']:.4f}", f"{bpb['mean']:.4f}" if bpb else "-",
                       f"{best['mean']:.4f} ± {best['std']:.4f}", f"{a['best_seconds_after_startup']['mean']:.1f}",
                       secs(tt["after_startup"]), secs(tt["with_startup"]), secs(tb["after_startup"]),
-                      f"{a['steps']['mean']:.0f}", f"{a['startup_seconds']['mean']:.1f}",
+                      f"{a['steps']['mean']:.0f}", at_steps(a.get("val_loss_at_equal_steps")),
+                      f"{a['startup_seconds']['mean']:.1f}",
                       f"{a['tokens_forwarded']['mean']:,.0f}", f"{a['tokens_backpropagated']['mean']:,.0f}"])
     widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
