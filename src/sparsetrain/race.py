@@ -334,12 +334,11 @@ def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], see
     # per seed, the steps every arm made: the loss there compares what the arms learn
     # per update, apart from how fast each update is
     equal_steps = [min(runs[a.name][i]["evals"][-1][4] for a in arms) for i in range(len(seeds))]
-    for arm in arms:
-        for r, step in zip(runs[arm.name], equal_steps):
-            r["val_loss_at_equal_steps"] = loss_at_step([e[4] for e in r["evals"]], [e[2] for e in r["evals"]], step)
     report_arms = {}
     for arm in arms:
         rs = runs[arm.name]
+        for r, step in zip(rs, equal_steps):
+            r["val_loss_at_equal_steps"] = loss_at_step([e[4] for e in r["evals"]], [e[2] for e in r["evals"]], step)
         report_arms[arm.name] = {
             "overrides": arm.overrides,
             "final_val_loss": _spread([r["final_val_loss"] for r in rs]),
@@ -384,16 +383,13 @@ def format_table(report: dict) -> str:
     def secs(d: dict) -> str:
         return f"{d['mean']:.1f}" if d["mean"] is not None else f"never ({d['reached']})"
 
-    def at_steps(d: dict | None) -> str:  # None: a report from before the figure existed
-        return f"{d['mean']:.4f} ± {d['std']:.4f}" if d else "-"
-
     for name, a in report["arms"].items():
         loss, bpb, best = a["final_val_loss"], a["final_val_bpb"], a["best_val_loss"]
-        tt, tb = a["seconds_to_target"], a["seconds_to_best_target"]
+        tt, tb, at = a["seconds_to_target"], a["seconds_to_best_target"], a["val_loss_at_equal_steps"]
         lines.append([name, f"{loss['mean']:.4f} ± {loss['std']:.4f}", f"{bpb['mean']:.4f}" if bpb else "-",
                       f"{best['mean']:.4f} ± {best['std']:.4f}", f"{a['best_seconds_after_startup']['mean']:.1f}",
                       secs(tt["after_startup"]), secs(tt["with_startup"]), secs(tb["after_startup"]),
-                      f"{a['steps']['mean']:.0f}", at_steps(a.get("val_loss_at_equal_steps")),
+                      f"{a['steps']['mean']:.0f}", f"{at['mean']:.4f} ± {at['std']:.4f}",
                       f"{a['startup_seconds']['mean']:.1f}",
                       f"{a['tokens_forwarded']['mean']:,.0f}", f"{a['tokens_backpropagated']['mean']:,.0f}"])
     widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
