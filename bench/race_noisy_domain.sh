@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Regime 3 of docs/time_to_quality.md: continued pretraining on a noisy domain
+# corpus, with the excess (Rho-1) score read from a reference-loss sidecar.
+#
+#   bash bench/race_noisy_domain.sh WORK_DIR [PHASE ...]
+#
+# Phases, in order (default: all); each is skipped when its output exists, so
+# the same command run again continues where a killed one stopped:
+#   base       the model trained from scratch on the default corpus (the Python
+#              standard library), BASE_STEPS steps; its tokenizer is used by
+#              every later phase
+#   corpora    WORK_DIR/domain: DOMAIN_INCLUDE from SITE, capped at
+#              DOMAIN_BYTES, with NOISE of its train bytes noise documents;
+#              WORK_DIR/clean_ref: REF_INCLUDE from SITE (another package, so
+#              the reference never sees a file of the domain), REF_BYTES
+#   reference  the base continued on clean_ref for REF_STEPS steps (Rho-1's
+#              reference: a model trained on a small clean set)
+#   sidecar    the reference's loss of every train token of the domain
+#   race       arms started from the base's weights on the domain, each
+#              RACE_SECONDS of training after start-up (the arms: ARMS)
+#
+# Settings come from the environment (defaults are the protocol's); MODEL_ARGS
+# must give the same shape to every phase, since the arms start from the
+# base's weights. For a CPU dry run:
+#   MODEL_ARGS="--preset tiny --device cpu" BASE_DATA_ARGS="--data-max-bytes 2000000" \
+#   BASE_STEPS=20 REF_STEPS=10 RACE_SECONDS=5 DOMAIN_BYTES=1000000 REF_BYTES=300000 \
+#   bash bench/race_noisy_domain.sh /tmp/r3
+set -euo pipefail
+W=${1:?usage: bash bench/race_noisy_domain.sh WORK_DIR [PHASE ...]}
+shift
+phases=${*:-base corpora reference sidecar race}
+ST=${SPARSETRAIN:-sparsetrain}
+PY=${PYTHON:-python}
+SITE=${SITE:-$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')}
+MODEL_ARGS=${MODEL_ARGS:---preset nano-125m --n-layer 24 --d-model 1024 --n-head 16 --seq-len 2048 --batch-size 8 --compile}
+BASE_DATA_ARGS=${BASE_DATA_ARGS:-}
+BASE_STEPS=${BASE_STEPS:-900}
+BASE_LR=${BASE_LR:-6e-4}
+DOMAIN_INCLUDE=${DOMAIN_INCLUDE:-torch/*.py}
+DOMAIN_BYTES=${DOMAIN_BYTES:-24000000}
+NOISE=${NOISE:-0.3}
+REF_INCLUDE=${REF_INCLUDE:-transformers/*.py}
+REF_BYTES=${REF_BYTES:-6000000}
+REF_STEPS=${REF_STEPS:-300}
+REF_LR=${REF_LR:-3e-4}
+SEED=${SEED:-1337}
+LR=${LR:-3e-4}
+RACE_SECONDS=${RACE_SECONDS:-100}
+EXCLUDE='*/tests/*,*/test_*'
+ARMS=${ARMS:-"dense: excess50:drop_ratio=0.5,collider_method=topk,collider_score=excess,reference_losses=$W/ref_losses.f16 random50:drop_ratio=0.5,collider_method=random collider50:drop_ratio=0.5,collider_method=topk,collider_score=collider"}
+mkdir -p "$W"
+tok="$W/base/tokenizer.json"
+log() { echo "== $(date -u +%H:%M:%S) $*"; }
+want() { [[ " $phases " == *" $1 "* ]]; }
+
+if want base && [ ! -f "$W/base/done" ]; then
+  log "base: $BASE_STEPS steps on the default corpus"
+  # Fixed steps, not seconds: the base is the same starting point for every seed.
+  $ST train $MODEL_ARGS $BASE_DATA_ARGS --out-dir "$W/base" --max-steps "$BASE_STEPS" --lr "$BASE_LR" \
+    --warmup-steps 50 --eval-every "$BASE_STEPS" --eval-batches 8 --log-every 100 --seed 0
+  touch "$W/base/done"
+fi
+if want corpora; then
+  if [ ! -f "$W/domain/.corpus_manifest.json" ]; then
+    log "corpora: domain $DOMAIN_INCLUDE, noise $NOISE"
+    rm -rf "$W/domain"
+    $ST corpus build --src "$SITE" --include "$DOMAIN_INCLUDE" --exclude "$EXCLUDE" \
+      --max-bytes "$DOMAIN_BYTES" --noise-fraction "$NOISE" --seed 0 --out "$W/domain"
+  fi
+  if [ ! -f "$W/clean_ref/.corpus_manifest.json" ]; then
+    log "corpora: reference set $REF_INCLUDE"
+    rm -rf "$W/clean_ref"
+    $ST corpus build --src "$SITE" --include "$REF_INCLUDE" --exclude "$EXCLUDE" \
+      --max-bytes "$REF_BYTES" --seed 0 --out "$W/clean_ref"
+  fi
+fi
+if want reference && [ ! -f "$W/ref/done" ]; then
+  log "reference: the base continued $REF_STEPS steps on the reference set"
+  $ST train $MODEL_ARGS --out-dir "$W/ref" --init-from "$W/base" --data "$W/clean_ref" --tokenizer "$tok" \
+    --max-steps "$REF_STEPS" --lr "$REF_LR" --warmup-steps 20 --eval-every "$REF_STEPS" --eval-batches 8 --log-every 100 --seed 0
+  touch "$W/ref/done"
+fi
+if want sidecar && [ ! -f "$W/ref_losses.f16.json" ]; then
+  log "sidecar: the reference's loss of every domain train token"
+  $ST reference-losses --ckpt "$W/ref" --out "$W/ref_losses.f16" $MODEL_ARGS --data "$W/domain" --tokenizer "$tok"
+fi
+if want race; then
+  log "race: seed $SEED, lr $LR, $RACE_SECONDS s per arm"
+  arm_flags=()
+  for a in $ARMS; do arm_flags+=(--arm "$a"); done
+  $ST race $MODEL_ARGS --no-save-checkpoints --data "$W/domain" --tokenizer "$tok" --init-from "$W/base" \
+    --lr "$LR" --warmup-steps 50 --eval-batches 8 --log-every 20 --seconds "$RACE_SECONDS" --seeds 1 --seed "$SEED" \
+    --out-dir "$W/race" "${arm_flags[@]}"
+fi
+log "done: $phases"
