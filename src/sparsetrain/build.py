@@ -45,3 +45,37 @@ def build_model(cfg: ModelConfig, policy: KernelPolicy | None = None) -> CausalL
         hyper.add_hyper_connections(model, cfg.hyper_connections)
     model.config = cfg
     return model
+
+
+# The fields that decide what a network's weights are: their names and shapes, and
+# what each one holds (n_head splits the same qkv matrix into other heads; a tied
+# embedding is one tensor where an untied model has two). seq_len, rope_theta,
+# norm_eps, init_std and the training schedules of the 2:4 FFN and the BK layers
+# shape no weight (the RoPE tables are rebuilt from the config, not saved).
+WEIGHT_FIELDS = ("arch", "vocab_size", "n_layer", "n_head", "d_model", "ffn", "ffn_hidden", "tie_embeddings",
+                 "hyper_connections")
+
+
+def _weight_layout(cfg: ModelConfig) -> dict[str, object]:
+    layout: dict[str, object] = {name: getattr(cfg, name) for name in WEIGHT_FIELDS}
+    layout["ffn_hidden"] = cfg.hidden_size  # resolved: 0 stands for a size derived from d_model and ffn
+    if cfg.arch == "resnet_bk":
+        layout["bk_num_experts"] = cfg.bk_num_experts
+        layout["bk_sparsity"] = cfg.bk_sparsity > 0  # only sparse BK layers have the skip predictor
+    return layout
+
+
+def weights_differences(saved: ModelConfig, wanted: ModelConfig) -> list[str]:
+    """``"name=X there vs Y here"`` for each field that makes weights saved by a
+    ``saved`` network mean something else in a ``wanted`` one (empty: they load
+    as they are, whatever the fields that shape no weight say)."""
+    a, b = _weight_layout(saved), _weight_layout(wanted)
+
+    def shown(cfg: ModelConfig, name: str) -> str:
+        value = getattr(cfg, name)
+        return f"0 (= {cfg.hidden_size})" if name == "ffn_hidden" and not value else repr(value)
+
+    # A field one architecture lacks is not compared: the arch difference says it all. Nor is an
+    # ffn_hidden set alike on both sides: its resolved sizes differ by a d_model or ffn named already.
+    return [f"{name}={shown(saved, name)} there vs {shown(wanted, name)} here" for name in a
+            if name in b and a[name] != b[name] and getattr(saved, name) != getattr(wanted, name)]

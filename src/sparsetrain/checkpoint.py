@@ -300,6 +300,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return load_checkpoint_from(path, map_location)[0]
 
 
+def refuse_other_tokenizer(run_dir: str | Path, tokenizer_path: str | Path | None, who: str) -> None:
+    """Raise :class:`CheckpointError` when the run in ``run_dir`` was trained with
+    another tokenizer than ``tokenizer_path`` (the one that made this run's tokens):
+    its weights would read the same ids as other text. The run's ``tokenizer.json``
+    is compared byte for byte; a run without one, or tokens without a tokenizer (a
+    ``.bin`` corpus given none), leave nothing to compare and pass."""
+    theirs = Path(run_dir) / "tokenizer.json"
+    if theirs.is_file() and tokenizer_path is not None and theirs.read_bytes() != Path(tokenizer_path).read_bytes():
+        raise CheckpointError(f"{who} {run_dir} was trained with another tokenizer than this corpus's "
+                              f"({tokenizer_path}): its token ids would mean other text")
+
+
 # ----------------------------------------------------------------------------- weights only
 
 

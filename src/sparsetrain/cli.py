@@ -319,7 +319,7 @@ def cmd_race(args: argparse.Namespace) -> int:
 
 
 def cmd_reference_losses(args: argparse.Namespace) -> int:
-    from .checkpoint import resolve_checkpoint
+    from .checkpoint import refuse_other_tokenizer, resolve_checkpoint
     from .generate import load_model
     from .reference_losses import compute_reference_losses
     from .trainer import autocast_dtype, load_run_corpus, resolve_device
@@ -332,10 +332,7 @@ def cmd_reference_losses(args: argparse.Namespace) -> int:
     corpus = load_run_corpus(cfg)
     if model.config.vocab_size != cfg.model.vocab_size:
         raise SparsetrainError(f"reference {ckpt.parent} has vocab_size {model.config.vocab_size}, the corpus {cfg.model.vocab_size}")
-    ref_tok = ckpt.parent / "tokenizer.json"
-    if ref_tok.is_file() and corpus.tokenizer_path is not None and ref_tok.read_bytes() != corpus.tokenizer_path.read_bytes():
-        raise SparsetrainError(f"reference {ckpt.parent} was trained with another tokenizer than this corpus's "
-                               f"({corpus.tokenizer_path}): its token ids would mean other text")
+    refuse_other_tokenizer(ckpt.parent, corpus.tokenizer_path, "reference")
     out = compute_reference_losses(model, corpus.train, args.out, cfg.batch_size, device,
                                    autocast_dtype(cfg.dtype, device), reference=str(ckpt))
     print(f"reference losses of {corpus.train.size:,} train tokens -> {out}; train with --reference-losses {out}")

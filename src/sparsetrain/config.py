@@ -148,7 +148,9 @@ class TrainConfig:
     # [data]
     data: str = field(default="", metadata=_section("data", "text file, folder of text files or .bin tokens; empty = Python stdlib sources"))
     token_dtype: str = field(default="uint16", metadata=_section("data", "dtype of a .bin token file: uint16 or uint32"))
-    tokenizer: str = field(default="", metadata=_section("data", "tokenizer.json for a .bin file (used by generate)"))
+    tokenizer: str = field(default="", metadata=_section(
+        "data", "tokenizer.json: of a .bin file's tokens (for bits per byte and generate); for text data, the BPE to "
+                "tokenize it with instead of one trained on it (with init_from: that run's tokenizer.json)"))
     cache_dir: str = field(default="", metadata=_section("data", "tokenizer/token cache; empty = $SPARSETRAIN_CACHE or ~/.cache/sparsetrain"))
     val_fraction: float = field(default=0.02, metadata=_section("data", "fraction of files (or tokens, for .bin) held out for validation"))
     data_on_the_fly: bool = field(default=False, metadata=_section("data", "read and tokenize the raw train files for every batch (in the loader, async with use_async_loader) instead of reading the token cache"))
@@ -156,6 +158,10 @@ class TrainConfig:
     data_exclude: str = field(default="", metadata=_section("data", "folder corpus: comma-separated globs of the relative paths to drop (after data_include)"))
     data_max_bytes: int = field(default=0, metadata=_section("data", "folder corpus: keep files in an order fixed by a hash of their paths while their total stays within this many bytes; 0 = no cap"))
     # [training]
+    init_from: str = field(default="", metadata=_section(
+        "training", "start from the weights of this run (its directory, ckpt.pt or model.safetensors) with a fresh "
+                    "optimizer, step 0 and a new lr schedule (continued pretraining); the weights' shape and tokenizer "
+                    "must be this run's, seq_len may differ. A resumed run continues from its own checkpoint"))
     batch_size: int = field(default=16, metadata=_section("training", "sequences per micro-batch per process"))
     grad_accum: int = field(default=1, metadata=_section("training", "micro-batches per optimizer step"))
     max_steps: int = field(default=300, metadata=_section("training", "optimizer steps; 0 = no limit (the time budget max_seconds ends the run)"))

@@ -7,10 +7,11 @@ text files, or a pre-tokenized ``.bin`` of uint16/uint32 tokens.
 
 Text corpora are split train/val by file, with a hash of each file's relative
 path deciding (so adding a file never moves another one across the split). A
-BPE tokenizer is trained on the train files, and both splits are tokenized
-once and cached under ``cache_dir/corpus-<hash>/``; the hash covers every
-file's name and bytes, the vocabulary size and the split, so the cache is
-rebuilt whenever the corpus changes.
+BPE tokenizer is trained on the train files (or a given ``tokenizer.json`` is
+used, as a run continuing another run's weights must), and both splits are
+tokenized once and cached under ``cache_dir/corpus-<hash>/``; the hash covers
+every file's name and bytes, the vocabulary size, the split and a given
+tokenizer, so the cache is rebuilt whenever the corpus changes.
 
 Batches are a pure function of ``(seed, step, micro, rank)``: resuming at step
 ``s`` needs no loader state, and every DDP rank reads its own contiguous shard
@@ -192,7 +193,8 @@ def load_corpus(
     """Load (building and caching if needed) the corpus a run trains on. ``include``,
     ``exclude`` and ``max_bytes`` select a folder's files (:func:`select_files`); the
     cache key covers the selected files' names and contents, so each selection has
-    its own cache."""
+    its own cache. ``tokenizer`` names the ``tokenizer.json`` of a ``.bin`` file's
+    tokens, or for text the one to tokenize it with instead of training a BPE on it."""
     if data and data.endswith(".bin"):
         return _load_bin(data, vocab_size, val_fraction, token_dtype, tokenizer)
     root, files = discover_text_files(data or None, include, exclude, max_bytes)
@@ -203,12 +205,16 @@ def load_corpus(
         source += f" ({', '.join(chosen + [f'at most {max_bytes:,} bytes'] * bool(max_bytes))})"
     if not docs:
         raise DataError(f"no text found in {data or root}: the corpus is empty")
-    key = _corpus_key(docs, vocab_size, val_fraction)
+    given = _read_tokenizer(tokenizer, vocab_size) if tokenizer else None
+    if given is not None:
+        source += f", tokenized with {tokenizer}"
+    key = _corpus_key(docs, vocab_size, val_fraction, given)
     folder = Path(cache_dir or default_cache_dir()) / f"corpus-{key[:16]}"
     if not (folder / "meta.json").is_file():
         if verbose:
-            print(f"building tokenizer and token cache for {source} ({len(docs)} files) in {folder} ...", flush=True)
-        _build_cache(folder, docs, vocab_size, val_fraction, source)
+            what = "token cache" if given is not None else "tokenizer and token cache"
+            print(f"building {what} for {source} ({len(docs)} files) in {folder} ...", flush=True)
+        _build_cache(folder, docs, vocab_size, val_fraction, source, given)
     meta = json.loads((folder / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     tok = BPETokenizer.load(folder / "tokenizer.json")
@@ -224,34 +230,56 @@ def load_corpus(
     )
 
 
-def _corpus_key(docs: dict[str, str], vocab_size: int, val_fraction: float) -> str:
+def _read_tokenizer(path: str, vocab_size: int) -> bytes:
+    """The bytes of a given ``tokenizer.json`` for a text corpus, checked to load and to fit ``vocab_size``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"tokenizer file does not exist: {path}")
+    tok = BPETokenizer.load(p)
+    if tok.vocab_size > vocab_size:
+        raise DataError(f"tokenizer {path} has {tok.vocab_size} tokens, more than model.vocab_size {vocab_size}")
+    return p.read_bytes()
+
+
+def _corpus_key(docs: dict[str, str], vocab_size: int, val_fraction: float, tokenizer: bytes | None = None) -> str:
     h = hashlib.sha256(f"format={CACHE_FORMAT};vocab={vocab_size};val={val_fraction!r}".encode())
+    if tokenizer is not None:  # a given tokenizer makes other tokens; a trained one is a function of the rest
+        h.update(b"tokenizer\0" + hashlib.sha256(tokenizer).digest())
     for name in sorted(docs):
         h.update(name.encode() + b"\0")
         h.update(hashlib.sha256(docs[name].encode()).digest())
     return h.hexdigest()
 
 
-def _build_cache(folder: Path, docs: dict[str, str], vocab_size: int, val_fraction: float, source: str) -> None:
+def _build_cache(folder: Path, docs: dict[str, str], vocab_size: int, val_fraction: float, source: str,
+                 tokenizer: bytes | None = None) -> None:
+    """Tokenize ``docs`` into ``folder``: with a BPE trained on the train split, or with
+    ``tokenizer`` (a ``tokenizer.json``'s bytes, kept as they are: a run's copy of it
+    then compares equal to the file it came from)."""
     train_docs, val_docs = split_documents(docs, val_fraction)
-    tok = BPETokenizer.train(train_docs, vocab_size)
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Build next to the final folder and rename: a crash or a concurrent build
     # never leaves a half-written cache that looks complete.
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
+        if tokenizer is None:
+            tok = BPETokenizer.train(train_docs, vocab_size)
+            tok.save(tmp / "tokenizer.json")
+        else:
+            (tmp / "tokenizer.json").write_bytes(tokenizer)
+            tok = BPETokenizer.load(tmp / "tokenizer.json")
         counts = {}
         for split, texts in (("train", train_docs), ("val", val_docs)):
             flat = join_documents(tok.encode_batch(texts), tok.eot_id, dtype)
             flat.tofile(tmp / f"{split}.bin")
             counts[split] = int(flat.size)
-        tok.save(tmp / "tokenizer.json")
         meta = {
             "format": CACHE_FORMAT,
             "source": source,
             "vocab_size": vocab_size,
             "tokenizer_vocab_size": tok.vocab_size,
+            "tokenizer": "given" if tokenizer is not None else "trained",
             "val_fraction": val_fraction,
             "dtype": np.dtype(dtype).name,
             "n_train_docs": len(train_docs),

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import WEIGHTS_NAME, load_checkpoint, load_weights, warn
+from .checkpoint import WEIGHTS_NAME, Weights, load_checkpoint_from, load_weights, warn
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .build import build_model
@@ -32,8 +32,10 @@ def model_from_tensors(model_config: dict[str, Any], tensors: dict[str, torch.Te
     return model.to(device).eval()
 
 
-def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """Rebuild the network (GPT or ResNet-BK) a run was trained with and load its weights.
+def load_model_weights(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[Weights, Path]:
+    """The weights a run was trained to, with the model config and step they were saved
+    with, and the file (or, for an FSDP run's sharded checkpoint, the run directory)
+    they came from.
 
     ``ckpt`` is a run directory, its weights-only ``model.safetensors`` or a full
     checkpoint (``ckpt.pt``). A run directory is read from its weights-only file
@@ -45,8 +47,7 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> GPT:
     weights = p / WEIGHTS_NAME if p.is_dir() else p if p.suffix == ".safetensors" else None
     if weights is not None and (weights.is_file() or not p.is_dir()):
         try:
-            w = load_weights(weights, device)
-            return model_from_tensors(w.model_config, w.tensors, str(weights), device)
+            return load_weights(weights, device), weights
         except CheckpointError as e:
             if not p.is_dir():
                 raise
@@ -56,9 +57,16 @@ def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> GPT:
 
         if resume_from_sharded(p):
             state = consolidate_sharded(p, with_optimizer=False)
-            return model_from_tensors(state["model_config"], state["model"], str(p), device)
-    state = load_checkpoint(p, map_location=device)
-    return model_from_tensors(state["model_config"], state["model"], str(p), device)
+            return Weights(state["model"], state["model_config"], int(state.get("step", 0))), p
+    state, file = load_checkpoint_from(p, map_location=device)
+    return Weights(state["model"], state["model_config"], int(state.get("step", 0))), file
+
+
+def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """Rebuild the network (GPT or ResNet-BK) a run was trained with and load its weights
+    (read as :func:`load_model_weights` reads them)."""
+    w, where = load_model_weights(ckpt, device)
+    return model_from_tensors(w.model_config, w.tensors, str(where if where.suffix == ".safetensors" else ckpt), device)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int) -> None:

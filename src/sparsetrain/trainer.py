@@ -33,15 +33,16 @@ from . import distributed as D
 from . import fire, hyper
 from . import parallel as P
 from . import sharded_checkpoint as S
-from .checkpoint import (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, atomic_write_bytes, atomic_write_text,
-                         load_checkpoint_from, remove_partial_writes, save_checkpoint, save_weights)
+from .checkpoint import (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, Weights, atomic_write_bytes, atomic_write_text,
+                         first_line, load_checkpoint_from, refuse_other_tokenizer, remove_partial_writes,
+                         save_checkpoint, save_weights)
 from .config import ModelConfig, TrainConfig, dumps_toml
 from .data import TokenizedCorpus, bits_per_byte, load_corpus, tokens_per_byte, train_batch, val_batches
 from .loader import make_loader
 from .errors import CheckpointError, ConfigError, DataError, DivergedError
 from .evaluate import code_compile_rate, code_prompts, held_out_code_files
-from .generate import load_model
-from .build import build_model
+from .generate import load_model, load_model_weights
+from .build import build_model, weights_differences
 from .metrics import ElapsedMs, MetricWindow, tensor_means
 from .model import GPT, IGNORE_INDEX
 from .mtp import MTPHeads
@@ -153,6 +154,9 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.verbose = verbose and self.dist.is_main
         self.amp_dtype = self._amp_dtype()
+        # another run's weights to start from (init_from), read and checked against this run's model before
+        # the corpus is tokenized; a resumed run continues from its own checkpoint instead
+        init = self._read_init_from() if cfg.init_from and resume is None else None
 
         # Rank 0 builds the token cache first; the others then find it ready.
         if self.dist.is_main:
@@ -160,11 +164,17 @@ class Trainer:
         D.barrier(self.dist)
         if not self.dist.is_main:
             self.corpus = self._load_corpus()
+        if init is not None:
+            run_dir = init[1] if init[1].is_dir() else init[1].parent  # the folder, or the file in it
+            refuse_other_tokenizer(run_dir, self.corpus.tokenizer_path, "init_from")
 
         # FSDP2 only with several processes; one process trains the plain model in either mode
         self.sharded = cfg.parallel == "fsdp" and self.dist.enabled
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model).to(self.device)
+        self.init_note = ""  # the "init:" line fit prints
+        if init is not None:  # before anything wraps or compiles the model, and before the optimizer sees it
+            self._load_init_weights(*init)
         # modules with a per-step schedule: relu2_24's dense warmup, sparse BK layers' sparsity ramp
         self.scheduled = step_counted(self.model)
         self.sparse_ffns = [m for m in self.scheduled if isinstance(m, Sparse24FFN)]
@@ -301,6 +311,38 @@ class Trainer:
     def _load_corpus(self) -> TokenizedCorpus:
         return load_run_corpus(self.cfg, verbose=self.verbose)
 
+    def _read_init_from(self) -> tuple[Weights, Path]:
+        """The weights ``init_from`` names (a run directory, ckpt.pt or model.safetensors,
+        read as :func:`~sparsetrain.generate.load_model_weights` reads them) and the file
+        they came from; :class:`CheckpointError` (one line) when there are none, or when
+        they are another model's: a field that shapes the weights differs
+        (:func:`~sparsetrain.build.weights_differences`)."""
+        path = self.cfg.init_from
+        if not Path(path).exists():
+            raise CheckpointError(f"init_from {path}: no such run directory or checkpoint file")
+        try:
+            weights, file = load_model_weights(path, "cpu")
+        except CheckpointError as e:
+            raise CheckpointError(f"init_from {path}: {e}") from None
+        try:
+            saved = ModelConfig(**weights.model_config)
+        except TypeError as e:
+            raise CheckpointError(f"init_from {path} has an unknown model config: {e}") from None
+        diffs = weights_differences(saved, self.cfg.model)
+        if diffs:
+            raise CheckpointError(f"init_from {path} is from another model: " + ", ".join(diffs))
+        return weights, file
+
+    def _load_init_weights(self, weights: Weights, file: Path) -> None:
+        """Put the ``init_from`` weights into the fresh model. Its step-counted modules (a
+        2:4 dense warmup, a BK sparsity ramp) take the saved run's count with them; the
+        trainer sets them back to this run's step 0 once everything is built."""
+        try:
+            self.model.load_state_dict(weights.tensors)
+        except RuntimeError as e:
+            raise CheckpointError(f"init_from {file}: the weights do not fit this run's model: {first_line(e)}") from None
+        self.init_note = f"init: weights from {file} (step {weights.step} of that run)"
+
     def _prepare_out_dir(self, resume: str | Path | None) -> Path:
         """The run directory: the one resumed, or a new one that must not exist yet
         or be empty (a folder holding another run's files is never written into)."""
@@ -362,6 +404,11 @@ class Trainer:
                 self.mtp.load_state_dict(state["mtp"])
             if not self.sharded:
                 self.optimizer.load_state_dict(state["optimizer"])
+        started_from = state.get("train_config", {}).get("training", {}).get("init_from", "")
+        if self.cfg.init_from != started_from:
+            raise CheckpointError(f"cannot resume {out} with init_from {self.cfg.init_from!r}: it started from "
+                                  f"{started_from!r}, and a resumed run continues from its own checkpoint "
+                                  "(init_from starts a new run)")
         self.step = int(state["step"])
         self.last_saved_step = self.step
         if self.selector is not None and "selector" in state:
@@ -733,6 +780,8 @@ class Trainer:
                 f"model: {self.model.num_params() / 1e6:.2f}M params ({c.preset}), device {self.device}"
                 f"{', bf16 autocast' if self.amp_dtype else ''}, {self.dist.world_size} process(es)"
             )
+            if self.init_note:
+                print(self.init_note)
             print(f"run dir: {self.out_dir}  ({tokens_per_step:,} tokens/step, {self._limits()})")
         bar = self._progress_bar()
         log = RunLog(self.out_dir, c.report_to, c.to_dict(), first_step=self.step) if self.dist.is_main else None
