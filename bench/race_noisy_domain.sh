@@ -11,8 +11,8 @@
 #              every later phase
 #   corpora    WORK_DIR/domain: DOMAIN_INCLUDE from SITE, capped at
 #              DOMAIN_BYTES, with NOISE of its train bytes noise documents;
-#              WORK_DIR/clean_ref: REF_INCLUDE from SITE (another package, so
-#              the reference never sees a file of the domain), REF_BYTES
+#              WORK_DIR/clean_ref: REF_INCLUDE from SITE without any file of
+#              the domain (--disjoint-from), capped at REF_BYTES
 #   reference  the base continued on clean_ref for REF_STEPS steps (Rho-1's
 #              reference: a model trained on a small clean set)
 #   sidecar    the reference's loss of every train token of the domain
@@ -39,7 +39,7 @@ BASE_LR=${BASE_LR:-6e-4}
 DOMAIN_INCLUDE=${DOMAIN_INCLUDE:-torch/*.py}
 DOMAIN_BYTES=${DOMAIN_BYTES:-24000000}
 NOISE=${NOISE:-0.3}
-REF_INCLUDE=${REF_INCLUDE:-transformers/*.py}
+REF_INCLUDE=${REF_INCLUDE:-torch/*.py}
 REF_BYTES=${REF_BYTES:-6000000}
 REF_STEPS=${REF_STEPS:-300}
 REF_LR=${REF_LR:-3e-4}
@@ -68,10 +68,10 @@ if want corpora; then
       --max-bytes "$DOMAIN_BYTES" --noise-fraction "$NOISE" --seed 0 --out "$W/domain"
   fi
   if [ ! -f "$W/clean_ref/.corpus_manifest.json" ]; then
-    log "corpora: reference set $REF_INCLUDE"
+    log "corpora: reference set $REF_INCLUDE, no file of the domain"
     rm -rf "$W/clean_ref"
     $ST corpus build --src "$SITE" --include "$REF_INCLUDE" --exclude "$EXCLUDE" \
-      --max-bytes "$REF_BYTES" --seed 0 --out "$W/clean_ref"
+      --max-bytes "$REF_BYTES" --disjoint-from "$W/domain" --seed 0 --out "$W/clean_ref"
   fi
 fi
 if want reference && [ ! -f "$W/ref/done" ]; then

@@ -467,3 +467,35 @@ def test_the_loader_reads_clean_val_tokens(corpus_dir: Path, tmp_path: Path) -> 
     generated = sorted(manifest["generated"])
     assert len(train_docs) == sum(not is_val_file(r, 0.1) for r in clean) + len(generated)
     assert (out / generated[0]).read_text() in train_docs
+
+
+def test_disjoint_from_shares_no_file_and_caps_what_remains(source: Path, tmp_path: Path) -> None:
+    """A reference set from the same source as a domain: no file in common, and the cap
+    fills from the files the domain did not take (compared with an independent listing)."""
+    domain = tmp_path / "domain"
+    build_corpus(_spec(source, domain, max_bytes=400_000, noise_fraction=0.2), verbose=False)
+    domain_clean = {r for r in _tree(domain) if not _is_generated(r) and r != MANIFEST_NAME}
+    everything = _source_selection(source)
+    assert domain_clean and domain_clean < set(everything)
+    ref = tmp_path / "ref"
+    manifest = build_corpus(_spec(source, ref, max_bytes=300_000, disjoint_from=str(domain)), verbose=False)
+    ref_clean = {r for r in _tree(ref) if r != MANIFEST_NAME}
+    assert ref_clean and not ref_clean & domain_clean
+    rest = {r: c for r, c in everything.items() if r not in domain_clean}
+    assert ref_clean <= set(rest) and sum(len(rest[r]) for r in ref_clean) <= 300_000
+    # the cap is filled: any file of the rest that was left out would not have fit
+    room = 300_000 - sum(len(rest[r]) for r in ref_clean)
+    assert all(len(c) > room for r, c in rest.items() if r not in ref_clean)
+    assert manifest["source"]["disjoint_from"]["files_left_out"] == len(domain_clean)
+    # without the cap, the reference set is exactly the rest
+    full = build_corpus(_spec(source, tmp_path / "full", disjoint_from=str(domain)), verbose=False)
+    assert {r for r in _tree(tmp_path / "full") if r != MANIFEST_NAME} == set(rest)
+    assert full["source"]["files"] == len(rest)
+
+
+def test_disjoint_from_needs_a_built_corpus(source: Path, tmp_path: Path, capsys) -> None:
+    argv = ["corpus", "build", "--src", str(source), "--out", str(tmp_path / "r"), "--disjoint-from", str(source)]
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--disjoint-from" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()

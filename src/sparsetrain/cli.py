@@ -261,6 +261,9 @@ def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--duplicate-fraction", type=float, default=0.0, metavar="F",
                    help="fraction of the train bytes that are copies of clean train files (default: %(default)s)")
     b.add_argument("--seed", type=int, default=0, help="seed of everything generated (default: %(default)s)")
+    b.add_argument("--disjoint-from", default="", metavar="CORPUS",
+                   help="a corpus built earlier: leave out every source file it holds, before --max-bytes "
+                        "(a reference's clean set from the domain's package that shares no file with the domain)")
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -528,7 +531,8 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     kinds = tuple(k.strip() for k in args.noise_kinds.split(",") if k.strip())
     build_corpus(CorpusSpec(src=args.src, out=args.out, include=args.include, exclude=args.exclude,
                             max_bytes=args.max_bytes, val_fraction=args.val_fraction, noise_fraction=args.noise_fraction,
-                            noise_kinds=kinds, duplicate_fraction=args.duplicate_fraction, seed=args.seed))
+                            noise_kinds=kinds, duplicate_fraction=args.duplicate_fraction, seed=args.seed,
+                            disjoint_from=args.disjoint_from))
     return 0
 
 

@@ -24,6 +24,10 @@ selection's. Into the train split only it then adds:
 * **duplicates**, ``duplicates/...``: verbatim copies of clean train files making
   up ``duplicate_fraction`` of the train bytes (the redundant-data regime).
 
+``disjoint_from`` (a corpus built earlier) leaves out every source file that
+corpus holds as a clean file, before the size cap: a reference model's clean set
+can then come from the same package as a domain without sharing a file with it.
+
 Every generated file's path hashes at or above :data:`TRAIN_ONLY_BELOW`, so it
 lands in the train split for every ``val_fraction`` the config allows: the val
 split stays the clean source files. Noise and duplicates are made from the files
@@ -52,7 +56,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import discover_text_files, is_val_file
+from .data import discover_text_files, is_val_file, select_files
 from .errors import ConfigError, DataError
 
 NOISE_KINDS = ("minified", "table", "boilerplate", "random")
@@ -390,6 +394,7 @@ class CorpusSpec:
     noise_kinds: tuple[str, ...] = NOISE_KINDS
     duplicate_fraction: float = 0.0
     seed: int = 0
+    disjoint_from: str = ""
 
     def validate(self) -> None:
         """One :class:`ConfigError` naming the first bad setting."""
@@ -408,6 +413,21 @@ class CorpusSpec:
                               f"{', '.join(NOISE_KINDS)}, each once")
         if self.max_bytes < 0:
             raise ConfigError(f"--max-bytes must be >= 0, got {self.max_bytes}")
+        if self.disjoint_from and not (Path(self.disjoint_from) / MANIFEST_NAME).is_file():
+            raise ConfigError(f"--disjoint-from {self.disjoint_from} is not a corpus built by `sparsetrain corpus build` "
+                              f"(no {MANIFEST_NAME} in it)")
+
+
+def clean_files_of(corpus: str | Path) -> set[str]:
+    """Relative paths of the clean (copied) files of a built corpus folder: every
+    file but the manifest and what the build generated under its own folders."""
+    root = Path(corpus)
+    out = set()
+    for f in root.rglob("*"):
+        rel = f.relative_to(root).as_posix()
+        if f.is_file() and rel != MANIFEST_NAME and rel.split("/")[0] not in (NOISE_DIR, DUPLICATE_DIR):
+            out.add(rel)
+    return out
 
 
 @dataclass
@@ -484,7 +504,15 @@ def build_corpus(spec: CorpusSpec, verbose: bool = True) -> dict:
     src = Path(spec.src)
     if not src.is_dir():
         raise DataError(f"--src {spec.src} is not a folder")
-    root, files = discover_text_files(src, spec.include, spec.exclude, spec.max_bytes)
+    root, files = discover_text_files(src, spec.include, spec.exclude)
+    left_out = 0
+    if spec.disjoint_from:  # before the cap, so the cap fills up from the files that remain
+        taken = clean_files_of(spec.disjoint_from)
+        kept = [f for f in files if f.relative_to(root).as_posix() not in taken]
+        left_out = len(files) - len(kept)
+        files = kept
+    if spec.max_bytes and files:
+        files = select_files(root, files, max_bytes=spec.max_bytes)
     clean: dict[str, bytes] = {}
     for f in files:
         content = f.read_bytes()
@@ -521,6 +549,8 @@ def build_corpus(spec: CorpusSpec, verbose: bool = True) -> dict:
             add(f"{NOISE_DIR}/{kind}/{kind}-{i:05d}", suffixes[kind], content, kind, source)
 
     manifest = _manifest(spec, src, clean, train, val, generated)
+    if spec.disjoint_from:
+        manifest["source"]["disjoint_from"] = {"corpus": str(Path(spec.disjoint_from).resolve()), "files_left_out": left_out}
     _write(out, clean, generated, manifest)
     if verbose:
         print(describe(manifest, out), flush=True)
