@@ -310,3 +310,124 @@ def test_race_plot_zooms_on_the_comparison(make_cfg, tmp_path: Path) -> None:
     assert len(texts) == sum(a[key]["after_startup"]["mean"] is None for a in report["arms"].values()
                              for key in ("seconds_to_target", "seconds_to_best_target"))
     assert plot_race(report, tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- merging the seeds of several races
+
+
+def _one_seed_reports(make_cfg, tmp_path: Path, seeds: list[int], seconds: float = 100.0):
+    """A race report per seed (as one GPU call each would write), from random curves, plus the curves."""
+    from sparsetrain.race import race_report
+
+    rng = random.Random(11)
+    arms = [Arm("dense", {}), Arm("drop", {"drop_ratio": "0.5"})]
+    curves, reports = {}, []
+    for s in seeds:
+        configs = {a.name: {s: make_cfg(out_dir=str(tmp_path / f"race{s}" / a.name / f"seed{s}"), seed=s)} for a in arms}
+        for a in arms:
+            curves[a.name, s] = _random_curve(rng, seconds, overfit=False)
+            _write_run(configs[a.name][s], rng, curves[a.name, s], rng.uniform(1, 20))
+        reports.append(race_report(arms, configs, [s], seconds, interleave_order(2, 1)))
+    return arms, curves, reports
+
+
+def test_merged_seeds_recompute_target_times_and_equal_steps(make_cfg, tmp_path: Path) -> None:
+    import numpy as np
+
+    from sparsetrain.race import merge_reports
+
+    seeds = [5, 3, 4]  # merged in seed order whatever the files' order
+    arms, curves, reports = _one_seed_reports(make_cfg, tmp_path, seeds)
+    merged = merge_reports(reports, [f"r{s}.json" for s in seeds])
+    assert merged["settings"]["seeds"] == [3, 4, 5]
+    target = sum(curves["dense", s][-1][1] for s in seeds) / 3
+    assert merged["target_val_loss"] == pytest.approx(target, rel=1e-12)
+    for a in arms:
+        arm = merged["arms"][a.name]
+        finals = [curves[a.name, s][-1][1] for s in (3, 4, 5)]
+        assert arm["final_val_loss"]["mean"] == pytest.approx(np.mean(finals), rel=1e-12)
+        assert arm["final_val_loss"]["std"] == pytest.approx(np.std(finals, ddof=1), rel=1e-9)
+        for s, run in zip((3, 4, 5), arm["runs"]):
+            assert run["seed"] == s
+            times, losses = map(np.array, zip(*curves[a.name, s]))
+            got = run["seconds_to_target"]["after_startup"]
+            if losses.min() > target:
+                assert got is None
+            else:  # the first crossing of the merged target, by linear interpolation
+                i = int(np.argmax(losses <= target))
+                want = times[i] if i == 0 else times[i - 1] + (target - losses[i - 1]) * (times[i] - times[i - 1]) / (losses[i] - losses[i - 1])
+                assert got == pytest.approx(want, rel=1e-9)
+    # the equal steps are per seed, over the arms; the loss there interpolated on steps
+    for k, s in enumerate((3, 4, 5)):
+        step = min(round(curves[a.name, s][-1][0] * 10) for a in arms)
+        assert merged["settings"]["equal_steps"][k] == step
+        for a in arms:
+            steps = [round(t * 10) for t, _ in curves[a.name, s]]
+            want = float(np.interp(step, steps, [l for _, l in curves[a.name, s]]))
+            assert merged["arms"][a.name]["runs"][k]["val_loss_at_equal_steps"] == pytest.approx(want, rel=1e-9)
+    assert [m["seeds"] for m in merged["settings"]["merged_from"]] == [[5], [3], [4]]
+    # a one-seed report's own target differs from the merged one, and its times are not carried over
+    assert reports[0]["target_val_loss"] != merged["target_val_loss"]
+
+
+def test_merge_refuses_other_races_with_one_line(make_cfg, tmp_path: Path, capsys) -> None:
+    arms, _, reports = _one_seed_reports(make_cfg, tmp_path, [1, 2])
+    files = []
+    for i, rep in enumerate(reports):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(rep))
+    out = tmp_path / "merged"
+    assert main(["race-merge", *map(str, files), "--out-dir", str(out)]) == 0
+    assert json.loads((out / "race.json").read_text())["settings"]["seeds"] == [1, 2]
+
+    def bad(edit) -> Path:
+        rep = json.loads(json.dumps(reports[1]))
+        edit(rep)
+        path = tmp_path / f"bad{len(list(tmp_path.glob('bad*')))}.json"
+        path.write_text(json.dumps(rep))
+        return path
+
+    cases = [(bad(lambda r: r["settings"]["arms"].update(drop={"drop_ratio": "0.3"})), "races other arms"),
+             (bad(lambda r: r["settings"].update(seconds=50.0)), "gives every run 50.0 s"),
+             (bad(lambda r: r["settings"]["base_config"]["training"].update(lr=1.0)), "lr="),
+             (files[0], "seed 1 is in both"),
+             (tmp_path / "missing.json", "does not exist")]
+    for path, msg in cases:
+        code = main(["race-merge", str(files[0]), str(path), "--out-dir", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (msg, err)
+    assert main(["race-merge", str(files[0]), "--out-dir", str(tmp_path / "x")]) == 2
+    assert "two or more" in capsys.readouterr().err
+
+
+def test_merge_reads_steps_of_older_reports_from_the_metrics_beside_them(make_cfg, tmp_path: Path) -> None:
+    """Reports written before evaluation rows carried their step: the step comes from the run's metrics."""
+    import gzip
+    import shutil
+
+    from sparsetrain.race import merge_reports
+
+    arms, curves, reports = _one_seed_reports(make_cfg, tmp_path, [1, 2])
+    want = merge_reports(reports, ["a/race.json", "b/race.json"])
+    folders = []
+    for s, rep in zip((1, 2), reports):
+        for a in arms:
+            for run in rep["arms"][a.name]["runs"]:
+                run["evals"] = [e[:4] for e in run["evals"]]
+        folders.append(tmp_path / f"old{s}")
+        folders[-1].mkdir()
+        for a in arms:  # one copied out as .jsonl.gz, the other in the race's own layout
+            src = tmp_path / f"race{s}" / a.name / f"seed{s}" / "metrics.jsonl"
+            if s == 1:
+                with gzip.open(folders[-1] / f"{a.name}_seed{s}_metrics.jsonl.gz", "wt") as fh:
+                    fh.write(src.read_text())
+            else:
+                (folders[-1] / a.name / f"seed{s}").mkdir(parents=True)
+                shutil.copy(src, folders[-1] / a.name / f"seed{s}" / "metrics.jsonl")
+    got = merge_reports(reports, [str(f / "race.json") for f in folders])
+    assert got["settings"]["equal_steps"] == want["settings"]["equal_steps"]
+    for a in arms:
+        assert got["arms"][a.name]["val_loss_at_equal_steps"] == want["arms"][a.name]["val_loss_at_equal_steps"]
+    shutil.rmtree(folders[1] / "dense")
+    with pytest.raises(ConfigError, match="predates evaluation steps"):
+        merge_reports(reports, [str(f / "race.json") for f in folders])

@@ -1,4 +1,4 @@
-"""Command line: ``sparsetrain {train,race,reference-losses,generate,eval,export,bench,fire,grpo,corpus,info}``.
+"""Command line: ``sparsetrain {train,race,race-merge,reference-losses,generate,eval,export,bench,fire,grpo,corpus,info}``.
 
 Every config field is also a flag (``lr`` -> ``--lr``, ``use_collider`` ->
 ``--use-collider/--no-use-collider``), so the CLI and TOML files can never
@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an arm: a name and config overrides on the base (NAME: for the base itself); "
                          "repeat; the first arm's final loss is the target")
     _add_config_flags(rc)
+
+    rm = sub.add_parser("race-merge", help="one report over the seeds of several races of the same arms (e.g. one seed "
+                        "per GPU call): the target, times to it and spreads over all seeds")
+    rm.add_argument("reports", nargs="+", metavar="RACE_JSON", help="race.json files of the same arms, budget and base config")
+    rm.add_argument("--out-dir", required=True, metavar="DIR", help="where race.json, race.png and race_full.png go")
 
     rl = sub.add_parser("reference-losses", help="precompute a reference run's loss of every train token (a sidecar "
                         "for the excess score: training then reads it instead of running the reference)")
@@ -302,6 +307,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     if result.val_losses:
         print(f"final val loss {result.val_losses[max(result.val_losses)]:.4f}; sample with: sparsetrain generate --ckpt {result.out_dir}")
+    return 0
+
+
+def cmd_race_merge(args: argparse.Namespace) -> int:
+    from .race import write_merged
+
+    write_merged(args.reports, args.out_dir)
+    print(f"race report: {Path(args.out_dir) / 'race.json'}, plot: {Path(args.out_dir) / 'race.png'}")
     return 0
 
 
@@ -599,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"train": cmd_train, "race": cmd_race, "reference-losses": cmd_reference_losses, "generate": cmd_generate,
+    handler = {"train": cmd_train, "race": cmd_race, "race-merge": cmd_race_merge, "reference-losses": cmd_reference_losses, "generate": cmd_generate,
                "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench, "fire": cmd_fire, "grpo": cmd_grpo,
                "corpus": cmd_corpus, "info": cmd_info}[args.command]
     try:

@@ -328,19 +328,35 @@ def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], see
     from .benchmark import environment
 
     runs = {a.name: [run_summary(configs[a.name][s]) for s in seeds] for a in arms}
-    first = arms[0].name
+    env = environment()
+    env["git_commit"] = git_commit()
+    settings = {"order": [[arms[a].name, seeds[s]] for s, a in order],
+                "base_config": configs[arms[0].name][seeds[0]].to_dict()}
+    return summarize({a.name: a.overrides for a in arms}, runs, seeds, seconds, env, settings)
+
+
+# what summarize() adds to each run, recomputed when seeds are merged (the target moves)
+_DERIVED_RUN_KEYS = ("seconds_to_target", "seconds_to_best_target", "val_loss_at_equal_steps")
+
+
+def summarize(overrides: dict[str, dict[str, str]], runs: dict[str, list[dict]], seeds: list[int], seconds: float,
+              env: dict, settings: dict) -> dict:
+    """The report over ``runs`` (per arm, one :func:`run_summary` per seed, in the
+    order of ``seeds``; the first arm is the target). ``settings`` adds to the
+    report's settings (order, base config)."""
+    first = next(iter(overrides))
     target = statistics.fmean(r["final_val_loss"] for r in runs[first])
     best_target = statistics.fmean(r["best_val_loss"] for r in runs[first])
     # per seed, the steps every arm made: the loss there compares what the arms learn
     # per update, apart from how fast each update is
-    equal_steps = [min(runs[a.name][i]["evals"][-1][4] for a in arms) for i in range(len(seeds))]
+    equal_steps = [min(runs[a][i]["evals"][-1][4] for a in overrides) for i in range(len(seeds))]
     report_arms = {}
-    for arm in arms:
-        rs = runs[arm.name]
+    for name, arm_overrides in overrides.items():
+        rs = runs[name]
         for r, step in zip(rs, equal_steps):
             r["val_loss_at_equal_steps"] = loss_at_step([e[4] for e in r["evals"]], [e[2] for e in r["evals"]], step)
-        report_arms[arm.name] = {
-            "overrides": arm.overrides,
+        report_arms[name] = {
+            "overrides": arm_overrides,
             "final_val_loss": _spread([r["final_val_loss"] for r in rs]),
             "final_val_bpb": _spread([r["final_val_bpb"] for r in rs]),
             "best_val_loss": _spread([r["best_val_loss"] for r in rs]),
@@ -357,19 +373,121 @@ def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], see
             "tokens_backpropagated": _spread([r["tokens_backpropagated"] for r in rs]),
             "runs": rs,
         }
-    env = environment()
-    env["git_commit"] = git_commit()
     return {
         "environment": env,
-        "settings": {"seconds": seconds, "seeds": seeds, "arms": {a.name: a.overrides for a in arms},
-                     "order": [[arms[a].name, seeds[s]] for s, a in order], "equal_steps": equal_steps,
-                     "base_config": configs[first][seeds[0]].to_dict()},
+        "settings": {"seconds": seconds, "seeds": seeds, "arms": overrides, "equal_steps": equal_steps, **settings},
         "target_val_loss": target,
         "target": f"the mean final val loss of the first arm, {first}",
         "best_target_val_loss": best_target,
         "best_target": f"the mean over seeds of the lowest val loss (any evaluation) of the first arm, {first}",
         "arms": report_arms,
     }
+
+
+def _comparable_config(config: dict) -> dict:
+    """A base config without what differs between the seeds of one race: the seed and
+    the run folder."""
+    out = json.loads(json.dumps(config))
+    out.get("run", {}).pop("seed", None)
+    out.get("run", {}).pop("out_dir", None)
+    return out
+
+
+def merge_reports(reports: list[dict], sources: list[str]) -> dict:
+    """One report over the seeds of several races of the same arms, overrides, budget
+    and base config (up to the seed), e.g. one seed per GPU call: their runs side by
+    side, the target, times to it and equal-step losses recomputed over all seeds.
+    Each race's environment and order are kept under ``settings.merged_from``.
+    Raises :class:`ConfigError` naming the first difference."""
+    from .benchmark import environment
+
+    if len(reports) < 2:
+        raise ConfigError("race merge needs two or more race.json files")
+    first, src0 = reports[0], sources[0]
+    base = _comparable_config(first["settings"]["base_config"])
+    seen: dict[int, str] = {}
+    for rep, src in zip(reports, sources):
+        st = rep["settings"]
+        if st["arms"] != first["settings"]["arms"] or list(st["arms"]) != list(first["settings"]["arms"]):
+            raise ConfigError(f"{src} races other arms than {src0}: {list(st['arms'].items())} vs "
+                              f"{list(first['settings']['arms'].items())}")
+        if st["seconds"] != first["settings"]["seconds"]:
+            raise ConfigError(f"{src} gives every run {st['seconds']} s, {src0} {first['settings']['seconds']} s")
+        other = _comparable_config(st["base_config"])
+        if other != base:
+            raise ConfigError(f"{src} has another base config than {src0}: {_first_difference(base, other)}")
+        for seed in st["seeds"]:
+            if seed in seen:
+                raise ConfigError(f"seed {seed} is in both {seen[seed]} and {src}")
+            seen[seed] = src
+    # every seed's runs, seeds in ascending order
+    per_seed = sorted((seed, rep, i, src) for rep, src in zip(reports, sources)
+                      for i, seed in enumerate(rep["settings"]["seeds"]))
+    runs: dict[str, list[dict]] = {name: [] for name in first["settings"]["arms"]}
+    for seed, rep, i, src in per_seed:
+        for name in runs:
+            run = {k: v for k, v in rep["arms"][name]["runs"][i].items() if k not in _DERIVED_RUN_KEYS}
+            if any(len(e) < 5 for e in run["evals"]):
+                run["evals"] = _evals_with_steps(run["evals"], Path(src).parent, name, seed)
+            runs[name].append(run)
+    # the runs' environment (where the races agree; "mixed" lists what differs), and where the merge ran
+    envs = [rep.get("environment") or {} for rep in reports]
+    env: dict[str, Any] = {}
+    for key in envs[0]:
+        values = [e.get(key) for e in envs]
+        env[key] = values[0] if all(v == values[0] for v in values) else {"mixed": values}
+    here = environment()
+    env["merge"] = {"date": here.get("date"), "git_commit": git_commit(), "device": here.get("device")}
+    settings = {"base_config": first["settings"]["base_config"],
+                "merged_from": [{"file": src, "seeds": rep["settings"]["seeds"], "order": rep["settings"].get("order"),
+                                 "environment": rep.get("environment")} for rep, src in zip(reports, sources)]}
+    return summarize(dict(first["settings"]["arms"]), runs, [p[0] for p in per_seed], first["settings"]["seconds"],
+                     env, settings)
+
+
+def _evals_with_steps(evals: list[list], folder: Path, arm: str, seed: int) -> list[list]:
+    """Evaluation rows of a report written before they carried their step, given it
+    from the run's metrics beside the report: ``<arm>/seed<seed>/metrics.jsonl`` (the
+    race's own layout) or ``<arm>_seed<seed>_metrics.jsonl.gz`` (a copied-out run)."""
+    import gzip
+
+    for path in (folder / arm / f"seed{seed}" / "metrics.jsonl", folder / f"{arm}_seed{seed}_metrics.jsonl.gz"):
+        if path.is_file():
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rt") as fh:
+                rows = [json.loads(line) for line in fh if line.strip()]
+            steps = [r["step"] for r in rows if r.get("kind") == "eval"]
+            if len(steps) != len(evals):
+                raise ConfigError(f"{path} has {len(steps)} evaluations, its race report {len(evals)}")
+            return [list(e[:4]) + [step] for e, step in zip(evals, steps)]
+    raise ConfigError(f"the report in {folder} predates evaluation steps and the metrics of {arm}, seed {seed}, "
+                      "are not beside it")
+
+
+def write_merged(files: list[str], out_dir: str | Path, verbose: bool = True) -> dict:
+    """Read ``files`` (race.json), merge them (:func:`merge_reports`) and write the
+    report, its plots and print its table into ``out_dir``."""
+    reports = []
+    for f in files:
+        try:
+            reports.append(json.loads(Path(f).read_text()))
+        except FileNotFoundError:
+            raise ConfigError(f"race report {f} does not exist") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"race report {f} is not JSON ({e})") from None
+        if not isinstance(reports[-1], dict) or "arms" not in reports[-1] or "settings" not in reports[-1]:
+            raise ConfigError(f"{f} is not a race report (no arms and settings)")
+    report = merge_reports(reports, [str(f) for f in files])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2))
+    from .plotting import plot_race
+
+    plot_race(report, out / PLOT_NAME)
+    plot_race(report, out / FULL_PLOT_NAME, full=True)
+    if verbose:
+        print(format_table(report), flush=True)
+    return report
 
 
 def format_table(report: dict) -> str:
