@@ -28,6 +28,7 @@ import os
 import shutil
 import sysconfig
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,15 @@ def split_documents(docs: dict[str, str], val_fraction: float) -> tuple[list[str
     return [text[:cut]], [text[cut:]]
 
 
+def train_document_names(names: Iterable[str], val_fraction: float) -> list[str]:
+    """The relative paths of the train documents, in the order :func:`split_documents`
+    gives their texts (sorted); empty where it cuts the concatenated text instead
+    (too few files for a split by file), so that no train document is one file."""
+    ordered = sorted(names)
+    train = [n for n in ordered if not is_val_file(n, val_fraction)]
+    return train if train and len(train) < len(ordered) else []
+
+
 def read_documents(root: Path, files: list[Path]) -> dict[str, str]:
     """``{path relative to root: text}`` of the files holding more than whitespace,
     decoded as UTF-8 (invalid bytes become U+FFFD)."""
@@ -176,6 +186,10 @@ class TokenizedCorpus:
     description: str
     train_file: tuple[str, str, int] = ("", "", 0)  # (path, dtype, first token) of `train`, for loader workers
     train_text_files: tuple[str, ...] = ()  # raw train-split files, for tokenizing on the fly (text corpora)
+    # text corpora split by file: the folder, and the train documents' paths relative to it in the order
+    # train.bin holds them (each preceded by one end-of-text token); empty for a .bin or a cut single text
+    text_root: str = ""
+    train_doc_names: tuple[str, ...] = ()
 
 
 def load_corpus(
@@ -227,6 +241,8 @@ def load_corpus(
         description=f"{source}: {meta['n_train_tokens']:,} train / {meta['n_val_tokens']:,} val tokens",
         train_file=(str(folder / "train.bin"), dtype.name, 0),
         train_text_files=tuple(str(root / n) for n in sorted(docs) if not is_val_file(n, val_fraction)),
+        text_root=str(root),
+        train_doc_names=tuple(train_document_names(docs, val_fraction)),
     )
 
 

@@ -14,6 +14,11 @@ How the keys reduce:
 * ``kept`` / ``total`` (tokens kept by a token filter / valid tokens): summed
   over the step's micro-steps, written per step as ``kept_fraction``;
 * a step's extras (``sparse24``): on that step's row only;
+* ``label_counts`` (targets per document kind, not kept and kept, see
+  :func:`sparsetrain.token_labels.label_counts`): summed over the log window and
+  written as ``kept_share/<kind>`` and ``batch_share/<kind>``
+  (:func:`label_shares`), the same on every row of the
+  window, for the ``label_names`` the window was made with;
 * anything else a micro-step reports (``backward_ms``, ``mtp_losses``,
   ``bk_sparsity``, ...): the mean over the log window (element-wise for lists,
   key-wise for dicts), the same value on every row of the window.
@@ -29,6 +34,7 @@ from typing import Any
 import torch
 
 STEP_SUMS = ("kept", "total")
+LABEL_COUNTS = "label_counts"
 DIGITS = {"backward_ms": 3}
 DEFAULT_DIGITS = 4
 
@@ -110,10 +116,29 @@ def rounded(x: Any, digits: int = DEFAULT_DIGITS) -> Any:
     return x
 
 
-class MetricWindow:
-    """The metrics of the optimizer steps since the last :meth:`rows`."""
+def label_shares(counts: list[float], names: tuple[str, ...]) -> dict[str, float | None]:
+    """From :func:`~sparsetrain.token_labels.label_counts` summed over a window (host
+    numbers): ``kept_share/<name>``, the kept fraction of that label's targets (None
+    where the window held none), and ``batch_share/<name>``, that label's fraction of
+    all targets; rounded to 4 decimals."""
+    n = len(names)
+    dropped, kept = counts[:n], counts[n:]
+    total = [d + k for d, k in zip(dropped, kept)]
+    everything = sum(total)
+    out: dict[str, float | None] = {}
+    for name, k, t in zip(names, kept, total):
+        out[f"kept_share/{name}"] = round(k / t, 4) if t else None
+    for name, t in zip(names, total):
+        out[f"batch_share/{name}"] = round(t / everything, 4) if everything else None
+    return out
 
-    def __init__(self) -> None:
+
+class MetricWindow:
+    """The metrics of the optimizer steps since the last :meth:`rows`. ``label_names``:
+    the document kinds that micro-steps' ``label_counts`` count (none: no such counts)."""
+
+    def __init__(self, label_names: tuple[str, ...] = ()) -> None:
+        self.label_names = tuple(label_names)
         self._micro: list[dict[str, Any]] = []  # the step in progress
         self._steps: list[dict[str, Any]] = []  # finished steps of the window
         self._window: list[dict[str, Any]] = []  # every micro-step of the window, less the per-step sums
@@ -142,6 +167,8 @@ class MetricWindow:
         Reads every device value: call it once the device has caught up."""
         steps, window = to_host((self._steps, self._window))
         self._steps, self._window = [], []
+        counts = [m.pop(LABEL_COUNTS) for m in window if LABEL_COUNTS in m]
+        shares = label_shares([sum(col) for col in zip(*counts)], self.label_names) if counts else {}
         keys: list[str] = []
         for m in window:
             keys += [k for k in m if k not in keys]
@@ -156,6 +183,7 @@ class MetricWindow:
                 row["backward_ms"] = means["backward_ms"]
             row.update(rounded(s["extras"]))
             row.update({k: v for k, v in means.items() if k != "backward_ms"})
+            row.update(shares)
             rows.append(row)
         return rows
 

@@ -19,7 +19,11 @@ seeds; the best (lowest) held-out loss and when it happened (a run that overfits
 repeated data peaks before its end); the training seconds each run needed to reach
 two targets, the first arm's mean final loss and its mean best loss (linear
 interpolation on its evaluation curve, with and without start-up; None where
-never reached); the steps; and the tokens forwarded and back-propagated.
+never reached); the steps; the tokens forwarded and back-propagated; and, for
+token-filtering arms on a ``corpus build`` corpus, the share of each kind of
+document's tokens the selector kept (``kept_share``, the mean over the logged
+steps of metrics.jsonl's ``kept_share/<kind>``) and each kind's share of the
+batches (``batch_share``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ DONE_NAME = "race_done.json"
 # the race's own settings, applied unless the config file, a flag or an arm sets them
 RACE_DEFAULTS = ("max_steps", "schedule_by", "eval_every", "eval_every_seconds")
 ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+# per kind of document, metrics.jsonl's kept_share/<kind> and batch_share/<kind> (sparsetrain.token_labels)
+SHARE_PREFIXES = ("kept_share", "batch_share")
 
 
 @dataclass(frozen=True)
@@ -274,6 +280,7 @@ def run_summary(cfg: TrainConfig) -> dict:
     tokens_per_step = cfg.batch_size * cfg.model.seq_len * cfg.grad_accum
     last = evals[-1]
     best = min(evals, key=lambda r: r["val_loss"])  # the first of equal minima
+    shares = {prefix: _mean_shares(train, prefix) for prefix in SHARE_PREFIXES}
     return {
         "seed": cfg.seed,
         "run_dir": cfg.out_dir,
@@ -293,9 +300,34 @@ def run_summary(cfg: TrainConfig) -> dict:
         "floor_lr": cfg.lr * cfg.min_lr_ratio,
         "tokens_forwarded": train[-1]["step"] * tokens_per_step,
         "tokens_backpropagated": round(sum(r.get("kept_fraction", 1.0) for r in train) * tokens_per_step),
+        **{prefix: v for prefix, v in shares.items() if v},
         # [seconds after start-up, seconds with start-up, val loss, val bits per byte, step]
         "evals": [[_after_startup(r), r["train_seconds"], r["val_loss"], r.get("val_bpb"), r["step"]] for r in evals],
     }
+
+
+def _mean_shares(rows: list[dict], prefix: str) -> dict[str, float | None]:
+    """Per kind, the mean over ``rows`` of their ``<prefix>/<kind>`` values (the rows
+    without a value, a window that held no token of that kind, left out; None where
+    none has one); empty where no row has such a key."""
+    kinds: list[str] = []
+    for r in rows:
+        kinds += [k.split("/", 1)[1] for k in r if k.startswith(prefix + "/") and k.split("/", 1)[1] not in kinds]
+    out: dict[str, float | None] = {}
+    for kind in kinds:
+        values = [r[f"{prefix}/{kind}"] for r in rows if r.get(f"{prefix}/{kind}") is not None]
+        out[kind] = statistics.fmean(values) if values else None
+    return out
+
+
+def _mean_over_runs(runs: list[dict], key: str) -> dict[str, float | None] | None:
+    """Per kind, the mean over ``runs`` of their ``key`` dicts (None for a kind some run
+    has no value of); None where a run has no such dict."""
+    if not runs or any(key not in r for r in runs):
+        return None
+    kinds = list(runs[0][key])
+    return {k: statistics.fmean(r[key][k] for r in runs) if all(r[key].get(k) is not None for r in runs) else None
+            for k in kinds}
 
 
 def _after_startup(row: dict) -> float:
@@ -371,6 +403,7 @@ def summarize(overrides: dict[str, dict[str, str]], runs: dict[str, list[dict]],
             "startup_seconds": _spread([r["startup_seconds"] for r in rs]),
             "tokens_forwarded": _spread([r["tokens_forwarded"] for r in rs]),
             "tokens_backpropagated": _spread([r["tokens_backpropagated"] for r in rs]),
+            **{prefix: v for prefix in SHARE_PREFIXES if (v := _mean_over_runs(rs, prefix)) is not None},
             "runs": rs,
         }
     return {
@@ -517,4 +550,27 @@ def format_table(report: dict) -> str:
              "± is the standard deviation over seeds\n"
              f"target val loss {report['target_val_loss']:.4f} ({report['target']})\n"
              f"best target val loss {report['best_target_val_loss']:.4f} ({report['best_target']})")
-    return "\n".join([title, fmt(head)] + [fmt(r) for r in lines])
+    return "\n".join([title, fmt(head)] + [fmt(r) for r in lines] + _shares_table(report))
+
+
+def _shares_table(report: dict) -> list[str]:
+    """Lines of a second table, for the arms with ``kept_share``: per kind of document,
+    the share of its tokens kept (mean over logged steps and seeds), with the kind's
+    share of the batch tokens in brackets; no lines where no arm has it."""
+    arms = {name: a for name, a in report["arms"].items() if "kept_share" in a}
+    if not arms:
+        return []
+    kinds: list[str] = []
+    for a in arms.values():
+        kinds += [k for k in a["kept_share"] if k not in kinds]
+
+    def cell(a: dict, kind: str) -> str:
+        kept, share = a["kept_share"].get(kind), a.get("batch_share", {}).get(kind)
+        return "-" if kept is None else f"{kept:.3f}" + (f" ({share:.3f})" if share is not None else "")
+
+    head = ["arm", *kinds]
+    lines = [[name, *(cell(a, k) for k in kinds)] for name, a in arms.items()]
+    widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+    return ["", "share of each kind's tokens kept (its share of the batch tokens in brackets), mean over logged steps "
+            "and seeds", fmt(head)] + [fmt(r) for r in lines]

@@ -37,13 +37,14 @@ from .checkpoint import (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, Weights, a
                          first_line, load_checkpoint_from, refuse_other_tokenizer, remove_partial_writes,
                          save_checkpoint, save_weights)
 from .config import ModelConfig, TrainConfig, dumps_toml
-from .data import TokenizedCorpus, bits_per_byte, load_corpus, tokens_per_byte, train_batch, val_batches
+from .data import (TokenizedCorpus, bits_per_byte, load_corpus, tokens_per_byte, train_batch, train_window_starts,
+                   val_batches)
 from .loader import make_loader
 from .errors import CheckpointError, ConfigError, DataError, DivergedError
 from .evaluate import code_compile_rate, code_prompts, held_out_code_files
 from .generate import load_model, load_model_weights
 from .build import build_model, weights_differences
-from .metrics import ElapsedMs, MetricWindow, tensor_means
+from .metrics import LABEL_COUNTS, ElapsedMs, MetricWindow, tensor_means
 from .model import GPT, IGNORE_INDEX
 from .mtp import MTPHeads
 from .objectives import Objective, build_objective, make_selector
@@ -53,6 +54,7 @@ from .optim import LRSchedule, step_counted
 from .optimizers import build_optimizer
 from .plotting import plot_loss_curve
 from .reference_losses import ReferenceLosses
+from .token_labels import TokenLabels, label_counts, read_manifest, train_token_labels
 from .train_clock import TrainClock
 from .reporting import METRICS_NAME, RunLog, sinks, truncate_metrics
 
@@ -186,10 +188,11 @@ class Trainer:
         self.train_seconds = 0.0  # cumulative over resumes
         self.loader = None  # async batch loader, started on first use
         self.hyper_report: dict | None = None  # mHC-lite analysis, written at the next eval
-        # every micro-step's metrics and every step's loss, read once per log window
-        self.metric_window = MetricWindow()
         self._loader_next = (0, 0)
         self._setup_selection()
+        self._setup_kept_audit()
+        # every micro-step's metrics and every step's loss, read once per log window
+        self.metric_window = MetricWindow(self.token_labels.names if self.token_labels is not None else ())
         self.out_dir = self._prepare_out_dir(resume)
         self.code_files = self._setup_code_eval()
         prepare_sparse24(cfg, self.model, self.device)  # before anything is compiled
@@ -232,6 +235,41 @@ class Trainer:
                     f"reference {c.reference_ckpt} has vocab_size {self.reference.config.vocab_size}, "
                     f"this run {c.model.vocab_size}"
                 )
+
+    def _setup_kept_audit(self) -> None:
+        """The labels of the train tokens by kind of document (``self.token_labels``), for
+        runs whose objective keeps tokens one by one (Collider, CGGR's selective loss) on
+        a corpus with a ``corpus build`` manifest: each micro-batch's kept and total targets
+        per kind become the ``kept_share/<kind>`` and ``batch_share/<kind>`` of the log rows
+        (:mod:`sparsetrain.token_labels`). None otherwise, at the cost of one file lookup."""
+        c = self.cfg
+        self.token_labels: TokenLabels | None = None
+        if self.selector is None:
+            return
+        manifest = read_manifest(self.corpus)
+        if manifest is None:
+            return
+        off = ("data_on_the_fly builds its windows from raw files, not from the token stream the labels follow"
+               if c.data_on_the_fly else
+               "selection = batch keeps whole sequences, with no per-token keep mask" if c.selection == "batch" else None)
+        if off is not None:
+            if self.verbose:
+                print(f"kept_share audit off: {off}", flush=True)
+            return
+        self.token_labels = train_token_labels(self.corpus, manifest)
+
+    def _target_labels(self, micro: int) -> torch.Tensor | None:
+        """The labels (uint8 ``[batch_size, seq_len]``, CPU) of the targets of micro-batch
+        ``micro`` of step ``self.step``: its windows are :func:`~sparsetrain.data.train_batch`'s,
+        read by the sync and async loaders alike. None without labels."""
+        if self.token_labels is None:
+            return None
+        c = self.cfg
+        starts = train_window_starts(self.corpus.train.size, c.batch_size, c.model.seq_len, seed=c.seed, step=self.step,
+                                     micro=micro, rank=self.dist.rank, world_size=self.dist.world_size)
+        labels = self.token_labels.targets(starts, c.model.seq_len)
+        # pinned, its copy to the GPU is asynchronous; from pageable memory the host may wait for the copy
+        return labels.pin_memory() if self.device.type == "cuda" else labels
 
     def _parallelize(self) -> None:
         """The objective and the module a training step calls (``self.train_module``).
@@ -544,12 +582,15 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float = 1.0, sync: bool = True) -> torch.Tensor:
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float = 1.0, sync: bool = True,
+                         labels: torch.Tensor | None = None) -> torch.Tensor:
         """One micro-batch: the objective's forward, ``(loss * loss_scale).backward()``
         (timed), its metrics into the log window. Returns the reported loss
         (detached, never read here). ``sync=False`` skips the gradient reduction
         (DDP's all-reduce, FSDP's reduce-scatter), for all but the last
-        micro-batch of an accumulation."""
+        micro-batch of an accumulation. ``labels``: the kinds of document of the
+        targets (:meth:`_target_labels`); with an objective that hands out its keep
+        mask, the kept and total targets per kind are counted on the device."""
         # known on the host, the selector needs no sync to size its budget. The
         # corpus windows (data.py, loader.py) have a target at every position;
         # a batch still on the CPU is counted anyway
@@ -561,7 +602,10 @@ class Trainer:
                 out = self.train_module(x, y, n_valid)
             with self._timed_backward() as timing:
                 (out.loss * loss_scale).backward()
-        self.metric_window.add({**out.metrics, "backward_ms": timing[0]})
+        metrics = {**out.metrics, "backward_ms": timing[0]}
+        if labels is not None and out.keep is not None:
+            metrics[LABEL_COUNTS] = label_counts(labels, out.keep, len(self.token_labels.names))
+        self.metric_window.add(metrics)
         return out.lm_loss
 
     def _batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -630,7 +674,8 @@ class Trainer:
             m.track_stats = log_step and m.sparse
         for micro in range(c.grad_accum):
             x, y = self._batch(micro)
-            total += self.forward_backward(x, y, 1.0 / c.grad_accum, sync=micro == c.grad_accum - 1)
+            total += self.forward_backward(x, y, 1.0 / c.grad_accum, sync=micro == c.grad_accum - 1,
+                                           labels=self._target_labels(micro))
         report_every = c.eval_every or c.max_steps  # 0 (no step limit, no step-counted evaluations): never
         if self.model.config.hyper_connections and report_every and (self.step + 1) % report_every == 0:
             # analysed here, while the mixing parameters still hold this step's gradients

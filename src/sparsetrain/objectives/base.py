@@ -17,11 +17,15 @@ class ObjectiveOutput:
     accumulation); ``lm_loss``: the next-token loss the run reports, comparable
     across objectives (detached); ``metrics``: this micro-step's numbers for
     metrics.jsonl, device tensors left unread (see :mod:`sparsetrain.metrics` for
-    the keys and how a log window reduces them)."""
+    the keys and how a log window reduces them); ``keep``: for an objective that
+    filters tokens one by one, its selector's keep mask (bool, the targets' shape,
+    on the device), which the trainer counts per kind of document
+    (:mod:`sparsetrain.token_labels`); None otherwise."""
 
     loss: torch.Tensor
     lm_loss: torch.Tensor
     metrics: dict[str, Any] = field(default_factory=dict)
+    keep: torch.Tensor | None = None
 
 
 class Objective(nn.Module):

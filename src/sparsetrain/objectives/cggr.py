@@ -67,7 +67,8 @@ class SelectiveLoss(Objective):
         ref = self.reference_nll(x, y) if self.reference_nll is not None else None
         loss = self.criterion(logits, y, ref, n_valid=n_valid)
         stats = self.selector.last_stats  # the counts as stored: a device tensor stays unread
-        return ObjectiveOutput(loss, loss.detach(), {"kept": stats.unread("kept"), "total": stats.unread("total")})
+        return ObjectiveOutput(loss, loss.detach(), {"kept": stats.unread("kept"), "total": stats.unread("total")},
+                               self.selector.last_mask)
 
     def set_step(self, step: int) -> None:
         self.selector.set_step(step)

@@ -79,7 +79,7 @@ class ColliderLoss(Objective):
             extra, head_losses = kept_rows_loss(self._model[0], self.heads, trunk, y, keep)
             total = loss + extra
             metrics["mtp_losses"] = head_losses
-        return ObjectiveOutput(total, loss.detach(), metrics)
+        return ObjectiveOutput(total, loss.detach(), metrics, keep)
 
     def set_step(self, step: int) -> None:
         self.selector.set_step(step)

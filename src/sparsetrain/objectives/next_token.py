@@ -41,7 +41,7 @@ class AuxiliaryLoss(Objective):
         metrics = dict(out.metrics)
         if hasattr(model, "sparsity_stats"):
             metrics["bk_sparsity"] = model.sparsity_stats(sync=False)  # device values: read at the log step
-        return ObjectiveOutput(out.loss + aux, out.lm_loss, metrics)
+        return ObjectiveOutput(out.loss + aux, out.lm_loss, metrics, out.keep)
 
     def set_step(self, step: int) -> None:
         self.inner.set_step(step)
