@@ -42,8 +42,8 @@ FLAG_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("multi-token prediction", "training", ("use_mtp", "mtp_")),
     ("async data loader", "training", ("use_async_loader", "async_")),
     ("optimizer", "training", ("optimizer", "muon_", "galore_")),
-    ("learning-rate schedule and time budget", "training", ("schedule_by", "startup_steps", "max_seconds", "min_lr_ratio",
-                                                              "warmup_steps", "eval_every_seconds")),
+    ("learning-rate schedule and time budget", "training", ("schedule_by", "startup_steps", "prime_startup", "max_seconds",
+                                                              "min_lr_ratio", "warmup_steps", "eval_every_seconds")),
 )
 
 

@@ -167,6 +167,10 @@ class TrainConfig:
     max_steps: int = field(default=300, metadata=_section("training", "optimizer steps; 0 = no limit (the time budget max_seconds ends the run)"))
     max_seconds: float = field(default=0.0, metadata=_section("training", "stop after this much training time (seconds after start-up, eval and checkpoints excluded); 0 = no limit"))
     startup_steps: int = field(default=1, metadata=_section("training", "first steps of each process timed as start-up (compile, autotuning), outside max_seconds and the time schedule"))
+    prime_startup: bool = field(default=True, metadata=_section(
+        "training", "in the start-up, run the objective once more at the kept counts a changing keep ratio (selection "
+                    "warmup, adaptive threshold) reaches later, discarding the result, so that what those counts compile "
+                    "counts as start-up, not training; needs startup_steps >= 1"))
     schedule_by: str = field(default="steps", metadata=_section("training", "lr decay over steps (to max_steps) or time (to max_seconds of training after start-up)"))
     lr: float = field(default=3e-3, metadata=_section("training", "peak learning rate"))
     min_lr_ratio: float = field(default=0.1, metadata=_section("training", "final lr as a fraction of the peak"))

@@ -14,7 +14,9 @@ A run's time budget (``max_seconds``), its time-based learning-rate schedule
   one device synchronisation when they end, as ``startup_seconds``.
   ``seconds_after_startup = seconds - startup_seconds`` is what a budget and a
   time schedule count. Recompilations later in the run (a schedule switching a
-  path on) are counted as training: they are a cost of the method.
+  path on) are counted as training: they are a cost of the method. The
+  trainer brings those a changing kept count causes forward into the first
+  step (``Trainer._prime_objective``), so they count as start-up.
 
 The host never synchronises with the device to read the time of one step. Between
 synchronisations the host clock is at most the CUDA launch queue ahead of the

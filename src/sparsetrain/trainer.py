@@ -18,12 +18,14 @@ import contextlib
 import dataclasses
 import functools
 import math
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -189,6 +191,7 @@ class Trainer:
         self.loader = None  # async batch loader, started on first use
         self.hyper_report: dict | None = None  # mHC-lite analysis, written at the next eval
         self._loader_next = (0, 0)
+        self._prime_pending = True  # every process primes in its first step (_prime_objective)
         self._setup_selection()
         self._setup_kept_audit()
         # every micro-step's metrics and every step's loss, read once per log window
@@ -662,6 +665,78 @@ class Trainer:
             yield timing
             timing[0] = (time.perf_counter() - t0) * 1e3
 
+    def _priming_ratios(self) -> tuple[float, ...]:
+        """The keep ratios :meth:`_prime_objective` runs the objective at (none: no priming)."""
+        c = self.cfg
+        if not (c.prime_startup and c.startup_steps > 0 and self.selector is not None
+                and self.objective.kept_count_shapes):
+            return ()
+        return self.selector.priming_ratios()
+
+    def _prime_objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, ...]:
+        """Run the objective's forward and backward on the micro-batch ``x, y`` once at
+        each keep ratio of :meth:`TokenSelector.priming_ratios`, and discard it all.
+        Returns those ratios (empty: nothing to prime, nothing run).
+
+        Why: where the kept count changes during a run (a selection warmup, an
+        adaptive threshold), training compiles again: torch.compile recompiles
+        Collider's backward pieces (or the network, for batch splitting) with a
+        symbolic kept count the first time the count changes, and the kept-query
+        attention kernels compile and tune the first time the kept fraction falls to
+        the kernel policy's ``kept_kernel_max_keep``. After the start-up those
+        compiles count as training time, so an arm with a warmup would pay inside its
+        time budget what an arm keeping its final ratio from the first step pays in
+        its start-up. Priming moves them into the start-up (``prime_startup``).
+
+        It runs in the process's first step (timed as start-up by the clock), after
+        that step's optimizer step and before the schedules advance: that step ran
+        and compiled exactly as without priming, and every module is still in the
+        state the step found it in (a 2:4 FFN's dense warmup, for one). Nothing of it
+        remains: the gradients are put back as they were (none, after the optimizer
+        step) and no optimizer step follows; the selector selects by top-k at the
+        forced ratio and is restored (:meth:`TokenSelector.forced_ratio`: step
+        count, generators, threshold controller, last mask and stats); the torch
+        (CPU and this device), numpy and Python RNGs and the modules' own generators
+        are restored; no metric is recorded; the data order is untouched (the
+        step's last micro-batch is reused)."""
+        ratios = self._priming_ratios()
+        if not ratios:
+            return ()
+        n_valid = int((y != IGNORE_INDEX).sum()) if y.device.type == "cpu" else y.numel()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        params = list({id(p): p for p in [*self.train_module.parameters(),
+                                          *(q for g in self.optimizer.param_groups for q in g["params"])]}.values())
+        grads = [p.grad for p in params]
+        generators = [(g, g.get_state()) for m in self.train_module.modules() for g in vars(m).values()
+                      if isinstance(g, torch.Generator)]
+        ffns = [(m.track_stats, m.last_stats, m.last_backend) for m in self.sparse_ffns]
+        host_rngs = np.random.get_state(), random.getstate()
+        # DDP: gradients kept local (no collective). FSDP reduces as usual: its no-sync mode would
+        # keep the unsharded gradients and add them to the next step's
+        local = contextlib.nullcontext() if self.sharded else P.no_sync(self._grad_sync_module)
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), local:
+                for r in ratios:
+                    for p in params:
+                        p.grad = None
+                    with self.selector.forced_ratio(r):
+                        with self.autocast():
+                            out = self.train_module(x, y, n_valid)
+                        out.loss.backward()
+                    del out
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
+            for g, state in generators:
+                g.set_state(state)
+            for m, (track, stats, backend) in zip(self.sparse_ffns, ffns):
+                m.track_stats, m.last_stats, m.last_backend = track, stats, backend
+            np.random.set_state(host_rngs[0])
+            random.setstate(host_rngs[1])
+        if self.verbose:
+            print(f"start-up: primed the objective at keep ratios {', '.join(f'{r:.4g}' for r in ratios)}", flush=True)
+        return ratios
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step at ``self.step``. Returns (mean loss, grad norm) as tensors."""
         c = self.cfg
@@ -695,6 +770,9 @@ class Trainer:
             m.track_stats = False
         loss = D.all_reduce_mean(total / c.grad_accum, self.dist)
         self.metric_window.end_step(self.step + 1, loss, gnorm.detach(), self.optimizer.param_groups[0]["lr"], extras)
+        if self._prime_pending:  # this process's first step: part of its start-up
+            self._prime_pending = False
+            self._prime_objective(x, y)
         self.step += 1
         self._set_schedules(self.step)
         if c.fire_at_step and self.step == c.fire_at_step:

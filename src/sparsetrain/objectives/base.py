@@ -35,7 +35,14 @@ class Objective(nn.Module):
     heads), so wrapping it in DDP synchronises all of their gradients. ``x``,
     ``y``: one micro-batch's inputs and aligned targets ``[B, T]``; ``n_valid``:
     how many targets are not ignored, counted on the host by the caller so that
-    token selection needs no sync to size its budget."""
+    token selection needs no sync to size its budget.
+
+    ``kept_count_shapes``: whether the number of tokens its selector keeps
+    shapes the work it compiles or tunes (Collider's kept-row backward, batch
+    splitting's kept sequences), so that the trainer primes it at start-up
+    (``Trainer._prime_objective``)."""
+
+    kept_count_shapes: bool = False
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, n_valid: int) -> ObjectiveOutput:  # type: ignore[override]
         raise NotImplementedError

@@ -79,6 +79,8 @@ class BatchSplitLoss(Objective):
     gradient, the selector's ratio picks the hardest sequences, and only those
     go through the network (:class:`~sparsetrain.selection.CGGRModel`)."""
 
+    kept_count_shapes = True  # the (compiled) network's batch is the kept sequences
+
     def __init__(self, net: nn.Module, router: nn.Module, selector: TokenSelector) -> None:
         super().__init__()
         self.selector = selector

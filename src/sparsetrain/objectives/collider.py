@@ -57,6 +57,8 @@ class ColliderLoss(Objective):
     MTP head adds its weighted loss on the primary head's kept rows
     (:func:`~sparsetrain.mtp.kept_rows_loss`); the reported loss is the primary one."""
 
+    kept_count_shapes = True  # the backward's GEMMs, compiled pieces and attention kernels run on the kept rows
+
     def __init__(self, net: nn.Module, selector: TokenSelector, reference_nll: ReferenceNLL | None = None,
                  heads: MTPHeads | None = None, model: CausalLM | None = None) -> None:
         super().__init__()

@@ -32,6 +32,10 @@ class AuxiliaryLoss(Objective):
         self.inner = inner
         self._model = [model]  # read, not owned: inner holds it (a second registration would list it twice)
 
+    @property
+    def kept_count_shapes(self) -> bool:  # type: ignore[override]
+        return self.inner.kept_count_shapes
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, n_valid: int) -> ObjectiveOutput:  # type: ignore[override]
         out = self.inner(x, y, n_valid)
         model = self._model[0]

@@ -4,6 +4,9 @@ Collider) shares."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from .schedule import AdaptiveThreshold, SelectionStats, dynamic_keep_ratio, warmup_keep_ratio
@@ -31,6 +34,10 @@ class TokenSelector:
     ``step_count`` is the optimizer step the schedule is at: :meth:`step` advances
     it by one, :meth:`set_step` sets it (the trainer sets it from its own step
     count after every optimizer step, so there is one counter).
+
+    :meth:`priming_ratios` and :meth:`forced_ratio` serve the trainer's start-up
+    priming (``Trainer._prime_objective``): the keep ratios a run will reach
+    later, and selections at one of them that leave the selector untouched.
     """
 
     def __init__(
@@ -66,6 +73,7 @@ class TokenSelector:
         self._generators: dict[torch.device, torch.Generator] = {}
         self.last_stats: SelectionStats | None = None
         self.last_mask: torch.Tensor | None = None  # keep mask of the last call
+        self._forced: float | None = None  # the ratio inside forced_ratio()
 
     def step(self) -> None:
         """Count one optimizer step."""
@@ -80,11 +88,66 @@ class TokenSelector:
     def current_ratio(self, confidence: torch.Tensor | float | None = None) -> float:
         """Keep ratio in force at this step: the warmup schedule, adjusted by the
         batch ``confidence`` (mean top-1 probability) when ``dynamic`` is on.
-        The confidence is only read (a host sync for a tensor) in that case."""
+        The confidence is only read (a host sync for a tensor) in that case.
+        Inside :meth:`forced_ratio`, the forced ratio."""
+        if self._forced is not None:
+            return self._forced
         ratio = warmup_keep_ratio(self.step_count, self.keep_ratio, self.warmup_steps)
         if self.dynamic and confidence is not None:
             ratio = dynamic_keep_ratio(ratio, float(confidence), self.sensitivity)
         return ratio
+
+    def target_ratio(self) -> float | None:
+        """The keep ratio the schedule ends at: ``keep_ratio`` for the budget methods
+        (the most a ``dynamic`` ratio drops to), ``1 - target_sparsity`` for the
+        adaptive threshold; None for a fixed threshold, whose kept fraction is the data's."""
+        if self.method == "threshold":
+            return None if self.target_sparsity is None else 1.0 - self.target_sparsity
+        return self.keep_ratio
+
+    def priming_ratios(self) -> tuple[float, ...]:
+        """Keep ratios to run the objective at once, after the first step a process
+        trains (at ``step_count``), so that what a changing kept count compiles is
+        compiled then: a kept count other than that step's (torch.compile then makes
+        it symbolic), then the target ratio (the kept-query attention kernels, which
+        a low enough kept fraction switches on, compile and tune).
+
+        The first is the next step's ratio in the warmup; where the warmup is over
+        and the kept count still changes (an adaptive threshold, a ``dynamic``
+        ratio: both depend on the batch), halfway between 1 and the target. Empty
+        when the kept count no longer changes (a budget method past its warmup, or
+        keeping everything) and for a fixed threshold, which has no target to prime."""
+        target = self.target_ratio()
+        if target is None or target >= 1.0:
+            return ()
+        changes_with_batch = self.dynamic or self.method == "threshold"
+        now = warmup_keep_ratio(self.step_count, target, self.warmup_steps)
+        if not changes_with_batch and now == target:  # past the warmup: one kept count from here on
+            return ()
+        following = warmup_keep_ratio(self.step_count + 1, target, self.warmup_steps)
+        if following == target:
+            # a budget method's count at the first step was another: one pass makes the change;
+            # a batch-dependent count may have been this one, so prime a second count too
+            return ((1.0 + target) / 2, target) if changes_with_batch else (target,)
+        return following, target
+
+    @contextlib.contextmanager
+    def forced_ratio(self, ratio: float) -> Iterator[None]:
+        """Inside, every selection keeps the ``budget(n_valid, ratio)`` highest-scoring
+        tokens (top-k, whatever the method: no generator draw, no threshold update)
+        and :meth:`current_ratio` is ``ratio``; on exit the selector is as on entry
+        (step count, generators, threshold controller, last mask and stats).
+
+        For priming: what compiles depends on how many tokens are kept, not on which."""
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"keep ratio must be in (0, 1], got {ratio}")
+        saved = self.state_dict(), self.last_mask, self.last_stats, self._forced
+        self._forced = ratio
+        try:
+            yield
+        finally:
+            state, self.last_mask, self.last_stats, self._forced = saved
+            self.load_state_dict(state)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -119,8 +182,10 @@ class TokenSelector:
 
         avg_conf = valid_mean(rs.p1)
         ratio = self.current_ratio(avg_conf)  # reads it (a sync) only when dynamic
+        forced = self._forced is not None  # priming (forced_ratio): how many tokens are kept matters, not which
+        method = "topk" if forced else self.method
         threshold = None
-        if self.method == "threshold":
+        if method == "threshold":
             if self.controller is not None:
                 # during warmup the target sparsity ramps up from 0, like the keep ratio ramps down
                 self.controller.target = 1.0 - warmup_keep_ratio(self.step_count, 1.0 - self.target_sparsity, self.warmup_steps)
@@ -130,11 +195,11 @@ class TokenSelector:
             else:
                 threshold = self.threshold
         mask = select(
-            self.method, scores, ratio=ratio, threshold=threshold if threshold is not None else 0.0,
+            method, scores, ratio=ratio, threshold=threshold if threshold is not None else 0.0,
             num_strata=self.num_strata, min_per_sequence=self.min_per_sequence,
-            per_sequence=self.per_sequence, generator=self._generator(scores.device), n_valid=n_valid,
+            per_sequence=self.per_sequence and not forced, generator=self._generator(scores.device), n_valid=n_valid,
         )
-        if self.controller is not None and self.method == "threshold":
+        if self.controller is not None and method == "threshold":
             self.controller.update(scores)
         idx = cached_kept_indices(mask)
         self.last_mask = mask
