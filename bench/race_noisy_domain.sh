@@ -17,7 +17,9 @@
 #              reference: a model trained on a small clean set)
 #   sidecar    the reference's loss of every train token of the domain
 #   race       arms started from the base's weights on the domain, each
-#              RACE_SECONDS of training after start-up (the arms: ARMS)
+#              RACE_SECONDS of training after start-up (the arms: ARMS), into
+#              WORK_DIR/race-seed<SEED>: run it again with another SEED for the
+#              next seed, then `sparsetrain race-merge` their race.json
 #
 # Settings come from the environment (defaults are the protocol's); MODEL_ARGS
 # must give the same shape to every phase, since the arms start from the
@@ -90,6 +92,6 @@ if want race; then
   for a in $ARMS; do arm_flags+=(--arm "$a"); done
   $ST race $MODEL_ARGS --no-save-checkpoints --data "$W/domain" --tokenizer "$tok" --init-from "$W/base" \
     --lr "$LR" --warmup-steps 50 --eval-batches 8 --log-every 20 --seconds "$RACE_SECONDS" --seeds 1 --seed "$SEED" \
-    --out-dir "$W/race" "${arm_flags[@]}"
+    --out-dir "$W/race-seed$SEED" "${arm_flags[@]}"
 fi
 log "done: $phases"
