@@ -357,6 +357,18 @@ def test_merged_seeds_recompute_target_times_and_equal_steps(make_cfg, tmp_path:
                 i = int(np.argmax(losses <= target))
                 want = times[i] if i == 0 else times[i - 1] + (target - losses[i - 1]) * (times[i] - times[i - 1]) / (losses[i] - losses[i - 1])
                 assert got == pytest.approx(want, rel=1e-9)
+            # the same crossing counted in optimizer steps (each evaluation's step)
+            steps = np.array([round(t * 10) for t in times], dtype=float)
+            got_steps = run["steps_to_target"]
+            if losses.min() > target:
+                assert got_steps is None
+            else:
+                i = int(np.argmax(losses <= target))
+                want = steps[i] if i == 0 else steps[i - 1] + (target - losses[i - 1]) * (steps[i] - steps[i - 1]) / (losses[i] - losses[i - 1])
+                assert got_steps == pytest.approx(want, rel=1e-9)
+        per_seed = [r["steps_to_target"] for r in arm["runs"]]
+        assert arm["steps_to_target"]["per_seed"] == per_seed
+        assert arm["steps_to_target"]["mean"] == (None if None in per_seed else pytest.approx(np.mean(per_seed)))
     # the equal steps are per seed, over the arms; the loss there interpolated on steps
     for k, s in enumerate((3, 4, 5)):
         step = min(round(curves[a.name, s][-1][0] * 10) for a in arms)

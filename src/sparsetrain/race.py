@@ -354,6 +354,18 @@ def _times_to(runs: list[dict], target: float, key: str) -> dict[str, dict]:
                 "reached": f"{sum(x is not None for x in v)}/{len(v)}", "per_seed": v} for k, v in times.items()}
 
 
+def _steps_to(runs: list[dict], target: float) -> dict:
+    """Each run's optimizer steps to ``target`` (interpolated on its evaluations'
+    steps, stored in the run as ``steps_to_target``), their mean where every seed
+    reached it and ``reached`` (k/n): sample efficiency, apart from step speed."""
+    steps: list[float | None] = []
+    for r in runs:
+        steps.append(time_to_target([e[4] for e in r["evals"]], [e[2] for e in r["evals"]], target))
+        r["steps_to_target"] = steps[-1]
+    return {"mean": statistics.fmean(steps) if None not in steps else None,
+            "reached": f"{sum(x is not None for x in steps)}/{len(steps)}", "per_seed": steps}
+
+
 def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], seeds: list[int], seconds: float,
                 order: list[tuple[int, int]]) -> dict:
     """The race's JSON report (see the module docstring)."""
@@ -368,7 +380,7 @@ def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], see
 
 
 # what summarize() adds to each run, recomputed when seeds are merged (the target moves)
-_DERIVED_RUN_KEYS = ("seconds_to_target", "seconds_to_best_target", "val_loss_at_equal_steps")
+_DERIVED_RUN_KEYS = ("seconds_to_target", "seconds_to_best_target", "steps_to_target", "val_loss_at_equal_steps")
 
 
 def summarize(overrides: dict[str, dict[str, str]], runs: dict[str, list[dict]], seeds: list[int], seconds: float,
@@ -398,6 +410,7 @@ def summarize(overrides: dict[str, dict[str, str]], runs: dict[str, list[dict]],
             "val_loss_at_equal_steps": _spread([r["val_loss_at_equal_steps"] for r in rs]),
             # the mean only where every seed reached the target
             "seconds_to_target": _times_to(rs, target, "seconds_to_target"),
+            "steps_to_target": _steps_to(rs, target),
             "seconds_to_best_target": _times_to(rs, best_target, "seconds_to_best_target"),
             "steps": _spread([r["steps"] for r in rs]),
             "startup_seconds": _spread([r["startup_seconds"] for r in rs]),
@@ -528,11 +541,16 @@ def format_table(report: dict) -> str:
     seconds to each target (after start-up; the final target also with start-up), and
     the held-out loss at the steps every arm made."""
     head = ["arm", "val loss", "val bpb", "best loss", "best at s", "s to target", "(w/ start-up)", "s to best target",
-            "steps", "loss at equal steps", "start-up s", "tokens fwd", "tokens bwd"]
+            "steps", "steps to target", "loss at equal steps", "start-up s", "tokens fwd", "tokens bwd"]
     lines = []
 
     def secs(d: dict) -> str:
         return f"{d['mean']:.1f}" if d["mean"] is not None else f"never ({d['reached']})"
+
+    def secs_or_never(d: dict | None, fmt: str) -> str:
+        if d is None:  # a report from before the key existed
+            return "-"
+        return fmt.format(d["mean"]) if d["mean"] is not None else f"never ({d['reached']})"
 
     for name, a in report["arms"].items():
         loss, bpb, best = a["final_val_loss"], a["final_val_bpb"], a["best_val_loss"]
@@ -540,7 +558,8 @@ def format_table(report: dict) -> str:
         lines.append([name, f"{loss['mean']:.4f} ± {loss['std']:.4f}", f"{bpb['mean']:.4f}" if bpb else "-",
                       f"{best['mean']:.4f} ± {best['std']:.4f}", f"{a['best_seconds_after_startup']['mean']:.1f}",
                       secs(tt["after_startup"]), secs(tt["with_startup"]), secs(tb["after_startup"]),
-                      f"{a['steps']['mean']:.0f}", f"{at['mean']:.4f} ± {at['std']:.4f}",
+                      f"{a['steps']['mean']:.0f}", secs_or_never(a.get("steps_to_target"), "{:.0f}"),
+                      f"{at['mean']:.4f} ± {at['std']:.4f}",
                       f"{a['startup_seconds']['mean']:.1f}",
                       f"{a['tokens_forwarded']['mean']:,.0f}", f"{a['tokens_backpropagated']['mean']:,.0f}"])
     widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
