@@ -272,3 +272,42 @@ def test_priming_does_not_change_two_process_training(tmp_path: Path, parallel: 
     on, off = metric_rows(tmp_path / "True", "train"), metric_rows(tmp_path / "False", "train")
     assert [(r["loss"], r["grad_norm"], r["kept_fraction"]) for r in on] == \
         [(r["loss"], r["grad_norm"], r["kept_fraction"]) for r in off]
+
+
+def test_other_specialization_count_against_brute_force() -> None:
+    """The nearest count above ``kept`` whose divisibility by 16 differs (Triton compiles
+    integer arguments apart on it), or None where it exceeds ``total``."""
+    from sparsetrain.collider.triton_attention import other_specialization_count
+
+    for kept in range(1, 200):
+        for total in (kept, kept + 1, kept + 15, kept + 16, 10_000):
+            want = next((c for c in range(kept + 1, total + 1) if (c % 16 == 0) != (kept % 16 == 0)), None)
+            assert other_specialization_count(kept, total) == want, (kept, total)
+
+
+def test_priming_adds_the_kept_kernels_other_specialization_where_they_run(make_cfg, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """Where the kept-query kernels can run (CUDA and Triton; forced here), priming adds
+    a kept count of the other divisibility by 16 than the final one, after it, and
+    training is still unchanged; elsewhere (CPU) it adds nothing."""
+    t = Trainer(make_cfg(**COLLIDER, collider_method="topk"), verbose=False)
+    n = t.cfg.batch_size * t.cfg.model.seq_len
+    assert t._priming_ratios(n) == (0.875, 0.5)  # on the CPU: no kept kernels, no third count
+    monkeypatch.setattr(Trainer, "_kept_kernels_may_run", lambda self: True)
+    ratios = t._priming_ratios(n)
+    final = budget(n, 0.5)
+    assert ratios[:2] == (0.875, 0.5) and len(ratios) == 3
+    assert budget(n, ratios[2]) > final and (budget(n, ratios[2]) % 16 == 0) != (final % 16 == 0)
+    events = _record_selections(t)
+    t.train_step()
+    assert [e[2] for e in events[-3:]] == [budget(n, 0.875), final, budget(n, ratios[2])]
+    # above the kernel policy's kept_kernel_max_keep the kernels never run: no third count
+    from sparsetrain import kernels
+
+    with kernels.using(kept_kernel_max_keep=0.4):
+        low = Trainer(make_cfg(out_dir=str(tmp_path / "low"), **COLLIDER, collider_method="topk"), verbose=False)
+        assert low._priming_ratios(n) == (0.875, 0.5)
+    kw = {**COLLIDER, "collider_method": "topk", "max_steps": 6}
+    train(make_cfg(out_dir=str(tmp_path / "on"), prime_startup=True, **kw), verbose=False)
+    train(make_cfg(out_dir=str(tmp_path / "off"), prime_startup=False, **kw), verbose=False)
+    _assert_same_training(tmp_path / "on", tmp_path / "off")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from . import distributed as D
-from . import fire, hyper
+from . import fire, hyper, kernels
 from . import parallel as P
 from . import sharded_checkpoint as S
 from .checkpoint import (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, Weights, atomic_write_bytes, atomic_write_text,
@@ -665,13 +665,35 @@ class Trainer:
             yield timing
             timing[0] = (time.perf_counter() - t0) * 1e3
 
-    def _priming_ratios(self) -> tuple[float, ...]:
-        """The keep ratios :meth:`_prime_objective` runs the objective at (none: no priming)."""
+    def _priming_ratios(self, n_valid: int | None = None) -> tuple[float, ...]:
+        """The keep ratios :meth:`_prime_objective` runs the objective at (none: no
+        priming). ``n_valid``: the micro-batch's targets; with it, where the
+        kept-query attention kernels will run (CUDA, Collider, the final keep ratio
+        within the kernel policy's ``kept_kernel_max_keep``), one more ratio whose
+        kept count the kernels compile apart from the final one
+        (:func:`~sparsetrain.collider.triton_attention.other_specialization_count`):
+        a warmup passes through counts of both kinds."""
         c = self.cfg
         if not (c.prime_startup and c.startup_steps > 0 and self.selector is not None
                 and self.objective.kept_count_shapes):
             return ()
-        return self.selector.priming_ratios()
+        ratios = self.selector.priming_ratios()
+        if ratios and n_valid and c.use_collider and self._kept_kernels_may_run():
+            from .collider.triton_attention import other_specialization_count
+            from .selection.select import budget
+
+            twin = other_specialization_count(budget(n_valid, ratios[-1]), n_valid)
+            if twin is not None and twin / n_valid <= kernels.current().kept_kernel_max_keep:
+                ratios = (*ratios, twin / n_valid)
+        return ratios
+
+    def _kept_kernels_may_run(self) -> bool:
+        """Whether Collider's kept-query attention kernels can run in this process: a
+        CUDA device with Triton (their own test, ``kept_kernel_ok``, also asks for a
+        16-bit dtype and a power-of-two head size, which the trainer's models have)."""
+        from .collider import triton_attention
+
+        return self.device.type == "cuda" and triton_attention.available()
 
     def _prime_objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, ...]:
         """Run the objective's forward and backward on the micro-batch ``x, y`` once at
@@ -699,10 +721,10 @@ class Trainer:
         (CPU and this device), numpy and Python RNGs and the modules' own generators
         are restored; no metric is recorded; the data order is untouched (the
         step's last micro-batch is reused)."""
-        ratios = self._priming_ratios()
+        n_valid = int((y != IGNORE_INDEX).sum()) if y.device.type == "cpu" else y.numel()
+        ratios = self._priming_ratios(n_valid)
         if not ratios:
             return ()
-        n_valid = int((y != IGNORE_INDEX).sum()) if y.device.type == "cpu" else y.numel()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         params = list({id(p): p for p in [*self.train_module.parameters(),
                                           *(q for g in self.optimizer.param_groups for q in g["params"])]}.values())

@@ -48,6 +48,17 @@ def available() -> bool:
     return triton is not None
 
 
+def other_specialization_count(kept: int, total: int) -> int | None:
+    """A kept count for which the kept-query kernels compile apart from ``kept``, or
+    None where none fits in ``total``. Triton specialises an integer argument on
+    whether it is divisible by 16 (the kernels take the kept count, ``KT``, as one), so
+    a count of the other kind compiles both kernels again: the nearest count above
+    ``kept`` of the other kind (``kept + 1`` for a multiple of 16, else the next
+    multiple). Priming runs it once, so a warmup's counts compile nothing more."""
+    twin = kept + 1 if kept % 16 == 0 else kept + (16 - kept % 16)
+    return twin if twin <= total else None
+
+
 if triton is not None:
 
     @triton.jit
