@@ -256,15 +256,7 @@ def run_race(arms: list[Arm], seconds: float, n_seeds: int, out_dir: str | Path,
         did = run_one(configs[name][seed], verbose)
         if verbose and did == "done before":
             print("  finished in an earlier start of this race: skipped", flush=True)
-    report = race_report(arms, configs, seeds, seconds, order)
-    atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2))
-    from .plotting import plot_race
-
-    plot_race(report, out / PLOT_NAME)
-    plot_race(report, out / FULL_PLOT_NAME, full=True)
-    if verbose:
-        print(format_table(report), flush=True)
-    return report
+    return write_report(race_report(arms, configs, seeds, seconds, order), out, verbose)
 
 
 # ----------------------------------------------------------------------------- report
@@ -523,9 +515,13 @@ def write_merged(files: list[str], out_dir: str | Path, verbose: bool = True) ->
             raise ConfigError(f"race report {f} is not JSON ({e})") from None
         if not isinstance(reports[-1], dict) or "arms" not in reports[-1] or "settings" not in reports[-1]:
             raise ConfigError(f"{f} is not a race report (no arms and settings)")
-    report = merge_reports(reports, [str(f) for f in files])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    return write_report(merge_reports(reports, [str(f) for f in files]), out, verbose)
+
+
+def write_report(report: dict, out: Path, verbose: bool = True) -> dict:
+    """Write ``report`` as ``out``/race.json with its two plots, print its table, return it."""
     atomic_write_text(out / REPORT_NAME, json.dumps(report, indent=2))
     from .plotting import plot_race
 
