@@ -145,6 +145,12 @@ def test_training_steps_read_nothing_back(make_cfg, monkeypatch: pytest.MonkeyPa
     """Between log steps nothing reads a tensor's value on the host: every read
     in two training steps (after a first) comes from the allowed places above."""
     t = Trainer(make_cfg(log_every=2, grad_accum=2, selection_score="loss", **overrides), verbose=False)
+    assert_two_steps_read_nothing_back(t, monkeypatch)
+
+
+def assert_two_steps_read_nothing_back(t: Trainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a first step, two more training steps read no tensor on the host outside
+    :data:`ALLOWED`, and their metrics wait unread in the window (with the first's)."""
     t.train_step()
     reads: list[tuple[str, str]] = []
     originals = {name: getattr(torch.Tensor, name) for name in READS}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from test_evaluate import write_python_corpus
-from test_objectives import ALLOWED, READS
+from test_objectives import assert_two_steps_read_nothing_back
 from sparsetrain import token_labels as TL
 from sparsetrain.corpora import MANIFEST_NAME, CorpusSpec, build_corpus
 from sparsetrain.data import is_val_file, load_corpus, train_window_starts
@@ -278,29 +277,7 @@ def test_the_audit_reads_nothing_back_between_log_steps(built: Path, make_cfg, m
     t = Trainer(make_cfg(data=str(built), log_every=3, grad_accum=2, use_collider=True, collider_sparsity=0.5,
                          collider_method="topk"), verbose=False)
     assert t.token_labels is not None
-    t.train_step()
-    reads: list[tuple[str, str]] = []
-    originals = {name: getattr(torch.Tensor, name) for name in READS}
-
-    def recording(name):
-        def read(self, *args, **kwargs):
-            frames = traceback.extract_stack()[:-1]
-            ours = [f for f in frames if "sparsetrain" in f.filename or "torch/optim" in f.filename]
-            site = ours[-1] if ours else frames[-1]
-            reads.append((str(Path(site.filename).as_posix()), site.line or ""))
-            return originals[name](self, *args, **kwargs)
-        return read
-
-    for name in READS:
-        monkeypatch.setattr(torch.Tensor, name, recording(name))
-    t.train_step()
-    t.train_step()
-    for name, original in originals.items():
-        monkeypatch.setattr(torch.Tensor, name, original)
-    unexpected = [(f, line) for f, line in reads
-                  if not any(f.endswith(where) and line.startswith(code) for where, code in ALLOWED)]
-    assert not unexpected, unexpected
-    assert len(t.metric_window) == 3
+    assert_two_steps_read_nothing_back(t, monkeypatch)
 
 
 # ----------------------------------------------------------------------------- race
