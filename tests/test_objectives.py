@@ -129,7 +129,7 @@ READS = ("item", "__float__", "__bool__", "__int__", "__index__", "tolist")
 # What may read in a step: the trainer counts the targets of the batch while it is still on
 # the CPU; CPU AdamW keeps its step counts in CPU tensors (the fused CUDA AdamW does not read
 # them); a ResNet-BK MoE layer reads its expert counts once per layer, by design.
-ALLOWED = {("sparsetrain/trainer.py", "n_valid = int((y != IGNORE_INDEX).sum())"),
+ALLOWED = {("sparsetrain/trainer.py", "return int((y != IGNORE_INDEX).sum())"),
            ("torch/optim/optimizer.py", ""), ("sparsetrain/bk/layers.py", "counts = torch.bincount("),
            # CPU tensors only: a CUDA selection defers its NaN/Inf count to the log step's read
            ("sparsetrain/selection/scores.py", "n = int(stats.nonfinite)")}

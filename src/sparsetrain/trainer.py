@@ -142,6 +142,15 @@ def compare_model_configs(saved: dict, wanted: ModelConfig, where: str) -> None:
         raise CheckpointError(f"checkpoint {where} is from another model: " + ", ".join(diffs))
 
 
+
+def _valid_targets(y: torch.Tensor) -> int:
+    """How many targets of a micro-batch are not ignored, known on the host so that
+    the selector needs no sync to size its budget. The corpus windows (data.py,
+    loader.py) have a target at every position; a batch still on the CPU is counted
+    anyway."""
+    return int((y != IGNORE_INDEX).sum()) if y.device.type == "cpu" else y.numel()
+
+
 class Trainer:
     """Owns the model, optimizer, data and run directory of one training run.
 
@@ -594,10 +603,7 @@ class Trainer:
         micro-batch of an accumulation. ``labels``: the kinds of document of the
         targets (:meth:`_target_labels`); with an objective that hands out its keep
         mask, the kept and total targets per kind are counted on the device."""
-        # known on the host, the selector needs no sync to size its budget. The
-        # corpus windows (data.py, loader.py) have a target at every position;
-        # a batch still on the CPU is counted anyway
-        n_valid = int((y != IGNORE_INDEX).sum()) if y.device.type == "cpu" else y.numel()
+        n_valid = _valid_targets(y)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         no_sync = P.no_sync(self._grad_sync_module) if not sync else contextlib.nullcontext()
         with no_sync:
@@ -721,7 +727,7 @@ class Trainer:
         (CPU and this device), numpy and Python RNGs and the modules' own generators
         are restored; no metric is recorded; the data order is untouched (the
         step's last micro-batch is reused)."""
-        n_valid = int((y != IGNORE_INDEX).sum()) if y.device.type == "cpu" else y.numel()
+        n_valid = _valid_targets(y)
         ratios = self._priming_ratios(n_valid)
         if not ratios:
             return ()
