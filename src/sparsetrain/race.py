@@ -342,8 +342,14 @@ def _times_to(runs: list[dict], target: float, key: str) -> dict[str, dict]:
         times["after_startup"].append(time_to_target([e[0] for e in r["evals"]], losses, target))
         times["with_startup"].append(time_to_target([e[1] for e in r["evals"]], losses, target))
         r[key] = {k: v[-1] for k, v in times.items()}
-    return {k: {"mean": statistics.fmean(v) if None not in v else None,
-                "reached": f"{sum(x is not None for x in v)}/{len(v)}", "per_seed": v} for k, v in times.items()}
+    return {k: _reached(v) for k, v in times.items()}
+
+
+def _reached(per_seed: list[float | None]) -> dict:
+    """Seeds' values to a target (None: never reached): their mean where every seed
+    reached it, ``reached`` (k/n) and the values."""
+    return {"mean": statistics.fmean(per_seed) if None not in per_seed else None,
+            "reached": f"{sum(x is not None for x in per_seed)}/{len(per_seed)}", "per_seed": per_seed}
 
 
 def _steps_to(runs: list[dict], target: float) -> dict:
@@ -354,8 +360,7 @@ def _steps_to(runs: list[dict], target: float) -> dict:
     for r in runs:
         steps.append(time_to_target([e[4] for e in r["evals"]], [e[2] for e in r["evals"]], target))
         r["steps_to_target"] = steps[-1]
-    return {"mean": statistics.fmean(steps) if None not in steps else None,
-            "reached": f"{sum(x is not None for x in steps)}/{len(steps)}", "per_seed": steps}
+    return _reached(steps)
 
 
 def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], seeds: list[int], seconds: float,
