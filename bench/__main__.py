@@ -18,6 +18,7 @@ SUITES = {
     "steps": "whole training steps, dense against Collider, 2:4 and BK at named shapes (--headline: the three headline figures)",
     "trainer": "the trainer's own tokens/s, runs primed, the GPU heated, in ABBA order",
     "quality": "val loss against controls at equal steps or equal wall-clock",
+    "gradient_error": "each token selection's gradient against dense's on one batch: bias, variance, cosine",
     "hf": "a Hugging Face Llama-family training step, dense HF (compiled) against Collider, full fine-tuning and LoRA",
     "race": "delegates to `sparsetrain race`",
 }

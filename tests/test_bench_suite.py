@@ -309,6 +309,9 @@ def test_parse_cases() -> None:
      else "--profile applies to the interleaved benches only"),
     (["steps", "--shapes", "collider:tiny", "--drops", "1.5"], "--drops and --skip"),
     (["trainer", "--runs", "a:ffn"], "key=value"),
+    (["gradient_error", "--methods", "a=best/loss"], "give NAME=METHOD/SCORE"),
+    (["gradient_error", "--draws", "1"], "--draws must be >= 2"),
+    (["gradient_error", "--drop", "1"], "--drop must be in (0, 1)"),
     (["nosuch"], "no suite 'nosuch'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str, tmp_path: Path, capsys) -> None:
@@ -576,6 +579,26 @@ def test_quality_suite_runs_a_set_on_the_cpu(corpus_dir, cache_dir, tmp_path: Pa
     assert collider["baseline"] == "dense" and dense["extra"]["steps"] == 4
     assert dense["extra"]["val_loss_final"] == dense["extra"]["val_loss"]["4"]
     assert collider["extra"]["mean_kept_fraction"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_gradient_error_suite_measures_bias_and_variance_on_the_cpu(corpus_dir, cache_dir, tmp_path: Path, capsys,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keeping every token reproduces the dense gradient; top-k is deterministic (all
+    bias: its streamed variance is 0), random and importance scatter."""
+    monkeypatch.setenv("SPARSETRAIN_CACHE", str(cache_dir))
+    common = (f"data={corpus_dir},vocab_size=320,n_layer=2,d_model=32,n_head=2,device=cpu,seq_len=32,batch_size=2,"
+              "warmup_steps=1")
+    code, _, err = run_bench(["gradient_error", "--shapes", "tiny", "--warm-steps", "3", "--draws", "4", "--methods",
+                              "random=random/loss,importance=importance/gradnorm,topk=topk/loss",
+                              "--overrides", common, "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    rows = {r["variant"]: r["extra"] for r in _check_run(only_file(tmp_path), "gradient_error", {"gradient_error:tiny"})}
+    assert list(rows) == ["keepall", "random", "importance", "topk"]
+    assert rows["keepall"]["mse"] < 1e-10 and rows["keepall"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert rows["topk"]["variance"] < 1e-12 and rows["topk"]["mse"] == pytest.approx(rows["topk"]["bias2"], rel=1e-9)
+    for name in ("random", "importance"):
+        r = rows[name]
+        assert r["draws"] == 4 and r["variance"] > 1e-4 and -1 <= r["cosine"] <= 1 and r["mse"] >= r["bias2"]
 
 
 def test_every_quality_run_is_a_valid_config() -> None:

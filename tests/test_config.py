@@ -82,6 +82,12 @@ def test_bad_files_name_the_problem(tmp_path: Path, toml: str, message: str) -> 
         ({"nonsense": 1}, "unknown config key 'nonsense'"),
         ({"compile_mode": "fast"}, "run.compile_mode must be one of default, reduce-overhead"),
         ({"use_collider": True, "compile_mode": "reduce-overhead"}, "compile_mode other than default is not available"),
+        ({"use_collider": True, "collider_sparsity": 0.5, "collider_method": "importance"},
+         "collider_score must be one of loss, gradnorm, got 'collider'"),
+        ({"use_collider": True, "collider_sparsity": 0.5, "collider_method": "importance", "collider_score": "loss",
+          "use_mtp": True}, "use topk or random with use_mtp"),
+        ({"selection": "batch", "selection_method": "importance", "selection_score": "loss"}, "needs selection = loss"),
+        ({"selection": "loss", "selection_method": "importance"}, "selection_score must be one of loss, gradnorm, got 'combined'"),
     ],
 )
 def test_out_of_range_values(overrides: dict, message: str) -> None:

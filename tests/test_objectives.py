@@ -139,6 +139,8 @@ ALLOWED = {("sparsetrain/trainer.py", "return int((y != IGNORE_INDEX).sum())"),
     {}, {"selection": "loss", "selection_method": "topk"}, {"selection": "batch", "router_layers": 1},
     {"use_collider": True, "collider_sparsity": 0.5, "collider_method": "topk"}, {"use_mtp": True},
     {"use_collider": True, "collider_sparsity": 0.5, "collider_method": "topk", "use_mtp": True},
+    {"use_collider": True, "collider_sparsity": 0.5, "collider_method": "importance", "collider_score": "gradnorm"},
+    {"selection": "loss", "selection_method": "importance"},
     {"ffn": "relu2_24", "activation_dense_warmup_steps": 0}, {"arch": "resnet_bk", "bk_sparsity": 0.5},
 ])
 def test_training_steps_read_nothing_back(make_cfg, monkeypatch: pytest.MonkeyPatch, overrides: dict) -> None:

@@ -59,8 +59,10 @@ if triton is not None:
 
     @triton.jit
     def _ce_grad_kernel(logits_ptr, targets_ptr, rows_ptr, lse_ptr, scale_ptr, grad_ptr, V, stride_row, grad_stride,
-                        ignore_index, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr, GATHER: tl.constexpr):
-        # one program: BLOCK columns of one output row; GATHER: it reads logits row rows[i]
+                        ignore_index, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr, GATHER: tl.constexpr,
+                        PER_ROW: tl.constexpr):
+        # one program: BLOCK columns of one output row; GATHER: it reads logits row rows[i];
+        # PER_ROW: output row i's scale is scale[i], else scale[0] for every row
         row = tl.program_id(0).to(tl.int64)
         if GATHER:
             src = tl.load(rows_ptr + row).to(tl.int64)
@@ -69,7 +71,11 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inb = cols < V
         tgt = tl.load(targets_ptr + src).to(tl.int64)
-        scale = tl.where(tgt != ignore_index, tl.load(scale_ptr), 0.0)
+        if PER_ROW:
+            s = tl.load(scale_ptr + row)
+        else:
+            s = tl.load(scale_ptr)
+        scale = tl.where(tgt != ignore_index, s, 0.0)
         x = tl.load(logits_ptr + src * stride_row + cols, mask=inb, other=0.0).to(tl.float32)
         g = (tl.exp(x - tl.load(lse_ptr + row)) - tl.where(cols == tgt, 1.0, 0.0)) * scale
         if ROUND_BF16:  # the interpreter truncates to bf16: round to nearest even first, as the GPU does
@@ -100,7 +106,7 @@ def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.T
     """``(softmax - onehot) * scale`` of ``logits`` ``[N, V]`` in one read of each row,
     in the logits' dtype; rows whose target is ``IGNORE_INDEX`` get 0. ``lse``: each
     row's log-sum-exp (float32), ``scale``: a 1-element float32 tensor (read on the
-    device). ``rows``: only those rows of ``logits`` (and ``targets``), giving
+    device), or one per output row (a weighted loss). ``rows``: only those rows of ``logits`` (and ``targets``), giving
     ``[len(rows), V]`` and ``lse`` per listed row. Where :func:`fused_ok`;
     :func:`cross_entropy_grad_reference` is the plain-torch equal."""
     if logits.stride(-1) != 1:
@@ -109,12 +115,16 @@ def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.T
     n = logits.shape[0] if rows is None else rows.numel()
     out = torch.empty((n, V), dtype=logits.dtype, device=logits.device)
     block = min(4096, triton.next_power_of_2(V))
+    per_row = scale.numel() != 1
+    if per_row and scale.numel() != n:
+        raise ValueError(f"scale has {scale.numel()} elements for {n} rows (give 1, or one per row)")
     if n:
         targets = targets.contiguous()
         _ce_grad_kernel[(n, triton.cdiv(V, block))](
-            logits, targets, rows.contiguous() if rows is not None else targets, lse, scale.reshape(1), out, V,
-            logits.stride(0), out.stride(0), IGNORE_INDEX, BLOCK=block,
-            ROUND_BF16=interpreting() and logits.dtype == torch.bfloat16, GATHER=rows is not None, num_warps=8)
+            logits, targets, rows.contiguous() if rows is not None else targets, lse, scale.reshape(-1).contiguous(), out,
+            V, logits.stride(0), out.stride(0), IGNORE_INDEX, BLOCK=block,
+            ROUND_BF16=interpreting() and logits.dtype == torch.bfloat16, GATHER=rows is not None, PER_ROW=per_row,
+            num_warps=8)
     return out
 
 
@@ -124,7 +134,8 @@ def cross_entropy_grad_reference(logits: torch.Tensor, targets: torch.Tensor, ls
     if rows is not None:
         logits, targets = logits.index_select(0, rows), targets.index_select(0, rows)
     x = upcast(logits)
-    w = torch.where(targets != IGNORE_INDEX, scale.reshape(()).to(x.dtype), 0.0)[:, None]
+    per_row = scale.reshape(-1) if scale.numel() != 1 else scale.reshape(())
+    w = torch.where(targets != IGNORE_INDEX, per_row.to(x.dtype), 0.0)[:, None]
     onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
     return ((torch.exp(x - lse[:, None].to(x.dtype)) - onehot.to(x.dtype)) * w).to(logits.dtype)
 

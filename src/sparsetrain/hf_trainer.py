@@ -39,7 +39,7 @@ from .collider import apply, remove
 from .collider.attention import MODES
 from .collider.hf import applied_state, collider_targets
 from .errors import ConfigError
-from .selection import IGNORE_INDEX, METHODS, SCORES, TokenSelector, budget
+from .selection import IGNORE_INDEX, METHODS, NONNEGATIVE_SCORES, SCORES, TokenSelector, budget
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -78,6 +78,9 @@ class ColliderArguments:
         if self.score == "excess":
             raise ConfigError("collider score 'excess' needs reference losses, which the Trainer integration does "
                               "not load; pick another score")
+        if self.method == "importance" and self.score not in NONNEGATIVE_SCORES:
+            raise ConfigError(f"collider method 'importance' samples in proportion to the score: score must be one of "
+                              f"{', '.join(NONNEGATIVE_SCORES)}, got {self.score!r}")
         if self.method == "threshold" and self.drop_ratio == 0:
             raise ConfigError("collider method 'threshold' holds drop_ratio adaptively: give drop_ratio > 0")
         if self.warmup_steps < 0:
@@ -88,7 +91,7 @@ class ColliderArguments:
     @property
     def count_known_ahead(self) -> bool:
         """Whether a micro-batch's kept count follows from its target count."""
-        return self.method in ("topk", "random")
+        return self.method in ("topk", "random", "importance")
 
     def selector(self) -> TokenSelector | None:
         """The selector these arguments describe (None at ``drop_ratio`` 0: every token kept)."""

@@ -84,7 +84,7 @@ def kept_rows_loss(logits: torch.Tensor, targets: torch.Tensor, selector: TokenS
         keep, stats = selector(logits.detach(), targets, n_valid=n_valid)
     else:  # every token kept: every position's keys and values get their gradient, as in dense training
         keep, stats = torch.ones_like(valid), SelectionStats(kept=n_valid, total=n_valid, keep_ratio=1.0)
-    loss = masked_cross_entropy(logits, targets, keep)
+    loss = masked_cross_entropy(logits, targets, keep, stats.weights)
     if num_items_in_batch is not None:
         loss = loss * stats.unread("kept") / num_items_in_batch  # in the loss's precision
     return loss, stats

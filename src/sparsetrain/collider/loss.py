@@ -119,42 +119,52 @@ def _fn(name: str, compile: bool, fused: bool = False):
 class _KeptCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, kidx: torch.Tensor,  # type: ignore[override]
-                slot: RowGradSlot | None) -> torch.Tensor:
+                weights: torch.Tensor | None, slot: RowGradSlot | None) -> torch.Tensor:
         logits2d = logits.reshape(-1, logits.shape[-1])
         compile = slot is not None and slot.compile and logits.is_cuda
         fused = _fused(logits2d)
         lse, loss_rows, count = _fn("forward", compile, fused)(logits2d, kidx, targets.reshape(-1))
-        ctx.save_for_backward(logits, targets, keep, kidx, lse, count)
+        wk = None if weights is None else weights.reshape(-1).index_select(0, kidx).to(lse.dtype)
+        ctx.save_for_backward(logits, targets, keep, kidx, lse, count, wk)
         ctx.slot, ctx.compile, ctx.fused = slot, compile, fused
-        return loss_rows.sum() / count
+        return (loss_rows if wk is None else loss_rows * wk).sum() / count
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        logits, targets, keep, kidx, lse, count = ctx.saved_tensors
+        logits, targets, keep, kidx, lse, count, wk = ctx.saved_tensors
         V = logits.shape[-1]
         scale = (grad.to(lse.dtype) / count).reshape(1)
+        if wk is not None:  # one scale per kept row: the backward's kernels read it per row
+            scale = scale * wk
         rows = _fn("backward", ctx.compile, ctx.fused)(logits.reshape(-1, V), kidx, targets.reshape(-1), lse, scale)
         if ctx.slot is not None:
             marker = zero_gradient(logits)
             ctx.slot.items.append((keep, kidx, rows))
             ctx.slot.markers.append(marker)
-            return marker, None, None, None, None
+            return marker, None, None, None, None, None
         full = torch.zeros(logits.shape[:-1].numel(), V, dtype=logits.dtype, device=logits.device)
-        return full.index_copy_(0, kidx, rows).view(logits.shape), None, None, None, None
+        return full.index_copy_(0, kidx, rows).view(logits.shape), None, None, None, None, None
 
 
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor,
+                         weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy over tokens that are kept and have a target (in float32, or float64).
 
     ``logits`` [B, T, V], ``targets`` [B, T] (``IGNORE_INDEX`` for none), ``keep`` [B, T] bool.
+    ``weights`` [B, T] (optional): each kept token's loss and gradient are multiplied
+    by its weight before the mean over the kept count, ``sum_kept w_i l_i / K``; the
+    ``importance`` selection's weights make this an unbiased estimate of the mean
+    loss over every token (:func:`~sparsetrain.selection.select_importance`).
     """
     if keep.shape != targets.shape or logits.shape[:-1] != targets.shape:
         raise ValueError(f"keep {tuple(keep.shape)}, targets {tuple(targets.shape)} and logits "
                          f"{tuple(logits.shape)} do not line up")
+    if weights is not None and weights.shape != keep.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} do not match keep {tuple(keep.shape)}")
     kidx = cached_kept_indices(keep)
     if kidx is None:  # a mask from elsewhere: check it (a host sync) and find its rows
         if not bool((keep & (targets != IGNORE_INDEX)).any()):
             raise ValueError("Collider keep mask keeps no token with a target")
         kidx = kept_indices(keep)
     # else a selector's mask: it kept >= 1 token, all with targets, and its rows came with it (no sync)
-    return _KeptCrossEntropy.apply(logits, targets, keep, kidx, getattr(logits, SLOT_ATTR, None))
+    return _KeptCrossEntropy.apply(logits, targets, keep, kidx, weights, getattr(logits, SLOT_ATTR, None))

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TrainConfig, require
-from ..selection import METHODS, SCORES, CGGRLoss, CGGRModel, TokenSelector
+from ..selection import METHODS, NONNEGATIVE_SCORES, SCORES, CGGRLoss, CGGRModel, TokenSelector
 from .base import Objective, ObjectiveOutput
 
 ReferenceNLL = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -24,6 +24,14 @@ def check_config(cfg: TrainConfig) -> None:
     require(cfg.selection_score in SCORES, f"training.selection_score must be one of {', '.join(SCORES)}, got {cfg.selection_score!r}")
     require(cfg.selection_method in METHODS, f"training.selection_method must be one of {', '.join(METHODS)}, got {cfg.selection_method!r}")
     require(0 < cfg.keep_ratio <= 1, f"training.keep_ratio must be in (0, 1], got {cfg.keep_ratio}")
+    if cfg.selection_method == "importance":
+        require(cfg.selection == "loss", "training.selection_method = importance weighs the selective loss's "
+                                         f"tokens: it needs selection = loss, got {cfg.selection!r}")
+        require(cfg.selection_score in NONNEGATIVE_SCORES, "training.selection_method = importance samples in "
+                f"proportion to the score: selection_score must be one of {', '.join(NONNEGATIVE_SCORES)}, "
+                f"got {cfg.selection_score!r}")
+        require(not cfg.selection_dynamic, "training.selection_method = importance keeps a fixed ratio: "
+                                           "selection_dynamic is not available with it")
     require(cfg.selection_warmup_steps >= 0, f"training.selection_warmup_steps must be >= 0, got {cfg.selection_warmup_steps}")
     require(0 <= cfg.selection_sensitivity <= 1, f"training.selection_sensitivity must be in [0, 1], got {cfg.selection_sensitivity}")
     require(0 <= cfg.selection_target_sparsity < 1,

@@ -12,11 +12,11 @@ from ..collider import masked_cross_entropy
 from ..config import TrainConfig, require
 from ..model import CausalLM
 from ..mtp import MTPHeads, kept_rows_loss
-from ..selection import SCORES, TokenSelector
+from ..selection import NONNEGATIVE_SCORES, SCORES, TokenSelector
 from .base import Objective, ObjectiveOutput
 from .cggr import ReferenceNLL
 
-METHODS = ("threshold", "topk", "random")
+METHODS = ("threshold", "topk", "random", "importance")
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -30,7 +30,13 @@ def check_config(cfg: TrainConfig) -> None:
             "use_collider compiles its own pieces; compile_mode other than default is not available with it")
     require(cfg.collider_score in SCORES, f"training.collider_score must be one of {', '.join(SCORES)}, got {cfg.collider_score!r}")
     require(cfg.collider_method in METHODS,
-            f"training.collider_method must be threshold, topk or random, got {cfg.collider_method!r}")
+            f"training.collider_method must be threshold, topk, random or importance, got {cfg.collider_method!r}")
+    if cfg.collider_method == "importance":
+        require(cfg.collider_score in NONNEGATIVE_SCORES, "training.collider_method = importance samples in "
+                f"proportion to the score: collider_score must be one of {', '.join(NONNEGATIVE_SCORES)}, "
+                f"got {cfg.collider_score!r}")
+        require(not cfg.use_mtp, "training.collider_method = importance weighs the kept rows' loss; "
+                                 "the MTP heads' kept-rows loss takes no weights: use topk or random with use_mtp")
     require(cfg.collider_method == "threshold" or cfg.collider_sparsity > 0,
             f"training.collider_method = {cfg.collider_method} needs collider_sparsity > 0")
     require(cfg.selection == "none", "use_collider and selection (CGGR) are exclusive: pick one token filter")
@@ -74,7 +80,7 @@ class ColliderLoss(Objective):
         logits, trunk = self.net(x, return_trunk=True)
         ref = self.reference_nll(x, y) if self.reference_nll is not None else None
         keep, stats = self.selector(logits.detach(), y, ref, n_valid=n_valid)
-        loss = masked_cross_entropy(logits, y, keep)
+        loss = masked_cross_entropy(logits, y, keep, stats.weights)
         metrics = {"kept": stats.unread("kept"), "total": stats.unread("total")}  # device counts stay unread
         total = loss
         if self.heads is not None:  # every head uses the primary head's keep mask, on kept rows only

@@ -94,7 +94,12 @@ class CGGRLoss(_AutoStep, nn.Module):
         kidx = kept_indices(mask)  # sorted: the rows logits[mask] would give, without its sync
         kept_logits = logits.reshape(-1, logits.shape[-1]).index_select(0, kidx)
         kept_targets = targets.reshape(-1).index_select(0, kidx)
-        if self.base_loss is None:
+        if stats.weights is not None:  # importance selection: the weighted mean over the kept rows
+            kept_w = stats.weights.reshape(-1).index_select(0, kidx)
+            rows = (F.cross_entropy(upcast(kept_logits), kept_targets, reduction="none") if self.base_loss is None
+                    else self.base_loss(kept_logits, kept_targets))
+            loss = (rows * kept_w).sum() / (kept_targets != self.selector.ignore_index).sum()
+        elif self.base_loss is None:
             loss = F.cross_entropy(upcast(kept_logits), kept_targets)
         else:
             loss = self.base_loss(kept_logits, kept_targets).mean()

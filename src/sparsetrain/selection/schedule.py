@@ -102,7 +102,10 @@ class SelectionStats:
                  avg_confidence: float | torch.Tensor = float("nan"),  # mean top-1 probability over valid tokens
                  avg_entropy: float | torch.Tensor = float("nan"),
                  avg_difficulty: float | torch.Tensor = float("nan"),  # mean score over valid tokens
-                 nonfinite: int | torch.Tensor = 0) -> None:  # scored tokens with NaN/Inf logits
+                 nonfinite: int | torch.Tensor = 0,  # scored tokens with NaN/Inf logits
+                 weights: torch.Tensor | None = None) -> None:
+        #: per-token loss weights of an ``importance`` selection (else None), for the kept-rows loss
+        self.weights = weights
         self._raw: dict = {"kept": kept, "total": total, "sparsity": sparsity, "keep_ratio": keep_ratio,
                            "threshold": threshold, "avg_confidence": avg_confidence, "avg_entropy": avg_entropy,
                            "avg_difficulty": avg_difficulty, "nonfinite": nonfinite}

@@ -16,6 +16,10 @@ Every score is "higher = more worth a gradient":
 ``combined`` CGGR's ``(H - p1) + (1 - (p1 - p2)) + NLL``
 ``collider`` per-sequence min-max normalised loss ``(l - min) / (max - min + eps)``
 ``excess``   ``NLL - NLL_ref``: loss above a reference model's (Rho-1)
+``gradnorm`` ``1 - p_target = 1 - exp(-NLL)``: within a factor of sqrt(2) of
+             the norm of the loss's gradient in the logits, ``||softmax - onehot||``
+             (``(1 - p_t)^2 <= ||.||^2 <= 2 (1 - p_t)^2``); the sampling weight
+             of the ``importance`` method
 ========== ===============================================================
 
 All of them derive from five per-row numbers, :class:`RowStats`, which one
@@ -32,7 +36,8 @@ from ..errors import DivergedError
 from ..numerics import IGNORE_INDEX
 from .row_stats import RowStats
 
-SCORES = ("loss", "entropy", "margin", "combined", "collider", "excess")
+SCORES = ("loss", "entropy", "margin", "combined", "collider", "excess", "gradnorm")
+NONNEGATIVE_SCORES = ("loss", "gradnorm")  # the scores the importance method can sample in proportion to
 COLLIDER_EPS = 1e-6
 
 
@@ -122,6 +127,8 @@ def scores_from_stats(kind: str, stats: RowStats, ref_nll: torch.Tensor | None =
         s = (stats.entropy - stats.p1) + (1.0 - (stats.p1 - stats.p2)) + stats.nll
     elif kind == "collider":
         return collider_normalize(stats.nll, stats.valid)
+    elif kind == "gradnorm":
+        s = -torch.expm1(-stats.nll)  # 1 - p_target, exact near 0
     elif kind == "excess":
         if ref_nll is None:
             raise ValueError("score 'excess' needs the reference model's per-token losses (ref_nll)")

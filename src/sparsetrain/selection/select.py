@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-METHODS = ("threshold", "topk", "stratified", "sequence_aware", "random")
+METHODS = ("threshold", "topk", "stratified", "sequence_aware", "random", "importance")
 
 
 def budget(n_valid: int, ratio: float) -> int:
@@ -148,6 +148,92 @@ def select_random(
     return _keep_indices(valid.shape, idx, flat.device)
 
 
+IMPORTANCE_FLOOR = 0.1  # defensive mixture: every valid token's sampling weight is at least this share of the mean
+
+
+def inclusion_probabilities(weights: torch.Tensor, k: int) -> torch.Tensor:
+    """``pi_i = min(1, c * w_i)`` with ``c`` such that ``sum(pi) = k``: each token's
+    chance of being kept when ``k`` are drawn in proportion to ``weights``
+    (1-D, >= 0, at least ``k`` of them positive), the largest capped at 1.
+
+    Float64, on the weights' device, no host sync: with the weights sorted in
+    decreasing order, capping the ``m`` largest leaves ``c_m = (k - m) / (sum of the
+    rest)``; the answer is the smallest ``m`` whose largest uncapped weight stays
+    at most 1 (``c_m * w_(m) <= 1``), a condition that, once true, stays true for
+    every larger ``m``, and is true at ``m = k - 1``."""
+    w = weights.reshape(-1).to(torch.float64)
+    n = w.numel()
+    if not 0 < k <= n:
+        raise ValueError(f"cannot keep {k} of {n} tokens")
+    sw, order = torch.sort(w, descending=True)
+    rest = torch.flip(torch.cumsum(torch.flip(sw, [0]), 0), [0])  # rest[m] = sum of sw[m:]
+    m = torch.arange(k, device=w.device)
+    c = (k - m) / rest[:k]
+    m_star = torch.argmax((c * sw[:k] <= 1.0).to(torch.int8))  # the first m where it holds
+    pi_sorted = torch.where(torch.arange(n, device=w.device) < m_star, 1.0, (c[m_star] * sw).clamp(max=1.0))
+    return torch.empty_like(w).scatter_(0, order, pi_sorted)
+
+
+def systematic_sample(pi: torch.Tensor, order: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the tokens systematic sampling keeps: lay the tokens' ``pi``
+    end to end in ``order`` (a permutation) and keep each token whose stretch
+    ``(start, end]`` holds one of the points ``u, u + 1, u + 2, ...`` (``u`` in
+    ``[0, 1)``). A token is kept with probability exactly ``pi_i`` over ``u``
+    (each ``pi_i <= 1``), and exactly ``sum(pi)`` tokens are kept when that sum is
+    an integer: a fixed-size draw in proportion to ``pi``."""
+    p = pi.reshape(-1).to(torch.float64)[order]
+    end = torch.cumsum(p, 0)
+    hit_sorted = (torch.floor(end - u) - torch.floor(end - p - u)) >= 1
+    return torch.empty_like(hit_sorted).scatter_(0, order, hit_sorted)
+
+
+def select_importance(
+    scores: torch.Tensor,
+    ratio: float,
+    generator: torch.Generator | None = None,
+    n_valid: int | None = None,
+    floor: float = IMPORTANCE_FLOOR,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep ``budget(n_valid, ratio)`` tokens drawn in proportion to their scores,
+    and the weights that make the kept tokens' mean loss unbiased.
+
+    ``scores`` must be >= 0 where valid (``-inf`` where ignored): the ``gradnorm``
+    score (``1 - p_target``, the logit gradient's norm up to sqrt(2)) or ``loss``.
+    Sampling weights are ``score + floor * mean(score)`` over valid tokens, so that
+    no token's chance, and no kept weight, is extreme; inclusion probabilities
+    ``pi`` come from :func:`inclusion_probabilities` and the draw from
+    :func:`systematic_sample` in a random order (exactly ``k`` kept).
+
+    Returns ``(keep, weights)``: ``weights[i] = k / (n_valid * pi_i)`` on kept tokens
+    (1 when every token has the same chance, as under random selection), 0
+    elsewhere. So ``sum_kept weights_i * loss_i / k`` estimates the mean loss over
+    every valid token without bias (Horvitz-Thompson), while hard tokens are kept
+    more often than easy ones: a lower-variance gradient than random selection's
+    when the tokens' gradient norms differ, as the importance-sampling literature
+    for SGD does per sample (Katharopoulos and Fleuret, 2018)."""
+    flat = scores.reshape(-1)
+    valid = _valid(flat)
+    n = int(valid.sum()) if n_valid is None else n_valid
+    k = budget(n, ratio)
+    if k == 0:
+        raise ValueError("no token has a target to learn from (all are ignore_index)")
+    s = torch.where(valid, flat.to(torch.float64), 0.0)
+    mean = s.sum() / n
+    # a tiny constant keeps an all-zero batch well defined (then every token has the same chance)
+    w = torch.where(valid, s + floor * mean + 1e-12, 0.0)
+    pi = inclusion_probabilities(w, k)
+    dev = flat.device if generator is None else generator.device
+    order = torch.argsort(torch.rand(flat.shape, generator=generator, device=dev).to(flat.device))
+    u = torch.rand((), generator=generator, device=dev, dtype=torch.float64).to(flat.device)
+    hit = systematic_sample(pi, order, u)
+    # exactly k: rounding in the running sum could add or lose one token at a boundary
+    idx = torch.topk(hit.to(torch.float32) + pi.to(torch.float32) * 1e-3, k).indices
+    mask = _keep_indices(scores.shape, idx, flat.device)
+    weights = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)
+    weights.index_copy_(0, idx, (k / (n * pi.index_select(0, idx))).to(torch.float32))
+    return mask, weights.view(scores.shape)
+
+
 def strata_proportions(num_strata: int) -> list[float]:
     """Default shares per stratum, hardest first, decreasing linearly:
     4 strata -> 0.4, 0.3, 0.2, 0.1."""
@@ -252,6 +338,9 @@ def select(
         return select_stratified(scores, ratio, num_strata, generator=generator)
     if method == "sequence_aware":
         return select_sequence_aware(scores, ratio, min_per_sequence)
+    if method == "importance":
+        raise ValueError("importance selection returns weights with its mask: call select_importance "
+                         "(TokenSelector does, and the Collider loss takes them)")
     if method == "random":
         if per_sequence and scores.dim() >= 2:
             valid = _valid(scores)

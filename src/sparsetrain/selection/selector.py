@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import torch
 
 from .schedule import AdaptiveThreshold, SelectionStats, dynamic_keep_ratio, warmup_keep_ratio
-from .scores import IGNORE_INDEX, SCORES, RowStats, score_tokens
-from .select import METHODS, cached_kept_indices, select
+from .scores import IGNORE_INDEX, NONNEGATIVE_SCORES, SCORES, RowStats, score_tokens
+from .select import METHODS, cached_kept_indices, select, select_importance
 
 
 class TokenSelector:
@@ -29,7 +29,12 @@ class TokenSelector:
         target_sparsity: with ``method="threshold"``, hold this dropped
             fraction with :class:`AdaptiveThreshold` instead of a fixed value.
         num_strata, min_per_sequence, per_sequence: see ``select.py``.
-        seed: seed of the generator behind ``random`` and ``stratified``.
+        seed: seed of the generator behind ``random``, ``stratified`` and ``importance``.
+
+    ``importance`` draws the kept tokens in proportion to a non-negative score
+    and returns per-token loss weights with the mask (``stats.weights``) that
+    make the kept-rows loss an unbiased estimate of the full one
+    (:func:`~sparsetrain.selection.select.select_importance`).
 
     ``step_count`` is the optimizer step the schedule is at: :meth:`step` advances
     it by one, :meth:`set_step` sets it (the trainer sets it from its own step
@@ -62,6 +67,12 @@ class TokenSelector:
             raise ValueError(f"unknown selection method {method!r} (choose from {', '.join(METHODS)})")
         if not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+        if method == "importance" and score not in NONNEGATIVE_SCORES:
+            raise ValueError(f"importance selection samples in proportion to the score, which must be one of "
+                             f"{', '.join(NONNEGATIVE_SCORES)} (never negative), got {score!r}")
+        if method == "importance" and (per_sequence or dynamic):
+            raise ValueError("importance selection draws over the whole batch at a fixed ratio: "
+                             "per_sequence and dynamic are not available with it")
         self.score, self.method, self.keep_ratio = score, method, keep_ratio
         self.warmup_steps, self.dynamic, self.sensitivity = warmup_steps, dynamic, sensitivity
         self.threshold, self.num_strata = threshold, num_strata
@@ -194,11 +205,15 @@ class TokenSelector:
                 threshold = self.controller.threshold
             else:
                 threshold = self.threshold
-        mask = select(
-            method, scores, ratio=ratio, threshold=threshold if threshold is not None else 0.0,
-            num_strata=self.num_strata, min_per_sequence=self.min_per_sequence,
-            per_sequence=self.per_sequence and not forced, generator=self._generator(scores.device), n_valid=n_valid,
-        )
+        weights = None
+        if method == "importance":
+            mask, weights = select_importance(scores, ratio, generator=self._generator(scores.device), n_valid=n_valid)
+        else:
+            mask = select(
+                method, scores, ratio=ratio, threshold=threshold if threshold is not None else 0.0,
+                num_strata=self.num_strata, min_per_sequence=self.min_per_sequence,
+                per_sequence=self.per_sequence and not forced, generator=self._generator(scores.device), n_valid=n_valid,
+            )
         if self.controller is not None and method == "threshold":
             self.controller.update(scores)
         idx = cached_kept_indices(mask)
@@ -212,6 +227,7 @@ class TokenSelector:
             avg_entropy=valid_mean(rs.entropy),
             avg_difficulty=valid_mean(scores),
             nonfinite=rs.nonfinite if rs.nonfinite is not None else 0,
+            weights=weights,
         )
         return mask, self.last_stats
 
