@@ -15,7 +15,7 @@ target) and, for each selection in ``--methods``, the Collider gradient of
 ``--draws`` draws at ``--drop``, each from its own selector seed. A row per
 selection, relative to ``||g||^2``: ``bias2`` = ``||mean - g||^2``, ``variance`` =
 the mean of ``||draw - mean||^2``, ``mse`` = the mean of ``||draw - g||^2``
-(= bias2 + variance), and ``cosine`` = the mean cosine between a draw and ``g``.
+(= bias2 + variance; ``mse_sem`` its standard error over the draws), and ``cosine`` = the mean cosine between a draw and ``g``.
 Its times are each draw's selection, forward and backward.
 
 Methods are ``NAME=METHOD/SCORE`` (e.g. ``importance=importance/gradnorm``);
@@ -47,6 +47,9 @@ SHAPES = {"gradient_error": {
     "tiny": {"preset": "tiny", "overrides": {}},
     "nano-125m": {"preset": "nano-125m", "overrides": {"seq_len": 1024, "batch_size": 8, "lr": 1e-3,
                                                        "warmup_steps": 50}},
+    # the time-to-quality protocol's model (docs/time_to_quality.md)
+    "m320": {"preset": "nano-125m", "overrides": {"n_layer": 24, "d_model": 1024, "n_head": 16, "seq_len": 2048,
+                                                  "batch_size": 8, "lr": 6e-4, "warmup_steps": 50}},
 }}
 DEFAULT = ["gradient_error:tiny"]
 METHOD_DEFAULT = "random=random/loss,importance=importance/gradnorm,importance_loss=importance/loss,topk=topk/loss," \
@@ -110,7 +113,7 @@ def run_shape(shape: str, args: argparse.Namespace, methods: list[tuple[str, str
         results = []
         for name, method, score in [("keepall", "topk", "loss"), *methods]:
             keep_ratio = 1.0 if name == "keepall" else 1.0 - args.drop
-            total, sq_err, cosines, times = torch.zeros_like(g), 0.0, [], []  # streaming: one vector per draw in memory
+            total, sq_errs, cosines, times = torch.zeros_like(g), [], [], []  # streaming: one vector per draw in memory
             n_draws = 1 if name == "keepall" else args.draws
             for d in range(n_draws):
                 t0 = time.perf_counter()
@@ -123,19 +126,22 @@ def run_shape(shape: str, args: argparse.Namespace, methods: list[tuple[str, str
                     torch.cuda.synchronize()
                 times.append((time.perf_counter() - t0) * 1e3)
                 total += draw
-                sq_err += float((draw - g) @ (draw - g))
+                sq_errs.append(float((draw - g) @ (draw - g)) / gg)
                 cosines.append(float(draw @ g) / (float(draw.norm()) * gg ** 0.5))
             mean = total / n_draws
             bias2 = float((mean - g) @ (mean - g)) / gg
-            mse = sq_err / n_draws / gg
+            mse = sum(sq_errs) / n_draws
+            # the standard error of mse over draws: whether two selections' errors differ by more than chance
+            mse_sem = (sum((e - mse) ** 2 for e in sq_errs) / max(n_draws - 1, 1) / n_draws) ** 0.5
             variance = max(mse - bias2, 0.0)  # mean ||draw - g||^2 = ||mean - g||^2 + mean ||draw - mean||^2
             cosine = sum(cosines) / n_draws
             extra = {"method": method, "score": score, "keep_ratio": keep_ratio, "draws": n_draws,
-                     "bias2": bias2, "variance": variance, "mse": mse, "cosine": cosine,
+                     "bias2": bias2, "variance": variance, "mse": mse, "mse_sem": mse_sem, "cosine": cosine,
                      "warm_steps": args.warm_steps, "dense_loss": float(dense_loss.detach()), "targets": n_valid,
                      "preset": spec["preset"], "overrides": {k: v for k, v in overrides.items() if k != "out_dir"}}
             results.append(Result(name, f"gradient_error:{shape}", times, extra=extra))
-            print(f"gradient_error {shape} {name:<16} bias2 {bias2:.4f}  variance {variance:.4f}  mse {mse:.4f}  "
+            print(f"gradient_error {shape} {name:<16} bias2 {bias2:.4f}  variance {variance:.4f}  mse {mse:.4f} "
+                  f"± {mse_sem:.4f}  "
                   f"cosine {cosine:.4f}", flush=True)
         t.close_loader()
     return results
