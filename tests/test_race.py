@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsetrain.cli import main
 from sparsetrain.errors import ConfigError
@@ -410,6 +411,34 @@ def test_merge_refuses_other_races_with_one_line(make_cfg, tmp_path: Path, capsy
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (msg, err)
     assert main(["race-merge", str(files[0]), "--out-dir", str(tmp_path / "x")]) == 2
     assert "two or more" in capsys.readouterr().err
+
+
+def test_merge_adds_an_arm_raced_later_for_the_same_seeds(make_cfg, tmp_path: Path, capsys) -> None:
+    """Two one-seed races of dense and drop, then a race of one more arm over both
+    seeds: the merged report has the three arms, dense's target over both seeds,
+    and the late arm's runs as they were; an arm missing a seed is refused."""
+    import numpy as np
+
+    from sparsetrain.race import merge_reports, race_report
+
+    _, curves, reports = _one_seed_reports(make_cfg, tmp_path, [1, 2])
+    rng = random.Random(int(torch.randint(0, 2**31 - 1, ())))
+    late = Arm("imp", {"drop_ratio": "0.5", "collider_method": "importance"})
+    configs = {"imp": {s: make_cfg(out_dir=str(tmp_path / "late" / "imp" / f"seed{s}"), seed=s) for s in (1, 2)}}
+    for s in (1, 2):
+        curves["imp", s] = _random_curve(rng, 100.0, overfit=False)
+        _write_run(configs["imp"][s], rng, curves["imp", s], rng.uniform(1, 20))
+    late_report = race_report([late], configs, [1, 2], 100.0, interleave_order(1, 2))
+    merged = merge_reports([*reports, late_report], ["r1.json", "r2.json", "late.json"])
+    assert list(merged["arms"]) == ["dense", "drop", "imp"] and merged["settings"]["seeds"] == [1, 2]
+    assert merged["target_val_loss"] == pytest.approx(np.mean([curves["dense", s][-1][1] for s in (1, 2)]), rel=1e-12)
+    imp = merged["arms"]["imp"]
+    assert [r["final_val_loss"] for r in imp["runs"]] == pytest.approx([curves["imp", s][-1][1] for s in (1, 2)])
+    assert imp["overrides"] == late.overrides
+    assert [m["arms"] for m in merged["settings"]["merged_from"]] == [["dense", "drop"], ["dense", "drop"], ["imp"]]
+    one_seed = race_report([late], {"imp": {1: configs["imp"][1]}}, [1], 100.0, interleave_order(1, 1))
+    with pytest.raises(ConfigError, match=r"arm imp has seeds \[1\], the merged race \[1, 2\]"):
+        merge_reports([*reports, one_seed], ["r1.json", "r2.json", "late.json"])
 
 
 def test_merge_reads_steps_of_older_reports_from_the_metrics_beside_them(make_cfg, tmp_path: Path) -> None:

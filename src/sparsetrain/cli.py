@@ -136,9 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "repeat; the first arm's final loss is the target")
     _add_config_flags(rc)
 
-    rm = sub.add_parser("race-merge", help="one report over the seeds of several races of the same arms (e.g. one seed "
-                        "per GPU call): the target, times to it and spreads over all seeds")
-    rm.add_argument("reports", nargs="+", metavar="RACE_JSON", help="race.json files of the same arms, budget and base config")
+    rm = sub.add_parser("race-merge", help="one report over several races of the same budget and base config: their "
+                        "seeds (e.g. one seed per GPU call) and their arms (an arm raced later for the same seeds); "
+                        "the target (the first file's first arm), times to it and spreads over all seeds")
+    rm.add_argument("reports", nargs="+", metavar="RACE_JSON",
+                    help="race.json files of the same budget and base config; every arm needs every seed once")
     rm.add_argument("--out-dir", required=True, metavar="DIR", help="where race.json, race.png and race_full.png go")
 
     rl = sub.add_parser("reference-losses", help="precompute a reference run's loss of every train token (a sidecar "

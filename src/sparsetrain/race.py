@@ -437,10 +437,16 @@ def _comparable_config(config: dict) -> dict:
 
 
 def merge_reports(reports: list[dict], sources: list[str]) -> dict:
-    """One report over the seeds of several races of the same arms, overrides, budget
-    and base config (up to the seed), e.g. one seed per GPU call: their runs side by
-    side, the target, times to it and equal-step losses recomputed over all seeds.
-    Each race's environment and order are kept under ``settings.merged_from``.
+    """One report over several races of the same budget and base config (up to the
+    seed): their seeds side by side (e.g. one seed per GPU call), and their arms
+    side by side (an arm raced later, in another call, for the same seeds), the
+    target, times to it and equal-step losses recomputed over everything.
+
+    The target arm is the first report's first arm. An arm raced in several
+    reports must have the same overrides in each; every arm must cover every
+    seed once. Each race's environment, order and arms are kept under
+    ``settings.merged_from``: arms from different calls did not share the
+    interleaved order that cancels GPU drift within a call.
     Raises :class:`ConfigError` naming the first difference."""
     from .benchmark import environment
 
@@ -448,31 +454,36 @@ def merge_reports(reports: list[dict], sources: list[str]) -> dict:
         raise ConfigError("race merge needs two or more race.json files")
     first, src0 = reports[0], sources[0]
     base = _comparable_config(first["settings"]["base_config"])
-    seen: dict[int, str] = {}
+    overrides: dict[str, dict] = {}  # arm -> its overrides, in order of first appearance
+    arm_source: dict[str, str] = {}
+    found: dict[tuple[str, int], tuple[dict, str]] = {}  # (arm, seed) -> (run, source)
     for rep, src in zip(reports, sources):
         st = rep["settings"]
-        if st["arms"] != first["settings"]["arms"] or list(st["arms"]) != list(first["settings"]["arms"]):
-            raise ConfigError(f"{src} races other arms than {src0}: {list(st['arms'].items())} vs "
-                              f"{list(first['settings']['arms'].items())}")
+        for name, ov in st["arms"].items():
+            if name in overrides and overrides[name] != ov:
+                raise ConfigError(f"{src} races other arms than {arm_source[name]}: {name} is {ov} there, "
+                                  f"{overrides[name]} in {arm_source[name]}")
+            overrides.setdefault(name, ov)
+            arm_source.setdefault(name, src)
         if st["seconds"] != first["settings"]["seconds"]:
             raise ConfigError(f"{src} gives every run {st['seconds']} s, {src0} {first['settings']['seconds']} s")
         other = _comparable_config(st["base_config"])
         if other != base:
             raise ConfigError(f"{src} has another base config than {src0}: {_first_difference(base, other)}")
-        for seed in st["seeds"]:
-            if seed in seen:
-                raise ConfigError(f"seed {seed} is in both {seen[seed]} and {src}")
-            seen[seed] = src
-    # every seed's runs, seeds in ascending order
-    per_seed = sorted((seed, rep, i, src) for rep, src in zip(reports, sources)
-                      for i, seed in enumerate(rep["settings"]["seeds"]))
-    runs: dict[str, list[dict]] = {name: [] for name in first["settings"]["arms"]}
-    for seed, rep, i, src in per_seed:
-        for name in runs:
-            run = {k: v for k, v in rep["arms"][name]["runs"][i].items() if k not in _DERIVED_RUN_KEYS}
-            if any(len(e) < 5 for e in run["evals"]):
-                run["evals"] = _evals_with_steps(run["evals"], Path(src).parent, name, seed)
-            runs[name].append(run)
+        for i, seed in enumerate(st["seeds"]):
+            for name in st["arms"]:
+                if (name, seed) in found:
+                    raise ConfigError(f"seed {seed} is in both {found[name, seed][1]} and {src} (arm {name})")
+                run = {k: v for k, v in rep["arms"][name]["runs"][i].items() if k not in _DERIVED_RUN_KEYS}
+                if any(len(e) < 5 for e in run["evals"]):
+                    run["evals"] = _evals_with_steps(run["evals"], Path(src).parent, name, seed)
+                found[name, seed] = (run, src)
+    seeds = sorted({seed for _, seed in found})
+    for name in overrides:
+        have = sorted(seed for arm, seed in found if arm == name)
+        if have != seeds:
+            raise ConfigError(f"arm {name} has seeds {have}, the merged race {seeds}: every arm needs every seed")
+    runs = {name: [found[name, seed][0] for seed in seeds] for name in overrides}
     # the runs' environment (where the races agree; "mixed" lists what differs), and where the merge ran
     envs = [rep.get("environment") or {} for rep in reports]
     env: dict[str, Any] = {}
@@ -482,10 +493,10 @@ def merge_reports(reports: list[dict], sources: list[str]) -> dict:
     here = environment()
     env["merge"] = {"date": here.get("date"), "git_commit": git_commit(), "device": here.get("device")}
     settings = {"base_config": first["settings"]["base_config"],
-                "merged_from": [{"file": src, "seeds": rep["settings"]["seeds"], "order": rep["settings"].get("order"),
-                                 "environment": rep.get("environment")} for rep, src in zip(reports, sources)]}
-    return summarize(dict(first["settings"]["arms"]), runs, [p[0] for p in per_seed], first["settings"]["seconds"],
-                     env, settings)
+                "merged_from": [{"file": src, "seeds": rep["settings"]["seeds"], "arms": list(rep["settings"]["arms"]),
+                                 "order": rep["settings"].get("order"), "environment": rep.get("environment")}
+                                for rep, src in zip(reports, sources)]}
+    return summarize(overrides, runs, seeds, first["settings"]["seconds"], env, settings)
 
 
 def _evals_with_steps(evals: list[list], folder: Path, arm: str, seed: int) -> list[list]:
