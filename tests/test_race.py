@@ -423,8 +423,12 @@ def test_merge_adds_an_arm_raced_later_for_the_same_seeds(make_cfg, tmp_path: Pa
 
     _, curves, reports = _one_seed_reports(make_cfg, tmp_path, [1, 2])
     rng = random.Random(int(torch.randint(0, 2**31 - 1, ())))
-    late = Arm("imp", {"drop_ratio": "0.5", "collider_method": "importance"})
-    configs = {"imp": {s: make_cfg(out_dir=str(tmp_path / "late" / "imp" / f"seed{s}"), seed=s) for s in (1, 2)}}
+    # as in a real report: the late race's base config is its first arm's, the arm's fields set
+    late = Arm("imp", {"use_collider": "true", "collider_sparsity": "0.5", "collider_method": "importance",
+                       "collider_score": "gradnorm"})
+    configs = {"imp": {s: make_cfg(out_dir=str(tmp_path / "late" / "imp" / f"seed{s}"), seed=s, use_collider=True,
+                                   collider_sparsity=0.5, collider_method="importance", collider_score="gradnorm")
+                       for s in (1, 2)}}
     for s in (1, 2):
         curves["imp", s] = _random_curve(rng, 100.0, overfit=False)
         _write_run(configs["imp"][s], rng, curves["imp", s], rng.uniform(1, 20))
@@ -439,6 +443,11 @@ def test_merge_adds_an_arm_raced_later_for_the_same_seeds(make_cfg, tmp_path: Pa
     one_seed = race_report([late], {"imp": {1: configs["imp"][1]}}, [1], 100.0, interleave_order(1, 1))
     with pytest.raises(ConfigError, match=r"arm imp has seeds \[1\], the merged race \[1, 2\]"):
         merge_reports([*reports, one_seed], ["r1.json", "r2.json", "late.json"])
+    # a field no arm sets must still agree
+    other_lr = json.loads(json.dumps(late_report))
+    other_lr["settings"]["base_config"]["training"]["lr"] *= 2
+    with pytest.raises(ConfigError, match="another base config"):
+        merge_reports([*reports, other_lr], ["r1.json", "r2.json", "late.json"])
 
 
 def test_merge_reads_steps_of_older_reports_from_the_metrics_beside_them(make_cfg, tmp_path: Path) -> None:

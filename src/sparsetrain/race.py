@@ -427,12 +427,17 @@ def summarize(overrides: dict[str, dict[str, str]], runs: dict[str, list[dict]],
     }
 
 
-def _comparable_config(config: dict) -> dict:
-    """A base config without what differs between the seeds of one race: the seed and
-    the run folder."""
+def _comparable_config(config: dict, arm_fields: set[str] = frozenset()) -> dict:
+    """A base config without what differs between the seeds of one race (the seed and
+    the run folder) and without ``arm_fields``, the fields some arm sets (a race's
+    base config is its first arm's, overrides included)."""
     out = json.loads(json.dumps(config))
     out.get("run", {}).pop("seed", None)
     out.get("run", {}).pop("out_dir", None)
+    for section in out.values():
+        if isinstance(section, dict):
+            for name in arm_fields & set(section):
+                section.pop(name)
     return out
 
 
@@ -453,7 +458,8 @@ def merge_reports(reports: list[dict], sources: list[str]) -> dict:
     if len(reports) < 2:
         raise ConfigError("race merge needs two or more race.json files")
     first, src0 = reports[0], sources[0]
-    base = _comparable_config(first["settings"]["base_config"])
+    arm_fields = {key for rep in reports for ov in rep["settings"]["arms"].values() for key in ov}
+    base = _comparable_config(first["settings"]["base_config"], arm_fields)
     overrides: dict[str, dict] = {}  # arm -> its overrides, in order of first appearance
     arm_source: dict[str, str] = {}
     found: dict[tuple[str, int], tuple[dict, str]] = {}  # (arm, seed) -> (run, source)
@@ -467,7 +473,7 @@ def merge_reports(reports: list[dict], sources: list[str]) -> dict:
             arm_source.setdefault(name, src)
         if st["seconds"] != first["settings"]["seconds"]:
             raise ConfigError(f"{src} gives every run {st['seconds']} s, {src0} {first['settings']['seconds']} s")
-        other = _comparable_config(st["base_config"])
+        other = _comparable_config(st["base_config"], arm_fields)
         if other != base:
             raise ConfigError(f"{src} has another base config than {src0}: {_first_difference(base, other)}")
         for i, seed in enumerate(st["seeds"]):
