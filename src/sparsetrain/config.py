@@ -538,7 +538,7 @@ def reference_markdown() -> str:
     """The config reference table (docs/config.md is this, checked by a test)."""
     rows = ["# Configuration reference", "",
             "Generated from the dataclasses in `src/sparsetrain/config.py` "
-            "(`python -c 'from sparsetrain.config import reference_markdown as r; print(r())' > docs/config.md`).",
+            "(`python -c 'from sparsetrain.config import reference_markdown as r; print(r(), end="")' > docs/config.md`).",
             "Every key is a TOML key in its section and a CLI flag (`_` becomes `-`; booleans take `--x/--no-x`).",
             "Precedence: defaults < `--preset` < `--config FILE` < flags.", ""]
     defaults = TrainConfig()
