@@ -49,7 +49,7 @@ from .optimizer_steps import run_optimizers
 from .options import BenchError, describe_shapes, parse_cases
 from .profiling import profile_top_kernels
 from .results import Result, quantile
-from .timing import gib, matmul_tflops, prime_heat_time, sync
+from .timing import capture_step, gib, matmul_tflops, prime_heat_time, sync
 from .train_steps import SPARSE24_OVERRIDES, BuiltStep, build_steps, collider_overrides, pin_bk_skip_rate
 
 SHARED_DEFAULTS = {"repeats": 15, "warmup": 3, "shapes": "", "compile": False,
@@ -99,6 +99,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queued", type=int, default=1, help="steps per timed sample, queued back to back (ms per step)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA graphs: the BK layer captured, the model steps compiled in reduce-overhead mode")
+    p.add_argument("--capture", action="store_true",
+                   help="CUDA: each model step (forward, backward, optimizer) captured whole in one CUDA graph after "
+                        "its warm-up, and replayed when timed: dense and Collider alike (no phase breakdown)")
     p.add_argument("--drops", default=None, help="collider: comma list of drop ratios (default 0.5)")
     p.add_argument("--skip", type=float, default=None, help="bk_step, bk_layer: fraction of positions skipped (default 0.5)")
     p.add_argument("--tokens", choices=("random", "corpus"), default="random",
@@ -111,7 +114,8 @@ def file_label(args: argparse.Namespace) -> str:
     label = args.shapes.replace(":", "-").replace(",", ".") if args.shapes else ""
     if args.headline:
         return "headline" + (f"-{label}" if label else "")
-    return (label or "default") + ("-compiled" if args.compile else "") + ("-graphs" if args.cuda_graphs else "")
+    return ((label or "default") + ("-compiled" if args.compile else "") + ("-graphs" if args.cuda_graphs else "")
+            + ("-captured" if getattr(args, "capture", False) else ""))
 
 
 @dataclass
@@ -174,17 +178,28 @@ def step_variants(bench: str, spec: dict[str, Any], compile: bool, graphs: bool,
 def _model_case(bench: str, spec: dict, compile: bool, graphs: bool, args: argparse.Namespace, device: torch.device,
                 share: bool, after: Callable[[dict[str, BuiltStep], str], dict] | None = None) -> Case:
     """A case of model steps: their phases in each row, and ``after(built, name)``'s extra."""
-    built = build_steps(step_variants(bench, spec, compile, graphs, args, device), share=share)
+    capture = getattr(args, "capture", False)
+    built = build_steps(step_variants(bench, spec, compile, graphs, args, device), share=share, marks=not capture)
     names = list(built)
     seq = spec["seq"]
+    calls: dict[str, Callable[[], Any]] = {n: b.step for n, b in built.items()}
+    if capture:  # after each one's warm-up, so that what it compiles is compiled outside the graph
+        calls = {n: capture_step(b.step, [b.step.optimizer], _selector_generators(b.step.objective))
+                 for n, b in built.items()}
 
     def extra(name: str, timed: dict[str, list[bool]]) -> dict[str, Any]:
-        out: dict[str, Any] = {"phase_ms": built[name].clock.phase_ms(timed[name])}
+        out: dict[str, Any] = {} if capture else {"phase_ms": built[name].clock.phase_ms(timed[name])}
         return {**out, **(after(built, name) if after else {})}
-    return Case(calls={n: b.step for n, b in built.items()}, baseline=names[0], tokens_per_call=spec["batch"] * seq,
+    return Case(calls=calls, baseline=names[0], tokens_per_call=spec["batch"] * seq,
                 flops_per_token={n: b.model.flops_per_token(seq) for n, b in built.items()
                                  if hasattr(b.model, "flops_per_token")},
                 after=extra, keep=[b.model for b in built.values()])
+
+
+def _selector_generators(objective: Any) -> list[torch.Generator]:
+    """The CUDA generators of the objective's token selector (none for top-k)."""
+    selector = getattr(objective, "selector", None)
+    return [g for g in (selector.generators() if selector is not None else []) if g.device.type == "cuda"]
 
 
 def build_case(bench: str, spec: dict[str, Any], compile: bool, graphs: bool, args: argparse.Namespace,
@@ -220,7 +235,7 @@ def run_case(bench: str, shape: str, compile: bool, graphs: bool, args: argparse
     """Build, prime, heat and time one shape's variants; their rows (error rows if anything failed)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     label = f"{bench}:{shape}"
-    mode = {"compile": compile, "cuda_graphs": graphs, "queued": args.queued, "rounds": args.rounds,
+    mode = {"compile": compile, "cuda_graphs": graphs, "capture": args.capture, "queued": args.queued, "rounds": args.rounds,
             "warmup": args.warmup, "heat_seconds": args.heat_seconds}
     spec = SHAPES[bench][shape]
     print(f"steps {label}: {spec}, {_mode_text(compile, graphs)}", flush=True)
@@ -327,6 +342,7 @@ def _check(args: argparse.Namespace) -> list[tuple[str, str, bool, bool]]:
         if getattr(args, name) < 1:
             raise BenchError(f"--{name} must be >= 1, got {getattr(args, name)}")
     cuda = torch.cuda.is_available()
+    args.capture = getattr(args, "capture", False)  # a Namespace made by hand (tests) may lack it
     if args.headline:
         given = [f for f, v in (("--compile", args.compile), ("--cuda-graphs", args.cuda_graphs),
                                 ("--drops", args.drops), ("--skip", args.skip)) if v]
@@ -347,11 +363,16 @@ def _check(args: argparse.Namespace) -> list[tuple[str, str, bool, bool]]:
         cases = [(b, s, args.compile, args.cuda_graphs) for b, s in parse_cases(args.shapes, SHAPES, DEFAULT)]
     if any(not 0 < d < 1 for d in args.drops) or not 0 < args.skip < 1:
         raise BenchError(f"--drops and --skip must lie strictly between 0 and 1, got {args.drops} and {args.skip}")
-    if (args.cuda_graphs or args.profile) and not cuda:
-        raise BenchError(f"{'--cuda-graphs' if args.cuda_graphs else '--profile'} needs a CUDA device")
+    if (args.cuda_graphs or args.profile or args.capture) and not cuda:
+        flag = "--cuda-graphs" if args.cuda_graphs else "--capture" if args.capture else "--profile"
+        raise BenchError(f"{flag} needs a CUDA device")
+    if args.capture and (args.cuda_graphs or args.headline or args.profile):
+        raise BenchError("--capture captures the whole step itself: drop --cuda-graphs, --headline and --profile")
     for bench, shape, _, graphs in cases:
         if bench == "collider" and graphs:
             raise BenchError("collider: --cuda-graphs is not supported (the Collider backward is not captured)")
+        if args.capture and bench not in ("dense", "collider", "hyper", "sparse24"):
+            raise BenchError(f"{bench}: --capture applies to the model steps (dense, collider, hyper, sparse24)")
         if bench in ISOLATED and args.profile:
             raise BenchError(f"{bench}: --profile applies to the interleaved benches only")
         if bench == "bk_layer" and args.tokens != "random":

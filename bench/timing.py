@@ -175,6 +175,37 @@ def graphs_compiled() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def capture_step(step: Callable[[], Any], optimizers: list[torch.optim.Optimizer] | tuple = (),
+                 generators: list[torch.Generator] | tuple = (), warmup: int = 3) -> Callable[[], None]:
+    """``step`` (forward, backward, optimizer step: device work only) captured whole
+    in one CUDA graph; returns its replay.
+
+    ``warmup`` eager calls on a side stream come first (they compile, autotune and
+    allocate), as the CUDA graph documentation prescribes for whole-network
+    capture. What capture needs from the step: no host sync, fixed shapes, inputs
+    that stay in the same memory, and the optimizers' param groups capturable
+    (set here; their step counts must already live on the GPU, as the fused
+    AdamW keeps them); ``generators``: every non-default generator the step
+    draws from (a random selection's), registered so each replay draws anew.
+    A replay does what one call did, with the same Python-side settings (a
+    learning rate read as a number, a step-dependent schedule) frozen at capture."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["capturable"] = True
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    for gen in generators:
+        graph.register_generator_state(gen)
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def prime(calls: dict[str, Callable[[], None]], warmup: int, device: torch.device) -> dict[str, dict[str, Any]]:
     """Call each variant ``warmup`` times in turn (its first call compiles it)
     and record, per variant, its start-up apart from anything timed later:

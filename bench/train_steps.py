@@ -118,10 +118,11 @@ class BuiltStep:
     clock: PhaseClock
 
 
-def build_steps(variants: dict[str, dict[str, Any]], share: bool = False) -> dict[str, BuiltStep]:
+def build_steps(variants: dict[str, dict[str, Any]], share: bool = False, marks: bool = True) -> dict[str, BuiltStep]:
     """:func:`make_train_step` of each variant's keyword arguments, each marking
-    its phases on a clock of its own; ``share``: every model after the first
-    takes the first one's parameters and optimizer (:func:`share_parameters`)."""
+    its phases on a clock of its own (``marks=False``: none, for a step that is
+    captured in a CUDA graph); ``share``: every model after the first takes the
+    first one's parameters and optimizer (:func:`share_parameters`)."""
     out: dict[str, BuiltStep] = {}
     optimizer = SharedOptimizer()
     first: torch.nn.Module | None = None
@@ -133,7 +134,7 @@ def build_steps(variants: dict[str, dict[str, Any]], share: bool = False) -> dic
             kwargs["optimizer"] = optimizer
         device = torch.device(kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
         clock = PhaseClock(device)
-        step, model = make_train_step(**kwargs, mark=clock)
+        step, model = make_train_step(**kwargs, **({"mark": clock} if marks else {}))
         first = first if first is not None else model
         out[name] = BuiltStep(step, model, clock)
     return out

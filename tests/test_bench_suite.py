@@ -309,6 +309,8 @@ def test_parse_cases() -> None:
      else "--profile applies to the interleaved benches only"),
     (["steps", "--shapes", "collider:tiny", "--drops", "1.5"], "--drops and --skip"),
     (["trainer", "--runs", "a:ffn"], "key=value"),
+    (["steps", "--shapes", "collider:tiny", "--capture", "--cuda-graphs"], "needs a CUDA device" if not torch.cuda.is_available()
+     else "--capture captures"),
     (["gradient_error", "--methods", "a=best/loss"], "give NAME=METHOD/SCORE"),
     (["gradient_error", "--draws", "1"], "--draws must be >= 2"),
     (["gradient_error", "--drop", "1"], "--drop must be in (0, 1)"),
@@ -686,3 +688,37 @@ def test_headline_is_the_three_comparisons_each_in_its_own_mode() -> None:
     one_b = steps.SHAPES["collider"]["1b"]
     assert (one_b["seq"], one_b["batch"]) == (2048, 8) and one_b["overrides"]["d_model"] == 2048
     assert steps.SHAPES["bk_layer"]["64k"]["batch"] * steps.SHAPES["bk_layer"]["64k"]["seq"] == 65536
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["topk", "random", "importance"])
+def test_captured_step_replays_what_eager_steps_do(method: str) -> None:
+    """A Collider step captured in a CUDA graph: 3 warm-up calls, the capture (which
+    runs nothing) and 2 replays train the weights as 5 eager steps do (top-k: the
+    same tokens every step); with a random draw, each replay draws anew (the
+    selector's generator is registered with the graph)."""
+    from sparsetrain.bench_step import make_train_step
+
+    from bench.steps import _selector_generators
+    from bench.timing import capture_step
+
+    over = {"use_collider": True, "collider_sparsity": 0.5, "collider_method": method, "n_layer": 2, "d_model": 64,
+            "n_head": 2, "vocab_size": 512, "dtype": "float32",
+            "collider_score": "gradnorm" if method == "importance" else "collider"}
+    eager, eager_model = make_train_step("tiny", seq_len=64, batch_size=4, device="cuda", model_overrides=over)
+    graphed, graphed_model = make_train_step("tiny", seq_len=64, batch_size=4, device="cuda", model_overrides=over)
+    graphed.x.copy_(eager.x)
+    graphed.y.copy_(eager.y)
+    graphed_model.load_state_dict(eager_model.state_dict())
+    replay = capture_step(graphed, [graphed.optimizer], _selector_generators(graphed.objective), warmup=3)
+    replay()
+    first = graphed.objective.selector.last_mask.clone()
+    replay()
+    torch.cuda.synchronize()
+    if method != "topk":
+        assert not torch.equal(first, graphed.objective.selector.last_mask)
+        return
+    for _ in range(5):
+        eager()
+    for (name, a), b in zip(eager_model.named_parameters(), graphed_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name

@@ -160,6 +160,12 @@ class TokenSelector:
             state, self.last_mask, self.last_stats, self._forced = saved
             self.load_state_dict(state)
 
+    def generators(self) -> list[torch.Generator]:
+        """The generators the selection has drawn from so far, one per device (what
+        a CUDA graph capturing a step with ``random`` or ``importance`` selection
+        registers)."""
+        return list(self._generators.values())
+
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
