@@ -443,6 +443,15 @@ def test_merge_adds_an_arm_raced_later_for_the_same_seeds(make_cfg, tmp_path: Pa
     one_seed = race_report([late], {"imp": {1: configs["imp"][1]}}, [1], 100.0, interleave_order(1, 1))
     with pytest.raises(ConfigError, match=r"arm imp has seeds \[1\], the merged race \[1, 2\]"):
         merge_reports([*reports, one_seed], ["r1.json", "r2.json", "late.json"])
+    # a report older than a config field ran at its default: it merges; at another value it would not
+    older = json.loads(json.dumps(reports[0]))
+    assert older["settings"]["base_config"]["training"].pop("init_from") == ""
+    assert list(merge_reports([older, reports[1], late_report], ["r1.json", "r2.json", "late.json"])["arms"]) == \
+        ["dense", "drop", "imp"]
+    newer = json.loads(json.dumps(reports[1]))
+    newer["settings"]["base_config"]["training"]["init_from"] = "runs/base"
+    with pytest.raises(ConfigError, match="init_from"):
+        merge_reports([older, newer], ["r1.json", "r2.json"])
     # a field no arm sets must still agree
     other_lr = json.loads(json.dumps(late_report))
     other_lr["settings"]["base_config"]["training"]["lr"] *= 2

@@ -430,8 +430,15 @@ def summarize(overrides: dict[str, dict[str, str]], runs: dict[str, list[dict]],
 def _comparable_config(config: dict, arm_fields: set[str] = frozenset()) -> dict:
     """A base config without what differs between the seeds of one race (the seed and
     the run folder) and without ``arm_fields``, the fields some arm sets (a race's
-    base config is its first arm's, overrides included)."""
-    out = json.loads(json.dumps(config))
+    base config is its first arm's, overrides included); a field it lacks (added
+    to the config since) at its default."""
+    # a field added to the config after a race ran is absent from its report: it ran at the default
+    out = TrainConfig().to_dict()
+    for section, values in json.loads(json.dumps(config)).items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section].update(values)
+        else:
+            out[section] = values
     out.get("run", {}).pop("seed", None)
     out.get("run", {}).pop("out_dir", None)
     for section in out.values():
