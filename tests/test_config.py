@@ -87,6 +87,7 @@ def test_bad_files_name_the_problem(tmp_path: Path, toml: str, message: str) -> 
         ({"use_collider": True, "collider_sparsity": 0.5, "collider_method": "importance", "collider_score": "loss",
           "use_mtp": True}, "use topk or random with use_mtp"),
         ({"selection": "batch", "selection_method": "importance", "selection_score": "loss"}, "needs selection = loss"),
+        ({"collider_span": 0}, "training.collider_span must be >= 1, got 0"),
         ({"selection": "loss", "selection_method": "importance"}, "selection_score must be one of loss, gradnorm, got 'combined'"),
     ],
 )

@@ -210,3 +210,41 @@ def test_cggr_loss_with_importance_is_the_weighted_kept_mean() -> None:
     ce = F.cross_entropy(logits.detach().reshape(-1, V), targets.reshape(-1), reduction="none").view(B, T)
     want = (ce * stats.weights.double())[mask].sum() / int(mask.sum())
     assert torch.allclose(loss.detach(), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("T, span", [(12, 4), (13, 4), (7, 1), (5, 8)])
+def test_span_mean_matches_a_loop_over_blocks(T: int, span: int) -> None:
+    from sparsetrain.selection.scores import span_mean
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    s = torch.randn(3, T, generator=g, dtype=torch.float64)
+    s[0, 1] = float("-inf")
+    s[2, : min(span, T)] = float("-inf")  # a block with nothing valid
+    got = span_mean(s, span)
+    for b in range(3):
+        for start in range(0, T, span):
+            block = s[b, start:start + span]
+            ok = block > float("-inf")
+            want = block[ok].mean() if ok.any() else torch.tensor(float("-inf"), dtype=torch.float64)
+            for t in range(start, min(start + span, T)):
+                expect = want if s[b, t] > float("-inf") else torch.tensor(float("-inf"), dtype=torch.float64)
+                assert torch.allclose(got[b, t], expect, rtol=1e-12) or (got[b, t] == expect), (b, t)
+
+
+def test_span_selection_keeps_or_drops_whole_blocks() -> None:
+    """Top-k on span-averaged scores with a budget of whole blocks keeps whole blocks:
+    the blocks of highest mean score."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    B, T, V, span = 2, 32, 30, 8
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    sel = TokenSelector(score="loss", method="topk", keep_ratio=0.5, span=span)
+    keep, _ = sel(logits, targets)
+    blocks = keep.view(B, T // span, span)
+    assert torch.all(blocks.all(-1) | ~blocks.any(-1)) and int(keep.sum()) == B * T // 2
+    nll = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), reduction="none").view(B, T // span, span).mean(-1)
+    kept_blocks = blocks.all(-1)
+    assert float(nll[kept_blocks].min()) >= float(nll[~kept_blocks].max()) - 1e-12
+    with pytest.raises(ValueError, match="span must be >= 1, got 0"):
+        TokenSelector(span=0)
+

@@ -214,6 +214,7 @@ class TrainConfig:
     collider_threshold: float = field(default=0.5, metadata=_section("training", "Collider fixed threshold on the score (used when collider_sparsity = 0)"))
     collider_sparsity: float = field(default=0.0, metadata=_section("training", "Collider target drop ratio, held by the adaptive threshold (or exact, with collider_method = topk)"))
     collider_score: str = field(default="collider", metadata=_section("training", "Collider token score (collider, loss, excess, ...)"))
+    collider_span: int = field(default=1, metadata=_section("training", "score each token by the mean score of its block of this many consecutive positions (per sequence), so that whole spans are kept or dropped; 1 = per token"))
     collider_method: str = field(default="threshold", metadata=_section("training", "threshold (adaptive when collider_sparsity > 0), topk (exact ratio), random (the control) or importance (drawn in proportion to a loss or gradnorm score, weighted: unbiased)"))
     use_mtp: bool = field(default=False, metadata=_section("training", "multi-token prediction heads"))
     mtp_n_tokens: int = field(default=2, metadata=_section("training", "MTP extra heads (2-4)"))

@@ -22,6 +22,7 @@ METHODS = ("threshold", "topk", "random", "importance")
 def check_config(cfg: TrainConfig) -> None:
     """The ``collider_*`` fields, and what Collider does not combine with."""
     require(0 <= cfg.collider_sparsity < 1, f"training.collider_sparsity must be in [0, 1), got {cfg.collider_sparsity}")
+    require(cfg.collider_span >= 1, f"training.collider_span must be >= 1, got {cfg.collider_span}")
     if not cfg.use_collider:
         return
     require(cfg.model.arch == "gpt", f"model.arch = {cfg.model.arch} trains with the plain loss: "
@@ -53,7 +54,7 @@ def make_selector(cfg: TrainConfig, seed: int) -> TokenSelector:
     return TokenSelector(
         score=cfg.collider_score, method=cfg.collider_method, keep_ratio=1.0 - cfg.collider_sparsity,
         warmup_steps=cfg.selection_warmup_steps, threshold=cfg.collider_threshold,
-        target_sparsity=cfg.collider_sparsity if adaptive else None, seed=seed,
+        target_sparsity=cfg.collider_sparsity if adaptive else None, seed=seed, span=cfg.collider_span,
     )
 
 

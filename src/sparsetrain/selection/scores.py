@@ -169,3 +169,30 @@ def score_tokens(
     if not logits.is_cuda:
         raise_if_nonfinite(stats)
     return scores_from_stats(kind, stats, ref_nll), stats
+
+
+def span_mean(scores: torch.Tensor, span: int) -> torch.Tensor:
+    """Each position's score replaced by the mean over the valid positions of its
+    block of ``span`` consecutive positions (blocks laid from the start of each
+    sequence, the last one possibly shorter), so a selection keeps or drops whole
+    spans: a document of noise is dropped as one, not token by token. Ignored
+    positions (``-inf``) stay ``-inf``; a block with none valid is ``-inf``."""
+    if span < 1:
+        raise ValueError(f"span must be >= 1, got {span}")
+    if span == 1:
+        return scores
+    T = scores.shape[-1]
+    pad = -T % span
+    valid = scores > float("-inf")
+    x = torch.where(valid, scores, 0.0)
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+        valid_p = torch.nn.functional.pad(valid, (0, pad))
+    else:
+        valid_p = valid
+    blocks = x.reshape(*x.shape[:-1], -1, span)
+    counts = valid_p.reshape(*x.shape[:-1], -1, span).sum(-1, keepdim=True)
+    means = (blocks.sum(-1, keepdim=True) / counts.clamp(min=1)).masked_fill(counts == 0, float("-inf"))
+    out = means.expand_as(blocks).reshape(x.shape)[..., :T]
+    return out.masked_fill(~valid, float("-inf"))
+

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 
 from .schedule import AdaptiveThreshold, SelectionStats, dynamic_keep_ratio, warmup_keep_ratio
-from .scores import IGNORE_INDEX, NONNEGATIVE_SCORES, SCORES, RowStats, score_tokens
+from .scores import IGNORE_INDEX, NONNEGATIVE_SCORES, SCORES, RowStats, score_tokens, span_mean
 from .select import METHODS, cached_kept_indices, select, select_importance
 
 
@@ -29,6 +29,9 @@ class TokenSelector:
         target_sparsity: with ``method="threshold"``, hold this dropped
             fraction with :class:`AdaptiveThreshold` instead of a fixed value.
         num_strata, min_per_sequence, per_sequence: see ``select.py``.
+        span: score each token by the mean score of its block of ``span``
+            positions (:func:`~sparsetrain.selection.scores.span_mean`): whole
+            spans kept or dropped.
         seed: seed of the generator behind ``random``, ``stratified`` and ``importance``.
 
     ``importance`` draws the kept tokens in proportion to a non-negative score
@@ -60,6 +63,7 @@ class TokenSelector:
         per_sequence: bool = False,
         seed: int = 0,
         ignore_index: int = IGNORE_INDEX,
+        span: int = 1,
     ) -> None:
         if score not in SCORES:
             raise ValueError(f"unknown score {score!r} (choose from {', '.join(SCORES)})")
@@ -78,6 +82,9 @@ class TokenSelector:
         self.threshold, self.num_strata = threshold, num_strata
         self.min_per_sequence, self.per_sequence = min_per_sequence, per_sequence
         self.ignore_index, self.seed = ignore_index, seed
+        if span < 1:
+            raise ValueError(f"span must be >= 1, got {span}")
+        self.span = span
         self.target_sparsity = target_sparsity
         self.controller = AdaptiveThreshold(target_sparsity) if target_sparsity is not None else None
         self.step_count = 0
@@ -183,7 +190,7 @@ class TokenSelector:
         ``topk`` and ``random`` selection never wait for the GPU: the mask, its
         kept indices and the stats stay on the device until read."""
         scores, rs = score_tokens(self.score, logits, targets, ref_nll, self.ignore_index)
-        return self.select_from_scores(scores, rs, n_valid)
+        return self.select_from_scores(span_mean(scores, self.span), rs, n_valid)
 
     @torch.no_grad()
     def select_from_scores(self, scores: torch.Tensor, rs: RowStats,
