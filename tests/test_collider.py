@@ -220,11 +220,13 @@ def test_masked_cross_entropy_on_plain_logits_matches_float64() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
 def test_masked_cross_entropy_kernels_match_float64(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
-                                                   compact: bool) -> None:
+                                                   compact: bool, weighted: bool) -> None:
     """The loss on its Triton kernels (on CUDA; here through Triton's interpreter):
     loss and gradient against float64, as a full gradient and as the compact
-    kept rows handed to the engine's slot."""
+    kept rows handed to the engine's slot; ``weighted``: per-token weights (the
+    importance selection's), one scale per kept row in the gradient kernel."""
     from sparsetrain import cross_entropy as ce
     from sparsetrain.collider import loss as kept_loss
 
@@ -237,17 +239,19 @@ def test_masked_cross_entropy_kernels_match_float64(monkeypatch: pytest.MonkeyPa
     targets[1, 2] = -100
     keep = torch.rand(B, T, generator=g) < 0.6
     keep[1, 2] = keep[0, 1] = True
+    weights = (torch.rand(B, T, generator=g) * 4).to(device) if weighted else None
     targets, keep = targets.to(device), keep.to(device)
     slot = kept_loss.RowGradSlot()
     if compact:
         setattr(logits, kept_loss.SLOT_ATTR, slot)
-    loss = masked_cross_entropy(logits, targets, keep)
+    loss = masked_cross_entropy(logits, targets, keep, weights)
     (dl,) = torch.autograd.grad(loss * 0.8, logits)
     x64 = logits.detach().double().requires_grad_(True)
     sel = keep & (targets != -100)
-    ref = F.cross_entropy(x64[sel], targets[sel])
+    ref = F.cross_entropy(x64[sel], targets[sel], reduction="none")
+    ref = (ref * weights[sel].double()).mean() if weighted else ref.mean()
     (want,) = torch.autograd.grad(ref * 0.8, x64)
-    assert abs(float(loss) - float(ref)) <= 1e-5 * abs(float(ref))
+    assert abs(float(loss.detach()) - float(ref)) <= 1e-5 * abs(float(ref))
     if compact:  # the engine's rows: the gradient of the kept rows, in the filter's order
         (keep_, kidx, rows), = slot.items
         got = torch.zeros(B * T, V, dtype=rows.dtype, device=device).index_copy_(0, kidx, rows).view(B, T, V)

@@ -166,39 +166,6 @@ def test_weighted_masked_cross_entropy_matches_float64() -> None:
         masked_cross_entropy(logits, targets, keep, weights[:, :6])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_weighted_kernel_rows_match_float64(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
-    """The gradient kernel with one scale per kept row (on CUDA; here Triton's
-    interpreter), as the compact rows the engine receives, against float64."""
-    from sparsetrain import cross_entropy as ce
-    from sparsetrain.collider import loss as kept_loss
-
-    monkeypatch.setattr(kept_loss, "_fused", ce.fused_ok)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(fresh_seed())
-    B, T, V = 2, 9, 600
-    logits = (3 * torch.randn(B, T, V, generator=g)).to(device, dtype).requires_grad_(True)
-    targets = torch.randint(0, V, (B, T), generator=g)
-    targets[1, 2] = -100
-    keep = torch.rand(B, T, generator=g) < 0.6
-    keep[1, 2] = keep[0, 1] = True
-    weights = torch.rand(B, T, generator=g) * 4
-    targets, keep, weights = targets.to(device), keep.to(device), weights.to(device)
-    slot = kept_loss.RowGradSlot()
-    setattr(logits, kept_loss.SLOT_ATTR, slot)
-    loss = masked_cross_entropy(logits, targets, keep, weights)
-    torch.autograd.grad(loss * 0.8, logits)
-    x64 = logits.detach().double().requires_grad_(True)
-    sel = keep & (targets != -100)
-    ref = (F.cross_entropy(x64[sel], targets[sel], reduction="none") * weights[sel].double()).sum() / int(sel.sum())
-    (want,) = torch.autograd.grad(ref * 0.8, x64)
-    assert abs(float(loss) - float(ref)) <= 1e-5 * abs(float(ref))
-    (_, kidx, rows), = slot.items
-    got = torch.zeros(B * T, V, dtype=rows.dtype, device=device).index_copy_(0, kidx, rows).view(B, T, V)
-    tol = 1e-6 if dtype == torch.float32 else 2**-8
-    assert torch.allclose(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
-
-
 def test_cggr_loss_with_importance_is_the_weighted_kept_mean() -> None:
     g = torch.Generator().manual_seed(fresh_seed())
     B, T, V = 2, 16, 40
