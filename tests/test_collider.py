@@ -199,7 +199,10 @@ def test_selector_mask_with_its_own_indices_matches_reference(method: str) -> No
     assert_close(got, grads(model), rtol=1e-6)
 
 
-def test_masked_cross_entropy_on_plain_logits_matches_float64() -> None:
+@pytest.mark.parametrize("weighted", [False, True])
+def test_masked_cross_entropy_on_plain_logits_matches_float64(weighted: bool) -> None:
+    """The mean over kept tokens with a target, or with ``weights`` (importance
+    selection's) the weighted sum over them divided by their count."""
     g = torch.Generator().manual_seed(fresh_seed())
     B, T, V = 3, 7, 11
     logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
@@ -207,15 +210,19 @@ def test_masked_cross_entropy_on_plain_logits_matches_float64() -> None:
     targets[1, 2] = -100
     keep = torch.rand(B, T, generator=g) < 0.6
     keep[1, 2] = keep[0, 1] = True
-    loss = masked_cross_entropy(logits, targets, keep)
+    weights = torch.rand(B, T, generator=g, dtype=torch.float64) * 3 if weighted else torch.ones(B, T, dtype=torch.float64)
+    loss = masked_cross_entropy(logits, targets, keep, weights if weighted else None)
     (dl,) = torch.autograd.grad(loss, logits)
     ref_logits = logits.detach().clone().requires_grad_(True)
-    terms = [torch.logsumexp(ref_logits[b, t], 0) - ref_logits[b, t, targets[b, t]]
+    terms = [weights[b, t] * (torch.logsumexp(ref_logits[b, t], 0) - ref_logits[b, t, targets[b, t]])
              for b in range(B) for t in range(T) if keep[b, t] and targets[b, t] != -100]
     ref = torch.stack(terms).mean()
     ref.backward()
     assert torch.allclose(loss, ref, rtol=1e-12)
     assert torch.allclose(dl, ref_logits.grad, rtol=1e-12, atol=1e-15)
+    if weighted:
+        with pytest.raises(ValueError, match=r"weights \(3, 6\) do not match keep \(3, 7\)"):
+            masked_cross_entropy(logits, targets, keep, weights[:, :6])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -4,7 +4,8 @@ the kept-rows loss is an unbiased estimate of the mean loss over every token.
 References: capped inclusion probabilities by the plain iterative algorithm in
 float64 Python, inclusion frequencies over a fine grid of the systematic draw's
 offset, Monte Carlo over many draws for the whole selection, and float64
-autograd for the weighted losses."""
+autograd for the weighted selective loss (the weighted Collider loss is tested
+in test_collider.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsetrain.collider import masked_cross_entropy
 from sparsetrain.selection import (
     CGGRLoss, TokenSelector, budget, inclusion_probabilities, score_tokens, select, select_importance,
 )
@@ -142,28 +142,6 @@ def test_gradnorm_score_bounds_the_logit_gradient_norm() -> None:
     assert s[0, 0] == float("-inf")
     assert torch.all(s[v] <= norm[v] + 1e-12) and torch.all(norm[v] <= math.sqrt(2) * s[v] + 1e-12)
     assert torch.allclose(s[v], 1 - p.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)[v], rtol=1e-12)
-
-
-def test_weighted_masked_cross_entropy_matches_float64() -> None:
-    g = torch.Generator().manual_seed(fresh_seed())
-    B, T, V = 3, 7, 11
-    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
-    targets = torch.randint(0, V, (B, T), generator=g)
-    targets[1, 2] = -100
-    keep = torch.rand(B, T, generator=g) < 0.6
-    keep[1, 2] = keep[0, 1] = True
-    weights = torch.rand(B, T, generator=g, dtype=torch.float64) * 3
-    loss = masked_cross_entropy(logits, targets, keep, weights)
-    (dl,) = torch.autograd.grad(loss, logits)
-    x = logits.detach().clone().requires_grad_(True)
-    terms = [weights[b, t] * (torch.logsumexp(x[b, t], 0) - x[b, t, targets[b, t]])
-             for b in range(B) for t in range(T) if keep[b, t] and targets[b, t] != -100]
-    ref = torch.stack(terms).sum() / len(terms)
-    ref.backward()
-    assert torch.allclose(loss, ref, rtol=1e-12)
-    assert torch.allclose(dl, x.grad, rtol=1e-12, atol=1e-15)
-    with pytest.raises(ValueError, match=r"weights \(3, 6\) do not match keep \(3, 7\)"):
-        masked_cross_entropy(logits, targets, keep, weights[:, :6])
 
 
 def test_cggr_loss_with_importance_is_the_weighted_kept_mean() -> None:
