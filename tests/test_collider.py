@@ -77,11 +77,13 @@ def reference_trunk(model: GPT, idx: torch.Tensor, keep: torch.Tensor, hidden: l
 
 
 def reference_loss(model: GPT, idx: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor,
-                   **kwargs) -> torch.Tensor:
-    """The Collider objective: mean cross-entropy over kept tokens of :func:`reference_trunk`."""
+                   weights: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """The Collider objective: mean cross-entropy over kept tokens of :func:`reference_trunk`
+    (each token's loss times its weight first, with ``weights``)."""
     logits = model.lm_head(model.norm(reference_trunk(model, idx, keep, **kwargs)))
     sel = keep & (targets != -100)
-    return F.cross_entropy(logits[sel], targets[sel])
+    losses = F.cross_entropy(logits[sel], targets[sel], reduction="none")
+    return (losses if weights is None else losses * weights[sel]).mean()
 
 
 # model variants: FFN kind, and for relu2_24 the settings that make its backward
@@ -311,9 +313,7 @@ def test_weighted_kept_loss_gradients_match_reference(variant: str) -> None:
     keep = random_keep(B, T, g)
     weights = torch.rand(B, T, generator=g, dtype=torch.float64) * 3
     with recording(model) as magnitudes:
-        logits = model.lm_head(model.norm(reference_trunk(model, idx, keep)))
-        sel = keep & (targets != -100)
-        (F.cross_entropy(logits[sel], targets[sel], reduction="none") * weights[sel]).mean().backward()
+        reference_loss(model, idx, targets, keep, weights).backward()
     ref = grads(model)
     masked_cross_entropy(ColliderModel(model)(idx), targets, keep, weights).backward()
     assert_within_rounding(grads(model), ref, magnitudes, torch.float64, rtol=1e-10)
