@@ -31,6 +31,7 @@ its plan: what is built, compiled, primed and timed.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import sys
 import time
@@ -184,7 +185,7 @@ def _model_case(bench: str, spec: dict, compile: bool, graphs: bool, args: argpa
     seq = spec["seq"]
     calls: dict[str, Callable[[], Any]] = {n: b.step for n, b in built.items()}
     if capture:  # after each one's warm-up, so that what it compiles is compiled outside the graph
-        calls = {n: capture_step(b.step, [b.step.optimizer], _selector_generators(b.step.objective))
+        calls = {n: capture_step(b.step, [b.step.optimizer], functools.partial(_selector_generators, b.step.objective))
                  for n, b in built.items()}
 
     def extra(name: str, timed: dict[str, list[bool]]) -> dict[str, Any]:

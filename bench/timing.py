@@ -176,7 +176,7 @@ def graphs_compiled() -> int:
 
 
 def capture_step(step: Callable[[], Any], optimizers: list[torch.optim.Optimizer] | tuple = (),
-                 generators: list[torch.Generator] | tuple = (), warmup: int = 3) -> Callable[[], None]:
+                 generators: Callable[[], list[torch.Generator]] = list, warmup: int = 3) -> Callable[[], None]:
     """``step`` (forward, backward, optimizer step: device work only) captured whole
     in one CUDA graph; returns its replay.
 
@@ -185,10 +185,12 @@ def capture_step(step: Callable[[], Any], optimizers: list[torch.optim.Optimizer
     capture. What capture needs from the step: no host sync, fixed shapes, inputs
     that stay in the same memory, and the optimizers' param groups capturable
     (set here; their step counts must already live on the GPU, as the fused
-    AdamW keeps them); ``generators``: every non-default generator the step
-    draws from (a random selection's), registered so each replay draws anew.
-    A replay does what one call did, with the same Python-side settings (a
-    learning rate read as a number, a step-dependent schedule) frozen at capture."""
+    AdamW keeps them); ``generators``: returns every non-default generator the
+    step draws from (a random selection's), registered so each replay draws
+    anew; it is called after the warm-up, since a selector makes its generator
+    on its first draw. A replay does what one call did, with the same
+    Python-side settings (a learning rate read as a number, a step-dependent
+    schedule) frozen at capture."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["capturable"] = True
@@ -199,7 +201,7 @@ def capture_step(step: Callable[[], Any], optimizers: list[torch.optim.Optimizer
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    for gen in generators:
+    for gen in generators():
         graph.register_generator_state(gen)
     with torch.cuda.graph(graph):
         step()

@@ -44,6 +44,9 @@ SHARED_MEANING = {"repeats": "timed runs of each variant, in ABBA order (2: A B 
 
 SHAPES = {"trainer": {
     "tiny": {"preset": "tiny", "overrides": {}},
+    "nano-125m": {"preset": "nano-125m", "overrides": {"seq_len": 2048, "batch_size": 8}},
+    "m320": {"preset": "nano-125m", "overrides": {"seq_len": 2048, "batch_size": 8, "n_layer": 24, "d_model": 1024,
+                                                  "n_head": 16}},  # the time-to-quality protocol's model
     "d20": {"preset": "d20", "overrides": {"seq_len": 2048, "batch_size": 8}},
     "d4096": {"preset": "d20", "overrides": {"seq_len": 2048, "batch_size": 8, "d_model": 4096, "n_head": 32, "n_layer": 8}},
 }}

@@ -710,7 +710,7 @@ def test_captured_step_replays_what_eager_steps_do(method: str) -> None:
     graphed.x.copy_(eager.x)
     graphed.y.copy_(eager.y)
     graphed_model.load_state_dict(eager_model.state_dict())
-    replay = capture_step(graphed, [graphed.optimizer], _selector_generators(graphed.objective), warmup=3)
+    replay = capture_step(graphed, [graphed.optimizer], lambda: _selector_generators(graphed.objective), warmup=3)
     replay()
     first = graphed.objective.selector.last_mask.clone()
     replay()

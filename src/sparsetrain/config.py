@@ -143,6 +143,10 @@ class TrainConfig:
                "optimizer state sharded per block; sharded checkpoints)"))
     activation_checkpointing: bool = field(default=False, metadata=_section(
         "run", "recompute each block's activations in the backward instead of storing them (less memory, one more forward)"))
+    cuda_graph: bool = field(default=False, metadata=_section(
+        "run", "capture each optimizer step whole in one CUDA graph and replay it (after a selection warmup and a few "
+               "eager steps): no kernel-launch overhead, for small models, Collider's many kernels and slow hosts. One "
+               "CUDA process, AdamW, a kept count that stays fixed"))
     report_to: str = field(default="none", metadata=_section(
         "run", "also log to: none, tensorboard, wandb (offline without WANDB_API_KEY) or all; metrics.jsonl is always written"))
     # [data]
@@ -237,6 +241,8 @@ class TrainConfig:
         _require(self.parallel in PARALLEL_KINDS, f"run.parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.parallel == "fsdp":
             self._validate_fsdp()
+        if self.cuda_graph:
+            self._validate_cuda_graph()
         if self.activation_checkpointing:
             _require(not self.use_collider, "activation_checkpointing with use_collider is not available yet "
                                             "(Collider runs its own backward through the blocks)")
@@ -315,6 +321,35 @@ class TrainConfig:
         elif self.optimizer != "adamw":
             what = f"optimizer = {self.optimizer} (only AdamW's state is sharded and checkpointed through DCP here)"
         _require(what is None, f"parallel = fsdp with {what} is not available yet; use parallel = ddp")
+
+    def _validate_cuda_graph(self) -> None:
+        """What a captured step cannot hold, refused by name: whatever changes the
+        step's shapes or its Python-side decisions after capture, and optimizers
+        whose step is not capturable."""
+        what = None
+        if self.optimizer != "adamw":
+            what = f"optimizer = {self.optimizer} (only the fused AdamW step is captured, with its lr in a device tensor)"
+        elif self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            what = f"compile_mode = {self.compile_mode} (its own CUDA graphs cannot nest in the step's)"
+        elif self.use_collider and self.collider_method == "threshold":
+            what = "collider_method = threshold (its kept count follows the scores: use topk, random or importance)"
+        elif self.selection != "none" and (self.selection_method == "threshold" or self.selection_dynamic):
+            what = "a threshold or dynamic selection (its kept count follows the scores: use a fixed keep_ratio)"
+        elif self.selection == "batch":
+            what = "selection = batch (its router picks sequences on the host)"
+        elif self.use_mtp:
+            what = "use_mtp (its per-head losses are read on the host every step)"
+        elif self.fire_at_step:
+            what = "fire_at_step (FIRE replaces the optimizer state the graph holds)"
+        elif self.model.hyper_connections:
+            what = "hyper_connections (their health report reads a step's gradients)"
+        elif self.model.ffn == "relu2_24":
+            what = "ffn = relu2_24 (its dense warmup and logged statistics change the step)"
+        elif self.model.arch == "resnet_bk":
+            what = "model.arch = resnet_bk (its sparsity schedule changes the step)"
+        elif self.device == "cpu":
+            what = "device = cpu (CUDA graphs need a CUDA device)"
+        _require(what is None, f"run.cuda_graph with {what} is not available")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Sectioned plain dict, the shape of the TOML file."""

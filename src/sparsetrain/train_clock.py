@@ -121,6 +121,13 @@ class TrainClock:
         self._window = (self.seconds, self._process_steps)
         return True
 
+    def count_as_startup(self, seconds: float) -> None:
+        """Count ``seconds`` of training just measured (a CUDA graph's capture, after
+        the start-up steps) as start-up instead: they leave ``seconds_after_startup``."""
+        if self.in_startup:
+            raise RuntimeError("count_as_startup after the start-up steps only (they measure themselves)")
+        self.startup_seconds += seconds
+
     def synced(self) -> None:
         """The device has just been synchronised (a log window): measure the step time."""
         self._mark_synced()

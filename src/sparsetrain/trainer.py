@@ -52,6 +52,7 @@ from .mtp import MTPHeads
 from .objectives import Objective, build_objective, make_selector
 from .sparse24.ffn import Sparse24FFN, cuda_graphs_ok, prepare_ffns
 from .selection import TokenSelector
+from .step_graph import StepGraph, make_capturable, portable_optimizer_state
 from .optim import LRSchedule, step_counted
 from .optimizers import build_optimizer
 from .plotting import plot_loss_curve
@@ -201,6 +202,8 @@ class Trainer:
         self.hyper_report: dict | None = None  # mHC-lite analysis, written at the next eval
         self._loader_next = (0, 0)
         self._prime_pending = True  # every process primes in its first step (_prime_objective)
+        self._graph_micro: int | None = None  # while a step graph is captured: the micro-batch being recorded
+        self._replay_batches: list | None = None  # a step the graph could not replay: its batches, run eagerly
         self._setup_selection()
         self._setup_kept_audit()
         # every micro-step's metrics and every step's loss, read once per log window
@@ -212,6 +215,7 @@ class Trainer:
         # after sharding: FSDP replaces every parameter with a sharded DTensor parameter
         trainable = nn.ModuleList([self.model] + ([self.mtp] if self.mtp is not None else []))
         self.optimizer = build_optimizer(trainable, cfg, self.device.type)
+        self.step_graph = self._setup_step_graph()
         self._pending_rows: list[dict] = []  # rows made outside fit's log (set-up, FIRE), logged by fit
         if resume is not None:
             self._load_state(self.out_dir)
@@ -315,6 +319,17 @@ class Trainer:
         self.train_module = P.parallelize(self.model, "ddp", self.dist, self.device, forward_module=self.objective)
         self._grad_sync_module = self.train_module
 
+    def _setup_step_graph(self) -> StepGraph | None:
+        """``cuda_graph``: the step graph (captured later, :meth:`_graphed_step`); what
+        the config cannot know is refused here."""
+        if not self.cfg.cuda_graph:
+            return None
+        if self.device.type != "cuda":
+            raise ConfigError(f"run.cuda_graph needs a CUDA device, got {self.device}")
+        if self.dist.enabled:
+            raise ConfigError(f"run.cuda_graph runs one process, got {self.dist.world_size} (torchrun)")
+        return StepGraph(self.device)
+
     def _setup_code_eval(self) -> list[Path]:
         """The held-out ``.py`` files whose sampled continuations ``eval_code_samples``
         judges (empty when off); refused at set-up when there is nothing to complete."""
@@ -344,13 +359,18 @@ class Trainer:
         for m in self.scheduled:
             m.set_step(step)
 
+    def _sidecar_nll(self) -> torch.Tensor:
+        """The reference-loss sidecar's entries for the windows of micro-batch ``self._batch_key`` (CPU)."""
+        c, (step, micro) = self.cfg, self._batch_key
+        return self.reference.batch(c.batch_size, c.model.seq_len, seed=c.seed, step=step, micro=micro,
+                                    rank=self.dist.rank, world_size=self.dist.world_size)
+
     @torch.no_grad()
     def _reference_nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if isinstance(self.reference, ReferenceLosses):  # the sidecar's entries for this micro-batch's windows
-            c, (step, micro) = self.cfg, self._batch_key
-            nll = self.reference.batch(c.batch_size, c.model.seq_len, seed=c.seed, step=step, micro=micro,
-                                       rank=self.dist.rank, world_size=self.dist.world_size)
-            return nll.to(self.device, non_blocking=True)
+            if self._graph_micro is not None:  # capturing: the static buffer each replay's entries are copied to
+                return self.step_graph.inputs["ref"][self._graph_micro]
+            return self._sidecar_nll().to(self.device, non_blocking=True)
         logits, _ = self.reference(x)
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
         return nll.view(y.shape)
@@ -765,24 +785,17 @@ class Trainer:
             print(f"start-up: primed the objective at keep ratios {', '.join(f'{r:.4g}' for r in ratios)}", flush=True)
         return ratios
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step at ``self.step``. Returns (mean loss, grad norm) as tensors."""
-        c = self.cfg
-        lr = self._lr_for_step()
+    def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's groups run at muon_lr / lr of it
-        total = torch.zeros((), device=self.device)
-        log_step = (self.step + 1) % c.log_every == 0
-        for m in self.sparse_ffns:  # 2:4 statistics cost extra reductions: only on steps that get logged
-            m.track_stats = log_step and m.sparse
-        for micro in range(c.grad_accum):
-            x, y = self._batch(micro)
-            total += self.forward_backward(x, y, 1.0 / c.grad_accum, sync=micro == c.grad_accum - 1,
-                                           labels=self._target_labels(micro))
-        report_every = c.eval_every or c.max_steps  # 0 (no step limit, no step-counted evaluations): never
-        if self.model.config.hyper_connections and report_every and (self.step + 1) % report_every == 0:
-            # analysed here, while the mixing parameters still hold this step's gradients
-            self.hyper_report = hyper.report(self.model, x.to(self.device)[:2])
+            value = lr * group.get("lr_scale", 1.0)  # Muon's groups run at muon_lr / lr of it
+            if isinstance(group["lr"], torch.Tensor):  # a step graph's: filled in place, the graph reads it
+                group["lr"].fill_(value)
+            else:
+                group["lr"] = value
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip, step and clear the gradients; returns the gradient norm (a device tensor)."""
+        c = self.cfg
         if c.grad_clip > 0:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]  # MTP heads too
             gnorm = P.clip_grad_norm(params, c.grad_clip)  # sharded gradients: the norm over all ranks' shards
@@ -790,6 +803,115 @@ class Trainer:
             gnorm = torch.zeros((), device=self.device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return gnorm
+
+    def _graph_due(self) -> bool:
+        """Whether this step belongs to the step graph: warm-up steps and captured ones
+        start after this process's start-up and any selection warmup."""
+        if self.step_graph is None or self.clock.in_startup:
+            return False
+        return self.selector is None or self.step >= self.selector.warmup_steps
+
+    def _graphed_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This step replayed from the step graph (captured first if it is not yet):
+        the micro-batches copied into its static inputs, its metrics into the window.
+        Returns (summed loss, grad norm), or None where the step must run eagerly (a
+        batch whose count of valid targets differs from the capture's)."""
+        c, g = self.cfg, self.step_graph
+        batches = [self._batch(m) for m in range(c.grad_accum)]
+        n_valid = tuple(_valid_targets(y) for _, y in batches)
+        if g.captured and n_valid != g.n_valid:
+            self._replay_batches = batches
+            return None
+        inputs = {"x": torch.stack([x for x, _ in batches]), "y": torch.stack([y for _, y in batches])}
+        if isinstance(self.reference, ReferenceLosses):
+            inputs["ref"] = torch.stack([self._sidecar_for(m) for m in range(c.grad_accum)])
+        if self.token_labels is not None:
+            inputs["labels"] = torch.stack([self._target_labels(m) for m in range(c.grad_accum)])
+        g.set_inputs(**inputs)
+        if not g.captured:
+            g.n_valid = n_valid
+            self._sync_device()
+            t0 = time.perf_counter()
+            make_capturable(self.optimizer, self.device)
+            self._set_lr(self._lr_now)
+            generators = self.selector.generators() if self.selector is not None else ()
+            g.capture(functools.partial(self._graph_body, n_valid), generators)
+            self._sync_device()
+            g.capture_seconds = time.perf_counter() - t0
+            self.clock.count_as_startup(g.capture_seconds)
+            self._pending_rows.append({"kind": "cuda_graph", "step": self.step, "capture_seconds": round(g.capture_seconds, 3)})
+            if self.verbose:
+                print(f"step {self.step}: captured the training step in a CUDA graph ({g.capture_seconds:.1f} s, "
+                      "counted as start-up)", flush=True)
+        total, metrics, gnorm = g.replay()
+        for m in metrics:
+            self.metric_window.add(m)
+        return total, gnorm
+
+    def _sidecar_for(self, micro: int) -> torch.Tensor:
+        self._batch_key = (self.step, micro)
+        return self._sidecar_nll()
+
+    def _graph_body(self, n_valid: tuple[int, ...]) -> tuple[torch.Tensor, list[dict], torch.Tensor]:
+        """What the step graph records: every micro-batch's forward and backward on the
+        static inputs, then the optimizer step. Returns (summed loss, each micro-step's
+        metrics, grad norm): outputs every replay rewrites."""
+        c, inputs = self.cfg, self.step_graph.inputs
+        total = torch.zeros((), device=self.device)
+        metrics = []
+        try:
+            for micro in range(c.grad_accum):
+                self._graph_micro = micro
+                with self.autocast():
+                    out = self.train_module(inputs["x"][micro], inputs["y"][micro], n_valid[micro])
+                (out.loss * (1.0 / c.grad_accum)).backward()
+                m = dict(out.metrics)
+                if "labels" in inputs and out.keep is not None:
+                    m[LABEL_COUNTS] = label_counts(inputs["labels"][micro], out.keep, len(self.token_labels.names))
+                metrics.append(m)
+                total += out.lm_loss
+        finally:
+            self._graph_micro = None
+        return total, metrics, self._optimizer_step()
+
+    def _eager_micro_steps(self, batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                           ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Every micro-batch's forward and backward, run now. Returns (summed loss,
+        the last micro-batch). ``batches``: already read (else read here)."""
+        c = self.cfg
+        total = torch.zeros((), device=self.device)
+        for micro in range(c.grad_accum):
+            x, y = batches[micro] if batches is not None else self._batch(micro)
+            self._batch_key = (self.step, micro)
+            total += self.forward_backward(x, y, 1.0 / c.grad_accum, sync=micro == c.grad_accum - 1,
+                                           labels=self._target_labels(micro))
+        return total, (x, y)
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step at ``self.step``. Returns (mean loss, grad norm) as tensors.
+        With ``cuda_graph``, after start-up a few eager steps, then the step replayed
+        from one CUDA graph (:mod:`sparsetrain.step_graph`)."""
+        c = self.cfg
+        lr = self._lr_now = self._lr_for_step()
+        self._set_lr(lr)
+        log_step = (self.step + 1) % c.log_every == 0
+        for m in self.sparse_ffns:  # 2:4 statistics cost extra reductions: only on steps that get logged
+            m.track_stats = log_step and m.sparse
+        graph_due = self._graph_due()
+        graphed = self._graphed_step() if graph_due and self.step_graph.eager_steps <= 0 else None
+        if graphed is not None:
+            total, gnorm = graphed
+        else:
+            batches, self._replay_batches = self._replay_batches, None
+            warm = self.step_graph.eager_context() if graph_due and not self.step_graph.captured else contextlib.nullcontext()
+            with warm:
+                total, (x, y) = self._eager_micro_steps(batches)
+                report_every = c.eval_every or c.max_steps  # 0 (no step limit, no step-counted evaluations): never
+                if self.model.config.hyper_connections and report_every and (self.step + 1) % report_every == 0:
+                    # analysed here, while the mixing parameters still hold this step's gradients
+                    self.hyper_report = hyper.report(self.model, x.to(self.device)[:2])
+                gnorm = self._optimizer_step()
         extras = {}
         stats = [m.last_stats for m in self.sparse_ffns if m.track_stats and m.last_stats]
         if stats:  # device tensors, averaged over layers here and read when the step is logged
@@ -797,8 +919,9 @@ class Trainer:
         for m in self.sparse_ffns:  # off again, so that an evaluation after this step counts nothing
             m.track_stats = False
         loss = D.all_reduce_mean(total / c.grad_accum, self.dist)
-        self.metric_window.end_step(self.step + 1, loss, gnorm.detach(), self.optimizer.param_groups[0]["lr"], extras)
-        if self._prime_pending:  # this process's first step: part of its start-up
+        self.metric_window.end_step(self.step + 1, loss, gnorm.detach(), lr * self.optimizer.param_groups[0].get("lr_scale", 1.0),
+                                    extras)
+        if self._prime_pending:  # this process's first step (never a graphed one): part of its start-up
             self._prime_pending = False
             self._prime_objective(x, y)
         self.step += 1
@@ -881,7 +1004,7 @@ class Trainer:
         if not self.dist.is_main:
             return
         self._check_finite_weights()
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self._run_state()}
+        state = {"model": self.model.state_dict(), "optimizer": portable_optimizer_state(self.optimizer), **self._run_state()}
         try:
             save_weights(self.out_dir / WEIGHTS_NAME, state["model"], state["model_config"], self.step)
             save_checkpoint(self.out_dir / CKPT_NAME, state)
