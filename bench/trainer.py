@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -86,10 +87,19 @@ def first_batch_only() -> Iterator[None]:
         Trainer._batch = build
 
 
+def _release() -> None:
+    """Free the last run's GPU memory before the next: a captured step's graph holds its
+    activations in a private pool until the run's objects are collected."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _one_run(preset: str, overrides: dict, log_every: int, run_dir: str) -> dict:
     """Train one run; its logged windows' tokens/s and backward ms, the last loss, the GPU's state."""
     with gpu_clock_monitor(interval_s=1.0) as gpu:
         train(build_config(preset, overrides={**overrides, "out_dir": run_dir}), verbose=False)
+    _release()
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if r["kind"] == "train" and r["step"] % log_every == 0]  # one per window
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -111,6 +121,7 @@ def run_shape(shape: str, args: argparse.Namespace) -> list[Result]:
         for name in runs if args.prime_steps > 0 else ():
             prime = {**base, **runs[name], "max_steps": args.prime_steps, "log_every": 1}
             train(build_config(spec["preset"], overrides={**prime, "out_dir": f"{tmp}/prime_{name}"}), verbose=False)
+            _release()
         heat = heat_gpu(args.heat_seconds)
         for i, name in enumerate(abba_order(list(runs), args.repeats)):
             print(f"trainer {shape}: run {i} ({name})", flush=True)

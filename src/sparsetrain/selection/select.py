@@ -169,8 +169,9 @@ def inclusion_probabilities(weights: torch.Tensor, k: int) -> torch.Tensor:
     rest = torch.flip(torch.cumsum(torch.flip(sw, [0]), 0), [0])  # rest[m] = sum of sw[m:]
     m = torch.arange(k, device=w.device)
     c = (k - m) / rest[:k]
-    m_star = torch.argmax((c * sw[:k] <= 1.0).to(torch.int8))  # the first m where it holds
-    pi_sorted = torch.where(torch.arange(n, device=w.device) < m_star, 1.0, (c[m_star] * sw).clamp(max=1.0))
+    m_star = torch.argmax((c * sw[:k] <= 1.0).to(torch.int8)).reshape(1)  # the first m where it holds
+    # gather, not c[m_star]: indexing with a 0-dim tensor reads it on the host (a sync; no CUDA graph capture)
+    pi_sorted = torch.where(torch.arange(n, device=w.device) < m_star, 1.0, (c.gather(0, m_star) * sw).clamp(max=1.0))
     return torch.empty_like(w).scatter_(0, order, pi_sorted)
 
 
