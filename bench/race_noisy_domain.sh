@@ -21,10 +21,11 @@
 #              WORK_DIR/race-seed<SEED>: run it again with another SEED for the
 #              next seed, then `sparsetrain race-merge` their race.json
 #
-# Settings come from the environment (defaults are the protocol's); MODEL_ARGS
+# Settings come from the environment (defaults are the protocol's; CUDA_GRAPH=0
+# races without capturing the steps, as before 2026-12-06); MODEL_ARGS
 # must give the same shape to every phase, since the arms start from the
 # base's weights. For a CPU dry run:
-#   MODEL_ARGS="--preset tiny --device cpu" BASE_DATA_ARGS="--data-max-bytes 2000000" \
+#   CUDA_GRAPH=0 MODEL_ARGS="--preset tiny --device cpu" BASE_DATA_ARGS="--data-max-bytes 2000000" \
 #   BASE_STEPS=20 REF_STEPS=10 RACE_SECONDS=5 DOMAIN_BYTES=1000000 REF_BYTES=300000 \
 #   bash bench/race_noisy_domain.sh /tmp/r3
 set -euo pipefail
@@ -90,7 +91,8 @@ if want race; then
   log "race: seed $SEED, lr $LR, $RACE_SECONDS s per arm"
   arm_flags=()
   for a in $ARMS; do arm_flags+=(--arm "$a"); done
-  $ST race $MODEL_ARGS --no-save-checkpoints --data "$W/domain" --tokenizer "$tok" --init-from "$W/base" \
+  graph=(); [ "${CUDA_GRAPH:-1}" = 1 ] && graph=(--cuda-graph)  # the protocol since 2026-12-06
+  $ST race $MODEL_ARGS "${graph[@]}" --no-save-checkpoints --data "$W/domain" --tokenizer "$tok" --init-from "$W/base" \
     --lr "$LR" --warmup-steps 50 --eval-batches 8 --log-every 20 --seconds "$RACE_SECONDS" --seeds 1 --seed "$SEED" \
     --out-dir "$W/race-seed$SEED" "${arm_flags[@]}"
 fi
