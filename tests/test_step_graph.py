@@ -22,6 +22,7 @@ from sparsetrain.train_clock import TrainClock
 from sparsetrain.trainer import Trainer
 
 from conftest import requires_cuda
+from test_reference_losses import reference_run  # noqa: F401 (a fixture)
 
 COLLIDER = dict(use_collider=True, collider_sparsity=0.5, collider_method="topk")
 
@@ -156,6 +157,49 @@ def test_a_batch_of_another_size_runs_eagerly(make_cfg, tmp_path, monkeypatch) -
     (eager, r_eager, _), (graphed, r_graph, _) = results
     assert graphed.step_graph.replays == 12 - 4 - 1
     _same_training(eager, r_eager, graphed, r_graph)
+
+
+def test_replayed_excess_steps_read_each_steps_sidecar_entries(reference_run, make_cfg, tmp_path, monkeypatch) -> None:
+    """Reference losses from a sidecar go through the graph's static buffer: replayed
+    steps select on this step's entries, as eager ones do."""
+    _, sidecar, _ = reference_run
+    kw = dict(COLLIDER, collider_score="excess", reference_losses=str(sidecar), grad_accum=2)
+    eager, r_eager, _ = _run(make_cfg, tmp_path, "eager", False, monkeypatch, **kw)
+    graphed, r_graph, _ = _run(make_cfg, tmp_path, "graph", True, monkeypatch, **kw)
+    assert graphed.step_graph.replays == 12 - 4 and "ref" in graphed.step_graph.inputs
+    _same_training(eager, r_eager, graphed, r_graph)
+
+
+def test_resume_of_a_captured_run_continues_it(make_cfg, tmp_path, monkeypatch) -> None:
+    """A checkpoint written while the step was replayed (its lr a device tensor) resumes:
+    eager steps, a new capture, and the same losses and weights as the uninterrupted run."""
+    kw = dict(COLLIDER, collider_method="random")
+    whole, r_whole, _ = _run(make_cfg, tmp_path, "whole", True, monkeypatch, **kw)
+    cfg = dict(out_dir=str(tmp_path / "cut"), max_steps=12, eval_every=6, device="auto", cuda_graph=True, **kw)
+    runs = []
+    for resume in (None, str(tmp_path / "cut")):
+        monkeypatch.setattr(trainer_mod, "resolve_device", lambda name: torch.device("cpu"))
+        monkeypatch.setattr(Trainer, "_setup_step_graph", lambda self: ReplayingStepGraph(self.device))
+        t = Trainer(make_cfg(**cfg), resume=resume, verbose=False)
+        if resume is None:  # stopped after step 7, as a killed job leaves it
+            t.clock.run()
+            while t.step < 7:
+                t.train_step()
+                t.clock.step_done()
+            t.save()
+        else:
+            r = t.fit()
+        monkeypatch.undo()
+        runs.append(t)
+    # each process: a start-up step and three eager ones, then replays (steps 4-6; step 11)
+    assert [t.step_graph.replays for t in runs] == [3, 1]
+    saved = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert all(type(g["lr"]) is float and not g["capturable"] for g in saved)
+    assert sorted(r.train_losses) == list(range(8, 13))
+    for step in r.train_losses:
+        assert r.train_losses[step] == pytest.approx(r_whole.train_losses[step], rel=1e-6), step
+    for (name, a), b in zip(whole.model.named_parameters(), runs[1].model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_portable_optimizer_state_resumes_uncaptured() -> None:
