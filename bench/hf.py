@@ -59,7 +59,7 @@ from sparsetrain.selection import TokenSelector
 
 from .options import BenchError, describe_shapes, parse_cases
 from .results import Result, quantile
-from .timing import gib, graphs_compiled, prime_heat_time, sync
+from .timing import capture_step, gib, graphs_compiled, prime_heat_time, sync
 
 SHARED_DEFAULTS = {"repeats": {"cuda": 10, "cpu": 3}, "warmup": {"cuda": 2, "cpu": 1}, "shapes": "",
                    "compile": {"cuda": True, "cpu": False}, "heat_seconds": {"cuda": 10.0, "cpu": 0.0}}
@@ -98,13 +98,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="full fine-tuning (off), LoRA (on) or a case of each (both; default)")
     p.add_argument("--drop", type=float, default=0.5, help="fraction of the targets Collider drops (default 0.5)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds the timed steps are split into (default 2)")
+    p.add_argument("--capture", action="store_true",
+                   help="CUDA: each variant's whole step (forward, backward, AdamW) captured in one CUDA graph after "
+                        "its warm-up, the graphs sharing one memory pool: what the steps cost without the host's "
+                        "launches (per-step losses and memory are then not recorded)")
     p.add_argument("--liger", action="store_true",
                    help="CUDA, liger_kernel: one more case per shape, dense and Collider on a Liger-patched model")
 
 
 def file_label(args: argparse.Namespace) -> str:
     label = args.shapes.replace("hf:", "").replace(",", ".") if args.shapes else "default"
-    return f"{label}-lora-{args.lora}" + ("-liger" if args.liger else "")
+    return f"{label}-lora-{args.lora}" + ("-liger" if args.liger else "") + ("-captured" if args.capture else "")
 
 
 def build_model(shape: str, device: torch.device | str) -> nn.Module:
@@ -218,10 +222,11 @@ def build_case(shape: str, lora: bool, args: argparse.Namespace, device: torch.d
     hf_forward = type(lm).forward  # the class's forward: HF's own, past the Collider one on the instance
     optimizer = _adamw(trainee)
     dense = _compiled(lambda: hf_forward(lm, input_ids=ids, labels=ids, use_cache=False).loss, args.compile)
+    n_valid = ids.shape[0] * (ids.shape[1] - 1)  # every position but each row's last has a target
     steps = {"dense": HFStep(dense, optimizer, device),
              collider_name(args.drop): HFStep(
-                 lambda: trainee(input_ids=ids, labels=ids, collider_logits=False, use_cache=False).loss, optimizer,
-                 device)}
+                 lambda: trainee(input_ids=ids, labels=ids, collider_logits=False, use_cache=False,
+                                 collider_n_valid=n_valid).loss, optimizer, device)}
     total, trainable = _counts(trainee)
     return Case(steps, trainee, total, trainable, extra={"lora": dict(LORA) if lora else None})
 
@@ -237,7 +242,8 @@ def build_liger_case(shape: str, args: argparse.Namespace, device: torch.device)
     ids = make_batch(shape, device)
 
     def collider_loss() -> torch.Tensor:
-        return model(input_ids=ids, labels=ids, collider_logits=False, use_cache=False).loss
+        return model(input_ids=ids, labels=ids, collider_logits=False, use_cache=False,
+                     collider_n_valid=ids.shape[0] * (ids.shape[1] - 1)).loss
 
     collider.apply(model, selector=_selector(args.drop), compile=args.compile, engine=True)
     unpatched = forward_loss(collider_loss, device)["loss_at_start"]
@@ -280,7 +286,8 @@ def run_case(shape: str, kind: str, args: argparse.Namespace) -> list[Result]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     spec = MODELS[shape]
     label = case_label(shape, kind)
-    mode = {"compile": args.compile, "autocast": "bf16" if device.type == "cuda" else None, "drop": args.drop,
+    mode = {"compile": args.compile, "capture": args.capture, "autocast": "bf16" if device.type == "cuda" else None,
+            "drop": args.drop,
             "rounds": args.rounds, "warmup": args.warmup, "heat_seconds": args.heat_seconds,
             "optimizer": f"AdamW lr {LEARNING_RATE:g}", "selection": "collider score, topk"}
     names = _variant_names(kind, args.drop)
@@ -296,7 +303,11 @@ def run_case(shape: str, kind: str, args: argparse.Namespace) -> list[Result]:
         t0 = time.perf_counter()
         start = {name: forward_loss(step.loss_fn, device) for name, step in case.steps.items()}  # initial weights
         start_s = time.perf_counter() - t0
-        m = prime_heat_time(case.steps, device, args.warmup, args.heat_seconds, args.rounds, args.repeats)
+        calls: dict[str, Callable[[], Any]] = dict(case.steps)
+        if args.capture:  # after this, a call is a replay: HFStep records nothing more
+            pool = torch.cuda.graph_pool_handle()
+            calls = {name: capture_step(step, [step.optimizer], pool=pool) for name, step in case.steps.items()}
+        m = prime_heat_time(calls, device, args.warmup, args.heat_seconds, args.rounds, args.repeats)
         if m.graphs_compiled_while_timed:
             print(f"hf {label}: {m.graphs_compiled_while_timed} graph(s) compiled while timed: the priming did not "
                   "compile everything", flush=True)
@@ -313,7 +324,8 @@ def run_case(shape: str, kind: str, args: argparse.Namespace) -> list[Result]:
             first = dict(start[name])
             extra = dict(shared, loss_at_start=first.pop("loss_at_start"), kept_tokens_per_step=(
                 targets if name == baseline else stats.kept), tokens_per_s=tokens_per_second(
-                shared["tokens_per_step"], m.times[name]), **_variant_extra(step, m.flags[name], args.warmup))
+                shared["tokens_per_step"], m.times[name]),
+                **(_captured_extra(step) if args.capture else _variant_extra(step, m.flags[name], args.warmup)))
             extra["startup"] = {**m.startup[name], **first, **extra["startup"]}
             if name != baseline and case.unpatched_collider_loss is not None:
                 unpatched = extra["collider_loss_at_start_unpatched"] = case.unpatched_collider_loss
@@ -358,6 +370,12 @@ def _variant_extra(step: HFStep, flags: list[bool], warmup: int) -> dict[str, An
         if warmup:  # each step resets the peak: the priming's is the largest of its steps'
             out["startup"]["peak_memory_gib"] = gib(max(step.peak_bytes[:warmup]))
     return out
+
+
+def _captured_extra(step: HFStep) -> dict[str, Any]:
+    """A captured variant's extras: its warm-up's losses and peak memory (replays record none)."""
+    return {"loss_first_step": float(step.losses[0]), "loss_last_step": None, "peak_memory_gib": None,
+            "held_memory_gib": None, "startup": {"peak_memory_gib": gib(max(step.peak_bytes))} if step.peak_bytes else {}}
 
 
 def _last_stats(trainee: nn.Module) -> Any:
@@ -406,6 +424,8 @@ def _check(args: argparse.Namespace) -> list[tuple[str, str]]:
         raise BenchError(f"--lora {args.lora} needs the peft package, which is not installed (or pass --lora off)")
     if args.liger and not cuda:
         raise BenchError("--liger needs a CUDA device (Liger's kernels run on the GPU only)")
+    if args.capture and not cuda:
+        raise BenchError("--capture needs a CUDA device (CUDA graphs)")
     if args.liger and importlib.util.find_spec("liger_kernel") is None:
         raise BenchError("--liger needs the liger-kernel package, which is not installed")
     cases = []

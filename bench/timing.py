@@ -176,7 +176,8 @@ def graphs_compiled() -> int:
 
 
 def capture_step(step: Callable[[], Any], optimizers: list[torch.optim.Optimizer] | tuple = (),
-                 generators: Callable[[], list[torch.Generator]] = list, warmup: int = 3) -> Callable[[], None]:
+                 generators: Callable[[], list[torch.Generator]] = list, warmup: int = 3,
+                 pool: Any = None) -> Callable[[], None]:
     """``step`` (forward, backward, optimizer step: device work only) captured whole
     in one CUDA graph; returns its replay.
 
@@ -190,7 +191,9 @@ def capture_step(step: Callable[[], Any], optimizers: list[torch.optim.Optimizer
     anew; it is called after the warm-up, since a selector makes its generator
     on its first draw. A replay does what one call did, with the same
     Python-side settings (a learning rate read as a number, a step-dependent
-    schedule) frozen at capture."""
+    schedule) frozen at capture. ``pool``: a memory pool shared with other captured
+    steps (``torch.cuda.graph_pool_handle()``), safe for steps replayed one after
+    another on one stream, never concurrently."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["capturable"] = True
@@ -203,7 +206,7 @@ def capture_step(step: Callable[[], Any], optimizers: list[torch.optim.Optimizer
     graph = torch.cuda.CUDAGraph()
     for gen in generators():
         graph.register_generator_state(gen)
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         step()
     return graph.replay
 

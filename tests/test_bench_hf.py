@@ -115,10 +115,13 @@ def test_tiny_shape_runs_through_the_cli_and_its_collider_loss_is_the_float64_ke
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--lora", "sometimes"], "invalid choice: 'sometimes'"),
     (["--shapes", "tiny", "--liger"], "needs a CUDA device" if not torch.cuda.is_available() else "liger"),
+    (["--shapes", "tiny", "--capture"], "--capture needs a CUDA device"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str, tmp_path: Path, capsys) -> None:
     if "--liger" in args and torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None:
         pytest.skip("--liger is valid here")
+    if "--capture" in args and torch.cuda.is_available():
+        pytest.skip("--capture is valid here")
     code, _, err = run_bench(["hf", *args, "--out", str(tmp_path)], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and needle in lines[0], err
@@ -161,3 +164,17 @@ def test_liger_case_on_the_gpu(tmp_path: Path, capsys) -> None:
     assert validate(doc) == []
     row = next(r for r in doc["results"] if r["shape"] == "tiny:full+liger" and r["variant"].endswith("_on_liger"))
     assert row["error"] is None and row["baseline"] == "dense_liger" and row["extra"]["composes"] is True
+
+
+@requires_cuda
+def test_captured_steps_on_the_gpu(tmp_path: Path, capsys) -> None:
+    """--capture: both variants' whole steps replayed from CUDA graphs (sharing one
+    pool); the Collider loss at the initial weights is the uncaptured run's."""
+    code, _, err = run_bench(["hf", "--shapes", "tiny", "--lora", "off", "--capture", "--repeats", "2", "--out",
+                              str(tmp_path)], capsys)
+    assert code == 0, err
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert validate(doc) == []
+    rows = {r["variant"]: r for r in doc["results"]}
+    assert all(r["error"] is None and r["extra"]["mode"]["capture"] for r in rows.values())
+    assert all(r["repeats"] >= 2 and r["spread"]["min_ms"] > 0 for r in rows.values())

@@ -164,7 +164,8 @@ def test_keep_all_is_dense_training(family: str) -> None:
 def test_selector_in_the_forward_and_global_kept_normalisation() -> None:
     """Labels with a selector: the forward picks the kept tokens from its own
     logits; micro-batches each normalised by the kept count of all of them
-    accumulate to the reference loss over every kept token of the window."""
+    accumulate to the reference loss over every kept token of the window, whether
+    the forward counts the targets or is handed the count."""
     seed = fresh_seed()
     ref = make_model("llama", seed)
     model = apply(copy.deepcopy(ref), selector=TokenSelector(score="collider", method="topk", keep_ratio=0.5))
@@ -175,8 +176,10 @@ def test_selector_in_the_forward_and_global_kept_normalisation() -> None:
     n_valid = [int((shift_labels(lab) != -100).sum()) for _, lab in batches]
     total = sum(budget(n, 0.5) for n in n_valid)
     state_masks = []
-    for ids, labels in batches:
-        model(ids, labels=labels, use_cache=False, num_items_in_batch=torch.tensor(total)).loss.backward()
+    for i, (ids, labels) in enumerate(batches):
+        # the second micro-batch's count handed in (as a trainer that counted on the host does), the first's counted
+        given = {"collider_n_valid": n_valid[i]} if i == 1 else {}
+        model(ids, labels=labels, use_cache=False, num_items_in_batch=torch.tensor(total), **given).loss.backward()
         from sparsetrain.collider.hf import applied_state
 
         stats = applied_state(model).last_stats

@@ -70,6 +70,9 @@ def test_trainer_accumulates_the_kept_rows_loss_over_micro_batches(tmp_path) -> 
         if torch.is_grad_enabled():
             batch = {k: kwargs[k].clone() for k in ("input_ids", "labels", "attention_mask") if k in kwargs}
             rec.batches.append((batch, trainer.collider_selector.last_mask.clone()))
+            counts.append(kwargs.get("collider_n_valid"))
+
+    counts: list = []  # the target count each training forward was handed (no count on the device)
 
     model.register_forward_hook(record, with_kwargs=True)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
@@ -86,8 +89,12 @@ def test_trainer_accumulates_the_kept_rows_loss_over_micro_batches(tmp_path) -> 
     assert len(logs) == 3
     for h in logs:  # every micro-batch keeps ceil(half) of its targets
         assert 0.45 <= h["collider_kept_fraction"] <= 0.6 and h["collider_backward_seconds"] > 0, h
-    # the first step: two micro-batches, one loss over all their kept tokens
     from sparsetrain.collider.hf import collider_targets
+
+    assert len(counts) == len(rec.batches) == 6
+    for (batch, _), n in zip(rec.batches, counts):
+        assert n == int((collider_targets(batch["labels"], None, batch.get("attention_mask")) != -100).sum())
+    # the first step: two micro-batches, one loss over all their kept tokens
 
     first = rec.batches[:2]
     total = sum(int(keep.sum()) for _, keep in first)

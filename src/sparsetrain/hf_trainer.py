@@ -179,6 +179,7 @@ class ColliderTrainerMixin:
         self.model_accepts_loss_kwargs = True  # the applied forward takes num_items_in_batch
         self.add_callback(ColliderCallback(self.collider_selector))
         self._collider_counts: list[tuple[Any, Any]] = []
+        self._collider_n_valid: list[int] = []  # the step's micro-batches' target counts, in order (get_batch_samples)
         self._collider_clock = _BackwardClock()
 
     # ------------------------------------------------------------------ normalisation
@@ -199,10 +200,12 @@ class ColliderTrainerMixin:
             return batches, None  # a mean over each micro-batch's kept tokens (one process, no accumulation)
         self._sync_selector()
         ratio = self.collider_selector.current_ratio() if self.collider_selector is not None else 1.0
-        kept = 0
-        for b in batches:
-            targets = collider_targets(b["labels"], b.get("shift_labels"), b.get("attention_mask"))
-            kept += budget(int((targets != IGNORE_INDEX).sum()), ratio)
+        counts = [(collider_targets(b["labels"], b.get("shift_labels"), b.get("attention_mask")) != IGNORE_INDEX).sum()
+                  for b in batches]
+        # one host read for the whole step; each micro-batch's forward then gets its count (collider_n_valid)
+        # instead of counting it itself, which would wait for the GPU before every forward
+        self._collider_n_valid = torch.stack(counts).tolist()
+        kept = sum(budget(n, ratio) for n in self._collider_n_valid)
         total = torch.tensor(kept, device=self.args.device)
         if self.args.world_size > 1:
             total = self.accelerator.gather(total).sum()
@@ -214,7 +217,12 @@ class ColliderTrainerMixin:
         """The applied model's loss: the kept-rows loss of its training forward
         (``Trainer.compute_loss`` itself, not a subclass's own loss)."""
         self._sync_selector()
-        inputs = {**inputs, "collider_logits": return_outputs} if torch.is_grad_enabled() else dict(inputs)
+        if torch.is_grad_enabled():
+            inputs = {**inputs, "collider_logits": return_outputs}
+            if self._collider_n_valid:  # this micro-batch's count, from get_batch_samples
+                inputs["collider_n_valid"] = self._collider_n_valid.pop(0)
+        else:
+            inputs = dict(inputs)
         loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         state = applied_state(model)

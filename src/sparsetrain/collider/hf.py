@@ -104,7 +104,10 @@ def apply(model: nn.Module, selector: TokenSelector | None = None, compile: bool
     True requires the engine (:class:`~sparsetrain.collider.hf_linear.UnsupportedLayer`
     says why not); False takes the generic path.
 
-    Use: ``model(ids, labels=labels).loss.backward()``, or
+    Use: ``model(ids, labels=labels).loss.backward()`` (with
+    ``collider_n_valid=N``, the number of targets when the caller knows it on
+    the host, such as ``B * (T - 1)`` for unpadded batches: the forward then
+    never waits for the GPU to count them), or
     ``logits = model(ids).logits``, pick ``keep``, and backpropagate
     ``collider.masked_cross_entropy(logits, targets, keep)``. Applying twice
     changes nothing; :func:`remove` undoes it.
@@ -177,7 +180,7 @@ def _forward_of(cls: type):
     def forward(lm: nn.Module, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *args: Any, labels: torch.Tensor | None = None,
                 shift_labels: torch.Tensor | None = None, num_items_in_batch: Any = None,
-                collider_logits: bool = True, **kwargs: Any):
+                collider_logits: bool = True, collider_n_valid: int | None = None, **kwargs: Any):
         state: _Applied = lm.__dict__[_STATE_ATTR]
         previous = state.previous_forward or functools.partial(cls_forward, lm)
         if not torch.is_grad_enabled():  # evaluation, generation: the model's own forward and loss
@@ -189,9 +192,10 @@ def _forward_of(cls: type):
                              "positionally; pass the rest by keyword")
         targets = n_valid = None
         if labels is not None or shift_labels is not None:
-            # counted before the forward: the host sync then waits for no forward work
             targets = collider_targets(labels, shift_labels, attention_mask)
-            n_valid = int((targets != IGNORE_INDEX).sum())
+            # the caller's count, or counted here before the forward (a host sync that waits for the
+            # previous step's work, so the GPU idles while this step's first kernels are launched)
+            n_valid = collider_n_valid if collider_n_valid is not None else int((targets != IGNORE_INDEX).sum())
         if state.engine is not None:
             from transformers.modeling_outputs import CausalLMOutputWithPast
 
