@@ -36,7 +36,6 @@ COLLIDER = dict(use_collider=True, collider_sparsity=0.5, collider_method="topk"
     (dict(selection="batch"), "selection = batch"),
     (dict(use_mtp=True), "use_mtp"),
     (dict(fire_at_step=3), "fire_at_step"),
-    (dict(hyper_connections=2), "hyper_connections"),
     (dict(ffn="relu2_24"), "ffn = relu2_24"),
     (dict(arch="resnet_bk"), "resnet_bk"),
     (dict(device="cpu"), "device = cpu"),
@@ -130,6 +129,19 @@ def test_replayed_steps_equal_eager_steps(make_cfg, tmp_path, monkeypatch, kw: d
     grad_norms = [[r["grad_norm"] for r in rows if r.get("kind") == "train"] for rows in (rows_eager, rows_graph)]
     assert grad_norms[1] == pytest.approx(grad_norms[0], rel=1e-4)
     assert all(isinstance(group["lr"], torch.Tensor) for group in graphed.optimizer.param_groups)
+
+
+def test_hyper_connection_report_steps_run_eagerly(make_cfg, tmp_path, monkeypatch) -> None:
+    """The hyper-connection health report reads a step's gradients: its steps (every
+    eval_every) run eagerly, the others replay; training and reports equal an
+    uncaptured run's."""
+    kw = dict(COLLIDER, hyper_connections=2)
+    eager, r_eager, rows_eager = _run(make_cfg, tmp_path, "eager", False, monkeypatch, **kw)
+    graphed, r_graph, rows_graph = _run(make_cfg, tmp_path, "graph", True, monkeypatch, **kw)
+    assert graphed.step_graph.replays == 12 - 4 - 2  # steps 6 and 12 report
+    _same_training(eager, r_eager, graphed, r_graph)
+    reports = [[(r["step"], r["healthy"]) for r in rows if r.get("kind") == "hyper"] for rows in (rows_eager, rows_graph)]
+    assert reports[0] == reports[1] and [s for s, _ in reports[0]] == [6, 12]
 
 
 def test_a_batch_of_another_size_runs_eagerly(make_cfg, tmp_path, monkeypatch) -> None:

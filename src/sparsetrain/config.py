@@ -341,8 +341,6 @@ class TrainConfig:
             what = "use_mtp (its per-head losses are read on the host every step)"
         elif self.fire_at_step:
             what = "fire_at_step (FIRE replaces the optimizer state the graph holds)"
-        elif self.model.hyper_connections:
-            what = "hyper_connections (their health report reads a step's gradients)"
         elif self.model.ffn == "relu2_24":
             what = "ffn = relu2_24 (its dense warmup and logged statistics change the step)"
         elif self.model.arch == "resnet_bk":

@@ -898,8 +898,11 @@ class Trainer:
         log_step = (self.step + 1) % c.log_every == 0
         for m in self.sparse_ffns:  # 2:4 statistics cost extra reductions: only on steps that get logged
             m.track_stats = log_step and m.sparse
+        report_every = c.eval_every or c.max_steps  # 0 (no step limit, no step-counted evaluations): never
+        report_now = bool(self.model.config.hyper_connections and report_every and (self.step + 1) % report_every == 0)
         graph_due = self._graph_due()
-        graphed = self._graphed_step() if graph_due and self.step_graph.eager_steps <= 0 else None
+        # a hyper-connection report reads this step's gradients: its step runs eagerly
+        graphed = self._graphed_step() if graph_due and self.step_graph.eager_steps <= 0 and not report_now else None
         if graphed is not None:
             total, gnorm = graphed
         else:
@@ -907,8 +910,7 @@ class Trainer:
             warm = self.step_graph.eager_context() if graph_due and not self.step_graph.captured else contextlib.nullcontext()
             with warm:
                 total, (x, y) = self._eager_micro_steps(batches)
-                report_every = c.eval_every or c.max_steps  # 0 (no step limit, no step-counted evaluations): never
-                if self.model.config.hyper_connections and report_every and (self.step + 1) % report_every == 0:
+                if report_now:
                     # analysed here, while the mixing parameters still hold this step's gradients
                     self.hyper_report = hyper.report(self.model, x.to(self.device)[:2])
                 gnorm = self._optimizer_step()
