@@ -12,7 +12,7 @@ import torch
 
 from sparsetrain.cli import main
 from sparsetrain.errors import ConfigError
-from sparsetrain.race import Arm, interleave_order, loss_at_step, parse_arm, run_race, time_to_target
+from sparsetrain.race import Arm, interleave_order, loss_at_step, parse_arm, run_race, step_ms, time_to_target
 
 
 def test_parse_arm() -> None:
@@ -108,6 +108,9 @@ def test_tiny_race_end_to_end(make_cfg, tmp_path: Path, capsys) -> None:
             after = [e["train_seconds_after_startup"] for e in evals]
             assert after[-1] >= seconds > after[-2]
             assert r["steps"] == train[-1]["step"] >= 2
+            # the mean step after the start-up step, from the last evaluation's clock
+            assert r["startup_steps"] == 1
+            assert step_ms(r) == pytest.approx(1000 * after[-1] / (r["steps"] - 1))
             # the lr of the last step is the time schedule's after the last evaluation before the end (a
             # step's lr is chosen for its expected end; a loaded machine can stall a step for longer, which
             # the exact fake-clock test in test_schedule.py leaves out)
@@ -139,6 +142,9 @@ def test_tiny_race_end_to_end(make_cfg, tmp_path: Path, capsys) -> None:
                 (s0, l0), (s1, l1) = at[hi - 1], at[hi]
                 want = l0 + (l1 - l0) * (equal - s0) / (s1 - s0)
             assert r["val_loss_at_equal_steps"] == pytest.approx(want)
+    for arm in on_disk["arms"].values():
+        assert arm["step_ms"]["mean"] == pytest.approx(sum(step_ms(r) for r in arm["runs"]) / 2)
+    assert "ms/step (x first)" in table[-3] and "(1.00x)" in table[-2]
     spread = dense["final_val_loss"]
     losses = [r["final_val_loss"] for r in dense["runs"]]
     assert spread["mean"] == pytest.approx(sum(losses) / 2)

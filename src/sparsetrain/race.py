@@ -280,6 +280,7 @@ def run_summary(cfg: TrainConfig) -> dict:
         "train_seconds": last["train_seconds"],
         "startup_seconds": last.get("startup_seconds", 0.0),
         "train_seconds_after_startup": _after_startup(last),
+        "startup_steps": cfg.startup_steps,
         "final_val_loss": last["val_loss"],
         "final_val_bpb": last.get("val_bpb"),
         # the lowest evaluation, where a run that overfits (repeated data) peaks before its end
@@ -331,6 +332,15 @@ def _spread(values: list[float]) -> dict[str, float] | None:
         return None
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "min": min(values), "max": max(values)}
+
+
+def step_ms(run: dict) -> float | None:
+    """A run's mean step time after start-up, in ms (its training seconds after
+    start-up over the steps taken after it): what tells whether a method's speed
+    held on the machine it raced on. Runs summarised before ``startup_steps`` was
+    recorded had the default, 1."""
+    after = run["steps"] - run.get("startup_steps", 1)
+    return 1000.0 * run["train_seconds_after_startup"] / after if after > 0 else None
 
 
 def _times_to(runs: list[dict], target: float, key: str) -> dict[str, dict]:
@@ -410,6 +420,7 @@ def summarize(overrides: dict[str, dict[str, str]], runs: dict[str, list[dict]],
             "steps_to_target": _steps_to(rs, target),
             "seconds_to_best_target": _times_to(rs, best_target, "seconds_to_best_target"),
             "steps": _spread([r["steps"] for r in rs]),
+            "step_ms": _spread([step_ms(r) for r in rs]),
             "startup_seconds": _spread([r["startup_seconds"] for r in rs]),
             "tokens_forwarded": _spread([r["tokens_forwarded"] for r in rs]),
             "tokens_backpropagated": _spread([r["tokens_backpropagated"] for r in rs]),
@@ -566,8 +577,16 @@ def format_table(report: dict) -> str:
     seconds to each target (after start-up; the final target also with start-up), and
     the held-out loss at the steps every arm made."""
     head = ["arm", "val loss", "val bpb", "best loss", "best at s", "s to target", "(w/ start-up)", "s to best target",
-            "steps", "steps to target", "loss at equal steps", "start-up s", "tokens fwd", "tokens bwd"]
+            "steps", "ms/step (x first)", "steps to target", "loss at equal steps", "start-up s", "tokens fwd",
+            "tokens bwd"]
     lines = []
+    first_ms = next(iter(report["arms"].values())).get("step_ms")
+
+    def ms(d: dict | None) -> str:
+        if d is None:
+            return "-"
+        ratio = f" ({d['mean'] / first_ms['mean']:.2f}x)" if first_ms else ""
+        return f"{d['mean']:.1f}{ratio}"
 
     def secs(d: dict) -> str:
         return f"{d['mean']:.1f}" if d["mean"] is not None else f"never ({d['reached']})"
@@ -583,7 +602,7 @@ def format_table(report: dict) -> str:
         lines.append([name, f"{loss['mean']:.4f} ± {loss['std']:.4f}", f"{bpb['mean']:.4f}" if bpb else "-",
                       f"{best['mean']:.4f} ± {best['std']:.4f}", f"{a['best_seconds_after_startup']['mean']:.1f}",
                       secs(tt["after_startup"]), secs(tt["with_startup"]), secs(tb["after_startup"]),
-                      f"{a['steps']['mean']:.0f}", secs_or_never(a.get("steps_to_target"), "{:.0f}"),
+                      f"{a['steps']['mean']:.0f}", ms(a.get("step_ms")), secs_or_never(a.get("steps_to_target"), "{:.0f}"),
                       f"{at['mean']:.4f} ± {at['std']:.4f}",
                       f"{a['startup_seconds']['mean']:.1f}",
                       f"{a['tokens_forwarded']['mean']:,.0f}", f"{a['tokens_backpropagated']['mean']:,.0f}"])

@@ -68,7 +68,7 @@ def portable_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]
     capturable), so that a checkpoint resumes with or without ``cuda_graph``, on any
     device; a captured run makes it capturable again at its capture."""
     state = optimizer.state_dict()  # its param groups are copies: the live ones keep their tensors
-    for group in state["param_groups"]:
+    for group in state.get("param_groups", ()):  # a composite optimizer (Muon with its fallback) is never captured
         if isinstance(group.get("lr"), torch.Tensor):
             group["lr"] = float(group["lr"])
         if "capturable" in group:
