@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from sparsetrain.benchmark import time_fn
+from sparsetrain.step_graph import StepGraph
 
 
 def interleaved_schedule(names: list[str], rounds: int, warmup: int, repeats: int) -> list[tuple[str, bool]]:
@@ -191,9 +192,8 @@ def capture_step(step: Callable[[], Any], optimizers: list[torch.optim.Optimizer
     anew; it is called after the warm-up, since a selector makes its generator
     on its first draw. A replay does what one call did, with the same
     Python-side settings (a learning rate read as a number, a step-dependent
-    schedule) frozen at capture. ``pool``: a memory pool shared with other captured
-    steps (``torch.cuda.graph_pool_handle()``), safe for steps replayed one after
-    another on one stream, never concurrently."""
+    schedule) frozen at capture. ``pool``: as :meth:`StepGraph.capture`'s (the
+    trainer's captured step, ``run.cuda_graph``, records the same way)."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["capturable"] = True
@@ -203,12 +203,9 @@ def capture_step(step: Callable[[], Any], optimizers: list[torch.optim.Optimizer
         for _ in range(warmup):
             step()
     torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    for gen in generators():
-        graph.register_generator_state(gen)
-    with torch.cuda.graph(graph, pool=pool):
-        step()
-    return graph.replay
+    graph = StepGraph(torch.device("cuda", torch.cuda.current_device()))
+    graph.capture(step, generators(), pool=pool)
+    return graph.graph.replay
 
 
 def prime(calls: dict[str, Callable[[], None]], warmup: int, device: torch.device) -> dict[str, dict[str, Any]]:

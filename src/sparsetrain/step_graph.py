@@ -120,15 +120,17 @@ class StepGraph:
                                  f"{tuple(buf.shape)} {buf.dtype}")
             buf.copy_(t, non_blocking=True)
 
-    def capture(self, body: Callable[[], Any], generators: Iterable[torch.Generator] = ()) -> None:
+    def capture(self, body: Callable[[], Any], generators: Iterable[torch.Generator] = (), pool: Any = None) -> None:
         """Record ``body`` (one whole optimizer step on :attr:`inputs`) into the graph.
         Nothing runs: :meth:`replay` runs it. ``generators``: every non-default
-        generator the step draws from, registered so that each replay draws anew."""
+        generator the step draws from, registered so that each replay draws anew.
+        ``pool``: a memory pool shared with other graphs (``torch.cuda.graph_pool_handle()``),
+        safe for graphs replayed one after another on one stream, never concurrently."""
         graph = torch.cuda.CUDAGraph()
         for gen in generators:
             graph.register_generator_state(gen)
         torch.cuda.synchronize(self.device)
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             self.outputs = body()
         self.graph = graph
 
