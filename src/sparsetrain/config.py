@@ -41,6 +41,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 SECTIONS = ("model", "data", "training", "run")
 ARCHS = ("gpt", "resnet_bk")
 SCHEDULE_KINDS = ("steps", "time")  # what the lr schedule follows (sparsetrain.optim.LRSchedule)
+CAPTURABLE_METHODS = ("topk", "random", "importance")  # selections with a fixed count and no host read (run.cuda_graph)
 OPTIMIZERS = ("adamw", "muon", "lion", "adamw8bit", "galore_adamw")  # built by sparsetrain.optimizers
 MUON_FALLBACKS = ("adamw", "lion")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
@@ -331,10 +332,16 @@ class TrainConfig:
             what = f"optimizer = {self.optimizer} (only the fused AdamW step is captured, with its lr in a device tensor)"
         elif self.compile and self.compile_mode in ("reduce-overhead", "max-autotune"):
             what = f"compile_mode = {self.compile_mode} (its own CUDA graphs cannot nest in the step's)"
-        elif self.use_collider and self.collider_method == "threshold":
-            what = "collider_method = threshold (its kept count follows the scores: use topk, random or importance)"
-        elif self.selection != "none" and (self.selection_method == "threshold" or self.selection_dynamic):
-            what = "a threshold or dynamic selection (its kept count follows the scores: use a fixed keep_ratio)"
+        elif self.use_collider and self.collider_method not in CAPTURABLE_METHODS:
+            what = (f"collider_method = {self.collider_method} (its kept count or its choice reads the device on "
+                    f"the host: use {', '.join(CAPTURABLE_METHODS)})")
+        elif self.selection not in ("none", "batch") and self.selection_method not in CAPTURABLE_METHODS:
+            what = (f"selection_method = {self.selection_method} (its kept count or its choice reads the device on "
+                    f"the host: use {', '.join(CAPTURABLE_METHODS)})")
+        elif self.selection != "none" and self.selection_dynamic:
+            what = "selection_dynamic (its kept count follows the batch's confidence: use a fixed keep_ratio)"
+        elif self.activation_checkpointing:
+            what = "activation_checkpointing (its recomputation reads the RNG state, which capture forbids)"
         elif self.selection == "batch":
             what = "selection = batch (its router picks sequences on the host)"
         elif self.use_mtp:

@@ -219,7 +219,12 @@ class AsyncLoader:
             self.close()
             raise x
         if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)  # the copy finished before use
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)  # the copy finished before use
+            # made on the loader's stream: without this, their memory could go back to that stream's pool
+            # (and be refilled by a later batch) while work queued here still reads them
+            x.record_stream(stream)
+            y.record_stream(stream)
         return x, y
 
     def close(self) -> None:

@@ -22,9 +22,10 @@ What a capture needs from the step, and how the trainer gives it:
   tensor per parameter group, filled before each replay (the fused AdamW takes a
   tensor lr when capturable); random and importance selection draw from
   generators registered with the graph, so each replay draws anew.
-* **warm-up:** a few eager steps after start-up (and after any selection warmup),
-  the last ones on a side stream as PyTorch's CUDA graph notes prescribe, so that
-  compilation, autotuning and lazily made state happen before the capture.
+* **warm-up:** a few steps after start-up (and after any selection warmup) run
+  the recorded body eagerly on the static inputs, the last ones on a side stream
+  as PyTorch's CUDA graph notes prescribe, so that compilation, autotuning and
+  lazily made state for exactly those inputs happen before the capture.
 
 A replay writes its outputs (loss, grad norm, the micro-steps' metrics) into the
 same memory every time; :meth:`StepGraph.replay` hands out copies.
@@ -79,10 +80,10 @@ def portable_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]
 class StepGraph:
     """One captured optimizer step and its static inputs.
 
-    The trainer copies each step's inputs in with :meth:`set_inputs`, captures
-    once with :meth:`capture` (the ``body`` reads only :attr:`inputs` and returns
-    its outputs) and replays with :meth:`replay`. ``eager_steps`` counts the eager
-    steps left before the capture (:meth:`eager_context` runs them)."""
+    The trainer copies each step's inputs in with :meth:`set_inputs`, runs the
+    body eagerly while ``eager_steps`` remain (inside :meth:`eager_context`),
+    captures once with :meth:`capture` (the ``body`` reads only :attr:`inputs`
+    and returns its outputs) and replays with :meth:`replay`."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

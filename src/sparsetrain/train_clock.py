@@ -127,6 +127,8 @@ class TrainClock:
         if self.in_startup:
             raise RuntimeError("count_as_startup after the start-up steps only (they measure themselves)")
         self.startup_seconds += seconds
+        if self._window is not None:  # nor do they count in the step time measured over this window
+            self._window = (self._window[0] + seconds, self._window[1])
 
     def synced(self) -> None:
         """The device has just been synchronised (a log window): measure the step time."""

@@ -328,6 +328,8 @@ class Trainer:
             raise ConfigError(f"run.cuda_graph needs a CUDA device, got {self.device}")
         if self.dist.enabled:
             raise ConfigError(f"run.cuda_graph runs one process, got {self.dist.world_size} (torchrun)")
+        # a capture records on the current device's streams: on another device's tensors it would record nothing
+        torch.cuda.set_device(self.device)
         return StepGraph(self.device)
 
     def _setup_code_eval(self) -> list[Path]:
@@ -369,7 +371,7 @@ class Trainer:
     def _reference_nll(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if isinstance(self.reference, ReferenceLosses):  # the sidecar's entries for this micro-batch's windows
             if self._graph_micro is not None:  # capturing: the static buffer each replay's entries are copied to
-                return self.step_graph.inputs["ref"][self._graph_micro]
+                return self.step_graph.inputs[f"ref{self._graph_micro}"]
             return self._sidecar_nll().to(self.device, non_blocking=True)
         logits, _ = self.reference(x)
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
@@ -813,22 +815,33 @@ class Trainer:
         return self.selector is None or self.step >= self.selector.warmup_steps
 
     def _graphed_step(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """This step replayed from the step graph (captured first if it is not yet):
-        the micro-batches copied into its static inputs, its metrics into the window.
-        Returns (summed loss, grad norm), or None where the step must run eagerly (a
-        batch whose count of valid targets differs from the capture's)."""
+        """This step on the step graph's static inputs: one of its eager warm-up
+        steps (the recorded body run now, so that whatever it compiles or tunes for
+        those inputs is done before the capture), or a replay (captured first if it
+        is not yet). Its metrics go into the window. Returns (summed loss, grad
+        norm), or None where the step must run eagerly (a batch whose count of valid
+        targets differs from the capture's)."""
         c, g = self.cfg, self.step_graph
         batches = [self._batch(m) for m in range(c.grad_accum)]
         n_valid = tuple(_valid_targets(y) for _, y in batches)
         if g.captured and n_valid != g.n_valid:
             self._replay_batches = batches
             return None
-        inputs = {"x": torch.stack([x for x, _ in batches]), "y": torch.stack([y for _, y in batches])}
-        if isinstance(self.reference, ReferenceLosses):
-            inputs["ref"] = torch.stack([self._sidecar_for(m) for m in range(c.grad_accum)])
-        if self.token_labels is not None:
-            inputs["labels"] = torch.stack([self._target_labels(m) for m in range(c.grad_accum)])
+        # one buffer per micro-batch and kind, each at its own address (no offset views into a shared one)
+        inputs = {}
+        for m, (x, y) in enumerate(batches):
+            inputs[f"x{m}"], inputs[f"y{m}"] = x, y
+            if isinstance(self.reference, ReferenceLosses):
+                inputs[f"ref{m}"] = self._sidecar_for(m)
+            if self.token_labels is not None:
+                inputs[f"labels{m}"] = self._target_labels(m)
         g.set_inputs(**inputs)
+        if g.eager_steps > 0:
+            with g.eager_context():
+                total, metrics, gnorm = self._graph_body(n_valid)
+            for m in metrics:
+                self.metric_window.add(m)
+            return total, gnorm
         if not g.captured:
             g.n_valid = n_valid
             self._sync_device()
@@ -864,11 +877,11 @@ class Trainer:
             for micro in range(c.grad_accum):
                 self._graph_micro = micro
                 with self.autocast():
-                    out = self.train_module(inputs["x"][micro], inputs["y"][micro], n_valid[micro])
+                    out = self.train_module(inputs[f"x{micro}"], inputs[f"y{micro}"], n_valid[micro])
                 (out.loss * (1.0 / c.grad_accum)).backward()
                 m = dict(out.metrics)
-                if "labels" in inputs and out.keep is not None:
-                    m[LABEL_COUNTS] = label_counts(inputs["labels"][micro], out.keep, len(self.token_labels.names))
+                if f"labels{micro}" in inputs and out.keep is not None:
+                    m[LABEL_COUNTS] = label_counts(inputs[f"labels{micro}"], out.keep, len(self.token_labels.names))
                 metrics.append(m)
                 total += out.lm_loss
         finally:
@@ -902,18 +915,16 @@ class Trainer:
         report_now = bool(self.model.config.hyper_connections and report_every and (self.step + 1) % report_every == 0)
         graph_due = self._graph_due()
         # a hyper-connection report reads this step's gradients: its step runs eagerly
-        graphed = self._graphed_step() if graph_due and self.step_graph.eager_steps <= 0 and not report_now else None
+        graphed = self._graphed_step() if graph_due and not report_now else None
         if graphed is not None:
             total, gnorm = graphed
         else:
             batches, self._replay_batches = self._replay_batches, None
-            warm = self.step_graph.eager_context() if graph_due and not self.step_graph.captured else contextlib.nullcontext()
-            with warm:
-                total, (x, y) = self._eager_micro_steps(batches)
-                if report_now:
-                    # analysed here, while the mixing parameters still hold this step's gradients
-                    self.hyper_report = hyper.report(self.model, x.to(self.device)[:2])
-                gnorm = self._optimizer_step()
+            total, (x, y) = self._eager_micro_steps(batches)
+            if report_now:
+                # analysed here, while the mixing parameters still hold this step's gradients
+                self.hyper_report = hyper.report(self.model, x.to(self.device)[:2])
+            gnorm = self._optimizer_step()
         extras = {}
         stats = [m.last_stats for m in self.sparse_ffns if m.track_stats and m.last_stats]
         if stats:  # device tensors, averaged over layers here and read when the step is logged
