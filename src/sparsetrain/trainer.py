@@ -204,6 +204,7 @@ class Trainer:
         self._prime_pending = True  # every process primes in its first step (_prime_objective)
         self._graph_micro: int | None = None  # while a step graph is captured: the micro-batch being recorded
         self._replay_batches: list | None = None  # a step the graph could not replay: its batches, run eagerly
+        self._uncounted_seconds = 0.0  # host seconds inside a step that are not training (a capture)
         self._setup_selection()
         self._setup_kept_audit()
         # every micro-step's metrics and every step's loss, read once per log window
@@ -853,6 +854,7 @@ class Trainer:
             self._sync_device()
             g.capture_seconds = time.perf_counter() - t0
             self.clock.count_as_startup(g.capture_seconds)
+            self._uncounted_seconds += g.capture_seconds  # out of the log window's tokens/s too
             self._pending_rows.append({"kind": "cuda_graph", "step": self.step, "capture_seconds": round(g.capture_seconds, 3)})
             if self.verbose:
                 print(f"step {self.step}: captured the training step in a CUDA graph ({g.capture_seconds:.1f} s, "
@@ -1098,6 +1100,8 @@ class Trainer:
                     self.train_step()  # its loss and metrics wait in self.metric_window until logged
                 except DivergedError as e:  # raised inside the step (token scores of NaN logits)
                     raise self._diverged(f"step {self.step + 1}: {e}") from None
+                window_t0 += self._uncounted_seconds
+                self._uncounted_seconds = 0.0
                 if self.clock.step_done():  # start-up measured (one sync)
                     write({"kind": "startup", "step": self.step, "steps": c.startup_steps,
                            "startup_seconds": round(self.clock.startup_seconds, 3)})
