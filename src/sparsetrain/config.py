@@ -345,7 +345,7 @@ class TrainConfig:
         elif self.selection == "batch":
             what = "selection = batch (its router picks sequences on the host)"
         elif self.use_mtp:
-            what = "use_mtp (its per-head losses are read on the host every step)"
+            what = "use_mtp (its sequential heads' backward has not been run under capture on a GPU yet)"
         elif self.fire_at_step:
             what = "fire_at_step (FIRE replaces the optimizer state the graph holds)"
         elif self.model.ffn == "relu2_24":
