@@ -193,6 +193,13 @@ def test_selector_in_the_forward_and_global_kept_normalisation() -> None:
     assert_grads_close(got, grads(ref))
 
 
+def test_a_target_count_larger_than_the_batch_is_refused() -> None:
+    model = apply(make_model("llama", fresh_seed()), selector=TokenSelector(score="collider", method="topk", keep_ratio=0.5))
+    ids = torch.randint(0, 120, (2, 12))
+    with pytest.raises(ValueError, match="collider_n_valid = 25: a batch of 24 positions"):
+        model(ids, labels=ids, use_cache=False, collider_n_valid=25)
+
+
 def test_lora_adapters_get_kept_row_gradients_and_the_base_none() -> None:
     """PEFT LoRA on every projection (two adapters on q/v, one active): frozen
     base weights get no gradient, the active LoRA factors the reference's."""

@@ -196,6 +196,9 @@ def _forward_of(cls: type):
             # the caller's count, or counted here before the forward (a host sync that waits for the
             # previous step's work, so the GPU idles while this step's first kernels are launched)
             n_valid = collider_n_valid if collider_n_valid is not None else int((targets != IGNORE_INDEX).sum())
+            if not 0 <= n_valid <= targets.numel():
+                raise ValueError(f"collider_n_valid = {n_valid}: a batch of {targets.numel()} positions has at most "
+                                 f"{targets.numel()} targets")
         if state.engine is not None:
             from transformers.modeling_outputs import CausalLMOutputWithPast
 
