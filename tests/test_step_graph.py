@@ -306,3 +306,24 @@ def test_captured_compiled_bf16_accumulation_on_cuda(make_cfg, tmp_path) -> None
     eager_loss, graph_loss = results["eager"][1].val_losses[14], r_graph.val_losses[14]
     assert graph_loss == pytest.approx(eager_loss, rel=0.05)
     assert all(torch.isfinite(p).all() for p in graphed.model.parameters())
+
+
+@requires_cuda
+def test_mtp_steps_capture_like_eager_ones_on_cuda(make_cfg, tmp_path, monkeypatch) -> None:
+    """MTP's sequential heads under a real capture (the config still refuses the pair
+    until this has passed on a GPU): float32 losses and weights as eager steps'."""
+    from sparsetrain.config import TrainConfig
+
+    monkeypatch.setattr(TrainConfig, "_validate_cuda_graph", lambda self: None)
+    runs = {}
+    for name, graph in (("eager", False), ("graph", True)):
+        cfg = make_cfg(out_dir=str(tmp_path / name), device="cuda", dtype="float32", max_steps=10, eval_every=5,
+                       cuda_graph=graph, use_mtp=True, mtp_n_tokens=2)
+        t = Trainer(cfg, verbose=False)
+        runs[name] = (t, t.fit())
+    (eager, r_eager), (graphed, r_graph) = runs["eager"], runs["graph"]
+    assert graphed.step_graph.captured
+    for step, loss in r_eager.train_losses.items():
+        assert r_graph.train_losses[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
+    for a, b in zip(eager.model.parameters(), graphed.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
