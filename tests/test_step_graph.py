@@ -147,6 +147,14 @@ def test_hyper_connection_report_steps_run_eagerly(make_cfg, tmp_path, monkeypat
     assert reports[0] == reports[1] and [s for s, _ in reports[0]] == [6, 12]
 
 
+def test_without_startup_steps_the_first_step_still_runs_eagerly(make_cfg, tmp_path, monkeypatch) -> None:
+    kw = dict(COLLIDER, startup_steps=0)
+    eager, r_eager, _ = _run(make_cfg, tmp_path, "eager", False, monkeypatch, **kw)
+    graphed, r_graph, rows = _run(make_cfg, tmp_path, "graph", True, monkeypatch, **kw)
+    assert [r["step"] for r in rows if r.get("kind") == "cuda_graph"] == [4] and graphed.step_graph.replays == 8
+    _same_training(eager, r_eager, graphed, r_graph)
+
+
 def test_a_batch_of_another_size_runs_eagerly(make_cfg, tmp_path, monkeypatch) -> None:
     """The graph is sized by the capture's count of valid targets; a batch with
     another count (here, made so at one step) runs eagerly, exactly as without a graph."""

@@ -810,8 +810,9 @@ class Trainer:
 
     def _graph_due(self) -> bool:
         """Whether this step belongs to the step graph: warm-up steps and captured ones
-        start after this process's start-up and any selection warmup."""
-        if self.step_graph is None or self.clock.in_startup:
+        start after this process's start-up (its first step, which primes, included)
+        and any selection warmup."""
+        if self.step_graph is None or self.clock.in_startup or self._prime_pending:
             return False
         return self.selector is None or self.step >= self.selector.warmup_steps
 
@@ -936,7 +937,7 @@ class Trainer:
         loss = D.all_reduce_mean(total / c.grad_accum, self.dist)
         self.metric_window.end_step(self.step + 1, loss, gnorm.detach(), lr * self.optimizer.param_groups[0].get("lr_scale", 1.0),
                                     extras)
-        if self._prime_pending:  # this process's first step (never a graphed one): part of its start-up
+        if self._prime_pending:  # this process's first step (never a graphed one, see _graph_due): part of its start-up
             self._prime_pending = False
             self._prime_objective(x, y)
         self.step += 1
