@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from sparsetrain.benchmark import time_fn
-from sparsetrain.step_graph import StepGraph
+from sparsetrain.step_graph import SideStream, StepGraph
 
 
 def interleaved_schedule(names: list[str], rounds: int, warmup: int, repeats: int) -> list[tuple[str, bool]]:
@@ -197,12 +197,9 @@ def capture_step(step: Callable[[], Any], optimizers: list[torch.optim.Optimizer
     for opt in optimizers:
         for group in opt.param_groups:
             group["capturable"] = True
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    with SideStream(torch.cuda.Stream()):
         for _ in range(warmup):
             step()
-    torch.cuda.current_stream().wait_stream(side)
     graph = StepGraph(torch.device("cuda", torch.cuda.current_device()))
     graph.capture(step, generators(), pool=pool)
     return graph.graph.replay

@@ -107,7 +107,7 @@ class StepGraph:
             return _Nothing()
         if self._side is None:
             self._side = torch.cuda.Stream(self.device)
-        return _SideStream(self._side)
+        return SideStream(self._side)
 
     def set_inputs(self, **tensors: torch.Tensor) -> None:
         """Copy this step's inputs into the static buffers (made on first use, with
@@ -150,7 +150,7 @@ class _Nothing:
         return None
 
 
-class _SideStream:
+class SideStream:
     """Run on ``side`` (after the current stream's work) and make the current
     stream wait for it on exit."""
 
