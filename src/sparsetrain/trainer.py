@@ -329,8 +329,10 @@ class Trainer:
             raise ConfigError(f"run.cuda_graph needs a CUDA device, got {self.device}")
         if self.dist.enabled:
             raise ConfigError(f"run.cuda_graph runs one process, got {self.dist.world_size} (torchrun)")
-        # a capture records on the current device's streams: on another device's tensors it would record nothing
-        torch.cuda.set_device(self.device)
+        # a capture records on the current device's streams: on another device's tensors it would
+        # record nothing. set_device wants an index; a bare "cuda" already means the current one.
+        if self.device.index is not None:
+            torch.cuda.set_device(self.device.index)
         return StepGraph(self.device)
 
     def _setup_code_eval(self) -> list[Path]:
