@@ -12,8 +12,8 @@ A run writes one JSON file::
         "baseline": "dense", "speedup_vs_baseline": 1.43, "error": null, "extra": {...}}, ...]}
 
 Every row shares the file's device, versions, commit, date and command
-(``git_commit``: the checkout's HEAD, or in a copy without ``.git`` the
-``SPARSETRAIN_GIT_COMMIT`` variable's value; null without either).
+(``git_commit``: the ``SPARSETRAIN_GIT_COMMIT`` variable's value where set, as
+in a copied working tree, else the checkout's HEAD; null without either).
 ``median_ms`` and ``spread`` come from the row's timed samples;
 ``speedup_vs_baseline`` is the baseline row's median (same shape) over this
 row's: above 1, faster than the baseline. A variant that failed (out of
@@ -23,10 +23,8 @@ memory, a compile error) keeps its row, with ``error`` set and no times.
 from __future__ import annotations
 
 import math
-import os
 import re
 import shlex
-import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +32,8 @@ from typing import Any
 
 import torch
 
-from sparsetrain.benchmark import environment
+from sparsetrain.benchmark import COMMIT_VARIABLE, environment
+from sparsetrain.benchmark import git_state as _git_state
 
 from .options import BenchError
 
@@ -43,7 +42,6 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPREAD_KEYS = ("min_ms", "q1_ms", "q3_ms", "max_ms", "iqr_ms")
 VERSION_KEYS = ("python", "torch", "cuda", "triton", "cusparselt")
-COMMIT_VARIABLE = "SPARSETRAIN_GIT_COMMIT"  # names the commit where the suites run from a copy without .git
 
 
 @dataclass
@@ -102,24 +100,14 @@ def result_rows(suite: str, results: list[Result]) -> list[dict[str, Any]]:
 
 
 def git_state() -> tuple[str | None, bool | None]:
-    """``(commit, dirty)`` of the checkout the suites run from. Outside a git
-    checkout (a copied working tree) the commit is ``$SPARSETRAIN_GIT_COMMIT``
-    (the commit the copy was taken from, 7 to 40 hex digits) and dirty is
-    unknown, or ``(None, None)`` without it. Raises :class:`BenchError` for a
-    variable that is not a commit hash."""
+    """``(commit, dirty)`` of the checkout the suites run from
+    (:func:`sparsetrain.benchmark.git_state`: ``$SPARSETRAIN_GIT_COMMIT`` when set,
+    as in a copied working tree, else git's answer). Raises :class:`BenchError`
+    for a variable that is not a commit hash."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                                capture_output=True, text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        given = os.environ.get(COMMIT_VARIABLE)
-        if given is None:
-            return None, None
-        if not re.fullmatch(r"[0-9a-f]{7,40}", given):
-            raise BenchError(f"{COMMIT_VARIABLE}={given!r} is not a commit hash (7 to 40 hex digits)")
-        return given, None
-    return commit, bool(status.strip())
+        return _git_state(REPO_ROOT)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
 
 
 def run_document(suite: str, results: list[Result], settings: dict[str, Any], argv: list[str]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import bench.timing as timing
 from bench.__main__ import main as bench_main
 from bench.options import BenchError, parse_cases, parse_overrides
 from bench.results import SCHEMA, Result, output_path, result_rows, run_document, summarize_times, validate
+from sparsetrain.errors import ConfigError
 
 
 def fresh_rng() -> random.Random:
@@ -97,12 +98,16 @@ def test_a_run_document_follows_the_schema_and_each_fault_is_named() -> None:
         assert problems and any(needle in p for p in problems), (needle, problems)
 
 
-def test_outside_a_git_checkout_the_commit_comes_from_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                    capsys) -> None:
-    """A copied working tree has no .git: ``SPARSETRAIN_GIT_COMMIT`` names the
-    commit (dirty unknown); a value that is no hash is one line and exit 2
-    before anything runs. Inside a checkout, git's own answer wins."""
+def test_the_commit_comes_from_the_variable_where_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys) -> None:
+    """A copied working tree says its commit in ``SPARSETRAIN_GIT_COMMIT`` (dirty
+    unknown), also where the copy carries a ``.git`` of another commit; a value
+    that is no hash is one line and exit 2 before anything runs. Without the
+    variable, git's own answer, or none outside a checkout."""
+    import subprocess
+
     import bench.results as results
+    from sparsetrain.race import git_commit
 
     real_root = results.REPO_ROOT
     monkeypatch.setattr(results, "REPO_ROOT", tmp_path)
@@ -117,13 +122,15 @@ def test_outside_a_git_checkout_the_commit_comes_from_the_variable(tmp_path: Pat
     code, out, err = run_bench(["steps", "--shapes", "dense:tiny", "--out", str(tmp_path)], capsys)
     assert code == 2 and err.strip() == ("python -m bench steps: error: SPARSETRAIN_GIT_COMMIT='HEAD' is not a commit "
                                          "hash (7 to 40 hex digits)") and not out and not list(tmp_path.glob("*.json"))
+    with pytest.raises(ConfigError, match="SPARSETRAIN_GIT_COMMIT='HEAD' is not a commit hash"):
+        git_commit()
     monkeypatch.setattr(results, "REPO_ROOT", real_root)
-    monkeypatch.setenv(results.COMMIT_VARIABLE, sha)
     if (real_root / ".git").exists():
-        import subprocess
-
+        monkeypatch.setenv(results.COMMIT_VARIABLE, sha)  # the variable wins over the checkout's .git
+        assert results.git_state() == (sha, None) and git_commit() == sha
+        monkeypatch.delenv(results.COMMIT_VARIABLE)
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=real_root, capture_output=True, text=True).stdout
-        assert results.git_state()[0] == head.strip() != sha
+        assert results.git_state()[0] == head.strip() and git_commit().startswith(head.strip())
 
 
 def test_output_names(tmp_path: Path) -> None:

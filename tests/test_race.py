@@ -417,6 +417,28 @@ def test_merge_refuses_other_races_with_one_line(make_cfg, tmp_path: Path, capsy
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (msg, err)
     assert main(["race-merge", str(files[0]), "--out-dir", str(tmp_path / "x")]) == 2
     assert "two or more" in capsys.readouterr().err
+    assert main(["race-merge", *map(str, files), "--arms", "dense,nope", "--out-dir", str(tmp_path / "x")]) == 2
+    assert "arm nope is in none of the reports" in capsys.readouterr().err
+
+
+def test_merge_of_chosen_arms_when_a_seed_raced_fewer(make_cfg, tmp_path: Path) -> None:
+    """A seed that raced only some arms merges with the others on those arms: the
+    same numbers as a merge of reports that never had the missing arm."""
+    from sparsetrain.race import merge_reports
+
+    arms, curves, reports = _one_seed_reports(make_cfg, tmp_path, [1, 2, 3])
+    short = json.loads(json.dumps(reports[2]))  # seed 3 raced "drop" only
+    del short["settings"]["arms"]["dense"], short["arms"]["dense"]
+    with pytest.raises(ConfigError, match="every arm needs every seed"):
+        merge_reports([reports[0], reports[1], short], ["a", "b", "c"])
+    merged = merge_reports([reports[0], reports[1], short], ["a", "b", "c"], arms=["drop"])
+    assert list(merged["arms"]) == ["drop"] and merged["settings"]["seeds"] == [1, 2, 3]
+    finals = [curves["drop", s][-1][1] for s in (1, 2, 3)]
+    assert merged["target_val_loss"] == pytest.approx(sum(finals) / 3, rel=1e-12)
+    # reordering makes the named first arm the target
+    both = merge_reports(reports[:2], ["a", "b"], arms=["drop", "dense"])
+    assert list(both["arms"]) == ["drop", "dense"]
+    assert both["target_val_loss"] == pytest.approx(sum(finals[:2]) / 2, rel=1e-12)
 
 
 def test_merge_adds_an_arm_raced_later_for_the_same_seeds(make_cfg, tmp_path: Path, capsys) -> None:

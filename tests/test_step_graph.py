@@ -37,7 +37,6 @@ COLLIDER = dict(use_collider=True, collider_sparsity=0.5, collider_method="topk"
     (dict(selection="loss", selection_dynamic=True), "selection_dynamic"),
     (dict(activation_checkpointing=True), "activation_checkpointing"),
     (dict(selection="batch"), "selection = batch"),
-    (dict(use_mtp=True), "use_mtp"),
     (dict(fire_at_step=3), "fire_at_step"),
     (dict(ffn="relu2_24"), "ffn = relu2_24"),
     (dict(arch="resnet_bk"), "resnet_bk"),
@@ -114,7 +113,8 @@ def _same_training(eager, r_eager, graphed, r_graph) -> None:
     dict(COLLIDER, selection_warmup_steps=3),
     dict(use_collider=True, collider_sparsity=0.5, collider_method="random", grad_accum=2),
     dict(selection="loss", keep_ratio=0.5, selection_method="importance", selection_score="gradnorm"),
-], ids=["collider-topk-warmup", "collider-random-accum", "cggr-importance"])
+    dict(use_mtp=True, mtp_n_tokens=2, grad_accum=2),
+], ids=["collider-topk-warmup", "collider-random-accum", "cggr-importance", "mtp-accum"])
 def test_replayed_steps_equal_eager_steps(make_cfg, tmp_path, monkeypatch, kw: dict) -> None:
     eager, r_eager, rows_eager = _run(make_cfg, tmp_path, "eager", False, monkeypatch, **kw)
     graphed, r_graph, rows_graph = _run(make_cfg, tmp_path, "graph", True, monkeypatch, **kw)
@@ -317,12 +317,8 @@ def test_captured_compiled_bf16_accumulation_on_cuda(make_cfg, tmp_path) -> None
 
 
 @requires_cuda
-def test_mtp_steps_capture_like_eager_ones_on_cuda(make_cfg, tmp_path, monkeypatch) -> None:
-    """MTP's sequential heads under a real capture (the config still refuses the pair
-    until this has passed on a GPU): float32 losses and weights as eager steps'."""
-    from sparsetrain.config import TrainConfig
-
-    monkeypatch.setattr(TrainConfig, "_validate_cuda_graph", lambda self: None)
+def test_mtp_steps_capture_like_eager_ones_on_cuda(make_cfg, tmp_path) -> None:
+    """MTP's sequential heads under a real capture: float32 losses and weights as eager steps'."""
     runs = {}
     for name, graph in (("eager", False), ("graph", True)):
         cfg = make_cfg(out_dir=str(tmp_path / name), device="cuda", dtype="float32", max_steps=10, eval_every=5,

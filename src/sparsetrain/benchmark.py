@@ -11,8 +11,11 @@ GPU heating and clock readings, profiles) live under ``bench/``.
 
 from __future__ import annotations
 
+import os
 import platform
+import re
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -23,6 +26,33 @@ import torch
 
 # Dense bf16 tensor-core peak from NVIDIA's datasheets (SXM parts), used for MFU.
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+COMMIT_VARIABLE = "SPARSETRAIN_GIT_COMMIT"
+
+
+def git_state(root: str | os.PathLike | None = None) -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the sparsetrain source at ``root`` (default: this
+    package's folder). ``$SPARSETRAIN_GIT_COMMIT`` (7 to 40 hex digits), when set,
+    names the commit and dirty is unknown: it is how a run from a copied working
+    tree says what it ran, and such a copy's ``.git``, if it has one, may be
+    older than the files. Otherwise git's HEAD and whether tracked files
+    differ, or ``(None, None)`` outside a checkout. Raises :class:`ValueError`
+    for a variable that is not a commit hash."""
+    given = os.environ.get(COMMIT_VARIABLE)
+    if given is not None:
+        if not re.fullmatch(r"[0-9a-f]{7,40}", given):
+            raise ValueError(f"{COMMIT_VARIABLE}={given!r} is not a commit hash (7 to 40 hex digits)")
+        return given, None
+    where = str(root) if root is not None else os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, bool(status.strip())
 
 
 def environment() -> dict[str, Any]:

@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("reports", nargs="+", metavar="RACE_JSON",
                     help="race.json files of the same budget and base config; every arm needs every seed once")
     rm.add_argument("--out-dir", required=True, metavar="DIR", help="where race.json, race.png and race_full.png go")
+    rm.add_argument("--arms", metavar="LIST", help="comma list: merge only these arms, in this order (the first is "
+                    "the target), e.g. when one seed raced fewer arms (default: every arm)")
 
     rl = sub.add_parser("reference-losses", help="precompute a reference run's loss of every train token (a sidecar "
                         "for the excess score: training then reads it instead of running the reference)")
@@ -315,7 +317,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_race_merge(args: argparse.Namespace) -> int:
     from .race import write_merged
 
-    write_merged(args.reports, args.out_dir)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+    write_merged(args.reports, args.out_dir, arms=arms)
     print(f"race report: {Path(args.out_dir) / 'race.json'}, plot: {Path(args.out_dir) / 'race.png'}")
     return 0
 

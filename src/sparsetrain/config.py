@@ -344,8 +344,6 @@ class TrainConfig:
             what = "activation_checkpointing (its recomputation reads the RNG state, which capture forbids)"
         elif self.selection == "batch":
             what = "selection = batch (its router picks sequences on the host)"
-        elif self.use_mtp:
-            what = "use_mtp (its sequential heads' backward has not been run under capture on a GPU yet)"
         elif self.fire_at_step:
             what = "fire_at_step (FIRE replaces the optimizer state the graph holds)"
         elif self.model.ffn == "relu2_24":

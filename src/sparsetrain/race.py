@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,17 +161,16 @@ def _base_seed(preset: str | None, config_file: str | None) -> int:
 
 
 def git_commit() -> str | None:
-    """The sparsetrain source's git commit (``+dirty`` with uncommitted changes), or None."""
-    here = Path(__file__).resolve().parent
+    """The sparsetrain source's commit as one string (``+dirty`` with uncommitted
+    changes), or None: :func:`sparsetrain.benchmark.git_state`, a bad
+    ``$SPARSETRAIN_GIT_COMMIT`` refused as a :class:`ConfigError`."""
+    from .benchmark import git_state
+
     try:
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if head.returncode:
-            return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
+        commit, dirty = git_state()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return None if commit is None else commit + ("+dirty" if dirty else "")
 
 
 def _check_spec(out_dir: Path, spec: dict) -> None:
@@ -459,7 +457,7 @@ def _comparable_config(config: dict, arm_fields: set[str] = frozenset()) -> dict
     return out
 
 
-def merge_reports(reports: list[dict], sources: list[str]) -> dict:
+def merge_reports(reports: list[dict], sources: list[str], arms: list[str] | None = None) -> dict:
     """One report over several races of the same budget and base config (up to the
     seed): their seeds side by side (e.g. one seed per GPU call), and their arms
     side by side (an arm raced later, in another call, for the same seeds), the
@@ -469,13 +467,23 @@ def merge_reports(reports: list[dict], sources: list[str]) -> dict:
     reports must have the same overrides in each; every arm must cover every
     seed once. Each race's environment, order and arms are kept under
     ``settings.merged_from``: arms from different calls did not share the
-    interleaved order that cancels GPU drift within a call.
+    interleaved order that cancels GPU drift within a call. ``arms`` keeps only
+    those arms, in that order (the first is the target): for seeds that raced
+    fewer arms than others.
     Raises :class:`ConfigError` naming the first difference."""
     from .benchmark import environment
 
     if len(reports) < 2:
         raise ConfigError("race merge needs two or more race.json files")
     first, src0 = reports[0], sources[0]
+    if arms is not None:
+        raced = {name for rep in reports for name in rep["settings"]["arms"]}
+        for name in arms:
+            if name not in raced:
+                raise ConfigError(f"arm {name} is in none of the reports (they race {', '.join(sorted(raced))})")
+        if len(set(arms)) != len(arms):
+            raise ConfigError(f"race merge --arms names an arm twice: {','.join(arms)}")
+        reports = [_only_arms(rep, arms) for rep in reports]
     arm_fields = {key for rep in reports for ov in rep["settings"]["arms"].values() for key in ov}
     base = _comparable_config(first["settings"]["base_config"], arm_fields)
     overrides: dict[str, dict] = {}  # arm -> its overrides, in order of first appearance
@@ -523,6 +531,15 @@ def merge_reports(reports: list[dict], sources: list[str]) -> dict:
     return summarize(overrides, runs, seeds, first["settings"]["seconds"], env, settings)
 
 
+def _only_arms(report: dict, arms: list[str]) -> dict:
+    """``report`` with the arms of ``arms`` only, in that order (the runs' list per
+    arm is untouched: it is indexed by the report's seeds)."""
+    st = report["settings"]
+    kept = [name for name in arms if name in st["arms"]]
+    return {**report, "settings": {**st, "arms": {name: st["arms"][name] for name in kept}},
+            "arms": {name: report["arms"][name] for name in kept}}
+
+
 def _evals_with_steps(evals: list[list], folder: Path, arm: str, seed: int) -> list[list]:
     """Evaluation rows of a report written before they carried their step, given it
     from the run's metrics beside the report: ``<arm>/seed<seed>/metrics.jsonl`` (the
@@ -542,9 +559,9 @@ def _evals_with_steps(evals: list[list], folder: Path, arm: str, seed: int) -> l
                       "are not beside it")
 
 
-def write_merged(files: list[str], out_dir: str | Path, verbose: bool = True) -> dict:
-    """Read ``files`` (race.json), merge them (:func:`merge_reports`) and write the
-    report, its plots and print its table into ``out_dir``."""
+def write_merged(files: list[str], out_dir: str | Path, verbose: bool = True, arms: list[str] | None = None) -> dict:
+    """Read ``files`` (race.json), merge them (:func:`merge_reports`, only ``arms`` if
+    given) and write the report, its plots and print its table into ``out_dir``."""
     reports = []
     for f in files:
         try:
@@ -557,7 +574,7 @@ def write_merged(files: list[str], out_dir: str | Path, verbose: bool = True) ->
             raise ConfigError(f"{f} is not a race report (no arms and settings)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return write_report(merge_reports(reports, [str(f) for f in files]), out, verbose)
+    return write_report(merge_reports(reports, [str(f) for f in files], arms), out, verbose)
 
 
 def write_report(report: dict, out: Path, verbose: bool = True) -> dict:
