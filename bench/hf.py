@@ -35,7 +35,9 @@ fine-tuning on a model patched by Liger's ``apply_liger_kernel_to_llama``
 (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE): ``dense_liger`` (the
 baseline) against Collider on the patched model; its Collider row's
 ``composes`` says whether its loss at the initial weights equals the one
-before the patch.
+before the patch. Compiled, Liger's fused linear cross-entropy stays outside
+the graph (``torch.compiler.disable``): it accumulates gradients in its
+forward with an ``addmm`` variant that compilation cannot trace.
 """
 
 from __future__ import annotations
@@ -235,6 +237,7 @@ def build_liger_case(shape: str, args: argparse.Namespace, device: torch.device)
     """Full fine-tuning on a Liger-patched model: HF's forward as Liger patches
     it, and Collider applied on top; the Collider loss at the initial weights
     before the patch, for ``composes``."""
+    import liger_kernel.transformers.functional as liger_functional
     from liger_kernel.transformers import apply_liger_kernel_to_llama
     from transformers.models.llama import modeling_llama
 
@@ -249,11 +252,19 @@ def build_liger_case(shape: str, args: argparse.Namespace, device: torch.device)
     unpatched = forward_loss(collider_loss, device)["loss_at_start"]
     collider.remove(model)
     saved = {n: getattr(modeling_llama, n) for n in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
+    liger_loss = liger_functional.liger_fused_linear_cross_entropy
 
     def restore() -> None:  # later models get HF's own modules again
         for n, v in saved.items():
             setattr(modeling_llama, n, v)
+        liger_functional.liger_fused_linear_cross_entropy = liger_loss
 
+    # Liger's fused linear cross-entropy computes its gradients inside its forward,
+    # accumulating with addmm(out=..., out_dtype=float32), which torch.compile's fake
+    # tensors reject: compiled, the rest of the model is traced and the loss runs as
+    # Liger's own kernels, as it does uncompiled.
+    if args.compile:
+        liger_functional.liger_fused_linear_cross_entropy = torch.compiler.disable(liger_loss)
     try:
         apply_liger_kernel_to_llama(model=model)  # the instance's forward becomes Liger's (fused linear CE)
         liger_forward = model.forward
@@ -266,7 +277,8 @@ def build_liger_case(shape: str, args: argparse.Namespace, device: torch.device)
     steps = {"dense_liger": HFStep(dense, optimizer, device),
              f"{collider_name(args.drop)}_on_liger": HFStep(collider_loss, optimizer, device)}
     total, trainable = _counts(model)
-    return Case(steps, model, total, trainable, extra={"lora": None, "liger": True},
+    return Case(steps, model, total, trainable, extra={"lora": None, "liger": True,
+                                                       "liger_loss_compiled": False},
                 unpatched_collider_loss=unpatched, restore=restore)
 
 
