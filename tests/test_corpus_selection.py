@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import write_corpus
 from sparsetrain.data import (bits_per_byte, discover_text_files, load_corpus, split_documents, tokens_per_byte,
@@ -122,3 +123,23 @@ def test_eval_rows_report_bits_per_byte_of_the_eval_windows(make_cfg) -> None:
     assert len(evals) == 2
     for r in evals:
         assert r["val_bpb"] == pytest.approx(r["val_loss"] * n_tokens / n_bytes / math.log(2), abs=1e-5)
+
+
+def test_val_windows_depend_on_the_token_count_not_the_batch_shape() -> None:
+    """An arm at half the batch with twice the eval batches evaluates the same
+    held-out windows (the race's half-batch control relies on it); each window is
+    ``tokens[s : s + seq_len]`` with its shifted targets, checked by slicing."""
+    rng = np.random.default_rng()
+    tokens = rng.integers(0, 1000, size=int(rng.integers(5000, 9000))).astype(np.int64)
+    seq = int(rng.integers(16, 64))
+
+    def windows(n_batches: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*val_batches(tokens, n_batches, batch, seq))
+        return torch.cat(xs), torch.cat(ys)
+
+    x8, y8 = windows(8, 8)
+    x4, y4 = windows(16, 4)
+    assert torch.equal(x8, x4) and torch.equal(y8, y4) and x8.shape == (64, seq)
+    for row_x, row_y in zip(x8, y8):
+        s = next(i for i in range(tokens.size - seq) if np.array_equal(tokens[i:i + seq], row_x.numpy()))
+        assert np.array_equal(tokens[s + 1:s + seq + 1], row_y.numpy())
