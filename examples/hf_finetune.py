@@ -14,6 +14,7 @@ blocks of ``--seq`` tokens and trained with ``sparsetrain.hf_trainer.ColliderTra
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -84,6 +85,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank on every projection (0: full fine-tuning)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="CUDA: capture each micro-batch's forward and backward in a CUDA graph and replay it")
     ap.add_argument("--report-to", default="none", help="the Trainer's report_to (none, tensorboard, wandb, ...)")
     ap.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the random model's tokenizer")
     ap.add_argument("--hidden", type=int, default=256, help="width of the random model (a multiple of 64)")
@@ -95,6 +98,7 @@ def main() -> None:
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
+    from sparsetrain.errors import ConfigError
     from sparsetrain.hf_trainer import ColliderArguments, ColliderTrainer
 
     texts = read_texts(args.data)
@@ -115,15 +119,24 @@ def main() -> None:
                               logging_steps=max(1, min(10, args.steps)),
                               report_to=args.report_to, bf16=cuda, use_cpu=not cuda, save_strategy="no",
                               dataloader_num_workers=0)
-    trainer = ColliderTrainer(model=model, args=targs, train_dataset=train,
-                              data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-                              collider=ColliderArguments(drop_ratio=args.drop, method=args.method, score=args.score))
+    try:
+        trainer = ColliderTrainer(model=model, args=targs, train_dataset=train,
+                                  data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                                  collider=ColliderArguments(drop_ratio=args.drop, method=args.method,
+                                                             score=args.score, cuda_graph=args.cuda_graph))
+    except ConfigError as e:  # one line naming the value, exit 2, as the sparsetrain CLI does
+        print(f"hf_finetune.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     trainer.train()
     logged = [e for e in trainer.state.log_history if "collider_kept_fraction" in e]
     if logged:
         last = logged[-1]
-        print(f"last log: loss {last['loss']:.4f}, kept {last['collider_kept_fraction']:.3f}, "
-              f"backward {last['collider_backward_seconds'] * 1e3:.1f} ms per micro-batch")
+        line = f"last log: loss {last['loss']:.4f}, kept {last['collider_kept_fraction']:.3f}"
+        if "collider_backward_seconds" in last:  # replayed micro-steps are not timed
+            line += f", backward {last['collider_backward_seconds'] * 1e3:.1f} ms per micro-batch"
+        if "collider_graph_steps" in last:
+            line += f", {last['collider_graph_steps']} replayed micro-steps"
+        print(line)
     trainer.save_model(str(args.out))
     tok.save_pretrained(str(args.out))
     print(f"saved to {args.out}")

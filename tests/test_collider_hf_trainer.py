@@ -17,6 +17,7 @@ from sparsetrain.collider import masked_cross_entropy  # noqa: E402
 from sparsetrain.collider.hf import uses_engine  # noqa: E402
 from sparsetrain.errors import ConfigError  # noqa: E402
 
+from conftest import requires_cuda  # noqa: E402
 from hf_reference import assert_grads_close, float64_norms, fresh_seed, make_model, reference_backward  # noqa: E402
 
 
@@ -176,3 +177,129 @@ def test_finetune_example_trains_and_saves(corpus_dir, tmp_path) -> None:
 
     saved = load_file(out / "adapter_model.safetensors")
     assert saved and all("lora_A" in k or "lora_B" in k for k in saved)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
+def test_finetune_example_refuses_a_cuda_graph_on_the_cpu_in_one_line(corpus_dir, tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "examples" / "hf_finetune.py"), "--data", str(corpus_dir),
+                           "--steps", "1", "--batch", "2", "--seq", "32", "--hidden", "64", "--layers", "2",
+                           "--vocab", "300", "--cuda-graph", "--out", str(tmp_path / "run")],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root / "src")},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == ("hf_finetune.py: error: collider cuda_graph with device cpu "
+                                                    "(CUDA graphs need a CUDA device) is not available")
+    assert "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- CUDA graph (ColliderArguments.cuda_graph)
+
+
+def _fixed_length_dataset(vocab: int, pad_id: int, n: int, length: int, seed: int, short: int | None = None):
+    """``n`` random sequences of ``length`` tokens (never the pad token, so every
+    position is a target); with ``short``, sequence ``short`` is 5 tokens shorter,
+    so its batch is padded and has fewer targets."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(0, vocab - 1, (length - (5 if i == short else 0),), generator=g)
+        rows.append([int(t) + (1 if t >= pad_id else 0) for t in ids])
+    return Dataset.from_dict({"input_ids": rows})
+
+
+def _graph_run(tmp_path, name: str, graph: bool, monkeypatch, method: str, short: int | None, seed: int,
+               cuda: bool = False):
+    from transformers import DataCollatorForLanguageModeling, TrainingArguments
+
+    from replaying_graph import ReplayingStepGraph
+    from sparsetrain.hf_trainer import ColliderArguments, ColliderTrainer, ColliderTrainerMixin, local_tokenizer
+
+    tok = local_tokenizer(_texts(8, seed), 200)
+    model = make_model("llama", seed, dtype=torch.float32, vocab_size=len(tok))
+    if graph and not cuda:  # the stand-in graph on the CPU: the body re-run at each replay
+        monkeypatch.setattr(ColliderTrainerMixin, "_setup_collider_graph",
+                            lambda self: ReplayingStepGraph(self.args.device))
+    args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=6, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, logging_steps=1, report_to=[], use_cpu=not cuda,
+                             save_strategy="no", max_grad_norm=1.0, learning_rate=1e-3, seed=seed % 1000,
+                             dataloader_num_workers=0)
+
+    class InOrder(ColliderTrainer):  # batches in dataset order, so the padded one comes where the test says
+        def _get_train_sampler(self, *a, **k):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(model=model, args=args,
+                      train_dataset=_fixed_length_dataset(len(tok), tok.pad_token_id, 24, 16, seed, short),
+                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                      collider=ColliderArguments(drop_ratio=0.5, method=method, warmup_steps=1, cuda_graph=graph,
+                                                 seed=seed % 1000))
+    trainer.train()
+    monkeypatch.undo()
+    return trainer
+
+
+@pytest.mark.parametrize("method, short", [("topk", None), ("random", 17)], ids=["topk", "random-one-padded-batch"])
+def test_replayed_micro_steps_train_like_eager_ones(tmp_path, monkeypatch, method: str, short) -> None:
+    """The Trainer's side of the graph (static inputs, gradients added into .grad
+    outside it, the warm-up runs, the eager fallback for a batch of another target
+    count, the selector's generator) against the same training without it:
+    equal losses and weights, float32 on the CPU, with gradient accumulation."""
+    seed = fresh_seed()
+    eager = _graph_run(tmp_path, "eager", False, monkeypatch, method, short, seed)
+    graphed = _graph_run(tmp_path, "graph", True, monkeypatch, method, short, seed)
+    g = graphed.collider_graph
+    micro_steps = 6 * 2
+    warmup_micro = 1 * 2  # the selection's warmup step runs eagerly
+    padded = 0 if short is None else 1  # micro-step 9 (sequences 16 and 17) has fewer targets: eager
+    assert g.captures == 1 and g.replays == micro_steps - warmup_micro - 3 - padded
+    logs_e = [h for h in eager.state.log_history if "loss" in h]
+    logs_g = [h for h in graphed.state.log_history if "loss" in h]
+    assert sum(h["collider_graph_steps"] for h in logs_g) == g.replays
+    assert len(logs_e) == len(logs_g) == 6
+    for a, b in zip(logs_e, logs_g):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+        assert b["collider_kept_fraction"] == a["collider_kept_fraction"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    for (name, a), b in zip(eager.model.named_parameters(), graphed.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_graph_refusals_name_the_value(tmp_path) -> None:
+    from transformers import TrainingArguments
+
+    from sparsetrain.hf_trainer import ColliderArguments, ColliderTrainer
+
+    with pytest.raises(ConfigError, match="cuda_graph needs a kept count fixed ahead .* got method 'threshold'"):
+        ColliderArguments(method="threshold", cuda_graph=True)
+    cases = [(dict(gradient_checkpointing=True), "gradient_checkpointing"),
+             ({}, "device cpu (CUDA graphs need a CUDA device)")]
+    for extra, named in cases:
+        args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **extra)
+        with pytest.raises(ConfigError, match="collider cuda_graph with") as e:
+            ColliderTrainer(model=make_model("llama", 0, dtype=torch.float32), args=args,
+                            collider=ColliderArguments(cuda_graph=True))
+        assert named in str(e.value) and "\n" not in str(e.value)
+
+
+@requires_cuda
+def test_captured_micro_steps_on_cuda(tmp_path, monkeypatch) -> None:
+    """A real capture: float32 losses and weights as without the graph, within
+    the GPU's reduction-order rounding; the graph replayed."""
+    seed = fresh_seed()
+    eager = _graph_run(tmp_path, "eager", False, monkeypatch, "random", 17, seed, cuda=True)
+    graphed = _graph_run(tmp_path, "graph", True, monkeypatch, "random", 17, seed, cuda=True)
+    assert graphed.collider_graph.captured
+    assert sum(h["collider_graph_steps"] for h in graphed.state.log_history if "loss" in h) == 6
+    for a, b in zip([h for h in eager.state.log_history if "loss" in h],
+                    [h for h in graphed.state.log_history if "loss" in h]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    for (name, a), b in zip(eager.model.named_parameters(), graphed.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)

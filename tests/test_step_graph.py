@@ -8,7 +8,6 @@ against eager steps."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
@@ -17,11 +16,12 @@ import torch
 import sparsetrain.trainer as trainer_mod
 from sparsetrain.config import build_config
 from sparsetrain.errors import ConfigError
-from sparsetrain.step_graph import StepGraph, clone_tree, make_capturable, portable_optimizer_state
+from sparsetrain.step_graph import clone_tree, make_capturable, portable_optimizer_state
 from sparsetrain.train_clock import TrainClock
 from sparsetrain.trainer import Trainer
 
 from conftest import requires_cuda
+from replaying_graph import ReplayingStepGraph
 from test_reference_losses import reference_run  # noqa: F401 (a fixture)
 
 COLLIDER = dict(use_collider=True, collider_sparsity=0.5, collider_method="topk")
@@ -62,29 +62,6 @@ def test_cli_refusal_is_one_line_exit_2(tmp_path) -> None:
                         "--out-dir", str(tmp_path / "r")], capture_output=True, text=True)
     assert p.returncode == 2, p.stderr
     assert p.stderr.count("\n") == 1 and "--cuda-graph with --device cpu" in p.stderr
-
-
-class ReplayingStepGraph(StepGraph):
-    """A stand-in for the CUDA graph on the CPU: capture keeps the step's body, a
-    replay runs it again on the static inputs and hands out copies, as a graph
-    replay does. It checks what the trainer does around a graph, not the graph."""
-
-    def __init__(self, device: torch.device) -> None:
-        super().__init__(device)
-        self.body = None
-        self.replays = 0
-        self.captured_at: int | None = None
-
-    def eager_context(self):
-        self.eager_steps -= 1
-        return contextlib.nullcontext()
-
-    def capture(self, body, generators=()) -> None:
-        self.body, self.graph = body, object()
-
-    def replay(self):
-        self.replays += 1
-        return clone_tree(self.body())
 
 
 def _run(make_cfg, tmp_path, name: str, graph: bool, monkeypatch, **kw):

@@ -20,6 +20,21 @@ from the forward's own logits). For another Trainer subclass,
   events on the GPU, read at log time) join the Trainer's logs, so every
   ``report_to`` integration sees them.
 * **Evaluation** runs the model's own forward and loss (no gradient).
+* **CUDA graph** (``ColliderArguments(cuda_graph=True)``): each micro-batch's
+  forward and backward is captured once and replayed, so a small model's
+  step is not paced by the host's kernel launches (the Trainer's optimizer
+  step, clipping and logging stay outside the graph). After any selection
+  warmup, three micro-steps run the recorded body eagerly, then it is
+  captured. A replay needs the captured batch's shapes, non-tensor inputs
+  and target count: fixed-length batches (packed sequences, or padding to one
+  length) replay every time, and any other batch runs eagerly. The graph's
+  gradients are added into ``.grad`` outside it, since the Trainer's
+  ``zero_grad`` frees them between steps. One CUDA process, bf16 or float32
+  (not fp16's loss scaling), no gradient checkpointing, a selection with a
+  count fixed ahead (``topk``, ``random``, ``importance``); otherwise refused
+  in one line. ``collider_graph_steps`` (replayed micro-steps since the last
+  log) joins the logs; replayed micro-steps are not in
+  ``collider_backward_seconds``.
 
 TRL's ``SFTTrainer`` computes its loss through a fused LM head that skips
 the logits; under Collider the loss is the kept-rows loss on the logits
@@ -38,7 +53,9 @@ import torch
 from .collider import apply, remove
 from .collider.attention import MODES
 from .collider.hf import applied_state, collider_targets
+from .config import CAPTURABLE_METHODS
 from .errors import ConfigError
+from .step_graph import StepGraph
 from .selection import IGNORE_INDEX, METHODS, NONNEGATIVE_SCORES, SCORES, TokenSelector, budget
 
 try:
@@ -56,7 +73,9 @@ class ColliderArguments:
     selector's (:class:`~sparsetrain.selection.TokenSelector`; ``threshold``
     holds ``drop_ratio`` adaptively); ``warmup_steps``: optimizer steps over
     which the kept fraction falls from 1 to ``1 - drop_ratio``; ``attention``,
-    ``compile``, ``engine``: as :func:`sparsetrain.collider.apply`.
+    ``compile``, ``engine``: as :func:`sparsetrain.collider.apply`;
+    ``cuda_graph``: capture each micro-batch's forward and backward in a CUDA
+    graph and replay it (see the module docstring).
     """
 
     drop_ratio: float = 0.5
@@ -67,6 +86,7 @@ class ColliderArguments:
     compile: bool | None = None
     engine: bool | None = None
     seed: int = 0
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.drop_ratio < 1.0:
@@ -87,6 +107,9 @@ class ColliderArguments:
             raise ConfigError(f"collider warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.attention not in MODES:
             raise ConfigError(f"collider attention must be one of {', '.join(MODES)}, got {self.attention!r}")
+        if self.cuda_graph and self.drop_ratio > 0 and self.method not in CAPTURABLE_METHODS:
+            raise ConfigError(f"collider cuda_graph needs a kept count fixed ahead (method "
+                              f"{', '.join(CAPTURABLE_METHODS)}), got method {self.method!r}")
 
     @property
     def count_known_ahead(self) -> bool:
@@ -181,6 +204,94 @@ class ColliderTrainerMixin:
         self._collider_counts: list[tuple[Any, Any]] = []
         self._collider_n_valid: list[int] = []  # the step's micro-batches' target counts, in order (get_batch_samples)
         self._collider_clock = _BackwardClock()
+        self._collider_graph_steps = 0  # replayed micro-steps since the last log
+        self._collider_graph_key: tuple | None = None  # what the capture's batch looked like (see _graph_key)
+        self.collider_graph: StepGraph | None = self._setup_collider_graph() if ca.cuda_graph else None
+
+    # ------------------------------------------------------------------ the CUDA graph
+
+    def _setup_collider_graph(self) -> StepGraph:
+        """The micro-step graph (captured later, :meth:`_graphed_training_step`);
+        what it cannot hold is refused here, in one line."""
+        targs = self.args
+        what = None
+        if targs.world_size > 1:
+            what = f"{targs.world_size} processes (its gradients bypass the gradient synchronisation)"
+        elif targs.gradient_checkpointing:
+            what = "gradient_checkpointing (its recomputation reads the RNG state, which capture forbids)"
+        elif targs.fp16:
+            what = "fp16 (its loss scaler steps on the host); use bf16"
+        elif targs.device.type != "cuda":
+            what = f"device {targs.device} (CUDA graphs need a CUDA device)"
+        if what is not None:
+            raise ConfigError(f"collider cuda_graph with {what} is not available")
+        return StepGraph(targs.device)
+
+    def _graph_due(self) -> bool:
+        """Whether micro-steps may use the graph: past the selection's warmup, so
+        the kept count is the final ratio's."""
+        sel = self.collider_selector
+        return sel is None or self.state.global_step >= sel.warmup_steps
+
+    @staticmethod
+    def _graph_key(tensors: dict[str, torch.Tensor], others: dict[str, Any], n_valid: int) -> tuple:
+        """What a replay must share with the capture: tensor shapes and dtypes, the
+        other inputs' values, the target count (it sizes the kept rows)."""
+        return (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items())),
+                tuple(sorted((k, repr(v)) for k, v in others.items())), n_valid)
+
+    def _graphed_training_step(self, model, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor | None:
+        """One micro-step on the graph's static inputs (an eager warm-up run of the
+        recorded body, or a replay, captured first when due), its gradients added
+        into ``.grad``; None where the micro-step must run eagerly instead."""
+        g = self.collider_graph
+        if not self._collider_n_valid or not isinstance(num_items_in_batch, torch.Tensor):
+            return None  # the count is not known ahead (no labels): nothing fixes the kept rows' shape
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        others = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
+        key = self._graph_key(tensors, others, self._collider_n_valid[0])
+        if self._collider_graph_key is not None and key != self._collider_graph_key:
+            return None
+        self._collider_graph_key = key
+        n_valid = self._collider_n_valid.pop(0)
+        self._sync_selector()
+        g.set_inputs(**tensors, num_items_in_batch=num_items_in_batch.reshape(()))
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def body() -> tuple[torch.Tensor, list[torch.Tensor], tuple[Any, Any]]:
+            static = dict(g.inputs)
+            count = static.pop("num_items_in_batch")
+            batch = {**static, **others, "collider_logits": False, "collider_n_valid": n_valid}
+            with self.compute_loss_context_manager():
+                loss = Trainer.compute_loss(self, model, batch, num_items_in_batch=count)
+            # the gradients as outputs: .grad is freed between optimizer steps, so the graph cannot own it
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            state = applied_state(model)
+            stats, state.last_stats = state.last_stats, None
+            kept = stats.unread("kept") if stats is not None else torch.zeros((), device=loss.device)
+            total = stats.unread("total") if stats is not None else torch.zeros((), device=loss.device)
+            return loss.detach(), list(grads), (kept, total)
+
+        if g.eager_steps > 0:
+            with g.eager_context():
+                loss, grads, counts = body()
+        else:
+            if not g.captured:
+                generators = self.collider_selector.generators() if self.collider_selector is not None else ()
+                g.capture(body, generators)
+            loss, grads, counts = g.replay()  # copies: the next replay rewrites the graph's outputs
+            self._collider_graph_steps += 1
+        for p, grad in zip(params, grads):
+            if grad is None:
+                continue
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.add_(grad)
+        self._collider_counts.append(counts)
+        return loss
 
     # ------------------------------------------------------------------ normalisation
 
@@ -232,8 +343,13 @@ class ColliderTrainerMixin:
             self._collider_clock.start()
         return (loss, outputs) if return_outputs else loss
 
-    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        loss = super().training_step(*args, **kwargs)
+    def training_step(self, model, inputs: dict[str, Any], num_items_in_batch: Any = None, *args: Any,
+                      **kwargs: Any) -> torch.Tensor:
+        if self.collider_graph is not None and self._graph_due():
+            loss = self._graphed_training_step(model, inputs, num_items_in_batch)
+            if loss is not None:
+                return loss
+        loss = super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
         self._collider_clock.stop()
         return loss
 
@@ -247,6 +363,9 @@ class ColliderTrainerMixin:
             secs = self._collider_clock.mean_seconds()
             if secs is not None:
                 logs["collider_backward_seconds"] = round(secs, 6)
+        if self.collider_graph is not None and "loss" in logs:
+            logs["collider_graph_steps"] = self._collider_graph_steps
+            self._collider_graph_steps = 0
         super().log(logs, *args, **kwargs)
 
 
