@@ -20,6 +20,7 @@ SUITES = {
     "quality": "val loss against controls at equal steps or equal wall-clock",
     "gradient_error": "each token selection's gradient against dense's on one batch: bias, variance, cosine",
     "hf": "a Hugging Face Llama-family training step, dense HF (compiled) against Collider, full fine-tuning and LoRA",
+    "hf_trainer": "the Hugging Face Trainer's own step time: Trainer against ColliderTrainer, eager and with cuda_graph",
     "race": "delegates to `sparsetrain race`",
 }
 

@@ -178,3 +178,54 @@ def test_captured_steps_on_the_gpu(tmp_path: Path, capsys) -> None:
     rows = {r["variant"]: r for r in doc["results"]}
     assert all(r["error"] is None and r["extra"]["mode"]["capture"] for r in rows.values())
     assert all(r["repeats"] >= 2 and r["spread"]["min_ms"] > 0 for r in rows.values())
+
+
+# ----------------------------------------------------------------------------- python -m bench hf_trainer
+
+
+def test_hf_trainer_suite_times_every_step_of_both_runs(tmp_path: Path, capsys) -> None:
+    """The Trainer suite on the CPU: a row per variant with both runs' timed steps,
+    each run's start-up and kept fraction, the schema kept; the dense and Collider
+    runs start from the same weights and batches (equal first-log losses would
+    need equal objectives, so the Collider loss is checked to be a kept-rows
+    loss: the kept fraction is ceil(half) of the targets)."""
+    pytest.importorskip("datasets")
+    code, out, err = run_bench(["hf_trainer", "--shapes", "tiny", "--repeats", "3", "--warmup", "1",
+                                "--out", str(tmp_path / "t.json")], capsys)
+    assert code == 0, err
+    doc = json.loads((tmp_path / "t.json").read_text())
+    assert validate(doc) == []
+    rows = {r["variant"]: r for r in doc["results"]}
+    assert list(rows) == ["trainer_dense", "trainer_collider_0.5"]
+    targets = MODELS["tiny"]["batch"] * (MODELS["tiny"]["seq"] - 1)
+    for name, r in rows.items():
+        assert r["error"] is None and r["repeats"] == 2 * 3 and r["median_ms"] > 0
+        assert len(r["extra"]["per_run"]) == 2 and all(run["startup_s"] > 0 for run in r["extra"]["per_run"])
+    assert rows["trainer_collider_0.5"]["baseline"] == "trainer_dense"
+    for run in rows["trainer_collider_0.5"]["extra"]["per_run"]:
+        assert run["kept_fraction"] == pytest.approx(math.ceil(targets / 2) / targets, abs=1e-4)
+    assert "trainer_collider_0.5" in out
+
+
+def test_hf_trainer_suite_refuses_the_graph_on_the_cpu_in_one_line(tmp_path: Path, capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("the CPU refusal")
+    code, out, err = run_bench(["hf_trainer", "--shapes", "tiny", "--variants", "dense,collider_graph",
+                                "--out", str(tmp_path)], capsys)
+    assert code == 2 and err.strip() == ("python -m bench hf_trainer: error: --variants collider_graph needs a CUDA "
+                                         "device (CUDA graphs)") and not list(tmp_path.glob("*.json"))
+    code, out, err = run_bench(["hf_trainer", "--shapes", "tiny", "--variants", "dense,nope", "--out",
+                                str(tmp_path)], capsys)
+    assert code == 2 and "no variant 'nope'" in err
+
+
+@requires_cuda
+def test_hf_trainer_suite_replays_the_graph_on_the_gpu(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("datasets")
+    code, out, err = run_bench(["hf_trainer", "--shapes", "tiny", "--repeats", "4", "--warmup", "6",
+                                "--heat-seconds", "0", "--out", str(tmp_path / "t.json")], capsys)
+    assert code == 0, err
+    rows = {r["variant"]: r for r in json.loads((tmp_path / "t.json").read_text())["results"]}
+    assert all(r["error"] is None for r in rows.values()), rows
+    for run in rows["trainer_collider_0.5_graph"]["extra"]["per_run"]:
+        assert run["collider_graph_steps"] == 10 - 3  # every step after the three eager warm-up micro-steps
