@@ -384,6 +384,26 @@ def test_merged_seeds_recompute_target_times_and_equal_steps(make_cfg, tmp_path:
             steps = [round(t * 10) for t, _ in curves[a.name, s]]
             want = float(np.interp(step, steps, [l for _, l in curves[a.name, s]]))
             assert merged["arms"][a.name]["runs"][k]["val_loss_at_equal_steps"] == pytest.approx(want, rel=1e-9)
+    # paired with the first arm's run of the same seed: the final difference and the time to its final loss
+    for a in arms:
+        diffs, ratios = [], []
+        for s in (3, 4, 5):
+            times, losses = map(np.array, zip(*curves[a.name, s]))
+            ref_t, ref = curves["dense", s][-1]
+            diffs.append(losses[-1] - ref)
+            if losses.min() > ref:
+                ratios.append(None)
+            else:
+                i = int(np.argmax(losses <= ref))
+                t = times[i] if i == 0 else times[i - 1] + (ref - losses[i - 1]) * (times[i] - times[i - 1]) / (losses[i] - losses[i - 1])
+                ratios.append(t / ref_t)
+        arm = merged["arms"][a.name]
+        assert arm["final_minus_first_paired"]["mean"] == pytest.approx(np.mean(diffs), abs=1e-12)
+        assert arm["final_minus_first_paired"]["std"] == pytest.approx(np.std(diffs, ddof=1), abs=1e-12)
+        got = arm["time_ratio_to_paired_target"]["per_seed"]
+        assert [g is None for g in got] == [r is None for r in ratios]
+        assert [g for g in got if g is not None] == pytest.approx([r for r in ratios if r is not None], rel=1e-9)
+    assert merged["arms"]["dense"]["time_ratio_to_paired_target"]["per_seed"] == pytest.approx([1.0] * 3)
     assert [m["seeds"] for m in merged["settings"]["merged_from"]] == [[5], [3], [4]]
     # a one-seed report's own target differs from the merged one, and its times are not carried over
     assert reports[0]["target_val_loss"] != merged["target_val_loss"]

@@ -19,7 +19,10 @@ seeds; the best (lowest) held-out loss and when it happened (a run that overfits
 repeated data peaks before its end); the training seconds each run needed to reach
 two targets, the first arm's mean final loss and its mean best loss (linear
 interpolation on its evaluation curve, with and without start-up; None where
-never reached); the steps; the tokens forwarded and back-propagated; and, for
+never reached); paired with the first arm's run of the same seed (same initial
+weights and batches), the final loss minus the first arm's and the time to the
+first arm's final loss as a fraction of its training seconds; the steps; the
+tokens forwarded and back-propagated; and, for
 token-filtering arms on a ``corpus build`` corpus, the share of each kind of
 document's tokens the selector kept (``kept_share``, the mean over the logged
 steps of metrics.jsonl's ``kept_share/<kind>``) and each kind's share of the
@@ -371,6 +374,20 @@ def _steps_to(runs: list[dict], target: float) -> dict:
     return _reached(steps)
 
 
+def _paired(runs: list[dict], first: list[dict]) -> dict[str, dict]:
+    """Per seed, against the first arm's run of the same seed (same initial weights
+    and batches, so much of the seed-to-seed spread cancels): the final loss minus
+    the first arm's, and the seconds (after start-up) to reach the first arm's
+    final loss over the first arm's own training seconds, stored in each run."""
+    diffs, ratios = [], []
+    for r, f in zip(runs, first):
+        diffs.append(r["final_val_loss"] - f["final_val_loss"])
+        t = time_to_target([e[0] for e in r["evals"]], [e[2] for e in r["evals"]], f["final_val_loss"])
+        ratios.append(None if t is None else t / f["evals"][-1][0])
+        r["final_minus_first_paired"], r["time_ratio_to_paired_target"] = diffs[-1], ratios[-1]
+    return {"final_minus_first_paired": _spread(diffs), "time_ratio_to_paired_target": _reached(ratios)}
+
+
 def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], seeds: list[int], seconds: float,
                 order: list[tuple[int, int]]) -> dict:
     """The race's JSON report (see the module docstring)."""
@@ -385,7 +402,8 @@ def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], see
 
 
 # what summarize() adds to each run, recomputed when seeds are merged (the target moves)
-_DERIVED_RUN_KEYS = ("seconds_to_target", "seconds_to_best_target", "steps_to_target", "val_loss_at_equal_steps")
+_DERIVED_RUN_KEYS = ("seconds_to_target", "seconds_to_best_target", "steps_to_target", "val_loss_at_equal_steps",
+                     "final_minus_first_paired", "time_ratio_to_paired_target")
 
 
 def summarize(overrides: dict[str, dict[str, str]], runs: dict[str, list[dict]], seeds: list[int], seconds: float,
@@ -422,6 +440,7 @@ def summarize(overrides: dict[str, dict[str, str]], runs: dict[str, list[dict]],
             "startup_seconds": _spread([r["startup_seconds"] for r in rs]),
             "tokens_forwarded": _spread([r["tokens_forwarded"] for r in rs]),
             "tokens_backpropagated": _spread([r["tokens_backpropagated"] for r in rs]),
+            **_paired(rs, runs[first]),
             **{prefix: v for prefix in SHARE_PREFIXES if (v := _mean_over_runs(rs, prefix)) is not None},
             "runs": rs,
         }
@@ -593,9 +612,9 @@ def format_table(report: dict) -> str:
     """The report as a fixed-width table, one arm a line: final and best held-out loss,
     seconds to each target (after start-up; the final target also with start-up), and
     the held-out loss at the steps every arm made."""
-    head = ["arm", "val loss", "val bpb", "best loss", "best at s", "s to target", "(w/ start-up)", "s to best target",
-            "steps", "ms/step (x first)", "steps to target", "loss at equal steps", "start-up s", "tokens fwd",
-            "tokens bwd"]
+    head = ["arm", "val loss", "val bpb", "minus first (paired)", "best loss", "best at s", "s to target",
+            "(w/ start-up)", "x time to own seed's first", "s to best target", "steps", "ms/step (x first)",
+            "steps to target", "loss at equal steps", "start-up s", "tokens fwd", "tokens bwd"]
     lines = []
     first_ms = next(iter(report["arms"].values())).get("step_ms")
 
@@ -613,12 +632,19 @@ def format_table(report: dict) -> str:
             return "-"
         return fmt.format(d["mean"]) if d["mean"] is not None else f"never ({d['reached']})"
 
-    for name, a in report["arms"].items():
+    def paired(a: dict, first_arm: bool) -> tuple[str, str]:
+        d, r = a.get("final_minus_first_paired"), a.get("time_ratio_to_paired_target")
+        if first_arm or d is None or r is None:  # the first arm itself, or a report from before the keys existed
+            return "-", "-"
+        return f"{d['mean']:+.4f} ± {d['std']:.4f}", secs_or_never(r, "{:.2f}")
+
+    for i, (name, a) in enumerate(report["arms"].items()):
         loss, bpb, best = a["final_val_loss"], a["final_val_bpb"], a["best_val_loss"]
         tt, tb, at = a["seconds_to_target"], a["seconds_to_best_target"], a["val_loss_at_equal_steps"]
-        lines.append([name, f"{loss['mean']:.4f} ± {loss['std']:.4f}", f"{bpb['mean']:.4f}" if bpb else "-",
+        diff, ratio = paired(a, i == 0)
+        lines.append([name, f"{loss['mean']:.4f} ± {loss['std']:.4f}", f"{bpb['mean']:.4f}" if bpb else "-", diff,
                       f"{best['mean']:.4f} ± {best['std']:.4f}", f"{a['best_seconds_after_startup']['mean']:.1f}",
-                      secs(tt["after_startup"]), secs(tt["with_startup"]), secs(tb["after_startup"]),
+                      secs(tt["after_startup"]), secs(tt["with_startup"]), ratio, secs(tb["after_startup"]),
                       f"{a['steps']['mean']:.0f}", ms(a.get("step_ms")), secs_or_never(a.get("steps_to_target"), "{:.0f}"),
                       f"{at['mean']:.4f} ± {at['std']:.4f}",
                       f"{a['startup_seconds']['mean']:.1f}",
