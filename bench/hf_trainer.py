@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from sparsetrain.step_graph import EAGER_STEPS
+
 from .hf import LEARNING_RATE, MODELS, build_model, collider_name, make_batch
 from .options import BenchError, describe_shapes, parse_cases
 from .results import Result
@@ -133,6 +135,9 @@ def train_once(shape: str, kind: str, args: argparse.Namespace, device: torch.de
         trainer.train()
         logs = [h for h in trainer.state.log_history if "loss" in h]
         graph_steps = sum(h.get("collider_graph_steps", 0) for h in logs) if kind == "collider_graph" else None
+        if graph_steps is not None and graph_steps != steps - EAGER_STEPS:
+            raise RuntimeError(f"the graph replayed {graph_steps} of {steps} steps, not every step after its "
+                               f"{EAGER_STEPS} eager warm-up steps: its times would not be the graph's")
         run = {"seconds": clock.seconds, "startup_s": sum(clock.seconds[:args.warmup]),
                "peak_memory_gib": gib(torch.cuda.max_memory_allocated()) if cuda else None,
                "loss_last_log": logs[-1]["loss"] if logs else None, "collider_graph_steps": graph_steps,
@@ -195,6 +200,9 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[str]]:
             raise BenchError(f"--variants: no variant {k!r} (dense, collider, collider_graph)")
     if "collider_graph" in kinds and not cuda:
         raise BenchError("--variants collider_graph needs a CUDA device (CUDA graphs)")
+    if "collider_graph" in kinds and args.warmup < EAGER_STEPS + 1:
+        raise BenchError(f"--warmup must be >= {EAGER_STEPS + 1} with collider_graph (its {EAGER_STEPS} eager "
+                         f"warm-up steps and the capture are start-up), got {args.warmup}")
     if len(set(kinds)) != len(kinds):
         raise BenchError(f"--variants names a variant twice: {args.variants}")
     shapes = [s for _, s in parse_cases(args.shapes, SHAPES, DEFAULT)]

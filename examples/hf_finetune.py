@@ -96,7 +96,7 @@ def main() -> None:
         raise SystemExit(f"--hidden must be a multiple of 64, got {args.hidden}")
 
     from datasets import Dataset
-    from transformers import DataCollatorForLanguageModeling, TrainingArguments
+    from transformers import TrainingArguments, default_data_collator
 
     from sparsetrain.errors import ConfigError
     from sparsetrain.hf_trainer import ColliderArguments, ColliderTrainer
@@ -111,7 +111,11 @@ def main() -> None:
                                                                  "up_proj", "down_proj"]))
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    train = Dataset.from_dict({"input_ids": packed_blocks(texts, tok, args.seq)})
+    # packed blocks of one length, every token a target (the end-of-text tokens between documents
+    # included, which a padding collator would mask as padding): every batch has one shape and
+    # target count, which --cuda-graph needs to replay
+    blocks = packed_blocks(texts, tok, args.seq)
+    train = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
     cuda = torch.cuda.is_available()
     targs = TrainingArguments(output_dir=str(args.out), max_steps=args.steps, per_device_train_batch_size=args.batch,
                               gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
@@ -121,7 +125,7 @@ def main() -> None:
                               dataloader_num_workers=0)
     try:
         trainer = ColliderTrainer(model=model, args=targs, train_dataset=train,
-                                  data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                                  data_collator=default_data_collator,
                                   collider=ColliderArguments(drop_ratio=args.drop, method=args.method,
                                                              score=args.score, cuda_graph=args.cuda_graph))
     except ConfigError as e:  # one line naming the value, exit 2, as the sparsetrain CLI does

@@ -30,5 +30,8 @@ class ReplayingStepGraph(StepGraph):
         self.captures += 1
 
     def replay(self):
+        return clone_tree(self.replay_outputs())
+
+    def replay_outputs(self):
         self.replays += 1
-        return clone_tree(self.body())
+        return self.body()

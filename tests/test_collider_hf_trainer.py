@@ -6,6 +6,7 @@ SFTTrainer through ``with_collider``."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -280,6 +281,7 @@ def test_graph_refusals_name_the_value(tmp_path) -> None:
     with pytest.raises(ConfigError, match="cuda_graph needs a kept count fixed ahead .* got method 'threshold'"):
         ColliderArguments(method="threshold", cuda_graph=True)
     cases = [(dict(gradient_checkpointing=True), "gradient_checkpointing"),
+             (dict(optim="adalomo"), "optim adalomo (it updates in backward hooks"),
              ({}, "device cpu (CUDA graphs need a CUDA device)")]
     for extra, named in cases:
         args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **extra)
@@ -287,6 +289,12 @@ def test_graph_refusals_name_the_value(tmp_path) -> None:
             ColliderTrainer(model=make_model("llama", 0, dtype=torch.float32), args=args,
                             collider=ColliderArguments(cuda_graph=True))
         assert named in str(e.value) and "\n" not in str(e.value)
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(make_model("llama", 0, dtype=torch.float32),
+                               peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ConfigError, match="collider cuda_graph with LoRA dropout 0.1 .* set lora_dropout=0"):
+        ColliderTrainer(model=lora, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+                        collider=ColliderArguments(cuda_graph=True))
 
 
 @requires_cuda
@@ -303,3 +311,32 @@ def test_captured_micro_steps_on_cuda(tmp_path, monkeypatch) -> None:
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     for (name, a), b in zip(eager.model.named_parameters(), graphed.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_replayed_batches_are_checked_in_the_steps_one_host_read(tmp_path, monkeypatch) -> None:
+    """A replayed forward cannot read the device, so the padding and position
+    checks of each batch come with the step's target counts: a left-padded
+    batch is refused there with the engine's own message, a right-padded one
+    gives its counts."""
+    from transformers import TrainingArguments
+
+    from replaying_graph import ReplayingStepGraph
+    from sparsetrain.hf_trainer import ColliderArguments, ColliderTrainer, ColliderTrainerMixin
+
+    monkeypatch.setattr(ColliderTrainerMixin, "_setup_collider_graph", lambda self: ReplayingStepGraph(self.args.device))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = ColliderTrainer(model=make_model("llama", 0, dtype=torch.float32), args=args,
+                              collider=ColliderArguments(cuda_graph=True))
+    ids = torch.randint(0, 100, (2, 12))
+    right = torch.ones(2, 12, dtype=torch.long)
+    right[1, 9:] = 0
+    labels = ids.masked_fill(right == 0, -100)
+    good = {"input_ids": ids, "labels": labels, "attention_mask": right}
+    batches, count = trainer.get_batch_samples(iter([good, good]), 2, torch.device("cpu"))
+    assert trainer._collider_n_valid == [11 + 8] * 2 and int(count) == 2 * math.ceil(19 / 2)
+    left = {**good, "attention_mask": right.flip(-1)}
+    with pytest.raises(ValueError, match="right padding only"):
+        trainer.get_batch_samples(iter([good, left]), 2, torch.device("cpu"))
+    with pytest.raises(ValueError, match="positions 0 .. T-1"):
+        trainer.get_batch_samples(iter([{**good, "position_ids": torch.arange(12).roll(1).expand(2, 12)}]), 1,
+                                  torch.device("cpu"))

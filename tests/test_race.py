@@ -455,10 +455,19 @@ def test_merge_of_chosen_arms_when_a_seed_raced_fewer(make_cfg, tmp_path: Path) 
     assert list(merged["arms"]) == ["drop"] and merged["settings"]["seeds"] == [1, 2, 3]
     finals = [curves["drop", s][-1][1] for s in (1, 2, 3)]
     assert merged["target_val_loss"] == pytest.approx(sum(finals) / 3, rel=1e-12)
-    # reordering makes the named first arm the target
+    # reordering makes the named first arm the target, also where the first report lacks it
     both = merge_reports(reports[:2], ["a", "b"], arms=["drop", "dense"])
     assert list(both["arms"]) == ["drop", "dense"]
     assert both["target_val_loss"] == pytest.approx(sum(finals[:2]) / 2, rel=1e-12)
+    dense_only = json.loads(json.dumps(reports[0]))
+    del dense_only["settings"]["arms"]["drop"], dense_only["arms"]["drop"]
+    drop_only = json.loads(json.dumps(reports[0]))
+    del drop_only["settings"]["arms"]["dense"], drop_only["arms"]["dense"]
+    split = merge_reports([dense_only, drop_only, reports[1]], ["d", "r", "b"], arms=["drop", "dense"])
+    assert list(split["arms"]) == ["drop", "dense"]
+    assert split["target_val_loss"] == pytest.approx(sum(finals[:2]) / 2, rel=1e-12)
+    with pytest.raises(ConfigError, match="names no arm"):
+        merge_reports(reports[:2], ["a", "b"], arms=[])
 
 
 def test_merge_adds_an_arm_raced_later_for_the_same_seeds(make_cfg, tmp_path: Path, capsys) -> None:
@@ -538,3 +547,12 @@ def test_merge_reads_steps_of_older_reports_from_the_metrics_beside_them(make_cf
     shutil.rmtree(folders[1] / "dense")
     with pytest.raises(ConfigError, match="predates evaluation steps"):
         merge_reports(reports, [str(f / "race.json") for f in folders])
+
+
+def test_a_bad_commit_variable_is_refused_before_any_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SPARSETRAIN_GIT_COMMIT", "not-a-sha")
+    out = tmp_path / "race"
+    code = main(["race", "--preset", "tiny", "--seconds", "1", "--out-dir", str(out), "--arm", "dense:"])
+    err = capsys.readouterr().err
+    assert code == 2 and "SPARSETRAIN_GIT_COMMIT='not-a-sha' is not a commit hash" in err
+    assert len(err.strip().splitlines()) == 1 and not (out / "dense").exists()

@@ -26,15 +26,19 @@ from the forward's own logits). For another Trainer subclass,
   step, clipping and logging stay outside the graph). After any selection
   warmup, three micro-steps run the recorded body eagerly, then it is
   captured. A replay needs the captured batch's shapes, non-tensor inputs
-  and target count: fixed-length batches (packed sequences, or padding to one
-  length) replay every time, and any other batch runs eagerly. The graph's
-  gradients are added into ``.grad`` outside it, since the Trainer's
-  ``zero_grad`` frees them between steps. One CUDA process, bf16 or float32
-  (not fp16's loss scaling), no gradient checkpointing, a selection with a
-  count fixed ahead (``topk``, ``random``, ``importance``); otherwise refused
-  in one line. ``collider_graph_steps`` (replayed micro-steps since the last
+  and target count: packed fixed-length batches with every token a target
+  replay every time, and any other batch runs eagerly (padding changes the
+  count). The graph's gradients are added into ``.grad`` outside it, since
+  the Trainer's ``zero_grad`` frees them between steps. Each replayed batch's
+  padding and position checks come with the step's one read of its target
+  counts (a replayed forward cannot read the device). One CUDA process
+  without DeepSpeed, FSDP or DataParallel, bf16 or float32 (not fp16's loss
+  scaling), no gradient checkpointing, no LoRA dropout, no optimizer that
+  steps in backward hooks, a selection with a count fixed ahead (``topk``,
+  ``random``, ``importance``); otherwise refused in one line. ``collider_graph_steps`` (replayed micro-steps since the last
   log) joins the logs; replayed micro-steps are not in
-  ``collider_backward_seconds``.
+  ``collider_backward_seconds``, and ``torch_empty_cache_steps`` is not applied
+  on them. A warning says when most micro-steps after the capture ran eagerly.
 
 TRL's ``SFTTrainer`` computes its loss through a fused LM head that skips
 the logits; under Collider the loss is the kept-rows loss on the logits
@@ -45,6 +49,7 @@ logged (``with_collider`` bypasses that loss).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,9 +58,10 @@ import torch
 from .collider import apply, remove
 from .collider.attention import MODES
 from .collider.hf import applied_state, collider_targets
+from .collider.hf_engine import HFEngine
 from .config import CAPTURABLE_METHODS
 from .errors import ConfigError
-from .step_graph import StepGraph
+from .step_graph import StepGraph, clone_tree
 from .selection import IGNORE_INDEX, METHODS, NONNEGATIVE_SCORES, SCORES, TokenSelector, budget
 
 try:
@@ -206,6 +212,9 @@ class ColliderTrainerMixin:
         self._collider_clock = _BackwardClock()
         self._collider_graph_steps = 0  # replayed micro-steps since the last log
         self._collider_graph_key: tuple | None = None  # what the capture's batch looked like (see _graph_key)
+        self._collider_graph_eager = 0  # micro-steps since the last log that ran eagerly after the capture
+        self._collider_graph_params: list[torch.nn.Parameter] | None = None  # what the captured gradients are of
+        self._collider_graph_warned = False
         self.collider_graph: StepGraph | None = self._setup_collider_graph() if ca.cuda_graph else None
 
     # ------------------------------------------------------------------ the CUDA graph
@@ -214,11 +223,21 @@ class ColliderTrainerMixin:
         """The micro-step graph (captured later, :meth:`_graphed_training_step`);
         what it cannot hold is refused here, in one line."""
         targs = self.args
+        optim = str(getattr(targs.optim, "value", targs.optim))
         what = None
         if targs.world_size > 1:
             what = f"{targs.world_size} processes (its gradients bypass the gradient synchronisation)"
+        elif targs.n_gpu > 1:
+            what = f"{targs.n_gpu} GPUs in one process (DataParallel)"
+        elif getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False):
+            what = "DeepSpeed or FSDP (their gradient buffers are not .grad)"
+        elif optim in ("lomo", "adalomo") or "layerwise" in optim:
+            what = f"optim {optim} (it updates in backward hooks, which the graph's gradients do not fire)"
         elif targs.gradient_checkpointing:
             what = "gradient_checkpointing (its recomputation reads the RNG state, which capture forbids)"
+        elif self._lora_dropout() > 0:
+            what = (f"LoRA dropout {self._lora_dropout():g} (the engine draws its masks from host-side seeds, which "
+                    "a replay would repeat); set lora_dropout=0")
         elif targs.fp16:
             what = "fp16 (its loss scaler steps on the host); use bf16"
         elif targs.device.type != "cuda":
@@ -226,6 +245,13 @@ class ColliderTrainerMixin:
         if what is not None:
             raise ConfigError(f"collider cuda_graph with {what} is not available")
         return StepGraph(targs.device)
+
+    def _lora_dropout(self) -> float:
+        """The largest dropout probability of the model's LoRA adapters (PEFT's
+        ``lora_dropout`` modules; 0 without any)."""
+        ps = [d.p for m in self.model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
+              for d in m.lora_dropout.values() if isinstance(d, torch.nn.Dropout)]
+        return max(ps, default=0.0)
 
     def _graph_due(self) -> bool:
         """Whether micro-steps may use the graph: past the selection's warmup, so
@@ -257,8 +283,15 @@ class ColliderTrainerMixin:
         self._collider_graph_key = key
         n_valid = self._collider_n_valid.pop(0)
         self._sync_selector()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):  # as Trainer.training_step does
+            self.optimizer.train()
         g.set_inputs(**tensors, num_items_in_batch=num_items_in_batch.reshape(()))
         params = [p for p in model.parameters() if p.requires_grad]
+        if self._collider_graph_params is not None and (
+                len(params) != len(self._collider_graph_params)
+                or any(p is not q for p, q in zip(params, self._collider_graph_params))):
+            raise ConfigError("collider cuda_graph: the trainable parameters changed after the capture (frozen, "
+                              "unfrozen or replaced); the graph's gradients would go to the wrong ones")
 
         def body() -> tuple[torch.Tensor, list[torch.Tensor], tuple[Any, Any]]:
             static = dict(g.inputs)
@@ -274,20 +307,23 @@ class ColliderTrainerMixin:
             total = stats.unread("total") if stats is not None else torch.zeros((), device=loss.device)
             return loss.detach(), list(grads), (kept, total)
 
-        if g.eager_steps > 0:
+        replayed = g.eager_steps <= 0
+        if not replayed:
             with g.eager_context():
                 loss, grads, counts = body()
         else:
             if not g.captured:
                 generators = self.collider_selector.generators() if self.collider_selector is not None else ()
                 g.capture(body, generators)
-            loss, grads, counts = g.replay()  # copies: the next replay rewrites the graph's outputs
+                self._collider_graph_params = params
+            loss, grads, counts = g.replay_outputs()  # the graph's own outputs: the next replay rewrites them
+            loss, counts = clone_tree((loss, counts))
             self._collider_graph_steps += 1
         for p, grad in zip(params, grads):
             if grad is None:
                 continue
             if p.grad is None:
-                p.grad = grad
+                p.grad = grad.clone() if replayed else grad
             else:
                 p.grad.add_(grad)
         self._collider_counts.append(counts)
@@ -313,9 +349,16 @@ class ColliderTrainerMixin:
         ratio = self.collider_selector.current_ratio() if self.collider_selector is not None else 1.0
         counts = [(collider_targets(b["labels"], b.get("shift_labels"), b.get("attention_mask")) != IGNORE_INDEX).sum()
                   for b in batches]
+        # the padding and position checks a replayed forward cannot make (it must not read the device)
+        checks = [HFEngine.batch_checks(b.get("attention_mask"), b.get("position_ids"), b["labels"].shape[-1])
+                  for b in batches] if self.collider_graph is not None else []
         # one host read for the whole step; each micro-batch's forward then gets its count (collider_n_valid)
         # instead of counting it itself, which would wait for the GPU before every forward
-        self._collider_n_valid = torch.stack(counts).tolist()
+        values = torch.stack(counts + [c.long() for cs in checks for c in cs]).tolist()
+        self._collider_n_valid = values[:len(counts)]
+        if not all(values[len(counts):]):
+            for b in batches:  # the failing batch's own message
+                HFEngine.check_batch(b.get("attention_mask"), b.get("position_ids"), b["labels"].shape[-1])
         kept = sum(budget(n, ratio) for n in self._collider_n_valid)
         total = torch.tensor(kept, device=self.args.device)
         if self.args.world_size > 1:
@@ -349,6 +392,8 @@ class ColliderTrainerMixin:
             loss = self._graphed_training_step(model, inputs, num_items_in_batch)
             if loss is not None:
                 return loss
+            if self.collider_graph.captured:
+                self._collider_graph_eager += 1
         loss = super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
         self._collider_clock.stop()
         return loss
@@ -365,7 +410,13 @@ class ColliderTrainerMixin:
                 logs["collider_backward_seconds"] = round(secs, 6)
         if self.collider_graph is not None and "loss" in logs:
             logs["collider_graph_steps"] = self._collider_graph_steps
-            self._collider_graph_steps = 0
+            if self._collider_graph_eager > self._collider_graph_steps and not self._collider_graph_warned:
+                self._collider_graph_warned = True
+                warnings.warn(f"ColliderTrainer cuda_graph: {self._collider_graph_eager} micro-steps since the last "
+                              f"log ran eagerly and {self._collider_graph_steps} replayed: their batches differ from "
+                              "the captured one in shape or target count; pack sequences to one length and keep "
+                              "every label", stacklevel=2)
+            self._collider_graph_steps = self._collider_graph_eager = 0
         super().log(logs, *args, **kwargs)
 
 

@@ -241,6 +241,7 @@ def run_race(arms: list[Arm], seconds: float, n_seeds: int, out_dir: str | Path,
         raise ConfigError("sparsetrain race runs in one process; start it without torchrun")
     if n_seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {n_seeds}")
+    git_commit()  # a bad SPARSETRAIN_GIT_COMMIT is refused before any run, not at the report
     flags = dict(flags or {})
     out = Path(out_dir)
     base_seed = int(flags.pop("seed", _base_seed(preset, config_file)))
@@ -495,7 +496,11 @@ def merge_reports(reports: list[dict], sources: list[str], arms: list[str] | Non
     if len(reports) < 2:
         raise ConfigError("race merge needs two or more race.json files")
     first, src0 = reports[0], sources[0]
+    # fields any arm sets, the excluded arms' included: a race's base config is its first arm's
+    arm_fields = {key for rep in reports for ov in rep["settings"]["arms"].values() for key in ov}
     if arms is not None:
+        if not arms:
+            raise ConfigError("race merge --arms names no arm")
         raced = {name for rep in reports for name in rep["settings"]["arms"]}
         for name in arms:
             if name not in raced:
@@ -503,7 +508,6 @@ def merge_reports(reports: list[dict], sources: list[str], arms: list[str] | Non
         if len(set(arms)) != len(arms):
             raise ConfigError(f"race merge --arms names an arm twice: {','.join(arms)}")
         reports = [_only_arms(rep, arms) for rep in reports]
-    arm_fields = {key for rep in reports for ov in rep["settings"]["arms"].values() for key in ov}
     base = _comparable_config(first["settings"]["base_config"], arm_fields)
     overrides: dict[str, dict] = {}  # arm -> its overrides, in order of first appearance
     arm_source: dict[str, str] = {}
@@ -529,6 +533,8 @@ def merge_reports(reports: list[dict], sources: list[str], arms: list[str] | Non
                 if any(len(e) < 5 for e in run["evals"]):
                     run["evals"] = _evals_with_steps(run["evals"], Path(src).parent, name, seed)
                 found[name, seed] = (run, src)
+    if arms is not None:  # the order asked for, whichever report raced each arm first
+        overrides = {name: overrides[name] for name in arms}
     seeds = sorted({seed for _, seed in found})
     for name in overrides:
         have = sorted(seed for arm, seed in found if arm == name)

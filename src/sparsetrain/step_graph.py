@@ -137,9 +137,14 @@ class StepGraph:
 
     def replay(self) -> Any:
         """Run the captured step once; returns copies of its outputs."""
+        return clone_tree(self.replay_outputs())
+
+    def replay_outputs(self) -> Any:
+        """Run the captured step once; returns its outputs themselves, which the next
+        replay rewrites: for callers that copy only what they keep."""
         assert self.graph is not None, "capture first"
         self.graph.replay()
-        return clone_tree(self.outputs)
+        return self.outputs
 
 
 class _Nothing:

@@ -93,9 +93,11 @@ class HFEngine:
                 raise ValueError(f"the Collider engine's training forward does not take {k}={v!r}")
 
     @staticmethod
-    def check_batch(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, T: int) -> None:
-        """Refuse (one line) a mask other than right padding and positions other
-        than ``0 .. T-1`` in every row (one host sync when either is given)."""
+    def batch_checks(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                     T: int) -> list[torch.Tensor]:
+        """The device-side checks of :meth:`check_batch`, unread: right padding of
+        the mask, positions ``0 .. T-1`` (a 0-dim bool tensor each, for whichever is
+        given), for callers that read them with other values in one host read."""
         checks = []
         if attention_mask is not None:
             if attention_mask.dim() != 2:
@@ -105,6 +107,13 @@ class HFEngine:
             checks.append((m[:, 1:] <= m[:, :-1]).all())
         if position_ids is not None:
             checks.append((position_ids == torch.arange(T, device=position_ids.device)).all())
+        return checks
+
+    @classmethod
+    def check_batch(cls, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, T: int) -> None:
+        """Refuse (one line) a mask other than right padding and positions other
+        than ``0 .. T-1`` in every row (one host sync when either is given)."""
+        checks = cls.batch_checks(attention_mask, position_ids, T)
         if not checks:
             return
         ok = torch.stack(checks).tolist()
@@ -126,7 +135,10 @@ class HFEngine:
         model = self.model
         base = model.model
         B, T = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        self.check_batch(attention_mask, position_ids, T)
+        # under a CUDA graph's capture the check cannot read the device: whoever captures
+        # checks each replayed batch itself (ColliderTrainer, in get_batch_samples)
+        if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+            self.check_batch(attention_mask, position_ids, T)
         embed = base.embed_tokens
         device = embed.weight.device
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
