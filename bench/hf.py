@@ -30,6 +30,11 @@ state), on CUDA; ``loss_at_start``, ``loss_first_step``, ``loss_last_step``;
 ``tokens_per_s``; the start-up (``startup``), the GPU clocks and the case's
 wall-clock seconds. ``speedup_vs_baseline`` is dense's median over the row's.
 
+``--keep-all``: one more case per shape, full fine-tuning: ``dense`` against
+``engine_keep_all``, the Collider engine with no selector (every token kept,
+dense training through its path): what the engine's loss and path give
+apart from the dropped tokens.
+
 ``--liger`` (CUDA, ``liger_kernel``): one more case per shape, full
 fine-tuning on a model patched by Liger's ``apply_liger_kernel_to_llama``
 (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE): ``dense_liger`` (the
@@ -104,13 +109,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CUDA: each variant's whole step (forward, backward, AdamW) captured in one CUDA graph after "
                         "its warm-up, the graphs sharing one memory pool: what the steps cost without the host's "
                         "launches (per-step losses and memory are then not recorded)")
+    p.add_argument("--keep-all", action="store_true",
+                   help="one more case per shape, full fine-tuning: dense HF against the Collider engine keeping "
+                        "every token (engine_keep_all): how much of the speed-up is the engine's loss and path "
+                        "rather than the dropped tokens")
     p.add_argument("--liger", action="store_true",
                    help="CUDA, liger_kernel: one more case per shape, dense and Collider on a Liger-patched model")
 
 
 def file_label(args: argparse.Namespace) -> str:
     label = args.shapes.replace("hf:", "").replace(",", ".") if args.shapes else "default"
-    return f"{label}-lora-{args.lora}" + ("-liger" if args.liger else "") + ("-captured" if args.capture else "")
+    return (f"{label}-lora-{args.lora}" + ("-keepall" if args.keep_all else "") + ("-liger" if args.liger else "")
+            + ("-captured" if args.capture else ""))
 
 
 def build_model(shape: str, device: torch.device | str) -> nn.Module:
@@ -209,8 +219,9 @@ def _counts(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def build_case(shape: str, lora: bool, args: argparse.Namespace, device: torch.device) -> Case:
-    """Dense and Collider steps on one fresh model (LoRA-wrapped with ``lora``) and one batch."""
+def build_case(shape: str, lora: bool, args: argparse.Namespace, device: torch.device, keep_all: bool = False) -> Case:
+    """Dense and Collider steps on one fresh model (LoRA-wrapped with ``lora``) and one
+    batch; with ``keep_all`` the Collider engine keeps every token (no selector)."""
     model = build_model(shape, device)
     ids = make_batch(shape, device)
     if lora:
@@ -219,14 +230,15 @@ def build_case(shape: str, lora: bool, args: argparse.Namespace, device: torch.d
         model = peft.get_peft_model(model, peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
                                                            lora_dropout=LORA["dropout"],
                                                            target_modules=list(LORA["targets"])))
-    trainee = collider.apply(model, selector=_selector(args.drop), compile=args.compile, engine=True)
+    trainee = collider.apply(model, selector=None if keep_all else _selector(args.drop), compile=args.compile,
+                             engine=True)
     lm = causal_lm(trainee)
     hf_forward = type(lm).forward  # the class's forward: HF's own, past the Collider one on the instance
     optimizer = _adamw(trainee)
     dense = _compiled(lambda: hf_forward(lm, input_ids=ids, labels=ids, use_cache=False).loss, args.compile)
     n_valid = ids.shape[0] * (ids.shape[1] - 1)  # every position but each row's last has a target
     steps = {"dense": HFStep(dense, optimizer, device),
-             collider_name(args.drop): HFStep(
+             ("engine_keep_all" if keep_all else collider_name(args.drop)): HFStep(
                  lambda: trainee(input_ids=ids, labels=ids, collider_logits=False, use_cache=False,
                                  collider_n_valid=n_valid).loss, optimizer, device)}
     total, trainable = _counts(trainee)
@@ -283,13 +295,15 @@ def build_liger_case(shape: str, args: argparse.Namespace, device: torch.device)
 
 
 def case_label(shape: str, kind: str) -> str:
-    """The ``shape`` of a case's rows: ``NAME:full``, ``NAME:lora`` or ``NAME:full+liger``."""
+    """The ``shape`` of a case's rows: ``NAME:full``, ``NAME:lora``, ``NAME:full+keepall`` or ``NAME:full+liger``."""
     return f"{shape}:{kind}"
 
 
 def _variant_names(kind: str, drop: float) -> list[str]:
     if kind == "full+liger":
         return ["dense_liger", f"{collider_name(drop)}_on_liger"]
+    if kind == "full+keepall":
+        return ["dense", "engine_keep_all"]
     return ["dense", collider_name(drop)]
 
 
@@ -301,7 +315,8 @@ def run_case(shape: str, kind: str, args: argparse.Namespace) -> list[Result]:
     mode = {"compile": args.compile, "capture": args.capture, "autocast": "bf16" if device.type == "cuda" else None,
             "drop": args.drop,
             "rounds": args.rounds, "warmup": args.warmup, "heat_seconds": args.heat_seconds,
-            "optimizer": f"AdamW lr {LEARNING_RATE:g}", "selection": "collider score, topk"}
+            "optimizer": f"AdamW lr {LEARNING_RATE:g}",
+            "selection": "none: every token kept" if kind == "full+keepall" else "collider score, topk"}
     names = _variant_names(kind, args.drop)
     print(f"hf {label}: {spec['batch']} x {spec['seq']} tokens, "
           f"{'compiled' if args.compile else 'eager'}, {', '.join(names)}", flush=True)
@@ -309,7 +324,7 @@ def run_case(shape: str, kind: str, args: argparse.Namespace) -> list[Result]:
     try:
         t0 = time.perf_counter()
         case = build_liger_case(shape, args, device) if kind == "full+liger" else build_case(
-            shape, kind == "lora", args, device)
+            shape, kind == "lora", args, device, keep_all=kind == "full+keepall")
         sync(device)
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -445,6 +460,8 @@ def _check(args: argparse.Namespace) -> list[tuple[str, str]]:
         if not cuda and MODELS[shape]["batch"] * MODELS[shape]["seq"] > 4096:
             print(f"hf {shape}: a GPU shape on the CPU; this will be slow", flush=True)
         cases += [(shape, "lora" if lora else "full") for lora in LORA_MODES[args.lora]]
+        if args.keep_all:
+            cases.append((shape, "full+keepall"))
         if args.liger:
             cases.append((shape, "full+liger"))
     return cases

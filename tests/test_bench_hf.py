@@ -229,3 +229,24 @@ def test_hf_trainer_suite_replays_the_graph_on_the_gpu(tmp_path: Path, capsys) -
     assert all(r["error"] is None for r in rows.values()), rows
     for run in rows["trainer_collider_0.5_graph"]["extra"]["per_run"]:
         assert run["collider_graph_steps"] == 10 - 3  # every step after the three eager warm-up micro-steps
+
+
+def test_keep_all_case_trains_every_token_through_the_engine(tmp_path: Path, capsys) -> None:
+    """``--keep-all``: the engine with no selector, beside dense HF on the same
+    weights and batch: both losses at the start are the float64 mean over every
+    target, and every target is kept."""
+    code, out, err = run_bench(["hf", "--shapes", "tiny", "--lora", "off", "--keep-all", "--repeats", "2",
+                                "--warmup", "1", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert validate(doc) == []
+    rows = {(r["shape"], r["variant"]): r for r in doc["results"]}
+    assert set(rows) >= {("tiny:full+keepall", "dense"), ("tiny:full+keepall", "engine_keep_all")}
+    mean_all, _, _ = float64_losses("tiny", 1.0)
+    targets = MODELS["tiny"]["batch"] * (MODELS["tiny"]["seq"] - 1)
+    keep = rows[("tiny:full+keepall", "engine_keep_all")]
+    assert keep["error"] is None and keep["baseline"] == "dense"
+    assert keep["extra"]["kept_tokens_per_step"] == targets
+    assert keep["extra"]["mode"]["selection"] == "none: every token kept"
+    for variant in ("dense", "engine_keep_all"):
+        assert rows[("tiny:full+keepall", variant)]["extra"]["loss_at_start"] == pytest.approx(mean_all, rel=2e-6)
