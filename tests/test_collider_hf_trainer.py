@@ -289,6 +289,10 @@ def test_graph_refusals_name_the_value(tmp_path) -> None:
             ColliderTrainer(model=make_model("llama", 0, dtype=torch.float32), args=args,
                             collider=ColliderArguments(cuda_graph=True))
         assert named in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="LlamaForCausalLM on the generic path"):
+        ColliderTrainer(model=make_model("llama", 0, dtype=torch.float32),
+                        args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+                        collider=ColliderArguments(cuda_graph=True, engine=False))
     peft = pytest.importorskip("peft")
     lora = peft.get_peft_model(make_model("llama", 0, dtype=torch.float32),
                                peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))

@@ -31,8 +31,8 @@ from the forward's own logits). For another Trainer subclass,
   count). The graph's gradients are added into ``.grad`` outside it, since
   the Trainer's ``zero_grad`` frees them between steps. Each replayed batch's
   padding and position checks come with the step's one read of its target
-  counts (a replayed forward cannot read the device). One CUDA process
-  without DeepSpeed, FSDP or DataParallel, bf16 or float32 (not fp16's loss
+  counts (a replayed forward cannot read the device). One CUDA process on
+  the block engine (the Llama family), without DeepSpeed, FSDP or DataParallel, bf16 or float32 (not fp16's loss
   scaling), no gradient checkpointing, no LoRA dropout, no optimizer that
   steps in backward hooks, a selection with a count fixed ahead (``topk``,
   ``random``, ``importance``); otherwise refused in one line. ``collider_graph_steps`` (replayed micro-steps since the last
@@ -57,7 +57,7 @@ import torch
 
 from .collider import apply, remove
 from .collider.attention import MODES
-from .collider.hf import applied_state, collider_targets
+from .collider.hf import applied_state, collider_targets, uses_engine
 from .collider.hf_engine import HFEngine
 from .config import CAPTURABLE_METHODS
 from .errors import ConfigError
@@ -235,6 +235,9 @@ class ColliderTrainerMixin:
             what = f"optim {optim} (it updates in backward hooks, which the graph's gradients do not fire)"
         elif targs.gradient_checkpointing:
             what = "gradient_checkpointing (its recomputation reads the RNG state, which capture forbids)"
+        elif not uses_engine(self.model):
+            what = (f"{type(self.model).__name__} on the generic path (only the block engine's forward, for the "
+                    "Llama family, is free of host reads)")
         elif self._lora_dropout() > 0:
             what = (f"LoRA dropout {self._lora_dropout():g} (the engine draws its masks from host-side seeds, which "
                     "a replay would repeat); set lora_dropout=0")
