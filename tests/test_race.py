@@ -556,3 +556,23 @@ def test_a_bad_commit_variable_is_refused_before_any_run(tmp_path: Path, monkeyp
     err = capsys.readouterr().err
     assert code == 2 and "SPARSETRAIN_GIT_COMMIT='not-a-sha' is not a commit hash" in err
     assert len(err.strip().splitlines()) == 1 and not (out / "dense").exists()
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "race"
+    code = main(["race", "--preset", "tiny", "--seconds", "7", "--seeds", "2", "--seed", "5", "--out-dir", str(out),
+                 "--dry-run", "--arm", "dense:", "--arm", "half:batch_size=2,eval_batches=4",
+                 "--arm", "r50:drop_ratio=0.5,collider_method=random"])
+    text = capsys.readouterr().out
+    assert code == 0 and not out.exists()
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("race plan: 3 arm(s) x 2 seed(s) (5, 6), 7 s of training each") and "42 s" in lines[0]
+    assert lines[1] == "  dense: the target"
+    assert lines[2] == "  half: batch_size=2, eval_batches=4"
+    assert lines[3] == "  r50: use_collider=True, collider_sparsity=0.5, collider_method='random'"
+    assert lines[4] == "  order: dense/5 half/5 r50/5 r50/6 half/6 dense/6"
+    # a refused arm is refused as the race would refuse it: one line, exit 2
+    code = main(["race", "--preset", "tiny", "--seconds", "7", "--out-dir", str(out), "--dry-run",
+                 "--arm", "dense:", "--arm", "bad:drop_ratio=1.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "1.5" in err and not out.exists()

@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--arm", action="append", required=True, metavar="NAME:KEY=VALUE,...",
                     help="an arm: a name and config overrides on the base (NAME: for the base itself); "
                          "repeat; the first arm's final loss is the target")
+    rc.add_argument("--dry-run", action="store_true",
+                    help="resolve and validate every arm's config, print the plan (each arm's differences from the "
+                         "first, the order) and exit without training")
     _add_config_flags(rc)
 
     rm = sub.add_parser("race-merge", help="one report over several races of the same budget and base config: their "
@@ -326,14 +329,18 @@ def cmd_race_merge(args: argparse.Namespace) -> int:
 def cmd_race(args: argparse.Namespace) -> int:
     from datetime import datetime
 
-    from .race import parse_arm, run_race
+    from .race import parse_arm, race_plan, run_race
 
     if hasattr(args, "max_seconds"):
         raise SparsetrainError("a race's budget is --seconds (an arm may set max_seconds=S of its own)")
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "seconds", "seeds", "arm")}
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("command", "config", "seconds", "seeds", "arm", "dry_run")}
     preset = flags.pop("preset", None)
     out = flags.pop("out_dir", "") or f"runs/race-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     arms = [parse_arm(a) for a in args.arm]
+    if args.dry_run:
+        print(race_plan(arms, args.seconds, args.seeds, out, preset=preset, config_file=args.config, flags=flags))
+        return 0
     run_race(arms, args.seconds, args.seeds, out, preset=preset, config_file=args.config, flags=flags)
     print(f"race report: {Path(out) / 'race.json'}, plot: {Path(out) / 'race.png'}")
     return 0

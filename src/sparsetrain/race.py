@@ -233,6 +233,31 @@ def run_one(cfg: TrainConfig, verbose: bool = True) -> str:
     return "resumed" if resume is not None else "ran"
 
 
+def race_plan(arms: list[Arm], seconds: float, n_seeds: int, out_dir: str | Path, preset: str | None = None,
+              config_file: str | None = None, flags: dict[str, Any] | None = None) -> str:
+    """What :func:`run_race` with the same arguments would run, without running it:
+    every arm's config resolved and validated (a refusal is raised as it would be),
+    each arm's resolved differences from the first arm's, the seeds, the running
+    order and the training seconds (start-up and evaluations come on top)."""
+    flags = dict(flags or {})
+    base_seed = int(flags.pop("seed", _base_seed(preset, config_file)))
+    seeds = [base_seed + i for i in range(n_seeds)]
+    configs = arm_configs(arms, seconds, seeds, Path(out_dir), preset, config_file, flags)
+    first = _config_for_spec(configs[arms[0].name][seeds[0]])
+    lines = [f"race plan: {len(arms)} arm(s) x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), {seconds:g} s of "
+             f"training each after start-up: {len(arms) * len(seeds) * seconds:g} s of training in all, plus each "
+             f"run's start-up and evaluations; into {out_dir}"]
+    for arm in arms:
+        mine = _config_for_spec(configs[arm.name][seeds[0]])
+        diffs = [f"{key}={mine[sec][key]!r}" for sec in mine for key in mine[sec]
+                 if first.get(sec, {}).get(key) != mine[sec][key]]
+        what = ", ".join(diffs) if diffs else ("the target" if arm is arms[0] else "the same config as the target")
+        lines.append(f"  {arm.name}: {what}")
+    order = " ".join(f"{arms[a].name}/{seeds[s]}" for s, a in interleave_order(len(arms), len(seeds)))
+    lines.append(f"  order: {order}")
+    return "\n".join(lines)
+
+
 def run_race(arms: list[Arm], seconds: float, n_seeds: int, out_dir: str | Path, preset: str | None = None,
              config_file: str | None = None, flags: dict[str, Any] | None = None, verbose: bool = True) -> dict:
     """Run every arm for every seed in interleaved order, then write and return the
