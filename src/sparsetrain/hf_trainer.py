@@ -25,7 +25,8 @@ from the forward's own logits). For another Trainer subclass,
   step is not paced by the host's kernel launches (the Trainer's optimizer
   step, clipping and logging stay outside the graph). After any selection
   warmup, three micro-steps run the recorded body eagerly, then it is
-  captured. A replay needs the captured batch's shapes, non-tensor inputs
+  captured (a batch of another shape or count before then starts the
+  warm-up again on its own). A replay needs the captured batch's shapes, non-tensor inputs
   and target count: packed fixed-length batches with every token a target
   replay every time, and any other batch runs eagerly (padding changes the
   count). The graph's gradients are added into ``.grad`` outside it, since
@@ -282,7 +283,11 @@ class ColliderTrainerMixin:
         others = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
         key = self._graph_key(tensors, others, self._collider_n_valid[0])
         if self._collider_graph_key is not None and key != self._collider_graph_key:
-            return None
+            if g.captured:
+                return None
+            # not captured yet: this batch's shape starts the warm-up again, so that an odd first
+            # batch (a padded one, say) does not become the shape every later batch is held to
+            g.restart_warmup()
         self._collider_graph_key = key
         n_valid = self._collider_n_valid.pop(0)
         self._sync_selector()

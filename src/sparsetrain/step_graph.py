@@ -109,6 +109,13 @@ class StepGraph:
             self._side = torch.cuda.Stream(self.device)
         return SideStream(self._side)
 
+    def restart_warmup(self) -> None:
+        """Before the capture: forget the static inputs and run the eager warm-up
+        steps again, for inputs of another shape than the warm-up's so far."""
+        assert self.graph is None, "the graph is captured: its inputs are fixed"
+        self.inputs = {}
+        self.eager_steps = EAGER_STEPS
+
     def set_inputs(self, **tensors: torch.Tensor) -> None:
         """Copy this step's inputs into the static buffers (made on first use, with
         each tensor's shape and dtype on the graph's device)."""
