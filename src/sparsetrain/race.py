@@ -233,15 +233,22 @@ def run_one(cfg: TrainConfig, verbose: bool = True) -> str:
     return "resumed" if resume is not None else "ran"
 
 
+def _race_seeds(flags: dict[str, Any] | None, n_seeds: int, preset: str | None,
+                config_file: str | None) -> tuple[dict[str, Any], list[int]]:
+    """The flags without ``seed``, and the race's seeds: ``--seed`` (or the
+    preset's or file's), then the next ``n_seeds - 1``."""
+    flags = dict(flags or {})
+    base_seed = int(flags.pop("seed", _base_seed(preset, config_file)))
+    return flags, [base_seed + i for i in range(n_seeds)]
+
+
 def race_plan(arms: list[Arm], seconds: float, n_seeds: int, out_dir: str | Path, preset: str | None = None,
               config_file: str | None = None, flags: dict[str, Any] | None = None) -> str:
     """What :func:`run_race` with the same arguments would run, without running it:
     every arm's config resolved and validated (a refusal is raised as it would be),
     each arm's resolved differences from the first arm's, the seeds, the running
     order and the training seconds (start-up and evaluations come on top)."""
-    flags = dict(flags or {})
-    base_seed = int(flags.pop("seed", _base_seed(preset, config_file)))
-    seeds = [base_seed + i for i in range(n_seeds)]
+    flags, seeds = _race_seeds(flags, n_seeds, preset, config_file)
     configs = arm_configs(arms, seconds, seeds, Path(out_dir), preset, config_file, flags)
     first = _config_for_spec(configs[arms[0].name][seeds[0]])
     lines = [f"race plan: {len(arms)} arm(s) x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), {seconds:g} s of "
@@ -267,10 +274,8 @@ def run_race(arms: list[Arm], seconds: float, n_seeds: int, out_dir: str | Path,
     if n_seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {n_seeds}")
     git_commit()  # a bad SPARSETRAIN_GIT_COMMIT is refused before any run, not at the report
-    flags = dict(flags or {})
     out = Path(out_dir)
-    base_seed = int(flags.pop("seed", _base_seed(preset, config_file)))
-    seeds = [base_seed + i for i in range(n_seeds)]
+    flags, seeds = _race_seeds(flags, n_seeds, preset, config_file)
     configs = arm_configs(arms, seconds, seeds, out, preset, config_file, flags)
     spec = {"seconds": seconds, "seeds": seeds, "arms": {a.name: a.overrides for a in arms},
             "configs": {a.name: _config_for_spec(configs[a.name][seeds[0]]) for a in arms}}
