@@ -566,3 +566,39 @@ def test_cuda_bf16_engine_close_to_float64_reference(attention: str, lora: bool)
     for n in want:
         err = float((got[n] - want[n]).norm() / want[n].norm())
         assert err < 3e-2, (n, err, seed)
+
+
+def test_keep_all_training_step_reads_nothing_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no selector (every position kept) and the target count given, the
+    engine's forward, its kept-rows loss and the backward read no tensor on the
+    host (what a CUDA graph's capture needs), and the loss is HF's mean."""
+    import traceback
+
+    from test_objectives import READS
+
+    seed = fresh_seed()
+    ref = make_model("llama", seed, dtype=torch.float32)
+    model = apply(copy.deepcopy(ref))
+    assert uses_engine(model)
+    ids = torch.randint(0, 120, (2, 16), generator=torch.Generator().manual_seed(seed))
+    reads: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+    nonzero = torch.nonzero
+
+    def recording(name, original):
+        def read(*args, **kwargs):
+            frames = [f for f in traceback.extract_stack()[:-1] if "sparsetrain" in f.filename]
+            if frames:
+                reads.append(f"{name} at {frames[-1].filename}:{frames[-1].lineno}")
+            return original(*args, **kwargs)
+        return read
+
+    for name in READS:
+        monkeypatch.setattr(torch.Tensor, name, recording(name, originals[name]))
+    monkeypatch.setattr(torch, "nonzero", recording("nonzero", nonzero))
+    loss = model(ids, labels=ids, use_cache=False, collider_logits=False, collider_n_valid=2 * 15).loss
+    loss.backward()
+    monkeypatch.undo()
+    assert not reads, reads
+    want = ref(ids, labels=ids, use_cache=False).loss
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)

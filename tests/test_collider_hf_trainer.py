@@ -306,12 +306,14 @@ def test_graph_refusals_name_the_value(tmp_path) -> None:
 
 
 @requires_cuda
-def test_captured_micro_steps_on_cuda(tmp_path, monkeypatch) -> None:
-    """A real capture: float32 losses and weights as without the graph, within
-    the GPU's reduction-order rounding; the graph replayed."""
+@pytest.mark.parametrize("short", [17, 5], ids=["padded-batch-after-the-capture", "padded-batch-in-the-warm-up"])
+def test_captured_micro_steps_on_cuda(tmp_path, monkeypatch, short: int) -> None:
+    """A real capture (its warm-up on the side stream, restarted by a padded batch
+    in one case): float32 losses and weights as without the graph, within the
+    GPU's reduction-order rounding; the graph replayed."""
     seed = fresh_seed()
-    eager = _graph_run(tmp_path, "eager", False, monkeypatch, "random", 17, seed, cuda=True)
-    graphed = _graph_run(tmp_path, "graph", True, monkeypatch, "random", 17, seed, cuda=True)
+    eager = _graph_run(tmp_path, "eager", False, monkeypatch, "random", short, seed, cuda=True)
+    graphed = _graph_run(tmp_path, "graph", True, monkeypatch, "random", short, seed, cuda=True)
     assert graphed.collider_graph.captured
     assert sum(h["collider_graph_steps"] for h in graphed.state.log_history if "loss" in h) == 6
     for a, b in zip([h for h in eager.state.log_history if "loss" in h],
@@ -348,3 +350,40 @@ def test_replayed_batches_are_checked_in_the_steps_one_host_read(tmp_path, monke
     with pytest.raises(ValueError, match="positions 0 .. T-1"):
         trainer.get_batch_samples(iter([{**good, "position_ids": torch.arange(12).roll(1).expand(2, 12)}]), 1,
                                   torch.device("cpu"))
+
+
+def test_batches_of_ever_new_shapes_warn_and_stop_restarting(tmp_path, monkeypatch) -> None:
+    """Padded batches whose shape or target count changes every micro-step: the
+    warm-up restarts a bounded number of times, the run trains on eagerly, and
+    one warning names the cause."""
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, TrainingArguments
+
+    from replaying_graph import ReplayingStepGraph
+    from sparsetrain.hf_trainer import MAX_WARMUP_RESTARTS, ColliderArguments, ColliderTrainer, ColliderTrainerMixin
+
+    seed = fresh_seed()
+    tok = local_tokenizer_for(seed)
+    monkeypatch.setattr(ColliderTrainerMixin, "_setup_collider_graph", lambda self: ReplayingStepGraph(self.args.device))
+    rows = [[5 + (i % 50)] * (6 + i) for i in range(24)]  # lengths 6 .. 29: every batch pads to another length
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=2, logging_steps=1,
+                             report_to=[], use_cpu=True, save_strategy="no", dataloader_num_workers=0)
+
+    class InOrder(ColliderTrainer):
+        def _get_train_sampler(self, *a, **k):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    trainer = InOrder(model=make_model("llama", seed, dtype=torch.float32, vocab_size=len(tok)), args=args,
+                      train_dataset=Dataset.from_dict({"input_ids": rows}),
+                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                      collider=ColliderArguments(drop_ratio=0.5, cuda_graph=True))
+    with pytest.warns(UserWarning, match="micro-steps so far did not fit the graph and 0 replayed"):
+        trainer.train()
+    assert not trainer.collider_graph.captured and trainer._collider_graph_restarts == MAX_WARMUP_RESTARTS
+    assert trainer.state.global_step == 12
+
+
+def local_tokenizer_for(seed: int):
+    from sparsetrain.hf_trainer import local_tokenizer
+
+    return local_tokenizer(_texts(8, seed), 200)

@@ -576,3 +576,14 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path, capsys) -> N
                  "--arm", "dense:", "--arm", "bad:drop_ratio=1.5"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "1.5" in err and not out.exists()
+    # the race's other checks too: the seed count, and a folder that holds another race
+    code = main(["race", "--preset", "tiny", "--seconds", "7", "--seeds", "0", "--out-dir", str(out), "--dry-run",
+                 "--arm", "dense:"])
+    assert code == 2 and "--seeds must be >= 1, got 0" in capsys.readouterr().err
+    out.mkdir()
+    (out / "race_spec.json").write_text(json.dumps({"seconds": 9.0, "seeds": [5], "arms": {"dense": {}}, "configs": {}}))
+    code = main(["race", "--preset", "tiny", "--seconds", "7", "--seed", "5", "--out-dir", str(out), "--dry-run",
+                 "--arm", "dense:"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds a race with other --seconds (9.0 there vs 7.0 here)" in err
+    assert json.loads((out / "race_spec.json").read_text())["seconds"] == 9.0  # the plan wrote nothing

@@ -62,7 +62,7 @@ from .collider.hf import applied_state, collider_targets, uses_engine
 from .collider.hf_engine import HFEngine
 from .config import CAPTURABLE_METHODS
 from .errors import ConfigError
-from .step_graph import StepGraph, clone_tree
+from .step_graph import EAGER_STEPS, StepGraph, clone_tree
 from .selection import IGNORE_INDEX, METHODS, NONNEGATIVE_SCORES, SCORES, TokenSelector, budget
 
 try:
@@ -131,6 +131,9 @@ class ColliderArguments:
         return TokenSelector(score=self.score, method=self.method, keep_ratio=1.0 - self.drop_ratio,
                              warmup_steps=self.warmup_steps, target_sparsity=self.drop_ratio if threshold else None,
                              seed=self.seed)
+
+
+MAX_WARMUP_RESTARTS = 8  # batches of a new shape that may restart the graph's warm-up before its capture
 
 
 class ColliderCallback(TrainerCallback):
@@ -213,7 +216,9 @@ class ColliderTrainerMixin:
         self._collider_clock = _BackwardClock()
         self._collider_graph_steps = 0  # replayed micro-steps since the last log
         self._collider_graph_key: tuple | None = None  # what the capture's batch looked like (see _graph_key)
-        self._collider_graph_eager = 0  # micro-steps since the last log that ran eagerly after the capture
+        self._collider_graph_eager = 0  # micro-steps so far that did not fit the graph's shape
+        self._collider_graph_replays = 0  # replayed micro-steps so far
+        self._collider_graph_restarts = 0  # warm-ups restarted for another batch shape before the capture
         self._collider_graph_params: list[torch.nn.Parameter] | None = None  # what the captured gradients are of
         self._collider_graph_warned = False
         self.collider_graph: StepGraph | None = self._setup_collider_graph() if ca.cuda_graph else None
@@ -283,10 +288,13 @@ class ColliderTrainerMixin:
         others = {k: v for k, v in inputs.items() if not isinstance(v, torch.Tensor)}
         key = self._graph_key(tensors, others, self._collider_n_valid[0])
         if self._collider_graph_key is not None and key != self._collider_graph_key:
-            if g.captured:
+            self._collider_graph_eager += 1
+            if g.captured or self._collider_graph_restarts >= MAX_WARMUP_RESTARTS:
                 return None
             # not captured yet: this batch's shape starts the warm-up again, so that an odd first
-            # batch (a padded one, say) does not become the shape every later batch is held to
+            # batch (a padded one, say) does not become the shape every later batch is held to;
+            # a few times only, or batches whose shapes keep changing would never be captured
+            self._collider_graph_restarts += 1
             g.restart_warmup()
         self._collider_graph_key = key
         n_valid = self._collider_n_valid.pop(0)
@@ -327,6 +335,7 @@ class ColliderTrainerMixin:
             loss, grads, counts = g.replay_outputs()  # the graph's own outputs: the next replay rewrites them
             loss, counts = clone_tree((loss, counts))
             self._collider_graph_steps += 1
+            self._collider_graph_replays += 1
         for p, grad in zip(params, grads):
             if grad is None:
                 continue
@@ -400,8 +409,6 @@ class ColliderTrainerMixin:
             loss = self._graphed_training_step(model, inputs, num_items_in_batch)
             if loss is not None:
                 return loss
-            if self.collider_graph.captured:
-                self._collider_graph_eager += 1
         loss = super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
         self._collider_clock.stop()
         return loss
@@ -418,13 +425,13 @@ class ColliderTrainerMixin:
                 logs["collider_backward_seconds"] = round(secs, 6)
         if self.collider_graph is not None and "loss" in logs:
             logs["collider_graph_steps"] = self._collider_graph_steps
-            if self._collider_graph_eager > self._collider_graph_steps and not self._collider_graph_warned:
+            self._collider_graph_steps = 0
+            eager, replays = self._collider_graph_eager, self._collider_graph_replays
+            if eager > max(replays, EAGER_STEPS) and not self._collider_graph_warned:
                 self._collider_graph_warned = True
-                warnings.warn(f"ColliderTrainer cuda_graph: {self._collider_graph_eager} micro-steps since the last "
-                              f"log ran eagerly and {self._collider_graph_steps} replayed: their batches differ from "
-                              "the captured one in shape or target count; pack sequences to one length and keep "
-                              "every label", stacklevel=2)
-            self._collider_graph_steps = self._collider_graph_eager = 0
+                warnings.warn(f"ColliderTrainer cuda_graph: {eager} micro-steps so far did not fit the graph and "
+                              f"{replays} replayed: their batches differ in shape or target count; pack sequences "
+                              "to one length and keep every label", stacklevel=2)
         super().log(logs, *args, **kwargs)
 
 

@@ -177,7 +177,7 @@ def git_commit() -> str | None:
 
 
 def _check_spec(out_dir: Path, spec: dict) -> None:
-    """A race folder holds one race: refuse to mix settings into it."""
+    """A race folder holds one race: refuse to mix settings into it (reads only)."""
     path = out_dir / SPEC_NAME
     if path.is_file():
         old = json.loads(path.read_text())
@@ -190,8 +190,12 @@ def _check_spec(out_dir: Path, spec: dict) -> None:
                 diff = _first_difference(old["configs"].get(name) or {}, cfg)
                 raise ConfigError(f"race folder {out_dir} holds arm {name} with another config ({diff}); "
                                   "pick another --out-dir")
+
+
+def _write_spec(out_dir: Path, spec: dict) -> None:
+    """Record the race's settings in its folder (what :func:`_check_spec` compares)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(spec, indent=2))
+    atomic_write_text(out_dir / SPEC_NAME, json.dumps(spec, indent=2))
 
 
 def _first_difference(old: dict, new: dict) -> str:
@@ -233,23 +237,34 @@ def run_one(cfg: TrainConfig, verbose: bool = True) -> str:
     return "resumed" if resume is not None else "ran"
 
 
-def _race_seeds(flags: dict[str, Any] | None, n_seeds: int, preset: str | None,
-                config_file: str | None) -> tuple[dict[str, Any], list[int]]:
-    """The flags without ``seed``, and the race's seeds: ``--seed`` (or the
-    preset's or file's), then the next ``n_seeds - 1``."""
+def _prepare_race(arms: list[Arm], seconds: float, n_seeds: int, out: Path, preset: str | None,
+                  config_file: str | None, flags: dict[str, Any] | None) -> tuple[list[int], dict, dict]:
+    """Everything a race checks before its first run, for the race and its plan alike:
+    one process, a seed count, the commit variable, every arm's config resolved and
+    validated, and the folder holding no other race (nothing written). Returns the
+    seeds, the configs and the spec the race records."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("sparsetrain race runs in one process; start it without torchrun")
+    if n_seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {n_seeds}")
+    git_commit()  # a bad SPARSETRAIN_GIT_COMMIT is refused before any run, not at the report
     flags = dict(flags or {})
     base_seed = int(flags.pop("seed", _base_seed(preset, config_file)))
-    return flags, [base_seed + i for i in range(n_seeds)]
+    seeds = [base_seed + i for i in range(n_seeds)]
+    configs = arm_configs(arms, seconds, seeds, out, preset, config_file, flags)
+    spec = {"seconds": seconds, "seeds": seeds, "arms": {a.name: a.overrides for a in arms},
+            "configs": {a.name: _config_for_spec(configs[a.name][seeds[0]]) for a in arms}}
+    _check_spec(out, spec)
+    return seeds, configs, spec
 
 
 def race_plan(arms: list[Arm], seconds: float, n_seeds: int, out_dir: str | Path, preset: str | None = None,
               config_file: str | None = None, flags: dict[str, Any] | None = None) -> str:
     """What :func:`run_race` with the same arguments would run, without running it:
-    every arm's config resolved and validated (a refusal is raised as it would be),
-    each arm's resolved differences from the first arm's, the seeds, the running
-    order and the training seconds (start-up and evaluations come on top)."""
-    flags, seeds = _race_seeds(flags, n_seeds, preset, config_file)
-    configs = arm_configs(arms, seconds, seeds, Path(out_dir), preset, config_file, flags)
+    the race's checks made (a refusal is raised as the race would raise it), each
+    arm's resolved differences from the first arm's, the seeds, the running order
+    and the training seconds (start-up and evaluations come on top)."""
+    seeds, configs, _ = _prepare_race(arms, seconds, n_seeds, Path(out_dir), preset, config_file, flags)
     first = _config_for_spec(configs[arms[0].name][seeds[0]])
     lines = [f"race plan: {len(arms)} arm(s) x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), {seconds:g} s of "
              f"training each after start-up: {len(arms) * len(seeds) * seconds:g} s of training in all, plus each "
@@ -269,17 +284,9 @@ def run_race(arms: list[Arm], seconds: float, n_seeds: int, out_dir: str | Path,
              config_file: str | None = None, flags: dict[str, Any] | None = None, verbose: bool = True) -> dict:
     """Run every arm for every seed in interleaved order, then write and return the
     report (``race.json``, ``race.png`` in ``out_dir``)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("sparsetrain race runs in one process; start it without torchrun")
-    if n_seeds < 1:
-        raise ConfigError(f"--seeds must be >= 1, got {n_seeds}")
-    git_commit()  # a bad SPARSETRAIN_GIT_COMMIT is refused before any run, not at the report
     out = Path(out_dir)
-    flags, seeds = _race_seeds(flags, n_seeds, preset, config_file)
-    configs = arm_configs(arms, seconds, seeds, out, preset, config_file, flags)
-    spec = {"seconds": seconds, "seeds": seeds, "arms": {a.name: a.overrides for a in arms},
-            "configs": {a.name: _config_for_spec(configs[a.name][seeds[0]]) for a in arms}}
-    _check_spec(out, spec)
+    seeds, configs, spec = _prepare_race(arms, seconds, n_seeds, out, preset, config_file, flags)
+    _write_spec(out, spec)
     order = interleave_order(len(arms), len(seeds))
     for i, (s, a) in enumerate(order, 1):
         name, seed = arms[a].name, seeds[s]

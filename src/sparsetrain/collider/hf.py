@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..selection import IGNORE_INDEX, SelectionStats, TokenSelector, shift_labels
+from ..selection import IGNORE_INDEX, SelectionStats, TokenSelector, keep_every_position, shift_labels
 from .hf_engine import HFEngine, unsupported_reason
 from .hf_generic import GenericSwap, swap_in, swap_out
 from .hf_linear import UnsupportedLayer
@@ -83,7 +83,8 @@ def kept_rows_loss(logits: torch.Tensor, targets: torch.Tensor, selector: TokenS
     if selector is not None:
         keep, stats = selector(logits.detach(), targets, n_valid=n_valid)
     else:  # every token kept: every position's keys and values get their gradient, as in dense training
-        keep, stats = torch.ones_like(valid), SelectionStats(kept=n_valid, total=n_valid, keep_ratio=1.0)
+        keep = keep_every_position(valid.shape, valid.device)
+        stats = SelectionStats(kept=n_valid, total=n_valid, keep_ratio=1.0)
     loss = masked_cross_entropy(logits, targets, keep, stats.weights)
     if num_items_in_batch is not None:
         loss = loss * stats.unread("kept") / num_items_in_batch  # in the loss's precision

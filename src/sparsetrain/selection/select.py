@@ -71,6 +71,13 @@ def _keep_indices(shape: torch.Size, idx: torch.Tensor, device: torch.device) ->
     return mask
 
 
+def keep_every_position(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """The mask keeping every position (dense training through a kept-rows path,
+    positions without a target included, so that every key and value gets its
+    gradient), its indices known: the loss and backward read nothing back."""
+    return _keep_indices(shape, torch.arange(shape.numel(), device=device), device)
+
+
 def cached_kept_indices(keep: torch.Tensor) -> torch.Tensor | None:
     """The sorted flat indices known for the ``keep`` mask (a policy here made it,
     or :func:`kept_indices` found them), or None (another mask, or one modified
