@@ -39,7 +39,8 @@ from the forward's own logits). For another Trainer subclass,
   ``random``, ``importance``); otherwise refused in one line. ``collider_graph_steps`` (replayed micro-steps since the last
   log) joins the logs; replayed micro-steps are not in
   ``collider_backward_seconds``, and ``torch_empty_cache_steps`` is not applied
-  on them. A warning says when most micro-steps after the capture ran eagerly.
+  on them. A warning says when more micro-steps did not fit the graph than
+  replayed (counted from the start, restarted warm-ups included).
 
 TRL's ``SFTTrainer`` computes its loss through a fused LM head that skips
 the logits; under Collider the loss is the kept-rows loss on the logits
