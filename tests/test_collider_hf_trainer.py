@@ -216,32 +216,50 @@ def _fixed_length_dataset(vocab: int, pad_id: int, n: int, length: int, seed: in
     return Dataset.from_dict({"input_ids": rows})
 
 
+def _graph_tokenizer(seed: int):
+    from sparsetrain.hf_trainer import local_tokenizer
+
+    return local_tokenizer(_texts(8, seed), 200)
+
+
+def _use_stand_in_graph(monkeypatch) -> None:
+    """The CPU's stand-in for the CUDA graph: the recorded body re-run at each replay."""
+    from replaying_graph import ReplayingStepGraph
+    from sparsetrain.hf_trainer import ColliderTrainerMixin
+
+    monkeypatch.setattr(ColliderTrainerMixin, "_setup_collider_graph", lambda self: ReplayingStepGraph(self.args.device))
+
+
+def _in_order_trainer(**kwargs):
+    """A ``ColliderTrainer`` taking its batches in dataset order, so that a padded
+    batch comes where a test says."""
+    from sparsetrain.hf_trainer import ColliderTrainer
+
+    class InOrder(ColliderTrainer):
+        def _get_train_sampler(self, *a, **k):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    return InOrder(**kwargs)
+
+
 def _graph_run(tmp_path, name: str, graph: bool, monkeypatch, method: str, short: int | None, seed: int,
                cuda: bool = False):
     from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
-    from replaying_graph import ReplayingStepGraph
-    from sparsetrain.hf_trainer import ColliderArguments, ColliderTrainer, ColliderTrainerMixin, local_tokenizer
+    from sparsetrain.hf_trainer import ColliderArguments
 
-    tok = local_tokenizer(_texts(8, seed), 200)
+    tok = _graph_tokenizer(seed)
     model = make_model("llama", seed, dtype=torch.float32, vocab_size=len(tok))
-    if graph and not cuda:  # the stand-in graph on the CPU: the body re-run at each replay
-        monkeypatch.setattr(ColliderTrainerMixin, "_setup_collider_graph",
-                            lambda self: ReplayingStepGraph(self.args.device))
+    if graph and not cuda:
+        _use_stand_in_graph(monkeypatch)
     args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=6, per_device_train_batch_size=2,
                              gradient_accumulation_steps=2, logging_steps=1, report_to=[], use_cpu=not cuda,
                              save_strategy="no", max_grad_norm=1.0, learning_rate=1e-3, seed=seed % 1000,
                              dataloader_num_workers=0)
-
-    class InOrder(ColliderTrainer):  # batches in dataset order, so the padded one comes where the test says
-        def _get_train_sampler(self, *a, **k):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    trainer = InOrder(model=model, args=args,
-                      train_dataset=_fixed_length_dataset(len(tok), tok.pad_token_id, 24, 16, seed, short),
-                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-                      collider=ColliderArguments(drop_ratio=0.5, method=method, warmup_steps=1, cuda_graph=graph,
-                                                 seed=seed % 1000))
+    trainer = _in_order_trainer(
+        model=model, args=args, train_dataset=_fixed_length_dataset(len(tok), tok.pad_token_id, 24, 16, seed, short),
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+        collider=ColliderArguments(drop_ratio=0.5, method=method, warmup_steps=1, cuda_graph=graph, seed=seed % 1000))
     trainer.train()
     monkeypatch.undo()
     return trainer
@@ -330,10 +348,9 @@ def test_replayed_batches_are_checked_in_the_steps_one_host_read(tmp_path, monke
     gives its counts."""
     from transformers import TrainingArguments
 
-    from replaying_graph import ReplayingStepGraph
-    from sparsetrain.hf_trainer import ColliderArguments, ColliderTrainer, ColliderTrainerMixin
+    from sparsetrain.hf_trainer import ColliderArguments, ColliderTrainer
 
-    monkeypatch.setattr(ColliderTrainerMixin, "_setup_collider_graph", lambda self: ReplayingStepGraph(self.args.device))
+    _use_stand_in_graph(monkeypatch)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     trainer = ColliderTrainer(model=make_model("llama", 0, dtype=torch.float32), args=args,
                               collider=ColliderArguments(cuda_graph=True))
@@ -359,31 +376,19 @@ def test_batches_of_ever_new_shapes_warn_and_stop_restarting(tmp_path, monkeypat
     from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
-    from replaying_graph import ReplayingStepGraph
-    from sparsetrain.hf_trainer import MAX_WARMUP_RESTARTS, ColliderArguments, ColliderTrainer, ColliderTrainerMixin
+    from sparsetrain.hf_trainer import MAX_WARMUP_RESTARTS, ColliderArguments
 
     seed = fresh_seed()
-    tok = local_tokenizer_for(seed)
-    monkeypatch.setattr(ColliderTrainerMixin, "_setup_collider_graph", lambda self: ReplayingStepGraph(self.args.device))
+    tok = _graph_tokenizer(seed)
+    _use_stand_in_graph(monkeypatch)
     rows = [[5 + (i % 50)] * (6 + i) for i in range(24)]  # lengths 6 .. 29: every batch pads to another length
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=2, logging_steps=1,
                              report_to=[], use_cpu=True, save_strategy="no", dataloader_num_workers=0)
-
-    class InOrder(ColliderTrainer):
-        def _get_train_sampler(self, *a, **k):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    trainer = InOrder(model=make_model("llama", seed, dtype=torch.float32, vocab_size=len(tok)), args=args,
-                      train_dataset=Dataset.from_dict({"input_ids": rows}),
-                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-                      collider=ColliderArguments(drop_ratio=0.5, cuda_graph=True))
+    trainer = _in_order_trainer(model=make_model("llama", seed, dtype=torch.float32, vocab_size=len(tok)), args=args,
+                                train_dataset=Dataset.from_dict({"input_ids": rows}),
+                                data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                                collider=ColliderArguments(drop_ratio=0.5, cuda_graph=True))
     with pytest.warns(UserWarning, match="micro-steps so far did not fit the graph and 0 replayed"):
         trainer.train()
     assert not trainer.collider_graph.captured and trainer._collider_graph_restarts == MAX_WARMUP_RESTARTS
     assert trainer.state.global_step == 12
-
-
-def local_tokenizer_for(seed: int):
-    from sparsetrain.hf_trainer import local_tokenizer
-
-    return local_tokenizer(_texts(8, seed), 200)
