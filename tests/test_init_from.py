@@ -166,8 +166,9 @@ def test_missing_or_empty_init_from_is_refused(corpus_dir, cache_dir, tmp_path, 
 
 def test_another_tokenizer_is_refused_and_the_base_runs_tokenizer_is_reused(run_a, cfg, tmp_path, capsys) -> None:
     # another split of the corpus trains another BPE: the base's token ids would mean other text
-    with pytest.raises(CheckpointError, match=f"init_from {run_a} was trained with another tokenizer"):
+    with pytest.raises(CheckpointError, match=f"init_from {run_a} was trained with another tokenizer") as e:
         Trainer(cfg(init_from=str(run_a), val_fraction=0.2), verbose=False)
+    assert str(e.value).endswith(f"(--tokenizer {run_a / 'tokenizer.json'})")  # the fix, named
     # tokenized with the base run's tokenizer.json instead, the corpus reads as the base model's ids
     b = Trainer(cfg(init_from=str(run_a), val_fraction=0.2, tokenizer=str(run_a / "tokenizer.json"), max_steps=1),
                 verbose=False)

@@ -309,7 +309,8 @@ def refuse_other_tokenizer(run_dir: str | Path, tokenizer_path: str | Path | Non
     theirs = Path(run_dir) / "tokenizer.json"
     if theirs.is_file() and tokenizer_path is not None and theirs.read_bytes() != Path(tokenizer_path).read_bytes():
         raise CheckpointError(f"{who} {run_dir} was trained with another tokenizer than this corpus's "
-                              f"({tokenizer_path}): its token ids would mean other text")
+                              f"({tokenizer_path}): its token ids would mean other text; tokenize with its own "
+                              f"(--tokenizer {theirs})")
 
 
 # ----------------------------------------------------------------------------- weights only
