@@ -9,6 +9,14 @@ blocks of ``--seq`` tokens and trained with ``sparsetrain.hf_trainer.ColliderTra
 
     python examples/hf_finetune.py --data path/to/texts --steps 200
     python examples/hf_finetune.py --data path/to/texts --model path/to/llama --lora 16 --drop 0.5
+
+On a noisy corpus, keep what a reference finds learnable (Rho-1's excess loss,
+averaged over spans): train the reference on a small clean sample first, from
+the same model, then point ``--reference`` at it. Its loss of every token is
+computed once, before training (``sparsetrain.hf_trainer.add_reference_losses``):
+
+    python examples/hf_finetune.py --data clean_sample --model path/to/llama --out runs/ref
+    python examples/hf_finetune.py --data noisy_corpus --model path/to/llama --reference runs/ref --span 32 --drop 0.4
 """
 
 from __future__ import annotations
@@ -50,7 +58,8 @@ def packed_blocks(texts: list[str], tokenizer, seq: int) -> list[list[int]]:
 
 
 def load_model(args: argparse.Namespace, texts: list[str]):
-    """``(model, tokenizer)``: the checkpoint at ``--model``, or a random small Llama."""
+    """``(model, tokenizer)``: the checkpoint at ``--model``, or a random small Llama
+    (with ``--reference``'s tokenizer when given, else one learned on ``texts``)."""
     import transformers
 
     if args.model:
@@ -61,7 +70,10 @@ def load_model(args: argparse.Namespace, texts: list[str]):
         return model, tok
     from sparsetrain.hf_trainer import local_tokenizer
 
-    tok = local_tokenizer(texts, args.vocab)
+    if args.reference:  # the reference's token ids are the ones its losses are of
+        tok = transformers.AutoTokenizer.from_pretrained(args.reference)
+    else:
+        tok = local_tokenizer(texts, args.vocab)
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                                    num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
                                    num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=args.seq,
@@ -77,7 +89,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/hf_finetune"))
     ap.add_argument("--drop", type=float, default=0.5, help="fraction of target tokens dropped from the backward")
     ap.add_argument("--method", default="topk", help="selection method (topk, random, threshold, ...)")
-    ap.add_argument("--score", default="collider", help="token score (collider, loss, entropy, ...)")
+    ap.add_argument("--score", help="token score (collider, loss, entropy, ...; default: excess with --reference, "
+                                    "else collider)")
+    ap.add_argument("--reference", type=Path, help="local checkpoint folder of a reference model with this "
+                    "tokenizer (the excess score: the model's loss minus the reference's)")
+    ap.add_argument("--span", type=int, default=1, help="score whole blocks of this many tokens (their mean score)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--grad-accum", type=int, default=1)
@@ -99,7 +115,7 @@ def main() -> None:
     from transformers import TrainingArguments, default_data_collator
 
     from sparsetrain.errors import ConfigError
-    from sparsetrain.hf_trainer import ColliderArguments, ColliderTrainer
+    from sparsetrain.hf_trainer import ColliderArguments, ColliderTrainer, add_reference_losses
 
     texts = read_texts(args.data)
     model, tok = load_model(args, texts)
@@ -116,6 +132,18 @@ def main() -> None:
     # target count, which --cuda-graph needs to replay
     blocks = packed_blocks(texts, tok, args.seq)
     train = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
+    score = args.score or ("excess" if args.reference else "collider")
+    if args.reference:
+        import transformers
+
+        if transformers.AutoTokenizer.from_pretrained(args.reference).get_vocab() != tok.get_vocab():
+            print(f"hf_finetune.py: error: --reference {args.reference} has another tokenizer than the model's: "
+                  "train the reference from the same --model", file=sys.stderr)
+            raise SystemExit(2)
+        reference = transformers.AutoModelForCausalLM.from_pretrained(args.reference, dtype=torch.float32)
+        train = add_reference_losses(train, reference.to("cuda" if torch.cuda.is_available() else "cpu"),
+                                     batch_size=args.batch)
+        del reference
     cuda = torch.cuda.is_available()
     targs = TrainingArguments(output_dir=str(args.out), max_steps=args.steps, per_device_train_batch_size=args.batch,
                               gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
@@ -127,7 +155,8 @@ def main() -> None:
         trainer = ColliderTrainer(model=model, args=targs, train_dataset=train,
                                   data_collator=default_data_collator,
                                   collider=ColliderArguments(drop_ratio=args.drop, method=args.method,
-                                                             score=args.score, cuda_graph=args.cuda_graph))
+                                                             score=score, span=args.span,
+                                                             cuda_graph=args.cuda_graph))
     except ConfigError as e:  # one line naming the value, exit 2, as the sparsetrain CLI does
         print(f"hf_finetune.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -180,6 +180,33 @@ def test_finetune_example_trains_and_saves(corpus_dir, tmp_path) -> None:
     assert saved and all("lora_A" in k or "lora_B" in k for k in saved)
 
 
+def test_finetune_example_with_a_reference_keeps_spans_by_excess_loss(corpus_dir, tmp_path) -> None:
+    """examples/hf_finetune.py twice: a reference on the folder, then a run that
+    reads the reference's losses (--reference) and keeps whole spans; a
+    reference with another tokenizer is refused in one line."""
+    small = ("--steps", "2", "--batch", "2", "--seq", "32", "--hidden", "64", "--layers", "2", "--vocab", "300")
+    _run_example("hf_finetune.py", "--data", str(corpus_dir), *small, "--out", str(tmp_path / "ref"), cwd=tmp_path)
+    stdout = _run_example("hf_finetune.py", "--data", str(corpus_dir), *small, "--reference", str(tmp_path / "ref"),
+                          "--span", "8", "--drop", "0.5", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert "kept 0.500" in stdout and (tmp_path / "run" / "model.safetensors").exists()
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    other = tmp_path / "other"  # a model whose tokenizer was learned with another vocabulary size
+    _run_example("hf_finetune.py", "--data", str(corpus_dir), *small[:-1], "280", "--out", str(other), cwd=tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "examples" / "hf_finetune.py"), "--data", str(corpus_dir),
+                           *small, "--model", str(other), "--reference", str(tmp_path / "ref"),
+                           "--out", str(tmp_path / "bad")], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(root / "src")}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"hf_finetune.py: error: --reference {tmp_path / 'ref'} "
+                                                           "has another tokenizer than the model's")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
 def test_finetune_example_refuses_a_cuda_graph_on_the_cpu_in_one_line(corpus_dir, tmp_path) -> None:
     import os

@@ -83,7 +83,11 @@ class ColliderArguments:
     which the kept fraction falls from 1 to ``1 - drop_ratio``; ``attention``,
     ``compile``, ``engine``: as :func:`sparsetrain.collider.apply`;
     ``cuda_graph``: capture each micro-batch's forward and backward in a CUDA
-    graph and replay it (see the module docstring).
+    graph and replay it (see the module docstring); ``span``: score each token
+    by the mean score of its block of ``span`` positions, so whole spans are
+    kept or dropped. The ``excess`` score (the model's loss minus a reference
+    model's) reads a ``reference_losses`` column of the training data
+    (:func:`add_reference_losses`).
     """
 
     drop_ratio: float = 0.5
@@ -95,6 +99,7 @@ class ColliderArguments:
     engine: bool | None = None
     seed: int = 0
     cuda_graph: bool = False
+    span: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.drop_ratio < 1.0:
@@ -103,9 +108,8 @@ class ColliderArguments:
             raise ConfigError(f"collider score must be one of {', '.join(SCORES)}, got {self.score!r}")
         if self.method not in METHODS:
             raise ConfigError(f"collider method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.score == "excess":
-            raise ConfigError("collider score 'excess' needs reference losses, which the Trainer integration does "
-                              "not load; pick another score")
+        if self.span < 1:
+            raise ConfigError(f"collider span must be >= 1, got {self.span}")
         if self.method == "importance" and self.score not in NONNEGATIVE_SCORES:
             raise ConfigError(f"collider method 'importance' samples in proportion to the score: score must be one of "
                               f"{', '.join(NONNEGATIVE_SCORES)}, got {self.score!r}")
@@ -131,9 +135,10 @@ class ColliderArguments:
         threshold = self.method == "threshold"
         return TokenSelector(score=self.score, method=self.method, keep_ratio=1.0 - self.drop_ratio,
                              warmup_steps=self.warmup_steps, target_sparsity=self.drop_ratio if threshold else None,
-                             seed=self.seed)
+                             seed=self.seed, span=self.span)
 
 
+REFERENCE_LOSSES = "reference_losses"  # the dataset column the excess score reads (add_reference_losses)
 MAX_WARMUP_RESTARTS = 8  # batches of a new shape that may restart the graph's warm-up before its capture
 
 
@@ -223,6 +228,13 @@ class ColliderTrainerMixin:
         self._collider_graph_params: list[torch.nn.Parameter] | None = None  # what the captured gradients are of
         self._collider_graph_warned = False
         self.collider_graph: StepGraph | None = self._setup_collider_graph() if ca.cuda_graph else None
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The model's forward arguments (the Trainer keeps only those dataset
+        columns) and ``reference_losses``, which the applied forward reads."""
+        super()._set_signature_columns_if_needed()
+        if REFERENCE_LOSSES not in self._signature_columns:
+            self._signature_columns.append(REFERENCE_LOSSES)
 
     # ------------------------------------------------------------------ the CUDA graph
 
@@ -446,6 +458,51 @@ class ColliderTrainer(ColliderTrainerMixin, Trainer):
     """``transformers.Trainer`` with Collider (see the module docstring)."""
 
 
+@torch.no_grad()
+def add_reference_losses(dataset: Any, reference_model: torch.nn.Module, batch_size: int = 8,
+                         column: str = "input_ids") -> Any:
+    """``dataset`` (a ``datasets.Dataset`` of token ids in ``column``) with a
+    ``reference_losses`` column: for each example, ``reference_model``'s loss
+    of the token at each position given the ones before it (0 at the first
+    position, which nothing predicts), float16, aligned with the labels as the
+    Trainer passes them. The ``excess`` score (``ColliderArguments(score="excess")``)
+    reads it: the trained model's loss minus this one (Rho-1), so training
+    keeps the tokens the model has yet to learn and a reference trained on a
+    small clean sample of the domain finds learnable, and drops noise, which
+    the reference finds as hard as the model does. Computed once, before
+    training, on ``reference_model``'s device; examples of unequal length are
+    right-padded within a batch (a causal model's earlier positions do not see
+    the padding)."""
+    import numpy as np
+
+    if column not in dataset.column_names:
+        raise ValueError(f"add_reference_losses: the dataset has no column {column!r} (it has "
+                         f"{', '.join(dataset.column_names)})")
+    was_training = reference_model.training
+    reference_model.eval()
+    device = next(reference_model.parameters()).device
+
+    def losses(batch: dict[str, list]) -> dict[str, list]:
+        rows = [list(r) for r in batch[column]]
+        T = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, :len(r)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = reference_model(input_ids=ids, attention_mask=mask).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
+                                                reduction="none").view(len(rows), T - 1)
+        nll = torch.cat([torch.zeros(len(rows), 1, device=device), nll], dim=1).cpu().numpy().astype(np.float16)
+        return {REFERENCE_LOSSES: [nll[i, :len(r)] for i, r in enumerate(rows)]}
+
+    try:
+        return dataset.map(losses, batched=True, batch_size=batch_size, desc="reference losses")
+    finally:
+        reference_model.train(was_training)
+
+
 def local_tokenizer(texts: list[str], vocab_size: int):
     """A byte-level BPE learned on ``texts`` as a transformers fast tokenizer
     (end of text ``<|endoftext|>``, also the padding token): for training a
@@ -463,5 +520,5 @@ def local_tokenizer(texts: list[str], vocab_size: int):
         return PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token=EOT, pad_token=EOT, bos_token=EOT)
 
 
-__all__ = ["ColliderArguments", "ColliderCallback", "ColliderTrainer", "ColliderTrainerMixin", "local_tokenizer",
-           "with_collider"]
+__all__ = ["ColliderArguments", "ColliderCallback", "ColliderTrainer", "ColliderTrainerMixin", "add_reference_losses",
+           "local_tokenizer", "with_collider"]

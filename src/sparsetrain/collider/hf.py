@@ -66,22 +66,23 @@ def causal_lm(model: nn.Module) -> nn.Module:
 
 
 def kept_rows_loss(logits: torch.Tensor, targets: torch.Tensor, selector: TokenSelector | None = None,
-                   num_items_in_batch: torch.Tensor | int | None = None, n_valid: int | None = None
-                   ) -> tuple[torch.Tensor, SelectionStats]:
+                   num_items_in_batch: torch.Tensor | int | None = None, n_valid: int | None = None,
+                   ref_nll: torch.Tensor | None = None) -> tuple[torch.Tensor, SelectionStats]:
     """Collider's loss on ``logits`` ``[B, T, V]`` for aligned ``targets`` ``[B, T]``
     (``IGNORE_INDEX`` for none): the mean cross-entropy over the tokens
     ``selector`` keeps (every token without one: dense training), or with
     ``num_items_in_batch`` their sum divided by it. Returns the loss and the
     selection's stats. ``n_valid``: the number of targets, when the caller
     counted them (else counted here: a host sync); it sizes the selector's
-    budget. A batch without targets gives a zero loss."""
+    budget. ``ref_nll``: a reference model's loss of each target, aligned with
+    ``targets`` (for the ``excess`` score). A batch without targets gives a zero loss."""
     valid = targets != IGNORE_INDEX
     if n_valid is None:
         n_valid = int(valid.sum())
     if n_valid == 0:
         return logits.sum() * 0.0, SelectionStats(kept=0, total=0)
     if selector is not None:
-        keep, stats = selector(logits.detach(), targets, n_valid=n_valid)
+        keep, stats = selector(logits.detach(), targets, ref_nll, n_valid=n_valid)
     else:  # every token kept: every position's keys and values get their gradient, as in dense training
         keep = keep_every_position(valid.shape, valid.device)
         stats = SelectionStats(kept=n_valid, total=n_valid, keep_ratio=1.0)
@@ -181,7 +182,8 @@ def _forward_of(cls: type):
     def forward(lm: nn.Module, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *args: Any, labels: torch.Tensor | None = None,
                 shift_labels: torch.Tensor | None = None, num_items_in_batch: Any = None,
-                collider_logits: bool = True, collider_n_valid: int | None = None, **kwargs: Any):
+                collider_logits: bool = True, collider_n_valid: int | None = None,
+                reference_losses: torch.Tensor | None = None, **kwargs: Any):
         state: _Applied = lm.__dict__[_STATE_ATTR]
         previous = state.previous_forward or functools.partial(cls_forward, lm)
         if not torch.is_grad_enabled():  # evaluation, generation: the model's own forward and loss
@@ -211,13 +213,40 @@ def _forward_of(cls: type):
             if not hasattr(out, "logits"):
                 raise ValueError("the Collider training forward needs return_dict outputs (a .logits field)")
         if targets is not None:
+            ref_nll = collider_reference_losses(reference_losses, targets, state.selector, shifted=labels is None)
             out.loss, state.last_stats = kept_rows_loss(out.logits, targets, state.selector, num_items_in_batch,
-                                                        n_valid)
+                                                        n_valid, ref_nll)
         if not collider_logits:  # the caller wants the loss only: nothing left to convert or keep
             out.logits = None
         return out
 
     return forward
+
+
+def collider_reference_losses(reference_losses: torch.Tensor | None, targets: torch.Tensor,
+                              selector: TokenSelector | None, shifted: bool = False) -> torch.Tensor | None:
+    """A reference model's per-token losses as the selector reads them: aligned
+    with the targets. ``reference_losses`` ``[B, T]`` come aligned with
+    ``labels`` (entry ``t``: the reference's loss of the token at ``t``, as
+    :func:`sparsetrain.hf_trainer.add_reference_losses` writes them) and are
+    shifted here as the labels are; ``shifted``: they are aligned with
+    ``shift_labels`` already. None where the selector's score does not read
+    them; refused in one line where it does and they are missing or misshapen."""
+    wants = selector is not None and selector.score == "excess"
+    if not wants:
+        return None
+    if reference_losses is None:
+        raise ValueError("collider score 'excess' needs reference_losses [batch, seq] in each training batch (a "
+                         "reference model's loss of each label: sparsetrain.hf_trainer.add_reference_losses)")
+    if reference_losses.shape != targets.shape:
+        raise ValueError(f"reference_losses has shape {tuple(reference_losses.shape)}, the labels "
+                         f"{tuple(targets.shape)}: give one loss per label position")
+    ref = reference_losses.to(targets.device, torch.float32)
+    if shifted:
+        return ref
+    out = torch.zeros_like(ref)
+    out[..., :-1] = ref[..., 1:]
+    return out
 
 
 def collider_targets(labels: torch.Tensor | None, shifted: torch.Tensor | None = None,
@@ -231,5 +260,6 @@ def collider_targets(labels: torch.Tensor | None, shifted: torch.Tensor | None =
     return targets
 
 
-__all__ = ["ColliderGenericPathWarning", "apply", "applied_state", "causal_lm", "collider_targets", "kept_rows_loss",
+__all__ = ["ColliderGenericPathWarning", "apply", "applied_state", "causal_lm", "collider_reference_losses",
+           "collider_targets", "kept_rows_loss",
            "remove", "uses_engine"]
