@@ -16,6 +16,10 @@
 #   reference  the base continued on clean_ref for REF_STEPS steps (Rho-1's
 #              reference: a model trained on a small clean set)
 #   sidecar    the reference's loss of every train token of the domain
+#   filter     WORK_DIR/domain_filtered: the domain without the train documents
+#              whose mean reference loss is highest, FILTER_DROP of its train
+#              tokens (the static control of the excess score: an arm
+#              dense_filtered:data=WORK_DIR/domain_filtered trains dense on it)
 #   race       arms started from the base's weights on the domain, each
 #              RACE_SECONDS of training after start-up (the arms: ARMS), into
 #              WORK_DIR/race-seed<SEED>: run it again with another SEED for the
@@ -31,7 +35,7 @@
 set -euo pipefail
 W=${1:?usage: bash bench/race_noisy_domain.sh WORK_DIR [PHASE ...]}
 shift
-phases=${*:-base corpora reference sidecar race}
+phases=${*:-base corpora reference sidecar filter race}
 ST=${SPARSETRAIN:-sparsetrain}
 PY=${PYTHON:-python}
 SITE=${SITE:-$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')}
@@ -49,6 +53,7 @@ REF_LR=${REF_LR:-3e-4}
 SEED=${SEED:-1337}
 LR=${LR:-3e-4}
 RACE_SECONDS=${RACE_SECONDS:-100}
+FILTER_DROP=${FILTER_DROP:-0.4}
 EXCLUDE='*/tests/*,*/test_*'
 ARMS=${ARMS:-"dense: excess50:drop_ratio=0.5,collider_method=topk,collider_score=excess,reference_losses=$W/ref_losses.f16 random50:drop_ratio=0.5,collider_method=random collider50:drop_ratio=0.5,collider_method=topk,collider_score=collider"}
 mkdir -p "$W"
@@ -86,6 +91,11 @@ fi
 if want sidecar && [ ! -f "$W/ref_losses.f16.json" ]; then
   log "sidecar: the reference's loss of every domain train token"
   $ST reference-losses --ckpt "$W/ref" --out "$W/ref_losses.f16" $MODEL_ARGS --data "$W/domain" --tokenizer "$tok"
+fi
+if want filter && [ ! -f "$W/domain_filtered/.corpus_manifest.json" ]; then
+  log "filter: the domain without its hardest train documents for the reference, $FILTER_DROP of its tokens"
+  $ST corpus filter --corpus "$W/domain" --tokenizer "$tok" --reference-losses "$W/ref_losses.f16" \
+    --drop "$FILTER_DROP" --out "$W/domain_filtered"
 fi
 if want race; then
   log "race: seed $SEED, lr $LR, $RACE_SECONDS s per arm"

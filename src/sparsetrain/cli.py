@@ -276,6 +276,20 @@ def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--disjoint-from", default="", metavar="CORPUS",
                    help="a corpus built earlier: leave out every source file it holds, before --max-bytes "
                         "(a reference's clean set from the domain's package that shares no file with the domain)")
+    f = csub.add_parser("filter", formatter_class=_HelpFormatter,
+                        help="copy a corpus without the train documents a reference model finds hardest",
+                        description="Score each train document of --corpus by the reference's mean loss of its "
+                                    "tokens (a sidecar of sparsetrain reference-losses) and copy the corpus without "
+                                    "the highest-scoring ones, about --drop of its train tokens; val files are all "
+                                    "kept, so the held-out split is the same. The static control of the excess "
+                                    "score: train dense on the result. See docs/time_to_quality.md.")
+    f.add_argument("--corpus", required=True, metavar="FOLDER", help="the corpus folder the sidecar was computed for")
+    f.add_argument("--tokenizer", required=True, metavar="FILE", help="the tokenizer.json it was tokenized with")
+    f.add_argument("--reference-losses", required=True, metavar="FILE", help="the sidecar (sparsetrain reference-losses)")
+    f.add_argument("--drop", required=True, type=float, metavar="F", help="fraction of the train tokens to leave out")
+    f.add_argument("--out", required=True, metavar="DIR", help="the corpus folder to write (new, or empty)")
+    f.add_argument("--val-fraction", type=float, default=TrainConfig().val_fraction, metavar="F",
+                   help="the val_fraction the sidecar's run used (default: %(default)s)")
 
 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -553,11 +567,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_corpus(args: argparse.Namespace) -> int:
     from .corpora import CorpusSpec, build_corpus
 
+    if args.corpus_kind == "filter":
+        return _corpus_filter(args)
+
     kinds = tuple(k.strip() for k in args.noise_kinds.split(",") if k.strip())
     build_corpus(CorpusSpec(src=args.src, out=args.out, include=args.include, exclude=args.exclude,
                             max_bytes=args.max_bytes, val_fraction=args.val_fraction, noise_fraction=args.noise_fraction,
                             noise_kinds=kinds, duplicate_fraction=args.duplicate_fraction, seed=args.seed,
                             disjoint_from=args.disjoint_from))
+    return 0
+
+
+def _corpus_filter(args: argparse.Namespace) -> int:
+    from .corpus_filter import filter_corpus
+    from .data import load_corpus
+    from .tokenizer import BPETokenizer
+
+    if not 0.0 < args.drop < 1.0:
+        raise ConfigError(f"--drop must be in (0, 1), got {args.drop}")
+    if not Path(args.tokenizer).is_file():
+        raise ConfigError(f"--tokenizer {args.tokenizer} is not a file")
+    if not Path(args.corpus).is_dir():
+        raise ConfigError(f"--corpus {args.corpus} is not a folder")
+    cfg = build_config(None, None, {"data": args.corpus, "tokenizer": args.tokenizer, "val_fraction": args.val_fraction})
+    corpus = load_corpus(args.corpus, BPETokenizer.load(args.tokenizer).vocab_size, args.val_fraction, cfg.cache_dir,
+                         cfg.token_dtype, args.tokenizer)
+    filter_corpus(corpus, args.reference_losses, args.drop, args.out)
     return 0
 
 

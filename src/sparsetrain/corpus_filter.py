@@ -1,0 +1,157 @@
+"""A corpus without the documents a reference model finds hardest: ``sparsetrain corpus filter``.
+
+The excess score keeps, inside every batch, the spans where the model lags a
+reference. Part of what it buys could be had without Collider: score each
+train document once by the reference's mean loss of its tokens (read from the
+reference-loss sidecar, :mod:`sparsetrain.reference_losses`) and leave the
+highest-scoring documents out of the corpus, then train dense on the rest. That
+is the static control of the excess score (a perplexity filter), and the user's
+cheaper alternative whenever it does as well.
+
+* The documents left out are the highest mean reference loss first, until at
+  least ``drop`` of the train tokens are gone (each document's end-of-text
+  separator counted with it).
+* Only train files are left out; every val file is copied, under its own path,
+  so the held-out split (a hash of each path, :func:`sparsetrain.data.is_val_file`)
+  is the source's exactly.
+* The manifest of a ``corpus build`` folder is carried over with the left-out
+  files removed from its ``generated`` table, and a ``filtered`` section says
+  what was left out (its other counts describe the source). The folder appears
+  whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .corpora import MANIFEST_NAME
+from .data import TokenizedCorpus, read_documents
+from .errors import DataError
+from .reference_losses import ReferenceLosses
+from .token_labels import document_starts, read_manifest, train_token_labels
+
+
+@dataclass(frozen=True)
+class DocumentLosses:
+    """Each train document's relative path, token count (separator included) and
+    the reference's mean loss of its own tokens."""
+
+    names: tuple[str, ...]
+    tokens: np.ndarray
+    mean_loss: np.ndarray
+
+
+def document_losses(corpus: TokenizedCorpus, losses: np.ndarray) -> DocumentLosses:
+    """The train documents of ``corpus`` with the mean of ``losses`` (a sidecar:
+    entry ``i`` is the loss of train token ``i + 1``) over each one's tokens."""
+    if corpus.tokenizer is None or not corpus.text_root:
+        raise DataError("corpus filter needs a folder of text files and its tokenizer")
+    root = Path(corpus.text_root)
+    names = list(corpus.train_doc_names)
+    if not names:
+        raise DataError(f"{root} has no val file at this val_fraction, so its split cuts the joined text and no "
+                        "train document is a file: pass the --val-fraction the corpus was built for")
+    docs = read_documents(root, [root / n for n in names])
+    if list(docs) != names:
+        raise DataError(f"the train files under {root} changed since their tokens were cached")
+    starts = document_starts(corpus.train, [docs[n] for n in names], corpus.tokenizer)
+    ends = np.append(starts[1:], corpus.train.size)
+    # a document spans its separator (at its start) and its tokens; the entries predicting its
+    # tokens are start .. end - 2 (entry end - 1 predicts the next document's separator)
+    sums = np.add.reduceat(np.asarray(losses, dtype=np.float64), starts) if len(starts) else np.zeros(0)
+    last = np.asarray(losses[ends - 1], dtype=np.float64)
+    own = ends - starts - 1
+    mean = np.where(own > 0, (sums - last) / np.maximum(own, 1), 0.0)
+    return DocumentLosses(names=tuple(names), tokens=ends - starts, mean_loss=mean)
+
+
+def choose_left_out(docs: DocumentLosses, drop: float) -> np.ndarray:
+    """Bool per document: left out, the highest mean loss first, until at least
+    ``drop`` of the tokens are (ties broken by path, so the choice is deterministic)."""
+    if not 0.0 < drop < 1.0:
+        raise DataError(f"corpus filter --drop must be in (0, 1), got {drop}")
+    order = sorted(range(len(docs.names)), key=lambda i: (-docs.mean_loss[i], docs.names[i]))
+    target = drop * float(docs.tokens.sum())
+    out = np.zeros(len(docs.names), dtype=bool)
+    gone = 0
+    for i in order:
+        if gone >= target:
+            break
+        out[i] = True
+        gone += int(docs.tokens[i])
+    return out
+
+
+def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path, drop: float, out: str | Path,
+                  verbose: bool = True) -> dict:
+    """Write ``corpus``'s folder to ``out`` without the train documents whose mean
+    reference loss (from ``sidecar``) is highest, about ``drop`` of its train
+    tokens. Returns the ``filtered`` record (also in ``out``'s manifest)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"--out {out} exists and is not an empty folder; pick another")
+    losses = ReferenceLosses(sidecar, corpus.train).losses
+    docs = document_losses(corpus, losses)
+    left_out = choose_left_out(docs, drop)
+    gone = {docs.names[i] for i in np.flatnonzero(left_out)}
+    record = {"source": str(Path(corpus.text_root).resolve()), "reference_losses": str(Path(sidecar).resolve()),
+              "drop": drop, "train_documents": len(docs.names), "left_out_documents": len(gone),
+              "train_tokens": int(docs.tokens.sum()), "left_out_tokens": int(docs.tokens[left_out].sum()),
+              "mean_loss_kept": _weighted(docs, ~left_out), "mean_loss_left_out": _weighted(docs, left_out)}
+    manifest = read_manifest(corpus)
+    if manifest is not None:
+        labels = train_token_labels(corpus, manifest)
+        in_doc = np.repeat(left_out, docs.tokens)
+        record["kept_share_by_kind"] = {
+            name: round(float((~in_doc[labels.codes == c]).mean()), 4)
+            for c, name in enumerate(labels.names) if (labels.codes == c).any()}
+        manifest = {**manifest, "generated": {k: v for k, v in manifest["generated"].items() if k not in gone},
+                    "filtered": record}
+    _write_filtered(Path(corpus.text_root), out, gone, manifest)
+    if verbose:
+        shares = record.get("kept_share_by_kind")
+        print(f"corpus {out}: left out {len(gone):,} of {len(docs.names):,} train documents "
+              f"({record['left_out_tokens']:,} of {record['train_tokens']:,} tokens; mean reference loss "
+              f"{record['mean_loss_left_out']:.3f} left out, {record['mean_loss_kept']:.3f} kept)"
+              + (f"; share of each kind's tokens kept: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items())
+                 if shares else ""), flush=True)
+    return record
+
+
+def _weighted(docs: DocumentLosses, which: np.ndarray) -> float:
+    w = docs.tokens[which].astype(np.float64)
+    return float((docs.mean_loss[which] * w).sum() / w.sum()) if w.sum() else 0.0
+
+
+def _write_filtered(src: Path, out: Path, gone: set[str], manifest: dict | None) -> None:
+    """Copy ``src`` without the files ``gone`` into a folder beside ``out``, then rename it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        for f in sorted(src.rglob("*")):
+            rel = f.relative_to(src).as_posix()
+            if not f.is_file() or rel in gone or rel == MANIFEST_NAME:
+                continue
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest)
+        tmp.mkdir(parents=True, exist_ok=True)
+        if manifest is not None:
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = ["DocumentLosses", "choose_left_out", "document_losses", "filter_corpus"]

@@ -1,0 +1,134 @@
+"""``sparsetrain corpus filter``: each train document's mean reference loss
+against a loop over documents tokenized one by one; the documents left out
+against a naive greedy choice; the copy's held-out split against the source's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparsetrain.cli import main
+from sparsetrain.corpora import MANIFEST_NAME, CorpusSpec, build_corpus
+from sparsetrain.corpus_filter import document_losses, filter_corpus
+from sparsetrain.data import is_val_file, load_corpus
+from sparsetrain.reference_losses import SIDECAR_FORMAT, header_path, tokens_fingerprint
+
+from conftest import write_corpus
+from hf_reference import fresh_seed
+
+VAL = 0.1
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory) -> tuple[Path, object]:
+    """A corpus with 30 % noise documents and its token cache (a BPE trained on it)."""
+    root = tmp_path_factory.mktemp("filter")
+    src = write_corpus(root / "src", n_files=40, seed=3)
+    out = root / "noisy"
+    build_corpus(CorpusSpec(src=str(src), out=str(out), val_fraction=VAL, noise_fraction=0.3, seed=0,
+                            noise_kinds=("table", "boilerplate", "random")), verbose=False)  # the files do not parse
+    return out, load_corpus(str(out), 320, VAL, str(root / "cache"), verbose=False)
+
+
+def _sidecar(path: Path, tokens: np.ndarray, values: np.ndarray) -> Path:
+    values.astype(np.float16).tofile(path)
+    header_path(path).write_text(json.dumps({"format": SIDECAR_FORMAT, "n_tokens": int(tokens.size),
+                                             "tokens_fingerprint": tokens_fingerprint(tokens), "seq_len": 32}))
+    return path
+
+
+def _naive_means(corpus, losses: np.ndarray) -> dict[str, tuple[int, float]]:
+    """{train document: (tokens with its separator, mean loss of its own tokens)}, each encoded on its own."""
+    root = Path(corpus.text_root)
+    out, pos = {}, 0
+    for name in corpus.train_doc_names:
+        text = (root / name).read_bytes().decode("utf-8", errors="replace")
+        n = len(corpus.tokenizer.encode(text))
+        own = [float(losses[i]) for i in range(pos, pos + n)]  # entry i: the loss of token i + 1
+        out[name] = (n + 1, sum(own) / n)
+        pos += n + 1
+    assert pos == corpus.train.size
+    return out
+
+
+def test_the_hardest_documents_are_left_out_and_the_val_split_is_kept(noisy, tmp_path) -> None:
+    folder, corpus = noisy
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    losses = rng.gamma(2.0, 1.5, corpus.train.size).astype(np.float16)
+    sidecar = _sidecar(tmp_path / "ref.f16", corpus.train, losses)
+    drop = float(rng.uniform(0.15, 0.6))
+    record = filter_corpus(corpus, sidecar, drop, tmp_path / "out", verbose=False)
+
+    means = _naive_means(corpus, losses.astype(np.float64))
+    docs = document_losses(corpus, losses)
+    assert docs.names == tuple(means)
+    np.testing.assert_allclose(docs.mean_loss, [m for _, m in means.values()], rtol=1e-12, err_msg=str(seed))
+    assert docs.tokens.tolist() == [n for n, _ in means.values()]
+    total = sum(n for n, _ in means.values())
+    want, gone = set(), 0
+    for name in sorted(means, key=lambda k: (-means[k][1], k)):  # greedy, hardest first
+        if gone >= drop * total:
+            break
+        want.add(name)
+        gone += means[name][0]
+    assert record["left_out_documents"] == len(want) and record["left_out_tokens"] == gone, seed
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    copied = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert copied == files - want, seed
+    for rel in copied - {MANIFEST_NAME}:
+        assert (tmp_path / "out" / rel).read_bytes() == (folder / rel).read_bytes()
+    assert all(not is_val_file(n, VAL) for n in want)
+
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    source = json.loads((folder / MANIFEST_NAME).read_text())
+    assert set(manifest["generated"]) == set(source["generated"]) - want
+    assert manifest["filtered"]["drop"] == drop
+    # the same held-out tokens; the train tokens are the kept documents'
+    again = load_corpus(str(tmp_path / "out"), 320, VAL, str(tmp_path / "cache"),
+                        tokenizer=str(corpus.tokenizer_path), verbose=False)
+    assert np.array_equal(np.asarray(again.val), np.asarray(corpus.val))
+    assert again.train.size == total - gone
+    kinds = {n: source["generated"].get(n, {"kind": "clean"})["kind"] for n in means}
+    for kind, share in manifest["filtered"]["kept_share_by_kind"].items():
+        of = [n for n in means if kinds[n] == kind]
+        kept = sum(means[n][0] for n in of if n not in want) / sum(means[n][0] for n in of)
+        assert share == pytest.approx(kept, abs=1e-4), (kind, seed)
+
+
+def test_noise_the_reference_finds_hard_goes_first(noisy, tmp_path) -> None:
+    """Losses high on every noise token, low on clean ones: a drop of the noise's share leaves out only noise."""
+    folder, corpus = noisy
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    means = _naive_means(corpus, np.zeros(corpus.train.size))
+    losses, pos = np.empty(corpus.train.size), 0
+    rng = np.random.default_rng(fresh_seed())
+    noise_tokens = 0
+    for name, (n, _) in means.items():
+        noise = name in manifest["generated"]
+        losses[pos:pos + n] = rng.uniform(6, 8, n) if noise else rng.uniform(1, 3, n)
+        noise_tokens += n * noise
+        pos += n
+    record = filter_corpus(corpus, _sidecar(tmp_path / "ref.f16", corpus.train, losses),
+                           0.9 * noise_tokens / corpus.train.size, tmp_path / "out", verbose=False)
+    assert record["kept_share_by_kind"]["clean"] == 1.0
+    assert record["mean_loss_left_out"] > 6 and record["mean_loss_kept"] < 6.5
+
+
+def test_bad_input_is_one_line(noisy, tmp_path, capsys) -> None:
+    folder, corpus = noisy
+    sidecar = _sidecar(tmp_path / "ref.f16", corpus.train, np.ones(corpus.train.size))
+    base = ["corpus", "filter", "--corpus", str(folder), "--tokenizer", str(corpus.tokenizer_path),
+            "--reference-losses", str(sidecar), "--val-fraction", str(VAL)]
+    for extra, needle in [(["--drop", "0", "--out", str(tmp_path / "a")], "--drop must be in (0, 1), got 0.0"),
+                          (["--drop", "0.3", "--out", str(folder)], f"--out {folder} exists and is not an empty folder"),
+                          (["--drop", "0.3", "--out", str(tmp_path / "b"), "--val-fraction", "0.02"],
+                           "was computed for other train tokens")]:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("sparsetrain: error:") and needle in err[0], err
+    assert main(base + ["--drop", "0.3", "--out", str(tmp_path / "ok")]) == 0
+    assert "left out" in capsys.readouterr().out
