@@ -144,6 +144,8 @@ def main() -> None:
         train = add_reference_losses(train, reference.to("cuda" if torch.cuda.is_available() else "cpu"),
                                      batch_size=args.batch)
         del reference
+    print(f"selection: {score} score, spans of {args.span} token(s), drop {args.drop}"
+          + (f", reference losses of {args.reference}" if args.reference else ""))
     cuda = torch.cuda.is_available()
     targs = TrainingArguments(output_dir=str(args.out), max_steps=args.steps, per_device_train_batch_size=args.batch,
                               gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,

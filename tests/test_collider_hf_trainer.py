@@ -188,6 +188,7 @@ def test_finetune_example_with_a_reference_keeps_spans_by_excess_loss(corpus_dir
     _run_example("hf_finetune.py", "--data", str(corpus_dir), *small, "--out", str(tmp_path / "ref"), cwd=tmp_path)
     stdout = _run_example("hf_finetune.py", "--data", str(corpus_dir), *small, "--reference", str(tmp_path / "ref"),
                           "--span", "8", "--drop", "0.5", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert f"selection: excess score, spans of 8 token(s), drop 0.5, reference losses of {tmp_path / 'ref'}" in stdout
     assert "kept 0.500" in stdout and (tmp_path / "run" / "model.safetensors").exists()
     import os
     import subprocess

@@ -125,6 +125,7 @@ def test_bad_input_is_one_line(noisy, tmp_path, capsys) -> None:
             "--reference-losses", str(sidecar), "--val-fraction", str(VAL)]
     for extra, needle in [(["--drop", "0", "--out", str(tmp_path / "a")], "--drop must be in (0, 1), got 0.0"),
                           (["--drop", "0.3", "--out", str(folder)], f"--out {folder} exists and is not an empty folder"),
+                          (["--drop", "0.3", "--out", str(folder / "sub")], "is inside the corpus"),
                           (["--drop", "0.3", "--out", str(tmp_path / "b"), "--val-fraction", "0.02"],
                            "was computed for other train tokens")]:
         assert main(base + extra) == 2

@@ -58,6 +58,27 @@ def test_reference_losses_are_each_tokens_loss_under_the_reference() -> None:
         torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-3, msg=f"seed {seed}")
 
 
+def test_a_padded_example_scores_as_the_unpadded_one() -> None:
+    """Left and right padding in the dataset's own attention_mask: the unmasked
+    tokens get the losses of the example alone, the padding 0."""
+    from datasets import Dataset
+
+    from sparsetrain.hf_trainer import add_reference_losses
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    ref = make_model("llama", seed).eval()
+    ids = torch.randint(0, VOCAB, (9,), generator=g).tolist()
+    pad = [0, 0, 0]
+    rows = {"input_ids": [pad + ids, ids + pad, ids], "attention_mask": [[0] * 3 + [1] * 9, [1] * 9 + [0] * 3, [1] * 9]}
+    out = add_reference_losses(Dataset.from_dict(rows), ref, batch_size=3)["reference_losses"]
+    want = _naive_losses(ref, ids)
+    left, right = torch.tensor(out[0], dtype=torch.float64), torch.tensor(out[1], dtype=torch.float64)
+    torch.testing.assert_close(left[3:], want, rtol=2e-3, atol=1e-3, msg=f"seed {seed}")
+    torch.testing.assert_close(right[:9], want, rtol=2e-3, atol=1e-3, msg=f"seed {seed}")
+    assert not left[:3].any() and not right[9:].any()
+
+
 def test_a_missing_column_is_named() -> None:
     from datasets import Dataset
 
@@ -106,7 +127,7 @@ def test_the_trainer_keeps_the_spans_the_model_lags_the_reference_on(tmp_path) -
                               data_collator=default_data_collator,
                               collider=ColliderArguments(drop_ratio=0.5, score="excess", span=span))
     trainer.train()
-    assert "eval_loss" in trainer.evaluate()  # evaluation ignores the column (the model's own forward)
+    assert "eval_loss" in trainer.evaluate()  # evaluation runs with the column in the batches
     assert len(seen) == 2
     batch, keep = seen[0]  # the first forward: the initial weights scored it
     ids, ref = batch["input_ids"], batch["reference_losses"].double()
@@ -140,8 +161,14 @@ def test_excess_without_the_column_and_a_bad_span_are_refused(tmp_path) -> None:
     rows = torch.randint(0, VOCAB, (4, 12)).tolist()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
                              use_cpu=True, save_strategy="no", dataloader_num_workers=0)
+    plain = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    with pytest.raises(ConfigError, match="reads a 'reference_losses' column, which the training dataset lacks "
+                                          r"\(it has input_ids, labels\)"):
+        ColliderTrainer(model=make_model("llama", 0), args=args, train_dataset=plain,
+                        data_collator=default_data_collator, collider=ColliderArguments(score="excess"))
+    # a dataset whose columns the Trainer cannot see ahead (a torch Dataset): refused at the first batch
     trainer = ColliderTrainer(model=make_model("llama", 0), args=args,
-                              train_dataset=Dataset.from_dict({"input_ids": rows, "labels": rows}),
+                              train_dataset=[{"input_ids": torch.tensor(r), "labels": torch.tensor(r)} for r in rows],
                               data_collator=default_data_collator, collider=ColliderArguments(score="excess"))
     with pytest.raises(ValueError, match="collider score 'excess' needs reference_losses"):
         trainer.train()

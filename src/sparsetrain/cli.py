@@ -579,7 +579,7 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def _corpus_filter(args: argparse.Namespace) -> int:
-    from .corpus_filter import filter_corpus
+    from .corpus_filter import check_out, filter_corpus
     from .data import load_corpus
     from .tokenizer import BPETokenizer
 
@@ -589,6 +589,7 @@ def _corpus_filter(args: argparse.Namespace) -> int:
         raise ConfigError(f"--tokenizer {args.tokenizer} is not a file")
     if not Path(args.corpus).is_dir():
         raise ConfigError(f"--corpus {args.corpus} is not a folder")
+    check_out(Path(args.corpus), args.out)  # before the corpus is tokenized
     cfg = build_config(None, None, {"data": args.corpus, "tokenizer": args.tokenizer, "val_fraction": args.val_fraction})
     corpus = load_corpus(args.corpus, BPETokenizer.load(args.tokenizer).vocab_size, args.val_fraction, cfg.cache_dir,
                          cfg.token_dtype, args.tokenizer)

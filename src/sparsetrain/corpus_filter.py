@@ -64,7 +64,7 @@ def document_losses(corpus: TokenizedCorpus, losses: np.ndarray) -> DocumentLoss
     ends = np.append(starts[1:], corpus.train.size)
     # a document spans its separator (at its start) and its tokens; the entries predicting its
     # tokens are start .. end - 2 (entry end - 1 predicts the next document's separator)
-    sums = np.add.reduceat(np.asarray(losses, dtype=np.float64), starts) if len(starts) else np.zeros(0)
+    sums = np.add.reduceat(losses, starts, dtype=np.float64) if len(starts) else np.zeros(0)
     last = np.asarray(losses[ends - 1], dtype=np.float64)
     own = ends - starts - 1
     mean = np.where(own > 0, (sums - last) / np.maximum(own, 1), 0.0)
@@ -93,9 +93,8 @@ def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path, drop: float, out
     """Write ``corpus``'s folder to ``out`` without the train documents whose mean
     reference loss (from ``sidecar``) is highest, about ``drop`` of its train
     tokens. Returns the ``filtered`` record (also in ``out``'s manifest)."""
+    check_out(Path(corpus.text_root), out)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"--out {out} exists and is not an empty folder; pick another")
     losses = ReferenceLosses(sidecar, corpus.train).losses
     docs = document_losses(corpus, losses)
     left_out = choose_left_out(docs, drop)
@@ -122,6 +121,16 @@ def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path, drop: float, out
               + (f"; share of each kind's tokens kept: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items())
                  if shares else ""), flush=True)
     return record
+
+
+def check_out(corpus: Path, out: str | Path) -> None:
+    """Refuse an ``out`` that is not a new or empty folder, or that lies inside ``corpus``
+    (the copy would join the corpus's own files)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"--out {out} exists and is not an empty folder; pick another")
+    if out.resolve().is_relative_to(corpus.resolve()):
+        raise DataError(f"--out {out} is inside the corpus {corpus}; pick a folder outside it")
 
 
 def _weighted(docs: DocumentLosses, which: np.ndarray) -> float:
@@ -154,4 +163,4 @@ def _write_filtered(src: Path, out: Path, gone: set[str], manifest: dict | None)
         raise
 
 
-__all__ = ["DocumentLosses", "choose_left_out", "document_losses", "filter_corpus"]
+__all__ = ["DocumentLosses", "check_out", "choose_left_out", "document_losses", "filter_corpus"]

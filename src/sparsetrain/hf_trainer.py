@@ -210,6 +210,10 @@ class ColliderTrainerMixin:
         if world > 1 and not targs.average_tokens_across_devices:
             raise ConfigError("Collider normalises by the kept tokens of every process: set "
                               "average_tokens_across_devices=True")
+        columns = getattr(self.train_dataset, "column_names", None)  # a datasets.Dataset's (None: unknown)
+        if ca.score == "excess" and ca.drop_ratio > 0 and columns is not None and REFERENCE_LOSSES not in columns:
+            raise ConfigError(f"collider score 'excess' reads a {REFERENCE_LOSSES!r} column, which the training "
+                              f"dataset lacks (it has {', '.join(columns)}); add it with add_reference_losses")
         self.collider_selector = ca.selector()
         if applied_state(self.model) is not None:  # applied before: these arguments replace that
             remove(self.model)
@@ -472,7 +476,11 @@ def add_reference_losses(dataset: Any, reference_model: torch.nn.Module, batch_s
     the reference finds as hard as the model does. Computed once, before
     training, on ``reference_model``'s device; examples of unequal length are
     right-padded within a batch (a causal model's earlier positions do not see
-    the padding)."""
+    the padding). A dataset's own ``attention_mask`` column is honoured
+    (positions counted over the unmasked tokens; 0 at a masked token and at the
+    first unmasked one), so padded examples score as the unpadded ones would."""
+    import uuid
+
     import numpy as np
 
     if column not in dataset.column_names:
@@ -484,21 +492,28 @@ def add_reference_losses(dataset: Any, reference_model: torch.nn.Module, batch_s
 
     def losses(batch: dict[str, list]) -> dict[str, list]:
         rows = [list(r) for r in batch[column]]
+        masks = batch.get("attention_mask") or [[1] * len(r) for r in rows]
         T = max(len(r) for r in rows)
         ids = torch.zeros(len(rows), T, dtype=torch.long)
         mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for i, r in enumerate(rows):
+        for i, (r, m) in enumerate(zip(rows, masks)):
             ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, :len(r)] = 1
+            mask[i, :len(r)] = torch.tensor(m, dtype=torch.long)
         ids, mask = ids.to(device), mask.to(device)
-        logits = reference_model(input_ids=ids, attention_mask=mask).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
-                                                reduction="none").view(len(rows), T - 1)
-        nll = torch.cat([torch.zeros(len(rows), 1, device=device), nll], dim=1).cpu().numpy().astype(np.float16)
-        return {REFERENCE_LOSSES: [nll[i, :len(r)] for i, r in enumerate(rows)]}
+        positions = (mask.cumsum(1) - 1).clamp_min(0)  # a left-padded example starts at position 0 too
+        logits = reference_model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        out = []
+        for i, r in enumerate(rows):  # one row's float32 logits at a time, not the batch's
+            nll = torch.nn.functional.cross_entropy(logits[i, :len(r) - 1].float(), ids[i, 1:len(r)], reduction="none")
+            m = mask[i, :len(r)]
+            nll = torch.cat([nll.new_zeros(1), nll * m[1:] * m[:-1]])  # 0 where the token or its context is padding
+            out.append(nll.cpu().numpy().astype(np.float16))
+        return {REFERENCE_LOSSES: out}
 
     try:
-        return dataset.map(losses, batched=True, batch_size=batch_size, desc="reference losses")
+        # a fresh fingerprint: datasets would otherwise hash this closure, reference weights and all
+        return dataset.map(losses, batched=True, batch_size=batch_size, desc="reference losses",
+                           new_fingerprint=f"reference-losses-{uuid.uuid4().hex}")
     finally:
         reference_model.train(was_training)
 
