@@ -271,10 +271,12 @@ def _in_order_trainer(**kwargs):
 
 
 def _graph_run(tmp_path, name: str, graph: bool, monkeypatch, method: str, short: int | None, seed: int,
-               cuda: bool = False):
-    from transformers import DataCollatorForLanguageModeling, TrainingArguments
+               cuda: bool = False, excess_span: int = 0):
+    """``excess_span``: select by the excess score over spans of that many
+    tokens, reading a reference_losses column (packed rows: no padding)."""
+    from transformers import DataCollatorForLanguageModeling, TrainingArguments, default_data_collator
 
-    from sparsetrain.hf_trainer import ColliderArguments
+    from sparsetrain.hf_trainer import ColliderArguments, add_reference_losses
 
     tok = _graph_tokenizer(seed)
     model = make_model("llama", seed, dtype=torch.float32, vocab_size=len(tok))
@@ -284,10 +286,16 @@ def _graph_run(tmp_path, name: str, graph: bool, monkeypatch, method: str, short
                              gradient_accumulation_steps=2, logging_steps=1, report_to=[], use_cpu=not cuda,
                              save_strategy="no", max_grad_norm=1.0, learning_rate=1e-3, seed=seed % 1000,
                              dataloader_num_workers=0)
+    data = _fixed_length_dataset(len(tok), tok.pad_token_id, 24, 16, seed, short)
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    selection = dict(method=method)
+    if excess_span:
+        reference = make_model("llama", seed + 1, dtype=torch.float32, vocab_size=len(tok))
+        data = add_reference_losses(data.add_column("labels", data["input_ids"]), reference)
+        collator, selection = default_data_collator, dict(method=method, score="excess", span=excess_span)
     trainer = _in_order_trainer(
-        model=model, args=args, train_dataset=_fixed_length_dataset(len(tok), tok.pad_token_id, 24, 16, seed, short),
-        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
-        collider=ColliderArguments(drop_ratio=0.5, method=method, warmup_steps=1, cuda_graph=graph, seed=seed % 1000))
+        model=model, args=args, train_dataset=data, data_collator=collator,
+        collider=ColliderArguments(drop_ratio=0.5, warmup_steps=1, cuda_graph=graph, seed=seed % 1000, **selection))
     trainer.train()
     monkeypatch.undo()
     return trainer
@@ -367,6 +375,21 @@ def test_captured_micro_steps_on_cuda(tmp_path, monkeypatch, short: int) -> None
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     for (name, a), b in zip(eager.model.named_parameters(), graphed.model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_replayed_micro_steps_with_reference_losses_train_like_eager_ones(tmp_path, monkeypatch) -> None:
+    """The excess score over spans reads the reference_losses column: as a static
+    input of the graph, each replay scores its own batch's column (equal losses
+    and weights to the same training without the graph)."""
+    seed = fresh_seed()
+    eager = _graph_run(tmp_path, "eager", False, monkeypatch, "topk", None, seed, excess_span=4)
+    graphed = _graph_run(tmp_path, "graph", True, monkeypatch, "topk", None, seed, excess_span=4)
+    assert graphed.collider_graph.captures == 1 and graphed.collider_graph.replays == 12 - 2 - 3
+    for a, b in zip([h for h in eager.state.log_history if "loss" in h],
+                    [h for h in graphed.state.log_history if "loss" in h]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), seed
+    for (name, a), b in zip(eager.model.named_parameters(), graphed.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{name}, seed {seed}")
 
 
 def test_replayed_batches_are_checked_in_the_steps_one_host_read(tmp_path, monkeypatch) -> None:
