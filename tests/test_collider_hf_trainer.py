@@ -392,6 +392,21 @@ def test_replayed_micro_steps_with_reference_losses_train_like_eager_ones(tmp_pa
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"{name}, seed {seed}")
 
 
+@requires_cuda
+def test_captured_micro_steps_with_reference_losses_on_cuda(tmp_path, monkeypatch) -> None:
+    """A real capture with the excess score over spans: the column a static input,
+    each replay scoring its own batch; losses and weights as without the graph."""
+    seed = fresh_seed()
+    eager = _graph_run(tmp_path, "eager", False, monkeypatch, "topk", None, seed, cuda=True, excess_span=4)
+    graphed = _graph_run(tmp_path, "graph", True, monkeypatch, "topk", None, seed, cuda=True, excess_span=4)
+    assert graphed.collider_graph.captured
+    for a, b in zip([h for h in eager.state.log_history if "loss" in h],
+                    [h for h in graphed.state.log_history if "loss" in h]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), seed
+    for (name, a), b in zip(eager.model.named_parameters(), graphed.model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=f"{name}, seed {seed}")
+
+
 def test_replayed_batches_are_checked_in_the_steps_one_host_read(tmp_path, monkeypatch) -> None:
     """A replayed forward cannot read the device, so the padding and position
     checks of each batch come with the step's target counts: a left-padded
