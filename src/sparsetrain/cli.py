@@ -579,17 +579,16 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def _corpus_filter(args: argparse.Namespace) -> int:
-    from .corpus_filter import check_out, filter_corpus
+    from .corpus_filter import check_drop, check_out, filter_corpus
     from .data import load_corpus
     from .tokenizer import BPETokenizer
 
-    if not 0.0 < args.drop < 1.0:
-        raise ConfigError(f"--drop must be in (0, 1), got {args.drop}")
+    check_drop(args.drop)  # the checks of the arguments first, before the corpus is tokenized
     if not Path(args.tokenizer).is_file():
         raise ConfigError(f"--tokenizer {args.tokenizer} is not a file")
     if not Path(args.corpus).is_dir():
         raise ConfigError(f"--corpus {args.corpus} is not a folder")
-    check_out(Path(args.corpus), args.out)  # before the corpus is tokenized
+    check_out(Path(args.corpus), args.out)
     cfg = build_config(None, None, {"data": args.corpus, "tokenizer": args.tokenizer, "val_fraction": args.val_fraction})
     corpus = load_corpus(args.corpus, BPETokenizer.load(args.tokenizer).vocab_size, args.val_fraction, cfg.cache_dir,
                          cfg.token_dtype, args.tokenizer)

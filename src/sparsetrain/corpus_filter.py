@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from .corpora import MANIFEST_NAME
-from .data import TokenizedCorpus, read_documents
+from .data import TokenizedCorpus
 from .errors import DataError
 from .reference_losses import ReferenceLosses
-from .token_labels import document_starts, read_manifest, train_token_labels
+from .token_labels import CLEAN, label_names, read_manifest, train_document_starts
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,7 @@ def document_losses(corpus: TokenizedCorpus, losses: np.ndarray) -> DocumentLoss
     if not names:
         raise DataError(f"{root} has no val file at this val_fraction, so its split cuts the joined text and no "
                         "train document is a file: pass the --val-fraction the corpus was built for")
-    docs = read_documents(root, [root / n for n in names])
-    if list(docs) != names:
-        raise DataError(f"the train files under {root} changed since their tokens were cached")
-    starts = document_starts(corpus.train, [docs[n] for n in names], corpus.tokenizer)
+    starts = train_document_starts(corpus)
     ends = np.append(starts[1:], corpus.train.size)
     # a document spans its separator (at its start) and its tokens; the entries predicting its
     # tokens are start .. end - 2 (entry end - 1 predicts the next document's separator)
@@ -74,8 +71,7 @@ def document_losses(corpus: TokenizedCorpus, losses: np.ndarray) -> DocumentLoss
 def choose_left_out(docs: DocumentLosses, drop: float) -> np.ndarray:
     """Bool per document: left out, the highest mean loss first, until at least
     ``drop`` of the tokens are (ties broken by path, so the choice is deterministic)."""
-    if not 0.0 < drop < 1.0:
-        raise DataError(f"corpus filter --drop must be in (0, 1), got {drop}")
+    check_drop(drop)
     order = sorted(range(len(docs.names)), key=lambda i: (-docs.mean_loss[i], docs.names[i]))
     target = drop * float(docs.tokens.sum())
     out = np.zeros(len(docs.names), dtype=bool)
@@ -104,12 +100,12 @@ def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path, drop: float, out
               "train_tokens": int(docs.tokens.sum()), "left_out_tokens": int(docs.tokens[left_out].sum()),
               "mean_loss_kept": _weighted(docs, ~left_out), "mean_loss_left_out": _weighted(docs, left_out)}
     manifest = read_manifest(corpus)
-    if manifest is not None:
-        labels = train_token_labels(corpus, manifest)
-        in_doc = np.repeat(left_out, docs.tokens)
+    if manifest is not None:  # each document's kind, as token labels give it (a file not generated is clean)
+        generated = manifest["generated"]
+        kind = np.array([generated.get(Path(n).as_posix(), {"kind": CLEAN})["kind"] for n in docs.names])
         record["kept_share_by_kind"] = {
-            name: round(float((~in_doc[labels.codes == c]).mean()), 4)
-            for c, name in enumerate(labels.names) if (labels.codes == c).any()}
+            name: round(float(docs.tokens[(kind == name) & ~left_out].sum() / docs.tokens[kind == name].sum()), 4)
+            for name in label_names(manifest) if (kind == name).any()}
         manifest = {**manifest, "generated": {k: v for k, v in manifest["generated"].items() if k not in gone},
                     "filtered": record}
     _write_filtered(Path(corpus.text_root), out, gone, manifest)
@@ -121,6 +117,12 @@ def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path, drop: float, out
               + (f"; share of each kind's tokens kept: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items())
                  if shares else ""), flush=True)
     return record
+
+
+def check_drop(drop: float) -> None:
+    """Refuse a ``drop`` outside (0, 1)."""
+    if not 0.0 < drop < 1.0:
+        raise DataError(f"--drop must be in (0, 1), got {drop}")
 
 
 def check_out(corpus: Path, out: str | Path) -> None:
@@ -163,4 +165,4 @@ def _write_filtered(src: Path, out: Path, gone: set[str], manifest: dict | None)
         raise
 
 
-__all__ = ["DocumentLosses", "check_out", "choose_left_out", "document_losses", "filter_corpus"]
+__all__ = ["DocumentLosses", "check_drop", "check_out", "choose_left_out", "document_losses", "filter_corpus"]

@@ -113,6 +113,18 @@ def document_starts(tokens: np.ndarray, texts: list[str], tokenizer: BPETokenize
     return starts
 
 
+def train_document_starts(corpus: TokenizedCorpus) -> np.ndarray:
+    """Where each of ``corpus.train_doc_names`` starts in its train tokens
+    (:func:`document_starts`), the files read again from the corpus folder;
+    :class:`DataError` where they changed since their tokens were cached."""
+    root = Path(corpus.text_root)
+    names = list(corpus.train_doc_names)
+    docs = read_documents(root, [root / n for n in names])
+    if list(docs) != names:  # a file emptied or removed since the token cache was built
+        raise DataError(f"the train files under {root} changed since their tokens were cached")
+    return document_starts(corpus.train, [docs[n] for n in names], corpus.tokenizer)
+
+
 def train_token_labels(corpus: TokenizedCorpus, manifest: dict | None = None) -> TokenLabels | None:
     """The label of every train token of ``corpus`` (see the module docstring), or
     None where the corpus has no manifest (nothing is read then but the folder's
@@ -122,12 +134,8 @@ def train_token_labels(corpus: TokenizedCorpus, manifest: dict | None = None) ->
         return None
     if corpus.tokenizer is None:
         raise DataError("token labels need the corpus's tokenizer")
-    root = Path(corpus.text_root)
     names = list(corpus.train_doc_names)
-    docs = read_documents(root, [root / n for n in names])
-    if list(docs) != names:  # a file emptied or removed since the token cache was built
-        raise DataError(f"the train files under {root} changed since their tokens were cached")
-    starts = document_starts(corpus.train, [docs[n] for n in names], corpus.tokenizer)
+    starts = train_document_starts(corpus)
     label_of = label_names(manifest)
     code = {name: i for i, name in enumerate(label_of)}
     generated = manifest["generated"]

@@ -242,11 +242,7 @@ def collider_reference_losses(reference_losses: torch.Tensor | None, targets: to
         raise ValueError(f"reference_losses has shape {tuple(reference_losses.shape)}, the labels "
                          f"{tuple(targets.shape)}: give one loss per label position")
     ref = reference_losses.to(targets.device, torch.float32)
-    if shifted:
-        return ref
-    out = torch.zeros_like(ref)
-    out[..., :-1] = ref[..., 1:]
-    return out
+    return ref if shifted else shift_labels(ref, 0.0)  # as the labels: entry t is target t's (token t + 1's)
 
 
 def collider_targets(labels: torch.Tensor | None, shifted: torch.Tensor | None = None,

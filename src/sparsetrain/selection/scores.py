@@ -58,9 +58,10 @@ def nonfinite_error(n: int, total: int) -> DivergedError:
                          "token scores cannot rank them (the model has diverged)")
 
 
-def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def shift_labels(labels: torch.Tensor, ignore_index: int | float = IGNORE_INDEX) -> torch.Tensor:
     """Turn HF-style ``labels`` (= input ids) into aligned targets: position t
-    predicts ``labels[t + 1]``; the last position has nothing to predict."""
+    predicts ``labels[t + 1]``; the last position has nothing to predict (it
+    holds ``ignore_index``). Also shifts per-label values, such as losses."""
     out = torch.full_like(labels, ignore_index)
     out[..., :-1] = labels[..., 1:]
     return out
