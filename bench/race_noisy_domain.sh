@@ -20,10 +20,15 @@
 #              whose mean reference loss is highest, FILTER_DROP of its train
 #              tokens (the static control of the excess score: an arm
 #              dense_filtered:data=WORK_DIR/domain_filtered trains dense on it)
+#   filtered_sidecar
+#              the reference's loss of every train token of domain_filtered
+#              (WORK_DIR/ref_losses_filtered.f16), for the span arm on the
+#              filtered corpus; not in the default phases
 #   race       arms started from the base's weights on the domain, each
 #              RACE_SECONDS of training after start-up (the arms: ARMS), into
-#              WORK_DIR/race-seed<SEED>: run it again with another SEED for the
-#              next seed, then `sparsetrain race-merge` their race.json
+#              RACE_DIR (default WORK_DIR/race-seed<SEED>): run it again with
+#              another SEED for the next seed (another RACE_DIR for another LR
+#              of the same seed), then `sparsetrain race-merge` their race.json
 #
 # Settings come from the environment (defaults are the protocol's; CUDA_GRAPH=0
 # races without capturing the steps, as before 2026-12-06); MODEL_ARGS
@@ -46,6 +51,7 @@ BASE_LR=${BASE_LR:-6e-4}
 DOMAIN_INCLUDE=${DOMAIN_INCLUDE:-torch/*.py}
 DOMAIN_BYTES=${DOMAIN_BYTES:-24000000}
 NOISE=${NOISE:-0.3}
+NOISE_PLACEMENT=${NOISE_PLACEMENT:-files}  # inside: regime 3b, the noise spliced into clean files
 REF_INCLUDE=${REF_INCLUDE:-torch/*.py}
 REF_BYTES=${REF_BYTES:-6000000}
 REF_STEPS=${REF_STEPS:-300}
@@ -54,6 +60,7 @@ SEED=${SEED:-1337}
 LR=${LR:-3e-4}
 RACE_SECONDS=${RACE_SECONDS:-100}
 FILTER_DROP=${FILTER_DROP:-0.4}
+RACE_DIR=${RACE_DIR:-$W/race-seed$SEED}
 EXCLUDE='*/tests/*,*/test_*'
 ARMS=${ARMS:-"dense: excess50:drop_ratio=0.5,collider_method=topk,collider_score=excess,reference_losses=$W/ref_losses.f16 random50:drop_ratio=0.5,collider_method=random collider50:drop_ratio=0.5,collider_method=topk,collider_score=collider"}
 mkdir -p "$W"
@@ -70,10 +77,10 @@ if want base && [ ! -f "$W/base/done" ]; then
 fi
 if want corpora; then
   if [ ! -f "$W/domain/.corpus_manifest.json" ]; then
-    log "corpora: domain $DOMAIN_INCLUDE, noise $NOISE"
+    log "corpora: domain $DOMAIN_INCLUDE, noise $NOISE ($NOISE_PLACEMENT)"
     rm -rf "$W/domain"
     $ST corpus build --src "$SITE" --include "$DOMAIN_INCLUDE" --exclude "$EXCLUDE" \
-      --max-bytes "$DOMAIN_BYTES" --noise-fraction "$NOISE" --seed 0 --out "$W/domain"
+      --max-bytes "$DOMAIN_BYTES" --noise-fraction "$NOISE" --noise-placement "$NOISE_PLACEMENT" --seed 0 --out "$W/domain"
   fi
   if [ ! -f "$W/clean_ref/.corpus_manifest.json" ]; then
     log "corpora: reference set $REF_INCLUDE, no file of the domain"
@@ -97,6 +104,10 @@ if want filter && [ ! -f "$W/domain_filtered/.corpus_manifest.json" ]; then
   $ST corpus filter --corpus "$W/domain" --tokenizer "$tok" --reference-losses "$W/ref_losses.f16" \
     --drop "$FILTER_DROP" --out "$W/domain_filtered"
 fi
+if want filtered_sidecar && [ ! -f "$W/ref_losses_filtered.f16.json" ]; then
+  log "filtered_sidecar: the reference's loss of every train token of the filtered domain"
+  $ST reference-losses --ckpt "$W/ref" --out "$W/ref_losses_filtered.f16" $MODEL_ARGS --data "$W/domain_filtered" --tokenizer "$tok"
+fi
 if want race; then
   log "race: seed $SEED, lr $LR, $RACE_SECONDS s per arm"
   arm_flags=()
@@ -104,6 +115,6 @@ if want race; then
   graph=(); [ "${CUDA_GRAPH:-1}" = 1 ] && graph=(--cuda-graph)  # the protocol since 2026-12-06
   $ST race $MODEL_ARGS "${graph[@]}" --no-save-checkpoints --data "$W/domain" --tokenizer "$tok" --init-from "$W/base" \
     --lr "$LR" --warmup-steps 50 --eval-batches 8 --log-every 20 --seconds "$RACE_SECONDS" --seeds 1 --seed "$SEED" \
-    --out-dir "$W/race-seed$SEED" "${arm_flags[@]}"
+    --out-dir "$RACE_DIR" "${arm_flags[@]}"
 fi
 log "done: $phases"

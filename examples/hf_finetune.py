@@ -17,6 +17,12 @@ computed once, before training (``sparsetrain.hf_trainer.add_reference_losses``)
 
     python examples/hf_finetune.py --data clean_sample --model path/to/llama --out runs/ref
     python examples/hf_finetune.py --data noisy_corpus --model path/to/llama --reference runs/ref --span 32 --drop 0.4
+
+Or leave out, once, the blocks the reference finds hardest and train the rest
+densely (``--filter 0.4 --drop 0``; ``sparsetrain.hf_trainer.filter_by_reference_losses``):
+where the noise comes in whole documents this did better than the span score
+(docs/time_to_quality.md). Blocks are packed across documents, so a block is
+the unit here; ``sparsetrain corpus filter`` leaves out whole files.
 """
 
 from __future__ import annotations
@@ -30,10 +36,16 @@ import torch
 SUFFIXES = (".txt", ".md", ".rst", ".py")
 
 
+def fail(message: str) -> None:
+    """Bad input: one line naming the value, exit 2, as the sparsetrain CLI does."""
+    print(f"hf_finetune.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def read_texts(folder: Path) -> list[str]:
     """Every text file under ``folder`` (by suffix), as one string each."""
     if not folder.is_dir():
-        raise SystemExit(f"--data {folder} is not a folder")
+        fail(f"--data {folder} is not a folder")
     texts = []
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.suffix in SUFFIXES:
@@ -42,7 +54,7 @@ def read_texts(folder: Path) -> list[str]:
             except UnicodeDecodeError:
                 continue
     if not texts:
-        raise SystemExit(f"--data {folder} holds no {'/'.join(SUFFIXES)} files")
+        fail(f"--data {folder} holds no {'/'.join(SUFFIXES)} files")
     return texts
 
 
@@ -53,7 +65,7 @@ def packed_blocks(texts: list[str], tokenizer, seq: int) -> list[list[int]]:
         ids += tokenizer(t)["input_ids"] + [tokenizer.eos_token_id]
     blocks = [ids[i:i + seq] for i in range(0, len(ids) - seq + 1, seq)]
     if not blocks:
-        raise SystemExit(f"the folder holds {len(ids)} tokens, fewer than one block of --seq {seq}")
+        fail(f"the folder holds {len(ids)} tokens, fewer than one block of --seq {seq}")
     return blocks
 
 
@@ -93,6 +105,8 @@ def main() -> None:
                                     "else collider)")
     ap.add_argument("--reference", type=Path, help="local checkpoint folder of a reference model with this "
                     "tokenizer (the excess score: the model's loss minus the reference's)")
+    ap.add_argument("--filter", type=float, default=0.0, help="leave out the blocks of highest mean reference loss, "
+                    "this fraction of the tokens, before training (needs --reference; 0: keep every block)")
     ap.add_argument("--span", type=int, default=1, help="score whole blocks of this many tokens (their mean score)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=8)
@@ -109,13 +123,18 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="layers of the random model")
     args = ap.parse_args()
     if args.hidden % 64:
-        raise SystemExit(f"--hidden must be a multiple of 64, got {args.hidden}")
+        fail(f"--hidden must be a multiple of 64, got {args.hidden}")
+    if args.filter and not args.reference:
+        fail(f"--filter {args.filter} needs --reference (the losses it filters by)")
+    if args.filter and not 0.0 < args.filter < 1.0:
+        fail(f"--filter must be in (0, 1), got {args.filter}")
 
     from datasets import Dataset
     from transformers import TrainingArguments, default_data_collator
 
     from sparsetrain.errors import ConfigError
-    from sparsetrain.hf_trainer import ColliderArguments, ColliderTrainer, add_reference_losses
+    from sparsetrain.hf_trainer import (ColliderArguments, ColliderTrainer, add_reference_losses,
+                                        filter_by_reference_losses)
 
     texts = read_texts(args.data)
     model, tok = load_model(args, texts)
@@ -137,15 +156,22 @@ def main() -> None:
         import transformers
 
         if transformers.AutoTokenizer.from_pretrained(args.reference).get_vocab() != tok.get_vocab():
-            print(f"hf_finetune.py: error: --reference {args.reference} has another tokenizer than the model's: "
-                  "train the reference from the same --model", file=sys.stderr)
-            raise SystemExit(2)
+            fail(f"--reference {args.reference} has another tokenizer than the model's: "
+                 "train the reference from the same --model")
         reference = transformers.AutoModelForCausalLM.from_pretrained(args.reference, dtype=torch.float32)
         train = add_reference_losses(train, reference.to("cuda" if torch.cuda.is_available() else "cpu"),
                                      batch_size=args.batch)
         del reference
-    print(f"selection: {score} score, spans of {args.span} token(s), drop {args.drop}"
-          + (f", reference losses of {args.reference}" if args.reference else ""))
+        if args.filter:
+            n = len(train)
+            train = filter_by_reference_losses(train, args.filter)
+            print(f"filter: kept {len(train)} of {n} blocks (left out the highest mean reference loss, "
+                  f"{args.filter} of the tokens)")
+    if args.drop:
+        print(f"selection: {score} score, spans of {args.span} token(s), drop {args.drop}"
+              + (f", reference losses of {args.reference}" if args.reference else ""))
+    else:
+        print("selection: none (drop 0: every token back-propagated)")
     cuda = torch.cuda.is_available()
     targs = TrainingArguments(output_dir=str(args.out), max_steps=args.steps, per_device_train_batch_size=args.batch,
                               gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
@@ -160,8 +186,7 @@ def main() -> None:
                                                              score=score, span=args.span,
                                                              cuda_graph=args.cuda_graph))
     except ConfigError as e:  # one line naming the value, exit 2, as the sparsetrain CLI does
-        print(f"hf_finetune.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(str(e))
     trainer.train()
     logged = [e for e in trainer.state.log_history if "collider_kept_fraction" in e]
     if logged:

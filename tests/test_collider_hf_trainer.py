@@ -208,6 +208,34 @@ def test_finetune_example_with_a_reference_keeps_spans_by_excess_loss(corpus_dir
                                                            "has another tokenizer than the model's")
 
 
+def test_finetune_example_filters_blocks_by_reference_loss(corpus_dir, tmp_path) -> None:
+    """--filter: the blocks of highest mean reference loss left out before a dense run; without
+    --reference, or outside (0, 1), refused in one line."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    small = ("--steps", "2", "--batch", "2", "--seq", "32", "--hidden", "64", "--layers", "2", "--vocab", "300")
+    _run_example("hf_finetune.py", "--data", str(corpus_dir), *small, "--out", str(tmp_path / "ref"), cwd=tmp_path)
+    stdout = _run_example("hf_finetune.py", "--data", str(corpus_dir), *small, "--reference", str(tmp_path / "ref"),
+                          "--filter", "0.3", "--drop", "0", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("filter: kept "))
+    kept, total = (int(x) for x in line.split()[2:5:2])
+    # at least 0.3 of the tokens left out, and no more than one block past it (blocks are of equal length)
+    assert total - (int(0.3 * total) + 1) <= kept <= total - 0.3 * total, line
+    assert "selection: none (drop 0: every token back-propagated)" in stdout
+    root = Path(__file__).resolve().parents[1]
+    for extra, message in ((("--filter", "0.3"), "--filter 0.3 needs --reference (the losses it filters by)"),
+                           (("--filter", "1.5", "--reference", str(tmp_path / "ref")),
+                            "--filter must be in (0, 1), got 1.5")):
+        proc = subprocess.run([sys.executable, str(root / "examples" / "hf_finetune.py"), "--data", str(corpus_dir),
+                               *small, *extra, "--out", str(tmp_path / "bad")], cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(root / "src")}, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"hf_finetune.py: error: {message}", proc.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal")
 def test_finetune_example_refuses_a_cuda_graph_on_the_cpu_in_one_line(corpus_dir, tmp_path) -> None:
     import os

@@ -104,6 +104,44 @@ def test_fractions_and_the_clean_copy(source: Path, tmp_path: Path, noise: float
     assert json.loads((out / MANIFEST_NAME).read_text()) == manifest
 
 
+def test_noise_inside_clean_files(source: Path, tmp_path: Path) -> None:
+    """noise_placement inside: the same noise pieces as the file placement, each spliced at a line
+    boundary of a clean train file; removing a file's spans gives its source back; no noise/ folder."""
+    inside = build_corpus(_spec(source, tmp_path / "inside", noise_fraction=0.3, noise_placement="inside"),
+                          verbose=False)
+    files = build_corpus(_spec(source, tmp_path / "files", noise_fraction=0.3), verbose=False)
+    tree, clean = _tree(tmp_path / "inside"), _source_selection(source)
+    assert not any(_is_generated(rel) for rel in tree)
+    assert set(tree) - {MANIFEST_NAME} == set(clean)
+    mixed = {rel: meta for rel, meta in inside["generated"].items()}
+    assert mixed and all(meta["kind"] == "clean" and meta["inserted"] for meta in mixed.values())
+    pieces: dict[str, list[str]] = {k: [] for k in NOISE_KINDS}
+    for rel, content in clean.items():
+        if rel not in mixed:
+            assert tree[rel] == content, rel  # untouched
+            continue
+        assert not is_val_file(rel, 0.1), rel  # only train files receive noise
+        text, rest, pos = tree[rel].decode("utf-8", errors="replace"), [], 0
+        for start, end, kind in mixed[rel]["inserted"]:
+            assert pos <= start < end and (start == 0 or text[start - 1] == "\n"), (rel, start)
+            assert text[end - 1] == "\n"
+            rest.append(text[pos:start])
+            pieces[kind].append(text[start:end])
+            pos = end
+        rest.append(text[pos:])
+        assert "".join(rest) == content.decode("utf-8", errors="replace"), rel
+    # the pieces are the file placement's noise documents (a newline added where one lacked it)
+    by_kind_files = {k: sorted(tree_text.decode() if tree_text.endswith(b"\n") else tree_text.decode() + "\n"
+                               for rel, tree_text in _tree(tmp_path / "files").items()
+                               if rel.startswith(f"noise/{k}/"))
+                     for k in NOISE_KINDS}
+    for k in NOISE_KINDS:
+        assert sorted(pieces[k]) == by_kind_files[k], k
+        assert inside["noise"][k]["bytes"] == sum(len(p.encode()) for p in pieces[k])
+        assert inside["noise"][k]["files"] == files["noise"][k]["files"]
+    assert inside["noise_placement"] == "inside" and abs(inside["measured_noise_fraction"] - 0.3) < 0.02
+
+
 def test_val_split_stays_clean(source: Path, tmp_path: Path) -> None:
     out = tmp_path / "corpus"
     manifest = build_corpus(_spec(source, out, noise_fraction=0.3, duplicate_fraction=0.2), verbose=False)
@@ -407,6 +445,7 @@ def test_bad_settings_are_refused(source: Path, tmp_path: Path) -> None:
                     (dict(noise_fraction=0.6, duplicate_fraction=0.4), "leave no clean train bytes"),
                     (dict(noise_kinds=("table", "noisy")), "'table,noisy' must name some of"),
                     (dict(noise_kinds=()), "must name some of"),
+                    (dict(noise_placement="between"), "--noise-placement must be one of files, inside, got 'between'"),
                     (dict(val_fraction=0.5), "--val-fraction must be in"),
                     (dict(include="*.nothing"), "no file under"),
                     (dict(val_fraction=0.0001, include="json/*"), "0 val files")]:

@@ -133,3 +133,36 @@ def test_bad_input_is_one_line(noisy, tmp_path, capsys) -> None:
         assert len(err) == 1 and err[0].startswith("sparsetrain: error:") and needle in err[0], err
     assert main(base + ["--drop", "0.3", "--out", str(tmp_path / "ok")]) == 0
     assert "left out" in capsys.readouterr().out
+
+
+def test_kept_shares_count_the_noise_inside_files(tmp_path) -> None:
+    """Noise spliced inside clean files: each kind's kept share counts its tokens (found by decoding each
+    kept and left-out document's tokens one prefix at a time), not the files' kinds."""
+    src = write_corpus(tmp_path / "src", n_files=30, seed=4)
+    folder = tmp_path / "inside"
+    source = build_corpus(CorpusSpec(src=str(src), out=str(folder), val_fraction=VAL, noise_fraction=0.3, seed=1,
+                                     noise_kinds=("table", "random"), noise_placement="inside"), verbose=False)
+    corpus = load_corpus(str(folder), 320, VAL, str(tmp_path / "cache"), verbose=False)
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    losses = rng.gamma(2.0, 1.5, corpus.train.size).astype(np.float16)
+    record = filter_corpus(corpus, _sidecar(tmp_path / "ref.f16", corpus.train, losses), 0.3, tmp_path / "out",
+                           verbose=False)
+    gone = set(source["generated"]) | set(corpus.train_doc_names)
+    gone -= {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    total: dict[str, int] = {}
+    kept: dict[str, int] = {}
+    for name in corpus.train_doc_names:
+        text = (folder / name).read_bytes().decode("utf-8", errors="replace")
+        spans = source["generated"].get(name, {}).get("inserted", [])
+        ids = corpus.tokenizer.encode(text)
+        kinds = ["clean"]  # the separator before the document
+        for i in range(len(ids)):
+            first = len(corpus.tokenizer.decode(ids[:i]))
+            kinds.append(next((k for s, e, k in spans if s <= first < e), "clean"))
+        for k in kinds:
+            total[k] = total.get(k, 0) + 1
+            kept[k] = kept.get(k, 0) + (name not in gone)
+    assert set(record["kept_share_by_kind"]) == {"clean", "table", "random"} == set(total)
+    for k, share in record["kept_share_by_kind"].items():
+        assert share == pytest.approx(kept[k] / total[k], abs=1e-4), (k, seed)

@@ -187,3 +187,76 @@ def test_reference_losses_follow_the_labels_shift() -> None:
     assert collider_reference_losses(ref, targets, TokenSelector(score="loss", keep_ratio=0.5)) is None
     with pytest.raises(ValueError, match=r"shape \(2, 5\), the labels \(2, 6\)"):
         collider_reference_losses(ref[:, :5], targets, sel)
+
+
+def _naive_filter(losses: list[list[float]], masks: list[list[int]], drop: float) -> list[int]:
+    """The kept example indices, written from the definition: each example's mean loss over the positions
+    whose token and previous token are unmasked, its unmasked tokens counted; the highest mean (then the
+    lowest index) left out first until at least ``drop`` of all tokens are."""
+    means, counts = [], []
+    for row, m in zip(losses, masks):
+        scored = [row[t] for t in range(1, len(row)) if m[t] and m[t - 1]]
+        means.append(sum(scored) / len(scored) if scored else 0.0)
+        counts.append(sum(m))
+    gone, out = 0, set()
+    for i in sorted(range(len(losses)), key=lambda i: (-means[i], i)):
+        if gone >= drop * sum(counts):
+            break
+        out.add(i)
+        gone += counts[i]
+    return [i for i in range(len(losses)) if i not in out]
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_filter_by_reference_losses_leaves_out_the_highest_mean_examples(with_mask: bool) -> None:
+    from datasets import Dataset
+
+    from sparsetrain.hf_trainer import filter_by_reference_losses
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    n = 40
+    lengths = torch.randint(2, 30, (n,), generator=g).tolist()
+    losses = [(torch.rand(k, generator=g, dtype=torch.float64) * 8).half().double().tolist() for k in lengths]
+    masks = []
+    for k in lengths:  # left padding on some rows, so the mask matters
+        pad = int(torch.randint(0, k // 2 + 1, (1,), generator=g)) if with_mask else 0
+        masks.append([0] * pad + [1] * (k - pad))
+    data = {"input_ids": [[i] * k for i, k in enumerate(lengths)], "reference_losses": losses}
+    if with_mask:
+        data["attention_mask"] = masks
+    drop = float(torch.rand(1, generator=g)) * 0.8 + 0.1
+    out = filter_by_reference_losses(Dataset.from_dict(data), drop)
+    want = _naive_filter(losses, masks, drop)
+    assert [row[0] for row in out["input_ids"]] == want, f"seed {seed}, drop {drop}"
+    assert out.column_names == list(data)
+
+
+def test_filter_by_reference_losses_drops_the_planted_noise() -> None:
+    """Rows of high reference loss (noise) among low ones: leaving out their share of the tokens leaves
+    out exactly them."""
+    from datasets import Dataset
+
+    from sparsetrain.hf_trainer import filter_by_reference_losses
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    noisy = torch.rand(30, generator=g) < 0.3
+    noisy[0] = True
+    losses = [((torch.rand(16, generator=g) + (6.0 if z else 1.0))).tolist() for z in noisy.tolist()]
+    ds = Dataset.from_dict({"input_ids": [[i] * 16 for i in range(30)], "reference_losses": losses})
+    out = filter_by_reference_losses(ds, float(noisy.float().mean()) - 1e-6)
+    assert [r[0] for r in out["input_ids"]] == torch.nonzero(~noisy).flatten().tolist(), seed
+
+
+def test_filter_by_reference_losses_refusals() -> None:
+    from datasets import Dataset
+
+    from sparsetrain.hf_trainer import filter_by_reference_losses
+
+    ds = Dataset.from_dict({"input_ids": [[1, 2, 3]], "reference_losses": [[0.0, 1.0, 2.0]]})
+    for bad in (0.0, 1.0, -0.2):
+        with pytest.raises(ValueError, match=f"drop must be in \\(0, 1\\), got {bad}"):
+            filter_by_reference_losses(ds, bad)
+    with pytest.raises(ValueError, match="no 'reference_losses' column"):
+        filter_by_reference_losses(Dataset.from_dict({"input_ids": [[1, 2, 3]]}), 0.5)

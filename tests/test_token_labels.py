@@ -98,6 +98,33 @@ def test_labels_are_exact(built: Path, tmp_path: Path, monkeypatch: pytest.Monke
     assert np.array_equal(TL.train_token_labels(corpus).codes, labels.codes)
 
 
+def test_labels_of_noise_inside_files_are_exact(tmp_path: Path) -> None:
+    """Noise spliced inside clean files: each token of a mixed file gets the kind of the span holding
+    its first character, found independently by decoding the document's tokens before it."""
+    src = write_python_corpus(tmp_path / "src", n_files=30, seed=int(np.random.SeedSequence().entropy % 1000))
+    out = tmp_path / "corpus"
+    manifest = build_corpus(CorpusSpec(src=str(src), out=str(out), val_fraction=VAL, noise_fraction=0.4,
+                                       noise_placement="inside", seed=4), verbose=False)
+    corpus = load_corpus(str(out), 320, VAL, tmp_path / "cache", verbose=False)
+    labels = TL.train_token_labels(corpus)
+    tok, tokens = corpus.tokenizer, np.asarray(corpus.train)
+    docs = reference_documents(out)
+    assert labels.names == ("clean", "boilerplate", "minified", "random", "table")
+    starts = TL.document_starts(tokens, [text for _, text, _ in docs], tok)
+    ends = [*starts[1:], tokens.size]
+    seen = set()
+    for (rel, text, _), a, b in zip(docs, starts, ends):
+        assert labels.codes[a] == 0, rel  # the separator of a clean file
+        spans = manifest["generated"].get(rel, {}).get("inserted", [])
+        ids = tokens[a + 1 : b].tolist()
+        for i in range(len(ids)):
+            first = len(tok.decode(ids[:i]))  # where token i starts in the text (ASCII corpus)
+            kind = next((k for s, e, k in spans if s <= first < e), "clean")
+            assert labels.names[labels.codes[a + 1 + i]] == kind, (rel, i)
+            seen.add(kind)
+    assert seen == set(labels.names)
+
+
 def test_targets_of_windows(built: Path, tmp_path: Path) -> None:
     corpus = load_corpus(str(built), 320, VAL, tmp_path / "cache", verbose=False)
     labels = TL.train_token_labels(corpus)

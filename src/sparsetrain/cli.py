@@ -270,6 +270,9 @@ def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
                    help="fraction of the train bytes that are noise documents (default: %(default)s)")
     b.add_argument("--noise-kinds", default=",".join(NOISE_KINDS), metavar="K,K",
                    help="noise kinds, sharing the noise bytes equally (default: %(default)s)")
+    b.add_argument("--noise-placement", default="files", metavar="WHERE",
+                   help="files: each noise document a file of its own; inside: spliced into clean train files at "
+                        "line boundaries, so no file is all noise (default: %(default)s)")
     b.add_argument("--duplicate-fraction", type=float, default=0.0, metavar="F",
                    help="fraction of the train bytes that are copies of clean train files (default: %(default)s)")
     b.add_argument("--seed", type=int, default=0, help="seed of everything generated (default: %(default)s)")
@@ -573,7 +576,8 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     kinds = tuple(k.strip() for k in args.noise_kinds.split(",") if k.strip())
     build_corpus(CorpusSpec(src=args.src, out=args.out, include=args.include, exclude=args.exclude,
                             max_bytes=args.max_bytes, val_fraction=args.val_fraction, noise_fraction=args.noise_fraction,
-                            noise_kinds=kinds, duplicate_fraction=args.duplicate_fraction, seed=args.seed,
+                            noise_kinds=kinds, noise_placement=args.noise_placement,
+                            duplicate_fraction=args.duplicate_fraction, seed=args.seed,
                             disjoint_from=args.disjoint_from))
     return 0
 

@@ -34,7 +34,7 @@ from .corpora import MANIFEST_NAME
 from .data import TokenizedCorpus
 from .errors import DataError
 from .reference_losses import ReferenceLosses
-from .token_labels import CLEAN, label_names, read_manifest, train_document_starts
+from .token_labels import read_manifest, train_document_starts, train_token_labels
 
 
 @dataclass(frozen=True)
@@ -100,12 +100,13 @@ def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path, drop: float, out
               "train_tokens": int(docs.tokens.sum()), "left_out_tokens": int(docs.tokens[left_out].sum()),
               "mean_loss_kept": _weighted(docs, ~left_out), "mean_loss_left_out": _weighted(docs, left_out)}
     manifest = read_manifest(corpus)
-    if manifest is not None:  # each document's kind, as token labels give it (a file not generated is clean)
-        generated = manifest["generated"]
-        kind = np.array([generated.get(Path(n).as_posix(), {"kind": CLEAN})["kind"] for n in docs.names])
-        record["kept_share_by_kind"] = {
-            name: round(float(docs.tokens[(kind == name) & ~left_out].sum() / docs.tokens[kind == name].sum()), 4)
-            for name in label_names(manifest) if (kind == name).any()}
+    if manifest is not None:  # each token's kind (noise spliced inside a file has its own), kept or not
+        labels = train_token_labels(corpus, manifest)
+        kept = np.repeat(~left_out, docs.tokens)
+        total = np.bincount(labels.codes, minlength=len(labels.names))
+        kept_by = np.bincount(labels.codes[kept], minlength=len(labels.names))
+        record["kept_share_by_kind"] = {name: round(float(kept_by[i] / total[i]), 4)
+                                        for i, name in enumerate(labels.names) if total[i]}
         manifest = {**manifest, "generated": {k: v for k, v in manifest["generated"].items() if k not in gone},
                     "filtered": record}
     _write_filtered(Path(corpus.text_root), out, gone, manifest)

@@ -518,6 +518,42 @@ def add_reference_losses(dataset: Any, reference_model: torch.nn.Module, batch_s
         reference_model.train(was_training)
 
 
+def filter_by_reference_losses(dataset: Any, drop: float) -> Any:
+    """``dataset`` without the examples whose mean ``reference_losses``
+    (:func:`add_reference_losses`) is highest, the highest first until at least
+    ``drop`` of its tokens are gone: the static form of the excess score, a
+    perplexity filter that leaves the noise out once, before training, instead
+    of in every batch. Where the noise comes in whole documents and each
+    example is one document (or a block of one), this did better than the
+    per-batch span score in our races (docs/time_to_quality.md, regime 3).
+    An example's tokens are its unmasked ones (``attention_mask`` when the
+    dataset has it); its mean is over the positions the column scores (a
+    token whose context is unmasked, the first excluded). Of equal means the
+    earlier example goes first. The kept examples keep their order."""
+    import numpy as np
+
+    from .corpus_filter import DocumentLosses, choose_left_out
+
+    if not 0.0 < drop < 1.0:
+        raise ValueError(f"filter_by_reference_losses: drop must be in (0, 1), got {drop}")
+    if REFERENCE_LOSSES not in dataset.column_names:
+        raise ValueError(f"filter_by_reference_losses: the dataset has no {REFERENCE_LOSSES!r} column: "
+                         "add it with add_reference_losses(dataset, reference_model)")
+    losses = dataset[REFERENCE_LOSSES]
+    masks = dataset["attention_mask"] if "attention_mask" in dataset.column_names else [None] * len(losses)
+    tokens = np.zeros(len(losses), dtype=np.int64)
+    mean = np.zeros(len(losses), dtype=np.float64)
+    for i, (row, m) in enumerate(zip(losses, masks)):
+        row = np.asarray(row, dtype=np.float64)
+        m = np.ones(len(row), dtype=bool) if m is None else np.asarray(m, dtype=bool)
+        scored = np.zeros(len(row), dtype=bool)
+        scored[1:] = m[1:] & m[:-1]
+        tokens[i] = m.sum()
+        mean[i] = row[scored].mean() if scored.any() else 0.0
+    docs = DocumentLosses(names=tuple(f"{i:012d}" for i in range(len(losses))), tokens=tokens, mean_loss=mean)
+    return dataset.select(np.flatnonzero(~choose_left_out(docs, drop)).tolist())
+
+
 def local_tokenizer(texts: list[str], vocab_size: int):
     """A byte-level BPE learned on ``texts`` as a transformers fast tokenizer
     (end of text ``<|endoftext|>``, also the padding token): for training a
@@ -536,4 +572,4 @@ def local_tokenizer(texts: list[str], vocab_size: int):
 
 
 __all__ = ["ColliderArguments", "ColliderCallback", "ColliderTrainer", "ColliderTrainerMixin", "add_reference_losses",
-           "local_tokenizer", "with_collider"]
+           "filter_by_reference_losses", "local_tokenizer", "with_collider"]

@@ -7,6 +7,10 @@ token of the run's ``train.bin`` gets the label of the document it belongs to:
 * label names: ``clean`` (code 0), then every kind the manifest's ``generated``
   files name, sorted (for a full build ``boilerplate, duplicate, minified,
   random, table``); a train document the manifest does not list is ``clean``;
+* a clean file with noise spliced inside (``noise_placement = "inside"``: its
+  entry lists ``inserted`` spans in characters) is encoded again with the
+  tokenizer's character offsets, and a token whose first character lies in a
+  span gets that span's kind;
 * the token cache holds each train document preceded by one end-of-text token
   (:func:`sparsetrain.data.join_documents`), in the order of their relative
   paths. That end-of-text token carries the label of the document it *precedes*:
@@ -77,7 +81,9 @@ def read_manifest(corpus: TokenizedCorpus) -> dict | None:
 
 def label_names(manifest: dict) -> tuple[str, ...]:
     """``clean``, then the kinds of the manifest's generated files, sorted."""
-    kinds = sorted({meta["kind"] for meta in manifest["generated"].values()} - {CLEAN})
+    kinds = {meta["kind"] for meta in manifest["generated"].values()}
+    kinds |= {kind for meta in manifest["generated"].values() for _, _, kind in meta.get("inserted", ())}
+    kinds = sorted(kinds - {CLEAN})
     names = (CLEAN, *kinds)
     if len(names) > 256:
         raise DataError(f"the corpus manifest names {len(kinds)} kinds of document; labels hold at most 255")
@@ -142,7 +148,30 @@ def train_token_labels(corpus: TokenizedCorpus, manifest: dict | None = None) ->
     doc_codes = np.array([code[generated[n]["kind"]] if n in generated else 0
                           for n in (Path(n).as_posix() for n in names)], dtype=np.uint8)
     lengths = np.diff(np.append(starts, corpus.train.size))
-    return TokenLabels(codes=np.repeat(doc_codes, lengths), names=label_of)
+    codes = np.repeat(doc_codes, lengths)
+    mixed = [(k, generated[n]["inserted"]) for k, n in enumerate(Path(n).as_posix() for n in names)
+             if generated.get(n, {}).get("inserted")]
+    if mixed:
+        root = Path(corpus.text_root)
+        for k, spans in mixed:
+            text = read_documents(root, [root / names[k]])[names[k]]
+            codes[starts[k] + 1 : starts[k] + lengths[k]] = _span_codes(text, spans, code, corpus.tokenizer,
+                                                                        int(lengths[k]) - 1, names[k])
+    return TokenLabels(codes=codes, names=label_of)
+
+
+def _span_codes(text: str, spans: list, code: dict[str, int], tokenizer: BPETokenizer, n_tokens: int,
+                name: str) -> np.ndarray:
+    """The labels of ``text``'s tokens: clean, or the kind of the ``spans`` entry
+    (``[start, end, kind]`` in characters) that holds the token's first character."""
+    ids, offsets = tokenizer.encode_offsets(text)
+    if len(ids) != n_tokens:
+        raise DataError(f"{name}: {len(ids)} tokens when encoded again, {n_tokens} in the token cache")
+    chars = np.zeros(len(text) + 1, dtype=np.uint8)
+    for start, end, kind in spans:
+        chars[start:end] = code[kind]
+    first = np.array([a for a, _ in offsets], dtype=np.int64) if offsets else np.zeros(0, dtype=np.int64)
+    return chars[np.minimum(first, len(text))]
 
 
 def label_counts(labels: torch.Tensor, keep: torch.Tensor, n_labels: int) -> torch.Tensor:

@@ -59,6 +59,11 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text).ids
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids of ``text`` and each one's ``(start, end)`` in ``text``'s characters."""
+        enc = self._tok.encode(text)
+        return enc.ids, enc.offsets
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many documents in parallel (Rust threads)."""
         fast = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
