@@ -75,6 +75,15 @@ if want base && [ ! -f "$W/base/done" ]; then
     --warmup-steps 50 --eval-every "$BASE_STEPS" --eval-batches 8 --log-every 100 --seed 0
   touch "$W/base/done"
 fi
+if want corpora || want race; then  # a domain built with another placement is not this regime's: stop
+  if [ -f "$W/domain/.corpus_manifest.json" ]; then
+    built=$($PY -c 'import json,sys; print(json.load(open(sys.argv[1])).get("noise_placement", "files"))' "$W/domain/.corpus_manifest.json")
+    if [ "$built" != "$NOISE_PLACEMENT" ]; then
+      echo "race_noisy_domain.sh: $W/domain was built with noise placement $built, not NOISE_PLACEMENT=$NOISE_PLACEMENT: use another WORK_DIR" >&2
+      exit 2
+    fi
+  fi
+fi
 if want corpora; then
   if [ ! -f "$W/domain/.corpus_manifest.json" ]; then
     log "corpora: domain $DOMAIN_INCLUDE, noise $NOISE ($NOISE_PLACEMENT)"

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from sparsetrain.cli import main
-from sparsetrain.corpora import (MANIFEST_NAME, MIN_DOC_BYTES, NOISE_KINDS, CorpusSpec, boilerplate_document,
-                                 build_corpus, minify_python, random_document, table_document, train_only_path)
+from sparsetrain.corpora import (MANIFEST_NAME, MIN_DOC_BYTES, NOISE_KINDS, TRAIN_ONLY_BELOW, CorpusSpec,
+                                 boilerplate_document, build_corpus, minify_python, random_document, table_document,
+                                 train_only_path)
 from sparsetrain.data import discover_text_files, is_val_file, read_documents, split_documents
 from sparsetrain.errors import ConfigError, DataError
 
@@ -120,7 +121,7 @@ def test_noise_inside_clean_files(source: Path, tmp_path: Path) -> None:
         if rel not in mixed:
             assert tree[rel] == content, rel  # untouched
             continue
-        assert not is_val_file(rel, 0.1), rel  # only train files receive noise
+        assert not is_val_file(rel, TRAIN_ONLY_BELOW), rel  # only files that are train for any val_fraction
         text, rest, pos = tree[rel].decode("utf-8", errors="replace"), [], 0
         for start, end, kind in mixed[rel]["inserted"]:
             assert pos <= start < end and (start == 0 or text[start - 1] == "\n"), (rel, start)

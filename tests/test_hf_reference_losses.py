@@ -150,7 +150,8 @@ def test_the_trainer_keeps_the_spans_the_model_lags_the_reference_on(tmp_path) -
     assert not (alone[keep].min() >= alone[valid & ~keep].max() - 1e-4), seed
 
 
-def test_excess_without_the_column_and_a_bad_span_are_refused(tmp_path) -> None:
+@pytest.mark.parametrize("score", ["excess", "reference"])
+def test_reference_scores_without_the_column_and_a_bad_span_are_refused(tmp_path, score: str) -> None:
     from datasets import Dataset
     from transformers import TrainingArguments, default_data_collator
 
@@ -165,12 +166,12 @@ def test_excess_without_the_column_and_a_bad_span_are_refused(tmp_path) -> None:
     with pytest.raises(ConfigError, match="reads a 'reference_losses' column, which the training dataset lacks "
                                           r"\(it has input_ids, labels\)"):
         ColliderTrainer(model=make_model("llama", 0), args=args, train_dataset=plain,
-                        data_collator=default_data_collator, collider=ColliderArguments(score="excess"))
+                        data_collator=default_data_collator, collider=ColliderArguments(score=score))
     # a dataset whose columns the Trainer cannot see ahead (a torch Dataset): refused at the first batch
     trainer = ColliderTrainer(model=make_model("llama", 0), args=args,
                               train_dataset=[{"input_ids": torch.tensor(r), "labels": torch.tensor(r)} for r in rows],
-                              data_collator=default_data_collator, collider=ColliderArguments(score="excess"))
-    with pytest.raises(ValueError, match="collider score 'excess' needs reference_losses"):
+                              data_collator=default_data_collator, collider=ColliderArguments(score=score))
+    with pytest.raises(ValueError, match=f"collider score '{score}' needs reference_losses"):
         trainer.train()
 
 

@@ -86,9 +86,10 @@ def test_sidecar_equals_an_online_reference_forward(reference_run, make_cfg) -> 
         np.testing.assert_allclose(got[first:], want[first:], rtol=2e-3, atol=2e-3)
 
 
-def test_trainer_reads_the_sidecar_for_each_micro_batch(reference_run, make_cfg, tmp_path: Path) -> None:
+@pytest.mark.parametrize("score", ["excess", "reference"])
+def test_trainer_reads_the_sidecar_for_each_micro_batch(reference_run, make_cfg, tmp_path: Path, score: str) -> None:
     _, sidecar, _ = reference_run
-    cfg = make_cfg(out_dir=str(tmp_path / "t"), use_collider=True, collider_score="excess", collider_sparsity=0.5,
+    cfg = make_cfg(out_dir=str(tmp_path / "t"), use_collider=True, collider_score=score, collider_sparsity=0.5,
                    collider_method="topk", reference_losses=str(sidecar), grad_accum=2, max_steps=3)
     t = Trainer(cfg, verbose=False)
     losses = np.memmap(sidecar, dtype=np.float16, mode="r")
@@ -117,8 +118,11 @@ def test_sidecar_for_other_tokens_is_refused(reference_run, make_cfg, tmp_path: 
         ReferenceLosses(tmp_path / "nope", np.arange(100, dtype=np.uint16))
     with pytest.raises(ConfigError, match="two sources of one reference"):
         make_cfg(reference_losses=str(sidecar), reference_ckpt="x", use_collider=True, collider_score="excess")
-    with pytest.raises(ConfigError, match="excess needs training.reference_ckpt or reference_losses"):
-        make_cfg(use_collider=True, collider_score="excess")
+    for score in ("excess", "reference"):
+        with pytest.raises(ConfigError, match=f"collider_score = {score} needs training.reference_ckpt or reference_losses"):
+            make_cfg(use_collider=True, collider_score=score)
+    with pytest.raises(ConfigError, match="selection_score = reference needs training.reference_ckpt"):
+        make_cfg(selection="loss", selection_score="reference")
 
 
 def test_reference_with_another_tokenizer_is_refused(reference_run, tmp_path: Path, capsys) -> None:

@@ -111,6 +111,38 @@ def test_excess_score_and_errors() -> None:
         score_tokens("magic", logits, targets)
 
 
+def test_reference_score_is_minus_the_reference_loss() -> None:
+    """``reference``: what the reference finds easiest first, whatever the model's logits say."""
+    logits, targets = random_batch()
+    ref_nll = torch.rand(targets.shape, dtype=torch.float64) * 5
+    got, _ = score_tokens("reference", logits, targets, ref_nll=ref_nll)
+    valid = targets != -100
+    assert torch.equal(got[valid], -ref_nll[valid]) and torch.isinf(got[~valid]).all()
+    other, _ = score_tokens("reference", torch.randn_like(logits), targets, ref_nll=ref_nll)
+    assert torch.equal(other, got)  # the model's logits play no part
+    with pytest.raises(ValueError, match="score 'reference' needs the reference model's per-token losses"):
+        score_tokens("reference", logits, targets)
+
+
+def test_reference_score_over_spans_keeps_the_easiest_blocks() -> None:
+    """Top-k on the span-averaged reference score keeps the blocks of lowest mean reference loss."""
+    from sparsetrain.selection import TokenSelector
+
+    from hf_reference import fresh_seed
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    B, T, V, span = 3, 32, 20, 8
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    ref_nll = torch.rand(B, T, generator=g, dtype=torch.float64) * 6
+    keep, _ = TokenSelector(score="reference", method="topk", keep_ratio=0.5, span=span)(logits, targets, ref_nll)
+    blocks = keep.view(B, T // span, span)
+    assert torch.all(blocks.all(-1) | ~blocks.any(-1)) and int(keep.sum()) == B * T // 2
+    means = ref_nll.view(B, T // span, span).mean(-1)
+    kept = blocks.all(-1)
+    assert float(means[kept].max()) <= float(means[~kept].min()) + 1e-12
+
+
 def test_shift_labels() -> None:
     labels = torch.tensor([[5, 6, 7, 8]])
     assert shift_labels(labels).tolist() == [[6, 7, 8, -100]]

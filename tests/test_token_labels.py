@@ -17,7 +17,7 @@ import torch
 from test_evaluate import write_python_corpus
 from test_objectives import assert_two_steps_read_nothing_back
 from sparsetrain import token_labels as TL
-from sparsetrain.corpora import MANIFEST_NAME, CorpusSpec, build_corpus
+from sparsetrain.corpora import MANIFEST_NAME, CorpusSpec, build_corpus, train_only_path
 from sparsetrain.data import is_val_file, load_corpus, train_window_starts
 from sparsetrain.metrics import MetricWindow
 from sparsetrain.race import Arm, format_table, interleave_order, race_report
@@ -98,31 +98,50 @@ def test_labels_are_exact(built: Path, tmp_path: Path, monkeypatch: pytest.Monke
     assert np.array_equal(TL.train_token_labels(corpus).codes, labels.codes)
 
 
+def _char_starts(text: str, ids: list[int], byte_lengths: list[int]) -> list[int]:
+    """Where each token of ``text`` starts, in characters: the tokens' byte lengths summed, each byte
+    offset mapped to the character holding it (a character split over several tokens: each of them
+    starts at that character)."""
+    char_of_byte = [i for i, ch in enumerate(text) for _ in ch.encode("utf-8")] + [len(text)]
+    starts, pos = [], 0
+    for t in ids:
+        starts.append(char_of_byte[pos])
+        pos += byte_lengths[t]
+    assert pos == len(text.encode("utf-8"))
+    return starts
+
+
 def test_labels_of_noise_inside_files_are_exact(tmp_path: Path) -> None:
     """Noise spliced inside clean files: each token of a mixed file gets the kind of the span holding
-    its first character, found independently by decoding the document's tokens before it."""
+    its first character, found independently from the tokens' byte lengths; the sources include
+    non-ASCII text, CRLF line ends, a byte-order mark and invalid UTF-8."""
     src = write_python_corpus(tmp_path / "src", n_files=30, seed=int(np.random.SeedSequence().entropy % 1000))
+    odd = ["\ufeff# café → naïve 🙂\r\nx = 'ß'\r\n" * 400, "def f():\n    return '→'\n" * 600 + "no newline → end"]
+    for i, text in enumerate(odd):  # large files, at paths that may receive noise, so they draw most pieces
+        (src / train_only_path(f"odd{i}", ".py")).write_text(text, encoding="utf-8", newline="")
+    (src / train_only_path("bad", ".py")).write_bytes(b"y = 1\n" * 500 + b"z = '\xff\xc3'\n" * 300)
     out = tmp_path / "corpus"
-    manifest = build_corpus(CorpusSpec(src=str(src), out=str(out), val_fraction=VAL, noise_fraction=0.4,
+    manifest = build_corpus(CorpusSpec(src=str(src), out=str(out), val_fraction=VAL, noise_fraction=0.6,
                                        noise_placement="inside", seed=4), verbose=False)
     corpus = load_corpus(str(out), 320, VAL, tmp_path / "cache", verbose=False)
     labels = TL.train_token_labels(corpus)
     tok, tokens = corpus.tokenizer, np.asarray(corpus.train)
+    byte_lengths = tok.byte_lengths()
     docs = reference_documents(out)
     assert labels.names == ("clean", "boilerplate", "minified", "random", "table")
     starts = TL.document_starts(tokens, [text for _, text, _ in docs], tok)
     ends = [*starts[1:], tokens.size]
-    seen = set()
+    seen, odd_mixed = set(), 0
     for (rel, text, _), a, b in zip(docs, starts, ends):
         assert labels.codes[a] == 0, rel  # the separator of a clean file
         spans = manifest["generated"].get(rel, {}).get("inserted", [])
-        ids = tokens[a + 1 : b].tolist()
-        for i in range(len(ids)):
-            first = len(tok.decode(ids[:i]))  # where token i starts in the text (ASCII corpus)
+        odd_mixed += bool(spans) and any(ord(c) > 127 for c in text)
+        for i, first in enumerate(_char_starts(text, tokens[a + 1 : b].tolist(), byte_lengths)):
             kind = next((k for s, e, k in spans if s <= first < e), "clean")
             assert labels.names[labels.codes[a + 1 + i]] == kind, (rel, i)
             seen.add(kind)
     assert seen == set(labels.names)
+    assert odd_mixed, "no file with non-ASCII text before a span received noise: the test checks less than it says"
 
 
 def test_targets_of_windows(built: Path, tmp_path: Path) -> None:

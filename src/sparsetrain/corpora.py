@@ -516,7 +516,12 @@ def splice_noise(train: dict[str, bytes], pieces: list[tuple[str, bytes]],
     drawn uniformly, and ends with a newline (one is added where it lacks one).
     ``inserted``: ``[start, end, kind]`` of each piece in the new text's characters
     (UTF-8, invalid bytes as U+FFFD: the text training reads), in order."""
-    names = sorted(train)
+    # only files that are train for every val_fraction the config allows, as generated paths are: a file with
+    # noise inside keeps its own path, which a larger val_fraction than the build's could move into val
+    names = sorted(n for n in train if not is_val_file(n, TRAIN_ONLY_BELOW))
+    if not names:
+        raise DataError("--noise-placement inside needs a train file whose path hashes into train for every "
+                        "val_fraction; the selection has none (more files)")
     weights = [len(train[n]) for n in names]
     at: dict[str, list[tuple[int, int, str, bytes]]] = {}
     bounds_of: dict[str, list[int]] = {}

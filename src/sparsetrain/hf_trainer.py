@@ -64,7 +64,7 @@ from .collider.hf_engine import HFEngine
 from .config import CAPTURABLE_METHODS
 from .errors import ConfigError
 from .step_graph import EAGER_STEPS, StepGraph, clone_tree
-from .selection import IGNORE_INDEX, METHODS, NONNEGATIVE_SCORES, SCORES, TokenSelector, budget
+from .selection import IGNORE_INDEX, METHODS, NONNEGATIVE_SCORES, REFERENCE_SCORES, SCORES, TokenSelector, budget
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -211,8 +211,8 @@ class ColliderTrainerMixin:
             raise ConfigError("Collider normalises by the kept tokens of every process: set "
                               "average_tokens_across_devices=True")
         columns = getattr(self.train_dataset, "column_names", None)  # a datasets.Dataset's (None: unknown)
-        if ca.score == "excess" and ca.drop_ratio > 0 and columns is not None and REFERENCE_LOSSES not in columns:
-            raise ConfigError(f"collider score 'excess' reads a {REFERENCE_LOSSES!r} column, which the training "
+        if ca.score in REFERENCE_SCORES and ca.drop_ratio > 0 and columns is not None and REFERENCE_LOSSES not in columns:
+            raise ConfigError(f"collider score {ca.score!r} reads a {REFERENCE_LOSSES!r} column, which the training "
                               f"dataset lacks (it has {', '.join(columns)}); add it with add_reference_losses")
         self.collider_selector = ca.selector()
         if applied_state(self.model) is not None:  # applied before: these arguments replace that
@@ -539,18 +539,26 @@ def filter_by_reference_losses(dataset: Any, drop: float) -> Any:
     if REFERENCE_LOSSES not in dataset.column_names:
         raise ValueError(f"filter_by_reference_losses: the dataset has no {REFERENCE_LOSSES!r} column: "
                          "add it with add_reference_losses(dataset, reference_model)")
-    losses = dataset[REFERENCE_LOSSES]
-    masks = dataset["attention_mask"] if "attention_mask" in dataset.column_names else [None] * len(losses)
-    tokens = np.zeros(len(losses), dtype=np.int64)
-    mean = np.zeros(len(losses), dtype=np.float64)
-    for i, (row, m) in enumerate(zip(losses, masks)):
-        row = np.asarray(row, dtype=np.float64)
-        m = np.ones(len(row), dtype=bool) if m is None else np.asarray(m, dtype=bool)
-        scored = np.zeros(len(row), dtype=bool)
-        scored[1:] = m[1:] & m[:-1]
-        tokens[i] = m.sum()
-        mean[i] = row[scored].mean() if scored.any() else 0.0
-    docs = DocumentLosses(names=tuple(f"{i:012d}" for i in range(len(losses))), tokens=tokens, mean_loss=mean)
+    masked = "attention_mask" in dataset.column_names
+    columns = [REFERENCE_LOSSES] + (["attention_mask"] if masked else [])
+
+    def stats(batch: dict[str, list]) -> dict[str, list]:
+        means, counts = [], []
+        for i, row in enumerate(batch[REFERENCE_LOSSES]):
+            row = np.asarray(row, dtype=np.float64)
+            m = np.asarray(batch["attention_mask"][i], dtype=bool) if masked else np.ones(len(row), dtype=bool)
+            scored = np.zeros(len(row), dtype=bool)
+            scored[1:] = m[1:] & m[:-1]
+            means.append(float(row[scored].mean()) if scored.any() else 0.0)
+            counts.append(int(m.sum()))
+        return {"mean": means, "tokens": counts}
+
+    # a batched pass that keeps two numbers per example, not the columns as Python lists
+    per_example = dataset.select_columns(columns).map(stats, batched=True, batch_size=1000, remove_columns=columns,
+                                                      keep_in_memory=True, desc="mean reference loss")
+    mean = np.asarray(per_example["mean"], dtype=np.float64)
+    tokens = np.asarray(per_example["tokens"], dtype=np.int64)
+    docs = DocumentLosses(names=tuple(f"{i:012d}" for i in range(len(mean))), tokens=tokens, mean_loss=mean)
     return dataset.select(np.flatnonzero(~choose_left_out(docs, drop)).tolist())
 
 

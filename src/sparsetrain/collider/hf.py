@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..selection import IGNORE_INDEX, SelectionStats, TokenSelector, keep_every_position, shift_labels
+from ..selection import IGNORE_INDEX, REFERENCE_SCORES, SelectionStats, TokenSelector, keep_every_position, shift_labels
 from .hf_engine import HFEngine, unsupported_reason
 from .hf_generic import GenericSwap, swap_in, swap_out
 from .hf_linear import UnsupportedLayer
@@ -232,11 +232,11 @@ def collider_reference_losses(reference_losses: torch.Tensor | None, targets: to
     shifted here as the labels are; ``shifted``: they are aligned with
     ``shift_labels`` already. None where the selector's score does not read
     them; refused in one line where it does and they are missing or misshapen."""
-    wants = selector is not None and selector.score == "excess"
+    wants = selector is not None and selector.score in REFERENCE_SCORES
     if not wants:
         return None
     if reference_losses is None:
-        raise ValueError("collider score 'excess' needs reference_losses [batch, seq] in each training batch (a "
+        raise ValueError(f"collider score {selector.score!r} needs reference_losses [batch, seq] in each training batch (a "
                          "reference model's loss of each label: sparsetrain.hf_trainer.add_reference_losses)")
     if reference_losses.shape != targets.shape:
         raise ValueError(f"reference_losses has shape {tuple(reference_losses.shape)}, the labels "

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..config import TrainConfig, require
-from ..selection import METHODS, NONNEGATIVE_SCORES, SCORES, CGGRLoss, CGGRModel, TokenSelector
+from ..selection import METHODS, NONNEGATIVE_SCORES, REFERENCE_SCORES, SCORES, CGGRLoss, CGGRModel, TokenSelector
 from .base import Objective, ObjectiveOutput
 
 ReferenceNLL = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,10 +43,12 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.selection == "batch":
         require(1 <= cfg.router_layers <= cfg.model.n_layer,
                 f"training.router_layers must be in [1, {cfg.model.n_layer}], got {cfg.router_layers}")
-    if cfg.selection_score == "excess":
+    if cfg.selection_score in REFERENCE_SCORES:
         require(bool(cfg.reference_ckpt or cfg.reference_losses),
-                "training.selection_score = excess needs training.reference_ckpt (a reference run) or reference_losses")
-        require(cfg.selection == "loss", "the excess score works with selection = loss (batch splitting scores with its router)")
+                f"training.selection_score = {cfg.selection_score} needs training.reference_ckpt (a reference run) "
+                "or reference_losses")
+        require(cfg.selection == "loss", f"the {cfg.selection_score} score works with selection = loss "
+                                         "(batch splitting scores with its router)")
 
 
 def make_selector(cfg: TrainConfig, seed: int) -> TokenSelector:

@@ -12,7 +12,7 @@ from ..collider import masked_cross_entropy
 from ..config import TrainConfig, require
 from ..model import CausalLM
 from ..mtp import MTPHeads, kept_rows_loss
-from ..selection import NONNEGATIVE_SCORES, SCORES, TokenSelector
+from ..selection import NONNEGATIVE_SCORES, REFERENCE_SCORES, SCORES, TokenSelector
 from .base import Objective, ObjectiveOutput
 from .cggr import ReferenceNLL
 
@@ -41,9 +41,9 @@ def check_config(cfg: TrainConfig) -> None:
     require(cfg.collider_method == "threshold" or cfg.collider_sparsity > 0,
             f"training.collider_method = {cfg.collider_method} needs collider_sparsity > 0")
     require(cfg.selection == "none", "use_collider and selection (CGGR) are exclusive: pick one token filter")
-    if cfg.collider_score == "excess":
+    if cfg.collider_score in REFERENCE_SCORES:
         require(bool(cfg.reference_ckpt or cfg.reference_losses),
-                "training.collider_score = excess needs training.reference_ckpt or reference_losses")
+                f"training.collider_score = {cfg.collider_score} needs training.reference_ckpt or reference_losses")
 
 
 def make_selector(cfg: TrainConfig, seed: int) -> TokenSelector:

@@ -16,6 +16,10 @@ Every score is "higher = more worth a gradient":
 ``combined`` CGGR's ``(H - p1) + (1 - (p1 - p2)) + NLL``
 ``collider`` per-sequence min-max normalised loss ``(l - min) / (max - min + eps)``
 ``excess``   ``NLL - NLL_ref``: loss above a reference model's (Rho-1)
+``reference`` ``-NLL_ref``: what the reference model finds easiest, whatever
+             the model's own loss (a perplexity filter, per token or, with a
+             span, per block; it does not drift as the model learns, which
+             ``excess`` does)
 ``gradnorm`` ``1 - p_target = 1 - exp(-NLL)``: within a factor of sqrt(2) of
              the norm of the loss's gradient in the logits, ``||softmax - onehot||``
              (``(1 - p_t)^2 <= ||.||^2 <= 2 (1 - p_t)^2``); the sampling weight
@@ -36,7 +40,8 @@ from ..errors import DivergedError
 from ..numerics import IGNORE_INDEX
 from .row_stats import RowStats
 
-SCORES = ("loss", "entropy", "margin", "combined", "collider", "excess", "gradnorm")
+SCORES = ("loss", "entropy", "margin", "combined", "collider", "excess", "reference", "gradnorm")
+REFERENCE_SCORES = ("excess", "reference")  # the scores that read a reference model's per-token losses
 NONNEGATIVE_SCORES = ("loss", "gradnorm")  # the scores the importance method can sample in proportion to
 COLLIDER_EPS = 1e-6
 
@@ -130,12 +135,13 @@ def scores_from_stats(kind: str, stats: RowStats, ref_nll: torch.Tensor | None =
         return collider_normalize(stats.nll, stats.valid)
     elif kind == "gradnorm":
         s = -torch.expm1(-stats.nll)  # 1 - p_target, exact near 0
-    elif kind == "excess":
+    elif kind in REFERENCE_SCORES:
         if ref_nll is None:
-            raise ValueError("score 'excess' needs the reference model's per-token losses (ref_nll)")
+            raise ValueError(f"score {kind!r} needs the reference model's per-token losses (ref_nll)")
         if ref_nll.shape != stats.nll.shape:
             raise ValueError(f"ref_nll shape {tuple(ref_nll.shape)} does not match tokens {tuple(stats.nll.shape)}")
-        s = stats.nll - ref_nll.to(stats.nll.device, stats.nll.dtype)
+        ref = ref_nll.to(stats.nll.device, stats.nll.dtype)
+        s = stats.nll - ref if kind == "excess" else -ref
     else:
         raise ValueError(f"unknown score {kind!r} (choose from {', '.join(SCORES)})")
     return s.masked_fill(~stats.valid, float("-inf"))
