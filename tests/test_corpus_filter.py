@@ -86,7 +86,7 @@ def test_the_hardest_documents_are_left_out_and_the_val_split_is_kept(noisy, tmp
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     source = json.loads((folder / MANIFEST_NAME).read_text())
     assert set(manifest["generated"]) == set(source["generated"]) - want
-    assert manifest["filtered"]["drop"] == drop
+    assert manifest["filtered"]["drop"] == drop and manifest["filtered"]["seconds"] >= 0
     # the same held-out tokens; the train tokens are the kept documents'
     again = load_corpus(str(tmp_path / "out"), 320, VAL, str(tmp_path / "cache"),
                         tokenizer=str(corpus.tokenizer_path), verbose=False)
@@ -166,3 +166,21 @@ def test_kept_shares_count_the_noise_inside_files(tmp_path) -> None:
     assert set(record["kept_share_by_kind"]) == {"clean", "table", "random"} == set(total)
     for k, share in record["kept_share_by_kind"].items():
         assert share == pytest.approx(kept[k] / total[k], abs=1e-4), (k, seed)
+
+
+def test_a_plain_folders_copy_carries_the_record(tmp_path) -> None:
+    """A folder that no corpus build wrote: its filtered copy gets a manifest of the filter's record alone
+    (what a race reads the one-time cost from), and its tokens all count as clean."""
+    from sparsetrain.token_labels import train_token_labels
+
+    src = write_corpus(tmp_path / "plain", n_files=30, seed=5)
+    corpus = load_corpus(str(src), 320, VAL, str(tmp_path / "cache"), verbose=False)
+    losses = np.random.default_rng(fresh_seed()).gamma(2.0, 1.5, corpus.train.size).astype(np.float16)
+    record = filter_corpus(corpus, _sidecar(tmp_path / "ref.f16", corpus.train, losses), 0.3, tmp_path / "out",
+                           verbose=False)
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    assert manifest == {"format": 1, "generated": {}, "filtered": record} and record["seconds"] >= 0
+    again = load_corpus(str(tmp_path / "out"), 320, VAL, str(tmp_path / "cache"),
+                        tokenizer=str(corpus.tokenizer_path), verbose=False)
+    labels = train_token_labels(again)
+    assert labels.names == ("clean",) and not labels.codes.any()

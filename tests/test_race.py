@@ -587,3 +587,75 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path, capsys) -> N
     err = capsys.readouterr().err
     assert code == 2 and "holds a race with other --seconds (9.0 there vs 7.0 here)" in err
     assert json.loads((out / "race_spec.json").read_text())["seconds"] == 9.0  # the plan wrote nothing
+
+
+# ----------------------------------------------------------------------------- the one-time cost
+
+
+def _sidecar_header(path: Path, **fields) -> Path:
+    Path(str(path) + ".json").write_text(json.dumps({"format": 1, "reference": "/runs/ref/ckpt.pt", **fields}))
+    return path
+
+
+def test_one_time_cost_adds_up_what_made_each_arms_inputs(make_cfg, tmp_path: Path) -> None:
+    """The reference's training, each sidecar's forwards and the filter, each counted once; nothing for dense;
+    unknown where a record predates the timing."""
+    import random
+
+    from sparsetrain.race import one_time_cost
+
+    rng = random.Random()
+    train, fwd, fwd2, filt = (round(rng.uniform(1, 100), 3) for _ in range(4))
+    sidecar = _sidecar_header(tmp_path / "ref.f16", seconds=fwd, reference_train_seconds=train)
+    other = _sidecar_header(tmp_path / "ref_filtered.f16", seconds=fwd2, reference_train_seconds=train)
+    filtered = tmp_path / "filtered"
+    filtered.mkdir()
+    (filtered / ".corpus_manifest.json").write_text(json.dumps(
+        {"generated": {}, "filtered": {"reference_losses": str(sidecar), "seconds": filt}}))
+    excess = dict(use_collider=True, collider_score="excess", collider_sparsity=0.5, collider_method="topk")
+
+    assert one_time_cost(make_cfg()) == {"parts": {}, "seconds": 0.0}
+    got = one_time_cost(make_cfg(reference_losses=str(sidecar), **excess))
+    assert got["seconds"] == pytest.approx(train + fwd) and len(got["parts"]) == 2
+    got = one_time_cost(make_cfg(data=str(filtered)))
+    assert got["seconds"] == pytest.approx(train + fwd + filt)
+    # the span arm on the filtered corpus with the same sidecar: the reference and its forwards once
+    assert one_time_cost(make_cfg(data=str(filtered), reference_losses=str(sidecar), **excess))["seconds"] == \
+        pytest.approx(train + fwd + filt)
+    # with the filtered corpus's own sidecar from the same reference: its forwards too, the training once
+    assert one_time_cost(make_cfg(data=str(filtered), reference_losses=str(other), **excess))["seconds"] == \
+        pytest.approx(train + fwd + fwd2 + filt)
+    old = _sidecar_header(tmp_path / "old.f16")  # written before the header held its seconds
+    got = one_time_cost(make_cfg(reference_losses=str(old), **excess))
+    assert got["seconds"] is None and None in got["parts"].values()
+
+
+def test_report_adds_the_one_time_cost_to_the_time_to_target(make_cfg, tmp_path: Path) -> None:
+    import random
+
+    from sparsetrain.race import format_table, race_report
+
+    rng = random.Random()
+    seconds, seeds = 100.0, [3, 4]
+    sidecar = _sidecar_header(tmp_path / "ref.f16", seconds=rng.uniform(10, 50), reference_train_seconds=30.0)
+    excess = {"use_collider": "true", "collider_score": "excess", "collider_sparsity": "0.5",
+              "collider_method": "topk", "reference_losses": str(sidecar)}
+    arms = [Arm("dense", {}), Arm("excess", excess)]
+    configs = {a.name: {s: make_cfg(out_dir=str(tmp_path / a.name / f"seed{s}"), seed=s,
+                                    **({k: v for k, v in excess.items()} if a.name == "excess" else {}))
+                        for s in seeds} for a in arms}
+    for a in arms:
+        for s in seeds:
+            _write_run(configs[a.name][s], rng, _random_curve(rng, seconds, overfit=False), rng.uniform(1, 5))
+    report = race_report(arms, configs, seeds, seconds, interleave_order(2, 2))
+    cost = 30.0 + json.loads(Path(str(sidecar) + ".json").read_text())["seconds"]
+    assert report["arms"]["dense"]["one_time_seconds"]["mean"] == 0.0
+    assert report["arms"]["excess"]["one_time_seconds"]["mean"] == pytest.approx(cost)
+    for name, add in (("dense", 0.0), ("excess", cost)):
+        for r in report["arms"][name]["runs"]:
+            t = r["seconds_to_target"]
+            assert (t["with_one_time"] is None) == (t["with_startup"] is None)
+            if t["with_startup"] is not None:
+                assert t["with_one_time"] == pytest.approx(t["with_startup"] + add)
+    table = format_table(report)
+    assert "one-time s" in table and f"{cost:.1f}" in table

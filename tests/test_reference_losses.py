@@ -65,6 +65,9 @@ def test_sidecar_equals_an_online_reference_forward(reference_run, make_cfg) -> 
     losses = np.memmap(sidecar, dtype=np.float16, mode="r")
     header = json.loads(Path(str(sidecar) + ".json").read_text())
     assert losses.size == n == header["n_tokens"] and header["seq_len"] == L and losses[-1] == 0
+    assert header["windows"] == len(sidecar_windows(n, L)) and header["seconds"] > 0
+    trained = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert header["reference_train_seconds"] == [r for r in trained if "train_seconds" in r][-1]["train_seconds"]
     model = load_model(run).double()
 
     @torch.no_grad()

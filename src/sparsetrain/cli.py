@@ -366,7 +366,8 @@ def cmd_race(args: argparse.Namespace) -> int:
 def cmd_reference_losses(args: argparse.Namespace) -> int:
     from .checkpoint import refuse_other_tokenizer, resolve_checkpoint
     from .generate import load_model
-    from .reference_losses import compute_reference_losses
+    from .plotting import read_metrics
+    from .reference_losses import compute_reference_losses, header_path
     from .trainer import autocast_dtype, load_run_corpus, resolve_device
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "ckpt", "out", "config")}
@@ -378,9 +379,13 @@ def cmd_reference_losses(args: argparse.Namespace) -> int:
     if model.config.vocab_size != cfg.model.vocab_size:
         raise SparsetrainError(f"reference {ckpt.parent} has vocab_size {model.config.vocab_size}, the corpus {cfg.model.vocab_size}")
     refuse_other_tokenizer(ckpt.parent, corpus.tokenizer_path, "reference")
+    trained = [r for r in read_metrics(ckpt.parent / "metrics.jsonl") if "train_seconds" in r]
     out = compute_reference_losses(model, corpus.train, args.out, cfg.batch_size, device,
-                                   autocast_dtype(cfg.dtype, device), reference=str(ckpt))
-    print(f"reference losses of {corpus.train.size:,} train tokens -> {out}; train with --reference-losses {out}")
+                                   autocast_dtype(cfg.dtype, device), reference=str(ckpt),
+                                   reference_train_seconds=trained[-1]["train_seconds"] if trained else None)
+    seconds = json.loads(header_path(out).read_text())["seconds"]
+    print(f"reference losses of {corpus.train.size:,} train tokens in {seconds:.1f} s of forwards -> {out}; "
+          f"train with --reference-losses {out}")
     return 0
 
 

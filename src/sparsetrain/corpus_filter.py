@@ -16,8 +16,9 @@ cheaper alternative whenever it does as well.
   is the source's exactly.
 * The manifest of a ``corpus build`` folder is carried over with the left-out
   files removed from its ``generated`` table, and a ``filtered`` section says
-  what was left out (its other counts describe the source). The folder appears
-  whole or not at all.
+  what was left out (its other counts describe the source), and the seconds the
+  filter took; a plain folder's copy gets a manifest holding that section
+  alone. The folder appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +92,7 @@ def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path, drop: float, out
     reference loss (from ``sidecar``) is highest, about ``drop`` of its train
     tokens. Returns the ``filtered`` record (also in ``out``'s manifest)."""
     check_out(Path(corpus.text_root), out)
+    began = time.perf_counter()
     out = Path(out)
     losses = ReferenceLosses(sidecar, corpus.train).losses
     docs = document_losses(corpus, losses)
@@ -109,6 +112,9 @@ def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path, drop: float, out
                                         for i, name in enumerate(labels.names) if total[i]}
         manifest = {**manifest, "generated": {k: v for k, v in manifest["generated"].items() if k not in gone},
                     "filtered": record}
+    else:  # a plain folder: a manifest of its own, so the record (and a race's one-time cost) travels with the copy
+        manifest = {"format": 1, "generated": {}, "filtered": record}
+    record["seconds"] = round(time.perf_counter() - began, 3)  # the filter's share of the one-time cost
     _write_filtered(Path(corpus.text_root), out, gone, manifest)
     if verbose:
         shares = record.get("kept_share_by_kind")

@@ -27,6 +27,13 @@ token-filtering arms on a ``corpus build`` corpus, the share of each kind of
 document's tokens the selector kept (``kept_share``, the mean over the logged
 steps of metrics.jsonl's ``kept_share/<kind>``) and each kind's share of the
 batches (``batch_share``).
+
+An arm whose inputs a reference model made (a ``reference_losses`` sidecar, or
+``data`` that ``sparsetrain corpus filter`` wrote) carries a one-time cost paid
+before any of its runs: the reference's training, its forwards over the corpus
+and the filter, read from the records those steps leave (:func:`one_time_cost`).
+The report gives it per arm and the time to the target with it added; dense
+pays none.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from typing import Any
 from .checkpoint import CKPT_NAME, atomic_write_text
 from .config import TrainConfig, build_config, preset_dict, read_toml
 from .errors import ConfigError
+from .corpora import MANIFEST_NAME
 from .plotting import read_metrics
 
 SPEC_NAME = "race_spec.json"
@@ -301,6 +309,41 @@ def run_race(arms: list[Arm], seconds: float, n_seeds: int, out_dir: str | Path,
 # ----------------------------------------------------------------------------- report
 
 
+def one_time_cost(cfg: TrainConfig) -> dict:
+    """What ``cfg``'s inputs cost once, before training: ``parts`` (seconds of the
+    reference's training, its forwards over each sidecar, the corpus filter) and
+    ``seconds``, their sum (0 where no reference made the inputs; None where a
+    record predates the timing, so the cost is unknown). A reference counts once
+    however many of the inputs it made."""
+    from .reference_losses import header_path
+    from .reference_losses import one_time_cost as sidecar_cost
+
+    sidecars, filtered = [], None
+    if cfg.reference_losses:
+        sidecars.append(Path(cfg.reference_losses))
+    manifest = Path(cfg.data) / MANIFEST_NAME if cfg.data else None
+    if manifest is not None and manifest.is_file():
+        filtered = json.loads(manifest.read_text()).get("filtered")
+        if filtered:
+            sidecars.append(Path(filtered["reference_losses"]))
+    parts: dict[str, float | None] = {}
+    references = set()
+    for path in dict.fromkeys(p.resolve() for p in sidecars):
+        if not header_path(path).is_file():
+            parts[f"reference losses {path.name}"] = None
+            continue
+        cost = sidecar_cost(path)
+        reference = json.loads(header_path(path).read_text()).get("reference", "")
+        if reference not in references:
+            references.add(reference)
+            parts[f"reference training {Path(reference).parent.name or reference}"] = cost["reference_training"]
+        parts[f"reference losses {path.name}"] = cost["reference_losses"]
+    if filtered:
+        parts["corpus filter"] = filtered.get("seconds")
+    known = all(v is not None for v in parts.values())
+    return {"parts": parts, "seconds": float(sum(parts.values())) if known else None}
+
+
 def run_summary(cfg: TrainConfig) -> dict:
     """What one finished run did, read from its metrics.jsonl."""
     rows = read_metrics(Path(cfg.out_dir) / "metrics.jsonl")
@@ -332,6 +375,7 @@ def run_summary(cfg: TrainConfig) -> dict:
         "floor_lr": cfg.lr * cfg.min_lr_ratio,
         "tokens_forwarded": train[-1]["step"] * tokens_per_step,
         "tokens_backpropagated": round(sum(r.get("kept_fraction", 1.0) for r in train) * tokens_per_step),
+        "one_time": one_time_cost(cfg),
         **{prefix: v for prefix, v in shares.items() if v},
         # [seconds after start-up, seconds with start-up, val loss, val bits per byte, step]
         "evals": [[_after_startup(r), r["train_seconds"], r["val_loss"], r.get("val_bpb"), r["step"]] for r in evals],
@@ -383,15 +427,28 @@ def step_ms(run: dict) -> float | None:
 
 
 def _times_to(runs: list[dict], target: float, key: str) -> dict[str, dict]:
-    """Each run's seconds to ``target`` (after and with start-up), stored in the run under
+    """Each run's seconds to ``target`` (after start-up, with it, and with start-up
+    and the one-time cost where every run's is known), stored in the run under
     ``key``, and per clock their mean where every seed reached it and ``reached`` (k/n)."""
+    costs = [one_time_seconds(r) for r in runs]
     times: dict[str, list[float | None]] = {"after_startup": [], "with_startup": []}
-    for r in runs:
+    if None not in costs:
+        times["with_one_time"] = []
+    for r, cost in zip(runs, costs):
         losses = [e[2] for e in r["evals"]]
         times["after_startup"].append(time_to_target([e[0] for e in r["evals"]], losses, target))
         times["with_startup"].append(time_to_target([e[1] for e in r["evals"]], losses, target))
+        if "with_one_time" in times:
+            t = times["with_startup"][-1]
+            times["with_one_time"].append(None if t is None else t + cost)
         r[key] = {k: v[-1] for k, v in times.items()}
     return {k: _reached(v) for k, v in times.items()}
+
+
+def one_time_seconds(run: dict) -> float | None:
+    """A run's one-time cost in seconds (:func:`one_time_cost`); None where unknown,
+    as for runs summarised before it was recorded."""
+    return (run.get("one_time") or {}).get("seconds")
 
 
 def _reached(per_seed: list[float | None]) -> dict:
@@ -476,6 +533,7 @@ def summarize(overrides: dict[str, dict[str, str]], runs: dict[str, list[dict]],
             "steps": _spread([r["steps"] for r in rs]),
             "step_ms": _spread([step_ms(r) for r in rs]),
             "startup_seconds": _spread([r["startup_seconds"] for r in rs]),
+            "one_time_seconds": _spread([one_time_seconds(r) for r in rs]),  # None where any is unknown
             "tokens_forwarded": _spread([r["tokens_forwarded"] for r in rs]),
             "tokens_backpropagated": _spread([r["tokens_backpropagated"] for r in rs]),
             **_paired(rs, runs[first]),
@@ -653,10 +711,10 @@ def write_report(report: dict, out: Path, verbose: bool = True) -> dict:
 
 def format_table(report: dict) -> str:
     """The report as a fixed-width table, one arm a line: final and best held-out loss,
-    seconds to each target (after start-up; the final target also with start-up), and
-    the held-out loss at the steps every arm made."""
+    seconds to each target (after start-up; the final target also with start-up and
+    with the one-time cost), and the held-out loss at the steps every arm made."""
     head = ["arm", "val loss", "val bpb", "minus first (paired)", "best loss", "best at s", "s to target",
-            "(w/ start-up)", "x time to own seed's first", "s to best target", "steps", "ms/step (x first)",
+            "(w/ start-up)", "one-time s", "(w/ one-time)", "x time to own seed's first", "s to best target", "steps", "ms/step (x first)",
             "steps to target", "loss at equal steps", "start-up s", "tokens fwd", "tokens bwd"]
     lines = []
     first_ms = next(iter(report["arms"].values())).get("step_ms")
@@ -687,7 +745,9 @@ def format_table(report: dict) -> str:
         diff, ratio = paired(a, i == 0)
         lines.append([name, f"{loss['mean']:.4f} ± {loss['std']:.4f}", f"{bpb['mean']:.4f}" if bpb else "-", diff,
                       f"{best['mean']:.4f} ± {best['std']:.4f}", f"{a['best_seconds_after_startup']['mean']:.1f}",
-                      secs(tt["after_startup"]), secs(tt["with_startup"]), ratio, secs(tb["after_startup"]),
+                      secs(tt["after_startup"]), secs(tt["with_startup"]),
+                      f"{a['one_time_seconds']['mean']:.1f}" if a.get("one_time_seconds") else "-",
+                      secs(tt["with_one_time"]) if "with_one_time" in tt else "-", ratio, secs(tb["after_startup"]),
                       f"{a['steps']['mean']:.0f}", ms(a.get("step_ms")), secs_or_never(a.get("steps_to_target"), "{:.0f}"),
                       f"{at['mean']:.4f} ± {at['std']:.4f}",
                       f"{a['startup_seconds']['mean']:.1f}",

@@ -26,7 +26,8 @@ the online score, not a copy of it.
 
 The file ``FILE`` holds the raw float16 values; ``FILE.json`` the number of
 tokens, a fingerprint of the train tokens (a sidecar from another corpus or
-split is refused), the windows' ``L``, the reference run and the dtype.
+split is refused), the windows' ``L`` and count, the reference run, the dtype
+and the seconds the forwards took (the one-time cost a race reports apart).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,10 +91,12 @@ def sidecar_windows(n_tokens: int, seq_len: int) -> list[tuple[int, int, int]]:
 @torch.no_grad()
 def compute_reference_losses(model: torch.nn.Module, tokens: np.ndarray, out: str | Path, batch_size: int,
                              device: torch.device, amp_dtype: torch.dtype | None, reference: str = "",
-                             verbose: bool = True) -> Path:
+                             verbose: bool = True, reference_train_seconds: float | None = None) -> Path:
     """Write the sidecar of ``model``'s per-token losses over ``tokens`` to ``out``
     (and its header to ``out.json``); the data file is written under a temporary
-    name and renamed once complete."""
+    name and renamed once complete. ``reference_train_seconds``: how long the
+    reference trained (its run's clock, start-up included), kept in the header
+    so that a race can count the whole one-time cost (:func:`one_time_cost`)."""
     seq_len = model.config.seq_len
     windows = sidecar_windows(tokens.size, seq_len)
     out = Path(out)
@@ -102,6 +106,7 @@ def compute_reference_losses(model: torch.nn.Module, tokens: np.ndarray, out: st
     sidecar[-1] = 0.0
     model.eval()
     offsets = np.arange(seq_len + 1)
+    began = time.perf_counter()  # the forwards alone: what the excess score's one-time cost is, beside training
     for b in range(0, len(windows), batch_size):
         group = windows[b : b + batch_size]
         starts = np.array([w for w, _, _ in group], dtype=np.int64)
@@ -114,13 +119,24 @@ def compute_reference_losses(model: torch.nn.Module, tokens: np.ndarray, out: st
             sidecar[lo:hi] = row[lo - w : hi - w]
         if verbose and (b // batch_size) % 200 == 0:
             print(f"reference losses: {min(b + batch_size, len(windows)):,}/{len(windows):,} windows", flush=True)
+    seconds = time.perf_counter() - began  # every batch was read back to the host: nothing is still running
     sidecar.flush()
     del sidecar
     os.replace(tmp, out)
     header = {"format": SIDECAR_FORMAT, "n_tokens": int(tokens.size), "tokens_fingerprint": tokens_fingerprint(tokens),
-              "seq_len": seq_len, "reference": reference, "dtype": str(amp_dtype or torch.float32)}
+              "seq_len": seq_len, "reference": reference, "dtype": str(amp_dtype or torch.float32),
+              "seconds": round(seconds, 3), "windows": len(windows),
+              "reference_train_seconds": reference_train_seconds}
     atomic_write_text(header_path(out), json.dumps(header, indent=2))
     return out
+
+
+def one_time_cost(sidecar: str | Path) -> dict[str, float | None]:
+    """What a sidecar cost once, from its header: ``reference_training`` (the
+    reference run's training seconds) and ``reference_losses`` (the forwards'
+    seconds); None where the header predates the record."""
+    header = json.loads(header_path(sidecar).read_text())
+    return {"reference_training": header.get("reference_train_seconds"), "reference_losses": header.get("seconds")}
 
 
 class ReferenceLosses:
