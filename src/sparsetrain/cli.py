@@ -284,8 +284,8 @@ def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
                         description="Score each train document of --corpus by the reference's mean loss of its "
                                     "tokens (a sidecar of sparsetrain reference-losses) and copy the corpus without "
                                     "the highest-scoring ones, about --drop of its train tokens; val files are all "
-                                    "kept, so the held-out split is the same. The static control of the excess "
-                                    "score: train dense on the result. See docs/time_to_quality.md.")
+                                    "kept, so the held-out split is the same. The static form of the excess score "
+                                    "(a perplexity filter): train on the result. See docs/time_to_quality.md.")
     f.add_argument("--corpus", required=True, metavar="FOLDER", help="the corpus folder the sidecar was computed for")
     f.add_argument("--tokenizer", required=True, metavar="FILE", help="the tokenizer.json it was tokenized with")
     f.add_argument("--reference-losses", required=True, metavar="FILE", help="the sidecar (sparsetrain reference-losses)")

@@ -6,7 +6,8 @@ train document once by the reference's mean loss of its tokens (read from the
 reference-loss sidecar, :mod:`sparsetrain.reference_losses`) and leave the
 highest-scoring documents out of the corpus, then train dense on the rest. That
 is the static control of the excess score (a perplexity filter), and the user's
-cheaper alternative whenever it does as well.
+cheaper alternative whenever it does as well; where the noise comes in whole
+documents it did better (docs/time_to_quality.md, regime 3).
 
 * The documents left out are the highest mean reference loss first, until at
   least ``drop`` of the train tokens are gone (each document's end-of-text

@@ -51,8 +51,8 @@ from typing import Any
 
 from .checkpoint import CKPT_NAME, atomic_write_text
 from .config import TrainConfig, build_config, preset_dict, read_toml
-from .errors import ConfigError
 from .corpora import MANIFEST_NAME
+from .errors import ConfigError
 from .plotting import read_metrics
 
 SPEC_NAME = "race_spec.json"
@@ -333,7 +333,7 @@ def one_time_cost(cfg: TrainConfig) -> dict:
             parts[f"reference losses {path.name}"] = None
             continue
         cost = sidecar_cost(path)
-        reference = json.loads(header_path(path).read_text()).get("reference", "")
+        reference = cost["reference"]
         if reference not in references:
             references.add(reference)
             parts[f"reference training {Path(reference).parent.name or reference}"] = cost["reference_training"]
@@ -714,8 +714,8 @@ def format_table(report: dict) -> str:
     seconds to each target (after start-up; the final target also with start-up and
     with the one-time cost), and the held-out loss at the steps every arm made."""
     head = ["arm", "val loss", "val bpb", "minus first (paired)", "best loss", "best at s", "s to target",
-            "(w/ start-up)", "one-time s", "(w/ one-time)", "x time to own seed's first", "s to best target", "steps", "ms/step (x first)",
-            "steps to target", "loss at equal steps", "start-up s", "tokens fwd", "tokens bwd"]
+            "(w/ start-up)", "one-time s", "(w/ one-time)", "x time to own seed's first", "s to best target", "steps",
+            "ms/step (x first)", "steps to target", "loss at equal steps", "start-up s", "tokens fwd", "tokens bwd"]
     lines = []
     first_ms = next(iter(report["arms"].values())).get("step_ms")
 

@@ -38,6 +38,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,12 +132,14 @@ def compute_reference_losses(model: torch.nn.Module, tokens: np.ndarray, out: st
     return out
 
 
-def one_time_cost(sidecar: str | Path) -> dict[str, float | None]:
+def one_time_cost(sidecar: str | Path) -> dict[str, Any]:
     """What a sidecar cost once, from its header: ``reference_training`` (the
     reference run's training seconds) and ``reference_losses`` (the forwards'
-    seconds); None where the header predates the record."""
+    seconds), None where the header predates the record; and ``reference``, the
+    checkpoint that computed it (so a reference shared by sidecars counts once)."""
     header = json.loads(header_path(sidecar).read_text())
-    return {"reference_training": header.get("reference_train_seconds"), "reference_losses": header.get("seconds")}
+    return {"reference_training": header.get("reference_train_seconds"), "reference_losses": header.get("seconds"),
+            "reference": header.get("reference", "")}
 
 
 class ReferenceLosses:
