@@ -17,26 +17,40 @@ from sparsetrain.generate import load_model
 from sparsetrain.reference_losses import ReferenceLosses, sidecar_windows
 from sparsetrain.trainer import Trainer, train
 
+from hf_reference import fresh_seed
+
 
 @pytest.mark.parametrize("n, L", [(33, 32), (34, 32), (100, 32), (1000, 32), (257, 16), (1001, 7), (50, 1)])
-def test_sidecar_windows_cover_every_target_once_with_context(n: int, L: int) -> None:
-    windows = sidecar_windows(n, L)
+@pytest.mark.parametrize("context", [None, 0, "max"])
+def test_sidecar_windows_cover_every_target_once_with_context(n: int, L: int, context) -> None:
+    c = {None: L - max(1, L // 2), 0: 0, "max": L - 1}[context]
+    windows = sidecar_windows(n, L) if context is None else sidecar_windows(n, L, c)
     covered = []
     for w, lo, hi in windows:
         assert 0 <= w and w + L <= n - 1 and w <= lo < hi <= w + L  # inputs w..w+L-1, targets up to w+L
         covered += range(lo, hi)
-        assert w == 0 or lo - w >= L - max(1, L // 2)  # at least L - L//2 tokens of context
+        assert w == 0 or lo - w >= c  # at least c tokens of context
     assert covered == list(range(n - 1))
+    for w, _, _ in windows:
+        assert all(_naive_window(i, n, L, c) == w for i in range(*next((lo, hi) for v, lo, hi in windows if v == w)))
 
 
-def _naive_window(i: int, n: int, L: int) -> int:
+def test_sidecar_context_out_of_range_is_refused() -> None:
+    with pytest.raises(DataError, match=r"--context must be in \[0, 32\) \(the reference's seq_len\), got 32"):
+        sidecar_windows(100, 32, 32)
+    with pytest.raises(DataError, match="got -1"):
+        sidecar_windows(100, 32, -1)
+
+
+def _naive_window(i: int, n: int, L: int, context: int | None = None) -> int:
     """Where the sidecar's window for position ``i`` starts, derived directly from the rule:
-    the first window [0, L) keeps all; the windows at multiples of H = L // 2 keep their
-    last H positions; a final window ending at the stream's end keeps the rest."""
-    H = max(1, L // 2)
+    the first window [0, L) keeps all; the windows at multiples of S = L - context keep
+    their last S positions; a final window ending at the stream's end keeps the rest."""
+    c = L - max(1, L // 2) if context is None else context
+    S = L - c
     if i < L:
         return 0
-    w = (i - (L - H)) // H * H  # the multiple of H whose last H positions hold i
+    w = (i - c) // S * S  # the multiple of S whose last S positions hold i
     return w if w + L <= n - 1 else n - 1 - L
 
 
@@ -135,3 +149,30 @@ def test_reference_with_another_tokenizer_is_refused(reference_run, tmp_path: Pa
         argv += [f"--{k.replace('_', '-')}", str(v)]
     assert main(argv) == 2
     assert "trained with another tokenizer" in capsys.readouterr().err
+
+
+def test_sidecar_without_overlap_reads_each_token_once(reference_run, make_cfg, tmp_path: Path) -> None:
+    """--context 0: windows side by side (about half as many), each entry the reference's loss in its own
+    window, recorded in the header."""
+    run, sidecar, flags = reference_run
+    out = tmp_path / "once.f16"
+    argv = ["reference-losses", "--ckpt", str(run), "--out", str(out), "--preset", "tiny", "--context", "0"]
+    for k, v in flags.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    assert main(argv) == 0
+    header = json.loads(Path(str(out) + ".json").read_text())
+    full = json.loads(Path(str(sidecar) + ".json").read_text())
+    tokens = np.asarray(Trainer(make_cfg(), verbose=False).corpus.train, dtype=np.int64)
+    n, L = tokens.size, 32
+    assert header["context"] == 0 and full["context"] == L // 2
+    assert header["windows"] == len(sidecar_windows(n, L, 0)) <= full["windows"] // 2 + 2
+    model = load_model(run).double()
+    losses = np.memmap(out, dtype=np.float16, mode="r")
+    rng = np.random.default_rng(fresh_seed())
+    for i in list(rng.integers(0, n - 1, size=40)) + [0, L - 1, L, n - 2]:
+        w = _naive_window(int(i), n, L, 0)
+        x = torch.from_numpy(tokens[w : w + L + 1])
+        with torch.no_grad():
+            logits, _ = model(x[None, :-1])
+        want = F.cross_entropy(logits[0], x[1:], reduction="none").numpy()[i - w]
+        assert losses[i] == pytest.approx(want, rel=2e-3, abs=2e-3), i

@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--out", required=True, metavar="FILE", help="sidecar to write (FILE and FILE.json); "
                     "train with --reference-losses FILE")
     rl.add_argument("--config", metavar="FILE", help="the training run's TOML config: its [data] picks the tokens")
+    rl.add_argument("--context", type=int, metavar="C",
+                    help="tokens of context each entry past the first window gets at least; windows overlap by C "
+                         "(default: half the reference's seq_len; 0: each token read once, half the forwards)")
     _add_config_flags(rl)
 
     g = sub.add_parser("generate", help="sample text from a trained run", formatter_class=_HelpFormatter)
@@ -370,7 +373,7 @@ def cmd_reference_losses(args: argparse.Namespace) -> int:
     from .reference_losses import compute_reference_losses, header_path
     from .trainer import autocast_dtype, load_run_corpus, resolve_device
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "ckpt", "out", "config")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "ckpt", "out", "config", "context")}
     cfg = build_config(flags.pop("preset", None), args.config, flags)
     ckpt = resolve_checkpoint(args.ckpt)
     device = resolve_device(cfg.device)
@@ -382,7 +385,8 @@ def cmd_reference_losses(args: argparse.Namespace) -> int:
     trained = [r for r in read_metrics(ckpt.parent / "metrics.jsonl") if "train_seconds" in r]
     out = compute_reference_losses(model, corpus.train, args.out, cfg.batch_size, device,
                                    autocast_dtype(cfg.dtype, device), reference=str(ckpt),
-                                   reference_train_seconds=trained[-1]["train_seconds"] if trained else None)
+                                   reference_train_seconds=trained[-1]["train_seconds"] if trained else None,
+                                   context=args.context)
     seconds = json.loads(header_path(out).read_text())["seconds"]
     print(f"reference losses of {corpus.train.size:,} train tokens in {seconds:.1f} s of forwards -> {out}; "
           f"train with --reference-losses {out}")

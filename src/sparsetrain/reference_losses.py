@@ -24,6 +24,12 @@ of a window, and better informed for the early positions, where the online
 reference has seen few tokens. It is a different (deterministic) quantity from
 the online score, not a copy of it.
 
+Cost. With that overlap the reference reads every token about twice. A smaller
+``context`` (``sparsetrain reference-losses --context C``) lets windows overlap
+by ``C`` tokens only: ``--context 0`` reads each token once, at half the
+forwards, and a position ``p`` tokens into its window then has ``p`` tokens of
+context, as the online reference's would. The header records the context.
+
 The file ``FILE`` holds the raw float16 values; ``FILE.json`` the number of
 tokens, a fingerprint of the train tokens (a sidecar from another corpus or
 split is refused), the windows' ``L`` and count, the reference run, the dtype
@@ -69,20 +75,30 @@ def tokens_fingerprint(tokens: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def sidecar_windows(n_tokens: int, seq_len: int) -> list[tuple[int, int, int]]:
+def default_context(seq_len: int) -> int:
+    """The context every sidecar entry past the first window gets by default: ``L - L // 2``."""
+    return seq_len - max(1, seq_len // 2)
+
+
+def sidecar_windows(n_tokens: int, seq_len: int, context: int | None = None) -> list[tuple[int, int, int]]:
     """``(window start, first kept position, end of kept positions)`` covering the
     positions ``0 .. n_tokens - 2`` (those with a next token) exactly once, in order.
     A window of ``seq_len`` inputs starting at ``w`` gives the losses of positions
-    ``w .. w + seq_len - 1``."""
+    ``w .. w + seq_len - 1``; each window after the first keeps its last
+    ``seq_len - context`` of them, so each of those has at least ``context``
+    tokens before it in the window (default :func:`default_context`)."""
     if n_tokens < seq_len + 1:
         raise DataError(f"train split has {n_tokens} tokens, fewer than the reference's seq_len + 1 = {seq_len + 1}")
-    half = max(1, seq_len // 2)
+    context = default_context(seq_len) if context is None else context
+    if not 0 <= context < seq_len:
+        raise DataError(f"--context must be in [0, {seq_len}) (the reference's seq_len), got {context}")
+    step = seq_len - context  # the positions each later window keeps, and how far the windows move
     last = n_tokens - 1  # positions with a target
     out = [(0, 0, seq_len)]
-    w = half
+    w = step
     while w + seq_len <= last:
-        out.append((w, w + seq_len - half, w + seq_len))
-        w += half
+        out.append((w, w + context, w + seq_len))
+        w += step
     covered = out[-1][2]
     if covered < last:  # the tail: one window ending at the stream's end
         out.append((last - seq_len, covered, last))
@@ -92,14 +108,16 @@ def sidecar_windows(n_tokens: int, seq_len: int) -> list[tuple[int, int, int]]:
 @torch.no_grad()
 def compute_reference_losses(model: torch.nn.Module, tokens: np.ndarray, out: str | Path, batch_size: int,
                              device: torch.device, amp_dtype: torch.dtype | None, reference: str = "",
-                             verbose: bool = True, reference_train_seconds: float | None = None) -> Path:
+                             verbose: bool = True, reference_train_seconds: float | None = None,
+                             context: int | None = None) -> Path:
     """Write the sidecar of ``model``'s per-token losses over ``tokens`` to ``out``
     (and its header to ``out.json``); the data file is written under a temporary
     name and renamed once complete. ``reference_train_seconds``: how long the
     reference trained (its run's clock, start-up included), kept in the header
     so that a race can count the whole one-time cost (:func:`one_time_cost`)."""
     seq_len = model.config.seq_len
-    windows = sidecar_windows(tokens.size, seq_len)
+    context = default_context(seq_len) if context is None else context
+    windows = sidecar_windows(tokens.size, seq_len, context)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -126,7 +144,7 @@ def compute_reference_losses(model: torch.nn.Module, tokens: np.ndarray, out: st
     os.replace(tmp, out)
     header = {"format": SIDECAR_FORMAT, "n_tokens": int(tokens.size), "tokens_fingerprint": tokens_fingerprint(tokens),
               "seq_len": seq_len, "reference": reference, "dtype": str(amp_dtype or torch.float32),
-              "seconds": round(seconds, 3), "windows": len(windows),
+              "seconds": round(seconds, 3), "windows": len(windows), "context": context,
               "reference_train_seconds": reference_train_seconds}
     atomic_write_text(header_path(out), json.dumps(header, indent=2))
     return out
