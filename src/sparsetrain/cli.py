@@ -384,7 +384,7 @@ def cmd_reference_losses(args: argparse.Namespace) -> int:
     refuse_other_tokenizer(ckpt.parent, corpus.tokenizer_path, "reference")
     trained = [r for r in read_metrics(ckpt.parent / "metrics.jsonl") if "train_seconds" in r]
     out = compute_reference_losses(model, corpus.train, args.out, cfg.batch_size, device,
-                                   autocast_dtype(cfg.dtype, device), reference=str(ckpt),
+                                   autocast_dtype(cfg.dtype, device), reference=str(ckpt.resolve()),
                                    reference_train_seconds=trained[-1]["train_seconds"] if trained else None,
                                    context=args.context)
     seconds = json.loads(header_path(out).read_text())["seconds"]
