@@ -56,6 +56,11 @@ def test_reference_losses_are_each_tokens_loss_under_the_reference() -> None:
         assert got.shape == want.shape and got[0] == 0, seed
         # stored as float16: within its rounding (2^-11 relative)
         torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-3, msg=f"seed {seed}")
+    # what cannot be computed once, before training, is refused in one line naming it
+    with pytest.raises(ValueError, match="needs a datasets.Dataset \\(map-style\\), got IterableDataset"):
+        add_reference_losses(Dataset.from_dict({"input_ids": rows}).to_iterable_dataset(), ref)
+    with pytest.raises(ValueError, match="has no column 'tokens' \\(it has input_ids\\)"):
+        add_reference_losses(Dataset.from_dict({"input_ids": rows}), ref, column="tokens")
 
 
 def test_a_padded_example_scores_as_the_unpadded_one() -> None:
@@ -261,3 +266,7 @@ def test_filter_by_reference_losses_refusals() -> None:
             filter_by_reference_losses(ds, bad)
     with pytest.raises(ValueError, match="no 'reference_losses' column"):
         filter_by_reference_losses(Dataset.from_dict({"input_ids": [[1, 2, 3]]}), 0.5)
+    with pytest.raises(ValueError, match="needs a datasets.Dataset \\(map-style\\), got IterableDataset"):
+        filter_by_reference_losses(ds.to_iterable_dataset(), 0.5)
+    with pytest.raises(ValueError, match="got list"):
+        filter_by_reference_losses([{"input_ids": [1], "reference_losses": [0.0]}], 0.5)

@@ -483,6 +483,10 @@ def add_reference_losses(dataset: Any, reference_model: torch.nn.Module, batch_s
 
     import numpy as np
 
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset):  # computed once, before training: a stream would run it while training
+        raise ValueError(f"add_reference_losses needs a datasets.Dataset (map-style), got {type(dataset).__name__}")
     if column not in dataset.column_names:
         raise ValueError(f"add_reference_losses: the dataset has no column {column!r} (it has "
                          f"{', '.join(dataset.column_names)})")
@@ -536,6 +540,11 @@ def filter_by_reference_losses(dataset: Any, drop: float) -> Any:
 
     if not 0.0 < drop < 1.0:
         raise ValueError(f"filter_by_reference_losses: drop must be in (0, 1), got {drop}")
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset):  # the choice ranks every example: it needs them all, indexable
+        raise ValueError(f"filter_by_reference_losses needs a datasets.Dataset (map-style), got "
+                         f"{type(dataset).__name__}: a streamed dataset cannot be ranked before training")
     if REFERENCE_LOSSES not in dataset.column_names:
         raise ValueError(f"filter_by_reference_losses: the dataset has no {REFERENCE_LOSSES!r} column: "
                          "add it with add_reference_losses(dataset, reference_model)")
