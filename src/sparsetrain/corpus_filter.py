@@ -42,12 +42,14 @@ from .token_labels import read_manifest, train_document_starts, train_token_labe
 
 @dataclass(frozen=True)
 class DocumentLosses:
-    """Each train document's relative path, token count (separator included) and
-    the reference's mean loss of its own tokens."""
+    """Each train document's relative path, token count (separator included),
+    the reference's mean loss of its own tokens and, for a corpus, its start in
+    the train tokens."""
 
     names: tuple[str, ...]
     tokens: np.ndarray
     mean_loss: np.ndarray
+    starts: np.ndarray | None = None  # where each begins in the train tokens, for a corpus's documents
 
 
 def document_losses(corpus: TokenizedCorpus, losses: np.ndarray) -> DocumentLosses:
@@ -68,7 +70,7 @@ def document_losses(corpus: TokenizedCorpus, losses: np.ndarray) -> DocumentLoss
     last = np.asarray(losses[ends - 1], dtype=np.float64)
     own = ends - starts - 1
     mean = np.where(own > 0, (sums - last) / np.maximum(own, 1), 0.0)
-    return DocumentLosses(names=tuple(names), tokens=ends - starts, mean_loss=mean)
+    return DocumentLosses(names=tuple(names), tokens=ends - starts, mean_loss=mean, starts=starts)
 
 
 def choose_left_out(docs: DocumentLosses, drop: float) -> np.ndarray:
@@ -105,7 +107,7 @@ def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path, drop: float, out
               "mean_loss_kept": _weighted(docs, ~left_out), "mean_loss_left_out": _weighted(docs, left_out)}
     manifest = read_manifest(corpus)
     if manifest is not None:  # each token's kind (noise spliced inside a file has its own), kept or not
-        labels = train_token_labels(corpus, manifest)
+        labels = train_token_labels(corpus, manifest, docs.starts)  # the starts read once, for both
         kept = np.repeat(~left_out, docs.tokens)
         total = np.bincount(labels.codes, minlength=len(labels.names))
         kept_by = np.bincount(labels.codes[kept], minlength=len(labels.names))

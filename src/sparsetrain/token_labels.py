@@ -41,12 +41,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .corpora import MANIFEST_NAME
+from .corpora import CLEAN_KIND, MANIFEST_NAME
 from .data import TokenizedCorpus, read_documents
 from .errors import DataError
 from .tokenizer import EOT, BPETokenizer
 
-CLEAN = "clean"
+CLEAN = CLEAN_KIND  # the label of a copied source file (and code 0)
 CHUNK = 2**24  # tokens scanned at a time, so the scan of a large memory map needs little memory
 
 
@@ -131,17 +131,19 @@ def train_document_starts(corpus: TokenizedCorpus) -> np.ndarray:
     return document_starts(corpus.train, [docs[n] for n in names], corpus.tokenizer)
 
 
-def train_token_labels(corpus: TokenizedCorpus, manifest: dict | None = None) -> TokenLabels | None:
+def train_token_labels(corpus: TokenizedCorpus, manifest: dict | None = None,
+                       starts: np.ndarray | None = None) -> TokenLabels | None:
     """The label of every train token of ``corpus`` (see the module docstring), or
     None where the corpus has no manifest (nothing is read then but the folder's
-    listing). ``manifest``: :func:`read_manifest`'s, when the caller has it."""
+    listing). ``manifest``: :func:`read_manifest`'s, and ``starts``:
+    :func:`train_document_starts`'s, when the caller has them."""
     manifest = manifest if manifest is not None else read_manifest(corpus)
     if manifest is None:
         return None
     if corpus.tokenizer is None:
         raise DataError("token labels need the corpus's tokenizer")
     names = list(corpus.train_doc_names)
-    starts = train_document_starts(corpus)
+    starts = train_document_starts(corpus) if starts is None else starts
     label_of = label_names(manifest)
     code = {name: i for i, name in enumerate(label_of)}
     generated = manifest["generated"]
