@@ -24,6 +24,15 @@
 #              the reference's loss of every train token of domain_filtered
 #              (WORK_DIR/ref_losses_filtered.f16), for the span arm on the
 #              filtered corpus; not in the default phases
+#   base_sidecar, base_filter
+#              the cheap scorer: the base's own loss of every domain train token
+#              (no overlapping context, --context 0) and the filter by it
+#              (WORK_DIR/domain_filtered_base); not in the default phases
+#   small_reference, small_sidecar, small_filter
+#              the small scorer: a model of SMALL_REF_ARGS trained from scratch
+#              on the reference set for SMALL_REF_STEPS steps, its loss of every
+#              domain train token (--context 0) and the filter by it
+#              (WORK_DIR/domain_filtered_small); not in the default phases
 #   race       arms started from the base's weights on the domain, each
 #              RACE_SECONDS of training after start-up (the arms: ARMS), into
 #              RACE_DIR (default WORK_DIR/race-seed<SEED>): run it again with
@@ -60,6 +69,9 @@ SEED=${SEED:-1337}
 LR=${LR:-3e-4}
 RACE_SECONDS=${RACE_SECONDS:-100}
 FILTER_DROP=${FILTER_DROP:-0.4}
+SMALL_REF_ARGS=${SMALL_REF_ARGS:---preset nano-125m --n-layer 8 --d-model 512 --n-head 8 --seq-len 2048 --batch-size 8 --compile}
+SMALL_REF_STEPS=${SMALL_REF_STEPS:-400}
+SMALL_REF_LR=${SMALL_REF_LR:-1e-3}
 RACE_DIR=${RACE_DIR:-$W/race-seed$SEED}
 EXCLUDE='*/tests/*,*/test_*'
 ARMS=${ARMS:-"dense: excess50:drop_ratio=0.5,collider_method=topk,collider_score=excess,reference_losses=$W/ref_losses.f16 random50:drop_ratio=0.5,collider_method=random collider50:drop_ratio=0.5,collider_method=topk,collider_score=collider"}
@@ -104,15 +116,33 @@ if want reference && [ ! -f "$W/ref/done" ]; then
     --max-steps "$REF_STEPS" --lr "$REF_LR" --warmup-steps 20 --eval-every "$REF_STEPS" --eval-batches 8 --log-every 100 --seed 0
   touch "$W/ref/done"
 fi
-if want sidecar && [ ! -f "$W/ref_losses.f16.json" ]; then
-  log "sidecar: the reference's loss of every domain train token"
-  $ST reference-losses --ckpt "$W/ref" --out "$W/ref_losses.f16" $MODEL_ARGS --data "$W/domain" --tokenizer "$tok"
+# sidecar PHASE CKPT OUT [reference-losses flags]: a scorer's loss of every domain train token
+sidecar() {
+  if want "$1" && [ ! -f "$3.json" ]; then
+    log "$1: $(basename "$2")'s loss of every domain train token"
+    $ST reference-losses --ckpt "$2" --out "$3" $MODEL_ARGS --data "$W/domain" --tokenizer "$tok" "${@:4}"
+  fi
+}
+# filter PHASE SIDECAR OUT: the domain without the train documents of highest mean scorer loss, FILTER_DROP of its tokens
+filter() {
+  if want "$1" && [ ! -f "$3/.corpus_manifest.json" ]; then
+    log "$1: the domain without its hardest train documents for $(basename "$2"), $FILTER_DROP of its tokens"
+    $ST corpus filter --corpus "$W/domain" --tokenizer "$tok" --reference-losses "$2" --drop "$FILTER_DROP" --out "$3"
+  fi
+}
+sidecar sidecar "$W/ref" "$W/ref_losses.f16"
+filter filter "$W/ref_losses.f16" "$W/domain_filtered"
+sidecar base_sidecar "$W/base" "$W/ref_losses_base.f16" --context 0
+filter base_filter "$W/ref_losses_base.f16" "$W/domain_filtered_base"
+if want small_reference && [ ! -f "$W/ref_small/done" ]; then
+  log "small_reference: $SMALL_REF_ARGS from scratch on the reference set, $SMALL_REF_STEPS steps"
+  $ST train $SMALL_REF_ARGS --out-dir "$W/ref_small" --data "$W/clean_ref" --tokenizer "$tok" \
+    --max-steps "$SMALL_REF_STEPS" --lr "$SMALL_REF_LR" --warmup-steps 50 --eval-every "$SMALL_REF_STEPS" --eval-batches 8 \
+    --log-every 100 --seed 0
+  touch "$W/ref_small/done"
 fi
-if want filter && [ ! -f "$W/domain_filtered/.corpus_manifest.json" ]; then
-  log "filter: the domain without its hardest train documents for the reference, $FILTER_DROP of its tokens"
-  $ST corpus filter --corpus "$W/domain" --tokenizer "$tok" --reference-losses "$W/ref_losses.f16" \
-    --drop "$FILTER_DROP" --out "$W/domain_filtered"
-fi
+sidecar small_sidecar "$W/ref_small" "$W/ref_losses_small.f16" --context 0
+filter small_filter "$W/ref_losses_small.f16" "$W/domain_filtered_small"
 if want filtered_sidecar && [ ! -f "$W/ref_losses_filtered.f16.json" ]; then
   log "filtered_sidecar: the reference's loss of every train token of the filtered domain"
   $ST reference-losses --ckpt "$W/ref" --out "$W/ref_losses_filtered.f16" $MODEL_ARGS --data "$W/domain_filtered" --tokenizer "$tok"

@@ -630,6 +630,34 @@ def test_one_time_cost_adds_up_what_made_each_arms_inputs(make_cfg, tmp_path: Pa
     assert got["seconds"] is None and None in got["parts"].values()
 
 
+def test_one_time_cost_of_a_reference_that_is_the_arms_start_is_its_forwards_only(make_cfg, tmp_path: Path) -> None:
+    """The base scoring the domain (reference = init_from, as a run directory or its checkpoint file) was trained
+    for every arm alike: only its forwards and the filter count; another reference's training still counts."""
+    import random
+
+    from sparsetrain.race import one_time_cost
+
+    rng = random.Random()
+    train, fwd, filt = (round(rng.uniform(1, 100), 3) for _ in range(3))
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "ckpt.pt").write_bytes(b"")
+    sidecar = tmp_path / "base_losses.f16"
+    Path(str(sidecar) + ".json").write_text(json.dumps(
+        {"format": 1, "reference": str((base / "ckpt.pt").resolve()), "seconds": fwd, "reference_train_seconds": train}))
+    filtered = tmp_path / "filtered"
+    filtered.mkdir()
+    (filtered / ".corpus_manifest.json").write_text(json.dumps(
+        {"generated": {}, "filtered": {"reference_losses": str(sidecar), "seconds": filt}}))
+    for start in (base, base / "ckpt.pt"):
+        assert one_time_cost(make_cfg(data=str(filtered), init_from=str(start)))["seconds"] == pytest.approx(fwd + filt)
+    assert one_time_cost(make_cfg(data=str(filtered)))["seconds"] == pytest.approx(train + fwd + filt)
+    other = tmp_path / "other"
+    other.mkdir()
+    assert one_time_cost(make_cfg(data=str(filtered), init_from=str(other)))["seconds"] == \
+        pytest.approx(train + fwd + filt)
+
+
 def test_report_adds_the_one_time_cost_to_the_time_to_target(make_cfg, tmp_path: Path) -> None:
     import random
 

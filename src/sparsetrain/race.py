@@ -314,7 +314,8 @@ def one_time_cost(cfg: TrainConfig) -> dict:
     reference's training, its forwards over each sidecar, the corpus filter) and
     ``seconds``, their sum (0 where no reference made the inputs; None where a
     record predates the timing, so the cost is unknown). A reference counts once
-    however many of the inputs it made."""
+    however many of the inputs it made, and its training not at all when it is
+    the run the arms start from (``init_from``: the base scoring its own data)."""
     from .reference_losses import header_path
     from .reference_losses import one_time_cost as sidecar_cost
 
@@ -328,6 +329,9 @@ def one_time_cost(cfg: TrainConfig) -> dict:
             sidecars.append(Path(filtered["reference_losses"]))
     parts: dict[str, float | None] = {}
     references = set()
+    # a reference that is the arms' own starting run (init_from) was trained for every arm alike: no cost of its own
+    start = Path(cfg.init_from).resolve() if cfg.init_from else None
+    start = start.parent if start is not None and start.is_file() else start
     for path in dict.fromkeys(p.resolve() for p in sidecars):
         if not header_path(path).is_file():
             parts[f"reference losses {path.name}"] = None
@@ -336,7 +340,9 @@ def one_time_cost(cfg: TrainConfig) -> dict:
         reference = cost["reference"]
         if reference not in references:
             references.add(reference)
-            parts[f"reference training {Path(reference).parent.name or reference}"] = cost["reference_training"]
+            shared = start is not None and bool(reference) and Path(reference).parent == start
+            parts[f"reference training {Path(reference).parent.name or reference}"] = \
+                0.0 if shared else cost["reference_training"]
         parts[f"reference losses {path.name}"] = cost["reference_losses"]
     if filtered:
         parts["corpus filter"] = filtered.get("seconds")
