@@ -44,8 +44,9 @@
 # must give the same shape to every phase, since the arms start from the
 # base's weights. For a CPU dry run:
 #   CUDA_GRAPH=0 MODEL_ARGS="--preset tiny --device cpu" BASE_DATA_ARGS="--data-max-bytes 2000000" \
-#   BASE_STEPS=20 REF_STEPS=10 RACE_SECONDS=5 DOMAIN_BYTES=1000000 REF_BYTES=300000 \
+#   BASE_STEPS=20 REF_STEPS=10 RACE_SECONDS=5 DOMAIN_BYTES=4000000 REF_BYTES=4000000 \
 #   bash bench/race_noisy_domain.sh /tmp/r3
+# (with the small scorer's phases also SMALL_REF_ARGS="--preset tiny --device cpu --n-layer 1" SMALL_REF_STEPS=10)
 set -euo pipefail
 W=${1:?usage: bash bench/race_noisy_domain.sh WORK_DIR [PHASE ...]}
 shift
