@@ -21,8 +21,14 @@ computed once, before training (``sparsetrain.hf_trainer.add_reference_losses``)
 Or leave out, once, the blocks the reference finds hardest and train the rest
 densely (``--filter 0.4 --drop 0``; ``sparsetrain.hf_trainer.filter_by_reference_losses``):
 where the noise comes in whole documents this did better than the span score
-(docs/time_to_quality.md). Blocks are packed across documents, so a block is
-the unit here; ``sparsetrain corpus filter`` leaves out whole files.
+(docs/time_to_quality.md). The filter needs no trained reference: without
+``--reference`` the blocks are scored by ``--model`` itself, before it trains,
+which filtered as well as a reference in those races:
+
+    python examples/hf_finetune.py --data noisy_corpus --model path/to/llama --filter 0.4 --drop 0
+
+Blocks are packed across documents, so a block is the unit here;
+``sparsetrain corpus filter`` leaves out whole files.
 """
 
 from __future__ import annotations
@@ -105,8 +111,9 @@ def main() -> None:
                                     "else collider)")
     ap.add_argument("--reference", type=Path, help="local checkpoint folder of a reference model with this "
                     "tokenizer (the excess score: the model's loss minus the reference's)")
-    ap.add_argument("--filter", type=float, default=0.0, help="leave out the blocks of highest mean reference loss, "
-                    "this fraction of the tokens, before training (needs --reference; 0: keep every block)")
+    ap.add_argument("--filter", type=float, default=0.0, help="leave out the blocks of highest mean loss of "
+                    "--reference (else of --model itself, before training), this fraction of the tokens, before "
+                    "training (0: keep every block)")
     ap.add_argument("--span", type=int, default=1, help="score whole blocks of this many tokens (their mean score)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=8)
@@ -124,8 +131,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.hidden % 64:
         fail(f"--hidden must be a multiple of 64, got {args.hidden}")
-    if args.filter and not args.reference:
-        fail(f"--filter {args.filter} needs --reference (the losses it filters by)")
+    if args.filter and not (args.reference or args.model):
+        fail(f"--filter {args.filter} scores the blocks with --reference or, without one, with --model itself; "
+             "a random model scores nothing: give one of them")
     if args.filter and not 0.0 < args.filter < 1.0:
         fail(f"--filter must be in (0, 1), got {args.filter}")
 
@@ -138,14 +146,6 @@ def main() -> None:
 
     texts = read_texts(args.data)
     model, tok = load_model(args, texts)
-    if args.lora:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.05,
-                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                                 "up_proj", "down_proj"]))
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     # packed blocks of one length, every token a target (the end-of-text tokens between documents
     # included, which a padding collator would mask as padding): every batch has one shape and
     # target count, which --cuda-graph needs to replay
@@ -162,11 +162,24 @@ def main() -> None:
         train = add_reference_losses(train, reference.to("cuda" if torch.cuda.is_available() else "cpu"),
                                      batch_size=args.batch)
         del reference
-        if args.filter:
-            n = len(train)
-            train = filter_by_reference_losses(train, args.filter)
-            print(f"filter: kept {len(train)} of {n} blocks (left out the highest mean reference loss, "
-                  f"{args.filter} of the tokens)")
+    elif args.filter:  # the model scores its own new data, before it trains on any of it
+        train = add_reference_losses(train, model.to("cuda" if torch.cuda.is_available() else "cpu"),
+                                     batch_size=args.batch)
+    if args.filter:
+        n = len(train)
+        train = filter_by_reference_losses(train, args.filter)
+        print(f"filter: kept {len(train)} of {n} blocks (left out the highest mean loss of "
+              f"{'the reference' if args.reference else 'the model'}, {args.filter} of the tokens)")
+        if not args.reference:  # no score reads the model's own losses
+            train = train.remove_columns("reference_losses")
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.05,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                 "up_proj", "down_proj"]))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     if args.drop:
         print(f"selection: {score} score, spans of {args.span} token(s), drop {args.drop}"
               + (f", reference losses of {args.reference}" if args.reference else ""))

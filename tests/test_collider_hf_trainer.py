@@ -209,8 +209,8 @@ def test_finetune_example_with_a_reference_keeps_spans_by_excess_loss(corpus_dir
 
 
 def test_finetune_example_filters_blocks_by_reference_loss(corpus_dir, tmp_path) -> None:
-    """--filter: the blocks of highest mean reference loss left out before a dense run; without
-    --reference, or outside (0, 1), refused in one line."""
+    """--filter: the blocks of highest mean loss of the reference, or of --model itself without one, left out
+    before a dense run; with neither, or outside (0, 1), refused in one line."""
     import os
     import subprocess
     import sys
@@ -225,8 +225,17 @@ def test_finetune_example_filters_blocks_by_reference_loss(corpus_dir, tmp_path)
     # at least 0.3 of the tokens left out, and no more than one block past it (blocks are of equal length)
     assert total - (int(0.3 * total) + 1) <= kept <= total - 0.3 * total, line
     assert "selection: none (drop 0: every token back-propagated)" in stdout
+    assert "left out the highest mean loss of the reference" in line
+    # without --reference the model to fine-tune scores its own blocks before it trains
+    stdout = _run_example("hf_finetune.py", "--data", str(corpus_dir), *small, "--model", str(tmp_path / "ref"),
+                          "--filter", "0.3", "--drop", "0", "--out", str(tmp_path / "self"), cwd=tmp_path)
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("filter: kept "))
+    kept, total = (int(x) for x in line.split()[2:5:2])
+    assert total - (int(0.3 * total) + 1) <= kept <= total - 0.3 * total, line
+    assert "left out the highest mean loss of the model" in line and (tmp_path / "self" / "model.safetensors").exists()
     root = Path(__file__).resolve().parents[1]
-    for extra, message in ((("--filter", "0.3"), "--filter 0.3 needs --reference (the losses it filters by)"),
+    for extra, message in ((("--filter", "0.3"), "--filter 0.3 scores the blocks with --reference or, without one, "
+                                                 "with --model itself; a random model scores nothing: give one of them"),
                            (("--filter", "1.5", "--reference", str(tmp_path / "ref")),
                             "--filter must be in (0, 1), got 1.5")):
         proc = subprocess.run([sys.executable, str(root / "examples" / "hf_finetune.py"), "--data", str(corpus_dir),

@@ -142,6 +142,26 @@ def test_sidecar_for_other_tokens_is_refused(reference_run, make_cfg, tmp_path: 
         make_cfg(selection="loss", selection_score="reference")
 
 
+def test_a_reference_no_score_reads_is_refused(make_cfg, tmp_path: Path, capsys) -> None:
+    """A reference set where no token filter's score reads it would be loaded (a run: forwarded every micro-batch)
+    for nothing: refused in one line naming the field and the score, in config and on the command line."""
+    for source in ({"reference_ckpt": "runs/ref"}, {"reference_losses": str(tmp_path / "ref.f16")}):
+        name = next(iter(source))
+        with pytest.raises(ConfigError, match=f"training.{name} is read by a token filter's excess or reference score"):
+            make_cfg(**source)
+        for score in ("loss", "collider", "entropy"):
+            with pytest.raises(ConfigError, match=f"training.{name} is read by the excess and reference scores only; "
+                                                  f"collider_score is '{score}'"):
+                make_cfg(use_collider=True, collider_score=score, collider_sparsity=0.5, **source)
+        with pytest.raises(ConfigError, match=f"selection_score is 'loss': drop {name}"):
+            make_cfg(selection="loss", selection_score="loss", **source)
+        for score in ("excess", "reference"):  # the scores that read it are accepted
+            make_cfg(use_collider=True, collider_score=score, collider_sparsity=0.5, **source)
+    assert main(["train", "--preset", "tiny", "--reference-losses", "x.f16", "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--reference-losses is read by a token filter's" in err
+
+
 def test_reference_with_another_tokenizer_is_refused(reference_run, tmp_path: Path, capsys) -> None:
     run, _, flags = reference_run
     argv = ["reference-losses", "--ckpt", str(run), "--out", str(tmp_path / "x.f16"), "--preset", "tiny"]

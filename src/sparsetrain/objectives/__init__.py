@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 
 from ..collider import ColliderModel
-from ..config import TrainConfig, register_train_check
+from ..config import TrainConfig, register_train_check, require
 from ..model import CausalLM
 from ..mtp import MTPHeads
-from ..selection import TokenSelector, create_truncated_router
+from ..selection import REFERENCE_SCORES, TokenSelector, create_truncated_router
 from . import cggr, collider, multi_token
 from .base import Objective, ObjectiveOutput
 from .collider import ColliderLoss
@@ -41,6 +41,29 @@ from .cggr import BatchSplitLoss, ReferenceNLL, SelectiveLoss
 __all__ = ["AuxiliaryLoss", "BatchSplitLoss", "ColliderLoss", "MultiTokenLoss", "NextTokenLoss", "Objective",
            "ObjectiveOutput", "ReferenceNLL", "SelectiveLoss", "Trunk", "build_objective", "make_selector"]
 
+
+
+def check_reference(cfg: TrainConfig) -> None:
+    """A reference (``reference_ckpt`` or ``reference_losses``) is read only by a
+    score of ``REFERENCE_SCORES``; set without one it would be loaded (and, as a
+    run, forwarded every micro-batch) for nothing, so it is refused."""
+    given = "reference_ckpt" if cfg.reference_ckpt else "reference_losses" if cfg.reference_losses else ""
+    if not given:
+        return
+    if cfg.use_collider:
+        require(cfg.collider_score in REFERENCE_SCORES,
+                f"training.{given} is read by the {' and '.join(REFERENCE_SCORES)} scores only; "
+                f"collider_score is {cfg.collider_score!r}: drop {given} or pick one of them")
+    elif cfg.selection != "none":
+        require(cfg.selection_score in REFERENCE_SCORES,
+                f"training.{given} is read by the {' and '.join(REFERENCE_SCORES)} scores only; "
+                f"selection_score is {cfg.selection_score!r}: drop {given} or pick one of them")
+    else:
+        require(False, f"training.{given} is read by a token filter's {' or '.join(REFERENCE_SCORES)} score; "
+                       "no filter is on (use_collider or selection): drop it")
+
+
+register_train_check("reference", check_reference)
 register_train_check("selection", cggr.check_config)
 register_train_check("collider", collider.check_config)
 register_train_check("mtp", multi_token.check_config)
