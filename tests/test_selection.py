@@ -419,6 +419,84 @@ def test_cggr_loss_warmup_advances_without_step_calls() -> None:
     assert manual.get_metrics()["step"] == 1
 
 
+def _warmup_ratio(step: int, target: float, warmup: int) -> float:
+    """The documented warmup: linear from 1.0 at step 0 to ``target`` at ``warmup`` steps."""
+    return 1.0 - min(step, warmup) / warmup * (1.0 - target)
+
+
+def _accumulate(obj, forward, n_steps: int, micro: int) -> list[list[float]]:
+    """The documented loop: ``micro`` training forwards per optimizer step, ``obj.step()``
+    after each optimizer step; the keep ratio of every micro-batch."""
+    ratios = []
+    for _ in range(n_steps):
+        ratios.append([])
+        for _ in range(micro):
+            forward()
+            ratios[-1].append(obj.get_metrics()["token_ratio"])
+        obj.step()  # after optimizer.step()
+    return ratios
+
+
+def _cggr_pair(kind: str, **kw):
+    """A CGGRLoss or CGGRModel in training mode and a training forward of it."""
+    if kind == "loss":
+        logits, targets = random_batch(B=4, T=16, V=30)
+        obj = CGGRLoss(selection="topk", dynamic_threshold=False, **kw)
+        return obj, lambda: obj(logits, targets)
+    obj = CGGRModel(_tiny_gpt(n_layer=1), dynamic_threshold=False, scoring="loss", **kw)
+    ids = torch.randint(0, 300, (8, 16))
+    return obj, lambda: obj(ids, targets=ids)
+
+
+@pytest.mark.parametrize("kind", ["loss", "model"])
+def test_cggr_step_calls_count_optimizer_steps_with_accumulation(kind: str) -> None:
+    """With ``.step()`` after each optimizer step and 2 micro-batches per step, the
+    count is the number of optimizer steps: the first call undoes the forwards'
+    automatic counts, and from then on forwards count nothing."""
+    target, warmup = 0.25, 8
+    obj, forward = _cggr_pair(kind, min_tokens_ratio=target, warmup_steps=warmup)
+    ratios = _accumulate(obj, forward, n_steps=4, micro=2)
+    assert obj.selector.step_count == 4
+    forward()
+    assert obj.get_metrics()["step"] == 4
+    # before the first call nothing tells a training loop's micro-batches from its steps:
+    # the first step's micro-batches ran at the automatic count (auto_step=False avoids it)
+    assert ratios[0] == pytest.approx([_warmup_ratio(0, target, warmup), _warmup_ratio(1, target, warmup)])
+    for s in range(1, 4):
+        assert ratios[s] == pytest.approx([_warmup_ratio(s, target, warmup)] * 2), s
+
+
+@pytest.mark.parametrize("kind", ["loss", "model"])
+def test_cggr_manual_steps_only_gives_one_ratio_per_optimizer_step(kind: str) -> None:
+    """``auto_step=False``: forwards never count, every micro-batch of optimizer
+    step s runs at the warmup's ratio for s, from the first step on."""
+    target, warmup = 0.25, 4
+    obj, forward = _cggr_pair(kind, min_tokens_ratio=target, warmup_steps=warmup, auto_step=False)
+    ratios = _accumulate(obj, forward, n_steps=6, micro=2)
+    assert obj.selector.step_count == 6
+    assert [r for pair in ratios for r in pair] == pytest.approx([_warmup_ratio(s // 2, target, warmup) for s in range(12)])
+    assert ratios[1] == pytest.approx([0.8125, 0.8125])
+
+
+@pytest.mark.parametrize("kind", ["loss", "model"])
+def test_cggr_auto_step_counts_each_training_forward(kind: str) -> None:
+    """Without ``.step()`` calls each training forward is one step; eval forwards are not."""
+    target, warmup = 0.25, 4
+    obj, forward = _cggr_pair(kind, min_tokens_ratio=target, warmup_steps=warmup)
+    ratios = []
+    for _ in range(6):
+        forward()
+        ratios.append(obj.get_metrics()["token_ratio"])
+    assert ratios == pytest.approx([_warmup_ratio(s, target, warmup) for s in range(6)])
+    assert obj.selector.step_count == 6
+    obj.eval()
+    forward()
+    assert obj.selector.step_count == 6
+    obj.train()
+    obj.step()  # switching to counted steps: the automatic counts are undone
+    assert obj.selector.step_count == 1
+
+
 def _tiny_gpt(n_layer=4) -> GPT:
     torch.manual_seed(fresh_seed())
     return GPT(ModelConfig(vocab_size=300, seq_len=32, n_layer=n_layer, n_head=2, d_model=32, init_std=0.1)).double()
@@ -458,33 +536,38 @@ def test_cggr_model_batch_splitting_picks_hardest_sequences() -> None:
     assert model.blocks[-1].ffn.down.weight.grad is not None
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gpt2"])
 def test_hf_truncated_router_equals_first_layers(family: str) -> None:
+    """The router cut at 2 layers gives the logits of a 2-layer model with the same
+    weights, and owns no parameter of its own (tiny models of each family as the
+    HF Collider tests build them, tests/hf_reference.py)."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(fresh_seed())
-    common = dict(vocab_size=120, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=64)
-    if family == "llama":
-        full = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_hidden_layers=4, **common))
-        cut_cfg = transformers.LlamaConfig(num_hidden_layers=2, **common)
-        cut = transformers.LlamaForCausalLM(cut_cfg)
-    elif family == "qwen2":
-        full = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_hidden_layers=4, **common))
-        cut = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(num_hidden_layers=2, **common))
-    else:
+    seed = fresh_seed()
+    if family == "gpt2":
+        torch.manual_seed(seed)
         kw = dict(vocab_size=120, n_embd=32, n_head=4, n_positions=64)
         full = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=4, **kw))
         cut = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, **kw))
+    else:
+        from hf_reference import make_model  # the Llama-family tiny configs (grouped-query heads)
+
+        full = make_model(family, seed, dtype=torch.float32, num_hidden_layers=4)
+        cut = make_model(family, seed, dtype=torch.float32, num_hidden_layers=2)
     full.eval()
-    cut.load_state_dict(full.state_dict(), strict=False)
+    missing, unexpected = cut.load_state_dict(full.state_dict(), strict=False)
+    assert not missing and all(".2." in k or ".3." in k for k in unexpected), (missing, unexpected)
     cut.eval()
     router = create_truncated_router(full, num_layers=2)
     ids = torch.randint(0, 120, (2, 12))
     attn = torch.ones_like(ids)
+    attn[1, :3] = 0  # left padding: the backbone's own mask handling
     with torch.no_grad():
-        assert torch.allclose(router(ids, attention_mask=attn), cut(ids, attention_mask=attn).logits, atol=1e-5)
+        got = router(ids, attention_mask=attn)
+        want = cut(ids, attention_mask=attn).logits
+    assert torch.allclose(got, want, atol=1e-5), (seed, float((got - want).abs().max()))
     full_ptrs = {p.data_ptr() for p in full.parameters()}
     assert all(p.data_ptr() in full_ptrs for p in router.parameters())
+    assert len(router.backbone.layers if family != "gpt2" else router.backbone.h) == 2
 
 
 def test_cggr_objects_never_step_a_selector_passed_in() -> None:

@@ -7,10 +7,13 @@ Drop-in for users of the ``cggr`` package (same constructor arguments and
 * the loss's scores use the targets when the score needs them (``loss``,
   ``combined``), and ignored targets (-100) are never selected;
 * warmup advances by itself: every training-mode forward counts as a step
-  until you call :meth:`step` yourself, from then on only your calls count.
-  That holds for the selector a CGGR object builds from its cggr-style
-  arguments; a ``selector`` passed in belongs to the caller, who counts its
-  steps (the trainer, once per optimizer step however many micro-batches);
+  until you call :meth:`step` yourself; that first call undoes those
+  automatic counts, and from then on only your calls count (see
+  :class:`_AutoStep`; ``auto_step=False`` counts only your calls from the
+  start). That holds for the selector a CGGR object builds from its
+  cggr-style arguments; a ``selector`` passed in belongs to the caller, who
+  counts its steps (the trainer, once per optimizer step however many
+  micro-batches);
 * batch splitting ranks sequences by their *mean* token score (choosing a
   sequence when *any* token is hard selects nearly everything), shifts the
   router's labels once, and slices the attention mask with the batch.
@@ -33,21 +36,43 @@ from .selector import TokenSelector
 
 
 class _AutoStep:
-    """Step counting shared by CGGRLoss and CGGRModel: only a selector the CGGR
-    object built itself is stepped by its forwards (until the first :meth:`step`)."""
+    """Step counting shared by CGGRLoss and CGGRModel.
+
+    The warmup's step is the number of optimizer steps. There are two ways to count them:
+
+    * call :meth:`step` after every ``optimizer.step()`` (the way to use it with
+      gradient accumulation): the step count is the number of your calls, and every
+      micro-batch of one optimizer step runs at the same keep ratio;
+    * never call it: each training-mode forward counts as one step (a loop of one
+      forward per optimizer step needs no call at all).
+
+    The first :meth:`step` call decides: it undoes the counts that forwards made
+    before it, and from then on forwards count nothing. Before that call a forward
+    cannot tell a micro-batch from a step, so the micro-batches of the *first*
+    optimizer step run at the automatically counted steps 0, 1, ...; pass
+    ``auto_step=False`` to count only your calls from the start (every forward of
+    that step at step 0). Eval-mode forwards never count. Forwards never step a
+    ``selector`` passed in: its owner counts (the trainer, through ``set_step``).
+    """
 
     selector: TokenSelector
-    _manual_steps = False
+    _manual_steps = False  # True once step() was called, or from the start with auto_step=False
+    _auto_steps = 0  # the counts forwards made, undone by the first step()
     _owns_selector = True
 
     def step(self) -> None:
-        """Advance the warmup by one optimizer step (call after ``optimizer.step()``)."""
-        self._manual_steps = True
+        """Advance the warmup by one optimizer step (call after ``optimizer.step()``).
+        The first call undoes the steps that training forwards counted before it."""
+        if not self._manual_steps:
+            self._manual_steps = True
+            self.selector.set_step(max(0, self.selector.step_count - self._auto_steps))
+            self._auto_steps = 0
         self.selector.step()
 
     def _auto_step(self, training: bool) -> None:
         if training and self._owns_selector and not self._manual_steps:
             self.selector.step()
+            self._auto_steps += 1
 
 
 class CGGRLoss(_AutoStep, nn.Module):
@@ -56,6 +81,10 @@ class CGGRLoss(_AutoStep, nn.Module):
     ``forward(logits [B, T, V] or [N, V], targets [B, T] or [N])`` with targets
     aligned to logits (see ``scores.py``). The gradient equals that of
     cross-entropy averaged over the kept tokens only.
+
+    Warmup steps: call :meth:`step` after each ``optimizer.step()``, or never
+    (each training forward is then a step); ``auto_step=False`` counts only
+    the calls. See :class:`_AutoStep`.
     """
 
     def __init__(
@@ -72,10 +101,13 @@ class CGGRLoss(_AutoStep, nn.Module):
         ignore_index: int = IGNORE_INDEX,
         seed: int = 0,
         selector: TokenSelector | None = None,
+        auto_step: bool = True,
     ) -> None:
         super().__init__()
-        # ``selector`` (sparsetrain extension) replaces the cggr-style arguments; its owner counts its steps
+        # ``selector`` (sparsetrain extension) replaces the cggr-style arguments; its owner counts its steps.
+        # ``auto_step`` (sparsetrain extension): False counts only step() calls (see _AutoStep)
         self._owns_selector = selector is None
+        self._manual_steps = not auto_step
         self.selector = selector or TokenSelector(
             score=scoring, method=selection, keep_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
             dynamic=dynamic_threshold, sensitivity=threshold_sensitivity, num_strata=num_strata,
@@ -208,6 +240,9 @@ class CGGRModel(_AutoStep, nn.Module):
     shift happens here, once); ``targets`` are already aligned (sparsetrain
     style). Padding (``attention_mask == 0``) is never a target. Returns the
     mean cross-entropy over the selected sequences' valid tokens.
+
+    Warmup steps are counted as by :class:`CGGRLoss` (:meth:`step`,
+    ``auto_step``; see :class:`_AutoStep`).
     """
 
     def __init__(
@@ -221,13 +256,15 @@ class CGGRModel(_AutoStep, nn.Module):
         scoring: str = "combined",
         ignore_index: int = IGNORE_INDEX,
         selector: TokenSelector | None = None,
+        auto_step: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
         self.router = router if router is not None else model
         # the selector's score and schedule (warmup, dynamic ratio) decide which and how many sequences;
-        # a selector passed in is stepped by its owner
+        # a selector passed in is stepped by its owner; auto_step=False counts only step() calls (see _AutoStep)
         self._owns_selector = selector is None
+        self._manual_steps = not auto_step
         self.selector = selector or TokenSelector(
             score=scoring, method="topk", keep_ratio=min_tokens_ratio, warmup_steps=warmup_steps,
             dynamic=dynamic_threshold, sensitivity=threshold_sensitivity, ignore_index=ignore_index)
