@@ -1,10 +1,12 @@
 """Two gloo processes on CPU: DDP gradients equal one process on the global batch
 (dense, and MTP whose heads go through DDP too), ranks stay in sync through
-training, only rank 0 writes, and processes leave through the ordered teardown
-and a normal interpreter exit."""
+training, each Trainer optimizer step (AdamW, Muon, Lion) is one process's on
+the reduced gradients, only rank 0 writes, and processes leave through the
+ordered teardown and a normal interpreter exit."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -18,6 +20,7 @@ import torch.multiprocessing as mp
 from sparsetrain import distributed as D
 from sparsetrain import parallel as P
 from sparsetrain.config import TrainConfig
+from sparsetrain.optim import lr_at
 from sparsetrain.trainer import Trainer
 
 
@@ -27,12 +30,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _trainable(t: Trainer) -> dict[str, torch.nn.Parameter]:
+    """Every trainable parameter by name: the model's, and the MTP heads' under ``mtp.``."""
+    params = dict(t.model.named_parameters())
+    if t.mtp is not None:
+        params.update({f"mtp.{k}": p for k, p in t.mtp.named_parameters()})
+    return params
+
+
 def _grads(t: Trainer) -> dict[str, torch.Tensor]:
     """Every trainable parameter's gradient: the model's, and the MTP heads' under ``mtp.``."""
-    grads = {k: p.grad.clone() for k, p in t.model.named_parameters()}
-    if t.mtp is not None:
-        grads.update({f"mtp.{k}": p.grad.clone() for k, p in t.mtp.named_parameters()})
-    return grads
+    return {k: p.grad.clone() for k, p in _trainable(t).items()}
+
+
+def _record_steps(t: Trainer) -> list[dict]:
+    """Record every optimizer step ``t`` runs from now on, through two public
+    attributes wrapped on the instance (``forward_backward`` and the optimizer's
+    ``step``): the step's micro-batches, the learning rates of its groups and the
+    gradients the optimizer is handed (reduced over the ranks and clipped), and
+    the parameters after it."""
+    steps: list[dict] = []
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    forward_backward, optimizer_step = t.forward_backward, t.optimizer.step
+
+    def recording_forward_backward(x, y, *args, **kwargs):
+        batches.append((x.clone(), y.clone()))
+        return forward_backward(x, y, *args, **kwargs)
+
+    def recording_step(*args, **kwargs):
+        steps.append({"batches": list(batches), "lrs": [float(g["lr"]) for g in t.optimizer.param_groups],
+                      "grads": _grads(t)})
+        batches.clear()
+        out = optimizer_step(*args, **kwargs)
+        steps[-1]["params"] = {k: p.detach().clone() for k, p in _trainable(t).items()}
+        return out
+
+    t.forward_backward, t.optimizer.step = recording_forward_backward, recording_step
+    return steps
 
 
 def _worker(rank: int, world: int, port: int, cfg: TrainConfig, batch: tuple, out: str) -> None:
@@ -131,15 +165,84 @@ def test_ddp_with_collider_averages_exact_gradients(tmp_path: Path) -> None:
         assert torch.allclose(g0[name], p.grad, rtol=1e-6, atol=1e-12), name
 
 
-@pytest.mark.parametrize("objective", ["mtp", "collider_mtp"])
-def test_ddp_gloo_two_processes_with_mtp(make_cfg, tmp_path: Path, objective: str) -> None:
+@contextlib.contextmanager
+def _one_thread():
+    """Run as the workers do (``torch.set_num_threads(1)``): a CPU matmul's sums
+    (Muon's Newton-Schulz) may be split differently with more threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_steps_against_one_process(single: Trainer, cfg: TrainConfig, ranks: list[dict], objective: str) -> None:
+    """Replay the ranks' recorded optimizer steps (:func:`_record_steps`, a run
+    of ``cfg``) in ``single``, one process, from the same starting weights and
+    optimizer (same optimizer settings; its lr schedule is ``cfg``'s). Each step: the
+    global batch (both ranks' micro-batches) gives the one process's gradients,
+    clipped as the trainer clips, which equal those the ranks' optimizer was
+    handed to the tolerance of the gradient checks above; the ranks' learning
+    rates are the schedule's (``lr_at`` times each group's ``lr_scale``); and the
+    one process's optimizer, stepping on those same gradients, lands bitwise on
+    the ranks' parameters. So the optimizer under DDP (its groups and roles, the
+    MTP heads inside the DDP-wrapped objective, its state, the lr it is given)
+    runs exactly the one-process step on the reduced gradients."""
+    params = _trainable(single)
+    steps0, steps1 = ranks[0]["steps"], ranks[1]["steps"]
+    assert len(steps0) == len(steps1) == cfg.max_steps
+    single.optimizer.zero_grad(set_to_none=True)
+    with _one_thread():
+        for k, (s0, s1) in enumerate(zip(steps0, steps1)):
+            assert len(s0["batches"]) == len(s1["batches"]) == 1
+            (x0, y0), (x1, y1) = s0["batches"][0], s1["batches"][0]
+            single.objective.set_step(k)
+            if objective == "mtp":
+                single.forward_backward(torch.cat([x0, x1]), torch.cat([y0, y1]))
+            else:
+                single.forward_backward(x0, y0, loss_scale=0.5)
+                single.forward_backward(x1, y1, loss_scale=0.5)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+            lrs = [lr_at(k, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio) * g.get("lr_scale", 1.0)
+                   for g in single.optimizer.param_groups]
+            assert s0["lrs"] == s1["lrs"] == lrs, k
+            for g, lr in zip(single.optimizer.param_groups, lrs):
+                g["lr"] = lr
+            for name, p in params.items():
+                assert torch.allclose(s0["grads"][name], p.grad, rtol=1e-5, atol=1e-8), (k, name)
+                assert torch.equal(s0["grads"][name], s1["grads"][name]), (k, name)
+                p.grad = s0["grads"][name].clone()
+            single.optimizer.step()
+            single.optimizer.zero_grad(set_to_none=True)
+            for name, p in params.items():
+                assert torch.equal(p.detach(), s0["params"][name]), (k, name)
+                assert torch.equal(s0["params"][name], s1["params"][name]), (k, name)
+    for name, p in params.items():  # the steps moved every parameter
+        assert not torch.equal(p.detach(), ranks[0]["start"][name]), name
+
+
+@pytest.mark.parametrize("objective,optimizer", [
+    ("mtp", "adamw"), ("collider_mtp", "adamw"),
+    ("mtp", "muon"), ("collider_mtp", "muon"),
+    ("mtp", "lion"),
+])
+def test_ddp_gloo_two_processes_with_mtp(make_cfg, tmp_path: Path, objective: str, optimizer: str) -> None:
     """MTP through DDP: the heads live in the DDP-wrapped objective, so their
     gradients are all-reduced with the model's and equal one process's on the
     global batch (dense MTP: every rank's half has as many targets per head, so
     the mean of the ranks' means is the global mean). With Collider, whose kept
     count differs per rank, the one process accumulates the two halves' losses
-    at half weight, as DDP averages them. The ranks then train in step."""
-    kw = dict(use_mtp=True, mtp_n_tokens=3, mtp_weight=0.5)
+    at half weight, as DDP averages them. The ranks then train in step, and
+    each of their optimizer steps (AdamW, Muon with its AdamW fallback, Lion)
+    is the one process's on the global batch
+    (:func:`_check_steps_against_one_process`)."""
+    if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        pytest.skip("needs torch >= 2.9 (torch.optim.Muon)")
+    if optimizer == "lion":
+        pytest.importorskip("lion_pytorch")
+    kw = dict(use_mtp=True, mtp_n_tokens=3, mtp_weight=0.5, optimizer=optimizer)
     if objective == "collider_mtp":  # a fixed threshold: each token's keep decision is the same in any split
         kw.update(use_collider=True, collider_sparsity=0.0, collider_threshold=0.4)
     cfg = make_cfg(out_dir=str(tmp_path / "ddp"), max_steps=3, eval_every=0, **kw)
@@ -168,6 +271,7 @@ def test_ddp_gloo_two_processes_with_mtp(make_cfg, tmp_path: Path, objective: st
         assert torch.equal(r0["params"][k], r1["params"][k]), k
     rows = [json.loads(l) for l in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [len(r["mtp_losses"]) for r in rows if r["kind"] == "train"] == [3, 3, 3]
+    _check_steps_against_one_process(single, cfg, [r0, r1], objective)
 
 
 def _mtp_worker(rank: int, world: int, port: int, cfg: TrainConfig, state: dict, batch: tuple, out: str) -> None:
@@ -182,10 +286,12 @@ def _mtp_worker(rank: int, world: int, port: int, cfg: TrainConfig, state: dict,
         t.forward_backward(x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n])
         grads = _grads(t)
         t.optimizer.zero_grad(set_to_none=True)
+        start = {k: p.detach().clone() for k, p in _trainable(t).items()}
+        steps = _record_steps(t)
         t.fit()
         params = {k: v.clone() for k, v in t.model.state_dict().items()}
         params.update({f"mtp.{k}": v.clone() for k, v in t.mtp.state_dict().items()})
-        torch.save({"grads": grads, "params": params}, Path(out) / f"rank{rank}.pt")
+        torch.save({"grads": grads, "params": params, "start": start, "steps": steps}, Path(out) / f"rank{rank}.pt")
         del t  # its DDP reducer goes while the process group still has its Python owners
     finally:
         D.shutdown_distributed()

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from sparsetrain import optimizers as O
-from sparsetrain.config import build_config
+from sparsetrain.config import OPTIMIZERS, build_config
 from sparsetrain.errors import CheckpointError, ConfigError
 from sparsetrain.build import build_model
 from sparsetrain.mtp import MTPHeads, naive_loss
@@ -711,6 +711,25 @@ def test_galore_names_its_missing_dependency(monkeypatch) -> None:
         O.build_optimizer(build_model(cfg.model), cfg, "cpu")
 
 
+def test_galore_refuses_resnet_bk(monkeypatch) -> None:
+    """GaLore projects 2-D gradients only: ResNet-BK (whose expert stacks are
+    ``[E, out, in]``) is refused with one line when the config is validated, and
+    a ResNet-BK model handed to build_optimizer under another arch's config is
+    refused alike, before galore-torch is imported; other optimizers take it."""
+    monkeypatch.setitem(sys.modules, "galore_torch", None)  # the refusal is not a missing-package error
+    with pytest.raises(ConfigError) as e:
+        cfg_of(arch="resnet_bk", optimizer="galore_adamw")
+    msg = str(e.value)
+    assert "\n" not in msg and "optimizer = galore_adamw" in msg and "model.arch = resnet_bk" in msg
+    model = build_model(cfg_of(arch="resnet_bk").model)
+    with pytest.raises(ConfigError) as e:
+        O.build_optimizer(model, cfg_of(optimizer="galore_adamw"), "cpu")
+    assert str(e.value) == msg
+    for kind in OPTIMIZERS:
+        if kind != "galore_adamw":
+            assert cfg_of(arch="resnet_bk", optimizer=kind).optimizer == kind
+
+
 def test_muon_without_torch_muon_is_one_line(monkeypatch) -> None:
     monkeypatch.delattr(torch.optim, "Muon")
     monkeypatch.setattr(O, "_MUON_CLASS", None)
@@ -746,19 +765,6 @@ def test_optimizer_keys_from_toml(tmp_path) -> None:
 # ----------------------------------------------------------------------------- the trainer
 
 
-def _trainer_builds_from_config() -> bool:
-    import inspect
-
-    from sparsetrain import trainer
-
-    return "build_optimizer" in inspect.getsource(trainer)
-
-
-needs_trainer_wiring = pytest.mark.skipif(not _trainer_builds_from_config(),
-                                          reason="the trainer does not build its optimizer with build_optimizer yet")
-
-
-@needs_trainer_wiring
 @needs_muon
 def test_trainer_runs_muon_with_mtp_and_resumes_exactly(make_cfg, tmp_path) -> None:
     from test_trainer import interrupted_run_matches
@@ -777,7 +783,6 @@ def test_trainer_runs_muon_with_mtp_and_resumes_exactly(make_cfg, tmp_path) -> N
     assert "momentum_buffer" in t.optimizer.state[mtp_proj]
 
 
-@needs_trainer_wiring
 @needs_muon
 def test_trainer_fire_clears_every_part(make_cfg) -> None:
     from sparsetrain.trainer import Trainer
@@ -790,3 +795,71 @@ def test_trainer_fire_clears_every_part(make_cfg) -> None:
     assert len(t.optimizer.state) == 0 and all(len(part.state) == 0 for part in t.optimizer.parts.values())
     t.train_step()
     assert len(t.optimizer.state) == n_params
+
+
+def _bitsandbytes_runs_on_cpu() -> bool:
+    """bitsandbytes runs its 8-bit optimizers on CPU tensors from 0.49 on (read
+    from the package metadata: importing it may reach for the network)."""
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return tuple(int(v) for v in re.findall(r"\d+", version)[:2]) >= (0, 49)
+
+
+@pytest.mark.parametrize("kind", ["adamw8bit", "galore_adamw"])
+def test_trainer_steps_with_8bit_adamw_and_galore(kind, make_cfg, offline_hub) -> None:
+    """Three Trainer steps on CPU (the tiny preset, shrunk): finite losses, every
+    parameter moved, and the optimizer state is the kind's own. 8-bit AdamW: uint8
+    moments with block scales and quantisation maps for every tensor of at least
+    ``min_8bit_size`` elements, fp32 moments below. GaLore: each ``hidden`` matrix
+    has a projector of rank ``galore_rank`` and Adam moments of the projected
+    shape, and (no weight decay, one projection in three steps) its whole update
+    lies in the projector's subspace; the rest has plain AdamW moments."""
+    if importlib.util.find_spec(NEEDS[kind]) is None:
+        pytest.skip(f"needs {NEEDS[kind]}")
+    if kind == "adamw8bit" and not _bitsandbytes_runs_on_cpu():
+        pytest.skip("bitsandbytes < 0.49 has no CPU 8-bit AdamW")
+    from sparsetrain.trainer import Trainer
+
+    rank = 4
+    t = Trainer(make_cfg(optimizer=kind, galore_rank=rank, weight_decay=0.0, max_steps=3, eval_every=0), verbose=False)
+    start = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    result = t.fit()
+    assert len(result.train_losses) == 3 and all(math.isfinite(v) for v in result.train_losses.values())
+    for n, p in t.model.named_parameters():
+        assert not torch.equal(p, start[n]), f"{n} did not move"
+    opt = t.optimizer
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(start) == len(opt.state)
+    if kind == "adamw8bit":
+        quantised = 0
+        for n, p in t.model.named_parameters():
+            s = opt.state[p]
+            if p.numel() >= opt.args.min_8bit_size:
+                assert s["state1"].dtype == s["state2"].dtype == torch.uint8 and s["state1"].shape == p.shape, n
+                assert {"absmax1", "absmax2", "qmap1", "qmap2"} <= set(s), n
+                quantised += 1
+            else:
+                assert s["state1"].dtype == s["state2"].dtype == torch.float32, n
+        assert quantised >= 2  # the embedding and the LM head at least
+        return
+    low_rank = opt.param_groups[0]
+    assert low_rank["rank"] == rank
+    hidden = [(n, p) for n, p, role in O.parameter_roles(t.model) if role == "hidden"]
+    assert [id(p) for p in low_rank["params"]] == [id(p) for _, p in hidden]
+    for n, p in hidden:
+        s = opt.state[p]
+        q = s["projector"].ortho_matrix
+        delta = (p - start[n]).double()
+        if p.shape[0] >= p.shape[1]:  # projected on the right: [out, rank] moments, Q is [rank, in]
+            assert q.shape == (rank, p.shape[1]) and s["exp_avg"].shape == (p.shape[0], rank), n
+            inside = delta @ q.double().T @ q.double()
+        else:  # on the left: [rank, in] moments, Q is [out, rank]
+            assert q.shape == (p.shape[0], rank) and s["exp_avg"].shape == (rank, p.shape[1]), n
+            inside = q.double() @ q.double().T @ delta
+        assert (delta - inside).norm() <= 1e-3 * delta.norm(), n
+    for g in opt.param_groups[1:]:
+        for p in g["params"]:
+            assert "projector" not in opt.state[p] and opt.state[p]["exp_avg"].shape == p.shape

@@ -7,7 +7,8 @@ module that owns it rather than by its number of dimensions alone:
 - ``hidden``: a matrix of a hidden layer -- the weight of an ``nn.Linear``
   inside the network (attention qkv/proj, FFN up/gate/down, MTP head
   projections, ResNet-BK routers and projections) and each expert of a
-  ResNet-BK ``[E, out, in]`` expert stack. Muon (and GaLore) take these.
+  ResNet-BK ``[E, out, in]`` expert stack. Muon takes these; GaLore takes
+  the 2-D ones and refuses ResNet-BK, whose expert stacks it cannot project.
 - ``embedding``: an ``nn.Embedding`` table (a tied LM head is this too).
 - ``head``: the ``lm_head`` weight of a :class:`~sparsetrain.model.CausalLM`;
   its rows are per-token classifiers, like the embedding's, so Muon's
@@ -65,7 +66,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from .config import OPTIMIZERS
+from .config import OPTIMIZERS, register_train_check, require
 from .errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -79,8 +80,25 @@ _PACKAGES = {
     "lion_pytorch": ("lion-pytorch", "lion"),
     "bitsandbytes": ("bitsandbytes", "adamw8bit"),
     "galore_torch": ("galore-torch", "galore"),
-    "transformers": ("transformers", "galore"),  # galore-torch imports it without declaring it
+    # galore_torch imports transformers (galore-torch 1.0 declares it, with bitsandbytes): named here
+    # for an install that lacks it all the same (pip --no-deps), which then gets the extra's hint
+    "transformers": ("transformers", "galore"),
 }
+
+# one line: refused when the config is validated (check_config) and again by build_optimizer
+GALORE_BK_REFUSAL = ("optimizer = galore_adamw with model.arch = resnet_bk is not available: galore-torch projects "
+                     "2-D gradients only, and ResNet-BK's [E, out, in] expert stacks would silently get plain AdamW; "
+                     "use optimizer = muon (which orthogonalises each expert) or adamw")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """The optimizer's own refusals, run by every :meth:`TrainConfig.validate`
+    (registered below; the package's ``__init__`` imports this module through
+    ``sparsetrain.trainer``)."""
+    require(not (cfg.optimizer == "galore_adamw" and cfg.model.arch == "resnet_bk"), GALORE_BK_REFUSAL)
+
+
+register_train_check("optimizer", check_config)
 
 
 # ----------------------------------------------------------------------------- roles
@@ -165,11 +183,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
         _, decay, no_decay = _split(model)
         return _adamw8bit_class()(_groups(kind, decay, no_decay, cfg.weight_decay), lr=cfg.lr, betas=betas)
     if kind == "galore_adamw":
-        cls = _galore_adamw_class()
         low_rank, decay, no_decay = _split(model, special_roles=("hidden",))
-        stacks = [p for p in low_rank if p.dim() != 2]  # GaLore projects 2-D gradients only
-        low_rank = [p for p in low_rank if p.dim() == 2]
-        groups = _groups(kind, stacks + decay, no_decay, cfg.weight_decay)
+        # GaLore projects 2-D gradients only: expert stacks are refused, not quietly handed to plain AdamW
+        # (also for a ResNet-BK model passed with a config of another arch)
+        if any(p.dim() != 2 for p in low_rank):
+            raise ConfigError(GALORE_BK_REFUSAL)
+        cls = _galore_adamw_class()
+        groups = _groups(kind, decay, no_decay, cfg.weight_decay)
         if low_rank:
             groups.insert(0, {"params": low_rank, "weight_decay": cfg.weight_decay, "lr_scale": 1.0, "kind": kind,
                               "rank": cfg.galore_rank, "update_proj_gap": cfg.galore_update_proj_gap,
