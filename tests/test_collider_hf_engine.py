@@ -270,15 +270,22 @@ def test_lora_dropout_masks_are_the_forwards_in_the_backward(monkeypatch: pytest
 @pytest.mark.parametrize("lora", [False, True])
 def test_gradient_checkpointing_recomputes_in_the_adapter(lora: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """``gradient_checkpointing_enable()``: each layer keeps only its input and
-    runs its forward again in the backward; the gradients do not change."""
-    from sparsetrain.collider import hf_block
+    runs its forward again in the backward (the LoRA dropout masks drawn again
+    from the forward's seeds); the gradients are the float64 reference's, and
+    those of the run without checkpointing."""
+    from sparsetrain.collider import hf_block, hf_linear
 
-    seed = fresh_seed()
+    seed, p = fresh_seed(), 0.2
     ref = make_model("qwen3", seed)
     if lora:
         peft = pytest.importorskip("peft")
-        ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_dropout=0.2, target_modules=["q_proj", "down_proj"]))
-    g = torch.Generator().manual_seed(seed)
+        ref = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_dropout=p, target_modules=["q_proj", "down_proj"]))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # LoRA B away from zero: the A factors get a gradient
+            for n, q in ref.named_parameters():
+                if "lora_B" in n:
+                    q.copy_(torch.randn(q.shape, generator=g, dtype=q.dtype))
+    g = torch.Generator().manual_seed(seed + 1)
     ids, targets, keep = random_batch(2, 16, 120, g)
     results, calls = [], []
     forward = hf_block.HFDecoderLayerAdapter._forward
@@ -290,10 +297,32 @@ def test_gradient_checkpointing_recomputes_in_the_adapter(lora: bool, monkeypatc
             model.gradient_checkpointing_enable()
         apply(model)
         calls.clear()
-        torch.manual_seed(seed)  # the same dropout seeds
+        seeds = iter(range(seed, seed + 100))  # the same dropout seeds in both runs, known to the reference
+        monkeypatch.setattr(hf_block, "new_seed", lambda: next(seeds))
         masked_cross_entropy(model(ids, use_cache=False).logits, targets, keep).backward()
         assert len(calls) == (4 if ckpt else 2)
         results.append(grads(model))
+    base = ref.get_base_model() if lora else ref
+    if lora:  # the reference's dropout applies the masks the adapter drew, in its order (layer, projection)
+
+        class FixedMask(torch.nn.Module):
+            def __init__(self, mask: torch.Tensor) -> None:
+                super().__init__()
+                self.mask = mask
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return x * self.mask / (1 - p)
+
+        i = 0
+        for layer in base.model.layers:
+            for m in (layer.self_attn.q_proj, layer.mlp.down_proj):
+                width = m.get_base_layer().in_features
+                m.lora_dropout["default"] = FixedMask(hf_linear.keep_mask((2, 16, width), p, seed + i, ids.device))
+                i += 1
+    reference_backward(base, lambda logits: masked_cross_entropy(logits, targets, keep), keep, ids)
+    want = grads(ref)
+    assert_grads_close(results[1], want)  # checkpointed: the float64 reference's gradients
+    assert_grads_close(results[0], want)
     assert_grads_close(results[1], results[0], rtol=1e-12)
 
 
@@ -434,6 +463,68 @@ def test_cggr_api_on_an_applied_model() -> None:
         losses.append(loss.detach())
     assert torch.allclose(losses[0], losses[1], rtol=1e-12)
     assert_grads_close(grads(model), grads(ref), rtol=1e-9)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cggr_loss_on_an_applied_models_logits(family: str) -> None:
+    """``CGGRLoss`` on the applied model's logits (no selector in the model: every
+    position kept, the logits' gradient through the engine's dense backward):
+    its kept tokens are the ``ceil(r * n)`` highest CGGR ``combined`` scores over
+    the batch's n valid targets, with r CGGR's confidence-dynamic ratio; the loss
+    and every gradient are those of a naive float64 cross-entropy averaged over
+    exactly those tokens, on the plain HF model."""
+    import math
+
+    from sparsetrain.selection import CGGRLoss
+
+    seed = fresh_seed()
+    ref = make_model(family, seed)
+    model = apply(copy.deepcopy(ref))
+    assert uses_engine(model)
+    g = torch.Generator().manual_seed(seed)
+    ids, targets, _ = random_batch(3, 16, 120, g)
+    targets[1, 5:9] = -100
+    targets[:, -1] = -100  # HF's shifted labels: the last position predicts nothing
+    base, sensitivity = 0.3, 0.5
+
+    # the reference: the plain model's logits, the kept tokens worked out here from CGGR's rule
+    ref_logits = ref(ids, use_cache=False).logits
+    ref_logits.retain_grad()
+    valid = targets != -100
+    logp = torch.log_softmax(ref_logits.double(), -1)
+    nll = -logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    with torch.no_grad():
+        prob = logp.exp()
+        entropy = -(prob * logp).sum(-1)
+        p1, p2 = prob.topk(2, dim=-1).values.unbind(-1)
+        score = (entropy - p1) + (1 - (p1 - p2)) + nll
+        confidence = float(p1[valid].mean())
+        ratio = base + sensitivity * (1 - confidence) * (1 - base)
+        n = int(valid.sum())
+        k = min(n, max(1, math.ceil(ratio * n - 1e-9)))
+        order = torch.where(valid, score, float("-inf")).flatten().argsort(descending=True)
+        kept = torch.zeros(ids.numel(), dtype=torch.bool)
+        kept[order[:k]] = True
+        kept = kept.view_as(valid)
+    assert 0 < k < n and not (kept & ~valid).any()
+    want_loss = nll[kept].mean()
+    want_loss.backward()
+    want = grads(ref)
+
+    loss_fn = CGGRLoss(scoring="combined", selection="topk", dynamic_threshold=True,
+                       threshold_sensitivity=sensitivity, min_tokens_ratio=base, warmup_steps=0)
+    logits = model(ids, use_cache=False).logits
+    seen = []
+    logits.register_hook(lambda grad: seen.append(grad.detach().clone()))
+    loss = loss_fn(logits, targets)
+    loss.backward()
+    assert torch.allclose(loss.detach(), want_loss.detach(), rtol=1e-12, atol=0), (float(loss), float(want_loss), seed)
+    (dlogits,) = seen
+    assert torch.equal(dlogits.abs().sum(-1) != 0, kept), seed  # exactly the kept rows get a gradient
+    assert torch.allclose(dlogits, ref_logits.grad, rtol=1e-10, atol=1e-14), seed
+    assert_grads_close(grads(model), want)
+    metrics = loss_fn.get_metrics()
+    assert metrics["tokens_selected"] == k and metrics["tokens_total"] == n, (metrics, k, n, seed)
 
 
 @pytest.mark.slow
