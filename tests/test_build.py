@@ -88,7 +88,7 @@ def test_gpt_refuses_what_only_build_model_applies() -> None:
 ])
 def test_each_technique_checks_its_own_fields(overrides: dict, message: str) -> None:
     assert {"relu2_24", "hyper_connections", "resnet_bk"} <= set(registered_checks()["model"])
-    assert {"selection", "collider", "mtp"} <= set(registered_checks()["training"])
+    assert {"selection", "collider", "mtp", "reference", "optimizer"} <= set(registered_checks()["training"])
     with pytest.raises(ConfigError, match=message):
         build_config("tiny", overrides=overrides)
     with pytest.raises(ConfigError, match=message):

@@ -9,7 +9,7 @@ Importing the package registers every technique's config checks with
 for the training objectives), so a config validated anywhere meets all of them.
 """
 
-from . import build, objectives  # noqa: F401  (registers the techniques' config checks)
+from . import build, objectives, optimizers  # noqa: F401  (registers the techniques' config checks)
 from .build import build_model
 from .config import ModelConfig, TrainConfig, build_config, list_presets
 from .data import TokenizedCorpus, load_corpus
