@@ -51,10 +51,9 @@ def float32_grads(q, k, v, d_out):
 
 @requires_cuda
 @pytest.mark.parametrize("impl", ["cudnn", "flash", "recompute"])
-def test_each_engine_attention_backward_matches_dense_gradients(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_engine_attention_backward_matches_dense_gradients(impl: str) -> None:
     import sparsetrain.collider.attention as A
 
-    monkeypatch.setattr(A, "_cudnn_ok", None)
     q, k, v, d_out = attention_inputs(2, 4, 256, 64, fresh_seed())
     with kernels.using(attention_impl=impl):  # the policy, not the environment: it is read once per process
         out, saved = A.attention_forward(q, k, v)
@@ -87,11 +86,10 @@ class _EngineInBackward(torch.autograd.Function):
 
 
 @requires_cuda
-def test_engine_cudnn_backward_stays_right_after_ordinary_sdpa_training(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_engine_cudnn_backward_stays_right_after_ordinary_sdpa_training() -> None:
     import sparsetrain.collider.attention as A
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    monkeypatch.setattr(A, "_cudnn_ok", None)
     with kernels.using(attention_impl="cudnn"):  # process-wide: autograd's device thread sees it too
         seed = fresh_seed()
         # ordinary training first: cuDNN's backward of the same shapes, with a head-major output gradient

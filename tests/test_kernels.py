@@ -1,5 +1,6 @@
 """Kernel dispatch policy: read from the environment once, changed only as a
-whole (a new frozen object), and what the dispatching modules follow."""
+whole (a new frozen object), and what the dispatching modules follow; a run's
+policy comes from its config's [kernels] section and stays within that run."""
 
 from __future__ import annotations
 
@@ -82,3 +83,206 @@ def test_cross_entropy_follows_the_policy_on_cuda() -> None:
         assert calls == [1]
     finally:
         ce.fused_cross_entropy = real
+
+
+# ----------------------------------------------------------------------------- the run's policy, from its config
+
+KNOBS = dict(fused_cross_entropy=False, cached_cslt_plans=False, cusparselt_min_width=64, attention_impl="recompute",
+             fused_hyper_mixing=False, kept_kernel_max_keep=0.3)
+COLLIDER = dict(use_collider=True, collider_sparsity=0.5, collider_method="topk", eval_every=0, max_steps=2)
+
+
+def test_kernels_section_holds_the_policy_with_its_defaults() -> None:
+    """[kernels] carries exactly the policy's fields, and its defaults (no environment)
+    are the policy's: a run configured by default dispatches as before."""
+    from sparsetrain.config import ENV_DEFAULTS, TrainConfig, env_default
+
+    cfg = TrainConfig(**{name: env_default(name, {}) for name in ENV_DEFAULTS})
+    assert list(cfg.to_dict()["kernels"]) == [f.name for f in dataclasses.fields(KernelPolicy)]
+    assert KernelPolicy.from_config(cfg) == KernelPolicy() == KernelPolicy.from_env({})
+
+
+def test_environment_is_read_into_the_config_default_once(monkeypatch: pytest.MonkeyPatch, make_cfg) -> None:
+    """SPARSETRAIN_ATTENTION_IMPL / SPARSETRAIN_CSLT_PLANS become the defaults of their
+    fields when a config is built, one read each; a file or a flag wins; nothing
+    reads them again (not the trainer, not a step)."""
+    import sparsetrain.config as C
+    from sparsetrain import Trainer
+
+    reads = []
+    real = C.env_default
+    monkeypatch.setattr(C, "env_default", lambda name, environ=None: reads.append(name) or real(name, environ))
+    monkeypatch.setenv("SPARSETRAIN_ATTENTION_IMPL", "recompute")
+    monkeypatch.setenv("SPARSETRAIN_CSLT_PLANS", "0")
+    cfg = make_cfg(max_steps=1, eval_every=0)
+    assert (cfg.attention_impl, cfg.cached_cslt_plans) == ("recompute", False)
+    assert sorted(reads) == ["attention_impl", "cached_cslt_plans"]
+    assert make_cfg(attention_impl="flash", cached_cslt_plans=True).attention_impl == "flash"  # a flag wins
+    reads.clear()
+    monkeypatch.setenv("SPARSETRAIN_ATTENTION_IMPL", "flash")  # too late for cfg
+    t = Trainer(cfg, verbose=False)
+    t.train_step()
+    t.evaluate()
+    assert reads == [] and t.kernel_policy.attention_impl == "recompute" and not t.kernel_policy.cached_cslt_plans
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"attention_impl": "fast"}, "kernels.attention_impl (default: $SPARSETRAIN_ATTENTION_IMPL) must be one of "
+                                 "auto, cudnn, flash, recompute, got 'fast'"),
+    ({"cusparselt_min_width": -1}, "kernels.cusparselt_min_width must be >= 0, got -1"),
+    ({"kept_kernel_max_keep": 1.5}, "kernels.kept_kernel_max_keep must be in [0, 1], got 1.5"),
+    ({"fused_cross_entropy": "maybe"}, "fused_cross_entropy must be true or false, got 'maybe'"),
+])
+def test_bad_kernel_settings_are_refused_in_one_line(overrides: dict, needle: str) -> None:
+    from sparsetrain.config import build_config
+
+    with pytest.raises(ConfigError) as e:
+        build_config("tiny", overrides=overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_kernel_settings_from_the_environment_file_and_flags(monkeypatch: pytest.MonkeyPatch, tmp_path, capsys) -> None:
+    from sparsetrain.cli import main
+    from sparsetrain.config import build_config
+
+    monkeypatch.setenv("SPARSETRAIN_ATTENTION_IMPL", "fast")
+    with pytest.raises(ConfigError, match=r"\$SPARSETRAIN_ATTENTION_IMPL\) must be one of .*, got 'fast'"):
+        build_config("tiny")
+    assert build_config("tiny", overrides={"attention_impl": "cudnn"}).attention_impl == "cudnn"
+    monkeypatch.delenv("SPARSETRAIN_ATTENTION_IMPL")
+    path = tmp_path / "c.toml"
+    path.write_text('[run]\nattention_impl = "flash"\n')
+    with pytest.raises(ConfigError, match=r"belongs in \[kernels\]"):
+        build_config("tiny", config_file=path)
+    path.write_text('[kernels]\nattention_impl = "flash"\nkept_kernel_max_keep = 0.5\n')
+    cfg = build_config("tiny", config_file=path)
+    assert (cfg.attention_impl, cfg.kept_kernel_max_keep) == ("flash", 0.5)
+    assert main(["train", "--dry-run", "--attention-impl", "fast"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--attention-impl" in err[0] and "got 'fast'" in err[0], err
+
+
+class _Reads:
+    """Every policy the dispatching modules read (``kernels.current()``), forward and backward."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.policies: list[KernelPolicy] = []
+        real = kernels.current
+        monkeypatch.setattr(kernels, "current", lambda: self.policies.append(real()) or self.policies[-1])
+
+    def take(self) -> list[KernelPolicy]:
+        out, self.policies = self.policies, []
+        return out
+
+
+def test_trainer_builds_its_policy_from_the_config_and_its_modules_use_it(make_cfg, monkeypatch) -> None:
+    """Each knob set in the config reaches the run: the policy the trainer holds, the
+    2:4 FFNs that take one (given it, not reading the process's), and every read of the
+    current policy in a step and an evaluation (Collider's attention and loss, the
+    cross-entropy). (The priming's kept-kernel bound: tests/test_prime_startup.py.)"""
+    from sparsetrain import Trainer
+
+    import sparsetrain.collider.gpt_block as gb
+
+    impls = []
+    real_forward = gb.attention_forward
+    monkeypatch.setattr(gb, "attention_forward",
+                        lambda *a: impls.append(kernels.current().attention_impl) or real_forward(*a))
+    reads = _Reads(monkeypatch)
+    outside = KernelPolicy(attention_impl="flash", cusparselt_min_width=4096)
+    with kernels.using(outside):  # a process-wide policy set elsewhere does not reach the run
+        t = Trainer(make_cfg(**COLLIDER, **KNOBS, ffn="relu2_24", activation_sparse_method="transposable"), verbose=False)
+        assert t.kernel_policy == KernelPolicy(**KNOBS)
+        assert t.sparse_ffns and all(m.policy is t.kernel_policy for m in t.sparse_ffns)
+        reads.take()
+        t.train_step()
+        t.evaluate()
+        seen = reads.take()
+        assert seen and all(p is t.kernel_policy for p in seen)
+        assert impls and set(impls) == {"recompute"}
+        assert kernels.current() is outside  # restored after each step
+
+
+def test_two_trainers_in_one_process_keep_their_own_policies(make_cfg, tmp_path, monkeypatch) -> None:
+    """Interleaved steps of two runs with different [kernels] settings: every read in a
+    run's step sees that run's policy, and neither changes the process's default."""
+    from sparsetrain import Trainer
+
+    reads = _Reads(monkeypatch)
+    before = kernels.current()
+    a = Trainer(make_cfg(out_dir=str(tmp_path / "a"), **COLLIDER, **KNOBS), verbose=False)
+    b = Trainer(make_cfg(out_dir=str(tmp_path / "b"), **COLLIDER, attention_impl="flash", fused_cross_entropy=True),
+                verbose=False)
+    assert a.kernel_policy != b.kernel_policy
+    for t in (a, b, a, b):
+        reads.take()
+        t.train_step()
+        seen = reads.take()
+        assert seen and all(p is t.kernel_policy for p in seen), t.cfg.out_dir
+        assert kernels.current() is before
+    reads.take()
+    b.evaluate()
+    seen = reads.take()
+    assert seen and all(p is b.kernel_policy for p in seen)
+
+
+def test_a_cudnn_failure_turns_cudnn_off_for_its_engine_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuDNN attention that raises: the engine falls back (here to the recompute path) and
+    stops trying cuDNN; another engine in the process still tries it, once."""
+    import sparsetrain.collider.attention as A
+    from sparsetrain.collider import ColliderModel
+    from sparsetrain.config import ModelConfig
+    from sparsetrain.model import GPT
+
+    tried = []
+
+    def refuse(*args, **kwargs):
+        tried.append(1)
+        raise RuntimeError("cuDNN refuses this shape")
+
+    def no_flash(*args, **kwargs):
+        raise RuntimeError("no flash here")
+
+    monkeypatch.setattr(A, "_fused_ok", lambda q: True)  # as on a CUDA device in 16-bit
+    monkeypatch.setattr(kernels, "cudnn_attention_available", lambda: True)
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", refuse, raising=False)
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention", no_flash, raising=False)
+    cfg = ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=32)
+    first, second = ColliderModel(GPT(cfg)), ColliderModel(GPT(cfg))
+    idx = torch.randint(0, 300, (2, 16))
+    with kernels.using(attention_impl="auto"):
+        first(idx).sum().backward()
+        assert len(tried) == 1 and first._cudnn.failed  # the first layer's failure; the second layer skips cuDNN
+        first(idx).sum().backward()
+        assert len(tried) == 1
+        second(idx).sum().backward()
+        assert len(tried) == 2 and second._cudnn.failed
+        _, saved = A.attention_forward(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16))
+        assert saved.flash is None and len(tried) == 3  # no engine's state: tried, nothing remembered
+
+
+@requires_cuda
+@pytest.mark.parametrize("impl, used", [("flash", "flash"), ("recompute", None)])
+def test_trainer_attention_impl_chooses_the_collider_kernel_on_cuda(impl: str, used, make_cfg, monkeypatch) -> None:
+    """On the GPU the run's attention_impl picks the kernel Collider's attention runs,
+    whatever the process's policy says."""
+    from sparsetrain import Trainer
+
+    import sparsetrain.collider.gpt_block as gb
+
+    kinds = []
+    real_forward = gb.attention_forward
+
+    def spy(*args):
+        out, saved = real_forward(*args)
+        kinds.append(saved.flash[0] if saved.flash else None)
+        return out, saved
+
+    monkeypatch.setattr(gb, "attention_forward", spy)
+    with kernels.using(attention_impl="cudnn" if impl == "recompute" else "recompute"):
+        t = Trainer(make_cfg(**COLLIDER, attention_impl=impl, device="cuda", dtype="bfloat16", n_head=2, d_model=128),
+                    verbose=False)
+        t.train_step()
+    if impl == "flash" and None in kinds:
+        pytest.skip("flash attention does not run here")
+    assert kinds and set(kinds) == {used}

@@ -301,12 +301,10 @@ def test_priming_adds_the_kept_kernels_other_specialization_where_they_run(make_
     events = _record_selections(t)
     t.train_step()
     assert [e[2] for e in events[-3:]] == [budget(n, 0.875), final, budget(n, ratios[2])]
-    # above the kernel policy's kept_kernel_max_keep the kernels never run: no third count
-    from sparsetrain import kernels
-
-    with kernels.using(kept_kernel_max_keep=0.4):
-        low = Trainer(make_cfg(out_dir=str(tmp_path / "low"), **COLLIDER, collider_method="topk"), verbose=False)
-        assert low._priming_ratios(n) == (0.875, 0.5)
+    # above the run's kept_kernel_max_keep ([kernels]) the kernels never run: no third count
+    low = Trainer(make_cfg(out_dir=str(tmp_path / "low"), **COLLIDER, collider_method="topk", kept_kernel_max_keep=0.4),
+                  verbose=False)
+    assert low._priming_ratios(n) == (0.875, 0.5)
     kw = {**COLLIDER, "collider_method": "topk", "max_steps": 6}
     train(make_cfg(out_dir=str(tmp_path / "on"), prime_startup=True, **kw), verbose=False)
     train(make_cfg(out_dir=str(tmp_path / "off"), prime_startup=False, **kw), verbose=False)

@@ -5,7 +5,6 @@ step benches of ``python -m bench steps`` build their variants from
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -146,8 +145,7 @@ def make_train_step(
         selector = _MarkedSelector(selector, mark or _no_mark)
     objective = build_objective(cfg, model, heads, selector)
     if tokens == "corpus":
-        corpus = load_corpus(data, vocab_size=mcfg.vocab_size, cache_dir=os.environ.get("SPARSETRAIN_CACHE", ""),
-                             verbose=False)
+        corpus = load_corpus(data, vocab_size=mcfg.vocab_size, verbose=False)  # in data.default_cache_dir()
         x, y = (t.to(dev) for t in train_batch(corpus.train, batch_size, seq_len, seed=0, step=0))
     elif tokens == "random":
         x = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=dev)

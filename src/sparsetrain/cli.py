@@ -35,6 +35,7 @@ FLAG_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("data", "data", ("",)),
     ("optimisation and evaluation", "training", ("",)),
     ("run: output, logging, device", "run", ("",)),
+    ("kernel dispatch", "kernels", ("",)),
     ("2:4 activation-sparse FFN (ffn = relu2_24)", "model", ("activation_",)),
     ("ResNet-BK (arch = resnet_bk)", "model", ("bk_",)),
     ("CGGR token selection", "training", ("selection", "keep_ratio", "router_layers", "reference_ckpt")),
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=f"Train a model. Settings layer as: defaults < --preset < --config FILE < flags; "
                                    f"the defaults shown are the {DEFAULT_PRESET} preset's. Every flag is also a key "
                                    f"of the TOML table named in its group's heading.")
-    t.add_argument("--config", metavar="FILE", help="TOML config ([model], [data], [training], [run])")
+    t.add_argument("--config", metavar="FILE", help="TOML config ([model], [data], [training], [run], [kernels])")
     t.add_argument("--resume", metavar="RUN", help="continue the run in this directory exactly where it stopped")
     t.add_argument("--dry-run", action="store_true",
                    help="check the settings and print the resolved config as TOML; load no data, write nothing")

@@ -14,18 +14,28 @@ TOML layout::
     use_collider = true
     [run]                   # seed, device, output, logging
     seed = 1
+    [kernels]               # which kernel runs where several could (sparsetrain.kernels.KernelPolicy)
+    attention_impl = "flash"
+
+Two environment variables set defaults (:data:`ENV_DEFAULTS`), read by
+:func:`env_default` alone, once each when a config is built:
+``SPARSETRAIN_ATTENTION_IMPL`` (``kernels.attention_impl``) and
+``SPARSETRAIN_CSLT_PLANS=0`` (``kernels.cached_cslt_plans = false``). A value
+in a file or a flag wins. (:func:`sparsetrain.kernels.current`, the policy of
+code run outside a trainer, takes the same defaults.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import ConfigError
@@ -38,7 +48,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 FFN_KINDS = ("swiglu", "relu2", "relu2_24")
 PARALLEL_KINDS = ("ddp", "fsdp")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-SECTIONS = ("model", "data", "training", "run")
+SECTIONS = ("model", "data", "training", "run", "kernels")
 ARCHS = ("gpt", "resnet_bk")
 SCHEDULE_KINDS = ("steps", "time")  # what the lr schedule follows (sparsetrain.optim.LRSchedule)
 CAPTURABLE_METHODS = ("topk", "random", "importance")  # selections with a fixed count and no host read (run.cuda_graph)
@@ -46,10 +56,29 @@ OPTIMIZERS = ("adamw", "muon", "lion", "adamw8bit", "galore_adamw")  # built by 
 MUON_FALLBACKS = ("adamw", "lion")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
+ATTENTION_IMPLS = ("auto", "cudnn", "flash", "recompute")  # Collider's attention forward (kernels.attention_impl)
+
+ENV_DEFAULTS = {"attention_impl": "SPARSETRAIN_ATTENTION_IMPL", "cached_cslt_plans": "SPARSETRAIN_CSLT_PLANS"}
+"""Config fields whose default an environment variable sets (read by :func:`env_default` only)."""
+
+
+def env_default(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """The default of field ``name`` of :data:`ENV_DEFAULTS` under ``environ`` (default:
+    ``os.environ``): ``SPARSETRAIN_ATTENTION_IMPL`` as given (unset or empty: auto),
+    ``SPARSETRAIN_CSLT_PLANS`` off at ``0`` only."""
+    value = (os.environ if environ is None else environ).get(ENV_DEFAULTS[name], "")
+    if name == "cached_cslt_plans":
+        return value != "0"
+    return value or "auto"
 
 
 def _section(name: str, help: str) -> dict[str, Any]:
     return {"section": name, "help": help}
+
+
+def _from_env(name: str) -> Callable[[], Any]:
+    """A field's default factory: the environment's value when the config is built."""
+    return lambda: env_default(name)
 
 
 @dataclass
@@ -229,6 +258,23 @@ class TrainConfig:
     use_async_loader: bool = field(default=False, metadata=_section("training", "background batch workers"))
     async_n_workers: int = field(default=2, metadata=_section("training", "async loader workers"))
     async_prefetch_size: int = field(default=4, metadata=_section("training", "batches prefetched"))
+    # [kernels]: the run's kernel dispatch policy, sparsetrain.kernels.KernelPolicy (same names and defaults)
+    fused_cross_entropy: bool = field(default=True, metadata=_section(
+        "kernels", "mean cross-entropy and Collider's kept-rows loss by the Triton kernels on CUDA (off: plain torch)"))
+    cached_cslt_plans: bool = field(default_factory=_from_env("cached_cslt_plans"), metadata=_section(
+        "kernels", "2:4 cuSPARSELt products on sparsetrain's cached plans where their extension builds (off: torch's "
+                   "op); default off with $SPARSETRAIN_CSLT_PLANS=0"))
+    cusparselt_min_width: int = field(default=1280, metadata=_section(
+        "kernels", "relu2_24 transposable FFN on cuSPARSELt from this d_model up; below it the masked Triton kernel "
+                   "on dense GEMMs"))
+    attention_impl: str = field(default_factory=_from_env("attention_impl"), metadata=_section(
+        "kernels", "Collider's attention: auto (cuDNN, else flash), cudnn, flash or recompute (plain SDPA, recomputed "
+                   "in backward); default $SPARSETRAIN_ATTENTION_IMPL where set"))
+    fused_hyper_mixing: bool = field(default=True, metadata=_section(
+        "kernels", "hyper-connection stream mixing by the Triton kernels on CUDA outside torch.compile (off: plain torch)"))
+    kept_kernel_max_keep: float = field(default=0.65, metadata=_section(
+        "kernels", "Collider's attention backward by the Triton kernel over kept queries only up to this kept "
+                   "fraction, the fused dense backward above it"))
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad value."""
@@ -298,6 +344,12 @@ class TrainConfig:
         _require(self.async_n_workers >= 1, f"training.async_n_workers must be >= 1, got {self.async_n_workers}")
         _require(self.async_prefetch_size >= 1, f"training.async_prefetch_size must be >= 1, got {self.async_prefetch_size}")
         _require(self.fire_at_step >= 0, f"training.fire_at_step must be >= 0, got {self.fire_at_step}")
+        _require(self.attention_impl in ATTENTION_IMPLS,
+                 f"kernels.attention_impl (default: ${ENV_DEFAULTS['attention_impl']}) must be one of "
+                 f"{', '.join(ATTENTION_IMPLS)}, got {self.attention_impl!r}")
+        _require(self.cusparselt_min_width >= 0, f"kernels.cusparselt_min_width must be >= 0, got {self.cusparselt_min_width}")
+        _require(0 <= self.kept_kernel_max_keep <= 1,
+                 f"kernels.kept_kernel_max_keep must be in [0, 1], got {self.kept_kernel_max_keep}")
         for check in _TRAIN_CHECKS.values():  # each training objective's own fields (sparsetrain.objectives)
             check(self)
 
@@ -378,7 +430,7 @@ _require = require
 # hyper-connections, ResNet-BK) register with register_model_check, the
 # training objectives (CGGR selection, Collider, MTP) with register_train_check.
 # They register when their modules are imported (sparsetrain.build and
-# sparsetrain.objectives, which the package's __init__ imports, so before any
+# sparsetrain.objectives and sparsetrain.optimizers, which the package's __init__ imports, so before any
 # submodule of sparsetrain runs). This module imports none of them: the
 # techniques build on the config, not the other way round.
 
@@ -579,8 +631,9 @@ def reference_markdown() -> str:
             "Generated from the dataclasses in `src/sparsetrain/config.py` "
             "(`python -c 'from sparsetrain.config import reference_markdown as r; print(r(), end="")' > docs/config.md`).",
             "Every key is a TOML key in its section and a CLI flag (`_` becomes `-`; booleans take `--x/--no-x`).",
-            "Precedence: defaults < `--preset` < `--config FILE` < flags.", ""]
-    defaults = TrainConfig()
+            "Precedence: defaults (two from environment variables, read when a config is built: see [kernels]) "
+            "< `--preset` < `--config FILE` < flags.", ""]
+    defaults = TrainConfig(**{name: env_default(name, {}) for name in ENV_DEFAULTS})  # not this shell's environment
     for sec in SECTIONS:
         rows += [f"## [{sec}]", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
         if sec == "model":

@@ -43,6 +43,7 @@ SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
 def default_cache_dir() -> Path:
+    """``$SPARSETRAIN_CACHE``, else ``~/.cache/sparsetrain``: the one place that variable is read."""
     return Path(os.environ.get("SPARSETRAIN_CACHE") or Path.home() / ".cache" / "sparsetrain")
 
 

@@ -7,34 +7,38 @@ Availability::
     kernels.cusparselt_available()        # torch's cuSPARSELt 2:4 products (CUDA, sm80+)
     kernels.cudnn_attention_available()   # aten's cuDNN SDPA op on a CUDA device
 
-The policy is one frozen :class:`KernelPolicy`, built from the environment
-once (:meth:`KernelPolicy.from_env`: ``SPARSETRAIN_CSLT_PLANS``,
-``SPARSETRAIN_ATTENTION_IMPL``) and read by the modules that dispatch
-(:func:`sparsetrain.cross_entropy.cross_entropy`, the ``relu2_24`` FFN,
+The policy is one frozen :class:`KernelPolicy`, read by the modules that
+dispatch (:func:`sparsetrain.cross_entropy.cross_entropy`, the ``relu2_24`` FFN,
 :func:`sparsetrain.sparse24.cslt_plans.sparse_mm`, Collider's attention and
-kept-query kernel, :mod:`sparsetrain.hyper_mixing`). A module that is given a policy uses it; one that is not
-reads :func:`current`. To change it, for a benchmark or a test::
+kept-query kernel, :mod:`sparsetrain.hyper_mixing`). A module that is given a
+policy uses it; one that is not reads :func:`current`. The trainer builds its
+run's policy from the config's ``[kernels]`` section (:meth:`KernelPolicy.from_config`),
+hands it to the modules that take one and runs every step under it
+(:func:`using`), so runs with different policies in one process stay apart.
+Outside a trainer, :func:`current` is the library default: the ``[kernels]``
+defaults, the environment's (``SPARSETRAIN_CSLT_PLANS``,
+``SPARSETRAIN_ATTENTION_IMPL``, read by :func:`sparsetrain.config.env_default`)
+read at its first call. To change it, for a benchmark or a test::
 
     with kernels.using(fused_cross_entropy=False, cusparselt_min_width=0):
         ...                        # every module without its own policy sees these values
     kernels.set_policy(kernels.KernelPolicy(attention_impl="flash"))  # for the rest of the process
 
-A leaf module: it imports nothing from sparsetrain, so every other module may import it.
+Nearly a leaf: it imports only :mod:`sparsetrain.errors` and :mod:`sparsetrain.config`
+(leaves both), so every other module may import it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from .config import ATTENTION_IMPLS, ENV_DEFAULTS, TrainConfig, env_default
 from .errors import ConfigError
-
-ATTENTION_IMPLS = ("auto", "cudnn", "flash", "recompute")
 
 
 # Each answer is computed once and cached in a module global. assume_constant_result:
@@ -122,11 +126,17 @@ class KernelPolicy:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> KernelPolicy:
-        """The default policy with the environment's overrides: ``SPARSETRAIN_CSLT_PLANS=0``
-        (torch's cuSPARSELt op, no cached plans) and ``SPARSETRAIN_ATTENTION_IMPL``."""
-        env = os.environ if environ is None else environ
-        return cls(cached_cslt_plans=env.get("SPARSETRAIN_CSLT_PLANS", "1") != "0",
-                   attention_impl=env.get("SPARSETRAIN_ATTENTION_IMPL", "auto") or "auto")
+        """The default policy with the environment's overrides (``environ``, default
+        ``os.environ``): ``SPARSETRAIN_CSLT_PLANS=0`` (torch's cuSPARSELt op, no cached
+        plans) and ``SPARSETRAIN_ATTENTION_IMPL``, as a config's defaults take them
+        (:func:`sparsetrain.config.env_default`)."""
+        return cls(**{name: env_default(name, environ) for name in ENV_DEFAULTS})
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> KernelPolicy:
+        """The policy of a :class:`~sparsetrain.config.TrainConfig`'s ``[kernels]`` section
+        (its fields carry this class's names)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
     def replace(self, **changes) -> KernelPolicy:
         """A copy with ``changes`` (field names as above)."""
@@ -137,7 +147,8 @@ _current: KernelPolicy | None = None
 
 
 def current() -> KernelPolicy:
-    """The process's policy: the environment's, read at the first call, unless set since."""
+    """The process's policy, for code run outside a trainer (or a :func:`using` block): the
+    defaults with the environment's overrides, read at the first call, unless set since."""
     global _current
     if _current is None:
         _current = KernelPolicy.from_env()
@@ -156,9 +167,10 @@ def set_policy(policy: KernelPolicy) -> KernelPolicy:
 def using(policy: KernelPolicy | None = None, **changes) -> Iterator[KernelPolicy]:
     """``policy`` (default: the current one), with ``changes``, as the process's
     policy inside the block; the previous one is restored after it."""
+    global _current
     new = (policy or current()).replace(**changes) if changes else (policy or current())
-    previous = set_policy(new)
+    previous, _current = _current, new  # as it was: unread (None) stays unread
     try:
         yield new
     finally:
-        set_policy(previous)
+        _current = previous

@@ -144,6 +144,17 @@ def compare_model_configs(saved: dict, wanted: ModelConfig, where: str) -> None:
 
 
 
+def _under_kernel_policy(method):
+    """Run a :class:`Trainer` method under the run's kernel policy (``self.kernel_policy``):
+    every module that reads :func:`sparsetrain.kernels.current` in its forward or backward
+    sees this run's policy, whatever another run in the process set."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with kernels.using(self.kernel_policy):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 def _valid_targets(y: torch.Tensor) -> int:
     """How many targets of a micro-batch are not ignored, known on the host so that
     the selector needs no sync to size its budget. The corpus windows (data.py,
@@ -184,8 +195,11 @@ class Trainer:
 
         # FSDP2 only with several processes; one process trains the plain model in either mode
         self.sharded = cfg.parallel == "fsdp" and self.dist.enabled
+        # the run's kernel dispatch ([kernels]): given to the modules that take a policy, and
+        # current (kernels.using) in every step and evaluation, for the modules that read it
+        self.kernel_policy = kernels.KernelPolicy.from_config(cfg)
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.model).to(self.device)
+        self.model = build_model(cfg.model, self.kernel_policy).to(self.device)
         self.init_note = ""  # the "init:" line fit prints
         if init is not None:  # before anything wraps or compiles the model, and before the optimizer sees it
             self._load_init_weights(*init)
@@ -587,6 +601,7 @@ class Trainer:
             row["val_bpb"] = round(bits_per_byte(val, self._val_tokens_per_byte), 5)
         return {**row, **(extra or {})}
 
+    @_under_kernel_policy
     def code_compile_metrics(self, val: float) -> dict[str, float]:
         """``code_compile_rate`` and its Wilson 95% bounds ``code_compile_low/high`` over
         ``eval_code_samples`` continuations of the held-out ``.py`` files
@@ -603,7 +618,7 @@ class Trainer:
             if not self.dist.is_main:
                 return {}
             with torch.random.fork_rng(devices=[]):  # the copy's initialisation draws nothing from the run's stream
-                model = build_model(c.model)
+                model = build_model(c.model, self.kernel_policy)
             model.load_state_dict(full)
             model.to(self.device)
         elif not self.dist.is_main:
@@ -619,6 +634,7 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    @_under_kernel_policy
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float = 1.0, sync: bool = True,
                          labels: torch.Tensor | None = None) -> torch.Tensor:
         """One micro-batch: the objective's forward, ``(loss * loss_scale).backward()``
@@ -714,7 +730,7 @@ class Trainer:
             from .selection.select import budget
 
             twin = other_specialization_count(budget(n_valid, ratios[-1]), n_valid)
-            if twin is not None and twin / n_valid <= kernels.current().kept_kernel_max_keep:
+            if twin is not None and twin / n_valid <= self.kernel_policy.kept_kernel_max_keep:
                 ratios = (*ratios, twin / n_valid)
         return ratios
 
@@ -906,6 +922,7 @@ class Trainer:
                                            labels=self._target_labels(micro))
         return total, (x, y)
 
+    @_under_kernel_policy
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step at ``self.step``. Returns (mean loss, grad norm) as tensors.
         With ``cuda_graph``, after start-up a few eager steps, then the step replayed
@@ -949,6 +966,7 @@ class Trainer:
         return loss, gnorm.detach()
 
     @torch.no_grad()
+    @_under_kernel_policy
     def evaluate(self) -> float:
         """Mean val cross-entropy over the fixed val windows (all ranks together):
         the mean of the ``eval_batches`` batch means, whatever the number of processes.

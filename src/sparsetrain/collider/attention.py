@@ -22,8 +22,11 @@ built for its own ``dO`` layout, and a later call with another layout reads
 (bench/results/collider_objective_cudnn_bug_h200.json). So the engine calls
 the cuDNN backward on a thread of its own (:func:`on_own_thread`), on the
 caller's stream, always with ``dO`` laid out like the forward's output.
-The kernel policy's ``attention_impl`` (:mod:`sparsetrain.kernels`; ``SPARSETRAIN_ATTENTION_IMPL``
-at start-up) forces one: ``cudnn``, ``flash`` or ``recompute``.
+The kernel policy's ``attention_impl`` (:mod:`sparsetrain.kernels`; a run's
+``[kernels] attention_impl``, ``SPARSETRAIN_ATTENTION_IMPL`` by default) forces one:
+``cudnn``, ``flash`` or ``recompute``. Where cuDNN raises, the call falls back to
+flash, and an engine that passes its :class:`CudnnFallback` tries cuDNN no more
+(other engines in the process still do).
 
 This backward runs over all query rows (zeros included). The Triton kernels
 in ``triton_attention.py`` visit kept queries only; :func:`kept_rows_backward`
@@ -50,38 +53,46 @@ from .compact import piece, rope_inverse, rows
 
 
 @dataclass
+class CudnnFallback:
+    """One engine's memory of cuDNN attention failing (``ColliderModel``, ``HFEngine``,
+    one each): after the first failure its forwards run flash (or recompute) instead."""
+
+    failed: bool = False
+
+
+@dataclass
 class AttentionSaved:
     q: torch.Tensor  # [B, H, T, hd], after RoPE
     k: torch.Tensor  # [B, H, T, hd], or [B, Hkv, T, hd] for grouped-query attention (see expand_kv_heads)
     v: torch.Tensor
     out: torch.Tensor  # [B, H, T, hd]
     flash: tuple | None  # ("cudnn" | "flash", lse, ...) for the fused backward, or None: recompute
-
-
-_cudnn_ok: bool | None = None  # None: not tried yet on this process
+    cudnn: CudnnFallback | None = None  # the engine's, told when the cuDNN backward fails
 
 
 def _fused_ok(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, AttentionSaved]:
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cudnn: CudnnFallback | None = None) -> tuple[torch.Tensor, AttentionSaved]:
     """Causal SDPA, as fast as the dense model's, plus what the backward needs.
 
     On CUDA: cuDNN's or flash attention (see the module docstring); both
-    return the log-sum-exp the backward reuses.
+    return the log-sum-exp the backward reuses. ``cudnn``: the calling engine's
+    fallback state (None: cuDNN is tried at every call, nothing remembered).
     """
-    global _cudnn_ok
     aten = torch.ops.aten
     impl = kernels.current().attention_impl  # auto (cudnn, else flash), cudnn, flash, recompute
     if _fused_ok(q) and impl != "recompute":
-        if impl in ("auto", "cudnn") and _cudnn_ok is not False and kernels.cudnn_attention_available():
+        if impl in ("auto", "cudnn") and not (cudnn and cudnn.failed) and kernels.cudnn_attention_available():
             try:
                 res = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False)
                 out, lse, cum_q, cum_k, max_q, max_k, seed, offset = res[:8]
-                return out, AttentionSaved(q, k, v, out, ("cudnn", lse, cum_q, cum_k, max_q, max_k, seed, offset))
+                return out, AttentionSaved(q, k, v, out, ("cudnn", lse, cum_q, cum_k, max_q, max_k, seed, offset), cudnn)
             except RuntimeError:
-                _cudnn_ok = False
+                if cudnn is not None:
+                    cudnn.failed = True
         if hasattr(aten, "_scaled_dot_product_flash_attention"):
             try:
                 res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False)
@@ -126,7 +137,6 @@ def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def attention_backward(saved: AttentionSaved, d_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv)`` for ``d_out`` (laid out like ``saved.out``; zero rows for dropped queries)."""
-    global _cudnn_ok
     aten = torch.ops.aten
     if saved.flash is not None:
         kind, lse, cum_q, cum_k, max_q, max_k, seed, offset = saved.flash
@@ -136,10 +146,10 @@ def attention_backward(saved: AttentionSaved, d_out: torch.Tensor) -> tuple[torc
                 dq, dk, dv = on_own_thread(lambda: aten._scaled_dot_product_cudnn_attention_backward(
                     d_out, saved.q, saved.k, saved.v, saved.out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k,
                     0.0, True))
-                _cudnn_ok = True
                 return dq, dk, dv
             except RuntimeError:  # this torch's cuDNN backward cannot be called so: recompute below
-                _cudnn_ok = False
+                if saved.cudnn is not None:
+                    saved.cudnn.failed = True
         else:
             return aten._scaled_dot_product_flash_attention_backward(
                 d_out, saved.q, saved.k, saved.v, saved.out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset)

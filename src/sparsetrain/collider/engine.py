@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .attention import CudnnFallback
 from .blocks import BlockAdapter, RowGrad
 from .keep import KeepResolver, KeptRows
 from .loss import RowGradSlot, is_same_tensor
@@ -53,7 +54,8 @@ class ColliderPass:
 
     Forward side: the batch shape, the compute dtype (autocast's, else the
     weights'), the caller's autocast for module calls, whether pieces are
-    compiled, the attention backward mode and the rotary tables. Backward
+    compiled, the attention backward mode, the engine's cuDNN fallback
+    (:class:`~sparsetrain.collider.attention.CudnnFallback`) and the rotary tables. Backward
     side: the kept rows (:attr:`kept`), the compact gradients in transit
     between nodes, and ``scratch``, buffers an adapter shares between its
     layers within one backward (the kept rows are the same in every layer).
@@ -61,13 +63,14 @@ class ColliderPass:
 
     def __init__(self, shape: tuple[int, int], device: torch.device, compute_dtype: torch.dtype,
                  autocast_dtype: torch.dtype | None, compile: bool = False, attention: str = "auto",
-                 rope: Any = None, slot: RowGradSlot | None = None) -> None:
+                 rope: Any = None, slot: RowGradSlot | None = None, cudnn: CudnnFallback | None = None) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         self.device = device
         self.compute_dtype = compute_dtype
         self.autocast_dtype = autocast_dtype
         self.compile = compile
         self.attention = attention
+        self.cudnn = cudnn
         self.rope = rope
         self.slot = slot if slot is not None else RowGradSlot(compile)
         self.scratch: dict[str, Any] = {}

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import GPT, rms_norm
-from .attention import MODES
+from .attention import MODES, CudnnFallback
 from .blocks import BlockAdapter, RowGrad, block_adapter
 from .compact import piece, rmsnorm_backward, rows, wgrad, wgrad_in_float32
 from .engine import _TWICE, ColliderPass, PositionwiseAdapter, call_with_forward, parameter_grads, run_block
@@ -133,6 +133,7 @@ class ColliderModel(nn.Module):
         self.model = model
         self.compile = compile
         self.attention = attention
+        self._cudnn = CudnnFallback()  # this engine's: a cuDNN failure here leaves other engines trying it
         self._adapters: dict[int, BlockAdapter] = {}
         for blk in model.blocks:
             self._adapter(blk)  # an unsupported block type fails here, not in the first step
@@ -172,7 +173,7 @@ class ColliderModel(nn.Module):
         device = idx.device
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         run = ColliderPass((B, T), device, autocast or model.embed.weight.dtype, autocast, self.compile,
-                           self.attention, rope=(model.rope_cos, model.rope_sin))
+                           self.attention, rope=(model.rope_cos, model.rope_sin), cudnn=self._cudnn)
         hyper_in = model.hyper_in if model.config.hyper_connections else None
         x = EmbedNode.apply(idx, run, model.embed.weight, hyper_in)
         key = 0

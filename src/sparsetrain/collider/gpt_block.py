@@ -168,7 +168,7 @@ class GPTBlockAdapter(BlockAdapter):
                                ("down", ffn.down))}
         q, k, v = piece(_qkv_rope, run.compile)(x, blk.attn_norm.weight, w["qkv"], cos, sin, blk.attn_norm.eps,
                                                 blk.attn.n_head)
-        o, att = attention_forward(q, k, v)
+        o, att = attention_forward(q, k, v, run.cudnn)
         o2, x1, u, g, x2 = piece(_post_attention, run.compile)(x, o, w["proj"], blk.ffn_norm.weight, w["up"], w["gate"],
                                                                w["down"], blk.ffn_norm.eps)
         return x2, _CompactSaved(x=x, att=att, o2=o2, x1=x1, u=u, g=g, w=w)
@@ -200,7 +200,7 @@ class GPTBlockAdapter(BlockAdapter):
         with run.module_autocast():
             qkv = self._qkv_in(x)
         q, k, v = split_heads_rope(qkv, cos, sin, blk.attn.n_head)
-        o, att = attention_forward(q, k, v)
+        o, att = attention_forward(q, k, v, run.cudnn)
         o2 = o.transpose(1, 2).reshape(B, T, -1)
         with run.module_autocast():
             x1 = self._attention_out(x, o2)

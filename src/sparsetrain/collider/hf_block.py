@@ -27,6 +27,7 @@ runs the forward again first.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,8 +263,8 @@ class HFDecoderLayerAdapter(BlockAdapter):
         q, k, v, qp, kp = piece(_attention_in, run.compile)(
             x, layer.norm1, blk.input_layernorm.variance_epsilon, w["qkv"], w["qkv_b"], w["q"], w["k"], w["v"],
             layer.qn, layer.kn, qk_eps, cos[:T], sin[:T], H, Hkv, hd)
-        o, att = attention_forward(q, expand_kv_heads(k, H // Hkv)[0], expand_kv_heads(v, H // Hkv)[0])
-        att = AttentionSaved(att.q, k, v, att.out, att.flash)  # the backward reads k and v grouped
+        o, att = attention_forward(q, expand_kv_heads(k, H // Hkv)[0], expand_kv_heads(v, H // Hkv)[0], run.cudnn)
+        att = dataclasses.replace(att, k=k, v=v)  # the backward reads k and v grouped
         o2, x1, g, u, x2 = piece(_attention_out_mlp, run.compile)(
             x, o, w["o_w"], w["o_b"], w["o"], layer.norm2, blk.post_attention_layernorm.variance_epsilon, w["gu"],
             w["gu_b"], w["gate"], w["up"], w["d_w"], w["d_b"], w["down"])

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .attention import MODES
+from .attention import MODES, CudnnFallback
 from .blocks import BlockAdapter, block_adapter
 from .engine import ColliderPass, run_block
 from .gpt import EmbedNode, HeadNode
@@ -75,6 +75,7 @@ class HFEngine:
         if reason is not None:
             raise UnsupportedLayer(reason)
         self.model, self.compile, self.attention = model, compile, attention
+        self._cudnn = CudnnFallback()  # this engine's: a cuDNN failure here leaves other engines trying it
         self._adapters: dict[int, BlockAdapter] = {}
 
     def _adapter(self, layer: nn.Module) -> BlockAdapter:
@@ -143,7 +144,7 @@ class HFEngine:
         device = embed.weight.device
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         dtype = embed.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
-        run = ColliderPass((B, T), device, autocast or dtype, autocast, self.compile, self.attention)
+        run = ColliderPass((B, T), device, autocast or dtype, autocast, self.compile, self.attention, cudnn=self._cudnn)
         if inputs_embeds is None:
             x = EmbedNode.apply(input_ids, run, embed.weight, None, embed.padding_idx)
         else:
