@@ -184,3 +184,55 @@ def test_a_plain_folders_copy_carries_the_record(tmp_path) -> None:
                         tokenizer=str(corpus.tokenizer_path), verbose=False)
     labels = train_token_labels(again)
     assert labels.names == ("clean",) and not labels.codes.any()
+
+
+def test_a_scorer_run_filters_as_its_sidecar_does(noisy, tmp_path, capsys) -> None:
+    """--scorer RUN: the run's losses of every train token (each read once) written beside --out, then the filter;
+    the same sidecar, the same copy and record as reference-losses --context 0 followed by --reference-losses."""
+    from sparsetrain.config import build_config
+    from sparsetrain.trainer import train
+
+    folder, corpus = noisy
+    run = tmp_path / "scorer"
+    flags = dict(data=str(folder), cache_dir=str(tmp_path / "cache"), vocab_size=320, seq_len=32, n_layer=1, n_head=2,
+                 d_model=32, batch_size=4, max_steps=4, warmup_steps=1, eval_every=0, eval_batches=1,
+                 val_fraction=VAL, device="cpu", lr=1e-2, seed=fresh_seed())
+    train(build_config("tiny", overrides={**flags, "out_dir": str(run)}), verbose=False)
+    drop = 0.3
+    assert main(["corpus", "filter", "--corpus", str(folder), "--scorer", str(run), "--drop", str(drop),
+                 "--out", str(tmp_path / "a"), "--val-fraction", str(VAL), "--device", "cpu", "--batch-size", "3"]) == 0
+    argv = ["reference-losses", "--ckpt", str(run), "--out", str(tmp_path / "s.f16"), "--preset", "tiny", "--context", "0"]
+    for k, v in flags.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    assert main(argv) == 0
+    assert main(["corpus", "filter", "--corpus", str(folder), "--tokenizer", str(run / "tokenizer.json"),
+                 "--reference-losses", str(tmp_path / "s.f16"), "--drop", str(drop), "--out", str(tmp_path / "b"),
+                 "--val-fraction", str(VAL)]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "a.losses.f16").read_bytes() == (tmp_path / "s.f16").read_bytes()
+    header = json.loads((tmp_path / "a.losses.f16.json").read_text())
+    assert header["context"] == 0 and header["reference"] == str((run / "ckpt.pt").resolve())
+    files = {d: sorted(p.relative_to(tmp_path / d).as_posix() for p in (tmp_path / d).rglob("*") if p.is_file())
+             for d in ("a", "b")}
+    assert files["a"] == files["b"] and len(files["a"]) < sum(1 for p in folder.rglob("*") if p.is_file())
+    ra, rb = (json.loads((tmp_path / d / MANIFEST_NAME).read_text())["filtered"] for d in ("a", "b"))
+    assert ra["reference_losses"] == str(tmp_path / "a.losses.f16")
+    for k in ("seconds", "reference_losses"):
+        ra.pop(k), rb.pop(k)
+    assert ra == rb
+
+    base = ["corpus", "filter", "--corpus", str(folder), "--drop", "0.3", "--val-fraction", str(VAL)]
+    for extra, needle in [(["--out", str(tmp_path / "c")], "give one of --reference-losses FILE"),
+                          (["--scorer", str(run), "--reference-losses", str(tmp_path / "s.f16"), "--out",
+                            str(tmp_path / "c")], "give one of --reference-losses FILE"),
+                          (["--reference-losses", str(tmp_path / "s.f16"), "--out", str(tmp_path / "c")],
+                           "--reference-losses needs --tokenizer"),
+                          (["--scorer", str(tmp_path / "nope"), "--out", str(tmp_path / "c")], "no checkpoint at"),
+                          (["--scorer", str(run), "--batch-size", "0", "--out", str(tmp_path / "c")],
+                           "--batch-size must be >= 1, got 0"),
+                          (["--scorer", str(run), "--device", "tpu", "--out", str(tmp_path / "c")],
+                           "--device must be auto, cpu, cuda or cuda:N, got 'tpu'")]:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("sparsetrain: error:") and needle in err[0], (extra, err)
+    assert not (tmp_path / "c").exists()

@@ -14,11 +14,14 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .config import (ARCHS, SECTIONS, ModelConfig, TrainConfig, _valid_device, build_config, dumps_toml, field_types,
                      list_presets, read_toml)
 from .errors import ConfigError, SparsetrainError
+
+if TYPE_CHECKING:  # the CLI imports torch only where a command needs it
+    import torch
 
 EXIT_USAGE = 2
 STEP_TOKENS_LIMIT = 16384
@@ -286,13 +289,20 @@ def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
     f = csub.add_parser("filter", formatter_class=_HelpFormatter,
                         help="copy a corpus without the train documents a reference model finds hardest",
                         description="Score each train document of --corpus by the reference's mean loss of its "
-                                    "tokens (a sidecar of sparsetrain reference-losses) and copy the corpus without "
+                                    "tokens (a sidecar of sparsetrain reference-losses, or computed here by --scorer "
+                                    "RUN, e.g. the model you will continue) and copy the corpus without "
                                     "the highest-scoring ones, about --drop of its train tokens; val files are all "
                                     "kept, so the held-out split is the same. The static form of the excess score "
                                     "(a perplexity filter): train on the result. See docs/time_to_quality.md.")
     f.add_argument("--corpus", required=True, metavar="FOLDER", help="the corpus folder the sidecar was computed for")
-    f.add_argument("--tokenizer", required=True, metavar="FILE", help="the tokenizer.json it was tokenized with")
-    f.add_argument("--reference-losses", required=True, metavar="FILE", help="the sidecar (sparsetrain reference-losses)")
+    f.add_argument("--tokenizer", metavar="FILE", help="the tokenizer.json it was tokenized with (default with "
+                   "--scorer: the scorer run's)")
+    f.add_argument("--reference-losses", metavar="FILE", help="the sidecar (sparsetrain reference-losses)")
+    f.add_argument("--scorer", metavar="RUN", help="instead of --reference-losses: a run (e.g. the model you will "
+                   "continue) that scores the corpus first, each token read once; its sidecar goes to OUT.losses.f16")
+    f.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward with --scorer "
+                   "(default: %(default)s)")
+    f.add_argument("--device", default="auto", help="where --scorer runs: auto, cpu, cuda or cuda:N (default: auto)")
     f.add_argument("--drop", required=True, type=float, metavar="F", help="fraction of the train tokens to leave out")
     f.add_argument("--out", required=True, metavar="DIR", help="the corpus folder to write (new, or empty)")
     f.add_argument("--val-fraction", type=float, default=TrainConfig().val_fraction, metavar="F",
@@ -370,9 +380,7 @@ def cmd_race(args: argparse.Namespace) -> int:
 def cmd_reference_losses(args: argparse.Namespace) -> int:
     from .checkpoint import refuse_other_tokenizer, resolve_checkpoint
     from .generate import load_model
-    from .plotting import read_metrics
-    from .reference_losses import compute_reference_losses, header_path
-    from .trainer import autocast_dtype, load_run_corpus, resolve_device
+    from .trainer import load_run_corpus, resolve_device
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "ckpt", "out", "config", "context")}
     cfg = build_config(flags.pop("preset", None), args.config, flags)
@@ -383,15 +391,27 @@ def cmd_reference_losses(args: argparse.Namespace) -> int:
     if model.config.vocab_size != cfg.model.vocab_size:
         raise SparsetrainError(f"reference {ckpt.parent} has vocab_size {model.config.vocab_size}, the corpus {cfg.model.vocab_size}")
     refuse_other_tokenizer(ckpt.parent, corpus.tokenizer_path, "reference")
-    trained = [r for r in read_metrics(ckpt.parent / "metrics.jsonl") if "train_seconds" in r]
-    out = compute_reference_losses(model, corpus.train, args.out, cfg.batch_size, device,
-                                   autocast_dtype(cfg.dtype, device), reference=str(ckpt.resolve()),
-                                   reference_train_seconds=trained[-1]["train_seconds"] if trained else None,
-                                   context=args.context)
-    seconds = json.loads(header_path(out).read_text())["seconds"]
-    print(f"reference losses of {corpus.train.size:,} train tokens in {seconds:.1f} s of forwards -> {out}; "
-          f"train with --reference-losses {out}")
+    out = _write_run_losses(ckpt, model, corpus, args.out, cfg.batch_size, device, cfg.dtype, args.context)
+    print(f"train with --reference-losses {out}")
     return 0
+
+
+def _write_run_losses(ckpt: Path, model: torch.nn.Module, corpus: Any, out: str | Path, batch_size: int,
+                      device: torch.device, dtype: str, context: int | None) -> Path:
+    """The sidecar of ``model``'s (the run at ``ckpt``'s) loss of every train token of ``corpus``, with the
+    run's training seconds in its header; what ``reference-losses`` and ``corpus filter --scorer`` write."""
+    from .plotting import read_metrics
+    from .reference_losses import compute_reference_losses, header_path
+    from .trainer import autocast_dtype
+
+    trained = [r for r in read_metrics(ckpt.parent / "metrics.jsonl") if "train_seconds" in r]
+    out = compute_reference_losses(model, corpus.train, out, batch_size, device, autocast_dtype(dtype, device),
+                                   reference=str(ckpt.resolve()),
+                                   reference_train_seconds=trained[-1]["train_seconds"] if trained else None,
+                                   context=context)
+    seconds = json.loads(header_path(out).read_text())["seconds"]
+    print(f"losses of {corpus.train.size:,} train tokens by {ckpt.parent} in {seconds:.1f} s of forwards -> {out}")
+    return out
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -598,15 +618,43 @@ def _corpus_filter(args: argparse.Namespace) -> int:
     from .tokenizer import BPETokenizer
 
     check_drop(args.drop)  # the checks of the arguments first, before the corpus is tokenized
-    if not Path(args.tokenizer).is_file():
-        raise ConfigError(f"--tokenizer {args.tokenizer} is not a file")
+    if bool(args.reference_losses) == bool(args.scorer):
+        raise ConfigError("give one of --reference-losses FILE (a sidecar of sparsetrain reference-losses) and "
+                          "--scorer RUN (a run that scores the corpus first)")
+    ckpt = None
+    if args.scorer:
+        from .checkpoint import refuse_other_tokenizer, resolve_checkpoint
+
+        ckpt = resolve_checkpoint(args.scorer)
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if not _valid_device(args.device):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    tokenizer = args.tokenizer or (str(ckpt.parent / "tokenizer.json") if ckpt is not None else None)
+    if tokenizer is None:
+        raise ConfigError("--reference-losses needs --tokenizer, the tokenizer.json its corpus was tokenized with")
+    if not Path(tokenizer).is_file():
+        raise ConfigError(f"--tokenizer {tokenizer} is not a file")
     if not Path(args.corpus).is_dir():
         raise ConfigError(f"--corpus {args.corpus} is not a folder")
     check_out(Path(args.corpus), args.out)
-    cfg = build_config(None, None, {"data": args.corpus, "tokenizer": args.tokenizer, "val_fraction": args.val_fraction})
-    corpus = load_corpus(args.corpus, BPETokenizer.load(args.tokenizer).vocab_size, args.val_fraction, cfg.cache_dir,
-                         cfg.token_dtype, args.tokenizer)
-    filter_corpus(corpus, args.reference_losses, args.drop, args.out)
+    cfg = build_config(None, None, {"data": args.corpus, "tokenizer": tokenizer, "val_fraction": args.val_fraction})
+    vocab = BPETokenizer.load(tokenizer).vocab_size
+    corpus = load_corpus(args.corpus, vocab, args.val_fraction, cfg.cache_dir, cfg.token_dtype, tokenizer)
+    sidecar = args.reference_losses
+    if ckpt is not None:
+        from .generate import load_model
+        from .trainer import resolve_device
+
+        refuse_other_tokenizer(ckpt.parent, corpus.tokenizer_path, "scorer")
+        device = resolve_device(args.device)
+        model = load_model(ckpt, device)
+        if model.config.vocab_size != vocab:
+            raise ConfigError(f"--scorer {args.scorer} has vocab_size {model.config.vocab_size}, the tokenizer {vocab}")
+        sidecar = _write_run_losses(ckpt, model, corpus, str(Path(args.out)) + ".losses.f16", args.batch_size, device,
+                                    cfg.dtype, context=0)
+        del model
+    filter_corpus(corpus, sidecar, args.drop, args.out)
     return 0
 
 
