@@ -45,6 +45,17 @@ def _family(name: str) -> str:
     return name.split("-")[0]
 
 
+class FixedDropout(torch.nn.Module):
+    """Dropout with a given keep mask: the reference applies the masks the adapter drew."""
+
+    def __init__(self, mask: torch.Tensor, p: float) -> None:
+        super().__init__()
+        self.mask, self.p = mask, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask / (1 - self.p)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_engine_gradients_match_detached_kv_reference(name: str) -> None:
     """Every parameter, GQA or not, biases, q/k norms, tied embeddings, llama3
@@ -248,21 +259,13 @@ def test_lora_dropout_masks_are_the_forwards_in_the_backward(monkeypatch: pytest
     masked_cross_entropy(model(ids, use_cache=False).logits, targets, keep).backward()
     got = grads(model)
 
-    class FixedMask(torch.nn.Module):
-        def __init__(self, mask: torch.Tensor) -> None:
-            super().__init__()
-            self.mask = mask
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * self.mask / (1 - p)
-
     layer = ref.get_base_model().model.layers[0]
     modules = {"q": layer.self_attn.q_proj, "k": layer.self_attn.k_proj, "v": layer.self_attn.v_proj,
                "o": layer.self_attn.o_proj, "gate": layer.mlp.gate_proj, "up": layer.mlp.up_proj,
                "down": layer.mlp.down_proj}
     for i, (name, m) in enumerate(modules.items()):  # the adapter draws seeds in this order
         width = m.get_base_layer().in_features
-        m.lora_dropout["default"] = FixedMask(hf_linear.keep_mask((2, 12, width), p, seed + i, ids.device))
+        m.lora_dropout["default"] = FixedDropout(hf_linear.keep_mask((2, 12, width), p, seed + i, ids.device), p)
     reference_backward(ref.get_base_model(), lambda logits: masked_cross_entropy(logits, targets, keep), keep, ids)
     assert_grads_close(got, grads(ref))
 
@@ -304,20 +307,11 @@ def test_gradient_checkpointing_recomputes_in_the_adapter(lora: bool, monkeypatc
         results.append(grads(model))
     base = ref.get_base_model() if lora else ref
     if lora:  # the reference's dropout applies the masks the adapter drew, in its order (layer, projection)
-
-        class FixedMask(torch.nn.Module):
-            def __init__(self, mask: torch.Tensor) -> None:
-                super().__init__()
-                self.mask = mask
-
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return x * self.mask / (1 - p)
-
         i = 0
         for layer in base.model.layers:
             for m in (layer.self_attn.q_proj, layer.mlp.down_proj):
                 width = m.get_base_layer().in_features
-                m.lora_dropout["default"] = FixedMask(hf_linear.keep_mask((2, 16, width), p, seed + i, ids.device))
+                m.lora_dropout["default"] = FixedDropout(hf_linear.keep_mask((2, 16, width), p, seed + i, ids.device), p)
                 i += 1
     reference_backward(base, lambda logits: masked_cross_entropy(logits, targets, keep), keep, ids)
     want = grads(ref)
