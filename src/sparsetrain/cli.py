@@ -378,32 +378,33 @@ def cmd_race(args: argparse.Namespace) -> int:
 
 
 def cmd_reference_losses(args: argparse.Namespace) -> int:
-    from .checkpoint import refuse_other_tokenizer, resolve_checkpoint
-    from .generate import load_model
+    from .checkpoint import resolve_checkpoint
     from .trainer import load_run_corpus, resolve_device
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "ckpt", "out", "config", "context")}
     cfg = build_config(flags.pop("preset", None), args.config, flags)
     ckpt = resolve_checkpoint(args.ckpt)
-    device = resolve_device(cfg.device)
-    model = load_model(ckpt, device)
-    corpus = load_run_corpus(cfg)
-    if model.config.vocab_size != cfg.model.vocab_size:
-        raise SparsetrainError(f"reference {ckpt.parent} has vocab_size {model.config.vocab_size}, the corpus {cfg.model.vocab_size}")
-    refuse_other_tokenizer(ckpt.parent, corpus.tokenizer_path, "reference")
-    out = _write_run_losses(ckpt, model, corpus, args.out, cfg.batch_size, device, cfg.dtype, args.context)
+    out = _write_run_losses(ckpt, load_run_corpus(cfg), args.out, cfg.batch_size, resolve_device(cfg.device),
+                            cfg.dtype, args.context, "reference")
     print(f"train with --reference-losses {out}")
     return 0
 
 
-def _write_run_losses(ckpt: Path, model: torch.nn.Module, corpus: Any, out: str | Path, batch_size: int,
-                      device: torch.device, dtype: str, context: int | None) -> Path:
-    """The sidecar of ``model``'s (the run at ``ckpt``'s) loss of every train token of ``corpus``, with the
-    run's training seconds in its header; what ``reference-losses`` and ``corpus filter --scorer`` write."""
+def _write_run_losses(ckpt: Path, corpus: Any, out: str | Path, batch_size: int, device: torch.device, dtype: str,
+                      context: int | None, role: str) -> Path:
+    """The sidecar of the run at ``ckpt``'s loss of every train token of ``corpus``, with the run's training
+    seconds in its header; what ``reference-losses`` and ``corpus filter --scorer`` write. A run of another
+    vocabulary or tokenizer than the corpus's is refused, named by its ``role``."""
+    from .checkpoint import refuse_other_tokenizer
+    from .generate import load_model
     from .plotting import read_metrics
     from .reference_losses import compute_reference_losses, header_path
     from .trainer import autocast_dtype
 
+    model = load_model(ckpt, device)
+    if model.config.vocab_size != corpus.vocab_size:
+        raise SparsetrainError(f"{role} {ckpt.parent} has vocab_size {model.config.vocab_size}, the corpus {corpus.vocab_size}")
+    refuse_other_tokenizer(ckpt.parent, corpus.tokenizer_path, role)
     trained = [r for r in read_metrics(ckpt.parent / "metrics.jsonl") if "train_seconds" in r]
     out = compute_reference_losses(model, corpus.train, out, batch_size, device, autocast_dtype(dtype, device),
                                    reference=str(ckpt.resolve()),
@@ -623,7 +624,7 @@ def _corpus_filter(args: argparse.Namespace) -> int:
                           "--scorer RUN (a run that scores the corpus first)")
     ckpt = None
     if args.scorer:
-        from .checkpoint import refuse_other_tokenizer, resolve_checkpoint
+        from .checkpoint import resolve_checkpoint
 
         ckpt = resolve_checkpoint(args.scorer)
         if args.batch_size < 1:
@@ -639,21 +640,14 @@ def _corpus_filter(args: argparse.Namespace) -> int:
         raise ConfigError(f"--corpus {args.corpus} is not a folder")
     check_out(Path(args.corpus), args.out)
     cfg = build_config(None, None, {"data": args.corpus, "tokenizer": tokenizer, "val_fraction": args.val_fraction})
-    vocab = BPETokenizer.load(tokenizer).vocab_size
-    corpus = load_corpus(args.corpus, vocab, args.val_fraction, cfg.cache_dir, cfg.token_dtype, tokenizer)
+    corpus = load_corpus(args.corpus, BPETokenizer.load(tokenizer).vocab_size, args.val_fraction, cfg.cache_dir,
+                         cfg.token_dtype, tokenizer)
     sidecar = args.reference_losses
     if ckpt is not None:
-        from .generate import load_model
         from .trainer import resolve_device
 
-        refuse_other_tokenizer(ckpt.parent, corpus.tokenizer_path, "scorer")
-        device = resolve_device(args.device)
-        model = load_model(ckpt, device)
-        if model.config.vocab_size != vocab:
-            raise ConfigError(f"--scorer {args.scorer} has vocab_size {model.config.vocab_size}, the tokenizer {vocab}")
-        sidecar = _write_run_losses(ckpt, model, corpus, str(Path(args.out)) + ".losses.f16", args.batch_size, device,
-                                    cfg.dtype, context=0)
-        del model
+        sidecar = _write_run_losses(ckpt, corpus, str(Path(args.out)) + ".losses.f16", args.batch_size,
+                                    resolve_device(args.device), cfg.dtype, 0, "scorer")
     filter_corpus(corpus, sidecar, args.drop, args.out)
     return 0
 
