@@ -415,14 +415,19 @@ def _write_run_losses(ckpt: Path, corpus: Any, out: str | Path, batch_size: int,
     return out
 
 
+def _check_device(device: str, name: str = "device") -> None:
+    """Refuse a device name the commands cannot place a model on, in one line naming it."""
+    if not _valid_device(device):
+        raise ConfigError(f"{name} must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import check_sampling, generate_text
 
     from .trainer import resolve_device
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k)  # before the model loads
-    if not _valid_device(args.device):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    _check_device(args.device)
     device = str(resolve_device(args.device))
     print(generate_text(args.ckpt, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, device))
     return 0
@@ -512,8 +517,7 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     settings = GRPOSettings(args.rounds, args.train_prompts, args.test_prompts, args.group_size, args.context_items)
     settings.validate()  # before the model loads
     check_sampling(args.max_new_tokens, args.temperature, args.top_k)
-    if not _valid_device(args.device):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    _check_device(args.device)
     lib_path = Path(args.library) if args.library else None
     if lib_path and lib_path.is_file():
         start = ExperienceLibrary.load(lib_path)
@@ -629,8 +633,7 @@ def _corpus_filter(args: argparse.Namespace) -> int:
         ckpt = resolve_checkpoint(args.scorer)
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-        if not _valid_device(args.device):
-            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+        _check_device(args.device, "--device")
     tokenizer = args.tokenizer or (str(ckpt.parent / "tokenizer.json") if ckpt is not None else None)
     if tokenizer is None:
         raise ConfigError("--reference-losses needs --tokenizer, the tokenizer.json its corpus was tokenized with")

@@ -93,8 +93,7 @@ GALORE_BK_REFUSAL = ("optimizer = galore_adamw with model.arch = resnet_bk is no
 
 def check_config(cfg: TrainConfig) -> None:
     """The optimizer's own refusals, run by every :meth:`TrainConfig.validate`
-    (registered below; the package's ``__init__`` imports this module through
-    ``sparsetrain.trainer``)."""
+    (registered below; the package's ``__init__`` imports this module)."""
     require(not (cfg.optimizer == "galore_adamw" and cfg.model.arch == "resnet_bk"), GALORE_BK_REFUSAL)
 
 

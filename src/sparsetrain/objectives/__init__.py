@@ -42,7 +42,6 @@ __all__ = ["AuxiliaryLoss", "BatchSplitLoss", "ColliderLoss", "MultiTokenLoss", 
            "ObjectiveOutput", "ReferenceNLL", "SelectiveLoss", "Trunk", "build_objective", "make_selector"]
 
 
-
 def check_reference(cfg: TrainConfig) -> None:
     """A reference (``reference_ckpt`` or ``reference_losses``) is read only by a
     score of ``REFERENCE_SCORES``; set without one it would be loaded (and, as a
@@ -50,17 +49,12 @@ def check_reference(cfg: TrainConfig) -> None:
     given = "reference_ckpt" if cfg.reference_ckpt else "reference_losses" if cfg.reference_losses else ""
     if not given:
         return
-    if cfg.use_collider:
-        require(cfg.collider_score in REFERENCE_SCORES,
-                f"training.{given} is read by the {' and '.join(REFERENCE_SCORES)} scores only; "
-                f"collider_score is {cfg.collider_score!r}: drop {given} or pick one of them")
-    elif cfg.selection != "none":
-        require(cfg.selection_score in REFERENCE_SCORES,
-                f"training.{given} is read by the {' and '.join(REFERENCE_SCORES)} scores only; "
-                f"selection_score is {cfg.selection_score!r}: drop {given} or pick one of them")
-    else:
-        require(False, f"training.{given} is read by a token filter's {' or '.join(REFERENCE_SCORES)} score; "
-                       "no filter is on (use_collider or selection): drop it")
+    score_field = "collider_score" if cfg.use_collider else "selection_score" if cfg.selection != "none" else ""
+    require(bool(score_field), f"training.{given} is read by a token filter's {' or '.join(REFERENCE_SCORES)} "
+                               "score; no filter is on (use_collider or selection): drop it")
+    score = getattr(cfg, score_field)
+    require(score in REFERENCE_SCORES, f"training.{given} is read by the {' and '.join(REFERENCE_SCORES)} scores "
+                                       f"only; {score_field} is {score!r}: drop {given} or pick one of them")
 
 
 register_train_check("reference", check_reference)
