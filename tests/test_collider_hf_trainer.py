@@ -121,6 +121,58 @@ def test_threshold_selection_with_accumulation_is_refused(tmp_path) -> None:
         ColliderArguments(drop_ratio=1.0)
 
 
+def test_steps_run_under_the_trainers_kernel_policy(tmp_path) -> None:
+    """The policy given in ColliderArguments is the one every training forward,
+    every backward and every evaluation forward sees; the process's is back after."""
+    from transformers import DataCollatorForLanguageModeling, TrainingArguments
+
+    from sparsetrain import kernels
+    from sparsetrain.hf_trainer import ColliderArguments, ColliderTrainer, local_tokenizer
+
+    seed = fresh_seed()
+    texts = _texts(8, seed)
+    tok = local_tokenizer(texts, 300)
+    model = make_model("llama", seed, vocab_size=len(tok))
+    seen: dict[str, list] = {"train": [], "eval": [], "backward": []}
+
+    def forward_hook(module, args, output):
+        seen["train" if torch.is_grad_enabled() else "eval"].append(kernels.current())
+
+    def backward_hook(grad):
+        seen["backward"].append(kernels.current())
+
+    model.register_forward_hook(forward_hook)
+    model.model.embed_tokens.weight.register_hook(backward_hook)  # the backward's last gradient
+    before = kernels.current()
+    want = before.replace(fused_cross_entropy=not before.fused_cross_entropy, attention_impl="recompute",
+                          kept_kernel_max_keep=0.25)
+    data = _dataset(tok, texts)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                             per_device_eval_batch_size=2, report_to=[], use_cpu=True, save_strategy="no",
+                             dataloader_num_workers=0)
+    fields = {f: getattr(want, f) for f in ("fused_cross_entropy", "attention_impl", "kept_kernel_max_keep")}
+    trainer = ColliderTrainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                              data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                              collider=ColliderArguments(drop_ratio=0.5, kernels=fields))
+    assert trainer.collider_args.kernels == want
+    trainer.train()
+    trainer.evaluate()
+    assert len(seen["train"]) == 2 and seen["backward"] and seen["eval"], {k: len(v) for k, v in seen.items()}
+    assert all(p == want for ps in seen.values() for p in ps)
+    assert kernels.current() == before
+
+
+def test_kernel_policy_refusals_name_the_value() -> None:
+    from sparsetrain.hf_trainer import ColliderArguments
+
+    with pytest.raises(ConfigError, match="unknown field 'fused_ce'"):
+        ColliderArguments(kernels={"fused_ce": False})
+    with pytest.raises(ConfigError, match="attention implementation must be one of .*got 'fast'"):
+        ColliderArguments(kernels={"attention_impl": "fast"})
+    with pytest.raises(ConfigError, match="KernelPolicy or a mapping of its fields, got str"):
+        ColliderArguments(kernels="recompute")
+
+
 def test_sft_trainer_with_collider_and_lora(tmp_path) -> None:
     """TRL's SFTTrainer (its fused-head loss bypassed) with a LoRA config: a few
     steps train only the adapters and log the kept fraction."""

@@ -50,19 +50,23 @@ logged (``with_collider`` bypasses that loss).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from . import kernels
 from .collider import apply, remove
 from .collider.attention import MODES
 from .collider.hf import applied_state, collider_targets, uses_engine
 from .collider.hf_engine import HFEngine
 from .config import CAPTURABLE_METHODS
 from .errors import ConfigError
+from .kernels import KernelPolicy
 from .step_graph import EAGER_STEPS, StepGraph, clone_tree
 from .selection import IGNORE_INDEX, METHODS, NONNEGATIVE_SCORES, REFERENCE_SCORES, SCORES, TokenSelector, budget
 
@@ -87,7 +91,10 @@ class ColliderArguments:
     by the mean score of its block of ``span`` positions, so whole spans are
     kept or dropped. The ``excess`` score (the model's loss minus a reference
     model's) reads a ``reference_losses`` column of the training data
-    (:func:`add_reference_losses`).
+    (:func:`add_reference_losses`). ``kernels``: the kernel policy the
+    training and evaluation steps run under, forward and backward (a
+    :class:`~sparsetrain.kernels.KernelPolicy` or a mapping of its fields;
+    None: the process's, :func:`sparsetrain.kernels.current`).
     """
 
     drop_ratio: float = 0.5
@@ -100,8 +107,18 @@ class ColliderArguments:
     seed: int = 0
     cuda_graph: bool = False
     span: int = 1
+    kernels: KernelPolicy | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.kernels is not None and not isinstance(self.kernels, KernelPolicy):
+            if not isinstance(self.kernels, Mapping):
+                raise ConfigError(f"collider kernels must be a KernelPolicy or a mapping of its fields, "
+                                  f"got {type(self.kernels).__name__}")
+            fields = {f.name for f in dataclasses.fields(KernelPolicy)}
+            unknown = sorted(set(self.kernels) - fields)
+            if unknown:
+                raise ConfigError(f"collider kernels: unknown field {unknown[0]!r} (fields: {', '.join(sorted(fields))})")
+            self.kernels = KernelPolicy(**self.kernels)
         if not 0.0 <= self.drop_ratio < 1.0:
             raise ConfigError(f"collider drop_ratio must be in [0, 1), got {self.drop_ratio}")
         if self.score not in SCORES:
@@ -422,13 +439,18 @@ class ColliderTrainerMixin:
 
     def training_step(self, model, inputs: dict[str, Any], num_items_in_batch: Any = None, *args: Any,
                       **kwargs: Any) -> torch.Tensor:
-        if self.collider_graph is not None and self._graph_due():
-            loss = self._graphed_training_step(model, inputs, num_items_in_batch)
-            if loss is not None:
-                return loss
-        loss = super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
+        with kernels.using(self.collider_args.kernels):  # the backward reads the policy too
+            if self.collider_graph is not None and self._graph_due():
+                loss = self._graphed_training_step(model, inputs, num_items_in_batch)
+                if loss is not None:
+                    return loss
+            loss = super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
         self._collider_clock.stop()
         return loss
+
+    def prediction_step(self, *args: Any, **kwargs: Any):  # noqa: D102 - Trainer's, under the kernel policy
+        with kernels.using(self.collider_args.kernels):
+            return super().prediction_step(*args, **kwargs)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """The Trainer's logs plus Collider's, for every ``report_to`` integration."""
