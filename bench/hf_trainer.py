@@ -91,15 +91,14 @@ class _StepClock:
         self.callback = Callback()
 
 
-def _dataset(shape: str, rows: int):
+def _dataset(shape: str, rows: int) -> list[dict[str, torch.Tensor]]:
     """``rows`` packed sequences of the shape's length: its bench batch repeated (the
-    same tokens as ``python -m bench hf``), labels equal to the inputs."""
-    from datasets import Dataset
-
+    same tokens as ``python -m bench hf``), labels equal to the inputs. A plain list,
+    which the Trainer takes as a map-style dataset: the bench needs no ``datasets``."""
     ids = make_batch(shape, "cpu")
     reps = -(-rows // ids.shape[0])
-    data = ids.repeat(reps, 1)[:rows].tolist()
-    return Dataset.from_dict({"input_ids": data, "labels": data})
+    data = ids.repeat(reps, 1)[:rows]
+    return [{"input_ids": row, "labels": row} for row in data]
 
 
 def train_once(shape: str, kind: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
