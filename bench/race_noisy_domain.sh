@@ -33,6 +33,11 @@
 #              on the reference set for SMALL_REF_STEPS steps, its loss of every
 #              domain train token (--context 0) and the filter by it
 #              (WORK_DIR/domain_filtered_small); not in the default phases
+#   random_filter
+#              the filters' control: WORK_DIR/domain_filtered_random, the domain
+#              without whole train documents taken at random (seed
+#              RANDOM_FILTER_SEED), FILTER_DROP of its tokens; not in the
+#              default phases
 #   race       arms started from the base's weights on the domain, each
 #              RACE_SECONDS of training after start-up (the arms: ARMS), into
 #              RACE_DIR (default WORK_DIR/race-seed<SEED>): run it again with
@@ -70,6 +75,7 @@ SEED=${SEED:-1337}
 LR=${LR:-3e-4}
 RACE_SECONDS=${RACE_SECONDS:-100}
 FILTER_DROP=${FILTER_DROP:-0.4}
+RANDOM_FILTER_SEED=${RANDOM_FILTER_SEED:-0}
 SMALL_REF_ARGS=${SMALL_REF_ARGS:---preset nano-125m --n-layer 8 --d-model 512 --n-head 8 --seq-len 2048 --batch-size 8 --compile}
 SMALL_REF_STEPS=${SMALL_REF_STEPS:-400}
 SMALL_REF_LR=${SMALL_REF_LR:-1e-3}
@@ -144,6 +150,11 @@ if want small_reference && [ ! -f "$W/ref_small/done" ]; then
 fi
 sidecar small_sidecar "$W/ref_small" "$W/ref_losses_small.f16" --context 0
 filter small_filter "$W/ref_losses_small.f16" "$W/domain_filtered_small"
+if want random_filter && [ ! -f "$W/domain_filtered_random/.corpus_manifest.json" ]; then
+  log "random_filter: the domain without train documents taken at random (seed $RANDOM_FILTER_SEED), $FILTER_DROP of its tokens"
+  $ST corpus filter --corpus "$W/domain" --tokenizer "$tok" --random-seed "$RANDOM_FILTER_SEED" --drop "$FILTER_DROP" \
+    --out "$W/domain_filtered_random"
+fi
 if want filtered_sidecar && [ ! -f "$W/ref_losses_filtered.f16.json" ]; then
   log "filtered_sidecar: the reference's loss of every train token of the filtered domain"
   $ST reference-losses --ckpt "$W/ref" --out "$W/ref_losses_filtered.f16" $MODEL_ARGS --data "$W/domain_filtered" --tokenizer "$tok"

@@ -99,6 +99,39 @@ def test_the_hardest_documents_are_left_out_and_the_val_split_is_kept(noisy, tmp
         assert share == pytest.approx(kept, abs=1e-4), (kind, seed)
 
 
+def test_the_random_control_leaves_out_the_same_share_in_whole_documents(noisy, tmp_path, capsys) -> None:
+    """``--random-seed``: documents in the order of the seed's permutation until the
+    share is reached (a naive loop over documents tokenized one by one), the val
+    files all kept, the same choice for the same seed and another for another."""
+    folder, corpus = noisy
+    seed = fresh_seed()
+    drop = float(np.random.default_rng(seed).uniform(0.15, 0.6))
+    sizes = _naive_means(corpus, np.zeros(corpus.train.size))
+    names = list(sizes)
+    total = sum(n for n, _ in sizes.values())
+    want, gone = set(), 0
+    for i in np.random.default_rng(seed).permutation(len(names)):
+        if gone >= drop * total:
+            break
+        want.add(names[i])
+        gone += sizes[names[i]][0]
+    args = ["corpus", "filter", "--corpus", str(folder), "--tokenizer", str(corpus.tokenizer_path),
+            "--val-fraction", str(VAL), "--drop", str(drop), "--random-seed", str(seed)]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert f"taken at random, seed {seed}" in capsys.readouterr().out
+    record = json.loads((tmp_path / "a" / MANIFEST_NAME).read_text())["filtered"]
+    assert record["left_out_tokens"] == gone >= drop * total and record["reference_losses"] is None, seed
+    assert record["random_seed"] == seed and "mean_loss_kept" not in record
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    copied = {p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a").rglob("*") if p.is_file()}
+    assert copied == files - want and all(not is_val_file(n, VAL) for n in want), seed
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    filter_corpus(corpus, None, drop, tmp_path / "c", verbose=False, random_seed=seed + 1)
+    other = {p.relative_to(tmp_path / "c").as_posix() for p in (tmp_path / "c").rglob("*") if p.is_file()}
+    assert other != copied, seed  # another seed, another choice (40 files: a repeat is vanishingly rare)
+    assert json.loads((tmp_path / "b" / MANIFEST_NAME).read_text())["filtered"]["left_out_tokens"] == gone
+
+
 def test_noise_the_reference_finds_hard_goes_first(noisy, tmp_path) -> None:
     """Losses high on every noise token, low on clean ones: a drop of the noise's share leaves out only noise."""
     folder, corpus = noisy
@@ -127,7 +160,9 @@ def test_bad_input_is_one_line(noisy, tmp_path, capsys) -> None:
                           (["--drop", "0.3", "--out", str(folder)], f"--out {folder} exists and is not an empty folder"),
                           (["--drop", "0.3", "--out", str(folder / "sub")], "is inside the corpus"),
                           (["--drop", "0.3", "--out", str(tmp_path / "b"), "--val-fraction", "0.02"],
-                           "was computed for other train tokens")]:
+                           "was computed for other train tokens"),
+                          (["--drop", "0.3", "--out", str(tmp_path / "c"), "--random-seed", "1"],
+                           "give one of --reference-losses FILE")]:
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("sparsetrain: error:") and needle in err[0], err

@@ -628,6 +628,12 @@ def test_one_time_cost_adds_up_what_made_each_arms_inputs(make_cfg, tmp_path: Pa
     old = _sidecar_header(tmp_path / "old.f16")  # written before the header held its seconds
     got = one_time_cost(make_cfg(reference_losses=str(old), **excess))
     assert got["seconds"] is None and None in got["parts"].values()
+    # the random control: no reference made it, only the filter's seconds
+    control = tmp_path / "filtered_random"
+    control.mkdir()
+    (control / ".corpus_manifest.json").write_text(json.dumps(
+        {"generated": {}, "filtered": {"reference_losses": None, "random_seed": 3, "seconds": filt}}))
+    assert one_time_cost(make_cfg(data=str(control))) == {"parts": {"corpus filter": filt}, "seconds": filt}
 
 
 def test_one_time_cost_of_a_reference_that_is_the_arms_start_is_its_forwards_only(make_cfg, tmp_path: Path) -> None:

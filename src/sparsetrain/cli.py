@@ -293,13 +293,17 @@ def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
                                     "RUN, e.g. the model you will continue) and copy the corpus without "
                                     "the highest-scoring ones, about --drop of its train tokens; val files are all "
                                     "kept, so the held-out split is the same. The static form of the excess score "
-                                    "(a perplexity filter): train on the result. See docs/time_to_quality.md.")
+                                    "(a perplexity filter): train on the result. --random-seed leaves out the same share "
+                                    "of documents at random instead: the control. See docs/time_to_quality.md.")
     f.add_argument("--corpus", required=True, metavar="FOLDER", help="the corpus folder the sidecar was computed for")
     f.add_argument("--tokenizer", metavar="FILE", help="the tokenizer.json it was tokenized with (default with "
                    "--scorer: the scorer run's)")
     f.add_argument("--reference-losses", metavar="FILE", help="the sidecar (sparsetrain reference-losses)")
     f.add_argument("--scorer", metavar="RUN", help="instead of --reference-losses: a run (e.g. the model you will "
                    "continue) that scores the corpus first, each token read once; its sidecar goes to OUT.losses.f16")
+    f.add_argument("--random-seed", type=int, metavar="SEED", help="instead of scores: leave out whole documents "
+                   "taken in a random order from SEED (the control of a filter: the same share of tokens, no "
+                   "choice); needs --tokenizer")
     f.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward with --scorer "
                    "(default: %(default)s)")
     f.add_argument("--device", default="auto", help="where --scorer runs: auto, cpu, cuda or cuda:N (default: auto)")
@@ -623,9 +627,9 @@ def _corpus_filter(args: argparse.Namespace) -> int:
     from .tokenizer import BPETokenizer
 
     check_drop(args.drop)  # the checks of the arguments first, before the corpus is tokenized
-    if bool(args.reference_losses) == bool(args.scorer):
-        raise ConfigError("give one of --reference-losses FILE (a sidecar of sparsetrain reference-losses) and "
-                          "--scorer RUN (a run that scores the corpus first)")
+    if sum(map(bool, (args.reference_losses, args.scorer, args.random_seed is not None))) != 1:
+        raise ConfigError("give one of --reference-losses FILE (a sidecar of sparsetrain reference-losses), "
+                          "--scorer RUN (a run that scores the corpus first) and --random-seed SEED (the control)")
     ckpt = None
     if args.scorer:
         from .checkpoint import resolve_checkpoint
@@ -636,7 +640,8 @@ def _corpus_filter(args: argparse.Namespace) -> int:
         _check_device(args.device, "--device")
     tokenizer = args.tokenizer or (str(ckpt.parent / "tokenizer.json") if ckpt is not None else None)
     if tokenizer is None:
-        raise ConfigError("--reference-losses needs --tokenizer, the tokenizer.json its corpus was tokenized with")
+        needs = "--reference-losses" if args.reference_losses else "--random-seed"
+        raise ConfigError(f"{needs} needs --tokenizer, the tokenizer.json the corpus is tokenized with")
     if not Path(tokenizer).is_file():
         raise ConfigError(f"--tokenizer {tokenizer} is not a file")
     if not Path(args.corpus).is_dir():
@@ -651,7 +656,7 @@ def _corpus_filter(args: argparse.Namespace) -> int:
 
         sidecar = _write_run_losses(ckpt, corpus, str(Path(args.out)) + ".losses.f16", args.batch_size,
                                     resolve_device(args.device), cfg.dtype, 0, "scorer")
-    filter_corpus(corpus, sidecar, args.drop, args.out)
+    filter_corpus(corpus, sidecar, args.drop, args.out, random_seed=args.random_seed)
     return 0
 
 

@@ -20,6 +20,10 @@ documents it did better (docs/time_to_quality.md, regime 3).
   what was left out (its other counts describe the source), and the seconds the
   filter took; a plain folder's copy gets a manifest holding that section
   alone. The folder appears whole or not at all.
+* **The random control** (``random_seed``, no losses): the same share of
+  train tokens left out in whole documents taken in a random order, so a
+  filter's gain can be told from the mere shrinking of the corpus (read more
+  times in the same budget).
 """
 
 from __future__ import annotations
@@ -52,9 +56,10 @@ class DocumentLosses:
     starts: np.ndarray | None = None  # where each begins in the train tokens, for a corpus's documents
 
 
-def document_losses(corpus: TokenizedCorpus, losses: np.ndarray) -> DocumentLosses:
+def document_losses(corpus: TokenizedCorpus, losses: np.ndarray | None) -> DocumentLosses:
     """The train documents of ``corpus`` with the mean of ``losses`` (a sidecar:
-    entry ``i`` is the loss of train token ``i + 1``) over each one's tokens."""
+    entry ``i`` is the loss of train token ``i + 1``) over each one's tokens
+    (None: no losses, every mean NaN; the documents and their sizes alone)."""
     if corpus.tokenizer is None or not corpus.text_root:
         raise DataError("corpus filter needs a folder of text files and its tokenizer")
     root = Path(corpus.text_root)
@@ -64,6 +69,9 @@ def document_losses(corpus: TokenizedCorpus, losses: np.ndarray) -> DocumentLoss
                         "train document is a file: pass the --val-fraction the corpus was built for")
     starts = train_document_starts(corpus)
     ends = np.append(starts[1:], corpus.train.size)
+    if losses is None:
+        return DocumentLosses(names=tuple(names), tokens=ends - starts, mean_loss=np.full(len(names), np.nan),
+                              starts=starts)
     # a document spans its separator (at its start) and its tokens; the entries predicting its
     # tokens are start .. end - 2 (entry end - 1 predicts the next document's separator)
     sums = np.add.reduceat(losses, starts, dtype=np.float64) if len(starts) else np.zeros(0)
@@ -73,11 +81,15 @@ def document_losses(corpus: TokenizedCorpus, losses: np.ndarray) -> DocumentLoss
     return DocumentLosses(names=tuple(names), tokens=ends - starts, mean_loss=mean, starts=starts)
 
 
-def choose_left_out(docs: DocumentLosses, drop: float) -> np.ndarray:
+def choose_left_out(docs: DocumentLosses, drop: float, random_seed: int | None = None) -> np.ndarray:
     """Bool per document: left out, the highest mean loss first, until at least
-    ``drop`` of the tokens are (ties broken by path, so the choice is deterministic)."""
+    ``drop`` of the tokens are (ties broken by path, so the choice is deterministic);
+    with ``random_seed``, in the order of a random permutation drawn from that seed instead."""
     check_drop(drop)
-    order = sorted(range(len(docs.names)), key=lambda i: (-docs.mean_loss[i], docs.names[i]))
+    if random_seed is None:
+        order = sorted(range(len(docs.names)), key=lambda i: (-docs.mean_loss[i], docs.names[i]))
+    else:
+        order = np.random.default_rng(random_seed).permutation(len(docs.names)).tolist()
     target = drop * float(docs.tokens.sum())
     out = np.zeros(len(docs.names), dtype=bool)
     gone = 0
@@ -89,22 +101,29 @@ def choose_left_out(docs: DocumentLosses, drop: float) -> np.ndarray:
     return out
 
 
-def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path, drop: float, out: str | Path,
-                  verbose: bool = True) -> dict:
+def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path | None, drop: float, out: str | Path,
+                  verbose: bool = True, random_seed: int | None = None) -> dict:
     """Write ``corpus``'s folder to ``out`` without the train documents whose mean
     reference loss (from ``sidecar``) is highest, about ``drop`` of its train
-    tokens. Returns the ``filtered`` record (also in ``out``'s manifest)."""
+    tokens; with ``random_seed`` and no ``sidecar``, without documents taken in a
+    random order instead (the control). Returns the ``filtered`` record (also in
+    ``out``'s manifest)."""
+    if (sidecar is None) == (random_seed is None):
+        raise DataError("corpus filter takes reference losses or a random seed, one of the two")
     check_out(Path(corpus.text_root), out)
     began = time.perf_counter()
     out = Path(out)
-    losses = ReferenceLosses(sidecar, corpus.train).losses
+    losses = None if sidecar is None else ReferenceLosses(sidecar, corpus.train).losses
     docs = document_losses(corpus, losses)
-    left_out = choose_left_out(docs, drop)
+    left_out = choose_left_out(docs, drop, random_seed)
     gone = {docs.names[i] for i in np.flatnonzero(left_out)}
-    record = {"source": str(Path(corpus.text_root).resolve()), "reference_losses": str(Path(sidecar).resolve()),
+    record = {"source": str(Path(corpus.text_root).resolve()),
+              "reference_losses": None if sidecar is None else str(Path(sidecar).resolve()),
+              "random_seed": random_seed,
               "drop": drop, "train_documents": len(docs.names), "left_out_documents": len(gone),
-              "train_tokens": int(docs.tokens.sum()), "left_out_tokens": int(docs.tokens[left_out].sum()),
-              "mean_loss_kept": _weighted(docs, ~left_out), "mean_loss_left_out": _weighted(docs, left_out)}
+              "train_tokens": int(docs.tokens.sum()), "left_out_tokens": int(docs.tokens[left_out].sum())}
+    if losses is not None:
+        record.update(mean_loss_kept=_weighted(docs, ~left_out), mean_loss_left_out=_weighted(docs, left_out))
     manifest = read_manifest(corpus)
     if manifest is not None:  # each token's kind (noise spliced inside a file has its own), kept or not
         labels = train_token_labels(corpus, manifest, docs.starts)  # the starts read once, for both
@@ -121,9 +140,10 @@ def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path, drop: float, out
     _write_filtered(Path(corpus.text_root), out, gone, manifest)
     if verbose:
         shares = record.get("kept_share_by_kind")
+        why = (f"mean reference loss {record['mean_loss_left_out']:.3f} left out, {record['mean_loss_kept']:.3f} kept"
+               if losses is not None else f"taken at random, seed {random_seed}")
         print(f"corpus {out}: left out {len(gone):,} of {len(docs.names):,} train documents "
-              f"({record['left_out_tokens']:,} of {record['train_tokens']:,} tokens; mean reference loss "
-              f"{record['mean_loss_left_out']:.3f} left out, {record['mean_loss_kept']:.3f} kept)"
+              f"({record['left_out_tokens']:,} of {record['train_tokens']:,} tokens; {why})"
               + (f"; share of each kind's tokens kept: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items())
                  if shares else ""), flush=True)
     return record

@@ -325,7 +325,7 @@ def one_time_cost(cfg: TrainConfig) -> dict:
     manifest = Path(cfg.data) / MANIFEST_NAME if cfg.data else None
     if manifest is not None and manifest.is_file():
         filtered = json.loads(manifest.read_text()).get("filtered")
-        if filtered:
+        if filtered and filtered.get("reference_losses"):  # none for the random control
             sidecars.append(Path(filtered["reference_losses"]))
     parts: dict[str, float | None] = {}
     references = set()
