@@ -189,7 +189,6 @@ def test_hf_trainer_suite_times_every_step_of_both_runs(tmp_path: Path, capsys) 
     runs start from the same weights and batches (equal first-log losses would
     need equal objectives, so the Collider loss is checked to be a kept-rows
     loss: the kept fraction is ceil(half) of the targets)."""
-    pytest.importorskip("datasets")
     code, out, err = run_bench(["hf_trainer", "--shapes", "tiny", "--repeats", "3", "--warmup", "1",
                                 "--out", str(tmp_path / "t.json")], capsys)
     assert code == 0, err
@@ -221,7 +220,6 @@ def test_hf_trainer_suite_refuses_the_graph_on_the_cpu_in_one_line(tmp_path: Pat
 
 @requires_cuda
 def test_hf_trainer_suite_replays_the_graph_on_the_gpu(tmp_path: Path, capsys) -> None:
-    pytest.importorskip("datasets")
     code, out, err = run_bench(["hf_trainer", "--shapes", "tiny", "--repeats", "4", "--warmup", "6",
                                 "--heat-seconds", "0", "--out", str(tmp_path / "t.json")], capsys)
     assert code == 0, err

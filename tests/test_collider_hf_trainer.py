@@ -171,6 +171,18 @@ def test_kernel_policy_refusals_name_the_value() -> None:
         ColliderArguments(kernels={"attention_impl": "fast"})
     with pytest.raises(ConfigError, match="KernelPolicy or a mapping of its fields, got str"):
         ColliderArguments(kernels="recompute")
+    with pytest.raises(ConfigError, match="collider kernels: "):
+        ColliderArguments(kernels={"cusparselt_min_width": "wide"})
+
+
+def test_a_mapping_changes_only_its_fields_of_the_process_policy() -> None:
+    from sparsetrain import kernels
+    from sparsetrain.hf_trainer import ColliderArguments
+
+    process = kernels.current().replace(attention_impl="flash", cusparselt_min_width=640)
+    with kernels.using(process):  # as an environment override would have set it
+        got = ColliderArguments(kernels={"fused_cross_entropy": not process.fused_cross_entropy}).kernels
+    assert got == process.replace(fused_cross_entropy=not process.fused_cross_entropy)
 
 
 def test_sft_trainer_with_collider_and_lora(tmp_path) -> None:

@@ -126,6 +126,8 @@ def test_the_random_control_leaves_out_the_same_share_in_whole_documents(noisy, 
     copied = {p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a").rglob("*") if p.is_file()}
     assert copied == files - want and all(not is_val_file(n, VAL) for n in want), seed
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    again = {p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    assert again == copied, seed  # the same seed, the same documents
     filter_corpus(corpus, None, drop, tmp_path / "c", verbose=False, random_seed=seed + 1)
     other = {p.relative_to(tmp_path / "c").as_posix() for p in (tmp_path / "c").rglob("*") if p.is_file()}
     assert other != copied, seed  # another seed, another choice (40 files: a repeat is vanishingly rare)
@@ -168,6 +170,15 @@ def test_bad_input_is_one_line(noisy, tmp_path, capsys) -> None:
         assert len(err) == 1 and err[0].startswith("sparsetrain: error:") and needle in err[0], err
     assert main(base + ["--drop", "0.3", "--out", str(tmp_path / "ok")]) == 0
     assert "left out" in capsys.readouterr().out
+    control = ["corpus", "filter", "--corpus", str(folder), "--val-fraction", str(VAL), "--drop", "0.3",
+               "--out", str(tmp_path / "d")]
+    for extra, needle in [(["--random-seed", "-1", "--tokenizer", str(corpus.tokenizer_path)],
+                           "--random-seed must be >= 0, got -1"),
+                          (["--random-seed", "1"], "--random-seed needs --tokenizer"),
+                          (["--random-seed", "1", "--scorer", str(tmp_path)], "give one of --reference-losses FILE")]:
+        assert main(control + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("sparsetrain: error:") and needle in err[0], err
 
 
 def test_kept_shares_count_the_noise_inside_files(tmp_path) -> None:

@@ -294,7 +294,8 @@ def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
                                     "the highest-scoring ones, about --drop of its train tokens; val files are all "
                                     "kept, so the held-out split is the same. The static form of the excess score "
                                     "(a perplexity filter): train on the result. --random-seed leaves out the same share "
-                                    "of documents at random instead: the control. See docs/time_to_quality.md.")
+                                    "of train tokens in whole documents taken at random instead: the control. "
+                                    "See docs/time_to_quality.md.")
     f.add_argument("--corpus", required=True, metavar="FOLDER", help="the corpus folder the sidecar was computed for")
     f.add_argument("--tokenizer", metavar="FILE", help="the tokenizer.json it was tokenized with (default with "
                    "--scorer: the scorer run's)")
@@ -302,8 +303,8 @@ def _add_corpus_parser(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--scorer", metavar="RUN", help="instead of --reference-losses: a run (e.g. the model you will "
                    "continue) that scores the corpus first, each token read once; its sidecar goes to OUT.losses.f16")
     f.add_argument("--random-seed", type=int, metavar="SEED", help="instead of scores: leave out whole documents "
-                   "taken in a random order from SEED (the control of a filter: the same share of tokens, no "
-                   "choice); needs --tokenizer")
+                   "taken in a random order from SEED (>= 0) until --drop of the train tokens are gone (the control "
+                   "of a filter: the same share of tokens, no choice); needs --tokenizer")
     f.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward with --scorer "
                    "(default: %(default)s)")
     f.add_argument("--device", default="auto", help="where --scorer runs: auto, cpu, cuda or cuda:N (default: auto)")
@@ -627,6 +628,8 @@ def _corpus_filter(args: argparse.Namespace) -> int:
     from .tokenizer import BPETokenizer
 
     check_drop(args.drop)  # the checks of the arguments first, before the corpus is tokenized
+    if args.random_seed is not None and args.random_seed < 0:
+        raise ConfigError(f"--random-seed must be >= 0, got {args.random_seed}")
     if sum(map(bool, (args.reference_losses, args.scorer, args.random_seed is not None))) != 1:
         raise ConfigError("give one of --reference-losses FILE (a sidecar of sparsetrain reference-losses), "
                           "--scorer RUN (a run that scores the corpus first) and --random-seed SEED (the control)")

@@ -110,6 +110,8 @@ def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path | None, drop: flo
     ``out``'s manifest)."""
     if (sidecar is None) == (random_seed is None):
         raise DataError("corpus filter takes reference losses or a random seed, one of the two")
+    if random_seed is not None and random_seed < 0:
+        raise DataError(f"the random seed must be >= 0, got {random_seed}")
     check_out(Path(corpus.text_root), out)
     began = time.perf_counter()
     out = Path(out)

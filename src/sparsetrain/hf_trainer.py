@@ -93,8 +93,9 @@ class ColliderArguments:
     model's) reads a ``reference_losses`` column of the training data
     (:func:`add_reference_losses`). ``kernels``: the kernel policy the
     training and evaluation steps run under, forward and backward (a
-    :class:`~sparsetrain.kernels.KernelPolicy` or a mapping of its fields;
-    None: the process's, :func:`sparsetrain.kernels.current`).
+    :class:`~sparsetrain.kernels.KernelPolicy`, or a mapping of the fields to
+    change in the process's policy as it is when the arguments are made;
+    None: the process's, :func:`sparsetrain.kernels.current`, at each step).
     """
 
     drop_ratio: float = 0.5
@@ -118,7 +119,10 @@ class ColliderArguments:
             unknown = sorted(set(self.kernels) - fields)
             if unknown:
                 raise ConfigError(f"collider kernels: unknown field {unknown[0]!r} (fields: {', '.join(sorted(fields))})")
-            self.kernels = KernelPolicy(**self.kernels)
+            try:  # the named fields changed, the others the process's (its environment's overrides kept)
+                self.kernels = kernels.current().replace(**self.kernels)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"collider kernels: {e}") from None
         if not 0.0 <= self.drop_ratio < 1.0:
             raise ConfigError(f"collider drop_ratio must be in [0, 1), got {self.drop_ratio}")
         if self.score not in SCORES:
