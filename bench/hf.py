@@ -289,7 +289,10 @@ def build_liger_case(shape: str, args: argparse.Namespace, device: torch.device)
     steps = {"dense_liger": HFStep(dense, optimizer, device),
              f"{collider_name(args.drop)}_on_liger": HFStep(collider_loss, optimizer, device)}
     total, trainable = _counts(model)
+    from importlib.metadata import version
+
     return Case(steps, model, total, trainable, extra={"lora": None, "liger": True,
+                                                       "liger_version": version("liger-kernel"),
                                                        "liger_loss_compiled": False},
                 unpatched_collider_loss=unpatched, restore=restore)
 

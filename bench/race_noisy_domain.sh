@@ -34,10 +34,10 @@
 #              domain train token (--context 0) and the filter by it
 #              (WORK_DIR/domain_filtered_small); not in the default phases
 #   random_filter
-#              the filters' control: WORK_DIR/domain_filtered_random, the domain
-#              without whole train documents taken at random (seed
-#              RANDOM_FILTER_SEED), FILTER_DROP of its tokens; not in the
-#              default phases
+#              the filters' control: WORK_DIR/domain_filtered_random_seed<S>,
+#              the domain without whole train documents taken at random (seed
+#              S = RANDOM_FILTER_SEED; give each race seed its own draw),
+#              FILTER_DROP of its tokens; not in the default phases
 #   race       arms started from the base's weights on the domain, each
 #              RACE_SECONDS of training after start-up (the arms: ARMS), into
 #              RACE_DIR (default WORK_DIR/race-seed<SEED>): run it again with
@@ -150,10 +150,11 @@ if want small_reference && [ ! -f "$W/ref_small/done" ]; then
 fi
 sidecar small_sidecar "$W/ref_small" "$W/ref_losses_small.f16" --context 0
 filter small_filter "$W/ref_losses_small.f16" "$W/domain_filtered_small"
-if want random_filter && [ ! -f "$W/domain_filtered_random/.corpus_manifest.json" ]; then
+RANDOM_OUT="$W/domain_filtered_random_seed$RANDOM_FILTER_SEED"
+if want random_filter && [ ! -f "$RANDOM_OUT/.corpus_manifest.json" ]; then
   log "random_filter: the domain without train documents taken at random (seed $RANDOM_FILTER_SEED), $FILTER_DROP of its tokens"
   $ST corpus filter --corpus "$W/domain" --tokenizer "$tok" --random-seed "$RANDOM_FILTER_SEED" --drop "$FILTER_DROP" \
-    --out "$W/domain_filtered_random"
+    --out "$RANDOM_OUT"
 fi
 if want filtered_sidecar && [ ! -f "$W/ref_losses_filtered.f16.json" ]; then
   log "filtered_sidecar: the reference's loss of every train token of the filtered domain"
