@@ -334,15 +334,14 @@ def test_finetune_example_refuses_a_cuda_graph_on_the_cpu_in_one_line(corpus_dir
 def _fixed_length_dataset(vocab: int, pad_id: int, n: int, length: int, seed: int, short: int | None = None):
     """``n`` random sequences of ``length`` tokens (never the pad token, so every
     position is a target); with ``short``, sequence ``short`` is 5 tokens shorter,
-    so its batch is padded and has fewer targets."""
-    from datasets import Dataset
-
+    so its batch is padded and has fewer targets. A plain list of examples, which
+    the Trainer takes as it is: the CUDA tests run where ``datasets`` is not installed."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for i in range(n):
         ids = torch.randint(0, vocab - 1, (length - (5 if i == short else 0),), generator=g)
-        rows.append([int(t) + (1 if t >= pad_id else 0) for t in ids])
-    return Dataset.from_dict({"input_ids": rows})
+        rows.append({"input_ids": [int(t) + (1 if t >= pad_id else 0) for t in ids]})
+    return rows
 
 
 def _graph_tokenizer(seed: int):
@@ -391,8 +390,11 @@ def _graph_run(tmp_path, name: str, graph: bool, monkeypatch, method: str, short
     collator = DataCollatorForLanguageModeling(tok, mlm=False)
     selection = dict(method=method)
     if excess_span:
+        from datasets import Dataset
+
         reference = make_model("llama", seed + 1, dtype=torch.float32, vocab_size=len(tok))
-        data = add_reference_losses(data.add_column("labels", data["input_ids"]), reference)
+        data = Dataset.from_list([{**row, "labels": row["input_ids"]} for row in data])
+        data = add_reference_losses(data, reference)
         collator, selection = default_data_collator, dict(method=method, score="excess", span=excess_span)
     trainer = _in_order_trainer(
         model=model, args=args, train_dataset=data, data_collator=collator,
@@ -497,6 +499,7 @@ def test_replayed_micro_steps_with_reference_losses_train_like_eager_ones(tmp_pa
 def test_captured_micro_steps_with_reference_losses_on_cuda(tmp_path, monkeypatch) -> None:
     """A real capture with the excess score over spans: the column a static input,
     each replay scoring its own batch; losses and weights as without the graph."""
+    pytest.importorskip("datasets")  # add_reference_losses maps a datasets.Dataset
     seed = fresh_seed()
     eager = _graph_run(tmp_path, "eager", False, monkeypatch, "topk", None, seed, cuda=True, excess_span=4)
     graphed = _graph_run(tmp_path, "graph", True, monkeypatch, "topk", None, seed, cuda=True, excess_span=4)
