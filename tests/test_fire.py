@@ -66,3 +66,30 @@ def test_fire_at_step_and_cli(make_cfg, tmp_path: Path, capsys) -> None:
     assert state["optimizer"]["state"] == {}
     assert main(["train", "--resume", str(tmp_path / "fired"), "--max-steps", "6"]) == 0
     assert main(["fire", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "fired")]) == 2  # never overwrite
+
+
+def test_fire_command_restarts_every_part_of_muons_optimizer(make_cfg, tmp_path: Path) -> None:
+    """``sparsetrain fire`` on a Muon run: both parts of the combined optimizer's state
+    restart (their moments described the old weights), as fire_at_step's do."""
+    from sparsetrain.trainer import train
+
+    train(make_cfg(out_dir=str(tmp_path / "run"), max_steps=2, eval_every=0, optimizer="muon"), verbose=False)
+    assert main(["fire", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "fired")]) == 0
+    optimizer = torch.load(tmp_path / "fired" / "ckpt.pt", weights_only=True)["optimizer"]
+    assert set(optimizer) == {"combined"} and set(optimizer["combined"]) == {"adamw", "muon"}
+    assert all(part["state"] == {} for part in optimizer["combined"].values())
+
+
+def test_fire_on_resnet_bk_is_refused_in_one_line(make_cfg, tmp_path: Path, capsys) -> None:
+    """FIRE reinitialises nn.Linear weights; ResNet-BK's expert stacks are not: refused
+    rather than half applied, in a run and by the command."""
+    from sparsetrain.errors import ConfigError
+    from sparsetrain.trainer import train
+
+    with pytest.raises(ConfigError, match="fire_at_step = 1 with model.arch = resnet_bk"):
+        make_cfg(arch="resnet_bk", fire_at_step=1)
+    train(make_cfg(out_dir=str(tmp_path / "run"), max_steps=1, eval_every=0, arch="resnet_bk"), verbose=False)
+    capsys.readouterr()
+    assert main(["fire", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "fired")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "model.arch = resnet_bk" in err[0] and not (tmp_path / "fired").exists(), err

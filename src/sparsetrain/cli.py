@@ -490,10 +490,15 @@ def cmd_fire(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SparsetrainError(f"{out} is not an empty directory; pick another --out")
+    if state["model_config"].get("arch") == "resnet_bk":
+        raise SparsetrainError(f"{args.ckpt} is a model.arch = resnet_bk run: FIRE reinitialises nn.Linear weights, "
+                               "and its [E, out, in] expert stacks would silently keep theirs; not available")
     model = model_from_tensors(state["model_config"], state["model"], str(folder), "cpu")
     stats = reinitialize(model, args.tol, args.max_iters)
     state["model"] = model.state_dict()
-    state["optimizer"]["state"] = {}  # AdamW's moments described the old weights
+    optimizer = state["optimizer"]
+    for part in optimizer["combined"].values() if "combined" in optimizer else [optimizer]:
+        part["state"] = {}  # the moments described the old weights (every part of Muon's combined optimizer)
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.toml", "tokenizer.json"):  # config.toml names no out_dir: the new run's is its own folder
         if (folder / name).is_file():

@@ -344,6 +344,10 @@ class TrainConfig:
         _require(self.async_n_workers >= 1, f"training.async_n_workers must be >= 1, got {self.async_n_workers}")
         _require(self.async_prefetch_size >= 1, f"training.async_prefetch_size must be >= 1, got {self.async_prefetch_size}")
         _require(self.fire_at_step >= 0, f"training.fire_at_step must be >= 0, got {self.fire_at_step}")
+        _require(not (self.fire_at_step and self.model.arch == "resnet_bk"),
+                 f"training.fire_at_step = {self.fire_at_step} with model.arch = resnet_bk is not available: FIRE "
+                 "reinitialises nn.Linear weights, and ResNet-BK's [E, out, in] expert stacks would silently keep "
+                 "theirs while their optimizer state is reset")
         _require(self.attention_impl in ATTENTION_IMPLS,
                  f"kernels.attention_impl (default: ${ENV_DEFAULTS['attention_impl']}) must be one of "
                  f"{', '.join(ATTENTION_IMPLS)}, got {self.attention_impl!r}")
