@@ -628,13 +628,13 @@ def cmd_corpus(args: argparse.Namespace) -> int:
 
 
 def _corpus_filter(args: argparse.Namespace) -> int:
-    from .corpus_filter import check_drop, check_out, filter_corpus
+    from .corpus_filter import check_drop, check_out, check_random_seed, filter_corpus
     from .data import load_corpus
     from .tokenizer import BPETokenizer
 
     check_drop(args.drop)  # the checks of the arguments first, before the corpus is tokenized
-    if args.random_seed is not None and args.random_seed < 0:
-        raise ConfigError(f"--random-seed must be >= 0, got {args.random_seed}")
+    if args.random_seed is not None:
+        check_random_seed(args.random_seed)
     if sum(map(bool, (args.reference_losses, args.scorer, args.random_seed is not None))) != 1:
         raise ConfigError("give one of --reference-losses FILE (a sidecar of sparsetrain reference-losses), "
                           "--scorer RUN (a run that scores the corpus first) and --random-seed SEED (the control)")

@@ -110,8 +110,8 @@ def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path | None, drop: flo
     ``out``'s manifest)."""
     if (sidecar is None) == (random_seed is None):
         raise DataError("corpus filter takes reference losses or a random seed, one of the two")
-    if random_seed is not None and random_seed < 0:
-        raise DataError(f"the random seed must be >= 0, got {random_seed}")
+    if random_seed is not None:
+        check_random_seed(random_seed)
     check_out(Path(corpus.text_root), out)
     began = time.perf_counter()
     out = Path(out)
@@ -157,6 +157,12 @@ def check_drop(drop: float) -> None:
         raise DataError(f"--drop must be in (0, 1), got {drop}")
 
 
+def check_random_seed(seed: int) -> None:
+    """Refuse a negative ``--random-seed`` (numpy's generators take none)."""
+    if seed < 0:
+        raise DataError(f"--random-seed must be >= 0, got {seed}")
+
+
 def check_out(corpus: Path, out: str | Path) -> None:
     """Refuse an ``out`` that is not a new or empty folder, or that lies inside ``corpus``
     (the copy would join the corpus's own files)."""
@@ -197,4 +203,4 @@ def _write_filtered(src: Path, out: Path, gone: set[str], manifest: dict | None)
         raise
 
 
-__all__ = ["DocumentLosses", "check_drop", "check_out", "choose_left_out", "document_losses", "filter_corpus"]
+__all__ = ["DocumentLosses", "check_drop", "check_out", "check_random_seed", "choose_left_out", "document_losses", "filter_corpus"]
