@@ -203,4 +203,5 @@ def _write_filtered(src: Path, out: Path, gone: set[str], manifest: dict | None)
         raise
 
 
-__all__ = ["DocumentLosses", "check_drop", "check_out", "check_random_seed", "choose_left_out", "document_losses", "filter_corpus"]
+__all__ = ["DocumentLosses", "check_drop", "check_out", "check_random_seed", "choose_left_out", "document_losses",
+           "filter_corpus"]
