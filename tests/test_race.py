@@ -275,6 +275,32 @@ def test_report_best_loss_and_the_best_target(make_cfg, tmp_path: Path) -> None:
     assert f"best target val loss {best_target:.4f}" in table and "s to best target" in table
 
 
+def test_table_shows_the_worst_seeds_time_ratio(make_cfg, tmp_path: Path) -> None:
+    """An arm whose curve is each seed's dense curve run f_s times faster (then
+    lower still) reaches that seed's dense final in f_s of its time: the table
+    gives their mean and the worst seed's."""
+    import random
+
+    from sparsetrain.race import format_table, race_report
+
+    rng = random.Random()
+    seconds, seeds = 100.0, [1, 2, 3]
+    factors = {s: rng.uniform(0.4, 0.9) for s in seeds}
+    arms = [Arm("dense", {}), Arm("fast", {"lr": "2e-3"})]
+    configs = {a.name: {s: make_cfg(out_dir=str(tmp_path / a.name / f"seed{s}"), seed=s) for s in seeds} for a in arms}
+    for s in seeds:
+        dense = _random_curve(rng, seconds, overfit=False)
+        _write_run(configs["dense"][s], rng, dense, 2.0)
+        fast = [(t * factors[s], loss) for t, loss in dense]
+        fast += [(fast[-1][0] + (seconds - fast[-1][0]) * k / 3, dense[-1][1] - 0.1 * k) for k in (1, 2, 3)]
+        _write_run(configs["fast"][s], rng, fast, 2.0)
+    report = race_report(arms, configs, seeds, seconds, interleave_order(2, 3))
+    got = report["arms"]["fast"]["time_ratio_to_paired_target"]["per_seed"]
+    assert got == pytest.approx([factors[s] for s in seeds], rel=1e-9)
+    mean, worst = sum(factors.values()) / 3, max(factors.values())
+    assert f"{mean:.2f} (worst {worst:.2f})" in format_table(report)
+
+
 def test_race_plot_zooms_on_the_comparison(make_cfg, tmp_path: Path) -> None:
     import numpy as np
 

@@ -743,7 +743,10 @@ def format_table(report: dict) -> str:
         d, r = a.get("final_minus_first_paired"), a.get("time_ratio_to_paired_target")
         if first_arm or d is None or r is None:  # the first arm itself, or a report from before the keys existed
             return "-", "-"
-        return f"{d['mean']:+.4f} ± {d['std']:.4f}", secs_or_never(r, "{:.2f}")
+        ratio = secs_or_never(r, "{:.2f}")
+        if r["mean"] is not None and len(r["per_seed"]) > 1:  # a bar is met only if every seed meets it
+            ratio += f" (worst {max(r['per_seed']):.2f})"
+        return f"{d['mean']:+.4f} ± {d['std']:.4f}", ratio
 
     for i, (name, a) in enumerate(report["arms"].items()):
         loss, bpb, best = a["final_val_loss"], a["final_val_bpb"], a["best_val_loss"]
