@@ -167,7 +167,7 @@ def test_kernel_policy_refusals_name_the_value() -> None:
 
     with pytest.raises(ConfigError, match="unknown field 'fused_ce'"):
         ColliderArguments(kernels={"fused_ce": False})
-    with pytest.raises(ConfigError, match="attention implementation must be one of .*got 'fast'"):
+    with pytest.raises(ConfigError, match="kernels.attention_impl .* must be one of .*got 'fast'"):
         ColliderArguments(kernels={"attention_impl": "fast"})
     with pytest.raises(ConfigError, match="KernelPolicy or a mapping of its fields, got str"):
         ColliderArguments(kernels="recompute")

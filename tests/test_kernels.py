@@ -21,7 +21,7 @@ def test_policy_reads_the_environment_it_is_given() -> None:
     p = KernelPolicy.from_env({"SPARSETRAIN_CSLT_PLANS": "0", "SPARSETRAIN_ATTENTION_IMPL": "flash"})
     assert (p.cached_cslt_plans, p.attention_impl) == (False, "flash")
     assert KernelPolicy.from_env({"SPARSETRAIN_CSLT_PLANS": "1"}).cached_cslt_plans
-    with pytest.raises(ConfigError, match="attention implementation must be one of auto, cudnn, flash, recompute, got 'fast'"):
+    with pytest.raises(ConfigError, match=r"kernels.attention_impl \(default: \$SPARSETRAIN_ATTENTION_IMPL\) must be one of auto, cudnn, flash, recompute, got 'fast'"):
         KernelPolicy.from_env({"SPARSETRAIN_ATTENTION_IMPL": "fast"})
     with pytest.raises(ConfigError, match="kept_kernel_max_keep must be in"):
         KernelPolicy(kept_kernel_max_keep=1.5)

@@ -348,12 +348,7 @@ class TrainConfig:
                  f"training.fire_at_step = {self.fire_at_step} with model.arch = resnet_bk is not available: FIRE "
                  "reinitialises nn.Linear weights, and ResNet-BK's [E, out, in] expert stacks would silently keep "
                  "theirs while their optimizer state is reset")
-        _require(self.attention_impl in ATTENTION_IMPLS,
-                 f"kernels.attention_impl (default: ${ENV_DEFAULTS['attention_impl']}) must be one of "
-                 f"{', '.join(ATTENTION_IMPLS)}, got {self.attention_impl!r}")
-        _require(self.cusparselt_min_width >= 0, f"kernels.cusparselt_min_width must be >= 0, got {self.cusparselt_min_width}")
-        _require(0 <= self.kept_kernel_max_keep <= 1,
-                 f"kernels.kept_kernel_max_keep must be in [0, 1], got {self.kept_kernel_max_keep}")
+        check_kernels(self)
         for check in _TRAIN_CHECKS.values():  # each training objective's own fields (sparsetrain.objectives)
             check(self)
 
@@ -427,6 +422,17 @@ def require(ok: bool, message: str) -> None:
 
 
 _require = require
+
+
+def check_kernels(values: Any) -> None:
+    """Refuse a bad ``[kernels]`` value of ``values`` (a :class:`TrainConfig`, or a
+    :class:`sparsetrain.kernels.KernelPolicy`: the same field names)."""
+    require(values.attention_impl in ATTENTION_IMPLS,
+            f"kernels.attention_impl (default: ${ENV_DEFAULTS['attention_impl']}) must be one of "
+            f"{', '.join(ATTENTION_IMPLS)}, got {values.attention_impl!r}")
+    require(values.cusparselt_min_width >= 0, f"kernels.cusparselt_min_width must be >= 0, got {values.cusparselt_min_width}")
+    require(0 <= values.kept_kernel_max_keep <= 1,
+            f"kernels.kept_kernel_max_keep must be in [0, 1], got {values.kept_kernel_max_keep}")
 
 # ----------------------------------------------------------------------------- technique checks
 #

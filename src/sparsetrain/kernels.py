@@ -24,8 +24,9 @@ read at its first call. To change it, for a benchmark or a test::
         ...                        # every module without its own policy sees these values
     kernels.set_policy(kernels.KernelPolicy(attention_impl="flash"))  # for the rest of the process
 
-Nearly a leaf: it imports only :mod:`sparsetrain.errors` and :mod:`sparsetrain.config`
-(leaves both), so every other module may import it.
+Nearly a leaf: it imports only :mod:`sparsetrain.config` (a leaf but for
+:mod:`sparsetrain.errors`), so every other module may import it; the policy's
+values are checked by the config's own check of its ``[kernels]`` section.
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ATTENTION_IMPLS, ENV_DEFAULTS, TrainConfig, env_default
-from .errors import ConfigError
+from .config import ENV_DEFAULTS, TrainConfig, check_kernels, env_default
 
 
 # Each answer is computed once and cached in a module global. assume_constant_result:
@@ -116,13 +116,7 @@ class KernelPolicy:
     measured in bench/results/collider_step_sync_free_h200.json."""
 
     def __post_init__(self) -> None:
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ConfigError(f"attention implementation must be one of {', '.join(ATTENTION_IMPLS)}, "
-                              f"got {self.attention_impl!r}")
-        if self.cusparselt_min_width < 0:
-            raise ConfigError(f"cusparselt_min_width must be >= 0, got {self.cusparselt_min_width}")
-        if not 0.0 <= self.kept_kernel_max_keep <= 1.0:
-            raise ConfigError(f"kept_kernel_max_keep must be in [0, 1], got {self.kept_kernel_max_keep}")
+        check_kernels(self)  # the config's own check of its [kernels] section
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> KernelPolicy:
