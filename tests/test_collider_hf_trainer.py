@@ -36,10 +36,10 @@ def _texts(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) for _ in range(n)]
 
 
-def _dataset(tokenizer, texts: list[str]):
-    from datasets import Dataset
-
-    return Dataset.from_dict({"input_ids": [tokenizer(t)["input_ids"] for t in texts]})
+def _dataset(tokenizer, texts: list[str]) -> list[dict]:
+    """A plain list of examples, which the Trainer takes as it is: the tests that
+    also run on CUDA machines must not need ``datasets`` (not always installed)."""
+    return [{"input_ids": tokenizer(t)["input_ids"]} for t in texts]
 
 
 class _Recorder:
@@ -543,7 +543,6 @@ def test_batches_of_ever_new_shapes_warn_and_stop_restarting(tmp_path, monkeypat
     """Padded batches whose shape or target count changes every micro-step: the
     warm-up restarts a bounded number of times, the run trains on eagerly, and
     one warning names the cause."""
-    from datasets import Dataset
     from transformers import DataCollatorForLanguageModeling, TrainingArguments
 
     from sparsetrain.hf_trainer import MAX_WARMUP_RESTARTS, ColliderArguments
@@ -555,7 +554,7 @@ def test_batches_of_ever_new_shapes_warn_and_stop_restarting(tmp_path, monkeypat
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=2, logging_steps=1,
                              report_to=[], use_cpu=True, save_strategy="no", dataloader_num_workers=0)
     trainer = _in_order_trainer(model=make_model("llama", seed, dtype=torch.float32, vocab_size=len(tok)), args=args,
-                                train_dataset=Dataset.from_dict({"input_ids": rows}),
+                                train_dataset=[{"input_ids": r} for r in rows],
                                 data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
                                 collider=ColliderArguments(drop_ratio=0.5, cuda_graph=True))
     with pytest.warns(UserWarning, match="micro-steps so far did not fit the graph and 0 replayed"):
