@@ -309,12 +309,14 @@ def test_race_plot_zooms_on_the_comparison(make_cfg, tmp_path: Path) -> None:
 
     rng = __import__("random").Random(3)
     seconds, seeds = 50.0, [1, 2]
-    arms = [Arm("dense", {}), Arm("b", {}), Arm("c", {})]
+    arms = [Arm("dense", {}), Arm("b", {}), Arm("c", {}), Arm("worse", {})]
     configs = {a.name: {s: make_cfg(out_dir=str(tmp_path / a.name / f"seed{s}"), seed=s) for s in seeds} for a in arms}
-    curves = {(a.name, s): _random_curve(rng, seconds, overfit=rng.random() < 0.5) for a in arms for s in seeds}
+    curves = {(a.name, s): _random_curve(rng, seconds, overfit=rng.random() < 0.5) for a in arms[:3] for s in seeds}
+    for s in seeds:  # the last arm never reaches either target: its row is text only
+        curves["worse", s] = [(t, loss + 1.0) for t, loss in curves["dense", s]]
     for (name, s), curve in curves.items():
         _write_run(configs[name][s], rng, curve, 2.0)
-    report = race_report(arms, configs, seeds, seconds, interleave_order(3, 2))
+    report = race_report(arms, configs, seeds, seconds, interleave_order(4, 2))
 
     # the mean and band over seeds on the union of the evaluation times, recomputed point by point
     for a in arms:
@@ -340,6 +342,8 @@ def test_race_plot_zooms_on_the_comparison(make_cfg, tmp_path: Path) -> None:
                   for d in [a[key]["after_startup"]] if d["mean"] is not None)
     assert widths == pytest.approx(want)
     texts = [t.get_text() for t in fig.axes[1].texts]
+    low, high = sorted(fig.axes[1].get_ylim())  # each "never" inside the panel, the last row's too
+    assert all(low < t.get_position()[1] < high for t in fig.axes[1].texts)
     assert len(texts) == sum(a[key]["after_startup"]["mean"] is None for a in report["arms"].values()
                              for key in ("seconds_to_target", "seconds_to_best_target"))
     assert plot_race(report, tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
@@ -465,6 +469,35 @@ def test_merge_refuses_other_races_with_one_line(make_cfg, tmp_path: Path, capsy
     assert "two or more" in capsys.readouterr().err
     assert main(["race-merge", *map(str, files), "--arms", "dense,nope", "--out-dir", str(tmp_path / "x")]) == 2
     assert "arm nope is in none of the reports" in capsys.readouterr().err
+
+
+def test_merge_takes_an_arm_whose_value_names_its_own_seed(make_cfg, tmp_path: Path) -> None:
+    """A per-seed draw (``data=.../random_seed<S>`` in the race of seed S) is one arm
+    across the one-seed races, recorded with ``seed{seed}``; a value naming another
+    seed than its race's, or a prefix of a longer number, is a different arm."""
+    from sparsetrain.race import merge_reports
+
+    seeds = [int(s) for s in torch.randint(10, 10_000, (2,)).unique()]
+    if len(seeds) < 2:
+        seeds = [seeds[0], seeds[0] + 1]
+    _, _, reports = _one_seed_reports(make_cfg, tmp_path, seeds)
+
+    def with_data(rep: dict, value: str) -> dict:
+        rep = json.loads(json.dumps(rep))
+        rep["settings"]["arms"]["drop"] = {**rep["settings"]["arms"]["drop"], "data": value}
+        return rep
+
+    own = [with_data(rep, f"/w/domain_random_seed{s}") for rep, s in zip(reports, seeds)]
+    merged = merge_reports(own, ["a", "b"])
+    assert merged["arms"]["drop"]["overrides"]["data"] == "/w/domain_random_seed{seed}"
+    assert merged["arms"]["drop"]["overrides"]["drop_ratio"] == "0.5"
+    assert merged["settings"]["seeds"] == sorted(seeds)
+    crossed = [own[0], with_data(reports[1], f"/w/domain_random_seed{seeds[0]}")]  # seed 2's race read seed 1's draw
+    with pytest.raises(ConfigError, match="races other arms"):
+        merge_reports(crossed, ["a", "b"])
+    longer = [with_data(rep, f"/w/domain_random_seed{s}0") for rep, s in zip(reports, seeds)]
+    with pytest.raises(ConfigError, match="races other arms"):
+        merge_reports(longer, ["a", "b"])
 
 
 def test_merge_of_chosen_arms_when_a_seed_raced_fewer(make_cfg, tmp_path: Path) -> None:

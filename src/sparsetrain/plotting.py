@@ -148,7 +148,7 @@ def race_figure(report: dict, full: bool = False):
             reached = [t for t in d["per_seed"] if t is not None]
             bars.plot(reached, [y] * len(reached), "k.", ms=4)
     bars.set_yticks(range(len(names)), names)
-    bars.invert_yaxis()
+    bars.set_ylim(len(names) - 0.5, -0.5)  # every row, bar or "never" text alike; first arm on top
     bars.set_xlim(0, seconds * 1.05)
     bars.set_xlabel("seconds after start-up to reach the target")
     bars.set_title("solid: target, hatched: best target", fontsize=9)

@@ -578,6 +578,15 @@ def _comparable_config(config: dict, arm_fields: set[str] = frozenset()) -> dict
     return out
 
 
+def _seed_as_placeholder(overrides: dict, seeds: list[int]) -> dict:
+    """``overrides`` with ``seed<S>`` written ``seed{seed}`` in each string value,
+    where ``seeds`` is the one seed S of its race (several seeds share one value)."""
+    if len(seeds) != 1:
+        return overrides
+    own = re.compile(rf"seed{seeds[0]}(?!\d)")
+    return {k: own.sub("seed{seed}", v) if isinstance(v, str) else v for k, v in overrides.items()}
+
+
 def merge_reports(reports: list[dict], sources: list[str], arms: list[str] | None = None) -> dict:
     """One report over several races of the same budget and base config (up to the
     seed): their seeds side by side (e.g. one seed per GPU call), and their arms
@@ -585,8 +594,10 @@ def merge_reports(reports: list[dict], sources: list[str], arms: list[str] | Non
     target, times to it and equal-step losses recomputed over everything.
 
     The target arm is the first report's first arm. An arm raced in several
-    reports must have the same overrides in each; every arm must cover every
-    seed once. Each race's environment, order and arms are kept under
+    reports must have the same overrides in each, up to its race's own seed: in a
+    one-seed race of seed S, ``seed<S>`` within a value (e.g. ``data=.../random_seed1337``,
+    a draw of its own per seed) reads as ``seed{seed}``, and the merged arm records
+    that. Every arm must cover every seed once. Each race's environment, order and arms are kept under
     ``settings.merged_from``: arms from different calls did not share the
     interleaved order that cancels GPU drift within a call. ``arms`` keeps only
     those arms, in that order (the first is the target): for seeds that raced
@@ -616,6 +627,7 @@ def merge_reports(reports: list[dict], sources: list[str], arms: list[str] | Non
     for rep, src in zip(reports, sources):
         st = rep["settings"]
         for name, ov in st["arms"].items():
+            ov = _seed_as_placeholder(ov, st["seeds"])
             if name in overrides and overrides[name] != ov:
                 raise ConfigError(f"{src} races other arms than {arm_source[name]}: {name} is {ov} there, "
                                   f"{overrides[name]} in {arm_source[name]}")
