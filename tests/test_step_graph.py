@@ -90,8 +90,9 @@ def _same_training(eager, r_eager, graphed, r_graph) -> None:
     dict(COLLIDER, selection_warmup_steps=3),
     dict(use_collider=True, collider_sparsity=0.5, collider_method="random", grad_accum=2),
     dict(selection="loss", keep_ratio=0.5, selection_method="importance", selection_score="gradnorm"),
+    dict(selection="loss", keep_ratio=0.5, selection_method="topk"),  # CGGR's own combined score
     dict(use_mtp=True, mtp_n_tokens=2, grad_accum=2),
-], ids=["collider-topk-warmup", "collider-random-accum", "cggr-importance", "mtp-accum"])
+], ids=["collider-topk-warmup", "collider-random-accum", "cggr-importance", "cggr-topk-combined", "mtp-accum"])
 def test_replayed_steps_equal_eager_steps(make_cfg, tmp_path, monkeypatch, kw: dict) -> None:
     eager, r_eager, rows_eager = _run(make_cfg, tmp_path, "eager", False, monkeypatch, **kw)
     graphed, r_graph, rows_graph = _run(make_cfg, tmp_path, "graph", True, monkeypatch, **kw)
@@ -249,19 +250,23 @@ def test_capture_seconds_count_as_startup() -> None:
 
 
 @requires_cuda
-@pytest.mark.parametrize("method", ["topk", "random"])
-def test_captured_training_matches_eager_on_cuda(make_cfg, tmp_path, method: str) -> None:
-    """A real CUDA graph: top-k steps equal eager ones (float32, same kernels); random
-    selection draws a new mask every replay."""
+@pytest.mark.parametrize("kw", [
+    dict(use_collider=True, collider_sparsity=0.5, collider_method="topk"),
+    dict(use_collider=True, collider_sparsity=0.5, collider_method="random"),
+    dict(selection="loss", keep_ratio=0.5, selection_method="topk"),
+], ids=["collider-topk", "collider-random", "cggr-topk"])
+def test_captured_training_matches_eager_on_cuda(make_cfg, tmp_path, kw: dict) -> None:
+    """A real CUDA graph: top-k steps (Collider's, CGGR's) equal eager ones (float32,
+    same kernels); random selection draws a new mask every replay."""
     runs = {}
     for name, graph in (("eager", False), ("graph", True)):
         cfg = make_cfg(out_dir=str(tmp_path / name), device="cuda", dtype="float32", max_steps=12, eval_every=6,
-                       cuda_graph=graph, use_collider=True, collider_sparsity=0.5, collider_method=method)
+                       cuda_graph=graph, **kw)
         t = Trainer(cfg, verbose=False)
         runs[name] = (t, t.fit())
     (eager, r_eager), (graphed, r_graph) = runs["eager"], runs["graph"]
     assert graphed.step_graph.captured
-    if method == "random":
+    if kw.get("collider_method") == "random":
         first = graphed.selector.last_mask.clone()
         graphed.train_step()
         torch.cuda.synchronize()
