@@ -295,3 +295,44 @@ def test_a_scorer_run_filters_as_its_sidecar_does(noisy, tmp_path, capsys) -> No
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"scorer {same_size} was trained with another tokenizer than this corpus" in err[0], err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_drop_that_would_leave_no_train_document_is_refused() -> None:
+    """Two documents, the smaller one hardest: a drop of 0.5 takes it (0.1 of the tokens),
+    then the other, and nothing would be left to train on: refused, naming the drop;
+    the other order leaves the small one in."""
+    from sparsetrain.corpus_filter import DocumentLosses, choose_left_out
+    from sparsetrain.errors import DataError
+
+    rng = np.random.default_rng(fresh_seed())
+    small, large = int(rng.integers(5, 20)), int(rng.integers(60, 200))
+    docs = DocumentLosses(names=("a.py", "b.py"), tokens=np.array([small, large]), mean_loss=np.array([5.0, 1.0]))
+    with pytest.raises(DataError, match=r"--drop 0.5 leaves out every one of the 2 train documents"):
+        choose_left_out(docs, 0.5)
+    flipped = DocumentLosses(names=docs.names, tokens=docs.tokens, mean_loss=np.array([1.0, 5.0]))
+    assert choose_left_out(flipped, 0.5).tolist() == [False, True]
+
+
+def test_a_filtered_copy_is_refused_at_a_larger_val_fraction(noisy, tmp_path, capsys) -> None:
+    """Files held out at a larger val_fraction than the filter's were train files to it and
+    may be gone: loading the copy at one is refused in one line; at the filter's own or a
+    smaller one it loads, with the source's held-out tokens at the filter's."""
+    folder, corpus = noisy
+    seed = fresh_seed()
+    filter_corpus(corpus, None, 0.4, tmp_path / "out", verbose=False, random_seed=seed, val_fraction=VAL)
+    assert json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["filtered"]["val_fraction"] == VAL
+    from sparsetrain.errors import DataError
+
+    with pytest.raises(DataError, match=rf"filtered at val_fraction {VAL}: training it at val_fraction 0.3 "):
+        load_corpus(str(tmp_path / "out"), 320, 0.3, str(tmp_path / "cache"), tokenizer=str(corpus.tokenizer_path),
+                    verbose=False)
+    same = load_corpus(str(tmp_path / "out"), 320, VAL, str(tmp_path / "cache"), tokenizer=str(corpus.tokenizer_path),
+                       verbose=False)
+    assert np.array_equal(np.asarray(same.val), np.asarray(corpus.val))
+    load_corpus(str(tmp_path / "out"), 320, VAL / 2, str(tmp_path / "cache"), tokenizer=str(corpus.tokenizer_path),
+                verbose=False)
+    code = main(["train", "--preset", "tiny", "--device", "cpu", "--data", str(tmp_path / "out"), "--tokenizer",
+                 str(corpus.tokenizer_path), "--val-fraction", "0.3", "--max-steps", "1",
+                 "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "val_fraction 0.3" in err and len(err.strip().splitlines()) == 1, err

@@ -471,6 +471,27 @@ def test_merge_refuses_other_races_with_one_line(make_cfg, tmp_path: Path, capsy
     assert "arm nope is in none of the reports" in capsys.readouterr().err
 
 
+def test_merge_refuses_another_base_value_of_a_field_a_later_arm_sets(make_cfg, tmp_path: Path) -> None:
+    """The same race run again at another base lr, with an arm that sets its own lr:
+    dense trained at two lrs, so the reports do not merge (the field is checked for
+    the arms that do not set it)."""
+    from sparsetrain.race import merge_reports, race_report
+
+    rng = random.Random(int(torch.randint(0, 2**31 - 1, ())))
+
+    def report(seed: int, base_lr: float) -> dict:
+        arms = [Arm("dense", {}), Arm("hi", {"lr": "0.02"})]
+        configs = {a.name: {seed: make_cfg(out_dir=str(tmp_path / f"r{seed}" / a.name / f"seed{seed}"), seed=seed,
+                                           lr=0.02 if a.overrides else base_lr)} for a in arms}
+        for a in arms:
+            _write_run(configs[a.name][seed], rng, _random_curve(rng, 100.0, overfit=False), 5.0)
+        return race_report(arms, configs, [seed], 100.0, interleave_order(2, 1))
+
+    with pytest.raises(ConfigError, match="another base config.*lr"):
+        merge_reports([report(1, 1e-3), report(2, 5e-4)], ["a", "b"])
+    assert merge_reports([report(3, 1e-3), report(4, 1e-3)], ["a", "b"])["settings"]["seeds"] == [3, 4]
+
+
 def test_merge_takes_an_arm_whose_value_names_its_own_seed(make_cfg, tmp_path: Path) -> None:
     """A per-seed draw (``data=.../random_seed<S>`` in the race of seed S) is one arm
     across the one-seed races, recorded with ``seed{seed}``; a value naming another

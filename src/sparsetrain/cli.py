@@ -664,7 +664,7 @@ def _corpus_filter(args: argparse.Namespace) -> int:
 
         sidecar = _write_run_losses(ckpt, corpus, str(Path(args.out)) + ".losses.f16", args.batch_size,
                                     resolve_device(args.device), cfg.dtype, 0, "scorer")
-    filter_corpus(corpus, sidecar, args.drop, args.out, random_seed=args.random_seed)
+    filter_corpus(corpus, sidecar, args.drop, args.out, random_seed=args.random_seed, val_fraction=args.val_fraction)
     return 0
 
 

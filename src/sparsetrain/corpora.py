@@ -65,12 +65,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import discover_text_files, is_val_file, select_files
+from .data import MANIFEST_NAME, discover_text_files, is_val_file, select_files
 from .errors import ConfigError, DataError
 
 NOISE_KINDS = ("minified", "table", "boilerplate", "random")
 NOISE_PLACEMENTS = ("files", "inside")
-MANIFEST_NAME = ".corpus_manifest.json"
 NOISE_DIR = "noise"
 DUPLICATE_DIR = "duplicates"
 TRAIN_ONLY_BELOW = 0.5

@@ -98,16 +98,21 @@ def choose_left_out(docs: DocumentLosses, drop: float, random_seed: int | None =
             break
         out[i] = True
         gone += int(docs.tokens[i])
+    if out.all():  # a copy of val files alone would cut their text into a new split
+        raise DataError(f"--drop {drop} leaves out every one of the {len(out)} train documents (the last one taken "
+                        f"holds {int(docs.tokens[i]):,} of the {int(docs.tokens.sum()):,} train tokens); use a smaller --drop")
     return out
 
 
 def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path | None, drop: float, out: str | Path,
-                  verbose: bool = True, random_seed: int | None = None) -> dict:
+                  verbose: bool = True, random_seed: int | None = None, val_fraction: float | None = None) -> dict:
     """Write ``corpus``'s folder to ``out`` without the train documents whose mean
     reference loss (from ``sidecar``) is highest, about ``drop`` of its train
     tokens; with ``random_seed`` and no ``sidecar``, without documents taken in a
-    random order instead (the control). Returns the ``filtered`` record (also in
-    ``out``'s manifest)."""
+    random order instead (the control). ``val_fraction``: the one ``corpus`` was
+    split at, recorded so that a run at a larger one is refused
+    (:func:`sparsetrain.data.check_filtered_split`). Returns the ``filtered``
+    record (also in ``out``'s manifest)."""
     if (sidecar is None) == (random_seed is None):
         raise DataError("corpus filter takes reference losses or a random seed, one of the two")
     if random_seed is not None:
@@ -121,7 +126,7 @@ def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path | None, drop: flo
     gone = {docs.names[i] for i in np.flatnonzero(left_out)}
     record = {"source": str(Path(corpus.text_root).resolve()),
               "reference_losses": None if sidecar is None else str(Path(sidecar).resolve()),
-              "random_seed": random_seed,
+              "random_seed": random_seed, "val_fraction": val_fraction,
               "drop": drop, "train_documents": len(docs.names), "left_out_documents": len(gone),
               "train_tokens": int(docs.tokens.sum()), "left_out_tokens": int(docs.tokens[left_out].sum())}
     if losses is not None:

@@ -193,6 +193,29 @@ class TokenizedCorpus:
     train_doc_names: tuple[str, ...] = ()
 
 
+MANIFEST_NAME = ".corpus_manifest.json"  # a corpus folder's record (``corpus build``, ``corpus filter``)
+
+
+def check_filtered_split(root: str | Path, val_fraction: float) -> None:
+    """Refuse to load a filtered copy (``corpus filter``) at a larger ``val_fraction``
+    than it was filtered at: the files held out only at the larger one were train
+    files to the filter, which may have left some out, so the held-out set would
+    not be the source's. A smaller one is safe (its held-out files are among the
+    filter's, all kept)."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        return
+    try:
+        filtered = json.loads(path.read_text()).get("filtered") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # not a manifest of ours; nothing to check
+    at = filtered.get("val_fraction")
+    if at is not None and val_fraction > at:
+        raise DataError(f"{root} was filtered at val_fraction {at}: training it at val_fraction {val_fraction} would "
+                        f"hold out files the filter may have left out; use val_fraction <= {at}, or filter the "
+                        f"source again with --val-fraction {val_fraction}")
+
+
 def load_corpus(
     data: str = "",
     vocab_size: int = 8192,
@@ -213,6 +236,8 @@ def load_corpus(
     if data and data.endswith(".bin"):
         return _load_bin(data, vocab_size, val_fraction, token_dtype, tokenizer)
     root, files = discover_text_files(data or None, include, exclude, max_bytes)
+    if root.is_dir():
+        check_filtered_split(root, val_fraction)
     docs = read_documents(root, files)
     source = data or f"Python {'.'.join(map(str, __import__('sys').version_info[:2]))} standard library at {root}"
     if include or exclude or max_bytes:

@@ -608,8 +608,9 @@ def merge_reports(reports: list[dict], sources: list[str], arms: list[str] | Non
     if len(reports) < 2:
         raise ConfigError("race merge needs two or more race.json files")
     first, src0 = reports[0], sources[0]
-    # fields any arm sets, the excluded arms' included: a race's base config is its first arm's
-    arm_fields = {key for rep in reports for ov in rep["settings"]["arms"].values() for key in ov}
+    # a race's base config is its first arm's, overrides included: the fields a first arm sets are
+    # compared through the arms' overrides; every other field is each arm's that does not set it
+    arm_fields = {key for rep in reports for key in next(iter(rep["settings"]["arms"].values()), {})}
     if arms is not None:
         if not arms:
             raise ConfigError("race merge --arms names no arm")
