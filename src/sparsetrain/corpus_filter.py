@@ -150,7 +150,8 @@ def filter_corpus(corpus: TokenizedCorpus, sidecar: str | Path | None, drop: flo
         why = (f"mean reference loss {record['mean_loss_left_out']:.3f} left out, {record['mean_loss_kept']:.3f} kept"
                if losses is not None else f"taken at random, seed {random_seed}")
         print(f"corpus {out}: left out {len(gone):,} of {len(docs.names):,} train documents "
-              f"({record['left_out_tokens']:,} of {record['train_tokens']:,} tokens; {why})"
+              f"({record['left_out_tokens']:,} of {record['train_tokens']:,} tokens, a share of "
+              f"{record['left_out_tokens'] / record['train_tokens']:.3f} for --drop {drop}; {why})"
               + (f"; share of each kind's tokens kept: " + ", ".join(f"{k} {v:.3f}" for k, v in shares.items())
                  if shares else ""), flush=True)
     return record
