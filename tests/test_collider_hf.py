@@ -159,3 +159,58 @@ def test_remove_restores_the_model() -> None:
         assert torch.allclose(got[n], want[n], rtol=1e-9, atol=1e-12), n
     with pytest.raises(ValueError, match="not made a Collider trainee"):
         remove(model)
+
+
+def test_generic_path_on_gpt2_trains_and_evaluates() -> None:
+    """GPT-2's forward takes the cache second (``input_ids, cache, attention_mask``):
+    the applied forward hands the mask and positions on by name. The training
+    forward's gradient equals the plain-torch mean cross-entropy over the
+    selector's kept tokens on the unapplied model's logits (dropped keys and
+    values detached); evaluation and generation are the model's own."""
+    import torch.nn.functional as F
+
+    from hf_reference import reference_backward
+    from sparsetrain.selection import TokenSelector
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    cfg = transformers.GPT2Config(vocab_size=120, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                                  attn_implementation="sdpa")
+    ref = transformers.GPT2LMHeadModel(cfg).double().train()
+    plain = copy.deepcopy(ref)
+    selector = TokenSelector(keep_ratio=0.5)
+    model = apply(copy.deepcopy(ref), selector=selector, engine=False)
+    B, T = 3, 14
+    ids = torch.randint(0, 120, (B, T))
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 9:] = 0  # right padding: never a target
+    labels = ids.masked_fill(mask == 0, -100)
+
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    keep = selector.last_mask
+    got = _grads(model)
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = labels[:, 1:]
+    targets[mask == 0] = -100
+    rows = keep & (targets != -100)
+    assert 0 < int(rows.sum()) < int((targets != -100).sum())
+    reference_backward(ref, lambda logits: F.cross_entropy(logits[rows], targets[rows]), keep, ids)
+    want = _grads(ref)
+    assert set(got) == set(want)
+    for n in want:
+        assert torch.allclose(got[n], want[n], rtol=1e-6, atol=1e-12), n
+
+    with torch.no_grad():  # evaluation: the model's own forward and loss (padded positions' logits are nobody's)
+        mine, own = model(input_ids=ids, attention_mask=mask, labels=labels), plain(input_ids=ids, attention_mask=mask,
+                                                                                     labels=labels)
+    real = mask == 1
+    assert torch.allclose(mine.logits[real], own.logits[real], rtol=1e-9, atol=1e-12)
+    assert torch.allclose(mine.loss, own.loss, rtol=1e-9, atol=1e-12)
+    model.eval()
+    plain.eval()
+    prompt = ids[:1, :5]
+    assert torch.equal(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+                                      do_sample=False, pad_token_id=0),
+                       plain.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+                                      do_sample=False, pad_token_id=0))

@@ -561,3 +561,145 @@ def test_batches_of_ever_new_shapes_warn_and_stop_restarting(tmp_path, monkeypat
         trainer.train()
     assert not trainer.collider_graph.captured and trainer._collider_graph_restarts == MAX_WARMUP_RESTARTS
     assert trainer.state.global_step == 12
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def _loss_logs(trainer) -> list[float]:
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_filtered_data_trains_with_a_score_that_reads_no_reference_losses(tmp_path) -> None:
+    """add_reference_losses then filter_by_reference_losses, then training with the
+    default score: the leftover reference_losses column (ragged, which the
+    language-modelling collator cannot stack) is dropped like any column the
+    forward does not take, so the run equals one on the data without it."""
+    pytest.importorskip("datasets")
+    from datasets import Dataset
+    from transformers import DataCollatorForLanguageModeling, TrainingArguments
+
+    from sparsetrain.hf_trainer import (ColliderArguments, ColliderTrainer, add_reference_losses,
+                                        filter_by_reference_losses, local_tokenizer)
+
+    seed = fresh_seed()
+    texts = _texts(16, seed)
+    tok = local_tokenizer(texts, 300)
+    data = Dataset.from_list(_dataset(tok, texts))
+    reference = make_model("llama", seed + 1, vocab_size=len(tok))
+    filtered = filter_by_reference_losses(add_reference_losses(data, reference), 0.25)
+    runs = []
+    for name, train in (("with", filtered), ("without", filtered.remove_columns("reference_losses"))):
+        args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=2, per_device_train_batch_size=2,
+                                 logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                                 seed=seed % 1000, dataloader_num_workers=0)
+        trainer = ColliderTrainer(model=make_model("llama", seed, dtype=torch.float32, vocab_size=len(tok)),
+                                  args=args, train_dataset=train,
+                                  data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                                  collider=ColliderArguments(drop_ratio=0.5))
+        trainer.train()
+        runs.append(trainer)
+    assert len(_loss_logs(runs[0])) == 2 and _loss_logs(runs[0]) == _loss_logs(runs[1]), seed
+    for (name, a), b in zip(runs[1].model.named_parameters(), runs[0].model.parameters()):
+        assert torch.equal(a, b), (name, seed)
+
+
+def _small_run(tmp_path, name: str, seed: int, steps: int, *, resume: str | None = None, method: str = "random",
+               accumulation: int = 2, **trainer_kwargs):
+    """A few steps of ``method`` selection (random by default) with gradient
+    accumulation, batches in dataset order, a checkpoint every 2 steps; returns
+    the trainer."""
+    from transformers import DataCollatorForLanguageModeling, TrainingArguments
+
+    from sparsetrain.hf_trainer import ColliderArguments, local_tokenizer
+
+    texts = _texts(24, seed)
+    tok = local_tokenizer(texts, 300)
+    trainer_kwargs.setdefault("model", None)
+    if trainer_kwargs["model"] is None and "model_init" not in trainer_kwargs:
+        trainer_kwargs["model"] = make_model("llama", seed, dtype=torch.float32, vocab_size=len(tok))
+    args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=steps, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=accumulation, logging_steps=1, report_to=[], use_cpu=True,
+                             save_strategy="steps", save_steps=2, learning_rate=1e-2, lr_scheduler_type="constant",
+                             seed=seed % 1000, dataloader_num_workers=0)
+    trainer = _in_order_trainer(args=args, train_dataset=_dataset(tok, texts),
+                                data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                                collider=ColliderArguments(drop_ratio=0.5, method=method, warmup_steps=1,
+                                                           seed=seed % 1000),
+                                **{k: v for k, v in trainer_kwargs.items() if v is not None})
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _assert_same_training(got, want, seed: int, steps=None) -> None:
+    logs_g = [(h["step"], h["loss"], h["collider_kept_fraction"]) for h in got.state.log_history if "loss" in h]
+    logs_w = [(h["step"], h["loss"], h["collider_kept_fraction"]) for h in want.state.log_history if "loss" in h]
+    if steps is not None:
+        logs_w = [h for h in logs_w if h[0] in steps]
+    assert logs_g and logs_g == logs_w, seed
+    for (name, a), b in zip(want.model.named_parameters(), got.model.parameters()):
+        assert torch.equal(a, b), (name, seed)
+
+
+def test_a_model_from_model_init_trains_as_a_given_one(tmp_path) -> None:
+    """Trainer.train() builds a fresh model from model_init: it gets Collider
+    (and a fresh selector) as a given model does, so the two runs' losses, kept
+    fractions and weights agree."""
+    from sparsetrain.collider.hf import applied_state
+    from sparsetrain.hf_trainer import local_tokenizer
+
+    seed = fresh_seed()
+    vocab = len(local_tokenizer(_texts(24, seed), 300))
+    given = _small_run(tmp_path, "given", seed, 4)
+    built = _small_run(tmp_path, "init", seed, 4,
+                       model_init=lambda: make_model("llama", seed, dtype=torch.float32, vocab_size=vocab))
+    assert applied_state(built.model).selector is built.collider_selector
+    _assert_same_training(built, given, seed)
+
+
+@pytest.mark.parametrize("method, accumulation", [("random", 2), ("threshold", 1)])
+def test_a_resumed_run_trains_as_an_uninterrupted_one(tmp_path, method: str, accumulation: int) -> None:
+    """Random selection draws from the selector's generator, the threshold's
+    controller adapts from step to step: each checkpoint holds the selector's
+    state, and a run resumed from step 2 of 4 ends with the losses, kept
+    fractions and weights of the run never stopped."""
+    import os
+
+    seed = fresh_seed()
+    straight = _small_run(tmp_path, "straight", seed, 4, method=method, accumulation=accumulation)
+    _small_run(tmp_path, "part", seed, 2, method=method, accumulation=accumulation)
+    checkpoint = tmp_path / "part" / "checkpoint-2"
+    assert "collider_selector.pt" in os.listdir(checkpoint)
+    resumed = _small_run(tmp_path, "part", seed, 4, resume=str(checkpoint), method=method, accumulation=accumulation)
+    _assert_same_training(resumed, straight, seed)
+
+
+def test_a_plain_trainer_with_a_selector_is_refused_in_one_line(tmp_path) -> None:
+    """A plain Trainer hands the forward its target count as num_items_in_batch,
+    where the kept count belongs (its loss and gradients would shrink by the
+    kept fraction): ColliderCallback refuses it before the first step, naming
+    ColliderTrainer; ColliderTrainer's own callback trains."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from sparsetrain.collider import apply
+    from sparsetrain.hf_trainer import ColliderCallback, local_tokenizer
+    from sparsetrain.selection import TokenSelector
+
+    seed = fresh_seed()
+    texts = _texts(8, seed)
+    tok = local_tokenizer(texts, 300)
+    model = make_model("llama", seed, dtype=torch.float32, vocab_size=len(tok))
+    before = copy.deepcopy(model.state_dict())
+    selector = TokenSelector(keep_ratio=0.5)
+    apply(model, selector=selector)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, save_strategy="no", dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset(tok, texts),
+                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+                      callbacks=[ColliderCallback(selector)])
+    with pytest.raises(ConfigError) as e:
+        trainer.train()
+    assert str(e.value).startswith("ColliderCallback: a plain transformers Trainer divides the kept tokens' loss by "
+                                   "its target count") and "ColliderTrainer" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())

@@ -20,6 +20,16 @@ from the forward's own logits). For another Trainer subclass,
   events on the GPU, read at log time) join the Trainer's logs, so every
   ``report_to`` integration sees them.
 * **Evaluation** runs the model's own forward and loss (no gradient).
+* **model_init.** A model the Trainer builds from ``model_init`` (at each
+  ``train()``) is made a Collider trainee as a given model is, with a fresh
+  selector.
+* **Checkpoints** hold the selector's state (its generators, schedule step and
+  threshold controller: ``collider_selector.pt``, one per process under DDP,
+  beside the Trainer's RNG states), so a run resumed from one selects as the
+  uninterrupted run would.
+* **A plain ``Trainer``** over a model given to :func:`~sparsetrain.collider.apply`
+  with a selector would pass the target count as ``num_items_in_batch``, not
+  the kept count: :class:`ColliderCallback` refuses it (see there).
 * **CUDA graph** (``ColliderArguments(cuda_graph=True)``): each micro-batch's
   forward and backward is captured once and replayed, so a small model's
   step is not paced by the host's kernel launches (the Trainer's optimizer
@@ -51,6 +61,7 @@ logged (``with_collider`` bypasses that loss).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import warnings
 from collections.abc import Mapping
@@ -145,6 +156,11 @@ class ColliderArguments:
                               f"{', '.join(CAPTURABLE_METHODS)}), got method {self.method!r}")
 
     @property
+    def reads_reference_losses(self) -> bool:
+        """Whether the selection reads the training data's ``reference_losses`` column."""
+        return self.score in REFERENCE_SCORES and self.drop_ratio > 0
+
+    @property
     def count_known_ahead(self) -> bool:
         """Whether a micro-batch's kept count follows from its target count."""
         return self.method in ("topk", "random", "importance")
@@ -160,16 +176,31 @@ class ColliderArguments:
 
 
 REFERENCE_LOSSES = "reference_losses"  # the dataset column the excess score reads (add_reference_losses)
+SELECTOR_STATE = "collider_selector.pt"  # a checkpoint's selector state (collider_selector_{rank}.pt under DDP)
 MAX_WARMUP_RESTARTS = 8  # batches of a new shape that may restart the graph's warm-up before its capture
 
 
 class ColliderCallback(TrainerCallback):
-    """Keeps ``selector``'s schedule at the Trainer's optimizer step (for a plain
-    ``Trainer`` over a model given to :func:`sparsetrain.collider.apply` with a
-    selector; :class:`ColliderTrainer` adds one itself)."""
+    """Keeps ``selector``'s schedule at the Trainer's optimizer step: the callback
+    :class:`ColliderTrainer` (and ``with_collider``) adds itself.
+
+    Under any other Trainer it refuses a selector when training begins, in one
+    line: a plain ``Trainer`` over a model given to
+    :func:`sparsetrain.collider.apply` with a selector hands the forward the
+    batch's target count as ``num_items_in_batch``, where the kept count
+    belongs, so its loss and gradients would shrink by the kept fraction.
+    Without a selector (every token kept) the counts agree and it trains."""
+
+    _in_collider_trainer = False  # set by ColliderTrainerMixin, which passes the kept count
 
     def __init__(self, selector: TokenSelector | None) -> None:
         self.selector = selector
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102 - the TrainerCallback hook
+        if self.selector is not None and not self._in_collider_trainer:
+            raise ConfigError("ColliderCallback: a plain transformers Trainer divides the kept tokens' loss by its "
+                              "target count (num_items_in_batch), not the kept count; train with "
+                              "sparsetrain.hf_trainer.ColliderTrainer (or with_collider(YourTrainer)) instead")
 
     def on_step_begin(self, args, state, control, **kwargs):  # noqa: D102 - the TrainerCallback hook
         if self.selector is not None:
@@ -232,19 +263,45 @@ class ColliderTrainerMixin:
             raise ConfigError("Collider normalises by the kept tokens of every process: set "
                               "average_tokens_across_devices=True")
         columns = getattr(self.train_dataset, "column_names", None)  # a datasets.Dataset's (None: unknown)
-        if ca.score in REFERENCE_SCORES and ca.drop_ratio > 0 and columns is not None and REFERENCE_LOSSES not in columns:
+        if ca.reads_reference_losses and columns is not None and REFERENCE_LOSSES not in columns:
             raise ConfigError(f"collider score {ca.score!r} reads a {REFERENCE_LOSSES!r} column, which the training "
                               f"dataset lacks (it has {', '.join(columns)}); add it with add_reference_losses")
-        self.collider_selector = ca.selector()
-        if applied_state(self.model) is not None:  # applied before: these arguments replace that
-            remove(self.model)
-        apply(self.model, selector=self.collider_selector, compile=ca.compile, attention=ca.attention,
-              engine=ca.engine)
+        if self.model_init is None:  # a model from model_init has it already (call_model_init)
+            self._apply_collider(self.model)
         self.model_accepts_loss_kwargs = True  # the applied forward takes num_items_in_batch
-        self.add_callback(ColliderCallback(self.collider_selector))
+        self._collider_callback = ColliderCallback(self.collider_selector)
+        self.add_callback(self._collider_callback)
+        for cb in self.callback_handler.callbacks:  # this trainer passes the kept count (get_batch_samples)
+            if isinstance(cb, ColliderCallback):
+                cb._in_collider_trainer = True
         self._collider_counts: list[tuple[Any, Any]] = []
         self._collider_n_valid: list[int] = []  # the step's micro-batches' target counts, in order (get_batch_samples)
         self._collider_clock = _BackwardClock()
+        self._start_collider_graph()
+
+    def _apply_collider(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` made a Collider trainee under these arguments, with a fresh selector."""
+        ca = self.collider_args
+        self.collider_selector = ca.selector()
+        if getattr(self, "_collider_callback", None) is not None:
+            self._collider_callback.selector = self.collider_selector
+        if applied_state(model) is not None:  # applied before: these arguments replace that
+            remove(model)
+        return apply(model, selector=self.collider_selector, compile=ca.compile, attention=ca.attention,
+                     engine=ca.engine)
+
+    def call_model_init(self, trial: Any = None) -> torch.nn.Module:
+        """``Trainer.call_model_init``'s fresh model (``train()`` builds one from
+        ``model_init`` each time), made a Collider trainee as a given model is."""
+        model = self._apply_collider(super().call_model_init(trial))
+        if getattr(self, "_collider_callback", None) is not None:  # in train(), not __init__: a graph for this model
+            self.model = model  # what train() makes it next; the graph's checks read it
+            self._start_collider_graph()
+        return model
+
+    def _start_collider_graph(self) -> None:
+        """A fresh micro-step graph for the trainer's model and its bookkeeping (no
+        graph without ``cuda_graph``)."""
         self._collider_graph_steps = 0  # replayed micro-steps since the last log
         self._collider_graph_key: tuple | None = None  # what the capture's batch looked like (see _graph_key)
         self._collider_graph_eager = 0  # micro-steps so far that did not fit the graph's shape
@@ -252,14 +309,45 @@ class ColliderTrainerMixin:
         self._collider_graph_restarts = 0  # warm-ups restarted for another batch shape before the capture
         self._collider_graph_params: list[torch.nn.Parameter] | None = None  # what the captured gradients are of
         self._collider_graph_warned = False
-        self.collider_graph: StepGraph | None = self._setup_collider_graph() if ca.cuda_graph else None
+        self.collider_graph: StepGraph | None = self._setup_collider_graph() if self.collider_args.cuda_graph else None
 
     def _set_signature_columns_if_needed(self) -> None:
         """The model's forward arguments (the Trainer keeps only those dataset
-        columns) and ``reference_losses``, which the applied forward reads."""
+        columns) and ``reference_losses`` where the selection's score reads it."""
         super()._set_signature_columns_if_needed()
-        if REFERENCE_LOSSES not in self._signature_columns:
+        # only then: a leftover column (filter_by_reference_losses's) is ragged, which a padding collator cannot stack
+        if self.collider_args.reads_reference_losses and REFERENCE_LOSSES not in self._signature_columns:
             self._signature_columns.append(REFERENCE_LOSSES)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _collider_state_path(self, folder: str) -> str:
+        """The checkpoint file of this process's selector state (one per process, as the RNG states)."""
+        if self.args.world_size <= 1:
+            return os.path.join(folder, SELECTOR_STATE)
+        return os.path.join(folder, SELECTOR_STATE.replace(".", f"_{self.args.process_index}."))
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """The Trainer's RNG states and the selector's (its generators, schedule
+        step and threshold controller), saved with each checkpoint."""
+        super()._save_rng_state(output_dir)
+        if self.collider_selector is not None:
+            torch.save(self.collider_selector.state_dict(), self._collider_state_path(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """The RNG states and the selector's state of ``checkpoint``, on resuming
+        (a checkpoint without the selector's: a warning, and its state starts afresh)."""
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None or self.collider_selector is None:
+            return
+        path = self._collider_state_path(checkpoint)
+        if not os.path.isfile(path):
+            warnings.warn(f"ColliderTrainer: {checkpoint} has no {os.path.basename(path)}; the token selection's "
+                          "generator and controller start afresh, so the resumed run selects unlike an "
+                          "uninterrupted one", stacklevel=2)
+            return
+        self.collider_selector.load_state_dict(torch.load(path, weights_only=True))
+        self._sync_selector()
 
     # ------------------------------------------------------------------ the CUDA graph
 

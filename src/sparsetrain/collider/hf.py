@@ -186,10 +186,14 @@ def _forward_of(cls: type):
                 reference_losses: torch.Tensor | None = None, **kwargs: Any):
         state: _Applied = lm.__dict__[_STATE_ATTR]
         previous = state.previous_forward or functools.partial(cls_forward, lm)
+        # by name: the model's own forward may take them in another order (GPT-2's, Falcon's: the cache second)
+        named = {k: v for k, v in (("attention_mask", attention_mask), ("position_ids", position_ids)) if v is not None}
         if not torch.is_grad_enabled():  # evaluation, generation: the model's own forward and loss
             extra = {k: v for k, v in (("labels", labels), ("shift_labels", shift_labels),
                                        ("num_items_in_batch", num_items_in_batch)) if v is not None}
-            return previous(input_ids, attention_mask, position_ids, *args, **extra, **kwargs)
+            if args:  # every argument up to these positional: handed on in the caller's order
+                return previous(input_ids, attention_mask, position_ids, *args, **extra, **kwargs)
+            return previous(input_ids, **named, **extra, **kwargs)
         if args:
             raise ValueError("the Collider training forward takes input_ids, attention_mask and position_ids "
                              "positionally; pass the rest by keyword")
@@ -209,7 +213,7 @@ def _forward_of(cls: type):
                                                                      **kwargs))
         else:
             _refuse_checkpointing(lm)
-            out = previous(input_ids, attention_mask, position_ids, **kwargs)
+            out = previous(input_ids, **named, **kwargs)
             if not hasattr(out, "logits"):
                 raise ValueError("the Collider training forward needs return_dict outputs (a .logits field)")
         if targets is not None:
