@@ -5,6 +5,7 @@ loads in transformers with matching logits; bad input is one line, exit 2."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -418,3 +419,69 @@ def test_export_bad_input_one_line_exit_2(args: list[str], needle: str, capsys) 
     code, _, err = run_cli(args, capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and needle in lines[0]
+
+
+def test_export_and_eval_read_the_runs_newest_weights(make_cfg, tmp_path: Path, capsys) -> None:
+    """A run directory whose weights-only file is newer than its ckpt.pt (as after a
+    resume whose full checkpoint went elsewhere: an FSDP run's is sharded) exports and
+    evaluates those weights, as load_model(run) and generate read them; a folder with
+    neither is refused in one line."""
+    from sparsetrain.checkpoint import WEIGHTS_NAME, save_weights
+    from sparsetrain.evaluate import load_run
+    from sparsetrain.trainer import train
+
+    cfg = make_cfg(ffn="swiglu", max_steps=2)
+    run = train(cfg, verbose=False).out_dir
+    old = load_model(run)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    newer = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in old.state_dict().items()}
+    save_weights(Path(run) / WEIGHTS_NAME, newer, dataclasses.asdict(old.config), 9)
+    want = load_model(run)
+    assert all(not torch.equal(want.state_dict()[k], old.state_dict()[k]) for k in newer)
+    code, _, _ = run_cli(["export", "--ckpt", str(run), "--format", "safetensors", "--out", str(tmp_path / "m.st")],
+                         capsys)
+    assert code == 0
+    back = load_safetensors(tmp_path / "m.st")
+    for k, v in want.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    loaded = load_run(run).model
+    for k, v in want.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["export", "--ckpt", str(tmp_path / "empty"), "--format", "safetensors",
+                            "--out", str(tmp_path / "e.st")], capsys)
+    assert code == 2 and "no checkpoint at" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda spec: spec.update(pre_tokenizer={"type": "Split", "pattern": {"Regex": "\\s+"}, "behavior": "Isolated"}),
+     "pre-tokenizer Split"),
+    (lambda spec: spec["pre_tokenizer"].update(add_prefix_space=True), "pre-tokenizer ByteLevel"),
+    (lambda spec: spec.update(normalizer={"type": "NFKC"}), "normalizer NFKC"),
+])
+def test_gguf_refuses_a_tokenizer_that_splits_text_otherwise(edit, named: str, tokenizer_json: Path,
+                                                            tmp_path: Path, capsys) -> None:
+    """A GGUF declares the gpt-2 pre-tokenizer: a tokenizer.json that splits text
+    another way (the same vocabulary and merges) is refused in one line, before a
+    file is written; safetensors and hf (which carry the tokenizer.json as is) export it."""
+    spec = json.loads(tokenizer_json.read_text())
+    edit(spec)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(spec))
+    run = write_run(tmp_path / "run", random_model(), other)
+    code, _, err = run_cli(["export", "--ckpt", str(run), "--format", "gguf", "--out", str(tmp_path / "m.gguf")], capsys)
+    assert code == 2 and named in err and "gpt-2" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m.gguf").exists()
+    assert run_cli(["export", "--ckpt", str(run), "--format", "hf", "--out", str(tmp_path / "hf")], capsys)[0] == 0
+
+
+def test_hf_export_over_an_earlier_one_leaves_none_of_its_files(tokenizer_json: Path, tmp_path: Path, capsys) -> None:
+    """--force over a folder exported from a run with a tokenizer, from a run without:
+    the earlier tokenizer files go, so the folder describes one model."""
+    with_tok = write_run(tmp_path / "a", random_model(), tokenizer_json)
+    without = write_run(tmp_path / "b", random_model(seed=1), None)
+    out = tmp_path / "hf"
+    assert run_cli(["export", "--ckpt", str(with_tok), "--format", "hf", "--out", str(out)], capsys)[0] == 0
+    assert (out / "tokenizer.json").is_file()
+    assert run_cli(["export", "--ckpt", str(without), "--format", "hf", "--out", str(out), "--force"], capsys)[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -193,6 +194,30 @@ def test_resume_refuses_another_schedule_shape(make_cfg, tmp_path: Path) -> None
     train(make_cfg(out_dir=str(tmp_path / "r"), max_steps=2), verbose=False)
     with pytest.raises(CheckpointError, match=r"another lr schedule: lr=0.003 there vs 0.001 here"):
         Trainer(make_cfg(out_dir=str(tmp_path / "r"), max_steps=4, lr=1e-3), resume=tmp_path / "r", verbose=False)
+
+
+@pytest.mark.parametrize("optimizer, change, refused", [
+    ("adamw", dict(weight_decay=0.5), "weight_decay=0.5: it trained with 0.1"),
+    ("adamw", dict(beta2=0.99), "beta2=0.99: it trained with 0.95"),
+    ("muon", dict(muon_momentum=0.8), "muon_momentum=0.8: it trained with 0.95"),
+    ("adamw", dict(optimizer="lion"), "optimizer state is adamw, this run's optimizer is lion"),
+    ("adamw", dict(muon_lr=0.05), None),  # not an AdamW setting: nothing of it is saved
+])
+def test_resume_refuses_optimizer_settings_its_state_would_override(make_cfg, tmp_path: Path, optimizer: str,
+                                                                  change: dict, refused: str | None) -> None:
+    """The optimizer's param groups come back from the checkpoint: a resumed config
+    that changes what they hold is refused naming it (not trained with the old value
+    under a config that records the new); a setting of another optimizer is not."""
+    from sparsetrain.errors import CheckpointError
+
+    train(make_cfg(out_dir=str(tmp_path / "r"), max_steps=2, optimizer=optimizer), verbose=False)
+    cfg = make_cfg(out_dir=str(tmp_path / "r"), max_steps=4, **{"optimizer": optimizer, **change})
+    if refused is None:
+        assert Trainer(cfg, resume=tmp_path / "r", verbose=False).step == 2
+        return
+    with pytest.raises(CheckpointError, match=re.escape(refused)) as e:
+        Trainer(cfg, resume=tmp_path / "r", verbose=False)
+    assert "\n" not in str(e.value)
 
 
 def test_time_schedule_needs_a_budget(make_cfg) -> None:

@@ -383,40 +383,41 @@ def cmd_race(args: argparse.Namespace) -> int:
 
 
 def cmd_reference_losses(args: argparse.Namespace) -> int:
-    from .checkpoint import resolve_checkpoint
+    from .generate import run_directory
     from .trainer import load_run_corpus, resolve_device
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "ckpt", "out", "config", "context")}
     cfg = build_config(flags.pop("preset", None), args.config, flags)
-    ckpt = resolve_checkpoint(args.ckpt)
-    out = _write_run_losses(ckpt, load_run_corpus(cfg), args.out, cfg.batch_size, resolve_device(cfg.device),
+    run_directory(args.ckpt)  # a missing run refused before the corpus is read
+    out = _write_run_losses(args.ckpt, load_run_corpus(cfg), args.out, cfg.batch_size, resolve_device(cfg.device),
                             cfg.dtype, args.context, "reference")
     print(f"train with --reference-losses {out}")
     return 0
 
 
-def _write_run_losses(ckpt: Path, corpus: Any, out: str | Path, batch_size: int, device: torch.device, dtype: str,
-                      context: int | None, role: str) -> Path:
-    """The sidecar of the run at ``ckpt``'s loss of every train token of ``corpus``, with the run's training
-    seconds in its header; what ``reference-losses`` and ``corpus filter --scorer`` write. A run of another
-    vocabulary or tokenizer than the corpus's is refused, named by its ``role``."""
-    from .checkpoint import refuse_other_tokenizer
-    from .generate import load_model
+def _write_run_losses(ckpt: str | Path, corpus: Any, out: str | Path, batch_size: int, device: torch.device,
+                      dtype: str, context: int | None, role: str) -> Path:
+    """The sidecar of the run at ``ckpt`` (its newest weights)'s loss of every train token of ``corpus``, with the
+    run's training seconds in its header; what ``reference-losses`` and ``corpus filter --scorer`` write. A run of
+    another vocabulary or tokenizer than the corpus's is refused, named by its ``role``."""
+    from .checkpoint import CKPT_NAME, refuse_other_tokenizer
+    from .generate import load_model, run_directory
     from .plotting import read_metrics
     from .reference_losses import compute_reference_losses, header_path
     from .trainer import autocast_dtype
 
+    run = run_directory(ckpt)
     model = load_model(ckpt, device)
     if model.config.vocab_size != corpus.vocab_size:
-        raise SparsetrainError(f"{role} {ckpt.parent} has vocab_size {model.config.vocab_size}, the corpus {corpus.vocab_size}")
-    refuse_other_tokenizer(ckpt.parent, corpus.tokenizer_path, role)
-    trained = [r for r in read_metrics(ckpt.parent / "metrics.jsonl") if "train_seconds" in r]
+        raise SparsetrainError(f"{role} {run} has vocab_size {model.config.vocab_size}, the corpus {corpus.vocab_size}")
+    refuse_other_tokenizer(run, corpus.tokenizer_path, role)
+    trained = [r for r in read_metrics(run / "metrics.jsonl") if "train_seconds" in r]
     out = compute_reference_losses(model, corpus.train, out, batch_size, device, autocast_dtype(dtype, device),
-                                   reference=str(ckpt.resolve()),
+                                   reference=str((run / CKPT_NAME).resolve()),  # names the run (one_time_cost)
                                    reference_train_seconds=trained[-1]["train_seconds"] if trained else None,
                                    context=context)
     seconds = json.loads(header_path(out).read_text())["seconds"]
-    print(f"losses of {corpus.train.size:,} train tokens by {ckpt.parent} in {seconds:.1f} s of forwards -> {out}")
+    print(f"losses of {corpus.train.size:,} train tokens by {run} in {seconds:.1f} s of forwards -> {out}")
     return out
 
 
@@ -640,13 +641,13 @@ def _corpus_filter(args: argparse.Namespace) -> int:
                           "--scorer RUN (a run that scores the corpus first) and --random-seed SEED (the control)")
     ckpt = None
     if args.scorer:
-        from .checkpoint import resolve_checkpoint
+        from .generate import run_directory
 
-        ckpt = resolve_checkpoint(args.scorer)
+        ckpt = run_directory(args.scorer)
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
         _check_device(args.device, "--device")
-    tokenizer = args.tokenizer or (str(ckpt.parent / "tokenizer.json") if ckpt is not None else None)
+    tokenizer = args.tokenizer or (str(ckpt / "tokenizer.json") if ckpt is not None else None)
     if tokenizer is None:
         needs = "--reference-losses" if args.reference_losses else "--random-seed"
         raise ConfigError(f"{needs} needs --tokenizer, the tokenizer.json the corpus is tokenized with")
@@ -662,7 +663,7 @@ def _corpus_filter(args: argparse.Namespace) -> int:
     if ckpt is not None:
         from .trainer import resolve_device
 
-        sidecar = _write_run_losses(ckpt, corpus, str(Path(args.out)) + ".losses.f16", args.batch_size,
+        sidecar = _write_run_losses(args.scorer, corpus, str(Path(args.out)) + ".losses.f16", args.batch_size,
                                     resolve_device(args.device), cfg.dtype, 0, "scorer")
     filter_corpus(corpus, sidecar, args.drop, args.out, random_seed=args.random_seed, val_fraction=args.val_fraction)
     return 0

@@ -39,11 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import resolve_checkpoint
 from .config import TrainConfig, build_config, read_toml
 from .data import discover_text_files, is_val_file, join_documents, load_corpus, read_documents, split_documents
 from .errors import CheckpointError, DataError, SparsetrainError
-from .generate import load_model, sample
+from .generate import load_model, run_directory, sample
 from .model import CausalLM, upcast
 from .tokenizer import BPETokenizer
 
@@ -466,14 +465,13 @@ class LoadedRun:
 def load_run(ckpt: str | Path, device: str = "cpu") -> LoadedRun:
     """The run directory of ``ckpt`` (the directory or its ``ckpt.pt``): its
     ``config.toml`` (it names the data), model (in eval mode) and tokenizer."""
-    path = resolve_checkpoint(ckpt)
-    run = path.parent
+    run = run_directory(ckpt)
     if not (run / "config.toml").is_file():
         raise CheckpointError(f"no config.toml in {run}: evaluation needs the run directory (it names the data)")
     cfg = build_config(None, None, {}, base=read_toml(run / "config.toml"))
     tok_path = run / "tokenizer.json"
     tokenizer = BPETokenizer.load(tok_path) if tok_path.is_file() else None
-    return LoadedRun(cfg, load_model(path, device), tokenizer, tok_path)
+    return LoadedRun(cfg, load_model(ckpt, device), tokenizer, tok_path)
 
 
 def evaluate_run(ckpt: str | Path, data: str = "", samples: int = 20, max_new_tokens: int = 128,

@@ -33,10 +33,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import resolve_checkpoint
 from .config import ModelConfig
 from .errors import ConfigError, SparsetrainError
-from .generate import load_model
+from .generate import load_model, run_directory
 from .build import build_model
 from .model import GPT, CausalLM
 from .tokenizer import EOT
@@ -131,6 +130,21 @@ def read_bpe_vocab(tokenizer_json: str | Path, vocab_size: int) -> BPEVocab:
     # tokenizers writes merges as ["a", "b"] pairs (0.20 on) or "a b" strings (before)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     return BPEVocab(tokens, merges, frozenset(special.values()), n)
+
+
+def check_gpt2_pre_tokenizer(tokenizer_json: str | Path) -> None:
+    """Refuse a tokenizer whose text splitting is not what a GGUF's ``gpt-2``
+    pre-tokenizer declares (``tokenizers``' ByteLevel with GPT-2's regex, no
+    prefix space, no normalizer): llama.cpp would cut prompts into other tokens
+    than the run trained on. Our own BPE is of that kind; a user's may not be."""
+    spec = json.loads(Path(tokenizer_json).read_text())
+    pre, norm = spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+    if (pre.get("type") != "ByteLevel" or pre.get("add_prefix_space", True) or not pre.get("use_regex", True)
+            or norm is not None):
+        what = f"normalizer {norm.get('type')}" if isinstance(norm, dict) else f"pre-tokenizer {pre.get('type')}"
+        raise SparsetrainError(f"tokenizer {tokenizer_json} splits text unlike GGUF's gpt-2 pre-tokenizer "
+                               f"(its {what}, {json.dumps(pre, sort_keys=True)[:120]}): llama.cpp would tokenize "
+                               f"prompts otherwise; export safetensors or hf instead")
 
 
 def _cpu_state(model: CausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -257,6 +271,7 @@ def export_gguf(model: GPT, tokenizer_json: str | Path, out: str | Path, dtype: 
     cfg = model.config
     family = llama_family(model)
     vocab = read_bpe_vocab(tokenizer_json, cfg.vocab_size)
+    check_gpt2_pre_tokenizer(tokenizer_json)
     if EOT not in vocab.tokens:
         raise SparsetrainError(f"tokenizer {tokenizer_json} has no {EOT} token")
     eot = vocab.tokens.index(EOT)
@@ -408,6 +423,8 @@ def export_hf(model: GPT, tokenizer_json: str | Path | None, out: str | Path, dt
             os.replace(tmp, out / fname)
         finally:
             tmp.unlink(missing_ok=True)
+    for fname in set(HF_FILES) - set(files):  # an earlier export's (--force): not this model's
+        (out / fname).unlink(missing_ok=True)
     return out
 
 
@@ -423,15 +440,15 @@ def export_run(ckpt: str | Path, fmt: str, out: str | Path, force: bool = False,
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out)
     _check_output(out, want_dir=fmt == "hf", force=force)
-    path = resolve_checkpoint(ckpt)
-    model = load_model(path)
-    tok = path.parent / "tokenizer.json"
+    run = run_directory(ckpt)
+    model = load_model(ckpt)  # the run's newest weights, as generate reads them
+    tok = run / "tokenizer.json"
     if fmt == "safetensors":
         return export_safetensors(model, out, DTYPES[dtype])
     llama_family(model)
     if fmt == "gguf":
         if not tok.is_file():
-            raise SparsetrainError(f"no tokenizer.json in {path.parent}: a GGUF needs the vocabulary")
-        return export_gguf(model, tok, out, DTYPES[dtype], name=path.parent.name)
+            raise SparsetrainError(f"no tokenizer.json in {run}: a GGUF needs the vocabulary")
+        return export_gguf(model, tok, out, DTYPES[dtype], name=run.name)
     return export_hf(model, tok if tok.is_file() else None, out, DTYPES[dtype])
 

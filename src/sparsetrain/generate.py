@@ -62,6 +62,21 @@ def load_model_weights(ckpt: str | Path, device: str | torch.device = "cpu") -> 
     return Weights(state["model"], state["model_config"], int(state.get("step", 0))), file
 
 
+def run_directory(ckpt: str | Path) -> Path:
+    """The run directory ``ckpt`` names (itself, or the folder of its ``ckpt.pt`` or
+    ``model.safetensors``): where its tokenizer, config and metrics are. The weights
+    are read from ``ckpt`` by :func:`load_model`, which picks the newest of the run's
+    (a run directory's ``ckpt.pt`` alone may be older than its sharded checkpoint)."""
+    from .checkpoint import CKPT_NAME, PREVIOUS_CKPT_NAME
+    from .sharded_checkpoint import has_sharded_checkpoint
+
+    p = Path(ckpt)
+    if not p.exists() or (p.is_dir() and not any((p / f).is_file() for f in (WEIGHTS_NAME, CKPT_NAME, PREVIOUS_CKPT_NAME))
+                          and not has_sharded_checkpoint(p)):
+        raise CheckpointError(f"no checkpoint at {ckpt}")
+    return p if p.is_dir() else p.parent
+
+
 def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> GPT:
     """Rebuild the network (GPT or ResNet-BK) a run was trained with and load its weights
     (read as :func:`load_model_weights` reads them)."""

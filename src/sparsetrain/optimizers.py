@@ -72,6 +72,8 @@ from .errors import CheckpointError, ConfigError
 if TYPE_CHECKING:
     from .config import TrainConfig
 
+
+
 ROLES = ("hidden", "embedding", "head", "other_matrix", "vector")
 DECAYED_ROLES = ("hidden", "head", "other_matrix")
 
@@ -89,6 +91,15 @@ _PACKAGES = {
 GALORE_BK_REFUSAL = ("optimizer = galore_adamw with model.arch = resnet_bk is not available: galore-torch projects "
                      "2-D gradients only, and ResNet-BK's [E, out, in] expert stacks would silently get plain AdamW; "
                      "use optimizer = muon (which orthogonalises each expert) or adamw")
+
+
+def resume_fixed_fields(optimizer: str) -> tuple[str, ...]:
+    """The ``[training]`` settings ``optimizer``'s saved state carries in its param
+    groups: a resume restores them, so a resumed config must keep them (the lr
+    schedule's are checked with the schedule)."""
+    own = {"muon": ("muon_fallback", "muon_lr", "muon_momentum", "muon_weight_decay", "muon_adjust_lr"),
+           "galore_adamw": ("galore_rank", "galore_update_proj_gap", "galore_scale")}.get(optimizer, ())
+    return ("optimizer", "weight_decay", "beta1", "beta2", *own)
 
 
 def check_config(cfg: TrainConfig) -> None:

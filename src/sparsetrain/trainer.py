@@ -54,7 +54,7 @@ from .sparse24.ffn import Sparse24FFN, cuda_graphs_ok, prepare_ffns
 from .selection import TokenSelector
 from .step_graph import StepGraph, make_capturable, portable_optimizer_state
 from .optim import LRSchedule, step_counted
-from .optimizers import build_optimizer
+from .optimizers import build_optimizer, resume_fixed_fields
 from .plotting import plot_loss_curve
 from .reference_losses import ReferenceLosses
 from .token_labels import TokenLabels, label_counts, read_manifest, train_token_labels
@@ -541,6 +541,12 @@ class Trainer:
         max_seconds, by time) extends the schedule without a jump (:meth:`LRSchedule.extend`),
         announced on stdout and as a ``lr_schedule`` row in metrics.jsonl."""
         c = self.cfg
+        saved = state.get("train_config", {}).get("training", {})
+        for name in resume_fixed_fields(saved.get("optimizer", "adamw")):  # its state restores these: a new value would be ignored
+            if name in saved and saved[name] != getattr(c, name):
+                raise CheckpointError(f"cannot resume {out} with {name}={getattr(c, name)!r}: it trained with "
+                                      f"{saved[name]!r}, which its optimizer state keeps (start a new run, or "
+                                      f"--init-from it, to change the optimizer)")
         self.clock.startup_seconds = float(state.get("startup_seconds", 0.0))
         if state.get("lr_schedule"):
             schedule = LRSchedule.from_state_dict(state["lr_schedule"])
