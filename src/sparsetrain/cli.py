@@ -509,7 +509,7 @@ def cmd_fire(args: argparse.Namespace) -> int:
     worst = max(s["orthogonality_error"] for s in stats)
     print(f"FIRE: {len(stats)} layers reinitialised (max orthogonality error {worst:.2e}, "
           f"{sum(s['method'] == 'svd' for s in stats)} SVD fallbacks) -> {out}; continue with: "
-          f"sparsetrain train --resume {out} --data NEW_DATA")
+          f"sparsetrain train --resume {out} --data NEW_DATA --tokenizer {out / 'tokenizer.json'}")
     return 0
 
 

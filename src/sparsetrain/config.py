@@ -300,6 +300,7 @@ class TrainConfig:
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "ckpt_every", "eval_every", "warmup_steps", "eval_code_samples"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _require(0 <= self.seed < 2**63, f"run.seed must be in [0, 2**63) (torch's and numpy's generators), got {self.seed}")
         _require(self.token_dtype in ("uint16", "uint32"), f"data.token_dtype must be uint16 or uint32, got {self.token_dtype!r}")
         _require(0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
         _require(not (self.data_on_the_fly and self.data.endswith(".bin")),
@@ -342,7 +343,8 @@ class TrainConfig:
             _require(not Path(self.data).is_file() and not self.data.endswith(".bin"),
                      f"data.data_include, data_exclude and data_max_bytes select files of a folder; data is the file {self.data!r}")
         _require(self.async_n_workers >= 1, f"training.async_n_workers must be >= 1, got {self.async_n_workers}")
-        _require(self.async_prefetch_size >= 1, f"training.async_prefetch_size must be >= 1, got {self.async_prefetch_size}")
+        _require(1 <= self.async_prefetch_size <= 4096,
+                 f"training.async_prefetch_size must be in [1, 4096] (batches held in memory), got {self.async_prefetch_size}")
         _require(self.fire_at_step >= 0, f"training.fire_at_step must be >= 0, got {self.fire_at_step}")
         _require(not (self.fire_at_step and self.model.arch == "resnet_bk"),
                  f"training.fire_at_step = {self.fire_at_step} with model.arch = resnet_bk is not available: FIRE "

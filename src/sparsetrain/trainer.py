@@ -192,6 +192,8 @@ class Trainer:
         if init is not None:
             run_dir = init[1] if init[1].is_dir() else init[1].parent  # the folder, or the file in it
             refuse_other_tokenizer(run_dir, self.corpus.tokenizer_path, "init_from")
+        if resume is not None:  # new data (FIRE's continual step) would otherwise get a BPE of its own
+            refuse_other_tokenizer(resume, self.corpus.tokenizer_path, "resumed run")
 
         # FSDP2 only with several processes; one process trains the plain model in either mode
         self.sharded = cfg.parallel == "fsdp" and self.dist.enabled
@@ -491,6 +493,9 @@ class Trainer:
                 if state.get("mtp") is None:
                     raise CheckpointError(f"checkpoint {out} has no MTP heads; resume without use_mtp")
                 self.mtp.load_state_dict(state["mtp"])
+            elif state.get("mtp") is not None:  # its heads' optimizer groups would not fit this run's
+                raise CheckpointError(f"checkpoint {out} trained MTP heads; resume with use_mtp (a run without "
+                                      "them: start a new one with --init-from)")
             if not self.sharded:
                 self.optimizer.load_state_dict(state["optimizer"])
         started_from = state.get("train_config", {}).get("training", {}).get("init_from", "")
@@ -500,7 +505,7 @@ class Trainer:
                                   "(init_from starts a new run)")
         self.step = int(state["step"])
         self.last_saved_step = self.step
-        if self.selector is not None and "selector" in state:
+        if self.selector is not None and state.get("selector") is not None:  # none: selection turned on now
             self.selector.load_state_dict(state["selector"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
         if self.dist.is_main:  # before any row of this process is appended (a torn last line stays last)
@@ -1122,7 +1127,9 @@ class Trainer:
                 self._say(bar, f"step 0: val loss {val:.4f}")
             fit_start_seconds, window_t0, window_tokens = self.train_seconds, time.perf_counter(), 0
             self.clock.run()
-            while not c.max_steps or self.step < c.max_steps:
+            # a run that ended on its time budget has nothing left: a resume must not train a step past it
+            ended_by_time = self._out_of_time()
+            while not ended_by_time and (not c.max_steps or self.step < c.max_steps):
                 try:
                     self.train_step()  # its loss and metrics wait in self.metric_window until logged
                 except DivergedError as e:  # raised inside the step (token scores of NaN logits)
