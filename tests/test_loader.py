@@ -98,3 +98,47 @@ def test_text_source_tokenizes_on_the_fly_and_async_agrees(tmp_path: Path, corpu
         for piece in pieces:
             if piece:
                 assert any(tok.decode(piece) in text for text in texts)
+
+
+def test_workers_exit_when_the_trainer_is_killed(tmp_path: Path) -> None:
+    """A trainer killed outright (SIGKILL: no close, no stop event) leaves no worker
+    behind: each notices its parent is gone while its queue is full, and exits."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = _source(tmp_path)
+    script = f"""
+import sys, os, numpy as np, torch
+from sparsetrain.loader import AsyncLoader, TokenBatchSource
+src = TokenBatchSource(path={src.path!r}, dtype="uint16", offset=1000, length=15_000, batch_size=4, seq_len=32,
+                       seed=3, rank=0, world_size=1)
+loader = AsyncLoader(src, 0, 1, torch.device("cpu"), n_workers=2, prefetch=1)
+loader.next()
+print(" ".join(str(p.pid) for p in loader._procs), flush=True)
+sys.stdin.read()  # wait to be killed, the queues full
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                            text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return open(f"/proc/{pid}/stat").read().split()[2] != "Z" if os.path.exists(f"/proc/{pid}/stat") else True
+
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = [p for p in pids if alive(p)]
+    for p in survivors:  # a failure must not leave them running
+        os.kill(p, signal.SIGKILL)
+    assert not survivors, survivors

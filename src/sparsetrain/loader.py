@@ -122,13 +122,18 @@ class SyncLoader:
 
 def _worker(source: TokenBatchSource | TextBatchSource, w: int, n_workers: int, start: int, grad_accum: int, out: mp.Queue,
             stop: mp.Event) -> None:
+    parent = mp.parent_process()  # a trainer killed (SIGKILL, the OOM killer) never sets stop: watch it too
+
+    def done() -> bool:
+        return stop.is_set() or (parent is not None and not parent.is_alive())
+
     try:
         tokens = source.open()  # the token array, or the tokenizer of a text source
         i = w
-        while not stop.is_set():
+        while not done():
             step, micro = _index(i, start, grad_accum)
             item = ("ok", i, *source.batch(tokens, step, micro))
-            while not stop.is_set():
+            while not done():
                 try:
                     out.put(item, timeout=0.1)
                     break
