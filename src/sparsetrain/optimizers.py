@@ -72,8 +72,6 @@ from .errors import CheckpointError, ConfigError
 if TYPE_CHECKING:
     from .config import TrainConfig
 
-
-
 ROLES = ("hidden", "embedding", "head", "other_matrix", "vector")
 DECAYED_ROLES = ("hidden", "head", "other_matrix")
 
@@ -99,7 +97,7 @@ def resume_fixed_fields(optimizer: str) -> tuple[str, ...]:
     schedule's are checked with the schedule)."""
     own = {"muon": ("muon_fallback", "muon_lr", "muon_momentum", "muon_weight_decay", "muon_adjust_lr"),
            "galore_adamw": ("galore_rank", "galore_update_proj_gap", "galore_scale")}.get(optimizer, ())
-    return ("optimizer", "weight_decay", "beta1", "beta2", *own)
+    return ("weight_decay", "beta1", "beta2", *own)
 
 
 def check_config(cfg: TrainConfig) -> None:

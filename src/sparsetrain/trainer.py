@@ -503,6 +503,7 @@ class Trainer:
             raise CheckpointError(f"cannot resume {out} with init_from {self.cfg.init_from!r}: it started from "
                                   f"{started_from!r}, and a resumed run continues from its own checkpoint "
                                   "(init_from starts a new run)")
+        self._refuse_changed_optimizer_settings(state, out)
         self.step = int(state["step"])
         self.last_saved_step = self.step
         if self.selector is not None and state.get("selector") is not None:  # none: selection turned on now
@@ -541,17 +542,23 @@ class Trainer:
         self.lr_schedule = LRSchedule.from_settings(c.schedule_by, c.lr, c.warmup_steps, c.min_lr_ratio, self._schedule_end())
         self._next_eval_seconds = c.eval_every_seconds  # eval_every_seconds: the next due point
 
+    def _refuse_changed_optimizer_settings(self, state: dict, out: Path) -> None:
+        """The optimizer's loaded param groups hold the settings it was saved with: a
+        resumed config that changes one would train with the old value under a config
+        recording the new, so it is refused by name (another optimizer altogether is
+        refused where its state is loaded)."""
+        saved = state.get("train_config", {}).get("training", {})
+        for name in resume_fixed_fields(saved.get("optimizer", "adamw")):
+            if name in saved and saved[name] != getattr(self.cfg, name):
+                raise CheckpointError(f"cannot resume {out} with {name}={getattr(self.cfg, name)!r}: it trained with "
+                                      f"{saved[name]!r}, which its optimizer state keeps (start a new run, or "
+                                      f"--init-from it, to change the optimizer)")
+
     def _restore_clock_and_schedule(self, state: dict, out: Path) -> None:
         """A resumed run keeps its start-up count and its lr schedule; a new max_steps (or
         max_seconds, by time) extends the schedule without a jump (:meth:`LRSchedule.extend`),
         announced on stdout and as a ``lr_schedule`` row in metrics.jsonl."""
         c = self.cfg
-        saved = state.get("train_config", {}).get("training", {})
-        for name in resume_fixed_fields(saved.get("optimizer", "adamw")):  # its state restores these: a new value would be ignored
-            if name in saved and saved[name] != getattr(c, name):
-                raise CheckpointError(f"cannot resume {out} with {name}={getattr(c, name)!r}: it trained with "
-                                      f"{saved[name]!r}, which its optimizer state keeps (start a new run, or "
-                                      f"--init-from it, to change the optimizer)")
         self.clock.startup_seconds = float(state.get("startup_seconds", 0.0))
         if state.get("lr_schedule"):
             schedule = LRSchedule.from_state_dict(state["lr_schedule"])
