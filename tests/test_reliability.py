@@ -199,6 +199,51 @@ def test_folder_of_a_run_without_checkpoint_is_refused(common: list[str], tmp_pa
     assert_one_line_error(code, err, "no ckpt.pt")
 
 
+def _interrupt_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Ctrl-C as the trainer starts step ``step`` + 1."""
+    real = Trainer.train_step
+
+    def train_step(self) -> None:
+        if self.step == step:
+            raise KeyboardInterrupt
+        real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_ctrl_c_before_the_first_checkpoint_leaves_a_run_that_resume_starts_over(
+        common: list[str], tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Interrupted before any checkpoint, the message says so (it claimed a checkpoint was
+    intact) and ``--resume`` trains the run from step 0 in its own folder, as if uninterrupted."""
+    flags = ["--max-steps", "6", "--ckpt-every", "4", "--eval-every", "3"]
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 2)
+        code, _, err = run_main(["train", *common, *flags, "--out-dir", str(run)], capsys)
+    assert code == 130
+    assert err.count("\n") == 1 and "before its first checkpoint" in err and f"--resume {run}" in err, err
+    assert not (run / "ckpt.pt").exists()
+    code, out, err = run_main(["train", "--resume", str(run)], capsys)
+    assert code == 0, err
+    assert "no checkpoint yet" in out
+    assert train_steps(run) == list(range(1, 7))
+    assert [r["step"] for r in rows(run) if r["kind"] == "eval"] == [0, 3, 6]
+    want = reference(common, tmp_path, capsys, *flags)
+    assert {r["step"]: r["loss"] for r in rows(run) if r["kind"] == "train"} == pytest.approx(want, rel=1e-5)
+
+
+def test_ctrl_c_after_a_checkpoint_names_it(common: list[str], tmp_path: Path, capsys,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 5)
+        code, _, err = run_main(["train", *common, "--max-steps", "8", "--ckpt-every", "4", "--out-dir", str(run)], capsys)
+    assert code == 130 and err.count("\n") == 1, err
+    assert "step-4 checkpoint" in err and f"--resume {run}" in err, err
+    assert run_main(["train", "--resume", str(run)], capsys)[0] == 0
+    assert train_steps(run) == list(range(1, 9))
+
+
 def test_an_empty_or_new_out_dir_is_fine(make_cfg, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     assert train(make_cfg(out_dir=str(tmp_path / "empty"), max_steps=1), verbose=False).steps_done == 1

@@ -202,6 +202,7 @@ def test_resume_refuses_another_schedule_shape(make_cfg, tmp_path: Path) -> None
     ("muon", dict(muon_momentum=0.8), "muon_momentum=0.8: it trained with 0.95"),
     ("adamw", dict(optimizer="lion"), "optimizer state is adamw, this run's optimizer is lion"),
     ("adamw", dict(muon_lr=0.05), None),  # not an AdamW setting: nothing of it is saved
+    ("adamw", dict(seed=7), "seed=7: it trained with seed 1337, which sets its data order"),
 ])
 def test_resume_refuses_optimizer_settings_its_state_would_override(make_cfg, tmp_path: Path, optimizer: str,
                                                                   change: dict, refused: str | None) -> None:
@@ -227,3 +228,57 @@ def test_time_schedule_needs_a_budget(make_cfg) -> None:
         make_cfg(schedule_by="time")
     with pytest.raises(ConfigError, match="schedule_by must be one of steps, time, got 'tokens'"):
         make_cfg(schedule_by="tokens", max_seconds=1.0)
+
+
+def test_a_resume_killed_before_its_first_checkpoint_leaves_one_schedule_row(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """A resume that extends the schedule logs an ``lr_schedule`` row at its first step; killed
+    before it saves, the next resume announces the extension again: the log keeps one row
+    (the extension that the checkpoints carry), with the step of the checkpoint."""
+    kw = dict(out_dir=str(tmp_path / "r"), eval_every=0, max_steps=4)
+    train(make_cfg(**kw), verbose=False)
+    t = Trainer(make_cfg(**{**kw, "max_steps": 12}), resume=tmp_path / "r", verbose=False)
+    steps = t.train_step
+
+    def killed_after_two() -> None:
+        if t.step == 6:
+            raise KeyboardInterrupt
+        steps()
+
+    monkeypatch.setattr(t, "train_step", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    train(make_cfg(**{**kw, "max_steps": 12}), resume=tmp_path / "r", verbose=False)
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    schedule_rows = [r for r in rows if r["kind"] == "lr_schedule"]
+    assert len(schedule_rows) == 1 and schedule_rows[0]["step"] == 4, schedule_rows
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 13))
+    # a further resume with a longer budget announces its own extension beside the first
+    train(make_cfg(**{**kw, "max_steps": 16}), resume=tmp_path / "r", verbose=False)
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "lr_schedule"] == [4, 12]
+
+
+def test_a_resume_that_changes_the_batch_is_announced_once(make_cfg, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A batch-size ramp at a resume (grad_accum 1 -> 2) is logged as one ``resume_change``
+    row and said on stdout; a kill before its first checkpoint does not leave a second row."""
+    kw = dict(out_dir=str(tmp_path / "r"), eval_every=0)
+    train(make_cfg(max_steps=3, **kw), verbose=False)
+    t = Trainer(make_cfg(max_steps=8, grad_accum=2, **kw), resume=tmp_path / "r", verbose=True)
+    assert "step 3: grad_accum 1 -> 2" in capsys.readouterr().out
+    steps = t.train_step
+
+    def killed_after_one() -> None:
+        if t.step == 4:
+            raise KeyboardInterrupt
+        steps()
+
+    monkeypatch.setattr(t, "train_step", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    train(make_cfg(max_steps=8, grad_accum=2, **kw), resume=tmp_path / "r", verbose=False)
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["changes"]) for r in rows if r["kind"] == "resume_change"] == [(3, {"grad_accum": [1, 2]})]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 9))
+    train(make_cfg(max_steps=9, grad_accum=2, **kw), resume=tmp_path / "r", verbose=False)  # no change: no row
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if r["kind"] == "resume_change"]) == 1

@@ -475,3 +475,28 @@ def test_eval_code_samples_without_a_usable_held_out_python_file_is_one_line(mak
     with pytest.raises(ConfigError, match=r"eval_code_samples = 2 .* holds no \.py file"):
         Trainer(make_cfg(out_dir=str(tmp_path / "b"), data=str(text), eval_code_samples=2), verbose=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("network", [dict(ffn="relu2_24", activation_sparse_method="mvue", activation_dense_warmup_steps=1),
+                                     dict(ffn="relu2_24", activation_sparse_method="transposable_random",
+                                          activation_dense_warmup_steps=1),
+                                     dict(arch="resnet_bk", bk_sparsity=0.5, bk_num_experts=2)])
+def test_networks_drawing_random_numbers_resume_exactly(make_cfg, tmp_path: Path, network) -> None:
+    """Random 2:4 patterns and ResNet-BK's routing noise draw from the torch RNGs and the
+    modules' own generators: the checkpoint holds their states, so a resumed run draws
+    what the uninterrupted one drew, and ends with the same weights."""
+    interrupted_run_matches(make_cfg, tmp_path, stop_at=3, max_steps=6, **network)
+    final_a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    final_b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    for k in final_a:
+        assert torch.equal(final_a[k], final_b[k]), k
+
+
+def test_evaluation_does_not_move_the_training_rngs(make_cfg, tmp_path: Path) -> None:
+    """mvue 2:4 patterns are drawn in evaluation too; an evaluation puts the RNGs back,
+    so the training losses are the same whatever the eval cadence."""
+    kw = dict(max_steps=5, ffn="relu2_24", activation_sparse_method="mvue", activation_dense_warmup_steps=1)
+    often = train(make_cfg(out_dir=str(tmp_path / "often"), eval_every=1, **kw), verbose=False)
+    never = train(make_cfg(out_dir=str(tmp_path / "never"), eval_every=0, **kw), verbose=False)
+    assert len(often.val_losses) >= 5
+    assert often.train_losses == never.train_losses

@@ -22,6 +22,7 @@ briefly out of step, the hashes never are. A folder without a checksum file
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -31,7 +32,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -47,6 +48,51 @@ _CHECKSUM_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
 # files this process wrote or verified: (size, mtime_ns, inode) -> sha256, so a save need not
 # re-read the checkpoint it is about to demote to ckpt.prev.pt
 _known_hashes: dict[tuple[str, int, int, int], str] = {}
+
+
+def module_generators(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Generator]:
+    """The ``torch.Generator`` attributes of every submodule of ``modules``, named
+    ``<prefix>/<module path>.<attribute>``: the random streams a module owns (a 2:4
+    FFN's random patterns on the CPU), which a checkpoint must hold for an exact resume."""
+    found: dict[str, torch.Generator] = {}
+    for prefix, root in modules.items():
+        for path, m in root.named_modules():
+            for attr, value in vars(m).items():
+                if isinstance(value, torch.Generator):
+                    found[f"{prefix}/{path}.{attr}"] = value
+    return found
+
+
+def capture_rng_state(device: torch.device, generators: dict[str, torch.Generator]) -> dict[str, Any]:
+    """The states of the torch RNGs a training step may draw from: the CPU's, ``device``'s
+    (CUDA) and the given named generators', all as CPU byte tensors."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "generators": {name: g.get_state() for name, g in generators.items()}}
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device, generators: dict[str, torch.Generator]) -> None:
+    """Set the RNGs :func:`capture_rng_state` saved. A generator the state does not name
+    (a module added since) keeps its seeded state; the CUDA state is set only on a CUDA
+    device (a run saved on the CPU and resumed on a GPU keeps the device's seeded one)."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+    for name, g in generators.items():
+        if name in state.get("generators", {}):
+            g.set_state(state["generators"][name].cpu())
+
+
+@contextlib.contextmanager
+def rng_untouched(device: torch.device, generators: dict[str, torch.Generator]) -> Iterator[None]:
+    """Whatever runs inside draws from the torch RNGs and ``generators`` without moving
+    them: their states are put back on exit (an evaluation that draws random 2:4
+    patterns leaves the training stream as it found it)."""
+    state = capture_rng_state(device, generators)
+    try:
+        yield
+    finally:
+        restore_rng_state(state, device, generators)
 
 
 def warn(message: str) -> None:

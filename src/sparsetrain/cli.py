@@ -377,7 +377,11 @@ def cmd_race(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(race_plan(arms, args.seconds, args.seeds, out, preset=preset, config_file=args.config, flags=flags))
         return 0
-    run_race(arms, args.seconds, args.seeds, out, preset=preset, config_file=args.config, flags=flags)
+    try:
+        run_race(arms, args.seconds, args.seeds, out, preset=preset, config_file=args.config, flags=flags)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the finished runs in {out} are kept; the same race with --out-dir {out} "
+                                "continues it") from None
     print(f"race report: {Path(out) / 'race.json'}, plot: {Path(out) / 'race.png'}")
     return 0
 
@@ -744,6 +748,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a read-only or vanished folder: the user's to fix
         where = f": {e.filename}" if e.filename else ""
         return _error(f"{e.strerror or e}{where}")
-    except KeyboardInterrupt:
-        sys.stderr.write("sparsetrain: interrupted (the last checkpoint is intact)\n")
+    except KeyboardInterrupt as e:  # train and race say what is kept and how to go on
+        sys.stderr.write(f"sparsetrain: interrupted{f' ({e})' if str(e) else ''}\n")
         return 130

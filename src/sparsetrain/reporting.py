@@ -19,7 +19,7 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from .checkpoint import atomic_write_text, warn, write_all
 from .errors import ConfigError
@@ -178,10 +178,14 @@ class RunLog:
                 r.close()
 
 
-def truncate_metrics(path: str | Path, step: int) -> int:
+def truncate_metrics(path: str | Path, step: int, unsaved: Callable[[dict], bool] | None = None) -> int:
     """Keep the rows of ``metrics.jsonl`` up to ``step`` (those a checkpoint at
     ``step`` vouches for); returns how many were dropped. A last line cut short
-    by a crash is dropped quietly; a damaged line elsewhere with a warning."""
+    by a crash is dropped quietly; a damaged line elsewhere with a warning.
+
+    A row at ``step`` itself for which ``unsaved`` is true is dropped too: what a
+    resume announced at that step (an extended schedule) and no checkpoint kept,
+    since the resume now starting announces its own."""
     p = Path(path)
     if not p.is_file():
         return 0
@@ -199,7 +203,7 @@ def truncate_metrics(path: str | Path, step: int) -> int:
                 damaged.append(i + 1)
             dropped += 1
             continue
-        if row_step <= step:
+        if row_step < step or row_step == step and not (unsaved is not None and unsaved(row)):
             keep.append(line)
         else:
             dropped += 1

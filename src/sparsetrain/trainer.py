@@ -36,9 +36,9 @@ from . import fire, hyper, kernels
 from . import parallel as P
 from . import sharded_checkpoint as S
 from .checkpoint import (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, Weights, atomic_write_bytes, atomic_write_text,
-                         first_line, load_checkpoint_from, refuse_other_tokenizer, remove_partial_writes,
-                         save_checkpoint, save_weights)
-from .config import ModelConfig, TrainConfig, dumps_toml
+                         capture_rng_state, first_line, load_checkpoint_from, module_generators, refuse_other_tokenizer,
+                         remove_partial_writes, restore_rng_state, rng_untouched, save_checkpoint, save_weights)
+from .config import ModelConfig, TrainConfig, dumps_toml, read_toml
 from .data import (TokenizedCorpus, bits_per_byte, load_corpus, tokens_per_byte, train_batch, train_window_starts,
                    val_batches)
 from .loader import make_loader
@@ -135,6 +135,28 @@ def _unusable_out_dir(out: Path) -> str | None:
     return None
 
 
+def _stopped_before_first_checkpoint(out: Path) -> bool:
+    """Whether ``out`` is the folder of a run that saves checkpoints and was stopped
+    before its first: its config is there, no checkpoint is. Such a folder is resumed
+    from step 0; one of a run that saves none (``save_checkpoints = false``) holds a
+    finished run's log and is not."""
+    if not (out / CONFIG_NAME).is_file():
+        return False
+    return bool(read_toml(out / CONFIG_NAME).get("run", {}).get("save_checkpoints", True))
+
+
+def _announced_not_saved(state: dict, row: dict) -> bool:
+    """Whether a metrics row at a checkpoint's step announces what a resume changed
+    (an extended ``lr_schedule``, a ``resume_change`` of the batch) and the checkpoint
+    ``state`` does not hold: that resume ended before saving it."""
+    if row.get("kind") == "lr_schedule":
+        return state.get("lr_schedule") is not None and row.get("schedule") != state["lr_schedule"]
+    if row.get("kind") == "resume_change":
+        training = state.get("train_config", {}).get("training", {})
+        return any(training.get(name) != new for name, (_, new) in row.get("changes", {}).items())
+    return False
+
+
 def compare_model_configs(saved: dict, wanted: ModelConfig, where: str) -> None:
     """Refuse to load weights into a differently shaped model, naming the difference."""
     want = asdict(wanted)
@@ -225,6 +247,7 @@ class Trainer:
         self._setup_kept_audit()
         # every micro-step's metrics and every step's loss, read once per log window
         self.metric_window = MetricWindow(self.token_labels.names if self.token_labels is not None else ())
+        self.restart_note = ""  # set when --resume finds a run folder stopped before its first checkpoint
         self.out_dir = self._prepare_out_dir(resume)
         self.code_files = self._setup_code_eval()
         prepare_sparse24(cfg, self.model, self.device)  # before anything is compiled
@@ -234,7 +257,12 @@ class Trainer:
         self.optimizer = build_optimizer(trainable, cfg, self.device.type)
         self.step_graph = self._setup_step_graph()
         self._pending_rows: list[dict] = []  # rows made outside fit's log (set-up, FIRE), logged by fit
-        if resume is not None:
+        if self.restart_note:
+            if self.dist.is_main:
+                truncate_metrics(self.out_dir / METRICS_NAME, -1)
+            if verbose:
+                print(self.restart_note, flush=True)
+        elif resume is not None:
             self._load_state(self.out_dir)
         self._write_run_files()
         self._set_schedules(self.step)  # one step counter, the optimizer step's; also after a resume
@@ -442,7 +470,10 @@ class Trainer:
         if resume is not None:
             out = Path(resume)
             if not (out / CKPT_NAME).is_file() and not (out / PREVIOUS_CKPT_NAME).is_file() and not S.has_sharded_checkpoint(out):
-                raise CheckpointError(f"cannot resume: no {CKPT_NAME} and no sharded checkpoint in {out}")
+                if not _stopped_before_first_checkpoint(out):
+                    raise CheckpointError(f"cannot resume: no {CKPT_NAME} and no sharded checkpoint in {out}")
+                # nothing trained is kept: the run starts over in its own folder, its rows cleared
+                self.restart_note = f"no checkpoint yet in {out} (stopped before its first): training it from step 0"
         else:
             name = self.cfg.out_dir or f"runs/{self.cfg.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
             out = Path(D.broadcast_object(name, self.dist))
@@ -505,12 +536,15 @@ class Trainer:
                                   "(init_from starts a new run)")
         self._refuse_changed_optimizer_settings(state, out)
         self.step = int(state["step"])
+        self._check_changed_run_settings(state, out)
         self.last_saved_step = self.step
         if self.selector is not None and state.get("selector") is not None:  # none: selection turned on now
             self.selector.load_state_dict(state["selector"])
+        if state.get("rng") is not None:  # none: a checkpoint from before the RNG states were saved
+            restore_rng_state(state["rng"], self.device, self._module_generators())
         self.train_seconds = float(state.get("train_seconds", 0.0))
         if self.dist.is_main:  # before any row of this process is appended (a torn last line stays last)
-            truncate_metrics(out / METRICS_NAME, self.step)
+            truncate_metrics(out / METRICS_NAME, self.step, functools.partial(_announced_not_saved, state))
         self._restore_clock_and_schedule(state, out)
 
     # ------------------------------------------------------------------ time and lr schedule
@@ -553,6 +587,24 @@ class Trainer:
                 raise CheckpointError(f"cannot resume {out} with {name}={getattr(self.cfg, name)!r}: it trained with "
                                       f"{saved[name]!r}, which its optimizer state keeps (start a new run, or "
                                       f"--init-from it, to change the optimizer)")
+
+    def _check_changed_run_settings(self, state: dict, out: Path) -> None:
+        """A resumed config may change the batch (``batch_size``, ``grad_accum``: a batch-size
+        ramp), which is announced on stdout and as a ``resume_change`` row in metrics.jsonl;
+        it may not change ``seed``, which sets the data order of every step, so the run's
+        config would record a seed its first steps did not read."""
+        saved = state.get("train_config", {})
+        seed = saved.get("run", {}).get("seed", self.cfg.seed)
+        if seed != self.cfg.seed:
+            raise CheckpointError(f"cannot resume {out} with seed={self.cfg.seed}: it trained with seed {seed}, which "
+                                  "sets its data order (start a new run, or --init-from it, for another seed)")
+        changes = {name: [saved["training"][name], getattr(self.cfg, name)] for name in ("batch_size", "grad_accum")
+                   if name in saved.get("training", {}) and saved["training"][name] != getattr(self.cfg, name)}
+        if changes and self.dist.is_main:
+            self._pending_rows.append({"kind": "resume_change", "step": self.step, "changes": changes})
+            if self.verbose:
+                said = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+                print(f"step {self.step}: {said} ({self.tokens_per_step:,} tokens/step from here)", flush=True)
 
     def _restore_clock_and_schedule(self, state: dict, out: Path) -> None:
         """A resumed run keeps its start-up count and its lr schedule; a new max_steps (or
@@ -989,18 +1041,21 @@ class Trainer:
         """Mean val cross-entropy over the fixed val windows (all ranks together):
         the mean of the ``eval_batches`` batch means, whatever the number of processes.
         Under FSDP a rank with fewer batches than others runs padding forwards that
-        count with weight zero, so that every rank joins every sharded forward."""
+        count with weight zero, so that every rank joins every sharded forward.
+        Random draws (a 2:4 FFN's random patterns) leave the training's RNGs as they
+        were: training does not depend on when it is evaluated."""
         self.train_module.eval()
         s = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for x, y in self._val:
-            with self.autocast():
-                _, loss = self.model(x.to(self.device), y.to(self.device))
-            s[0] += loss.double()
-            s[1] += 1
-        padding = torch.zeros((self.cfg.batch_size, self.cfg.model.seq_len), dtype=torch.long, device=self.device)
-        for _ in range(self._eval_padding):
-            with self.autocast():
-                self.model(padding)
+        with rng_untouched(self.device, self._module_generators()):
+            for x, y in self._val:
+                with self.autocast():
+                    _, loss = self.model(x.to(self.device), y.to(self.device))
+                s[0] += loss.double()
+                s[1] += 1
+            padding = torch.zeros((self.cfg.batch_size, self.cfg.model.seq_len), dtype=torch.long, device=self.device)
+            for _ in range(self._eval_padding):
+                with self.autocast():
+                    self.model(padding)
         self.train_module.train()
         if self.dist.enabled:
             torch.distributed.all_reduce(s)
@@ -1011,6 +1066,16 @@ class Trainer:
         if self.last_saved_step is None:
             return "no checkpoint was written before it"
         return f"the last good checkpoint (step {self.last_saved_step}) in {self.out_dir} is kept"
+
+    def interrupted_note(self) -> str:
+        """What an interrupted run leaves and how to continue it (the CLI's Ctrl-C line)."""
+        where = self.out_dir
+        if not self.cfg.save_checkpoints:
+            return f"this run saves no checkpoint; its log is {where / METRICS_NAME}"
+        if self.last_saved_step is None:
+            return f"before its first checkpoint; sparsetrain train --resume {where} starts it again from step 0"
+        return (f"the step-{self.last_saved_step} checkpoint in {where} is intact; "
+                f"continue with sparsetrain train --resume {where}")
 
     def _diverged(self, what: str) -> DivergedError:
         advice = f"; continue from it with --resume {self.out_dir} and a lower --lr" if self.last_saved_step is not None else ""
@@ -1031,10 +1096,17 @@ class Trainer:
             "startup_seconds": self.clock.startup_seconds,
             "lr_schedule": self.lr_schedule.state_dict(),
             "selector": self.selector.state_dict() if self.selector is not None else None,
+            # random 2:4 patterns and ResNet-BK's routing noise draw from these. Every process
+            # seeds alike and draws tensors of the same shapes, so rank 0's states are every rank's
+            "rng": capture_rng_state(self.device, self._module_generators()),
             "mtp": self.mtp.state_dict() if self.mtp is not None else None,  # generate ignores the heads
             "model_config": asdict(self.cfg.model),
             "train_config": self.cfg.to_dict(),
         }
+
+    def _module_generators(self) -> dict[str, torch.Generator]:
+        """The model's and the MTP heads' own generators, by name (:func:`~sparsetrain.checkpoint.module_generators`)."""
+        return module_generators({"model": self.model, **({"mtp": self.mtp} if self.mtp is not None else {})})
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """The model's whole state dict: under FSDP gathered from every rank's
@@ -1267,11 +1339,16 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, verbose: bool = Tr
     """Train (or resume) a run and tear down the process group afterwards: after
     a barrier when it ended normally, without one when it leaves on an
     exception (a peer may never reach the barrier)."""
-    ok = False
+    ok, trainer = False, None
     try:
-        result = Trainer(cfg, resume=resume, verbose=verbose).fit()
+        trainer = Trainer(cfg, resume=resume, verbose=verbose)
+        result = trainer.fit()
         ok = True
         return result
+    except KeyboardInterrupt:
+        if trainer is None:
+            raise
+        raise KeyboardInterrupt(trainer.interrupted_note()) from None
     finally:
         D.shutdown_distributed(synchronize=ok)
 
