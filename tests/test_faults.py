@@ -282,10 +282,14 @@ def snapshot(run: Path) -> tuple[list[dict], int | None]:
 
 
 def after_fault(run: Path, flags: list[str], ref: Reference, capsys) -> str | None:
-    """A fault has hit ``run``: it must resume to the reference, or (nothing saved yet)
-    be refused with one line, both by --resume and by a new run into the same folder."""
+    """A fault has hit ``run``: it must resume to the reference; with nothing saved yet
+    but its config, --resume trains it from step 0 to the reference (no row before
+    vouched for); with not even that, --resume and a new run into the same folder are
+    refused with one line."""
     before, restored = snapshot(run)
     capsys.readouterr()  # the snapshot's own fallback warning
+    if restored is None and (run / "config.toml").is_file():
+        return check_recovered(run, ref, [], 0, capsys)
     if restored is None:
         code, _, err = run_main(["train", "--resume", str(run)], capsys)
         if not one_line_error(code, err):
