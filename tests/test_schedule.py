@@ -230,23 +230,28 @@ def test_time_schedule_needs_a_budget(make_cfg) -> None:
         make_cfg(schedule_by="tokens", max_seconds=1.0)
 
 
+def _fit_until_interrupted(t: Trainer, step: int, monkeypatch) -> None:
+    """``t.fit()`` with Ctrl-C as it starts step ``step`` + 1 (no checkpoint on the way)."""
+    steps = t.train_step
+
+    def train_step() -> None:
+        if t.step == step:
+            raise KeyboardInterrupt
+        steps()
+
+    monkeypatch.setattr(t, "train_step", train_step)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+
+
 def test_a_resume_killed_before_its_first_checkpoint_leaves_one_schedule_row(make_cfg, tmp_path: Path, monkeypatch) -> None:
     """A resume that extends the schedule logs an ``lr_schedule`` row at its first step; killed
     before it saves, the next resume announces the extension again: the log keeps one row
     (the extension that the checkpoints carry), with the step of the checkpoint."""
     kw = dict(out_dir=str(tmp_path / "r"), eval_every=0, max_steps=4)
     train(make_cfg(**kw), verbose=False)
-    t = Trainer(make_cfg(**{**kw, "max_steps": 12}), resume=tmp_path / "r", verbose=False)
-    steps = t.train_step
-
-    def killed_after_two() -> None:
-        if t.step == 6:
-            raise KeyboardInterrupt
-        steps()
-
-    monkeypatch.setattr(t, "train_step", killed_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
+    _fit_until_interrupted(Trainer(make_cfg(**{**kw, "max_steps": 12}), resume=tmp_path / "r", verbose=False), 6,
+                           monkeypatch)
     train(make_cfg(**{**kw, "max_steps": 12}), resume=tmp_path / "r", verbose=False)
     rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     schedule_rows = [r for r in rows if r["kind"] == "lr_schedule"]
@@ -265,16 +270,7 @@ def test_a_resume_that_changes_the_batch_is_announced_once(make_cfg, tmp_path: P
     train(make_cfg(max_steps=3, **kw), verbose=False)
     t = Trainer(make_cfg(max_steps=8, grad_accum=2, **kw), resume=tmp_path / "r", verbose=True)
     assert "step 3: grad_accum 1 -> 2" in capsys.readouterr().out
-    steps = t.train_step
-
-    def killed_after_one() -> None:
-        if t.step == 4:
-            raise KeyboardInterrupt
-        steps()
-
-    monkeypatch.setattr(t, "train_step", killed_after_one)
-    with pytest.raises(KeyboardInterrupt):
-        t.fit()
+    _fit_until_interrupted(t, 4, monkeypatch)
     train(make_cfg(max_steps=8, grad_accum=2, **kw), resume=tmp_path / "r", verbose=False)
     rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["changes"]) for r in rows if r["kind"] == "resume_change"] == [(3, {"grad_accum": [1, 2]})]
