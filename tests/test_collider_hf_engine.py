@@ -389,8 +389,7 @@ def test_right_padding_gives_hfs_gradients_with_pads_never_targets() -> None:
     ids = torch.randint(0, 120, (2, 14), generator=g)
     mask = torch.ones(2, 14, dtype=torch.long)
     mask[1, 9:] = 0
-    labels = ids.clone()
-    labels[1, 9] = -100  # the last real token predicts nothing; padded queries would predict labels[1, 10:]
+    labels = ids.clone()  # pads' labels too: the last real token's target, a pad, is no target
     want = shift_labels(labels.masked_fill(mask == 0, -100)).flatten()
     F.cross_entropy(ref(ids, attention_mask=mask).logits.flatten(0, 1), want).backward()  # float64 (HF's: float32)
     model(ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()  # padded queries: no target
@@ -420,6 +419,27 @@ def test_generic_path_for_other_architectures_with_one_notice() -> None:
         model(ids, labels=ids)
     with pytest.raises(ValueError, match="GPT2"):
         apply(copy.deepcopy(ref), engine=True)
+
+
+def test_a_model_mixing_positions_outside_attention_is_refused() -> None:
+    """LFM2's short convolutions mix positions outside attention: the generic path would
+    drop the gradient they carry into dropped positions, so apply refuses it in one line
+    (a Llama, whose only mixer is attention, is taken)."""
+    from sparsetrain.collider.hf_generic import positions_mixed_outside_attention
+    from sparsetrain.collider.hf_linear import UnsupportedLayer
+
+    if not hasattr(transformers, "Lfm2Config"):
+        pytest.skip("this transformers has no LFM2")
+    cfg = transformers.Lfm2Config(vocab_size=120, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  layer_types=["conv", "full_attention"])
+    model = transformers.Lfm2ForCausalLM(cfg)
+    with pytest.raises(UnsupportedLayer, match=r"Lfm2ForCausalLM has conv layers") as e:
+        apply(model)
+    assert "\n" not in str(e.value) and "forward" not in model.__dict__  # refused before anything changed
+    mixer = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv1d(4, 4, 3, groups=4))  # no layer_types to go by
+    assert positions_mixed_outside_attention(mixer) == "Sequential mixes positions in 1 (Conv1d), outside attention"
+    assert positions_mixed_outside_attention(make_model("llama", fresh_seed())) is None
 
 
 def test_remove_and_eval_use_hfs_own_forward() -> None:

@@ -142,3 +142,36 @@ sys.stdin.read()  # wait to be killed, the queues full
     for p in survivors:  # a failure must not leave them running
         os.kill(p, signal.SIGKILL)
     assert not survivors, survivors
+
+
+def _marked_files(root: Path, n: int, newline: str = "\n") -> list[str]:
+    """``n`` files, file ``i`` holding the word ``fileNNN`` on every line."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = root / f"f{i:03d}.txt"
+        p.write_bytes(newline.join([f"file{i:03d} line {j}" for j in range(6)]).encode() + newline.encode())
+        paths.append(str(p))
+    return paths
+
+
+def test_text_source_reads_bytes_and_shards_files_by_rank(tmp_path: Path) -> None:
+    """On the fly, each process draws from its own files (``files[rank::world_size]``), as
+    the token cache gives each its own range, and reads them as bytes, as the cache does
+    (CRLF stays CRLF: the model trains on the newlines it is evaluated on)."""
+    from sparsetrain.loader import TextBatchSource
+    from sparsetrain.tokenizer import BPETokenizer
+
+    files = _marked_files(tmp_path / "docs", 8, newline="\r\n")
+    tok = BPETokenizer.train([Path(f).read_bytes().decode() for f in files], 300)
+    tok.save(tmp_path / "tok.json")
+    seen: dict[int, set[str]] = {}
+    for rank in (0, 1):
+        src = TextBatchSource(files=tuple(files), tokenizer_path=str(tmp_path / "tok.json"), batch_size=4, seq_len=64,
+                              seed=int(np.random.randint(1 << 30)), rank=rank, world_size=2)
+        text = "".join(tok.decode([t for t in row if t != tok.eot_id]) for s in range(6)
+                       for row in src.batch(tok, s, 0)[0].tolist())
+        assert "\r\n" in text
+        seen[rank] = {w for w in text.replace("\r", " ").replace("\n", " ").split() if len(w) == 7 and w.startswith("file")}
+    assert seen[0] and seen[1] and not seen[0] & seen[1], seen
+    assert seen[0] <= {f"file{i:03d}" for i in range(0, 8, 2)} and seen[1] <= {f"file{i:03d}" for i in range(1, 8, 2)}

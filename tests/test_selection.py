@@ -231,6 +231,52 @@ def test_threshold_selection() -> None:
     assert not select_threshold(s, float("-inf"))[s == float("-inf")].any()
 
 
+def test_threshold_selection_never_keeps_nothing() -> None:
+    """Where no valid score is above the threshold, the valid tokens of the highest
+    score are kept (all of a tied span), never an empty mask: the step would have
+    nothing to learn from."""
+    s = random_scores()
+    valid = s > float("-inf")
+    top = s[valid].max()
+    assert torch.equal(select_threshold(s, float(top) + 1.0), valid & (s == top))
+    ties = torch.tensor([[0.2, 0.2, 0.9, 0.9], [0.1, float("-inf"), 0.9, 0.3]])
+    assert select_threshold(ties, 0.9).tolist() == [[False, False, True, True], [False, False, True, False]]
+    assert not select_threshold(torch.full((2, 3), float("-inf")), 0.0).any()  # nothing valid: nothing kept
+
+
+@pytest.mark.parametrize("case", ["span ties", "one target", "easy batch"])
+def test_threshold_selector_keeps_a_token_where_the_threshold_passes_none(case: str) -> None:
+    """Three batches on which the threshold (adaptive or fixed) is at or above every
+    kept candidate: a span-scored batch at drop 0.9 (scores tie within spans), a batch
+    with one target (its own score is the first threshold), a fixed threshold above
+    every loss. Each keeps the highest-scored valid tokens."""
+    logits, targets = random_batch(B=2, T=16, V=40)
+    if case == "span ties":
+        sel = TokenSelector(score="collider", method="threshold", keep_ratio=0.1, target_sparsity=0.9, span=16)
+    elif case == "one target":
+        sel = TokenSelector(score="loss", method="threshold", target_sparsity=0.4)
+        targets = torch.full_like(targets, -100)
+        targets[1, 7] = 5
+    else:
+        sel = TokenSelector(score="loss", method="threshold", threshold=100.0)
+    mask, st = sel(logits, targets)
+    assert st.kept >= 1 and mask.sum() == st.kept and not mask[targets == -100].any()
+    if case == "one target":
+        assert mask[1, 7] and st.kept == 1
+    if case == "easy batch":
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=-100).view(targets.shape)
+        assert torch.equal(mask, nll == nll[targets != -100].max())
+
+
+def test_adaptive_threshold_warmup_starts_dense() -> None:
+    """With selection warmup the adaptive threshold's target sparsity starts at 0:
+    step 0 keeps every valid token, as the keep ratio in force (1.0) says."""
+    logits, targets = random_batch(B=4, T=16, V=40)
+    sel = TokenSelector(score="collider", method="threshold", keep_ratio=0.6, target_sparsity=0.4, warmup_steps=100)
+    mask, st = sel(logits, targets)
+    assert torch.equal(mask, targets != -100) and st.keep_ratio == 1.0
+
+
 def test_random_selection_exact_counts_and_uniform() -> None:
     valid = random_scores() > float("-inf")
     g = torch.Generator().manual_seed(fresh_seed())

@@ -492,11 +492,16 @@ def test_networks_drawing_random_numbers_resume_exactly(make_cfg, tmp_path: Path
         assert torch.equal(final_a[k], final_b[k]), k
 
 
-def test_evaluation_does_not_move_the_training_rngs(make_cfg, tmp_path: Path) -> None:
-    """mvue 2:4 patterns are drawn in evaluation too; an evaluation puts the RNGs back,
-    so the training losses are the same whatever the eval cadence."""
-    kw = dict(max_steps=5, ffn="relu2_24", activation_sparse_method="mvue", activation_dense_warmup_steps=1)
-    often = train(make_cfg(out_dir=str(tmp_path / "often"), eval_every=1, **kw), verbose=False)
+@pytest.mark.parametrize("code_samples", [0, 2])
+def test_evaluation_does_not_move_the_training_rngs(make_cfg, python_corpus: Path, tmp_path: Path,
+                                                    code_samples: int) -> None:
+    """mvue 2:4 patterns are drawn in evaluation too (the val loss, the sampled code
+    continuations); an evaluation puts the RNGs back, so the training losses are the
+    same whatever the eval cadence."""
+    kw = dict(max_steps=5, ffn="relu2_24", activation_sparse_method="mvue", activation_dense_warmup_steps=1,
+              data=str(python_corpus), val_fraction=0.2)
+    often = train(make_cfg(out_dir=str(tmp_path / "often"), eval_every=1, eval_code_samples=code_samples, **kw),
+                  verbose=False)
     never = train(make_cfg(out_dir=str(tmp_path / "never"), eval_every=0, **kw), verbose=False)
     assert len(often.val_losses) >= 5
     assert often.train_losses == never.train_losses

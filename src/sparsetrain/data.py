@@ -201,12 +201,15 @@ def check_filtered_split(root: str | Path, val_fraction: float) -> None:
     than it was filtered at: the files held out only at the larger one were train
     files to the filter, which may have left some out, so the held-out set would
     not be the source's. A smaller one is safe (its held-out files are among the
-    filter's, all kept)."""
+    filter's, all kept). The same for a built corpus (``corpus build``) and the
+    fraction it was built at: its duplicates and noise copy that fraction's train
+    files, which a larger one would partly hold out."""
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
         return
     try:
-        filtered = json.loads(path.read_text()).get("filtered") or {}
+        manifest = json.loads(path.read_text())
+        filtered = manifest.get("filtered") or {}
     except (OSError, ValueError, AttributeError):
         return  # not a manifest of ours; nothing to check
     at = filtered.get("val_fraction")
@@ -214,6 +217,12 @@ def check_filtered_split(root: str | Path, val_fraction: float) -> None:
         raise DataError(f"{root} was filtered at val_fraction {at}: training it at val_fraction {val_fraction} would "
                         f"hold out files the filter may have left out; use val_fraction <= {at}, or filter the "
                         f"source again with --val-fraction {val_fraction}")
+    built = manifest.get("val_fraction") if "source" in manifest else None  # corpus build's own record
+    if isinstance(built, (int, float)) and val_fraction > built:
+        raise DataError(f"{root} was built at val_fraction {built}: its duplicates and noise were made from the "
+                        f"files train at that fraction, so at val_fraction {val_fraction} some held-out files would "
+                        f"have copies in train; use val_fraction <= {built}, or build it again with "
+                        f"--val-fraction {val_fraction}")
 
 
 def load_corpus(
@@ -266,7 +275,8 @@ def load_corpus(
         tokenizer_path=folder / "tokenizer.json",
         description=f"{source}: {meta['n_train_tokens']:,} train / {meta['n_val_tokens']:,} val tokens",
         train_file=(str(folder / "train.bin"), dtype.name, 0),
-        train_text_files=tuple(str(root / n) for n in sorted(docs) if not is_val_file(n, val_fraction)),
+        # none where the split cut the text (the cut file's held-out tail would be read whole)
+        train_text_files=tuple(str(root / n) for n in train_document_names(docs, val_fraction)),
         text_root=str(root),
         train_doc_names=tuple(train_document_names(docs, val_fraction)),
     )

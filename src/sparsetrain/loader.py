@@ -79,13 +79,15 @@ class TextBatchSource:
 
     def batch(self, tokenizer, step: int, micro: int) -> tuple[np.ndarray, np.ndarray]:
         rows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
+        # each process its own files (every one of them where there are fewer files than processes)
+        files = self.files[self.rank :: self.world_size] if len(self.files) >= self.world_size else self.files
         for b in range(self.batch_size):
             rng = np.random.default_rng([self.seed, step, micro, self.rank, b])
             ids: list[int] = []
             while len(ids) < self.seq_len + 1:
-                path = self.files[int(rng.integers(len(self.files)))]
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    ids += tokenizer.encode(f.read()) + [tokenizer.eot_id]
+                path = files[int(rng.integers(len(files)))]
+                with open(path, "rb") as f:  # bytes, as the token cache reads them: CRLF stays CRLF
+                    ids += tokenizer.encode(f.read().decode("utf-8", errors="replace")) + [tokenizer.eot_id]
             start = int(rng.integers(0, len(ids) - self.seq_len))
             rows[b] = ids[start : start + self.seq_len + 1]
         return rows[:, :-1], rows[:, 1:]
@@ -285,7 +287,8 @@ def make_loader(corpus, batch_size: int, seq_len: int, seed: int, rank: int, wor
         if not corpus.train_text_files or corpus.tokenizer_path is None:
             from .errors import DataError
 
-            raise DataError("data_on_the_fly needs a text corpus (a folder of text files), not a .bin token file")
+            raise DataError("data_on_the_fly needs a text corpus split by file (a folder with files on both sides of "
+                            "val_fraction), not a .bin token file or a text whose held-out part is cut from its end")
         source = TextBatchSource(files=corpus.train_text_files, tokenizer_path=str(corpus.tokenizer_path),
                                  batch_size=batch_size, seq_len=seq_len, seed=seed, rank=rank, world_size=world_size)
     else:

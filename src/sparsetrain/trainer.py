@@ -693,7 +693,8 @@ class Trainer:
             model.to(self.device)
         elif not self.dist.is_main:
             return {}
-        with self.autocast():
+        # a 2:4 FFN's random patterns drawn while sampling leave the training's RNGs as they were
+        with self.autocast(), rng_untouched(self.device, module_generators({"model": model})):
             r = code_compile_rate(model, self.corpus.tokenizer, self.code_files, c.eval_code_samples, seed=c.seed)
         return {"code_compile_rate": r.rate, "code_compile_low": r.low, "code_compile_high": r.high}
 

@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from ..selection import IGNORE_INDEX, REFERENCE_SCORES, SelectionStats, TokenSelector, keep_every_position, shift_labels
 from .hf_engine import HFEngine, unsupported_reason
-from .hf_generic import GenericSwap, swap_in, swap_out
+from .hf_generic import GenericSwap, positions_mixed_outside_attention, swap_in, swap_out
 from .hf_linear import UnsupportedLayer
 from .loss import masked_cross_entropy
 
@@ -130,6 +130,10 @@ def apply(model: nn.Module, selector: TokenSelector | None = None, compile: bool
             warnings.warn(f"sparsetrain.collider.apply: {reason}; taking the generic path (exact, slower)",
                           ColliderGenericPathWarning, stacklevel=2)
     if eng is None:
+        mixed = positions_mixed_outside_attention(lm)
+        if mixed is not None:
+            raise UnsupportedLayer(f"collider.apply: {mixed}; Collider runs on models whose positions mix only "
+                                   "in attention (a dropped position's gradient would be lost there)")
         generic = swap_in(lm)
     state = _Applied(eng, generic, selector, lm.__dict__.get("forward"))
     setattr(lm, _STATE_ATTR, state)
@@ -253,10 +257,14 @@ def collider_targets(labels: torch.Tensor | None, shifted: torch.Tensor | None =
                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The aligned targets the training forward learns from: HF-style ``labels``
     (same positions as the inputs) shifted, or ``shifted`` as given (HF's
-    ``shift_labels``); none at padded positions (``attention_mask`` 0)."""
+    ``shift_labels``); none where the input or the token to predict is padded
+    (``attention_mask`` 0): a right-padded row's last real token predicts no pad."""
     targets = shifted if shifted is not None else shift_labels(labels, IGNORE_INDEX)
     if attention_mask is not None and attention_mask.dim() == 2:
-        targets = targets.masked_fill(attention_mask.to(targets.device) == 0, IGNORE_INDEX)
+        pad = attention_mask.to(targets.device) == 0
+        pad_next = torch.zeros_like(pad)
+        pad_next[:, :-1] = pad[:, 1:]  # target t is token t + 1
+        targets = targets.masked_fill(pad | pad_next, IGNORE_INDEX)
     return targets
 
 

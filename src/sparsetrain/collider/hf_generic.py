@@ -1,6 +1,8 @@
 """Collider's generic path for Hugging Face causal LMs: exact for any model
-built on the transformers attention registry, but not the engine's speed
-(:func:`sparsetrain.collider.apply` takes it when a layer has no block adapter).
+built on the transformers attention registry whose positions mix only in
+attention, but not the engine's speed (:func:`sparsetrain.collider.apply` takes
+it when a layer has no block adapter, and refuses a model with another token
+mixer: :func:`positions_mixed_outside_attention`).
 
 The same objective as the engine: the loss is the mean over kept tokens, and
 in every attention layer the keys and values of dropped positions are
@@ -196,6 +198,30 @@ def collider_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
             if t.requires_grad:
                 t.register_hook(_dropped_rows_zeroed(fwd))
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+# attention kinds of a config's ``layer_types`` that go through the attention registry
+_ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention", "attention"}
+# module names of sequence mixers that run outside it (state-space, linear-attention, recurrent)
+_MIXER_NAMES = ("mamba", "ssm", "deltanet", "linearattention", "rwkv", "retention", "shortconv", "hyena")
+
+
+def positions_mixed_outside_attention(model: nn.Module) -> str | None:
+    """Where ``model`` mixes positions other than through registered attention (a
+    convolution over the sequence, a state-space or linear-attention layer), in one
+    line; None when attention is its only token mixer. The generic path is exact only
+    then: it cuts dropped positions' gradients in attention and drops the dropped rows
+    of every linear layer's output gradient, which such a mixer fills."""
+    kinds = getattr(getattr(model, "config", None), "layer_types", None) or ()
+    other = sorted({str(k) for k in kinds if str(k) not in _ATTENTION_LAYER_TYPES})
+    if other:
+        return f"{type(model).__name__} has {', '.join(other)} layers (config.layer_types)"
+    for name, m in model.named_modules():
+        cls = type(m).__name__
+        # Conv1d: over the sequence (LFM2, Mamba); a vision tower's patch convolutions are 2-D or 3-D
+        if isinstance(m, nn.Conv1d) or any(k in cls.lower() for k in _MIXER_NAMES):
+            return f"{type(model).__name__} mixes positions in {name} ({cls}), outside attention"
+    return None
 
 
 @dataclass

@@ -103,8 +103,13 @@ def kept_indices(keep: torch.Tensor) -> torch.Tensor:
 
 
 def select_threshold(scores: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Keep tokens whose score is strictly above ``threshold``."""
-    return (scores > threshold) & _valid(scores)
+    """Keep tokens whose score is strictly above ``threshold``; where none is, the
+    valid tokens of the highest score (all of a tied span), so that a step always
+    learns from something (no host sync: the fallback is computed on the device)."""
+    valid = _valid(scores)
+    mask = (scores > threshold) & valid
+    top = scores.masked_fill(~valid, float("-inf")).amax()
+    return mask | (valid & (scores == top) & ~mask.any())
 
 
 def select_topk(scores: torch.Tensor, ratio: float, per_sequence: bool = False, n_valid: int | None = None) -> torch.Tensor:

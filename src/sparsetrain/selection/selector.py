@@ -215,7 +215,8 @@ class TokenSelector:
                 self.controller.target = 1.0 - warmup_keep_ratio(self.step_count, 1.0 - self.target_sparsity, self.warmup_steps)
                 if self.controller.threshold is None:
                     self.controller.update(scores)
-                threshold = self.controller.threshold
+                # nothing to drop (warmup's start): keep every token, not all but the lowest-scored
+                threshold = self.controller.threshold if self.controller.target > 0 else float("-inf")
             else:
                 threshold = self.threshold
         weights = None

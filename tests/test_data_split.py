@@ -1,0 +1,39 @@
+"""The train/val split as the loaders see it: a corpus cut in two is not read whole
+on the fly, and a built corpus is not loaded at a larger val_fraction than its own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsetrain.data import MANIFEST_NAME, load_corpus
+from sparsetrain.errors import DataError
+from sparsetrain.loader import make_loader
+
+
+def test_on_the_fly_refuses_a_corpus_whose_split_cut_the_text(tmp_path: Path) -> None:
+    """A single text file is split by cutting its end off for val: read whole on the fly,
+    the held-out tail would be trained on, so the loader refuses it in one line."""
+    (tmp_path / "one.txt").write_text("\n".join(f"line {i} of the only file" for i in range(400)))
+    corpus = load_corpus(str(tmp_path / "one.txt"), vocab_size=300, cache_dir=tmp_path / "cache")
+    assert corpus.train_text_files == ()
+    with pytest.raises(DataError, match="split by file") as e:
+        make_loader(corpus, 2, 16, 0, 0, 1, 0, 1, torch.device("cpu"), use_async=False, on_the_fly=True)
+    assert "\n" not in str(e.value)
+
+
+def test_a_built_corpus_at_a_larger_val_fraction_is_refused(tmp_path: Path) -> None:
+    """``corpus build`` records its val_fraction: its duplicates copy that fraction's train
+    files, so loading it with a larger one (files held out whose copies train) is refused;
+    the same or a smaller one loads."""
+    for i in range(40):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
+    (tmp_path / "c" / MANIFEST_NAME).write_text(json.dumps({"format": 1, "source": {"src": "x"}, "val_fraction": 0.1}))
+    with pytest.raises(DataError, match=r"built at val_fraction 0.1: .* use val_fraction <= 0.1"):
+        load_corpus(str(tmp_path / "c"), vocab_size=300, val_fraction=0.2, cache_dir=tmp_path / "cache")
+    for fraction in (0.1, 0.05):
+        assert load_corpus(str(tmp_path / "c"), vocab_size=300, val_fraction=fraction, cache_dir=tmp_path / "cache").val.size
