@@ -37,3 +37,29 @@ def test_a_built_corpus_at_a_larger_val_fraction_is_refused(tmp_path: Path) -> N
         load_corpus(str(tmp_path / "c"), vocab_size=300, val_fraction=0.2, cache_dir=tmp_path / "cache")
     for fraction in (0.1, 0.05):
         assert load_corpus(str(tmp_path / "c"), vocab_size=300, val_fraction=fraction, cache_dir=tmp_path / "cache").val.size
+
+
+@pytest.mark.parametrize("damage", ["truncated train.bin", "no meta.json"])
+def test_a_damaged_token_cache_is_built_again(tmp_path: Path, damage: str, capsys) -> None:
+    """A cache whose token file is shorter than its record (a crash before it reached the
+    disk), or whose record is missing, is built again with a one-line warning: the corpus
+    then equals a fresh build's, not a tenth of it."""
+    import numpy as np
+
+    for i in range(30):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 30)
+    fresh = load_corpus(str(tmp_path / "c"), vocab_size=300, cache_dir=tmp_path / "cache", verbose=False)
+    want_train, want_val = np.array(fresh.train), np.array(fresh.val)
+    (folder,) = (tmp_path / "cache").iterdir()
+    if damage == "truncated train.bin":
+        data = (folder / "train.bin").read_bytes()
+        (folder / "train.bin").write_bytes(data[: len(data) // 10])
+    else:
+        (folder / "meta.json").unlink()
+    capsys.readouterr()
+    again = load_corpus(str(tmp_path / "c"), vocab_size=300, cache_dir=tmp_path / "cache", verbose=False)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "damaged" in err and str(folder) in err, err
+    assert np.array_equal(np.array(again.train), want_train) and np.array_equal(np.array(again.val), want_val)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]  # nothing left beside it

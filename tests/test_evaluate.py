@@ -118,7 +118,9 @@ def test_loss_and_bits_per_byte_against_a_per_position_float64_computation(tmp_p
     assert result.n_bytes == file_bytes
     assert result.n_text_tokens == int((tokens[1:] != tok.eot_id).sum())
     assert result.loss == pytest.approx(float(np.mean(nats)), rel=1e-12)
-    assert result.bits_per_byte == pytest.approx(text_nats / (math.log(2) * file_bytes), rel=1e-12)
+    # every target's nats over the text's bytes, as the trainer's val_bpb (separators: nats, no bytes)
+    assert result.bits_per_byte == pytest.approx(sum(nats) / (math.log(2) * file_bytes), rel=1e-12)
+    assert text_nats < sum(nats)
 
 
 def test_val_split_is_the_cached_val_tokens(python_corpus: Path, tmp_path: Path) -> None:

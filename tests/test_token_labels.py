@@ -78,8 +78,8 @@ def test_labels_are_exact(built: Path, tmp_path: Path, monkeypatch: pytest.Monke
     docs = reference_documents(built)
     assert list(corpus.train_doc_names) == [rel for rel, _, _ in docs]
     assert {kind for _, _, kind in docs} == set(KINDS)
-    # the marked file (and its duplicate, if one was made) spells end-of-text: more of them than documents
-    assert (tokens == tok.eot_id).sum() > len(docs)
+    # the marked file (and its duplicate, if one was made) spells end-of-text, as text: one separator a document
+    assert any(EOT in text for _, text, _ in docs) and (tokens == tok.eot_id).sum() == len(docs)
     with monkeypatch.context() as m:  # the end-of-text scan: only the documents that spell the token are encoded
         m.setattr(tok, "encode_batch", lambda texts: pytest.fail("every document encoded again"))
         encoded: list[str] = []

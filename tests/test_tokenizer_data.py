@@ -43,6 +43,23 @@ def test_tokenizer_round_trip_any_text(tmp_path: Path) -> None:
     assert tok.vocab_size <= 400
 
 
+def test_end_of_text_spelled_in_a_document_is_text(tmp_path: Path) -> None:
+    """A document that spells ``<|endoftext|>`` (tokenizer code does) gets ordinary
+    tokens for it, not the separator: no document boundary where the text has none,
+    and bits per byte count its 13 bytes (byte_lengths gives the separator 0)."""
+    from sparsetrain.tokenizer import EOT
+
+    text = f'SEP = "{EOT}"\nprint(SEP)\n'
+    tok = BPETokenizer.train(["def f(x):\n    return x\n", text] * 5, vocab_size=300)
+    for t in (tok, BPETokenizer.load((tok.save(tmp_path / "t.json"), tmp_path / "t.json")[1])):
+        ids = t.encode(text)
+        assert t.eot_id not in ids and t.decode(ids) == text
+        lengths = t.byte_lengths()
+        assert sum(lengths[i] for i in ids) == len(text.encode()) and lengths[t.eot_id] == 0
+        assert t.encode_batch([text]) == [ids]
+        assert t.encode_offsets(text)[0] == ids
+
+
 def test_split_is_deterministic_and_order_independent() -> None:
     names = [f"lib/mod{i}.py" for i in range(500)]
     docs = {n: n.upper() for n in names}

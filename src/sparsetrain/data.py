@@ -35,10 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import fsync_dir, warn
 from .errors import DataError
 from .tokenizer import BPETokenizer
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: a document spelling <|endoftext|> is encoded as text, not as the separator
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
@@ -259,7 +260,11 @@ def load_corpus(
         source += f", tokenized with {tokenizer}"
     key = _corpus_key(docs, vocab_size, val_fraction, given)
     folder = Path(cache_dir or default_cache_dir()) / f"corpus-{key[:16]}"
-    if not (folder / "meta.json").is_file():
+    problem = _cache_problem(folder) if folder.exists() else "absent"
+    if problem not in (None, "absent"):  # a cache cut short (a crash before its files reached the disk)
+        warn(f"token cache {folder} is damaged ({problem}); building it again")
+        _move_aside(folder)
+    if problem is not None:
         if verbose:
             what = "token cache" if given is not None else "tokenizer and token cache"
             print(f"building {what} for {source} ({len(docs)} files) in {folder} ...", flush=True)
@@ -303,6 +308,45 @@ def _corpus_key(docs: dict[str, str], vocab_size: int, val_fraction: float, toke
     return h.hexdigest()
 
 
+def _cache_problem(folder: Path) -> str | None:
+    """Why the token cache in ``folder`` cannot be used, or None: its record
+    (``meta.json``), tokenizer and token files must all be there, each token file
+    as long as the record says."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        counts = {split: int(meta[f"n_{split}_tokens"]) for split in ("train", "val")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no readable meta.json"
+    if not (folder / "tokenizer.json").is_file():
+        return "no tokenizer.json"
+    for split, n in counts.items():
+        path = folder / f"{split}.bin"
+        size = path.stat().st_size if path.is_file() else None
+        if size != n * itemsize:
+            return f"{split}.bin holds {'no file' if size is None else f'{size:,} bytes'}, its record {n * itemsize:,}"
+    return None
+
+
+def _move_aside(folder: Path) -> None:
+    """Take a damaged cache folder out of the way (another process may have done it first)."""
+    aside = folder.with_name(f"{folder.name}.damaged-{os.getpid()}")
+    try:
+        os.replace(folder, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _durable(path: Path) -> None:
+    """Flush a written file to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _build_cache(folder: Path, docs: dict[str, str], vocab_size: int, val_fraction: float, source: str,
                  tokenizer: bytes | None = None) -> None:
     """Tokenize ``docs`` into ``folder``: with a BPE trained on the train split, or with
@@ -340,11 +384,16 @@ def _build_cache(folder: Path, docs: dict[str, str], vocab_size: int, val_fracti
             "n_val_tokens": counts["val"],
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        # on the disk before the rename: a crash then leaves no folder, or a whole one
+        for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):
+            _durable(tmp / name)
+        fsync_dir(tmp)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process finished first; theirs is identical
-            if not (folder / "meta.json").is_file():
+            if _cache_problem(folder) is not None:
                 raise
+        fsync_dir(folder.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

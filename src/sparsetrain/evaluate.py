@@ -124,7 +124,9 @@ def token_nats(model: CausalLM, tokens: np.ndarray, batch_size: int = 8) -> np.n
 def held_out_loss(model: CausalLM, tokens: np.ndarray, byte_lengths: np.ndarray | None,
                   batch_size: int = 8, source: str = "") -> HeldOutLoss:
     """Loss and bits per byte of ``model`` on the token stream ``tokens``
-    (``byte_lengths[id]``: bytes of each token id, 0 for separators; ``None``: no bits per byte)."""
+    (``byte_lengths[id]``: bytes of each token id, 0 for separators; ``None``: no bits per byte).
+    Bits per byte are every target's nats over the text's bytes, as the trainer's ``val_bpb``:
+    a separator has no bytes, but predicting where a document ends costs nats."""
     nats = token_nats(model, tokens, batch_size)
     targets = np.asarray(tokens[1:], dtype=np.int64)
     bpb, n_text, n_bytes = None, 0, 0
@@ -133,7 +135,7 @@ def held_out_loss(model: CausalLM, tokens: np.ndarray, byte_lengths: np.ndarray 
         text = nbytes > 0
         n_text, n_bytes = int(text.sum()), int(nbytes.sum())
         if n_bytes:
-            bpb = float(nats[text].sum() / (math.log(2) * n_bytes))
+            bpb = float(nats.sum() / (math.log(2) * n_bytes))
     return HeldOutLoss(float(nats.mean()), int(nats.size), bpb, n_text, n_bytes, source)
 
 

@@ -22,6 +22,9 @@ class BPETokenizer:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tok = tokenizer
+        # text that spells <|endoftext|> is text: documents are separated by the id
+        # (data.join_documents), never by a string inside one
+        tokenizer.encode_special_tokens = True
         eot = tokenizer.token_to_id(EOT)
         if eot is None:
             raise DataError(f"tokenizer has no {EOT} token")
