@@ -120,3 +120,31 @@ def test_real_process_exit_code_and_no_traceback(tmp_path: Path) -> None:
 def test_info_runs(capsys) -> None:
     code, out, _ = run_main(["info"], capsys)
     assert code == 0 and "torch" in out and "cuda_available" in out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "--ckpt", "RUN", "--seed", "99999999999999999999"], "--seed must be in [0, 9223372036854775808)"),
+    (["eval", "--ckpt", "RUN", "--seed", "-1"], "--seed must be in [0, 9223372036854775808)"),
+    (["grpo", "--ckpt", "RUN", "--seed", str(2**62 - 2), "--seeds", "3"], "--seed must be in [0, 4611686018427387902)"),
+    (["eval", "--ckpt", "RUN", "--device", "foo"], "device must be auto, cpu, cuda or cuda:N, got 'foo'"),
+    (["generate", "--ckpt", "RUN", "--prompt", "def \udcff"], "--prompt is not UTF-8 text"),
+])
+def test_sampling_commands_refuse_bad_seeds_devices_and_prompts(argv: list[str], needle: str, capsys) -> None:
+    """Seeds outside what the generators take, an unknown device and a prompt of bytes that
+    are not UTF-8 ended in tracebacks (or, for the device, in a line blaming the checkpoint):
+    one line each now, before any checkpoint is read (RUN does not exist)."""
+    code, _, err = run_main(argv, capsys)
+    assert_one_line_error(code, err, needle)
+
+
+@pytest.mark.parametrize("flags, needle", [(["--out-dir", "elsewhere"], "--out-dir elsewhere with --resume"),
+                                           (["--preset", "d20", "--dry-run"], "--preset d20 with --resume")])
+def test_resume_refuses_a_new_folder_or_preset(flags: list[str], needle: str, tmp_path: Path, capsys) -> None:
+    """--resume trained into the run's folder whatever --out-dir said, and recorded a
+    --preset that did not change the model: both refused in one line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('[model]\npreset = "tiny"\n')
+    code, _, err = run_main(["train", "--resume", str(run), *flags], capsys)
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "elsewhere").exists()

@@ -74,6 +74,7 @@ def test_bad_files_name_the_problem(tmp_path: Path, toml: str, message: str) -> 
         ({"d_model": 30, "n_head": 4}, "must be divisible"),
         ({"ffn": "gelu"}, "model.ffn must be one of"),
         ({"vocab_size": 100}, "vocab_size must be >= 257"),
+        ({"vocab_size": 99999999999}, "vocab_size must be <= 16777216, got 99999999999"),
         ({"val_fraction": 0.7}, "val_fraction must be in"),
         ({"device": "tpu"}, "run.device must be"),
         ({"mtp_n_tokens": 5}, "mtp_n_tokens must be 2, 3 or 4"),

@@ -251,6 +251,14 @@ def test_a_scorer_run_filters_as_its_sidecar_does(noisy, tmp_path, capsys) -> No
     for k, v in flags.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     assert main(argv) == 0
+    before = (run / "ckpt.pt").read_bytes()
+    for clash, needle in ((run / "ckpt.pt", "is a file of the run"), (run, "is a run folder")):  # the run's own files
+        clashing = list(argv)
+        clashing[clashing.index("--out") + 1] = str(clash)
+        assert main(clashing) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
+    assert (run / "ckpt.pt").read_bytes() == before
     assert main(["corpus", "filter", "--corpus", str(folder), "--tokenizer", str(run / "tokenizer.json"),
                  "--reference-losses", str(tmp_path / "s.f16"), "--drop", str(drop), "--out", str(tmp_path / "b"),
                  "--val-fraction", str(VAL)]) == 0

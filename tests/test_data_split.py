@@ -63,3 +63,9 @@ def test_a_damaged_token_cache_is_built_again(tmp_path: Path, damage: str, capsy
     assert err.count("\n") == 1 and "damaged" in err and str(folder) in err, err
     assert np.array_equal(np.array(again.train), want_train) and np.array_equal(np.array(again.val), want_val)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]  # nothing left beside it
+
+
+def test_an_empty_token_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(DataError, match="no tokens in .*empty.bin: the corpus is empty"):
+        load_corpus(str(tmp_path / "empty.bin"), vocab_size=300)

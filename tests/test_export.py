@@ -384,6 +384,12 @@ def test_export_cli_trained_run_all_formats(make_cfg, tmp_path: Path, capsys) ->
     code, _, err = run_cli(args, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--force" in err
     assert run_cli(args + ["--force"], capsys)[0] == 0
+    # not even --force writes over the run it exports from
+    before = {p.name: p.read_bytes() for p in Path(run).iterdir() if p.is_file()}
+    for fmt, out, needle in (("gguf", Path(run) / "ckpt.pt", "is a file of the run"), ("hf", Path(run), "is a run folder")):
+        code, _, err = run_cli(["export", "--ckpt", str(run), "--format", fmt, "--out", str(out), "--force"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert {p.name: p.read_bytes() for p in Path(run).iterdir() if p.is_file()} == before
 
 
 @pytest.mark.parametrize(

@@ -93,3 +93,12 @@ def test_fire_on_resnet_bk_is_refused_in_one_line(make_cfg, tmp_path: Path, caps
     assert main(["fire", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "fired")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "model.arch = resnet_bk" in err[0] and not (tmp_path / "fired").exists(), err
+
+
+@pytest.mark.parametrize("tol", ["nan", "inf", "0"])
+def test_fire_refuses_a_tolerance_that_is_not_a_positive_number(tol: str, tmp_path: Path, capsys) -> None:
+    """nan passed a ``<= 0`` check and made every layer take the SVD fallback; inf left the
+    weights unorthogonalised: both refused in one line before anything is read."""
+    assert main(["fire", "--ckpt", str(tmp_path / "none"), "--out", str(tmp_path / "fired"), "--tol", tol]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "--tol must be a finite number > 0" in err[0] and tol in err[0], err

@@ -95,6 +95,23 @@ def rng_untouched(device: torch.device, generators: dict[str, torch.Generator]) 
         restore_rng_state(state, device, generators)
 
 
+RUN_FILES = (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, CHECKSUMS_NAME, "config.toml", "metrics.jsonl",
+             "tokenizer.json", "loss.png")  # what a run folder holds (and its sharded checkpoints' folder)
+
+
+def refuse_overwriting_a_run(out: str | Path, flag: str = "--out") -> None:
+    """Refuse an output path that is a run folder or one of a run folder's own files (a
+    folder holding ``config.toml``): writing there would destroy the run's checkpoint or
+    record. Another name inside a run folder (a sidecar beside its checkpoint) is fine."""
+    p = Path(out)
+    if p.is_dir() and (p / "config.toml").is_file():
+        raise CheckpointError(f"{flag} {out} is a run folder: writing there would replace the run's files; "
+                              "give a path outside it or a new name in it")
+    if (p.parent / "config.toml").is_file() and (p.name in RUN_FILES or p.name == "ckpt_sharded"):  # sharded_checkpoint.SHARDED_DIR
+        raise CheckpointError(f"{flag} {out} is a file of the run in {p.parent}: writing it would destroy the "
+                              "run's own; give another name")
+
+
 def warn(message: str) -> None:
     """One warning line on stderr (the CLI's format)."""
     sys.stderr.write(f"sparsetrain: warning: {message}\n")

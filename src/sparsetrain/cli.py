@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -340,6 +341,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (run / "config.toml").is_file():
             raise SparsetrainError(f"cannot resume {args.resume}: no config.toml there (is it a sparsetrain run directory?)")
         base = read_toml(run / "config.toml")
+        if overrides.get("out_dir") not in (None, str(run)):  # a resumed run stays in its own folder
+            raise SparsetrainError(f"--out-dir {overrides['out_dir']} with --resume {args.resume}: a resumed run "
+                                   "writes into its own folder (--init-from starts a new run elsewhere)")
+        if overrides.get("preset") is not None:  # the run's config holds its model; a preset would only rename it
+            raise SparsetrainError(f"--preset {overrides['preset']} with --resume {args.resume}: a resumed run keeps "
+                                   "its model and settings (--init-from starts a new run from its weights)")
         overrides["out_dir"] = str(run)
     cfg = build_config(overrides.pop("preset", None), args.config, overrides, base=base)
     if args.dry_run:
@@ -404,8 +411,12 @@ def _write_run_losses(ckpt: str | Path, corpus: Any, out: str | Path, batch_size
     """The sidecar of the run at ``ckpt`` (its newest weights)'s loss of every train token of ``corpus``, with the
     run's training seconds in its header; what ``reference-losses`` and ``corpus filter --scorer`` write. A run of
     another vocabulary or tokenizer than the corpus's is refused, named by its ``role``."""
-    from .checkpoint import CKPT_NAME, refuse_other_tokenizer
+    from .checkpoint import CKPT_NAME, refuse_other_tokenizer, refuse_overwriting_a_run
     from .generate import load_model, run_directory
+
+    refuse_overwriting_a_run(out)
+    if not str(out) or Path(out).is_dir():
+        raise SparsetrainError(f"--out {str(out)!r} is {'a folder' if str(out) else 'empty'}; give the sidecar's file path")
     from .plotting import read_metrics
     from .reference_losses import compute_reference_losses, header_path
     from .trainer import autocast_dtype
@@ -425,6 +436,12 @@ def _write_run_losses(ckpt: str | Path, corpus: Any, out: str | Path, batch_size
     return out
 
 
+def _check_seed(seed: int, end: int = 2**63, flag: str = "--seed") -> None:
+    """Refuse a seed torch's and numpy's generators cannot take (``[0, end)``), in one line."""
+    if not 0 <= seed < end:
+        raise SparsetrainError(f"{flag} must be in [0, {end}), got {seed}")
+
+
 def _check_device(device: str, name: str = "device") -> None:
     """Refuse a device name the commands cannot place a model on, in one line naming it."""
     if not _valid_device(device):
@@ -438,6 +455,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k)  # before the model loads
     _check_device(args.device)
+    _check_seed(args.seed)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 (surrogate escapes)
+        raise SparsetrainError("--prompt is not UTF-8 text") from None
     device = str(resolve_device(args.device))
     print(generate_text(args.ckpt, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, device))
     return 0
@@ -489,8 +511,8 @@ def cmd_fire(args: argparse.Namespace) -> int:
     from .generate import model_from_tensors
     from .sharded_checkpoint import load_training_state
 
-    if args.tol <= 0 or args.max_iters < 1:
-        raise SparsetrainError(f"--tol must be > 0 and --max-iters >= 1, got {args.tol} and {args.max_iters}")
+    if not (math.isfinite(args.tol) and args.tol > 0) or args.max_iters < 1:  # nan passes "<= 0"
+        raise SparsetrainError(f"--tol must be a finite number > 0 and --max-iters >= 1, got {args.tol} and {args.max_iters}")
     state, folder = load_training_state(args.ckpt)  # an FSDP run's sharded checkpoint consolidated
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -529,6 +551,8 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     for name in ("seeds", "max_size", "experience_lines"):  # the rest is checked where it is used, by its name
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SparsetrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    # seed s samples from streams 2 s and 2 s + 1: every seed of the run below 2**62
+    _check_seed(args.seed, 2**62 - args.seeds + 1)
     settings = GRPOSettings(args.rounds, args.train_prompts, args.test_prompts, args.group_size, args.context_items)
     settings.validate()  # before the model loads
     check_sampling(args.max_new_tokens, args.temperature, args.top_k)
@@ -604,6 +628,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name in ("max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise SparsetrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _check_seed(args.seed)
+    _check_device(args.device)
+    from .trainer import resolve_device
+
+    resolve_device(args.device)  # cuda on a machine without it: one line, before the model loads
     report = evaluate_run(args.ckpt, data=args.data, samples=args.samples, max_new_tokens=args.max_new_tokens,
                           max_tokens=args.max_tokens, batch_size=args.batch_size, temperature=args.temperature,
                           top_k=args.top_k, seed=args.seed, device=args.device)

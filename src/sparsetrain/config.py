@@ -130,6 +130,8 @@ class ModelConfig:
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
             _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
         _require(self.vocab_size >= 257, f"model.vocab_size must be >= 257 (256 bytes + end-of-text), got {self.vocab_size}")
+        # a uint32 token file's ids, and far past any tokenizer's (the BPE trainer aborts the process on huge ones)
+        _require(self.vocab_size <= 2**24, f"model.vocab_size must be <= {2**24}, got {self.vocab_size}")
         _require(self.ffn in FFN_KINDS, f"model.ffn must be one of {', '.join(FFN_KINDS)}, got {self.ffn!r}")
         _require(self.ffn_hidden >= 0, f"model.ffn_hidden must be >= 0, got {self.ffn_hidden}")
         _require(self.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")

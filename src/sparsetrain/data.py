@@ -404,6 +404,8 @@ def _load_bin(path: str, vocab_size: int, val_fraction: float, token_dtype: str,
     if not p.is_file():
         raise DataError(f"data path does not exist: {path}")
     dtype = np.dtype(token_dtype)
+    if p.stat().st_size == 0:  # np.memmap cannot map an empty file
+        raise DataError(f"no tokens in {path}: the corpus is empty")
     if p.stat().st_size % dtype.itemsize:
         raise DataError(f"{path} has {p.stat().st_size} bytes, not a whole number of {token_dtype} tokens")
     tokens = np.memmap(p, dtype=dtype, mode="r")

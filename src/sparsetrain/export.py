@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .checkpoint import refuse_overwriting_a_run
 from .errors import ConfigError, SparsetrainError
 from .generate import load_model, run_directory
 from .build import build_model
@@ -163,6 +164,7 @@ def _import(module: str):
 
 
 def _check_output(out: Path, want_dir: bool, force: bool) -> None:
+    refuse_overwriting_a_run(out)  # even with --force: the run is what the export is made from
     if want_dir and out.exists() and not out.is_dir():
         raise SparsetrainError(f"--out {out} is a file; the hf format writes a folder")
     if not want_dir and out.is_dir():
