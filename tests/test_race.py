@@ -460,7 +460,11 @@ def test_merge_refuses_other_races_with_one_line(make_cfg, tmp_path: Path, capsy
              (bad(lambda r: r["settings"].update(seconds=50.0)), "gives every run 50.0 s"),
              (bad(lambda r: r["settings"]["base_config"]["training"].update(lr=1.0)), "lr="),
              (files[0], "seed 1 is in both"),
-             (tmp_path / "missing.json", "does not exist")]
+             (tmp_path / "missing.json", "does not exist"),
+             # reports of another shape: tracebacks before
+             (bad(lambda r: r["settings"].pop("seeds")), "not all well-formed race reports"),
+             (bad(lambda r: r.update(arms=1)), "not all well-formed race reports"),
+             (bad(lambda r: [a.update(runs=[]) for a in r["arms"].values()]), "not all well-formed race reports")]
     for path, msg in cases:
         code = main(["race-merge", str(files[0]), str(path), "--out-dir", str(tmp_path / "x")])
         err = capsys.readouterr().err
@@ -773,3 +777,37 @@ def test_report_adds_the_one_time_cost_to_the_time_to_target(make_cfg, tmp_path:
                 assert t["with_one_time"] == pytest.approx(t["with_startup"] + add)
     table = format_table(report)
     assert "one-time s" in table and f"{cost:.1f}" in table
+
+
+@pytest.mark.parametrize("spec, config, needle", [
+    ("{bad", "", "holds an unreadable race_spec.json"),
+    ("[1, 2]", "", "holds an unreadable race_spec.json"),
+    ('{"seconds": 1}', "", "holds an unreadable race_spec.json"),
+    ("", '[run]\nseed = "abc"\n', "run.seed must be an integer, got 'abc'"),
+    ("", "run = 5\n", "is not a table"),
+])
+def test_race_refuses_a_damaged_folder_or_config_in_one_line(spec: str, config: str, needle: str, tmp_path: Path,
+                                                              capsys) -> None:
+    out = tmp_path / "race"
+    out.mkdir()
+    if spec:
+        (out / "race_spec.json").write_text(spec)
+    argv = ["race", "--dry-run", "--preset", "tiny", "--seconds", "1", "--out-dir", str(out), "--arm", "a:"]
+    if config:
+        (tmp_path / "c.toml").write_text(config)
+        argv += ["--config", str(tmp_path / "c.toml")]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("arm, needle", [("b:preset=d20", "keeps the race's --preset"),
+                                         ("b:data=/nonexistent/corpus", "arm b: data /nonexistent/corpus does not exist")])
+def test_race_refuses_an_arm_preset_and_a_missing_path_before_any_run(arm: str, needle: str, tmp_path: Path,
+                                                                        capsys) -> None:
+    """An arm's preset was dropped in favour of the race's (the plan said 'the same config');
+    a later arm's missing data was found only after the earlier arms had run their budgets."""
+    code = main(["race", "--dry-run", "--preset", "tiny", "--seconds", "1", "--out-dir", str(tmp_path / "r"),
+                 "--arm", "a:", "--arm", arm])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err

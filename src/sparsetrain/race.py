@@ -90,6 +90,9 @@ def parse_arm(spec: str) -> Arm:
         key = key.strip().replace("-", "_")
         if key in ("out_dir", "seed"):
             raise ConfigError(f"--arm {spec!r}: the race sets {key} itself")
+        if key == "preset":  # build_config takes the race's preset over it
+            raise ConfigError(f"--arm {spec!r}: an arm keeps the race's --preset; set the fields it changes "
+                              "(n_layer=..., d_model=...) instead")
         if key == "drop_ratio":
             overrides.update(use_collider="true", collider_sparsity=value.strip())
         else:
@@ -160,14 +163,26 @@ def arm_configs(arms: list[Arm], seconds: float, seeds: list[int], out_dir: Path
                 out[arm.name][seed] = build_config(preset, config_file, overrides)
             except ConfigError as e:
                 raise ConfigError(f"arm {arm.name}: {e}") from None
+        # the files an arm reads, found before the first arm runs (not after the earlier arms' budgets)
+        for cfg in out[arm.name].values():
+            for name in ("data", "tokenizer", "init_from", "reference_losses", "reference_ckpt"):
+                path = getattr(cfg, name)
+                if path and not Path(path).exists():
+                    raise ConfigError(f"arm {arm.name}: {name} {path} does not exist")
     return out
 
 
 def _base_seed(preset: str | None, config_file: str | None) -> int:
     """The seed the base config sets (config file over preset over the default)."""
     for layer in ((read_toml(config_file) if config_file else {}), (preset_dict(preset) if preset else {})):
-        if "seed" in layer.get("run", {}):
-            return int(layer["run"]["seed"])
+        run = layer.get("run", {})
+        if not isinstance(run, dict):
+            raise ConfigError(f"[run] of {config_file or preset} is not a table")
+        if "seed" in run:
+            seed = run["seed"]
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise ConfigError(f"run.seed must be an integer, got {seed!r}")
+            return seed
     return TrainConfig().seed
 
 
@@ -188,7 +203,12 @@ def _check_spec(out_dir: Path, spec: dict) -> None:
     """A race folder holds one race: refuse to mix settings into it (reads only)."""
     path = out_dir / SPEC_NAME
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+            if not isinstance(old, dict) or not isinstance(old.get("configs"), dict):
+                raise ValueError("no configs")
+        except (ValueError, UnicodeDecodeError):
+            raise ConfigError(f"race folder {out_dir} holds an unreadable {SPEC_NAME}; pick another --out-dir") from None
         for key in ("seconds", "seeds", "arms"):
             if old.get(key) != spec[key]:
                 raise ConfigError(f"race folder {out_dir} holds a race with other {key} "
@@ -711,9 +731,14 @@ def write_merged(files: list[str], out_dir: str | Path, verbose: bool = True, ar
             raise ConfigError(f"race report {f} is not JSON ({e})") from None
         if not isinstance(reports[-1], dict) or "arms" not in reports[-1] or "settings" not in reports[-1]:
             raise ConfigError(f"{f} is not a race report (no arms and settings)")
+    try:
+        merged = merge_reports(reports, [str(f) for f in files], arms)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # a report of another shape
+        raise ConfigError(f"the race reports {', '.join(map(str, files))} are not all well-formed race reports "
+                          f"({type(e).__name__}: {e})") from None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return write_report(merge_reports(reports, [str(f) for f in files], arms), out, verbose)
+    return write_report(merged, out, verbose)
 
 
 def write_report(report: dict, out: Path, verbose: bool = True) -> dict:
