@@ -69,3 +69,11 @@ def test_an_empty_token_file_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty.bin").write_bytes(b"")
     with pytest.raises(DataError, match="no tokens in .*empty.bin: the corpus is empty"):
         load_corpus(str(tmp_path / "empty.bin"), vocab_size=300)
+
+
+def test_the_run_files_refused_as_outputs_name_the_sharded_folder() -> None:
+    """checkpoint.RUN_FILES spells the sharded checkpoints' folder (it cannot import it)."""
+    from sparsetrain.checkpoint import RUN_FILES
+    from sparsetrain.sharded_checkpoint import SHARDED_DIR
+
+    assert SHARDED_DIR in RUN_FILES

@@ -95,8 +95,9 @@ def rng_untouched(device: torch.device, generators: dict[str, torch.Generator]) 
         restore_rng_state(state, device, generators)
 
 
+# what a run folder holds, its sharded checkpoints' folder (sharded_checkpoint.SHARDED_DIR) included
 RUN_FILES = (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, CHECKSUMS_NAME, "config.toml", "metrics.jsonl",
-             "tokenizer.json", "loss.png")  # what a run folder holds (and its sharded checkpoints' folder)
+             "tokenizer.json", "loss.png", "ckpt_sharded")
 
 
 def refuse_overwriting_a_run(out: str | Path, flag: str = "--out") -> None:
@@ -107,7 +108,7 @@ def refuse_overwriting_a_run(out: str | Path, flag: str = "--out") -> None:
     if p.is_dir() and (p / "config.toml").is_file():
         raise CheckpointError(f"{flag} {out} is a run folder: writing there would replace the run's files; "
                               "give a path outside it or a new name in it")
-    if (p.parent / "config.toml").is_file() and (p.name in RUN_FILES or p.name == "ckpt_sharded"):  # sharded_checkpoint.SHARDED_DIR
+    if (p.parent / "config.toml").is_file() and p.name in RUN_FILES:
         raise CheckpointError(f"{flag} {out} is a file of the run in {p.parent}: writing it would destroy the "
                               "run's own; give another name")
 
@@ -134,6 +135,15 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         n = os.write(fd, view[:WRITE_CHUNK])
         view = view[n:]
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file written without :func:`write_all` (``np.ndarray.tofile``, say) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(folder: str | Path) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import fsync_dir, warn
+from .checkpoint import fsync_dir, fsync_file, warn
 from .errors import DataError
 from .tokenizer import BPETokenizer
 
@@ -260,11 +260,11 @@ def load_corpus(
         source += f", tokenized with {tokenizer}"
     key = _corpus_key(docs, vocab_size, val_fraction, given)
     folder = Path(cache_dir or default_cache_dir()) / f"corpus-{key[:16]}"
-    problem = _cache_problem(folder) if folder.exists() else "absent"
-    if problem not in (None, "absent"):  # a cache cut short (a crash before its files reached the disk)
+    problem = _cache_problem(folder) if folder.exists() else None
+    if problem is not None:  # a cache cut short (a crash before its files reached the disk)
         warn(f"token cache {folder} is damaged ({problem}); building it again")
         _move_aside(folder)
-    if problem is not None:
+    if not folder.exists():
         if verbose:
             what = "token cache" if given is not None else "tokenizer and token cache"
             print(f"building {what} for {source} ({len(docs)} files) in {folder} ...", flush=True)
@@ -338,15 +338,6 @@ def _move_aside(folder: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _durable(path: Path) -> None:
-    """Flush a written file to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _build_cache(folder: Path, docs: dict[str, str], vocab_size: int, val_fraction: float, source: str,
                  tokenizer: bytes | None = None) -> None:
     """Tokenize ``docs`` into ``folder``: with a BPE trained on the train split, or with
@@ -386,7 +377,7 @@ def _build_cache(folder: Path, docs: dict[str, str], vocab_size: int, val_fracti
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         # on the disk before the rename: a crash then leaves no folder, or a whole one
         for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):
-            _durable(tmp / name)
+            fsync_file(tmp / name)
         fsync_dir(tmp)
         try:
             os.replace(tmp, folder)

@@ -847,15 +847,13 @@ class Trainer:
         params = list({id(p): p for p in [*self.train_module.parameters(),
                                           *(q for g in self.optimizer.param_groups for q in g["params"])]}.values())
         grads = [p.grad for p in params]
-        generators = [(g, g.get_state()) for m in self.train_module.modules() for g in vars(m).values()
-                      if isinstance(g, torch.Generator)]
         ffns = [(m.track_stats, m.last_stats, m.last_backend) for m in self.sparse_ffns]
         host_rngs = np.random.get_state(), random.getstate()
         # DDP: gradients kept local (no collective). FSDP reduces as usual: its no-sync mode would
         # keep the unsharded gradients and add them to the next step's
         local = contextlib.nullcontext() if self.sharded else P.no_sync(self._grad_sync_module)
         try:
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), local:
+            with rng_untouched(self.device, module_generators({"train": self.train_module})), local:
                 for r in ratios:
                     for p in params:
                         p.grad = None
@@ -867,8 +865,6 @@ class Trainer:
         finally:
             for p, g in zip(params, grads):
                 p.grad = g
-            for g, state in generators:
-                g.set_state(state)
             for m, (track, stats, backend) in zip(self.sparse_ffns, ffns):
                 m.track_stats, m.last_stats, m.last_backend = track, stats, backend
             np.random.set_state(host_rngs[0])
