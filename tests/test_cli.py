@@ -148,3 +148,32 @@ def test_resume_refuses_a_new_folder_or_preset(flags: list[str], needle: str, tm
     code, _, err = run_main(["train", "--resume", str(run), *flags], capsys)
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_batch_too_large_for_memory_is_one_line(corpus_dir: Path, cache_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import torch
+
+    import sparsetrain.trainer
+
+    common = [*SMALL, "--data", str(corpus_dir), "--cache-dir", str(cache_dir), "--max-steps", "1"]
+    code, _, err = run_main(["train", *common, "--out-dir", str(tmp_path / "a"), "--batch-size", str(10**12)], capsys)
+    assert_one_line_error(code, err, f"--batch-size {10**12} with --seq-len 32", "do not fit in memory")
+    assert "Traceback" not in err
+
+    # the step itself (the model's activations on the device) runs out of memory
+    def out_of_memory(cfg, resume=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+                                     "79.19 GiB of which 1.2 GiB is free.\nIncluding non-PyTorch memory ...")
+
+    monkeypatch.setattr(sparsetrain.trainer, "train", out_of_memory)
+    code, _, err = run_main(["train", *common, "--out-dir", str(tmp_path / "b"), "--batch-size", "4096"], capsys)
+    assert_one_line_error(code, err, "--batch-size 4096 with --seq-len 32", "a training step does not fit in memory",
+                          "20.00 GiB")
+
+    def unrelated(cfg, resume=None):
+        raise RuntimeError("expected all tensors to be on the same device")
+
+    monkeypatch.setattr(sparsetrain.trainer, "train", unrelated)
+    with pytest.raises(RuntimeError, match="same device"):  # not taken for a memory error
+        main(["train", *common, "--out-dir", str(tmp_path / "c")])

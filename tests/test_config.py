@@ -109,3 +109,67 @@ def test_docs_config_reference_is_current() -> None:
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert doc.read_text() == reference_markdown(), "regenerate docs/config.md (command at its top)"
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ('[model]\nd_model = "128"\n', 'model.d_model must be an integer, got "128" (a string)'),
+        ("[model]\nn_layer = true\n", "model.n_layer must be an integer, got true (a boolean)"),
+        ("[training]\nbatch_size = 16.0\n", "training.batch_size must be an integer, got 16.0 (a float)"),
+        ('[training]\nlr = "0.01"\n', 'training.lr must be a number, got "0.01" (a string)'),
+        ("[training]\nlr = false\n", "training.lr must be a number, got false (a boolean)"),
+        ('[training]\nuse_mtp = "true"\n', 'training.use_mtp must be true or false, got "true" (a string)'),
+        ("[training]\nuse_mtp = 1\n", "training.use_mtp must be true or false, got 1 (an integer)"),
+        ("[data]\ndata = 5\n", "data.data must be a string, got 5 (an integer)"),
+        ("[run]\ndevice = 0.5\n", "run.device must be a string, got 0.5 (a float)"),
+        ('[run]\ndevice = ["cpu"]\n', "run.device must be a string, got ['cpu'] (an array)"),
+        ("[kernels]\nfused_cross_entropy = 0\n", "kernels.fused_cross_entropy must be true or false, got 0 (an integer)"),
+    ],
+)
+def test_toml_values_of_the_wrong_type_are_refused(tmp_path: Path, toml: str, message: str, capsys) -> None:
+    """A TOML value is taken as written: no string is read as a number or a switch, no number as text."""
+    from sparsetrain.cli import main
+
+    f = tmp_path / "typed.toml"
+    f.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        build_config("tiny", f)
+    assert message in str(e.value) and str(f) in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert main(["train", "--dry-run", "--config", str(f)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+
+
+def test_toml_ints_are_numbers_and_flags_keep_their_types(tmp_path: Path, capsys) -> None:
+    from sparsetrain.cli import main
+
+    f = tmp_path / "ok.toml"
+    f.write_text("[model]\nrope_theta = 10000\n[training]\nlr = 1\nmax_seconds = 0\n")
+    cfg = build_config("tiny", f)
+    assert (cfg.model.rope_theta, cfg.lr, cfg.max_seconds) == (10000.0, 1.0, 0.0)
+    assert all(type(v) is float for v in (cfg.model.rope_theta, cfg.lr, cfg.max_seconds))
+    # flags: argparse has typed them; the file's values under them
+    assert main(["train", "--dry-run", "--config", str(f), "--d-model", "64", "--n-head", "2", "--lr", "0.01",
+                 "--use-mtp", "--no-fused-cross-entropy", "--data", "corpus/", "--max-seconds", "5"]) == 0
+    printed = tomllib.loads(capsys.readouterr().out)
+    assert (printed["model"]["d_model"], printed["model"]["n_head"], printed["training"]["lr"]) == (64, 2, 0.01)
+    assert (printed["training"]["use_mtp"], printed["kernels"]["fused_cross_entropy"]) == (True, False)
+    assert (printed["data"]["data"], printed["training"]["max_seconds"]) == ("corpus/", 5.0)
+    # race arms (KEY=VALUE) hand their values over as text: overrides still parse them
+    cfg = build_config("tiny", overrides={"n_layer": "2", "lr": "0.01", "use_mtp": "false", "seed": "3"})
+    assert (cfg.model.n_layer, cfg.lr, cfg.use_mtp, cfg.seed) == (2, 0.01, False, 3)
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_loads_as_a_preset_and_as_a_config_file(name: str, capsys) -> None:
+    from importlib import resources
+
+    from sparsetrain.cli import main
+
+    cfg = build_config(name)
+    assert cfg.preset == name
+    path = Path(str(resources.files("sparsetrain") / "presets" / f"{name}.toml"))
+    assert build_config(name, path) == cfg  # every value in it of its field's type
+    assert main(["train", "--dry-run", "--preset", name, "--config", str(path)]) == 0
+    assert tomllib.loads(capsys.readouterr().out) == cfg.to_dict()

@@ -539,3 +539,38 @@ def test_disjoint_from_needs_a_built_corpus(source: Path, tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--disjoint-from" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_empty_paths_are_refused_not_read_as_the_current_folder(source: Path, tmp_path: Path, monkeypatch,
+                                                                  capsys) -> None:
+    """``--src ''`` would copy the folder the command runs in, ``--out ''`` write into it."""
+    here = tmp_path / "here"
+    shutil.copytree(source, here)  # text files that a build would copy
+    monkeypatch.chdir(here)
+    before = _tree(here)
+    for argv, flag in [(["corpus", "build", "--src", "", "--out", str(tmp_path / "d"), "--val-fraction", "0.1"], "--src"),
+                       (["corpus", "build", "--src", str(source), "--out", "", "--val-fraction", "0.1"], "--out")]:
+        assert _exit_code(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{flag} must not be empty" in err[0] and "Traceback" not in err[0], (argv, err)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)  # an empty folder passes the --out check: nothing may be written into it either
+    assert _exit_code(["corpus", "build", "--src", str(source), "--out", "", "--val-fraction", "0.1"]) == 2
+    assert "--out must not be empty" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists() and _tree(here) == before and not list(empty.iterdir())
+    for kw, flag in [(dict(src=""), "--src"), (dict(out=""), "--out")]:
+        with pytest.raises(ConfigError, match=f"^{flag} must not be empty"):
+            build_corpus(CorpusSpec(**{"src": str(source), "out": str(tmp_path / "e"), **kw}), verbose=False)
+
+
+def test_an_out_without_a_name_of_its_own_is_refused(source: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The build writes beside --out and renames into place: --out . (an empty current folder) cannot be."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    for out in (".", "sub/.."):
+        assert _exit_code(["corpus", "build", "--src", str(source), "--out", out, "--val-fraction", "0.1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--out {out} names no folder of its own" in err[0], err
+    assert not list(empty.iterdir())

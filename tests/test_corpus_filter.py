@@ -345,3 +345,20 @@ def test_a_filtered_copy_is_refused_at_a_larger_val_fraction(noisy, tmp_path, ca
                  "--out-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and "val_fraction 0.3" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_empty_or_nameless_paths_are_refused(noisy, tmp_path, monkeypatch, capsys) -> None:
+    """``--corpus ''`` is no folder (Path('') is the current one); an ``--out`` of '' or . names no new folder."""
+    folder, corpus = noisy
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)  # an empty current folder: what '' and . stand for passes the --out checks
+    base = ["corpus", "filter", "--tokenizer", str(corpus.tokenizer_path), "--random-seed", "1", "--drop", "0.3",
+            "--val-fraction", str(VAL)]
+    for extra, needle in [(["--corpus", "", "--out", str(tmp_path / "a")], "--corpus must not be empty"),
+                          (["--corpus", str(folder), "--out", ""], "--out must not be empty"),
+                          (["--corpus", str(folder), "--out", "."], "--out . names no folder of its own")]:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("sparsetrain: error:") and needle in err[0], err
+    assert not list(empty.iterdir()) and not (tmp_path / "a").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from sparsetrain.cli import main
 from sparsetrain.config import ModelConfig, build_config
 from sparsetrain.data import is_val_file, load_corpus
+from sparsetrain.errors import DataError
 from sparsetrain.evaluate import (
     WILSON_Z,
     NoCodePromptError,
@@ -310,3 +312,16 @@ def test_eval_bad_input_one_line_exit_2(args: list[str], needle: str, capsys) ->
         code = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0]
+
+
+def test_held_out_bin_tokens_get_the_training_checks(tmp_path: Path) -> None:
+    """``eval --data X.bin`` reads the file as training does: uint32 tokens read as the run's uint16,
+    an empty file, ids past model.vocab_size are each one line."""
+    cfg = build_config("tiny", overrides=dict(vocab_size=320, seq_len=16))
+    np.random.default_rng(0).integers(1, 320, size=500).astype(np.uint32).tofile(tmp_path / "u32.bin")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    np.asarray([5, 320], dtype=np.uint16).tofile(tmp_path / "bad.bin")
+    for name, needle in [("u32.bin", "--token-dtype uint32"), ("empty.bin", "no tokens"),
+                         ("bad.bin", "token id 320, outside model.vocab_size 320")]:
+        with pytest.raises(DataError, match=re.escape(needle)):
+            held_out_data(cfg, None, data=str(tmp_path / name))

@@ -164,3 +164,63 @@ def test_val_batches_fixed_and_split_across_ranks() -> None:
     r0, r1 = val_batches(tokens, 4, 2, 10, 0, 2), val_batches(tokens, 4, 2, 10, 1, 2)
     assert [b[0].tolist() for b in r0 + r1] == [full[i][0].tolist() for i in (0, 2, 1, 3)]
     assert full[-1][1].max().item() == 2999
+
+
+def test_uint32_tokens_read_as_uint16_are_refused(tmp_path: Path, corpus_dir: Path, capsys) -> None:
+    """A uint32 file read as uint16 is every id followed by a 0 (the high half, little-endian):
+    ids all inside the vocabulary, so the vocabulary check alone lets it through."""
+    from sparsetrain.cli import main
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 1000, size=5000).astype(np.uint32)
+    path = tmp_path / "u32.bin"
+    ids.tofile(path)
+    with pytest.raises(DataError) as e:
+        load_corpus(str(path), 1000, 0.1, tmp_path, "uint16")
+    assert str(path) in str(e.value) and "--token-dtype uint32" in str(e.value) and "\n" not in str(e.value)
+    assert np.array_equal(np.asarray(load_corpus(str(path), 1000, 0.1, tmp_path, "uint32").train), ids[:4500])
+    wide = rng.integers(0, 70000, size=5000).astype(np.uint32)  # a vocabulary past 2**16: high halves 0 or 1
+    wide.tofile(tmp_path / "wide.bin")
+    with pytest.raises(DataError, match="--token-dtype uint32"):
+        load_corpus(str(tmp_path / "wide.bin"), 70000, 0.1, tmp_path, "uint16")
+    # genuine uint16 files: real text tokens, and ids with many (not all) zeros at odd positions
+    text = load_corpus(str(corpus_dir), 320, 0.1, tmp_path / "cache", verbose=False)
+    np.asarray(text.train, dtype=np.uint16).tofile(tmp_path / "text.bin")
+    assert load_corpus(str(tmp_path / "text.bin"), 320, 0.1, tmp_path, "uint16").train.size == int(text.train.size * 0.9)
+    zeros = rng.integers(1, 1000, size=5000).astype(np.uint16)
+    zeros[1::2] = 0
+    zeros[1] = 7
+    zeros.tofile(tmp_path / "zeros.bin")
+    assert load_corpus(str(tmp_path / "zeros.bin"), 1000, 0.1, tmp_path, "uint16").val.size == 500
+    # the CLI: one line, exit 2
+    code = main(["train", "--data", str(path), "--vocab-size", "1000", "--seq-len", "16", "--n-layer", "1",
+                 "--d-model", "32", "--n-head", "2", "--device", "cpu", "--max-steps", "1",
+                 "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(path) in err[0] and "--token-dtype uint32" in err[0], err
+
+
+def test_bin_token_ids_past_the_tokenizer_are_refused(tmp_path: Path) -> None:
+    tok = BPETokenizer.train(["def f(x):\n    return x + 1\n"] * 5, vocab_size=270)
+    tok.save(tmp_path / "tokenizer.json")
+    tokens = np.random.default_rng(1).integers(0, tok.vocab_size, size=2000).astype(np.uint16)
+    tokens.tofile(tmp_path / "ok.bin")
+    c = load_corpus(str(tmp_path / "ok.bin"), 320, 0.1, tmp_path, "uint16", str(tmp_path / "tokenizer.json"))
+    assert c.tokenizer.vocab_size == tok.vocab_size
+    tokens[100] = tok.vocab_size + 5  # inside model.vocab_size 320, past the tokenizer's ids
+    tokens.tofile(tmp_path / "bad.bin")
+    with pytest.raises(DataError, match=f"token id {tok.vocab_size + 5}, outside the {tok.vocab_size} tokens of "
+                                        f"tokenizer {tmp_path / 'tokenizer.json'}"):
+        load_corpus(str(tmp_path / "bad.bin"), 320, 0.1, tmp_path, "uint16", str(tmp_path / "tokenizer.json"))
+
+
+def test_batches_too_large_for_memory_are_one_line() -> None:
+    from sparsetrain.errors import ConfigError
+
+    tokens = np.arange(10_000, dtype=np.uint16)
+    for build in (lambda: val_batches(tokens, 8, 10**12, 16), lambda: train_batch(tokens, 10**12, 16, seed=0, step=0)):
+        with pytest.raises(ConfigError) as e:
+            build()
+        message = str(e.value)
+        assert "training.batch_size = 1000000000000" in message and "model.seq_len = 16" in message, message
+        assert "\n" not in message

@@ -354,7 +354,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from .trainer import train
 
-    result = train(cfg, resume=args.resume)
+    try:
+        result = train(cfg, resume=args.resume)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        from .data import batch_memory_error, out_of_memory
+
+        if not out_of_memory(e):
+            raise
+        raise batch_memory_error(e, cfg.batch_size, cfg.model.seq_len,
+                                 "a training step does not fit") from None
     if result.val_losses:
         print(f"final val loss {result.val_losses[max(result.val_losses)]:.4f}; sample with: sparsetrain generate --ckpt {result.out_dir}")
     return 0
@@ -686,6 +694,8 @@ def _corpus_filter(args: argparse.Namespace) -> int:
         raise ConfigError(f"{needs} needs --tokenizer, the tokenizer.json the corpus is tokenized with")
     if not Path(tokenizer).is_file():
         raise ConfigError(f"--tokenizer {tokenizer} is not a file")
+    if not args.corpus:  # Path("") is the current folder, and data "" the Python standard library
+        raise ConfigError("--corpus must not be empty (give the corpus folder; . for the current one)")
     if not Path(args.corpus).is_dir():
         raise ConfigError(f"--corpus {args.corpus} is not a folder")
     check_out(Path(args.corpus), args.out)

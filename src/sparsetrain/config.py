@@ -508,8 +508,36 @@ def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+_TOML_KINDS = ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "a string"), (list, "an array"),
+               (dict, "a table"))
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _strict_value(value: Any, typ: Any, key: str, source: str) -> Any:
+    """A value of a TOML file (or a parsed one) as its field holds it, refused unless
+    TOML typed it so: an int field takes an integer, a float field a number (an
+    integer or a float), a str field a string, a bool field true or false. Nothing is
+    converted from text: ``d_model = "128"`` is a mistake, not 128."""
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}
+    if typ not in ok:
+        raise TypeError(f"unsupported config type {typ} for {key}")  # a bug, not user input
+    if not ok[typ](value):
+        kind = next((name for t, name in _TOML_KINDS if isinstance(value, t)), f"a {type(value).__name__}")
+        try:
+            shown = _toml_value(value)
+        except (TypeError, ValueError):
+            shown = repr(value)
+        raise ConfigError(f"{key} must be {_EXPECTED[typ]}, got {shown} ({kind}) in {source}")
+    return _coerce(value, typ, key)  # the checks of every value (a finite float, UTF-8 text)
+
+
 def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check a TOML/CLI value against a field type; ints are accepted as floats."""
+    """Check a CLI/override value against a field type; ints are accepted as floats, and
+    text is parsed (``race --arm NAME:KEY=VALUE`` hands every value over as text). A
+    TOML file's values go through :func:`_strict_value` first."""
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -548,7 +576,8 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
 
 
 def apply_dict(cfg: TrainConfig, data: dict[str, Any], source: str) -> None:
-    """Apply a sectioned dict (a parsed TOML file) onto ``cfg`` in place."""
+    """Apply a sectioned dict (a parsed TOML file) onto ``cfg`` in place; each value must
+    have its field's type (:func:`_strict_value`)."""
     train_types = field_types(TrainConfig)
     model_types = field_types(ModelConfig)
     sections = {f.name: f.metadata["section"] for f in dataclasses.fields(TrainConfig) if f.name != "model"}
@@ -563,12 +592,12 @@ def apply_dict(cfg: TrainConfig, data: dict[str, Any], source: str) -> None:
             if sec == "model":
                 if key not in model_types:
                     raise ConfigError(f"unknown config key {full!r} in {source}")
-                setattr(cfg.model, key, _coerce(value, model_types[key], full))
+                setattr(cfg.model, key, _strict_value(value, model_types[key], full, source))
             else:
                 if sections.get(key) != sec:
                     where = f" (it belongs in [{sections[key]}])" if key in sections else ""
                     raise ConfigError(f"unknown config key {full!r} in {source}{where}")
-                setattr(cfg, key, _coerce(value, train_types[key], full))
+                setattr(cfg, key, _strict_value(value, train_types[key], full, source))
 
 
 def build_config(

@@ -390,6 +390,16 @@ def random_document(rng: random.Random, size: int) -> str:
 # ----------------------------------------------------------------------------- the build
 
 
+def check_out_name(out: str | Path) -> None:
+    """Refuse an ``--out`` that names no new folder of its own: empty (``Path("")`` is the
+    current folder) or ending in ``.`` or ``..`` -- a corpus is written beside ``--out``
+    and renamed into place, so its last part must be the new folder's name."""
+    if isinstance(out, str) and not out:
+        raise ConfigError("--out must not be empty (give the corpus folder to write)")
+    if Path(out).name in ("", ".."):
+        raise ConfigError(f"--out {out} names no folder of its own; give the new corpus folder's name")
+
+
 @dataclass
 class CorpusSpec:
     """What ``sparsetrain corpus build`` is asked for (see the module docstring)."""
@@ -409,6 +419,9 @@ class CorpusSpec:
 
     def validate(self) -> None:
         """One :class:`ConfigError` naming the first bad setting."""
+        if not self.src:  # Path("") is the current folder: the build would copy it
+            raise ConfigError("--src must not be empty (give the source folder; . for the current one)")
+        check_out_name(self.out)
         if not 0 < self.val_fraction < TRAIN_ONLY_BELOW:
             raise ConfigError(f"--val-fraction must be in (0, {TRAIN_ONLY_BELOW}), got {self.val_fraction}")
         for name in ("noise_fraction", "duplicate_fraction"):

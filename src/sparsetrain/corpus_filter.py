@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpora import MANIFEST_NAME
+from .corpora import MANIFEST_NAME, check_out_name
 from .data import TokenizedCorpus
 from .errors import DataError
 from .reference_losses import ReferenceLosses
@@ -171,7 +171,8 @@ def check_random_seed(seed: int) -> None:
 
 def check_out(corpus: Path, out: str | Path) -> None:
     """Refuse an ``out`` that is not a new or empty folder, or that lies inside ``corpus``
-    (the copy would join the corpus's own files)."""
+    (the copy would join the corpus's own files), or that names no new folder (empty, ``.``)."""
+    check_out_name(out)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"--out {out} exists and is not an empty folder; pick another")

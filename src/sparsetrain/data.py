@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sysconfig
 import tempfile
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from .checkpoint import fsync_dir, fsync_file, warn
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .tokenizer import BPETokenizer
 
 CACHE_FORMAT = 2  # 2: a document spelling <|endoftext|> is encoded as text, not as the separator
@@ -390,7 +391,13 @@ def _build_cache(folder: Path, docs: dict[str, str], vocab_size: int, val_fracti
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_bin(path: str, vocab_size: int, val_fraction: float, token_dtype: str, tokenizer: str) -> TokenizedCorpus:
+def read_bin_tokens(path: str, token_dtype: str, vocab_size: int,
+                    tokenizer: str | Path | BPETokenizer | None = None) -> tuple[np.ndarray, BPETokenizer | None]:
+    """The tokens of a ``.bin`` file (memory-mapped) and its tokenizer (``tokenizer``:
+    a ``tokenizer.json``, loaded once the file is found, or a loaded one), checked: a
+    whole number of ``token_dtype`` items, not empty, not uint32 tokens read as uint16
+    (:func:`_uint32_read_as_uint16`), every id inside ``vocab_size`` and the
+    tokenizer's vocabulary."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data path does not exist: {path}")
@@ -402,11 +409,59 @@ def _load_bin(path: str, vocab_size: int, val_fraction: float, token_dtype: str,
     tokens = np.memmap(p, dtype=dtype, mode="r")
     if tokens.size == 0:
         raise DataError(f"no tokens in {path}: the corpus is empty")
+    if dtype == np.uint16 and _uint32_read_as_uint16(tokens, vocab_size):
+        high = "0" if vocab_size <= 2**16 else f"at most {(vocab_size - 1) >> 16}"
+        raise DataError(f"{path} looks like uint32 tokens read as uint16 (every second uint16 is {high}, as the high "
+                        f"halves of little-endian uint32 ids are); pass --token-dtype uint32 "
+                        f"(data.token_dtype = \"uint32\")")
     top = max(int(tokens[i : i + 2**24].max()) for i in range(0, tokens.size, 2**24))
     if top >= vocab_size:
-        raise DataError(f"{path} holds token id {top}, outside model.vocab_size {vocab_size}")
+        hint = "; written as uint16? pass --token-dtype uint16" if dtype == np.uint32 and top >= 2**16 else ""
+        raise DataError(f"{path} holds token id {top}, outside model.vocab_size {vocab_size}{hint}")
+    if isinstance(tokenizer, (str, Path)):
+        tok = BPETokenizer.load(tokenizer) if str(tokenizer) else None
+    else:
+        tok = tokenizer
+    if tok is not None and top >= tok.vocab_size:
+        which = f"tokenizer {tokenizer}" if isinstance(tokenizer, (str, Path)) else "the tokenizer"
+        raise DataError(f"{path} holds token id {top}, outside the {tok.vocab_size} tokens of {which}")
+    return tokens, tok
+
+
+UINT32_CHECK_MIN_PAIRS = 16
+"""Fewest uint16 pairs :func:`_uint32_read_as_uint16` judges a file by."""
+
+
+def _uint32_read_as_uint16(tokens: np.ndarray, vocab_size: int) -> bool:
+    """Whether uint16 ``tokens`` are really uint32 ids, read two uint16 per id.
+
+    A little-endian uint32 id ``v`` is the uint16 pair ``(v & 0xFFFF, v >> 16)``, and
+    every id is below ``vocab_size``: read as uint16, the file is an even number of
+    items whose odd-indexed ones (the high halves) are all at most ``(vocab_size - 1)
+    >> 16`` -- all 0 for a vocabulary of up to 2**16 ids -- while the even-indexed
+    ones (the low halves, the ids themselves) are not all that small. In genuine
+    uint16 tokens of text, every second token over the whole file being token 0
+    (or 0 and 1) is practically impossible, so the file is judged whole (the
+    vocabulary check reads it all anyway) and only from
+    :data:`UINT32_CHECK_MIN_PAIRS` pairs on (a shorter file cannot train either).
+    """
+    if tokens.size % 2 or tokens.size < 2 * UINT32_CHECK_MIN_PAIRS:
+        return False
+    high_bound = (vocab_size - 1) >> 16
+    low_max = high_max = 0
+    for i in range(0, tokens.size, 2**24):  # an even chunk length keeps the pairs aligned
+        chunk = tokens[i : i + 2**24]
+        high_max = max(high_max, int(chunk[1::2].max()))
+        if high_max > high_bound:
+            return False
+        low_max = max(low_max, int(chunk[0::2].max()))
+    return low_max > high_bound
+
+
+def _load_bin(path: str, vocab_size: int, val_fraction: float, token_dtype: str, tokenizer: str) -> TokenizedCorpus:
+    p = Path(path)
+    tokens, tok = read_bin_tokens(path, token_dtype, vocab_size, tokenizer)
     cut = int(tokens.size * (1 - val_fraction))
-    tok = BPETokenizer.load(tokenizer) if tokenizer else None
     return TokenizedCorpus(
         train=tokens[:cut],
         val=tokens[cut:],
@@ -414,7 +469,7 @@ def _load_bin(path: str, vocab_size: int, val_fraction: float, token_dtype: str,
         tokenizer=tok,
         tokenizer_path=Path(tokenizer) if tokenizer else None,
         description=f"{path}: {cut:,} train / {tokens.size - cut:,} val tokens",
-        train_file=(str(p), dtype.name, 0),
+        train_file=(str(p), tokens.dtype.name, 0),
     )
 
 
@@ -438,6 +493,22 @@ def bits_per_byte(nats_per_token: float, tokens_per_byte: float) -> float:
 
 
 # ----------------------------------------------------------------------------- batches
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` says an allocation failed: numpy's :class:`MemoryError`, torch's
+    :class:`torch.OutOfMemoryError` (CUDA) or the ``RuntimeError`` of torch's CPU allocator."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+
+
+def batch_memory_error(e: BaseException, batch_size: int, seq_len: int, what: str) -> ConfigError:
+    """One line for an allocation ``e`` that failed, ``what`` saying what did not fit:
+    the batch shape to make smaller, and the size asked for where ``e`` says it."""
+    asked = re.search(r"allocate ([\d.,]+ ?[KMGTPE]?i?B|[\d,]+ bytes)", str(e))
+    size = f" (an allocation of {asked.group(1)} failed)" if asked else ""
+    return ConfigError(f"training.batch_size = {batch_size} with model.seq_len = {seq_len}: {what} in "
+                       f"memory{size}; use a smaller batch_size (grad_accum keeps the tokens per step)")
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -482,9 +553,14 @@ def train_batch(
     """Random windows from this rank's shard: ``(x, y)`` with ``y[:, t] = x[:, t+1]``
     of the underlying stream, both int64 ``[batch_size, seq_len]`` on the CPU. Row
     ``b`` starts at :func:`train_window_starts`' ``b``-th position."""
-    starts = train_window_starts(tokens.size, batch_size, seq_len, seed=seed, step=step, micro=micro, rank=rank,
-                                 world_size=world_size)
-    return _windows(tokens, starts, seq_len)
+    try:
+        starts = train_window_starts(tokens.size, batch_size, seq_len, seed=seed, step=step, micro=micro, rank=rank,
+                                     world_size=world_size)
+        return _windows(tokens, starts, seq_len)
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        raise batch_memory_error(e, batch_size, seq_len, "the training batches do not fit") from None
 
 
 def val_batches(
@@ -494,9 +570,14 @@ def val_batches(
     ``i`` goes to rank ``i % world_size``."""
     if tokens.size < seq_len + 1:
         raise DataError(f"val split has {tokens.size} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-    starts = np.linspace(0, tokens.size - seq_len - 1, n_batches * batch_size).astype(np.int64)
-    return [
-        _windows(tokens, starts[i * batch_size : (i + 1) * batch_size], seq_len)
-        for i in range(n_batches)
-        if i % world_size == rank
-    ]
+    try:
+        starts = np.linspace(0, tokens.size - seq_len - 1, n_batches * batch_size).astype(np.int64)
+        return [
+            _windows(tokens, starts[i * batch_size : (i + 1) * batch_size], seq_len)
+            for i in range(n_batches)
+            if i % world_size == rank
+        ]
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        raise batch_memory_error(e, batch_size, seq_len, f"the {n_batches} val batches do not fit") from None

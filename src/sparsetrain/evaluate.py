@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig, build_config, read_toml
-from .data import discover_text_files, is_val_file, join_documents, load_corpus, read_documents, split_documents
+from .data import (discover_text_files, is_val_file, join_documents, load_corpus, read_bin_tokens, read_documents,
+                   split_documents)
 from .errors import CheckpointError, DataError, SparsetrainError
 from .generate import load_model, run_directory, sample
 from .model import CausalLM, upcast
@@ -168,11 +169,7 @@ def held_out_data(cfg: TrainConfig, tokenizer: BPETokenizer | None, data: str = 
     source = data or cfg.data
     if source.endswith(".bin"):
         if data:
-            if not Path(data).is_file():
-                raise DataError(f"data path does not exist: {data}")
-            tokens = np.memmap(data, dtype=np.dtype(cfg.token_dtype), mode="r")
-            if tokens.size and int(tokens.max()) >= cfg.model.vocab_size:
-                raise DataError(f"{data} holds token id {int(tokens.max())}, outside model.vocab_size {cfg.model.vocab_size}")
+            tokens, _ = read_bin_tokens(data, cfg.token_dtype, cfg.model.vocab_size, tokenizer)
             return HeldOutData(tokens, [], f"{data} (all {tokens.size:,} tokens)")
         corpus = load_corpus(cfg.data, cfg.model.vocab_size, cfg.val_fraction, cfg.cache_dir, cfg.token_dtype,
                              cfg.tokenizer, verbose=False)
