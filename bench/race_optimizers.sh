@@ -6,13 +6,14 @@
 #
 #   bash bench/race_optimizers.sh OUT_DIR [extra race flags]
 #
-# Settings from the environment: SEED (1337), SECONDS (60 per arm), ARMS.
+# Settings from the environment: SEED (1337), ARM_SECONDS (60 per arm), ARMS
+# (not SECONDS: bash sets that itself, to the seconds since the shell started).
 set -euo pipefail
 OUT=${1:?usage: bash bench/race_optimizers.sh OUT_DIR [extra race flags]}
 shift
 ST=${SPARSETRAIN:-sparsetrain}
 SEED=${SEED:-1337}
-SECONDS_PER_ARM=${SECONDS:-60}
+SECONDS_PER_ARM=${ARM_SECONDS:-60}
 # the first arm (AdamW at the preset's lr) is the target; Lion runs at a tenth and
 # a third of AdamW's lr (its sign update is larger per element), Muon's matrices at
 # nanochat's 0.02 and modded-nanogpt's 0.05 with AdamW at the preset's lr elsewhere
