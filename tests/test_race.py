@@ -811,3 +811,20 @@ def test_race_refuses_an_arm_preset_and_a_missing_path_before_any_run(arm: str, 
                  "--arm", "a:", "--arm", arm])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("arm, needle", [("b:optimizer=lion", "optimizer = lion needs the lion-pytorch package"),
+                                         ("b:optimizer=muon,muon_fallback=lion",
+                                          "training.muon_fallback = lion needs the lion-pytorch package")])
+def test_race_refuses_an_arm_whose_optimizer_package_is_missing_before_any_run(arm: str, needle: str, tmp_path: Path,
+                                                                              monkeypatch, capsys) -> None:
+    """A race whose third arm named Lion without lion-pytorch installed ran the first two
+    arms' budgets and then stopped with no race.json: the package is checked up front."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # import lion_pytorch raises ImportError
+    out = tmp_path / "r"
+    code = main(["race", "--preset", "tiny", "--seconds", "1", "--out-dir", str(out), "--arm", "a:", "--arm", arm])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (out / "a").exists()  # the first arm never started

@@ -228,6 +228,23 @@ def _make_muon_combined(model: nn.Module, cfg: TrainConfig, device_type: str) ->
     return CombinedOptimizer(parts)
 
 
+def require_packages(cfg: TrainConfig) -> None:
+    """Import the optional packages ``cfg``'s optimizer needs, or raise one
+    :class:`ConfigError` line naming the missing one: what :func:`build_optimizer`
+    would find only once the model is built, for callers that check before running
+    anything (a race checks every arm before its first)."""
+    if cfg.optimizer == "lion":
+        _require_module("lion_pytorch", "optimizer = lion")
+    elif cfg.optimizer == "adamw8bit":
+        _require_module("bitsandbytes", "optimizer = adamw8bit")
+    elif cfg.optimizer == "galore_adamw":
+        _require_module("galore_torch", "optimizer = galore_adamw")
+    elif cfg.optimizer == "muon":
+        _muon_class()
+        if cfg.muon_fallback == "lion":
+            _require_module("lion_pytorch", "training.muon_fallback = lion")
+
+
 def _require_module(module: str, what: str) -> Any:
     """Import an optional package, or raise one line naming the missing one."""
     try:

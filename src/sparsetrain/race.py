@@ -53,6 +53,7 @@ from .checkpoint import CKPT_NAME, atomic_write_text
 from .config import TrainConfig, build_config, preset_dict, read_toml
 from .corpora import MANIFEST_NAME
 from .errors import ConfigError
+from .optimizers import require_packages
 from .plotting import read_metrics
 
 SPEC_NAME = "race_spec.json"
@@ -163,8 +164,12 @@ def arm_configs(arms: list[Arm], seconds: float, seeds: list[int], out_dir: Path
                 out[arm.name][seed] = build_config(preset, config_file, overrides)
             except ConfigError as e:
                 raise ConfigError(f"arm {arm.name}: {e}") from None
-        # the files an arm reads, found before the first arm runs (not after the earlier arms' budgets)
+        # the files and packages an arm needs, found before the first arm runs (not after the earlier arms' budgets)
         for cfg in out[arm.name].values():
+            try:
+                require_packages(cfg)
+            except ConfigError as e:
+                raise ConfigError(f"arm {arm.name}: {e}") from None
             for name in ("data", "tokenizer", "init_from", "reference_losses", "reference_ckpt"):
                 path = getattr(cfg, name)
                 if path and not Path(path).exists():
