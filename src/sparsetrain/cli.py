@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=50, metavar="INT",
                    help="sample among the k likeliest tokens; 0 = all (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, metavar="INT", help="sampling seed (default: %(default)s)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    g.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda or cuda:N (default: %(default)s)")
 
     b = sub.add_parser("bench", help="measure speed on this machine")
     bsub = b.add_subparsers(dest="bench_kind", required=True, parser_class=_Parser)
@@ -327,7 +327,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
     v.add_argument("--top-k", type=int, default=50)
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--device", default="cpu")
+    v.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda or cuda:N (default: %(default)s)")
     v.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
@@ -640,10 +640,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_device(args.device)
     from .trainer import resolve_device
 
-    resolve_device(args.device)  # cuda on a machine without it: one line, before the model loads
+    device = str(resolve_device(args.device))  # cuda on a machine without it: one line, before the model loads
     report = evaluate_run(args.ckpt, data=args.data, samples=args.samples, max_new_tokens=args.max_new_tokens,
                           max_tokens=args.max_tokens, batch_size=args.batch_size, temperature=args.temperature,
-                          top_k=args.top_k, seed=args.seed, device=args.device)
+                          top_k=args.top_k, seed=args.seed, device=device)
     print(report.summary())
     if args.json:
         from .benchmark import environment
