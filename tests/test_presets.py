@@ -115,3 +115,18 @@ def test_every_preset_validates_and_is_in_the_config_reference() -> None:
     for name in list_presets():
         assert build_config(name).preset == name
         assert f"| `{name}` |" in doc, name
+
+
+def test_the_e3_race_arm_is_the_e3_preset_spelled_as_overrides() -> None:
+    """bench/race_e3.sh races d20-e3-full as d20 plus an arm's overrides (a race keeps
+    one preset): those overrides must give exactly the preset's config."""
+    import dataclasses
+    import re
+
+    script = (Path(__file__).resolve().parents[1] / "bench" / "race_e3.sh").read_text()
+    spelled = re.search(r'^E3="([^"]+)"$', script, re.M).group(1)
+    overrides = dict(pair.split("=", 1) for pair in spelled.split(","))
+    via_arm = dataclasses.asdict(build_config("d20", overrides=overrides))
+    preset = dataclasses.asdict(build_config(E3))
+    via_arm.pop("preset"), preset.pop("preset")
+    assert via_arm == preset
