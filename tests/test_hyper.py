@@ -197,6 +197,84 @@ def test_compiles_without_a_graph_break(n: int) -> None:
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
+def _cpu_inductor_ok() -> bool:
+    """Inductor compiles CPU graphs with a C++ compiler; without one the compiled tests use aot_eager."""
+    import shutil
+
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+COMPILE_BACKEND = "inductor" if _cpu_inductor_ok() else "aot_eager"
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_compiled_training_steps_match_eager_without_breaks_or_recompiles(n: int) -> None:
+    """The whole forward and loss as one graph (``fullgraph``), a backward through it, and
+    three optimizer steps on new batches of the same shape with no recompilation; loss and
+    every gradient as the eager model's, to float32 rounding."""
+    from sparsetrain import kernels
+
+    kernels.current()  # read the process's kernel policy now: cross_entropy's first read is a guard of its own
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    cfg = ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=32, hyper_connections=n)
+    model = build_model(cfg)
+    for hc in (m for m in model.modules() if isinstance(m, HyperConnection)):
+        for p in (hc.res_logits, hc.pre_logits, hc.post_logits):
+            p.data.normal_(0, 1.5)
+    eager = build_model(cfg)
+    eager.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=COMPILE_BACKEND, fullgraph=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, eager)]
+    for step in range(3):
+        idx, tgt = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            loss = compiled(idx, tgt)[1]
+        want = eager(idx, tgt)[1]
+        loss.backward()
+        want.backward()
+        assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            assert p.grad is not None, name
+            assert float((p.grad - q.grad).norm()) <= 1e-4 * float(q.grad.norm()) + 1e-7, name
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_mixing_weight_gradients_are_summed_per_token_first(n: int) -> None:
+    """No reduction in the compiled backward takes a tensor of ``B T D`` elements or more
+    straight to the mixing weights' ``<= n^2`` outputs: each such gradient is summed per
+    token first (``hyper_mixing.per_token``). Inductor does not split a reduction of that
+    shape whose inputs each lack an output index (the gradient of ``h_res``), so one GPU
+    block reduced all ``B T D`` terms of each output: milliseconds per sublayer."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    B, T, D = 2, 16, 32
+    graphs: list[torch.fx.GraphModule] = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    def backend(gm, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=keep, bw_compiler=keep)
+
+    model = _model(n)
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(torch.randint(0, 300, (B, T)),
+                                                           torch.randint(0, 300, (B, T)))[1].backward()
+    assert len(graphs) == 2
+    sums = [node for node in graphs[1].graph.nodes if node.op == "call_function"
+            and node.target in (torch.ops.aten.sum.dim_IntList, torch.ops.aten.sum.default)]
+    assert sums
+    for node in sums:
+        src, out = node.args[0].meta["val"], node.meta["val"]
+        assert not (src.numel() >= B * T * D and out.numel() <= n * n), (node.format_node(), src.shape, out.shape)
+
+
 def test_report_is_the_same_on_either_path(monkeypatch) -> None:
     """The analysis hooks each read, so the kernel path's fused nodes step aside while it runs."""
     from sparsetrain import hyper_mixing

@@ -20,7 +20,9 @@ Each takes one of two paths:
   the kernels around it): broadcast products and sums over the stream axis in
   the streams' dtype, no einsum: an einsum becomes a batched GEMM with a
   contraction of length ``n`` forward and of length ``B T D`` backward, and
-  under autocast it rounds its operands and result to 16 bits;
+  under autocast it rounds its operands and result to 16 bits. The weights are
+  broadcast to every token (:func:`per_token`), so that their gradients are
+  summed per token first, a shape inductor splits over the GPU;
 * eager CUDA (the ``fused_hyper_mixing`` kernel policy): one Triton kernel per
   operation and direction, ``[BLOCK_M rows, n, BLOCK_D]`` tiles in float32
   registers (float64 for float64 streams), results rounded once to the
@@ -52,18 +54,43 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ----------------------------------------------------------------------------- plain torch
 
 
+def per_token(weights: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """The per-layer ``weights`` (``[n]`` or ``[n, n]``) in the streams' dtype, broadcast to
+    every token: ``[..., n]`` or ``[..., n, n]`` for streams ``[..., n, D]`` (a view).
+
+    Forward it changes nothing. Backward it makes autograd sum the weights' gradient
+    in two stages: per token over ``D`` (``[..., n(, n)]``), then over the tokens.
+    Without it the gradient of ``h_res`` (and of ``h_post``, ``h_pre`` where the
+    gradient at the streams is not a buffer of its own) is one reduction of
+    ``B T D`` terms into ``n^2`` (``n``) outputs, none of whose inputs is indexed by
+    every output dimension (``g[.., i, :]``, ``X[.., j, :]``). Inductor's split
+    heuristic (``Reduction.num_splits``) then finds no input to decide by and, in the
+    versions without its broadcast-read fallback (torch 2.13 has it), does not split:
+    one GPU block per output, each streaming the streams, milliseconds per sublayer
+    (what the compiled nano-125m step at 3.7x the plain residual's points to). In two stages each
+    reduction has such an input, and the per-token partials are small (``n^2``
+    floats a token)."""
+    w = weights.to(streams.dtype)
+    return w.expand(*streams.shape[:-2], *w.shape)
+
+
 def read_reference(streams: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_i weights_i streams[..., i, :]`` in the streams' dtype: ``[..., n, D] -> [..., D]``."""
-    return (streams * weights.to(streams.dtype)[:, None]).sum(-2)
+    return (streams * per_token(weights, streams).unsqueeze(-1)).sum(-2)
 
 
 def write_reference(streams: torch.Tensor, out: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor
                     ) -> torch.Tensor:
     """``h_res @ streams + h_post (outer) out`` per token, in the streams' dtype:
     ``[..., n, D]``, ``[..., D] -> [..., n, D]``."""
-    dtype = streams.dtype
-    mixed = (h_res.to(dtype)[:, :, None] * streams.unsqueeze(-3)).sum(-2)
-    return (mixed + h_post.to(dtype)[:, None] * out.unsqueeze(-2)).to(dtype)
+    mixed = (per_token(h_res, streams).unsqueeze(-1) * streams.unsqueeze(-3)).sum(-2)
+    return (mixed + per_token(h_post, streams).unsqueeze(-1) * out.unsqueeze(-2)).to(streams.dtype)
+
+
+def spread(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The streams at their entry: ``scales_i x``, ``[..., D] -> [..., n, D]`` in ``x``'s dtype
+    (the scales' gradient summed in two stages, as :func:`per_token` says)."""
+    return x.unsqueeze(-2) * per_token(scales, x.unsqueeze(-2)).unsqueeze(-1)
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -24,6 +24,7 @@ from .config import ModelConfig
 from .cross_entropy import cross_entropy
 from .errors import ConfigError
 from .hyper_mixing import read as read_streams
+from .hyper_mixing import spread as spread_streams
 from .numerics import IGNORE_INDEX, upcast
 
 __all__ = ["IGNORE_INDEX", "upcast", "CausalLM", "GPT", "RMSNorm", "relu_squared", "rms_norm", "apply_rope"]
@@ -239,7 +240,7 @@ class GPT(CausalLM):
         x = self.embed(idx)
         streams = self.hyper_in is not None
         if streams:  # streams = the embedding at distinct learned scales (identical streams would make H_res dead)
-            x = x.unsqueeze(-2) * self.hyper_in.to(x.dtype)[:, None]
+            x = spread_streams(x, self.hyper_in)
         for block in self.blocks[:n_layers]:
             x = block(x, cos, sin)
         return self.read_out(x) if streams else x
