@@ -29,10 +29,16 @@ def test_policy_reads_the_environment_it_is_given() -> None:
         p.attention_impl = "cudnn"  # type: ignore[misc]
 
 
+def _unread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The policy as in a fresh process: not set, and the default not read yet."""
+    monkeypatch.setattr(kernels, "_current", None)
+    monkeypatch.setattr(kernels, "_DEFAULT", None, raising=False)
+
+
 def test_environment_is_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The process policy comes from the environment at its first use; later changes
     of the environment do not reach running code (set the policy instead)."""
-    monkeypatch.setattr(kernels, "_current", None)
+    _unread(monkeypatch)
     monkeypatch.setenv("SPARSETRAIN_ATTENTION_IMPL", "recompute")
     assert kernels.current().attention_impl == "recompute"
     monkeypatch.setenv("SPARSETRAIN_ATTENTION_IMPL", "flash")
@@ -286,3 +292,56 @@ def test_trainer_attention_impl_chooses_the_collider_kernel_on_cuda(impl: str, u
     if impl == "flash" and None in kinds:
         pytest.skip("flash attention does not run here")
     assert kinds and set(kinds) == {used}
+
+
+# ----------------------------------------------------------------------------- under torch.compile
+
+def _compile_backend() -> str:
+    """Inductor compiles CPU graphs with a C++ compiler; without one, aot_eager (as tests/test_hyper.py)."""
+    import shutil
+
+    return "inductor" if any(shutil.which(c) for c in ("g++", "c++", "clang++")) else "aot_eager"
+
+
+def test_first_read_of_the_policy_in_a_compiled_model_does_not_recompile(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled GPT's first call is where the process's policy is first read (cross_entropy's
+    default): its graph must not be guarded on the policy being unread, or every compiled run
+    recompiles at its second step. Forward and backward, three calls, no recompilation."""
+    from sparsetrain.build import build_model
+    from sparsetrain.config import ModelConfig
+
+    _unread(monkeypatch)  # a fresh process: nothing has read the policy yet
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=32))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=_compile_backend(), fullgraph=True)
+    for step in range(3):
+        idx, tgt = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            loss = compiled(idx, tgt)[1]
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+
+
+def test_compiled_code_follows_a_policy_changed_by_using(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A changed policy still reaches compiled code (a recompile, as any changed guard), and
+    the default back again runs the first graph; the default's first read adds none."""
+    _unread(monkeypatch)
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if kernels.current().fused_cross_entropy else x - 1
+
+    x = torch.zeros(3)
+    assert torch.equal(f(x), x + 1) and torch.equal(f(x), x + 1)
+    frames = counts["stats"]["unique_graphs"]
+    assert frames == 1
+    with kernels.using(fused_cross_entropy=False):
+        assert torch.equal(f(x), x - 1) and torch.equal(f(x), x - 1)
+    assert torch.equal(f(x), x + 1)
+    assert counts["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()

@@ -12,7 +12,7 @@ from .checkpoint import WEIGHTS_NAME, Weights, load_checkpoint_from, load_weight
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .build import build_model
-from .model import GPT
+from .model import GPT, KVCache
 from .tokenizer import BPETokenizer
 
 
@@ -104,22 +104,34 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> list[int]:
     """Autoregressive sampling (temperature 0 = greedy, ``top_k`` 0 = no cut), cropping
-    the context to the model's ``seq_len``."""
+    the context to the model's ``seq_len``.
+
+    A model with ``supports_kv_cache`` (the GPT) reads the prompt once and then one
+    token per step from a :class:`~sparsetrain.model.KVCache`; once the context
+    passes ``seq_len`` its window slides, every position moves, and each step
+    recomputes the last ``seq_len`` tokens whole, as models without a cache always
+    do. Both give the logits of the whole window's forward (a test holds them to it)."""
     check_sampling(max_new_tokens, temperature, top_k)
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    for _ in range(max_new_tokens):
-        logits, _ = model(ids[:, -model.config.seq_len :])
-        logits = logits[0, -1].float()
-        if temperature <= 0:
-            nxt = logits.argmax().view(1)
-        else:
-            logits = logits / temperature
-            if 0 < top_k < logits.numel():
-                kth = torch.topk(logits, top_k).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    window = model.config.seq_len
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # on the device: no sync per token
+    cache = KVCache(len(model.blocks)) if getattr(model, "supports_kv_cache", False) else None
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            if cache is not None and ids.shape[1] <= window:
+                hidden = model.trunk(ids[:, cache.length :], cache=cache)[:, -1]
+            else:
+                hidden = model.trunk(ids[:, -window:])[:, -1]
+            logits = model.lm_head(model.norm(hidden))[0].float()
+            if temperature <= 0:
+                nxt = logits.argmax().view(1)
+            else:
+                logits = logits / temperature
+                if 0 < top_k < logits.numel():
+                    kth = torch.topk(logits, top_k).values[-1]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
     return ids[0, len(prompt_ids) :].tolist()
 
 

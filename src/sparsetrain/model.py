@@ -27,7 +27,7 @@ from .hyper_mixing import read as read_streams
 from .hyper_mixing import spread as spread_streams
 from .numerics import IGNORE_INDEX, upcast
 
-__all__ = ["IGNORE_INDEX", "upcast", "CausalLM", "GPT", "RMSNorm", "relu_squared", "rms_norm", "apply_rope"]
+__all__ = ["IGNORE_INDEX", "upcast", "CausalLM", "GPT", "KVCache", "RMSNorm", "relu_squared", "rms_norm", "apply_rope"]
 
 
 def relu_squared(u: torch.Tensor) -> torch.Tensor:
@@ -99,6 +99,18 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     return out.type_as(x)
 
 
+class KVCache:
+    """The keys and values of the positions a :class:`GPT` has read, per block, for
+    decoding a few tokens at a time (generation): ``GPT.trunk(idx, cache=cache)``
+    places ``idx`` at positions ``length ..`` and appends its keys and values.
+    Every position attends to the cached ones before it, so the result equals the
+    whole sequence's forward; the positions may not pass ``seq_len``."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.layers: list[list[torch.Tensor]] = [[] for _ in range(n_layer)]  # per block: [] or [keys, values]
+        self.length = 0
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -107,11 +119,24 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``kv``: this block's entry of a :class:`KVCache` (keys and values of earlier
+        positions, extended in place), or None for a whole sequence."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        past = 0
+        if kv is not None:
+            if kv:
+                past = kv[0].shape[2]
+                k, v = torch.cat((kv[0], k), 2), torch.cat((kv[1], v), 2)
+            kv[:] = [k, v]
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # query t sits at position past + t: it sees every cached key and the new ones up to its own
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -143,13 +168,15 @@ class Block(nn.Module):
         self.hc_attn: nn.Module | None = None
         self.hc_ffn: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``x``: the residual stream ``[B, T, D]``, or ``[B, T, n, D]`` streams with hyper-connections."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``x``: the residual stream ``[B, T, D]``, or ``[B, T, n, D]`` streams with hyper-connections;
+        ``kv``: this block's :class:`KVCache` entry when decoding."""
         if self.hc_attn is not None:  # three mixing passes: read, write-then-read, write (sparsetrain.hyper)
             a, x = self.hc_attn.read_through(x)
-            x, a = self.hc_attn.write_then_read(x, self.attn(self.attn_norm(a), cos, sin), self.hc_ffn)
+            x, a = self.hc_attn.write_then_read(x, self.attn(self.attn_norm(a), cos, sin, kv), self.hc_ffn)
             return self.hc_ffn.write(x, self.ffn(self.ffn_norm(a)))
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -161,6 +188,7 @@ class CausalLM(nn.Module):
     embed: nn.Embedding
     norm: RMSNorm
     lm_head: nn.Linear
+    supports_kv_cache = False  # whether trunk takes cache= (a KVCache); generation recomputes the window otherwise
 
     def trunk(self, idx: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -216,6 +244,8 @@ class GPT(CausalLM):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
+    supports_kv_cache = True
+
     def reset_parameters(self) -> None:
         """Normal(0, init_std) everywhere; residual-output projections are scaled
         by 1/sqrt(2 * n_layer) so the residual stream's variance does not grow
@@ -230,19 +260,26 @@ class GPT(CausalLM):
             for proj in (block.attn.proj, block.ffn.down):
                 nn.init.normal_(proj.weight, 0.0, std / math.sqrt(2 * self.config.n_layer))
 
-    def trunk(self, idx: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
+    def trunk(self, idx: torch.Tensor, n_layers: int | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Residual stream after the first ``n_layers`` blocks (all by default),
-        before the final norm: ``[B, T, D]``."""
+        before the final norm: ``[B, T, D]``. With ``cache``, ``idx`` continues the
+        positions it holds (see :class:`KVCache`)."""
         B, T = idx.shape
-        if T > self.config.seq_len:
-            raise ValueError(f"sequence length {T} exceeds the model's seq_len {self.config.seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.seq_len:
+            raise ValueError(f"sequence length {start + T} exceeds the model's seq_len {self.config.seq_len}")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.embed(idx)
         streams = self.hyper_in is not None
         if streams:  # streams = the embedding at distinct learned scales (identical streams would make H_res dead)
             x = spread_streams(x, self.hyper_in)
-        for block in self.blocks[:n_layers]:
-            x = block(x, cos, sin)
+        if cache is None:
+            for block in self.blocks[:n_layers]:
+                x = block(x, cos, sin)
+        else:
+            for block, kv in zip(self.blocks[:n_layers], cache.layers):
+                x = block(x, cos, sin, kv)
+            cache.length += T
         return self.read_out(x) if streams else x
 
     def read_out(self, streams: torch.Tensor) -> torch.Tensor:
