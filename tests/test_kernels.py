@@ -32,7 +32,7 @@ def test_policy_reads_the_environment_it_is_given() -> None:
 def _unread(monkeypatch: pytest.MonkeyPatch) -> None:
     """The policy as in a fresh process: not set, and the default not read yet."""
     monkeypatch.setattr(kernels, "_current", None)
-    monkeypatch.setattr(kernels, "_DEFAULT", None, raising=False)
+    monkeypatch.setattr(kernels, "_DEFAULT", None)
 
 
 def test_environment_is_read_once(monkeypatch: pytest.MonkeyPatch) -> None:

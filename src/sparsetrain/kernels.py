@@ -18,7 +18,8 @@ hands it to the modules that take one and runs every step under it
 Outside a trainer, :func:`current` is the library default: the ``[kernels]``
 defaults, the environment's (``SPARSETRAIN_CSLT_PLANS``,
 ``SPARSETRAIN_ATTENTION_IMPL``, read by :func:`sparsetrain.config.env_default`)
-read at its first call. To change it, for a benchmark or a test::
+read at its first call (to torch.compile a constant, so a first read inside a compiled
+call adds no guard and no recompile). To change it, for a benchmark or a test::
 
     with kernels.using(fused_cross_entropy=False, cusparselt_min_width=0):
         ...                        # every module without its own policy sees these values
@@ -137,16 +138,28 @@ class KernelPolicy:
         return dataclasses.replace(self, **changes)
 
 
-_current: KernelPolicy | None = None
+_current: KernelPolicy | None = None  # set by set_policy or using; None: the default, _default()
+_DEFAULT: KernelPolicy | None = None  # the library default, read from the environment at its first use
+
+
+# assume_constant_result: the default is read once and is a constant of the process, so
+# torch.compile runs this eagerly and takes its answer as a constant. Without it the
+# first read, often inside a compiled model's first call (cross_entropy's), was traced:
+# its graph was guarded on the default being unread, and the next call recompiled.
+# Only ``_current`` (None until set_policy or using) is a guard of compiled code: a
+# changed policy still reaches it, with a recompile.
+@torch.compiler.assume_constant_result
+def _default() -> KernelPolicy:
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = KernelPolicy.from_env()
+    return _DEFAULT
 
 
 def current() -> KernelPolicy:
     """The process's policy, for code run outside a trainer (or a :func:`using` block): the
     defaults with the environment's overrides, read at the first call, unless set since."""
-    global _current
-    if _current is None:
-        _current = KernelPolicy.from_env()
-    return _current
+    return _default() if _current is None else _current
 
 
 def set_policy(policy: KernelPolicy) -> KernelPolicy:
@@ -163,7 +176,7 @@ def using(policy: KernelPolicy | None = None, **changes) -> Iterator[KernelPolic
     policy inside the block; the previous one is restored after it."""
     global _current
     new = (policy or current()).replace(**changes) if changes else (policy or current())
-    previous, _current = _current, new  # as it was: unread (None) stays unread
+    previous, _current = _current, new  # as it was: the default (None) stays the default
     try:
         yield new
     finally:
