@@ -162,18 +162,25 @@ def test_a_batch_too_large_for_memory_is_one_line(corpus_dir: Path, cache_dir: P
     assert "Traceback" not in err
 
     # the step itself (the model's activations on the device) runs out of memory
-    def out_of_memory(cfg, resume=None):
+    def out_of_memory(self):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
                                      "79.19 GiB of which 1.2 GiB is free.\nIncluding non-PyTorch memory ...")
 
-    monkeypatch.setattr(sparsetrain.trainer, "train", out_of_memory)
-    code, _, err = run_main(["train", *common, "--out-dir", str(tmp_path / "b"), "--batch-size", "4096"], capsys)
-    assert_one_line_error(code, err, "--batch-size 4096 with --seq-len 32", "a training step does not fit in memory",
-                          "20.00 GiB")
+    monkeypatch.setattr(sparsetrain.trainer.Trainer, "train_step", out_of_memory)
+    code, _, err = run_main(["train", *common, "--out-dir", str(tmp_path / "b"), "--batch-size", "4"], capsys)
+    assert_one_line_error(code, err, "--batch-size 4 with --seq-len 32", "step 1 does not fit in memory", "20.00 GiB")
 
-    def unrelated(cfg, resume=None):
+    def unrelated(self):
         raise RuntimeError("expected all tensors to be on the same device")
 
-    monkeypatch.setattr(sparsetrain.trainer, "train", unrelated)
+    monkeypatch.setattr(sparsetrain.trainer.Trainer, "train_step", unrelated)
     with pytest.raises(RuntimeError, match="same device"):  # not taken for a memory error
         main(["train", *common, "--out-dir", str(tmp_path / "c")])
+
+    # memory that runs out outside the step (reading a corpus too large) is not the batch's
+    def corpus_too_large(*a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr(sparsetrain.trainer, "load_run_corpus", corpus_too_large)
+    with pytest.raises(MemoryError):
+        main(["train", *common, "--out-dir", str(tmp_path / "d")])

@@ -75,3 +75,27 @@ def test_sampling_with_the_cache_draws_what_the_whole_window_draws(temperature: 
     got = sample(model, prompt, 20, temperature, top_k, torch.Generator().manual_seed(seed))
     want = _naive_sample(model, prompt, 20, temperature, top_k, torch.Generator().manual_seed(seed))
     assert got == want, seed
+
+
+def _transposable_model(seed: int) -> torch.nn.Module:
+    return _model(seed, ffn="relu2_24", activation_sparse_method="transposable", activation_dense_warmup_steps=0)
+
+
+def test_an_ffn_that_couples_tokens_turns_the_cache_off() -> None:
+    """The transposable 2:4 methods choose patterns over tiles spanning 4 tokens: a token
+    decoded alone is not what the whole window gives it, so sampling recomputes the window."""
+    seed = random.randrange(2**31)
+    model = _transposable_model(seed)
+    assert model.blocks[0].ffn.sparse and not model.supports_kv_cache
+    assert _model(seed, ffn="relu2_24", activation_sparse_method="naive",
+                  activation_dense_warmup_steps=0).supports_kv_cache
+    prompt = torch.randint(0, 300, (9,), generator=torch.Generator().manual_seed(seed)).tolist()
+    assert sample(model, prompt, 10, 0.0, 0) == _naive_sample(model, prompt, 10, 0.0, 0, None), seed
+
+
+def test_a_cache_runs_every_block() -> None:
+    model = _model(0)
+    with pytest.raises(ValueError, match="runs every one"):
+        model.trunk(torch.zeros(1, 2, dtype=torch.long), n_layers=1, cache=KVCache(len(model.blocks)))
+    with pytest.raises(ValueError, match="runs every one"):
+        model.trunk(torch.zeros(1, 2, dtype=torch.long), cache=KVCache(1))

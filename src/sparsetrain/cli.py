@@ -354,15 +354,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from .trainer import train
 
-    try:
-        result = train(cfg, resume=args.resume)
-    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        from .data import batch_memory_error, out_of_memory
-
-        if not out_of_memory(e):
-            raise
-        raise batch_memory_error(e, cfg.batch_size, cfg.model.seq_len,
-                                 "a training step does not fit") from None
+    result = train(cfg, resume=args.resume)
     if result.val_losses:
         print(f"final val loss {result.val_losses[max(result.val_losses)]:.4f}; sample with: sparsetrain generate --ckpt {result.out_dir}")
     return 0

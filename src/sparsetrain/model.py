@@ -134,6 +134,8 @@ class CausalSelfAttention(nn.Module):
             kv[:] = [k, v]
         if past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:  # the newest position sees every key
+            y = F.scaled_dot_product_attention(q, k, v)
         else:  # query t sits at position past + t: it sees every cached key and the new ones up to its own
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -244,7 +246,12 @@ class GPT(CausalLM):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
-    supports_kv_cache = True
+    @property
+    def supports_kv_cache(self) -> bool:  # type: ignore[override]
+        """Whether decoding from a :class:`KVCache` gives the whole window's forward:
+        not where a block's FFN couples the tokens of a call (``couples_tokens``, the
+        transposable 2:4 methods)."""
+        return not any(getattr(block.ffn, "couples_tokens", False) for block in self.blocks)
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) everywhere; residual-output projections are scaled
@@ -266,6 +273,9 @@ class GPT(CausalLM):
         positions it holds (see :class:`KVCache`)."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
+        if cache is not None and (n_layers is not None or len(cache.layers) != len(self.blocks)):
+            raise ValueError(f"a KVCache of {len(cache.layers)} layers runs every one of the {len(self.blocks)} "
+                             f"blocks (n_layers={n_layers})")
         if start + T > self.config.seq_len:
             raise ValueError(f"sequence length {start + T} exceeds the model's seq_len {self.config.seq_len}")
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]

@@ -239,6 +239,7 @@ def require_packages(cfg: TrainConfig) -> None:
         _require_module("bitsandbytes", "optimizer = adamw8bit")
     elif cfg.optimizer == "galore_adamw":
         _require_module("galore_torch", "optimizer = galore_adamw")
+        _require_module("galore_torch.galore_projector", "optimizer = galore_adamw")
     elif cfg.optimizer == "muon":
         _muon_class()
         if cfg.muon_fallback == "lion":

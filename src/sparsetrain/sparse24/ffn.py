@@ -210,6 +210,14 @@ class Sparse24FFN(StepCounted):
         self.last_backend = "dense"  # dense (warmup), masked_dense, masked_kernel or cusparselt
         self._recomputed_counts: list[int] = []  # token counts whose permutation a recomputation made, oldest first
 
+    @property
+    def couples_tokens(self) -> bool:
+        """Whether a token's output depends on the other tokens of the same call: the
+        transposable methods choose the 2:4 pattern over 4 x 4 tiles of [tokens,
+        hidden], so decoding from a KV cache (one token per call) would not give the
+        whole window's forward."""
+        return self.method.startswith("transposable")
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if prefix + "scale" in state_dict:
