@@ -268,28 +268,69 @@ def _make_lion(groups: list[dict[str, Any]], lr: float, betas: tuple[float, floa
 _MUON_CLASS: type | None = None
 
 
+def newton_schulz(updates: torch.Tensor, steps: int, coefficients: tuple[float, float, float], eps: float,
+                  dtype: torch.dtype = torch.bfloat16, *, use_addmm: bool = True) -> torch.Tensor:
+    """torch.optim.Muon's Newton–Schulz orthogonalisation
+    (``torch.optim._muon._zeropower_via_newtonschulz``) of a batch
+    ``[k, rows, cols]`` of matrices at once, each on its own: cast to ``dtype``,
+    tall matrices (rows > cols) transposed, each divided by its own Frobenius
+    norm clamped at ``eps``, then ``steps`` times ``G = X Xᵀ; U = bG + cG²;
+    X = aX + UX`` (as ``baddbmm``, like torch's ``addmm``; ``use_addmm=False``:
+    torch's unfused form, which torch versions with a ``use_addmm`` option run
+    by default). Returns ``[k, rows, cols]`` in ``dtype``."""
+    if updates.dim() != 3:
+        raise ValueError(f"newton_schulz takes a [k, rows, cols] batch, got shape {tuple(updates.shape)}")
+    if steps >= 100:
+        raise ValueError("Number of steps must be less than 100 for computational efficiency")  # torch's check
+    if len(coefficients) != 3:
+        raise ValueError("Coefficients must be a tuple of exactly 3 values")
+    a, b, c = coefficients
+    x = updates.to(dtype)
+    tall = x.size(1) > x.size(2)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # a new tensor: never writes `updates`
+    for _ in range(steps):
+        gram = torch.bmm(x, x.mT)
+        if use_addmm:
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        else:
+            x = a * x + (b * gram + c * gram @ gram) @ x  # torch's expression, association included
+    return x.mT if tall else x
+
+
 def _muon_class() -> type:
-    """:class:`torch.optim.Muon`, extended to ``[E, out, in]`` expert stacks:
-    each of the E matrices is orthogonalised, scaled and decayed on its own,
-    exactly as if it were a separate 2-D parameter (a test holds it to that)."""
+    """:class:`torch.optim.Muon`, extended to ``[E, out, in]`` expert stacks
+    (each of the E matrices orthogonalised, scaled and decayed on its own,
+    exactly as if it were a separate 2-D parameter) and batched: a step runs
+    torch's per-matrix update over the matrices of a group shape by shape --
+    momentum with ``_foreach`` ops, one :func:`newton_schulz` per shape, decay
+    and update with ``_foreach`` ops -- instead of ~10 kernels per matrix. The
+    arithmetic is torch's (tests hold it to torch's Muon); the state
+    (``momentum_buffer`` a parameter, torch's group options) is torch's, so
+    checkpoints move between the two."""
     global _MUON_CLASS
     if _MUON_CLASS is not None:
         return _MUON_CLASS
     base = getattr(torch.optim, "Muon", None)
     if base is None:
         raise ConfigError(f"optimizer = muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+    adjust_lr = base.__init__.__globals__["_adjust_lr"]  # the per-shape lr scale, torch's own (torch.optim._muon)
+    torch_sig = inspect.signature(base.__init__).parameters
+    # torch versions with a use_addmm option run the fused NS only when it is on; the others always
+    has_use_addmm = "use_addmm" in torch_sig
 
     class StackedMuon(base):  # type: ignore[misc, valid-type]
         __doc__ = _muon_class.__doc__
+        ns_dtype: torch.dtype = torch.bfloat16  # what torch's Muon orthogonalises in (a test sets float64)
 
         def __init__(self, params: Any, **hyper: Any) -> None:
             # torch's constructor refuses anything but 2-D parameters; its defaults
             # (whatever this torch version's Muon has) are read off its signature.
-            sig = inspect.signature(base.__init__).parameters
-            unknown = set(hyper) - set(sig)
+            unknown = set(hyper) - set(torch_sig)
             if unknown:
                 raise TypeError(f"torch.optim.Muon of torch {torch.__version__} has no option {sorted(unknown)}")
-            defaults = {n: p.default for n, p in sig.items() if n not in ("self", "params")}
+            defaults = {n: p.default for n, p in torch_sig.items() if n not in ("self", "params")}
             defaults.update(hyper)
             torch.optim.Optimizer.__init__(self, params, defaults)
             for group in self.param_groups:
@@ -309,13 +350,55 @@ def _muon_class() -> type:
             ps: list[torch.Tensor] = []
             gs: list[torch.Tensor] = []
             bs: list[torch.Tensor] = []
-            has_complex = super()._init_group(group, ps, gs, bs)
+            has_complex = super()._init_group(group, ps, gs, bs)  # torch's checks; creates the momentum buffers
             for p, g, b in zip(ps, gs, bs):
-                # views: torch's in-place update of a slice writes the stack (and its momentum)
+                # views: an in-place update of a slice writes the stack (and its momentum)
                 params_with_grad.extend(p.unbind(0) if p.dim() == 3 else [p])
                 grads.extend(g.unbind(0) if g.dim() == 3 else [g])
                 momentum_bufs.extend(b.unbind(0) if b.dim() == 3 else [b])
             return has_complex
+
+        @torch.no_grad()
+        def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+            """torch's ``_single_tensor_muon``, shape group by shape group."""
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                params: list[torch.Tensor] = []
+                grads: list[torch.Tensor] = []
+                bufs: list[torch.Tensor] = []
+                if self._init_group(group, params, grads, bufs):
+                    raise ValueError("Complex parameters are not supported")
+                by_shape: dict[tuple, list[int]] = {}
+                for i, (p, g) in enumerate(zip(params, grads)):
+                    by_shape.setdefault((p.shape, p.dtype, g.dtype, p.device), []).append(i)
+                for idx in by_shape.values():
+                    self._step_shape([params[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx], group)
+            return loss
+
+        def _step_shape(self, params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
+                        group: dict[str, Any]) -> None:
+            """Per matrix, as torch: ``buf.lerp_(grad, 1 - μ)``; update =
+            ``grad.lerp(buf, μ)`` (Nesterov) or ``buf``; NS; ``param.mul_(1 - lr·wd)``;
+            ``param.add_(update, alpha=-adjusted_lr)`` -- for matrices of one shape."""
+            lr = group["lr"]
+            lr = float(lr.item()) if isinstance(lr, torch.Tensor) else lr  # torch's _to_scalar
+            momentum = group["momentum"]
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            use_addmm = group.get("use_addmm", False) if has_use_addmm else True
+            ortho = newton_schulz(torch.stack(updates), group["ns_steps"], group["ns_coefficients"], group["eps"],
+                                  self.ns_dtype, use_addmm=use_addmm)
+            # torch adds the bf16 update to the parameter in their promoted dtype (float32 for a
+            # float32 parameter: exact from bf16); converting once (a tall batch comes back
+            # transposed: laid out like the parameters here) keeps _foreach on its fused path
+            ortho = ortho.to(torch.promote_types(params[0].dtype, ortho.dtype), memory_format=torch.contiguous_format)
+            decay = 1 - lr * group["weight_decay"]
+            if decay != 1:  # torch multiplies by 1.0 too: a no-op
+                torch._foreach_mul_(params, decay)
+            torch._foreach_add_(params, list(ortho.unbind(0)), alpha=-adjust_lr(lr, group["adjust_lr_fn"], params[0].shape))
 
     _MUON_CLASS = StackedMuon
     return StackedMuon
