@@ -828,3 +828,38 @@ def test_race_refuses_an_arm_whose_optimizer_package_is_missing_before_any_run(a
     err = capsys.readouterr().err
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert not (out / "a").exists()  # the first arm never started
+
+
+def test_a_race_stopped_midway_leaves_the_report_of_its_finished_arms(make_cfg, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """A race whose third arm failed (a missing package found late, a machine's time
+    limit) left no race.json: the finished arms' figures were only in their run folders.
+    After each run the report of the arms finished in every seed is written, marked
+    partial; the full report has no mark."""
+    import sparsetrain.race as race_mod
+
+    flags = _tiny_flags(make_cfg)
+    arms = [Arm("dense", {}), Arm("random50", {"use_collider": "true", "collider_sparsity": "0.5",
+                                                "collider_method": "random"}), Arm("late", {"lr": "5e-3"})]
+    real = race_mod.run_one
+
+    def fail_on_late(cfg, verbose=True):
+        if "/late/" in cfg.out_dir.replace("\\", "/"):
+            raise RuntimeError("the machine's time ran out")
+        return real(cfg, verbose)
+
+    monkeypatch.setattr(race_mod, "run_one", fail_on_late)
+    out = tmp_path / "race"
+    with pytest.raises(RuntimeError, match="time ran out"):
+        run_race(arms, 1.0, 1, out, "tiny", flags=dict(flags), verbose=False)
+    partial = json.loads((out / "race.json").read_text())
+    assert list(partial["arms"]) == ["dense", "random50"]
+    assert partial["partial"] == {"arms_finished": ["dense", "random50"], "arms_left": ["late"]}
+    assert partial["settings"]["order"] == [["dense", 11], ["random50", 11]]
+    assert partial["target_val_loss"] == pytest.approx(partial["arms"]["dense"]["runs"][0]["final_val_loss"])
+
+    monkeypatch.setattr(race_mod, "run_one", real)  # the same command again: the finished arms are skipped
+    full = run_race(arms, 1.0, 1, out, "tiny", flags=dict(flags), verbose=False)
+    assert "partial" not in full and "partial" not in json.loads((out / "race.json").read_text())
+    assert list(full["arms"]) == ["dense", "random50", "late"]
+    assert full["arms"]["dense"]["runs"][0]["final_val_loss"] == partial["arms"]["dense"]["runs"][0]["final_val_loss"]

@@ -328,7 +328,25 @@ def run_race(arms: list[Arm], seconds: float, n_seeds: int, out_dir: str | Path,
         did = run_one(configs[name][seed], verbose)
         if verbose and did == "done before":
             print("  finished in an earlier start of this race: skipped", flush=True)
+        if i < len(order):  # a race stopped later (a crash, a machine's time limit) keeps what it finished
+            _write_partial_report(arms, configs, seeds, seconds, order[:i], out)
     return write_report(race_report(arms, configs, seeds, seconds, order), out, verbose)
+
+
+def _write_partial_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], seeds: list[int],
+                          seconds: float, done: list[tuple[int, int]], out: Path) -> None:
+    """Write the report of the arms finished in every seed (marked ``partial``), once
+    the first arm, the target, is among them; the full report replaces it."""
+    finished = set(done)
+    complete = [a for a in range(len(arms)) if all((s, a) in finished for s in range(len(seeds)))]
+    if not complete or complete[0] != 0:
+        return
+    index = {a: i for i, a in enumerate(complete)}
+    report = race_report([arms[a] for a in complete], configs, seeds, seconds,
+                         [(s, index[a]) for s, a in done if a in index])
+    report["partial"] = {"arms_finished": [arms[a].name for a in complete],
+                         "arms_left": [arm.name for a, arm in enumerate(arms) if a not in index]}
+    write_report(report, out, verbose=False)
 
 
 # ----------------------------------------------------------------------------- report
