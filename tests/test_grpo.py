@@ -352,7 +352,7 @@ def test_model_window_is_the_same_prompt_end_in_both_arms(python_corpus: Path, m
     model = GPT(ModelConfig(vocab_size=320, seq_len=128, n_layer=1, n_head=2, d_model=16)).eval()
     calls = []
 
-    def fake_sample(model, ids, n, temperature, top_k, gen):
+    def fake_sample(model, ids, n, temperature, top_k, gen, stop=None, check_every=16):
         calls.append((list(ids), gen.initial_seed()))
         return tok.encode("\n    x = 1\ny = 2\n")[:n]
 

@@ -99,3 +99,20 @@ def test_a_cache_runs_every_block() -> None:
         model.trunk(torch.zeros(1, 2, dtype=torch.long), n_layers=1, cache=KVCache(len(model.blocks)))
     with pytest.raises(ValueError, match="runs every one"):
         model.trunk(torch.zeros(1, 2, dtype=torch.long), cache=KVCache(1))
+
+
+def test_a_stop_rule_cuts_the_same_draws_at_its_checks() -> None:
+    """``stop`` is asked after every ``check_every`` tokens: the sample is the unstopped
+    one's prefix up to the first check where it says stop."""
+    seed = random.randrange(2**31)
+    model = _model(seed)
+    prompt = torch.randint(0, 300, (5,), generator=torch.Generator().manual_seed(seed)).tolist()
+    full = sample(model, prompt, 40, 1.0, 0, torch.Generator().manual_seed(seed))
+    asked: list[int] = []
+
+    def stop(new: list[int]) -> bool:
+        asked.append(len(new))
+        return len(new) >= 20
+
+    cut = sample(model, prompt, 40, 1.0, 0, torch.Generator().manual_seed(seed), stop=stop, check_every=8)
+    assert asked == [8, 16, 24] and cut == full[:24], seed

@@ -368,14 +368,14 @@ def model_sampler(model: CausalLM, tokenizer: BPETokenizer, temperature: float =
         gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed * 1_000_003 + calls[0])
         calls[0] += 1
         ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
-        new: list[int] = []
-        while len(new) < max_new_tokens:
-            new += sample(model, ids + new, min(SAMPLE_CHUNK, max_new_tokens - len(new)), temperature, top_k, gen)
-            if tokenizer.eot_id in new:
-                text = tokenizer.decode(new[: new.index(tokenizer.eot_id)])
-                return text if text.endswith("\n") else text + "\n"
-            if cut_at_boundary(tokenizer.decode(new))[1]:
-                break
+
+        def finished(new: list[int]) -> bool:
+            return tokenizer.eot_id in new or cut_at_boundary(tokenizer.decode(new))[1]
+
+        new = sample(model, ids, max_new_tokens, temperature, top_k, gen, stop=finished, check_every=SAMPLE_CHUNK)
+        if tokenizer.eot_id in new:
+            text = tokenizer.decode(new[: new.index(tokenizer.eot_id)])
+            return text if text.endswith("\n") else text + "\n"
         return tokenizer.decode(new)
 
     return sampler

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -102,9 +102,12 @@ def sample(
     temperature: float = 0.8,
     top_k: int = 50,
     generator: torch.Generator | None = None,
+    stop: Callable[[list[int]], bool] | None = None,
+    check_every: int = 16,
 ) -> list[int]:
     """Autoregressive sampling (temperature 0 = greedy, ``top_k`` 0 = no cut), cropping
-    the context to the model's ``seq_len``.
+    the context to the model's ``seq_len``. ``stop(new_ids)``, asked after every
+    ``check_every`` new tokens (one host sync each), ends the sampling early.
 
     A model with ``supports_kv_cache`` (the GPT) reads the prompt once and then one
     token per step from a :class:`~sparsetrain.model.KVCache`; once the context
@@ -117,7 +120,7 @@ def sample(
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # on the device: no sync per token
     cache = KVCache(len(model.blocks)) if getattr(model, "supports_kv_cache", False) else None
     with torch.no_grad():
-        for _ in range(max_new_tokens):
+        for n in range(1, max_new_tokens + 1):
             if cache is not None and ids.shape[1] <= window:
                 hidden = model.trunk(ids[:, cache.length :], cache=cache)[:, -1]
             else:
@@ -132,6 +135,9 @@ def sample(
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            if stop is not None and n % check_every == 0 and n < max_new_tokens \
+                    and stop(ids[0, len(prompt_ids) :].tolist()):
+                break
     return ids[0, len(prompt_ids) :].tolist()
 
 
