@@ -995,3 +995,16 @@ def test_trainer_steps_with_8bit_adamw_and_galore(kind, make_cfg, offline_hub) -
     for g in opt.param_groups[1:]:
         for p in g["params"]:
             assert "projector" not in opt.state[p] and opt.state[p]["exp_avg"].shape == p.shape
+
+
+@pytest.mark.parametrize("fn", [None, "original", "match_rms_adamw"])
+@pytest.mark.parametrize("shape", [(24, 10), (10, 24), (16, 16)])
+def test_muon_lr_scale_fallback_is_torchs(fn, shape) -> None:
+    """The batched Muon takes torch's per-shape lr scale, or its own copy of the formulas
+    on a torch without the helper: the two agree."""
+    import torch.optim._muon as torch_muon
+
+    if not hasattr(torch_muon, "_adjust_lr"):
+        pytest.skip("this torch has no _adjust_lr to compare with")
+    assert O._muon_adjust_lr(0.02, fn, torch.Size(shape)) == pytest.approx(
+        torch_muon._adjust_lr(0.02, fn, torch.Size(shape)), rel=1e-15)

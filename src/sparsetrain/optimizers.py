@@ -61,6 +61,7 @@ from __future__ import annotations
 import collections.abc
 import importlib
 import inspect
+import math
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
@@ -265,6 +266,17 @@ def _make_lion(groups: list[dict[str, Any]], lr: float, betas: tuple[float, floa
 # ----------------------------------------------------------------------------- Muon
 
 
+def _muon_adjust_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's per-shape lr scale (``original``: ``sqrt(max(1, rows / cols))``;
+    ``match_rms_adamw``: ``0.2 sqrt(max(rows, cols))``)."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr
+
+
 _MUON_CLASS: type | None = None
 
 
@@ -315,7 +327,8 @@ def _muon_class() -> type:
     base = getattr(torch.optim, "Muon", None)
     if base is None:
         raise ConfigError(f"optimizer = muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
-    adjust_lr = base.__init__.__globals__["_adjust_lr"]  # the per-shape lr scale, torch's own (torch.optim._muon)
+    # the per-shape lr scale: torch's own (torch.optim._muon), or the same formulas where a torch lacks the helper
+    adjust_lr = base.__init__.__globals__.get("_adjust_lr", _muon_adjust_lr)
     torch_sig = inspect.signature(base.__init__).parameters
     # torch versions with a use_addmm option run the fused NS only when it is on; the others always
     has_use_addmm = "use_addmm" in torch_sig
