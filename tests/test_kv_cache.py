@@ -116,3 +116,18 @@ def test_a_stop_rule_cuts_the_same_draws_at_its_checks() -> None:
 
     cut = sample(model, prompt, 40, 1.0, 0, torch.Generator().manual_seed(seed), stop=stop, check_every=8)
     assert asked == [8, 16, 24] and cut == full[:24], seed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_cache_on_cuda_under_bf16_autocast_matches_the_whole_sequence() -> None:
+    """On CUDA, 16-bit RoPE runs the fused Triton kernel on the cache's position slice
+    of the tables; the pieces must match the whole sequence as closely as bf16 allows."""
+    seed = random.randrange(2**31)
+    model = _model(seed).float().cuda()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(seed)).cuda()
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        whole = model.trunk(ids).float()
+        cache = KVCache(len(model.blocks))
+        pieces = [model.trunk(ids[:, a:b], cache=cache).float() for a, b in ((0, 7), (7, 8), (8, 9), (9, 24))]
+    err = (torch.cat(pieces, 1) - whole).abs().max().item()
+    assert err < 0.05 * whole.abs().max().item(), (seed, err)
