@@ -347,7 +347,9 @@ def moved_apart(p: torch.Tensor, q: torch.Tensor, p0: torch.Tensor) -> float:
 @needs_muon
 @pytest.mark.parametrize("precision", ["bfloat16", "float64"])
 @pytest.mark.parametrize("nesterov,adjust", [(True, None), (True, "match_rms_adamw"), (False, "original")])
-def test_batched_muon_equals_torch_muon_per_matrix(precision, nesterov, adjust, request) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_batched_muon_equals_torch_muon_per_matrix(precision, nesterov, adjust, device, request) -> None:
     """Muon over shape groups (several matrices of one shape, matrices of other
     shapes, an [E, out, in] stack joining the matrices of its slices' shape, two
     param groups with their own lr / decay / momentum, a parameter without a
@@ -358,8 +360,8 @@ def test_batched_muon_equals_torch_muon_per_matrix(precision, nesterov, adjust, 
     dtype = torch.float64 if precision == "float64" else torch.float32
     fresh_seed()
     shapes = [(24, 10), (16, 16), (24, 10), (10, 24), (16, 16), (24, 10), (7, 40)]
-    mats = [nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
-    stack = nn.Parameter(torch.randn(3, 24, 10, dtype=dtype))
+    mats = [nn.Parameter(torch.randn(s, dtype=dtype, device=device)) for s in shapes]
+    stack = nn.Parameter(torch.randn(3, 24, 10, dtype=dtype, device=device))
     ref_mats = [nn.Parameter(p.detach().clone()) for p in mats]
     alone = [nn.Parameter(stack.detach()[e].clone()) for e in range(3)]
     start = [p.detach().clone() for p in mats] + [stack.detach()[e].clone() for e in range(3)]
