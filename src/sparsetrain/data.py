@@ -21,6 +21,7 @@ of the train tokens.
 from __future__ import annotations
 
 import fnmatch
+import contextlib
 import hashlib
 import json
 import math
@@ -29,7 +30,7 @@ import re
 import shutil
 import sysconfig
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -511,6 +512,19 @@ def batch_memory_error(e: BaseException, batch_size: int, seq_len: int, what: st
                        f"memory{size}; use a smaller batch_size (grad_accum keeps the tokens per step)")
 
 
+@contextlib.contextmanager
+def memory_named_by_batch(batch_size: int, seq_len: int, what: str) -> Iterator[None]:
+    """Inside, a failed allocation (:func:`out_of_memory`) becomes
+    :func:`batch_memory_error`'s one line (chained to it); any other error passes as it is.
+    For work whose memory the batch shape sets: the batches, a training step."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not out_of_memory(e):
+            raise
+        raise batch_memory_error(e, batch_size, seq_len, what) from e
+
+
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
     chunk = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
@@ -553,14 +567,10 @@ def train_batch(
     """Random windows from this rank's shard: ``(x, y)`` with ``y[:, t] = x[:, t+1]``
     of the underlying stream, both int64 ``[batch_size, seq_len]`` on the CPU. Row
     ``b`` starts at :func:`train_window_starts`' ``b``-th position."""
-    try:
+    with memory_named_by_batch(batch_size, seq_len, "the training batches do not fit"):
         starts = train_window_starts(tokens.size, batch_size, seq_len, seed=seed, step=step, micro=micro, rank=rank,
                                      world_size=world_size)
         return _windows(tokens, starts, seq_len)
-    except (MemoryError, RuntimeError) as e:
-        if not out_of_memory(e):
-            raise
-        raise batch_memory_error(e, batch_size, seq_len, "the training batches do not fit") from None
 
 
 def val_batches(
@@ -570,14 +580,10 @@ def val_batches(
     ``i`` goes to rank ``i % world_size``."""
     if tokens.size < seq_len + 1:
         raise DataError(f"val split has {tokens.size} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-    try:
+    with memory_named_by_batch(batch_size, seq_len, f"the {n_batches} val batches do not fit"):
         starts = np.linspace(0, tokens.size - seq_len - 1, n_batches * batch_size).astype(np.int64)
         return [
             _windows(tokens, starts[i * batch_size : (i + 1) * batch_size], seq_len)
             for i in range(n_batches)
             if i % world_size == rank
         ]
-    except (MemoryError, RuntimeError) as e:
-        if not out_of_memory(e):
-            raise
-        raise batch_memory_error(e, batch_size, seq_len, f"the {n_batches} val batches do not fit") from None

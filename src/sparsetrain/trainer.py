@@ -39,8 +39,8 @@ from .checkpoint import (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, Weights, a
                          capture_rng_state, first_line, load_checkpoint_from, module_generators, refuse_other_tokenizer,
                          remove_partial_writes, restore_rng_state, rng_untouched, save_checkpoint, save_weights)
 from .config import ModelConfig, TrainConfig, dumps_toml, read_toml
-from .data import (TokenizedCorpus, batch_memory_error, bits_per_byte, load_corpus, out_of_memory, tokens_per_byte,
-                   train_batch, train_window_starts, val_batches)
+from .data import (TokenizedCorpus, bits_per_byte, load_corpus, memory_named_by_batch, tokens_per_byte, train_batch,
+                   train_window_starts, val_batches)
 from .loader import make_loader
 from .errors import CheckpointError, ConfigError, DataError, DivergedError
 from .evaluate import code_compile_rate, code_prompts, held_out_code_files
@@ -1207,15 +1207,11 @@ class Trainer:
             ended_by_time = self._out_of_time()
             while not ended_by_time and (not c.max_steps or self.step < c.max_steps):
                 try:
-                    self.train_step()  # its loss and metrics wait in self.metric_window until logged
+                    # the step's activations scale with the micro-batch: the one setting to name
+                    with memory_named_by_batch(c.batch_size, c.model.seq_len, f"step {self.step + 1} does not fit"):
+                        self.train_step()  # its loss and metrics wait in self.metric_window until logged
                 except DivergedError as e:  # raised inside the step (token scores of NaN logits)
                     raise self._diverged(f"step {self.step + 1}: {e}") from None
-                except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
-                    if not out_of_memory(e):
-                        raise
-                    # the step's activations scale with the micro-batch: the one setting to name
-                    raise batch_memory_error(e, c.batch_size, c.model.seq_len,
-                                             f"step {self.step + 1} does not fit") from e
                 window_t0 += self._uncounted_seconds
                 self._uncounted_seconds = 0.0
                 if self.clock.step_done():  # start-up measured (one sync)
