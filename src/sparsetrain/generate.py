@@ -119,25 +119,24 @@ def sample(
     window = model.config.seq_len
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # on the device: no sync per token
     cache = KVCache(len(model.blocks)) if getattr(model, "supports_kv_cache", False) else None
-    with torch.no_grad():
-        for n in range(1, max_new_tokens + 1):
-            if cache is not None and ids.shape[1] <= window:
-                hidden = model.trunk(ids[:, cache.length :], cache=cache)[:, -1]
-            else:
-                hidden = model.trunk(ids[:, -window:])[:, -1]
-            logits = model.lm_head(model.norm(hidden))[0].float()
-            if temperature <= 0:
-                nxt = logits.argmax().view(1)
-            else:
-                logits = logits / temperature
-                if 0 < top_k < logits.numel():
-                    kth = torch.topk(logits, top_k).values[-1]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-            if stop is not None and n % check_every == 0 and n < max_new_tokens \
-                    and stop(ids[0, len(prompt_ids) :].tolist()):
-                break
+    for n in range(1, max_new_tokens + 1):
+        if cache is not None and ids.shape[1] <= window:
+            hidden = model.trunk(ids[:, cache.length :], cache=cache)[:, -1]
+        else:
+            hidden = model.trunk(ids[:, -window:])[:, -1]
+        logits = model.lm_head(model.norm(hidden))[0].float()
+        if temperature <= 0:
+            nxt = logits.argmax().view(1)
+        else:
+            logits = logits / temperature
+            if 0 < top_k < logits.numel():
+                kth = torch.topk(logits, top_k).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        if stop is not None and n % check_every == 0 and n < max_new_tokens \
+                and stop(ids[0, len(prompt_ids) :].tolist()):
+            break
     return ids[0, len(prompt_ids) :].tolist()
 
 
