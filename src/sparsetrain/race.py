@@ -336,10 +336,11 @@ def run_race(arms: list[Arm], seconds: float, n_seeds: int, out_dir: str | Path,
 def _write_partial_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], seeds: list[int],
                           seconds: float, done: list[tuple[int, int]], out: Path) -> None:
     """Write the report of the arms finished in every seed (marked ``partial``), once
-    the first arm, the target, is among them; the full report replaces it."""
+    the first arm, the target, is among them, and only when the last run (``done[-1]``)
+    finished an arm: the report changes then only; the full report replaces it."""
     finished = set(done)
     complete = [a for a in range(len(arms)) if all((s, a) in finished for s in range(len(seeds)))]
-    if not complete or complete[0] != 0:
+    if not complete or complete[0] != 0 or done[-1][1] not in complete:
         return
     index = {a: i for i, a in enumerate(complete)}
     report = race_report([arms[a] for a in complete], configs, seeds, seconds,
