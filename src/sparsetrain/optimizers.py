@@ -277,6 +277,15 @@ def _muon_adjust_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> f
     return lr
 
 
+def _closure_loss(closure: Callable[[], torch.Tensor] | None) -> torch.Tensor | None:
+    """What an optimizer's ``step(closure)`` returns: the loss the closure re-evaluates
+    (with gradients on, inside a ``no_grad`` step), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 _MUON_CLASS: type | None = None
 
 
@@ -374,10 +383,7 @@ def _muon_class() -> type:
         @torch.no_grad()
         def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
             """torch's ``_single_tensor_muon``, shape group by shape group."""
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
+            loss = _closure_loss(closure)
             for group in self.param_groups:
                 params: list[torch.Tensor] = []
                 grads: list[torch.Tensor] = []
@@ -558,10 +564,7 @@ class CombinedOptimizer:
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """One step of every part; ``closure`` (re-evaluating the loss) runs once."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for opt in self.parts.values():
             opt.step()
         return loss
