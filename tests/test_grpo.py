@@ -352,11 +352,11 @@ def test_model_window_is_the_same_prompt_end_in_both_arms(python_corpus: Path, m
     model = GPT(ModelConfig(vocab_size=320, seq_len=128, n_layer=1, n_head=2, d_model=16)).eval()
     calls = []
 
-    def fake_sample(model, ids, n, temperature, top_k, gen, stop=None, check_every=16):
-        calls.append((list(ids), gen.initial_seed()))
-        return tok.encode("\n    x = 1\ny = 2\n")[:n]
+    def fake_sample_rows(model, ids, gens, n, temperature, top_k, stop=None, check_every=16):
+        calls.extend((list(ids), gen.initial_seed()) for gen in gens)
+        return [tok.encode("\n    x = 1\ny = 2\n")[:n] for _ in gens]
 
-    monkeypatch.setattr(evaluate, "sample", fake_sample)
+    monkeypatch.setattr(evaluate, "sample_rows", fake_sample_rows)
     with pytest.raises(ConfigError, match="= 129 must fit the model's seq_len 128"):
         model_generate(model, tok, context_tokens=40, prompt_tokens=40, max_new_tokens=48)
     make = model_generate(model, tok, context_tokens=40, prompt_tokens=40, max_new_tokens=47)

@@ -12,7 +12,7 @@ import torch
 
 from sparsetrain.build import build_model
 from sparsetrain.config import ModelConfig
-from sparsetrain.generate import sample
+from sparsetrain.generate import sample, sample_rows
 from sparsetrain.model import KVCache
 
 
@@ -116,6 +116,44 @@ def test_a_stop_rule_cuts_the_same_draws_at_its_checks() -> None:
 
     cut = sample(model, prompt, 40, 1.0, 0, torch.Generator().manual_seed(seed), stop=stop, check_every=8)
     assert asked == [8, 16, 24] and cut == full[:24], seed
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, 0), (1.0, 0), (0.8, 10)])
+@pytest.mark.parametrize("prompt_len", [1, 9, 30], ids=["short", "mid", "past-window"])
+def test_rows_decoded_together_draw_what_each_row_draws_alone(temperature: float, top_k: int, prompt_len: int) -> None:
+    """Three continuations of one prompt in one batch: row r is the naive whole-window
+    loop with row r's generator (float64: the batched products round as the single ones)."""
+    seed = random.randrange(2**31)
+    model = _model(seed)
+    prompt = torch.randint(0, 300, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
+    got = sample_rows(model, prompt, [torch.Generator().manual_seed(seed + r) for r in range(3)], 20, temperature, top_k)
+    want = [_naive_sample(model, prompt, 20, temperature, top_k, torch.Generator().manual_seed(seed + r))
+            for r in range(3)]
+    assert got == want, seed
+    if temperature > 0:  # the rows draw apart (a failure here would mean one generator fed every row)
+        assert len({tuple(r) for r in got}) > 1, seed
+
+
+def test_each_row_stops_by_its_own_rule() -> None:
+    """A row stops at the first check where ``stop`` says so for its own tokens, cut
+    there; the others go on; the loop ends once every row has stopped."""
+    seed = random.randrange(2**31)
+    model = _model(seed)
+    prompt = torch.randint(0, 300, (5,), generator=torch.Generator().manual_seed(seed)).tolist()
+    gens = lambda: [torch.Generator().manual_seed(seed + r) for r in range(4)]  # noqa: E731
+    full = sample_rows(model, prompt, gens(), 40, 1.0, 0)
+    asked: list[int] = []
+
+    def stop(new: list[int]) -> bool:
+        asked.append(len(new))
+        return len(new) >= (8 if new[0] % 2 == 0 else 16)
+
+    cut = sample_rows(model, prompt, gens(), 40, 1.0, 0, stop=stop, check_every=8)
+    assert cut == [row[: 8 if row[0] % 2 == 0 else 16] for row in full], seed
+    last = max(8 if row[0] % 2 == 0 else 16 for row in full)
+    assert max(asked) == last and sum(1 for a in asked if a == 8) == 4, (seed, asked)  # no check after the last stop
+    with pytest.raises(ValueError, match="at least one row"):
+        sample_rows(model, prompt, [], 4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -43,7 +43,7 @@ from .config import TrainConfig, build_config, read_toml
 from .data import (discover_text_files, is_val_file, join_documents, load_corpus, read_bin_tokens, read_documents,
                    split_documents)
 from .errors import CheckpointError, DataError, SparsetrainError
-from .generate import load_model, run_directory, sample
+from .generate import load_model, run_directory, sample_rows
 from .model import CausalLM, upcast
 from .tokenizer import BPETokenizer
 
@@ -355,30 +355,49 @@ def code_prompts(files: Sequence[str | Path], n: int, seed: int = 0) -> list[Cod
     return prompts
 
 
-def model_sampler(model: CausalLM, tokenizer: BPETokenizer, temperature: float = 0.8, top_k: int = 50,
-                  seed: int = 0) -> Sampler:
+class ModelSampler:
     """A :data:`Sampler` that continues the prompt with ``model`` (context: end-of-text
     + the prompt's tokens, cropped to ``seq_len`` by :func:`sparsetrain.generate.sample`),
     stopping at the stopping line, an end-of-text (the file ends there: its last
     line counts as finished) or ``max_new_tokens``. Call ``i`` samples from the
-    generator seeded ``(seed, i)``."""
-    calls = [0]
+    generator seeded ``(seed, i)``; :meth:`many` makes the next ``n`` calls on one
+    prompt as one batch (:func:`~sparsetrain.generate.sample_rows`)."""
 
-    def sampler(prompt: str, max_new_tokens: int) -> str:
-        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed * 1_000_003 + calls[0])
-        calls[0] += 1
-        ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
+    def __init__(self, model: CausalLM, tokenizer: BPETokenizer, temperature: float = 0.8, top_k: int = 50,
+                 seed: int = 0) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+        self.calls = 0
+
+    def __call__(self, prompt: str, max_new_tokens: int) -> str:
+        return self.many(prompt, max_new_tokens, 1)[0]
+
+    def many(self, prompt: str, max_new_tokens: int, n: int) -> list[str]:
+        """The next ``n`` calls' continuations of one ``prompt``."""
+        device = next(self.model.parameters()).device
+        gens = [torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.calls + r) for r in range(n)]
+        self.calls += n
+        tok = self.tokenizer
+        ids = [tok.eot_id] + tok.encode(prompt)
 
         def finished(new: list[int]) -> bool:
-            return tokenizer.eot_id in new or cut_at_boundary(tokenizer.decode(new))[1]
+            return tok.eot_id in new or cut_at_boundary(tok.decode(new))[1]
 
-        new = sample(model, ids, max_new_tokens, temperature, top_k, gen, stop=finished, check_every=SAMPLE_CHUNK)
-        if tokenizer.eot_id in new:
-            text = tokenizer.decode(new[: new.index(tokenizer.eot_id)])
+        rows = sample_rows(self.model, ids, gens, max_new_tokens, self.temperature, self.top_k, stop=finished,
+                           check_every=SAMPLE_CHUNK)
+        return [self._text(new) for new in rows]
+
+    def _text(self, new: list[int]) -> str:
+        if self.tokenizer.eot_id in new:
+            text = self.tokenizer.decode(new[: new.index(self.tokenizer.eot_id)])
             return text if text.endswith("\n") else text + "\n"
-        return tokenizer.decode(new)
+        return self.tokenizer.decode(new)
 
-    return sampler
+
+def model_sampler(model: CausalLM, tokenizer: BPETokenizer, temperature: float = 0.8, top_k: int = 50,
+                  seed: int = 0) -> ModelSampler:
+    """:class:`ModelSampler` of ``model``."""
+    return ModelSampler(model, tokenizer, temperature, top_k, seed)
 
 
 def code_compile_rate(

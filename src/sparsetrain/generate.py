@@ -114,30 +114,62 @@ def sample(
     passes ``seq_len`` its window slides, every position moves, and each step
     recomputes the last ``seq_len`` tokens whole, as models without a cache always
     do. Both give the logits of the whole window's forward (a test holds them to it)."""
+    return sample_rows(model, prompt_ids, [generator], max_new_tokens, temperature, top_k, stop, check_every)[0]
+
+
+@torch.no_grad()
+def sample_rows(
+    model: GPT,
+    prompt_ids: list[int],
+    generators: list[torch.Generator | None],
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    stop: Callable[[list[int]], bool] | None = None,
+    check_every: int = 16,
+) -> list[list[int]]:
+    """``len(generators)`` continuations of one prompt decoded together, a batch row
+    each: one forward per step for all of them, where :func:`sample` would run one
+    per row. Row ``r`` draws only from ``generators[r]`` and stops by its own
+    ``stop``, so it is :func:`sample` with that generator (up to the float rounding
+    of a batched product; equal in float64, a test checks). The loop ends when every
+    row has stopped or at ``max_new_tokens``; a row that stopped earlier is cut
+    where it stopped."""
     check_sampling(max_new_tokens, temperature, top_k)
+    if not generators:
+        raise ValueError("sample_rows needs at least one row (one generator or None per row)")
+    rows = len(generators)
     device = next(model.parameters()).device
     window = model.config.seq_len
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # on the device: no sync per token
+    prompt = len(prompt_ids)
+    ids = torch.tensor([prompt_ids] * rows, dtype=torch.long, device=device)  # on the device: no sync per token
     cache = KVCache(len(model.blocks)) if getattr(model, "supports_kv_cache", False) else None
+    stopped_at: list[int | None] = [None] * rows
     for n in range(1, max_new_tokens + 1):
         if cache is not None and ids.shape[1] <= window:
             hidden = model.trunk(ids[:, cache.length :], cache=cache)[:, -1]
         else:
             hidden = model.trunk(ids[:, -window:])[:, -1]
-        logits = model.lm_head(model.norm(hidden))[0].float()
+        logits = model.lm_head(model.norm(hidden)).float()
         if temperature <= 0:
-            nxt = logits.argmax().view(1)
+            nxt = logits.argmax(-1, keepdim=True)
         else:
             logits = logits / temperature
-            if 0 < top_k < logits.numel():
-                kth = torch.topk(logits, top_k).values[-1]
+            if 0 < top_k < logits.shape[-1]:
+                kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
-        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-        if stop is not None and n % check_every == 0 and n < max_new_tokens \
-                and stop(ids[0, len(prompt_ids) :].tolist()):
-            break
-    return ids[0, len(prompt_ids) :].tolist()
+            probs = torch.softmax(logits, -1)
+            nxt = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)])[:, None]
+        ids = torch.cat([ids, nxt], dim=1)
+        if stop is not None and n % check_every == 0 and n < max_new_tokens:
+            new = ids[:, prompt:].tolist()
+            for r in range(rows):
+                if stopped_at[r] is None and stop(new[r]):
+                    stopped_at[r] = n
+            if all(s is not None for s in stopped_at):
+                break
+    new = ids[:, prompt:].tolist()
+    return [row[:s] if s is not None else row for row, s in zip(new, stopped_at)]
 
 
 def generate_text(

@@ -481,7 +481,7 @@ def model_generate(model: CausalLM, tokenizer: BPETokenizer, *, context_tokens: 
             text = (fit_lines(context, tokenizer.encode, context_tokens, keep_end=False)
                     + fit_lines(prompt, tokenizer.encode, prompt_tokens, keep_end=True))
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                return [sampler(text, max_new_tokens) for _ in range(n)]
+                return sampler.many(text, max_new_tokens, n)  # the n rollouts of a group in one batch
 
         return generate
 
