@@ -432,6 +432,39 @@ def test_grpo_cli_end_to_end(make_cfg, python_corpus: Path, tmp_path: Path, caps
                           "--max-size 8 differs from the capacity 5")
 
 
+def test_grpo_cli_keeps_the_finished_seeds_of_a_stopped_run(make_cfg, python_corpus: Path, tmp_path: Path, capsys,
+                                                             monkeypatch) -> None:
+    """``--json`` is written after every seed: a run stopped in its second seed leaves
+    the first seed's report (marked partial), equal to that seed in a whole run's."""
+    import sparsetrain.grpo as grpo
+    from sparsetrain.trainer import train
+
+    cfg = make_cfg(data=str(python_corpus), val_fraction=0.2, max_steps=2, out_dir=str(tmp_path / "run"))
+    train(cfg, verbose=False)
+    args = ["grpo", "--ckpt", str(tmp_path / "run"), "--task", "compile", "--rounds", "1", "--seeds", "2", "--seed", "3",
+            "--train-prompts", "2", "--test-prompts", "3", "--group-size", "2", "--context-tokens", "6",
+            "--prompt-tokens", "12", "--max-new-tokens", "8", "--device", "cpu"]
+    assert run_main(args + ["--json", str(tmp_path / "whole.json")], capsys)[0] == 0
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    assert "partial" not in whole and len(whole["seeds"]) == 2
+
+    measure = grpo.measure_seed
+    seen = []
+
+    def stopped_in_the_second_seed(*a, **k):
+        seen.append(1)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return measure(*a, **k)
+
+    monkeypatch.setattr(grpo, "measure_seed", stopped_in_the_second_seed)
+    assert run_main(args + ["--json", str(tmp_path / "cut.json")], capsys)[0] == 130
+    cut = json.loads((tmp_path / "cut.json").read_text())
+    assert cut["partial"] == {"seeds_finished": 1, "seeds": 2}
+    assert cut["seeds"] == whole["seeds"][:1]
+    assert cut["summary"]["with_library"]["mean"] == whole["seeds"][0]["with_library"]["rate"]
+
+
 def test_grpo_cli_refuses_a_run_without_held_out_code(make_cfg, tmp_path: Path, capsys) -> None:
     """The conftest corpus is random words: no held-out file compiles, so no prompt."""
     from sparsetrain.trainer import train

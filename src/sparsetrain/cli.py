@@ -582,6 +582,19 @@ def cmd_grpo(args: argparse.Namespace) -> int:
                                    temperature=args.temperature, top_k=args.top_k,
                                    autocast_dtype=autocast_dtype(cfg.dtype, device))
 
+    def write_json(results: list, partial: bool) -> None:
+        """The report of the seeds measured so far: after each seed (``partial`` until the
+        last), so a run stopped midway keeps its finished seeds."""
+        from .benchmark import environment
+        from .checkpoint import atomic_write_text
+
+        report = {"environment": environment(), "checkpoint": str(args.ckpt), "task": args.task,
+                  "settings": {k: v for k, v in vars(args).items() if k not in ("json", "command")},
+                  "seeds": [{**asdict(r), "difference": r.difference} for r in results], "summary": summarize(results)}
+        if partial:
+            report["partial"] = {"seeds_finished": len(results), "seeds": args.seeds}
+        atomic_write_text(args.json, json.dumps(report, indent=2))
+
     results = []
     for k in range(args.seeds):
         seed = args.seed + k
@@ -596,18 +609,13 @@ def cmd_grpo(args: argparse.Namespace) -> int:
         print(f"seed {seed}: held-out success without the library {o.rate:.3f} ({o.successes}/{o.n}, Wilson 95% "
               f"[{o.low:.3f}, {o.high:.3f}]), with it {w.rate:.3f} ({w.successes}/{w.n}, [{w.low:.3f}, {w.high:.3f}]); "
               f"{result.library_size} library items", flush=True)
+        if args.json:
+            write_json(results, partial=k < args.seeds - 1)
     summary = summarize(results)
     o, w, d = summary["without_library"], summary["with_library"], summary["difference"]
     print(f"{args.task} over {len(results)} seed(s), mean +- std: without the library {o['mean']:.3f} +- {o['std']:.3f}, "
           f"with it {w['mean']:.3f} +- {w['std']:.3f}, difference {d['mean']:+.3f} +- {d['std']:.3f} "
           f"(min {d['min']:+.3f}, max {d['max']:+.3f})")
-    if args.json:
-        from .benchmark import environment
-
-        Path(args.json).write_text(json.dumps({
-            "environment": environment(), "checkpoint": str(args.ckpt), "task": args.task,
-            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "command")},
-            "seeds": [{**asdict(r), "difference": r.difference} for r in results], "summary": summary}, indent=2))
     return 0
 
 
