@@ -53,7 +53,8 @@ for p in $PRESETS; do
 done
 for p in $GRPO_PRESETS; do
   run="$RUNS/$p"
-  if want grpo && [ -f "$run/done" ] && [ ! -f "$OUT/grpo_$p.json" ]; then
+  # a report marked partial (a run stopped between seeds) is measured again whole
+  if want grpo && [ -f "$run/done" ] && ! ${PYTHON:-python} -c 'import json, sys; sys.exit("partial" in json.load(open(sys.argv[1])))' "$OUT/grpo_$p.json" 2>/dev/null; then
     log "grpo: $p, $GRPO_SEEDS seeds"
     $ST grpo --ckpt "$run" --task compile --seeds "$GRPO_SEEDS" $GRPO_ARGS --json "$OUT/grpo_$p.json"
   fi
