@@ -18,7 +18,7 @@ import torch
 from sparsetrain.cli import main
 from sparsetrain.config import ModelConfig, build_config
 from sparsetrain.data import is_val_file, load_corpus
-from sparsetrain.errors import DataError
+from sparsetrain.errors import DataError, SparsetrainError
 from sparsetrain.evaluate import (
     WILSON_Z,
     NoCodePromptError,
@@ -234,6 +234,28 @@ def test_model_compile_rate_is_deterministic_and_restores_train_mode(python_corp
     b = code_compile_rate(model, tok, files, 3, max_new_tokens=40, seed=1)
     assert model.training
     assert a == b
+
+
+def test_compile_rate_is_the_same_whatever_the_batch(python_corpus: Path) -> None:
+    """Prompts decoded 16 or 5 at a time (left-padded) give the samples decoded one by
+    one, record for record (float64, RoPE tables kept in float64, weights stirred so
+    the context matters)."""
+    from sparsetrain.model import rope_tables
+
+    files = sorted(python_corpus.iterdir())
+    tok = BPETokenizer.train([f.read_text() for f in files], 300)
+    torch.manual_seed(random.randrange(2**31))
+    cfg = ModelConfig(vocab_size=320, seq_len=480, n_layer=2, n_head=2, d_model=16)  # some prompts fit, some not
+    model = GPT(cfg).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    model.rope_cos, model.rope_sin = rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta, torch.float64)
+    runs = [code_compile_rate(model, tok, files, 9, max_new_tokens=20, temperature=1.0, top_k=0, seed=3, batch_size=b)
+            for b in (1, 5, 16)]
+    assert runs[0].samples == runs[1].samples == runs[2].samples
+    with pytest.raises(SparsetrainError, match="batch_size must be >= 1, got 0"):
+        code_compile_rate(model, tok, files, 2, batch_size=0)
 
 
 def test_model_sampler_is_one_sample_call_in_chunks(python_corpus: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -352,11 +353,11 @@ def test_model_window_is_the_same_prompt_end_in_both_arms(python_corpus: Path, m
     model = GPT(ModelConfig(vocab_size=320, seq_len=128, n_layer=1, n_head=2, d_model=16)).eval()
     calls = []
 
-    def fake_sample_rows(model, ids, gens, n, temperature, top_k, stop=None, check_every=16):
-        calls.extend((list(ids), gen.initial_seed()) for gen in gens)
+    def fake_sample_prompts(model, prompts, gens, n, temperature, top_k, stop=None, check_every=16):
+        calls.extend((list(ids), gen.initial_seed()) for ids, gen in zip(prompts, gens))
         return [tok.encode("\n    x = 1\ny = 2\n")[:n] for _ in gens]
 
-    monkeypatch.setattr(evaluate, "sample_rows", fake_sample_rows)
+    monkeypatch.setattr(evaluate, "sample_prompts", fake_sample_prompts)
     with pytest.raises(ConfigError, match="= 129 must fit the model's seq_len 128"):
         model_generate(model, tok, context_tokens=40, prompt_tokens=40, max_new_tokens=48)
     make = model_generate(model, tok, context_tokens=40, prompt_tokens=40, max_new_tokens=47)
@@ -371,6 +372,37 @@ def test_model_window_is_the_same_prompt_end_in_both_arms(python_corpus: Path, m
     make(7)("", prompt, 1)
     assert [c[0] for c in calls] == [[tok.eot_id] + tok.encode(head + window)] * 2 + [[tok.eot_id] + tok.encode(window)]
     assert [c[1] for c in calls] == [7 * 1_000_003, 7 * 1_000_003 + 1, 7 * 1_000_003]
+
+
+def test_held_out_prompts_decoded_in_batches_are_the_samples_one_by_one(python_corpus: Path) -> None:
+    """A seed measured with the model's held-out prompts decoded 5 at a time (groups
+    in one batch) equals the same seed with every call made alone (float64)."""
+    from sparsetrain.config import ModelConfig
+    from sparsetrain.model import GPT, rope_tables
+    from sparsetrain.tokenizer import BPETokenizer
+
+    files = sorted(python_corpus.iterdir())
+    tok = BPETokenizer.train([f.read_text() for f in files], 300)
+    torch.manual_seed(random.randrange(2**31))
+    cfg = ModelConfig(vocab_size=320, seq_len=96, n_layer=2, n_head=2, d_model=16)
+    model = GPT(cfg).double().eval()
+    with torch.no_grad():  # the init's logits are nearly uniform: stir every weight so that the context matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    model.rope_cos, model.rope_sin = rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta, torch.float64)
+    task = CompileTask(files)
+    settings = GRPOSettings(rounds=1, train_prompts=3, test_prompts=7, group_size=3, context_items=2)
+    make = model_generate(model, tok, context_tokens=24, prompt_tokens=40, max_new_tokens=24, temperature=1.0,
+                          top_k=0, batch_size=5)
+
+    def one_by_one(stream: int):
+        g = make(stream)
+        return lambda context, prompt, n: [g.sampler(g.fit(context, prompt), g.max_new_tokens) for _ in range(n)]
+
+    batched = measure_seed(task, make, ExperienceLibrary(8), 2, settings)
+    alone = measure_seed(task, one_by_one, ExperienceLibrary(8), 2, settings)
+    assert asdict(batched) == asdict(alone)
+    assert batched.with_library.samples[0]["context_items"] > 0 or batched.library_size == 0
 
 
 # ----------------------------------------------------------------------------- the CLI

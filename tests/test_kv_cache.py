@@ -12,8 +12,8 @@ import torch
 
 from sparsetrain.build import build_model
 from sparsetrain.config import ModelConfig
-from sparsetrain.generate import sample, sample_rows
-from sparsetrain.model import KVCache
+from sparsetrain.generate import batchable, sample, sample_prompts
+from sparsetrain.model import KVCache, rope_tables
 
 
 def _model(seed: int, **over) -> torch.nn.Module:
@@ -126,12 +126,75 @@ def test_rows_decoded_together_draw_what_each_row_draws_alone(temperature: float
     seed = random.randrange(2**31)
     model = _model(seed)
     prompt = torch.randint(0, 300, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
-    got = sample_rows(model, prompt, [torch.Generator().manual_seed(seed + r) for r in range(3)], 20, temperature, top_k)
+    got = sample_prompts(model, [prompt] * 3, [torch.Generator().manual_seed(seed + r) for r in range(3)], 20, temperature,
+                         top_k)
     want = [_naive_sample(model, prompt, 20, temperature, top_k, torch.Generator().manual_seed(seed + r))
             for r in range(3)]
     assert got == want, seed
     if temperature > 0:  # the rows draw apart (a failure here would mean one generator fed every row)
         assert len({tuple(r) for r in got}) > 1, seed
+
+
+def _exact_rope(model: torch.nn.Module) -> torch.nn.Module:
+    """RoPE tables computed and kept in float64: the stored float32 tables make a score
+    depend on the absolute positions at ~1e-7, which a padded row's shift would show."""
+    c = model.config
+    model.rope_cos, model.rope_sin = rope_tables(c.seq_len, c.head_dim, c.rope_theta, torch.float64)
+    return model
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0.0, 0), (1.0, 0), (0.8, 10)])
+@pytest.mark.parametrize("over", [{}, {"hyper_connections": 2}], ids=["gpt", "hyper2"])
+def test_prompts_of_unequal_lengths_left_padded_draw_what_each_draws_alone(temperature: float, top_k: int,
+                                                                          over: dict) -> None:
+    """Prompts of 1 to 9 tokens in one batch, the short ones left-padded and their
+    padding masked: each row is the naive whole-window loop of its own prompt."""
+    seed = random.randrange(2**31)
+    model = _exact_rope(_model(seed, **over))
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (9, 1, 4, 9, 6)]
+    assert batchable(model, [len(p) for p in prompts], 12)  # 9 + 12 <= seq_len 24: no slide
+    got = sample_prompts(model, prompts, [torch.Generator().manual_seed(seed + r) for r in range(5)], 12,
+                         temperature, top_k)
+    want = [_naive_sample(model, p, 12, temperature, top_k, torch.Generator().manual_seed(seed + r))
+            for r, p in enumerate(prompts)]
+    assert got == want, seed
+
+
+def test_padded_rows_get_the_logits_they_get_alone() -> None:
+    """The trunk over a left-padded batch from a cache: each row's real positions equal
+    its own prompt's forward (float64, to rounding), prompt and decoded token alike."""
+    seed = random.randrange(2**31)
+    model = _exact_rope(_model(seed))
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (7, 2, 5)]
+    nxt = torch.randint(0, 300, (3, 1), generator=g)
+    pad = torch.tensor([0, 5, 2])
+    ids = torch.tensor([[p[0]] * int(k) + p for p, k in zip(prompts, pad)])
+    with torch.no_grad():
+        cache = KVCache(len(model.blocks), pad)
+        first = model.trunk(ids, cache=cache)
+        second = model.trunk(nxt, cache=cache)[:, 0]
+        for r, p in enumerate(prompts):
+            alone = model.trunk(torch.tensor([p + [int(nxt[r])]]))[0]
+            scale = alone.abs().max().item()
+            assert (first[r, int(pad[r]) :] - alone[:-1]).abs().max().item() < 1e-10 * scale, seed
+            assert (second[r] - alone[-1]).abs().max().item() < 1e-10 * scale, seed
+
+
+def test_a_prompt_that_would_slide_is_sampled_alone() -> None:
+    """A prompt whose continuation would pass seq_len is not padded into the batch
+    (the window would slide the rows apart): it is sampled alone, the others
+    together, each still the naive loop's draws. A model without a cache pads none."""
+    seed = random.randrange(2**31)
+    model = _model(seed)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (3, 20, 7, 5)]
+    assert not batchable(model, [3, 20, 7, 5], 8) and batchable(model, [20, 20], 8) and batchable(model, [3, 7, 5], 8)
+    got = sample_prompts(model, prompts, [torch.Generator().manual_seed(seed + r) for r in range(4)], 8, 1.0, 0)
+    assert got == [_naive_sample(model, p, 8, 1.0, 0, torch.Generator().manual_seed(seed + r))
+                   for r, p in enumerate(prompts)], seed
+    assert not batchable(_transposable_model(seed), [5, 3], 4)
 
 
 def test_each_row_stops_by_its_own_rule() -> None:
@@ -141,19 +204,19 @@ def test_each_row_stops_by_its_own_rule() -> None:
     model = _model(seed)
     prompt = torch.randint(0, 300, (5,), generator=torch.Generator().manual_seed(seed)).tolist()
     gens = lambda: [torch.Generator().manual_seed(seed + r) for r in range(4)]  # noqa: E731
-    full = sample_rows(model, prompt, gens(), 40, 1.0, 0)
+    full = sample_prompts(model, [prompt] * 4, gens(), 40, 1.0, 0)
     asked: list[int] = []
 
     def stop(new: list[int]) -> bool:
         asked.append(len(new))
         return len(new) >= (8 if new[0] % 2 == 0 else 16)
 
-    cut = sample_rows(model, prompt, gens(), 40, 1.0, 0, stop=stop, check_every=8)
+    cut = sample_prompts(model, [prompt] * 4, gens(), 40, 1.0, 0, stop=stop, check_every=8)
     assert cut == [row[: 8 if row[0] % 2 == 0 else 16] for row in full], seed
     last = max(8 if row[0] % 2 == 0 else 16 for row in full)
     assert max(asked) == last and sum(1 for a in asked if a == 8) == 4, (seed, asked)  # no check after the last stop
-    with pytest.raises(ValueError, match="at least one row"):
-        sample_rows(model, prompt, [], 4)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        sample_prompts(model, [], [], 4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -169,3 +232,21 @@ def test_the_cache_on_cuda_under_bf16_autocast_matches_the_whole_sequence() -> N
         pieces = [model.trunk(ids[:, a:b], cache=cache).float() for a, b in ((0, 7), (7, 8), (8, 9), (9, 24))]
     err = (torch.cat(pieces, 1) - whole).abs().max().item()
     assert err < 0.05 * whole.abs().max().item(), (seed, err)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_padded_rows_on_cuda_under_bf16_autocast_match_their_own_forward() -> None:
+    """The padding mask on CUDA (a boolean mask for SDPA's kernels under autocast):
+    each row's real positions match its own prompt's forward as closely as bf16 allows."""
+    seed = random.randrange(2**31)
+    model = _model(seed).float().cuda()
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (9, 3, 6)]
+    pad = torch.tensor([0, 6, 3], device="cuda")
+    ids = torch.tensor([[p[0]] * int(k) + p for p, k in zip(prompts, pad)], device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        batch = model.trunk(ids, cache=KVCache(len(model.blocks), pad)).float()
+        for r, p in enumerate(prompts):
+            alone = model.trunk(torch.tensor([p], device="cuda")).float()[0]
+            err = (batch[r, int(pad[r]) :] - alone).abs().max().item()
+            assert err < 0.05 * alone.abs().max().item(), (seed, r, err)

@@ -323,7 +323,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--samples", type=int, default=20, help="sampled continuations for the compile rate (0 = skip)")
     v.add_argument("--max-new-tokens", type=int, default=128, help="tokens per continuation at most")
     v.add_argument("--max-tokens", type=int, default=0, help="evaluate the loss on the first N tokens only (0 = all)")
-    v.add_argument("--batch-size", type=int, default=8, help="windows per forward for the loss")
+    v.add_argument("--batch-size", type=int, default=8,
+                   help="windows per forward for the loss, and held-out prompts sampled together")
     v.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
     v.add_argument("--top-k", type=int, default=50)
     v.add_argument("--seed", type=int, default=0)

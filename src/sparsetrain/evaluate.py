@@ -43,7 +43,7 @@ from .config import TrainConfig, build_config, read_toml
 from .data import (discover_text_files, is_val_file, join_documents, load_corpus, read_bin_tokens, read_documents,
                    split_documents)
 from .errors import CheckpointError, DataError, SparsetrainError
-from .generate import load_model, run_directory, sample_rows
+from .generate import load_model, run_directory, sample_prompts
 from .model import CausalLM, upcast
 from .tokenizer import BPETokenizer
 
@@ -361,7 +361,7 @@ class ModelSampler:
     stopping at the stopping line, an end-of-text (the file ends there: its last
     line counts as finished) or ``max_new_tokens``. Call ``i`` samples from the
     generator seeded ``(seed, i)``; :meth:`many` makes the next ``n`` calls on one
-    prompt as one batch (:func:`~sparsetrain.generate.sample_rows`)."""
+    prompt as one batch (:func:`~sparsetrain.generate.sample_prompts`)."""
 
     def __init__(self, model: CausalLM, tokenizer: BPETokenizer, temperature: float = 0.8, top_k: int = 50,
                  seed: int = 0) -> None:
@@ -370,21 +370,26 @@ class ModelSampler:
         self.calls = 0
 
     def __call__(self, prompt: str, max_new_tokens: int) -> str:
-        return self.many(prompt, max_new_tokens, 1)[0]
+        return self.batch([prompt], max_new_tokens)[0]
 
     def many(self, prompt: str, max_new_tokens: int, n: int) -> list[str]:
         """The next ``n`` calls' continuations of one ``prompt``."""
+        return self.batch([prompt] * n, max_new_tokens)
+
+    def batch(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """The next ``len(prompts)`` calls, one per prompt, decoded as one batch
+        (:func:`~sparsetrain.generate.sample_prompts`): what the calls one by one give."""
         device = next(self.model.parameters()).device
-        gens = [torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.calls + r) for r in range(n)]
-        self.calls += n
+        gens = [torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.calls + r)
+                for r in range(len(prompts))]
+        self.calls += len(prompts)
         tok = self.tokenizer
-        ids = [tok.eot_id] + tok.encode(prompt)
 
         def finished(new: list[int]) -> bool:
             return tok.eot_id in new or cut_at_boundary(tok.decode(new))[1]
 
-        rows = sample_rows(self.model, ids, gens, max_new_tokens, self.temperature, self.top_k, stop=finished,
-                           check_every=SAMPLE_CHUNK)
+        rows = sample_prompts(self.model, [[tok.eot_id] + tok.encode(p) for p in prompts], gens, max_new_tokens,
+                              self.temperature, self.top_k, stop=finished, check_every=SAMPLE_CHUNK)
         return [self._text(new) for new in rows]
 
     def _text(self, new: list[int]) -> str:
@@ -411,14 +416,17 @@ def code_compile_rate(
     top_k: int = 50,
     seed: int = 0,
     sampler: Sampler | None = None,
+    batch_size: int = 16,
 ) -> CompileRate:
     """Fraction of ``n`` sampled continuations of held-out Python ``files`` that
     compile, with its Wilson 95% interval (see the module docstring).
 
-    Deterministic for a given ``seed``. ``sampler`` replaces the model (then
-    ``model`` and ``tokenizer`` may be ``None``). The model is put in eval mode
-    for the sampling and restored after. Raises :class:`DataError` when no file
-    has a block to complete (:class:`NoCodePromptError`)."""
+    Deterministic for a given ``seed``, whatever ``batch_size`` (the model's
+    prompts decoded ``batch_size`` at a time, :meth:`ModelSampler.batch`).
+    ``sampler`` replaces the model (then ``model`` and ``tokenizer`` may be
+    ``None``). The model is put in eval mode for the sampling and restored after.
+    Raises :class:`DataError` when no file has a block to complete
+    (:class:`NoCodePromptError`)."""
     if n < 1:
         raise SparsetrainError(f"the compile rate needs n >= 1 samples, got {n}")
     if sampler is None:
@@ -429,9 +437,17 @@ def code_compile_rate(
     if model is not None:
         model.eval()
     records = []
+    if batch_size < 1:
+        raise SparsetrainError(f"the compile rate's batch_size must be >= 1, got {batch_size}")
+    prompts = code_prompts(files, n, seed)
     try:
-        for p in code_prompts(files, n, seed):
-            continuation, stopped = cut_at_boundary(sampler(p.prompt, max_new_tokens))
+        if isinstance(sampler, ModelSampler):
+            texts = [t for i in range(0, n, batch_size)
+                     for t in sampler.batch([p.prompt for p in prompts[i : i + batch_size]], max_new_tokens)]
+        else:
+            texts = [sampler(p.prompt, max_new_tokens) for p in prompts]
+        for p, text in zip(prompts, texts):
+            continuation, stopped = cut_at_boundary(text)
             records.append({"file": p.file, "line": p.line, "compiled": compiles(p.prompt + continuation),
                             "stopped_at_boundary": stopped, "continuation": continuation})
     finally:
@@ -513,7 +529,8 @@ def evaluate_run(ckpt: str | Path, data: str = "", samples: int = 20, max_new_to
         else:
             try:
                 report.compile_rate = code_compile_rate(model, tokenizer, held.files, samples, max_new_tokens=max_new_tokens,
-                                                        temperature=temperature, top_k=top_k, seed=seed)
+                                                        temperature=temperature, top_k=top_k, seed=seed,
+                                                        batch_size=batch_size)
             except NoCodePromptError as e:
                 report.notes.append(f"compile rate: n/a ({e})")
     return report

@@ -114,13 +114,23 @@ def sample(
     passes ``seq_len`` its window slides, every position moves, and each step
     recomputes the last ``seq_len`` tokens whole, as models without a cache always
     do. Both give the logits of the whole window's forward (a test holds them to it)."""
-    return sample_rows(model, prompt_ids, [generator], max_new_tokens, temperature, top_k, stop, check_every)[0]
+    return sample_prompts(model, [prompt_ids], [generator], max_new_tokens, temperature, top_k, stop, check_every)[0]
+
+
+def batchable(model: GPT, prompt_lengths: list[int], max_new_tokens: int) -> bool:
+    """Whether prompts of these lengths decode as one batch: prompts of one length
+    always; unequal ones, left-padded, only from a KV cache (a padding mask; the
+    recomputed window has none) and without the window sliding (the padded rows'
+    positions would slide apart)."""
+    if len(set(prompt_lengths)) <= 1:
+        return True
+    return getattr(model, "supports_kv_cache", False) and max(prompt_lengths) + max_new_tokens <= model.config.seq_len
 
 
 @torch.no_grad()
-def sample_rows(
+def sample_prompts(
     model: GPT,
-    prompt_ids: list[int],
+    prompts: list[list[int]],
     generators: list[torch.Generator | None],
     max_new_tokens: int,
     temperature: float = 0.8,
@@ -128,22 +138,47 @@ def sample_rows(
     stop: Callable[[list[int]], bool] | None = None,
     check_every: int = 16,
 ) -> list[list[int]]:
-    """``len(generators)`` continuations of one prompt decoded together, a batch row
-    each: one forward per step for all of them, where :func:`sample` would run one
-    per row. Row ``r`` draws only from ``generators[r]`` and stops by its own
-    ``stop``, so it is :func:`sample` with that generator (up to the float rounding
-    of a batched product; equal in float64, a test checks). The loop ends when every
-    row has stopped or at ``max_new_tokens``; a row that stopped earlier is cut
-    where it stopped."""
+    """A continuation of each prompt, decoded together as a batch: one forward per
+    step for all rows where :func:`sample` runs one per row. Prompts of unequal
+    lengths are left-padded, their padding masked in the KV cache
+    (:class:`~sparsetrain.model.KVCache`); those that cannot be (:func:`batchable`:
+    a prompt whose continuation would pass ``seq_len``, a model without a cache)
+    are sampled alone. Row ``r`` draws only from ``generators[r]`` and
+    stops by its own ``stop``, so it is :func:`sample` of ``prompts[r]`` with that
+    generator (up to the float rounding of batched products and shifted positions;
+    equal in float64, a test checks). The loop ends when every row has stopped or
+    at ``max_new_tokens``; a row that stopped earlier is cut where it stopped."""
     check_sampling(max_new_tokens, temperature, top_k)
-    if not generators:
-        raise ValueError("sample_rows needs at least one row (one generator or None per row)")
-    rows = len(generators)
+    if not prompts or len(prompts) != len(generators):
+        raise ValueError(f"sample_prompts needs one generator (or None) per prompt and at least one prompt, "
+                         f"got {len(prompts)} prompts and {len(generators)} generators")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) < 1:
+        raise ValueError("every prompt needs at least one token")
+    if not batchable(model, lengths, max_new_tokens):  # the prompts that fit the window together, the rest alone
+        together = [r for r, n in enumerate(lengths) if n + max_new_tokens <= model.config.seq_len]
+        if not getattr(model, "supports_kv_cache", False) or len(together) < 2:
+            together = []
+        out: list[list[int]] = [[] for _ in prompts]
+        if together:
+            rows_out = sample_prompts(model, [prompts[r] for r in together], [generators[r] for r in together],
+                                      max_new_tokens, temperature, top_k, stop, check_every)
+            for r, row in zip(together, rows_out):
+                out[r] = row
+        for r in sorted(set(range(len(prompts))) - set(together)):
+            out[r] = sample_prompts(model, [prompts[r]], [generators[r]], max_new_tokens, temperature, top_k, stop,
+                                    check_every)[0]
+        return out
+    rows = len(prompts)
     device = next(model.parameters()).device
     window = model.config.seq_len
-    prompt = len(prompt_ids)
-    ids = torch.tensor([prompt_ids] * rows, dtype=torch.long, device=device)  # on the device: no sync per token
-    cache = KVCache(len(model.blocks)) if getattr(model, "supports_kv_cache", False) else None
+    width = max(lengths)
+    pad = [width - n for n in lengths]
+    # the padding token is never attended to; any id in the vocabulary will do
+    ids = torch.tensor([[p[0]] * k + p for p, k in zip(prompts, pad)], dtype=torch.long, device=device)
+    cache = None
+    if getattr(model, "supports_kv_cache", False):
+        cache = KVCache(len(model.blocks), torch.tensor(pad, device=device) if any(pad) else None)
     stopped_at: list[int | None] = [None] * rows
     for n in range(1, max_new_tokens + 1):
         if cache is not None and ids.shape[1] <= window:
@@ -162,13 +197,13 @@ def sample_rows(
             nxt = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)])[:, None]
         ids = torch.cat([ids, nxt], dim=1)
         if stop is not None and n % check_every == 0 and n < max_new_tokens:
-            new = ids[:, prompt:].tolist()
+            new = ids[:, width:].tolist()
             for r in range(rows):
                 if stopped_at[r] is None and stop(new[r]):
                     stopped_at[r] = n
             if all(s is not None for s in stopped_at):
                 break
-    new = ids[:, prompt:].tolist()
+    new = ids[:, width:].tolist()
     return [row[:s] if s is not None else row for row, s in zip(new, stopped_at)]
 
 

@@ -39,7 +39,7 @@ import torch
 
 from .checkpoint import atomic_write_text
 from .errors import ConfigError, DataError, SparsetrainError
-from .evaluate import (CodePrompt, NoCodePromptError, code_prompts, compiles, cut_at_boundary, model_sampler, opened_block,
+from .evaluate import (CodePrompt, ModelSampler, NoCodePromptError, code_prompts, compiles, cut_at_boundary, model_sampler, opened_block,
                        wilson_interval)
 from .generate import check_sampling
 from .model import CausalLM
@@ -332,9 +332,13 @@ def held_out_success(task: Task, generate: Generate, problems: Sequence[Problem]
     """One sample per held-out prompt, with ``context_items`` library items in its
     context (none without a library); success = reward 1."""
     outcomes, records = [], []
-    for problem in problems:
-        items = library.context_items(context_items, rng) if library is not None else []
-        completion = generate(task.render(items), problem.prompt, 1)[0]
+    drawn = [library.context_items(context_items, rng) if library is not None else [] for _ in problems]
+    pairs = [(task.render(items), problem.prompt) for items, problem in zip(drawn, problems)]
+    if isinstance(generate, ModelGenerate):  # the prompts decoded in batches: the same samples, fewer forwards
+        completions = generate.batch(pairs)
+    else:
+        completions = [generate(context, prompt, 1)[0] for context, prompt in pairs]
+    for problem, items, completion in zip(problems, drawn, completions):
         ok = task.reward(problem, completion) >= 1.0
         outcomes.append(ok)
         records.append({"where": problem.where, "success": ok, "context_items": len(items), "completion": completion})
@@ -456,33 +460,58 @@ def _most_that_fit(piece: Callable[[int], str], n: int, encode: Callable[[str], 
     return lo
 
 
+class ModelGenerate:
+    """A model's :data:`Generate` (:func:`model_generate`): call ``i`` seeded
+    ``(stream, i)``; :meth:`batch` makes the next calls, one per (context, prompt)
+    pair, ``batch_size`` prompts decoded at a time."""
+
+    def __init__(self, sampler: ModelSampler, fit: Callable[[str, str], str], autocast_dtype: torch.dtype | None,
+                 max_new_tokens: int, batch_size: int) -> None:
+        self.sampler, self.fit, self.autocast_dtype = sampler, fit, autocast_dtype
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def _autocast(self) -> torch.autocast:
+        device = next(self.sampler.model.parameters()).device
+        return torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    def __call__(self, context: str, prompt: str, n: int) -> list[str]:
+        with self._autocast():
+            return self.sampler.many(self.fit(context, prompt), self.max_new_tokens, n)  # a group in one batch
+
+    def batch(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
+        texts = [self.fit(context, prompt) for context, prompt in pairs]
+        with self._autocast():
+            return [t for i in range(0, len(texts), self.batch_size)
+                    for t in self.sampler.batch(texts[i : i + self.batch_size], self.max_new_tokens)]
+
+
 def model_generate(model: CausalLM, tokenizer: BPETokenizer, *, context_tokens: int, prompt_tokens: int,
                    max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
-                   autocast_dtype: torch.dtype | None = None) -> Callable[[int], Generate]:
+                   autocast_dtype: torch.dtype | None = None, batch_size: int = 16) -> Callable[[int], ModelGenerate]:
     """``make_generate(stream)`` for :func:`measure_seed`: a model's
-    :func:`~sparsetrain.evaluate.model_sampler` (its stopping rule; call ``i``
-    seeded ``(stream, i)``) continuing the first lines of the context that fit in
-    ``context_tokens`` followed by the last lines of the prompt that fit in
-    ``prompt_tokens``. The prompt's window does not depend on the context, so
-    with and without a library the model sees the same end of the file.
-    ``autocast_dtype``: the run's autocast (bfloat16 on CUDA), None for float32."""
+    :class:`ModelGenerate` over :func:`~sparsetrain.evaluate.model_sampler` (its
+    stopping rule; call ``i`` seeded ``(stream, i)``) continuing the first lines of
+    the context that fit in ``context_tokens`` followed by the last lines of the
+    prompt that fit in ``prompt_tokens``. The prompt's window does not depend on the
+    context, so with and without a library the model sees the same end of the file.
+    ``autocast_dtype``: the run's autocast (bfloat16 on CUDA), None for float32;
+    ``batch_size``: held-out prompts decoded at once."""
     check_sampling(max_new_tokens, temperature, top_k)
     need = 1 + context_tokens + prompt_tokens + max_new_tokens
     if context_tokens < 0 or prompt_tokens < 1 or need > model.config.seq_len:
         raise ConfigError(f"context_tokens {context_tokens} + prompt_tokens {prompt_tokens} + max_new_tokens "
                           f"{max_new_tokens} + 1 (end-of-text) = {need} must fit the model's seq_len "
                           f"{model.config.seq_len}, with context_tokens >= 0 and prompt_tokens >= 1")
-    device = next(model.parameters()).device
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
 
-    def make_generate(stream: int) -> Generate:
-        sampler = model_sampler(model, tokenizer, temperature, top_k, seed=stream)
+    def fit(context: str, prompt: str) -> str:
+        return (fit_lines(context, tokenizer.encode, context_tokens, keep_end=False)
+                + fit_lines(prompt, tokenizer.encode, prompt_tokens, keep_end=True))
 
-        def generate(context: str, prompt: str, n: int) -> list[str]:
-            text = (fit_lines(context, tokenizer.encode, context_tokens, keep_end=False)
-                    + fit_lines(prompt, tokenizer.encode, prompt_tokens, keep_end=True))
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                return sampler.many(text, max_new_tokens, n)  # the n rollouts of a group in one batch
-
-        return generate
+    def make_generate(stream: int) -> ModelGenerate:
+        return ModelGenerate(model_sampler(model, tokenizer, temperature, top_k, seed=stream), fit, autocast_dtype,
+                             max_new_tokens, batch_size)
 
     return make_generate

@@ -104,11 +104,30 @@ class KVCache:
     decoding a few tokens at a time (generation): ``GPT.trunk(idx, cache=cache)``
     places ``idx`` at positions ``length ..`` and appends its keys and values.
     Every position attends to the cached ones before it, so the result equals the
-    whole sequence's forward; the positions may not pass ``seq_len``."""
+    whole sequence's forward; the positions may not pass ``seq_len``.
 
-    def __init__(self, n_layer: int) -> None:
+    ``pad`` (``[B]`` integers) left-pads the rows of a batch of prompts of unequal
+    lengths: row ``b``'s first ``pad[b]`` positions are padding, which no position
+    of that row attends to (a padding position attends to itself alone, so that no
+    attention row is empty). Under RoPE a score depends only on the distance
+    between two positions, so a row shifted right by its padding gets the logits it
+    gets alone (up to rounding; a test checks)."""
+
+    def __init__(self, n_layer: int, pad: torch.Tensor | None = None) -> None:
         self.layers: list[list[torch.Tensor]] = [[] for _ in range(n_layer)]  # per block: [] or [keys, values]
         self.length = 0
+        self.pad = pad
+
+    def key_mask(self, end: int, new: int) -> torch.Tensor | None:
+        """``[B, 1, new, end]`` booleans, what each of the ``new`` positions ending at
+        ``end`` may attend to (causal, no padding but itself); None without ``pad``."""
+        if self.pad is None:
+            return None
+        keys = torch.arange(end, device=self.pad.device)
+        queries = keys[end - new :]
+        causal = keys[None, :] <= queries[:, None]
+        real = keys[None, :] >= self.pad[:, None]  # [B, end]
+        return (causal[None] & (real[:, None, :] | (keys[None, :] == queries[:, None])[None]))[:, None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -120,9 +139,10 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: list[torch.Tensor] | None = None) -> torch.Tensor:
+                kv: list[torch.Tensor] | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``kv``: this block's entry of a :class:`KVCache` (keys and values of earlier
-        positions, extended in place), or None for a whole sequence."""
+        positions, extended in place), or None for a whole sequence; ``mask``: the
+        cache's :meth:`KVCache.key_mask` for a padded batch."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -132,7 +152,9 @@ class CausalSelfAttention(nn.Module):
                 past = kv[0].shape[2]
                 k, v = torch.cat((kv[0], k), 2), torch.cat((kv[1], v), 2)
             kv[:] = [k, v]
-        if past == 0:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif T == 1:  # the newest position sees every key
             y = F.scaled_dot_product_attention(q, k, v)
@@ -171,14 +193,14 @@ class Block(nn.Module):
         self.hc_ffn: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: list[torch.Tensor] | None = None) -> torch.Tensor:
+                kv: list[torch.Tensor] | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x``: the residual stream ``[B, T, D]``, or ``[B, T, n, D]`` streams with hyper-connections;
-        ``kv``: this block's :class:`KVCache` entry when decoding."""
+        ``kv``: this block's :class:`KVCache` entry when decoding; ``mask``: its padding mask."""
         if self.hc_attn is not None:  # three mixing passes: read, write-then-read, write (sparsetrain.hyper)
             a, x = self.hc_attn.read_through(x)
-            x, a = self.hc_attn.write_then_read(x, self.attn(self.attn_norm(a), cos, sin, kv), self.hc_ffn)
+            x, a = self.hc_attn.write_then_read(x, self.attn(self.attn_norm(a), cos, sin, kv, mask), self.hc_ffn)
             return self.hc_ffn.write(x, self.ffn(self.ffn_norm(a)))
-        x = x + self.attn(self.attn_norm(x), cos, sin, kv)
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -287,8 +309,9 @@ class GPT(CausalLM):
             for block in self.blocks[:n_layers]:
                 x = block(x, cos, sin)
         else:
+            mask = cache.key_mask(start + T, T)
             for block, kv in zip(self.blocks[:n_layers], cache.layers):
-                x = block(x, cos, sin, kv)
+                x = block(x, cos, sin, kv, mask)
             cache.length += T
         return self.read_out(x) if streams else x
 
