@@ -23,7 +23,7 @@ set -euo pipefail
 OUT=${1:?usage: bash bench/code_models.sh OUT_DIR [PHASE ...]}
 shift
 phases=${*:-train eval grpo}
-ST=${SPARSETRAIN:-sparsetrain}
+source "$(dirname "$0")/script_env.sh"  # ST, SITE
 PRESETS=${PRESETS:-nano-125m d20}
 GRPO_PRESETS=${GRPO_PRESETS:-nano-125m}
 TRAIN_SECONDS=${TRAIN_SECONDS:-120}
@@ -31,7 +31,6 @@ SAMPLES=${SAMPLES:-64}
 GRPO_SEEDS=${GRPO_SEEDS:-3}
 GRPO_ARGS=${GRPO_ARGS:---rounds 2 --train-prompts 16 --group-size 4 --test-prompts 64}
 RUNS=${RUNS:-$OUT/runs}
-SITE=${SITE:-$(${PYTHON:-python} -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')}
 mkdir -p "$OUT" "$RUNS"
 log() { echo "== $(date -u +%H:%M:%S) $*"; }
 want() { [[ " $phases " == *" $1 "* ]]; }

@@ -16,10 +16,9 @@
 set -euo pipefail
 OUT=${1:?usage: bash bench/race_e3.sh OUT_DIR [extra race flags]}
 shift
-ST=${SPARSETRAIN:-sparsetrain}
+source "$(dirname "$0")/script_env.sh"  # ST, SITE
 SEED=${SEED:-1337}
 SECONDS_PER_ARM=${ARM_SECONDS:-100}
-SITE=${SITE:-$(${PYTHON:-python} -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')}
 E3="optimizer=muon,use_mtp=true,use_collider=true,collider_sparsity=0.5,collider_method=topk,use_async_loader=true"
 ARMS=${ARMS:-"d20: d20-e3-full:$E3"}
 arm_flags=()

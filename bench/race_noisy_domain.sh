@@ -56,9 +56,8 @@ set -euo pipefail
 W=${1:?usage: bash bench/race_noisy_domain.sh WORK_DIR [PHASE ...]}
 shift
 phases=${*:-base corpora reference sidecar filter race}
-ST=${SPARSETRAIN:-sparsetrain}
+source "$(dirname "$0")/script_env.sh"  # ST, SITE
 PY=${PYTHON:-python}
-SITE=${SITE:-$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')}
 MODEL_ARGS=${MODEL_ARGS:---preset nano-125m --n-layer 24 --d-model 1024 --n-head 16 --seq-len 2048 --batch-size 8 --compile}
 BASE_DATA_ARGS=${BASE_DATA_ARGS:-}
 BASE_STEPS=${BASE_STEPS:-900}

@@ -14,10 +14,9 @@
 set -euo pipefail
 OUT=${1:?usage: bash bench/race_optimizers.sh OUT_DIR [extra race flags]}
 shift
-ST=${SPARSETRAIN:-sparsetrain}
+source "$(dirname "$0")/script_env.sh"  # ST, SITE
 SEED=${SEED:-1337}
 SECONDS_PER_ARM=${ARM_SECONDS:-60}
-SITE=${SITE:-$(${PYTHON:-python} -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')}
 DATA_ARGS=${DATA_ARGS-"--data $SITE --data-include *.py --data-exclude */tests/*,*/test_* --data-max-bytes 120000000"}
 # the first arm (AdamW at the preset's lr) is the target; each optimizer at two
 # lrs, around the best of a first race on repeated data (docs/optimizers.md:

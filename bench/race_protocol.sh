@@ -17,8 +17,7 @@ set -euo pipefail
 REGIME=${1:?usage: bash bench/race_protocol.sh REGIME OUT_DIR [extra race flags]}
 OUT=${2:?usage: bash bench/race_protocol.sh REGIME OUT_DIR [extra race flags]}
 shift 2
-ST=${SPARSETRAIN:-sparsetrain}
-SITE=${SITE:-$(${PYTHON:-python} -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')}
+source "$(dirname "$0")/script_env.sh"  # ST, SITE
 case "$REGIME" in
   1) data=(--data "$SITE" --data-include '*.py' --data-exclude '*/tests/*,*/test_*' --data-max-bytes 120000000) ;;
   2) data=(--data "$SITE" --data-include '*.py' --data-exclude '*/tests/*,*/test_*' --data-max-bytes 24000000) ;;
