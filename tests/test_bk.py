@@ -43,6 +43,25 @@ def test_float32_forward_matches_inv_at_512() -> None:
     assert _rel(got, ref) <= 1e-5
 
 
+def test_dense_reference_survives_a_thread_count_change() -> None:
+    """The O(N^3) reference after torch's thread count was set to 1 and back (as a
+    test's fixture does): a batched LU of this size failed inside MKL then, so the
+    reference inverts one matrix at a time; its diagonal still solves M x = e_i."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.set_num_threads(n)
+    v = torch.randn(2, 512, dtype=torch.float64) * 2
+    G = resolvent_dense(v, 1j)
+    assert G.shape == (2, 512)
+    off = torch.diag(torch.ones(511, dtype=torch.complex128), 1)
+    M = torch.diag_embed((v[1] - 2.0).to(torch.complex128)) + off + off.T - 1j * torch.eye(512, dtype=torch.complex128)
+    i = int(torch.randint(0, 512, ()))
+    e = torch.zeros(512, dtype=torch.complex128)
+    e[i] = 1
+    x = torch.linalg.solve(M, e)
+    assert abs(complex(x[i]) - complex(G[1, i])) <= 1e-10 * abs(complex(x[i]))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradcheck_float64(causal: bool) -> None:
     v = (torch.randn(2, 11, dtype=torch.float64) * 2).requires_grad_(True)

@@ -229,5 +229,9 @@ def resolvent_dense(v: torch.Tensor, z: complex = DEFAULT_Z, causal: bool = Fals
     H = torch.diag_embed((v - 2.0).to(cdt)) + off + off.T
     M = H - z * eye
     if not causal:
-        return torch.linalg.inv(M).diagonal(dim1=-2, dim2=-1)
+        # one matrix per call: a batched LU on the CPU can fail inside MKL once torch's
+        # thread count has been changed and changed back (torch 2.13's CPU wheel)
+        flat = M.reshape(-1, N, N)
+        inv = torch.stack([torch.linalg.inv(m) for m in flat]) if flat.shape[0] else flat
+        return inv.diagonal(dim1=-2, dim2=-1).reshape(*v.shape[:-1], N)
     return torch.stack([torch.linalg.inv(M[..., : i + 1, : i + 1])[..., i, i] for i in range(N)], dim=-1)
