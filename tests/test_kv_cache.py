@@ -197,6 +197,34 @@ def test_a_prompt_that_would_slide_is_sampled_alone() -> None:
     assert not batchable(_transposable_model(seed), [5, 3], 4)
 
 
+def test_a_model_that_couples_tokens_samples_every_row_alone() -> None:
+    """The transposable 2:4 FFNs choose patterns over tokens of every row of a call:
+    rows decoded together would change each other's draws, so even copies of one
+    prompt are sampled one by one, each the naive loop's draws."""
+    seed = random.randrange(2**31)
+    model = _transposable_model(seed)
+    assert model.couples_tokens and not batchable(model, [6, 6], 5) and batchable(model, [6], 5)
+    prompt = torch.randint(0, 300, (6,), generator=torch.Generator().manual_seed(seed)).tolist()
+    got = sample_prompts(model, [prompt] * 3, [torch.Generator().manual_seed(seed + r) for r in range(3)], 5, 1.0, 0)
+    assert got == [_naive_sample(model, prompt, 5, 1.0, 0, torch.Generator().manual_seed(seed + r))
+                   for r in range(3)], seed
+
+
+def test_every_query_of_a_padded_batch_attends_to_something() -> None:
+    """A padding position attends to itself alone: an attention row with every key
+    masked is NaN in some kernels, and a NaN value times a zero weight stays NaN."""
+    pad = torch.tensor([0, 3, 5, 1])
+    cache = KVCache(1, pad)
+    for end, new in ((6, 6), (7, 1), (9, 2)):
+        mask = cache.key_mask(end, new)[:, 0]  # [B, new, end]
+        assert mask.shape == (4, new, end) and bool(mask.any(-1).all())
+        for b in range(4):
+            for q in range(new):
+                pos = end - new + q
+                want = [k <= pos and (k >= pad[b] or k == pos) for k in range(end)]
+                assert mask[b, q].tolist() == want, (end, new, b, q)
+
+
 def test_each_row_stops_by_its_own_rule() -> None:
     """A row stops at the first check where ``stop`` says so for its own tokens, cut
     there; the others go on; the loop ends once every row has stopped."""

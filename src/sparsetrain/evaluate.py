@@ -421,8 +421,10 @@ def code_compile_rate(
     """Fraction of ``n`` sampled continuations of held-out Python ``files`` that
     compile, with its Wilson 95% interval (see the module docstring).
 
-    Deterministic for a given ``seed``, whatever ``batch_size`` (the model's
-    prompts decoded ``batch_size`` at a time, :meth:`ModelSampler.batch`).
+    Deterministic for a given ``seed`` and ``batch_size`` (the model's prompts
+    decoded ``batch_size`` at a time, :meth:`ModelSampler.batch`); other batch
+    sizes give the same samples up to the rounding of batched products (exactly
+    in float64).
     ``sampler`` replaces the model (then ``model`` and ``tokenizer`` may be
     ``None``). The model is put in eval mode for the sampling and restored after.
     Raises :class:`DataError` when no file has a block to complete
@@ -441,7 +443,7 @@ def code_compile_rate(
         raise SparsetrainError(f"the compile rate's batch_size must be >= 1, got {batch_size}")
     prompts = code_prompts(files, n, seed)
     try:
-        if isinstance(sampler, ModelSampler):
+        if getattr(sampler, "batch", None) is not None:  # a ModelSampler: the prompts decoded in batches
             texts = [t for i in range(0, n, batch_size)
                      for t in sampler.batch([p.prompt for p in prompts[i : i + batch_size]], max_new_tokens)]
         else:

@@ -12,7 +12,7 @@ from .checkpoint import WEIGHTS_NAME, Weights, load_checkpoint_from, load_weight
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .build import build_model
-from .model import GPT, KVCache
+from .model import GPT, CausalLM, KVCache
 from .tokenizer import BPETokenizer
 
 
@@ -96,7 +96,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int) -> None:
 
 @torch.no_grad()
 def sample(
-    model: GPT,
+    model: CausalLM,
     prompt_ids: list[int],
     max_new_tokens: int,
     temperature: float = 0.8,
@@ -117,19 +117,38 @@ def sample(
     return sample_prompts(model, [prompt_ids], [generator], max_new_tokens, temperature, top_k, stop, check_every)[0]
 
 
-def batchable(model: GPT, prompt_lengths: list[int], max_new_tokens: int) -> bool:
-    """Whether prompts of these lengths decode as one batch: prompts of one length
-    always; unequal ones, left-padded, only from a KV cache (a padding mask; the
-    recomputed window has none) and without the window sliding (the padded rows'
-    positions would slide apart)."""
+def batchable(model: CausalLM, prompt_lengths: list[int], max_new_tokens: int) -> bool:
+    """Whether prompts of these lengths decode as one batch: never more than one
+    where the model couples the tokens of a call (rows would change each other's
+    samples); prompts of one length always otherwise; unequal ones, left-padded,
+    only from a KV cache (a padding mask; the recomputed window has none) and
+    without the window sliding (the padded rows' positions would slide apart)."""
+    if model.couples_tokens:
+        return len(prompt_lengths) <= 1
     if len(set(prompt_lengths)) <= 1:
         return True
-    return getattr(model, "supports_kv_cache", False) and max(prompt_lengths) + max_new_tokens <= model.config.seq_len
+    return model.supports_kv_cache and max(prompt_lengths) + max_new_tokens <= model.config.seq_len
+
+
+def _batches(model: CausalLM, prompt_lengths: list[int], max_new_tokens: int) -> list[list[int]]:
+    """The rows of a batch that :func:`batchable` refuses, split into batches it
+    takes: each row alone where the tokens couple; else the prompts that fit the
+    window with their continuation together (from a cache), the rest by length."""
+    groups: dict[object, list[int]] = {}
+    for r, n in enumerate(prompt_lengths):
+        if model.couples_tokens:
+            key: object = ("row", r)
+        elif model.supports_kv_cache and n + max_new_tokens <= model.config.seq_len:
+            key = "fits"
+        else:
+            key = ("length", n)
+        groups.setdefault(key, []).append(r)
+    return list(groups.values())
 
 
 @torch.no_grad()
 def sample_prompts(
-    model: GPT,
+    model: CausalLM,
     prompts: list[list[int]],
     generators: list[torch.Generator | None],
     max_new_tokens: int,
@@ -141,9 +160,9 @@ def sample_prompts(
     """A continuation of each prompt, decoded together as a batch: one forward per
     step for all rows where :func:`sample` runs one per row. Prompts of unequal
     lengths are left-padded, their padding masked in the KV cache
-    (:class:`~sparsetrain.model.KVCache`); those that cannot be (:func:`batchable`:
-    a prompt whose continuation would pass ``seq_len``, a model without a cache)
-    are sampled alone. Row ``r`` draws only from ``generators[r]`` and
+    (:class:`~sparsetrain.model.KVCache`); where that cannot be (:func:`batchable`:
+    a prompt whose continuation would pass ``seq_len``, a model without a cache,
+    one that couples tokens) the rows go in the batches :func:`_batches` forms. Row ``r`` draws only from ``generators[r]`` and
     stops by its own ``stop``, so it is :func:`sample` of ``prompts[r]`` with that
     generator (up to the float rounding of batched products and shifted positions;
     equal in float64, a test checks). The loop ends when every row has stopped or
@@ -155,19 +174,13 @@ def sample_prompts(
     lengths = [len(p) for p in prompts]
     if min(lengths) < 1:
         raise ValueError("every prompt needs at least one token")
-    if not batchable(model, lengths, max_new_tokens):  # the prompts that fit the window together, the rest alone
-        together = [r for r, n in enumerate(lengths) if n + max_new_tokens <= model.config.seq_len]
-        if not getattr(model, "supports_kv_cache", False) or len(together) < 2:
-            together = []
+    if not batchable(model, lengths, max_new_tokens):
         out: list[list[int]] = [[] for _ in prompts]
-        if together:
-            rows_out = sample_prompts(model, [prompts[r] for r in together], [generators[r] for r in together],
-                                      max_new_tokens, temperature, top_k, stop, check_every)
-            for r, row in zip(together, rows_out):
+        for rows in _batches(model, lengths, max_new_tokens):
+            got = sample_prompts(model, [prompts[r] for r in rows], [generators[r] for r in rows], max_new_tokens,
+                                 temperature, top_k, stop, check_every)
+            for r, row in zip(rows, got):
                 out[r] = row
-        for r in sorted(set(range(len(prompts))) - set(together)):
-            out[r] = sample_prompts(model, [prompts[r]], [generators[r]], max_new_tokens, temperature, top_k, stop,
-                                    check_every)[0]
         return out
     rows = len(prompts)
     device = next(model.parameters()).device
@@ -177,7 +190,7 @@ def sample_prompts(
     # the padding token is never attended to; any id in the vocabulary will do
     ids = torch.tensor([[p[0]] * k + p for p, k in zip(prompts, pad)], dtype=torch.long, device=device)
     cache = None
-    if getattr(model, "supports_kv_cache", False):
+    if model.supports_kv_cache:
         cache = KVCache(len(model.blocks), torch.tensor(pad, device=device) if any(pad) else None)
     stopped_at: list[int | None] = [None] * rows
     for n in range(1, max_new_tokens + 1):

@@ -334,8 +334,9 @@ def held_out_success(task: Task, generate: Generate, problems: Sequence[Problem]
     outcomes, records = [], []
     drawn = [library.context_items(context_items, rng) if library is not None else [] for _ in problems]
     pairs = [(task.render(items), problem.prompt) for items, problem in zip(drawn, problems)]
-    if isinstance(generate, ModelGenerate):  # the prompts decoded in batches: the same samples, fewer forwards
-        completions = generate.batch(pairs)
+    batch = getattr(generate, "batch", None)
+    if batch is not None:  # a ModelGenerate: the prompts decoded in batches, the same samples, fewer forwards
+        completions = batch(pairs)
     else:
         completions = [generate(context, prompt, 1)[0] for context, prompt in pairs]
     for problem, items, completion in zip(problems, drawn, completions):

@@ -213,6 +213,7 @@ class CausalLM(nn.Module):
     norm: RMSNorm
     lm_head: nn.Linear
     supports_kv_cache = False  # whether trunk takes cache= (a KVCache); generation recomputes the window otherwise
+    couples_tokens = False  # whether a token's output depends on the other tokens (other rows too) of a call
 
     def trunk(self, idx: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -269,11 +270,17 @@ class GPT(CausalLM):
         self.reset_parameters()
 
     @property
+    def couples_tokens(self) -> bool:  # type: ignore[override]
+        """Whether a block's FFN couples the tokens of a call, every row's alike (the
+        transposable 2:4 methods' patterns span tokens): then neither a KV cache nor
+        rows sampled together give what one window's forward gives."""
+        return any(getattr(block.ffn, "couples_tokens", False) for block in self.blocks)
+
+    @property
     def supports_kv_cache(self) -> bool:  # type: ignore[override]
         """Whether decoding from a :class:`KVCache` gives the whole window's forward:
-        not where a block's FFN couples the tokens of a call (``couples_tokens``, the
-        transposable 2:4 methods)."""
-        return not any(getattr(block.ffn, "couples_tokens", False) for block in self.blocks)
+        not where the tokens of a call are coupled (:attr:`couples_tokens`)."""
+        return not self.couples_tokens
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) everywhere; residual-output projections are scaled
