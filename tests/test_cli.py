@@ -40,6 +40,13 @@ def test_train_then_generate_then_resume(corpus_dir: Path, cache_dir: Path, tmp_
     assert code == 0 and "final val loss" in out
     code, out, _ = run_main(["generate", "--ckpt", str(run), "--prompt", "def", "--max-new-tokens", "12"], capsys)
     assert code == 0 and out.startswith("def") and len(out) > 4
+    # --num-samples 3 in one batch: sample i is what --seed 5 + i prints alone
+    code, many, _ = run_main(["generate", "--ckpt", str(run), "--prompt", "def", "--max-new-tokens", "12",
+                              "--num-samples", "3", "--seed", "5"], capsys)
+    alone = [run_main(["generate", "--ckpt", str(run), "--prompt", "def", "--max-new-tokens", "12", "--seed", str(5 + i)],
+                      capsys)[1] for i in range(3)]
+    assert code == 0 and many == "".join(f"--- sample {i} (seed {5 + i}) ---\n{a}" for i, a in enumerate(alone))
+    assert len(set(alone)) > 1
     code, out, _ = run_main(["train", "--resume", str(run), "--max-steps", "6"], capsys)
     assert code == 0 and "steps 4 -> 6" in out
 
@@ -128,6 +135,10 @@ def test_info_runs(capsys) -> None:
     (["grpo", "--ckpt", "RUN", "--seed", str(2**62 - 2), "--seeds", "3"], "--seed must be in [0, 4611686018427387902)"),
     (["eval", "--ckpt", "RUN", "--device", "foo"], "device must be auto, cpu, cuda or cuda:N, got 'foo'"),
     (["generate", "--ckpt", "RUN", "--prompt", "def \udcff"], "--prompt is not UTF-8 text"),
+    (["generate", "--ckpt", "RUN", "--num-samples", "0"], "--num-samples must be in [1, 1024], got 0"),
+    (["generate", "--ckpt", "RUN", "--num-samples", "5000"], "--num-samples must be in [1, 1024], got 5000"),
+    (["generate", "--ckpt", "RUN", "--num-samples", "3", "--seed", str(2**63 - 2)],
+     "--seed must be in [0, 9223372036854775806)"),
 ])
 def test_sampling_commands_refuse_bad_seeds_devices_and_prompts(argv: list[str], needle: str, capsys) -> None:
     """Seeds outside what the generators take, an unknown device and a prompt of bytes that

@@ -14,7 +14,7 @@ from .build import build_model
 from .config import ModelConfig, TrainConfig, build_config, list_presets
 from .data import TokenizedCorpus, load_corpus
 from .errors import CheckpointError, ConfigError, DataError, SparsetrainError
-from .generate import generate_text, load_model
+from .generate import generate_text, generate_texts, load_model
 from .model import GPT
 from .tokenizer import BPETokenizer
 from .trainer import Trainer, TrainResult, train
@@ -36,6 +36,7 @@ __all__ = [
     "build_config",
     "build_model",
     "generate_text",
+    "generate_texts",
     "list_presets",
     "load_corpus",
     "load_model",

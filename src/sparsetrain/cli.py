@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=50, metavar="INT",
                    help="sample among the k likeliest tokens; 0 = all (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, metavar="INT", help="sampling seed (default: %(default)s)")
+    g.add_argument("--num-samples", type=int, default=1, metavar="INT",
+                   help="continuations to sample, in one batch; sample i is what --seed SEED+i gives alone "
+                        "(default: %(default)s)")
     g.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda or cuda:N (default: %(default)s)")
 
     b = sub.add_parser("bench", help="measure speed on this machine")
@@ -437,6 +440,9 @@ def _write_run_losses(ckpt: str | Path, corpus: Any, out: str | Path, batch_size
     return out
 
 
+MAX_SAMPLES = 1024  # sparsetrain generate --num-samples: continuations decoded in one batch
+
+
 def _check_seed(seed: int, end: int = 2**63, flag: str = "--seed") -> None:
     """Refuse a seed torch's and numpy's generators cannot take (``[0, end)``), in one line."""
     if not 0 <= seed < end:
@@ -450,19 +456,26 @@ def _check_device(device: str, name: str = "device") -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import check_sampling, generate_text
+    from .generate import check_sampling, generate_texts
 
     from .trainer import resolve_device
 
     check_sampling(args.max_new_tokens, args.temperature, args.top_k)  # before the model loads
     _check_device(args.device)
-    _check_seed(args.seed)
+    if not 1 <= args.num_samples <= MAX_SAMPLES:  # one batch: a bound before it meets the memory
+        raise SparsetrainError(f"--num-samples must be in [1, {MAX_SAMPLES}], got {args.num_samples}")
+    _check_seed(args.seed, 2**63 - args.num_samples + 1)  # seeds seed .. seed + num_samples - 1
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 (surrogate escapes)
         raise SparsetrainError("--prompt is not UTF-8 text") from None
     device = str(resolve_device(args.device))
-    print(generate_text(args.ckpt, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, device))
+    texts = generate_texts(args.ckpt, args.prompt, args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
+                           args.seed, device)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- sample {i} (seed {args.seed + i}) ---")
+        print(text)
     return 0
 
 

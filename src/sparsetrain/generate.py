@@ -231,7 +231,24 @@ def generate_text(
 ) -> str:
     """Load a run (its directory, or a checkpoint or weights file in it, next to
     its tokenizer.json) and continue ``prompt``."""
+    return generate_texts(run, prompt, 1, max_new_tokens, temperature, top_k, seed, device)[0]
+
+
+def generate_texts(
+    run: str | Path,
+    prompt: str = "",
+    num_samples: int = 1,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+    device: str = "cpu",
+) -> list[str]:
+    """``num_samples`` continuations of ``prompt`` by a run (as :func:`generate_text`),
+    decoded as one batch; sample ``i`` is what ``seed + i`` gives alone."""
     check_sampling(max_new_tokens, temperature, top_k)
+    if num_samples < 1:
+        raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     run = Path(run)
     folder = run if run.is_dir() else run.parent
     model = load_model(run, device)
@@ -240,6 +257,6 @@ def generate_text(
         raise CheckpointError(f"no tokenizer.json in {folder} (a run on .bin tokens needs --tokenizer to sample text)")
     tok = BPETokenizer.load(tok_path)
     ids = [tok.eot_id] + tok.encode(prompt)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = sample(model, ids, max_new_tokens, temperature, top_k, gen)
-    return prompt + tok.decode(out)
+    gens = [torch.Generator(device=device).manual_seed(seed + i) for i in range(num_samples)]
+    return [prompt + tok.decode(out)
+            for out in sample_prompts(model, [ids] * num_samples, gens, max_new_tokens, temperature, top_k)]
