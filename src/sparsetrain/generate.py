@@ -162,10 +162,11 @@ def sample_prompts(
     lengths are left-padded, their padding masked in the KV cache
     (:class:`~sparsetrain.model.KVCache`); where that cannot be (:func:`batchable`:
     a prompt whose continuation would pass ``seq_len``, a model without a cache,
-    one that couples tokens) the rows go in the batches :func:`_batches` forms. Row ``r`` draws only from ``generators[r]`` and
-    stops by its own ``stop``, so it is :func:`sample` of ``prompts[r]`` with that
-    generator (up to the float rounding of batched products and shifted positions;
-    equal in float64, a test checks). The loop ends when every row has stopped or
+    one that couples tokens) the rows go in the batches :func:`_batches` forms.
+    Row ``r`` draws only from ``generators[r]`` and stops by its own ``stop``, so
+    it is :func:`sample` of ``prompts[r]`` with that generator (up to the float
+    rounding of batched products and shifted positions; equal in float64, a test
+    checks). The loop ends when every row has stopped or
     at ``max_new_tokens``; a row that stopped earlier is cut where it stopped."""
     check_sampling(max_new_tokens, temperature, top_k)
     if not prompts or len(prompts) != len(generators):

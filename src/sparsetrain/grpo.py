@@ -39,8 +39,8 @@ import torch
 
 from .checkpoint import atomic_write_text
 from .errors import ConfigError, DataError, SparsetrainError
-from .evaluate import (CodePrompt, ModelSampler, NoCodePromptError, code_prompts, compiles, cut_at_boundary, model_sampler, opened_block,
-                       wilson_interval)
+from .evaluate import (CodePrompt, ModelSampler, NoCodePromptError, code_prompts, compiles, cut_at_boundary,
+                       model_sampler, opened_block, wilson_interval)
 from .generate import check_sampling
 from .model import CausalLM
 from .tokenizer import BPETokenizer
