@@ -367,12 +367,12 @@ def test_eval_and_generate_use_the_gpu_when_there_is_one(command: str, tmp_path:
         seen["device"] = kw["device"]
         return Report()
 
-    def fake_generate(ckpt, prompt, n, temperature, top_k, seed, device):
+    def fake_generate(ckpt, prompt, num_samples, n, temperature, top_k, seed, device):
         seen["device"] = device
-        return "ok"
+        return ["ok"] * num_samples
 
     monkeypatch.setattr(evaluate_mod, "evaluate_run", fake_eval)
-    monkeypatch.setattr(generate_mod, "generate_text", fake_generate)
+    monkeypatch.setattr(generate_mod, "generate_texts", fake_generate)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     argv = [command, "--ckpt", str(tmp_path)] + (["--prompt", "def "] if command == "generate" else [])
     assert main(argv) == 0
