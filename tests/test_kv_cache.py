@@ -216,7 +216,7 @@ def test_every_query_of_a_padded_batch_attends_to_something() -> None:
     pad = torch.tensor([0, 3, 5, 1])
     cache = KVCache(1, pad)
     for end, new in ((6, 6), (7, 1), (9, 2)):
-        mask = cache.key_mask(end, new)[:, 0]  # [B, new, end]
+        mask = cache.key_mask(end, new, pad.device)[:, 0]  # [B, new, end]
         assert mask.shape == (4, new, end) and bool(mask.any(-1).all())
         for b in range(4):
             for q in range(new):

@@ -118,14 +118,18 @@ class KVCache:
         self.length = 0
         self.pad = pad
 
-    def key_mask(self, end: int, new: int) -> torch.Tensor | None:
-        """``[B, 1, new, end]`` booleans, what each of the ``new`` positions ending at
-        ``end`` may attend to (causal, no padding but itself); None without ``pad``."""
-        if self.pad is None:
+    def key_mask(self, end: int, new: int, device: torch.device) -> torch.Tensor | None:
+        """``[B or 1, 1, new, end]`` booleans, what each of the ``new`` positions ending
+        at ``end`` may attend to (causal, no padding but itself). None where plain
+        attention says the same without one: no padding, and either the whole
+        sequence (causal) or one new position (every key)."""
+        if self.pad is None and (new == 1 or new == end):
             return None
-        keys = torch.arange(end, device=self.pad.device)
+        keys = torch.arange(end, device=device)
         queries = keys[end - new :]
-        causal = keys[None, :] <= queries[:, None]
+        causal = keys[None, :] <= queries[:, None]  # [new, end]
+        if self.pad is None:
+            return causal[None, None]
         real = keys[None, :] >= self.pad[:, None]  # [B, end]
         return (causal[None] & (real[:, None, :] | (keys[None, :] == queries[:, None])[None]))[:, None]
 
@@ -142,7 +146,8 @@ class CausalSelfAttention(nn.Module):
                 kv: list[torch.Tensor] | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``kv``: this block's entry of a :class:`KVCache` (keys and values of earlier
         positions, extended in place), or None for a whole sequence; ``mask``: the
-        cache's :meth:`KVCache.key_mask` for a padded batch."""
+        cache's :meth:`KVCache.key_mask` for this call (None: causal from the cache's
+        start, or one new position that sees every key)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -154,13 +159,8 @@ class CausalSelfAttention(nn.Module):
             kv[:] = [k, v]
         if mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif T == 1:  # the newest position sees every key
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:  # query t sits at position past + t: it sees every cached key and the new ones up to its own
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # the whole sequence, or (from a cache) one new position that sees every key
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -316,7 +316,7 @@ class GPT(CausalLM):
             for block in self.blocks[:n_layers]:
                 x = block(x, cos, sin)
         else:
-            mask = cache.key_mask(start + T, T)
+            mask = cache.key_mask(start + T, T, idx.device)
             for block, kv in zip(self.blocks[:n_layers], cache.layers):
                 x = block(x, cos, sin, kv, mask)
             cache.length += T
