@@ -376,9 +376,13 @@ class ModelSampler:
         """The next ``n`` calls' continuations of one ``prompt``."""
         return self.batch([prompt] * n, max_new_tokens)
 
-    def batch(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        """The next ``len(prompts)`` calls, one per prompt, decoded as one batch
-        (:func:`~sparsetrain.generate.sample_prompts`): what the calls one by one give."""
+    def batch(self, prompts: Sequence[str], max_new_tokens: int, batch_size: int | None = None) -> list[str]:
+        """The next ``len(prompts)`` calls, one per prompt, decoded ``batch_size`` at a
+        time (all at once by default; :func:`~sparsetrain.generate.sample_prompts`):
+        what the calls one by one give."""
+        if batch_size is not None and len(prompts) > batch_size:
+            return [t for i in range(0, len(prompts), batch_size)
+                    for t in self.batch(prompts[i : i + batch_size], max_new_tokens)]
         device = next(self.model.parameters()).device
         gens = [torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.calls + r)
                 for r in range(len(prompts))]
@@ -435,17 +439,16 @@ def code_compile_rate(
         if model is None or tokenizer is None:
             raise SparsetrainError("code_compile_rate needs a model and a tokenizer, or a sampler")
         sampler = model_sampler(model, tokenizer, temperature, top_k, seed)
+    if batch_size < 1:
+        raise SparsetrainError(f"the compile rate's batch_size must be >= 1, got {batch_size}")
+    prompts = code_prompts(files, n, seed)
     was_training = model.training if model is not None else False
     if model is not None:
         model.eval()
     records = []
-    if batch_size < 1:
-        raise SparsetrainError(f"the compile rate's batch_size must be >= 1, got {batch_size}")
-    prompts = code_prompts(files, n, seed)
     try:
         if getattr(sampler, "batch", None) is not None:  # a ModelSampler: the prompts decoded in batches
-            texts = [t for i in range(0, n, batch_size)
-                     for t in sampler.batch([p.prompt for p in prompts[i : i + batch_size]], max_new_tokens)]
+            texts = sampler.batch([p.prompt for p in prompts], max_new_tokens, batch_size)
         else:
             texts = [sampler(p.prompt, max_new_tokens) for p in prompts]
         for p, text in zip(prompts, texts):

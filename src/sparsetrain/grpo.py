@@ -483,8 +483,7 @@ class ModelGenerate:
     def batch(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
         texts = [self.fit(context, prompt) for context, prompt in pairs]
         with self._autocast():
-            return [t for i in range(0, len(texts), self.batch_size)
-                    for t in self.sampler.batch(texts[i : i + self.batch_size], self.max_new_tokens)]
+            return self.sampler.batch(texts, self.max_new_tokens, self.batch_size)
 
 
 def model_generate(model: CausalLM, tokenizer: BPETokenizer, *, context_tokens: int, prompt_tokens: int,
