@@ -79,6 +79,20 @@ def test_single_file_is_split_by_characters() -> None:
     assert train == ["x" * 900] and val == ["y" * 100]
 
 
+def test_few_files_are_cut_each_on_its_own() -> None:
+    # names the hash split puts all on one side, so the split cuts characters instead
+    rng = random.Random()
+    names = [f"f{i}.txt" for i in range(200) if not is_val_file(f"f{i}.txt", 0.25)][:3]
+    docs = {n: "".join(rng.choice("abc") for _ in range(rng.randrange(8, 400))) for n in names}
+    train, val = split_documents(docs, 0.25)
+    expected = [(docs[n][: int(len(docs[n]) * 0.75)], docs[n][int(len(docs[n]) * 0.75):]) for n in sorted(docs)]
+    assert train == [t for t, _ in expected] and val == [v for _, v in expected]
+    # a file added (on the same side) leaves the other files' cuts where they were
+    extra = next(f"g{i}.txt" for i in range(200) if not is_val_file(f"g{i}.txt", 0.25))
+    train2, val2 = split_documents(dict(docs, **{extra: "z" * 1000}), 0.25)
+    assert set(train) < set(train2) and set(val) < set(val2) and "z" * 750 in train2
+
+
 def test_stdlib_corpus_excludes_site_packages() -> None:
     root, files = discover_text_files(None)
     assert len(files) > 500

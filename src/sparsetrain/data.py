@@ -41,7 +41,8 @@ from .checkpoint import fsync_dir, fsync_file, warn
 from .errors import ConfigError, DataError
 from .tokenizer import BPETokenizer
 
-CACHE_FORMAT = 2  # 2: a document spelling <|endoftext|> is encoded as text, not as the separator
+CACHE_FORMAT = 3  # 2: a document spelling <|endoftext|> is encoded as text, not as the separator;
+#                  3: too few files for a split by file cuts each file, not their concatenation
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
@@ -134,22 +135,22 @@ def split_documents(docs: dict[str, str], val_fraction: float) -> tuple[list[str
     """Split ``{relpath: text}`` into (train texts, val texts), sorted by path.
 
     With too few files for the hash split to put at least one on each side
-    (a single text file, say), the concatenated text is cut instead: the last
-    ``val_fraction`` of its characters go to val.
+    (a single text file, say), every file is cut instead: the last ``val_fraction``
+    of its characters go to val, the rest to train. Each file is cut on its own, so
+    adding a file moves no other file's cut.
     """
     names = sorted(docs)
     train = [docs[n] for n in names if not is_val_file(n, val_fraction)]
     val = [docs[n] for n in names if is_val_file(n, val_fraction)]
     if train and val:
         return train, val
-    text = "".join(docs[n] for n in names)
-    cut = int(len(text) * (1 - val_fraction))
-    return [text[:cut]], [text[cut:]]
+    cuts = [(docs[n], int(len(docs[n]) * (1 - val_fraction))) for n in names]
+    return [t[:c] for t, c in cuts if c > 0], [t[c:] for t, c in cuts if c < len(t)]
 
 
 def train_document_names(names: Iterable[str], val_fraction: float) -> list[str]:
     """The relative paths of the train documents, in the order :func:`split_documents`
-    gives their texts (sorted); empty where it cuts the concatenated text instead
+    gives their texts (sorted); empty where it cuts every file instead
     (too few files for a split by file), so that no train document is one file."""
     ordered = sorted(names)
     train = [n for n in ordered if not is_val_file(n, val_fraction)]
