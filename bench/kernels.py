@@ -394,7 +394,7 @@ def hyper_mixing(s: dict, device: torch.device) -> Bench:
         fn = torch.compile(block) if compile else block
 
         def call() -> None:
-            with kernels.using(fused_hyper_mixing=fused):
+            with kernels.using(fused_hyper_mixing=fused, fused_hyper_mixing_compiled=fused):
                 y, a1, a2 = fn(x, f1, f2, *w)
                 torch.autograd.backward([y, a1, a2], [dy, da1, da2])
             grads[name] = [t.grad for t in (x, f1, f2, *w)]
@@ -405,7 +405,7 @@ def hyper_mixing(s: dict, device: torch.device) -> Bench:
     b = Bench({"residual": residual}, {}, extra={"streams_dtype": "float32", "sublayer_dtype": str(half)[6:]})
     for n in (2, 4):
         variants = {f"torch_eager_n{n}": (False, False), f"torch_compiled_n{n}": (False, True),
-                    f"kernels_n{n}": (True, False)}
+                    f"kernels_n{n}": (True, False), f"kernels_compiled_n{n}": (True, True)}
         for name, (fused, compile) in variants.items():
             if device.type != "cuda" and (compile or fused):
                 # the model takes the kernels on CUDA only; compiling on the CPU is not what is measured

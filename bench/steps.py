@@ -8,7 +8,8 @@ Benches (``--shapes list`` prints their shapes):
   backward / optimizer phases;
 * ``sparse24``: dense ``relu2`` against the 2:4 ``relu2_24`` FFN (transposable,
   sparse from the first step), one shared copy of the weights;
-* ``hyper``: no hyper-connections against 2 and 4 streams;
+* ``hyper``: no hyper-connections against 2 and 4 streams (compiled: the mixing by
+  inductor, and by the Triton kernels as custom ops, ``hyper_<n>_kernels``);
 * ``bk_step``: the ResNet-BK step, dense against learned-sparse at ``--skip``;
 * ``bk_layer``: one ResNet-BK layer's forward+backward (:mod:`bench.bk_layer`);
 * ``optimizers``: one step with each optimizer (:mod:`bench.optimizer_steps`):
@@ -142,7 +143,12 @@ def model_variants(bench: str, args: argparse.Namespace) -> dict[str, dict[str, 
     if bench == "sparse24":
         return {"relu2": {"ffn": "relu2"}, "relu2_24": dict(SPARSE24_OVERRIDES)}
     if bench == "hyper":
-        return {name: {"hyper_connections": n} for name, n in (("none", 0), ("hyper_2", 2), ("hyper_4", 4))}
+        out: dict[str, dict[str, Any]] = {"none": {"hyper_connections": 0}}
+        for n in (2, 4):
+            out[f"hyper_{n}"] = {"hyper_connections": n}
+            if args.compile or args.cuda_graphs:  # compiled, the mixing by inductor or by the kernels as custom ops
+                out[f"hyper_{n}_kernels"] = {"hyper_connections": n, "fused_hyper_mixing_compiled": True}
+        return out
     if bench == "bk_step":
         sparse = {"bk_sparsity": args.skip, "bk_sparsity_warmup_steps": 0}
         return {name: {**extra, "prepare": pin_bk_skip_rate(args.skip)}

@@ -69,15 +69,18 @@ def make_cfg(corpus_dir: Path, cache_dir: Path, tmp_path: Path):
     return make
 
 
-@pytest.fixture(params=["torch", "kernel"])
+@pytest.fixture(params=["torch", "kernel", "kernel_op"])
 def mixing_path(request, monkeypatch) -> str:
-    """Hyper-connection mixing in plain torch, or by the Triton kernels (the interpreter on CPU)."""
+    """Hyper-connection mixing in plain torch, or by the Triton kernels (the interpreter on
+    CPU): as the eager autograd node (``kernel``) or as the custom op pair that
+    torch.compile runs (``kernel_op``)."""
     from sparsetrain import hyper_mixing
 
-    if request.param == "kernel":
+    if request.param in ("kernel", "kernel_op"):
         if hyper_mixing.triton is None:
             pytest.skip("triton not installed")
         monkeypatch.setattr(hyper_mixing, "uses_kernel", hyper_mixing.kernel_ok)
+        monkeypatch.setattr(hyper_mixing, "as_custom_op", lambda: request.param == "kernel_op")
     else:
         monkeypatch.setattr(hyper_mixing, "uses_kernel", lambda streams: False)
     return request.param

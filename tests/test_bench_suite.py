@@ -729,3 +729,23 @@ def test_captured_step_replays_what_eager_steps_do(method: str) -> None:
         eager()
     for (name, a), b in zip(eager_model.named_parameters(), graphed_model.parameters()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+
+
+def test_a_model_step_runs_under_its_configs_kernel_policy() -> None:
+    """A variant changes a kernel choice with an override: every phase of its step sees
+    the policy of its own config's [kernels] section, and the process's policy is the
+    same before and after the call."""
+    from sparsetrain import kernels
+    from sparsetrain.bench_step import make_train_step
+
+    small = {"n_layer": 1, "d_model": 32, "n_head": 2, "vocab_size": 320}
+    seen: list[kernels.KernelPolicy] = []
+    before = kernels.current()
+    step, _ = make_train_step(preset="tiny", seq_len=16, batch_size=2, device="cpu",
+                              model_overrides={**small, "fused_cross_entropy": False,
+                                               "fused_hyper_mixing_compiled": True},
+                              mark=lambda phase: seen.append(kernels.current()))
+    step()
+    assert len(seen) >= 4
+    assert all(not p.fused_cross_entropy and p.fused_hyper_mixing_compiled for p in seen)
+    assert kernels.current() == before and before.fused_cross_entropy

@@ -145,18 +145,66 @@ def test_no_rows(mixing_path: str) -> None:
     assert all(float(gr.abs().sum()) == 0.0 for gr in grads)
 
 
-def test_kernel_policy_and_compile_choose_plain_torch(monkeypatch) -> None:
-    """On CUDA the kernels run unless the policy turns them off; CPU tensors (outside the
-    interpreter's tests) and compiled code take plain torch."""
+def test_kernel_policy_chooses_the_path(monkeypatch) -> None:
+    """On CUDA the kernels run in eager mode unless the policy turns them off, and inside
+    torch.compile only where the policy turns them on; CPU tensors (outside the
+    interpreter's tests) take plain torch either way."""
     from sparsetrain import kernels
 
     x = torch.zeros(2, 2, 4)
     assert not hyper_mixing.uses_kernel(x)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not hyper_mixing.kernel_ok(x)
-    if torch.cuda.is_available() and hyper_mixing.triton is not None:
+    with kernels.using(fused_hyper_mixing_compiled=True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not hyper_mixing.uses_kernel(x)
         monkeypatch.undo()
+    if torch.cuda.is_available() and hyper_mixing.triton is not None:
         xc = x.cuda()
-        assert hyper_mixing.uses_kernel(xc)
+        assert hyper_mixing.uses_kernel(xc) and not hyper_mixing.as_custom_op()
         with kernels.using(fused_hyper_mixing=False):
             assert not hyper_mixing.uses_kernel(xc)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not hyper_mixing.uses_kernel(xc) and hyper_mixing.as_custom_op()
+        with kernels.using(fused_hyper_mixing_compiled=True):
+            assert hyper_mixing.uses_kernel(xc)
+
+
+@pytest.mark.skipif(hyper_mixing.triton is None, reason="triton not installed")
+@pytest.mark.parametrize("node", ["read", "write", "write_then_read"])
+def test_custom_op_passes_opcheck(node: str) -> None:
+    """The op pair's schema, fake (meta) functions and autograd registration agree with
+    what the kernels do (torch.library.opcheck), on a node of each kind."""
+    X, f, H, q, p = inputs(3, torch.float32, fresh_generator(), rows=(2, 3), D=40, out_dtype=torch.bfloat16)
+    X, f, H, q, p = (t.detach().requires_grad_() for t in (X, f, H, q, p))
+    args = {"read": (X, None, None, None, p), "write": (X, f, H, q, None),
+            "write_then_read": (X, f, H, q, p)}[node]
+    torch.library.opcheck(hyper_mixing._mix_forward_op, args)
+
+
+@pytest.mark.skipif(hyper_mixing.triton is None, reason="triton not installed")
+def test_compiled_block_with_the_custom_op_matches_plain_torch(monkeypatch) -> None:
+    """A block's mixing (read_through, write_then_read, write) under torch.compile
+    (aot_eager: the graph the op sits in, without inductor's code generation) with the
+    kernels as the custom op, against the same function in plain torch: outputs and
+    every gradient."""
+    monkeypatch.setattr(hyper_mixing, "uses_kernel", hyper_mixing.kernel_ok)
+    X, f, H, q, p = inputs(4, torch.float32, fresh_generator(), rows=(3, 7), D=96)
+    g = torch.randn(X.shape[:-2] + X.shape[-1:], dtype=X.dtype)
+
+    def block(X, f, H, q, p):
+        a, X = read_through(X, p)
+        X, a2 = write_then_read(X, f * torch.tanh(a), H, q, p)
+        return write(X, f * torch.tanh(a2) + g, H, q)
+
+    leaves = [t.detach().requires_grad_() for t in (X, f, H, q, p)]
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    got = compiled(*leaves)
+    up = torch.randn(got.shape, dtype=got.dtype)
+    got_grads = torch.autograd.grad((got * up).sum(), leaves)
+    monkeypatch.setattr(hyper_mixing, "uses_kernel", lambda streams: False)
+    ref_leaves = [t.detach().requires_grad_() for t in (X, f, H, q, p)]
+    want = block(*ref_leaves)
+    want_grads = torch.autograd.grad((want * up).sum(), ref_leaves)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-4)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
+from . import kernels
 from .benchmark import peak_bf16_tflops, summarize, time_fn
 from .build import build_model
 from .config import ModelConfig, build_config
@@ -61,9 +62,11 @@ class TrainStep:
     the ones it steps."""
 
     def __init__(self, model: torch.nn.Module, objective: torch.nn.Module, optimizer: Any, x: torch.Tensor,
-                 y: torch.Tensor, amp_dtype: torch.dtype | None, mark: Callable[[str], None]) -> None:
+                 y: torch.Tensor, amp_dtype: torch.dtype | None, mark: Callable[[str], None],
+                 policy: kernels.KernelPolicy | None = None) -> None:
         self.model, self.objective, self.optimizer, self.x, self.y = model, objective, optimizer, x, y
         self.amp_dtype, self.mark = amp_dtype, mark
+        self.policy = policy  # the kernel policy every call runs under, as the trainer's steps do (None: the current)
         self.n_valid = y.numel()  # every position has a target, known on the host: no sync to size a selection
         # set after each optimizer step as the trainer sets them, so that a compiled
         # model which recompiles when a count changes shows it here too
@@ -72,6 +75,10 @@ class TrainStep:
 
     def __call__(self) -> None:
         # the phase ranges let a profile charge the GPU's idle time to forward, backward or optimizer
+        with kernels.using(self.policy):
+            self._step()
+
+    def _step(self) -> None:
         mark, x = self.mark, self.x
         mark("forward")
         with record_function("phase:forward"), \
@@ -111,8 +118,10 @@ def make_train_step(
     run's autocast (bf16 on CUDA), its backward, the optimizer step, and every
     per-step schedule set to the new step count.
 
-    ``model_overrides``: config fields of the preset to change, model or
-    training ones (``ffn``, ``use_collider``, ``optimizer``, ...). ``tokens``:
+    ``model_overrides``: config fields of the preset to change, model,
+    training or kernel ones (``ffn``, ``use_collider``, ``optimizer``,
+    ``fused_hyper_mixing_compiled``, ...); every call runs under the config's
+    kernel policy, as the trainer's steps do. ``tokens``:
     ``"random"`` (uniform token ids) or ``"corpus"`` (the trainer's first batch
     of ``data``, the embedded corpus when empty; tokenized into
     ``$SPARSETRAIN_CACHE``): GPU power, and so the clock under the power limit,
@@ -152,7 +161,8 @@ def make_train_step(
         y = torch.randint(0, mcfg.vocab_size, (batch_size, seq_len), device=dev)
     else:
         raise ValueError(f"tokens must be 'random' or 'corpus', got {tokens!r}")
-    step = TrainStep(model, objective, opt, x, y, autocast_dtype(cfg.dtype, dev), mark or _no_mark)
+    step = TrainStep(model, objective, opt, x, y, autocast_dtype(cfg.dtype, dev), mark or _no_mark,
+                     kernels.KernelPolicy.from_config(cfg))
     return step, model
 
 

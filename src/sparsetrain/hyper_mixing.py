@@ -98,37 +98,52 @@ def spread(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 def kernel_ok(streams: torch.Tensor) -> bool:
     """Can the Triton kernels run on ``streams`` (Triton present, a float dtype, on
-    CUDA or in Triton's interpreter)? Outside torch.compile only: inside it the
-    plain-torch path is the one inductor fuses with its neighbours."""
-    return (triton is not None and streams.dtype in KERNEL_DTYPES and (streams.is_cuda or interpreting())
-            and not torch.compiler.is_compiling())
+    CUDA or in Triton's interpreter)?"""
+    return triton is not None and streams.dtype in KERNEL_DTYPES and (streams.is_cuda or interpreting())
 
 
 def uses_kernel(streams: torch.Tensor) -> bool:
-    """Do the operations of this module take the kernel path for ``streams``?
-    On CUDA, where :func:`kernel_ok` and the kernel policy's ``fused_hyper_mixing`` allow."""
-    return streams.is_cuda and kernel_ok(streams) and kernels.current().fused_hyper_mixing
+    """Do the operations of this module take the kernel path for ``streams``? On CUDA,
+    where :func:`kernel_ok` and the kernel policy allow: ``fused_hyper_mixing`` in eager
+    mode, ``fused_hyper_mixing_compiled`` inside torch.compile (else the plain-torch
+    path, which inductor fuses with its neighbours)."""
+    if not (streams.is_cuda and kernel_ok(streams)):
+        return False
+    policy = kernels.current()
+    return policy.fused_hyper_mixing_compiled if torch.compiler.is_compiling() else policy.fused_hyper_mixing
+
+
+def as_custom_op() -> bool:
+    """Does the kernel path run as the ``sparsetrain::hyper_mix`` custom op pair (inside
+    torch.compile, which cannot trace the :class:`_Mix` node's kernel launches but keeps
+    an op whole) rather than as the autograd node (eager)?"""
+    return torch.compiler.is_compiling()
 
 
 def read(streams: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_i weights_i streams[..., i, :]``: ``[..., n, D] -> [..., D]`` in the streams' dtype."""
     if uses_kernel(streams):
+        if as_custom_op():
+            return _mix_op(streams, None, None, None, weights)[1]
         return _mix(streams, None, None, None, weights, through=False)
     return read_reference(streams, weights)
 
 
 def read_through(streams: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(read(streams, weights), streams)``; on the kernel path one autograd node whose
-    backward adds the gradient reaching the returned streams to the read's."""
-    if uses_kernel(streams):
+    """``(read(streams, weights), streams)``; as the autograd node (eager kernels) one node
+    whose backward adds the gradient reaching the returned streams to the read's. (A
+    custom op may not return its input, so there autograd adds the two.)"""
+    if uses_kernel(streams) and not as_custom_op():
         a, y = _mix(streams, None, None, None, weights, through=True)
         return a, y
-    return read_reference(streams, weights), streams
+    return read(streams, weights), streams
 
 
 def write(streams: torch.Tensor, out: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor) -> torch.Tensor:
     """``h_res @ streams + h_post (outer) out`` per token: ``[..., n, D]`` in the streams' dtype."""
     if uses_kernel(streams):
+        if as_custom_op():
+            return _mix_op(streams, out, h_res, h_post, None)[0]
         return _mix(streams, out, h_res, h_post, None, through=False)
     return write_reference(streams, out, h_res, h_post)
 
@@ -138,6 +153,9 @@ def write_then_read(streams: torch.Tensor, out: torch.Tensor, h_res: torch.Tenso
     """``(y, read(y, weights))`` for ``y = write(streams, out, h_res, h_post)``, in one pass
     over the streams on the kernel path."""
     if uses_kernel(streams):
+        if as_custom_op():
+            y, a = _mix_op(streams, out, h_res, h_post, weights)
+            return y, a
         y, a = _mix(streams, out, h_res, h_post, weights, through=False)
         return y, a
     y = write_reference(streams, out, h_res, h_post)
@@ -248,39 +266,96 @@ def _tiles(n: int, D: int) -> tuple[int, int, int]:
     return np_, max(1, 4096 // (np_ * block_d)), block_d
 
 
+def _accumulator(streams: torch.Tensor) -> torch.dtype:
+    return torch.float64 if streams.dtype == torch.float64 else torch.float32
+
+
+def _launch_forward(x: torch.Tensor, f: torch.Tensor | None, h: torch.Tensor | None, q: torch.Tensor | None,
+                    p: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(Y, a)``: ``Y = H X + q f`` where ``h`` (with ``q``, ``f``) is given, else None;
+    ``a = p . Y`` (``p . X`` without a write) where ``p`` is given, else None. ``x`` and
+    ``f`` contiguous, the weights contiguous in the accumulator dtype."""
+    writes, reads = h is not None, p is not None
+    *lead, n, D = x.shape
+    M = x.numel() // (n * D)
+    if not writes:  # the kernel is passed the weights it has in the places of those it lacks, unread
+        h = q = p
+    if not reads:
+        p = h
+    y = torch.empty_like(x) if writes else None
+    a = torch.empty((*lead, D), dtype=x.dtype, device=x.device) if reads else None
+    np_, block_m, block_d = _tiles(n, D)
+    if M:
+        _forward_kernel[(triton.cdiv(M, block_m), triton.cdiv(D, block_d))](
+            x, f if writes else x, y if writes else x, a if reads else x, h, q, p, M, D, N=n, NP=np_, WRITE=writes,
+            READ=reads, BLOCK_M=block_m, BLOCK_D=block_d, ROUND_BF16=interpreting() and x.dtype == torch.bfloat16,
+            num_warps=NUM_WARPS)
+    return y, a
+
+
+def _launch_backward(dy: torch.Tensor | None, da: torch.Tensor | None, x: torch.Tensor, f: torch.Tensor | None,
+                     h: torch.Tensor | None, q: torch.Tensor | None, p: torch.Tensor | None, df_dtype: torch.dtype
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(dX, df, sums)`` of the node :func:`_launch_forward` computed (the same
+    ``x, f, h, q, p``), given the gradient at its streams ``dy`` (the written ones, or
+    the passed-through ones; None: zero) and at its read ``da``; ``sums``: the weights'
+    gradients ``[dH (n x n, row-major), dq (n), dp (n)]`` in float64 (those of weights
+    the node lacks are garbage)."""
+    writes, reads = h is not None, p is not None
+    if not writes:
+        h = q = p
+    if not reads:
+        p = h
+    if reads and da is None:
+        da = torch.zeros(x.shape[:-2] + x.shape[-1:], dtype=x.dtype, device=x.device)
+    *_, n, D = x.shape
+    M = x.numel() // (n * D)
+    np_, block_m, block_d = _tiles(n, D)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(D, block_d))
+    npart = n * n + 2 * n
+    partials = torch.empty((grid[0] * grid[1], npart), dtype=_accumulator(x), device=x.device)  # every tile writes its row
+    dx = torch.empty_like(x)
+    df = torch.empty(f.shape, dtype=df_dtype, device=x.device) if writes else None
+    if M:
+        _backward_kernel[grid](
+            dy.contiguous() if dy is not None else x, da.contiguous() if reads else x, x, f if writes else x,
+            dx, df if writes else x, partials, h, q, p, M, D, N=n, NP=np_, NPART=npart, WRITE=writes,
+            READ=reads, HAS_DY=dy is not None, BLOCK_M=block_m, BLOCK_D=block_d,
+            ROUND_BF16=interpreting() and x.dtype == torch.bfloat16,
+            ROUND_DF_BF16=interpreting() and df_dtype == torch.bfloat16, num_warps=NUM_WARPS)
+    return dx, df, partials.sum(0, dtype=torch.float64)  # the tiles' partial sums, added in float64
+
+
+def _weight_grads(sums: torch.Tensor, n: int, h_res: torch.Tensor | None, h_post: torch.Tensor | None,
+                  h_pre: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The weights' gradients from :func:`_launch_backward`'s ``sums``, each in its weight's dtype."""
+    d_h = sums[: n * n].view(n, n).to(h_res.dtype) if h_res is not None else None
+    d_q = sums[n * n: n * n + n].to(h_post.dtype) if h_post is not None else None
+    d_p = sums[n * n + n:].to(h_pre.dtype) if h_pre is not None else None
+    return d_h, d_q, d_p
+
+
 class _Mix(torch.autograd.Function):
-    """One mixing node: ``Y = H X + q f`` (with ``h_res``) or ``Y = X``, and ``a = p . Y``
+    """One mixing node (eager): ``Y = H X + q f`` (with ``h_res``) or ``Y = X``, and ``a = p . Y``
     (with ``h_pre``). Outputs: ``(Y, a)``, ``Y``, ``(a, Y)`` (``through``) or ``a``."""
 
     @staticmethod
     def forward(ctx, streams: torch.Tensor, out: torch.Tensor | None,  # type: ignore[override]
                 h_res: torch.Tensor | None, h_post: torch.Tensor | None, h_pre: torch.Tensor | None, through: bool):
         writes, reads = h_res is not None, h_pre is not None
-        *lead, n, D = streams.shape
-        acc = torch.float64 if streams.dtype == torch.float64 else torch.float32
+        acc = _accumulator(streams)
         x = streams.contiguous()
-        M = x.numel() // (n * D)
         f = out.contiguous() if writes else None
         h, q, p = (w.to(acc).contiguous() if w is not None else None for w in (h_res, h_post, h_pre))
-        if not writes:  # a node passes the weights it has in the places of those it lacks, unread
-            h = q = p
-        if not reads:
-            p = h
-        y = torch.empty_like(x) if writes else x
-        a = torch.empty((*lead, D), dtype=x.dtype, device=x.device) if reads else None
-        np_, block_m, block_d = _tiles(n, D)
-        if M:
-            _forward_kernel[(triton.cdiv(M, block_m), triton.cdiv(D, block_d))](
-                x, f if writes else x, y, a if reads else x, h, q, p, M, D, N=n, NP=np_, WRITE=writes, READ=reads,
-                BLOCK_M=block_m, BLOCK_D=block_d, ROUND_BF16=interpreting() and x.dtype == torch.bfloat16,
-                num_warps=NUM_WARPS)
+        y, a = _launch_forward(x, f, h, q, p)
         ctx.save_for_backward(x, f, h, q, p)
-        ctx.writes, ctx.reads, ctx.through, ctx.acc = writes, reads, through, acc
-        ctx.dtypes = tuple(t.dtype if t is not None else None for t in (out, h_res, h_post, h_pre))
+        ctx.writes, ctx.reads, ctx.through = writes, reads, through
+        ctx.weights = (h_res, h_post, h_pre)  # for their dtypes and presence only
+        ctx.df_dtype = out.dtype if writes else x.dtype
         ctx.set_materialize_grads(False)
         if writes:
             return (y, a) if reads else y
-        return (a, y) if through else a
+        return (a, x) if through else a
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
@@ -292,32 +367,79 @@ class _Mix(torch.autograd.Function):
             da, dy = grads if ctx.through else (grads[0], None)
         if dy is None and da is None:
             return None, None, None, None, None, None
-        if reads and da is None:
-            da = torch.zeros(x.shape[:-2] + x.shape[-1:], dtype=x.dtype, device=x.device)
-        *_, n, D = x.shape
-        M = x.numel() // (n * D)
-        np_, block_m, block_d = _tiles(n, D)
-        grid = (triton.cdiv(M, block_m), triton.cdiv(D, block_d))
-        npart = n * n + 2 * n
-        partials = torch.empty((grid[0] * grid[1], npart), dtype=ctx.acc, device=x.device)  # every tile writes its row
-        dx = torch.empty_like(x)
-        df = torch.empty(f.shape, dtype=ctx.dtypes[0], device=x.device) if writes else None
-        if M:
-            _backward_kernel[grid](
-                dy.contiguous() if dy is not None else x, da.contiguous() if reads else x, x, f if writes else x,
-                dx, df if writes else x, partials, h, q, p, M, D, N=n, NP=np_, NPART=npart, WRITE=writes,
-                READ=reads, HAS_DY=dy is not None, BLOCK_M=block_m, BLOCK_D=block_d,
-                ROUND_BF16=interpreting() and x.dtype == torch.bfloat16,
-                ROUND_DF_BF16=interpreting() and ctx.dtypes[0] == torch.bfloat16, num_warps=NUM_WARPS)
-        sums = partials.sum(0, dtype=torch.float64)  # the tiles' partial sums, added in float64
-        _, h_dtype, q_dtype, p_dtype = ctx.dtypes
-        d_h = sums[: n * n].view(n, n).to(h_dtype) if writes else None
-        d_q = sums[n * n: n * n + n].to(q_dtype) if writes else None
-        d_p = sums[n * n + n:].to(p_dtype) if reads else None
-        return dx, df, d_h, d_q, d_p, None
+        dx, df, sums = _launch_backward(dy, da, x, f, h, q, p, ctx.df_dtype)
+        return (dx, df, *_weight_grads(sums, x.shape[-2], *ctx.weights), None)
 
 
 def _mix(streams: torch.Tensor, out: torch.Tensor | None, h_res: torch.Tensor | None, h_post: torch.Tensor | None,
          h_pre: torch.Tensor | None, through: bool):
-    """The kernel path: a :class:`_Mix` node (``h_res``, ``h_post``, ``out``: all or none)."""
+    """The eager kernel path: a :class:`_Mix` node (``h_res``, ``h_post``, ``out``: all or none)."""
     return _Mix.apply(streams, out, h_res, h_post, h_pre, through)
+
+
+# ----------------------------------------------------------------------------- the custom op pair
+#
+# The same kernels for torch.compile: a forward op and a backward op tied by
+# register_autograd. A custom op's outputs may not alias its inputs and their number
+# is fixed, so the forward returns (Y, a) always, an empty tensor for the one a node
+# lacks, and a read passed through is left to autograd (read_through).
+
+
+@torch.library.custom_op("sparsetrain::hyper_mix", mutates_args=())
+def _mix_forward_op(streams: torch.Tensor, out: torch.Tensor | None, h_res: torch.Tensor | None,
+                    h_post: torch.Tensor | None, h_pre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    acc = _accumulator(streams)
+    h, q, p = (w.to(acc).contiguous() if w is not None else None for w in (h_res, h_post, h_pre))
+    y, a = _launch_forward(streams.contiguous(), out.contiguous() if out is not None else None, h, q, p)
+    return (y if y is not None else streams.new_empty(0)), (a if a is not None else streams.new_empty(0))
+
+
+@_mix_forward_op.register_fake
+def _(streams, out, h_res, h_post, h_pre):
+    y = torch.empty_like(streams, memory_format=torch.contiguous_format) if h_res is not None else streams.new_empty(0)
+    a = streams.new_empty(streams.shape[:-2] + streams.shape[-1:]) if h_pre is not None else streams.new_empty(0)
+    return y, a
+
+
+@torch.library.custom_op("sparsetrain::hyper_mix_backward", mutates_args=())
+def _mix_backward_op(dy: torch.Tensor | None, da: torch.Tensor | None, streams: torch.Tensor,
+                     out: torch.Tensor | None, h_res: torch.Tensor | None, h_post: torch.Tensor | None,
+                     h_pre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = _accumulator(streams)
+    h, q, p = (w.to(acc).contiguous() if w is not None else None for w in (h_res, h_post, h_pre))
+    dx, df, sums = _launch_backward(dy, da, streams.contiguous(), out.contiguous() if out is not None else None,
+                                    h, q, p, out.dtype if out is not None else streams.dtype)
+    return dx, (df if df is not None else streams.new_empty(0)), sums
+
+
+@_mix_backward_op.register_fake
+def _(dy, da, streams, out, h_res, h_post, h_pre):
+    n = streams.shape[-2]
+    df = torch.empty_like(out, memory_format=torch.contiguous_format) if out is not None else streams.new_empty(0)
+    return (torch.empty_like(streams, memory_format=torch.contiguous_format), df,
+            streams.new_empty(n * n + 2 * n, dtype=torch.float64))
+
+
+def _mix_op_setup(ctx, inputs, output) -> None:
+    streams, out, h_res, h_post, h_pre = inputs
+    ctx.save_for_backward(streams, out, h_res, h_post, h_pre)
+
+
+def _mix_op_backward(ctx, dy: torch.Tensor | None, da: torch.Tensor | None):
+    streams, out, h_res, h_post, h_pre = ctx.saved_tensors
+    if h_res is None:
+        dy = None  # the empty placeholder's
+    if h_pre is None:
+        da = None
+    dx, df, sums = _mix_backward_op(dy, da, streams, out, h_res, h_post, h_pre)
+    return (dx, df if out is not None else None, *_weight_grads(sums, streams.shape[-2], h_res, h_post, h_pre))
+
+
+_mix_forward_op.register_autograd(_mix_op_backward, setup_context=_mix_op_setup)
+
+
+def _mix_op(streams: torch.Tensor, out: torch.Tensor | None, h_res: torch.Tensor | None,
+            h_post: torch.Tensor | None, h_pre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compiled kernel path: ``(Y, a)`` of the ``sparsetrain::hyper_mix`` op (an empty
+    tensor for the one the node lacks)."""
+    return _mix_forward_op(streams, out, h_res, h_post, h_pre)

@@ -112,6 +112,9 @@ class KernelPolicy:
     """Collider's attention: auto (cuDNN, else flash), cudnn, flash or recompute (plain SDPA, recomputed in backward)."""
     fused_hyper_mixing: bool = True
     """Hyper-connection stream mixing by the Triton kernels on CUDA outside torch.compile (else plain torch)."""
+    fused_hyper_mixing_compiled: bool = False
+    """The same kernels inside torch.compile, as the ``sparsetrain::hyper_mix`` custom ops (else plain
+    torch, which inductor fuses with its neighbours)."""
     kept_kernel_max_keep: float = 0.65
     """Collider's kept-query attention backward kernel up to this kept fraction (auto mode);
     measured in bench/results/collider_step_sync_free_h200.json."""
