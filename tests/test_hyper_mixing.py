@@ -146,65 +146,111 @@ def test_no_rows(mixing_path: str) -> None:
 
 
 def test_kernel_policy_chooses_the_path(monkeypatch) -> None:
-    """On CUDA the kernels run in eager mode unless the policy turns them off, and inside
-    torch.compile only where the policy turns them on; CPU tensors (outside the
-    interpreter's tests) take plain torch either way."""
+    """The kernels run in eager mode unless ``fused_hyper_mixing`` turns them off, and
+    inside torch.compile only where ``fused_hyper_mixing_compiled`` turns them on (as the
+    custom op there); CPU tensors (outside the interpreter's tests) take plain torch."""
     from sparsetrain import kernels
 
-    x = torch.zeros(2, 2, 4)
-    assert not hyper_mixing.uses_kernel(x)
-    with kernels.using(fused_hyper_mixing_compiled=True):
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert not hyper_mixing.uses_kernel(x)
-        monkeypatch.undo()
+    compiling = [False]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling[0])
+    for eager_flag in (True, False):
+        for compiled_flag in (True, False):
+            with kernels.using(fused_hyper_mixing=eager_flag, fused_hyper_mixing_compiled=compiled_flag):
+                compiling[0] = False
+                assert hyper_mixing.policy_allows_kernel() == eager_flag and not hyper_mixing.as_custom_op()
+                compiling[0] = True
+                assert hyper_mixing.policy_allows_kernel() == compiled_flag and hyper_mixing.as_custom_op()
+                assert not hyper_mixing.uses_kernel(torch.zeros(2, 2, 4))  # CPU
+    compiling[0] = False
+    assert not kernels.current().fused_hyper_mixing_compiled  # off by default, until measured faster
     if torch.cuda.is_available() and hyper_mixing.triton is not None:
-        xc = x.cuda()
-        assert hyper_mixing.uses_kernel(xc) and not hyper_mixing.as_custom_op()
-        with kernels.using(fused_hyper_mixing=False):
-            assert not hyper_mixing.uses_kernel(xc)
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        assert not hyper_mixing.uses_kernel(xc) and hyper_mixing.as_custom_op()
-        with kernels.using(fused_hyper_mixing_compiled=True):
-            assert hyper_mixing.uses_kernel(xc)
+        assert hyper_mixing.uses_kernel(torch.zeros(2, 2, 4, device="cuda"))
+
+
+def _op_cases() -> dict[str, tuple]:
+    """Inputs of each node kind, streams in several dtypes and layouts, rows from none up."""
+    cases = {}
+    for dtype, out_dtype in ((torch.float32, torch.bfloat16), (torch.float64, torch.float64),
+                             (torch.bfloat16, torch.bfloat16)):
+        for rows in ((2, 3), (0,)):
+            X, f, H, q, p = (t.detach().requires_grad_() for t in
+                             inputs(3, dtype, fresh_generator(), rows=rows, D=40, out_dtype=out_dtype))
+            tag = f"{str(dtype)[6:]}-{str(out_dtype)[6:]}-{rows[0]}rows"
+            cases[f"read-{tag}"] = (X, None, None, None, p)
+            cases[f"write-{tag}"] = (X, f, H, q, None)
+            cases[f"write_then_read-{tag}"] = (X, f, H, q, p)
+    X, f, H, q, p = inputs(3, torch.float32, fresh_generator(), rows=(3, 2), D=40)
+    Xt = X.detach().transpose(0, 1).requires_grad_()  # streams that are not contiguous
+    cases["write_then_read-noncontiguous"] = (Xt, f.detach().transpose(0, 1).requires_grad_(),
+                                              H.requires_grad_(), q.requires_grad_(), p.requires_grad_())
+    return cases
+
+
+OP_CASES = _op_cases() if hyper_mixing.triton is not None else {}
 
 
 @pytest.mark.skipif(hyper_mixing.triton is None, reason="triton not installed")
-@pytest.mark.parametrize("node", ["read", "write", "write_then_read"])
-def test_custom_op_passes_opcheck(node: str) -> None:
-    """The op pair's schema, fake (meta) functions and autograd registration agree with
-    what the kernels do (torch.library.opcheck), on a node of each kind."""
-    X, f, H, q, p = inputs(3, torch.float32, fresh_generator(), rows=(2, 3), D=40, out_dtype=torch.bfloat16)
-    X, f, H, q, p = (t.detach().requires_grad_() for t in (X, f, H, q, p))
-    args = {"read": (X, None, None, None, p), "write": (X, f, H, q, None),
-            "write_then_read": (X, f, H, q, p)}[node]
+@pytest.mark.parametrize("case", list(OP_CASES))
+def test_custom_ops_pass_opcheck(case: str) -> None:
+    """The op pair's schemas, fake (meta) functions and autograd registration agree with
+    what the kernels do (torch.library.opcheck): the forward op on each node kind, and the
+    backward op on the forward's outputs' gradients."""
+    args = OP_CASES[case]
     torch.library.opcheck(hyper_mixing._mix_forward_op, args)
+    X, f, H, q, p = args
+    y, a = hyper_mixing._mix_forward_op(*args)
+    dy = torch.randn_like(y) if H is not None else None
+    da = torch.randn_like(a) if p is not None else None
+    torch.library.opcheck(hyper_mixing._mix_backward_op, (dy, da, *(t.detach() if t is not None else None
+                                                                   for t in args)))
 
 
 @pytest.mark.skipif(hyper_mixing.triton is None, reason="triton not installed")
-def test_compiled_block_with_the_custom_op_matches_plain_torch(monkeypatch) -> None:
-    """A block's mixing (read_through, write_then_read, write) under torch.compile
-    (aot_eager: the graph the op sits in, without inductor's code generation) with the
-    kernels as the custom op, against the same function in plain torch: outputs and
-    every gradient."""
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                                    (torch.float32, torch.bfloat16)], ids=["float32", "float64", "float32-bfloat16"])
+def test_compiled_block_with_the_custom_op_matches_plain_torch(dtypes, monkeypatch) -> None:
+    """A block's mixing (read_through, write_then_read, write) under torch.compile, with
+    the kernels as the custom op pair (found in the forward and backward graphs), against
+    the same function in plain torch: outputs and every gradient, to the rounding of the
+    streams' and the sublayer output's dtypes. The graphs go through AOT autograd, as
+    inductor's do, without inductor's code generation (the CPU runs the kernels in
+    Triton's interpreter)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    dtype, out_dtype = dtypes
     monkeypatch.setattr(hyper_mixing, "uses_kernel", hyper_mixing.kernel_ok)
-    X, f, H, q, p = inputs(4, torch.float32, fresh_generator(), rows=(3, 7), D=96)
-    g = torch.randn(X.shape[:-2] + X.shape[-1:], dtype=X.dtype)
+    X, f, H, q, p = inputs(4, dtype, fresh_generator(), rows=(3, 7), D=96, out_dtype=out_dtype)
+    g = torch.randn(X.shape[:-2] + X.shape[-1:]).to(DEVICE, out_dtype)
 
     def block(X, f, H, q, p):
         a, X = read_through(X, p)
-        X, a2 = write_then_read(X, f * torch.tanh(a), H, q, p)
-        return write(X, f * torch.tanh(a2) + g, H, q)
+        X, a2 = write_then_read(X, f * torch.tanh(a).to(f.dtype), H, q, p)
+        return write(X, f * torch.tanh(a2).to(f.dtype) + g, H, q)
+
+    ops: dict[str, set[str]] = {"forward": set(), "backward": set()}
+
+    def recorder(kind: str):
+        def compiler(gm: torch.fx.GraphModule, example_inputs):
+            ops[kind] |= {str(node.target) for node in gm.graph.nodes if node.op == "call_function"}
+            return make_boxed_func(gm.forward)
+        return compiler
 
     leaves = [t.detach().requires_grad_() for t in (X, f, H, q, p)]
     torch._dynamo.reset()
-    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(block, backend=aot_autograd(fw_compiler=recorder("forward"),
+                                                         bw_compiler=recorder("backward")), fullgraph=True)
     got = compiled(*leaves)
-    up = torch.randn(got.shape, dtype=got.dtype)
+    up = torch.randn(got.shape, dtype=torch.float64).to(DEVICE, got.dtype)
     got_grads = torch.autograd.grad((got * up).sum(), leaves)
+    torch._dynamo.reset()
+    assert "sparsetrain.hyper_mix.default" in ops["forward"], ops["forward"]
+    assert "sparsetrain.hyper_mix_backward.default" in ops["backward"], ops["backward"]
     monkeypatch.setattr(hyper_mixing, "uses_kernel", lambda streams: False)
     ref_leaves = [t.detach().requires_grad_() for t in (X, f, H, q, p)]
     want = block(*ref_leaves)
     want_grads = torch.autograd.grad((want * up).sum(), ref_leaves)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for a, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-4)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}[dtype] if out_dtype != torch.bfloat16 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for name, a, w in zip("XfHqp", got_grads, want_grads):
+        torch.testing.assert_close(a, w, rtol=tol, atol=tol * 10, msg=lambda m: f"d{name}: {m}")

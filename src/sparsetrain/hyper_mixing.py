@@ -107,8 +107,12 @@ def uses_kernel(streams: torch.Tensor) -> bool:
     where :func:`kernel_ok` and the kernel policy allow: ``fused_hyper_mixing`` in eager
     mode, ``fused_hyper_mixing_compiled`` inside torch.compile (else the plain-torch
     path, which inductor fuses with its neighbours)."""
-    if not (streams.is_cuda and kernel_ok(streams)):
-        return False
+    return streams.is_cuda and kernel_ok(streams) and policy_allows_kernel()
+
+
+def policy_allows_kernel() -> bool:
+    """The kernel policy's part of :func:`uses_kernel`: ``fused_hyper_mixing`` in eager
+    mode, ``fused_hyper_mixing_compiled`` inside torch.compile."""
     policy = kernels.current()
     return policy.fused_hyper_mixing_compiled if torch.compiler.is_compiling() else policy.fused_hyper_mixing
 
@@ -313,7 +317,9 @@ def _launch_backward(dy: torch.Tensor | None, da: torch.Tensor | None, x: torch.
     np_, block_m, block_d = _tiles(n, D)
     grid = (triton.cdiv(M, block_m), triton.cdiv(D, block_d))
     npart = n * n + 2 * n
-    partials = torch.empty((grid[0] * grid[1], npart), dtype=_accumulator(x), device=x.device)  # every tile writes its row
+    # zeros: a node without a write (or a read) leaves its tiles' dH and dq (dp) unwritten, and
+    # the custom op's output must not be uninitialised memory
+    partials = torch.zeros((grid[0] * grid[1], npart), dtype=_accumulator(x), device=x.device)
     dx = torch.empty_like(x)
     df = torch.empty(f.shape, dtype=df_dtype, device=x.device) if writes else None
     if M:
@@ -326,13 +332,19 @@ def _launch_backward(dy: torch.Tensor | None, da: torch.Tensor | None, x: torch.
     return dx, df, partials.sum(0, dtype=torch.float64)  # the tiles' partial sums, added in float64
 
 
-def _weight_grads(sums: torch.Tensor, n: int, h_res: torch.Tensor | None, h_post: torch.Tensor | None,
-                  h_pre: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """The weights' gradients from :func:`_launch_backward`'s ``sums``, each in its weight's dtype."""
-    d_h = sums[: n * n].view(n, n).to(h_res.dtype) if h_res is not None else None
-    d_q = sums[n * n: n * n + n].to(h_post.dtype) if h_post is not None else None
-    d_p = sums[n * n + n:].to(h_pre.dtype) if h_pre is not None else None
+def _weight_grads(sums: torch.Tensor, n: int, dtypes: tuple[torch.dtype | None, ...]
+                  ) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of ``h_res``, ``h_post`` and ``h_pre`` from :func:`_launch_backward`'s
+    ``sums``, each in its weight's dtype (``dtypes``; None: the node lacks that weight)."""
+    h_dtype, q_dtype, p_dtype = dtypes
+    d_h = sums[: n * n].view(n, n).to(h_dtype) if h_dtype is not None else None
+    d_q = sums[n * n: n * n + n].to(q_dtype) if q_dtype is not None else None
+    d_p = sums[n * n + n:].to(p_dtype) if p_dtype is not None else None
     return d_h, d_q, d_p
+
+
+def _dtypes(*tensors: torch.Tensor | None) -> tuple[torch.dtype | None, ...]:
+    return tuple(t.dtype if t is not None else None for t in tensors)
 
 
 class _Mix(torch.autograd.Function):
@@ -350,7 +362,7 @@ class _Mix(torch.autograd.Function):
         y, a = _launch_forward(x, f, h, q, p)
         ctx.save_for_backward(x, f, h, q, p)
         ctx.writes, ctx.reads, ctx.through = writes, reads, through
-        ctx.weights = (h_res, h_post, h_pre)  # for their dtypes and presence only
+        ctx.weight_dtypes = _dtypes(h_res, h_post, h_pre)
         ctx.df_dtype = out.dtype if writes else x.dtype
         ctx.set_materialize_grads(False)
         if writes:
@@ -368,7 +380,7 @@ class _Mix(torch.autograd.Function):
         if dy is None and da is None:
             return None, None, None, None, None, None
         dx, df, sums = _launch_backward(dy, da, x, f, h, q, p, ctx.df_dtype)
-        return (dx, df, *_weight_grads(sums, x.shape[-2], *ctx.weights), None)
+        return (dx, df, *_weight_grads(sums, x.shape[-2], ctx.weight_dtypes), None)
 
 
 def _mix(streams: torch.Tensor, out: torch.Tensor | None, h_res: torch.Tensor | None, h_post: torch.Tensor | None,
@@ -428,11 +440,10 @@ def _mix_op_setup(ctx, inputs, output) -> None:
 def _mix_op_backward(ctx, dy: torch.Tensor | None, da: torch.Tensor | None):
     streams, out, h_res, h_post, h_pre = ctx.saved_tensors
     if h_res is None:
-        dy = None  # the empty placeholder's
-    if h_pre is None:
-        da = None
-    dx, df, sums = _mix_backward_op(dy, da, streams, out, h_res, h_post, h_pre)
-    return (dx, df if out is not None else None, *_weight_grads(sums, streams.shape[-2], h_res, h_post, h_pre))
+        dy = None  # the zeros autograd gives the empty placeholder: the kernel would read past them
+    dx, df, sums = _mix_backward_op(dy, da if h_pre is not None else None, streams, out, h_res, h_post, h_pre)
+    return (dx, df if out is not None else None,
+            *_weight_grads(sums, streams.shape[-2], _dtypes(h_res, h_post, h_pre)))
 
 
 _mix_forward_op.register_autograd(_mix_op_backward, setup_context=_mix_op_setup)
