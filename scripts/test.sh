@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/env.sh
-.venv/bin/python -m pytest -q "$@"
+venv=${SPARSETRAIN_VENV:-.venv}  # the one env.sh set up
+"$venv/bin/python" -m pytest -q "$@"

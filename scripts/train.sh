@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/env.sh
 run="runs/$(date +%Y%m%d-%H%M%S)"
-.venv/bin/sparsetrain train --out-dir "$run" "$@"
+venv=${SPARSETRAIN_VENV:-.venv}  # the one env.sh set up
+"$venv/bin/sparsetrain" train --out-dir "$run" "$@"
 if [ -f "$run/ckpt.pt" ]; then
   echo "--- sample from $run ---"
-  .venv/bin/sparsetrain generate --ckpt "$run" --max-new-tokens 120
+  "$venv/bin/sparsetrain" generate --ckpt "$run" --max-new-tokens 120
 fi

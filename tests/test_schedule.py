@@ -196,6 +196,20 @@ def test_resume_refuses_another_schedule_shape(make_cfg, tmp_path: Path) -> None
         Trainer(make_cfg(out_dir=str(tmp_path / "r"), max_steps=4, lr=1e-3), resume=tmp_path / "r", verbose=False)
 
 
+def test_resume_refuses_to_shorten_a_run_and_leaves_its_config(make_cfg, tmp_path: Path) -> None:
+    """A max_steps below the step reached is refused in one line before the run's
+    files are rewritten; the same max_steps (a finished run) still resumes."""
+    from sparsetrain.errors import ConfigError
+
+    run = tmp_path / "r"
+    train(make_cfg(out_dir=str(run), max_steps=4), verbose=False)
+    config = (run / "config.toml").read_text()
+    with pytest.raises(ConfigError, match=r"at step 4 with max_steps 3: .* --max-steps 4 or more"):
+        Trainer(make_cfg(out_dir=str(run), max_steps=3), resume=run, verbose=False)
+    assert (run / "config.toml").read_text() == config
+    assert Trainer(make_cfg(out_dir=str(run), max_steps=4), resume=run, verbose=False).step == 4
+
+
 @pytest.mark.parametrize("optimizer, change, refused", [
     ("adamw", dict(weight_decay=0.5), "weight_decay=0.5: it trained with 0.1"),
     ("adamw", dict(beta2=0.99), "beta2=0.99: it trained with 0.95"),

@@ -138,6 +138,20 @@ def test_empty_and_missing_corpus_errors(tmp_path: Path) -> None:
         load_corpus(str(tmp_path / "empty"), 300, 0.1, tmp_path, verbose=False)
 
 
+def test_a_corpus_too_small_to_split_is_refused_before_the_cache_is_written(tmp_path: Path) -> None:
+    """One character (or one per file) leaves a split empty: one line naming the data,
+    and no cache folder (an empty token file there broke every later load)."""
+    cache = tmp_path / "cache"
+    (tmp_path / "one.txt").write_text("x")
+    (tmp_path / "two").mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "two" / name).write_text("y")
+    for data in (tmp_path / "one.txt", tmp_path / "two"):
+        with pytest.raises(DataError, match=f"{data} is too small to split.*train split empty"):
+            load_corpus(str(data), 300, 0.1, cache, verbose=False)
+    assert not any(cache.glob("corpus-*"))
+
+
 def test_bin_tokens(tmp_path: Path) -> None:
     tokens = np.random.randint(0, 1000, size=5000).astype(np.uint16)
     tokens[np.random.randint(5000)] = 999  # the out-of-vocabulary check below needs the id present (absent 0.7% of draws)

@@ -328,6 +328,8 @@ def _cache_problem(folder: Path) -> str | None:
         size = path.stat().st_size if path.is_file() else None
         if size != n * itemsize:
             return f"{split}.bin holds {'no file' if size is None else f'{size:,} bytes'}, its record {n * itemsize:,}"
+        if n == 0:  # an empty split, as builds before the check in _build_cache could leave
+            return f"{split}.bin holds no tokens"
     return None
 
 
@@ -347,6 +349,10 @@ def _build_cache(folder: Path, docs: dict[str, str], vocab_size: int, val_fracti
     ``tokenizer`` (a ``tokenizer.json``'s bytes, kept as they are: a run's copy of it
     then compares equal to the file it came from)."""
     train_docs, val_docs = split_documents(docs, val_fraction)
+    if not train_docs or not val_docs:  # checked before anything is written: no empty token file in the cache
+        chars = sum(len(t) for t in docs.values())
+        raise DataError(f"{source} is too small to split: {chars:,} characters in {len(docs)} file(s) leave the "
+                        f"{'train' if not train_docs else 'val'} split empty at val_fraction {val_fraction}")
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Build next to the final folder and rename: a crash or a concurrent build

@@ -502,7 +502,8 @@ def model_generate(model: CausalLM, tokenizer: BPETokenizer, *, context_tokens: 
     if context_tokens < 0 or prompt_tokens < 1 or need > model.config.seq_len:
         raise ConfigError(f"context_tokens {context_tokens} + prompt_tokens {prompt_tokens} + max_new_tokens "
                           f"{max_new_tokens} + 1 (end-of-text) = {need} must fit the model's seq_len "
-                          f"{model.config.seq_len}, with context_tokens >= 0 and prompt_tokens >= 1")
+                          f"{model.config.seq_len}, with context_tokens >= 0 and prompt_tokens >= 1 (lower "
+                          f"--context-tokens, --prompt-tokens or --max-new-tokens)")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
 

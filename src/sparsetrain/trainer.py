@@ -611,6 +611,9 @@ class Trainer:
         max_seconds, by time) extends the schedule without a jump (:meth:`LRSchedule.extend`),
         announced on stdout and as a ``lr_schedule`` row in metrics.jsonl."""
         c = self.cfg
+        if 0 < c.max_steps < self.step:  # before the run's files are rewritten: its config keeps its max_steps
+            raise ConfigError(f"cannot resume {out} at step {self.step} with max_steps {c.max_steps}: a resume extends "
+                              f"a run, it does not shorten one (use --max-steps {self.step} or more)")
         self.clock.startup_seconds = float(state.get("startup_seconds", 0.0))
         if state.get("lr_schedule"):
             schedule = LRSchedule.from_state_dict(state["lr_schedule"])
