@@ -20,9 +20,25 @@ def test_parse_arm() -> None:
     assert parse_arm("c50:drop_ratio=0.5, collider-method=topk") == Arm(
         "c50", {"use_collider": "true", "collider_sparsity": "0.5", "collider_method": "topk"})
     for bad, msg in [("dense", "must be NAME:KEY=VALUE"), (":lr=1", "must be NAME"), ("a b:", "must be NAME"),
-                     ("x:lr", "'lr' is not KEY=VALUE"), ("x:seed=3", "the race sets seed itself")]:
+                     ("x:lr", "'lr' is not KEY=VALUE"), ("x:seed=3", "the race sets seed itself"),
+                     ("x:drop_ratio=0.5,,lr=1e-3", "an empty item"), ("x:lr=1e-3,", "an empty item"),
+                     ("x:lr=1e-3,lr=2e-3", "lr is given twice"), ("x:lr=1,LR=2,lr=3", "lr is given twice"),
+                     ("x:collider-method=a,collider_method=b", "collider_method is given twice"),
+                     ("x:drop_ratio=0.5,collider_sparsity=0.3", r"collider_sparsity \(drop_ratio sets it\) is given")]:
         with pytest.raises(ConfigError, match=msg):
             parse_arm(bad)
+
+
+@pytest.mark.parametrize("arm, needle", [("x:drop_ratio=0.5,,lr=1e-3", "an empty item"),
+                                         ("x:lr=1e-3,", "an empty item"),
+                                         ("x:lr=1e-3,lr=2e-3", "lr is given twice")])
+def test_race_refuses_an_empty_item_or_a_key_given_twice(arm: str, needle: str, tmp_path: Path, capsys) -> None:
+    """Both were taken silently: the empty item skipped, the last of the keys winning,
+    so the arm raced a config other than the one its author meant."""
+    code = main(["race", "--dry-run", "--preset", "tiny", "--seconds", "1", "--out-dir", str(tmp_path / "r"),
+                 "--arm", "a:", "--arm", arm])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{arm!r}: {needle}" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_interleave_order_alternates_direction_per_seed() -> None:
@@ -811,6 +827,40 @@ def test_race_refuses_an_arm_preset_and_a_missing_path_before_any_run(arm: str, 
                  "--arm", "a:", "--arm", arm])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("make, arm, needle", [
+    (lambda d: d.mkdir(), "b:data={d}", "{d} holds no text file"),
+    (lambda d: (d.mkdir(), (d / "x.dat").write_bytes(b"\0" * 9)), "b:data={d}", "{d} holds no text file"),
+    (lambda d: None, "b:data_include=*.nothing", "no file under"),
+    (lambda d: Path(f"{d}.bin").write_bytes(b""), "b:data={d}.bin", "{d}.bin is empty: no tokens"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_race_refuses_an_arm_whose_data_holds_nothing_before_any_run(make, arm: str, needle: str, dry_run: bool,
+                                                                     make_cfg, tmp_path: Path, capsys) -> None:
+    """An empty corpus passed the plan and stopped the race only at its arm, after the
+    earlier arms had trained; the race folder then refused a command without it."""
+    d = tmp_path / "corpus"
+    make(d)
+    out = tmp_path / "r"
+    code = main(["race", *["--dry-run"] * dry_run, "--preset", "tiny", "--seconds", "1", "--out-dir", str(out),
+                 "--data", make_cfg().data, "--device", "cpu", "--arm", "a:", "--arm", arm.format(d=d)])
+    err = capsys.readouterr().err
+    assert code == 2 and "arm b: " in err and needle.format(d=d) in err and len(err.strip().splitlines()) == 1, err
+    assert not (out / "a").exists()  # the first arm never started
+
+
+def test_race_checks_each_data_selection_once(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """Walking a corpus reads the head of every file: arms and seeds sharing one walk it once."""
+    from sparsetrain import race
+
+    calls = []
+    real = race.discover_text_files
+    monkeypatch.setattr(race, "discover_text_files", lambda *a: calls.append(a) or real(*a))
+    flags = dict(data=make_cfg().data, device="cpu")
+    race.race_plan([parse_arm("a:"), parse_arm("b:lr=1e-3"), parse_arm("c:data_max_bytes=100000")], 1.0, 2,
+                   tmp_path / "r", preset="tiny", flags=flags)
+    assert [c[3] for c in calls] == [0, 100000]
 
 
 @pytest.mark.parametrize("arm, needle", [("b:optimizer=lion", "optimizer = lion needs the lion-pytorch package"),

@@ -52,7 +52,8 @@ from typing import Any
 from .checkpoint import CKPT_NAME, atomic_write_text
 from .config import TrainConfig, build_config, preset_dict, read_toml
 from .corpora import MANIFEST_NAME
-from .errors import ConfigError
+from .data import discover_text_files
+from .errors import ConfigError, DataError
 from .optimizers import require_packages
 from .plotting import read_metrics
 
@@ -79,12 +80,18 @@ class Arm:
 def parse_arm(spec: str) -> Arm:
     """``NAME:KEY=VALUE,KEY=VALUE`` (``NAME:`` for the base config unchanged). Keys are
     config fields (``-`` or ``_``); ``drop_ratio=R`` is the train command's shortcut
-    for ``use_collider=true,collider_sparsity=R``."""
+    for ``use_collider=true,collider_sparsity=R``. A field set twice is refused, also
+    through ``drop_ratio``."""
     name, sep, rest = spec.partition(":")
     if not sep or not ARM_NAME.match(name):
         raise ConfigError(f"--arm {spec!r} must be NAME:KEY=VALUE,... with a NAME of letters, digits, _ . + -")
     overrides: dict[str, str] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
+    set_by: dict[str, str] = {}  # field -> the key that set it (drop_ratio sets two)
+    # an empty item (``a,,b``, a trailing comma) or a key given twice is refused, not
+    # skipped or settled by the last: either is a typo whose arm would race another config
+    for item in (s.strip() for s in rest.split(",")) if rest.strip() else ():
+        if not item:
+            raise ConfigError(f"--arm {spec!r}: an empty item (two commas, or a comma at the end)")
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"--arm {spec!r}: {item!r} is not KEY=VALUE")
@@ -94,10 +101,13 @@ def parse_arm(spec: str) -> Arm:
         if key == "preset":  # build_config takes the race's preset over it
             raise ConfigError(f"--arm {spec!r}: an arm keeps the race's --preset; set the fields it changes "
                               "(n_layer=..., d_model=...) instead")
-        if key == "drop_ratio":
-            overrides.update(use_collider="true", collider_sparsity=value.strip())
-        else:
-            overrides[key] = value.strip()
+        value = value.strip()
+        sets = {"use_collider": "true", "collider_sparsity": value} if key == "drop_ratio" else {key: value}
+        for field in sorted(sets.keys() & overrides.keys()):
+            twice = key if set_by[field] == key else f"{field} (drop_ratio sets it)"  # the field and the shortcut
+            raise ConfigError(f"--arm {spec!r}: {twice} is given twice")
+        overrides.update(sets)
+        set_by.update(dict.fromkeys(sets, key))
     return Arm(name, overrides)
 
 
@@ -153,6 +163,7 @@ def arm_configs(arms: list[Arm], seconds: float, seeds: list[int], out_dir: Path
     race = {"max_seconds": seconds, "max_steps": 0, "schedule_by": "time", "eval_every": 0,
             "eval_every_seconds": seconds / 10}
     out: dict[str, dict[int, TrainConfig]] = {}
+    checked: set[tuple] = set()  # the data selections found to hold something to train on
     for arm in arms:
         given = in_file | set(flags) | set(arm.overrides)
         layers = {k: v for k, v in race.items() if k == "max_seconds" or k not in given}
@@ -174,7 +185,33 @@ def arm_configs(arms: list[Arm], seconds: float, seeds: list[int], out_dir: Path
                 path = getattr(cfg, name)
                 if path and not Path(path).exists():
                     raise ConfigError(f"arm {arm.name}: {name} {path} does not exist")
+            selection = (cfg.data, cfg.data_include, cfg.data_exclude, cfg.data_max_bytes)
+            if selection not in checked:  # arms and seeds sharing a corpus scan it once
+                try:
+                    _check_data(cfg)
+                except DataError as e:
+                    raise ConfigError(f"arm {arm.name}: {e}") from None
+                checked.add(selection)
     return out
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    """Refuse a corpus the run would find empty, before any arm trains: a race stopped
+    there would strand the arms trained before it (the folder refuses other arms).
+    Cheap, so no tokenizing: a ``.bin`` must hold bytes, a text selection (``data``,
+    ``data_include``, ``data_exclude``, ``data_max_bytes``) at least one text file."""
+    if cfg.data.endswith(".bin"):  # as load_corpus tells them apart
+        path = Path(cfg.data)
+        if not path.is_file():
+            raise DataError(f"data {cfg.data} is not a file of tokens")
+        if path.stat().st_size == 0:
+            raise DataError(f"data {cfg.data} is empty: no tokens to train on")
+        return
+    if not (cfg.data or cfg.data_include or cfg.data_exclude or cfg.data_max_bytes):
+        return  # the whole standard library: never empty, and thousands of files to walk
+    root, files = discover_text_files(cfg.data or None, cfg.data_include, cfg.data_exclude, cfg.data_max_bytes)
+    if not files:
+        raise DataError(f"data {cfg.data or root} holds no text file (a hidden or binary file does not count)")
 
 
 def _base_seed(preset: str | None, config_file: str | None) -> int:
