@@ -196,3 +196,19 @@ def test_sidecar_without_overlap_reads_each_token_once(reference_run, make_cfg, 
             logits, _ = model(x[None, :-1])
         want = F.cross_entropy(logits[0], x[1:], reduction="none").numpy()[i - w]
         assert losses[i] == pytest.approx(want, rel=2e-3, abs=2e-3), i
+
+
+def test_a_negative_context_is_refused_before_the_corpus_is_read(reference_run, tmp_path: Path, capsys,
+                                                                   monkeypatch) -> None:
+    """One line naming the value, exit 2, and no corpus built for it."""
+    from sparsetrain import trainer
+
+    run, _, flags = reference_run
+    monkeypatch.setattr(trainer, "load_run_corpus", lambda cfg: pytest.fail("the corpus was read"))
+    argv = ["reference-losses", "--ckpt", str(run), "--out", str(tmp_path / "x.f16"), "--preset", "tiny",
+            "--context", "-3"]
+    for k, v in flags.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--context must be >= 0, got -3" in err and err.count("\n") == 1

@@ -404,6 +404,8 @@ def cmd_reference_losses(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "ckpt", "out", "config", "context")}
     cfg = build_config(flags.pop("preset", None), args.config, flags)
     run_directory(args.ckpt)  # a missing run refused before the corpus is read
+    if args.context is not None and args.context < 0:  # its upper bound (the run's seq_len) is checked with the run
+        raise ConfigError(f"--context must be >= 0, got {args.context}")
     out = _write_run_losses(args.ckpt, load_run_corpus(cfg), args.out, cfg.batch_size, resolve_device(cfg.device),
                             cfg.dtype, args.context, "reference")
     print(f"train with --reference-losses {out}")
