@@ -119,10 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a GPT (default: preset tiny on the Python stdlib sources)",
-                       formatter_class=_HelpFormatter, usage="%(prog)s [--config FILE | --resume RUN] [--dry-run] [--FLAG VALUE ...]",
+                       formatter_class=_HelpFormatter, usage="%(prog)s [--config FILE] [--resume RUN] [--dry-run] [--FLAG VALUE ...]",
                        description=f"Train a model. Settings layer as: defaults < --preset < --config FILE < flags; "
-                                   f"the defaults shown are the {DEFAULT_PRESET} preset's. Every flag is also a key "
-                                   f"of the TOML table named in its group's heading.")
+                                   f"the defaults shown are the {DEFAULT_PRESET} preset's. With --resume the run's "
+                                   f"config.toml takes the preset's place, so --config and flags change what a "
+                                   f"resume may change (max_steps, say). Every flag is also a key of the TOML table "
+                                   f"named in its group's heading.")
     t.add_argument("--config", metavar="FILE", help="TOML config ([model], [data], [training], [run], [kernels])")
     t.add_argument("--resume", metavar="RUN", help="continue the run in this directory exactly where it stopped")
     t.add_argument("--dry-run", action="store_true",
