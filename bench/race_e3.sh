@@ -13,6 +13,11 @@
 # Settings from the environment: SEED (1337), ARM_SECONDS (100 per arm), SITE,
 # ARMS (an arm is an override list: a race keeps one preset, so d20-e3-full's
 # additions to d20 are spelled out; tests/test_presets.py holds them equal).
+# Which addition costs the loss: each of E3 less one, in the same folder (a race
+# run again with more arms is refused, so use a new OUT_DIR with d20 first), e.g.
+#   ARMS="d20: no_mtp:optimizer=muon,use_collider=true,collider_sparsity=0.5,collider_method=topk,use_async_loader=true
+#         no_collider:optimizer=muon,use_mtp=true,use_async_loader=true
+#         no_muon:use_mtp=true,use_collider=true,collider_sparsity=0.5,collider_method=topk,use_async_loader=true"
 set -euo pipefail
 OUT=${1:?usage: bash bench/race_e3.sh OUT_DIR [extra race flags]}
 shift
