@@ -206,11 +206,14 @@ class Trainer:
         init = self._read_init_from() if cfg.init_from and resume is None else None
 
         # Rank 0 builds the token cache first; the others then find it ready.
+        data_t0 = time.perf_counter()
         if self.dist.is_main:
             self.corpus = self._load_corpus()
         D.barrier(self.dist)
         if not self.dist.is_main:
             self.corpus = self._load_corpus()
+        # shown beside the data: a corpus tokenized for the first time can take longer than the training
+        self.data_seconds = time.perf_counter() - data_t0
         if init is not None:
             run_dir = init[1] if init[1].is_dir() else init[1].parent  # the folder, or the file in it
             refuse_other_tokenizer(run_dir, self.corpus.tokenizer_path, "init_from")
@@ -1175,7 +1178,7 @@ class Trainer:
         result = TrainResult(out_dir=self.out_dir, steps_done=self.step)
         tokens_per_step = self.tokens_per_step
         if self.verbose:
-            print(f"data: {self.corpus.description}")
+            print(f"data: {self.corpus.description} (ready in {self.data_seconds:.1f} s)")
             print(
                 f"model: {self.model.num_params() / 1e6:.2f}M params ({c.preset}), device {self.device}"
                 f"{', bf16 autocast' if self.amp_dtype else ''}, {self.dist.world_size} process(es)"
