@@ -834,6 +834,9 @@ def test_race_refuses_an_arm_preset_and_a_missing_path_before_any_run(arm: str, 
     (lambda d: (d.mkdir(), (d / "x.dat").write_bytes(b"\0" * 9)), "b:data={d}", "{d} holds no text file"),
     (lambda d: None, "b:data_include=*.nothing", "no file under"),
     (lambda d: Path(f"{d}.bin").write_bytes(b""), "b:data={d}.bin", "{d}.bin is empty: no tokens"),
+    (lambda d: (d.mkdir(), (d / "a.py").write_text("x = 1\n" * 50),
+                (d / ".corpus_manifest.json").write_text('{"filtered": {"val_fraction": 0.02}}')),
+     "b:data={d},val_fraction=0.1", "{d} was filtered at val_fraction 0.02"),
 ])
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_race_refuses_an_arm_whose_data_holds_nothing_before_any_run(make, arm: str, needle: str, dry_run: bool,

@@ -198,15 +198,16 @@ def test_resume_refuses_another_schedule_shape(make_cfg, tmp_path: Path) -> None
 
 def test_resume_refuses_to_shorten_a_run_and_leaves_its_config(make_cfg, tmp_path: Path) -> None:
     """A max_steps below the step reached is refused in one line before the run's
-    files are rewritten; the same max_steps (a finished run) still resumes."""
+    files are rewritten or its metrics trimmed; the same max_steps (a finished run)
+    still resumes."""
     from sparsetrain.errors import ConfigError
 
     run = tmp_path / "r"
     train(make_cfg(out_dir=str(run), max_steps=4), verbose=False)
-    config = (run / "config.toml").read_text()
+    config, metrics = (run / "config.toml").read_text(), (run / "metrics.jsonl").read_text()
     with pytest.raises(ConfigError, match=r"at step 4 with max_steps 3: .* --max-steps 4 or more"):
         Trainer(make_cfg(out_dir=str(run), max_steps=3), resume=run, verbose=False)
-    assert (run / "config.toml").read_text() == config
+    assert (run / "config.toml").read_text() == config and (run / "metrics.jsonl").read_text() == metrics
     assert Trainer(make_cfg(out_dir=str(run), max_steps=4), resume=run, verbose=False).step == 4
 
 

@@ -65,7 +65,7 @@ def document_losses(corpus: TokenizedCorpus, losses: np.ndarray | None) -> Docum
     root = Path(corpus.text_root)
     names = list(corpus.train_doc_names)
     if not names:
-        raise DataError(f"{root} has no val file at this val_fraction, so its split cuts the joined text and no "
+        raise DataError(f"{root} has no val file at this val_fraction, so its split cuts every file and no "
                         "train document is a file: pass the --val-fraction the corpus was built for")
     starts = train_document_starts(corpus)
     ends = np.append(starts[1:], corpus.train.size)

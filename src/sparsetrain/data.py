@@ -192,7 +192,7 @@ class TokenizedCorpus:
     train_file: tuple[str, str, int] = ("", "", 0)  # (path, dtype, first token) of `train`, for loader workers
     train_text_files: tuple[str, ...] = ()  # raw train-split files, for tokenizing on the fly (text corpora)
     # text corpora split by file: the folder, and the train documents' paths relative to it in the order
-    # train.bin holds them (each preceded by one end-of-text token); empty for a .bin or a cut single text
+    # train.bin holds them (each preceded by one end-of-text token); empty for a .bin or files cut in two
     text_root: str = ""
     train_doc_names: tuple[str, ...] = ()
 
@@ -283,7 +283,7 @@ def load_corpus(
         tokenizer_path=folder / "tokenizer.json",
         description=f"{source}: {meta['n_train_tokens']:,} train / {meta['n_val_tokens']:,} val tokens",
         train_file=(str(folder / "train.bin"), dtype.name, 0),
-        # none where the split cut the text (the cut file's held-out tail would be read whole)
+        # none where the split cut the files (their held-out tails would be read whole)
         train_text_files=tuple(str(root / n) for n in train_document_names(docs, val_fraction)),
         text_root=str(root),
         train_doc_names=tuple(train_document_names(docs, val_fraction)),

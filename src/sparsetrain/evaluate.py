@@ -152,7 +152,7 @@ class HeldOutData:
 def held_out_code_files(data: str, val_fraction: float, include: str = "", exclude: str = "",
                         max_bytes: int = 0) -> list[Path]:
     """The ``.py`` files of a text corpus's val split (``data`` and the selection as in
-    the config: empty = the stdlib). Empty when the split cut one text instead of holding
+    the config: empty = the stdlib). Empty when the split cut the files instead of holding
     out whole files (too few files; see :func:`sparsetrain.data.split_documents`)."""
     root, files = discover_text_files(data or None, include, exclude, max_bytes)
     names = sorted(read_documents(root, files))

@@ -499,11 +499,12 @@ def model_generate(model: CausalLM, tokenizer: BPETokenizer, *, context_tokens: 
     ``batch_size``: held-out prompts decoded at once."""
     check_sampling(max_new_tokens, temperature, top_k)
     need = 1 + context_tokens + prompt_tokens + max_new_tokens
-    if context_tokens < 0 or prompt_tokens < 1 or need > model.config.seq_len:
+    if context_tokens < 0 or prompt_tokens < 1:
+        raise ConfigError(f"context_tokens must be >= 0 and prompt_tokens >= 1, got {context_tokens} and {prompt_tokens}")
+    if need > model.config.seq_len:
         raise ConfigError(f"context_tokens {context_tokens} + prompt_tokens {prompt_tokens} + max_new_tokens "
                           f"{max_new_tokens} + 1 (end-of-text) = {need} must fit the model's seq_len "
-                          f"{model.config.seq_len}, with context_tokens >= 0 and prompt_tokens >= 1 (lower "
-                          f"--context-tokens, --prompt-tokens or --max-new-tokens)")
+                          f"{model.config.seq_len} (lower --context-tokens, --prompt-tokens or --max-new-tokens)")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
 

@@ -52,7 +52,7 @@ from typing import Any
 from .checkpoint import CKPT_NAME, atomic_write_text
 from .config import TrainConfig, build_config, preset_dict, read_toml
 from .corpora import MANIFEST_NAME
-from .data import discover_text_files
+from .data import check_filtered_split, discover_text_files
 from .errors import ConfigError, DataError
 from .optimizers import require_packages
 from .plotting import read_metrics
@@ -185,7 +185,7 @@ def arm_configs(arms: list[Arm], seconds: float, seeds: list[int], out_dir: Path
                 path = getattr(cfg, name)
                 if path and not Path(path).exists():
                     raise ConfigError(f"arm {arm.name}: {name} {path} does not exist")
-            selection = (cfg.data, cfg.data_include, cfg.data_exclude, cfg.data_max_bytes)
+            selection = (cfg.data, cfg.data_include, cfg.data_exclude, cfg.data_max_bytes, cfg.val_fraction)
             if selection not in checked:  # arms and seeds sharing a corpus scan it once
                 try:
                     _check_data(cfg)
@@ -199,7 +199,10 @@ def _check_data(cfg: TrainConfig) -> None:
     """Refuse a corpus the run would find empty, before any arm trains: a race stopped
     there would strand the arms trained before it (the folder refuses other arms).
     Cheap, so no tokenizing: a ``.bin`` must hold bytes, a text selection (``data``,
-    ``data_include``, ``data_exclude``, ``data_max_bytes``) at least one text file."""
+    ``data_include``, ``data_exclude``, ``data_max_bytes``) at least one text file, and
+    a folder built or filtered at a val_fraction must be read at one no larger
+    (:func:`~sparsetrain.data.check_filtered_split`). What only tokenizing finds (files
+    of whitespace, a corpus too small to split) is still found when the arm starts."""
     if cfg.data.endswith(".bin"):  # as load_corpus tells them apart
         path = Path(cfg.data)
         if not path.is_file():
@@ -212,6 +215,8 @@ def _check_data(cfg: TrainConfig) -> None:
     root, files = discover_text_files(cfg.data or None, cfg.data_include, cfg.data_exclude, cfg.data_max_bytes)
     if not files:
         raise DataError(f"data {cfg.data or root} holds no text file (a hidden or binary file does not count)")
+    if root.is_dir():
+        check_filtered_split(root, cfg.val_fraction)
 
 
 def _base_seed(preset: str | None, config_file: str | None) -> int:

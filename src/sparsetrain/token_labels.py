@@ -67,7 +67,7 @@ class TokenLabels:
 
 def read_manifest(corpus: TokenizedCorpus) -> dict | None:
     """The ``.corpus_manifest.json`` of a text folder corpus, or None (no manifest, a
-    ``.bin`` corpus, or one single text cut into train and val)."""
+    ``.bin`` corpus, or files cut into train and val)."""
     if not corpus.text_root or not corpus.train_doc_names:
         return None
     path = Path(corpus.text_root) / MANIFEST_NAME

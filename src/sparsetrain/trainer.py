@@ -539,6 +539,9 @@ class Trainer:
                                   "(init_from starts a new run)")
         self._refuse_changed_optimizer_settings(state, out)
         self.step = int(state["step"])
+        if 0 < self.cfg.max_steps < self.step:  # before metrics.jsonl is trimmed and the run's files rewritten
+            raise ConfigError(f"cannot resume {out} at step {self.step} with max_steps {self.cfg.max_steps}: a resume "
+                              f"extends a run, it does not shorten one (use --max-steps {self.step} or more)")
         self._check_changed_run_settings(state, out)
         self.last_saved_step = self.step
         if self.selector is not None and state.get("selector") is not None:  # none: selection turned on now
@@ -614,9 +617,6 @@ class Trainer:
         max_seconds, by time) extends the schedule without a jump (:meth:`LRSchedule.extend`),
         announced on stdout and as a ``lr_schedule`` row in metrics.jsonl."""
         c = self.cfg
-        if 0 < c.max_steps < self.step:  # before the run's files are rewritten: its config keeps its max_steps
-            raise ConfigError(f"cannot resume {out} at step {self.step} with max_steps {c.max_steps}: a resume extends "
-                              f"a run, it does not shorten one (use --max-steps {self.step} or more)")
         self.clock.startup_seconds = float(state.get("startup_seconds", 0.0))
         if state.get("lr_schedule"):
             schedule = LRSchedule.from_state_dict(state["lr_schedule"])
