@@ -128,7 +128,7 @@ def read(streams: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_i weights_i streams[..., i, :]``: ``[..., n, D] -> [..., D]`` in the streams' dtype."""
     if uses_kernel(streams):
         if as_custom_op():
-            return _mix_op(streams, None, None, None, weights)[1]
+            return _mix_forward_op(streams, None, None, None, weights)[1]
         return _mix(streams, None, None, None, weights, through=False)
     return read_reference(streams, weights)
 
@@ -147,7 +147,7 @@ def write(streams: torch.Tensor, out: torch.Tensor, h_res: torch.Tensor, h_post:
     """``h_res @ streams + h_post (outer) out`` per token: ``[..., n, D]`` in the streams' dtype."""
     if uses_kernel(streams):
         if as_custom_op():
-            return _mix_op(streams, out, h_res, h_post, None)[0]
+            return _mix_forward_op(streams, out, h_res, h_post, None)[0]
         return _mix(streams, out, h_res, h_post, None, through=False)
     return write_reference(streams, out, h_res, h_post)
 
@@ -158,7 +158,7 @@ def write_then_read(streams: torch.Tensor, out: torch.Tensor, h_res: torch.Tenso
     over the streams on the kernel path."""
     if uses_kernel(streams):
         if as_custom_op():
-            y, a = _mix_op(streams, out, h_res, h_post, weights)
+            y, a = _mix_forward_op(streams, out, h_res, h_post, weights)
             return y, a
         y, a = _mix(streams, out, h_res, h_post, weights, through=False)
         return y, a
@@ -274,6 +274,23 @@ def _accumulator(streams: torch.Tensor) -> torch.dtype:
     return torch.float64 if streams.dtype == torch.float64 else torch.float32
 
 
+def _kernel_weights(streams: torch.Tensor, *weights: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The mixing weights as the kernels read them: contiguous, in the accumulator dtype."""
+    acc = _accumulator(streams)
+    return tuple(w.to(acc).contiguous() if w is not None else None for w in weights)
+
+
+def _stand_ins(h: torch.Tensor | None, q: torch.Tensor | None, p: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h, q, p)`` with the weights a node lacks replaced by those it has: the kernel
+    takes a pointer for each and leaves the missing ones unread."""
+    if h is None:
+        h = q = p
+    if p is None:
+        p = h
+    return h, q, p
+
+
 def _launch_forward(x: torch.Tensor, f: torch.Tensor | None, h: torch.Tensor | None, q: torch.Tensor | None,
                     p: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(Y, a)``: ``Y = H X + q f`` where ``h`` (with ``q``, ``f``) is given, else None;
@@ -282,10 +299,7 @@ def _launch_forward(x: torch.Tensor, f: torch.Tensor | None, h: torch.Tensor | N
     writes, reads = h is not None, p is not None
     *lead, n, D = x.shape
     M = x.numel() // (n * D)
-    if not writes:  # the kernel is passed the weights it has in the places of those it lacks, unread
-        h = q = p
-    if not reads:
-        p = h
+    h, q, p = _stand_ins(h, q, p)
     y = torch.empty_like(x) if writes else None
     a = torch.empty((*lead, D), dtype=x.dtype, device=x.device) if reads else None
     np_, block_m, block_d = _tiles(n, D)
@@ -306,10 +320,7 @@ def _launch_backward(dy: torch.Tensor | None, da: torch.Tensor | None, x: torch.
     gradients ``[dH (n x n, row-major), dq (n), dp (n)]`` in float64 (those of weights
     the node lacks are garbage)."""
     writes, reads = h is not None, p is not None
-    if not writes:
-        h = q = p
-    if not reads:
-        p = h
+    h, q, p = _stand_ins(h, q, p)
     if reads and da is None:
         da = torch.zeros(x.shape[:-2] + x.shape[-1:], dtype=x.dtype, device=x.device)
     *_, n, D = x.shape
@@ -355,10 +366,9 @@ class _Mix(torch.autograd.Function):
     def forward(ctx, streams: torch.Tensor, out: torch.Tensor | None,  # type: ignore[override]
                 h_res: torch.Tensor | None, h_post: torch.Tensor | None, h_pre: torch.Tensor | None, through: bool):
         writes, reads = h_res is not None, h_pre is not None
-        acc = _accumulator(streams)
         x = streams.contiguous()
         f = out.contiguous() if writes else None
-        h, q, p = (w.to(acc).contiguous() if w is not None else None for w in (h_res, h_post, h_pre))
+        h, q, p = _kernel_weights(x, h_res, h_post, h_pre)
         y, a = _launch_forward(x, f, h, q, p)
         ctx.save_for_backward(x, f, h, q, p)
         ctx.writes, ctx.reads, ctx.through = writes, reads, through
@@ -400,8 +410,7 @@ def _mix(streams: torch.Tensor, out: torch.Tensor | None, h_res: torch.Tensor | 
 @torch.library.custom_op("sparsetrain::hyper_mix", mutates_args=())
 def _mix_forward_op(streams: torch.Tensor, out: torch.Tensor | None, h_res: torch.Tensor | None,
                     h_post: torch.Tensor | None, h_pre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    acc = _accumulator(streams)
-    h, q, p = (w.to(acc).contiguous() if w is not None else None for w in (h_res, h_post, h_pre))
+    h, q, p = _kernel_weights(streams, h_res, h_post, h_pre)
     y, a = _launch_forward(streams.contiguous(), out.contiguous() if out is not None else None, h, q, p)
     return (y if y is not None else streams.new_empty(0)), (a if a is not None else streams.new_empty(0))
 
@@ -417,8 +426,7 @@ def _(streams, out, h_res, h_post, h_pre):
 def _mix_backward_op(dy: torch.Tensor | None, da: torch.Tensor | None, streams: torch.Tensor,
                      out: torch.Tensor | None, h_res: torch.Tensor | None, h_post: torch.Tensor | None,
                      h_pre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    acc = _accumulator(streams)
-    h, q, p = (w.to(acc).contiguous() if w is not None else None for w in (h_res, h_post, h_pre))
+    h, q, p = _kernel_weights(streams, h_res, h_post, h_pre)
     dx, df, sums = _launch_backward(dy, da, streams.contiguous(), out.contiguous() if out is not None else None,
                                     h, q, p, out.dtype if out is not None else streams.dtype)
     return dx, (df if df is not None else streams.new_empty(0)), sums
@@ -447,10 +455,3 @@ def _mix_op_backward(ctx, dy: torch.Tensor | None, da: torch.Tensor | None):
 
 
 _mix_forward_op.register_autograd(_mix_op_backward, setup_context=_mix_op_setup)
-
-
-def _mix_op(streams: torch.Tensor, out: torch.Tensor | None, h_res: torch.Tensor | None,
-            h_post: torch.Tensor | None, h_pre: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The compiled kernel path: ``(Y, a)`` of the ``sparsetrain::hyper_mix`` op (an empty
-    tensor for the one the node lacks)."""
-    return _mix_forward_op(streams, out, h_res, h_post, h_pre)
