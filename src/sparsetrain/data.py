@@ -148,6 +148,20 @@ def split_documents(docs: dict[str, str], val_fraction: float) -> tuple[list[str
     return [t[:c] for t, c in cuts if c > 0], [t[c:] for t, c in cuts if c < len(t)]
 
 
+def split_text_corpus(docs: dict[str, str], val_fraction: float, source: str) -> tuple[list[str], list[str]]:
+    """:func:`split_documents`, refusing a corpus with nothing to train on or nothing
+    held out: no file holds more than whitespace, or the split leaves a side empty
+    (a token cache never gets an empty token file). ``source`` names the corpus."""
+    if not docs:
+        raise DataError(f"no text found in {source}: the corpus is empty")
+    train_docs, val_docs = split_documents(docs, val_fraction)
+    if not train_docs or not val_docs:
+        chars = sum(len(t) for t in docs.values())
+        raise DataError(f"{source} is too small to split: {chars:,} characters in {len(docs)} file(s) leave the "
+                        f"{'train' if not train_docs else 'val'} split empty at val_fraction {val_fraction}")
+    return train_docs, val_docs
+
+
 def train_document_names(names: Iterable[str], val_fraction: float) -> list[str]:
     """The relative paths of the train documents, in the order :func:`split_documents`
     gives their texts (sorted); empty where it cuts every file instead
@@ -348,11 +362,7 @@ def _build_cache(folder: Path, docs: dict[str, str], vocab_size: int, val_fracti
     """Tokenize ``docs`` into ``folder``: with a BPE trained on the train split, or with
     ``tokenizer`` (a ``tokenizer.json``'s bytes, kept as they are: a run's copy of it
     then compares equal to the file it came from)."""
-    train_docs, val_docs = split_documents(docs, val_fraction)
-    if not train_docs or not val_docs:  # checked before anything is written: no empty token file in the cache
-        chars = sum(len(t) for t in docs.values())
-        raise DataError(f"{source} is too small to split: {chars:,} characters in {len(docs)} file(s) leave the "
-                        f"{'train' if not train_docs else 'val'} split empty at val_fraction {val_fraction}")
+    train_docs, val_docs = split_text_corpus(docs, val_fraction, source)  # before anything is written
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Build next to the final folder and rename: a crash or a concurrent build

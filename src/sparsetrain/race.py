@@ -52,7 +52,7 @@ from typing import Any
 from .checkpoint import CKPT_NAME, atomic_write_text
 from .config import TrainConfig, build_config, preset_dict, read_toml
 from .corpora import MANIFEST_NAME
-from .data import check_filtered_split, discover_text_files
+from .data import check_filtered_split, discover_text_files, read_documents, split_text_corpus
 from .errors import ConfigError, DataError
 from .optimizers import require_packages
 from .plotting import read_metrics
@@ -201,8 +201,10 @@ def _check_data(cfg: TrainConfig) -> None:
     Cheap, so no tokenizing: a ``.bin`` must hold bytes, a text selection (``data``,
     ``data_include``, ``data_exclude``, ``data_max_bytes``) at least one text file, and
     a folder built or filtered at a val_fraction must be read at one no larger
-    (:func:`~sparsetrain.data.check_filtered_split`). What only tokenizing finds (files
-    of whitespace, a corpus too small to split) is still found when the arm starts."""
+    (:func:`~sparsetrain.data.check_filtered_split`), and the text must split into a
+    train and a held-out side (:func:`~sparsetrain.data.split_text_corpus`: files of
+    whitespace only, or too little text, are refused). The files are read but not
+    tokenized, so a split too short for a sequence is still found when its arm starts."""
     if cfg.data.endswith(".bin"):  # as load_corpus tells them apart
         path = Path(cfg.data)
         if not path.is_file():
@@ -217,6 +219,7 @@ def _check_data(cfg: TrainConfig) -> None:
         raise DataError(f"data {cfg.data or root} holds no text file (a hidden or binary file does not count)")
     if root.is_dir():
         check_filtered_split(root, cfg.val_fraction)
+    split_text_corpus(read_documents(root, files), cfg.val_fraction, cfg.data or str(root))
 
 
 def _base_seed(preset: str | None, config_file: str | None) -> int:
