@@ -195,3 +195,18 @@ def test_a_batch_too_large_for_memory_is_one_line(corpus_dir: Path, cache_dir: P
     monkeypatch.setattr(sparsetrain.trainer, "load_run_corpus", corpus_too_large)
     with pytest.raises(MemoryError):
         main(["train", *common, "--out-dir", str(tmp_path / "d")])
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("training.lr must be > 0", "--lr must be > 0"),
+    ("lr = 0.5 is too large", "--lr 0.5 is too large"),
+    ("the folder holds config.toml, data.json, loss.png", "the folder holds config.toml, data.json, loss.png"),
+    ("data /x does not exist; data.val_fraction too", "--data /x does not exist; data.val_fraction too"),
+    ("min_lr_ratio and lr.", "min_lr_ratio and --lr."),
+])
+def test_errors_name_the_flags_typed_but_not_inside_other_names(message: str, expected: str) -> None:
+    """A config key the user typed as a flag is written as that flag; the same letters
+    inside a file name (data.json) or a longer key (min_lr_ratio) are left alone."""
+    from sparsetrain.cli import name_typed
+
+    assert name_typed(message, {"lr": "--lr", "data": "--data"}) == expected

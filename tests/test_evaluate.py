@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import re
 from pathlib import Path
 
@@ -291,6 +292,7 @@ def test_eval_cli_end_to_end(python_corpus: Path, tmp_path: Path, capsys) -> Non
     assert main(args + ["--json", str(tmp_path / "a.json")]) == 0
     out = capsys.readouterr().out
     assert "held-out loss" in out and "bits per byte" in out and "compile rate" in out
+    assert "held-out split" not in out  # the split the run recorded in its data.json
     assert main(args + ["--json", str(tmp_path / "b.json")]) == 0
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
     assert a["held_out"] == b["held_out"] and a["compile_rate"] == b["compile_rate"]
@@ -317,6 +319,33 @@ def test_eval_cli_end_to_end(python_corpus: Path, tmp_path: Path, capsys) -> Non
     assert main(["eval", "--ckpt", str(run), "--data", str(tmp_path / "bad.bin")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "320" in err[0] and "vocab_size" in err[0]
+
+
+def test_eval_says_when_the_held_out_split_is_not_the_one_the_run_recorded(python_corpus: Path, tmp_path: Path,
+                                                                         capsys) -> None:
+    """Files added to a run's corpus after it trained move tokens into its val split:
+    eval still measures it, with a note that the loss does not compare with the run's
+    own evals; a run without ``data.json`` (made before it) gets a note that it could
+    not be checked; files that are not held out change nothing that is evaluated."""
+    data = tmp_path / "corpus"
+    shutil.copytree(python_corpus, data)
+    run = tmp_path / "run"
+    train(build_config("tiny", overrides=dict(
+        data=str(data), cache_dir=str(tmp_path / "cache"), out_dir=str(run), vocab_size=320, seq_len=32, n_layer=2,
+        n_head=2, d_model=32, batch_size=4, max_steps=2, warmup_steps=1, eval_every=0, eval_batches=2,
+        val_fraction=0.2, device="cpu")), verbose=False)
+    args = ["eval", "--ckpt", str(run), "--samples", "0"]
+    names = [f"extra_{i}.py" for i in range(200)]
+    train_name = next(n for n in names if not is_val_file(n, 0.2))
+    (data / train_name).write_text("def more():\n    return 1\n")
+    assert main(args) == 0 and "held-out split" not in capsys.readouterr().out
+    val_name = next(n for n in names if is_val_file(n, 0.2))
+    (data / val_name).write_text("def held():\n    return 2\n")
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "held-out split differs from the one this run trained beside (val tokens " in out, out
+    (run / "data.json").unlink()
+    assert main(args) == 0 and "held-out split not checked" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

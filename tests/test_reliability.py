@@ -193,7 +193,7 @@ def test_folder_of_a_run_without_checkpoint_is_refused(common: list[str], tmp_pa
     assert run_main(args, capsys)[0] == 0
     before = {p.name: p.read_bytes() for p in run.iterdir()}
     code, _, err = run_main(args, capsys)
-    assert_one_line_error(code, err, str(run), "not empty", "metrics.jsonl")
+    assert_one_line_error(code, err, str(run), "not empty", "config.toml")
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     code, _, err = run_main(["train", "--resume", str(run)], capsys)
     assert_one_line_error(code, err, "no ckpt.pt")

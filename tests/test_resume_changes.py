@@ -5,11 +5,16 @@ traceback, never a silent swap)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from sparsetrain.cli import main
+from sparsetrain.data import data_record, data_record_changes
 from sparsetrain.errors import CheckpointError
 from sparsetrain.trainer import Trainer, train
 
@@ -74,3 +79,48 @@ def test_a_run_that_ended_on_its_time_budget_resumes_as_a_no_op(make_cfg, tmp_pa
     again = Trainer(cfg, resume=tmp_path / "r", verbose=False).fit()
     assert again.steps_done == first.steps_done
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == rows
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_records_its_tokens_and_a_resume_on_other_data_says_so(make_cfg, tmp_path: Path, capsys) -> None:
+    """``data.json`` holds both splits' token counts and the held-out tokens' SHA-256
+    (checked against hashlib over the cache's own files); a resume on the same data
+    logs nothing, one on new files says the change on stdout and in one
+    ``resume_change`` row, and rewrites the record."""
+    run = tmp_path / "r"
+    train(make_cfg(out_dir=str(run), max_steps=2), verbose=False)
+    t = Trainer(make_cfg(out_dir=str(run), max_steps=3), resume=run, verbose=False)
+    val = np.asarray(t.corpus.val).astype("<u4")
+    assert json.loads((run / "data.json").read_text()) == {
+        "n_train_tokens": int(np.asarray(t.corpus.train).size), "n_val_tokens": int(val.size),
+        "val_sha256": hashlib.sha256(val.tobytes()).hexdigest()}
+    t.fit()
+    assert not [r for r in _rows(run) if r["kind"] == "resume_change"]
+    capsys.readouterr()
+    new = write_corpus(tmp_path / "new", n_files=30, seed=int(torch.randint(1, 10**6, ())))
+    cfg = make_cfg(out_dir=str(run), max_steps=5, data=str(new), tokenizer=str(run / "tokenizer.json"))
+    t = Trainer(cfg, resume=run, verbose=True)
+    said = capsys.readouterr().out
+    assert "step 3: the data changed (train tokens " in said and "val tokens " in said, said
+    t.fit()
+    changes = [r["changes"] for r in _rows(run) if r["kind"] == "resume_change"]
+    assert len(changes) == 1 and [c.split(" ")[0] for c in changes[0]["data"]] == ["train", "val"], changes
+    assert json.loads((run / "data.json").read_text())["n_train_tokens"] == int(np.asarray(t.corpus.train).size)
+
+
+def test_data_record_changes_names_each_difference() -> None:
+    """Counts that differ are named with both values; a held-out side of the same length
+    with other tokens is named too; a record from nowhere compares as unknown."""
+    rng = np.random.default_rng()
+    train_a, val_a = rng.integers(0, 500, 1000, dtype=np.uint16), rng.integers(0, 500, 100, dtype=np.uint16)
+    val_b = val_a.copy()
+    val_b[rng.integers(0, 100)] += 1
+    a = data_record(train_a, val_a)
+    assert data_record_changes(a, data_record(train_a, val_a.astype(np.uint32))) == []  # the dtype does not count
+    assert data_record_changes(a, data_record(train_a[:-7], val_a)) == ["train tokens 1,000 -> 993"]
+    assert data_record_changes(a, data_record(train_a, val_b)) == ["val tokens changed (same count)"]
+    assert data_record_changes(a, data_record(train_a, val_a[:50])) == ["val tokens 100 -> 50"]
+    assert data_record_changes({}, a) == ["train tokens ? -> 1,000", "val tokens ? -> 100"]

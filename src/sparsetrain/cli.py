@@ -778,7 +778,8 @@ def name_typed(message: str, typed: dict[str, str]) -> str:
     user typed for them (``--lr``); keys set elsewhere (a TOML file) stay as they are."""
     sections = "|".join(SECTIONS)
     for key, flag in sorted(typed.items(), key=lambda kv: -len(kv[0])):
-        pattern = rf"(?<![\w.'\"-])(?:(?:{sections})\.)?{re.escape(key)}(?![\w-])"
+        # not inside a longer name: a file such as data.json is not the key data
+        pattern = rf"(?<![\w.'\"-])(?:(?:{sections})\.)?{re.escape(key)}(?![\w-]|\.\w)"
         message = re.sub(pattern + " = ", lambda _: flag + " ", message)  # "ffn = relu2_24" -> "--ffn relu2_24"
         message = re.sub(pattern, lambda _: flag, message)
     return message

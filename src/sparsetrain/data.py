@@ -211,6 +211,34 @@ class TokenizedCorpus:
     train_doc_names: tuple[str, ...] = ()
 
 
+DATA_RECORD_NAME = "data.json"  # a run's record of the tokens it trained on (:func:`data_record`)
+
+
+def data_record(train: np.ndarray, val: np.ndarray) -> dict[str, int | str]:
+    """What identifies the tokens a run trains and is evaluated on: both splits' token
+    counts and the SHA-256 of the held-out tokens (as uint32, so the token dtype does
+    not matter). The train side is counted, not hashed: a pass over a corpus of any
+    size at every start would cost more than a changed count is worth missing."""
+    digest = hashlib.sha256()
+    chunk = 1 << 24
+    for start in range(0, val.size, chunk):
+        digest.update(np.ascontiguousarray(val[start:start + chunk], dtype=np.uint32).tobytes())
+    return {"n_train_tokens": int(train.size), "n_val_tokens": int(val.size), "val_sha256": digest.hexdigest()}
+
+
+def data_record_changes(old: dict, new: dict) -> list[str]:
+    """How the data ``new`` describes differs from ``old`` (both :func:`data_record`),
+    as short phrases; empty when they match."""
+    out = []
+    for key, split in (("n_train_tokens", "train"), ("n_val_tokens", "val")):
+        if old.get(key) != new[key]:
+            was = f"{old[key]:,}" if isinstance(old.get(key), int) else "?"
+            out.append(f"{split} tokens {was} -> {new[key]:,}")
+    if old.get("val_sha256") != new["val_sha256"] and old.get("n_val_tokens") == new["n_val_tokens"]:
+        out.append("val tokens changed (same count)")
+    return out
+
+
 MANIFEST_NAME = ".corpus_manifest.json"  # a corpus folder's record (``corpus build``, ``corpus filter``)
 
 

@@ -27,6 +27,7 @@ cut by the same rule, compiles, so every prompt has a correct answer.
 from __future__ import annotations
 
 import ast
+import json
 import math
 import random
 import statistics
@@ -40,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig, build_config, read_toml
-from .data import (discover_text_files, is_val_file, join_documents, load_corpus, read_bin_tokens, read_documents,
-                   split_documents)
+from .data import (DATA_RECORD_NAME, data_record, data_record_changes, discover_text_files, is_val_file,
+                   join_documents, load_corpus, read_bin_tokens, read_documents, split_documents)
 from .errors import CheckpointError, DataError, SparsetrainError
 from .generate import load_model, run_directory, sample_prompts
 from .model import CausalLM, upcast
@@ -513,6 +514,23 @@ def load_run(ckpt: str | Path, device: str = "cpu") -> LoadedRun:
     return LoadedRun(cfg, load_model(ckpt, device), tokenizer, tok_path)
 
 
+def held_out_split_notes(run: Path, val: np.ndarray) -> list[str]:
+    """A note when ``val`` (the run's held-out split, tokenized now) is not the split
+    the run recorded in its ``data.json`` at training: the files, their selection or
+    the split's rule changed since, so the loss does not compare with the run's own
+    evals. A run from before the record gets a note that it could not be checked."""
+    try:
+        saved = json.loads((run / DATA_RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        return [f"held-out split not checked: {run} has no readable {DATA_RECORD_NAME} (a run from before it was recorded)"]
+    new = data_record(val[:0], val)
+    changes = [c for c in data_record_changes(saved if isinstance(saved, dict) else {}, new) if not c.startswith("train")]
+    if not changes:
+        return []
+    return [f"held-out split differs from the one this run trained beside ({'; '.join(changes)}): the corpus, its "
+            "selection or the split changed since, so this loss does not compare with the run's own evals"]
+
+
 def evaluate_run(ckpt: str | Path, data: str = "", samples: int = 20, max_new_tokens: int = 128,
                  max_tokens: int = 0, batch_size: int = 8, temperature: float = 0.8, top_k: int = 50,
                  seed: int = 0, device: str = "cpu") -> EvalReport:
@@ -525,6 +543,8 @@ def evaluate_run(ckpt: str | Path, data: str = "", samples: int = 20, max_new_to
     tokens = held.tokens[: max_tokens + 1] if max_tokens else held.tokens
     lengths = token_byte_lengths(tok_path, cfg.model.vocab_size) if tokenizer is not None else None
     notes = [] if lengths is not None else ["bits per byte: n/a (no tokenizer.json in the run)"]
+    if not data:
+        notes += held_out_split_notes(run_directory(ckpt), held.tokens)
     report = EvalReport(held_out_loss(model, tokens, lengths, batch_size, held.source), None, notes)
     if samples:
         if tokenizer is None:

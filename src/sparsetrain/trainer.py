@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import random
 import sys
@@ -39,7 +40,7 @@ from .checkpoint import (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, Weights, a
                          capture_rng_state, first_line, load_checkpoint_from, module_generators, refuse_other_tokenizer,
                          remove_partial_writes, restore_rng_state, rng_untouched, save_checkpoint, save_weights)
 from .config import ModelConfig, TrainConfig, dumps_toml, read_toml
-from .data import (TokenizedCorpus, bits_per_byte, load_corpus, memory_named_by_batch, tokens_per_byte, train_batch,
+from .data import (DATA_RECORD_NAME, TokenizedCorpus, bits_per_byte, data_record, data_record_changes, load_corpus, memory_named_by_batch, tokens_per_byte, train_batch,
                    train_window_starts, val_batches)
 from .loader import make_loader
 from .errors import CheckpointError, ConfigError, DataError, DivergedError
@@ -117,6 +118,15 @@ def prepare_sparse24(cfg: TrainConfig, model: nn.Module, device: torch.device) -
         raise ConfigError(f"compile_mode {cfg.compile_mode} (CUDA graphs) with ffn = relu2_24 needs sparsetrain's cached "
                           "cuSPARSELt plans, which did not build here (see the warning above); "
                           "use default or max-autotune-no-cudagraphs")
+
+
+def _read_data_record(run: Path) -> dict:
+    """A run's ``data.json`` (empty for a run from before it was written, or one unreadable)."""
+    try:
+        record = json.loads((run / DATA_RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _unusable_out_dir(out: Path) -> str | None:
@@ -212,6 +222,7 @@ class Trainer:
         D.barrier(self.dist)
         if not self.dist.is_main:
             self.corpus = self._load_corpus()
+        self.data_record = data_record(self.corpus.train, self.corpus.val)  # the run's data.json
         # shown beside the data: a corpus tokenized for the first time can take longer than the training
         self.data_seconds = time.perf_counter() - data_t0
         if init is not None:
@@ -487,14 +498,17 @@ class Trainer:
         return out
 
     def _write_run_files(self) -> None:
-        """Resolved config (without out_dir, so that ``--config`` on it starts a new run)
-        and tokenizer, written only once every check has passed."""
+        """Resolved config (without out_dir, so that ``--config`` on it starts a new run),
+        the record of its tokens (``data.json``, :func:`~sparsetrain.data.data_record`,
+        which evaluation and a resume compare against) and tokenizer, written only once
+        every check has passed."""
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_writes(self.out_dir)  # what a killed run was writing
             data = self.cfg.to_dict()
             del data["run"]["out_dir"]
             atomic_write_text(self.out_dir / CONFIG_NAME, CONFIG_HEADER + dumps_toml(data))
+            atomic_write_text(self.out_dir / DATA_RECORD_NAME, json.dumps(self.data_record, indent=1) + "\n")
             if self.corpus.tokenizer_path is not None:
                 atomic_write_bytes(self.out_dir / "tokenizer.json", Path(self.corpus.tokenizer_path).read_bytes())
 
@@ -606,10 +620,16 @@ class Trainer:
                                   "sets its data order (start a new run, or --init-from it, for another seed)")
         changes = {name: [saved["training"][name], getattr(self.cfg, name)] for name in ("batch_size", "grad_accum")
                    if name in saved.get("training", {}) and saved["training"][name] != getattr(self.cfg, name)}
+        # other tokens (new files, another selection, a changed split) are allowed, as FIRE's continual
+        # step needs, but said: the data order from here is another corpus's, and earlier evals used another val
+        data_change = data_record_changes(_read_data_record(out), self.data_record)
+        if data_change and (out / DATA_RECORD_NAME).is_file():
+            changes["data"] = data_change
         if changes and self.dist.is_main:
             self._pending_rows.append({"kind": "resume_change", "step": self.step, "changes": changes})
             if self.verbose:
-                said = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+                said = ", ".join(f"the data changed ({'; '.join(v)})" if k == "data" else f"{k} {v[0]} -> {v[1]}"
+                                 for k, v in changes.items())
                 print(f"step {self.step}: {said} ({self.tokens_per_step:,} tokens/step from here)", flush=True)
 
     def _restore_clock_and_schedule(self, state: dict, out: Path) -> None:
