@@ -9,7 +9,7 @@ Benches (``--shapes list`` prints their shapes):
 * ``sparse24``: dense ``relu2`` against the 2:4 ``relu2_24`` FFN (transposable,
   sparse from the first step), one shared copy of the weights;
 * ``hyper``: no hyper-connections against 2 and 4 streams (compiled: the mixing by
-  inductor, and by the Triton kernels as custom ops, ``hyper_<n>_kernels``);
+  the Triton kernels as custom ops, the default, and by inductor, ``hyper_<n>_inductor``);
 * ``bk_step``: the ResNet-BK step, dense against learned-sparse at ``--skip``;
 * ``bk_layer``: one ResNet-BK layer's forward+backward (:mod:`bench.bk_layer`);
 * ``optimizers``: one step with each optimizer (:mod:`bench.optimizer_steps`):
@@ -146,8 +146,8 @@ def model_variants(bench: str, args: argparse.Namespace) -> dict[str, dict[str, 
         out: dict[str, dict[str, Any]] = {"none": {"hyper_connections": 0}}
         for n in (2, 4):
             out[f"hyper_{n}"] = {"hyper_connections": n}
-            if args.compile or args.cuda_graphs:  # compiled, the mixing by inductor or by the kernels as custom ops
-                out[f"hyper_{n}_kernels"] = {"hyper_connections": n, "fused_hyper_mixing_compiled": True}
+            if args.compile or args.cuda_graphs:  # compiled, the kernels as custom ops (default) or inductor's fusion
+                out[f"hyper_{n}_inductor"] = {"hyper_connections": n, "fused_hyper_mixing_compiled": False}
         return out
     if bench == "bk_step":
         sparse = {"bk_sparsity": args.skip, "bk_sparsity_warmup_steps": 0}

@@ -107,6 +107,7 @@ def test_the_commit_comes_from_the_variable_where_set(tmp_path: Path, monkeypatc
     import subprocess
 
     import bench.results as results
+    from sparsetrain.benchmark import environment
     from sparsetrain.race import git_commit
 
     real_root = results.REPO_ROOT
@@ -128,6 +129,9 @@ def test_the_commit_comes_from_the_variable_where_set(tmp_path: Path, monkeypatc
     if (real_root / ".git").exists():
         monkeypatch.setenv(results.COMMIT_VARIABLE, sha)  # the variable wins over the checkout's .git
         assert results.git_state() == (sha, None) and git_commit() == sha
+        assert environment()["git_commit"] == sha  # what eval, grpo and export reports carry
+        monkeypatch.setenv(results.COMMIT_VARIABLE, "HEAD")
+        assert environment()["git_commit"] is None  # unknown, not a made-up value
         monkeypatch.delenv(results.COMMIT_VARIABLE)
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=real_root, capture_output=True, text=True).stdout
         assert results.git_state()[0] == head.strip() and git_commit().startswith(head.strip())
@@ -743,9 +747,9 @@ def test_a_model_step_runs_under_its_configs_kernel_policy() -> None:
     before = kernels.current()
     step, _ = make_train_step(preset="tiny", seq_len=16, batch_size=2, device="cpu",
                               model_overrides={**small, "fused_cross_entropy": False,
-                                               "fused_hyper_mixing_compiled": True},
+                                               "fused_hyper_mixing_compiled": False},
                               mark=lambda phase: seen.append(kernels.current()))
     step()
     assert len(seen) >= 4
-    assert all(not p.fused_cross_entropy and p.fused_hyper_mixing_compiled for p in seen)
-    assert kernels.current() == before and before.fused_cross_entropy
+    assert all(not p.fused_cross_entropy and not p.fused_hyper_mixing_compiled for p in seen)
+    assert kernels.current() == before and before.fused_cross_entropy and before.fused_hyper_mixing_compiled

@@ -55,10 +55,23 @@ def git_state(root: str | os.PathLike | None = None) -> tuple[str | None, bool |
     return commit, bool(status.strip())
 
 
+def git_commit_label() -> str | None:
+    """The source's commit as one string, ``+dirty`` with uncommitted changes
+    (:func:`git_state`), or None outside a checkout; :class:`ValueError` for a bad
+    ``$SPARSETRAIN_GIT_COMMIT``."""
+    commit, dirty = git_state()
+    return None if commit is None else commit + ("+dirty" if dirty else "")
+
+
 def environment() -> dict[str, Any]:
-    """Device, library versions and date, stored with every result."""
+    """Device, library versions, the source's commit and the date, stored with every result."""
+    try:
+        commit = git_commit_label()
+    except ValueError:  # a bad $SPARSETRAIN_GIT_COMMIT: refused where a command checks it, unknown here
+        commit = None
     env: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda_available": torch.cuda.is_available(),

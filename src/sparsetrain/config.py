@@ -274,7 +274,7 @@ class TrainConfig:
                    "in backward); default $SPARSETRAIN_ATTENTION_IMPL where set"))
     fused_hyper_mixing: bool = field(default=True, metadata=_section(
         "kernels", "hyper-connection stream mixing by the Triton kernels on CUDA outside torch.compile (off: plain torch)"))
-    fused_hyper_mixing_compiled: bool = field(default=False, metadata=_section(
+    fused_hyper_mixing_compiled: bool = field(default=True, metadata=_section(
         "kernels", "hyper-connection stream mixing by the Triton kernels (as custom ops) inside torch.compile "
                    "(off: plain torch, which inductor fuses with its neighbours)"))
     kept_kernel_max_keep: float = field(default=0.65, metadata=_section(

@@ -112,9 +112,10 @@ class KernelPolicy:
     """Collider's attention: auto (cuDNN, else flash), cudnn, flash or recompute (plain SDPA, recomputed in backward)."""
     fused_hyper_mixing: bool = True
     """Hyper-connection stream mixing by the Triton kernels on CUDA outside torch.compile (else plain torch)."""
-    fused_hyper_mixing_compiled: bool = False
+    fused_hyper_mixing_compiled: bool = True
     """The same kernels inside torch.compile, as the ``sparsetrain::hyper_mix`` custom ops (else plain
-    torch, which inductor fuses with its neighbours)."""
+    torch, which inductor fuses with its neighbours). Faster than inductor's fusion at n = 2 and 4:
+    bench/results/steps/hyper_nano-125m_compiled_kernels_h100.json and hyper_d20_compiled_kernels_h100.json."""
     kept_kernel_max_keep: float = 0.65
     """Collider's kept-query attention backward kernel up to this kept fraction (auto mode);
     measured in bench/results/collider_step_sync_free_h200.json."""

@@ -238,15 +238,14 @@ def _base_seed(preset: str | None, config_file: str | None) -> int:
 
 def git_commit() -> str | None:
     """The sparsetrain source's commit as one string (``+dirty`` with uncommitted
-    changes), or None: :func:`sparsetrain.benchmark.git_state`, a bad
+    changes), or None: :func:`sparsetrain.benchmark.git_commit_label`, a bad
     ``$SPARSETRAIN_GIT_COMMIT`` refused as a :class:`ConfigError`."""
-    from .benchmark import git_state
+    from .benchmark import git_commit_label
 
     try:
-        commit, dirty = git_state()
+        return git_commit_label()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return None if commit is None else commit + ("+dirty" if dirty else "")
 
 
 def _check_spec(out_dir: Path, spec: dict) -> None:
