@@ -16,7 +16,9 @@
 #   grpo   OUT_DIR/grpo_<preset>.json for GRPO_PRESETS, GRPO_SEEDS seeds
 #
 # Settings from the environment: PRESETS ("nano-125m d20"), GRPO_PRESETS
-# (nano-125m), TRAIN_SECONDS (120), SAMPLES (64), GRPO_SEEDS (3), GRPO_ARGS (the
+# (nano-125m), TRAIN_SECONDS (120), SAMPLES (64), EVAL_BATCH (32: windows per
+# forward and prompts decoded together; another size gives the same samples up
+# to the rounding of batched products), GRPO_SEEDS (3), GRPO_ARGS (the
 # loop's size), RUNS (OUT_DIR/runs: checkpoints are large, so point it outside a
 # folder you copy back), SITE.
 set -euo pipefail
@@ -28,6 +30,7 @@ PRESETS=${PRESETS:-nano-125m d20}
 GRPO_PRESETS=${GRPO_PRESETS:-nano-125m}
 TRAIN_SECONDS=${TRAIN_SECONDS:-120}
 SAMPLES=${SAMPLES:-64}
+EVAL_BATCH=${EVAL_BATCH:-32}
 GRPO_SEEDS=${GRPO_SEEDS:-3}
 GRPO_ARGS=${GRPO_ARGS:---rounds 2 --train-prompts 16 --group-size 4 --test-prompts 64}
 RUNS=${RUNS:-$OUT/runs}
@@ -47,7 +50,9 @@ for p in $PRESETS; do
   fi
   if want eval && [ -f "$run/done" ] && [ ! -f "$OUT/eval_$p.json" ]; then
     log "eval: $p, $SAMPLES samples"
-    $ST eval --ckpt "$run" --samples "$SAMPLES" --max-tokens 1000000 --seed 0 --json "$OUT/eval_$p.json"
+    # 32 prompts decoded together: d20's 64 samples 8 at a time outlasted a 10-minute device call
+    $ST eval --ckpt "$run" --samples "$SAMPLES" --max-tokens 1000000 --seed 0 --batch-size "$EVAL_BATCH" \
+      --json "$OUT/eval_$p.json"
   fi
 done
 for p in $GRPO_PRESETS; do
