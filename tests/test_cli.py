@@ -203,6 +203,7 @@ def test_a_batch_too_large_for_memory_is_one_line(corpus_dir: Path, cache_dir: P
     ("the folder holds config.toml, data.json, loss.png", "the folder holds config.toml, data.json, loss.png"),
     ("data /x does not exist; data.val_fraction too", "--data /x does not exist; data.val_fraction too"),
     ("min_lr_ratio and lr.", "min_lr_ratio and --lr."),
+    ("data /tmp/data/x.bin and runs/lr/ckpt.pt and C:\\data\\lr", "--data /tmp/data/x.bin and runs/lr/ckpt.pt and C:\\data\\lr"),
 ])
 def test_errors_name_the_flags_typed_but_not_inside_other_names(message: str, expected: str) -> None:
     """A config key the user typed as a flag is written as that flag; the same letters

@@ -64,6 +64,9 @@ def test_fire_at_step_and_cli(make_cfg, tmp_path: Path, capsys) -> None:
     assert torch.allclose(torch.linalg.svdvals(w), torch.full((w.shape[1],), math.sqrt(3.0), dtype=torch.float64),
                           rtol=1e-3)
     assert state["optimizer"]["state"] == {}
+    # the run's record of its tokens goes with it, for eval, and in the checkpoint, for the resume's comparison
+    recorded = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert json.loads((tmp_path / "fired" / "data.json").read_text()) == recorded == state["data"]
     assert main(["train", "--resume", str(tmp_path / "fired"), "--max-steps", "6"]) == 0
     assert main(["fire", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "fired")]) == 2  # never overwrite
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from sparsetrain.cli import main
-from sparsetrain.data import data_record, data_record_changes
+from sparsetrain.data import data_record, data_record_changes, is_val_file
 from sparsetrain.errors import CheckpointError
 from sparsetrain.trainer import Trainer, train
 
@@ -92,11 +93,11 @@ def test_a_run_records_its_tokens_and_a_resume_on_other_data_says_so(make_cfg, t
     ``resume_change`` row, and rewrites the record."""
     run = tmp_path / "r"
     train(make_cfg(out_dir=str(run), max_steps=2), verbose=False)
+    written = json.loads((run / "data.json").read_text())  # by the first run, before any resume
     t = Trainer(make_cfg(out_dir=str(run), max_steps=3), resume=run, verbose=False)
     val = np.asarray(t.corpus.val).astype("<u4")
-    assert json.loads((run / "data.json").read_text()) == {
-        "n_train_tokens": int(np.asarray(t.corpus.train).size), "n_val_tokens": int(val.size),
-        "val_sha256": hashlib.sha256(val.tobytes()).hexdigest()}
+    assert written == {"n_train_tokens": int(np.asarray(t.corpus.train).size), "n_val_tokens": int(val.size),
+                       "val_sha256": hashlib.sha256(val.tobytes()).hexdigest()}
     t.fit()
     assert not [r for r in _rows(run) if r["kind"] == "resume_change"]
     capsys.readouterr()
@@ -107,8 +108,68 @@ def test_a_run_records_its_tokens_and_a_resume_on_other_data_says_so(make_cfg, t
     assert "step 3: the data changed (train tokens " in said and "val tokens " in said, said
     t.fit()
     changes = [r["changes"] for r in _rows(run) if r["kind"] == "resume_change"]
-    assert len(changes) == 1 and [c.split(" ")[0] for c in changes[0]["data"]] == ["train", "val"], changes
-    assert json.loads((run / "data.json").read_text())["n_train_tokens"] == int(np.asarray(t.corpus.train).size)
+    assert changes == [{"data": [written, t.data_record]}], changes  # the old and the new record
+    assert json.loads((run / "data.json").read_text()) == t.data_record
+    # resumed again at the same step (nothing trained since): the row stays and no second one is added
+    train(make_cfg(out_dir=str(run), max_steps=5, data=str(new), tokenizer=str(run / "tokenizer.json")), resume=run,
+          verbose=False)
+    assert [r["changes"] for r in _rows(run) if r["kind"] == "resume_change"] == changes
+
+
+def test_a_resume_on_new_data_killed_before_its_checkpoint_still_says_so_once(make_cfg, tmp_path: Path,
+                                                                               monkeypatch) -> None:
+    """The comparison is with the checkpoint's record, not data.json: a resume on new data
+    rewrites data.json as it starts, so one killed before its first checkpoint and
+    resumed again still finds the change, and the log holds it once."""
+    run = tmp_path / "r"
+    kw = dict(out_dir=str(run), eval_every=0)
+    train(make_cfg(max_steps=3, **kw), verbose=False)
+    new = write_corpus(tmp_path / "new", n_files=30, seed=int(torch.randint(1, 10**6, ())))
+    cfg = dict(max_steps=8, data=str(new), tokenizer=str(run / "tokenizer.json"), **kw)
+    t = Trainer(make_cfg(**cfg), resume=run, verbose=False)
+    assert json.loads((run / "data.json").read_text()) == t.data_record  # rewritten as the resume starts
+    steps = t.train_step
+
+    def killed() -> None:
+        if t.step == 4:
+            raise KeyboardInterrupt
+        steps()
+
+    monkeypatch.setattr(t, "train_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    train(make_cfg(**cfg), resume=run, verbose=False)
+    changes = [r for r in _rows(run) if r["kind"] == "resume_change"]
+    assert [(r["step"], sorted(r["changes"])) for r in changes] == [(3, ["data"])], changes
+
+
+@pytest.mark.parametrize("only_train", [True, False])
+def test_a_data_change_row_at_the_checkpoint_step_is_read_back_by_the_next_resume(make_cfg, tmp_path: Path,
+                                                                                 only_train: bool) -> None:
+    """A resume on other data that trains no step leaves its row at the checkpoint's step;
+    the next resume reads that row back against the checkpoint (once a traceback when
+    the change was one phrase): not saved in it, so dropped and said again, once."""
+    run = tmp_path / "r"
+    kw = dict(out_dir=str(run), eval_every=0)
+    train(make_cfg(max_steps=3, **kw), verbose=False)
+    # a file on the train side only (a name the val split does not take), or a whole new corpus
+    if only_train:
+        data = tmp_path / "more"
+        shutil.copytree(make_cfg().data, data)
+        name = next(f"extra{i}.py" for i in range(1000) if not is_val_file(f"extra{i}.py", 0.1))
+        (data / name).write_text("def extra():\n    return 1\n")
+    else:
+        data = write_corpus(tmp_path / "new", n_files=30, seed=int(torch.randint(1, 10**6, ())))
+    cfg = dict(max_steps=3, data=str(data), tokenizer=str(run / "tokenizer.json"), **kw)
+    for _ in range(2):
+        train(make_cfg(**cfg), resume=run, verbose=False)
+    rows = [r for r in _rows(run) if r["kind"] == "resume_change"]
+    assert [r["step"] for r in rows] == [3], rows
+    old, new = rows[0]["changes"]["data"]
+    if only_train:
+        assert old["val_sha256"] == new["val_sha256"] and old["n_train_tokens"] < new["n_train_tokens"]
+    else:
+        assert old["val_sha256"] != new["val_sha256"]
 
 
 def test_data_record_changes_names_each_difference() -> None:
@@ -124,3 +185,19 @@ def test_data_record_changes_names_each_difference() -> None:
     assert data_record_changes(a, data_record(train_a, val_b)) == ["val tokens changed (same count)"]
     assert data_record_changes(a, data_record(train_a, val_a[:50])) == ["val tokens 100 -> 50"]
     assert data_record_changes({}, a) == ["train tokens ? -> 1,000", "val tokens ? -> 100"]
+
+
+def test_a_val_split_too_short_for_a_window_is_refused_before_the_run_folder_is_written(make_cfg,
+                                                                                       tmp_path: Path) -> None:
+    """A held-out split shorter than seq_len + 1 tokens ends the start in one line and
+    leaves no run folder behind (its config.toml and data.json were written first)."""
+    from sparsetrain.errors import DataError
+
+    data = tmp_path / "corpus"
+    data.mkdir()
+    (data / "a.py").write_text("x = 1\n" * 400)  # one file: the split cuts its last 10 % off as val
+    out = tmp_path / "r"
+    seq_len = 512
+    with pytest.raises(DataError, match=rf"val split has \d+ tokens, fewer than seq_len \+ 1 = {seq_len + 1}") as e:
+        Trainer(make_cfg(out_dir=str(out), data=str(data), seq_len=seq_len), verbose=False)
+    assert "\n" not in str(e.value) and not out.exists()

@@ -545,7 +545,8 @@ def cmd_fire(args: argparse.Namespace) -> int:
     for part in optimizer["combined"].values() if "combined" in optimizer else [optimizer]:
         part["state"] = {}  # the moments described the old weights (every part of Muon's combined optimizer)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("config.toml", "tokenizer.json"):  # config.toml names no out_dir: the new run's is its own folder
+    # config.toml names no out_dir: the new run's is its own folder; data.json: what eval compares with
+    for name in ("config.toml", "tokenizer.json", "data.json"):
         if (folder / name).is_file():
             shutil.copyfile(folder / name, out / name)
     save_weights(out / WEIGHTS_NAME, state["model"], asdict(model.config), int(state["step"]))
@@ -778,8 +779,8 @@ def name_typed(message: str, typed: dict[str, str]) -> str:
     user typed for them (``--lr``); keys set elsewhere (a TOML file) stay as they are."""
     sections = "|".join(SECTIONS)
     for key, flag in sorted(typed.items(), key=lambda kv: -len(kv[0])):
-        # not inside a longer name: a file such as data.json is not the key data
-        pattern = rf"(?<![\w.'\"-])(?:(?:{sections})\.)?{re.escape(key)}(?![\w-]|\.\w)"
+        # not inside a longer name: a file such as data.json or a folder of a path (/tmp/data/x) is not the key data
+        pattern = rf"(?<![\w.'\"/\\-])(?:(?:{sections})\.)?{re.escape(key)}(?![\w/\\-]|\.\w)"
         message = re.sub(pattern + " = ", lambda _: flag + " ", message)  # "ffn = relu2_24" -> "--ffn relu2_24"
         message = re.sub(pattern, lambda _: flag, message)
     return message

@@ -198,7 +198,8 @@ def arm_configs(arms: list[Arm], seconds: float, seeds: list[int], out_dir: Path
 def _check_data(cfg: TrainConfig) -> None:
     """Refuse a corpus the run would find empty, before any arm trains: a race stopped
     there would strand the arms trained before it (the folder refuses other arms).
-    Cheap, so no tokenizing: a ``.bin`` must hold bytes, a text selection (``data``,
+    No tokenizing (the files are read once per distinct selection, as the trainer
+    reads them at every start): a ``.bin`` must hold bytes, a text selection (``data``,
     ``data_include``, ``data_exclude``, ``data_max_bytes``) at least one text file, and
     a folder built or filtered at a val_fraction must be read at one no larger
     (:func:`~sparsetrain.data.check_filtered_split`), and the text must split into a

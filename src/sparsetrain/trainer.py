@@ -163,7 +163,8 @@ def _announced_not_saved(state: dict, row: dict) -> bool:
         return state.get("lr_schedule") is not None and row.get("schedule") != state["lr_schedule"]
     if row.get("kind") == "resume_change":
         training = state.get("train_config", {}).get("training", {})
-        return any(training.get(name) != new for name, (_, new) in row.get("changes", {}).items())
+        saved = lambda name: state.get("data") if name == "data" else training.get(name)  # noqa: E731
+        return any(saved(name) != new for name, (_, new) in row.get("changes", {}).items())
     return False
 
 
@@ -271,6 +272,10 @@ class Trainer:
         self.optimizer = build_optimizer(trainable, cfg, self.device.type)
         self.step_graph = self._setup_step_graph()
         self._pending_rows: list[dict] = []  # rows made outside fit's log (set-up, FIRE), logged by fit
+        # a held-out split too short for one window is refused here, before the run's files are written
+        self._val = val_batches(
+            self.corpus.val, cfg.eval_batches, cfg.batch_size, cfg.model.seq_len, self.dist.rank, self.dist.world_size
+        )
         if self.restart_note:
             if self.dist.is_main:
                 truncate_metrics(self.out_dir / METRICS_NAME, -1)
@@ -280,9 +285,6 @@ class Trainer:
             self._load_state(self.out_dir)
         self._write_run_files()
         self._set_schedules(self.step)  # one step counter, the optimizer step's; also after a resume
-        self._val = val_batches(
-            self.corpus.val, cfg.eval_batches, cfg.batch_size, cfg.model.seq_len, self.dist.rank, self.dist.world_size
-        )
         # each forward of a sharded model is a collective: every rank runs ceil(eval_batches / world) of them
         rounds = -(-cfg.eval_batches // self.dist.world_size)
         self._eval_padding = rounds - len(self._val) if self.sharded else 0
@@ -622,14 +624,16 @@ class Trainer:
                    if name in saved.get("training", {}) and saved["training"][name] != getattr(self.cfg, name)}
         # other tokens (new files, another selection, a changed split) are allowed, as FIRE's continual
         # step needs, but said: the data order from here is another corpus's, and earlier evals used another val
-        data_change = data_record_changes(_read_data_record(out), self.data_record)
-        if data_change and (out / DATA_RECORD_NAME).is_file():
-            changes["data"] = data_change
+        # the checkpoint's own record: data.json is rewritten when a run starts, so after a resume on
+        # new data killed before its first checkpoint it already names the new data
+        saved_data = state.get("data") or _read_data_record(out)  # none in checkpoints written before the record
+        if saved_data and data_record_changes(saved_data, self.data_record):
+            changes["data"] = [saved_data, self.data_record]
         if changes and self.dist.is_main:
             self._pending_rows.append({"kind": "resume_change", "step": self.step, "changes": changes})
             if self.verbose:
-                said = ", ".join(f"the data changed ({'; '.join(v)})" if k == "data" else f"{k} {v[0]} -> {v[1]}"
-                                 for k, v in changes.items())
+                said = ", ".join(f"the data changed ({'; '.join(data_record_changes(*v))})" if k == "data"
+                                 else f"{k} {v[0]} -> {v[1]}" for k, v in changes.items())
                 print(f"step {self.step}: {said} ({self.tokens_per_step:,} tokens/step from here)", flush=True)
 
     def _restore_clock_and_schedule(self, state: dict, out: Path) -> None:
@@ -1125,6 +1129,7 @@ class Trainer:
             "mtp": self.mtp.state_dict() if self.mtp is not None else None,  # generate ignores the heads
             "model_config": asdict(self.cfg.model),
             "train_config": self.cfg.to_dict(),
+            "data": self.data_record,  # what a resume compares its data with (data.json may be newer)
         }
 
     def _module_generators(self) -> dict[str, torch.Generator]:
