@@ -40,8 +40,8 @@ from .checkpoint import (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, Weights, a
                          capture_rng_state, first_line, load_checkpoint_from, module_generators, refuse_other_tokenizer,
                          remove_partial_writes, restore_rng_state, rng_untouched, save_checkpoint, save_weights)
 from .config import ModelConfig, TrainConfig, dumps_toml, read_toml
-from .data import (DATA_RECORD_NAME, TokenizedCorpus, bits_per_byte, data_record, data_record_changes, load_corpus, memory_named_by_batch, tokens_per_byte, train_batch,
-                   train_window_starts, val_batches)
+from .data import (DATA_RECORD_NAME, TokenizedCorpus, bits_per_byte, data_record, data_record_changes, load_corpus,
+                   memory_named_by_batch, tokens_per_byte, train_batch, train_window_starts, val_batches)
 from .loader import make_loader
 from .errors import CheckpointError, ConfigError, DataError, DivergedError
 from .evaluate import code_compile_rate, code_prompts, held_out_code_files
@@ -162,9 +162,8 @@ def _announced_not_saved(state: dict, row: dict) -> bool:
     if row.get("kind") == "lr_schedule":
         return state.get("lr_schedule") is not None and row.get("schedule") != state["lr_schedule"]
     if row.get("kind") == "resume_change":
-        training = state.get("train_config", {}).get("training", {})
-        saved = lambda name: state.get("data") if name == "data" else training.get(name)  # noqa: E731
-        return any(saved(name) != new for name, (_, new) in row.get("changes", {}).items())
+        saved = {**state.get("train_config", {}).get("training", {}), "data": state.get("data")}
+        return any(saved.get(name) != new for name, (_, new) in row.get("changes", {}).items())
     return False
 
 
@@ -622,10 +621,10 @@ class Trainer:
                                   "sets its data order (start a new run, or --init-from it, for another seed)")
         changes = {name: [saved["training"][name], getattr(self.cfg, name)] for name in ("batch_size", "grad_accum")
                    if name in saved.get("training", {}) and saved["training"][name] != getattr(self.cfg, name)}
-        # other tokens (new files, another selection, a changed split) are allowed, as FIRE's continual
-        # step needs, but said: the data order from here is another corpus's, and earlier evals used another val
-        # the checkpoint's own record: data.json is rewritten when a run starts, so after a resume on
-        # new data killed before its first checkpoint it already names the new data
+        # Other tokens (new files, another selection, a changed split) are allowed, as FIRE's continual
+        # step needs, but said: the data order from here is another corpus's, and earlier evals read
+        # another val. Compared with the checkpoint's record, not data.json: a run rewrites that as it
+        # starts, so after a resume on new data killed before its first checkpoint it names the new data.
         saved_data = state.get("data") or _read_data_record(out)  # none in checkpoints written before the record
         if saved_data and data_record_changes(saved_data, self.data_record):
             changes["data"] = [saved_data, self.data_record]
