@@ -201,3 +201,19 @@ def test_a_val_split_too_short_for_a_window_is_refused_before_the_run_folder_is_
     with pytest.raises(DataError, match=rf"val split has \d+ tokens, fewer than seq_len \+ 1 = {seq_len + 1}") as e:
         Trainer(make_cfg(out_dir=str(out), data=str(data), seq_len=seq_len), verbose=False)
     assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_a_checkpoint_from_before_a_model_field_existed_resumes(make_cfg, tmp_path: Path) -> None:
+    """A checkpoint's model config lacks the fields added after it was written: those
+    compare as their defaults, so it resumes; a field it holds with another value is
+    still refused by name."""
+    run = tmp_path / "r"
+    train(make_cfg(out_dir=str(run), max_steps=2, eval_every=0), verbose=False)
+    state = torch.load(run / "ckpt.pt", weights_only=True)
+    del state["model_config"]["hyper_connections"], state["model_config"]["norm_eps"]  # as if added since
+    from sparsetrain.checkpoint import save_checkpoint
+
+    save_checkpoint(run / "ckpt.pt", state, keep_previous=False)
+    assert Trainer(make_cfg(out_dir=str(run), max_steps=3, eval_every=0), resume=run, verbose=False).fit().steps_done == 3
+    with pytest.raises(CheckpointError, match=r"from another model: norm_eps=1e-06 there vs 0\.001 here"):
+        Trainer(make_cfg(out_dir=str(run), max_steps=4, eval_every=0, norm_eps=1e-3), resume=run, verbose=False)

@@ -168,7 +168,10 @@ def _announced_not_saved(state: dict, row: dict) -> bool:
 
 
 def compare_model_configs(saved: dict, wanted: ModelConfig, where: str) -> None:
-    """Refuse to load weights into a differently shaped model, naming the difference."""
+    """Refuse to load weights into a differently shaped model, naming the difference.
+    A field the checkpoint lacks was added after it was written: it trained with that
+    field's default (a new field defaults to the old behaviour), so compares as that."""
+    saved = {**asdict(ModelConfig()), **saved}
     want = asdict(wanted)
     diffs = [f"{k}={saved.get(k)!r} there vs {v!r} here" for k, v in want.items() if saved.get(k) != v]
     if diffs:
