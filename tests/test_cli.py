@@ -204,6 +204,7 @@ def test_a_batch_too_large_for_memory_is_one_line(corpus_dir: Path, cache_dir: P
     ("data /x does not exist; data.val_fraction too", "--data /x does not exist; data.val_fraction too"),
     ("min_lr_ratio and lr.", "min_lr_ratio and --lr."),
     ("data /tmp/data/x.bin and runs/lr/ckpt.pt and C:\\data\\lr", "--data /tmp/data/x.bin and runs/lr/ckpt.pt and C:\\data\\lr"),
+    ("arm 'x:lr=1,data=/d' is bad", "arm 'x:lr=1,data=/d' is bad"),
 ])
 def test_errors_name_the_flags_typed_but_not_inside_other_names(message: str, expected: str) -> None:
     """A config key the user typed as a flag is written as that flag; the same letters
@@ -211,3 +212,27 @@ def test_errors_name_the_flags_typed_but_not_inside_other_names(message: str, ex
     from sparsetrain.cli import name_typed
 
     assert name_typed(message, {"lr": "--lr", "data": "--data"}) == expected
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--collider-sparsity", "0.5"], "--collider-sparsity has no effect while use_collider is off"),
+    (["--collider-method", "random", "--collider-score", "loss"], "--collider-score, --collider-method have no effect"),
+    (["--mtp-n-tokens", "3"], "--mtp-n-tokens has no effect while use_mtp is off"),
+    (["--async-n-workers", "4"], "--async-n-workers has no effect while use_async_loader is off"),
+    (["--keep-ratio", "0.3"], "--keep-ratio has no effect while selection is none"),
+    (["--muon-lr", "0.05"], "--muon-lr has no effect while optimizer is not muon"),
+    (["--optimizer", "muon", "--galore-rank", "64"], "--galore-rank has no effect while --optimizer is not galore_adamw"),
+])
+def test_a_setting_whose_switch_is_off_is_refused(flags: list[str], named: str, capsys) -> None:
+    """A technique's setting typed without the technique on would be ignored (a dense run
+    under a name that says Collider): one line naming it and the switch, exit 2."""
+    code, out, err = run_main(["train", "--dry-run", *flags], capsys)
+    assert_one_line_error(code, err, named)
+
+
+@pytest.mark.parametrize("flags", [["--drop-ratio", "0.5", "--collider-method", "topk"],
+                                   ["--use-collider", "--collider-sparsity", "0.5"], ["--use-mtp", "--mtp-n-tokens", "3"],
+                                   ["--selection", "loss", "--keep-ratio", "0.3"], ["--optimizer", "muon", "--muon-lr", "0.05"]])
+def test_a_setting_with_its_switch_on_is_taken(flags: list[str], capsys) -> None:
+    code, out, err = run_main(["train", "--dry-run", *flags], capsys)
+    assert code == 0 and not err, err

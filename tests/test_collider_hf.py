@@ -214,3 +214,24 @@ def test_generic_path_on_gpt2_trains_and_evaluates() -> None:
                                       do_sample=False, pad_token_id=0),
                        plain.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
                                       do_sample=False, pad_token_id=0))
+
+
+def test_apply_refuses_what_is_not_a_causal_lm_before_any_notice() -> None:
+    """A plain module (no config) or an encoder without an LM head is refused in one
+    line naming its class, before the generic path's notice and before anything changes."""
+    import warnings
+
+    from sparsetrain.collider.hf_linear import UnsupportedLayer
+
+    encoder = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                             num_attention_heads=2, intermediate_size=64))
+    for module, needle in ((torch.nn.Linear(3, 3), "takes a transformers causal LM (*ForCausalLM, or PEFT's wrapper "
+                                                   "of one), got Linear"),
+                           (encoder, "takes a causal LM with its LM head; BertModel is not one")):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with pytest.raises(UnsupportedLayer) as e:
+                apply(module)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+        assert not [w for w in seen if "generic path" in str(w.message)]
+        assert "forward" not in module.__dict__  # untouched

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from sparsetrain.collider import ColliderGenericPathWarning, apply, masked_cross_entropy, remove  # noqa: E402
+from sparsetrain.collider import (ColliderGenericPathWarning, apply, counting_kept_tokens,  # noqa: E402
+                                  masked_cross_entropy, remove)
 from sparsetrain.collider.hf import uses_engine  # noqa: E402
 from sparsetrain.selection import TokenSelector, budget, shift_labels  # noqa: E402
 
@@ -186,11 +187,16 @@ def test_selector_in_the_forward_and_global_kept_normalisation() -> None:
     batches[1][1][0, 2:6] = -100
     n_valid = [int((shift_labels(lab) != -100).sum()) for _, lab in batches]
     total = sum(budget(n, 0.5) for n in n_valid)
+    from sparsetrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="num_items_in_batch with a Collider selector must count the kept tokens"):
+        model(*batches[0][:1], labels=batches[0][1], use_cache=False, num_items_in_batch=torch.tensor(sum(n_valid)))
     state_masks = []
     for i, (ids, labels) in enumerate(batches):
         # the second micro-batch's count handed in (as a trainer that counted on the host does), the first's counted
         given = {"collider_n_valid": n_valid[i]} if i == 1 else {}
-        model(ids, labels=labels, use_cache=False, num_items_in_batch=torch.tensor(total), **given).loss.backward()
+        with counting_kept_tokens():  # the count handed in is the kept one
+            model(ids, labels=labels, use_cache=False, num_items_in_batch=torch.tensor(total), **given).loss.backward()
         from sparsetrain.collider.hf import applied_state
 
         stats = applied_state(model).last_stats
@@ -600,7 +606,8 @@ def _ddp_worker(rank: int, world: int, port: int, seed: int, state: dict, batche
             ddp = track_ddp(torch.nn.parallel.DistributedDataParallel(apply(model, selector=selector)))
             ids, labels = batches[rank]
             # the loss over this rank's kept tokens divided by every rank's: DDP's mean then needs the world size
-            loss = ddp(ids, labels=labels, num_items_in_batch=torch.tensor(total)).loss * world
+            with counting_kept_tokens():
+                loss = ddp(ids, labels=labels, num_items_in_batch=torch.tensor(total)).loss * world
             loss.backward()
             torch.save({"grads": {k: p.grad for k, p in model.named_parameters()}, "keep": selector.last_mask},
                        f"{out}/rank{rank}.pt")

@@ -703,3 +703,11 @@ def test_a_plain_trainer_with_a_selector_is_refused_in_one_line(tmp_path) -> Non
                                    "its target count") and "ColliderTrainer" in str(e.value)
     assert "\n" not in str(e.value)
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    # without the callback (what a user of a plain Trainer has): the forward itself refuses the target count
+    trainer = Trainer(model=model, args=args, train_dataset=_dataset(tok, texts),
+                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    with pytest.raises(ConfigError, match="num_items_in_batch with a Collider selector must count the kept tokens: "
+                                          "a plain transformers Trainer passes its target count") as e:
+        trainer.train()
+    assert "\n" not in str(e.value) and "ColliderTrainer" in str(e.value)
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())

@@ -296,7 +296,7 @@ def test_a_scorer_run_filters_as_its_sidecar_does(noisy, tmp_path, capsys) -> No
     tok = ["--tokenizer", str(run / "tokenizer.json")]
     assert main(base + ["--scorer", str(other), *tok, "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"scorer {other} has vocab_size 300, the corpus 320" in err[0], err
+    assert len(err) == 1 and f"scorer {other} has vocab_size 300, fewer than the corpus's 320" in err[0], err
     same_size = tmp_path / "same_size"
     # another split (a smaller val_fraction: the built corpus refuses a larger one) trains another BPE
     train(build_config("tiny", overrides={**flags, "val_fraction": 0.05, "out_dir": str(same_size)}), verbose=False)
@@ -304,6 +304,14 @@ def test_a_scorer_run_filters_as_its_sidecar_does(noisy, tmp_path, capsys) -> No
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"scorer {same_size} was trained with another tokenizer than this corpus" in err[0], err
     assert not (tmp_path / "c").exists()
+    # a run whose vocab_size is larger than its BPE learned (a small corpus): scores with its own tokenizer
+    large = tmp_path / "large"
+    train(build_config("tiny", overrides={**flags, "vocab_size": 4096, "out_dir": str(large)}), verbose=False)
+    from sparsetrain.tokenizer import BPETokenizer
+
+    assert BPETokenizer.load(large / "tokenizer.json").vocab_size < 4096  # what was refused before
+    assert main(base + ["--scorer", str(large), "--out", str(tmp_path / "d")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "d" / MANIFEST_NAME).is_file()
 
 
 def test_a_drop_that_would_leave_no_train_document_is_refused() -> None:

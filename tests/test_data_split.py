@@ -72,8 +72,10 @@ def test_an_empty_token_file_is_one_line(tmp_path: Path) -> None:
 
 
 def test_the_run_files_refused_as_outputs_name_the_sharded_folder() -> None:
-    """checkpoint.RUN_FILES spells the sharded checkpoints' folder (it cannot import it)."""
+    """checkpoint.RUN_FILES spells the sharded checkpoints' folder and the data record
+    (it cannot import them)."""
     from sparsetrain.checkpoint import RUN_FILES
+    from sparsetrain.data import DATA_RECORD_NAME
     from sparsetrain.sharded_checkpoint import SHARDED_DIR
 
-    assert SHARDED_DIR in RUN_FILES
+    assert SHARDED_DIR in RUN_FILES and DATA_RECORD_NAME in RUN_FILES

@@ -857,6 +857,21 @@ def test_race_refuses_an_arm_whose_data_holds_nothing_before_any_run(make, arm: 
     assert not (out / "a").exists()  # the first arm never started
 
 
+def test_an_arm_setting_whose_switch_is_off_is_refused_but_a_race_flag_is_not(tmp_path: Path, capsys) -> None:
+    """An arm named for Collider whose items forget to turn it on would race dense under
+    that name: refused before any run. A technique's setting given to the whole race
+    applies to the arms that turn it on, and the dense arm beside them is fine."""
+    out = tmp_path / "r"
+    code = main(["race", "--dry-run", "--preset", "tiny", "--seconds", "1", "--out-dir", str(out), "--arm", "a:",
+                 "--arm", "c50:collider_sparsity=0.5,collider_method=topk"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "arm c50: collider_sparsity, collider_method have no effect while use_collider is off" in err, err
+    code = main(["race", "--dry-run", "--preset", "tiny", "--seconds", "1", "--out-dir", str(out),
+                 "--collider-method", "topk", "--arm", "dense:", "--arm", "c50:drop_ratio=0.5"])
+    assert code == 0, capsys.readouterr().err
+
+
 def test_race_checks_each_data_selection_once(make_cfg, tmp_path: Path, monkeypatch) -> None:
     """Walking a corpus reads the head of every file: arms and seeds sharing one walk it once."""
     from sparsetrain import race

@@ -71,6 +71,21 @@ def reference_run(tmp_path_factory, corpus_dir, cache_dir):
     return out, sidecar, flags
 
 
+def test_an_existing_sidecar_is_not_overwritten(reference_run, capsys) -> None:
+    """reference-losses refuses an --out that exists (as corpus filter does), in one
+    line, before reading anything, and leaves the file as it was."""
+    run, sidecar, flags = reference_run
+    before = sidecar.read_bytes()
+    argv = ["reference-losses", "--ckpt", str(run), "--out", str(sidecar), "--preset", "tiny"]
+    for k, v in flags.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {sidecar} exists" in err[0], err
+    assert sidecar.read_bytes() == before
+
+
 def test_sidecar_equals_an_online_reference_forward(reference_run, make_cfg) -> None:
     run, sidecar, _ = reference_run
     corpus = Trainer(make_cfg(), verbose=False).corpus

@@ -95,9 +95,10 @@ def rng_untouched(device: torch.device, generators: dict[str, torch.Generator]) 
         restore_rng_state(state, device, generators)
 
 
-# what a run folder holds, its sharded checkpoints' folder (sharded_checkpoint.SHARDED_DIR) included
+# what a run folder holds, its sharded checkpoints' folder (sharded_checkpoint.SHARDED_DIR) and its
+# record of its tokens (data.DATA_RECORD_NAME) included: spelled here, as neither module can be imported
 RUN_FILES = (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, CHECKSUMS_NAME, "config.toml", "metrics.jsonl",
-             "tokenizer.json", "loss.png", "ckpt_sharded")
+             "tokenizer.json", "loss.png", "ckpt_sharded", "data.json")
 
 
 def refuse_overwriting_a_run(out: str | Path, flag: str = "--out") -> None:

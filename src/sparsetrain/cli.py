@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from .config import (ARCHS, SECTIONS, ModelConfig, TrainConfig, _valid_device, build_config, dumps_toml, field_types,
-                     list_presets, read_toml)
+                     list_presets, read_toml, refuse_inert_settings)
 from .errors import ConfigError, SparsetrainError
 
 if TYPE_CHECKING:  # the CLI imports torch only where a command needs it
@@ -355,6 +355,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    "its model and settings (--init-from starts a new run from its weights)")
         overrides["out_dir"] = str(run)
     cfg = build_config(overrides.pop("preset", None), args.config, overrides, base=base)
+    refuse_inert_settings(cfg, [k for k, v in overrides.items() if v is not None])
     if args.dry_run:
         print(dumps_toml(cfg.to_dict()), end="")
         return 0
@@ -406,6 +407,11 @@ def cmd_reference_losses(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "ckpt", "out", "config", "context")}
     cfg = build_config(flags.pop("preset", None), args.config, flags)
     run_directory(args.ckpt)  # a missing run refused before the corpus is read
+    from .checkpoint import refuse_overwriting_a_run
+
+    refuse_overwriting_a_run(args.out)  # a run's own file named first: the more telling refusal
+    if Path(args.out).is_file():  # as corpus filter refuses an existing --out: a sidecar is never replaced unasked
+        raise ConfigError(f"--out {args.out} exists; delete it or give a new path")
     if args.context is not None and args.context < 0:  # its upper bound (the run's seq_len) is checked with the run
         raise ConfigError(f"--context must be >= 0, got {args.context}")
     out = _write_run_losses(args.ckpt, load_run_corpus(cfg), args.out, cfg.batch_size, resolve_device(cfg.device),
@@ -431,8 +437,10 @@ def _write_run_losses(ckpt: str | Path, corpus: Any, out: str | Path, batch_size
 
     run = run_directory(ckpt)
     model = load_model(ckpt, device)
-    if model.config.vocab_size != corpus.vocab_size:
-        raise SparsetrainError(f"{role} {run} has vocab_size {model.config.vocab_size}, the corpus {corpus.vocab_size}")
+    # a BPE trained on a small corpus learns fewer tokens than its run's vocab_size: every id still fits
+    if model.config.vocab_size < corpus.vocab_size:
+        raise SparsetrainError(f"{role} {run} has vocab_size {model.config.vocab_size}, fewer than the corpus's "
+                               f"{corpus.vocab_size}")
     refuse_other_tokenizer(run, corpus.tokenizer_path, role)
     trained = [r for r in read_metrics(run / "metrics.jsonl") if "train_seconds" in r]
     out = compute_reference_losses(model, corpus.train, out, batch_size, device, autocast_dtype(dtype, device),
@@ -779,8 +787,9 @@ def name_typed(message: str, typed: dict[str, str]) -> str:
     user typed for them (``--lr``); keys set elsewhere (a TOML file) stay as they are."""
     sections = "|".join(SECTIONS)
     for key, flag in sorted(typed.items(), key=lambda kv: -len(kv[0])):
-        # not inside a longer name: a file such as data.json or a folder of a path (/tmp/data/x) is not the key data
-        pattern = rf"(?<![\w.'\"/\\-])(?:(?:{sections})\.)?{re.escape(key)}(?![\w/\\-]|\.\w)"
+        # not inside a longer name: a file such as data.json, a folder of a path (/tmp/data/x) or an item of
+        # a race arm quoted back ('x:out_dir=...') is not the key as typed
+        pattern = rf"(?<![\w.'\"/\\:,=-])(?:(?:{sections})\.)?{re.escape(key)}(?![\w/\\-]|\.\w)"
         message = re.sub(pattern + " = ", lambda _: flag + " ", message)  # "ffn = relu2_24" -> "--ffn relu2_24"
         message = re.sub(pattern, lambda _: flag, message)
     return message

@@ -603,6 +603,39 @@ def apply_dict(cfg: TrainConfig, data: dict[str, Any], source: str) -> None:
                 setattr(cfg, key, _strict_value(value, train_types[key], full, source))
 
 
+# Settings that act only while a switch is on: (the switch off, and how to turn it on; the settings;
+# whether it is on).
+# Given explicitly (a flag, a race arm) with the switch off, they would be ignored: refused instead.
+SWITCHED_SETTINGS: tuple[tuple[str, tuple[str, ...], Callable[[TrainConfig], bool]], ...] = (
+    ("use_collider is off (--use-collider or --drop-ratio turns it on)",
+     ("collider_threshold", "collider_sparsity", "collider_score", "collider_span", "collider_method"),
+     lambda c: c.use_collider),
+    ("use_mtp is off (--use-mtp)", ("mtp_n_tokens", "mtp_weight", "mtp_decay"), lambda c: c.use_mtp),
+    ("use_async_loader is off (--use-async-loader)", ("async_n_workers", "async_prefetch_size"), lambda c: c.use_async_loader),
+    ("selection is none (--selection loss or batch)",
+     ("selection_score", "selection_method", "keep_ratio", "selection_warmup_steps", "selection_dynamic",
+      "selection_sensitivity", "selection_threshold", "selection_target_sparsity", "router_layers"),
+     lambda c: c.selection != "none"),
+    ("optimizer is not muon (--optimizer muon)", ("muon_fallback", "muon_lr", "muon_momentum", "muon_weight_decay", "muon_adjust_lr"),
+     lambda c: c.optimizer == "muon"),
+    ("optimizer is not galore_adamw (--optimizer galore_adamw)", ("galore_rank", "galore_update_proj_gap", "galore_scale"),
+     lambda c: c.optimizer == "galore_adamw"),
+)
+
+
+def refuse_inert_settings(cfg: TrainConfig, given: typing.Iterable[str]) -> None:
+    """Refuse, in one line, settings named in ``given`` (those set explicitly: typed
+    flags, a race arm's items) that do nothing in ``cfg`` because their switch is off
+    (:data:`SWITCHED_SETTINGS`): ``--collider-sparsity 0.5`` without ``use_collider``
+    would train dense under a name that says otherwise. Settings from a preset or a
+    config file are not checked: a file may keep a technique's settings with it off."""
+    given = set(given)
+    for switch, names, is_on in SWITCHED_SETTINGS:
+        inert = [name for name in names if name in given]
+        if inert and not is_on(cfg):
+            raise ConfigError(f"{', '.join(inert)} {'has' if len(inert) == 1 else 'have'} no effect while {switch}")
+
+
 def build_config(
     preset: str | None = None,
     config_file: str | Path | None = None,

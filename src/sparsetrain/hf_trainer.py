@@ -73,7 +73,7 @@ import torch
 from . import kernels
 from .collider import apply, remove
 from .collider.attention import MODES
-from .collider.hf import applied_state, collider_targets, uses_engine
+from .collider.hf import applied_state, collider_targets, counting_kept_tokens, uses_engine
 from .collider.hf_engine import HFEngine
 from .config import CAPTURABLE_METHODS
 from .errors import ConfigError
@@ -439,7 +439,7 @@ class ColliderTrainerMixin:
             static = dict(g.inputs)
             count = static.pop("num_items_in_batch")
             batch = {**static, **others, "collider_logits": False, "collider_n_valid": n_valid}
-            with self.compute_loss_context_manager():
+            with self.compute_loss_context_manager(), counting_kept_tokens():
                 loss = Trainer.compute_loss(self, model, batch, num_items_in_batch=count)
             # the gradients as outputs: .grad is freed between optimizer steps, so the graph cannot own it
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -520,8 +520,9 @@ class ColliderTrainerMixin:
                 inputs["collider_n_valid"] = self._collider_n_valid.pop(0)
         else:
             inputs = dict(inputs)
-        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
-                                             num_items_in_batch=num_items_in_batch)
+        with counting_kept_tokens():  # num_items_in_batch counts the kept tokens (get_batch_samples)
+            loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
         state = applied_state(model)
         if torch.is_grad_enabled() and state is not None and state.last_stats is not None:
             stats, state.last_stats = state.last_stats, None

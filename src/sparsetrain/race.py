@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CKPT_NAME, atomic_write_text
-from .config import TrainConfig, build_config, preset_dict, read_toml
+from .config import TrainConfig, build_config, preset_dict, read_toml, refuse_inert_settings
 from .corpora import MANIFEST_NAME
 from .data import check_filtered_split, discover_text_files, read_documents, split_text_corpus
 from .errors import ConfigError, DataError
@@ -173,6 +173,8 @@ def arm_configs(arms: list[Arm], seconds: float, seeds: list[int], out_dir: Path
                          "out_dir": str(out_dir / arm.name / f"seed{seed}")}
             try:
                 out[arm.name][seed] = build_config(preset, config_file, overrides)
+                # the arm's own items only: the race's flags may hold one technique's settings for the arms that use it
+                refuse_inert_settings(out[arm.name][seed], arm.overrides)
             except ConfigError as e:
                 raise ConfigError(f"arm {arm.name}: {e}") from None
         # the files and packages an arm needs, found before the first arm runs (not after the earlier arms' budgets)

@@ -21,21 +21,29 @@ no float32 copy of the logits and no ``[N, V]`` gradient is ever made (a
 caller that converts outputs to float32, as accelerate's autocast wrapper
 does, sees the logits only after the loss has its rows). ``num_items_in_batch``
 (the Trainer's) turns the mean into a sum over this batch's kept tokens
-divided by it. Tokens at padded positions (``attention_mask`` 0) are never
+divided by it: with a selector it must count the kept tokens, which only
+:class:`~sparsetrain.hf_trainer.ColliderTrainer` passes (inside
+:func:`counting_kept_tokens`); any other caller's (a plain ``Trainer``'s
+target count, which would shrink the loss and gradients by the kept fraction)
+is refused in one line. Tokens at padded positions (``attention_mask`` 0) are never
 targets. :func:`remove` undoes :func:`apply`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import types
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from ..errors import ConfigError
 from ..selection import IGNORE_INDEX, REFERENCE_SCORES, SelectionStats, TokenSelector, keep_every_position, shift_labels
 from .hf_engine import HFEngine, unsupported_reason
 from .hf_generic import GenericSwap, positions_mixed_outside_attention, swap_in, swap_out
@@ -43,6 +51,21 @@ from .hf_linear import UnsupportedLayer
 from .loss import masked_cross_entropy
 
 _STATE_ATTR = "_sparsetrain_collider"
+# set while a caller that passes the kept count as num_items_in_batch runs the forward (ColliderTrainer)
+_KEPT_COUNT_GIVEN: contextvars.ContextVar[bool] = contextvars.ContextVar("collider_kept_count_given", default=False)
+
+
+@contextlib.contextmanager
+def counting_kept_tokens() -> Iterator[None]:
+    """Declare that the training forwards inside pass ``num_items_in_batch`` as the
+    number of kept tokens (what :class:`~sparsetrain.hf_trainer.ColliderTrainer`
+    computes), not the target count; without it an applied model with a selector
+    refuses ``num_items_in_batch``."""
+    token = _KEPT_COUNT_GIVEN.set(True)
+    try:
+        yield
+    finally:
+        _KEPT_COUNT_GIVEN.reset(token)
 
 
 class ColliderGenericPathWarning(UserWarning):
@@ -117,6 +140,13 @@ def apply(model: nn.Module, selector: TokenSelector | None = None, compile: bool
     lm = causal_lm(model)
     if hasattr(lm, _STATE_ATTR):
         return model
+    # before any notice of the path taken: a module that is no transformers causal LM is refused outright
+    if not hasattr(lm, "config") or not callable(getattr(lm, "get_output_embeddings", None)):
+        raise UnsupportedLayer(f"collider.apply takes a transformers causal LM (*ForCausalLM, or PEFT's wrapper of "
+                               f"one), got {type(lm).__name__}")
+    if lm.get_output_embeddings() is None or not (getattr(lm.config, "is_decoder", False) or lm.can_generate()):
+        raise UnsupportedLayer(f"collider.apply takes a causal LM with its LM head; {type(lm).__name__} is not one "
+                               "(its loss is not next-token cross-entropy)")
     if compile is None:
         compile = any(p.is_cuda for p in lm.parameters())
     eng = generic = None
@@ -201,6 +231,11 @@ def _forward_of(cls: type):
         if args:
             raise ValueError("the Collider training forward takes input_ids, attention_mask and position_ids "
                              "positionally; pass the rest by keyword")
+        if state.selector is not None and num_items_in_batch is not None and not _KEPT_COUNT_GIVEN.get():
+            raise ConfigError("num_items_in_batch with a Collider selector must count the kept tokens: a plain "
+                              "transformers Trainer passes its target count, which would shrink the loss and "
+                              "gradients by the kept fraction; train with sparsetrain.hf_trainer.ColliderTrainer "
+                              "(or with_collider(YourTrainer))")
         targets = n_valid = None
         if labels is not None or shift_labels is not None:
             targets = collider_targets(labels, shift_labels, attention_mask)
