@@ -572,3 +572,19 @@ def test_deferred_nonfinite_count_raises_on_the_first_read() -> None:
         stats.avg_entropy
     fine = SelectionStats(kept=torch.tensor(3), total=10, avg_entropy=torch.tensor(1.5), nonfinite=torch.tensor(0))
     assert fine.kept == 3 and fine.avg_entropy == 1.5
+
+
+def test_ctrl_c_in_a_race_names_the_interrupted_runs_checkpoint(common: list[str], tmp_path: Path, capsys,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in a race's arm says which run was cut short and the step of the checkpoint
+    it keeps (what the race's next start continues from), then how to continue the race."""
+    out = tmp_path / "race"
+    argv = ["race", *common, "--seconds", "60", "--max-steps", "6", "--ckpt-every", "2", "--out-dir", str(out),
+            "--arm", "a:", "--arm", "b:lr=1e-3"]
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 3)
+        code, _, err = run_main(argv, capsys)
+    assert code == 130 and err.count("\n") == 1, err
+    first = out / "a" / "seed1337"
+    assert (f"the interrupted run in {first} keeps its step-2 checkpoint; the finished runs in {out} are kept; "
+            f"the same race with --out-dir {out} continues it") in err, err

@@ -393,8 +393,15 @@ def cmd_race(args: argparse.Namespace) -> int:
         return 0
     try:
         run_race(arms, args.seconds, args.seeds, out, preset=preset, config_file=args.config, flags=flags)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"the finished runs in {out} are kept; the same race with --out-dir {out} "
+    except KeyboardInterrupt as e:
+        from .trainer import RunInterrupted
+
+        where = ""
+        if isinstance(e, RunInterrupted):  # the run cut short: what the race's next start continues from
+            where = (f"the interrupted run in {e.out_dir} keeps its step-{e.kept_step} checkpoint; "
+                     if e.kept_step is not None else f"the interrupted run in {e.out_dir} kept no checkpoint "
+                                                     "(it starts again); ")
+        raise KeyboardInterrupt(f"{where}the finished runs in {out} are kept; the same race with --out-dir {out} "
                                 "continues it") from None
     print(f"race report: {Path(out) / 'race.json'}, plot: {Path(out) / 'race.png'}")
     return 0

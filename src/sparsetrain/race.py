@@ -306,7 +306,10 @@ def run_one(cfg: TrainConfig, verbose: bool = True) -> str:
     if resume is None and run.exists():
         shutil.rmtree(run)  # a start killed before its first checkpoint: its rows would mix in
     trainer = Trainer(cfg, resume=resume, verbose=verbose)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        raise trainer.interrupted() from None  # names the checkpoint the race's next start continues from
     atomic_write_text(run / DONE_NAME, json.dumps({"steps": result.steps_done, "train_seconds": result.train_seconds,
                                                    "startup_seconds": result.startup_seconds}))
     del trainer

@@ -179,6 +179,16 @@ def compare_model_configs(saved: dict, wanted: ModelConfig, where: str) -> None:
 
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: the message is what it leaves and how to continue
+    (:meth:`Trainer.interrupted_note`); ``out_dir`` its folder, ``kept_step`` the step
+    of the checkpoint it keeps (None: none), for a caller that continues it its own way."""
+
+    def __init__(self, message: str, out_dir: Path, kept_step: int | None) -> None:
+        super().__init__(message)
+        self.out_dir, self.kept_step = out_dir, kept_step
+
+
 def _under_kernel_policy(method):
     """Run a :class:`Trainer` method under the run's kernel policy (``self.kernel_policy``):
     every module that reads :func:`sparsetrain.kernels.current` in its forward or backward
@@ -1096,6 +1106,11 @@ class Trainer:
             return "no checkpoint was written before it"
         return f"the last good checkpoint (step {self.last_saved_step}) in {self.out_dir} is kept"
 
+    def interrupted(self) -> RunInterrupted:
+        """The exception a Ctrl-C in :meth:`fit` becomes: what is kept and how to go on."""
+        return RunInterrupted(self.interrupted_note(), self.out_dir,
+                              self.last_saved_step if self.cfg.save_checkpoints else None)
+
     def interrupted_note(self) -> str:
         """What an interrupted run leaves and how to continue it (the CLI's Ctrl-C line)."""
         where = self.out_dir
@@ -1380,7 +1395,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, verbose: bool = Tr
     except KeyboardInterrupt:
         if trainer is None:
             raise
-        raise KeyboardInterrupt(trainer.interrupted_note()) from None
+        raise trainer.interrupted() from None
     finally:
         D.shutdown_distributed(synchronize=ok)
 
