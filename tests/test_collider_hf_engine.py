@@ -440,9 +440,14 @@ def test_a_model_mixing_positions_outside_attention_is_refused() -> None:
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                   layer_types=["conv", "full_attention"])
     model = transformers.Lfm2ForCausalLM(cfg)
-    with pytest.raises(UnsupportedLayer, match=r"Lfm2ForCausalLM has conv layers") as e:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(UnsupportedLayer,
+                                                                     match=r"Lfm2ForCausalLM has conv layers") as e:
+        warnings.simplefilter("always")
         apply(model)
     assert "\n" not in str(e.value) and "forward" not in model.__dict__  # refused before anything changed
+    assert not [w for w in seen if issubclass(w.category, ColliderGenericPathWarning)]  # no notice of a path not taken
     mixer = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv1d(4, 4, 3, groups=4))  # no layer_types to go by
     assert positions_mixed_outside_attention(mixer) == "Sequential mixes positions in 1 (Conv1d), outside attention"
     assert positions_mixed_outside_attention(make_model("llama", fresh_seed())) is None

@@ -150,20 +150,21 @@ def apply(model: nn.Module, selector: TokenSelector | None = None, compile: bool
     if compile is None:
         compile = any(p.is_cuda for p in lm.parameters())
     eng = generic = None
+    reason = None
     if engine is not False:
         reason = unsupported_reason(lm)
         if reason is None:
             eng = HFEngine(lm, compile=compile, attention=attention)
         elif engine:
             raise UnsupportedLayer(reason)
-        else:
-            warnings.warn(f"sparsetrain.collider.apply: {reason}; taking the generic path (exact, slower)",
-                          ColliderGenericPathWarning, stacklevel=2)
     if eng is None:
         mixed = positions_mixed_outside_attention(lm)
-        if mixed is not None:
+        if mixed is not None:  # refused before any notice of a path it will not take
             raise UnsupportedLayer(f"collider.apply: {mixed}; Collider runs on models whose positions mix only "
                                    "in attention (a dropped position's gradient would be lost there)")
+        if reason is not None:
+            warnings.warn(f"sparsetrain.collider.apply: {reason}; taking the generic path (exact, slower)",
+                          ColliderGenericPathWarning, stacklevel=2)
         generic = swap_in(lm)
     state = _Applied(eng, generic, selector, lm.__dict__.get("forward"))
     setattr(lm, _STATE_ATTR, state)
