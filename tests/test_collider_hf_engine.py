@@ -13,8 +13,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from sparsetrain.collider import (ColliderGenericPathWarning, apply, counting_kept_tokens,  # noqa: E402
-                                  masked_cross_entropy, remove)
+from sparsetrain.collider import ColliderGenericPathWarning, apply, masked_cross_entropy, remove  # noqa: E402
 from sparsetrain.collider.hf import uses_engine  # noqa: E402
 from sparsetrain.selection import TokenSelector, budget, shift_labels  # noqa: E402
 
@@ -195,8 +194,8 @@ def test_selector_in_the_forward_and_global_kept_normalisation() -> None:
     for i, (ids, labels) in enumerate(batches):
         # the second micro-batch's count handed in (as a trainer that counted on the host does), the first's counted
         given = {"collider_n_valid": n_valid[i]} if i == 1 else {}
-        with counting_kept_tokens():  # the count handed in is the kept one
-            model(ids, labels=labels, use_cache=False, num_items_in_batch=torch.tensor(total), **given).loss.backward()
+        model(ids, labels=labels, use_cache=False, num_items_in_batch=torch.tensor(total), collider_counts_kept=True,
+              **given).loss.backward()  # the count handed in is the kept one
         from sparsetrain.collider.hf import applied_state
 
         stats = applied_state(model).last_stats
@@ -611,8 +610,7 @@ def _ddp_worker(rank: int, world: int, port: int, seed: int, state: dict, batche
             ddp = track_ddp(torch.nn.parallel.DistributedDataParallel(apply(model, selector=selector)))
             ids, labels = batches[rank]
             # the loss over this rank's kept tokens divided by every rank's: DDP's mean then needs the world size
-            with counting_kept_tokens():
-                loss = ddp(ids, labels=labels, num_items_in_batch=torch.tensor(total)).loss * world
+            loss = ddp(ids, labels=labels, num_items_in_batch=torch.tensor(total), collider_counts_kept=True).loss * world
             loss.backward()
             torch.save({"grads": {k: p.grad for k, p in model.named_parameters()}, "keep": selector.last_mask},
                        f"{out}/rank{rank}.pt")

@@ -73,7 +73,7 @@ import torch
 from . import kernels
 from .collider import apply, remove
 from .collider.attention import MODES
-from .collider.hf import applied_state, collider_targets, counting_kept_tokens, uses_engine
+from .collider.hf import applied_state, collider_targets, uses_engine
 from .collider.hf_engine import HFEngine
 from .config import CAPTURABLE_METHODS
 from .errors import ConfigError
@@ -276,6 +276,7 @@ class ColliderTrainerMixin:
                 cb._in_collider_trainer = True
         self._collider_counts: list[tuple[Any, Any]] = []
         self._collider_n_valid: list[int] = []  # the step's micro-batches' target counts, in order (get_batch_samples)
+        self._count_is_kept = False  # whether this step's num_items_in_batch is get_batch_samples' kept count
         self._collider_clock = _BackwardClock()
         self._start_collider_graph()
 
@@ -438,8 +439,9 @@ class ColliderTrainerMixin:
         def body() -> tuple[torch.Tensor, list[torch.Tensor], tuple[Any, Any]]:
             static = dict(g.inputs)
             count = static.pop("num_items_in_batch")
-            batch = {**static, **others, "collider_logits": False, "collider_n_valid": n_valid}
-            with self.compute_loss_context_manager(), counting_kept_tokens():
+            batch = {**static, **others, "collider_logits": False, "collider_n_valid": n_valid,
+                     "collider_counts_kept": True}
+            with self.compute_loss_context_manager():
                 loss = Trainer.compute_loss(self, model, batch, num_items_in_batch=count)
             # the gradients as outputs: .grad is freed between optimizer steps, so the graph cannot own it
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -484,8 +486,9 @@ class ColliderTrainerMixin:
         processes'), when that is known ahead (see the module docstring)."""
         batches, count = super().get_batch_samples(*args, **kwargs)
         ca = self.collider_args
+        self._count_is_kept = False
         if not batches or "labels" not in batches[0]:
-            return batches, count
+            return batches, count  # the Trainer's own count: a selector's forward refuses it
         if ca.drop_ratio > 0 and not ca.count_known_ahead:
             return batches, None  # a mean over each micro-batch's kept tokens (one process, no accumulation)
         self._sync_selector()
@@ -506,6 +509,7 @@ class ColliderTrainerMixin:
         total = torch.tensor(kept, device=self.args.device)
         if self.args.world_size > 1:
             total = self.accelerator.gather(total).sum()
+        self._count_is_kept = True
         return batches, total
 
     # ------------------------------------------------------------------ loss, backward, logs
@@ -515,14 +519,14 @@ class ColliderTrainerMixin:
         (``Trainer.compute_loss`` itself, not a subclass's own loss)."""
         self._sync_selector()
         if torch.is_grad_enabled():
-            inputs = {**inputs, "collider_logits": return_outputs}
+            # num_items_in_batch, where get_batch_samples made it, counts the kept tokens: the forward takes it
+            inputs = {**inputs, "collider_logits": return_outputs, "collider_counts_kept": self._count_is_kept}
             if self._collider_n_valid:  # this micro-batch's count, from get_batch_samples
                 inputs["collider_n_valid"] = self._collider_n_valid.pop(0)
         else:
             inputs = dict(inputs)
-        with counting_kept_tokens():  # num_items_in_batch counts the kept tokens (get_batch_samples)
-            loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
+        loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
         state = applied_state(model)
         if torch.is_grad_enabled() and state is not None and state.last_stats is not None:
             stats, state.last_stats = state.last_stats, None

@@ -184,8 +184,8 @@ class RunInterrupted(KeyboardInterrupt):
     (:meth:`Trainer.interrupted_note`); ``out_dir`` its folder, ``kept_step`` the step
     of the checkpoint it keeps (None: none), for a caller that continues it its own way."""
 
-    def __init__(self, message: str, out_dir: Path, kept_step: int | None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str = "", out_dir: Path | None = None, kept_step: int | None = None) -> None:
+        super().__init__(message)  # defaults: BaseException's pickling rebuilds it from the message alone
         self.out_dir, self.kept_step = out_dir, kept_step
 
 

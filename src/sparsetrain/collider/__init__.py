@@ -22,10 +22,9 @@ any other model on the attention registry through the generic swap
 from .blocks import BlockAdapter, RowGrad, register_block_adapter
 from .compact import rmsnorm_backward, rope_inverse
 from .gpt import ColliderModel
-from .hf import ColliderGenericPathWarning, apply, counting_kept_tokens, kept_rows_loss, remove
+from .hf import ColliderGenericPathWarning, apply, kept_rows_loss, remove
 from .keep import filter
 from .loss import masked_cross_entropy
 
-__all__ = ["apply", "BlockAdapter", "ColliderGenericPathWarning", "ColliderModel", "counting_kept_tokens", "filter",
-           "kept_rows_loss",
+__all__ = ["apply", "BlockAdapter", "ColliderGenericPathWarning", "ColliderModel", "filter", "kept_rows_loss",
            "masked_cross_entropy", "register_block_adapter", "remove", "rmsnorm_backward", "RowGrad", "rope_inverse"]

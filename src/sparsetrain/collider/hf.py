@@ -21,22 +21,19 @@ no float32 copy of the logits and no ``[N, V]`` gradient is ever made (a
 caller that converts outputs to float32, as accelerate's autocast wrapper
 does, sees the logits only after the loss has its rows). ``num_items_in_batch``
 (the Trainer's) turns the mean into a sum over this batch's kept tokens
-divided by it: with a selector it must count the kept tokens, which only
-:class:`~sparsetrain.hf_trainer.ColliderTrainer` passes (inside
-:func:`counting_kept_tokens`); any other caller's (a plain ``Trainer``'s
-target count, which would shrink the loss and gradients by the kept fraction)
-is refused in one line. Tokens at padded positions (``attention_mask`` 0) are never
+divided by it: with a selector it must count the kept tokens, which the
+caller declares with ``collider_counts_kept=True`` (as
+:class:`~sparsetrain.hf_trainer.ColliderTrainer` does); any other caller's (a
+plain ``Trainer``'s target count, which would shrink the loss and gradients
+by the kept fraction) is refused in one line. Tokens at padded positions (``attention_mask`` 0) are never
 targets. :func:`remove` undoes :func:`apply`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 import types
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,21 +48,6 @@ from .hf_linear import UnsupportedLayer
 from .loss import masked_cross_entropy
 
 _STATE_ATTR = "_sparsetrain_collider"
-# set while a caller that passes the kept count as num_items_in_batch runs the forward (ColliderTrainer)
-_KEPT_COUNT_GIVEN: contextvars.ContextVar[bool] = contextvars.ContextVar("collider_kept_count_given", default=False)
-
-
-@contextlib.contextmanager
-def counting_kept_tokens() -> Iterator[None]:
-    """Declare that the training forwards inside pass ``num_items_in_batch`` as the
-    number of kept tokens (what :class:`~sparsetrain.hf_trainer.ColliderTrainer`
-    computes), not the target count; without it an applied model with a selector
-    refuses ``num_items_in_batch``."""
-    token = _KEPT_COUNT_GIVEN.set(True)
-    try:
-        yield
-    finally:
-        _KEPT_COUNT_GIVEN.reset(token)
 
 
 class ColliderGenericPathWarning(UserWarning):
@@ -144,7 +126,10 @@ def apply(model: nn.Module, selector: TokenSelector | None = None, compile: bool
     if not hasattr(lm, "config") or not callable(getattr(lm, "get_output_embeddings", None)):
         raise UnsupportedLayer(f"collider.apply takes a transformers causal LM (*ForCausalLM, or PEFT's wrapper of "
                                f"one), got {type(lm).__name__}")
-    if lm.get_output_embeddings() is None or not (getattr(lm.config, "is_decoder", False) or lm.can_generate()):
+    # a causal LM by its config, its class name (remote code need not mix in generation) or its generation
+    causal = (getattr(lm.config, "is_decoder", False) or type(lm).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+              or (callable(getattr(lm, "can_generate", None)) and lm.can_generate()))
+    if lm.get_output_embeddings() is None or not causal:
         raise UnsupportedLayer(f"collider.apply takes a causal LM with its LM head; {type(lm).__name__} is not one "
                                "(its loss is not next-token cross-entropy)")
     if compile is None:
@@ -217,7 +202,7 @@ def _forward_of(cls: type):
     def forward(lm: nn.Module, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, *args: Any, labels: torch.Tensor | None = None,
                 shift_labels: torch.Tensor | None = None, num_items_in_batch: Any = None,
-                collider_logits: bool = True, collider_n_valid: int | None = None,
+                collider_logits: bool = True, collider_n_valid: int | None = None, collider_counts_kept: bool = False,
                 reference_losses: torch.Tensor | None = None, **kwargs: Any):
         state: _Applied = lm.__dict__[_STATE_ATTR]
         previous = state.previous_forward or functools.partial(cls_forward, lm)
@@ -232,11 +217,12 @@ def _forward_of(cls: type):
         if args:
             raise ValueError("the Collider training forward takes input_ids, attention_mask and position_ids "
                              "positionally; pass the rest by keyword")
-        if state.selector is not None and num_items_in_batch is not None and not _KEPT_COUNT_GIVEN.get():
+        # a keyword, not a context: it reaches the forward through DDP, DataParallel's threads and a Trainer
+        if state.selector is not None and num_items_in_batch is not None and not collider_counts_kept:
             raise ConfigError("num_items_in_batch with a Collider selector must count the kept tokens: a plain "
                               "transformers Trainer passes its target count, which would shrink the loss and "
                               "gradients by the kept fraction; train with sparsetrain.hf_trainer.ColliderTrainer "
-                              "(or with_collider(YourTrainer))")
+                              "(or with_collider(YourTrainer)), or pass collider_counts_kept=True with a kept count")
         targets = n_valid = None
         if labels is not None or shift_labels is not None:
             targets = collider_targets(labels, shift_labels, attention_mask)
