@@ -14,7 +14,7 @@ from sparsetrain.cli import main
 from sparsetrain.data import train_window_starts
 from sparsetrain.errors import ConfigError, DataError
 from sparsetrain.generate import load_model
-from sparsetrain.reference_losses import ReferenceLosses, sidecar_windows
+from sparsetrain.reference_losses import ReferenceLosses, header_path, sidecar_windows
 from sparsetrain.trainer import Trainer, train
 
 from hf_reference import fresh_seed
@@ -84,6 +84,15 @@ def test_an_existing_sidecar_is_not_overwritten(reference_run, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--out {sidecar} exists" in err[0], err
     assert sidecar.read_bytes() == before
+    # a sidecar without its header (a run killed between the two writes) is written again
+    killed = sidecar.parent / "killed.f16"
+    killed.write_bytes(b"\0" * 6)
+    argv[argv.index("--out") + 1] = str(killed)
+    assert main(argv) == 0
+    assert header_path(killed).is_file()
+    # the same run's losses (another batch size than the fixture's: equal up to float16 rounding)
+    got, want = (np.frombuffer(b, dtype=np.float16).astype(np.float64) for b in (killed.read_bytes(), before))
+    assert got.shape == want.shape and np.allclose(got, want, rtol=2e-3, atol=2e-3)
 
 
 def test_sidecar_equals_an_online_reference_forward(reference_run, make_cfg) -> None:

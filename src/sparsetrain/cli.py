@@ -417,7 +417,11 @@ def cmd_reference_losses(args: argparse.Namespace) -> int:
     from .checkpoint import refuse_overwriting_a_run
 
     refuse_overwriting_a_run(args.out)  # a run's own file named first: the more telling refusal
-    if Path(args.out).is_file():  # as corpus filter refuses an existing --out: a sidecar is never replaced unasked
+    from .reference_losses import header_path
+
+    # as corpus filter refuses an existing --out: a finished sidecar is never replaced unasked (one without
+    # its header is what a killed run left, written again, as bench/race_noisy_domain.sh expects)
+    if Path(args.out).is_file() and header_path(args.out).is_file():
         raise ConfigError(f"--out {args.out} exists; delete it or give a new path")
     if args.context is not None and args.context < 0:  # its upper bound (the run's seq_len) is checked with the run
         raise ConfigError(f"--context must be >= 0, got {args.context}")
