@@ -216,22 +216,38 @@ DATA_RECORD_NAME = "data.json"  # a run's record of the tokens it trained on (:f
 
 def data_record(train: np.ndarray, val: np.ndarray) -> dict[str, int | str]:
     """What identifies the tokens a run trains and is evaluated on: both splits' token
-    counts and the SHA-256 of the held-out tokens (as uint32, so the token dtype does
-    not matter). The train side is counted, not hashed: a pass over a corpus of any
-    size at every start would cost more than a changed count is worth missing."""
+    counts and the SHA-256 of the held-out tokens (:func:`held_out_record`). The train
+    side is counted, not hashed: a pass over a corpus of any size at every start would
+    cost more than a changed count is worth missing."""
+    return {"n_train_tokens": int(train.size), **held_out_record(val)}
+
+
+def held_out_record(val: np.ndarray) -> dict[str, int | str]:
+    """The held-out part of :func:`data_record`: the count and the SHA-256 of the tokens
+    (as uint32, so the token dtype does not matter)."""
     digest = hashlib.sha256()
     chunk = 1 << 24
     for start in range(0, val.size, chunk):
         digest.update(np.ascontiguousarray(val[start:start + chunk], dtype=np.uint32).tobytes())
-    return {"n_train_tokens": int(train.size), "n_val_tokens": int(val.size), "val_sha256": digest.hexdigest()}
+    return {"n_val_tokens": int(val.size), "val_sha256": digest.hexdigest()}
+
+
+def read_data_record(run: Path) -> dict:
+    """A run's ``data.json`` (empty for a run from before it was written, or one unreadable)."""
+    try:
+        record = json.loads((run / DATA_RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def data_record_changes(old: dict, new: dict) -> list[str]:
-    """How the data ``new`` describes differs from ``old`` (both :func:`data_record`),
-    as short phrases; empty when they match."""
+    """How the data ``new`` describes differs from ``old`` (:func:`data_record`, or the
+    held-out part alone, :func:`held_out_record`, which compares that part only), as
+    short phrases; empty when they match."""
     out = []
     for key, split in (("n_train_tokens", "train"), ("n_val_tokens", "val")):
-        if old.get(key) != new[key]:
+        if key in new and old.get(key) != new[key]:
             was = f"{old[key]:,}" if isinstance(old.get(key), int) else "?"
             out.append(f"{split} tokens {was} -> {new[key]:,}")
     if old.get("val_sha256") != new["val_sha256"] and old.get("n_val_tokens") == new["n_val_tokens"]:

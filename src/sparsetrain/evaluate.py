@@ -27,7 +27,6 @@ cut by the same rule, compiles, so every prompt has a correct answer.
 from __future__ import annotations
 
 import ast
-import json
 import math
 import random
 import statistics
@@ -41,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import TrainConfig, build_config, read_toml
-from .data import (DATA_RECORD_NAME, data_record, data_record_changes, discover_text_files, is_val_file,
-                   join_documents, load_corpus, read_bin_tokens, read_documents, split_documents)
+from .data import (DATA_RECORD_NAME, data_record_changes, discover_text_files, held_out_record, is_val_file,
+                   join_documents, load_corpus, read_bin_tokens, read_data_record, read_documents, split_documents)
 from .errors import CheckpointError, DataError, SparsetrainError
 from .generate import load_model, run_directory, sample_prompts
 from .model import CausalLM, upcast
@@ -519,12 +518,10 @@ def held_out_split_notes(run: Path, val: np.ndarray) -> list[str]:
     the run recorded in its ``data.json`` at training: the files, their selection or
     the split's rule changed since, so the loss does not compare with the run's own
     evals. A run from before the record gets a note that it could not be checked."""
-    try:
-        saved = json.loads((run / DATA_RECORD_NAME).read_text())
-    except (OSError, ValueError):
+    saved = read_data_record(run)
+    if not saved:
         return [f"held-out split not checked: {run} has no readable {DATA_RECORD_NAME} (a run from before it was recorded)"]
-    new = data_record(val[:0], val)
-    changes = [c for c in data_record_changes(saved if isinstance(saved, dict) else {}, new) if not c.startswith("train")]
+    changes = data_record_changes(saved, held_out_record(val))
     if not changes:
         return []
     return [f"held-out split differs from the one this run trained beside ({'; '.join(changes)}): the corpus, its "

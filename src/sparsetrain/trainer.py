@@ -41,7 +41,8 @@ from .checkpoint import (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, Weights, a
                          remove_partial_writes, restore_rng_state, rng_untouched, save_checkpoint, save_weights)
 from .config import ModelConfig, TrainConfig, dumps_toml, read_toml
 from .data import (DATA_RECORD_NAME, TokenizedCorpus, bits_per_byte, data_record, data_record_changes, load_corpus,
-                   memory_named_by_batch, tokens_per_byte, train_batch, train_window_starts, val_batches)
+                   memory_named_by_batch, read_data_record, tokens_per_byte, train_batch, train_window_starts,
+                   val_batches)
 from .loader import make_loader
 from .errors import CheckpointError, ConfigError, DataError, DivergedError
 from .evaluate import code_compile_rate, code_prompts, held_out_code_files
@@ -118,15 +119,6 @@ def prepare_sparse24(cfg: TrainConfig, model: nn.Module, device: torch.device) -
         raise ConfigError(f"compile_mode {cfg.compile_mode} (CUDA graphs) with ffn = relu2_24 needs sparsetrain's cached "
                           "cuSPARSELt plans, which did not build here (see the warning above); "
                           "use default or max-autotune-no-cudagraphs")
-
-
-def _read_data_record(run: Path) -> dict:
-    """A run's ``data.json`` (empty for a run from before it was written, or one unreadable)."""
-    try:
-        record = json.loads((run / DATA_RECORD_NAME).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
 
 
 def _unusable_out_dir(out: Path) -> str | None:
@@ -638,7 +630,7 @@ class Trainer:
         # step needs, but said: the data order from here is another corpus's, and earlier evals read
         # another val. Compared with the checkpoint's record, not data.json: a run rewrites that as it
         # starts, so after a resume on new data killed before its first checkpoint it names the new data.
-        saved_data = state.get("data") or _read_data_record(out)  # none in checkpoints written before the record
+        saved_data = state.get("data") or read_data_record(out)  # none in checkpoints written before the record
         if saved_data and data_record_changes(saved_data, self.data_record):
             changes["data"] = [saved_data, self.data_record]
         if changes and self.dist.is_main:
