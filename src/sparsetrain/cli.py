@@ -408,17 +408,15 @@ def cmd_race(args: argparse.Namespace) -> int:
 
 
 def cmd_reference_losses(args: argparse.Namespace) -> int:
+    from .checkpoint import refuse_overwriting_a_run
     from .generate import run_directory
+    from .reference_losses import header_path
     from .trainer import load_run_corpus, resolve_device
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "ckpt", "out", "config", "context")}
     cfg = build_config(flags.pop("preset", None), args.config, flags)
     run_directory(args.ckpt)  # a missing run refused before the corpus is read
-    from .checkpoint import refuse_overwriting_a_run
-
     refuse_overwriting_a_run(args.out)  # a run's own file named first: the more telling refusal
-    from .reference_losses import header_path
-
     # as corpus filter refuses an existing --out: a finished sidecar is never replaced unasked (one without
     # its header is what a killed run left, written again, as bench/race_noisy_domain.sh expects)
     if Path(args.out).is_file() and header_path(args.out).is_file():
