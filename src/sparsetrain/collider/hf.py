@@ -25,8 +25,8 @@ divided by it: with a selector it must count the kept tokens, which the
 caller declares with ``collider_counts_kept=True`` (as
 :class:`~sparsetrain.hf_trainer.ColliderTrainer` does); any other caller's (a
 plain ``Trainer``'s target count, which would shrink the loss and gradients
-by the kept fraction) is refused in one line. Tokens at padded positions (``attention_mask`` 0) are never
-targets. :func:`remove` undoes :func:`apply`.
+by the kept fraction) is refused in one line. Tokens at padded positions
+(``attention_mask`` 0) are never targets. :func:`remove` undoes :func:`apply`.
 """
 
 from __future__ import annotations
