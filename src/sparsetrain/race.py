@@ -589,8 +589,7 @@ def race_report(arms: list[Arm], configs: dict[str, dict[int, TrainConfig]], see
     from .benchmark import environment
 
     runs = {a.name: [run_summary(configs[a.name][s]) for s in seeds] for a in arms}
-    env = environment()
-    env["git_commit"] = git_commit()
+    env = environment()  # its git_commit: the variable was checked before the first run (_prepare_race)
     settings = {"order": [[arms[a].name, seeds[s]] for s, a in order],
                 "base_config": configs[arms[0].name][seeds[0]].to_dict()}
     return summarize({a.name: a.overrides for a in arms}, runs, seeds, seconds, env, settings)
