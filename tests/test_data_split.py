@@ -71,6 +71,27 @@ def test_an_empty_token_file_is_one_line(tmp_path: Path) -> None:
         load_corpus(str(tmp_path / "empty.bin"), vocab_size=300)
 
 
+def test_a_whitespace_only_folder_is_the_same_line_for_training_and_eval(tmp_path: Path) -> None:
+    """load_corpus (train, race) and held_out_data (eval) refuse a folder whose files
+    hold only whitespace with the one line data.require_text writes, naming it."""
+    from sparsetrain.config import TrainConfig
+    from sparsetrain.evaluate import held_out_data
+    from sparsetrain.tokenizer import BPETokenizer
+
+    folder = tmp_path / "blank"
+    folder.mkdir()
+    (folder / "a.py").write_text("  \n\t\n")
+    (folder / "b.py").write_text("")
+    want = f"no text found in {folder}: the corpus is empty"
+    with pytest.raises(DataError) as train_error:
+        load_corpus(str(folder), vocab_size=300, cache_dir=tmp_path / "cache", verbose=False)
+    with pytest.raises(DataError) as eval_error:
+        tokenizer = BPETokenizer.train(["def f(x):\n    return x\n"] * 4, vocab_size=300)
+        held_out_data(TrainConfig(data=str(folder)), tokenizer, data=str(folder))
+    assert str(train_error.value) == str(eval_error.value) == want
+    assert not (tmp_path / "cache").exists()  # refused before a cache folder is made
+
+
 def test_the_run_files_refused_as_outputs_name_the_sharded_folder() -> None:
     """checkpoint.RUN_FILES spells the sharded checkpoints' folder and the data record
     (it cannot import them)."""

@@ -148,12 +148,18 @@ def split_documents(docs: dict[str, str], val_fraction: float) -> tuple[list[str
     return [t[:c] for t, c in cuts if c > 0], [t[c:] for t, c in cuts if c < len(t)]
 
 
+def require_text(docs: dict[str, str], source: str) -> None:
+    """Refuse a corpus whose files hold nothing but whitespace (``docs`` as
+    :func:`read_documents` returns it; ``source`` names the corpus)."""
+    if not docs:
+        raise DataError(f"no text found in {source}: the corpus is empty")
+
+
 def split_text_corpus(docs: dict[str, str], val_fraction: float, source: str) -> tuple[list[str], list[str]]:
     """:func:`split_documents`, refusing a corpus with nothing to train on or nothing
     held out: no file holds more than whitespace, or the split leaves a side empty
     (a token cache never gets an empty token file). ``source`` names the corpus."""
-    if not docs:
-        raise DataError(f"no text found in {source}: the corpus is empty")
+    require_text(docs, source)
     train_docs, val_docs = split_documents(docs, val_fraction)
     if not train_docs or not val_docs:
         chars = sum(len(t) for t in docs.values())
@@ -314,8 +320,7 @@ def load_corpus(
     if include or exclude or max_bytes:
         chosen = [f"include {include}"] * bool(include) + [f"exclude {exclude}"] * bool(exclude)
         source += f" ({', '.join(chosen + [f'at most {max_bytes:,} bytes'] * bool(max_bytes))})"
-    if not docs:
-        raise DataError(f"no text found in {data or root}: the corpus is empty")
+    require_text(docs, data or str(root))
     given = _read_tokenizer(tokenizer, vocab_size) if tokenizer else None
     if given is not None:
         source += f", tokenized with {tokenizer}"

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from .config import TrainConfig, build_config, read_toml
 from .data import (DATA_RECORD_NAME, data_record_changes, discover_text_files, held_out_record, is_val_file,
-                   join_documents, load_corpus, read_bin_tokens, read_data_record, read_documents, split_documents)
+                   join_documents, load_corpus, read_bin_tokens, read_data_record, read_documents, require_text,
+                   split_documents)
 from .errors import CheckpointError, DataError, SparsetrainError
 from .generate import load_model, run_directory, sample_prompts
 from .model import CausalLM, upcast
@@ -179,8 +180,7 @@ def held_out_data(cfg: TrainConfig, tokenizer: BPETokenizer | None, data: str = 
     selection = () if data else (cfg.data_include, cfg.data_exclude, cfg.data_max_bytes)  # the run's own files
     root, files = discover_text_files(source or None, *selection)
     docs = read_documents(root, files)
-    if not docs:
-        raise DataError(f"no text found in {source or root}")
+    require_text(docs, source or str(root))
     if data:
         texts, code = [docs[n] for n in sorted(docs)], [root / n for n in sorted(docs) if n.endswith(".py")]
         what = f"{data} ({len(texts)} files, all held out)"
