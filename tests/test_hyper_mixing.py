@@ -254,3 +254,41 @@ def test_compiled_block_with_the_custom_op_matches_plain_torch(dtypes, monkeypat
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     for name, a, w in zip("XfHqp", got_grads, want_grads):
         torch.testing.assert_close(a, w, rtol=tol, atol=tol * 10, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or hyper_mixing.triton is None, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_custom_op_under_cuda_graph_compile_modes_matches_plain_torch(mode: str, monkeypatch) -> None:
+    """The kernels as the custom op pair inside inductor's CUDA graphs (``compile_mode``
+    reduce-overhead and max-autotune): the graph is recorded once and replayed, so the
+    op must neither allocate outside the graph's pool nor keep a pointer from the
+    recording. Three calls on fresh inputs (warm-up, recording, replay), each against
+    plain torch, outputs and every gradient."""
+    from sparsetrain.kernels import using
+
+    monkeypatch.setattr(hyper_mixing, "uses_kernel", hyper_mixing.kernel_ok)
+
+    def block(X, f, H, q, p):
+        a, X = read_through(X, p)
+        X, a2 = write_then_read(X, f * torch.tanh(a).to(f.dtype), H, q, p)
+        return write(X, f * torch.tanh(a2).to(f.dtype), H, q)
+
+    torch._dynamo.reset()
+    with using(fused_hyper_mixing_compiled=True):
+        compiled = torch.compile(block, mode=mode, fullgraph=True)
+        for _ in range(3):
+            X, f, H, q, p = inputs(4, torch.float32, fresh_generator(), rows=(2, 64), D=256, out_dtype=torch.bfloat16)
+            leaves = [t.detach().requires_grad_() for t in (X, f, H, q, p)]
+            got = compiled(*leaves)
+            up = torch.randn_like(got)
+            got_grads = [g.clone() for g in torch.autograd.grad((got * up).sum(), leaves)]
+            got = got.detach().clone()  # a replay's outputs live in the graph's pool: copied before the next call
+            with monkeypatch.context() as m:
+                m.setattr(hyper_mixing, "uses_kernel", lambda streams: False)
+                ref_leaves = [t.detach().requires_grad_() for t in (X, f, H, q, p)]
+                want = block(*ref_leaves)
+                want_grads = torch.autograd.grad((want * up).sum(), ref_leaves)
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+            for name, a, w in zip("XfHqp", got_grads, want_grads):
+                torch.testing.assert_close(a, w, rtol=2e-2, atol=2e-1, msg=lambda msg: f"d{name}: {msg}")
+    torch._dynamo.reset()
