@@ -223,6 +223,7 @@ def test_errors_name_the_flags_typed_but_not_inside_other_names(message: str, ex
     (["--selection-warmup-steps", "200"], "--selection-warmup-steps has no effect while no token filter is on"),
     (["--muon-lr", "0.05"], "--muon-lr has no effect while optimizer is not muon"),
     (["--optimizer", "muon", "--galore-rank", "64"], "--galore-rank has no effect while --optimizer is not galore_adamw"),
+    (["--hyper-write-init", "next_stream"], "--hyper-write-init has no effect while hyper_connections is 0"),
 ])
 def test_a_setting_whose_switch_is_off_is_refused(flags: list[str], named: str, capsys) -> None:
     """A technique's setting typed without the technique on would be ignored (a dense run
@@ -234,7 +235,8 @@ def test_a_setting_whose_switch_is_off_is_refused(flags: list[str], named: str, 
 @pytest.mark.parametrize("flags", [["--drop-ratio", "0.5", "--collider-method", "topk"],
                                    ["--use-collider", "--collider-sparsity", "0.5"], ["--use-mtp", "--mtp-n-tokens", "3"],
                                    ["--selection", "loss", "--keep-ratio", "0.3"], ["--optimizer", "muon", "--muon-lr", "0.05"],
-                                   ["--drop-ratio", "0.5", "--selection-warmup-steps", "200"]])
+                                   ["--drop-ratio", "0.5", "--selection-warmup-steps", "200"],
+                                   ["--hyper-connections", "2", "--hyper-write-init", "next_stream"]])
 def test_a_setting_with_its_switch_on_is_taken(flags: list[str], capsys) -> None:
     code, out, err = run_main(["train", "--dry-run", *flags], capsys)
     assert code == 0 and not err, err

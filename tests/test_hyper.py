@@ -35,6 +35,58 @@ def _step(model: GPT) -> None:
     model(idx, torch.randint(0, 300, (4, 16), device=device))[1].backward()
 
 
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("write_init", ["every_stream", "next_stream"])
+def test_the_write_init_puts_the_output_where_it_says(n: int, write_init: str) -> None:
+    """At init a sublayer's write adds its output to every stream with gain 1
+    (every_stream), or with gain 2 sigmoid(3) to stream (l + 1) mod n and
+    2 sigmoid(-3) to the others (next_stream): the write minus H_res X, in float64,
+    against those gains."""
+    index = int(torch.randint(0, 2 * 12, ()))
+    hc = HyperConnection(n, index, write_init).double()
+    X, out = torch.randn(3, 5, n, 16, dtype=torch.float64), torch.randn(3, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        added = hc.write(X, out) - torch.einsum("ij,...jd->...id", hc.h_res(), X)
+    if write_init == "every_stream":
+        gains = torch.ones(n, dtype=torch.float64)
+    else:
+        gains = torch.full((n,), 2 / (1 + math.exp(3)), dtype=torch.float64)
+        gains[(index + 1) % n] = 2 / (1 + math.exp(-3))
+    torch.testing.assert_close(added, gains[:, None] * out[..., None, :], rtol=1e-12, atol=1e-12)
+
+
+def test_every_stream_init_with_sharp_gains_is_the_plain_residual() -> None:
+    """Hyper-Connections' start is a Pre-Norm residual: with every sublayer writing to
+    every stream (the every_stream init), ``H_res = I``, one-hot reads, equal entry
+    scales and a read-out summing to 1, the model's logits are the plain GPT's with
+    the same weights (float64). The next_stream init, sharpened the same way, is
+    another network."""
+    def logits(write_init: str) -> torch.Tensor:
+        torch.manual_seed(seed)
+        cfg = ModelConfig(vocab_size=300, seq_len=16, n_layer=3, n_head=2, d_model=32)
+        plain = build_model(cfg).double()
+        hyper = build_model(ModelConfig(**{**cfg.__dict__, "hyper_connections": 2,
+                                           "hyper_write_init": write_init})).double()
+        missing, unexpected = hyper.load_state_dict(plain.state_dict(), strict=False)
+        assert not unexpected and all("hc_" in k or k.startswith("hyper_") for k in missing), missing
+        for hc in (m for m in hyper.modules() if isinstance(m, HyperConnection)):
+            hc.res_logits.data = torch.tensor([60.0, 0.0], dtype=torch.float64)  # H_res = I to float64
+            hc.pre_logits.data = torch.where(hc.pre_logits.data > 0, 60.0, -60.0).double()  # one-hot reads
+            if write_init == "next_stream":  # its own gains sharpened: 2 on one stream, 0 elsewhere
+                hc.post_logits.data = torch.where(hc.post_logits.data > 0, 60.0, -60.0).double()
+        hyper.hyper_in.data.fill_(1.0)
+        hyper.hyper_out.data.fill_(0.5)
+        with torch.no_grad():
+            return plain(idx)[0], hyper(idx)[0]
+
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    idx = torch.randint(0, 300, (2, 16))
+    want, got = logits("every_stream")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    want, other = logits("next_stream")
+    assert float((other - want).abs().max()) > 1e-2
+
+
 def test_identical_streams_give_the_mixing_no_gradient_and_the_init_breaks_it() -> None:
     model = _model(4)
     hcs = [m for m in model.modules() if isinstance(m, HyperConnection)]
@@ -67,7 +119,7 @@ def test_analysis_matches_hand_computed_case() -> None:
     layer = analyze_layer(hcs[0], streams)
     assert layer["perm_weights"] == pytest.approx([0.75, 0.25])
     assert layer["perm_entropy"] == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
-    assert layer["h_pre_gain"] == pytest.approx(1.0) and layer["h_post_gain"] == pytest.approx(2.0)
+    assert layer["h_pre_gain"] == pytest.approx(1.0) and layer["h_post_gain"] == pytest.approx(1.0)
     assert layer["stream_divergence"] == pytest.approx(math.sqrt(2.0))
     assert torch.allclose(hcs[0].h_res(), torch.tensor([[0.75, 0.25], [0.25, 0.75]]))
     rep = analyze_model(hcs, [streams, streams])

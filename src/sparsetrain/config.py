@@ -99,6 +99,7 @@ class ModelConfig:
     activation_dense_warmup_steps: int = field(default=1000, metadata={"help": "relu2_24: dense steps before 2:4 switches on"})
     activation_dense_fraction: float = field(default=0.05, metadata={"help": "relu2_24: densest features kept dense in weight gradients"})
     hyper_connections: int = field(default=0, metadata={"help": "mHC-lite residual streams: 0 (off), 2 or 4"})
+    hyper_write_init: str = field(default="every_stream", metadata={"help": "hyper-connections: where each sublayer writes at init: every_stream (gain 1 each, as a plain residual) or next_stream (mostly stream (l + 1) mod n; the init before 2026-12-07)"})
     bk_num_experts: int = field(default=4, metadata={"help": "resnet_bk: experts of each top-1 MoE FFN"})
     bk_sparsity: float = field(default=0.0, metadata={"help": "resnet_bk: target fraction of positions that skip the MoE FFN (0 = dense layers)"})
     bk_sparsity_loss: str = field(default="l2", metadata={"help": "resnet_bk: sparsity loss l2, l1, kl or adaptive (Huber)"})
@@ -623,6 +624,8 @@ SWITCHED_SETTINGS: tuple[tuple[str, tuple[str, ...], Callable[[TrainConfig], boo
     ("optimizer is not muon (--optimizer muon)",
      ("muon_fallback", "muon_lr", "muon_momentum", "muon_weight_decay", "muon_adjust_lr"),
      lambda c: c.optimizer == "muon"),
+    ("hyper_connections is 0 (--hyper-connections 2 or 4)", ("hyper_write_init",),
+     lambda c: c.model.hyper_connections > 0),
     ("optimizer is not galore_adamw (--optimizer galore_adamw)",
      ("galore_rank", "galore_update_proj_gap", "galore_scale"),
      lambda c: c.optimizer == "galore_adamw"),

@@ -10,13 +10,22 @@ Around every sublayer (attention, FFN) of a block, with streams ``X [..., n, D]`
 iterations (mHC-lite, arXiv 2601.05732); ``h_pre = sigmoid(a)`` and
 ``h_post = 2 sigmoid(b)`` are per-sublayer gains as in mHC (arXiv 2512.24880).
 
+Init. Every sublayer writes its output to every stream with gain 1
+(``h_post = 2 sigmoid(0)``; ``model.hyper_write_init = "every_stream"``), so each
+stream holds the embedding plus every earlier sublayer's output, as the one
+residual stream of a plain GPT does: Hyper-Connections' (arXiv 2409.19606)
+start, equivalent to a Pre-Norm residual. ``"next_stream"``, the init before
+2026-12-07, writes mostly to stream ``(l + 1) mod n``: at ``n = 2`` a sublayer
+then sees about half of the earlier outputs, and it trained worse per step
+(docs/log.md, 2026-12-07).
+
 Symmetry: a doubly stochastic ``H_res`` maps identical streams to themselves,
 so with identical streams the mixing weights get exactly zero gradient. The
 init breaks it: the streams start as the embedding at distinct learned scales
-(``GPT.hyper_in``), sublayer ``l`` reads mostly stream ``l mod n`` and writes
-mostly to stream ``(l + 1) mod n``, ``H_res`` starts near the identity, and the
-output is a learned read-out (``GPT.hyper_out``; a plain mean would leave the
-last ``H_res`` without gradient, since its columns also sum to 1).
+(``GPT.hyper_in``), sublayer ``l`` reads mostly stream ``l mod n``, ``H_res``
+starts near the identity, and the output is a learned read-out
+(``GPT.hyper_out``; a plain mean would leave the last ``H_res`` without
+gradient, since its columns also sum to 1).
 
 The weights are per layer, the same for every token, so a block's mixing is
 three passes over the streams (read; write and the next read; write), each
@@ -41,6 +50,7 @@ from .model import GPT
 from .numerics import upcast
 
 STREAM_COUNTS = (0, 2, 4)
+WRITE_INITS = ("every_stream", "next_stream")
 
 
 def permutation_matrices(n: int) -> torch.Tensor:
@@ -53,9 +63,11 @@ def permutation_matrices(n: int) -> torch.Tensor:
 
 
 class HyperConnection(nn.Module):
-    """The mixing of one sublayer."""
+    """The mixing of one sublayer: the ``index``-th of the model (attention and FFN
+    counted apart), ``n`` streams, written at init as ``write_init`` says (one of
+    :data:`WRITE_INITS`; the module docstring says why)."""
 
-    def __init__(self, n: int, index: int) -> None:
+    def __init__(self, n: int, index: int, write_init: str = "every_stream") -> None:
         super().__init__()
         self.n = n
         self.register_buffer("perms", permutation_matrices(n), persistent=False)
@@ -65,8 +77,13 @@ class HyperConnection(nn.Module):
         pre = torch.full((n,), -3.0)
         pre[index % n] = 3.0
         self.pre_logits = nn.Parameter(pre)
-        post = torch.full((n,), -3.0)
-        post[(index + 1) % n] = 3.0
+        if write_init == "every_stream":
+            post = torch.zeros(n)  # h_post = 1 on every stream
+        elif write_init == "next_stream":
+            post = torch.full((n,), -3.0)
+            post[(index + 1) % n] = 3.0
+        else:
+            raise ValueError(f"write_init must be one of {', '.join(WRITE_INITS)}, got {write_init!r}")
         self.post_logits = nn.Parameter(post)
 
     def perm_weights(self) -> torch.Tensor:
@@ -119,9 +136,11 @@ def check_model_config(cfg: ModelConfig) -> None:
     """The config fields this technique owns (``model.hyper_connections``)."""
     require(cfg.hyper_connections in STREAM_COUNTS,
             f"model.hyper_connections must be 0, 2 or 4, got {cfg.hyper_connections}")
+    require(cfg.hyper_write_init in WRITE_INITS,
+            f"model.hyper_write_init must be {' or '.join(WRITE_INITS)}, got {cfg.hyper_write_init!r}")
 
 
-def add_hyper_connections(model: GPT, n: int) -> GPT:
+def add_hyper_connections(model: GPT, n: int, write_init: str = "every_stream") -> GPT:
     """Give ``model`` ``n`` residual streams: a :class:`HyperConnection` around each
     block's attention (``hc_attn``) and FFN (``hc_ffn``), and the streams' entry
     scales (``hyper_in``) and read-out (``hyper_out``), initialised as the module
@@ -129,8 +148,8 @@ def add_hyper_connections(model: GPT, n: int) -> GPT:
     if model.hyper_in is not None:
         raise ValueError("model already has hyper-connections")
     for index, block in enumerate(model.blocks):
-        block.hc_attn = HyperConnection(n, 2 * index)
-        block.hc_ffn = HyperConnection(n, 2 * index + 1)
+        block.hc_attn = HyperConnection(n, 2 * index, write_init)
+        block.hc_ffn = HyperConnection(n, 2 * index + 1, write_init)
     device = model.embed.weight.device
     model.hyper_in = nn.Parameter(torch.linspace(1.0, 0.5, n, device=device))
     out = torch.linspace(1.5, 0.5, n, device=device)
@@ -145,8 +164,10 @@ def add_hyper_connections(model: GPT, n: int) -> GPT:
 #    collapsed onto one permutation: the streams no longer exchange anything;
 #  - stream divergence below 1e-3 means the streams are copies: n-fold memory
 #    for the work of one (and the mixing weights get no gradient);
-#  - h_pre / h_post gains outside [0.05, 4] mean a sublayer is (nearly) cut off
-#    from the streams or amplifies them enough to destabilise training.
+#  - a read gain (h_pre summed over the streams) or a write gain (h_post's mean
+#    over the streams: 1 where every stream gets the output once, as a plain
+#    residual does) outside [0.05, 4] means a sublayer is (nearly) cut off from
+#    the streams or amplifies them enough to destabilise training.
 MIN_ENTROPY_FRACTION = 0.05
 MIN_DIVERGENCE = 1e-3
 GAIN_RANGE = (0.05, 4.0)
@@ -162,7 +183,7 @@ def stream_divergence(streams: torch.Tensor) -> float:
 
 def analyze_layer(hc: HyperConnection, streams: torch.Tensor | None = None) -> dict:
     """Numbers for one sublayer's mixing: permutation weights and their entropy,
-    h_pre / h_post gains (sums), gradient norms of the mixing parameters and,
+    the read gain (h_pre's sum) and the write gain (h_post's mean), gradient norms of the mixing parameters and,
     given the streams it read, their divergence."""
     w = hc.perm_weights().detach()
     entropy = float(-(w * w.clamp(min=1e-30).log()).sum())
@@ -173,7 +194,7 @@ def analyze_layer(hc: HyperConnection, streams: torch.Tensor | None = None) -> d
         "h_pre": hc.h_pre().detach().tolist(),
         "h_post": hc.h_post().detach().tolist(),
         "h_pre_gain": float(hc.h_pre().detach().sum()),
-        "h_post_gain": float(hc.h_post().detach().sum()),
+        "h_post_gain": float(hc.h_post().detach().mean()),  # per stream: 1 for a plain residual's write
         "grad_norm": {name: (float(p.grad.norm()) if p.grad is not None else 0.0)
                       for name, p in (("res", hc.res_logits), ("pre", hc.pre_logits), ("post", hc.post_logits))},
     }
