@@ -119,7 +119,7 @@ def test_analysis_matches_hand_computed_case() -> None:
     layer = analyze_layer(hcs[0], streams)
     assert layer["perm_weights"] == pytest.approx([0.75, 0.25])
     assert layer["perm_entropy"] == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
-    assert layer["h_pre_gain"] == pytest.approx(1.0) and layer["h_post_gain"] == pytest.approx(1.0)
+    assert layer["read_gain"] == pytest.approx(1.0) and layer["write_gain"] == pytest.approx(1.0)
     assert layer["stream_divergence"] == pytest.approx(math.sqrt(2.0))
     assert torch.allclose(hcs[0].h_res(), torch.tensor([[0.75, 0.25], [0.25, 0.75]]))
     rep = analyze_model(hcs, [streams, streams])
@@ -128,7 +128,30 @@ def test_analysis_matches_hand_computed_case() -> None:
     assert rep["healthy"]
     assert stream_divergence(torch.stack([streams[0], streams[0]])) == 0.0
     hcs[1].res_logits.data = torch.tensor([30.0, 0.0])  # collapsed onto the identity
-    assert not analyze_model(hcs)["healthy"]
+    assert analyze_model(hcs)["problems"] == ["sublayer 1: H_res collapsed onto one permutation"]
+    hcs[1].res_logits.data = torch.tensor([math.log(3.0), 0.0])
+    hcs[0].post_logits.data.fill_(-6.0)  # write gain 2 sigmoid(-6) = 0.005: the sublayer's output barely lands
+    assert analyze_model(hcs)["problems"] == ["sublayer 0: read or write gain below 0.05 (cut off from the streams)"]
+
+
+def test_a_run_saved_before_the_write_init_field_resumes_as_it_started() -> None:
+    """A hyper-connection run whose saved config predates ``hyper_write_init`` started
+    next_stream: resumed from its config.toml it is next_stream, its checkpoint compares
+    equal to that, and the new default against it is named as the difference. A run
+    without hyper-connections takes today's default (the field does nothing there)."""
+    from sparsetrain.config import build_config
+    from sparsetrain.errors import CheckpointError
+    from sparsetrain.trainer import compare_model_configs
+
+    saved = {k: v for k, v in ModelConfig(hyper_connections=2).__dict__.items() if k != "hyper_write_init"}
+    cfg = build_config(base={"model": dict(saved)})
+    assert cfg.model.hyper_write_init == "next_stream"
+    compare_model_configs(dict(saved), cfg.model, "old")
+    with pytest.raises(CheckpointError, match="hyper_write_init='next_stream' there vs 'every_stream' here"):
+        compare_model_configs(dict(saved), ModelConfig(hyper_connections=2), "old")
+    plain = {k: v for k, v in ModelConfig().__dict__.items() if k != "hyper_write_init"}
+    assert build_config(base={"model": plain}).model.hyper_write_init == "every_stream"
+    assert ModelConfig().hyper_write_init == "every_stream"
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -399,3 +422,13 @@ def test_kernel_path_touches_the_streams_only_in_its_kernels(n: int, monkeypatch
     assert [e for e in forward if e not in allocations] == ["kernel:_forward_kernel"] * 3, forward
     assert [e for e in backward if e not in allocations] == ["kernel:_backward_kernel"] * 3, backward
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_an_unknown_write_init_is_one_line() -> None:
+    from sparsetrain.config import build_config
+    from sparsetrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.hyper_write_init must be every_stream or next_stream, got 'bogus'"):
+        build_config(overrides={"hyper_connections": 2, "hyper_write_init": "bogus"})
+    with pytest.raises(ValueError, match="write_init must be one of every_stream, next_stream, got 'bogus'"):
+        HyperConnection(2, 0, "bogus")

@@ -265,8 +265,11 @@ def test_custom_op_under_cuda_graph_compile_modes_matches_plain_torch(mode: str,
     recording. Three calls on fresh inputs (warm-up, recording, replay), each against
     the same block compiled without CUDA graphs (the same kernels: equal to the bit
     under reduce-overhead) and against plain torch in float32, outputs and every
-    gradient. A stale pointer would return another call's values, far outside both."""
-    from sparsetrain.kernels import using
+    gradient. A stale pointer would return another call's values, far outside both.
+    Inductor skips CUDA graphs (and still runs) where it cannot take them, so the test
+    also asserts it skipped none and that the op is in the graph it compiled."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setattr(hyper_mixing, "uses_kernel", hyper_mixing.kernel_ok)
 
@@ -282,19 +285,23 @@ def test_custom_op_under_cuda_graph_compile_modes_matches_plain_torch(mode: str,
         return [out.detach().clone()] + [g.clone() for g in grads]  # copied out of a graph's pool
 
     torch._dynamo.reset()
-    with using(fused_hyper_mixing_compiled=True):
-        graphed = torch.compile(block, mode=mode, fullgraph=True)
-        plain_compiled = torch.compile(block, mode="default", fullgraph=True)
-        for _ in range(3):
-            tensors = inputs(4, torch.float32, fresh_generator(), rows=(2, 64), D=256)
-            up = torch.randn(2, 64, 4, 256, device=DEVICE)
-            got = outputs_and_grads(graphed, tensors, up)
-            same_kernels = outputs_and_grads(plain_compiled, tensors, up)
-            with monkeypatch.context() as m:
-                m.setattr(hyper_mixing, "uses_kernel", lambda streams: False)
-                want = outputs_and_grads(block, tensors, up)
-            for name, a, b, w in zip(["out"] + [f"d{c}" for c in "XfHqp"], got, same_kernels, want):
-                if mode == "reduce-overhead":
-                    assert torch.equal(a, b), name
-                torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-4, msg=lambda msg: f"{name}: {msg}")
+    counters.clear()
+    graphed = torch.compile(block, mode=mode, fullgraph=True)
+    plain_compiled = torch.compile(block, mode="default", fullgraph=True)
+    for call in range(3):
+        tensors = inputs(4, torch.float32, fresh_generator(), rows=(2, 64), D=256)
+        up = torch.randn(2, 64, 4, 256, device=DEVICE)
+        if call == 0:  # the first call compiles: its generated code names the op
+            _, code = run_and_get_code(lambda: graphed(*[t.detach().requires_grad_() for t in tensors]))
+            assert "sparsetrain.hyper_mix" in "\n".join(code)
+        got = outputs_and_grads(graphed, tensors, up)
+        same_kernels = outputs_and_grads(plain_compiled, tensors, up)
+        with monkeypatch.context() as m:
+            m.setattr(hyper_mixing, "uses_kernel", lambda streams: False)
+            want = outputs_and_grads(block, tensors, up)
+        for name, a, b, w in zip(["out"] + [f"d{c}" for c in "XfHqp"], got, same_kernels, want):
+            if mode == "reduce-overhead":
+                assert torch.equal(a, b), name
+            torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-4, msg=lambda msg: f"{name}: {msg}")
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     torch._dynamo.reset()

@@ -99,7 +99,7 @@ class ModelConfig:
     activation_dense_warmup_steps: int = field(default=1000, metadata={"help": "relu2_24: dense steps before 2:4 switches on"})
     activation_dense_fraction: float = field(default=0.05, metadata={"help": "relu2_24: densest features kept dense in weight gradients"})
     hyper_connections: int = field(default=0, metadata={"help": "mHC-lite residual streams: 0 (off), 2 or 4"})
-    hyper_write_init: str = field(default="every_stream", metadata={"help": "hyper-connections: where each sublayer writes at init: every_stream (gain 1 each, as a plain residual) or next_stream (mostly stream (l + 1) mod n; the init before 2026-12-07)"})
+    hyper_write_init: str = field(default="every_stream", metadata={"help": "hyper-connections: where each sublayer writes at init: every_stream (gain 1 on each stream, as Hyper-Connections start) or next_stream (mostly to stream (l + 1) mod n; what runs saved without this field used)"})
     bk_num_experts: int = field(default=4, metadata={"help": "resnet_bk: experts of each top-1 MoE FFN"})
     bk_sparsity: float = field(default=0.0, metadata={"help": "resnet_bk: target fraction of positions that skip the MoE FFN (0 = dense layers)"})
     bk_sparsity_loss: str = field(default="l2", metadata={"help": "resnet_bk: sparsity loss l2, l1, kl or adaptive (Huber)"})
@@ -645,6 +645,16 @@ def refuse_inert_settings(cfg: TrainConfig, given: typing.Iterable[str]) -> None
             raise ConfigError(f"{', '.join(inert)} {'has' if len(inert) == 1 else 'have'} no effect while {switch}")
 
 
+def saved_model_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved model config (a checkpoint's, a run's ``config.toml`` ``[model]``) with
+    the fields it predates filled as that run ran: today's default, except where a
+    field came in with a default that changed the behaviour of the models that use
+    it (``hyper_write_init``: a run with hyper-connections saved before it was
+    added started ``next_stream``)."""
+    old = {"hyper_write_init": "next_stream"} if saved.get("hyper_connections") else {}
+    return {**dataclasses.asdict(ModelConfig()), **old, **saved}
+
+
 def build_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
@@ -655,12 +665,15 @@ def build_config(
 
     ``overrides`` maps bare field names (``"lr"``, ``"n_layer"``) to values,
     as the CLI produces them. ``base`` replaces the preset layer (used by
-    ``--resume``, which starts from the run's saved config).
+    ``--resume``, which starts from the run's saved config; its model fields
+    filled by :func:`saved_model_fields`).
     """
     overrides = dict(overrides or {})
     file_data = read_toml(config_file) if config_file else {}
     cfg = TrainConfig()
     if base is not None:
+        if isinstance(base.get("model"), dict):
+            base = {**base, "model": saved_model_fields(base["model"])}
         apply_dict(cfg, base, "the saved run config")
     else:
         run_table = file_data.get("run")  # checked as a table by apply_dict below

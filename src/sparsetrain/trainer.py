@@ -39,7 +39,7 @@ from . import sharded_checkpoint as S
 from .checkpoint import (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, Weights, atomic_write_bytes, atomic_write_text,
                          capture_rng_state, first_line, load_checkpoint_from, module_generators, refuse_other_tokenizer,
                          remove_partial_writes, restore_rng_state, rng_untouched, save_checkpoint, save_weights)
-from .config import ModelConfig, TrainConfig, dumps_toml, read_toml
+from .config import ModelConfig, TrainConfig, dumps_toml, read_toml, saved_model_fields
 from .data import (DATA_RECORD_NAME, TokenizedCorpus, bits_per_byte, data_record, data_record_changes, load_corpus,
                    memory_named_by_batch, read_data_record, tokens_per_byte, train_batch, train_window_starts,
                    val_batches)
@@ -161,9 +161,9 @@ def _announced_not_saved(state: dict, row: dict) -> bool:
 
 def compare_model_configs(saved: dict, wanted: ModelConfig, where: str) -> None:
     """Refuse to load weights into a differently shaped model, naming the difference.
-    A field the checkpoint lacks was added after it was written: it trained with that
-    field's default (a new field defaults to the old behaviour), so compares as that."""
-    saved = {**asdict(ModelConfig()), **saved}
+    A field the checkpoint lacks was added after it was written: it compares as the
+    value that run had (:func:`~sparsetrain.config.saved_model_fields`)."""
+    saved = saved_model_fields(saved)
     want = asdict(wanted)
     diffs = [f"{k}={saved.get(k)!r} there vs {v!r} here" for k, v in want.items() if saved.get(k) != v]
     if diffs:
