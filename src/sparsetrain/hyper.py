@@ -135,7 +135,8 @@ class HyperConnection(nn.Module):
 
 
 def check_model_config(cfg: ModelConfig) -> None:
-    """The config fields this technique owns (``model.hyper_connections``)."""
+    """The config fields this technique owns (``model.hyper_connections``,
+    ``model.hyper_write_init``)."""
     require(cfg.hyper_connections in STREAM_COUNTS,
             f"model.hyper_connections must be 0, 2 or 4, got {cfg.hyper_connections}")
     require(cfg.hyper_write_init in WRITE_INITS,
@@ -187,8 +188,9 @@ def stream_divergence(streams: torch.Tensor) -> float:
 
 def analyze_layer(hc: HyperConnection, streams: torch.Tensor | None = None) -> dict:
     """Numbers for one sublayer's mixing: permutation weights and their entropy,
-    the read gain (h_pre's sum) and the write gain (h_post's mean), gradient norms of the mixing parameters and,
-    given the streams it read, their divergence."""
+    the read gain (h_pre's sum) and the write gain (h_post's mean), gradient
+    norms of the mixing parameters and, given the streams it read, their
+    divergence."""
     w = hc.perm_weights().detach()
     entropy = float(-(w * w.clamp(min=1e-30).log()).sum())
     out = {
