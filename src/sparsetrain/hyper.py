@@ -18,8 +18,8 @@ start, which with the reads made one-hot and ``H_res = I`` is a Pre-Norm
 residual exactly. ``"next_stream"``, what runs saved without the field used,
 writes mostly to stream ``(l + 1) mod n``: at ``n = 2``, where ``H_res`` starts
 within 2% of the identity, a sublayer then sees little more than half of the
-earlier outputs. It trained worse per step at ``n = 2`` in a first comparison
-(a direction, not a measured gain: docs/log.md, 2026-12-07).
+earlier outputs; at ``n = 2`` it trained worse per step than every_stream on
+four seeds of a small CPU model (docs/hyper_connections.md).
 
 Symmetry: a doubly stochastic ``H_res`` maps identical streams to themselves,
 so with identical streams the mixing weights get exactly zero gradient. The
