@@ -12,7 +12,9 @@
 #   corpora    WORK_DIR/domain: DOMAIN_INCLUDE from SITE, capped at
 #              DOMAIN_BYTES, with NOISE of its train bytes noise documents;
 #              WORK_DIR/clean_ref: REF_INCLUDE from SITE without any file of
-#              the domain (--disjoint-from), capped at REF_BYTES
+#              the domain (--disjoint-from), capped at REF_BYTES (REF_INCLUDE=""
+#              builds none: for the base's own scorer, or a domain that takes
+#              every file REF_INCLUDE matches)
 #   reference  the base continued on clean_ref for REF_STEPS steps (Rho-1's
 #              reference: a model trained on a small clean set)
 #   sidecar    the reference's loss of every train token of the domain
@@ -66,7 +68,7 @@ DOMAIN_INCLUDE=${DOMAIN_INCLUDE:-torch/*.py}
 DOMAIN_BYTES=${DOMAIN_BYTES:-24000000}
 NOISE=${NOISE:-0.3}
 NOISE_PLACEMENT=${NOISE_PLACEMENT:-files}  # inside: regime 3b, the noise spliced into clean files
-REF_INCLUDE=${REF_INCLUDE:-torch/*.py}
+REF_INCLUDE=${REF_INCLUDE-torch/*.py}  # empty: no reference set (phases without a reference)
 REF_BYTES=${REF_BYTES:-6000000}
 REF_STEPS=${REF_STEPS:-300}
 REF_LR=${REF_LR:-3e-4}
@@ -109,7 +111,7 @@ if want corpora; then
     $ST corpus build --src "$SITE" --include "$DOMAIN_INCLUDE" --exclude "$EXCLUDE" \
       --max-bytes "$DOMAIN_BYTES" --noise-fraction "$NOISE" --noise-placement "$NOISE_PLACEMENT" --seed 0 --out "$W/domain"
   fi
-  if [ ! -f "$W/clean_ref/.corpus_manifest.json" ]; then
+  if [ -n "$REF_INCLUDE" ] && [ ! -f "$W/clean_ref/.corpus_manifest.json" ]; then
     log "corpora: reference set $REF_INCLUDE, no file of the domain"
     rm -rf "$W/clean_ref"
     $ST corpus build --src "$SITE" --include "$REF_INCLUDE" --exclude "$EXCLUDE" \
