@@ -281,6 +281,18 @@ def snapshot(run: Path) -> tuple[list[dict], int | None]:
         return rows, None
 
 
+def stale_weights(run: Path, restored: int | None) -> str | None:
+    """What ``generate`` and ``eval`` would read must not be newer than what a resume
+    keeps: the weights-only file, where present and intact, holds the checkpoint's step."""
+    weights = run / checkpoint.WEIGHTS_NAME
+    if not weights.is_file() or checkpoint.verify_file(weights) is not None:
+        return None
+    step = checkpoint.load_weights(weights).step
+    if restored is None or step != restored:
+        return f"{weights.name} holds step {step}, the checkpoint a resume loads step {restored}"
+    return None
+
+
 def after_fault(run: Path, flags: list[str], ref: Reference, capsys) -> str | None:
     """A fault has hit ``run``: it must resume to the reference; with nothing saved yet
     but its config, --resume trains it from step 0 to the reference (no row before
@@ -288,6 +300,9 @@ def after_fault(run: Path, flags: list[str], ref: Reference, capsys) -> str | No
     refused with one line."""
     before, restored = snapshot(run)
     capsys.readouterr()  # the snapshot's own fallback warning
+    stale = stale_weights(run, restored)
+    if stale:
+        return stale
     if restored is None and (run / "config.toml").is_file():
         return check_recovered(run, ref, [], 0, capsys)
     if restored is None:
@@ -359,6 +374,33 @@ def test_full_disk_at_durable_writes(flags: list[str], reference: Reference, tmp
         shutil.rmtree(run, ignore_errors=True)
     print(f"\nfault injection, full disk: {tally.summary()}")
     assert not tally.failures, tally.failures[:5]
+
+
+@pytest.mark.parametrize("target", ["model.safetensors", "metrics.jsonl"])
+def test_full_disk_names_the_file_and_what_is_kept(target: str, flags: list[str], reference: Reference, tmp_path: Path,
+                                                  capsys) -> None:
+    """A full disk at the second checkpoint's weights-only file (the checkpoint itself
+    written) or at a log row after it: one line naming the file, the checkpoint kept and
+    how to go on; no weights file newer than the checkpoint; generate reads the run."""
+    writes = [i for i, (k, n) in enumerate(reference.events, 1) if k == "write" and n.startswith(target)]
+    ckpts = [i for i, e in enumerate(reference.events, 1) if e == ("replace", "ckpt.pt")]
+    at = next(i for i in writes if i > ckpts[1])  # after the step-6 checkpoint is in place
+    run = tmp_path / "full"
+    inj = Injector(str(run), at, "enospc-partial", 0).install()
+    try:
+        code, _, err = run_main(["train", *flags, "--out-dir", str(run)], capsys)
+    finally:
+        inj.uninstall()
+    assert one_line_error(code, err), err
+    assert target in err and "No space left on device" in err and f"--resume {run}" in err, err
+    assert "(step 6)" in err or "step-6 checkpoint is written" in err, err
+    before, restored = snapshot(run)
+    assert restored == 6
+    assert stale_weights(run, restored) is None
+    assert (run / checkpoint.WEIGHTS_NAME).is_file() == (target != "model.safetensors")
+    code, out, err = run_main(["generate", "--ckpt", str(run), "--max-new-tokens", "4"], capsys)
+    assert code == 0, err
+    assert check_recovered(run, reference, before, restored, capsys) is None
 
 
 def damage(path: Path, how: str, rng: random.Random) -> None:

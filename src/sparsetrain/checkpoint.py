@@ -193,6 +193,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def remove_durably(path: str | Path) -> None:
+    """Delete ``path`` if it exists, the removal made durable (the folder fsynced)."""
+    path = Path(path)
+    if path.exists():
+        path.unlink()
+        fsync_dir(path.parent)
+
+
 def remove_partial_writes(folder: str | Path) -> list[Path]:
     """Delete the temporary files a killed process left in ``folder`` (the names
     :func:`atomic_write_bytes` gives them: ``<name>.<8 random characters>.tmp``); returns them."""

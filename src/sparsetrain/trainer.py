@@ -38,7 +38,7 @@ from . import parallel as P
 from . import sharded_checkpoint as S
 from .checkpoint import (CKPT_NAME, PREVIOUS_CKPT_NAME, WEIGHTS_NAME, Weights, atomic_write_bytes, atomic_write_text,
                          capture_rng_state, first_line, load_checkpoint_from, module_generators, refuse_other_tokenizer,
-                         remove_partial_writes, restore_rng_state, rng_untouched, save_checkpoint, save_weights)
+                         remove_durably, remove_partial_writes, restore_rng_state, rng_untouched, save_checkpoint, save_weights)
 from .config import ModelConfig, TrainConfig, dumps_toml, read_toml, saved_model_fields
 from .data import (DATA_RECORD_NAME, TokenizedCorpus, bits_per_byte, data_record, data_record_changes, load_corpus,
                    memory_named_by_batch, read_data_record, tokens_per_byte, train_batch, train_window_starts,
@@ -1154,13 +1154,19 @@ class Trainer:
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def save(self) -> None:
-        """Checkpoint everything needed to continue exactly, the weights-only
-        ``model.safetensors`` first (rank 0, from the full state dict), each
-        write verified, the previous checkpoint kept until the new one is.
-        Replicated (one process, DDP): rank 0 writes ``ckpt.pt`` (model, AdamW
-        state, step, ...), the one before it kept as ``ckpt.prev.pt``. FSDP:
-        every rank writes its shards (:func:`~sparsetrain.sharded_checkpoint.save_sharded`;
-        every rank must call this). Non-finite weights are never saved."""
+        """Checkpoint everything needed to continue exactly, each write verified,
+        the previous checkpoint kept until the new one is. Replicated (one
+        process, DDP): rank 0 writes ``ckpt.pt`` (model, AdamW state, step, ...),
+        the one before it kept as ``ckpt.prev.pt``. FSDP: every rank writes its
+        shards (:func:`~sparsetrain.sharded_checkpoint.save_sharded`; every rank
+        must call this). Non-finite weights are never saved.
+
+        The weights-only ``model.safetensors`` (rank 0, from the full state dict)
+        is removed before the checkpoint is written and written after it, so it
+        never holds a later step than the checkpoint: a crash or a full disk in
+        between leaves the run without it, and ``generate``/``eval`` read the
+        checkpoint instead (written first, the weights file would be newer than
+        the checkpoint a failed save keeps)."""
         if self.sharded:
             self._save_sharded()
             return
@@ -1169,24 +1175,41 @@ class Trainer:
         self._check_finite_weights()
         state = {"model": self.model.state_dict(), "optimizer": portable_optimizer_state(self.optimizer), **self._run_state()}
         try:
-            save_weights(self.out_dir / WEIGHTS_NAME, state["model"], state["model_config"], self.step)
+            remove_durably(self.out_dir / WEIGHTS_NAME)
             save_checkpoint(self.out_dir / CKPT_NAME, state)
         except OSError as e:
             raise CheckpointError(f"cannot write the step-{self.step} checkpoint in {self.out_dir}: "
                                   f"{e.strerror or e}; {self._kept_note()}") from e
         self.last_saved_step = self.step
+        try:
+            save_weights(self.out_dir / WEIGHTS_NAME, state["model"], state["model_config"], self.step)
+        except (OSError, CheckpointError) as e:
+            raise CheckpointError(self._weights_note(e)) from None
+
+    def _log_error(self, e: OSError) -> CheckpointError:
+        """A failed write of the run's log (a full disk): which file, what is kept, how to go on.
+        A resume drops the log's rows past its checkpoint, a torn last line with them."""
+        where = e.filename or self.out_dir / METRICS_NAME
+        go_on = (f"; continue with sparsetrain train --resume {self.out_dir} once there is room"
+                 if self.cfg.save_checkpoints else "")
+        return CheckpointError(f"cannot write the run's log {where}: {e.strerror or e}; {self._kept_note()}{go_on}")
+
+    def _weights_note(self, e: BaseException) -> str:
+        why = f"{e.strerror or e}" if isinstance(e, OSError) else str(e)
+        return (f"cannot write {WEIGHTS_NAME} at step {self.step} in {self.out_dir}: {why}; the step-{self.step} "
+                f"checkpoint is written, and generate and eval read it instead; continue with "
+                f"sparsetrain train --resume {self.out_dir}")
 
     def _save_sharded(self) -> None:
         self._check_finite_weights()
-        full = self.full_model_state()
+        full = self.full_model_state()  # a collective, before any rank can stop
         meta = self._run_state()
         error = None
         if self.dist.is_main:
             try:
-                save_weights(self.out_dir / WEIGHTS_NAME, full, meta["model_config"], self.step)
-            except (OSError, CheckpointError) as e:
-                error = f"{e.strerror or e}" if isinstance(e, OSError) else str(e)
-        del full
+                remove_durably(self.out_dir / WEIGHTS_NAME)
+            except OSError as e:
+                error = f"{e.strerror or e}"
         error = D.broadcast_object(error, self.dist)  # every rank stops alike
         try:
             if error is not None:
@@ -1196,6 +1219,16 @@ class Trainer:
             raise CheckpointError(f"cannot write the step-{self.step} checkpoint in {self.out_dir}: {e}; "
                                   f"{self._kept_note()}") from None
         self.last_saved_step = self.step
+        error = None
+        if self.dist.is_main:
+            try:
+                save_weights(self.out_dir / WEIGHTS_NAME, full, meta["model_config"], self.step)
+            except (OSError, CheckpointError) as e:
+                error = self._weights_note(e)
+        del full
+        error = D.broadcast_object(error, self.dist)
+        if error is not None:
+            raise CheckpointError(error)
 
     # ------------------------------------------------------------------ loop
 
@@ -1225,7 +1258,10 @@ class Trainer:
 
         def write(row: dict) -> None:
             if log is not None:
-                log.log(row)
+                try:
+                    log.log(row)
+                except OSError as e:
+                    raise self._log_error(e) from None
 
         def write_pending() -> None:
             for row in self._pending_rows:
@@ -1301,7 +1337,10 @@ class Trainer:
                         self.hyper_report = None
                 if save_now:
                     if log is not None:
-                        log.sync()  # every row up to this step on disk before the checkpoint that vouches for them
+                        try:  # every row up to this step on disk before the checkpoint that vouches for them
+                            log.sync()
+                        except OSError as e:
+                            raise self._log_error(e) from None
                     self.save()
                 if out_of_time:
                     self._say(bar, f"stopping at step {self.step}: max_seconds={c.max_seconds} reached")
@@ -1313,8 +1352,14 @@ class Trainer:
             self.close_loader()
             if bar is not None:
                 bar.close()
+            close_error = None
             if log is not None:
-                log.close()
+                try:
+                    log.close()
+                except OSError as e:  # raised below when nothing else is: an error in flight says more
+                    close_error = e
+        if close_error is not None:
+            raise self._log_error(close_error)
         result.steps_done = self.step
         result.train_seconds = self.train_seconds
         result.startup_seconds = self.clock.startup_seconds
