@@ -448,6 +448,7 @@ def test_bad_settings_are_refused(source: Path, tmp_path: Path) -> None:
                     (dict(noise_kinds=()), "must name some of"),
                     (dict(noise_placement="between"), "--noise-placement must be one of files, inside, got 'between'"),
                     (dict(val_fraction=0.5), "--val-fraction must be in"),
+                    (dict(seed=-1), "--seed must be >= 0, got -1"),
                     (dict(include="*.nothing"), "no file under"),
                     (dict(val_fraction=0.0001, include="json/*"), "0 val files")]:
         with pytest.raises((ConfigError, DataError), match=re.escape(msg)):
@@ -455,6 +456,10 @@ def test_bad_settings_are_refused(source: Path, tmp_path: Path) -> None:
         assert not out.exists() and not list(tmp_path.glob(".c.partial*"))
     with pytest.raises(DataError, match="is not a folder"):
         build_corpus(_spec(source / "README.txt", out), verbose=False)
+    inside = source / "built"  # the copy would join its own source
+    with pytest.raises(ConfigError, match=re.escape(f"--out {inside} is inside the source {source}")):
+        build_corpus(_spec(source, inside), verbose=False)
+    assert not inside.exists()
 
 
 def _exit_code(argv: list[str]) -> int:

@@ -418,8 +418,8 @@ def damage(path: Path, how: str, rng: random.Random) -> None:
 
 
 def test_damaged_files(flags: list[str], reference: Reference, zygote: Zygote, tmp_path: Path, capsys) -> None:
-    # the base: killed right after the step-6 checkpoint is in place
-    at = [i for i, e in enumerate(reference.events, 1) if e == ("replace", "ckpt.pt")][1]
+    # the base: killed right after the step-6 checkpoint and its weights-only file are in place
+    at = [i for i, e in enumerate(reference.events, 1) if e == ("replace", "model.safetensors")][1]
     base = tmp_path / "base"
     assert zygote.run(["train", *flags, "--out-dir", str(base)], base, at, "kill-after", 0, tmp_path / "base.log") == -9
     assert checkpoint.load_checkpoint(base)["step"] == 6

@@ -98,6 +98,19 @@ def test_fire_on_resnet_bk_is_refused_in_one_line(make_cfg, tmp_path: Path, caps
     assert len(err) == 1 and "model.arch = resnet_bk" in err[0] and not (tmp_path / "fired").exists(), err
 
 
+def test_fire_refuses_a_run_whose_config_does_not_parse(make_cfg, tmp_path: Path, capsys) -> None:
+    """The new run gets a copy of the old one's config.toml, which its --resume reads:
+    a garbled one is refused before anything is written, not copied."""
+    from sparsetrain.trainer import train
+
+    train(make_cfg(out_dir=str(tmp_path / "run"), max_steps=1, eval_every=0), verbose=False)
+    (tmp_path / "run" / "config.toml").write_text("garbage [[[\n")
+    capsys.readouterr()
+    assert main(["fire", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "fired")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "config.toml is not valid TOML" in err[0] and not (tmp_path / "fired").exists(), err
+
+
 @pytest.mark.parametrize("tol", ["nan", "inf", "0"])
 def test_fire_refuses_a_tolerance_that_is_not_a_positive_number(tol: str, tmp_path: Path, capsys) -> None:
     """nan passed a ``<= 0`` check and made every layer take the SVD fallback; inf left the

@@ -236,3 +236,31 @@ def test_a_negative_context_is_refused_before_the_corpus_is_read(reference_run, 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--context must be >= 0, got -3" in err and err.count("\n") == 1
+
+
+def test_a_damaged_sidecar_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    """A sidecar cut short, or a header that does not parse or lacks its fields, is a
+    DataError naming the file (the CLI's one line), not numpy's or json's traceback;
+    an intact one reads back the losses written."""
+    from sparsetrain.reference_losses import SIDECAR_FORMAT, tokens_fingerprint
+
+    rng = np.random.default_rng(fresh_seed())
+    tokens = rng.integers(0, 320, size=257, dtype=np.uint16)
+    losses = rng.random(tokens.size).astype(np.float16) * 8
+    header = {"format": SIDECAR_FORMAT, "n_tokens": int(tokens.size), "tokens_fingerprint": tokens_fingerprint(tokens)}
+    good = tmp_path / "good.f16"
+    good.write_bytes(losses.tobytes())
+    header_path(good).write_text(json.dumps(header))
+    assert np.array_equal(np.asarray(ReferenceLosses(good, tokens).losses), losses)
+    cut = tmp_path / "cut.f16"
+    cut.write_bytes(losses.tobytes()[: rng.integers(1, 2 * tokens.size)])
+    header_path(cut).write_text(json.dumps(header))
+    with pytest.raises(DataError, match=f"{cut}.* bytes where its 257 float16 losses take 514: a damaged copy"):
+        ReferenceLosses(cut, tokens)
+    for name, text, needle in [("garbled", "{", "cannot be read"),
+                               ("partial", json.dumps({"format": SIDECAR_FORMAT}), "lacks n_tokens, tokens_fingerprint")]:
+        path = tmp_path / f"{name}.f16"
+        path.write_bytes(losses.tobytes())
+        header_path(path).write_text(text)
+        with pytest.raises(DataError, match=needle):
+            ReferenceLosses(path, tokens)

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .config import (ARCHS, SECTIONS, ModelConfig, TrainConfig, _valid_device, build_config, dumps_toml, field_types,
+from .config import (ARCHS, MAX_SIZE, SECTIONS, ModelConfig, TrainConfig, _valid_device, build_config, dumps_toml, field_types,
                      list_presets, read_toml, refuse_inert_settings)
 from .errors import ConfigError, SparsetrainError
 
@@ -372,7 +372,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_race_merge(args: argparse.Namespace) -> int:
     from .race import write_merged
 
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+    arms = [a.strip() for a in args.arms.split(",")] if args.arms else None
+    if arms is not None and not all(arms):
+        raise ConfigError(f"--arms {args.arms!r} has an empty item; give arm names separated by commas")
     write_merged(args.reports, args.out_dir, arms=arms)
     print(f"race report: {Path(args.out_dir) / 'race.json'}, plot: {Path(args.out_dir) / 'race.png'}")
     return 0
@@ -521,8 +523,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     for name in ("seq_len", "batch_size", "repeats"):
         value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SparsetrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if value is not None and not 1 <= value <= MAX_SIZE:
+            raise SparsetrainError(f"--{name.replace('_', '-')} must be in [1, {MAX_SIZE}], got {value}")
     seq, batch = bench_step_shape(args.preset, args.seq_len, args.batch_size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     repeats = args.repeats if args.repeats is not None else STEP_REPEATS[device]
@@ -557,6 +559,8 @@ def cmd_fire(args: argparse.Namespace) -> int:
     if state["model_config"].get("arch") == "resnet_bk":
         raise SparsetrainError(f"{args.ckpt} is a model.arch = resnet_bk run: FIRE reinitialises nn.Linear weights, "
                                "and its [E, out, in] expert stacks would silently keep theirs; not available")
+    if (folder / "config.toml").is_file():  # copied into the new run, whose --resume must read it
+        read_toml(folder / "config.toml")
     model = model_from_tensors(state["model_config"], state["model"], str(folder), "cpu")
     stats = reinitialize(model, args.tol, args.max_iters)
     state["model"] = model.state_dict()
@@ -568,8 +572,8 @@ def cmd_fire(args: argparse.Namespace) -> int:
     for name in ("config.toml", "tokenizer.json", "data.json"):
         if (folder / name).is_file():
             shutil.copyfile(folder / name, out / name)
+    save_checkpoint(out / CKPT_NAME, state)  # the checkpoint first, as the trainer saves
     save_weights(out / WEIGHTS_NAME, state["model"], asdict(model.config), int(state["step"]))
-    save_checkpoint(out / CKPT_NAME, state)
     worst = max(s["orthogonality_error"] for s in stats)
     print(f"FIRE: {len(stats)} layers reinitialised (max orthogonality error {worst:.2e}, "
           f"{sum(s['method'] == 'svd' for s in stats)} SVD fallbacks) -> {out}; continue with: "
@@ -811,6 +815,20 @@ def _error(message: str) -> int:
     return EXIT_USAGE
 
 
+def torch_out_of_memory() -> type[BaseException]:
+    """torch's out-of-memory error (imported on demand: the CLI starts without torch)."""
+    import torch
+
+    return torch.OutOfMemoryError
+
+
+def first_line_of(e: BaseException) -> str:
+    """The part of an allocator's message that says how much was asked for."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    i = text.find("tried to allocate")
+    return text[i:].rstrip(".") if i >= 0 else text[:200]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -827,6 +845,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a read-only or vanished folder: the user's to fix
         where = f": {e.filename}" if e.filename else ""
         return _error(f"{e.strerror or e}{where}")
+    except (torch_out_of_memory(), MemoryError) as e:  # outside the batch's own check (data.memory_named_by_batch)
+        return _error(f"out of memory: {first_line_of(e)}")
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e):  # the CPU allocator's failure is a plain RuntimeError
+            raise
+        return _error(f"out of memory: {first_line_of(e)}")
     except KeyboardInterrupt as e:  # train and race say what is kept and how to go on
         sys.stderr.write(f"sparsetrain: interrupted{f' ({e})' if str(e) else ''}\n")
         return 130

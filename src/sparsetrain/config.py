@@ -62,6 +62,9 @@ ENV_DEFAULTS = {"attention_impl": "SPARSETRAIN_ATTENTION_IMPL", "cached_cslt_pla
 """Config fields whose default an environment variable sets (read by :func:`env_default` only)."""
 
 
+
+MAX_SIZE = 2**31 - 1  # the largest size or count a setting may take (int32)
+
 def env_default(name: str, environ: Mapping[str, str] | None = None) -> Any:
     """The default of field ``name`` of :data:`ENV_DEFAULTS` under ``environ`` (default:
     ``os.environ``): ``SPARSETRAIN_ATTENTION_IMPL`` as given (unset or empty: auto),
@@ -130,6 +133,8 @@ class ModelConfig:
     def validate(self) -> None:
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
             _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+            # past int32, tensor sizes and numpy's index arithmetic overflow before any check of memory
+            _require(getattr(self, name) <= MAX_SIZE, f"model.{name} must be <= {MAX_SIZE}, got {getattr(self, name)}")
         _require(self.vocab_size >= 257, f"model.vocab_size must be >= 257 (256 bytes + end-of-text), got {self.vocab_size}")
         # a uint32 token file's ids, and far past any tokenizer's (the BPE trainer aborts the process on huge ones)
         _require(self.vocab_size <= 2**24, f"model.vocab_size must be <= {2**24}, got {self.vocab_size}")
@@ -304,6 +309,8 @@ class TrainConfig:
                      "available: the recomputation would draw other random 2:4 patterns than the forward did")
         for name in ("log_every", "batch_size", "grad_accum", "eval_batches"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("log_every", "grad_accum", "eval_batches"):  # a batch too large is the memory check's to name
+            _require(getattr(self, name) <= MAX_SIZE, f"{name} must be <= {MAX_SIZE}, got {getattr(self, name)}")
         for name in ("max_steps", "ckpt_every", "eval_every", "warmup_steps", "eval_code_samples"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _require(0 <= self.seed < 2**63, f"run.seed must be in [0, 2**63) (torch's and numpy's generators), got {self.seed}")

@@ -422,6 +422,11 @@ class CorpusSpec:
         if not self.src:  # Path("") is the current folder: the build would copy it
             raise ConfigError("--src must not be empty (give the source folder; . for the current one)")
         check_out_name(self.out)
+        if Path(self.src).is_dir() and Path(self.out).resolve().is_relative_to(Path(self.src).resolve()):
+            raise ConfigError(f"--out {self.out} is inside the source {self.src} (the corpus would join its own "
+                              "source); pick a folder outside it")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if not 0 < self.val_fraction < TRAIN_ONLY_BELOW:
             raise ConfigError(f"--val-fraction must be in (0, {TRAIN_ONLY_BELOW}), got {self.val_fraction}")
         for name in ("noise_fraction", "duplicate_fraction"):

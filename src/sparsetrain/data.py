@@ -566,7 +566,8 @@ def out_of_memory(e: BaseException) -> bool:
     """Whether ``e`` says an allocation failed: numpy's :class:`MemoryError`, torch's
     :class:`torch.OutOfMemoryError` (CUDA) or the ``RuntimeError`` of torch's CPU allocator."""
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e)) or (
+        isinstance(e, ValueError) and "Maximum allowed size exceeded" in str(e))  # numpy, past its index range
 
 
 def batch_memory_error(e: BaseException, batch_size: int, seq_len: int, what: str) -> ConfigError:
@@ -585,7 +586,7 @@ def memory_named_by_batch(batch_size: int, seq_len: int, what: str) -> Iterator[
     For work whose memory the batch shape sets: the batches, a training step."""
     try:
         yield
-    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+    except (MemoryError, RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not out_of_memory(e):
             raise
         raise batch_memory_error(e, batch_size, seq_len, what) from e

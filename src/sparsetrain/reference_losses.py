@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, first_line
 from .data import train_window_starts
 from .errors import DataError
 
@@ -155,9 +155,25 @@ def one_time_cost(sidecar: str | Path) -> dict[str, Any]:
     reference run's training seconds) and ``reference_losses`` (the forwards'
     seconds), None where the header predates the record; and ``reference``, the
     checkpoint that computed it (so a reference shared by sidecars counts once)."""
-    header = json.loads(header_path(sidecar).read_text())
+    header = read_header(sidecar)
     return {"reference_training": header.get("reference_train_seconds"), "reference_losses": header.get("seconds"),
             "reference": header.get("reference", "")}
+
+
+def read_header(sidecar: str | Path) -> dict[str, Any]:
+    """A sidecar's JSON header (``<sidecar>.json``), refused with one line when it does not
+    parse or lacks a field every sidecar's header has."""
+    hp = header_path(sidecar)
+    try:
+        header = json.loads(hp.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"reference_losses {sidecar}: its header {hp} cannot be read ({first_line(e)}); "
+                        "recompute the sidecar with sparsetrain reference-losses") from None
+    missing = [k for k in ("format", "n_tokens", "tokens_fingerprint") if not isinstance(header, dict) or k not in header]
+    if missing:
+        raise DataError(f"reference_losses {sidecar}: its header {hp} lacks {', '.join(missing)}; "
+                        "recompute the sidecar with sparsetrain reference-losses")
+    return header
 
 
 class ReferenceLosses:
@@ -169,12 +185,17 @@ class ReferenceLosses:
         if not Path(path).is_file() or not hp.is_file():
             raise DataError(f"reference_losses {path}: no such sidecar (or no {hp.name} next to it); "
                             "make one with sparsetrain reference-losses")
-        header = json.loads(hp.read_text())
+        header = read_header(path)
         if header.get("format") != SIDECAR_FORMAT:
             raise DataError(f"reference_losses {path} has format {header.get('format')}, expected {SIDECAR_FORMAT}")
         if header["n_tokens"] != train_tokens.size or header["tokens_fingerprint"] != tokens_fingerprint(train_tokens):
             raise DataError(f"reference_losses {path} was computed for other train tokens ({header['n_tokens']:,} "
                             f"there, {train_tokens.size:,} here, or other contents); recompute it for this corpus")
+        size = Path(path).stat().st_size
+        if size != 2 * train_tokens.size:  # a copy cut short (or padded): memmap would fail or read past the losses
+            raise DataError(f"reference_losses {path} holds {size:,} bytes where its {train_tokens.size:,} float16 "
+                            f"losses take {2 * train_tokens.size:,}: a damaged copy; recompute it with sparsetrain "
+                            "reference-losses")
         self.losses = np.memmap(path, dtype=np.float16, mode="r", shape=(train_tokens.size,))
         self.n_tokens = int(train_tokens.size)
         self.path = str(path)
