@@ -505,3 +505,13 @@ def test_grpo_cli_refuses_a_run_without_held_out_code(make_cfg, tmp_path: Path, 
     code, _, err = run_main(["grpo", "--ckpt", str(tmp_path / "run"), "--context-tokens", "6", "--prompt-tokens", "12",
                              "--max-new-tokens", "8", "--device", "cpu"], capsys)
     assert_one_line_error(code, err, "held-out Python files")
+
+
+@pytest.mark.parametrize("flag", ["--library", "--json"])
+def test_grpo_cli_refuses_a_folder_for_a_file_it_writes_before_running(flag: str, tmp_path: Path, capsys) -> None:
+    """--library and --json are written after the whole run: a folder given for one is
+    refused first, naming the flag, not after the run by the temporary file's name."""
+    folder = tmp_path / "somewhere"
+    folder.mkdir()
+    code, _, err = run_main(["grpo", "--ckpt", str(tmp_path / "no_run"), flag, str(folder), "--device", "cpu"], capsys)
+    assert_one_line_error(code, err, f"{flag} {folder} is a folder")

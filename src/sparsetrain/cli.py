@@ -599,6 +599,9 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     settings.validate()  # before the model loads
     check_sampling(args.max_new_tokens, args.temperature, args.top_k)
     _check_device(args.device)
+    for flag, value in (("--library", args.library), ("--json", args.json)):  # written at the end: checked first
+        if value and Path(value).is_dir():
+            raise SparsetrainError(f"{flag} {value} is a folder; give a file path")
     lib_path = Path(args.library) if args.library else None
     if lib_path and lib_path.is_file():
         start = ExperienceLibrary.load(lib_path)
