@@ -134,7 +134,9 @@ class ModelConfig:
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
             _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
             # past int32, tensor sizes and numpy's index arithmetic overflow before any check of memory
-            _require(getattr(self, name) <= MAX_SIZE, f"model.{name} must be <= {MAX_SIZE}, got {getattr(self, name)}")
+            # (vocab_size has a tighter bound of its own, below)
+            _require(name == "vocab_size" or getattr(self, name) <= MAX_SIZE,
+                     f"model.{name} must be <= {MAX_SIZE}, got {getattr(self, name)}")
         _require(self.vocab_size >= 257, f"model.vocab_size must be >= 257 (256 bytes + end-of-text), got {self.vocab_size}")
         # a uint32 token file's ids, and far past any tokenizer's (the BPE trainer aborts the process on huge ones)
         _require(self.vocab_size <= 2**24, f"model.vocab_size must be <= {2**24}, got {self.vocab_size}")
