@@ -160,16 +160,19 @@ def one_time_cost(sidecar: str | Path) -> dict[str, Any]:
             "reference": header.get("reference", "")}
 
 
-def read_header(sidecar: str | Path) -> dict[str, Any]:
+def read_header(sidecar: str | Path, required: tuple[str, ...] = ()) -> dict[str, Any]:
     """A sidecar's JSON header (``<sidecar>.json``), refused with one line when it does not
-    parse or lacks a field every sidecar's header has."""
+    parse into an object or lacks one of the ``required`` fields."""
     hp = header_path(sidecar)
     try:
         header = json.loads(hp.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"reference_losses {sidecar}: its header {hp} cannot be read ({first_line(e)}); "
                         "recompute the sidecar with sparsetrain reference-losses") from None
-    missing = [k for k in ("format", "n_tokens", "tokens_fingerprint") if not isinstance(header, dict) or k not in header]
+    if not isinstance(header, dict):
+        raise DataError(f"reference_losses {sidecar}: its header {hp} is not a JSON object; "
+                        "recompute the sidecar with sparsetrain reference-losses")
+    missing = [k for k in required if k not in header]
     if missing:
         raise DataError(f"reference_losses {sidecar}: its header {hp} lacks {', '.join(missing)}; "
                         "recompute the sidecar with sparsetrain reference-losses")
@@ -185,7 +188,7 @@ class ReferenceLosses:
         if not Path(path).is_file() or not hp.is_file():
             raise DataError(f"reference_losses {path}: no such sidecar (or no {hp.name} next to it); "
                             "make one with sparsetrain reference-losses")
-        header = read_header(path)
+        header = read_header(path, ("format", "n_tokens", "tokens_fingerprint"))
         if header.get("format") != SIDECAR_FORMAT:
             raise DataError(f"reference_losses {path} has format {header.get('format')}, expected {SIDECAR_FORMAT}")
         if header["n_tokens"] != train_tokens.size or header["tokens_fingerprint"] != tokens_fingerprint(train_tokens):
