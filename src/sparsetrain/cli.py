@@ -818,20 +818,6 @@ def _error(message: str) -> int:
     return EXIT_USAGE
 
 
-def torch_out_of_memory() -> type[BaseException]:
-    """torch's out-of-memory error (imported on demand: the CLI starts without torch)."""
-    import torch
-
-    return torch.OutOfMemoryError
-
-
-def first_line_of(e: BaseException) -> str:
-    """The part of an allocator's message that says how much was asked for."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    i = text.find("tried to allocate")
-    return text[i:].rstrip(".") if i >= 0 else text[:200]
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
@@ -848,12 +834,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a read-only or vanished folder: the user's to fix
         where = f": {e.filename}" if e.filename else ""
         return _error(f"{e.strerror or e}{where}")
-    except (torch_out_of_memory(), MemoryError) as e:  # outside the batch's own check (data.memory_named_by_batch)
-        return _error(f"out of memory: {first_line_of(e)}")
-    except RuntimeError as e:
-        if "can't allocate memory" not in str(e):  # the CPU allocator's failure is a plain RuntimeError
+    except (MemoryError, RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        from .data import allocation_asked, out_of_memory
+
+        if not out_of_memory(e):
             raise
-        return _error(f"out of memory: {first_line_of(e)}")
+        asked = allocation_asked(e)  # outside the batch's own check (data.memory_named_by_batch)
+        return _error(f"out of memory{f' (an allocation of {asked} failed)' if asked else ''}")
     except KeyboardInterrupt as e:  # train and race say what is kept and how to go on
         sys.stderr.write(f"sparsetrain: interrupted{f' ({e})' if str(e) else ''}\n")
         return 130

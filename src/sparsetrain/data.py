@@ -570,11 +570,18 @@ def out_of_memory(e: BaseException) -> bool:
         isinstance(e, ValueError) and "Maximum allowed size exceeded" in str(e))  # numpy, past its index range
 
 
+def allocation_asked(e: BaseException) -> str | None:
+    """The size a failed allocation asked for, where the allocator's message says it
+    (torch's CUDA and CPU allocators: "allocate 20.00 GiB", "allocate 274877906816 bytes")."""
+    asked = re.search(r"allocate ([\d.,]+ ?[KMGTPE]?i?B|[\d,]+ bytes)", str(e))
+    return asked.group(1) if asked else None
+
+
 def batch_memory_error(e: BaseException, batch_size: int, seq_len: int, what: str) -> ConfigError:
     """One line for an allocation ``e`` that failed, ``what`` saying what did not fit:
     the batch shape to make smaller, and the size asked for where ``e`` says it."""
-    asked = re.search(r"allocate ([\d.,]+ ?[KMGTPE]?i?B|[\d,]+ bytes)", str(e))
-    size = f" (an allocation of {asked.group(1)} failed)" if asked else ""
+    asked = allocation_asked(e)
+    size = f" (an allocation of {asked} failed)" if asked else ""
     return ConfigError(f"training.batch_size = {batch_size} with model.seq_len = {seq_len}: {what} in "
                        f"memory{size}; use a smaller batch_size (grad_accum keeps the tokens per step)")
 
