@@ -61,9 +61,8 @@ ATTENTION_IMPLS = ("auto", "cudnn", "flash", "recompute")  # Collider's attentio
 ENV_DEFAULTS = {"attention_impl": "SPARSETRAIN_ATTENTION_IMPL", "cached_cslt_plans": "SPARSETRAIN_CSLT_PLANS"}
 """Config fields whose default an environment variable sets (read by :func:`env_default` only)."""
 
-
-
 MAX_SIZE = 2**31 - 1  # the largest size or count a setting may take (int32)
+
 
 def env_default(name: str, environ: Mapping[str, str] | None = None) -> Any:
     """The default of field ``name`` of :data:`ENV_DEFAULTS` under ``environ`` (default:
@@ -133,10 +132,10 @@ class ModelConfig:
     def validate(self) -> None:
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
             _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
-            # past int32, tensor sizes and numpy's index arithmetic overflow before any check of memory
-            # (vocab_size has a tighter bound of its own, below)
-            _require(name == "vocab_size" or getattr(self, name) <= MAX_SIZE,
-                     f"model.{name} must be <= {MAX_SIZE}, got {getattr(self, name)}")
+        # past int32, tensor sizes and numpy's index arithmetic overflow before any check of memory
+        # (vocab_size has a tighter bound of its own, below)
+        for name in ("seq_len", "n_layer", "n_head", "d_model"):
+            _require(getattr(self, name) <= MAX_SIZE, f"model.{name} must be <= {MAX_SIZE}, got {getattr(self, name)}")
         _require(self.vocab_size >= 257, f"model.vocab_size must be >= 257 (256 bytes + end-of-text), got {self.vocab_size}")
         # a uint32 token file's ids, and far past any tokenizer's (the BPE trainer aborts the process on huge ones)
         _require(self.vocab_size <= 2**24, f"model.vocab_size must be <= {2**24}, got {self.vocab_size}")
