@@ -457,9 +457,27 @@ def test_bad_settings_are_refused(source: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="is not a folder"):
         build_corpus(_spec(source / "README.txt", out), verbose=False)
     inside = source / "built"  # the copy would join its own source
-    with pytest.raises(ConfigError, match=re.escape(f"--out {inside} is inside the source {source}")):
+    with pytest.raises(DataError, match=re.escape(f"--out {inside} is inside the source {source}")):
         build_corpus(_spec(source, inside), verbose=False)
     assert not inside.exists()
+
+
+def test_out_outside_check_resolves_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one check behind ``corpus build`` and ``corpus filter``: an --out inside the
+    source is refused however it is spelled (relative, through ``..``, through a link);
+    a sibling whose name merely starts with the source's is not inside it."""
+    from sparsetrain.corpora import check_out_outside
+
+    source = tmp_path / "src"
+    (source / "deep").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(source)
+    monkeypatch.chdir(source / "deep")
+    for out in ("new", "../new", str(tmp_path / "link" / "new"), str(source / "deep" / ".." / "x")):
+        with pytest.raises(DataError, match=re.escape(f"--out {out} is inside the corpus {source}")):
+            check_out_outside(out, source, "corpus")
+    for out in (str(tmp_path / "src2"), "../../other", str(tmp_path / "link2")):
+        check_out_outside(out, source, "corpus")  # beside it, not inside
+    check_out_outside("anything", tmp_path / "missing")  # no source folder: nothing to join
 
 
 def _exit_code(argv: list[str]) -> int:

@@ -400,6 +400,15 @@ def check_out_name(out: str | Path) -> None:
         raise ConfigError(f"--out {out} names no folder of its own; give the new corpus folder's name")
 
 
+def check_out_outside(out: str | Path, source: str | Path, source_name: str = "source") -> None:
+    """Refuse an ``--out`` inside the folder a corpus is made from (the new corpus would
+    join its own source); ``source_name`` names that folder in the message. Shared by
+    ``corpus build`` and ``corpus filter``."""
+    if Path(source).is_dir() and Path(out).resolve().is_relative_to(Path(source).resolve()):
+        raise DataError(f"--out {out} is inside the {source_name} {source} (the new corpus would join it); "
+                        "pick a folder outside it")
+
+
 @dataclass
 class CorpusSpec:
     """What ``sparsetrain corpus build`` is asked for (see the module docstring)."""
@@ -422,9 +431,7 @@ class CorpusSpec:
         if not self.src:  # Path("") is the current folder: the build would copy it
             raise ConfigError("--src must not be empty (give the source folder; . for the current one)")
         check_out_name(self.out)
-        if Path(self.src).is_dir() and Path(self.out).resolve().is_relative_to(Path(self.src).resolve()):
-            raise ConfigError(f"--out {self.out} is inside the source {self.src} (the corpus would join its own "
-                              "source); pick a folder outside it")
+        check_out_outside(self.out, self.src)
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if not 0 < self.val_fraction < TRAIN_ONLY_BELOW:

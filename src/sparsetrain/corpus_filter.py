@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpora import MANIFEST_NAME, check_out_name
+from .corpora import MANIFEST_NAME, check_out_name, check_out_outside
 from .data import TokenizedCorpus
 from .errors import DataError
 from .reference_losses import ReferenceLosses
@@ -176,8 +176,7 @@ def check_out(corpus: Path, out: str | Path) -> None:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"--out {out} exists and is not an empty folder; pick another")
-    if out.resolve().is_relative_to(corpus.resolve()):
-        raise DataError(f"--out {out} is inside the corpus {corpus}; pick a folder outside it")
+    check_out_outside(out, corpus, "corpus")
 
 
 def _weighted(docs: DocumentLosses, which: np.ndarray) -> float:
