@@ -11,6 +11,9 @@
 #
 # Settings from the environment: SEED (1337), ARM_SECONDS (60 per arm), ARMS, SITE, DATA_ARGS
 # (not SECONDS: bash sets that itself, to the seconds since the shell started).
+# STEPS=N races at equal steps instead (Muon's goal is counted in steps): every arm
+# runs N steps with its lr decayed over them, evaluated every N/10; ARM_SECONDS
+# (default 3600) is then only a cap.
 set -euo pipefail
 OUT=${1:?usage: bash bench/race_optimizers.sh OUT_DIR [extra race flags]}
 shift
@@ -24,6 +27,11 @@ DATA_ARGS=${DATA_ARGS-"--data $SITE --data-include *.py --data-exclude */tests/*
 ARMS=${ARMS:-"adamw: adamw_lr1.2e-3:lr=1.2e-3 muon:optimizer=muon muon_lr0.01:optimizer=muon,muon_lr=0.01 lion_lr2e-4:optimizer=lion,lr=2e-4 lion_lr4e-4:optimizer=lion,lr=4e-4"}
 arm_flags=()
 for a in $ARMS; do arm_flags+=(--arm "$a"); done
+budget=(--seconds "$SECONDS_PER_ARM")
+if [ -n "${STEPS:-}" ]; then
+  budget=(--max-steps "$STEPS" --schedule-by steps --eval-every $(( STEPS >= 10 ? STEPS / 10 : 1 ))
+          --seconds "${ARM_SECONDS:-3600}")
+fi
 set -f  # DATA_ARGS' globs go to sparsetrain as they are
 $ST race --preset nano-125m $DATA_ARGS --compile --no-save-checkpoints --warmup-steps 50 --log-every 20 \
-  --seconds "$SECONDS_PER_ARM" --seeds 1 --seed "$SEED" --out-dir "$OUT" "${arm_flags[@]}" "$@"
+  "${budget[@]}" --seeds 1 --seed "$SEED" --out-dir "$OUT" "${arm_flags[@]}" "$@"

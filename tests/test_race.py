@@ -12,7 +12,8 @@ import torch
 
 from sparsetrain.cli import main
 from sparsetrain.errors import ConfigError
-from sparsetrain.race import Arm, interleave_order, loss_at_step, parse_arm, run_race, step_ms, time_to_target
+from sparsetrain.race import (Arm, interleave_order, loss_at_step, parse_arm, race_plan, run_race, step_ms,
+                              time_to_target)
 
 
 def test_parse_arm() -> None:
@@ -176,6 +177,39 @@ def test_tiny_race_end_to_end(make_cfg, tmp_path: Path, capsys) -> None:
     assert again["arms"]["dense"]["final_val_loss"] == dense["final_val_loss"]
     with pytest.raises(ConfigError, match="holds a race with other seconds"):
         run_race(arms, 2.0, 2, out, "tiny", flags=dict(flags), verbose=False)
+
+
+def test_a_race_at_equal_steps_gives_every_arm_the_same_steps_and_schedule(make_cfg, tmp_path: Path) -> None:
+    """``--max-steps N --schedule-by steps`` (flags the race leaves alone) turns the race
+    into one at equal steps, for sample efficiency: every run ends at step N with its lr
+    at the step schedule's floor (the formula, independently), evaluated every
+    ``eval_every`` steps, whatever its step costs; ``--seconds`` is then only a cap."""
+    flags = {**_tiny_flags(make_cfg), "max_steps": 6, "schedule_by": "steps", "eval_every": 2}
+    arms = [Arm("dense", {}), Arm("random50", {"use_collider": "true", "collider_sparsity": "0.5",
+                                                "collider_method": "random"})]
+    plan = race_plan(arms, 60.0, 1, tmp_path / "race", "tiny", flags=flags)
+    assert plan.splitlines()[0].endswith(f"6 steps each (at most 60 s of training after start-up), plus each run's "
+                                         f"start-up and evaluations; into {tmp_path / 'race'}")
+    report = run_race(arms, 60.0, 1, tmp_path / "race", "tiny", flags=flags, verbose=False)
+    peak, floor = 1e-2, 1e-2 * 0.1
+    for name, arm in report["arms"].items():
+        (run,) = arm["runs"]
+        rows = [json.loads(l) for l in (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        train = [r for r in rows if r["kind"] == "train"]
+        assert run["steps"] == train[-1]["step"] == 6, name
+        assert [e[4] for e in run["evals"]] == [0, 2, 4, 6], name
+        # the step schedule written out: warmup over 2 steps, then a half cosine to the floor at step 6
+        # (step index 5, the last one taken, is one short of it)
+        def lr(k: int) -> float:
+            decay = floor + (peak - floor) * (1 + math.cos(math.pi * (k - 2) / (6 - 2))) / 2 if k >= 2 else peak
+            return decay * min(1.0, (k + 1) / 2)
+
+        assert run["final_lr"] == pytest.approx(lr(5))
+        for r in train:
+            assert r["lr"] == pytest.approx(lr(r["step"] - 1)), (name, r["step"])
+    assert report["settings"]["equal_steps"] == [6]
+    first = report["arms"]["dense"]["runs"][0]
+    assert first["val_loss_at_equal_steps"] == pytest.approx(first["final_val_loss"])
 
 
 def test_race_without_checkpoints_names_none(make_cfg, tmp_path: Path, capsys) -> None:

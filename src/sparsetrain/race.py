@@ -349,9 +349,16 @@ def race_plan(arms: list[Arm], seconds: float, n_seeds: int, out_dir: str | Path
     and the training seconds (start-up and evaluations come on top)."""
     seeds, configs, _ = _prepare_race(arms, seconds, n_seeds, Path(out_dir), preset, config_file, flags)
     first = _config_for_spec(configs[arms[0].name][seeds[0]])
-    lines = [f"race plan: {len(arms)} arm(s) x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), {seconds:g} s of "
-             f"training each after start-up: {len(arms) * len(seeds) * seconds:g} s of training in all, plus each "
-             f"run's start-up and evaluations; into {out_dir}"]
+    head = f"race plan: {len(arms)} arm(s) x {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), "
+    steps = sorted({c.max_steps for runs in configs.values() for c in runs.values()})
+    if steps[0] > 0:  # a race at equal steps: the step limit ends every run, the seconds only cap it
+        each = f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
+        head += (f"{each} steps each (at most {seconds:g} s of training after start-up), plus each run's start-up "
+                 f"and evaluations; into {out_dir}")
+    else:
+        head += (f"{seconds:g} s of training each after start-up: {len(arms) * len(seeds) * seconds:g} s of training "
+                 f"in all, plus each run's start-up and evaluations; into {out_dir}")
+    lines = [head]
     for arm in arms:
         mine = _config_for_spec(configs[arm.name][seeds[0]])
         diffs = [f"{key}={mine[sec][key]!r}" for sec in mine for key in mine[sec]
