@@ -179,7 +179,7 @@ def test_tiny_race_end_to_end(make_cfg, tmp_path: Path, capsys) -> None:
         run_race(arms, 2.0, 2, out, "tiny", flags=dict(flags), verbose=False)
 
 
-def test_a_race_at_equal_steps_gives_every_arm_the_same_steps_and_schedule(make_cfg, tmp_path: Path) -> None:
+def test_a_race_at_equal_steps_gives_every_arm_the_same_steps_and_schedule(make_cfg, tmp_path: Path, capsys) -> None:
     """``--max-steps N --schedule-by steps`` (flags the race leaves alone) turns the race
     into one at equal steps, for sample efficiency: every run ends at step N with its lr
     at the step schedule's floor (the formula, independently), evaluated every
@@ -190,7 +190,8 @@ def test_a_race_at_equal_steps_gives_every_arm_the_same_steps_and_schedule(make_
     plan = race_plan(arms, 60.0, 1, tmp_path / "race", "tiny", flags=flags)
     assert plan.splitlines()[0].endswith(f"6 steps each (at most 60 s of training after start-up), plus each run's "
                                          f"start-up and evaluations; into {tmp_path / 'race'}")
-    report = run_race(arms, 60.0, 1, tmp_path / "race", "tiny", flags=flags, verbose=False)
+    report = run_race(arms, 60.0, 1, tmp_path / "race", "tiny", flags=flags, verbose=True)
+    assert "race: 6 steps per run (at most 60 s), 1 seed(s)" in capsys.readouterr().out
     peak, floor = 1e-2, 1e-2 * 0.1
     for name, arm in report["arms"].items():
         (run,) = arm["runs"]

@@ -882,7 +882,10 @@ def format_table(report: dict) -> str:
     widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
     seeds = report["settings"]["seeds"]
-    title = (f"race: {report['settings']['seconds']:g} s of training after start-up per run, {len(seeds)} seed(s); "
+    base_steps = report["settings"].get("base_config", {}).get("training", {}).get("max_steps", 0)
+    budget = (f"{base_steps} steps per run (at most {report['settings']['seconds']:g} s)" if base_steps
+              else f"{report['settings']['seconds']:g} s of training after start-up per run")
+    title = (f"race: {budget}, {len(seeds)} seed(s); "
              "± is the standard deviation over seeds\n"
              f"target val loss {report['target_val_loss']:.4f} ({report['target']})\n"
              f"best target val loss {report['best_target_val_loss']:.4f} ({report['best_target']})")
