@@ -8,8 +8,9 @@ Benches (``--shapes list`` prints their shapes):
   backward / optimizer phases;
 * ``sparse24``: dense ``relu2`` against the 2:4 ``relu2_24`` FFN (transposable,
   sparse from the first step), one shared copy of the weights;
-* ``hyper``: no hyper-connections against 2 and 4 streams (compiled: the mixing by
-  the Triton kernels as custom ops, the default, and by inductor, ``hyper_<n>_inductor``);
+* ``hyper``: no hyper-connections against 2 and 4 streams, stored in float32 and in
+  bfloat16 (``hyper_<n>_bf16``) (compiled: the mixing by the Triton kernels as custom
+  ops, the default, and by inductor, ``hyper_<n>_inductor``);
 * ``bk_step``: the ResNet-BK step, dense against learned-sparse at ``--skip``;
 * ``bk_layer``: one ResNet-BK layer's forward+backward (:mod:`bench.bk_layer`);
 * ``optimizers``: one step with each optimizer (:mod:`bench.optimizer_steps`):
@@ -146,6 +147,7 @@ def model_variants(bench: str, args: argparse.Namespace) -> dict[str, dict[str, 
         out: dict[str, dict[str, Any]] = {"none": {"hyper_connections": 0}}
         for n in (2, 4):
             out[f"hyper_{n}"] = {"hyper_connections": n}
+            out[f"hyper_{n}_bf16"] = {"hyper_connections": n, "hyper_stream_dtype": "bfloat16"}  # half the traffic
             if args.compile or args.cuda_graphs:  # compiled, the kernels as custom ops (default) or inductor's fusion
                 out[f"hyper_{n}_inductor"] = {"hyper_connections": n, "fused_hyper_mixing_compiled": False}
         return out

@@ -262,6 +262,90 @@ def test_model_matches_the_formulas_in_float64(n: int, mixing_path: str) -> None
         assert float((p.grad - want_grads[name]).norm()) <= 1e-10 * float(want_grads[name].norm()) + 1e-300, name
 
 
+def _stored_in_bfloat16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).to(t.dtype)
+
+
+def formula_logits_stored(model: GPT, idx: torch.Tensor, store=_stored_in_bfloat16) -> torch.Tensor:
+    """:func:`formula_logits` with every value the streams hold, every read and the
+    read-out passed through ``store`` (bfloat16 storage: each rounded once)."""
+    n, T = model.hyper_in.numel(), idx.shape[1]
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    e = model.embed(idx)
+    X = [store(model.hyper_in[i] * e) for i in range(n)]
+    for blk in model.blocks:
+        for hc, sublayer in ((blk.hc_attn, lambda a: blk.attn(blk.attn_norm(a), cos, sin)),
+                             (blk.hc_ffn, lambda a: blk.ffn(blk.ffn_norm(a)))):
+            w = torch.softmax(hc.res_logits, 0)
+            H = sum(w[k] * hc.perms[k].to(w.dtype) for k in range(len(w)))
+            p, q = torch.sigmoid(hc.pre_logits), 2 * torch.sigmoid(hc.post_logits)
+            f = sublayer(store(sum(p[i] * X[i] for i in range(n))))
+            X = [store(sum(H[i, j] * X[j] for j in range(n)) + q[i] * f) for i in range(n)]
+    return model.lm_head(model.norm(store(sum(model.hyper_out[i] * X[i] for i in range(n)))))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_bfloat16_streams_are_the_formulas_rounded_where_stored(n: int, mixing_path: str) -> None:
+    """``model.hyper_stream_dtype = bfloat16``: a float64 model's logits equal the
+    formulas' with each stored value (the streams after entry and after every write,
+    each read, the read-out) rounded once to bfloat16, and differ from the unrounded
+    formulas by far more; the streams entering each block are bfloat16, the reads the
+    model's dtype."""
+    from sparsetrain.hyper import add_hyper_connections
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    cfg = ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=32)
+    model = add_hyper_connections(build_model(cfg), n, stream_dtype="bfloat16").double().to(DEVICE)
+    for hc in (m for m in model.modules() if isinstance(m, HyperConnection)):
+        for p in (hc.res_logits, hc.pre_logits, hc.post_logits):
+            p.data.normal_(0, 1.5)
+    seen: list[torch.dtype] = []
+    for blk in model.blocks:
+        blk.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+        blk.attn_norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    idx = torch.randint(0, 300, (2, 16), device=DEVICE)
+    with torch.no_grad():
+        got, _ = model(idx)
+        seen_by_model = list(seen)
+        want = formula_logits_stored(model, idx)
+        unrounded = formula_logits_stored(model, idx, store=lambda t: t)
+    assert got.dtype == torch.float64
+    assert seen_by_model == [torch.bfloat16, torch.float64] * 2  # each block's streams, its attention's read
+    scale = float(want.abs().max())
+    # equal but where float32's sum and float64's round a near-tie apart (one bfloat16 ulp, carried on)
+    assert float((got - want).abs().max()) <= 2e-4 * scale
+    assert float((got - unrounded).abs().max()) >= 5e-4 * scale  # the rounding is there (about 3e-3 here)
+
+
+def test_bfloat16_streams_train_and_are_refused_where_not_built(tmp_path) -> None:
+    """A CPU model with bfloat16 streams trains (the loss falls, every parameter gets a
+    finite gradient); the setting without hyper-connections, a bad value and Collider
+    are one line each."""
+    from sparsetrain.config import build_config, refuse_inert_settings
+    from sparsetrain.errors import ConfigError
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    model = build_model(ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=32, hyper_connections=2,
+                                    hyper_stream_dtype="bfloat16"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.randint(0, 300, (8, 16))
+    losses = []
+    for _ in range(30):
+        opt.zero_grad(set_to_none=True)
+        loss = model(idx, idx.roll(-1, 1))[1]
+        loss.backward()
+        assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in model.parameters())
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses
+    with pytest.raises(ConfigError, match="model.hyper_stream_dtype must be float32 or bfloat16, got 'float16'"):
+        build_config(overrides={"hyper_connections": 2, "hyper_stream_dtype": "float16"})
+    with pytest.raises(ConfigError, match="hyper_stream_dtype has no effect while hyper_connections is 0"):
+        refuse_inert_settings(build_config(overrides={"hyper_stream_dtype": "bfloat16"}), ["hyper_stream_dtype"])
+    with pytest.raises(ConfigError, match="use_collider with model.hyper_stream_dtype = bfloat16 is not available"):
+        build_config(overrides={"hyper_connections": 2, "hyper_stream_dtype": "bfloat16", "use_collider": True})
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_compiles_without_a_graph_break(n: int) -> None:
     """Dynamo traces the whole model with its streams as one graph (the mixing is plain

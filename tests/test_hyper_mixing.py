@@ -111,6 +111,25 @@ def test_operation_matches_the_formulas(op: str, n: int, dtypes: tuple[torch.dty
         assert gr.dtype == leaf.dtype
 
 
+@pytest.mark.parametrize("op", ["read", "write"])
+def test_bfloat16_streams_are_summed_in_float32_and_rounded_once(op: str, mixing_path: str) -> None:
+    """``model.hyper_stream_dtype = bfloat16``: every path sums in float32 and rounds its
+    result to bfloat16 once, so each output is the float64 formula correctly rounded
+    (within half a bfloat16 ulp, plus float32's sum error where the value lies near a
+    tie) and equal to it to the bit almost everywhere. Sums in bfloat16 would be off by
+    several ulps."""
+    g = fresh_generator()
+    X, f, H, q, p = inputs(4, torch.bfloat16, g, rows=(3, 7), D=300)
+    got = read(X, p) if op == "read" else write(X, f, H, q)
+    want = formula(op, *(t.double() for t in (X, f, H, q, p)))[0]
+    scale = formula(op, *(t.double().abs() for t in (X, f, H, q, p)))[0]  # the sums of |terms|
+    assert got.dtype == torch.bfloat16
+    err = (got.double() - want).abs()
+    assert (err <= 2.0**-8 * want.abs() + 2.0**-20 * scale).all(), float((err / want.abs().clamp(min=1e-30)).max())
+    exact = (got == want.to(torch.float32).to(torch.bfloat16)).double().mean()
+    assert exact >= 0.99, float(exact)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_write_then_read_is_the_write_and_the_read_bit_for_bit(dtype: torch.dtype, mixing_path: str) -> None:
     """The fused node gives the streams and the read that the two operations give one

@@ -272,7 +272,8 @@ def test_weights_differences_cover_every_field_that_changes_the_weights() -> Non
                  ffn_hidden=96, rope_theta=5000.0, norm_eps=1e-5, activation_sparse_method="soft_threshold",
                  activation_dense_warmup_steps=5, activation_dense_fraction=0.1, hyper_connections=2, bk_num_experts=2,
                  bk_sparsity=0.5, bk_sparsity_loss="l1", bk_sparsity_loss_weight=0.2, bk_sparsity_warmup_steps=3,
-                 bk_tau=0.5, tie_embeddings=True, init_std=0.01, hyper_write_init="next_stream")
+                 bk_tau=0.5, tie_embeddings=True, init_std=0.01, hyper_write_init="next_stream",
+                 hyper_stream_dtype="bfloat16")
     assert set(other) == {f.name for f in dataclasses.fields(ModelConfig)}, "a new model field: give it a value here"
 
     def layout(c: ModelConfig) -> dict:
@@ -281,10 +282,11 @@ def test_weights_differences_cover_every_field_that_changes_the_weights() -> Non
     same_layout_but_other_meaning = {"n_head", "tie_embeddings"}
     for name, value in other.items():
         # each field where it acts: the 2:4 FFN's on a relu2_24 model, ResNet-BK's on that network,
-        # the hyper-connections' init on a model with them
+        # the hyper-connections' init and stream dtype on a model with them
         start = (dataclasses.replace(base, ffn="relu2_24") if name.startswith("activation_")
                  else dataclasses.replace(base, arch="resnet_bk") if name.startswith("bk_")
-                 else dataclasses.replace(base, hyper_connections=2) if name == "hyper_write_init" else base)
+                 else dataclasses.replace(base, hyper_connections=2) if name.startswith("hyper_") and name != "hyper_connections"
+                 else base)
         changed = dataclasses.replace(start, **{name: value})
         diffs = weights_differences(start, changed)
         if layout(start) != layout(changed) or name in same_layout_but_other_meaning:

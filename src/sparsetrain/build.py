@@ -42,7 +42,7 @@ def build_model(cfg: ModelConfig, policy: KernelPolicy | None = None) -> CausalL
     if cfg.ffn == "relu2_24":
         convert_ffns(model, cfg, policy)
     if cfg.hyper_connections:
-        hyper.add_hyper_connections(model, cfg.hyper_connections, cfg.hyper_write_init)
+        hyper.add_hyper_connections(model, cfg.hyper_connections, cfg.hyper_write_init, cfg.hyper_stream_dtype)
     model.config = cfg
     return model
 

@@ -102,6 +102,7 @@ class ModelConfig:
     activation_dense_fraction: float = field(default=0.05, metadata={"help": "relu2_24: densest features kept dense in weight gradients"})
     hyper_connections: int = field(default=0, metadata={"help": "mHC-lite residual streams: 0 (off), 2 or 4"})
     hyper_write_init: str = field(default="every_stream", metadata={"help": "hyper-connections: where each sublayer writes at init: every_stream (gain 1 on each stream, as Hyper-Connections start) or next_stream (mostly to stream (l + 1) mod n; what runs saved without this field used)"})
+    hyper_stream_dtype: str = field(default="float32", metadata={"help": "hyper-connections: the streams' storage dtype: float32 (as the plain residual) or bfloat16 (half the streams' memory traffic; the mixing still sums in float32 and rounds once)"})
     bk_num_experts: int = field(default=4, metadata={"help": "resnet_bk: experts of each top-1 MoE FFN"})
     bk_sparsity: float = field(default=0.0, metadata={"help": "resnet_bk: target fraction of positions that skip the MoE FFN (0 = dense layers)"})
     bk_sparsity_loss: str = field(default="l2", metadata={"help": "resnet_bk: sparsity loss l2, l1, kl or adaptive (Huber)"})
@@ -302,6 +303,9 @@ class TrainConfig:
             self._validate_fsdp()
         if self.cuda_graph:
             self._validate_cuda_graph()
+        _require(not (self.use_collider and self.model.hyper_stream_dtype != "float32"),
+                 f"use_collider with model.hyper_stream_dtype = {self.model.hyper_stream_dtype} is not available yet "
+                 "(Collider's backward keeps the streams in float32)")
         if self.activation_checkpointing:
             _require(not self.use_collider, "activation_checkpointing with use_collider is not available yet "
                                             "(Collider runs its own backward through the blocks)")
@@ -632,7 +636,7 @@ SWITCHED_SETTINGS: tuple[tuple[str, tuple[str, ...], Callable[[TrainConfig], boo
     ("optimizer is not muon (--optimizer muon)",
      ("muon_fallback", "muon_lr", "muon_momentum", "muon_weight_decay", "muon_adjust_lr"),
      lambda c: c.optimizer == "muon"),
-    ("hyper_connections is 0 (--hyper-connections 2 or 4)", ("hyper_write_init",),
+    ("hyper_connections is 0 (--hyper-connections 2 or 4)", ("hyper_write_init", "hyper_stream_dtype"),
      lambda c: c.model.hyper_connections > 0),
     ("optimizer is not galore_adamw (--optimizer galore_adamw)",
      ("galore_rank", "galore_update_proj_gap", "galore_scale"),

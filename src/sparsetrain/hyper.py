@@ -31,7 +31,8 @@ gradient, since its columns also sum to 1).
 
 The weights are per layer, the same for every token, so a block's mixing is
 three passes over the streams (read; write and the next read; write), each
-one node of :mod:`sparsetrain.hyper_mixing`, in the streams' own dtype.
+one node of :mod:`sparsetrain.hyper_mixing`, in the streams' own dtype
+(``model.hyper_stream_dtype``: float32 by default, or bfloat16).
 
 ``model.hyper_connections = n`` is applied to a built GPT by
 :func:`add_hyper_connections` (:func:`sparsetrain.build.build_model` does it);
@@ -53,6 +54,10 @@ from .numerics import upcast
 
 STREAM_COUNTS = (0, 2, 4)
 WRITE_INITS = ("every_stream", "next_stream")
+# the streams' storage: float32 as the plain residual stream under autocast, or bfloat16,
+# which halves the traffic that sets the mixing's cost (every pass reads and writes all n
+# streams); the mixing sums in float32 either way and rounds its result once
+STREAM_DTYPES = ("float32", "bfloat16")
 
 
 def permutation_matrices(n: int) -> torch.Tensor:
@@ -87,6 +92,7 @@ class HyperConnection(nn.Module):
         else:
             raise ValueError(f"write_init must be one of {', '.join(WRITE_INITS)}, got {write_init!r}")
         self.post_logits = nn.Parameter(post)
+        self.widen_reads = False  # set for streams stored in bfloat16 (add_hyper_connections)
 
     def perm_weights(self) -> torch.Tensor:
         return torch.softmax(upcast(self.res_logits), 0)
@@ -106,7 +112,13 @@ class HyperConnection(nn.Module):
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         """Read: ``[..., n, D] -> [..., D]`` (a forward, so hooks can see the streams)."""
-        return hyper_mixing.read(streams, self.h_pre())
+        return self._widened(hyper_mixing.read(streams, self.h_pre()))
+
+    def _widened(self, read: torch.Tensor) -> torch.Tensor:
+        """A read from streams stored narrower than the model (``widen_reads``: the
+        ``bfloat16`` stream dtype) in the model's own dtype, so that the sublayer
+        reading it meets its weights' dtype with or without autocast."""
+        return read.to(self.pre_logits.dtype) if self.widen_reads else read
 
     def write(self, streams: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Write the sublayer output ``out [..., D]``: ``H_res X + h_post (outer) out``."""
@@ -118,7 +130,8 @@ class HyperConnection(nn.Module):
         (:func:`~sparsetrain.hyper_mixing.read_through`)."""
         if self._hooked():  # hooks see the read as a forward call
             return self(streams), streams
-        return hyper_mixing.read_through(streams, self.h_pre())
+        a, y = hyper_mixing.read_through(streams, self.h_pre())
+        return self._widened(a), y
 
     def write_then_read(self, streams: torch.Tensor, out: torch.Tensor, reader: HyperConnection
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +140,8 @@ class HyperConnection(nn.Module):
         if self._hooked() or reader._hooked():  # hooks see the read as a forward call
             y = self.write(streams, out)
             return y, reader(y)
-        return hyper_mixing.write_then_read(streams, out, self.h_res(), self.h_post(), reader.h_pre())
+        y, a = hyper_mixing.write_then_read(streams, out, self.h_res(), self.h_post(), reader.h_pre())
+        return y, reader._widened(a)
 
     def _hooked(self) -> bool:
         return bool(self._forward_pre_hooks or self._forward_hooks or nn.modules.module._global_forward_pre_hooks
@@ -141,22 +155,28 @@ def check_model_config(cfg: ModelConfig) -> None:
             f"model.hyper_connections must be 0, 2 or 4, got {cfg.hyper_connections}")
     require(cfg.hyper_write_init in WRITE_INITS,
             f"model.hyper_write_init must be {' or '.join(WRITE_INITS)}, got {cfg.hyper_write_init!r}")
+    require(cfg.hyper_stream_dtype in STREAM_DTYPES,
+            f"model.hyper_stream_dtype must be {' or '.join(STREAM_DTYPES)}, got {cfg.hyper_stream_dtype!r}")
 
 
-def add_hyper_connections(model: GPT, n: int, write_init: str = "every_stream") -> GPT:
+def add_hyper_connections(model: GPT, n: int, write_init: str = "every_stream", stream_dtype: str = "float32") -> GPT:
     """Give ``model`` ``n`` residual streams: a :class:`HyperConnection` around each
     block's attention (``hc_attn``) and FFN (``hc_ffn``), and the streams' entry
     scales (``hyper_in``) and read-out (``hyper_out``), initialised as the module
-    docstring says (no random draws). In place; returns ``model``."""
+    docstring says (no random draws); the streams stored in ``stream_dtype``
+    (:data:`STREAM_DTYPES`). In place; returns ``model``."""
     if model.hyper_in is not None:
         raise ValueError("model already has hyper-connections")
     for index, block in enumerate(model.blocks):
         block.hc_attn = HyperConnection(n, 2 * index, write_init)
         block.hc_ffn = HyperConnection(n, 2 * index + 1, write_init)
+        block.hc_attn.widen_reads = block.hc_ffn.widen_reads = stream_dtype != "float32"
     device = model.embed.weight.device
     model.hyper_in = nn.Parameter(torch.linspace(1.0, 0.5, n, device=device))
     out = torch.linspace(1.5, 0.5, n, device=device)
     model.hyper_out = nn.Parameter(out / out.sum())  # unequal, summing to 1
+    if stream_dtype != "float32":  # float32: the streams keep the embedding's dtype, as the plain residual
+        model.hyper_stream_dtype = getattr(torch, stream_dtype)
     return model
 
 

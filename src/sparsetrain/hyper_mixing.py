@@ -18,7 +18,7 @@ Each takes one of two paths:
 
 * plain torch (CPU, and under ``torch.compile``, where inductor fuses it into
   the kernels around it): broadcast products and sums over the stream axis in
-  the streams' dtype, no einsum: an einsum becomes a batched GEMM with a
+  the streams' dtype (float32 for 16-bit streams, rounded once), no einsum: an einsum becomes a batched GEMM with a
   contraction of length ``n`` forward and of length ``B T D`` backward, and
   under autocast it rounds its operands and result to 16 bits. The weights are
   broadcast to every token (:func:`per_token`), so that their gradients are
@@ -30,7 +30,8 @@ Each takes one of two paths:
   added up in float64.
 
 Both keep the streams in their own dtype: float32 under autocast, as the plain
-residual stream is; the sublayer output ``f`` may be 16-bit.
+residual stream is, or bfloat16 (``model.hyper_stream_dtype``); the sublayer
+output ``f`` may be 16-bit.
 """
 
 from __future__ import annotations
@@ -74,17 +75,25 @@ def per_token(weights: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     return w.expand(*streams.shape[:-2], *w.shape)
 
 
+def _summed(streams: torch.Tensor) -> torch.Tensor:
+    """``streams`` in the dtype the mixing sums in: float32 for 16-bit streams (rounded
+    once at the end, as the kernels do), else their own."""
+    return streams.float() if streams.dtype in (torch.float16, torch.bfloat16) else streams
+
+
 def read_reference(streams: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``sum_i weights_i streams[..., i, :]`` in the streams' dtype: ``[..., n, D] -> [..., D]``."""
-    return (streams * per_token(weights, streams).unsqueeze(-1)).sum(-2)
+    s = _summed(streams)
+    return (s * per_token(weights, s).unsqueeze(-1)).sum(-2).to(streams.dtype)
 
 
 def write_reference(streams: torch.Tensor, out: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor
                     ) -> torch.Tensor:
     """``h_res @ streams + h_post (outer) out`` per token, in the streams' dtype:
     ``[..., n, D]``, ``[..., D] -> [..., n, D]``."""
-    mixed = (per_token(h_res, streams).unsqueeze(-1) * streams.unsqueeze(-3)).sum(-2)
-    return (mixed + per_token(h_post, streams).unsqueeze(-1) * out.unsqueeze(-2)).to(streams.dtype)
+    s = _summed(streams)
+    mixed = (per_token(h_res, s).unsqueeze(-1) * s.unsqueeze(-3)).sum(-2)
+    return (mixed + per_token(h_post, s).unsqueeze(-1) * out.unsqueeze(-2)).to(streams.dtype)
 
 
 def spread(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -263,6 +263,7 @@ class GPT(CausalLM):
         # the residual streams' entry scales and read-out, set by sparsetrain.hyper's converter
         self.hyper_in: nn.Parameter | None = None
         self.hyper_out: nn.Parameter | None = None
+        self.hyper_stream_dtype: torch.dtype | None = None  # streams stored narrower than the model (None: its dtype)
         cos, sin = rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
         # Not saved in checkpoints: they are a pure function of the config.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -312,6 +313,8 @@ class GPT(CausalLM):
         streams = self.hyper_in is not None
         if streams:  # streams = the embedding at distinct learned scales (identical streams would make H_res dead)
             x = spread_streams(x, self.hyper_in)
+            if self.hyper_stream_dtype is not None:
+                x = x.to(self.hyper_stream_dtype)
         if cache is None:
             for block in self.blocks[:n_layers]:
                 x = block(x, cos, sin)
@@ -325,7 +328,8 @@ class GPT(CausalLM):
     def read_out(self, streams: torch.Tensor) -> torch.Tensor:
         """The hyper-connection streams' learned read-out, ``[..., n, D] -> [..., D]``
         (a plain mean would leave the last ``H_res`` without gradient: its columns sum to 1)."""
-        return read_streams(streams, self.hyper_out)
+        out = read_streams(streams, self.hyper_out)
+        return out.to(self.hyper_out.dtype) if self.hyper_stream_dtype is not None else out
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6 * (matmul params) + attention scores,
