@@ -130,6 +130,9 @@ class ColliderModel(nn.Module):
         super().__init__()
         if attention not in MODES:
             raise ValueError(f"attention must be auto, kept or dense, got {attention!r}")
+        if getattr(model, "hyper_stream_dtype", None) is not None:  # the embedding node builds float32 streams
+            raise ValueError(f"Collider keeps hyper-connection streams in the model's dtype; this model stores them "
+                             f"in {model.hyper_stream_dtype} (model.hyper_stream_dtype): build it with float32 streams")
         self.model = model
         self.compile = compile
         self.attention = attention
