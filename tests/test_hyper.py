@@ -356,6 +356,11 @@ def test_bfloat16_streams_train_and_are_refused_where_not_built(tmp_path) -> Non
 
     with pytest.raises(ValueError, match="stores them in torch.bfloat16"):
         ColliderModel(model)
+    from sparsetrain.hyper import add_hyper_connections
+
+    with pytest.raises(ValueError, match="stream_dtype must be one of float32, bfloat16, got 'float16'"):
+        add_hyper_connections(build_model(ModelConfig(vocab_size=300, seq_len=16, n_layer=1, n_head=2, d_model=32)), 2,
+                              stream_dtype="float16")
     with pytest.raises(ConfigError, match="model.hyper_stream_dtype must be float32 or bfloat16, got 'float16'"):
         build_config(overrides={"hyper_connections": 2, "hyper_stream_dtype": "float16"})
     with pytest.raises(ConfigError, match="hyper_stream_dtype has no effect while hyper_connections is 0"):

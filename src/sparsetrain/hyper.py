@@ -167,6 +167,8 @@ def add_hyper_connections(model: GPT, n: int, write_init: str = "every_stream", 
     (:data:`STREAM_DTYPES`). In place; returns ``model``."""
     if model.hyper_in is not None:
         raise ValueError("model already has hyper-connections")
+    if stream_dtype not in STREAM_DTYPES:
+        raise ValueError(f"stream_dtype must be one of {', '.join(STREAM_DTYPES)}, got {stream_dtype!r}")
     for index, block in enumerate(model.blocks):
         block.hc_attn = HyperConnection(n, 2 * index, write_init)
         block.hc_ffn = HyperConnection(n, 2 * index + 1, write_init)
