@@ -12,7 +12,8 @@
 # Settings from the environment: SEED (1337), ARM_SECONDS (60 per arm), ARMS, SITE, DATA_ARGS
 # (not SECONDS: bash sets that itself, to the seconds since the shell started).
 # STEPS=N races at equal steps instead (Muon's goal is counted in steps): every arm
-# runs N steps with its lr decayed over them, evaluated every N/10; ARM_SECONDS
+# runs N steps with its lr decayed over them, evaluated every N/20 (steps to the target
+# are interpolated between evaluations); ARM_SECONDS
 # (default 3600) is then only a cap.
 set -euo pipefail
 OUT=${1:?usage: bash bench/race_optimizers.sh OUT_DIR [extra race flags]}
@@ -29,7 +30,7 @@ arm_flags=()
 for a in $ARMS; do arm_flags+=(--arm "$a"); done
 budget=(--seconds "$SECONDS_PER_ARM")
 if [ -n "${STEPS:-}" ]; then
-  budget=(--max-steps "$STEPS" --schedule-by steps --eval-every $(( STEPS >= 10 ? STEPS / 10 : 1 ))
+  budget=(--max-steps "$STEPS" --schedule-by steps --eval-every $(( STEPS >= 20 ? STEPS / 20 : 1 ))
           --seconds "${ARM_SECONDS:-3600}")
 fi
 set -f  # DATA_ARGS' globs go to sparsetrain as they are
