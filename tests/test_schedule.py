@@ -79,6 +79,22 @@ def test_lr_schedule_extension_is_continuous_on_random_settings() -> None:
         assert LRSchedule.from_state_dict(s.state_dict()).lr(step, at + 1.0) == s.lr(step, at + 1.0)
 
 
+def test_extending_a_run_shorter_than_its_warmup_says_the_lr_keeps_warming_up() -> None:
+    """By steps with the end inside the warmup, an extension that still ends inside it
+    says so (not a decay "from step 30 to step 6"), and every lr is the warmup's
+    ``peak * (step + 1) / warmup``, as a fresh schedule to the new end gives."""
+    from sparsetrain.optim import LRSchedule
+
+    s = LRSchedule.from_settings("steps", 3e-3, 30, 0.1, 4)
+    said = s.extend(2, 6)
+    assert said == ("lr schedule extended: the end moves to step 6 (was step 4), still inside the 30-step warmup: "
+                    "the lr keeps warming up")
+    fresh = LRSchedule.from_settings("steps", 3e-3, 30, 0.1, 6)
+    for step in range(6):
+        assert s.lr(step, 0.0) == fresh.lr(step, 0.0) == pytest.approx(3e-3 * (step + 1) / 30, rel=1e-12)
+    assert s.extend(5, 100).startswith("lr schedule extended: from 0.003 at 30 step to the floor 0.0003 at 100 step")
+
+
 def test_lr_schedule_by_time_is_warmup_times_cosine_over_seconds() -> None:
     from sparsetrain.optim import LRSchedule
 

@@ -97,6 +97,9 @@ class LRSchedule:
         from_lr = self.decay(start)
         self.segments.append((start, float(new_end), from_lr))
         unit = "step" if self.by == "steps" else "s"
+        if start >= new_end:  # only by steps: a run shorter than its warmup, whose decay never starts
+            return (f"lr schedule extended: the end moves to step {new_end:g} (was step {self.segments[-2][1]:g}), "
+                    f"still inside the {self.warmup_steps}-step warmup: the lr keeps warming up")
         return (f"lr schedule extended: from {from_lr:.3g} at {start:g} {unit} to the floor {self.floor:.3g} "
                 f"at {new_end:g} {unit} (was {self.segments[-2][1]:g} {unit})")
 
