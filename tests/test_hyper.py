@@ -389,13 +389,20 @@ def _cpu_inductor_ok() -> bool:
 COMPILE_BACKEND = "inductor" if _cpu_inductor_ok() else "aot_eager"
 
 
+@pytest.mark.parametrize("stream_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("n", [2, 4])
-def test_compiled_training_steps_match_eager_without_breaks_or_recompiles(n: int) -> None:
+def test_compiled_training_steps_match_eager_without_breaks_or_recompiles(n: int, stream_dtype: str) -> None:
     """The whole forward and loss as one graph (``fullgraph``), a backward through it, and
     three optimizer steps on new batches of the same shape with no recompilation; loss and
-    every gradient as the eager model's, to float32 rounding."""
+    every gradient as the eager model's, to float32 rounding. With bfloat16 streams,
+    inductor's fused kernels round the streams' gradients at other places than eager:
+    the loss within 1e-4, the sublayers' gradients within a few bfloat16 ulps, and the
+    mixing weights' (sums over every token that cancel, bench.hyper_stream_precision)
+    only present and finite."""
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    cfg = ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=32, hyper_connections=n)
+    cfg = ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=32, hyper_connections=n,
+                      hyper_stream_dtype=stream_dtype)
+    loss_tol, grad_tol = (1e-5, 1e-4) if stream_dtype == "float32" else (1e-4, 3e-2)
     model = build_model(cfg)
     for hc in (m for m in model.modules() if isinstance(m, HyperConnection)):
         for p in (hc.res_logits, hc.pre_logits, hc.post_logits):
@@ -412,10 +419,12 @@ def test_compiled_training_steps_match_eager_without_breaks_or_recompiles(n: int
         want = eager(idx, tgt)[1]
         loss.backward()
         want.backward()
-        assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+        assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=loss_tol)
         for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-            assert p.grad is not None, name
-            assert float((p.grad - q.grad).norm()) <= 1e-4 * float(q.grad.norm()) + 1e-7, name
+            assert p.grad is not None and bool(p.grad.isfinite().all()), name
+            if stream_dtype == "bfloat16" and ("hc_" in name or name.startswith("hyper_")):
+                continue
+            assert float((p.grad - q.grad).norm()) <= grad_tol * float(q.grad.norm()) + 1e-7, name
         for opt in opts:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -539,3 +548,16 @@ def test_an_unknown_write_init_is_one_line() -> None:
         build_config(overrides={"hyper_connections": 2, "hyper_write_init": "bogus"})
     with pytest.raises(ValueError, match="write_init must be one of every_stream, next_stream, got 'bogus'"):
         HyperConnection(2, 0, "bogus")
+
+
+def test_stream_precision_bench_measures_against_float64() -> None:
+    """``bench.hyper_stream_precision``: with float32 streams and no autocast every
+    gradient is float64's to float32 rounding; bfloat16 streams move every group's
+    gradient by far more than that (the storage's rounding, not a fixed figure)."""
+    from bench.hyper_stream_precision import measure
+
+    errors = measure(2, seeds=1)
+    assert set(errors) == {"hyper_in", "hyper_out", "other", "post_logits", "pre_logits", "res_logits"}
+    for name, arms in errors.items():
+        assert arms["float32 streams"]["max"] < 1e-2 if name.endswith("_logits") else arms["float32 streams"]["max"] < 1e-4
+        assert arms["bfloat16 streams"]["median"] > 30 * arms["float32 streams"]["median"], name
