@@ -209,14 +209,14 @@ def test_mixing_under_autocast_keeps_float32_streams_exact_to_float32(n: int) ->
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel-path tests run
 
 
-def _model_with_streams(n: int, **overrides) -> GPT:
-    """A float64 GPT with ``n`` streams (n = 1 too, which the config does not offer) and
-    random mixing parameters."""
+def _model_with_streams(n: int, stream_dtype: str = "float32", **overrides) -> GPT:
+    """A float64 GPT with ``n`` streams (n = 1 too, which the config does not offer),
+    stored in ``stream_dtype``, and random mixing parameters."""
     from sparsetrain.hyper import add_hyper_connections
 
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     cfg = ModelConfig(**{"vocab_size": 300, "seq_len": 16, "n_layer": 2, "n_head": 2, "d_model": 32, **overrides})
-    model = add_hyper_connections(build_model(cfg), n).double().to(DEVICE)
+    model = add_hyper_connections(build_model(cfg), n, stream_dtype=stream_dtype).double().to(DEVICE)
     for hc in (m for m in model.modules() if isinstance(m, HyperConnection)):
         for p in (hc.res_logits, hc.pre_logits, hc.post_logits):
             p.data.normal_(0, 1.5)
@@ -225,22 +225,32 @@ def _model_with_streams(n: int, **overrides) -> GPT:
     return model
 
 
-def formula_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+def formula_logits(model: GPT, idx: torch.Tensor, store=None, mix: torch.dtype | None = None) -> torch.Tensor:
     """The model's logits by the mHC-lite formulas, one term at a time, from its
-    parameters (the sublayers, norms and head are the model's own modules)."""
+    parameters (the sublayers, norms and head are the model's own modules). For
+    streams stored narrower: every value the streams hold, every read and the read-out
+    passed through ``store`` (rounded once), and the sums over the streams taken in
+    ``mix`` with the weights in ``mix`` (the sublayer's output added in its own dtype);
+    by default neither, every term in the model's dtype."""
+    store = store or (lambda t: t)
     n, T = model.hyper_in.numel(), idx.shape[1]
     cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     e = model.embed(idx)
-    X = [model.hyper_in[i] * e for i in range(n)]
+    X = [store(model.hyper_in[i] * e) for i in range(n)]
+    to_mix = (lambda t: t) if mix is None else (lambda t: t.to(mix))
+
+    def mixed(weights, values):  # sum_i w_i v_i in the mixing dtype, back in the model's
+        return sum(to_mix(w) * to_mix(v) for w, v in zip(weights, values)).to(e.dtype)
+
     for blk in model.blocks:
         for hc, sublayer in ((blk.hc_attn, lambda a: blk.attn(blk.attn_norm(a), cos, sin)),
                              (blk.hc_ffn, lambda a: blk.ffn(blk.ffn_norm(a)))):
             w = torch.softmax(hc.res_logits, 0)
             H = sum(w[k] * hc.perms[k].to(w.dtype) for k in range(len(w)))
             p, q = torch.sigmoid(hc.pre_logits), 2 * torch.sigmoid(hc.post_logits)
-            f = sublayer(sum(p[i] * X[i] for i in range(n)))
-            X = [sum(H[i, j] * X[j] for j in range(n)) + q[i] * f for i in range(n)]
-    return model.lm_head(model.norm(sum(model.hyper_out[i] * X[i] for i in range(n))))
+            f = sublayer(store(mixed(p, X)))
+            X = [store(mixed(H[i], X) + to_mix(q[i]).to(f.dtype) * f) for i in range(n)]
+    return model.lm_head(model.norm(store(mixed(model.hyper_out, X))))
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
@@ -266,48 +276,16 @@ def _stored_in_bfloat16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).to(t.dtype)
 
 
-def formula_logits_stored(model: GPT, idx: torch.Tensor, store=_stored_in_bfloat16,
-                          mix: torch.dtype = torch.float32) -> torch.Tensor:
-    """:func:`formula_logits` for streams stored in bfloat16, term by term: every value
-    the streams hold, every read and the read-out passed through ``store`` (rounded
-    once), and the sums over the streams taken in ``mix`` with the weights in ``mix``,
-    as the storage's contract says (float32; the sublayer's output added in its own
-    dtype). Summed in float64 instead, values near a bfloat16 tie round the other way
-    and the difference grows through the layers as large as the rounding itself."""
-    n, T = model.hyper_in.numel(), idx.shape[1]
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
-    e = model.embed(idx)
-    X = [store(model.hyper_in[i] * e) for i in range(n)]
-
-    def mixed(weights, values):  # sum_i w_i v_i in the mixing dtype, back in the model's
-        return sum(w.to(mix) * v.to(mix) for w, v in zip(weights, values)).to(e.dtype)
-
-    for blk in model.blocks:
-        for hc, sublayer in ((blk.hc_attn, lambda a: blk.attn(blk.attn_norm(a), cos, sin)),
-                             (blk.hc_ffn, lambda a: blk.ffn(blk.ffn_norm(a)))):
-            w = torch.softmax(hc.res_logits, 0)
-            H = sum(w[k] * hc.perms[k].to(w.dtype) for k in range(len(w)))
-            p, q = torch.sigmoid(hc.pre_logits), 2 * torch.sigmoid(hc.post_logits)
-            f = sublayer(store(mixed(p, X)))
-            X = [store(mixed(H[i], X) + q[i].to(mix).to(f.dtype) * f) for i in range(n)]
-    return model.lm_head(model.norm(store(mixed(model.hyper_out, X))))
-
-
 @pytest.mark.parametrize("n", [2, 4])
 def test_bfloat16_streams_are_the_formulas_rounded_where_stored(n: int, mixing_path: str) -> None:
     """``model.hyper_stream_dtype = bfloat16``: a float64 model's logits equal the
     formulas' with each stored value (the streams after entry and after every write,
     each read, the read-out) rounded once to bfloat16, and differ from the unrounded
     formulas by far more; the streams entering each block are bfloat16, the reads the
-    model's dtype."""
-    from sparsetrain.hyper import add_hyper_connections
-
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
-    cfg = ModelConfig(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=32)
-    model = add_hyper_connections(build_model(cfg), n, stream_dtype="bfloat16").double().to(DEVICE)
-    for hc in (m for m in model.modules() if isinstance(m, HyperConnection)):
-        for p in (hc.res_logits, hc.pre_logits, hc.post_logits):
-            p.data.normal_(0, 1.5)
+    model's dtype. The formulas sum in float32, as the storage's contract says: summed
+    in float64, values near a bfloat16 tie round the other way and the difference grows
+    through the layers as large as the rounding itself."""
+    model = _model_with_streams(n, stream_dtype="bfloat16")
     seen: list[torch.dtype] = []
     for blk in model.blocks:
         blk.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
@@ -316,8 +294,8 @@ def test_bfloat16_streams_are_the_formulas_rounded_where_stored(n: int, mixing_p
     with torch.no_grad():
         got, _ = model(idx)
         seen_by_model = list(seen)
-        want = formula_logits_stored(model, idx)
-        unrounded = formula_logits_stored(model, idx, store=lambda t: t)
+        want = formula_logits(model, idx, store=_stored_in_bfloat16, mix=torch.float32)
+        unrounded = formula_logits(model, idx, mix=torch.float32)
     assert got.dtype == torch.float64
     assert seen_by_model == [torch.bfloat16, torch.float64] * 2  # each block's streams, its attention's read
     scale = float(want.abs().max())
