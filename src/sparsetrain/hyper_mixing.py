@@ -18,7 +18,8 @@ Each takes one of two paths:
 
 * plain torch (CPU, and under ``torch.compile``, where inductor fuses it into
   the kernels around it): broadcast products and sums over the stream axis in
-  the streams' dtype (float32 for 16-bit streams, rounded once), no einsum: an einsum becomes a batched GEMM with a
+  the streams' dtype (float32 for 16-bit streams, rounded once), no einsum: an
+  einsum becomes a batched GEMM with a
   contraction of length ``n`` forward and of length ``B T D`` backward, and
   under autocast it rounds its operands and result to 16 bits. The weights are
   broadcast to every token (:func:`per_token`), so that their gradients are
