@@ -34,9 +34,11 @@ def group(name: str) -> str:
     return name.rsplit(".", 1)[-1] if ".hc_" in name else "other"
 
 
-def measure(n: int, seeds: int) -> dict:
+def measure(n: int, seeds: int, first_seed: int = 0) -> dict:
+    """Per parameter group and arm, the median and maximum relative gradient error
+    over seeds ``first_seed .. first_seed + seeds - 1``."""
     errors: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         torch.manual_seed(seed)
         cfg = ModelConfig(**SHAPE, hyper_connections=n)
         ref = build_model(cfg).double()

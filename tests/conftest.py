@@ -28,6 +28,12 @@ WORDS = "def class return import self value index token gradient layer model tra
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def fresh_seed() -> int:
+    """A seed nobody chose, from the OS (not torch's global state, which earlier
+    tests may have seeded): put it in assertion messages to reproduce a failure."""
+    return int.from_bytes(os.urandom(4), "little") >> 1
+
+
 def write_corpus(folder: Path, n_files: int = 40, seed: int = 0) -> Path:
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)

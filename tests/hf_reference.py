@@ -9,6 +9,7 @@ import importlib
 from collections.abc import Iterator
 
 import torch
+from conftest import fresh_seed  # noqa: F401  (the tests import it from here too)
 
 transformers = importlib.import_module("transformers")
 
@@ -108,8 +109,3 @@ def random_batch(B: int, T: int, vocab: int, g: torch.Generator) -> tuple[torch.
     return ids, targets, keep
 
 
-def fresh_seed() -> int:
-    """A seed nobody chose (shown in assertion messages, to reproduce a failure)."""
-    import os
-
-    return int.from_bytes(os.urandom(4), "little") >> 1

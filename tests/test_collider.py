@@ -17,12 +17,8 @@ from sparsetrain.config import ModelConfig
 from sparsetrain.model import GPT, apply_rope, rope_tables
 from sparsetrain.selection import TokenSelector, cached_kept_indices
 
-from conftest import requires_cuda
+from conftest import fresh_seed, requires_cuda
 from gradient_magnitudes import assert_within_rounding, recording
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
 
 
 def reference_trunk(model: GPT, idx: torch.Tensor, keep: torch.Tensor, hidden: list | None = None,

@@ -17,7 +17,7 @@ from sparsetrain.data import is_val_file, load_corpus
 from sparsetrain.reference_losses import SIDECAR_FORMAT, header_path, tokens_fingerprint
 
 from conftest import write_corpus
-from hf_reference import fresh_seed
+from conftest import fresh_seed
 
 VAL = 0.1
 

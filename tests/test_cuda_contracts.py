@@ -22,11 +22,7 @@ import torch.nn.functional as F
 
 from sparsetrain import kernels
 
-from conftest import requires_cuda
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
+from conftest import fresh_seed, requires_cuda
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

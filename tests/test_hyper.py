@@ -12,6 +12,8 @@ from sparsetrain.config import ModelConfig
 from sparsetrain.hyper import HyperConnection, analyze_layer, analyze_model, report, stream_divergence
 from sparsetrain.model import GPT
 
+from conftest import fresh_seed
+
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_h_res_is_doubly_stochastic(n: int) -> None:
@@ -305,6 +307,48 @@ def test_bfloat16_streams_are_the_formulas_rounded_where_stored(n: int, mixing_p
     assert float((got - unrounded).abs().max()) >= 5e-4 * scale  # the rounding is there (2e-3 and more)
 
 
+@pytest.mark.parametrize("n", [2, 4])
+def test_bfloat16_streams_gradients_follow_the_rounded_formulas(n: int, mixing_path: str) -> None:
+    """Every parameter's gradient with bfloat16 streams, on each path, against the float64
+    formulas: the rest of the model and the writes' gains (``post_logits``) stay within
+    a few bfloat16 roundings of the unrounded formulas; ``hyper_out`` (the read-out,
+    whose gradient reads the rounded streams and nothing rounded after them) equals the
+    rounded formulas' to float64 rounding; the reads, ``H_res`` and ``hyper_in``, whose
+    gradients sum products of rounded streams and gradients that cancel, lie no further
+    from the unrounded formulas than a few times the rounded formulas do (the backward
+    rounds the streams' gradients at places the formulas do not), plus 0.1. Per group,
+    all layers' parameters together; bounds from 5 fresh draws per path and n on CPU
+    at 1.5x or more the largest seen."""
+    model = _model_with_streams(n, stream_dtype="bfloat16")
+    idx = torch.randint(0, 300, (2, 16), device=DEVICE)
+    up = torch.randn(2, 16, 300, dtype=torch.float64, device=DEVICE)
+
+    def grads(logits) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        (logits() * up).sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    got = grads(lambda: model(idx)[0])
+    rounded = grads(lambda: formula_logits(model, idx, store=_stored_in_bfloat16, mix=torch.float32))
+    unrounded = grads(lambda: formula_logits(model, idx, mix=torch.float32))
+    groups: dict[str, list[str]] = {}
+    for name in got:
+        kind = name.rsplit(".", 1)[-1] if (".hc_" in name or name.startswith("hyper_")) else "other"
+        groups.setdefault(kind, []).append(name)
+    assert set(groups) == {"other", "hyper_in", "hyper_out", "pre_logits", "post_logits", "res_logits"}
+
+    def off(a: dict, b: dict, names: list[str]) -> float:
+        flat = lambda d: torch.cat([d[k].flatten() for k in names])  # noqa: E731
+        return float((flat(a) - flat(b)).norm() / flat(b).norm())
+
+    assert off(got, unrounded, groups["other"]) < 2e-2
+    assert off(got, unrounded, groups["post_logits"]) < 5e-2
+    assert off(got, rounded, groups["hyper_out"]) < 5e-3
+    for kind in ("hyper_in", "pre_logits", "res_logits"):
+        assert off(got, unrounded, groups[kind]) < 5 * off(rounded, unrounded, groups[kind]) + 0.1, kind
+    assert off(got, unrounded, groups["other"]) > 1e-4  # the rounding is there (2e-3 and more)
+
+
 def test_bfloat16_streams_train_and_are_refused_where_not_built(tmp_path) -> None:
     """A CPU model with bfloat16 streams trains (the loss falls, every parameter gets a
     finite gradient); the setting without hyper-connections, a bad value and Collider
@@ -442,23 +486,32 @@ def test_mixing_weight_gradients_are_summed_per_token_first(n: int) -> None:
 
 
 def test_report_is_the_same_on_either_path(monkeypatch) -> None:
-    """The analysis hooks each read, so the kernel path's fused nodes step aside while it runs."""
+    """The analysis hooks each read, so the kernel path's fused nodes step aside while it
+    runs: the same batch's backward, then the report, on the plain-torch path and on the
+    kernel path give the same stream divergences and mixing gradients' norms."""
     from sparsetrain import hyper_mixing
 
     if hyper_mixing.triton is None:
         pytest.skip("triton not installed")
     model = _model_with_streams(2)
     idx = torch.randint(0, 300, (2, 16), device=DEVICE)
-    _step(model)
-    monkeypatch.setattr(hyper_mixing, "uses_kernel", lambda streams: False)
-    plain = report(model, idx)
-    monkeypatch.setattr(hyper_mixing, "uses_kernel", hyper_mixing.kernel_ok)
-    fused = report(model, idx)
+    tgt = torch.randint(0, 300, (2, 16), device=DEVICE)
+
+    def backward_then_report(uses_kernel) -> dict:
+        monkeypatch.setattr(hyper_mixing, "uses_kernel", uses_kernel)
+        model.zero_grad(set_to_none=True)
+        model(idx, tgt)[1].backward()
+        return report(model, idx)
+
+    plain = backward_then_report(lambda streams: False)
+    fused = backward_then_report(hyper_mixing.kernel_ok)
     assert len(fused["layers"]) == 2 * len(model.blocks)
     for a, b in zip(plain["layers"], fused["layers"]):
         assert a["stream_divergence"] == pytest.approx(b["stream_divergence"], rel=1e-12)
-        assert a["grad_norm"] == b["grad_norm"]
-    assert plain["composed_res_gain"] == fused["composed_res_gain"]
+        assert a["grad_norm"].keys() == b["grad_norm"].keys()
+        for name in a["grad_norm"]:
+            assert a["grad_norm"][name] > 0, name
+            assert b["grad_norm"][name] == pytest.approx(a["grad_norm"][name], rel=1e-4, abs=1e-9), name
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -529,13 +582,23 @@ def test_an_unknown_write_init_is_one_line() -> None:
 
 
 def test_stream_precision_bench_measures_against_float64() -> None:
-    """``bench.hyper_stream_precision``: with float32 streams and no autocast every
-    gradient is float64's to float32 rounding; bfloat16 streams move every group's
-    gradient by far more than that (the storage's rounding, not a fixed figure)."""
+    """``bench.hyper_stream_precision`` on a fresh seed: with float32 streams and no
+    autocast every gradient is float64's to float32 rounding; bfloat16 streams move
+    every group's gradient by far more than that (the storage's rounding) but stay
+    bounded: the rest of the model within a few bfloat16 epsilons, the mixing weights'
+    sums (which cancel) within bounds a zero or sign-flipped gradient (error 1 or 2)
+    would break. Bounds: at least 1.5 times the largest median over 40 fresh seeds on
+    CPU; ``hyper_in`` and ``hyper_out`` are one parameter each whose gradient cancels
+    heavily (0.59 and 0.22 seen), so theirs only rule out a lost or flipped gradient."""
     from bench.hyper_stream_precision import measure
 
-    errors = measure(2, seeds=1)
+    seed = fresh_seed()
+    errors = measure(2, seeds=1, first_seed=seed)
     assert set(errors) == {"hyper_in", "hyper_out", "other", "post_logits", "pre_logits", "res_logits"}
+    bound = {"other": 0.02, "post_logits": 0.1, "pre_logits": 0.4, "res_logits": 0.3, "hyper_in": 0.9, "hyper_out": 0.9}
     for name, arms in errors.items():
         assert arms["float32 streams"]["max"] < 1e-2 if name.endswith("_logits") else arms["float32 streams"]["max"] < 1e-4
-        assert arms["bfloat16 streams"]["median"] > 30 * arms["float32 streams"]["median"], name
+        assert arms["bfloat16 streams"]["median"] > 30 * arms["float32 streams"]["median"], (name, seed)
+        for arm in ("bfloat16 streams", "bfloat16 streams, bf16 autocast"):
+            assert arms[arm]["median"] < bound[name], (name, arm, arms[arm], seed)
+        assert arms["float32 streams, bf16 autocast"]["median"] < min(bound[name], 0.1), (name, arms, seed)

@@ -19,10 +19,7 @@ from sparsetrain.selection import (
     CGGRLoss, TokenSelector, budget, inclusion_probabilities, score_tokens, select, select_importance,
 )
 from sparsetrain.selection.select import IMPORTANCE_FLOOR, systematic_sample
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
+from conftest import fresh_seed
 
 
 def naive_inclusion(w: list[float], k: int) -> list[float]:

@@ -26,8 +26,14 @@ def _model(seed: int, **over) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("over", [{}, {"ffn": "swiglu"}, {"hyper_connections": 2}], ids=["relu2", "swiglu", "hyper2"])
+@pytest.mark.parametrize("over", [{}, {"ffn": "swiglu"}, {"hyper_connections": 2},
+                                  {"hyper_connections": 2, "hyper_stream_dtype": "bfloat16"}],
+                         ids=["relu2", "swiglu", "hyper2", "hyper2_bf16"])
 def test_trunk_in_pieces_from_the_cache_equals_the_whole_sequence(over: dict) -> None:
+    """The trunk over a prompt and then single tokens and chunks from the cache equals
+    one forward of the whole sequence: to float64 rounding, or, with streams stored in
+    bfloat16, to a few roundings of a value near a bfloat16 tie (a cache that served
+    the wrong keys would be off by the values' own size)."""
     seed = random.randrange(2**31)
     model = _model(seed, **over)
     gen = torch.Generator().manual_seed(seed)
@@ -41,7 +47,8 @@ def test_trunk_in_pieces_from_the_cache_equals_the_whole_sequence(over: dict) ->
             at += size
         assert cache.length == 24
         err = (torch.cat(pieces, 1) - whole).abs().max().item()
-    assert err < 1e-10 * whole.abs().max().item(), (seed, err)
+    tol = 2e-2 if over.get("hyper_stream_dtype") == "bfloat16" else 1e-10
+    assert err < tol * whole.abs().max().item(), (seed, err)
     with pytest.raises(ValueError, match="exceeds the model's seq_len"):
         model.trunk(ids[:, :1], cache=cache)
 

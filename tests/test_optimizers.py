@@ -28,6 +28,8 @@ from sparsetrain.mtp import MTPHeads, naive_loss
 from sparsetrain.optim import lr_at
 from sparsetrain.optimizers import make_adamw
 
+from conftest import fresh_seed
+
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's defaults (Keller Jordan's quintic)
 SMALL = dict(vocab_size=300, seq_len=16, n_layer=2, n_head=2, d_model=32, warmup_steps=2, max_steps=6)
 
@@ -36,8 +38,9 @@ def cfg_of(**overrides):
     return build_config("tiny", overrides={**SMALL, **overrides})
 
 
-def fresh_seed() -> int:
-    seed = int(torch.randint(0, 2**31 - 1, ()))
+def seed_torch() -> int:
+    """Seed torch's global generator with a fresh seed, and return it."""
+    seed = fresh_seed()
     torch.manual_seed(seed)
     return seed
 
@@ -161,7 +164,7 @@ def legacy_adamw(model: nn.Module, lr: float, wd: float, betas) -> torch.optim.A
 @pytest.mark.parametrize("arch", ["gpt", "resnet_bk"])
 def test_adamw_unchanged_from_the_legacy_grouping(arch) -> None:
     """optimizer = adamw (and optimizers.make_adamw) step exactly as before."""
-    fresh_seed()
+    seed_torch()
     cfg = cfg_of(arch=arch, ffn="relu2", tie_embeddings=arch == "gpt")
     model = build_model(cfg.model)
     ref_model = copy.deepcopy(model)
@@ -213,7 +216,7 @@ def muon_float64(w0: torch.Tensor, grads: list[torch.Tensor], lrs: list[float], 
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48)])
 @pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
 def test_muon_matches_float64_newton_schulz(shape, adjust) -> None:
-    fresh_seed()
+    seed_torch()
     cfg = cfg_of(optimizer="muon", muon_weight_decay=0.1, muon_adjust_lr=adjust)
     layer = nn.Linear(shape[1], shape[0], bias=False)
     opt = O.build_optimizer(layer, cfg, "cpu")
@@ -252,7 +255,7 @@ def test_muon_part_equals_torch_muon_and_rest_equals_adamw(adjust) -> None:
     """The combined optimizer, driven like the trainer (scheduled lr times
     lr_scale), equals torch.optim.Muon on the hidden matrices and AdamW on
     the rest, run separately, bitwise."""
-    fresh_seed()
+    seed_torch()
     cfg = cfg_of(optimizer="muon", ffn="swiglu", muon_weight_decay=0.05, muon_momentum=0.9, muon_adjust_lr=adjust)
     model = build_model(cfg.model)
     ref_model = copy.deepcopy(model)
@@ -289,7 +292,7 @@ def test_muon_part_equals_torch_muon_and_rest_equals_adamw(adjust) -> None:
 def test_expert_stack_slices_step_like_separate_matrices() -> None:
     """A [E, out, in] stack under Muon equals E separate 2-D parameters under
     torch's Muon: orthogonalised, shape-scaled and decayed one by one."""
-    fresh_seed()
+    seed_torch()
     stack = nn.Parameter(torch.randn(3, 24, 10))
     alone = [nn.Parameter(stack.detach()[e].clone()) for e in range(3)]
     opt = O._muon_class()([stack], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True)
@@ -316,7 +319,7 @@ def test_newton_schulz_batch_equals_each_matrix_in_float64(shape, steps, coeffs,
     (fused as baddbmm or not): each matrix normalised by its own norm (one below
     eps is divided by eps), tall ones orientated wide and back. float64 on both
     sides: what is left is summation order (bmm against mm), ~1e-15."""
-    fresh_seed()
+    seed_torch()
     scales = torch.logspace(-10, 2, shape[0], dtype=torch.float64) if shape[0] > 1 else torch.ones(1, dtype=torch.float64)
     g = torch.randn(shape, dtype=torch.float64) * scales.view(-1, 1, 1)  # the first one's norm is below eps = 1e-7
     out = O.newton_schulz(g, steps, coeffs, 1e-7, dtype=torch.float64, use_addmm=use_addmm)
@@ -358,7 +361,7 @@ def test_batched_muon_equals_torch_muon_per_matrix(precision, nesterov, adjust, 
     if precision == "float64":
         request.getfixturevalue("float64_newton_schulz")
     dtype = torch.float64 if precision == "float64" else torch.float32
-    fresh_seed()
+    seed_torch()
     shapes = [(24, 10), (16, 16), (24, 10), (10, 24), (16, 16), (24, 10), (7, 40)]
     mats = [nn.Parameter(torch.randn(s, dtype=dtype, device=device)) for s in shapes]
     stack = nn.Parameter(torch.randn(3, 24, 10, dtype=dtype, device=device))
@@ -405,7 +408,7 @@ def test_muon_state_dict_round_trips_with_torch_muon(float64_newton_schulz, tmp_
     group options): a state saved by sparsetrain's Muon resumes in torch's and
     one saved by torch's in sparsetrain's, each ending where 4 straight steps
     end (float64 Newton–Schulz, so a wrongly restored momentum would show)."""
-    fresh_seed()
+    seed_torch()
     shapes = [(24, 10), (24, 10), (10, 24), (16, 16)]
     start = [torch.randn(s, dtype=torch.float64) for s in shapes]
     grads = [[torch.randn(s, dtype=torch.float64) for s in shapes] for _ in range(4)]
@@ -449,7 +452,7 @@ def test_muon_state_dict_round_trips_with_torch_muon(float64_newton_schulz, tmp_
 def test_lion_matches_the_paper_update_in_float64() -> None:
     """Lion (Chen et al. 2023, Algorithm 2): c = b1 m + (1-b1) g;
     w -= lr (sign(c) + wd w); m = b2 m + (1-b2) g -- decay on matrices only."""
-    fresh_seed()
+    seed_torch()
     cfg = cfg_of(optimizer="lion", lr=1e-3, weight_decay=0.3, beta1=0.9, beta2=0.99)
     model = build_model(cfg.model).double()
     opt = O.build_optimizer(model, cfg, "cpu")
@@ -494,7 +497,7 @@ def galore_float64(w0: torch.Tensor, grads: list[torch.Tensor], lr: float, betas
 
 @needs("galore_torch")
 def test_galore_matches_its_update_rule(offline_hub) -> None:
-    fresh_seed()
+    seed_torch()
     cfg = cfg_of(optimizer="galore_adamw", galore_rank=4, galore_update_proj_gap=2, galore_scale=0.5, weight_decay=0.1)
     layer = nn.Linear(16, 40, bias=False)
     opt = O.build_optimizer(layer, cfg, "cpu")
@@ -513,7 +516,7 @@ def test_galore_matches_its_update_rule(offline_hub) -> None:
 def test_adamw8bit_runs_on_cpu_close_to_adamw(offline_hub) -> None:
     """bitsandbytes >= 0.49 runs its 8-bit AdamW on CPU too: a large matrix's
     moments are uint8, and the steps stay close to AdamW's."""
-    fresh_seed()
+    seed_torch()
     cfg = cfg_of(optimizer="adamw8bit", lr=1e-2)
     layer = nn.Linear(128, 128)
     ref_layer = copy.deepcopy(layer)
@@ -564,7 +567,7 @@ def test_exact_resume_through_a_checkpoint(kind, fallback, tmp_path, offline_hub
         pytest.skip("needs torch >= 2.9 (torch.optim.Muon)")
     from sparsetrain.checkpoint import load_checkpoint, save_checkpoint
 
-    seed = fresh_seed()
+    seed = seed_torch()
     cfg = cfg_of(optimizer=kind, muon_fallback=fallback, ffn="swiglu", galore_rank=4, galore_update_proj_gap=5)
     batches = [tuple(torch.randint(0, 300, (2, 16)) for _ in range(2)) for _ in range(6)]
 
@@ -600,7 +603,7 @@ def test_exact_resume_through_a_checkpoint(kind, fallback, tmp_path, offline_hub
 @needs_muon
 def test_muon_resume_on_resnet_bk_expert_stacks(tmp_path) -> None:
     """The same for Muon over ResNet-BK, whose expert stacks hold 3-D momentum."""
-    seed = fresh_seed()
+    seed = seed_torch()
     cfg = cfg_of(arch="resnet_bk", ffn="relu2", optimizer="muon", n_layer=1)
     batches = [tuple(torch.randint(0, 300, (2, 16)) for _ in range(2)) for _ in range(4)]
 
@@ -728,7 +731,7 @@ def test_collider_step() -> None:
     torch's Muon and AdamW run on the same gradients."""
     from sparsetrain.collider import ColliderModel, filter as collider_filter, masked_cross_entropy
 
-    fresh_seed()
+    seed_torch()
     cfg = cfg_of(optimizer="muon")
     model = build_model(cfg.model)
     ref_model = copy.deepcopy(model)
@@ -791,7 +794,7 @@ def _ddp_worker(rank: int, world: int, port: int, seed: int, batch: tuple, out: 
 def test_muon_under_ddp_keeps_replicas_equal(tmp_path) -> None:
     """Two gloo ranks, each half the batch: after two Muon steps both replicas
     are bitwise equal and match one process stepping on the whole batch."""
-    seed = fresh_seed()
+    seed = seed_torch()
     x, y = torch.randint(0, 300, (4, 16)), torch.randint(0, 300, (4, 16))
     mp.spawn(_ddp_worker, args=(2, _free_port(), seed, (x, y), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "muon0.pt", weights_only=True)

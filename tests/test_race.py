@@ -12,7 +12,7 @@ import torch
 
 from sparsetrain.cli import main
 from sparsetrain.errors import ConfigError
-from sparsetrain.race import (Arm, interleave_order, loss_at_step, parse_arm, race_plan, run_race, step_ms,
+from sparsetrain.race import (Arm, budget_line, interleave_order, loss_at_step, parse_arm, race_plan, run_race, step_ms,
                               time_to_target)
 
 
@@ -179,6 +179,43 @@ def test_tiny_race_end_to_end(make_cfg, tmp_path: Path, capsys) -> None:
         run_race(arms, 2.0, 2, out, "tiny", flags=dict(flags), verbose=False)
 
 
+def test_a_race_refuses_step_limits_on_its_time_schedule_and_mixed_budgets(make_cfg, tmp_path: Path) -> None:
+    """``max_steps`` on the race's time schedule would stop a fast arm before its lr
+    decays, and arms at equal steps beside arms at equal seconds compare nothing: each
+    is one line naming the arm and the value, before anything runs."""
+    flags = _tiny_flags(make_cfg)
+    arms = [Arm("dense", {}), Arm("random50", {"use_collider": "true", "collider_sparsity": "0.5",
+                                                "collider_method": "random"})]
+    with pytest.raises(ConfigError, match=r"arm dense: max_steps=7 in a race needs schedule_by = \"steps\""):
+        race_plan(arms, 60.0, 1, tmp_path / "race", "tiny", flags={**flags, "max_steps": 7})
+    with pytest.raises(ConfigError, match=r"arm random50: max_steps=9 in a race needs"):
+        race_plan([arms[0], Arm("random50", {**arms[1].overrides, "max_steps": "9"})], 60.0, 1, tmp_path / "race",
+                  "tiny", flags=flags)
+    mixed = [arms[0], Arm("random50", {**arms[1].overrides, "max_steps": "9", "schedule_by": "steps"})]
+    with pytest.raises(ConfigError, match="at equal seconds or at equal steps, not both: random50 set max_steps and "
+                                          "dense do not"):
+        race_plan(mixed, 60.0, 1, tmp_path / "race", "tiny", flags=flags)
+    assert not (tmp_path / "race").exists()
+
+
+def test_budget_line_names_the_steps_and_the_runs_the_seconds_cut_short() -> None:
+    """The table's title: seconds per run; at equal steps the step count (or each arm's
+    range) with the seconds as a cap, and the runs that reached the cap first."""
+    def report(runs: dict[str, list[tuple[int, int]]], seconds: float = 60.0) -> dict:
+        return {"settings": {"seconds": seconds, "arms": {name: {} for name in runs}, "base_config": {}},
+                "arms": {name: {"runs": [{"steps": s, "max_steps": n} for s, n in rs]} for name, rs in runs.items()}}
+
+    assert budget_line(report({"a": [(120, 0)], "b": [(80, 0)]}, 30.0)) == "30 s of training after start-up per run"
+    assert budget_line(report({"a": [(6, 6), (6, 6)], "b": [(6, 6), (6, 6)]})) == "6 steps per run (at most 60 s)"
+    got = budget_line(report({"a": [(1500, 1500)], "b": [(1211, 1500), (1190, 1500)]}, 45.0))
+    assert got == "1500 steps per run (at most 45 s; 2 of 3 run(s) reached the 45 s first, after 1190-1211 steps)"
+    assert budget_line(report({"a": [(100, 100)], "b": [(150, 150)]})) == "100-150 steps per run (at most 60 s)"
+    # a report written before runs recorded their budget: the first arm's config's
+    old = {"settings": {"seconds": 10.0, "arms": {"a": {}}, "base_config": {"training": {"max_steps": 40}}},
+           "arms": {"a": {"runs": [{"steps": 33}]}}}
+    assert budget_line(old) == "40 steps per run (at most 10 s; 1 of 1 run(s) reached the 10 s first, after 33 steps)"
+
+
 def test_a_race_at_equal_steps_gives_every_arm_the_same_steps_and_schedule(make_cfg, tmp_path: Path, capsys) -> None:
     """``--max-steps N --schedule-by steps`` (flags the race leaves alone) turns the race
     into one at equal steps, for sample efficiency: every run ends at step N with its lr
@@ -284,7 +321,7 @@ def _random_curve(rng, seconds: float, overfit: bool) -> list[tuple[float, float
 def test_report_best_loss_and_the_best_target(make_cfg, tmp_path: Path) -> None:
     from sparsetrain.race import format_table, race_report
 
-    rng = __import__("random").Random(7)
+    rng = random.Random()  # seeded by the OS: fresh values each run
     seconds, seeds = 100.0, [3, 4, 5]
     arms = [Arm("dense", {}), Arm("other", {"lr": "1e-2"})]
     configs = {a.name: {s: make_cfg(out_dir=str(tmp_path / a.name / f"seed{s}"), seed=s) for s in seeds} for a in arms}
@@ -358,7 +395,7 @@ def test_race_plot_zooms_on_the_comparison(make_cfg, tmp_path: Path) -> None:
     from sparsetrain.plotting import plot_race, race_curves, race_figure
     from sparsetrain.race import race_report
 
-    rng = __import__("random").Random(3)
+    rng = random.Random()  # seeded by the OS: fresh values each run
     seconds, seeds = 50.0, [1, 2]
     arms = [Arm("dense", {}), Arm("b", {}), Arm("c", {}), Arm("worse", {})]
     configs = {a.name: {s: make_cfg(out_dir=str(tmp_path / a.name / f"seed{s}"), seed=s) for s in seeds} for a in arms}
@@ -381,12 +418,13 @@ def test_race_plot_zooms_on_the_comparison(make_cfg, tmp_path: Path) -> None:
     lowest = min(min(float(np.interp(g, *zip(*curves[a.name, s]))) for s in seeds)
                  for a in arms for g in race_curves(report)[a.name][0])
     at_fifth = max(sum(float(np.interp(0.2 * seconds, *zip(*curves[a.name, s]))) for s in seeds) / 2 for a in arms)
-    assert at_fifth < 9.0  # the step-0 loss is left out
+    start = max(curve[0][1] for curve in curves.values())  # the highest step-0 loss: the worse arm's 10.0
+    assert at_fifth < start  # the step-0 loss is left out
     pad = 0.05 * (at_fifth - lowest)
     fig = race_figure(report)
     assert fig.axes[0].get_ylim() == pytest.approx((lowest - pad, at_fifth + pad), rel=1e-9)
     full = race_figure(report, full=True)
-    assert full.axes[0].get_ylim()[1] >= 9.0  # the whole curve, from the start
+    assert full.axes[0].get_ylim()[1] >= start  # the whole curve, from the start
     # the second panel: one bar per arm and target where every seed reached it, as long as its mean
     widths = sorted(p.get_width() for p in fig.axes[1].patches)
     want = sorted(d["mean"] for a in report["arms"].values() for key in ("seconds_to_target", "seconds_to_best_target")
@@ -407,7 +445,7 @@ def _one_seed_reports(make_cfg, tmp_path: Path, seeds: list[int], seconds: float
     """A race report per seed (as one GPU call each would write), from random curves, plus the curves."""
     from sparsetrain.race import race_report
 
-    rng = random.Random(11)
+    rng = random.Random()  # seeded by the OS: fresh values each run
     arms = [Arm("dense", {}), Arm("drop", {"drop_ratio": "0.5"})]
     curves, reports = {}, []
     for s in seeds:

@@ -17,7 +17,7 @@ from sparsetrain.generate import load_model
 from sparsetrain.reference_losses import ReferenceLosses, header_path, sidecar_windows
 from sparsetrain.trainer import Trainer, train
 
-from hf_reference import fresh_seed
+from conftest import fresh_seed
 
 
 @pytest.mark.parametrize("n, L", [(33, 32), (34, 32), (100, 32), (1000, 32), (257, 16), (1001, 7), (50, 1)])

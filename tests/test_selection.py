@@ -34,11 +34,7 @@ from sparsetrain.selection import (
 from sparsetrain.selection.select import allocate, cached_kept_indices, kept_indices, strata_proportions
 from sparsetrain.selection.triton_scores import row_stats_triton, triton_available
 
-from conftest import requires_cuda
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
+from conftest import fresh_seed, requires_cuda
 
 
 def reference_scores(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -127,8 +123,6 @@ def test_reference_score_is_minus_the_reference_loss() -> None:
 def test_reference_score_over_spans_keeps_the_easiest_blocks() -> None:
     """Top-k on the span-averaged reference score keeps the blocks of lowest mean reference loss."""
     from sparsetrain.selection import TokenSelector
-
-    from hf_reference import fresh_seed
 
     g = torch.Generator().manual_seed(fresh_seed())
     B, T, V, span = 3, 32, 20, 8

@@ -177,6 +177,11 @@ def arm_configs(arms: list[Arm], seconds: float, seeds: list[int], out_dir: Path
                 refuse_inert_settings(out[arm.name][seed], arm.overrides)
             except ConfigError as e:
                 raise ConfigError(f"arm {arm.name}: {e}") from None
+        for cfg in out[arm.name].values():
+            if cfg.max_steps > 0 and cfg.schedule_by != "steps":
+                raise ConfigError(f"arm {arm.name}: max_steps={cfg.max_steps} in a race needs schedule_by = \"steps\" "
+                                  "(--schedule-by steps): on the race's time schedule a run that reaches its steps "
+                                  "first stops before its lr has decayed; for a race at equal seconds give --seconds alone")
         # the files and packages an arm needs, found before the first arm runs (not after the earlier arms' budgets)
         for cfg in out[arm.name].values():
             try:
@@ -194,6 +199,12 @@ def arm_configs(arms: list[Arm], seconds: float, seeds: list[int], out_dir: Path
                 except DataError as e:
                     raise ConfigError(f"arm {arm.name}: {e}") from None
                 checked.add(selection)
+    by_steps = {name: any(c.max_steps > 0 for c in runs.values()) for name, runs in out.items()}
+    if len(set(by_steps.values())) > 1:
+        steps_arms = ", ".join(n for n, s in by_steps.items() if s)
+        time_arms = ", ".join(n for n, s in by_steps.items() if not s)
+        raise ConfigError(f"a race is at equal seconds or at equal steps, not both: {steps_arms} set max_steps and "
+                          f"{time_arms} do not (give every arm max_steps, or none)")
     return out
 
 
@@ -466,6 +477,7 @@ def run_summary(cfg: TrainConfig) -> dict:
         "seed": cfg.seed,
         "run_dir": cfg.out_dir,
         "steps": train[-1]["step"],
+        "max_steps": cfg.max_steps,  # 0: the run's budget was seconds
         "train_seconds": last["train_seconds"],
         "startup_seconds": last.get("startup_seconds", 0.0),
         "train_seconds_after_startup": _after_startup(last),
@@ -882,14 +894,31 @@ def format_table(report: dict) -> str:
     widths = [max(len(row[i]) for row in [head] + lines) for i in range(len(head))]
     fmt = lambda row: "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
     seeds = report["settings"]["seeds"]
-    base_steps = report["settings"].get("base_config", {}).get("training", {}).get("max_steps", 0)
-    budget = (f"{base_steps} steps per run (at most {report['settings']['seconds']:g} s)" if base_steps
-              else f"{report['settings']['seconds']:g} s of training after start-up per run")
-    title = (f"race: {budget}, {len(seeds)} seed(s); "
+    title = (f"race: {budget_line(report)}, {len(seeds)} seed(s); "
              "± is the standard deviation over seeds\n"
              f"target val loss {report['target_val_loss']:.4f} ({report['target']})\n"
              f"best target val loss {report['best_target_val_loss']:.4f} ({report['best_target']})")
     return "\n".join([title, fmt(head)] + [fmt(r) for r in lines] + _shares_table(report))
+
+
+def budget_line(report: dict) -> str:
+    """The race's budget as its table's title gives it: seconds per run, or, at equal
+    steps, each arm's step count (the base config's ``max_steps`` or the arm's own) with
+    the seconds as a cap, and the runs that reached the cap before their steps."""
+    seconds = report["settings"]["seconds"]
+    # reports written before runs recorded max_steps: the first arm's config stands for all
+    base = int(report["settings"].get("base_config", {}).get("training", {}).get("max_steps", 0) or 0)
+    runs = [r for arm in report["arms"].values() for r in arm["runs"]]
+    budgets = [int(r.get("max_steps", base)) for r in runs]
+    if not any(budgets):
+        return f"{seconds:g} s of training after start-up per run"
+    lo, hi = min(budgets), max(budgets)
+    short = [r["steps"] for r, n in zip(runs, budgets) if r["steps"] < n]
+    cap = f"at most {seconds:g} s"
+    if short:
+        cap += (f"; {len(short)} of {len(runs)} run(s) reached the {seconds:g} s first, after "
+                + (f"{min(short)}" if min(short) == max(short) else f"{min(short)}-{max(short)}") + " steps")
+    return f"{lo if lo == hi else f'{lo}-{hi}'} steps per run ({cap})"
 
 
 def _shares_table(report: dict) -> list[str]:

@@ -659,7 +659,7 @@ class Trainer:
         change = schedule.extend(self.step if c.schedule_by == "steps" else seconds, self._schedule_end())
         self.lr_schedule = schedule
         if c.eval_every_seconds:
-            self._next_eval_seconds = (math.floor(seconds / c.eval_every_seconds) + 1) * c.eval_every_seconds
+            self._next_eval_after(seconds)
         if change and self.dist.is_main:
             self._pending_rows.append({"kind": "lr_schedule", "step": self.step, "change": change,
                                           "schedule": schedule.state_dict()})
@@ -682,8 +682,14 @@ class Trainer:
         seconds = self.clock.seconds_after_startup
         if not every or seconds < self._next_eval_seconds:
             return False
-        self._next_eval_seconds = (math.floor(seconds / every) + 1) * every
+        self._next_eval_after(seconds)
         return True
+
+    def _next_eval_after(self, seconds: float) -> None:
+        """Make the next time-based evaluation due at the first multiple of
+        ``eval_every_seconds`` past ``seconds``."""
+        every = self.cfg.eval_every_seconds
+        self._next_eval_seconds = (math.floor(seconds / every) + 1) * every
 
     @functools.cached_property
     def _val_tokens_per_byte(self) -> float | None:
@@ -1322,6 +1328,11 @@ class Trainer:
                 if eval_now or save_now:
                     self.clock.pause()  # waits for the device: its queued steps count as training
                 if eval_now:
+                    if c.eval_every_seconds:
+                        # due again after the clock the row records: the device's queued steps (counted by the
+                        # pause) and the logging can carry it past the next due point, which would then
+                        # evaluate again at once, two rows in one interval
+                        self._next_eval_after(self.clock.seconds_after_startup)
                     val = self.evaluate()
                     result.val_losses[self.step] = val
                     write(self._eval_row(val, self.code_compile_metrics(val)))
