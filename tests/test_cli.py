@@ -128,6 +128,18 @@ def test_real_process_exit_code_and_no_traceback(tmp_path: Path) -> None:
     assert proc.stderr.strip() == f"sparsetrain: error: data path does not exist: {tmp_path / 'missing'}"
 
 
+@pytest.mark.parametrize("argv", [["info"], ["train", "--help"], ["race-merge", "a.json", "b.json", "--out-dir", "x"]])
+def test_a_bad_environment_variable_is_one_line_before_any_command(argv: list[str], monkeypatch, capsys) -> None:
+    """The flags' defaults read SPARSETRAIN_* variables while the parser is built, before
+    any command (even --help): a bad value is one line naming the variable, exit 2."""
+    monkeypatch.setenv("SPARSETRAIN_ATTENTION_IMPL", "fastest")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "sparsetrain: error: kernels.attention_impl (default: $SPARSETRAIN_ATTENTION_IMPL) must be one of auto, "
+        "cudnn, flash, recompute, got 'fastest'"], err
+
+
 def test_info_runs(capsys) -> None:
     code, out, _ = run_main(["info"], capsys)
     assert code == 0 and "torch" in out and "cuda_available" in out

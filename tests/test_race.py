@@ -198,6 +198,19 @@ def test_a_race_refuses_step_limits_on_its_time_schedule_and_mixed_budgets(make_
     assert not (tmp_path / "race").exists()
 
 
+def test_a_race_refuses_a_folder_holding_something_else(make_cfg, tmp_path: Path) -> None:
+    """A race writes its runs, report and plots into --out-dir: a non-empty folder that
+    holds no race (a data folder, a training run) is refused, before anything is written."""
+    flags = _tiny_flags(make_cfg)
+    other = tmp_path / "run"
+    other.mkdir()
+    (other / "ckpt.pt").write_bytes(b"not a race")
+    with pytest.raises(ConfigError, match=f"--out-dir {other} holds other files and no race"):
+        race_plan([Arm("dense", {})], 5.0, 1, other, "tiny", flags=flags)
+    assert sorted(p.name for p in other.iterdir()) == ["ckpt.pt"]
+    race_plan([Arm("dense", {})], 5.0, 1, tmp_path / "new", "tiny", flags=flags)  # a new folder is fine
+
+
 def test_budget_line_names_the_steps_and_the_runs_the_seconds_cut_short() -> None:
     """The table's title: seconds per run; at equal steps the step count (or each arm's
     range) with the seconds as a cap, and the runs that reached the cap first."""
@@ -562,6 +575,12 @@ def test_merge_refuses_other_races_with_one_line(make_cfg, tmp_path: Path, capsy
     assert "two or more" in capsys.readouterr().err
     assert main(["race-merge", *map(str, files), "--arms", "dense,nope", "--out-dir", str(tmp_path / "x")]) == 2
     assert "arm nope is in none of the reports" in capsys.readouterr().err
+    inside = tmp_path / "race0" / "race.json"  # a race's own report, merged into its own folder
+    inside.parent.mkdir()
+    inside.write_bytes(files[0].read_bytes())
+    assert main(["race-merge", str(inside), str(files[1]), "--out-dir", str(inside.parent)]) == 2
+    assert f"would overwrite the input {inside}" in capsys.readouterr().err
+    assert inside.read_bytes() == files[0].read_bytes() and sorted(inside.parent.iterdir()) == [inside]
 
 
 def test_merge_refuses_another_base_value_of_a_field_a_later_arm_sets(make_cfg, tmp_path: Path) -> None:
@@ -580,7 +599,7 @@ def test_merge_refuses_another_base_value_of_a_field_a_later_arm_sets(make_cfg, 
             _write_run(configs[a.name][seed], rng, _random_curve(rng, 100.0, overfit=False), 5.0)
         return race_report(arms, configs, [seed], 100.0, interleave_order(2, 1))
 
-    with pytest.raises(ConfigError, match="another base config.*lr"):
+    with pytest.raises(ConfigError, match=r"b has another base config than a: lr=0.0005 in b vs 0.001 in a"):
         merge_reports([report(1, 1e-3), report(2, 5e-4)], ["a", "b"])
     assert merge_reports([report(3, 1e-3), report(4, 1e-3)], ["a", "b"])["settings"]["seeds"] == [3, 4]
 

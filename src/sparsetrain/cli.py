@@ -820,7 +820,10 @@ def _error(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+    try:  # the flags' defaults resolve the default preset, which reads SPARSETRAIN_* variables
+        parser = build_parser()
+    except SparsetrainError as e:
+        return _error(str(e))
     args = parser.parse_args(argv)
     handler = {"train": cmd_train, "race": cmd_race, "race-merge": cmd_race_merge, "reference-losses": cmd_reference_losses, "generate": cmd_generate,
                "eval": cmd_eval, "export": cmd_export, "bench": cmd_bench, "fire": cmd_fire, "grpo": cmd_grpo,

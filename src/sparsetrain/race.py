@@ -265,6 +265,9 @@ def git_commit() -> str | None:
 def _check_spec(out_dir: Path, spec: dict) -> None:
     """A race folder holds one race: refuse to mix settings into it (reads only)."""
     path = out_dir / SPEC_NAME
+    if not path.is_file() and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ConfigError(f"--out-dir {out_dir} holds other files and no race; give a new or empty folder "
+                          "(or the folder of the same race, to continue it)")
     if path.is_file():
         try:
             old = json.loads(path.read_text())
@@ -289,12 +292,14 @@ def _write_spec(out_dir: Path, spec: dict) -> None:
     atomic_write_text(out_dir / SPEC_NAME, json.dumps(spec, indent=2))
 
 
-def _first_difference(old: dict, new: dict) -> str:
+def _first_difference(old: dict, new: dict, where: tuple[str, str] = ("there", "here")) -> str:
+    """The first setting that differs between two configs' dicts, as ``key=OLD <where[0]>
+    vs NEW <where[1]>``."""
     for sec in sorted(set(old) | set(new)):
         for key in sorted(set(old.get(sec, {})) | set(new.get(sec, {}))):
             a, b = old.get(sec, {}).get(key), new.get(sec, {}).get(key)
             if a != b:
-                return f"{key}={a!r} there vs {b!r} here"
+                return f"{key}={a!r} {where[0]} vs {b!r} {where[1]}"
     return "none"
 
 
@@ -750,7 +755,8 @@ def merge_reports(reports: list[dict], sources: list[str], arms: list[str] | Non
             raise ConfigError(f"{src} gives every run {st['seconds']} s, {src0} {first['settings']['seconds']} s")
         other = _comparable_config(st["base_config"], arm_fields)
         if other != base:
-            raise ConfigError(f"{src} has another base config than {src0}: {_first_difference(base, other)}")
+            raise ConfigError(f"{src} has another base config than {src0}: "
+                              f"{_first_difference(other, base, (f'in {src}', f'in {src0}'))}")
         for i, seed in enumerate(st["seeds"]):
             for name in st["arms"]:
                 if (name, seed) in found:
@@ -829,6 +835,10 @@ def write_merged(files: list[str], out_dir: str | Path, verbose: bool = True, ar
         raise ConfigError(f"the race reports {', '.join(map(str, files))} are not all well-formed race reports "
                           f"({type(e).__name__}: {e})") from None
     out = Path(out_dir)
+    written = {(out / name).resolve() for name in ("race.json", "race.png", "race_full.png")}
+    for f in files:
+        if Path(f).resolve() in written:
+            raise ConfigError(f"--out-dir {out_dir} would overwrite the input {f}; merge into another folder")
     out.mkdir(parents=True, exist_ok=True)
     return write_report(merged, out, verbose)
 
