@@ -579,7 +579,7 @@ def test_ctrl_c_in_a_race_names_the_interrupted_runs_checkpoint(common: list[str
     """Ctrl-C in a race's arm says which run was cut short and the step of the checkpoint
     it keeps (what the race's next start continues from), then how to continue the race."""
     out = tmp_path / "race"
-    argv = ["race", *common, "--seconds", "60", "--max-steps", "6", "--ckpt-every", "2", "--out-dir", str(out),
+    argv = ["race", *common, "--seconds", "60", "--max-steps", "6", "--schedule-by", "steps", "--ckpt-every", "2", "--out-dir", str(out),
             "--arm", "a:", "--arm", "b:lr=1e-3"]
     with monkeypatch.context() as m:
         _interrupt_at(m, 3)

@@ -181,7 +181,7 @@ def arm_configs(arms: list[Arm], seconds: float, seeds: list[int], out_dir: Path
             if cfg.max_steps > 0 and cfg.schedule_by != "steps":
                 raise ConfigError(f"arm {arm.name}: max_steps={cfg.max_steps} in a race needs schedule_by = \"steps\" "
                                   "(--schedule-by steps): on the race's time schedule a run that reaches its steps "
-                                  "first stops before its lr has decayed; for a race at equal seconds give --seconds alone")
+                                  "first stops before its lr has decayed; for a race in time, give --seconds alone")
         # the files and packages an arm needs, found before the first arm runs (not after the earlier arms' budgets)
         for cfg in out[arm.name].values():
             try:
