@@ -140,6 +140,34 @@ def test_a_bad_environment_variable_is_one_line_before_any_command(argv: list[st
         "cudnn, flash, recompute, got 'fastest'"], err
 
 
+@pytest.mark.parametrize("command", [["bench", "step", "--preset", "tiny"], ["eval", "--ckpt", "RUN"],
+                                     ["grpo", "--ckpt", "RUN"]], ids=["bench", "eval", "grpo"])
+def test_an_output_file_that_cannot_be_written_is_refused_before_the_work(command: list[str], tmp_path: Path,
+                                                                          capsys) -> None:
+    """``--json`` is written after the work: a path that is a folder, or whose folder
+    cannot be made (a file stands there), is one line before anything runs."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    argv = [str(tmp_path / "missing_run") if a == "RUN" else a for a in command]
+    assert main([*argv, "--json", str(blocker / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sparsetrain: error: --json {blocker / 'x.json'} cannot be written"), err
+    assert main([*argv, "--json", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"sparsetrain: error: --json {tmp_path} is a folder; give a file path"
+
+
+@pytest.mark.parametrize("other, flag", [(["--no-use-collider"], "--no-use-collider"),
+                                         (["--collider-sparsity", "0.3"], "--collider-sparsity")])
+def test_drop_ratio_beside_a_flag_it_would_override_is_refused(other: list[str], flag: str, capsys) -> None:
+    """``--drop-ratio R`` sets use_collider and collider_sparsity: beside a flag that sets
+    either otherwise it is one line naming the flag, not a silent winner."""
+    assert main(["train", "--preset", "tiny", "--dry-run", "--drop-ratio", "0.5", *other]) == 2
+    assert capsys.readouterr().err.strip() == ("sparsetrain: error: --drop-ratio 0.5 sets use_collider and "
+                                               f"collider_sparsity: drop {flag}")
+    assert main(["train", "--preset", "tiny", "--dry-run", "--drop-ratio", "0.5", "--use-collider"]) == 0
+    assert "collider_sparsity = 0.5" in capsys.readouterr().out
+
+
 def test_info_runs(capsys) -> None:
     code, out, _ = run_main(["info"], capsys)
     assert code == 0 and "torch" in out and "cuda_available" in out
@@ -242,6 +270,9 @@ def test_errors_name_the_flags_typed_but_not_inside_other_names(message: str, ex
     (["--muon-lr", "0.05"], "--muon-lr has no effect while optimizer is not muon"),
     (["--optimizer", "muon", "--galore-rank", "64"], "--galore-rank has no effect while --optimizer is not galore_adamw"),
     (["--hyper-write-init", "next_stream"], "--hyper-write-init has no effect while hyper_connections is 0"),
+    (["--bk-tau", "2", "--bk-num-experts", "8"], "--bk-num-experts, --bk-tau have no effect while arch is not resnet_bk"),
+    (["--compile-mode", "max-autotune"], "--compile-mode has no effect while compile is off"),
+    (["--no-save-checkpoints", "--ckpt-every", "5"], "--ckpt-every has no effect while checkpoints are not saved (--no-save-checkpoints)"),
 ])
 def test_a_setting_whose_switch_is_off_is_refused(flags: list[str], named: str, capsys) -> None:
     """A technique's setting typed without the technique on would be ignored (a dense run
@@ -254,7 +285,9 @@ def test_a_setting_whose_switch_is_off_is_refused(flags: list[str], named: str, 
                                    ["--use-collider", "--collider-sparsity", "0.5"], ["--use-mtp", "--mtp-n-tokens", "3"],
                                    ["--selection", "loss", "--keep-ratio", "0.3"], ["--optimizer", "muon", "--muon-lr", "0.05"],
                                    ["--drop-ratio", "0.5", "--selection-warmup-steps", "200"],
-                                   ["--hyper-connections", "2", "--hyper-write-init", "next_stream"]])
+                                   ["--hyper-connections", "2", "--hyper-write-init", "next_stream"],
+                                   ["--arch", "resnet_bk", "--bk-tau", "2"], ["--compile", "--compile-mode", "max-autotune"],
+                                   ["--ckpt-every", "5"]])
 def test_a_setting_with_its_switch_on_is_taken(flags: list[str], capsys) -> None:
     code, out, err = run_main(["train", "--dry-run", *flags], capsys)
     assert code == 0 and not err, err

@@ -478,6 +478,16 @@ def test_out_outside_check_resolves_paths(tmp_path: Path, monkeypatch: pytest.Mo
     for out in (str(tmp_path / "src2"), "../../other", str(tmp_path / "link2")):
         check_out_outside(out, source, "corpus")  # beside it, not inside
     check_out_outside("anything", tmp_path / "missing")  # no source folder: nothing to join
+    # inside any built corpus (its manifest marks it), whatever the source
+    from sparsetrain.data import MANIFEST_NAME
+
+    built = tmp_path / "built"
+    (built / "sub").mkdir(parents=True)
+    (built / MANIFEST_NAME).write_text("{}")
+    for out in (str(built / "x"), str(built / "sub" / "y")):
+        with pytest.raises(DataError, match=re.escape(f"--out {out} is inside the corpus {built.resolve()}")):
+            check_out_outside(out, source, "corpus")
+    check_out_outside(str(tmp_path / "built2"), source)  # beside it
 
 
 def _exit_code(argv: list[str]) -> int:

@@ -342,6 +342,11 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "drop_ratio", "dry_run")}
     if hasattr(args, "drop_ratio"):
+        for key, value in (("use_collider", False), ("collider_sparsity", None)):
+            if key in overrides and (value is None or overrides[key] == value):
+                flag = "--no-use-collider" if key == "use_collider" else "--collider-sparsity"
+                raise SparsetrainError(f"--drop-ratio {args.drop_ratio} sets use_collider and collider_sparsity: "
+                                       f"drop {flag}")
         overrides.update(use_collider=True, collider_sparsity=args.drop_ratio)
     base = None
     if args.resume:
@@ -474,6 +479,25 @@ def _check_seed(seed: int, end: int = 2**63, flag: str = "--seed") -> None:
         raise SparsetrainError(f"{flag} must be in [0, {end}), got {seed}")
 
 
+def check_output_file(flag: str, value: str | None) -> None:
+    """An output file named on the command line and written after the work (``--json``,
+    ``--library``): refused before the work if it is a folder or its folder cannot hold
+    a new file (the folder is created where missing, as the write would)."""
+    if not value:
+        return
+    import tempfile
+
+    path = Path(value)
+    if path.is_dir():
+        raise SparsetrainError(f"{flag} {value} is a folder; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise SparsetrainError(f"{flag} {value} cannot be written: {e.strerror or e}") from None
+
+
 def _check_device(device: str, name: str = "device") -> None:
     """Refuse a device name the commands cannot place a model on, in one line naming it."""
     if not _valid_device(device):
@@ -525,6 +549,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and not 1 <= value <= MAX_SIZE:
             raise SparsetrainError(f"--{name.replace('_', '-')} must be in [1, {MAX_SIZE}], got {value}")
+    check_output_file("--json", args.json)
     seq, batch = bench_step_shape(args.preset, args.seq_len, args.batch_size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     repeats = args.repeats if args.repeats is not None else STEP_REPEATS[device]
@@ -534,7 +559,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = bench_train_step(args.preset, seq, batch, args.compile, warmup=warmup, repeats=repeats, device=device)
     result = {"environment": environment(), **result}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     mfu = f", MFU {result['mfu_vs_datasheet']:.1%}" if "mfu_vs_datasheet" in result else ""
     print(f"{args.preset} seq {seq} batch {batch}: step {result['step']['median_ms']:.1f} ms, "
           f"{result['tokens_per_s']:,.0f} tokens/s, {result['achieved_tflops']:.1f} TFLOP/s{mfu}")
@@ -600,8 +627,7 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.top_k)
     _check_device(args.device)
     for flag, value in (("--library", args.library), ("--json", args.json)):  # written at the end: checked first
-        if value and Path(value).is_dir():
-            raise SparsetrainError(f"{flag} {value} is a folder; give a file path")
+        check_output_file(flag, value)
     lib_path = Path(args.library) if args.library else None
     if lib_path and lib_path.is_file():
         start = ExperienceLibrary.load(lib_path)
@@ -683,6 +709,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise SparsetrainError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     _check_seed(args.seed)
     _check_device(args.device)
+    check_output_file("--json", args.json)
     from .trainer import resolve_device
 
     device = str(resolve_device(args.device))  # cuda on a machine without it: one line, before the model loads
@@ -693,9 +720,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         from .benchmark import environment
 
-        Path(args.json).write_text(json.dumps({"environment": environment(), "checkpoint": str(args.ckpt),
-                                               "settings": {k: v for k, v in vars(args).items() if k != "json"},
-                                               **report.to_dict()}, indent=2))
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"environment": environment(), "checkpoint": str(args.ckpt),
+                                                 "settings": {k: v for k, v in vars(args).items() if k != "json"},
+                                                 **report.to_dict()}, indent=2))
     return 0
 
 

@@ -641,6 +641,12 @@ SWITCHED_SETTINGS: tuple[tuple[str, tuple[str, ...], Callable[[TrainConfig], boo
     ("optimizer is not galore_adamw (--optimizer galore_adamw)",
      ("galore_rank", "galore_update_proj_gap", "galore_scale"),
      lambda c: c.optimizer == "galore_adamw"),
+    ("arch is not resnet_bk (--arch resnet_bk)",
+     ("bk_num_experts", "bk_sparsity", "bk_sparsity_loss", "bk_sparsity_loss_weight", "bk_sparsity_warmup_steps",
+      "bk_tau"),
+     lambda c: c.model.arch == "resnet_bk"),
+    ("compile is off (--compile)", ("compile_mode",), lambda c: c.compile),
+    ("checkpoints are not saved (--no-save-checkpoints)", ("ckpt_every",), lambda c: c.save_checkpoints),
 )
 
 

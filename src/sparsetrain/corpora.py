@@ -401,12 +401,16 @@ def check_out_name(out: str | Path) -> None:
 
 
 def check_out_outside(out: str | Path, source: str | Path, source_name: str = "source") -> None:
-    """Refuse an ``--out`` inside the folder a corpus is made from (the new corpus would
-    join its own source); ``source_name`` names that folder in the message. Shared by
-    ``corpus build`` and ``corpus filter``."""
+    """Refuse an ``--out`` inside the folder a corpus is made from, or inside any built
+    corpus (the new corpus would join it); ``source_name`` names the source in the
+    message. Shared by ``corpus build`` and ``corpus filter``."""
     if Path(source).is_dir() and Path(out).resolve().is_relative_to(Path(source).resolve()):
         raise DataError(f"--out {out} is inside the {source_name} {source} (the new corpus would join it); "
                         "pick a folder outside it")
+    for folder in Path(out).resolve().parents:  # any built corpus would train on the new one too
+        if (folder / MANIFEST_NAME).is_file():
+            raise DataError(f"--out {out} is inside the corpus {folder} (the new corpus would join it); "
+                            "pick a folder outside it")
 
 
 @dataclass
