@@ -331,10 +331,11 @@ def test_bfloat16_streams_gradients_follow_the_rounded_formulas(n: int, mixing_p
     got = grads(lambda: model(idx)[0])
     rounded = grads(lambda: formula_logits(model, idx, store=_stored_in_bfloat16, mix=torch.float32))
     unrounded = grads(lambda: formula_logits(model, idx, mix=torch.float32))
+    from bench.hyper_stream_precision import group
+
     groups: dict[str, list[str]] = {}
     for name in got:
-        kind = name.rsplit(".", 1)[-1] if (".hc_" in name or name.startswith("hyper_")) else "other"
-        groups.setdefault(kind, []).append(name)
+        groups.setdefault(group(name), []).append(name)
     assert set(groups) == {"other", "hyper_in", "hyper_out", "pre_logits", "post_logits", "res_logits"}
 
     def off(a: dict, b: dict, names: list[str]) -> float:

@@ -14,6 +14,8 @@ import torch
 from sparsetrain import hyper_mixing
 from sparsetrain.hyper_mixing import read, read_through, write, write_then_read
 
+from conftest import fresh_seed
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OPERATIONS = ("read", "read_through", "write", "write_then_read")
 # the most machine epsilons of the streams' dtype, times the sum of |terms|, an output
@@ -23,7 +25,7 @@ ROUNDINGS = {torch.float64: 16, torch.float32: 16, torch.bfloat16: 4}
 
 
 def fresh_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    return torch.Generator().manual_seed(fresh_seed())
 
 
 def formula(op: str, X: torch.Tensor, f: torch.Tensor, H: torch.Tensor, q: torch.Tensor, p: torch.Tensor

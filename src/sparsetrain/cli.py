@@ -342,11 +342,11 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "drop_ratio", "dry_run")}
     if hasattr(args, "drop_ratio"):
-        for key, value in (("use_collider", False), ("collider_sparsity", None)):
-            if key in overrides and (value is None or overrides[key] == value):
-                flag = "--no-use-collider" if key == "use_collider" else "--collider-sparsity"
-                raise SparsetrainError(f"--drop-ratio {args.drop_ratio} sets use_collider and collider_sparsity: "
-                                       f"drop {flag}")
+        overridden = ("--no-use-collider" if overrides.get("use_collider") is False
+                      else "--collider-sparsity" if "collider_sparsity" in overrides else None)
+        if overridden:
+            raise SparsetrainError(f"--drop-ratio {args.drop_ratio} sets use_collider and collider_sparsity: "
+                                   f"drop {overridden}")
         overrides.update(use_collider=True, collider_sparsity=args.drop_ratio)
     base = None
     if args.resume:

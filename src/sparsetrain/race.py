@@ -175,13 +175,9 @@ def arm_configs(arms: list[Arm], seconds: float, seeds: list[int], out_dir: Path
                 out[arm.name][seed] = build_config(preset, config_file, overrides)
                 # the arm's own items only: the race's flags may hold one technique's settings for the arms that use it
                 refuse_inert_settings(out[arm.name][seed], arm.overrides)
+                _refuse_steps_on_the_clock(out[arm.name][seed])
             except ConfigError as e:
                 raise ConfigError(f"arm {arm.name}: {e}") from None
-        for cfg in out[arm.name].values():
-            if cfg.max_steps > 0 and cfg.schedule_by != "steps":
-                raise ConfigError(f"arm {arm.name}: max_steps={cfg.max_steps} in a race needs schedule_by = \"steps\" "
-                                  "(--schedule-by steps): on the race's time schedule a run that reaches its steps "
-                                  "first stops before its lr has decayed; for a race in time, give --seconds alone")
         # the files and packages an arm needs, found before the first arm runs (not after the earlier arms' budgets)
         for cfg in out[arm.name].values():
             try:
@@ -206,6 +202,15 @@ def arm_configs(arms: list[Arm], seconds: float, seeds: list[int], out_dir: Path
         raise ConfigError(f"a race is at equal seconds or at equal steps, not both: {steps_arms} set max_steps and "
                           f"{time_arms} do not (give every arm max_steps, or none)")
     return out
+
+
+def _refuse_steps_on_the_clock(cfg: TrainConfig) -> None:
+    """A step limit needs the step schedule: on the race's time schedule a run that
+    reaches its steps first stops before its lr has decayed."""
+    if cfg.max_steps > 0 and cfg.schedule_by != "steps":
+        raise ConfigError(f"max_steps={cfg.max_steps} in a race needs schedule_by = \"steps\" (--schedule-by steps): "
+                          "on the race's time schedule a run that reaches its steps first stops before its lr has "
+                          "decayed; for a race in time, give --seconds alone")
 
 
 def _check_data(cfg: TrainConfig) -> None:
@@ -835,7 +840,7 @@ def write_merged(files: list[str], out_dir: str | Path, verbose: bool = True, ar
         raise ConfigError(f"the race reports {', '.join(map(str, files))} are not all well-formed race reports "
                           f"({type(e).__name__}: {e})") from None
     out = Path(out_dir)
-    written = {(out / name).resolve() for name in ("race.json", "race.png", "race_full.png")}
+    written = {(out / name).resolve() for name in (REPORT_NAME, PLOT_NAME, FULL_PLOT_NAME)}
     for f in files:
         if Path(f).resolve() in written:
             raise ConfigError(f"--out-dir {out_dir} would overwrite the input {f}; merge into another folder")

@@ -677,13 +677,9 @@ class Trainer:
         return self.cfg.max_seconds > 0 and self.clock.seconds_after_startup >= self.cfg.max_seconds
 
     def _eval_due_by_time(self) -> bool:
-        """True once per ``eval_every_seconds`` of training after start-up."""
-        every = self.cfg.eval_every_seconds
-        seconds = self.clock.seconds_after_startup
-        if not every or seconds < self._next_eval_seconds:
-            return False
-        self._next_eval_after(seconds)
-        return True
+        """Has the next ``eval_every_seconds`` point of training after start-up passed?
+        (Each evaluation moves it on: :meth:`_next_eval_after`.)"""
+        return bool(self.cfg.eval_every_seconds) and self.clock.seconds_after_startup >= self._next_eval_seconds
 
     def _next_eval_after(self, seconds: float) -> None:
         """Make the next time-based evaluation due at the first multiple of
